@@ -1,0 +1,1 @@
+//! MapReduce: coordinator (sans-IO core), workers, apps, sort/spill/merge, shuffle (work in progress).
