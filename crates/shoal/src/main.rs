@@ -1,7 +1,7 @@
 //! `shoal`: one binary for every part of Shoal.
 //!
 //! Each area owns one module here holding its clap arguments and the code that runs them:
-//! `check_cmd` (linearizability checker), `sim_cmd` (simulator), `mr_cmd` (MapReduce).
+//! `check_cmd` (linearizability checker), `sim_cmd` (simulator), `mr_cmd` (MapReduce), `mr_bench` (its benchmark).
 //! `main` only parses, sets up logging and dispatches.
 
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check_cmd;
+mod mr_bench;
 mod mr_cmd;
 mod sim_cmd;
 
@@ -46,7 +47,7 @@ enum BenchCommand {
     /// Simulator speed: events and simulated seconds per wall second.
     Sim(sim_cmd::BenchArgs),
     /// MapReduce throughput against a coreutils pipeline and the sequential implementation.
-    Mr(mr_cmd::BenchArgs),
+    Mr(mr_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim_cmd::run(args),
         Command::Bench(BenchCommand::Check(args)) => check_cmd::bench(args),
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),
-        Command::Bench(BenchCommand::Mr(args)) => mr_cmd::bench(args),
+        Command::Bench(BenchCommand::Mr(args)) => mr_bench::bench(args),
     };
     match result {
         Ok(code) => code,

@@ -9,14 +9,6 @@ pub enum MrCommand {
     Run {},
 }
 
-/// Arguments of `shoal bench mr`.
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
-
 pub fn run(_cmd: MrCommand) -> anyhow::Result<ExitCode> {
     anyhow::bail!("`shoal mr` is not built yet")
-}
-
-pub fn bench(_args: BenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`shoal bench mr` is not built yet")
 }

@@ -1,0 +1,1 @@
+//! Data path: see the crate docs (being built).

@@ -1,0 +1,1 @@
+//! Distribution: see the crate docs (being built).
