@@ -19,7 +19,12 @@ mod sim_cmd;
 /// Every subcommand has its own --help. Logs go to stderr; set SHOAL_LOG (for example
 /// SHOAL_LOG=debug or SHOAL_LOG=shoal_mr=trace) to see more.
 #[derive(Debug, Parser)]
-#[command(name = "shoal", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "shoal",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
