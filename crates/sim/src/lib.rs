@@ -60,6 +60,7 @@ pub mod harness;
 mod history;
 mod nemesis;
 mod net;
+pub mod scenarios;
 mod sim;
 mod time;
 mod trace;
