@@ -93,7 +93,7 @@ impl Node<HeartbeatMsg> for HeartbeatNode {
             ctx.send_now(p, HeartbeatMsg::Beat { seq: self.seq });
         }
         if let Some(k) = self.persist_every {
-            if k > 0 && self.seq % k == 0 {
+            if self.seq.checked_rem(k) == Some(0) {
                 let fresh = !ctx.disk().exists(BEATS_FILE);
                 let ok = ctx.disk().open_or_create(BEATS_FILE).is_ok()
                     && ctx
