@@ -110,8 +110,7 @@ impl History {
             .enumerate()
             .map(|(i, r)| {
                 let op = i as u64;
-                let input = r
-                    .input
+                let input = (*r.input)
                     .as_any()
                     .downcast_ref::<I>()
                     .ok_or(HistoryError::TypeMismatch { op, what: "input" })?
@@ -119,7 +118,8 @@ impl History {
                 let (output, returned_at) = match &r.output {
                     Some((at, o)) => (
                         Some(
-                            o.as_any()
+                            (**o)
+                                .as_any()
                                 .downcast_ref::<O>()
                                 .ok_or(HistoryError::TypeMismatch { op, what: "output" })?
                                 .clone(),
