@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Network model: `reliable` or `unreliable` (the lab's: U[0,27) ms delay, 10% loss).
     #[arg(long, default_value = "unreliable")]
     net: String,
+    /// Seeds of the second figure: whole runs of `shoal sim`'s scenario (5 nodes, 10 s with
+    /// the nemesis, crashes, disk writes) per wall second.
+    #[arg(long, default_value_t = 200)]
+    scenario_seeds: u64,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -81,24 +85,20 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         trace_tail_len: if args.full { usize::MAX } else { args.tail },
         ..SimConfig::default()
     };
-    // Persist the beat counter every 10 beats so crashes exercise the disk model.
-    let mut sim = heartbeat_cluster(
-        args.seed,
-        args.nodes,
-        NetConfig::unreliable(),
-        Some(10),
-        config,
-    );
-    if !args.no_nemesis {
-        sim.start_nemesis(NemesisConfig::new(sim.node_ids()));
-        // Heal for the last fifth so the run ends in a healthy cluster.
-        let fault_time = args.duration.mul_f64(0.8);
-        sim.run_for(fault_time);
-        sim.heal_all();
-        sim.run_for(args.duration.saturating_sub(fault_time));
-    } else {
+    let sim = if args.no_nemesis {
+        // Persist the beat counter every 10 beats so the disk model is exercised.
+        let mut sim = heartbeat_cluster(
+            args.seed,
+            args.nodes,
+            NetConfig::unreliable(),
+            Some(10),
+            config,
+        );
         sim.run_for(args.duration);
-    }
+        sim
+    } else {
+        nemesis_scenario(args.seed, args.nodes, args.duration, config)
+    };
     let lines = if args.full { usize::MAX } else { args.tail };
     print!("{}", sim.format_trace_tail(lines));
     let stats = sim.total_stats();
@@ -179,8 +179,46 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "BELOW TARGET"
         }
     );
+
+    // Second figure: how many short faulty runs (a typical simulated test) per wall second.
+    #[allow(clippy::disallowed_methods)]
+    let started = std::time::Instant::now();
+    let mut scenario_events = 0;
+    for seed in 0..args.scenario_seeds {
+        let sim = nemesis_scenario(seed, 5, SCENARIO_DURATION, SimConfig::default());
+        scenario_events += sim.events_processed();
+    }
+    let wall_secs = started.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "  nemesis scenario ({} s simulated, 5 nodes): {} seeds in {:.3} s wall = {:.0} seeds/s ({:.0} events/s)",
+        SCENARIO_DURATION.as_secs(),
+        args.scenario_seeds,
+        wall_secs,
+        args.scenario_seeds as f64 / wall_secs,
+        scenario_events as f64 / wall_secs
+    );
     let _ = std::io::Write::flush(&mut std::io::stdout()).context("flushing stdout");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Simulated length of one run in the bench's scenario figure.
+const SCENARIO_DURATION: Duration = Duration::from_secs(10);
+
+/// `shoal sim`'s scenario: a heartbeat cluster persisting its counter every 10 beats, under
+/// the nemesis for the first 80% of `duration`, then healed.
+fn nemesis_scenario(
+    seed: u64,
+    nodes: u32,
+    duration: Duration,
+    config: SimConfig,
+) -> shoal_sim::Sim<shoal_sim::scenarios::HeartbeatMsg> {
+    let mut sim = heartbeat_cluster(seed, nodes, NetConfig::unreliable(), Some(10), config);
+    sim.start_nemesis(NemesisConfig::new(sim.node_ids()));
+    let fault_time = duration.mul_f64(0.8);
+    sim.run_for(fault_time);
+    sim.heal_all();
+    sim.run_for(duration.saturating_sub(fault_time));
+    sim
 }
 
 #[cfg(test)]

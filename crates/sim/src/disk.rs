@@ -382,6 +382,23 @@ impl SimDisk {
         self.fsyncs_completed
     }
 
+    /// Flips bits of the file's byte at `offset` (`byte ^= xor_mask`) in both its visible and
+    /// its durable content: bit rot, for tests of corruption detection. Fails if the file does
+    /// not exist; does nothing past the end of either content.
+    pub fn corrupt(&mut self, name: &str, offset: u64, xor_mask: u8) -> Result<(), DiskError> {
+        let ino = self.ino(name)?;
+        if let Some(inode) = self.inodes.get_mut(&ino) {
+            let at = offset as usize;
+            if let Some(b) = inode.data.get_mut(at) {
+                *b ^= xor_mask;
+            }
+            if let Some(b) = inode.durable.get_mut(at) {
+                *b ^= xor_mask;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes everything durable at once, with no simulated time (for test setup only:
     /// protocol code must use [`crate::Ctx::fsync`]).
     pub fn sync_all_now(&mut self) {

@@ -1070,6 +1070,14 @@ impl<M: Message> Sim<M> {
     /// Crashes the node now: its state, timers, in-flight fsyncs and held messages are lost;
     /// its disk keeps what the crash policy says. No-op if it is down.
     pub fn crash(&mut self, id: NodeId) {
+        let policy = self.core.config.crash_policy;
+        self.crash_with(id, policy);
+    }
+
+    /// Crashes the node now with a specific crash policy for its disk (e.g.
+    /// [`CrashPolicy::KeepAll`] for a process kill whose page cache survives, while the
+    /// configured policy models power loss).
+    pub fn crash_with(&mut self, id: NodeId, policy: CrashPolicy) {
         let Some(slot) = self.core.slots.get_mut(id.index()) else {
             return;
         };
@@ -1082,7 +1090,6 @@ impl<M: Message> Sim<M> {
         slot.pending_fsyncs.clear();
         slot.fsyncs_done = slot.fsyncs_issued;
         let held = std::mem::take(&mut slot.held);
-        let policy = self.core.config.crash_policy;
         let detail = slot.disk.crash(policy, &mut slot.sim_rng);
         self.nodes[id.index()].node = None;
         for (_, to, msg) in held {

@@ -295,3 +295,19 @@ fn timers_are_cancelled_by_a_crash_and_by_cancel_timer() {
     );
     assert_eq!(p.starts, 1, "a fresh node from the factory");
 }
+
+#[test]
+fn crash_with_overrides_the_policy_and_corrupt_flips_durable_bits() {
+    let mut sim = sim_with(8, CrashPolicy::LoseUnsynced);
+    durable_file(&mut sim, "f", b"abc");
+    on_n(&mut sim, |ctx| {
+        ctx.disk().append("f", b"def").expect("append")
+    });
+    sim.crash_with(N, CrashPolicy::KeepAll);
+    sim.disk_mut(N)
+        .expect("disk")
+        .corrupt("f", 1, 0x01)
+        .expect("exists");
+    sim.restart(N);
+    assert_eq!(read(&sim, "f").as_deref(), Some(&b"accdef"[..]));
+}
