@@ -55,6 +55,8 @@
 //!
 //! See `docs/simulator.md` for the model, the fault semantics and how to replay a seed.
 
+#![warn(missing_docs)]
+
 mod disk;
 pub mod harness;
 mod history;

@@ -70,7 +70,11 @@ enum Action {
 }
 
 /// A random partition shape over `nodes` (at least two).
+/// With fewer than two nodes there is nothing to cut: the shape is one group.
 pub fn random_partition<R: Rng>(rng: &mut R, nodes: &[NodeId]) -> Partition {
+    if nodes.len() < 2 {
+        return Partition::Groups(vec![nodes.to_vec()]);
+    }
     let mut shuffled = nodes.to_vec();
     shuffled.shuffle(rng);
     let n = shuffled.len();
