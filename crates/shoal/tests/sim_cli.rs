@@ -4,10 +4,22 @@ use std::process::Command;
 
 fn shoal_sim(seed: u64) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["sim", "--seed", &seed.to_string(), "--duration", "5s", "--tail", "20"])
+        .args([
+            "sim",
+            "--seed",
+            &seed.to_string(),
+            "--duration",
+            "5s",
+            "--tail",
+            "20",
+        ])
         .output()
         .expect("runs the shoal binary");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
@@ -28,7 +40,14 @@ fn same_seed_same_output_other_seed_other_hash() {
 #[test]
 fn bench_prints_the_figure_against_the_target() {
     let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["bench", "sim", "--sim-seconds", "5", "--scenario-seeds", "2"])
+        .args([
+            "bench",
+            "sim",
+            "--sim-seconds",
+            "5",
+            "--scenario-seeds",
+            "2",
+        ])
         .output()
         .expect("runs the shoal binary");
     assert!(out.status.success());

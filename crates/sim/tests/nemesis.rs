@@ -26,7 +26,7 @@ fn nemesis_mixes_every_fault_and_heal_all_undoes_them() {
         max_down = max_down.max(down);
     }
     assert!(
-        max_down >= 1 && max_down <= 2,
+        (1..=2).contains(&max_down),
         "at most a minority down, saw {max_down}"
     );
     let actions: Vec<String> = sim
