@@ -82,7 +82,7 @@ pub use net::{
     UNRELIABLE_LOSS_PROBABILITY, UNRELIABLE_MAX_DELAY,
 };
 pub use sim::{
-    Control, Ctx, FsyncId, Message, Node, NodeId, Sim, SimConfig, SimError, TimerId,
+    Control, Ctx, FsyncId, Message, MessageFilter, Node, NodeId, Sim, SimConfig, SimError, TimerId,
     DEFAULT_FSYNC_MAX, DEFAULT_FSYNC_MIN, DEFAULT_TRACE_TAIL_LEN,
 };
 pub use time::SimTime;

@@ -199,6 +199,8 @@ pub enum DropReason {
     EncodeFailed,
     /// The sender crashed while the message was held behind an fsync barrier.
     SenderCrashed,
+    /// The test's message filter ([`crate::Sim::set_message_filter`]) rejected it.
+    Filtered,
 }
 
 impl DropReason {
@@ -211,6 +213,7 @@ impl DropReason {
             DropReason::UnknownDestination => "unknown destination",
             DropReason::EncodeFailed => "encode failed",
             DropReason::SenderCrashed => "sender crashed",
+            DropReason::Filtered => "filtered by the test",
         }
     }
 }

@@ -98,6 +98,10 @@ impl<M: Message, T: Node<M>> NodeObj<M> for T {
 
 type Factory<M> = Box<dyn FnMut(NodeId) -> Box<dyn NodeObj<M>>>;
 
+/// A test's say on each message put on the wire: `(from, to, message) -> deliver?`.
+/// Returning false drops the message ([`DropReason::Filtered`]).
+pub type MessageFilter<M> = Box<dyn FnMut(NodeId, NodeId, &M) -> bool>;
+
 /// Default number of trace entries kept for failure reports.
 pub const DEFAULT_TRACE_TAIL_LEN: usize = 200;
 /// Default shortest fsync.
@@ -308,6 +312,7 @@ pub(crate) struct Core<M: Message> {
     history: History,
     scratch: Vec<u8>,
     events_processed: u64,
+    filter: Option<MessageFilter<M>>,
 }
 
 impl<M: Message> Core<M> {
@@ -381,6 +386,10 @@ impl<M: Message> Core<M> {
             self.scratch[6],
             self.scratch[7],
         ]);
+        let filtered = match self.filter.as_mut() {
+            Some(f) => !f(from, to, &msg),
+            None => false,
+        };
         let to_up = self.slots[to.index()].up;
         let to_incarnation = self.slots[to.index()].incarnation;
         let link = &mut self.links[from.index()][to.index()];
@@ -388,6 +397,8 @@ impl<M: Message> Core<M> {
         link.stats.bytes_sent += u64::from(bytes);
         let drop_reason = if !link.connected {
             Some(DropReason::Partitioned)
+        } else if filtered {
+            Some(DropReason::Filtered)
         } else if chance(&mut link.rng, link.config.loss_probability) {
             Some(DropReason::Lost)
         } else if !to_up {
@@ -711,6 +722,7 @@ impl<M: Message> Sim<M> {
                 history: History::default(),
                 scratch: Vec::with_capacity(256),
                 events_processed: 0,
+                filter: None,
             },
             nodes: Vec::new(),
             nemesis: None,
@@ -895,6 +907,42 @@ impl<M: Message> Sim<M> {
         }
         self.core.now = self.core.now.max(limit);
         false
+    }
+
+    /// Runs for `duration`, calling `check` after every event; stops at the first violation
+    /// and returns it as a [`Failure`](crate::Failure) carrying the time and trace tail. How a
+    /// test asserts invariants (e.g. Raft's safety properties) at every step.
+    pub fn run_checked(
+        &mut self,
+        duration: Duration,
+        mut check: impl FnMut(&Self) -> Result<(), String>,
+    ) -> Result<(), crate::harness::Failure> {
+        let limit = (self.now() + duration).as_nanos();
+        check(self).map_err(|m| self.failure(m))?;
+        while self.core.queue.peek().is_some_and(|ev| ev.at <= limit) {
+            if let Some(ev) = self.core.queue.pop() {
+                self.process(ev);
+            }
+            check(self).map_err(|m| self.failure(m))?;
+        }
+        self.core.now = self.core.now.max(limit);
+        Ok(())
+    }
+
+    /// Installs a filter every message passes when it is put on the wire: after it is counted
+    /// as sent and after the partition check, before random loss.
+    /// Deterministic as long as the filter is. For targeted scenarios: "drop every append
+    /// from n0 to n2", "lose the first vote reply". Replaces any previous filter.
+    pub fn set_message_filter(&mut self, filter: impl FnMut(NodeId, NodeId, &M) -> bool + 'static) {
+        self.core.filter = Some(Box::new(filter));
+        self.core
+            .control_note("message filter installed".to_string());
+    }
+
+    /// Removes the message filter.
+    pub fn clear_message_filter(&mut self) {
+        self.core.filter = None;
+        self.core.control_note("message filter removed".to_string());
     }
 
     /// Events processed so far.

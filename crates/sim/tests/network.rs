@@ -317,3 +317,48 @@ fn messages_to_a_restarted_node_are_discarded() {
     send_data(&mut sim, A, B, 3);
     assert_eq!(sim.link_stats(A, B).msgs_dropped, 2);
 }
+
+#[test]
+fn a_message_filter_drops_what_the_test_says() {
+    let mut sim = probes(8, 3, NetConfig::reliable());
+    sim.set_message_filter(|from, to, msg| {
+        !(from == A && to == B && matches!(msg, TMsg::Data { id, .. } if id % 2 == 0))
+    });
+    for id in 0..10 {
+        send_data(&mut sim, A, B, id);
+        send_data(&mut sim, A, NodeId(2), id);
+    }
+    sim.run_for(Duration::from_millis(10));
+    let mut got = received_ids(&sim, B);
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 3, 5, 7, 9]);
+    assert_eq!(received_ids(&sim, NodeId(2)).len(), 10);
+    assert_eq!(sim.link_stats(A, B).msgs_dropped, 5);
+    sim.clear_message_filter();
+    send_data(&mut sim, A, B, 10);
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(received_ids(&sim, B).last(), Some(&10));
+}
+
+#[test]
+fn run_checked_stops_at_the_first_violation() {
+    let mut sim = probes(9, 2, NetConfig::reliable());
+    for id in 0..10 {
+        send_data(&mut sim, A, B, id);
+    }
+    let result = sim.run_checked(Duration::from_secs(1), |s| {
+        if received_ids(s, B).len() > 3 {
+            Err("B received more than 3".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let failure = result.expect_err("violated");
+    assert_eq!(failure.message, "B received more than 3");
+    assert_eq!(
+        received_ids(&sim, B).len(),
+        4,
+        "stopped right after the violating event"
+    );
+    assert!(failure.context.is_some_and(|c| c.contains("recv")));
+}
