@@ -149,7 +149,25 @@ pub(crate) enum SyncTarget {
     Dir { until_seq: u64 },
 }
 
-/// One node's simulated disk. See the [module docs](self) for the crash model.
+/// One node's simulated disk: a flat namespace of files with precise crash semantics.
+///
+/// Every node owns one. It survives crashes; only what the crash model keeps of
+/// it does. The model, which `docs/simulator.md` describes in full:
+///
+/// - **File data.** Writes and truncations change the file's visible content at once (the page
+///   cache) and are queued, in order, as unsynced operations on that file. `Ctx::fsync(name)`
+///   marks every operation queued so far; when the fsync completes (it takes simulated time)
+///   those operations become durable. Later operations are not covered.
+/// - **Names.** Create, rename and remove change the visible namespace at once and are queued
+///   as unsynced directory operations. `Ctx::fsync_dir()` makes every directory operation
+///   queued so far durable when it completes. A new file whose data was fsynced but whose name
+///   was not is lost by a crash (strict POSIX). Rename is atomic: after a crash the
+///   destination holds either its old or its new file, never a mix.
+/// - **Crash.** Unsynced operations are dropped according to [`CrashPolicy`]: all of them
+///   (power loss, the worst case), a random prefix of them per file and of the directory's
+///   (a disk that wrote back some in order), optionally tearing the first lost write at a
+///   512-byte sector boundary, or none (a process crash: the OS page cache survives).
+///   Files whose names did not survive disappear.
 ///
 /// Reads return copies; every method is deterministic. Durability changes only through
 /// fsyncs issued with [`crate::Ctx::fsync`] / [`crate::Ctx::fsync_dir`] (which take simulated
