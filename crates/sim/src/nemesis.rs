@@ -36,6 +36,8 @@ pub struct NemesisConfig {
     pub crashes: bool,
     /// Whether it changes the network model (loss, delay, reordering, duplication).
     pub net_changes: bool,
+    /// Whether it pauses and resumes nodes (counted with crashes towards `max_crashed`).
+    pub pauses: bool,
 }
 
 impl NemesisConfig {
@@ -50,6 +52,7 @@ impl NemesisConfig {
             partitions: true,
             crashes: true,
             net_changes: true,
+            pauses: true,
         }
     }
 }
@@ -67,6 +70,8 @@ enum Action {
     Crash,
     Restart,
     NetChange,
+    Pause,
+    Resume,
 }
 
 /// A random partition shape over `nodes` (at least two).
@@ -150,6 +155,9 @@ impl<M: Message> Sim<M> {
         let net = self.initial_net();
         self.set_net(net);
         for id in self.node_ids() {
+            if self.is_paused(id) {
+                self.resume(id);
+            }
             if !self.is_up(id) {
                 self.restart(id);
             }
@@ -168,6 +176,11 @@ impl<M: Message> Sim<M> {
     }
 
     pub(crate) fn nemesis_step(&mut self, generation: u64) {
+        let paused: Vec<NodeId> = self
+            .node_ids()
+            .into_iter()
+            .filter(|&id| self.is_paused(id))
+            .collect();
         let down: BTreeSet<NodeId> = self
             .node_ids()
             .into_iter()
@@ -190,13 +203,20 @@ impl<M: Message> Sim<M> {
             .copied()
             .filter(|t| !down.contains(t))
             .collect();
+        let paused_targets: Vec<NodeId> = cfg
+            .targets
+            .iter()
+            .copied()
+            .filter(|t| paused.contains(t))
+            .collect();
+        let runnable: Vec<NodeId> = up.iter().copied().filter(|t| !paused.contains(t)).collect();
         let mut actions = Vec::with_capacity(5);
         if cfg.partitions && cfg.targets.len() >= 2 {
             actions.push(Action::Partition);
             actions.push(Action::HealPartition);
         }
         if cfg.crashes {
-            if crashed.len() < cfg.max_crashed && !up.is_empty() {
+            if crashed.len() + paused_targets.len() < cfg.max_crashed && !up.is_empty() {
                 actions.push(Action::Crash);
             }
             if !crashed.is_empty() {
@@ -205,6 +225,14 @@ impl<M: Message> Sim<M> {
         }
         if cfg.net_changes {
             actions.push(Action::NetChange);
+        }
+        if cfg.pauses {
+            if crashed.len() + paused_targets.len() < cfg.max_crashed && !runnable.is_empty() {
+                actions.push(Action::Pause);
+            }
+            if !paused_targets.is_empty() {
+                actions.push(Action::Resume);
+            }
         }
         let Some(&action) = actions.choose(&mut n.rng) else {
             return;
@@ -225,6 +253,16 @@ impl<M: Message> Sim<M> {
                 if let Some(&id) = crashed.choose(&mut n.rng) {
                     self.control_note(format!("nemesis restarts {id}"));
                     self.restart(id);
+                }
+            }
+            Action::Pause => {
+                if let Some(&id) = runnable.choose(&mut n.rng) {
+                    self.pause(id);
+                }
+            }
+            Action::Resume => {
+                if let Some(&id) = paused_targets.choose(&mut n.rng) {
+                    self.resume(id);
                 }
             }
             Action::NetChange => {

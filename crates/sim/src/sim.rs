@@ -182,6 +182,10 @@ pub enum Control {
     Partition(Partition),
     /// Reconnect every link (network config unchanged).
     Heal,
+    /// Pause the node (see [`Sim::pause`]).
+    Pause(NodeId),
+    /// Resume the node (see [`Sim::resume`]).
+    Resume(NodeId),
     /// Set every link's network model.
     SetNet(NetConfig),
     /// Set one directed link's network model.
@@ -289,6 +293,9 @@ struct Slot<M> {
     pending_fsyncs: VecDeque<(u64, SyncTarget)>,
     /// Messages held behind fsyncs: (fsync id they wait for, destination, message).
     held: VecDeque<(u64, NodeId, M)>,
+    /// Paused (SIGSTOP): events for the node wait in `stash` until it resumes.
+    paused: bool,
+    stash: Vec<Event<M>>,
 }
 
 struct Link {
@@ -765,6 +772,8 @@ impl<M: Message> Sim<M> {
             last_fsync_done_at: 0,
             pending_fsyncs: VecDeque::new(),
             held: VecDeque::new(),
+            paused: false,
+            stash: Vec::new(),
         });
         let n = self.nodes.len();
         let default = self.core.net_default;
@@ -953,6 +962,19 @@ impl<M: Message> Sim<M> {
     fn process(&mut self, ev: Event<M>) {
         debug_assert!(ev.at >= self.core.now, "event queue went back in time");
         self.core.now = ev.at;
+        // A paused node handles nothing: its deliveries, timers and fsync completions wait.
+        let target = match &ev.kind {
+            EventKind::Deliver { to, .. } => Some(*to),
+            EventKind::Timer { node, .. } | EventKind::Fsync { node, .. } => Some(*node),
+            _ => None,
+        };
+        if let Some(node) = target {
+            let slot = &mut self.core.slots[node.index()];
+            if slot.paused {
+                slot.stash.push(ev);
+                return;
+            }
+        }
         self.core.events_processed += 1;
         match ev.kind {
             EventKind::Start { node, incarnation } => {
@@ -1134,6 +1156,8 @@ impl<M: Message> Sim<M> {
         }
         slot.up = false;
         slot.incarnation += 1;
+        slot.paused = false;
+        slot.stash.clear();
         slot.live_timers.clear();
         slot.pending_fsyncs.clear();
         slot.fsyncs_done = slot.fsyncs_issued;
@@ -1161,6 +1185,42 @@ impl<M: Message> Sim<M> {
         if id.index() < self.nodes.len() && !self.is_up(id) {
             self.boot(id);
         }
+    }
+
+    /// Pauses a running node (like SIGSTOP, or a long GC pause): it keeps its state but
+    /// handles nothing — messages, timers and fsync completions addressed to it wait — until
+    /// [`Sim::resume`]. Other nodes see it as silent; it does not notice time passing. The
+    /// classic way to make an old leader act on stale beliefs. No-op if down or paused.
+    pub fn pause(&mut self, id: NodeId) {
+        if let Some(slot) = self.core.slots.get_mut(id.index()) {
+            if slot.up && !slot.paused {
+                slot.paused = true;
+                self.core.control_note(format!("pause {id}"));
+            }
+        }
+    }
+
+    /// Resumes a paused node: everything that waited is handled now, in its original order.
+    pub fn resume(&mut self, id: NodeId) {
+        let Some(slot) = self.core.slots.get_mut(id.index()) else {
+            return;
+        };
+        if !slot.paused {
+            return;
+        }
+        slot.paused = false;
+        let stash = std::mem::take(&mut slot.stash);
+        self.core
+            .control_note(format!("resume {id} ({} events waited)", stash.len()));
+        let now = self.core.now;
+        for ev in stash {
+            self.core.push(now, ev.kind);
+        }
+    }
+
+    /// Whether the node is paused.
+    pub fn is_paused(&self, id: NodeId) -> bool {
+        self.core.slots.get(id.index()).is_some_and(|s| s.paused)
     }
 
     /// Sets every link's network model (and the model of links to nodes added later).
@@ -1279,6 +1339,8 @@ impl<M: Message> Sim<M> {
             Control::Restart(id) => self.restart(id),
             Control::Partition(p) => self.apply_partition(&p),
             Control::Heal => self.heal(),
+            Control::Pause(id) => self.pause(id),
+            Control::Resume(id) => self.resume(id),
             Control::SetNet(c) => self.set_net(c),
             Control::SetLink { from, to, config } => self.set_link(from, to, config),
         }

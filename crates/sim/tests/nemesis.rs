@@ -45,6 +45,8 @@ fn nemesis_mixes_every_fault_and_heal_all_undoes_them() {
         "restarts",
         "set net",
         "long_delay: Some",
+        "pause",
+        "resume",
     ] {
         assert!(
             actions.iter().any(|a| a.contains(needle)),

@@ -362,3 +362,28 @@ fn run_checked_stops_at_the_first_violation() {
     );
     assert!(failure.context.is_some_and(|c| c.contains("recv")));
 }
+
+#[test]
+fn a_paused_node_handles_nothing_until_resumed() {
+    let net = NetConfig::reliable().with_delay(Delay::Fixed(Duration::from_millis(1)));
+    let mut sim = probes(10, 2, net);
+    sim.call::<Probe, _>(B, |_, ctx| {
+        ctx.set_timer(Duration::from_millis(5), 9);
+    })
+    .expect("up");
+    sim.pause(B);
+    assert!(sim.is_paused(B) && sim.is_up(B));
+    for id in 0..3 {
+        send_data(&mut sim, A, B, id);
+    }
+    sim.run_for(Duration::from_millis(100));
+    let p = sim.node::<Probe>(B).expect("state kept");
+    assert!(p.received.is_empty() && p.timers.is_empty());
+    let resumed_at = sim.now();
+    sim.resume(B);
+    sim.run_for(Duration::from_millis(1));
+    let p = sim.node::<Probe>(B).expect("up");
+    assert_eq!(received_ids(&sim, B), vec![0, 1, 2], "original order");
+    assert!(p.received.iter().all(|(at, _, _)| *at == resumed_at));
+    assert_eq!(p.timers, vec![(resumed_at, 9)]);
+}
