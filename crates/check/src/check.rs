@@ -1,0 +1,715 @@
+//! The search: Wing & Gong's algorithm with Lowe's just-in-time linearization and a cache.
+//!
+//! References: J. M. Wing and C. Gong, "Testing and verifying concurrent objects", JPDC 1993;
+//! G. Lowe, "Testing for linearizability", CCPE 2017 (the linked list of call/return entries,
+//! lifting an operation out when it is linearized, and the cache of (linearized set, state)
+//! that prunes configurations already explored); A. Horn and D. Kroening, "Faster linearizability
+//! checking via P-compositionality", FORTE 2015 (checking each key on its own).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use ahash::{AHashMap, AHashSet, RandomState};
+
+use crate::history::{ClientId, History, OpId, Operation, Outcome, Time};
+use crate::model::Model;
+
+/// How often (in search steps) the wall clock is read; a power of two.
+const STEPS_PER_CLOCK_READ: u64 = 1024;
+
+/// The hasher of every map in the search: fixed seeds, so runs are reproducible.
+fn fixed_hasher() -> RandomState {
+    RandomState::with_seeds(
+        0x5348_4f41_4c5f_4348,
+        0x4543_4b5f_4341_4348,
+        0x0123_4567_89ab_cdef,
+        0xfedc_ba98_7654_3210,
+    )
+}
+
+/// The wall clock, read only to enforce [`Budget::time`].
+#[allow(clippy::disallowed_methods)] // The budget is a wall-time limit asked for by the user; it
+                                     // never influences a verdict other than turning it into Unknown.
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// How much work a check may do before it gives up and answers [`Verdict::Unknown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Budget {
+    /// Wall time for the whole check (every partition); `None` is unlimited.
+    pub time: Option<Duration>,
+    /// Search steps for the whole check; `None` is unlimited. Unlike time, a step budget gives
+    /// the same answer on every machine, which is what a deterministic simulator wants.
+    pub steps: Option<u64>,
+}
+
+impl Budget {
+    /// No limit.
+    pub fn unlimited() -> Self {
+        Budget::default()
+    }
+
+    /// At most `time` of wall time.
+    pub fn time(time: Duration) -> Self {
+        Budget {
+            time: Some(time),
+            steps: None,
+        }
+    }
+
+    /// At most `steps` search steps (machine-independent).
+    pub fn steps(steps: u64) -> Self {
+        Budget {
+            time: None,
+            steps: Some(steps),
+        }
+    }
+}
+
+/// Options of [`check_with_options`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// The work allowed.
+    pub budget: Budget,
+    /// Check each partition ([`Model::partition_key`]) on its own (default `true`). `false`
+    /// checks the whole history as one, which must give the same verdict, only slower.
+    pub partition_by_key: bool,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            budget: Budget::unlimited(),
+            partition_by_key: true,
+        }
+    }
+}
+
+/// The answer of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Some order of the operations, consistent with real time, is legal for the model.
+    Linearizable,
+    /// No such order exists; the explanation says where the search got stuck.
+    NotLinearizable(Box<Explanation>),
+    /// The budget ran out before the search finished: nothing is known.
+    Unknown(UnknownReason),
+}
+
+impl Verdict {
+    /// Whether the verdict is [`Verdict::Linearizable`].
+    pub fn is_linearizable(&self) -> bool {
+        matches!(self, Verdict::Linearizable)
+    }
+
+    /// Whether the verdict is [`Verdict::NotLinearizable`].
+    pub fn is_violation(&self) -> bool {
+        matches!(self, Verdict::NotLinearizable(_))
+    }
+}
+
+/// Why a check answered [`Verdict::Unknown`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownReason {
+    /// The partition being searched when the budget ran out (`None`: the whole history).
+    pub partition: Option<String>,
+    /// Partitions never finished (the one being searched included).
+    pub unfinished_partitions: usize,
+    /// Search steps done.
+    pub steps: u64,
+    /// Wall time spent.
+    pub elapsed: Duration,
+    /// The longest linearizable prefix found in that partition before the budget ran out.
+    pub longest_prefix: usize,
+    /// The number of operations of that partition.
+    pub partition_ops: usize,
+}
+
+impl fmt::Display for UnknownReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the budget ran out after {} search steps and {:.3} s, while searching {} \
+             (longest linearizable prefix found: {} of {} operations); {} partition(s) unfinished",
+            self.steps,
+            self.elapsed.as_secs_f64(),
+            partition_name(self.partition.as_deref()),
+            self.longest_prefix,
+            self.partition_ops,
+            self.unfinished_partitions
+        )
+    }
+}
+
+fn partition_name(partition: Option<&str>) -> String {
+    match partition {
+        Some(key) => format!("key {key:?}"),
+        None => "the whole history".to_string(),
+    }
+}
+
+/// One operation as shown in an explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpSummary {
+    /// Its id in the history.
+    pub id: OpId,
+    /// Who invoked it.
+    pub client: ClientId,
+    /// Input and output, from [`Model::describe_op`].
+    pub description: String,
+    /// When it was invoked.
+    pub invoked_at: Time,
+    /// When it returned; `None` for an unknown outcome.
+    pub returned_at: Option<Time>,
+}
+
+impl fmt::Display for OpSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let returned = match self.returned_at {
+            Some(at) => at.to_string(),
+            None => "?".to_string(),
+        };
+        write!(
+            f,
+            "{} client {} [{}, {}] {}",
+            self.id, self.client, self.invoked_at, returned, self.description
+        )
+    }
+}
+
+/// Why a history is not linearizable: the longest linearizable prefix the search found, and the
+/// operation that could not be placed after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// The failing partition's key (`None`: the history was checked as one partition).
+    pub partition: Option<String>,
+    /// Every operation of the failing partition, in invocation order.
+    pub ops: Vec<OpSummary>,
+    /// The longest linearizable prefix found, in linearization order.
+    pub prefix: Vec<OpId>,
+    /// The model's state after the prefix ([`Model::describe_state`]).
+    pub state_after_prefix: String,
+    /// The operation that must take effect before it returns but cannot: the one of the
+    /// remaining operations that returns first.
+    pub blocked: OpId,
+    /// The operations involved: those that could come next after the prefix (invoked before
+    /// `blocked` returned), `blocked` included. None of them is legal in `state_after_prefix`.
+    pub involved: Vec<OpId>,
+}
+
+impl Explanation {
+    /// The summary of operation `id`, if it belongs to the failing partition.
+    pub fn op(&self, id: OpId) -> Option<&OpSummary> {
+        self.ops
+            .binary_search_by_key(&id, |op| op.id)
+            .ok()
+            .and_then(|i| self.ops.get(i))
+    }
+}
+
+/// How many prefix operations the text explanation lists (the HTML shows all).
+const PREFIX_OPS_SHOWN: usize = 10;
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "partition: {} ({} operations)",
+            partition_name(self.partition.as_deref()),
+            self.ops.len()
+        )?;
+        writeln!(
+            f,
+            "longest linearizable prefix: {} of {} operations; state after it: {}",
+            self.prefix.len(),
+            self.ops.len(),
+            self.state_after_prefix
+        )?;
+        let blocked = self
+            .op(self.blocked)
+            .map_or_else(|| self.blocked.to_string(), ToString::to_string);
+        writeln!(
+            f,
+            "operation that cannot be linearized before it returns: {blocked}"
+        )?;
+        writeln!(
+            f,
+            "operations that could come next, none legal in that state ({}):",
+            self.involved.len()
+        )?;
+        for id in &self.involved {
+            if let Some(op) = self.op(*id) {
+                writeln!(f, "  {op}")?;
+            }
+        }
+        let skipped = self.prefix.len().saturating_sub(PREFIX_OPS_SHOWN);
+        writeln!(f, "end of the prefix, in linearization order:")?;
+        if skipped > 0 {
+            writeln!(f, "  ... {skipped} earlier operations")?;
+        }
+        for (i, id) in self.prefix.iter().enumerate().skip(skipped) {
+            if let Some(op) = self.op(*id) {
+                writeln!(f, "  {}. {op}", i + 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks `history` against `model` within `budget`, partitioning by key.
+pub fn check<M: Model>(
+    model: &M,
+    history: &History<M::Input, M::Output>,
+    budget: Budget,
+) -> Verdict {
+    check_with_options(
+        model,
+        history,
+        &CheckOptions {
+            budget,
+            ..CheckOptions::default()
+        },
+    )
+}
+
+/// Checks `history` against `model` with explicit options.
+pub fn check_with_options<M: Model>(
+    model: &M,
+    history: &History<M::Input, M::Output>,
+    options: &CheckOptions,
+) -> Verdict {
+    let mut meter = Meter::new(options.budget);
+    let mut searches: Vec<(Option<String>, Vec<usize>, Search<'_, M>)> =
+        partition(model, history, options.partition_by_key)
+            .into_iter()
+            .map(|(key, op_ids)| {
+                let ops = op_ids.iter().map(|&i| &history.ops()[i]).collect();
+                (key, op_ids, Search::new(model, ops))
+            })
+            .collect();
+    // Partitions are searched in rounds of growing step slices, so that a violation in any
+    // partition is found about as soon as if each had its own core, and one hard partition does
+    // not hide an easy violation in another. Deterministic: the order is the keys' order.
+    let mut slice = FIRST_SLICE_STEPS;
+    while !searches.is_empty() {
+        let mut index = 0;
+        while index < searches.len() {
+            let unfinished = searches.len();
+            let (key, op_ids, search) = &mut searches[index];
+            match search.resume(&mut meter, slice) {
+                None => index += 1,
+                Some(SearchOutcome::Linearizable) => {
+                    tracing::debug!(partition = ?key, ops = op_ids.len(), "partition linearizable");
+                    searches.remove(index);
+                }
+                Some(SearchOutcome::OutOfBudget) => {
+                    tracing::debug!(partition = ?key, steps = meter.steps, "budget ran out");
+                    return Verdict::Unknown(UnknownReason {
+                        partition: key.clone(),
+                        unfinished_partitions: unfinished,
+                        steps: meter.steps,
+                        elapsed: meter.elapsed(),
+                        longest_prefix: search.best.len(),
+                        partition_ops: op_ids.len(),
+                    });
+                }
+                Some(SearchOutcome::Violation) => {
+                    tracing::debug!(partition = ?key, prefix = search.best.len(), "violation");
+                    let key = key.clone();
+                    return Verdict::NotLinearizable(Box::new(search.explain(key, op_ids)));
+                }
+            }
+        }
+        slice = slice.saturating_mul(2);
+    }
+    Verdict::Linearizable
+}
+
+/// The steps a partition's search gets in the first round; each round doubles it.
+const FIRST_SLICE_STEPS: u64 = 4096;
+
+/// Groups the operations that take part (all but discarded ones) by partition key, in key order.
+/// If any operation has no key, or partitioning is off, there is one partition, named `None`.
+fn partition<M: Model>(
+    model: &M,
+    history: &History<M::Input, M::Output>,
+    by_key: bool,
+) -> Vec<(Option<String>, Vec<usize>)> {
+    let live = history
+        .ops()
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| !matches!(op.outcome, Outcome::Discarded));
+    if by_key {
+        let mut groups: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+        let mut all_keyed = true;
+        for (i, op) in live.clone() {
+            match model.partition_key(&op.input) {
+                Some(key) => groups.entry(key).or_default().push(i),
+                None => {
+                    all_keyed = false;
+                    break;
+                }
+            }
+        }
+        if all_keyed {
+            return groups.into_iter().map(|(k, v)| (Some(k), v)).collect();
+        }
+    }
+    let all: Vec<usize> = live.map(|(i, _)| i).collect();
+    if all.is_empty() {
+        Vec::new()
+    } else {
+        vec![(None, all)]
+    }
+}
+
+/// Counts search steps and enforces the budget.
+struct Meter {
+    budget: Budget,
+    started: Instant,
+    steps: u64,
+}
+
+impl Meter {
+    fn new(budget: Budget) -> Self {
+        Meter {
+            budget,
+            started: now(),
+            steps: 0,
+        }
+    }
+
+    /// Counts one step; `true` when the budget is exhausted.
+    fn tick(&mut self) -> bool {
+        self.steps += 1;
+        if self.budget.steps.is_some_and(|max| self.steps > max) {
+            return true;
+        }
+        if self.steps & (STEPS_PER_CLOCK_READ - 1) == 0 {
+            if let Some(time) = self.budget.time {
+                return now().duration_since(self.started) > time;
+            }
+        }
+        false
+    }
+
+    fn elapsed(&self) -> Duration {
+        now().duration_since(self.started)
+    }
+}
+
+enum SearchOutcome {
+    Linearizable,
+    /// No linearization: the longest prefix found is in `Search::best`.
+    Violation,
+    OutOfBudget,
+}
+
+const NIL: u32 = u32::MAX;
+
+/// An entry of Lowe's doubly linked list of call and return events.
+#[derive(Clone, Copy)]
+struct Node {
+    prev: u32,
+    next: u32,
+    op: u32,
+    is_call: bool,
+    /// The return node of a call node.
+    ret: u32,
+}
+
+struct Frame {
+    call: u32,
+    prev_state: u32,
+    successor: usize,
+}
+
+/// The search over one partition.
+struct Search<'a, M: Model> {
+    model: &'a M,
+    ops: Vec<&'a Operation<M::Input, M::Output>>,
+    /// Interned states: the search handles `u32` ids, the cache stores ids.
+    states: Vec<M::State>,
+    state_ids: AHashMap<M::State, u32>,
+    /// (state, op) -> range of `successor_pool`.
+    transitions: AHashMap<(u32, u32), (u32, u32)>,
+    successor_pool: Vec<u32>,
+    scratch: Vec<M::State>,
+    /// Position of each op's call and return node in the event order.
+    call_pos: Vec<u32>,
+    return_pos: Vec<u32>,
+    // The search's position, kept between slices (see `resume`).
+    nodes: Vec<Node>,
+    /// The cache key being built: the linearized set's bits, then the state id in the last word.
+    key: Vec<u64>,
+    /// (linearized set, state) pairs already explored (Lowe's cache).
+    cache: AHashSet<Box<[u64]>>,
+    stack: Vec<Frame>,
+    /// The longest linearizable prefix found, and the state after it.
+    best: Vec<u32>,
+    best_state: u32,
+    state: u32,
+    cur: u32,
+    first_successor: usize,
+}
+
+impl<'a, M: Model> Search<'a, M> {
+    fn new(model: &'a M, ops: Vec<&'a Operation<M::Input, M::Output>>) -> Self {
+        let words = ops.len().div_ceil(64);
+        let mut search = Search {
+            model,
+            states: Vec::new(),
+            state_ids: AHashMap::with_hasher(fixed_hasher()),
+            transitions: AHashMap::with_hasher(fixed_hasher()),
+            successor_pool: Vec::new(),
+            scratch: Vec::new(),
+            call_pos: vec![0; ops.len()],
+            return_pos: vec![0; ops.len()],
+            ops,
+            nodes: Vec::new(),
+            key: vec![0u64; words + 1],
+            cache: AHashSet::with_hasher(fixed_hasher()),
+            stack: Vec::new(),
+            best: Vec::new(),
+            best_state: 0,
+            state: 0,
+            cur: NIL,
+            first_successor: 0,
+        };
+        search.intern(model.init());
+        search.nodes = search.build_list();
+        search.cur = search.nodes[0].next;
+        search
+    }
+
+    fn intern(&mut self, state: M::State) -> u32 {
+        if let Some(&id) = self.state_ids.get(&state) {
+            return id;
+        }
+        let id = u32::try_from(self.states.len()).unwrap_or(u32::MAX);
+        self.states.push(state.clone());
+        self.state_ids.insert(state, id);
+        id
+    }
+
+    /// The successors of `state` by op `op`, as a range of `successor_pool`.
+    fn successors(&mut self, state: u32, op: u32) -> (usize, usize) {
+        if let Some(&(lo, hi)) = self.transitions.get(&(state, op)) {
+            return (lo as usize, hi as usize);
+        }
+        let operation = self.ops[op as usize];
+        let mut next = std::mem::take(&mut self.scratch);
+        next.clear();
+        self.model.step(
+            &self.states[state as usize],
+            &operation.input,
+            operation.output(),
+            &mut next,
+        );
+        let lo = self.successor_pool.len();
+        for s in next.drain(..) {
+            let id = self.intern(s);
+            if !self.successor_pool[lo..].contains(&id) {
+                self.successor_pool.push(id);
+            }
+        }
+        self.scratch = next;
+        let hi = self.successor_pool.len();
+        self.transitions.insert((state, op), (lo as u32, hi as u32));
+        (lo, hi)
+    }
+
+    /// Builds the event list sorted by time: calls before returns at equal times (equal times are
+    /// concurrent), unknown returns after everything.
+    fn build_list(&mut self) -> Vec<Node> {
+        let mut events: Vec<(Time, bool, u32)> = Vec::with_capacity(self.ops.len() * 2);
+        for (i, op) in self.ops.iter().enumerate() {
+            let i = i as u32;
+            events.push((op.invoked_at, false, i));
+            events.push((op.returned_at().unwrap_or(Time::MAX), true, i));
+        }
+        events.sort_unstable();
+        let mut nodes = Vec::with_capacity(events.len() + 1);
+        nodes.push(Node {
+            prev: NIL,
+            next: if events.is_empty() { NIL } else { 1 },
+            op: NIL,
+            is_call: false,
+            ret: NIL,
+        });
+        let mut ret_node = vec![NIL; self.ops.len()];
+        for (pos, &(_, is_return, op)) in events.iter().enumerate() {
+            let index = pos as u32 + 1;
+            if is_return {
+                ret_node[op as usize] = index;
+                self.return_pos[op as usize] = pos as u32;
+            } else {
+                self.call_pos[op as usize] = pos as u32;
+            }
+            nodes.push(Node {
+                prev: index - 1,
+                next: if pos + 1 < events.len() {
+                    index + 1
+                } else {
+                    NIL
+                },
+                op,
+                is_call: !is_return,
+                ret: NIL,
+            });
+        }
+        for node in nodes.iter_mut().skip(1) {
+            if node.is_call {
+                node.ret = ret_node[node.op as usize];
+            }
+        }
+        nodes
+    }
+
+    /// Continues the search for at most `slice` steps; `None` when the slice ran out first.
+    /// This is Lowe's loop (WGL): at a call entry, try to linearize that operation now; at a
+    /// return entry, the operation should have been linearized already, so backtrack.
+    fn resume(&mut self, meter: &mut Meter, slice: u64) -> Option<SearchOutcome> {
+        let words = self.key.len() - 1;
+        for _ in 0..slice {
+            if self.nodes[0].next == NIL {
+                return Some(SearchOutcome::Linearizable);
+            }
+            if meter.tick() {
+                return Some(SearchOutcome::OutOfBudget);
+            }
+            debug_assert!(self.cur != NIL, "the last node is always a return");
+            let node = self.nodes[self.cur as usize];
+            if node.is_call {
+                let (lo, hi) = self.successors(self.state, node.op);
+                let (word, bit) = (node.op as usize / 64, 1u64 << (node.op % 64));
+                self.key[word] |= bit;
+                let mut advanced = false;
+                for k in self.first_successor..hi - lo {
+                    let next_state = self.successor_pool[lo + k];
+                    self.key[words] = u64::from(next_state);
+                    if self.cache.contains(&self.key[..]) {
+                        continue;
+                    }
+                    self.cache.insert(self.key.clone().into_boxed_slice());
+                    self.stack.push(Frame {
+                        call: self.cur,
+                        prev_state: self.state,
+                        successor: k,
+                    });
+                    lift(&mut self.nodes, self.cur);
+                    self.state = next_state;
+                    if self.stack.len() > self.best.len() {
+                        self.best = self
+                            .stack
+                            .iter()
+                            .map(|f| self.nodes[f.call as usize].op)
+                            .collect();
+                        self.best_state = self.state;
+                    }
+                    self.cur = self.nodes[0].next;
+                    advanced = true;
+                    break;
+                }
+                self.first_successor = 0;
+                if !advanced {
+                    self.key[word] &= !bit;
+                    self.cur = node.next;
+                }
+            } else {
+                if self.ops[node.op as usize].returned_at().is_none() {
+                    // Only unknown-outcome operations remain: they may never take effect.
+                    return Some(SearchOutcome::Linearizable);
+                }
+                let Some(frame) = self.stack.pop() else {
+                    return Some(SearchOutcome::Violation);
+                };
+                unlift(&mut self.nodes, frame.call);
+                let op = self.nodes[frame.call as usize].op;
+                self.key[op as usize / 64] &= !(1u64 << (op % 64));
+                self.state = frame.prev_state;
+                self.cur = frame.call;
+                self.first_successor = frame.successor + 1;
+            }
+        }
+        None
+    }
+
+    fn explain(&self, partition: Option<String>, op_ids: &[usize]) -> Explanation {
+        let prefix = &self.best;
+        let state = self.best_state;
+        let mut in_prefix = vec![false; self.ops.len()];
+        for &op in prefix.iter() {
+            in_prefix[op as usize] = true;
+        }
+        let remaining: Vec<u32> = (0..self.ops.len() as u32)
+            .filter(|&op| !in_prefix[op as usize])
+            .collect();
+        let blocked = remaining
+            .iter()
+            .copied()
+            .min_by_key(|&op| self.return_pos[op as usize])
+            .unwrap_or(0);
+        let blocked_return = self.return_pos[blocked as usize];
+        let mut involved: Vec<u32> = remaining
+            .iter()
+            .copied()
+            .filter(|&op| self.call_pos[op as usize] < blocked_return)
+            .collect();
+        involved.sort_by_key(|&op| op_ids[op as usize]);
+        let ops = op_ids
+            .iter()
+            .zip(self.ops.iter())
+            .map(|(&id, op)| OpSummary {
+                id: OpId(id),
+                client: op.client,
+                description: self.model.describe_op(&op.input, op.output()),
+                invoked_at: op.invoked_at,
+                returned_at: op.returned_at(),
+            })
+            .collect();
+        Explanation {
+            partition,
+            ops,
+            prefix: prefix.iter().map(|&op| OpId(op_ids[op as usize])).collect(),
+            state_after_prefix: self.model.describe_state(&self.states[state as usize]),
+            blocked: OpId(op_ids[blocked as usize]),
+            involved: involved
+                .into_iter()
+                .map(|op| OpId(op_ids[op as usize]))
+                .collect(),
+        }
+    }
+}
+
+fn unlink(nodes: &mut [Node], i: u32) {
+    let Node { prev, next, .. } = nodes[i as usize];
+    nodes[prev as usize].next = next;
+    if next != NIL {
+        nodes[next as usize].prev = prev;
+    }
+}
+
+fn relink(nodes: &mut [Node], i: u32) {
+    let Node { prev, next, .. } = nodes[i as usize];
+    nodes[prev as usize].next = i;
+    if next != NIL {
+        nodes[next as usize].prev = i;
+    }
+}
+
+/// Takes a linearized operation's call and return entries out of the list (Lowe, §3).
+fn lift(nodes: &mut [Node], call: u32) {
+    let ret = nodes[call as usize].ret;
+    unlink(nodes, call);
+    unlink(nodes, ret);
+}
+
+/// Puts them back, in the reverse order (the list is only changed in stack order).
+fn unlift(nodes: &mut [Node], call: u32) {
+    let ret = nodes[call as usize].ret;
+    relink(nodes, ret);
+    relink(nodes, call);
+}
