@@ -11,8 +11,6 @@ use shoal_check::models::{AppendKv, Register, VersionedKv};
 use shoal_check::{check_with_options, Budget, CheckOptions, History, Model, Verdict};
 
 const CHECK_ABOUT: &str = "\
-Check a recorded history for linearizability.
-
 Reads FILE in the given --format, searches for an order of its operations that respects real time
 and the model's rules (Wing & Gong's search with Lowe's just-in-time linearization, a cache of
 explored states, and one search per key), and prints `linearizable` or `not linearizable` followed
@@ -28,8 +26,8 @@ FORMATS (--format):
                  {:process 0, :type :invoke, :f :append, :key \"0\", :value \"x 0 0 y\"}
   json         Shoal's JSON lines, one event per line, for --model versioned-kv (default),
                register or append-kv:
-                 {\"client\": 1, \"type\": \"invoke\", \"f\": \"put\", \"key\": \"a\", \"value\": \"x\", \"expected\": 0}
-                 {\"client\": 1, \"type\": \"ok\", \"version\": 1}
+                 {\"client\":1,\"type\":\"invoke\",\"f\":\"put\",\"key\":\"a\",\"value\":\"x\",\"expected\":0}
+                 {\"client\":1,\"type\":\"ok\",\"version\":1}
                Completion types: ok, fail (did not apply), info (unknown), and for versioned-kv
                no-key, mismatch, maybe. See docs/checker.md for every field.
 
@@ -66,7 +64,7 @@ pub enum JsonModel {
 
 /// Arguments of `shoal check`.
 #[derive(Debug, clap::Args)]
-#[command(about = "Check a recorded history for linearizability", long_about = CHECK_ABOUT)]
+#[command(after_help = CHECK_ABOUT)]
 pub struct CheckArgs {
     /// The history file.
     pub file: PathBuf,
@@ -188,7 +186,7 @@ const BENCH_TARGET: Duration = Duration::from_secs(5);
 /// Arguments of `shoal bench check`.
 #[derive(Debug, clap::Args)]
 #[command(
-    long_about = "Time the checker on the bundled histories: the 102 Jepsen etcd logs with \
+    after_help = "Times the checker on the bundled histories: the 102 Jepsen etcd logs with \
 a published verdict and the c50 key/value histories (ok and bad). Prints the wall time per set and \
 in total next to the target (under 5 s on a 2-core machine, release build) and checks every \
 verdict. The Go checker Porcupine is the reference to beat; it is not run here. Build with \
