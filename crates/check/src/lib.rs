@@ -26,6 +26,8 @@
 //! assert!(matches!(verdict, Verdict::Linearizable));
 //! ```
 
+#![warn(missing_docs)]
+
 mod check;
 pub mod formats;
 mod history;
