@@ -42,6 +42,10 @@ pub struct Budget {
     /// Search steps for the whole check; `None` is unlimited. Unlike time, a step budget gives
     /// the same answer on every machine, which is what a deterministic simulator wants.
     pub steps: Option<u64>,
+    /// Memory for the search's bookkeeping (cache, interned states, transitions), estimated
+    /// with [`Model::state_bytes`]; `None` is unlimited. A hard search can fill gigabytes within
+    /// seconds, so long budgets need this limit.
+    pub memory_bytes: Option<usize>,
 }
 
 impl Budget {
@@ -54,15 +58,23 @@ impl Budget {
     pub fn time(time: Duration) -> Self {
         Budget {
             time: Some(time),
-            steps: None,
+            ..Budget::default()
         }
     }
 
     /// At most `steps` search steps (machine-independent).
     pub fn steps(steps: u64) -> Self {
         Budget {
-            time: None,
             steps: Some(steps),
+            ..Budget::default()
+        }
+    }
+
+    /// The same budget with a memory limit.
+    pub fn with_memory_bytes(self, memory_bytes: usize) -> Self {
+        Budget {
+            memory_bytes: Some(memory_bytes),
+            ..self
         }
     }
 }
@@ -109,9 +121,22 @@ impl Verdict {
     }
 }
 
+/// Which limit of the [`Budget`] ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    /// [`Budget::time`].
+    Time,
+    /// [`Budget::steps`].
+    Steps,
+    /// [`Budget::memory_bytes`].
+    Memory,
+}
+
 /// Why a check answered [`Verdict::Unknown`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownReason {
+    /// The limit that ran out.
+    pub exhausted: Exhausted,
     /// The partition being searched when the budget ran out (`None`: the whole history).
     pub partition: Option<String>,
     /// Partitions never finished (the one being searched included).
@@ -130,8 +155,13 @@ impl fmt::Display for UnknownReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the budget ran out after {} search steps and {:.3} s, while searching {} \
+            "the {} budget ran out after {} search steps and {:.3} s, while searching {} \
              (longest linearizable prefix found: {} of {} operations); {} partition(s) unfinished",
+            match self.exhausted {
+                Exhausted::Time => "time",
+                Exhausted::Steps => "step",
+                Exhausted::Memory => "memory",
+            },
             self.steps,
             self.elapsed.as_secs_f64(),
             partition_name(self.partition.as_deref()),
@@ -301,11 +331,13 @@ pub fn check_with_options<M: Model>(
                 None => index += 1,
                 Some(SearchOutcome::Linearizable) => {
                     tracing::debug!(partition = ?key, ops = op_ids.len(), "partition linearizable");
+                    meter.bytes = meter.bytes.saturating_sub(search.bytes);
                     searches.remove(index);
                 }
-                Some(SearchOutcome::OutOfBudget) => {
+                Some(SearchOutcome::OutOfBudget(exhausted)) => {
                     tracing::debug!(partition = ?key, steps = meter.steps, "budget ran out");
                     return Verdict::Unknown(UnknownReason {
+                        exhausted,
                         partition: key.clone(),
                         unfinished_partitions: unfinished,
                         steps: meter.steps,
@@ -325,6 +357,14 @@ pub fn check_with_options<M: Model>(
     }
     Verdict::Linearizable
 }
+
+/// Estimated bookkeeping per interned state beyond [`Model::state_bytes`] (vector slot, chain
+/// link, hash table entry).
+const STATE_OVERHEAD_BYTES: usize = 48;
+/// Estimated bytes per memoized transition (hash table entry and successor ids).
+const TRANSITION_BYTES: usize = 32;
+/// Estimated bytes per cache entry beyond its key (allocation header, hash table slot).
+const CACHE_ENTRY_OVERHEAD_BYTES: usize = 64;
 
 /// The steps a partition's search gets in the first round; each round doubles it.
 const FIRST_SLICE_STEPS: u64 = 4096;
@@ -370,6 +410,8 @@ struct Meter {
     budget: Budget,
     started: Instant,
     steps: u64,
+    /// Estimated bytes held by the searches still running.
+    bytes: usize,
 }
 
 impl Meter {
@@ -378,21 +420,27 @@ impl Meter {
             budget,
             started: now(),
             steps: 0,
+            bytes: 0,
         }
     }
 
-    /// Counts one step; `true` when the budget is exhausted.
-    fn tick(&mut self) -> bool {
+    /// Counts one step; `Some` when the budget is exhausted.
+    fn tick(&mut self) -> Option<Exhausted> {
         self.steps += 1;
         if self.budget.steps.is_some_and(|max| self.steps > max) {
-            return true;
+            return Some(Exhausted::Steps);
+        }
+        if self.budget.memory_bytes.is_some_and(|max| self.bytes > max) {
+            return Some(Exhausted::Memory);
         }
         if self.steps & (STEPS_PER_CLOCK_READ - 1) == 0 {
             if let Some(time) = self.budget.time {
-                return now().duration_since(self.started) > time;
+                if now().duration_since(self.started) > time {
+                    return Some(Exhausted::Time);
+                }
             }
         }
-        false
+        None
     }
 
     fn elapsed(&self) -> Duration {
@@ -404,7 +452,7 @@ enum SearchOutcome {
     Linearizable,
     /// No linearization: the longest prefix found is in `Search::best`.
     Violation,
-    OutOfBudget,
+    OutOfBudget(Exhausted),
 }
 
 const NIL: u32 = u32::MAX;
@@ -432,7 +480,11 @@ struct Search<'a, M: Model> {
     ops: Vec<&'a Operation<M::Input, M::Output>>,
     /// Interned states: the search handles `u32` ids, the cache stores ids.
     states: Vec<M::State>,
-    state_ids: AHashMap<M::State, u32>,
+    /// State hash -> the last state id with that hash; `state_chain` links ids of equal hash.
+    /// (States are stored once, in `states`: they can be large.)
+    state_buckets: AHashMap<u64, u32>,
+    state_chain: Vec<u32>,
+    hasher: RandomState,
     /// (state, op) -> range of `successor_pool`.
     transitions: AHashMap<(u32, u32), (u32, u32)>,
     successor_pool: Vec<u32>,
@@ -453,6 +505,8 @@ struct Search<'a, M: Model> {
     state: u32,
     cur: u32,
     first_successor: usize,
+    /// Estimated bytes of bookkeeping held (also added to the meter).
+    bytes: usize,
 }
 
 impl<'a, M: Model> Search<'a, M> {
@@ -461,7 +515,9 @@ impl<'a, M: Model> Search<'a, M> {
         let mut search = Search {
             model,
             states: Vec::new(),
-            state_ids: AHashMap::with_hasher(fixed_hasher()),
+            state_buckets: AHashMap::with_hasher(fixed_hasher()),
+            state_chain: Vec::new(),
+            hasher: fixed_hasher(),
             transitions: AHashMap::with_hasher(fixed_hasher()),
             successor_pool: Vec::new(),
             scratch: Vec::new(),
@@ -477,25 +533,40 @@ impl<'a, M: Model> Search<'a, M> {
             state: 0,
             cur: NIL,
             first_successor: 0,
+            bytes: 0,
         };
-        search.intern(model.init());
+        let mut unmetered = Meter::new(Budget::unlimited());
+        search.intern(model.init(), &mut unmetered);
         search.nodes = search.build_list();
         search.cur = search.nodes[0].next;
         search
     }
 
-    fn intern(&mut self, state: M::State) -> u32 {
-        if let Some(&id) = self.state_ids.get(&state) {
-            return id;
+    fn intern(&mut self, state: M::State, meter: &mut Meter) -> u32 {
+        let hash = self.hasher.hash_one(&state);
+        let head = self.state_buckets.get(&hash).copied().unwrap_or(NIL);
+        let mut id = head;
+        while id != NIL {
+            if self.states[id as usize] == state {
+                return id;
+            }
+            id = self.state_chain[id as usize];
         }
-        let id = u32::try_from(self.states.len()).unwrap_or(u32::MAX);
-        self.states.push(state.clone());
-        self.state_ids.insert(state, id);
+        let id = u32::try_from(self.states.len()).unwrap_or(NIL);
+        self.charge(meter, self.model.state_bytes(&state) + STATE_OVERHEAD_BYTES);
+        self.states.push(state);
+        self.state_chain.push(head);
+        self.state_buckets.insert(hash, id);
         id
     }
 
+    fn charge(&mut self, meter: &mut Meter, bytes: usize) {
+        self.bytes += bytes;
+        meter.bytes += bytes;
+    }
+
     /// The successors of `state` by op `op`, as a range of `successor_pool`.
-    fn successors(&mut self, state: u32, op: u32) -> (usize, usize) {
+    fn successors(&mut self, state: u32, op: u32, meter: &mut Meter) -> (usize, usize) {
         if let Some(&(lo, hi)) = self.transitions.get(&(state, op)) {
             return (lo as usize, hi as usize);
         }
@@ -510,7 +581,7 @@ impl<'a, M: Model> Search<'a, M> {
         );
         let lo = self.successor_pool.len();
         for s in next.drain(..) {
-            let id = self.intern(s);
+            let id = self.intern(s, meter);
             if !self.successor_pool[lo..].contains(&id) {
                 self.successor_pool.push(id);
             }
@@ -518,6 +589,7 @@ impl<'a, M: Model> Search<'a, M> {
         self.scratch = next;
         let hi = self.successor_pool.len();
         self.transitions.insert((state, op), (lo as u32, hi as u32));
+        self.charge(meter, TRANSITION_BYTES + 4 * (hi - lo));
         (lo, hi)
     }
 
@@ -577,13 +649,13 @@ impl<'a, M: Model> Search<'a, M> {
             if self.nodes[0].next == NIL {
                 return Some(SearchOutcome::Linearizable);
             }
-            if meter.tick() {
-                return Some(SearchOutcome::OutOfBudget);
+            if let Some(exhausted) = meter.tick() {
+                return Some(SearchOutcome::OutOfBudget(exhausted));
             }
             debug_assert!(self.cur != NIL, "the last node is always a return");
             let node = self.nodes[self.cur as usize];
             if node.is_call {
-                let (lo, hi) = self.successors(self.state, node.op);
+                let (lo, hi) = self.successors(self.state, node.op, meter);
                 let (word, bit) = (node.op as usize / 64, 1u64 << (node.op % 64));
                 self.key[word] |= bit;
                 let mut advanced = false;
@@ -594,6 +666,7 @@ impl<'a, M: Model> Search<'a, M> {
                         continue;
                     }
                     self.cache.insert(self.key.clone().into_boxed_slice());
+                    self.charge(meter, self.key.len() * 8 + CACHE_ENTRY_OVERHEAD_BYTES);
                     self.stack.push(Frame {
                         call: self.cur,
                         prev_state: self.state,

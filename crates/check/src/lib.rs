@@ -36,7 +36,8 @@ mod model;
 pub mod models;
 
 pub use check::{
-    check, check_with_options, Budget, CheckOptions, Explanation, OpSummary, UnknownReason, Verdict,
+    check, check_with_options, Budget, CheckOptions, Exhausted, Explanation, OpSummary,
+    UnknownReason, Verdict,
 };
 pub use history::{
     ClientId, History, HistoryBuilder, HistoryError, OpId, Operation, Outcome, Time,

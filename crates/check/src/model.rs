@@ -53,6 +53,14 @@ pub trait Model {
         }
     }
 
+    /// Approximate bytes a state occupies, heap included, for [`Budget::memory_bytes`]
+    /// (default: its inline size only; override when states own strings or collections).
+    ///
+    /// [`Budget::memory_bytes`]: crate::Budget::memory_bytes
+    fn state_bytes(&self, _state: &Self::State) -> usize {
+        std::mem::size_of::<Self::State>()
+    }
+
     /// A short human description of a state, for explanations.
     fn describe_state(&self, state: &Self::State) -> String {
         format!("{state:?}")

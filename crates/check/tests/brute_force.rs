@@ -7,8 +7,8 @@
 
 use proptest::prelude::*;
 use shoal_check::models::{
-    AppendKv, AppendKvInput, AppendKvOutput, Expected, KvInput, KvOutput, Register, RegisterInput,
-    RegisterOutput, VersionedKv,
+    AppendKv, AppendKvInput, AppendKvOutput, Expected, KeyMap, KvInput, KvOutput, Register,
+    RegisterInput, RegisterOutput, VersionedKv,
 };
 use shoal_check::{
     check_with_options, Budget, CheckOptions, History, HistoryBuilder, Model, Operation, Verdict,
@@ -118,12 +118,7 @@ impl Generate for VersionedKv {
             },
         }
     }
-    fn truth(
-        &self,
-        state: &std::collections::BTreeMap<String, (String, u64)>,
-        input: &KvInput,
-        c: u8,
-    ) -> KvOutput {
+    fn truth(&self, state: &KeyMap<(String, u64)>, input: &KvInput, c: u8) -> KvOutput {
         let current = state.get(input.key());
         let output = match input {
             KvInput::Get { .. } => {
@@ -189,12 +184,7 @@ impl Generate for AppendKv {
             _ => AppendKvInput::Append { key, value },
         }
     }
-    fn truth(
-        &self,
-        state: &std::collections::BTreeMap<String, String>,
-        input: &AppendKvInput,
-        _: u8,
-    ) -> AppendKvOutput {
+    fn truth(&self, state: &KeyMap<String>, input: &AppendKvInput, _: u8) -> AppendKvOutput {
         match input {
             AppendKvInput::Get { key } => {
                 AppendKvOutput::Value(state.get(key).cloned().unwrap_or_default())

@@ -37,8 +37,12 @@ may take effect at any point after its invocation, or never.
 EXIT CODES:
   0  linearizable
   1  not linearizable
-  2  unknown (the --budget ran out: the search did not finish), or an error (unreadable file,
+  2  unknown (--budget or --max-memory ran out: the search did not finish), or an error (unreadable file,
      malformed line: the message names the file, the line and what was expected)";
+
+/// Default of `--max-memory`, in MiB.
+const DEFAULT_MAX_MEMORY_MIB: usize = 2048;
+const MIB: usize = 1 << 20;
 
 /// The history formats `shoal check` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -81,6 +85,10 @@ pub struct CheckArgs {
     /// Give up after this many seconds of search and answer "unknown" (exit 2).
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
     pub budget: Duration,
+    /// Give up when the search's bookkeeping reaches about this many MiB and answer "unknown"
+    /// (exit 2): a hard history can fill gigabytes within seconds.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_MEMORY_MIB)]
+    pub max_memory: usize,
     /// Print nothing on success or violation; the exit code tells (errors still go to stderr).
     #[arg(long, short)]
     pub quiet: bool,
@@ -145,7 +153,7 @@ fn check_file<M: Model>(
     history: History<M::Input, M::Output>,
 ) -> anyhow::Result<ExitCode> {
     let options = CheckOptions {
-        budget: Budget::time(args.budget),
+        budget: Budget::time(args.budget).with_memory_bytes(args.max_memory.saturating_mul(MIB)),
         partition_by_key: !args.no_partition,
     };
     let verdict = check_with_options(&model, &history, &options);
@@ -242,7 +250,7 @@ fn bench_one<M: Model>(
         model,
         history,
         &CheckOptions {
-            budget: Budget::time(budget),
+            budget: Budget::time(budget).with_memory_bytes(DEFAULT_MAX_MEMORY_MIB * MIB),
             partition_by_key: true,
         },
     );

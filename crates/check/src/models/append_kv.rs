@@ -1,7 +1,6 @@
 //! A key/value store with get, put and append, every key starting as the empty string.
 
-use std::collections::BTreeMap;
-
+use super::KeyMap;
 use crate::model::Model;
 
 /// A map from string keys to string values; every key starts as `""`. `put` replaces a value,
@@ -57,10 +56,10 @@ impl Model for AppendKv {
     type Input = AppendKvInput;
     type Output = AppendKvOutput;
     /// Keys whose value is not `""` (so equal maps are equal states).
-    type State = BTreeMap<String, String>;
+    type State = KeyMap<String>;
 
     fn init(&self) -> Self::State {
-        BTreeMap::new()
+        KeyMap::new()
     }
 
     fn step(
@@ -82,14 +81,16 @@ impl Model for AppendKv {
                 if value.is_empty() {
                     state.remove(key);
                 } else {
-                    state.insert(key.clone(), value.clone());
+                    state.insert(key, value.clone());
                 }
                 next.push(state);
             }
             (AppendKvInput::Append { key, value }, None | Some(AppendKvOutput::Ok)) => {
                 let mut state = state.clone();
                 if !value.is_empty() {
-                    state.entry(key.clone()).or_default().push_str(value);
+                    let mut new_value = state.get(key).cloned().unwrap_or_default();
+                    new_value.push_str(value);
+                    state.insert(key, new_value);
                 }
                 next.push(state);
             }
@@ -103,6 +104,14 @@ impl Model for AppendKv {
 
     fn partition_key(&self, input: &Self::Input) -> Option<String> {
         Some(input.key().to_string())
+    }
+
+    fn state_bytes(&self, state: &Self::State) -> usize {
+        std::mem::size_of::<Self::State>()
+            + state
+                .iter()
+                .map(|(k, v)| 48 + k.len() + v.len())
+                .sum::<usize>()
     }
 
     fn describe_op(&self, input: &Self::Input, output: Option<&Self::Output>) -> String {
@@ -124,7 +133,7 @@ impl Model for AppendKv {
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn map(pairs: &[(&str, &str)]) -> KeyMap<String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -132,10 +141,10 @@ mod tests {
     }
 
     fn step(
-        state: &BTreeMap<String, String>,
+        state: &KeyMap<String>,
         input: AppendKvInput,
         output: Option<AppendKvOutput>,
-    ) -> Vec<BTreeMap<String, String>> {
+    ) -> Vec<KeyMap<String>> {
         let mut next = Vec::new();
         AppendKv.step(state, &input, output.as_ref(), &mut next);
         next

@@ -1,7 +1,6 @@
 //! A key/value store with versions: conditional put and delete, as Shoal's KV database offers.
 
-use std::collections::BTreeMap;
-
+use super::KeyMap;
 use crate::model::Model;
 
 /// A versioned key/value store. A key is missing until created; each value carries a version.
@@ -135,10 +134,10 @@ fn delete_effect(current: Option<&Entry>, expected: Expected) -> Effect {
 impl Model for VersionedKv {
     type Input = KvInput;
     type Output = KvOutput;
-    type State = BTreeMap<String, Entry>;
+    type State = KeyMap<Entry>;
 
     fn init(&self) -> Self::State {
-        BTreeMap::new()
+        KeyMap::new()
     }
 
     fn step(
@@ -173,9 +172,11 @@ impl Model for VersionedKv {
         let with = |entry: Option<Entry>| {
             let mut state = state.clone();
             match entry {
-                Some(entry) => state.insert(key.to_string(), entry),
-                None => state.remove(key),
-            };
+                Some(entry) => state.insert(key, entry),
+                None => {
+                    state.remove(key);
+                }
+            }
             state
         };
         match (effect, output) {
@@ -199,6 +200,14 @@ impl Model for VersionedKv {
 
     fn partition_key(&self, input: &Self::Input) -> Option<String> {
         Some(input.key().to_string())
+    }
+
+    fn state_bytes(&self, state: &Self::State) -> usize {
+        std::mem::size_of::<Self::State>()
+            + state
+                .iter()
+                .map(|(k, (v, _))| 56 + k.len() + v.len())
+                .sum::<usize>()
     }
 
     fn describe_op(&self, input: &Self::Input, output: Option<&Self::Output>) -> String {
@@ -232,7 +241,7 @@ impl Model for VersionedKv {
 mod tests {
     use super::*;
 
-    type State = BTreeMap<String, Entry>;
+    type State = KeyMap<Entry>;
 
     fn at(value: &str, version: u64) -> State {
         [("k".to_string(), (value.to_string(), version))]
