@@ -472,6 +472,15 @@ struct Frame {
     call: u32,
     prev_state: u32,
     successor: usize,
+    /// Taken as a forced move: if it fails, its configuration fails (no alternative to try).
+    forced: bool,
+}
+
+/// What `Search::find_forced` found.
+enum Forced {
+    None,
+    Take(u32),
+    Fails,
 }
 
 /// The search over one partition.
@@ -492,6 +501,8 @@ struct Search<'a, M: Model> {
     /// Position of each op's call and return node in the event order.
     call_pos: Vec<u32>,
     return_pos: Vec<u32>,
+    /// [`Model::is_read_only`] of each operation.
+    read_only: Vec<bool>,
     // The search's position, kept between slices (see `resume`).
     nodes: Vec<Node>,
     /// The cache key being built: the linearized set's bits, then the state id in the last word.
@@ -505,6 +516,8 @@ struct Search<'a, M: Model> {
     state: u32,
     cur: u32,
     first_successor: usize,
+    /// Whether the current configuration is new and must be scanned for a forced move.
+    scan_forced: bool,
     /// Estimated bytes of bookkeeping held (also added to the meter).
     bytes: usize,
 }
@@ -523,6 +536,10 @@ impl<'a, M: Model> Search<'a, M> {
             scratch: Vec::new(),
             call_pos: vec![0; ops.len()],
             return_pos: vec![0; ops.len()],
+            read_only: ops
+                .iter()
+                .map(|op| model.is_read_only(&op.input, op.output()))
+                .collect(),
             ops,
             nodes: Vec::new(),
             key: vec![0u64; words + 1],
@@ -533,6 +550,7 @@ impl<'a, M: Model> Search<'a, M> {
             state: 0,
             cur: NIL,
             first_successor: 0,
+            scan_forced: true,
             bytes: 0,
         };
         let mut unmetered = Meter::new(Budget::unlimited());
@@ -641,8 +659,10 @@ impl<'a, M: Model> Search<'a, M> {
     }
 
     /// Continues the search for at most `slice` steps; `None` when the slice ran out first.
+    ///
     /// This is Lowe's loop (WGL): at a call entry, try to linearize that operation now; at a
-    /// return entry, the operation should have been linearized already, so backtrack.
+    /// return entry, the operation should have been linearized already, so backtrack. Before
+    /// that walk, each new configuration is scanned for a *forced* move (see `find_forced`).
     fn resume(&mut self, meter: &mut Meter, slice: u64) -> Option<SearchOutcome> {
         let words = self.key.len() - 1;
         for _ in 0..slice {
@@ -651,6 +671,25 @@ impl<'a, M: Model> Search<'a, M> {
             }
             if let Some(exhausted) = meter.tick() {
                 return Some(SearchOutcome::OutOfBudget(exhausted));
+            }
+            if self.scan_forced {
+                self.scan_forced = false;
+                match self.find_forced(meter) {
+                    Forced::None => {}
+                    Forced::Take(call) => {
+                        let op = self.nodes[call as usize].op;
+                        self.key[op as usize / 64] |= 1u64 << (op % 64);
+                        self.key[words] = u64::from(self.state);
+                        self.push(call, self.state, 0, true, meter);
+                        continue;
+                    }
+                    Forced::Fails => {
+                        if !self.backtrack() {
+                            return Some(SearchOutcome::Violation);
+                        }
+                        continue;
+                    }
+                }
             }
             debug_assert!(self.cur != NIL, "the last node is always a return");
             let node = self.nodes[self.cur as usize];
@@ -665,24 +704,7 @@ impl<'a, M: Model> Search<'a, M> {
                     if self.cache.contains(&self.key[..]) {
                         continue;
                     }
-                    self.cache.insert(self.key.clone().into_boxed_slice());
-                    self.charge(meter, self.key.len() * 8 + CACHE_ENTRY_OVERHEAD_BYTES);
-                    self.stack.push(Frame {
-                        call: self.cur,
-                        prev_state: self.state,
-                        successor: k,
-                    });
-                    lift(&mut self.nodes, self.cur);
-                    self.state = next_state;
-                    if self.stack.len() > self.best.len() {
-                        self.best = self
-                            .stack
-                            .iter()
-                            .map(|f| self.nodes[f.call as usize].op)
-                            .collect();
-                        self.best_state = self.state;
-                    }
-                    self.cur = self.nodes[0].next;
+                    self.push(self.cur, next_state, k, false, meter);
                     advanced = true;
                     break;
                 }
@@ -696,18 +718,101 @@ impl<'a, M: Model> Search<'a, M> {
                     // Only unknown-outcome operations remain: they may never take effect.
                     return Some(SearchOutcome::Linearizable);
                 }
-                let Some(frame) = self.stack.pop() else {
+                if !self.backtrack() {
                     return Some(SearchOutcome::Violation);
-                };
-                unlift(&mut self.nodes, frame.call);
-                let op = self.nodes[frame.call as usize].op;
-                self.key[op as usize / 64] &= !(1u64 << (op % 64));
-                self.state = frame.prev_state;
-                self.cur = frame.call;
-                self.first_successor = frame.successor + 1;
+                }
             }
         }
         None
+    }
+
+    /// Looks for a forced move in the current configuration: a candidate operation (its call
+    /// comes before any pending return) that is read-only ([`Model::is_read_only`]: it never
+    /// changes any state) and legal now. Linearizing it next loses nothing: any linearization
+    /// from here that places it later can move it to the front (its real-time predecessors are
+    /// all linearized, it is legal now, and removing it from its later place changes no state),
+    /// so if the configuration with it fails, this one fails too, and no other candidate needs
+    /// trying. If that configuration is already in the cache,
+    /// it was explored and failed, so this one fails now. A partial-order reduction that lets
+    /// reads go first instead of being tried after every write order.
+    fn find_forced(&mut self, meter: &mut Meter) -> Forced {
+        let words = self.key.len() - 1;
+        let mut cur = self.nodes[0].next;
+        while cur != NIL {
+            let node = self.nodes[cur as usize];
+            if !node.is_call {
+                break;
+            }
+            let (lo, hi) = self.successors(self.state, node.op, meter);
+            if self.read_only[node.op as usize]
+                && hi - lo == 1
+                && self.successor_pool[lo] == self.state
+            {
+                let (word, bit) = (node.op as usize / 64, 1u64 << (node.op % 64));
+                self.key[word] |= bit;
+                self.key[words] = u64::from(self.state);
+                let explored = self.cache.contains(&self.key[..]);
+                self.key[word] &= !bit;
+                return if explored {
+                    Forced::Fails
+                } else {
+                    Forced::Take(cur)
+                };
+            }
+            cur = node.next;
+        }
+        Forced::None
+    }
+
+    /// Linearizes the operation of call entry `call`, moving to `next_state`. The caller has set
+    /// the operation's bit and the state word of `key`.
+    fn push(
+        &mut self,
+        call: u32,
+        next_state: u32,
+        successor: usize,
+        forced: bool,
+        meter: &mut Meter,
+    ) {
+        self.cache.insert(self.key.clone().into_boxed_slice());
+        self.charge(meter, self.key.len() * 8 + CACHE_ENTRY_OVERHEAD_BYTES);
+        self.stack.push(Frame {
+            call,
+            prev_state: self.state,
+            successor,
+            forced,
+        });
+        lift(&mut self.nodes, call);
+        self.state = next_state;
+        if self.stack.len() > self.best.len() {
+            self.best = self
+                .stack
+                .iter()
+                .map(|f| self.nodes[f.call as usize].op)
+                .collect();
+            self.best_state = self.state;
+        }
+        self.cur = self.nodes[0].next;
+        self.scan_forced = true;
+    }
+
+    /// Undoes linearizations until a configuration with alternatives left; `false` when none is
+    /// left (not linearizable). A forced move that failed fails its configuration too.
+    fn backtrack(&mut self) -> bool {
+        while let Some(frame) = self.stack.pop() {
+            unlift(&mut self.nodes, frame.call);
+            let op = self.nodes[frame.call as usize].op;
+            self.key[op as usize / 64] &= !(1u64 << (op % 64));
+            self.state = frame.prev_state;
+            if frame.forced {
+                continue;
+            }
+            self.cur = frame.call;
+            self.first_successor = frame.successor + 1;
+            self.scan_forced = false;
+            return true;
+        }
+        false
     }
 
     fn explain(&self, partition: Option<String>, op_ids: &[usize]) -> Explanation {

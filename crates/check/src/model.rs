@@ -35,6 +35,16 @@ pub trait Model {
         next: &mut Vec<Self::State>,
     );
 
+    /// Whether the operation never changes the state: in every state where it is legal, its only
+    /// successor is that same state (a read, a cas that failed, a put refused with a version
+    /// mismatch). The search then linearizes it as soon as it is legal, without trying the other
+    /// orders (a sound partial-order reduction: see `docs/checker.md`). Answering `true` for an
+    /// operation that can change the state makes verdicts wrong; the default `false` is always
+    /// safe, only slower.
+    fn is_read_only(&self, _input: &Self::Input, _output: Option<&Self::Output>) -> bool {
+        false
+    }
+
     /// The partition (usually the key) an operation belongs to, when operations of different
     /// partitions never affect each other. Returning `Some` lets the checker check each
     /// partition on its own (P-compositionality, Herlihy & Wing 1990, and Horn & Kroening 2015),

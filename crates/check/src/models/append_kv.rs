@@ -102,6 +102,10 @@ impl Model for AppendKv {
         }
     }
 
+    fn is_read_only(&self, input: &Self::Input, _output: Option<&Self::Output>) -> bool {
+        matches!(input, AppendKvInput::Get { .. })
+    }
+
     fn partition_key(&self, input: &Self::Input) -> Option<String> {
         Some(input.key().to_string())
     }

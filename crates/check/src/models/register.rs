@@ -78,6 +78,10 @@ impl Model for Register {
         }
     }
 
+    fn is_read_only(&self, input: &Self::Input, output: Option<&Self::Output>) -> bool {
+        matches!(input, RegisterInput::Read) || matches!(output, Some(RegisterOutput::Failed))
+    }
+
     fn describe_op(&self, input: &Self::Input, output: Option<&Self::Output>) -> String {
         let input = match input {
             RegisterInput::Read => "read".to_string(),

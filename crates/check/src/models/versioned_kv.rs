@@ -198,6 +198,14 @@ impl Model for VersionedKv {
         }
     }
 
+    fn is_read_only(&self, input: &Self::Input, output: Option<&Self::Output>) -> bool {
+        matches!(input, KvInput::Get { .. })
+            || matches!(
+                output,
+                Some(KvOutput::VersionMismatch | KvOutput::NoKey | KvOutput::Found { .. })
+            )
+    }
+
     fn partition_key(&self, input: &Self::Input) -> Option<String> {
         Some(input.key().to_string())
     }
