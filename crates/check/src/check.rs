@@ -891,3 +891,123 @@ fn unlift(nodes: &mut [Node], call: u32) {
     relink(nodes, ret);
     relink(nodes, call);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::HistoryBuilder;
+    use crate::models::{Register, RegisterInput as In, RegisterOutput as Out};
+
+    fn write(v: &str) -> In {
+        In::Write(v.to_string())
+    }
+
+    fn read(v: Option<&str>) -> Out {
+        Out::Value(v.map(str::to_string))
+    }
+
+    #[test]
+    fn empty_and_unknown_only_histories_are_linearizable() {
+        let empty: History<In, Out> = HistoryBuilder::new().build();
+        assert!(check(&Register, &empty, Budget::unlimited()).is_linearizable());
+        let mut h = HistoryBuilder::new();
+        h.invoke(1, write("1"), 0);
+        h.invoke(2, In::Read, 0);
+        assert!(check(&Register, &h.build(), Budget::unlimited()).is_linearizable());
+    }
+
+    #[test]
+    fn stale_read_is_a_violation_with_an_explanation() {
+        let mut h = HistoryBuilder::new();
+        let w = h.invoke(1, write("1"), 0);
+        h.complete(w, Out::Ok, 1).unwrap();
+        let r = h.invoke(2, In::Read, 2);
+        h.complete(r, read(None), 3).unwrap();
+        let Verdict::NotLinearizable(e) = check(&Register, &h.build(), Budget::unlimited()) else {
+            panic!("expected a violation");
+        };
+        assert_eq!(e.partition, None);
+        assert_eq!(e.prefix, vec![w]);
+        assert_eq!(e.state_after_prefix, "1");
+        assert_eq!(e.blocked, r);
+        assert_eq!(e.involved, vec![r]);
+        let text = e.to_string();
+        assert!(text.contains("read -> nil"), "{text}");
+    }
+
+    #[test]
+    fn equal_times_are_concurrent() {
+        // The write returns at 1 and the read is invoked at 1: either order is allowed.
+        let mut h = HistoryBuilder::new();
+        let w = h.invoke(1, write("1"), 0);
+        h.complete(w, Out::Ok, 1).unwrap();
+        let r = h.invoke(2, In::Read, 1);
+        h.complete(r, read(None), 2).unwrap();
+        assert!(check(&Register, &h.build(), Budget::unlimited()).is_linearizable());
+    }
+
+    #[test]
+    fn unknown_outcome_may_apply_late_or_never() {
+        // A write that timed out is seen by a read long after, then not seen... is a violation;
+        // seen or never seen alone is fine.
+        let build = |reads: &[Option<&str>]| {
+            let mut h = HistoryBuilder::new();
+            h.invoke(1, write("1"), 0);
+            for (i, value) in reads.iter().enumerate() {
+                let t = 10 + 2 * i as u64;
+                let r = h.invoke(2, In::Read, t);
+                h.complete(r, read(*value), t + 1).unwrap();
+            }
+            h.build()
+        };
+        let ok = |reads: &[Option<&str>]| check(&Register, &build(reads), Budget::unlimited());
+        assert!(ok(&[None, None]).is_linearizable());
+        assert!(ok(&[None, Some("1")]).is_linearizable());
+        assert!(ok(&[Some("1"), None]).is_violation());
+    }
+
+    #[test]
+    fn discarded_operations_are_ignored() {
+        let mut h = HistoryBuilder::new();
+        let w = h.invoke(1, write("1"), 0);
+        h.discard(w).unwrap();
+        let r = h.invoke(2, In::Read, 2);
+        h.complete(r, read(Some("1")), 3).unwrap();
+        assert!(check(&Register, &h.build(), Budget::unlimited()).is_violation());
+    }
+
+    #[test]
+    fn an_exhausted_budget_says_unknown_never_linearizable() {
+        let mut h = HistoryBuilder::new();
+        for client in 0..6 {
+            let w = h.invoke(client, write(&client.to_string()), 0);
+            h.complete(w, Out::Ok, 100).unwrap();
+        }
+        let history = h.build();
+        let Verdict::Unknown(reason) = check(&Register, &history, Budget::steps(3)) else {
+            panic!("expected unknown");
+        };
+        assert_eq!(reason.exhausted, Exhausted::Steps);
+        let Verdict::Unknown(reason) = check(
+            &Register,
+            &history,
+            Budget::unlimited().with_memory_bytes(1),
+        ) else {
+            panic!("expected unknown");
+        };
+        assert_eq!(reason.exhausted, Exhausted::Memory);
+        assert!(check(&Register, &history, Budget::unlimited()).is_linearizable());
+    }
+
+    #[test]
+    fn verdicts_are_deterministic() {
+        let text = "INFO  jepsen.util - 1\t:invoke\t:write\t1\n\
+                    INFO  jepsen.util - 2\t:invoke\t:read\tnil\n\
+                    INFO  jepsen.util - 1\t:ok\t:write\t1\n\
+                    INFO  jepsen.util - 2\t:ok\t:read\t2\n";
+        let history = crate::formats::jepsen_etcd::parse(text).unwrap();
+        let first = check(&Register, &history, Budget::unlimited());
+        assert!(first.is_violation());
+        assert_eq!(first, check(&Register, &history, Budget::unlimited()));
+    }
+}
