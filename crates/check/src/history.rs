@@ -215,3 +215,117 @@ impl<I, O> HistoryBuilder<I, O> {
         Ok(&mut self.ops[id.0])
     }
 }
+
+/// A [`HistoryBuilder`] that many threads or tasks can record into at once (real clients each
+/// holding a clone). Times must still come from one clock, for example `Instant`s converted to
+/// nanoseconds since a common start.
+#[derive(Debug)]
+pub struct SharedHistoryBuilder<I, O> {
+    inner: std::sync::Arc<std::sync::Mutex<HistoryBuilder<I, O>>>,
+}
+
+impl<I, O> Clone for SharedHistoryBuilder<I, O> {
+    fn clone(&self) -> Self {
+        SharedHistoryBuilder {
+            inner: std::sync::Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<I, O> Default for SharedHistoryBuilder<I, O> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<I, O> SharedHistoryBuilder<I, O> {
+    /// An empty history.
+    pub fn new() -> Self {
+        SharedHistoryBuilder {
+            inner: std::sync::Arc::new(std::sync::Mutex::new(HistoryBuilder::new())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HistoryBuilder<I, O>> {
+        // A recorder that panicked mid-call leaves the builder consistent (each call is one
+        // push or one field write), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`HistoryBuilder::invoke`].
+    pub fn invoke(&self, client: ClientId, input: I, time: Time) -> OpId {
+        self.lock().invoke(client, input, time)
+    }
+
+    /// See [`HistoryBuilder::complete`].
+    pub fn complete(&self, id: OpId, output: O, time: Time) -> Result<(), HistoryError> {
+        self.lock().complete(id, output, time)
+    }
+
+    /// See [`HistoryBuilder::discard`].
+    pub fn discard(&self, id: OpId) -> Result<(), HistoryError> {
+        self.lock().discard(id)
+    }
+
+    /// See [`HistoryBuilder::unknown`].
+    pub fn unknown(&self, id: OpId) -> Result<(), HistoryError> {
+        self.lock().unknown(id)
+    }
+
+    /// The history recorded so far (a copy; recording may go on).
+    pub fn snapshot(&self) -> History<I, O>
+    where
+        I: Clone,
+        O: Clone,
+    {
+        History {
+            ops: self.lock().ops.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_rejects_misuse() {
+        let mut b: HistoryBuilder<u8, u8> = HistoryBuilder::new();
+        let id = b.invoke(1, 0, 10);
+        assert_eq!(
+            b.complete(id, 0, 5),
+            Err(HistoryError::ReturnBeforeInvoke {
+                op: id,
+                invoked_at: 10,
+                returned_at: 5
+            })
+        );
+        assert!(b.is_open(id));
+        b.complete(id, 0, 11).unwrap();
+        assert_eq!(b.complete(id, 0, 12), Err(HistoryError::AlreadyClosed(id)));
+        assert_eq!(b.discard(OpId(7)), Err(HistoryError::UnknownOp(OpId(7))));
+        let open = b.invoke(2, 1, 12);
+        let history = b.build();
+        assert_eq!(
+            history.op(open).map(|op| &op.outcome),
+            Some(&Outcome::Unknown)
+        );
+    }
+
+    #[test]
+    fn shared_builder_records_from_threads() {
+        let shared: SharedHistoryBuilder<u64, u64> = SharedHistoryBuilder::new();
+        std::thread::scope(|s| {
+            for client in 0..4u64 {
+                let shared = shared.clone();
+                s.spawn(move || {
+                    let id = shared.invoke(client, client, client);
+                    shared.complete(id, client, client + 10).unwrap();
+                });
+            }
+        });
+        let history = shared.snapshot();
+        assert_eq!(history.len(), 4);
+        assert!(history.ops().iter().all(|op| op.returned_at().is_some()));
+    }
+}

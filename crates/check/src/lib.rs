@@ -2,7 +2,7 @@
 //!
 //! This crate owns: the [`Model`] trait (a sequential specification that other crates implement),
 //! the built-in models ([`models::Register`], [`models::VersionedKv`], [`models::AppendKv`]),
-//! recording histories ([`HistoryBuilder`]), the search itself ([`check`], [`check_with_options`]:
+//! recording histories ([`HistoryBuilder`], and [`SharedHistoryBuilder`] for many threads), the search itself ([`check`], [`check_with_options`]:
 //! Wing & Gong's algorithm with Lowe's just-in-time linearization, a cache of
 //! (linearized set, state) pairs, and partitioning of a history by key), the explanation of a
 //! violation ([`Explanation`]), an HTML timeline of a failing partition ([`html`]), and the parsers
@@ -40,6 +40,7 @@ pub use check::{
     UnknownReason, Verdict,
 };
 pub use history::{
-    ClientId, History, HistoryBuilder, HistoryError, OpId, Operation, Outcome, Time,
+    ClientId, History, HistoryBuilder, HistoryError, OpId, Operation, Outcome,
+    SharedHistoryBuilder, Time,
 };
 pub use model::Model;
