@@ -323,23 +323,22 @@ pub fn check_with_options<M: Model>(
     // not hide an easy violation in another. Deterministic: the order is the keys' order.
     let mut slice = FIRST_SLICE_STEPS;
     while !searches.is_empty() {
-        let mut index = 0;
-        while index < searches.len() {
-            let unfinished = searches.len();
-            let (key, op_ids, search) = &mut searches[index];
+        let unfinished = searches.len();
+        let mut finished = vec![false; searches.len()];
+        for (index, (key, op_ids, search)) in searches.iter_mut().enumerate() {
             match search.resume(&mut meter, slice) {
-                None => index += 1,
+                None => {}
                 Some(SearchOutcome::Linearizable) => {
                     tracing::debug!(partition = ?key, ops = op_ids.len(), "partition linearizable");
                     meter.bytes = meter.bytes.saturating_sub(search.bytes);
-                    searches.remove(index);
+                    finished[index] = true;
                 }
                 Some(SearchOutcome::OutOfBudget(exhausted)) => {
                     tracing::debug!(partition = ?key, steps = meter.steps, "budget ran out");
                     return Verdict::Unknown(UnknownReason {
                         exhausted,
                         partition: key.clone(),
-                        unfinished_partitions: unfinished,
+                        unfinished_partitions: unfinished - finished.iter().filter(|f| **f).count(),
                         steps: meter.steps,
                         elapsed: meter.elapsed(),
                         longest_prefix: search.best.len(),
@@ -353,6 +352,12 @@ pub fn check_with_options<M: Model>(
                 }
             }
         }
+        // Drop finished partitions (and their memory) once per round: O(partitions).
+        let mut index = 0;
+        searches.retain(|_| {
+            index += 1;
+            !finished[index - 1]
+        });
         slice = slice.saturating_mul(2);
     }
     Verdict::Linearizable
