@@ -107,7 +107,8 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
             "expected a positive number of seconds, found {text:?}"
         ));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("expected a number of seconds that fits a duration, found {text:?}"))
 }
 
 /// Runs `shoal check`.
