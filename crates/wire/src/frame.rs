@@ -82,8 +82,8 @@ pub fn decode_frame<T: DeserializeOwned>(
     if actual != expected {
         return Err(FrameError::Checksum { expected, actual });
     }
-    let (message, rest) =
-        postcard::take_from_bytes::<T>(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (message, rest) = postcard::take_from_bytes::<T>(payload)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FrameError::Malformed(format!(
             "{} trailing bytes after the message",
