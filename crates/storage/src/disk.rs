@@ -17,6 +17,16 @@ pub enum DiskError {
         /// The file.
         name: String,
     },
+    /// A simulated disk refused.
+    #[error("{op} {name}: {reason}")]
+    Other {
+        /// The operation.
+        op: &'static str,
+        /// The file.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The operating system refused.
     #[error("{op} {name}: {source}")]
     Io {
@@ -310,5 +320,80 @@ impl Disk for MemDisk {
         self.durable_names = self.names.clone();
         self.syncs += 1;
         Ok(())
+    }
+}
+
+/// The simulator's disk (feature `sim`). Its fsyncs are asynchronous events of the simulation
+/// (`Ctx::fsync`), but the storage needs a barrier (an atomic replace must not rename before
+/// the data is durable), so `sync`/`sync_dir` make everything durable at once with
+/// `SimDisk::sync_all_now`. Crash coverage comes from the driver: it writes on every event and
+/// syncs on a group-commit timer, so crashes in between lose or tear unsynced writes. Model
+/// fsync latency by delaying the acknowledgement (see `docs/raft.md`).
+#[cfg(feature = "sim")]
+impl Disk for shoal_sim::SimDisk {
+    fn list(&self) -> Result<Vec<String>, DiskError> {
+        Ok(shoal_sim::SimDisk::list(self))
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, DiskError> {
+        if !self.exists(name) {
+            return Ok(None);
+        }
+        self.read_all(name)
+            .map(Some)
+            .map_err(|e| sim_err("read", name, e))
+    }
+
+    fn create(&mut self, name: &str) -> Result<(), DiskError> {
+        if self.exists(name) {
+            shoal_sim::SimDisk::remove(self, name).map_err(|e| sim_err("create", name, e))?;
+        }
+        shoal_sim::SimDisk::create(self, name).map_err(|e| sim_err("create", name, e))
+    }
+
+    fn append(&mut self, name: &str, bytes: &[u8]) -> Result<(), DiskError> {
+        shoal_sim::SimDisk::append(self, name, bytes)
+            .map(|_| ())
+            .map_err(|e| sim_err("append", name, e))
+    }
+
+    fn truncate(&mut self, name: &str, len: u64) -> Result<(), DiskError> {
+        shoal_sim::SimDisk::truncate(self, name, len).map_err(|e| sim_err("truncate", name, e))
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), DiskError> {
+        shoal_sim::SimDisk::rename(self, from, to).map_err(|e| sim_err("rename", from, e))
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), DiskError> {
+        if !self.exists(name) {
+            return Ok(());
+        }
+        shoal_sim::SimDisk::remove(self, name).map_err(|e| sim_err("remove", name, e))
+    }
+
+    fn sync(&mut self, _name: &str) -> Result<(), DiskError> {
+        self.sync_all_now();
+        Ok(())
+    }
+
+    fn sync_dir(&mut self) -> Result<(), DiskError> {
+        self.sync_all_now();
+        Ok(())
+    }
+}
+
+#[cfg(feature = "sim")]
+fn sim_err(op: &'static str, name: &str, e: shoal_sim::DiskError) -> DiskError {
+    match e {
+        shoal_sim::DiskError::NotFound(_) => DiskError::NotFound {
+            op,
+            name: name.to_string(),
+        },
+        other => DiskError::Other {
+            op,
+            name: name.to_string(),
+            reason: other.to_string(),
+        },
     }
 }

@@ -170,14 +170,14 @@ struct Segment {
     bytes: u64,
 }
 
-/// The durable log, hard state and snapshot of one node, on a [`Disk`].
+/// The durable log, hard state and snapshot of one node, on a [`Disk`] lent to each call
+/// that writes (so a simulator can keep owning its disks; reads never touch the disk).
 ///
 /// Writes ([`DurableStorage::append`], [`DurableStorage::set_hard_state`]) are visible at once
 /// and durable after [`DurableStorage::sync`], which fsyncs every file touched since the last
 /// sync (group commit). Snapshots are durable when their call returns. Entries are also kept
 /// in memory (the log is bounded by snapshots), so reads never touch the disk.
-pub struct DurableStorage<D: Disk> {
-    disk: D,
+pub struct DurableStorage {
     config: StorageConfig,
     hard_state: HardState,
     durable_hard_state: HardState,
@@ -193,22 +193,22 @@ pub struct DurableStorage<D: Disk> {
     dir_dirty: bool,
 }
 
-impl<D: Disk> DurableStorage<D> {
+impl DurableStorage {
     /// Opens (or initialises, if the disk is empty) the storage of `node_id` in `cluster_id`.
     /// Truncates a torn record at the tail of the newest segment; refuses to start on any
     /// other damage, or on a directory of another node or cluster.
     pub fn open(
-        mut disk: D,
+        disk: &mut impl Disk,
         cluster_id: u64,
         node_id: u64,
         config: StorageConfig,
-    ) -> Result<DurableStorage<D>, Error> {
+    ) -> Result<DurableStorage, Error> {
         let want = Identity {
             format_version: FORMAT_VERSION,
             cluster_id,
             node_id,
         };
-        match read_single::<Identity>(&disk, IDENTITY)? {
+        match read_single::<Identity>(disk, IDENTITY)? {
             Some(found) => {
                 if (found.cluster_id, found.node_id) != (cluster_id, node_id) {
                     return Err(Error::WrongIdentity {
@@ -235,7 +235,7 @@ impl<D: Disk> DurableStorage<D> {
                         reason: "missing, but the directory holds data".into(),
                     });
                 }
-                write_atomic(&mut disk, IDENTITY, &want)?;
+                write_atomic(disk, IDENTITY, &want)?;
             }
         }
         for name in disk.list()? {
@@ -243,8 +243,8 @@ impl<D: Disk> DurableStorage<D> {
                 disk.remove(&name)?; // an interrupted atomic replace
             }
         }
-        let hard_state = read_single::<HardState>(&disk, HARD_STATE)?.unwrap_or_default();
-        let snapshot = read_single::<Snapshot>(&disk, SNAPSHOT)?.unwrap_or_default();
+        let hard_state = read_single::<HardState>(disk, HARD_STATE)?.unwrap_or_default();
+        let snapshot = read_single::<Snapshot>(disk, SNAPSHOT)?.unwrap_or_default();
 
         let mut seqs: Vec<u64> = disk
             .list()?
@@ -253,7 +253,6 @@ impl<D: Disk> DurableStorage<D> {
             .collect();
         seqs.sort_unstable();
         let mut s = DurableStorage {
-            disk,
             config,
             hard_state,
             durable_hard_state: hard_state,
@@ -267,12 +266,12 @@ impl<D: Disk> DurableStorage<D> {
         };
         let newest = seqs.last().copied();
         for seq in seqs {
-            s.replay_segment(seq, Some(seq) == newest)?;
+            s.replay_segment(disk, seq, Some(seq) == newest)?;
         }
         if s.segments.is_empty() {
             let first = s.snapshot.meta.index.next();
-            s.start_segment(first)?;
-            s.sync()?;
+            s.start_segment(disk, first)?;
+            s.sync(disk)?;
         } else {
             s.active = *s.segments.keys().next_back().expect("non-empty");
         }
@@ -289,9 +288,14 @@ impl<D: Disk> DurableStorage<D> {
         LogIndex(self.snapshot.meta.index.0 + self.entries.len() as u64)
     }
 
-    fn replay_segment(&mut self, seq: u64, newest: bool) -> Result<(), Error> {
+    fn replay_segment(
+        &mut self,
+        disk: &mut impl Disk,
+        seq: u64,
+        newest: bool,
+    ) -> Result<(), Error> {
         let name = segment_name(seq);
-        let buf = self.disk.read(&name)?.unwrap_or_default();
+        let buf = disk.read(&name)?.unwrap_or_default();
         let corrupt = |offset: usize, reason: String| Error::Corrupt {
             file: name.clone(),
             offset: offset as u64,
@@ -302,7 +306,7 @@ impl<D: Disk> DurableStorage<D> {
             ReadRecord::End | ReadRecord::Bad(_) if newest => {
                 // Created but its header never made it to disk: an empty tail segment.
                 tracing::warn!(file = %name, "discarding newest segment with a torn header");
-                self.disk.remove(&name)?;
+                disk.remove(&name)?;
                 return Ok(());
             }
             ReadRecord::End => return Err(corrupt(0, "empty segment".into())),
@@ -369,8 +373,8 @@ impl<D: Disk> DurableStorage<D> {
                         return Err(corrupt(offset, why));
                     }
                     tracing::warn!(file = %name, offset, %why, "truncating torn tail");
-                    self.disk.truncate(&name, offset as u64)?;
-                    self.disk.sync(&name)?;
+                    disk.truncate(&name, offset as u64)?;
+                    disk.sync(&name)?;
                     break;
                 }
             }
@@ -399,21 +403,21 @@ impl<D: Disk> DurableStorage<D> {
         }
     }
 
-    fn start_segment(&mut self, first_index: LogIndex) -> Result<(), Error> {
+    fn start_segment(&mut self, disk: &mut impl Disk, first_index: LogIndex) -> Result<(), Error> {
         // Barrier: the previous active segment is durable before a newer one exists, so only
         // the newest segment can ever have a torn tail.
         if self.segments.contains_key(&self.active) {
             let name = segment_name(self.active);
             if self.dirty.remove(&name) {
-                self.disk.sync(&name)?;
+                disk.sync(&name)?;
             }
         }
         let seq = self.segments.keys().next_back().map_or(1, |s| s + 1);
         let name = segment_name(seq);
-        self.disk.create(&name)?;
+        disk.create(&name)?;
         let mut buf = Vec::new();
         encode_record(&SegmentHeader { seq, first_index }, &mut buf);
-        self.disk.append(&name, &buf)?;
+        disk.append(&name, &buf)?;
         self.segments.insert(
             seq,
             Segment {
@@ -430,7 +434,7 @@ impl<D: Disk> DurableStorage<D> {
     /// Appends entries, superseding any stored entry at or after `entries[0].index` (a
     /// conflict). Entries at or before the snapshot are skipped. Durable after
     /// [`DurableStorage::sync`].
-    pub fn append(&mut self, entries: &[Entry]) -> Result<(), Error> {
+    pub fn append(&mut self, disk: &mut impl Disk, entries: &[Entry]) -> Result<(), Error> {
         let entries: Vec<&Entry> = entries.iter().filter(|e| e.index >= self.first()).collect();
         let Some(head) = entries.first() else {
             return Ok(());
@@ -449,14 +453,14 @@ impl<D: Disk> DurableStorage<D> {
         if head.index != active.next_index || active.bytes >= self.config.max_segment_bytes {
             // Suffix truncation (a conflict) or a full segment: a new segment, which
             // supersedes every older one from head.index on.
-            self.start_segment(head.index)?;
+            self.start_segment(disk, head.index)?;
         }
         let name = segment_name(self.active);
         let mut buf = Vec::new();
         for e in &entries {
             encode_record(*e, &mut buf);
         }
-        self.disk.append(&name, &buf)?;
+        disk.append(&name, &buf)?;
         if let Some(seg) = self.segments.get_mut(&self.active) {
             seg.bytes += buf.len() as u64;
             seg.next_index = LogIndex(head.index.0 + entries.len() as u64);
@@ -472,41 +476,41 @@ impl<D: Disk> DurableStorage<D> {
     /// Records the hard state. A term or vote change is written (atomically) now; a change of
     /// the commit index alone is kept in memory and written with the next one or at a
     /// snapshot, since Raft re-learns its commit index after a restart.
-    pub fn set_hard_state(&mut self, hs: HardState) -> Result<(), Error> {
+    pub fn set_hard_state(&mut self, disk: &mut impl Disk, hs: HardState) -> Result<(), Error> {
         self.hard_state = hs;
         if (hs.term, hs.vote) != (self.durable_hard_state.term, self.durable_hard_state.vote) {
-            self.write_hard_state()?;
+            self.write_hard_state(disk)?;
         }
         Ok(())
     }
 
-    fn write_hard_state(&mut self) -> Result<(), Error> {
+    fn write_hard_state(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
         // The log first, so a durable commit index never exceeds the durable log.
-        self.sync()?;
+        self.sync(disk)?;
         let mut hs = self.hard_state;
         // Never claim a commit index beyond what the log holds durably.
         hs.commit = hs.commit.min(self.last());
-        write_atomic(&mut self.disk, HARD_STATE, &hs)?;
+        write_atomic(disk, HARD_STATE, &hs)?;
         self.durable_hard_state = hs;
         Ok(())
     }
 
     /// Group commit: one fsync per file written since the last call (plus the directory if
     /// names changed). After it returns, everything appended before is durable.
-    pub fn sync(&mut self) -> Result<(), Error> {
+    pub fn sync(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
         for name in std::mem::take(&mut self.dirty) {
-            self.disk.sync(&name)?;
+            disk.sync(&name)?;
         }
         if self.dir_dirty {
-            self.disk.sync_dir()?;
+            disk.sync_dir()?;
             self.dir_dirty = false;
         }
-        self.collect_garbage()
+        self.collect_garbage(disk)
     }
 
     /// Removes segments no live entry lives in any more (superseded or compacted). Only called
     /// once everything is durable, so the superseding data exists on disk.
-    fn collect_garbage(&mut self) -> Result<(), Error> {
+    fn collect_garbage(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
         let live: BTreeSet<u64> = self.entry_segment.iter().copied().collect();
         let dead: Vec<u64> = self
             .segments
@@ -516,7 +520,7 @@ impl<D: Disk> DurableStorage<D> {
             .collect();
         for seq in dead {
             // If a crash undoes the removal, recovery skips the file's entries anyway.
-            self.disk.remove(&segment_name(seq))?;
+            disk.remove(&segment_name(seq))?;
             self.segments.remove(&seq);
         }
         Ok(())
@@ -524,26 +528,30 @@ impl<D: Disk> DurableStorage<D> {
 
     /// Installs a snapshot received from the leader: replaces the whole log. Durable when it
     /// returns.
-    pub fn apply_snapshot(&mut self, snapshot: Snapshot) -> Result<(), Error> {
+    pub fn apply_snapshot(
+        &mut self,
+        disk: &mut impl Disk,
+        snapshot: Snapshot,
+    ) -> Result<(), Error> {
         let index = snapshot.meta.index;
         // The empty superseding segment is created (and its name made durable) before the
         // snapshot file, so no crash can leave the snapshot followed by the old log.
-        self.start_segment(index.next())?;
-        self.sync()?;
-        write_atomic(&mut self.disk, SNAPSHOT, &snapshot)?;
+        self.start_segment(disk, index.next())?;
+        self.sync(disk)?;
+        write_atomic(disk, SNAPSHOT, &snapshot)?;
         self.snapshot = snapshot;
         self.entries.clear();
         self.entry_segment.clear();
         if self.hard_state.commit < index {
             self.hard_state.commit = index;
         }
-        self.write_hard_state()?;
-        self.collect_garbage()
+        self.write_hard_state(disk)?;
+        self.collect_garbage(disk)
     }
 
     /// Records the service's own snapshot and discards the log up to and including its index.
     /// Durable when it returns. Entries after it must already be stored.
-    pub fn compact(&mut self, snapshot: Snapshot) -> Result<(), Error> {
+    pub fn compact(&mut self, disk: &mut impl Disk, snapshot: Snapshot) -> Result<(), Error> {
         let index = snapshot.meta.index;
         if index < self.first() {
             return Ok(());
@@ -554,24 +562,14 @@ impl<D: Disk> DurableStorage<D> {
                 self.last()
             )));
         }
-        self.sync()?;
-        write_atomic(&mut self.disk, SNAPSHOT, &snapshot)?;
+        self.sync(disk)?;
+        write_atomic(disk, SNAPSHOT, &snapshot)?;
         let drop = (index.0 + 1 - self.first().0) as usize;
         self.entries.drain(..drop);
         self.entry_segment.drain(..drop);
         self.snapshot = snapshot;
-        self.write_hard_state()?;
-        self.collect_garbage()
-    }
-
-    /// The disk, e.g. to crash a simulated one.
-    pub fn disk(&self) -> &D {
-        &self.disk
-    }
-
-    /// Gives the disk back (closing the storage).
-    pub fn into_disk(self) -> D {
-        self.disk
+        self.write_hard_state(disk)?;
+        self.collect_garbage(disk)
     }
 
     /// Number of segment files.
@@ -618,7 +616,7 @@ fn write_atomic<T: Serialize>(disk: &mut impl Disk, name: &str, value: &T) -> Re
     Ok(())
 }
 
-impl<D: Disk> shoal_raft::Storage for DurableStorage<D> {
+impl shoal_raft::Storage for DurableStorage {
     fn hard_state(&self) -> HardState {
         self.hard_state
     }

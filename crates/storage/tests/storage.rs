@@ -16,7 +16,7 @@ fn e(index: u64, term: u64) -> Entry {
     }
 }
 
-fn open(disk: MemDisk) -> DurableStorage<MemDisk> {
+fn open(disk: &mut MemDisk) -> DurableStorage {
     DurableStorage::open(disk, 7, 1, small()).expect("opens")
 }
 
@@ -26,7 +26,7 @@ fn small() -> StorageConfig {
     }
 }
 
-fn all(s: &DurableStorage<impl Disk>) -> Vec<Entry> {
+fn all(s: &DurableStorage) -> Vec<Entry> {
     s.entries(s.first_index(), s.last_index().next(), usize::MAX)
         .unwrap()
 }
@@ -44,68 +44,67 @@ fn snap(index: u64, term: u64) -> Snapshot {
 
 #[test]
 fn restart_reads_back_log_and_hard_state() {
-    let mut s = open(MemDisk::new());
+    let mut d = MemDisk::new();
+    let mut s = open(&mut d);
     let entries: Vec<_> = (1..=20).map(|i| e(i, 1 + i / 7)).collect();
     for x in &entries {
-        s.append(std::slice::from_ref(x)).unwrap();
+        s.append(&mut d, std::slice::from_ref(x)).unwrap();
     }
     let hs = HardState {
         term: Term(3),
         vote: Some(NodeId(2)),
         commit: LogIndex(12),
     };
-    s.set_hard_state(hs).unwrap();
-    s.sync().unwrap();
+    s.set_hard_state(&mut d, hs).unwrap();
+    s.sync(&mut d).unwrap();
     assert!(s.segment_count() > 1, "segments rolled");
-    let mut disk = s.into_disk();
-    disk.crash(|_, _| 0);
-    let s = open(disk);
+    d.crash(|_, _| 0);
+    let s = open(&mut d);
     assert_eq!(all(&s), entries);
     assert_eq!(s.hard_state(), hs);
 }
 
 #[test]
 fn unsynced_appends_are_lost_and_a_torn_tail_is_truncated() {
-    let mut s = open(MemDisk::new());
+    let mut d = MemDisk::new();
+    let mut s = open(&mut d);
     let synced: Vec<_> = (1..=3).map(|i| e(i, 1)).collect();
-    s.append(&synced).unwrap();
-    s.sync().unwrap();
-    s.append(&[e(4, 1), e(5, 1)]).unwrap();
-    let mut disk = s.into_disk();
-    let mut torn = disk.clone();
-    disk.crash(|_, _| 0);
-    assert_eq!(all(&open(disk)), synced);
+    s.append(&mut d, &synced).unwrap();
+    s.sync(&mut d).unwrap();
+    s.append(&mut d, &[e(4, 1), e(5, 1)]).unwrap();
+    let mut torn = d.clone();
+    d.crash(|_, _| 0);
+    assert_eq!(all(&open(&mut d)), synced);
     // Keep all but 3 bytes of the unsynced tail: entry 4 whole, entry 5 torn.
     torn.crash(|_, n| n - 3);
-    let s = open(torn);
+    let mut s = open(&mut torn);
     assert_eq!(all(&s), vec![e(1, 1), e(2, 1), e(3, 1), e(4, 1)]);
     // The torn record was cut off: appending again and restarting works.
-    let mut s = s;
-    s.append(&[e(5, 2)]).unwrap();
-    s.sync().unwrap();
-    let s = open(s.into_disk());
+    s.append(&mut torn, &[e(5, 2)]).unwrap();
+    s.sync(&mut torn).unwrap();
+    let s = open(&mut torn);
     assert_eq!(all(&s).last(), Some(&e(5, 2)));
 }
 
 #[test]
 fn corruption_in_the_middle_refuses_to_start_naming_file_and_offset() {
-    let mut s = open(MemDisk::new());
-    s.append(&(1..=4).map(|i| e(i, 1)).collect::<Vec<_>>())
+    let mut d = MemDisk::new();
+    let mut s = open(&mut d);
+    s.append(&mut d, &(1..=4).map(|i| e(i, 1)).collect::<Vec<_>>())
         .unwrap();
-    s.sync().unwrap();
-    let mut disk = s.into_disk();
-    let seg = disk
+    s.sync(&mut d).unwrap();
+    let seg = d
         .list()
         .unwrap()
         .into_iter()
         .find(|n| n.starts_with("seg-"))
         .unwrap();
-    // Header record is 8 + a few bytes; corrupt the payload of the second entry record.
-    let buf = disk.read(&seg).unwrap().unwrap();
+    // Corrupt the payload of the second entry record.
+    let buf = d.read(&seg).unwrap().unwrap();
     let header_len = 8 + buf[0] as usize;
     let first_len = 8 + buf[header_len] as usize;
-    disk.corrupt(&seg, header_len + first_len + 10);
-    match DurableStorage::open(disk, 7, 1, small()) {
+    d.corrupt(&seg, header_len + first_len + 10);
+    match DurableStorage::open(&mut d, 7, 1, small()) {
         Err(Error::Corrupt { file, offset, .. }) => {
             assert_eq!(file, seg);
             assert_eq!(offset, (header_len + first_len) as u64);
@@ -116,9 +115,9 @@ fn corruption_in_the_middle_refuses_to_start_naming_file_and_offset() {
 
 #[test]
 fn another_nodes_directory_is_refused() {
-    let s = open(MemDisk::new());
-    let disk = s.into_disk();
-    match DurableStorage::open(disk.clone(), 7, 2, small()) {
+    let mut d = MemDisk::new();
+    open(&mut d);
+    match DurableStorage::open(&mut d, 7, 2, small()) {
         Err(Error::WrongIdentity {
             node: 2,
             found_node: 1,
@@ -127,34 +126,35 @@ fn another_nodes_directory_is_refused() {
         other => panic!("expected wrong identity, got {:?}", other.map(|_| ())),
     }
     assert!(matches!(
-        DurableStorage::open(disk, 8, 1, small()),
+        DurableStorage::open(&mut d, 8, 1, small()),
         Err(Error::WrongIdentity { .. })
     ));
 }
 
 #[test]
 fn truncation_and_compaction_survive_restarts() {
-    let mut s = open(MemDisk::new());
-    s.append(&(1..=10).map(|i| e(i, 1)).collect::<Vec<_>>())
+    let mut d = MemDisk::new();
+    let mut s = open(&mut d);
+    s.append(&mut d, &(1..=10).map(|i| e(i, 1)).collect::<Vec<_>>())
         .unwrap();
-    s.sync().unwrap();
+    s.sync(&mut d).unwrap();
     // Conflict at 6: entries 6.. replaced by term 2.
-    s.append(&[e(6, 2), e(7, 2)]).unwrap();
-    s.sync().unwrap();
-    let mut s = open(s.into_disk());
+    s.append(&mut d, &[e(6, 2), e(7, 2)]).unwrap();
+    s.sync(&mut d).unwrap();
+    let mut s = open(&mut d);
     let want: Vec<_> = (1..=5).map(|i| e(i, 1)).chain([e(6, 2), e(7, 2)]).collect();
     assert_eq!(all(&s), want);
     // Compact to 4, restart.
-    s.compact(snap(4, 1)).unwrap();
-    let mut s = open(s.into_disk());
+    s.compact(&mut d, snap(4, 1)).unwrap();
+    let mut s = open(&mut d);
     assert_eq!(s.first_index(), LogIndex(5));
     assert_eq!(s.term(LogIndex(4)), Ok(Term(1)));
     assert_eq!(all(&s), want[4..].to_vec());
     // A leader's snapshot replaces everything.
-    s.apply_snapshot(snap(20, 3)).unwrap();
-    s.append(&[e(21, 3)]).unwrap();
-    s.sync().unwrap();
-    let s = open(s.into_disk());
+    s.apply_snapshot(&mut d, snap(20, 3)).unwrap();
+    s.append(&mut d, &[e(21, 3)]).unwrap();
+    s.sync(&mut d).unwrap();
+    let s = open(&mut d);
     assert_eq!(s.first_index(), LogIndex(21));
     assert_eq!(all(&s), vec![e(21, 3)]);
     assert_eq!(s.snapshot().unwrap().data, vec![1, 2, 3]);
@@ -162,31 +162,34 @@ fn truncation_and_compaction_survive_restarts() {
 
 #[test]
 fn group_commit_uses_one_fsync_for_many_appends() {
-    let mut s = DurableStorage::open(MemDisk::new(), 7, 1, StorageConfig::default()).unwrap();
-    let before = s.disk().syncs;
+    let mut d = MemDisk::new();
+    let mut s = DurableStorage::open(&mut d, 7, 1, StorageConfig::default()).unwrap();
+    let before = d.syncs;
     for i in 1..=50 {
-        s.append(&[e(i, 1)]).unwrap();
+        s.append(&mut d, &[e(i, 1)]).unwrap();
     }
-    s.sync().unwrap();
-    assert_eq!(s.disk().syncs - before, 1);
+    s.sync(&mut d).unwrap();
+    assert_eq!(d.syncs - before, 1);
 }
 
 #[test]
 fn real_directory_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = DurableStorage::open(StdDisk::new(dir.path()).unwrap(), 1, 1, small()).unwrap();
-    s.append(&(1..=30).map(|i| e(i, 1)).collect::<Vec<_>>())
+    let mut d = StdDisk::new(dir.path()).unwrap();
+    let mut s = DurableStorage::open(&mut d, 1, 1, small()).unwrap();
+    s.append(&mut d, &(1..=30).map(|i| e(i, 1)).collect::<Vec<_>>())
         .unwrap();
-    s.sync().unwrap();
-    s.append(&[e(25, 2)]).unwrap();
-    s.sync().unwrap();
-    s.compact(snap(10, 1)).unwrap();
-    drop(s);
-    let s = DurableStorage::open(StdDisk::new(dir.path()).unwrap(), 1, 1, small()).unwrap();
+    s.sync(&mut d).unwrap();
+    s.append(&mut d, &[e(25, 2)]).unwrap();
+    s.sync(&mut d).unwrap();
+    s.compact(&mut d, snap(10, 1)).unwrap();
+    drop((s, d));
+    let mut d = StdDisk::new(dir.path()).unwrap();
+    let s = DurableStorage::open(&mut d, 1, 1, small()).unwrap();
     assert_eq!(s.first_index(), LogIndex(11));
     assert_eq!(s.last_index(), LogIndex(25));
     assert_eq!(s.term(LogIndex(25)), Ok(Term(2)));
-    assert!(DurableStorage::open(StdDisk::new(dir.path()).unwrap(), 1, 9, small()).is_err());
+    assert!(DurableStorage::open(&mut d, 1, 9, small()).is_err());
 }
 
 #[derive(Debug, Clone)]
@@ -241,7 +244,8 @@ proptest! {
 
     #[test]
     fn storage_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
-        let mut s = open(MemDisk::new());
+        let mut d = MemDisk::new();
+        let mut s = open(&mut d);
         let mut cur = Model { snap: 0, snap_term: 0, log: vec![] };
         let mut synced = cur.clone();
         let mut history = vec![cur.clone()];
@@ -252,13 +256,13 @@ proptest! {
                     if term_bump { term += 1; }
                     let start = (cur.last() + 1).saturating_sub(back).max(cur.snap + 1);
                     let entries: Vec<_> = (start..start + n).map(|i| e(i, term)).collect();
-                    s.append(&entries).unwrap();
+                    s.append(&mut d, &entries).unwrap();
                     cur.log.truncate((start - cur.snap - 1) as usize);
                     cur.log.extend(entries);
                     history.push(cur.clone());
                 }
                 Op::Sync => {
-                    s.sync().unwrap();
+                    s.sync(&mut d).unwrap();
                     synced = cur.clone();
                     history = vec![cur.clone()];
                 }
@@ -266,7 +270,7 @@ proptest! {
                     if cur.last() > cur.snap {
                         let at = cur.snap + 1 + (cur.last() - cur.snap - 1) * at_percent / 100;
                         let t = cur.get(at).unwrap().term.0;
-                        s.compact(snap(at, t)).unwrap();
+                        s.compact(&mut d, snap(at, t)).unwrap();
                         // Compaction syncs everything first.
                         cur.log.drain(..(at - cur.snap) as usize);
                         cur.snap = at;
@@ -276,9 +280,8 @@ proptest! {
                     }
                 }
                 Op::Crash { keep_percent } => {
-                    let mut disk = s.into_disk();
-                    disk.crash(|_, n| n * keep_percent as usize / 100);
-                    s = open(disk);
+                    d.crash(|_, n| n * keep_percent as usize / 100);
+                    s = open(&mut d);
                     let got = Model {
                         snap: s.first_index().0 - 1,
                         snap_term: s.term(s.first_index().prev()).unwrap().0,
@@ -305,8 +308,8 @@ proptest! {
                 }
             }
         }
-        s.sync().unwrap();
-        let s = open(s.into_disk());
+        s.sync(&mut d).unwrap();
+        let s = open(&mut d);
         prop_assert_eq!(all(&s), cur.log);
     }
 }
