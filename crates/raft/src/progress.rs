@@ -33,6 +33,8 @@ pub struct Progress {
     pub(crate) pending_snapshot: LogIndex,
     /// Heard from since the last check-quorum round.
     pub(crate) recent_active: bool,
+    /// Heartbeat responses since the match index last moved while entries were outstanding.
+    pub(crate) idle_heartbeats: u32,
 }
 
 impl Progress {
@@ -45,6 +47,7 @@ impl Progress {
             inflight: VecDeque::new(),
             pending_snapshot: LogIndex(0),
             recent_active: false,
+            idle_heartbeats: 0,
         }
     }
 
@@ -106,6 +109,7 @@ impl Progress {
         if updated {
             self.match_index = index;
             self.probe_sent = false;
+            self.idle_heartbeats = 0;
         }
         if self.next_index < index.next() {
             self.next_index = index.next();

@@ -622,21 +622,33 @@ impl<S: Storage> Raft<S> {
                 }
             }
             MessageBody::HeartbeatResponse { read_context } => {
-                let max_inflight = self.cfg.max_inflight_appends;
                 let last = self.log.last_index();
                 let Some(pr) = self.progress.get_mut(&from) else {
                     return;
                 };
                 pr.recent_active = true;
                 pr.probe_sent = false;
-                if pr.state == ProgressState::Replicate && pr.inflight.len() >= max_inflight {
-                    // Free one slot so a lost append cannot stall the pipeline forever.
-                    pr.inflight.pop_front();
-                }
                 if pr.match_index < last {
-                    // An empty append probes for lost appends: a follower missing them rejects,
-                    // and the leader backs up (etcd does the same).
-                    self.send_append(from, true);
+                    let probe = match pr.state {
+                        ProgressState::Replicate => {
+                            // Appends in flight for two heartbeat rounds without progress were
+                            // probably lost: free a slot and probe with an empty append, which
+                            // a follower missing them rejects (so the leader backs up).
+                            pr.idle_heartbeats += 1;
+                            if pr.idle_heartbeats >= 2 {
+                                pr.idle_heartbeats = 0;
+                                pr.inflight.pop_front();
+                                true
+                            } else {
+                                false
+                            }
+                        }
+                        ProgressState::Probe => true,
+                        ProgressState::Snapshot => false,
+                    };
+                    if probe {
+                        self.send_append(from, true);
+                    }
                 }
                 if let Some(ctx) = read_context {
                     self.ack_read(from, &ctx);
