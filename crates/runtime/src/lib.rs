@@ -3,7 +3,8 @@
 //!
 //! **What this crate owns:** the [`transport`] (one listener per node for peers and clients,
 //! one outbound connection per peer with jittered exponential backoff, bounded per-peer
-//! queues, batched writes, handshake validation) and the process-level lifecycle of a node.
+//! queues, batched writes, handshake validation) and the Raft [`node`] driver: ticker, the
+//! `Ready` loop with its durability barrier, proposals, reads and clean shutdown.
 //!
 //! **What it must never do:** contain protocol logic (a decision about terms, logs or votes
 //! belongs in the protocol crates, where the simulator can test it), send a message that
@@ -13,7 +14,10 @@
 
 #![warn(missing_docs)]
 
+pub mod node;
 pub mod transport;
+
+pub use node::{Node, NodeConfig, NodeError, NodeHandle, ProposeError, Proposed, StateMachine};
 
 pub use transport::{
     connect_client, ClientAcceptor, ClientConnection, DropPolicy, Inbound, Transport,
