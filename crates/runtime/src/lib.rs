@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod demo;
 pub mod node;
 pub mod transport;
 

@@ -129,6 +129,9 @@ pub enum NodeError {
     /// The configuration is unusable.
     #[error("invalid node config: {0}")]
     InvalidConfig(String),
+    /// The driver task panicked (a bug).
+    #[error("node driver panicked: {0}")]
+    DriverPanicked(String),
     /// The state machine could not restore a snapshot.
     #[error("state machine refused the snapshot at {index}: {reason}")]
     Restore {
@@ -243,7 +246,7 @@ impl NodeHandle {
         rx.await.map_err(|_| ProposeError::Stopped)
     }
 
-    /// Asks the node to stop after the `Ready` in progress; see [`Node::join`].
+    /// Asks the node to stop after the `Ready` in progress; see [`Node::wait`].
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown).await;
     }
@@ -253,9 +256,8 @@ impl NodeHandle {
 pub struct Node {
     /// Handle for proposals, reads and status.
     pub handle: NodeHandle,
-    /// Client connections accepted on the node's listener.
-    pub clients: ClientAcceptor,
-    task: JoinHandle<Result<(), NodeError>>,
+    clients: Option<ClientAcceptor>,
+    task: Option<JoinHandle<Result<(), NodeError>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -341,16 +343,27 @@ impl Node {
         let task = tokio::spawn(driver.run(inbound).instrument(span));
         Ok(Node {
             handle: NodeHandle { commands: tx },
-            clients,
-            task,
+            clients: Some(clients),
+            task: Some(task),
         })
     }
 
-    /// Waits for the driver to stop (after [`NodeHandle::shutdown`] or a fatal error).
-    pub async fn join(self) -> Result<(), NodeError> {
-        match self.task.await {
+    /// Takes the stream of client connections accepted on the node's listener (once).
+    pub fn take_clients(&mut self) -> Option<ClientAcceptor> {
+        self.clients.take()
+    }
+
+    /// Waits for the driver to stop (after [`NodeHandle::shutdown`] or a fatal error). Returns
+    /// `Ok(())` at once if it was already waited for. Cancel-safe.
+    pub async fn wait(&mut self) -> Result<(), NodeError> {
+        let Some(task) = self.task.as_mut() else {
+            return Ok(());
+        };
+        let result = task.await;
+        self.task = None;
+        match result {
             Ok(r) => r,
-            Err(e) => Err(NodeError::InvalidConfig(format!("driver task failed: {e}"))),
+            Err(e) => Err(NodeError::DriverPanicked(e.to_string())),
         }
     }
 }
@@ -485,9 +498,8 @@ impl<SM: StateMachine> NodeDriver<SM> {
             } => {
                 if wait_applied && self.pending_proposals.len() >= self.config.max_pending_proposals
                 {
-                    let _ = reply.send(Err(ProposeError::Busy(
-                        "too many proposals waiting".into(),
-                    )));
+                    let _ =
+                        reply.send(Err(ProposeError::Busy("too many proposals waiting".into())));
                     return;
                 }
                 match self.raw.propose(data) {
@@ -497,8 +509,7 @@ impl<SM: StateMachine> NodeDriver<SM> {
                             term: self.raw.status().term,
                         };
                         if wait_applied {
-                            self.pending_proposals
-                                .insert(index, (proposed.term, reply));
+                            self.pending_proposals.insert(index, (proposed.term, reply));
                         } else {
                             let _ = reply.send(Ok(proposed));
                         }
