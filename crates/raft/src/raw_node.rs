@@ -209,7 +209,8 @@ impl<S: Storage> RawNode<S> {
             || !r.msgs_after_persist.is_empty()
             || r.local_snapshot.is_some()
             || r.read_states.iter().any(|s| s.index <= r.log.applied)
-            || !r.log.next_committed_entries(self.applying, 1).is_empty()
+            || (r.log.unstable_snapshot().is_none()
+                && r.log.committed.min(r.log.persisted()) > self.applying)
     }
 
     /// Takes the work to do. Call [`RawNode::advance`] after carrying it out, before the next
