@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal_runtime::transport::{Inbound, Transport, TransportConfig, TransportStats};
+use shoal_runtime::transport::{DropPolicy, Inbound, Transport, TransportConfig, TransportStats};
 use shoal_wire::{encode_frame, Hello, Role, PROTOCOL_MAGIC, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -291,4 +291,76 @@ fn crc32c_of(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+#[tokio::test]
+async fn truncated_frames_silence_and_connection_floods_are_bounded() {
+    let (mut ls, peers) = listeners(3).await;
+    let l3 = ls.pop().unwrap();
+    let l2 = ls.pop().unwrap();
+    drop(l3);
+    let mut c = config(1, &peers);
+    c.handshake_timeout = Duration::from_millis(200);
+    c.max_inbound_connections = 3;
+    let (t1, mut in1, _c1) = Transport::<Msg>::start(c, ls.pop().unwrap()).unwrap();
+    let (t2, _in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    let server = t1.local_addr();
+    until_delivered(&t2, 1, &mut in1, 2).await;
+
+    // A frame cut short by the end of the stream.
+    let mut frame = Vec::new();
+    encode_frame(&msg(1), 1024, &mut frame).unwrap();
+    let mut s = TcpStream::connect(server).await.unwrap();
+    s.write_all(&[peer_hello(3), frame[..frame.len() - 3].to_vec()].concat())
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "truncated frame: not closed");
+
+    // A hello cut short, and a connection that never says anything: closed (the latter
+    // after the handshake timeout).
+    expect_closed(
+        server,
+        &peer_hello(3)[..5],
+        "truncated hello (silence after)",
+    )
+    .await;
+    let idle = TcpStream::connect(server).await.unwrap();
+    expect_closed(server, &[], "silent connection").await;
+    drop(idle);
+
+    // One good peer connection is open; two idle ones fill the limit of 3, so a fourth is
+    // closed at once, before its handshake.
+    let _a = TcpStream::connect(server).await.unwrap();
+    let _b = TcpStream::connect(server).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    expect_closed(server, &peer_hello(3), "connection over the limit").await;
+    // Once the idle ones time out, the good peer is still served.
+    until_delivered(&t2, 1, &mut in1, 2).await;
+
+    let st = t1.stats();
+    assert!(TransportStats::get(&st.bad_frames) >= 1);
+    assert!(TransportStats::get(&st.rejected_handshakes) >= 2);
+}
+
+#[tokio::test]
+async fn drop_newest_keeps_the_oldest() {
+    let (mut ls, peers) = listeners(2).await;
+    let l2 = ls.pop().unwrap();
+    drop(l2);
+    let mut c = config(1, &peers);
+    c.peer_queue_len = 5;
+    c.drop_policy = DropPolicy::DropNewest;
+    let (t1, _in1, _c1) = Transport::<Msg>::start(c, ls.pop().unwrap()).unwrap();
+    for seq in 0..20 {
+        t1.send(2, msg(seq)).unwrap();
+    }
+    assert_eq!(TransportStats::get(&t1.stats().dropped_queue_full), 15);
+    let l2 = TcpListener::bind(peers[&2]).await.unwrap();
+    let (_t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    for seq in 0..5 {
+        assert_eq!(recv(&mut in2).await, (1, msg(seq)));
+    }
 }
