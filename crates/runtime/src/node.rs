@@ -3,8 +3,17 @@
 //!
 //! The driver is one task that owns the `RawNode`. It waits for a tick, a peer message or a
 //! command from a [`NodeHandle`], feeds it to the node, then carries out every `Ready` in the
-//! order of DESIGN.md §4 (see [`NodeDriver`]). Durability is a barrier: `persisted_messages`
-//! are sent, and committed entries applied, only after the fsync that covers them returned.
+//! order of DESIGN.md §4:
+//!
+//! 1. send `messages` (they promise nothing unpersisted);
+//! 2. persist the received snapshot, the entries and the hard state, then fsync once;
+//! 3. send `persisted_messages` (votes, append acknowledgements: they promise step 2);
+//! 4. restore the state machine from the snapshot, apply committed entries, answer proposals;
+//! 5. persist our own snapshot (`compact`) and drop the log before it;
+//! 6. answer safe reads; 7. `advance`.
+//!
+//! Durability is a barrier: `persisted_messages` are sent, and committed entries applied, only
+//! after the fsync that covers them returned.
 //! A storage error stops the node (a failed fsync leaves the file in an unknown state, so
 //! retrying it could lie about durability).
 
