@@ -1,6 +1,7 @@
 //! Three `shoal-raft-node` processes on 127.0.0.1: elect, commit, SIGKILL the leader, commit
-//! under a new leader, restart the killed node from its disk and watch it catch up; and a node
-//! refusing a data directory of another node or cluster.
+//! under a new leader, restart the killed node from its disk and watch it catch up, pause a
+//! follower (SIGSTOP) while the majority commits and watch it catch up once resumed; and a
+//! node refusing a data directory of another node or cluster.
 //!
 //! Waits are bounded by generous liveness limits; nothing asserts on timing.
 
@@ -106,6 +107,13 @@ impl Cluster {
         .spawn()
         .expect("spawn shoal-raft-node");
         self.procs[i] = Some(Proc { child });
+    }
+
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        let proc = self.procs[i].as_ref().expect("node running");
+        // SAFETY: kill(2) on the pid of our own unreaped child; no memory is involved.
+        let rc = unsafe { libc::kill(proc.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
     }
 
     fn kill(&mut self, i: usize) {
@@ -258,6 +266,16 @@ async fn leader_crash_new_leader_commits_and_restarted_node_catches_up() {
     // And the whole cluster still commits.
     propose_all(&c, &all, "c", 5).await;
     converged(&c, &all, 45).await;
+
+    // A paused follower (SIGSTOP) does not stop the majority; resumed, it catches up.
+    let l = leader(&c, &all, None).await;
+    let follower = (l + 1) % 3;
+    c.signal(follower, libc::SIGSTOP);
+    let majority: Vec<usize> = all.iter().copied().filter(|&i| i != follower).collect();
+    propose_all(&c, &majority, "d", 20).await;
+    converged(&c, &majority, 65).await;
+    c.signal(follower, libc::SIGCONT);
+    converged(&c, &all, 65).await;
 }
 
 /// Runs a node that must refuse to start; returns its stderr.
