@@ -42,6 +42,9 @@ pub const DEFAULT_COMMAND_QUEUE_LEN: usize = 1024;
 pub const DEFAULT_MAX_PENDING_PROPOSALS: usize = 10_000;
 /// Default [`NodeConfig::max_pending_reads`]: read-index requests waiting to be safe.
 pub const DEFAULT_MAX_PENDING_READS: usize = 10_000;
+/// Default [`NodeConfig::read_timeout_ticks`]: a read-index request not answered within this
+/// many ticks (its forwarded request or a heartbeat was lost) fails, so none waits forever.
+pub const DEFAULT_READ_TIMEOUT_TICKS: u64 = 100;
 /// Default [`NodeConfig::snapshot_every`]: applied entries between two snapshots.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
 /// Peer messages stepped (and commands taken) per wake-up before the `Ready` is handled, so
@@ -86,6 +89,8 @@ pub struct NodeConfig {
     pub max_pending_proposals: usize,
     /// Read-index requests waiting; more are refused.
     pub max_pending_reads: usize,
+    /// Ticks after which an unanswered read-index request fails with [`ProposeError::Busy`].
+    pub read_timeout_ticks: u64,
     /// Take a snapshot (and compact the log) after this many applied entries; `None`: never.
     pub snapshot_every: Option<u64>,
     /// Limits of the transport (its ids, cluster and peers are taken from this config).
@@ -112,6 +117,7 @@ impl NodeConfig {
             command_queue_len: DEFAULT_COMMAND_QUEUE_LEN,
             max_pending_proposals: DEFAULT_MAX_PENDING_PROPOSALS,
             max_pending_reads: DEFAULT_MAX_PENDING_READS,
+            read_timeout_ticks: DEFAULT_READ_TIMEOUT_TICKS,
             snapshot_every: Some(DEFAULT_SNAPSHOT_EVERY),
         }
     }
@@ -240,7 +246,8 @@ impl NodeHandle {
     }
 
     /// A linearizable read point (thesis §6.4): returns an index that this node has applied
-    /// and that covers every write acknowledged before the call. Leader only.
+    /// and that covers every write acknowledged before the call. A follower forwards the
+    /// request to its leader; fails after `read_timeout_ticks` if no answer comes.
     pub async fn read_index(&self) -> Result<LogIndex, ProposeError> {
         self.call(|reply| Command::ReadIndex { reply }).await
     }
@@ -346,6 +353,7 @@ impl Node {
             commands: rx,
             pending_proposals: BTreeMap::new(),
             pending_reads: BTreeMap::new(),
+            ticks: 0,
             next_read_id: 0,
             applied: snapshot.meta.index,
         };
@@ -408,8 +416,11 @@ struct NodeDriver<SM> {
     commands: mpsc::Receiver<Command>,
     /// Proposals waiting to be applied: index → (term it was appended in, reply).
     pending_proposals: BTreeMap<LogIndex, (Term, Reply<Proposed>)>,
-    /// Read-index requests in flight: context id → reply.
-    pending_reads: BTreeMap<u64, Reply<LogIndex>>,
+    /// Read-index requests in flight: context id → (tick issued at, reply). Ids grow with
+    /// time, so the first entry is the oldest.
+    pending_reads: BTreeMap<u64, (u64, Reply<LogIndex>)>,
+    /// Ticks since start.
+    ticks: u64,
     next_read_id: u64,
     /// Last index applied to the state machine.
     applied: LogIndex,
@@ -476,7 +487,11 @@ impl<SM: StateMachine> NodeDriver<SM> {
     /// Feeds one event to the core. Returns false to stop.
     fn handle(&mut self, event: Event) -> bool {
         match event {
-            Event::Tick => self.raw.tick(),
+            Event::Tick => {
+                self.raw.tick();
+                self.ticks += 1;
+                self.expire_reads();
+            }
             Event::Peer(from, msg) => self.step(from, msg),
             Event::Command(Command::Shutdown) | Event::Stop => return false,
             Event::Command(c) => self.command(c),
@@ -505,6 +520,12 @@ impl<SM: StateMachine> NodeDriver<SM> {
                 wait_applied,
                 reply,
             } => {
+                if wait_applied && self.pending_proposals.len() >= self.config.max_pending_proposals
+                {
+                    // Forget waiters whose caller gave up before refusing a new one.
+                    self.pending_proposals
+                        .retain(|_, (_, reply)| !reply.is_closed());
+                }
                 if wait_applied && self.pending_proposals.len() >= self.config.max_pending_proposals
                 {
                     let _ =
@@ -537,7 +558,7 @@ impl<SM: StateMachine> NodeDriver<SM> {
                 self.next_read_id += 1;
                 match self.raw.read_index(id.to_le_bytes().to_vec()) {
                     Ok(()) => {
-                        self.pending_reads.insert(id, reply);
+                        self.pending_reads.insert(id, (self.ticks, reply));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(propose_error(e)));
@@ -567,7 +588,7 @@ impl<SM: StateMachine> NodeDriver<SM> {
             info!(role = ?soft.role, leader = ?soft.leader.map(|l| l.0), %term, "role changed");
             if soft.role != Role::Leader {
                 // Reads in flight were issued to us as leader; they will never complete.
-                for (_, reply) in std::mem::take(&mut self.pending_reads) {
+                for (_, (_, reply)) in std::mem::take(&mut self.pending_reads) {
                     let _ = reply.send(Err(ProposeError::NotLeader {
                         leader: soft.leader,
                     }));
@@ -614,7 +635,7 @@ impl<SM: StateMachine> NodeDriver<SM> {
             let Ok(bytes) = <[u8; 8]>::try_from(read.context.as_slice()) else {
                 continue;
             };
-            if let Some(reply) = self.pending_reads.remove(&u64::from_le_bytes(bytes)) {
+            if let Some((_, reply)) = self.pending_reads.remove(&u64::from_le_bytes(bytes)) {
                 let _ = reply.send(Ok(read.index));
             }
         }
@@ -689,6 +710,17 @@ impl<SM: StateMachine> NodeDriver<SM> {
         }
     }
 
+    /// Fails the read-index requests older than `read_timeout_ticks`.
+    fn expire_reads(&mut self) {
+        while let Some(entry) = self.pending_reads.first_entry() {
+            if entry.get().0.saturating_add(self.config.read_timeout_ticks) > self.ticks {
+                break;
+            }
+            let (_, reply) = entry.remove();
+            let _ = reply.send(Err(ProposeError::Busy("read timed out".into())));
+        }
+    }
+
     fn maybe_snapshot(&mut self) {
         let Some(every) = self.config.snapshot_every else {
             return;
@@ -707,7 +739,7 @@ impl<SM: StateMachine> NodeDriver<SM> {
         for (_, (_, reply)) in std::mem::take(&mut self.pending_proposals) {
             let _ = reply.send(Err(ProposeError::Stopped));
         }
-        for (_, reply) in std::mem::take(&mut self.pending_reads) {
+        for (_, (_, reply)) in std::mem::take(&mut self.pending_reads) {
             let _ = reply.send(Err(ProposeError::Stopped));
         }
         while let Ok(c) = self.commands.try_recv() {

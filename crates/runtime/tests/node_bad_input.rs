@@ -278,6 +278,27 @@ async fn forged_stale_and_impossible_messages_do_no_harm() {
     for n in &r.nodes {
         n.handle.status().await.expect("every node still running");
     }
+    // Linearizable read points, on the leader and (forwarded) on followers: each covers
+    // everything committed before it and is already applied where it is answered.
+    let committed = r.sms[0].get().last_index;
+    for (i, n) in r.nodes.iter().enumerate() {
+        let mut answered = None;
+        for _ in 0..MAX_POLLS {
+            match tokio::time::timeout(Duration::from_secs(2), n.handle.read_index()).await {
+                Ok(Ok(index)) => {
+                    answered = Some(index);
+                    break;
+                }
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+        let index = answered.expect("read index answered");
+        assert!(
+            index.0 >= committed,
+            "node {i}: read index {index} below commit {committed}"
+        );
+        assert!(r.sms[i].get().last_index >= committed);
+    }
     // Clean shutdown.
     for mut n in r.nodes {
         n.handle.shutdown().await;
