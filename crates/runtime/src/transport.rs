@@ -569,7 +569,7 @@ async fn peer_writer<M: Serialize>(
     stats: Arc<TransportStats>,
 ) {
     let mut rng = rand::rngs::StdRng::from_entropy();
-    let mut backoff = config.backoff_min;
+    let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
     loop {
         match connect(addr, config.connect_timeout).await {
             Ok(stream) => {
@@ -583,7 +583,7 @@ async fn peer_writer<M: Serialize>(
                 // Only a connection that lasted resets the backoff, so a peer that accepts and
                 // at once closes (it rejects us) is not hammered.
                 if started.elapsed() >= config.backoff_max {
-                    backoff = config.backoff_min;
+                    backoff.reset();
                 }
             }
             Err(e) => {
@@ -591,10 +591,38 @@ async fn peer_writer<M: Serialize>(
                 debug!(error = %e, "connect failed");
             }
         }
-        let millis = backoff.as_millis().max(1) as u64;
-        let delay = Duration::from_millis(rng.gen_range(millis / 2..=millis));
-        tokio::time::sleep(delay).await;
-        backoff = (backoff * 2).min(config.backoff_max);
+        tokio::time::sleep(backoff.next_delay(&mut rng)).await;
+    }
+}
+
+/// Exponential reconnection backoff: the delay doubles from `min` up to `max`, and each delay
+/// is drawn uniformly from `[d/2, d]` so peers restarting together spread out.
+#[derive(Debug, Clone)]
+struct Backoff {
+    current: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            current: min,
+            min,
+            max,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let millis = u64::try_from(self.current.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.current = self.current.saturating_mul(2).min(self.max);
+        Duration::from_millis(rng.gen_range(millis / 2..=millis))
     }
 }
 
@@ -653,5 +681,54 @@ async fn run_peer_connection<M: Serialize>(
                 Err(e) => return Err(e),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_jittered_and_resets() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let (min, max) = (Duration::from_millis(50), Duration::from_millis(2000));
+        let mut b = Backoff::new(min, max);
+        let mut ceiling = min;
+        for _ in 0..20 {
+            let d = b.next_delay(&mut rng);
+            assert!(
+                d <= ceiling && d >= ceiling / 2,
+                "{d:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+            ceiling = (ceiling * 2).min(max);
+        }
+        assert_eq!(b.current, max);
+        b.reset();
+        assert!(b.next_delay(&mut rng) <= min);
+    }
+
+    #[test]
+    fn full_queue_applies_the_drop_policy() {
+        let stats = TransportStats::default();
+        let q = PeerQueue {
+            messages: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+        };
+        for i in 0..5 {
+            q.push(i, 3, DropPolicy::DropOldest, &stats);
+        }
+        assert_eq!(
+            (q.pop(), q.pop(), q.pop(), q.pop()),
+            (Some(2), Some(3), Some(4), None)
+        );
+        for i in 0..5 {
+            q.push(i, 3, DropPolicy::DropNewest, &stats);
+        }
+        assert_eq!(
+            (q.pop(), q.pop(), q.pop(), q.pop()),
+            (Some(0), Some(1), Some(2), None)
+        );
+        assert_eq!(TransportStats::get(&stats.dropped_queue_full), 4);
     }
 }
