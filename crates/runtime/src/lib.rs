@@ -1,0 +1,26 @@
+//! Shoal's tokio runtime: the driver that runs the sans-IO protocols (DESIGN.md §1) against the
+//! real world — TCP sockets, the wall clock, files.
+//!
+//! **What this crate owns:** the [`transport`] (one listener per node for peers and clients,
+//! one outbound connection per peer with jittered exponential backoff, bounded per-peer
+//! queues, batched writes, handshake validation) and the Raft [`node`] driver: ticker, the
+//! `Ready` loop with its durability barrier, proposals, reads and clean shutdown.
+//!
+//! **What it must never do:** contain protocol logic (a decision about terms, logs or votes
+//! belongs in the protocol crates, where the simulator can test it), send a message that
+//! depends on state before that state is durable, panic or corrupt state on bad input from the
+//! network, or grow any buffer without a bound. The clock is read only here, in the items that
+//! say so.
+
+#![warn(missing_docs)]
+
+pub mod demo;
+pub mod node;
+pub mod transport;
+
+pub use node::{Node, NodeConfig, NodeError, NodeHandle, ProposeError, Proposed, StateMachine};
+
+pub use transport::{
+    connect_client, ClientAcceptor, ClientConnection, DropPolicy, Inbound, Transport,
+    TransportConfig, TransportError, TransportStats,
+};

@@ -1,0 +1,734 @@
+//! The TCP transport (DESIGN.md §3): one listener per node serving peers and clients, one
+//! outbound connection per peer with reconnection, bounded per-peer queues, batched writes.
+//!
+//! Peer connections are one-way, as in etcd: node A sends to B on A's outbound connection and
+//! B answers on its own outbound connection to A. The accepting side only reads.
+//!
+//! Every connection starts with a [`Hello`] frame from the connecting side. The listener
+//! checks magic, version and cluster id, then routes on the role: a `Peer` must be one of the
+//! configured peers and its frames are delivered on the inbound stream as `(from, msg)`;
+//! `Client` and `Shuffle` connections are handed, still unframed, to the service through
+//! [`ClientAcceptor`]. Any bad frame closes only its own connection.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use serde::{de::DeserializeOwned, Serialize};
+use shoal_wire::codec::FrameCodec;
+use shoal_wire::frame::{decode_frame, encode_frame, peek_frame_len, FRAME_HEADER_BYTES};
+use shoal_wire::{Hello, Role};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::codec::{Framed, FramedRead};
+use tracing::{debug, info, warn, Instrument};
+
+/// Largest handshake frame accepted, in bytes. A `Hello` is about 20 bytes; anything bigger is
+/// not a Shoal peer and is refused before its payload is read.
+pub const MAX_HELLO_FRAME_BYTES: usize = 64;
+/// Default [`TransportConfig::max_frame_bytes`]: 16 MiB, the wire crate's hard maximum.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = shoal_wire::DEFAULT_MAX_FRAME_BYTES;
+/// Default [`TransportConfig::peer_queue_len`]: messages waiting for one peer.
+pub const DEFAULT_PEER_QUEUE_LEN: usize = 4096;
+/// Default [`TransportConfig::inbound_queue_len`]: peer messages waiting for the node.
+pub const DEFAULT_INBOUND_QUEUE_LEN: usize = 4096;
+/// Default [`TransportConfig::client_queue_len`]: accepted client connections not yet taken.
+pub const DEFAULT_CLIENT_QUEUE_LEN: usize = 256;
+/// Default [`TransportConfig::max_batch_frames`]: frames coalesced into one write.
+pub const DEFAULT_MAX_BATCH_FRAMES: usize = 256;
+/// Default [`TransportConfig::max_batch_bytes`]: bytes coalesced into one write (a batch stops
+/// after the frame that crosses it).
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Default [`TransportConfig::max_inbound_connections`].
+pub const DEFAULT_MAX_INBOUND_CONNECTIONS: usize = 1024;
+/// Default [`TransportConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default [`TransportConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`TransportConfig::backoff_min`].
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Default [`TransportConfig::backoff_max`].
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What a full per-peer queue gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropPolicy {
+    /// Drop the oldest queued message (fresh Raft state is worth more than stale).
+    DropOldest,
+    /// Refuse the new message.
+    DropNewest,
+}
+
+/// Configuration of a [`Transport`]. Every limit is here, with a named default.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// This node's id (sent in the handshake).
+    pub node_id: u64,
+    /// The cluster id; a connection from another cluster is refused.
+    pub cluster_id: u64,
+    /// Every peer's id and address. May include this node, which is then ignored.
+    pub peers: BTreeMap<u64, SocketAddr>,
+    /// Largest frame payload sent or accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Messages queued per peer before [`TransportConfig::drop_policy`] applies.
+    pub peer_queue_len: usize,
+    /// What a full per-peer queue drops.
+    pub drop_policy: DropPolicy,
+    /// Peer messages buffered for the node before readers stop reading (backpressure).
+    pub inbound_queue_len: usize,
+    /// Client connections buffered before the listener waits for the service.
+    pub client_queue_len: usize,
+    /// Frames coalesced into one write.
+    pub max_batch_frames: usize,
+    /// Bytes coalesced into one write.
+    pub max_batch_bytes: usize,
+    /// Simultaneous inbound connections; more are closed at once.
+    pub max_inbound_connections: usize,
+    /// Time allowed for an outbound TCP connect.
+    pub connect_timeout: Duration,
+    /// Time allowed for an inbound connection's first frame.
+    pub handshake_timeout: Duration,
+    /// First reconnection delay.
+    pub backoff_min: Duration,
+    /// Cap of the exponentially growing reconnection delay (each delay is jittered down to
+    /// half its value, so peers restarting together do not reconnect in lockstep).
+    pub backoff_max: Duration,
+}
+
+impl TransportConfig {
+    /// A configuration with every limit at its default.
+    pub fn new(node_id: u64, cluster_id: u64, peers: BTreeMap<u64, SocketAddr>) -> Self {
+        TransportConfig {
+            node_id,
+            cluster_id,
+            peers,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            peer_queue_len: DEFAULT_PEER_QUEUE_LEN,
+            drop_policy: DropPolicy::DropOldest,
+            inbound_queue_len: DEFAULT_INBOUND_QUEUE_LEN,
+            client_queue_len: DEFAULT_CLIENT_QUEUE_LEN,
+            max_batch_frames: DEFAULT_MAX_BATCH_FRAMES,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_inbound_connections: DEFAULT_MAX_INBOUND_CONNECTIONS,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+}
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Binding or inspecting the listener failed.
+    #[error("listener: {0}")]
+    Listen(#[source] std::io::Error),
+    /// `send` to a node that is not a configured peer.
+    #[error("node {0} is not a configured peer")]
+    UnknownPeer(u64),
+    /// The configuration is unusable.
+    #[error("invalid transport config: {0}")]
+    InvalidConfig(String),
+    /// Connecting to a server failed.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of the transport, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Messages given up because a peer queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Messages not sent because they encode to more than `max_frame_bytes`.
+    pub dropped_too_large: AtomicU64,
+    /// Frames written to peers.
+    pub frames_sent: AtomicU64,
+    /// Batched writes to peers (each carries one or more frames).
+    pub batches_written: AtomicU64,
+    /// Outbound connections established.
+    pub connects: AtomicU64,
+    /// Outbound connection attempts that failed.
+    pub connect_failures: AtomicU64,
+    /// Inbound connections refused at the handshake (bad hello, cluster, unknown peer).
+    pub rejected_handshakes: AtomicU64,
+    /// Inbound peer connections closed because of a bad frame.
+    pub bad_frames: AtomicU64,
+    /// Frames received from peers.
+    pub frames_received: AtomicU64,
+}
+
+impl TransportStats {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A bounded queue of messages for one peer, shared by `send` and the peer's writer task.
+struct PeerQueue<M> {
+    messages: Mutex<VecDeque<M>>,
+    ready: Notify,
+}
+
+impl<M> PeerQueue<M> {
+    fn push(&self, msg: M, cap: usize, policy: DropPolicy, stats: &TransportStats) {
+        {
+            let mut q = match self.messages.lock() {
+                Ok(q) => q,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if q.len() >= cap {
+                bump(&stats.dropped_queue_full);
+                match policy {
+                    DropPolicy::DropOldest => {
+                        q.pop_front();
+                    }
+                    DropPolicy::DropNewest => return,
+                }
+            }
+            q.push_back(msg);
+        }
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<M> {
+        match self.messages.lock() {
+            Ok(mut q) => q.pop_front(),
+            Err(poisoned) => poisoned.into_inner().pop_front(),
+        }
+    }
+}
+
+/// An accepted connection whose hello named a non-peer role (a client or a shuffle fetch).
+/// The service frames it with its own request and response types.
+#[derive(Debug)]
+pub struct ClientConnection {
+    /// The validated handshake.
+    pub hello: Hello,
+    /// The remote address.
+    pub peer_addr: SocketAddr,
+    /// The stream, positioned right after the handshake frame.
+    pub stream: TcpStream,
+    /// The transport's frame limit, used by [`ClientConnection::framed`].
+    pub max_frame_bytes: usize,
+}
+
+impl ClientConnection {
+    /// Frames the connection: decodes `In` (requests), encodes `Out` (responses).
+    pub fn framed<In, Out>(self) -> Framed<TcpStream, FrameCodec<In, Out>> {
+        Framed::new(self.stream, FrameCodec::new(self.max_frame_bytes))
+    }
+}
+
+/// Receives client connections accepted by the transport's listener.
+pub type ClientAcceptor = mpsc::Receiver<ClientConnection>;
+/// Receives `(from, message)` from peers; `from` is the node id the handshake proved
+/// membership of. Receivers must still check that a message's own sender field agrees.
+pub type Inbound<M> = mpsc::Receiver<(u64, M)>;
+
+/// The sending half of the transport. Dropping it stops every task of the transport.
+pub struct Transport<M> {
+    node_id: u64,
+    local_addr: SocketAddr,
+    queues: BTreeMap<u64, Arc<PeerQueue<M>>>,
+    config: Arc<TransportConfig>,
+    stats: Arc<TransportStats>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<M> std::fmt::Debug for Transport<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("node_id", &self.node_id)
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> Drop for Transport<M> {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl<M> Transport<M>
+where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Binds `listen` and starts the transport.
+    pub async fn bind(
+        config: TransportConfig,
+        listen: SocketAddr,
+    ) -> Result<(Transport<M>, Inbound<M>, ClientAcceptor), TransportError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(TransportError::Listen)?;
+        Self::start(config, listener)
+    }
+
+    /// Starts the transport on an already bound listener (tests bind port 0 first).
+    /// Must be called inside a tokio runtime.
+    pub fn start(
+        config: TransportConfig,
+        listener: TcpListener,
+    ) -> Result<(Transport<M>, Inbound<M>, ClientAcceptor), TransportError> {
+        if config.max_frame_bytes == 0
+            || config.peer_queue_len == 0
+            || config.inbound_queue_len == 0
+            || config.client_queue_len == 0
+            || config.max_batch_frames == 0
+            || config.max_inbound_connections == 0
+        {
+            return Err(TransportError::InvalidConfig(
+                "frame, queue, batch and connection limits must be positive".into(),
+            ));
+        }
+        if config.backoff_min.is_zero() || config.backoff_min > config.backoff_max {
+            return Err(TransportError::InvalidConfig(
+                "backoff_min must be positive and at most backoff_max".into(),
+            ));
+        }
+        let local_addr = listener.local_addr().map_err(TransportError::Listen)?;
+        let config = Arc::new(config);
+        let stats = Arc::new(TransportStats::default());
+        let (peer_tx, peer_rx) = mpsc::channel(config.inbound_queue_len);
+        let (client_tx, client_rx) = mpsc::channel(config.client_queue_len);
+        let node_span = tracing::info_span!("transport", node = config.node_id);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(
+            accept_loop::<M>(
+                listener,
+                Arc::clone(&config),
+                Arc::clone(&stats),
+                peer_tx,
+                client_tx,
+            )
+            .instrument(node_span.clone()),
+        ));
+        let mut queues = BTreeMap::new();
+        for (&id, &addr) in &config.peers {
+            if id == config.node_id {
+                continue;
+            }
+            let queue = Arc::new(PeerQueue {
+                messages: Mutex::new(VecDeque::new()),
+                ready: Notify::new(),
+            });
+            queues.insert(id, Arc::clone(&queue));
+            let span = tracing::info_span!(parent: &node_span, "peer", peer = id, %addr);
+            tasks.push(tokio::spawn(
+                peer_writer(addr, queue, Arc::clone(&config), Arc::clone(&stats)).instrument(span),
+            ));
+        }
+        info!(node = config.node_id, %local_addr, peers = queues.len(), "transport started");
+        Ok((
+            Transport {
+                node_id: config.node_id,
+                local_addr,
+                queues,
+                config,
+                stats,
+                tasks,
+            },
+            peer_rx,
+            client_rx,
+        ))
+    }
+
+    /// Queues `msg` for peer `to`. Never blocks: when the peer's queue is full the configured
+    /// [`DropPolicy`] applies and [`TransportStats::dropped_queue_full`] counts it.
+    pub fn send(&self, to: u64, msg: M) -> Result<(), TransportError> {
+        let queue = self
+            .queues
+            .get(&to)
+            .ok_or(TransportError::UnknownPeer(to))?;
+        queue.push(
+            msg,
+            self.config.peer_queue_len,
+            self.config.drop_policy,
+            &self.stats,
+        );
+        Ok(())
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The transport's counters.
+    pub fn stats(&self) -> &TransportStats {
+        &self.stats
+    }
+
+    /// Stops the listener, every connection and every writer.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+/// Connects to a Shoal server as a client (sends a `Client` hello) and frames the stream.
+pub async fn connect_client<In, Out>(
+    addr: SocketAddr,
+    cluster_id: u64,
+    max_frame_bytes: usize,
+    connect_timeout: Duration,
+) -> Result<Framed<TcpStream, FrameCodec<In, Out>>, TransportError> {
+    let mut stream = connect(addr, connect_timeout)
+        .await
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    write_hello(&mut stream, Hello::new(Role::Client, cluster_id))
+        .await
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    Ok(Framed::new(stream, FrameCodec::new(max_frame_bytes)))
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn write_hello(stream: &mut TcpStream, hello: Hello) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(32);
+    encode_frame(&hello, MAX_HELLO_FRAME_BYTES, &mut buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    stream.write_all(&buf).await
+}
+
+/// Reads exactly the hello frame (no further bytes, so what follows stays in the socket).
+async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
+    let mut frame = [0u8; FRAME_HEADER_BYTES + MAX_HELLO_FRAME_BYTES];
+    stream
+        .read_exact(&mut frame[..FRAME_HEADER_BYTES])
+        .await
+        .map_err(|e| format!("reading handshake header: {e}"))?;
+    let len = peek_frame_len(&frame[..FRAME_HEADER_BYTES], MAX_HELLO_FRAME_BYTES)
+        .map_err(|e| format!("handshake: {e}"))?
+        .ok_or("handshake header incomplete")?;
+    let total = FRAME_HEADER_BYTES + len;
+    stream
+        .read_exact(&mut frame[FRAME_HEADER_BYTES..total])
+        .await
+        .map_err(|e| format!("reading handshake payload: {e}"))?;
+    match decode_frame::<Hello>(&frame[..total], MAX_HELLO_FRAME_BYTES) {
+        Ok(Some((hello, _))) => Ok(hello),
+        Ok(None) => Err("handshake frame incomplete".into()),
+        Err(e) => Err(format!("handshake: {e}")),
+    }
+}
+
+async fn accept_loop<M>(
+    listener: TcpListener,
+    config: Arc<TransportConfig>,
+    stats: Arc<TransportStats>,
+    peer_tx: mpsc::Sender<(u64, M)>,
+    client_tx: mpsc::Sender<ClientConnection>,
+) where
+    M: DeserializeOwned + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(config.max_inbound_connections));
+    // Owning the connection tasks here means aborting this task closes them all.
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE or a connection reset before accept: keep serving.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            warn!(%remote, limit = config.max_inbound_connections, "too many inbound connections; closing");
+            continue;
+        };
+        let span = tracing::info_span!("conn", %remote);
+        connections.spawn(
+            {
+                let config = Arc::clone(&config);
+                let stats = Arc::clone(&stats);
+                let peer_tx = peer_tx.clone();
+                let client_tx = client_tx.clone();
+                async move {
+                    serve_inbound(stream, remote, &config, &stats, peer_tx, client_tx).await;
+                    drop(permit);
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_inbound<M>(
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    config: &TransportConfig,
+    stats: &TransportStats,
+    peer_tx: mpsc::Sender<(u64, M)>,
+    client_tx: mpsc::Sender<ClientConnection>,
+) where
+    M: DeserializeOwned,
+{
+    let _ = stream.set_nodelay(true);
+    let hello = match tokio::time::timeout(config.handshake_timeout, read_hello(&mut stream)).await
+    {
+        Ok(Ok(h)) => h,
+        Ok(Err(reason)) => {
+            bump(&stats.rejected_handshakes);
+            warn!(%remote, %reason, "rejecting connection: bad handshake");
+            return;
+        }
+        Err(_) => {
+            bump(&stats.rejected_handshakes);
+            warn!(%remote, "rejecting connection: no handshake within the timeout");
+            return;
+        }
+    };
+    if let Err(reason) = hello.validate() {
+        bump(&stats.rejected_handshakes);
+        warn!(%remote, %reason, "rejecting connection");
+        return;
+    }
+    if hello.cluster_id != config.cluster_id {
+        bump(&stats.rejected_handshakes);
+        warn!(%remote, theirs = hello.cluster_id, ours = config.cluster_id,
+            "rejecting connection from another cluster");
+        return;
+    }
+    let from = match hello.role {
+        Role::Peer { node_id } => node_id,
+        Role::Client | Role::Shuffle => {
+            debug!(%remote, role = ?hello.role, "accepted client connection");
+            let conn = ClientConnection {
+                hello,
+                peer_addr: remote,
+                stream,
+                max_frame_bytes: config.max_frame_bytes,
+            };
+            // Fails only when the service dropped its acceptor: the connection just closes.
+            let _ = client_tx.send(conn).await;
+            return;
+        }
+    };
+    if from == config.node_id || !config.peers.contains_key(&from) {
+        bump(&stats.rejected_handshakes);
+        warn!(%remote, claimed = from, "rejecting connection: node id is not a configured peer");
+        return;
+    }
+    debug!(%remote, peer = from, "accepted peer connection");
+    let mut frames = FramedRead::new(stream, FrameCodec::<M, ()>::new(config.max_frame_bytes));
+    while let Some(frame) = frames.next().await {
+        match frame {
+            Ok(msg) => {
+                bump(&stats.frames_received);
+                if peer_tx.send((from, msg)).await.is_err() {
+                    return; // the node is shutting down
+                }
+            }
+            Err(e) => {
+                bump(&stats.bad_frames);
+                warn!(%remote, peer = from, error = %e, "closing peer connection: bad frame");
+                return;
+            }
+        }
+    }
+    debug!(%remote, peer = from, "peer connection closed");
+}
+
+async fn peer_writer<M: Serialize>(
+    addr: SocketAddr,
+    queue: Arc<PeerQueue<M>>,
+    config: Arc<TransportConfig>,
+    stats: Arc<TransportStats>,
+) {
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
+    loop {
+        match connect(addr, config.connect_timeout).await {
+            Ok(stream) => {
+                bump(&stats.connects);
+                debug!("connected");
+                let started = tokio::time::Instant::now();
+                match run_peer_connection(stream, &queue, &config, &stats).await {
+                    Ok(()) => debug!("peer closed the connection"),
+                    Err(e) => debug!(error = %e, "connection failed"),
+                }
+                // Only a connection that lasted resets the backoff, so a peer that accepts and
+                // at once closes (it rejects us) is not hammered.
+                if started.elapsed() >= config.backoff_max {
+                    backoff.reset();
+                }
+            }
+            Err(e) => {
+                bump(&stats.connect_failures);
+                debug!(error = %e, "connect failed");
+            }
+        }
+        tokio::time::sleep(backoff.next_delay(&mut rng)).await;
+    }
+}
+
+/// Exponential reconnection backoff: the delay doubles from `min` up to `max`, and each delay
+/// is drawn uniformly from `[d/2, d]` so peers restarting together spread out.
+#[derive(Debug, Clone)]
+struct Backoff {
+    current: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            current: min,
+            min,
+            max,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let millis = u64::try_from(self.current.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.current = self.current.saturating_mul(2).min(self.max);
+        Duration::from_millis(rng.gen_range(millis / 2..=millis))
+    }
+}
+
+/// Sends queued messages until the connection fails. Messages taken from the queue but not
+/// written are lost, which Raft tolerates.
+async fn run_peer_connection<M: Serialize>(
+    stream: TcpStream,
+    queue: &PeerQueue<M>,
+    config: &TransportConfig,
+    stats: &TransportStats,
+) -> std::io::Result<()> {
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buf = Vec::new();
+    encode_frame(
+        &Hello::new(
+            Role::Peer {
+                node_id: config.node_id,
+            },
+            config.cluster_id,
+        ),
+        MAX_HELLO_FRAME_BYTES,
+        &mut buf,
+    )
+    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    writer.write_all(&buf).await?;
+    let mut probe = [0u8; 64];
+    loop {
+        buf.clear();
+        let mut frames = 0u64;
+        while frames < config.max_batch_frames as u64 && buf.len() < config.max_batch_bytes {
+            let Some(msg) = queue.pop() else { break };
+            match encode_frame(&msg, config.max_frame_bytes, &mut buf) {
+                Ok(()) => frames += 1,
+                Err(e) => {
+                    bump(&stats.dropped_too_large);
+                    warn!(error = %e, "dropping a message that does not fit in a frame");
+                }
+            }
+        }
+        if frames > 0 {
+            writer.write_all(&buf).await?;
+            stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
+            bump(&stats.batches_written);
+            continue;
+        }
+        // Nothing to send: wait for work, watching the read half so a peer that closed (or
+        // restarted) is noticed now rather than at the next write.
+        tokio::select! {
+            _ = queue.ready.notified() => {}
+            read = reader.read(&mut probe) => match read {
+                Ok(0) => return Ok(()),
+                Ok(_) => return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "peer sent bytes on a send-only connection",
+                )),
+                Err(e) => return Err(e),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_jittered_and_resets() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let (min, max) = (Duration::from_millis(50), Duration::from_millis(2000));
+        let mut b = Backoff::new(min, max);
+        let mut ceiling = min;
+        for _ in 0..20 {
+            let d = b.next_delay(&mut rng);
+            assert!(
+                d <= ceiling && d >= ceiling / 2,
+                "{d:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+            ceiling = (ceiling * 2).min(max);
+        }
+        assert_eq!(b.current, max);
+        b.reset();
+        assert!(b.next_delay(&mut rng) <= min);
+    }
+
+    #[test]
+    fn full_queue_applies_the_drop_policy() {
+        let stats = TransportStats::default();
+        let q = PeerQueue {
+            messages: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+        };
+        for i in 0..5 {
+            q.push(i, 3, DropPolicy::DropOldest, &stats);
+        }
+        assert_eq!(
+            (q.pop(), q.pop(), q.pop(), q.pop()),
+            (Some(2), Some(3), Some(4), None)
+        );
+        for i in 0..5 {
+            q.push(i, 3, DropPolicy::DropNewest, &stats);
+        }
+        assert_eq!(
+            (q.pop(), q.pop(), q.pop(), q.pop()),
+            (Some(0), Some(1), Some(2), None)
+        );
+        assert_eq!(TransportStats::get(&stats.dropped_queue_full), 4);
+    }
+}

@@ -1,0 +1,366 @@
+//! The transport over real 127.0.0.1 sockets: delivery, reconnection, batching, and every kind
+//! of bad input rejected while good peers keep being served.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_runtime::transport::{DropPolicy, Inbound, Transport, TransportConfig, TransportStats};
+use shoal_wire::{encode_frame, Hello, Role, PROTOCOL_MAGIC, PROTOCOL_VERSION};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLUSTER: u64 = 77;
+const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Msg {
+    seq: u64,
+    body: Vec<u8>,
+}
+
+fn msg(seq: u64) -> Msg {
+    Msg {
+        seq,
+        body: seq.to_le_bytes().to_vec(),
+    }
+}
+
+async fn listeners(n: usize) -> (Vec<TcpListener>, BTreeMap<u64, SocketAddr>) {
+    let mut ls = Vec::new();
+    let mut peers = BTreeMap::new();
+    for i in 0..n {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.insert(i as u64 + 1, l.local_addr().unwrap());
+        ls.push(l);
+    }
+    (ls, peers)
+}
+
+fn config(id: u64, peers: &BTreeMap<u64, SocketAddr>) -> TransportConfig {
+    let mut c = TransportConfig::new(id, CLUSTER, peers.clone());
+    c.backoff_min = Duration::from_millis(10);
+    c.backoff_max = Duration::from_millis(100);
+    c.max_frame_bytes = 64 * 1024;
+    c
+}
+
+async fn recv(inbound: &mut Inbound<Msg>) -> (u64, Msg) {
+    tokio::time::timeout(WAIT, inbound.recv())
+        .await
+        .expect("no message within the liveness bound")
+        .expect("inbound closed")
+}
+
+/// Sends fresh messages from `t` to `to` until one arrives at `inbound`.
+async fn until_delivered(t: &Transport<Msg>, to: u64, inbound: &mut Inbound<Msg>, from: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seq = 1_000_000;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peer never reachable"
+        );
+        seq += 1;
+        t.send(to, msg(seq)).unwrap();
+        if let Ok(Some((f, m))) =
+            tokio::time::timeout(Duration::from_millis(100), inbound.recv()).await
+        {
+            assert_eq!(f, from);
+            assert!(m.seq > 1_000_000);
+            // Drain anything else already in flight.
+            while inbound.try_recv().is_ok() {}
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn delivers_and_reconnects_after_peer_restart() {
+    let (mut ls, peers) = listeners(2).await;
+    let l2 = ls.pop().unwrap();
+    let l1 = ls.pop().unwrap();
+    let (t1, _in1, _c1) = Transport::<Msg>::start(config(1, &peers), l1).unwrap();
+    let (t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+
+    t1.send(2, msg(1)).unwrap();
+    assert_eq!(recv(&mut in2).await, (1, msg(1)));
+    assert!(
+        t1.send(9, msg(2)).is_err(),
+        "unknown destination is an error"
+    );
+
+    // Node 2 goes away and comes back on the same address.
+    t2.shutdown();
+    drop(in2);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let l2 = TcpListener::bind(peers[&2]).await.unwrap();
+    let (_t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    until_delivered(&t1, 2, &mut in2, 1).await;
+    assert!(TransportStats::get(&t1.stats().connects) >= 2);
+}
+
+#[tokio::test]
+async fn batches_many_small_messages_in_order() {
+    let (mut ls, peers) = listeners(2).await;
+    let l2 = ls.pop().unwrap();
+    let l1 = ls.pop().unwrap();
+    // Node 2 is not listening yet, so everything queues up and then drains in batches.
+    drop(l2);
+    let (t1, _in1, _c1) = Transport::<Msg>::start(config(1, &peers), l1).unwrap();
+    const N: u64 = 3000;
+    for seq in 0..N {
+        t1.send(2, msg(seq)).unwrap();
+    }
+    let l2 = TcpListener::bind(peers[&2]).await.unwrap();
+    let (_t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    for seq in 0..N {
+        assert_eq!(recv(&mut in2).await, (1, msg(seq)));
+    }
+    let batches = TransportStats::get(&t1.stats().batches_written);
+    assert!(
+        batches * 10 <= N,
+        "{N} queued messages went out in {batches} writes: not batched"
+    );
+    assert_eq!(TransportStats::get(&t1.stats().dropped_queue_full), 0);
+}
+
+#[tokio::test]
+async fn full_queue_drops_and_counts() {
+    let (mut ls, peers) = listeners(2).await;
+    drop(ls.pop()); // node 2 never comes up
+    let mut c = config(1, &peers);
+    c.peer_queue_len = 10;
+    let (t1, _in1, _c1) = Transport::<Msg>::start(c, ls.pop().unwrap()).unwrap();
+    for seq in 0..100 {
+        t1.send(2, msg(seq)).unwrap();
+    }
+    assert_eq!(TransportStats::get(&t1.stats().dropped_queue_full), 90);
+}
+
+fn hello_bytes(hello: &Hello) -> Vec<u8> {
+    let mut b = Vec::new();
+    encode_frame(hello, 64, &mut b).unwrap();
+    b
+}
+
+fn peer_hello(node_id: u64) -> Vec<u8> {
+    hello_bytes(&Hello::new(Role::Peer { node_id }, CLUSTER))
+}
+
+/// Writes `bytes` to the server and expects it to close the connection.
+async fn expect_closed(addr: SocketAddr, bytes: &[u8], what: &str) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server may close before reading everything; a failed write is a close too.
+    if s.write_all(bytes).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(WAIT, async {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => panic!("{what}: server sent bytes on a peer connection"),
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{what}: connection was not closed");
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_and_good_peers_still_served() {
+    let (mut ls, peers) = listeners(3).await;
+    let l3 = ls.pop().unwrap();
+    let l2 = ls.pop().unwrap();
+    let l1 = ls.pop().unwrap();
+    drop(l3); // node 3 is configured but absent: it is only impersonated below
+    let (t1, mut in1, _c1) = Transport::<Msg>::start(config(1, &peers), l1).unwrap();
+    let (t2, _in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    let server = t1.local_addr();
+    until_delivered(&t2, 1, &mut in1, 2).await;
+
+    let mut good_frame = Vec::new();
+    encode_frame(&msg(5), 1024, &mut good_frame).unwrap();
+    let mut bad_crc = good_frame.clone();
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 0xff;
+    let junk_payload = [0xffu8; 12];
+    let mut malformed = (junk_payload.len() as u32).to_le_bytes().to_vec();
+    malformed.extend_from_slice(&crc32c_of(&junk_payload).to_le_bytes());
+    malformed.extend_from_slice(&junk_payload);
+    let oversized_header = [0x00, 0x00, 0x00, 0x40, 0, 0, 0, 0]; // 1 GiB announced
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "http garbage",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("oversized hello header", oversized_header.to_vec()),
+        (
+            "wrong magic",
+            hello_bytes(&Hello {
+                magic: PROTOCOL_MAGIC ^ 1,
+                version: PROTOCOL_VERSION,
+                role: Role::Peer { node_id: 3 },
+                cluster_id: CLUSTER,
+            }),
+        ),
+        (
+            "wrong version",
+            hello_bytes(&Hello {
+                magic: PROTOCOL_MAGIC,
+                version: PROTOCOL_VERSION + 1,
+                role: Role::Peer { node_id: 3 },
+                cluster_id: CLUSTER,
+            }),
+        ),
+        (
+            "wrong cluster",
+            hello_bytes(&Hello::new(Role::Peer { node_id: 3 }, CLUSTER + 1)),
+        ),
+        ("unknown peer id", peer_hello(42)),
+        ("peer claiming our own id", peer_hello(1)),
+        (
+            "oversized frame header",
+            [peer_hello(3), oversized_header.to_vec()].concat(),
+        ),
+        ("bad crc", [peer_hello(3), bad_crc].concat()),
+        ("malformed payload", [peer_hello(3), malformed].concat()),
+    ];
+    for (what, bytes) in &cases {
+        expect_closed(server, bytes, what).await;
+        // The listener still serves the good peer.
+        until_delivered(&t2, 1, &mut in1, 2).await;
+    }
+    // A good frame from an impersonated but configured peer is delivered, attributed to it.
+    let mut s = TcpStream::connect(server).await.unwrap();
+    s.write_all(&[peer_hello(3), good_frame].concat())
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut in1).await, (3, msg(5)));
+
+    let st = t1.stats();
+    assert_eq!(TransportStats::get(&st.rejected_handshakes), 7);
+    assert_eq!(TransportStats::get(&st.bad_frames), 3);
+}
+
+#[tokio::test]
+async fn client_connections_are_handed_to_the_service() {
+    let (mut ls, peers) = listeners(1).await;
+    let (_t1, _in1, mut clients) =
+        Transport::<Msg>::start(config(1, &peers), ls.pop().unwrap()).unwrap();
+    let server = peers[&1];
+    let client = tokio::spawn(async move {
+        use futures::{SinkExt, StreamExt};
+        let mut c = shoal_runtime::connect_client::<Msg, Msg>(
+            server,
+            CLUSTER,
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        c.send(msg(7)).await.unwrap();
+        c.next().await.unwrap().unwrap()
+    });
+    let conn = tokio::time::timeout(WAIT, clients.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(conn.hello.role, Role::Client);
+    let mut framed = conn.framed::<Msg, Msg>();
+    {
+        use futures::{SinkExt, StreamExt};
+        let req = framed.next().await.unwrap().unwrap();
+        framed.send(msg(req.seq + 1)).await.unwrap();
+    }
+    assert_eq!(client.await.unwrap(), msg(8));
+}
+
+fn crc32c_of(bytes: &[u8]) -> u32 {
+    // CRC32C (Castagnoli), bitwise; test-only, to build a frame with a valid checksum.
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[tokio::test]
+async fn truncated_frames_silence_and_connection_floods_are_bounded() {
+    let (mut ls, peers) = listeners(3).await;
+    let l3 = ls.pop().unwrap();
+    let l2 = ls.pop().unwrap();
+    drop(l3);
+    let mut c = config(1, &peers);
+    c.handshake_timeout = Duration::from_millis(200);
+    c.max_inbound_connections = 3;
+    let (t1, mut in1, _c1) = Transport::<Msg>::start(c, ls.pop().unwrap()).unwrap();
+    let (t2, _in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    let server = t1.local_addr();
+    until_delivered(&t2, 1, &mut in1, 2).await;
+
+    // A frame cut short by the end of the stream.
+    let mut frame = Vec::new();
+    encode_frame(&msg(1), 1024, &mut frame).unwrap();
+    let mut s = TcpStream::connect(server).await.unwrap();
+    s.write_all(&[peer_hello(3), frame[..frame.len() - 3].to_vec()].concat())
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "truncated frame: not closed");
+
+    // A hello cut short, and a connection that never says anything: closed (the latter
+    // after the handshake timeout).
+    expect_closed(
+        server,
+        &peer_hello(3)[..5],
+        "truncated hello (silence after)",
+    )
+    .await;
+    let idle = TcpStream::connect(server).await.unwrap();
+    expect_closed(server, &[], "silent connection").await;
+    drop(idle);
+
+    // One good peer connection is open; two idle ones fill the limit of 3, so a fourth is
+    // closed at once, before its handshake.
+    let _a = TcpStream::connect(server).await.unwrap();
+    let _b = TcpStream::connect(server).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    expect_closed(server, &peer_hello(3), "connection over the limit").await;
+    // Once the idle ones time out, the good peer is still served.
+    until_delivered(&t2, 1, &mut in1, 2).await;
+
+    let st = t1.stats();
+    assert!(TransportStats::get(&st.bad_frames) >= 1);
+    assert!(TransportStats::get(&st.rejected_handshakes) >= 2);
+}
+
+#[tokio::test]
+async fn drop_newest_keeps_the_oldest() {
+    let (mut ls, peers) = listeners(2).await;
+    let l2 = ls.pop().unwrap();
+    drop(l2);
+    let mut c = config(1, &peers);
+    c.peer_queue_len = 5;
+    c.drop_policy = DropPolicy::DropNewest;
+    let (t1, _in1, _c1) = Transport::<Msg>::start(c, ls.pop().unwrap()).unwrap();
+    for seq in 0..20 {
+        t1.send(2, msg(seq)).unwrap();
+    }
+    assert_eq!(TransportStats::get(&t1.stats().dropped_queue_full), 15);
+    let l2 = TcpListener::bind(peers[&2]).await.unwrap();
+    let (_t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    for seq in 0..5 {
+        assert_eq!(recv(&mut in2).await, (1, msg(seq)));
+    }
+}
