@@ -60,6 +60,8 @@ pub struct BenchArgs {
 struct Figure {
     name: String,
     seconds: f64,
+    /// CPU time (user + system) of this process and its waited-for children during the run.
+    cpu_seconds: f64,
     bytes: u64,
 }
 
@@ -107,19 +109,25 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut ratios_base: Option<f64> = None;
 
     // 1. The map engine alone, one core, one 64 MiB split.
-    figures.push(map_engine_figure(&corpus, &dir)?);
+    figures.push(report(map_engine_figure(&corpus, &dir)?));
 
     // 2. Wordcount: distributed, sequential, coreutils.
     let seq_out = dir.join("seq-wordcount.txt");
-    figures.push(time_seq("wordcount", None, &corpus, &seq_out, total_bytes)?);
+    figures.push(report(time_seq(
+        "wordcount",
+        None,
+        &corpus,
+        &seq_out,
+        total_bytes,
+    )?));
     if mr_run {
         let out = dir.join("out-wordcount");
         let fig = time_mr_run(&exe, &args, "wordcount", &[], &corpus, &out, total_bytes)?;
         check_same_output(&out, &seq_out)?;
-        figures.push(fig);
+        figures.push(report(fig));
     }
     if !args.skip_coreutils {
-        let fig = time_coreutils(&corpus, total_bytes)?;
+        let fig = report(time_coreutils(&corpus, total_bytes)?);
         ratios_base = Some(fig.mb_per_s());
         figures.push(fig);
     }
@@ -128,7 +136,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if !args.skip_apps {
         for (app, pattern) in [("indexer", None), ("grep", Some(GREP_PATTERN))] {
             let seq_out = dir.join(format!("seq-{app}.txt"));
-            figures.push(time_seq(app, pattern, &corpus, &seq_out, total_bytes)?);
+            figures.push(report(time_seq(
+                app,
+                pattern,
+                &corpus,
+                &seq_out,
+                total_bytes,
+            )?));
             if mr_run {
                 let out = dir.join(format!("out-{app}"));
                 let extra: Vec<String> = pattern
@@ -136,7 +150,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default();
                 let fig = time_mr_run(&exe, &args, app, &extra, &corpus, &out, total_bytes)?;
                 check_same_output(&out, &seq_out)?;
-                figures.push(fig);
+                figures.push(report(fig));
             }
         }
     }
@@ -148,21 +162,35 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let extra = [
                 "--slow-workers".to_owned(),
                 "1".to_owned(),
-                "--backup-tasks".to_owned(),
-                backups.to_owned(),
+                format!("--backup-tasks={backups}"),
             ];
-            let mut fig =
-                time_mr_run(&exe, &args, "wordcount", &extra, &corpus, &out, total_bytes)?;
-            fig.name = format!(
-                "wordcount, 1 of {} workers 10x slow, backups {backups}",
-                args.workers
-            );
-            figures.push(fig);
+            match time_mr_run(&exe, &args, "wordcount", &extra, &corpus, &out, total_bytes) {
+                Ok(mut fig) => {
+                    fig.name = format!(
+                        "wordcount: 1 of {} workers 10x slower, backup tasks {backups}",
+                        args.workers
+                    );
+                    figures.push(report(fig));
+                }
+                Err(e) => eprintln!("backup-task experiment (backups {backups}) failed: {e:#}"),
+            }
         }
     }
 
     print_table(&figures, ratios_base, total_bytes)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a figure as soon as it is measured (the table at the end adds the ratios).
+fn report(f: Figure) -> Figure {
+    eprintln!(
+        "  {:<62} {:>8.2} s {:>8.1} MB/s {:>8.2} CPU s",
+        f.name,
+        f.seconds,
+        f.mb_per_s(),
+        f.cpu_seconds
+    );
+    f
 }
 
 struct RemoveOnDrop(PathBuf);
@@ -266,13 +294,35 @@ fn warm_cache(corpus: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wall-clock timing of a benchmark step.
+/// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on Linux).
+const PROC_TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds used so far by this process and its waited-for children (0 if unknown).
+fn cpu_seconds_now() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name: state is field 3, utime..cstime are fields 14..=17.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..15)
+        .map(|f| f.iter().filter_map(|x| x.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / PROC_TICKS_PER_SECOND
+}
+
+/// Wall-clock and CPU timing of a benchmark step.
 // Benchmark code measures real elapsed time by design.
 #[allow(clippy::disallowed_methods)]
-fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Duration)> {
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Duration, f64)> {
+    let cpu_start = cpu_seconds_now();
     let start = Instant::now();
     let r = f()?;
-    Ok((r, start.elapsed()))
+    let wall = start.elapsed();
+    Ok((r, wall, cpu_seconds_now() - cpu_start))
 }
 
 fn app_config(app: &str, pattern: Option<&str>) -> AppConfig {
@@ -288,11 +338,13 @@ fn map_engine_figure(corpus: &[PathBuf], dir: &Path) -> anyhow::Result<Figure> {
     let app = build_app(&app_config("wordcount", None), &work)?;
     let splits = plan_splits(&corpus[..1], CORPUS_FILE_BYTES)?;
     let split = splits.first().context("empty corpus")?;
-    let (_, took) = timed(|| run_map_task(&*app, split, 0, 10, DEFAULT_TASK_MEMORY_BYTES, &work))?;
+    let (_, took, cpu) =
+        timed(|| run_map_task(&*app, split, 0, 10, DEFAULT_TASK_MEMORY_BYTES, &work))?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(Figure {
         name: "wordcount map task engine (1 core, one split)".into(),
         seconds: took.as_secs_f64(),
+        cpu_seconds: cpu,
         bytes: split.len,
     })
 }
@@ -308,10 +360,11 @@ fn time_seq(
         &app_config(app, pattern),
         out.parent().unwrap_or(Path::new(".")),
     )?;
-    let (_, took) = timed(|| run_sequential(&*a, corpus, out))?;
+    let (_, took, cpu) = timed(|| run_sequential(&*a, corpus, out))?;
     Ok(Figure {
         name: format!("{app}: run_sequential (in process, 1 thread)"),
         seconds: took.as_secs_f64(),
+        cpu_seconds: cpu,
         bytes,
     })
 }
@@ -345,7 +398,7 @@ fn time_mr_run(
         .args(corpus)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let (output, took) = timed(|| cmd.output().context("running shoal mr run"))?;
+    let (output, took, cpu) = timed(|| cmd.output().context("running shoal mr run"))?;
     if !output.status.success() {
         bail!(
             "shoal mr run --app {app} failed ({}): {}",
@@ -356,6 +409,7 @@ fn time_mr_run(
     Ok(Figure {
         name: format!("{app}: shoal mr run --workers {}", args.workers),
         seconds: took.as_secs_f64(),
+        cpu_seconds: cpu,
         bytes,
     })
 }
@@ -369,7 +423,7 @@ fn time_coreutils(corpus: &[PathBuf], bytes: u64) -> anyhow::Result<Figure> {
         "cat {} | LC_ALL=C tr -cs A-Za-z '\\n' | LC_ALL=C sort | uniq -c > /dev/null",
         files.join(" ")
     );
-    let (status, took) = timed(|| {
+    let (status, took, cpu) = timed(|| {
         Command::new("sh")
             .arg("-c")
             .arg(&script)
@@ -382,6 +436,7 @@ fn time_coreutils(corpus: &[PathBuf], bytes: u64) -> anyhow::Result<Figure> {
     Ok(Figure {
         name: "wordcount: LC_ALL=C tr -cs A-Za-z '\\n' | sort | uniq -c".into(),
         seconds: took.as_secs_f64(),
+        cpu_seconds: cpu,
         bytes,
     })
 }
@@ -452,11 +507,12 @@ fn print_table(
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "{:<62} {:>9.2} {:>9.1} {:>10}",
+            "{:<62} {:>9.2} {:>9.1} {:>11} {:>9.2}",
             f.name,
             f.seconds,
             f.mb_per_s(),
-            ratio
+            ratio,
+            f.cpu_seconds
         )?;
     }
     Ok(())
