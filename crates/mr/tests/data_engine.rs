@@ -88,6 +88,11 @@ fn tiny_memory_budget_spills_and_gives_identical_output() {
             run_job(&*a, &inputs, 1 << 20, 4, BUDGET, &dir.path().join(name)).expect("job");
         assert_eq!(got, expected, "{name}");
         assert!(counters.get("map.spills") >= 2, "{name}: {counters:?}");
+        // Each spill must hold many pairs (not one spill per pair).
+        assert!(
+            counters.get("map.spills") * 100 <= counters.get("map.output.records"),
+            "{name}: too many spills: {counters:?}"
+        );
         assert!(
             counters.get("map.output.bytes") >= 5 * BUDGET,
             "{name}: intermediate data must be several times the budget: {counters:?}"

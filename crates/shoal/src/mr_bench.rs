@@ -498,8 +498,8 @@ fn print_table(
     )?;
     writeln!(
         out,
-        "{:<62} {:>9} {:>9} {:>10}",
-        "run", "seconds", "MB/s", "x coreutils"
+        "{:<62} {:>9} {:>9} {:>11} {:>9}",
+        "run", "seconds", "MB/s", "x coreutils", "CPU s"
     )?;
     for f in figures {
         let ratio = coreutils_mb_s

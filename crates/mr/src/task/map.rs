@@ -105,9 +105,10 @@ struct SumBuffer {
 }
 
 impl SumBuffer {
+    /// True if the key was new.
     #[inline]
-    fn add(&mut self, key: &[u8], n: u64) {
-        self.sums.add(key, n);
+    fn add(&mut self, key: &[u8], n: u64) -> bool {
+        self.sums.add(key, n)
     }
 
     fn bytes(&self) -> usize {
@@ -349,8 +350,8 @@ impl Emit for MapSink<'_> {
                         }
                     }
                 };
-                self.sum_buf.add(key, n);
-                self.sum_buf.bytes() > self.memory_bytes
+                // Memory only grows when a key is new.
+                self.sum_buf.add(key, n) && self.sum_buf.bytes() > self.memory_bytes
             }
             Combiner::None | Combiner::Custom => {
                 let pushed = checked_partition(self.app, key, self.reduces)
