@@ -148,7 +148,7 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 4)]
     pub max_attempts: u32,
     /// Re-run straggling tasks on idle workers near the end of each phase (paper §3.6).
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, value_name = "on|off")]
     pub backup_tasks: bool,
     /// Serve an HTML status page (and /status.json) on this address.
     #[arg(long, value_name = "ADDR")]
