@@ -161,7 +161,7 @@ fn crash() {
     assert!(
         result.is_some_and(|s| s.success()),
         "coordinator: {result:?}: {}",
-        lab.procs.stderr(c.index)
+        lab.log(&c)
     );
     let want = lab.seq(&["--app", "nocrash"], &books());
     assert_same(&lab.output(), &want);

@@ -137,6 +137,8 @@ pub struct Lab {
 /// A started coordinator.
 pub struct Coord {
     pub index: usize,
+    /// Its stderr (a file, so a chatty coordinator never blocks on a full pipe).
+    pub log: PathBuf,
     pub addr: String,
     pub http: Option<String>,
 }
@@ -160,6 +162,10 @@ impl Lab {
     /// Starts `shoal mr coordinator --listen 127.0.0.1:0 --out OUT ARGS… INPUTS…` and reads the
     /// address it listens on from its first line of stdout.
     pub fn coordinator(&self, args: &[&str], inputs: &[PathBuf]) -> Coord {
+        let log = self
+            .path()
+            .join(format!("coordinator-{}.log", self.procs.len()));
+        let log_file = std::fs::File::create(&log).expect("log file");
         let mut cmd = shoal();
         cmd.current_dir(self.path())
             .args(["mr", "coordinator", "--listen", "127.0.0.1:0", "--out"])
@@ -168,7 +174,7 @@ impl Lab {
             .args(inputs)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(log_file);
         let mut child = cmd.spawn().expect("spawn coordinator");
         let stdout = child.stdout.take().expect("stdout");
         let index = self.procs.add(child);
@@ -189,7 +195,7 @@ impl Lab {
                 Ok(l) => l,
                 Err(_) => panic!(
                     "coordinator printed no address; stderr: {}",
-                    self.procs.stderr(index)
+                    std::fs::read_to_string(&log).unwrap_or_default()
                 ),
             };
             if let Some(a) = line.strip_prefix("listening on ") {
@@ -201,6 +207,7 @@ impl Lab {
         }
         Coord {
             index,
+            log,
             addr: addr.unwrap(),
             http,
         }
@@ -227,12 +234,14 @@ impl Lab {
     pub fn expect_success(&self, coord: &Coord, timeout: Duration) {
         match self.procs.wait(coord.index, timeout) {
             Some(s) if s.success() => {}
-            Some(s) => panic!(
-                "coordinator failed ({s}): {}",
-                self.procs.stderr(coord.index)
-            ),
+            Some(s) => panic!("coordinator failed ({s}): {}", self.log(coord)),
             None => panic!("coordinator did not finish within {timeout:?}"),
         }
+    }
+
+    /// The coordinator's stderr so far.
+    pub fn log(&self, coord: &Coord) -> String {
+        std::fs::read_to_string(&coord.log).unwrap_or_default()
     }
 
     /// The sequential reference output of `app` (sorted, non-empty lines).

@@ -327,7 +327,7 @@ impl Coordinator {
         task.failures += 1;
         task.last_error = Some(error.to_string());
         let failures = task.failures;
-        tracing::warn!(?attempt, %worker, failures, error, "attempt failed");
+        tracing::warn!(attempt = %attempt_name(attempt), %worker, failures, error, "attempt failed");
         if failures >= max_attempts && self.outcome.is_none() {
             self.finish(JobOutcome::Failed {
                 task: task_name(attempt),

@@ -375,7 +375,6 @@ pub async fn run_job(
                                 tracing::debug!(%w, attempt = %attempt_name(attempt), ?d, "done");
                             }
                             (Some(w), ToCoordinator::TaskFailed { attempt, error }) => {
-                                tracing::warn!(%w, attempt = %attempt_name(attempt), %error, "attempt failed");
                                 core.task_failed(now, w, attempt, &error);
                             }
                             (Some(w), ToCoordinator::FetchFailed { attempt, map_task, map_attempt, error }) => {
