@@ -335,3 +335,71 @@ fn quick_start_with_no_arguments() {
     let got = sorted_lines(&mr_outs(&lab.path().join("mr-out")));
     assert_same(&got, &lab.seq(&["--app", "wordcount"], &books()));
 }
+
+/// A worker frozen with SIGSTOP in the middle of a reduce task stops heartbeating: after the
+/// task timeout its work goes to another worker and the job completes. Thawed, it finds the
+/// job over and exits.
+#[test]
+fn stopped_worker_is_declared_lost_and_its_task_reassigned() {
+    let lab = Lab::new();
+    let c = lab.coordinator(
+        &[
+            "--app",
+            "early_exit",
+            "--task-timeout",
+            "2s",
+            "--backup-tasks",
+            "off",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        &books(),
+    );
+    let http = c.http.clone().expect("status address");
+    let w1 = lab.worker(&c, &["--coordinator-timeout", "3s"]);
+    let w2 = lab.worker(&c, &["--coordinator-timeout", "3s"]);
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    // Freeze a worker while it runs a reduce task.
+    let frozen = loop {
+        assert!(Instant::now() < deadline, "no reduce ever ran");
+        std::thread::sleep(Duration::from_millis(20));
+        let Some(s) = status(&http) else { continue };
+        let busy = s["workers"].as_array().unwrap().iter().find(|w| {
+            w["running"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|a| a.as_str().unwrap_or("").starts_with("reduce"))
+            })
+        });
+        let Some(worker) = busy else { continue };
+        let pid: u32 = worker["name"]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let index = if lab.procs.pid(w1) == pid { w1 } else { w2 };
+        signal(pid, "STOP");
+        break index;
+    };
+    lab.expect_success(&c, JOB_TIMEOUT);
+    assert_same(&lab.output(), &lab.seq(&["--app", "early_exit"], &books()));
+    let log = lab.log(&c);
+    assert!(log.contains("no heartbeat"), "{log}");
+    signal(lab.procs.pid(frozen), "CONT");
+    assert!(
+        lab.procs.wait(frozen, Duration::from_secs(20)).is_some(),
+        "thawed worker did not exit"
+    );
+}
+
+/// Sends SIGSTOP/SIGCONT to a child with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid} failed");
+}

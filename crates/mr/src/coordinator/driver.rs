@@ -602,6 +602,14 @@ async fn connection(stream: TcpStream, conn: u64, events: mpsc::Sender<Event>) {
             },
             frame = framed.next() => match frame {
                 Some(Ok(msg)) => {
+                    if msg == ToCoordinator::Heartbeat {
+                        // Answered here, not by the state machine: it only proves this process
+                        // is alive to the worker.
+                        if let Err(e) = framed.send(ToWorker::HeartbeatAck).await {
+                            tracing::debug!(conn, error = %e, "send failed");
+                            break;
+                        }
+                    }
                     if events.send(Event::Message { conn, msg }).await.is_err() {
                         break;
                     }
