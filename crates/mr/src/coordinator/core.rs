@@ -461,6 +461,16 @@ impl Coordinator {
         total
     }
 
+    /// Attempts started so far, over all tasks (more than the number of tasks when backups,
+    /// duplicates or re-executions ran).
+    pub fn attempts_started(&self) -> u64 {
+        self.maps
+            .iter()
+            .chain(&self.reduces)
+            .map(|t| u64::from(t.next_attempt))
+            .sum()
+    }
+
     /// Map tasks done and reduce tasks committed.
     pub fn progress(&self) -> (u32, u32) {
         let maps = self.maps.iter().filter(|t| t.done.is_some()).count() as u32;

@@ -89,6 +89,8 @@ pub struct JobReport {
     pub input_bytes: u64,
     /// The `mr-out-<r>` files, in partition order.
     pub outputs: Vec<PathBuf>,
+    /// Attempts started over all tasks (maps + reduces when nothing ran twice).
+    pub attempts: u64,
 }
 
 /// Why a job could not run or did not succeed.
@@ -181,7 +183,7 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("mr-out-") || name.starts_with(".mr-out-") {
-            tracing::info!(file = %entry.path().display(), "removing output of a previous job");
+            tracing::debug!(file = %entry.path().display(), "removing output of a previous job");
             std::fs::remove_file(entry.path())
                 .map_err(io_err(format!("cannot remove {}", entry.path().display())))?;
         }
@@ -489,6 +491,7 @@ pub async fn run_job(
                 counters: core.counters(),
                 input_bytes: job.input_bytes,
                 outputs,
+                attempts: core.attempts_started(),
             });
         }
     }
