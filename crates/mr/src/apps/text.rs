@@ -32,54 +32,92 @@ fn decode_non_ascii(text: &[u8]) -> (usize, bool) {
     }
 }
 
+/// High bit of every byte.
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+/// `0x01` in every byte.
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// Bit 7 of byte j is set iff byte j of `w` (all bytes ASCII) is an ASCII letter: fold case
+/// with `| 0x20`, then test `0x61 <= x <= 0x7a` per byte with carry-free additions.
+#[inline(always)]
+fn ascii_letter_mask(w: u64) -> u64 {
+    let x = w | (0x20 * ONES);
+    let at_least_a = x + (0x80 - 0x61) * ONES;
+    let above_z = x + (0x80 - 0x7b) * ONES;
+    at_least_a & !above_z & HIGH_BITS
+}
+
 /// Calls `f` for every word of `text`, in order.
+///
+/// Eight ASCII bytes at a time (SWAR): a mask of letter bytes gives word starts and ends
+/// directly; a chunk holding a non-ASCII byte is decoded character by character.
 #[inline]
 pub fn for_each_word<'a>(text: &'a [u8], mut f: impl FnMut(&'a [u8])) {
     let n = text.len();
     let mut i = 0;
-    loop {
-        // Skip non-letters.
-        let start = loop {
-            if i >= n {
-                return;
+    let mut in_word = false;
+    let mut start = 0;
+    while i + 8 <= n {
+        let mut chunk = [0u8; 8];
+        chunk.copy_from_slice(&text[i..i + 8]);
+        let w = u64::from_le_bytes(chunk);
+        if w & HIGH_BITS != 0 {
+            // Slow path up to the end of this chunk (a character may run past it).
+            let end = i + 8;
+            while i < end {
+                i = step(text, i, &mut in_word, &mut start, &mut f);
             }
-            let b = text[i];
-            if b < 0x80 {
-                if ASCII_LETTER[b as usize] {
-                    break i;
-                }
-                i += 1;
-            } else {
-                let (len, letter) = decode_non_ascii(&text[i..]);
-                if letter {
-                    break i;
-                }
-                i += len;
-            }
-        };
-        // Scan letters.
-        loop {
-            if i >= n {
-                f(&text[start..]);
-                return;
-            }
-            let b = text[i];
-            if b < 0x80 {
-                if !ASCII_LETTER[b as usize] {
-                    break;
-                }
-                i += 1;
-            } else {
-                let (len, letter) = decode_non_ascii(&text[i..]);
-                if !letter {
-                    break;
-                }
-                i += len;
-            }
+            continue;
         }
-        f(&text[start..i]);
-        // text[i] is a non-letter: the skip loop starts there.
+        let m = ascii_letter_mask(w);
+        let before = (m << 8) | if in_word { 0x80 } else { 0 };
+        let starts = m & !before;
+        let ends = !m & before & HIGH_BITS;
+        let mut events = starts | ends;
+        while events != 0 {
+            let bit = events.trailing_zeros();
+            let pos = i + (bit / 8) as usize;
+            if starts & (1u64 << bit) != 0 {
+                start = pos;
+            } else {
+                f(&text[start..pos]);
+            }
+            events &= events - 1;
+        }
+        in_word = m >> 63 != 0;
+        i += 8;
     }
+    while i < n {
+        i = step(text, i, &mut in_word, &mut start, &mut f);
+    }
+    if in_word {
+        f(&text[start..]);
+    }
+}
+
+/// Classifies the character at `text[i]`, updates the word state, returns the next position.
+#[inline]
+fn step<'a>(
+    text: &'a [u8],
+    i: usize,
+    in_word: &mut bool,
+    start: &mut usize,
+    f: &mut impl FnMut(&'a [u8]),
+) -> usize {
+    let b = text[i];
+    let (len, letter) = if b < 0x80 {
+        (1, ASCII_LETTER[b as usize])
+    } else {
+        decode_non_ascii(&text[i..])
+    };
+    if letter && !*in_word {
+        *start = i;
+        *in_word = true;
+    } else if !letter && *in_word {
+        f(&text[*start..i]);
+        *in_word = false;
+    }
+    i + len
 }
 
 #[cfg(test)]
@@ -112,6 +150,35 @@ mod tests {
         );
         assert_eq!(words(b"ab\xffcd\xc3"), ["ab", "cd"]);
         assert_eq!(words(b"\xe2\x82"), Vec::<String>::new());
+    }
+
+    fn reference(s: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(s)
+            .split(|c: char| !c.is_alphabetic())
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn swar_matches_the_reference_on_random_text(
+            pieces in proptest::collection::vec(
+                proptest::prop_oneof![
+                    "[a-zA-Z]{1,12}",
+                    "[ .,;\\n0-9@\\[`{]{1,3}",
+                    "[\u{e0}-\u{ff}\u{3b1}-\u{3c9}\u{2018}-\u{201d}\u{4e00}-\u{4e10}]{1,3}",
+                ],
+                0..40,
+            ),
+            junk in proptest::collection::vec(proptest::num::u8::ANY, 0..4),
+            junk_at in 0usize..200,
+        ) {
+            let mut s = pieces.concat().into_bytes();
+            let at = junk_at.min(s.len());
+            s.splice(at..at, junk);
+            proptest::prop_assert_eq!(words(&s), reference(&s));
+        }
     }
 
     #[test]

@@ -8,13 +8,12 @@ use anyhow::{anyhow, bail, Context};
 
 use super::format::{Mmap, RunReader, RunWriter};
 use super::reduce::Merger;
+use super::sum_table::SumTable;
 use super::{attempt_id, panic_message, Counters, MapTaskOutput, ScratchDir};
 use crate::app::{App, Combiner, Emit, MapInput};
 use crate::apps::{parse_decimal, push_decimal};
 use crate::split::{read_split, InputSplit};
 
-/// Bookkeeping bytes charged per entry of the summing hash table (box, counter, table slot).
-const SUM_ENTRY_OVERHEAD_BYTES: usize = 48;
 /// Smallest buffer budget honoured (a smaller one would spill on every pair).
 const MIN_MEMORY_BYTES: usize = 4 * 1024;
 
@@ -102,30 +101,36 @@ type SumRecord = (u32, Box<[u8]>, u64);
 /// The map output buffer for [`Combiner::SumDecimal`]: key → running sum.
 #[derive(Default)]
 struct SumBuffer {
-    sums: ahash::AHashMap<Box<[u8]>, u64>,
-    bytes: usize,
+    sums: SumTable,
 }
 
 impl SumBuffer {
     #[inline]
     fn add(&mut self, key: &[u8], n: u64) {
-        if let Some(sum) = self.sums.get_mut(key) {
-            *sum = sum.saturating_add(n);
-        } else {
-            self.bytes += key.len() + SUM_ENTRY_OVERHEAD_BYTES;
-            self.sums.insert(key.into(), n);
-        }
+        self.sums.add(key, n);
+    }
+
+    fn bytes(&self) -> usize {
+        self.sums.bytes()
     }
 
     /// Drains into (partition, key, sum) sorted by partition then key.
     fn drain_sorted(&mut self, app: &dyn App, reduces: u32) -> anyhow::Result<Vec<SumRecord>> {
-        let mut out = Vec::with_capacity(self.sums.len());
-        for (key, sum) in self.sums.drain() {
-            let p = checked_partition(app, &key, reduces)?;
-            out.push((p, key, sum));
+        let mut out: Vec<SumRecord> = Vec::with_capacity(self.sums.len());
+        let mut error = None;
+        self.sums.drain(|key, sum| {
+            if error.is_some() {
+                return;
+            }
+            match checked_partition(app, key, reduces) {
+                Ok(p) => out.push((p, key.into(), sum)),
+                Err(e) => error = Some(e),
+            }
+        });
+        if let Some(e) = error {
+            return Err(e);
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        self.bytes = 0;
         Ok(out)
     }
 }
@@ -345,7 +350,7 @@ impl Emit for MapSink<'_> {
                     }
                 };
                 self.sum_buf.add(key, n);
-                self.sum_buf.bytes > self.memory_bytes
+                self.sum_buf.bytes() > self.memory_bytes
             }
             Combiner::None | Combiner::Custom => {
                 let pushed = checked_partition(self.app, key, self.reduces)
