@@ -26,8 +26,9 @@ use tokio_util::codec::Framed;
 /// How long a fetcher waits to connect to a shuffle server.
 pub const SHUFFLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long either side waits for the next frame before giving up on a connection.
-pub const SHUFFLE_IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long either side waits for the next frame (at most one chunk) before giving up on a
+/// connection: a stopped or partitioned server is detected this fast.
+pub const SHUFFLE_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most shuffle connections a worker serves at once; more wait in the accept queue.
 pub const MAX_SHUFFLE_CONNECTIONS: usize = 64;

@@ -157,6 +157,7 @@ pub async fn run_worker(options: WorkerOptions) -> Result<WorkerExit, WorkerErro
         shuffle_port,
         name,
         job: None,
+        last_contact: now(),
     };
     let result = session.run().await;
     server.abort();
@@ -171,6 +172,8 @@ struct Session<'a> {
     name: String,
     /// The job and its app, kept across reconnections to the same coordinator.
     job: Option<(JobSpec, Arc<dyn App>)>,
+    /// When the coordinator was last heard from (a welcome or a heartbeat answer).
+    last_contact: std::time::Instant,
 }
 
 enum SessionEnd {
@@ -193,7 +196,6 @@ enum Report {
 impl Session<'_> {
     async fn run(&mut self) -> Result<WorkerExit, WorkerError> {
         let addr = self.options.coordinator.clone();
-        let mut last_contact = now();
         let mut last_error;
         loop {
             match self.connect().await {
@@ -202,12 +204,11 @@ impl Session<'_> {
                     SessionEnd::Lost(why) => {
                         tracing::warn!(coordinator = %addr, reason = %why, "lost the coordinator; reconnecting");
                         last_error = why;
-                        last_contact = now();
                     }
                 },
                 Err(e) => last_error = e.to_string(),
             }
-            let waited = last_contact.elapsed();
+            let waited = self.last_contact.elapsed();
             if waited >= self.options.coordinator_timeout {
                 return Err(WorkerError::Unreachable {
                     addr,
@@ -275,7 +276,8 @@ impl Session<'_> {
         if let Err(e) = sink.send(register).await {
             return Ok(SessionEnd::Lost(e.to_string()));
         }
-        let (worker_id, job) = match tokio::time::timeout(WELCOME_TIMEOUT, stream.next()).await {
+        let welcome_timeout = WELCOME_TIMEOUT.min(self.options.coordinator_timeout);
+        let (worker_id, job) = match tokio::time::timeout(welcome_timeout, stream.next()).await {
             Ok(Some(Ok(ToWorker::Welcome { worker_id, job }))) => (worker_id, job),
             Ok(Some(Ok(ToWorker::Refused { reason }))) => return Err(WorkerError::Refused(reason)),
             Ok(Some(Ok(ToWorker::JobDone))) => return Ok(SessionEnd::Exit(WorkerExit::JobDone)),
@@ -302,9 +304,15 @@ impl Session<'_> {
         let mut heartbeat = tokio::time::interval(interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut current: Option<tokio::task::JoinHandle<Report>> = None;
+        let mut last_heard = now();
+        self.last_contact = last_heard;
         let end = loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
+                    let silent = last_heard.elapsed();
+                    if silent >= self.options.coordinator_timeout {
+                        break SessionEnd::Lost(format!("no answer from the coordinator for {silent:?}"));
+                    }
                     if let Err(e) = sink.send(ToCoordinator::Heartbeat).await {
                         break SessionEnd::Lost(e.to_string());
                     }
@@ -323,6 +331,10 @@ impl Session<'_> {
                     }
                 }
                 msg = stream.next() => match msg {
+                    Some(Ok(ToWorker::HeartbeatAck)) => {
+                        last_heard = now();
+                        self.last_contact = last_heard;
+                    }
                     Some(Ok(ToWorker::Map { attempt, split })) => {
                         tracing::debug!(?attempt, "map");
                         current = Some(tokio::spawn(run_map(

@@ -16,6 +16,13 @@ use shoal_mr::status::{bind_status, serve_status, JobStatus};
 use shoal_mr::worker::{run_worker, WorkerExit, WorkerOptions};
 use tokio::sync::watch;
 
+/// `println!` that ignores a closed stdout (`shoal mr run | head` must not panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// `shoal mr` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum MrCommand {
@@ -40,7 +47,7 @@ Examples:
   shoal mr run                                  # wordcount over the bundled books into ./mr-out
   shoal mr run --workers 4 --http 127.0.0.1:8080 --app indexer books/*.txt
   shoal mr run --app grep --pattern 'whale|ocean' --out hits big.txt
-  shoal mr run --app stream --mapper ./map.sh --reducer ./reduce.sh --ship map.sh --ship reduce.sh in.txt
+  shoal mr run --app stream --mapper 'sh map.sh' --ship map.sh in.txt   # scripts run in the ship dir
   shoal mr run --workers 4 --slow-workers 1     # one worker 10x slower: watch backup tasks win
 
 Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.";
@@ -82,10 +89,11 @@ pub struct AppArgs {
     /// Regular expression of the grep app.
     #[arg(long)]
     pub pattern: Option<String>,
-    /// Map command of the stream app (reads input lines, writes `key<TAB>value` lines).
+    /// Map command of the stream app (`sh -c`; reads its split on stdin, writes
+    /// `key<TAB>value` lines).
     #[arg(long)]
     pub mapper: Option<String>,
-    /// Reduce command of the stream app (reads sorted `key<TAB>value` lines).
+    /// Reduce command of the stream app (`sh -c`; reads sorted `key<TAB>value` lines).
     #[arg(long)]
     pub reducer: Option<String>,
     /// A file shipped to every worker (e.g. the stream app's scripts); repeatable.
@@ -148,7 +156,7 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 4)]
     pub max_attempts: u32,
     /// Re-run straggling tasks on idle workers near the end of each phase (paper §3.6).
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, value_name = "on|off")]
     pub backup_tasks: bool,
     /// Serve an HTML status page (and /status.json) on this address.
     #[arg(long, value_name = "ADDR")]
@@ -332,7 +340,7 @@ async fn status_channel(
     if let Some(addr) = http {
         let listener = bind_status(addr).await?;
         let real = listener.local_addr()?;
-        println!("status page on http://{real}/ (JSON at /status.json)");
+        say!("status page on http://{real}/ (JSON at /status.json)");
         tokio::spawn(serve_status(listener, rx.clone()));
     }
     Ok((tx, rx))
@@ -356,7 +364,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("listening on {addr}");
+    say!("listening on {addr}");
     let _ = std::io::stdout().flush();
     let (tx, _rx) = status_channel(args.job.http).await?;
     let maps = job.splits.len();
@@ -469,14 +477,14 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (tx, mut rx) = status_channel(args.job.http).await?;
 
     if bundled {
-        println!(
+        say!(
             "Counting words in {} bundled books ({:.1} MB) with {} worker processes…",
             inputs.len(),
             input_bytes as f64 / 1e6,
             args.workers
         );
     } else {
-        println!(
+        say!(
             "Running {app_name} over {} file(s) ({:.1} MB) with {} worker processes…",
             inputs.len(),
             input_bytes as f64 / 1e6,
@@ -563,7 +571,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
             let top = (app_name == "wordcount").then_some(10);
             print_summary(&report, maps, top, &args.out);
             if bundled {
-                println!(
+                say!(
                     "\nNext: `shoal mr run --http 127.0.0.1:8080 --workers 4` to watch the status page, \
                      or `shoal mr --help` to run a coordinator and workers on several hosts."
                 );
@@ -584,32 +592,40 @@ impl Drop for RemoveOnDrop {
 
 fn print_summary(report: &JobReport, maps: usize, top_words: Option<usize>, out: &Path) {
     let secs = report.elapsed.as_secs_f64().max(1e-6);
-    println!(
+    say!(
         "Done in {secs:.2} s: {maps} map tasks, {} reduce tasks, {:.1} MB in ({:.1} MB/s).",
         report.outputs.len(),
         report.input_bytes as f64 / 1e6,
         report.input_bytes as f64 / 1e6 / secs
     );
+    let tasks = (maps + report.outputs.len()) as u64;
+    if report.attempts > tasks {
+        say!(
+            "{} attempts for {tasks} tasks: {} ran again (backup tasks, timeouts or lost workers).",
+            report.attempts,
+            report.attempts - tasks
+        );
+    }
     if let Some(n) = top_words {
         match shoal_mr::local::top_counts(&report.outputs, n) {
             Ok(top) if !top.is_empty() => {
-                println!("\nMost frequent words:");
+                say!("\nMost frequent words:");
                 let width = top.iter().map(|(w, _)| w.len()).max().unwrap_or(0);
                 for (i, (word, count)) in top.iter().enumerate() {
-                    println!("  {:>2}. {word:<width$} {count:>8}", i + 1);
+                    say!("  {:>2}. {word:<width$} {count:>8}", i + 1);
                 }
             }
             _ => {}
         }
     }
     if !report.counters.is_empty() {
-        println!("\nCounters (winning attempts only):");
+        say!("\nCounters (winning attempts only):");
         let width = report.counters.keys().map(String::len).max().unwrap_or(0);
         for (k, v) in &report.counters {
-            println!("  {k:<width$} {v:>12}");
+            say!("  {k:<width$} {v:>12}");
         }
     }
-    println!(
+    say!(
         "\nOutput: {}/mr-out-0 … mr-out-{} (try: sort {}/mr-out-* | head)",
         out.display(),
         report.outputs.len().saturating_sub(1),

@@ -187,6 +187,9 @@ pub enum ToWorker {
         /// Why (the task, its input and the error).
         reason: String,
     },
+    /// Answer to a [`ToCoordinator::Heartbeat`]: the coordinator is alive (a worker that hears
+    /// nothing for its coordinator timeout reconnects, then gives up).
+    HeartbeatAck,
 }
 
 /// A file a worker's shuffle server may serve. Only files of completed attempts are served.
@@ -222,7 +225,7 @@ pub enum ShuffleRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShuffleReply {
     /// The next chunk of the file (at most [`SHUFFLE_CHUNK_BYTES`]).
-    Data(Vec<u8>),
+    Data(#[serde(with = "raw_bytes")] Vec<u8>),
     /// The whole file was sent; `total_bytes` lets the fetcher check nothing was lost.
     End {
         /// Length of the file.
@@ -230,6 +233,41 @@ pub enum ShuffleReply {
     },
     /// The file is unknown or unreadable.
     Error(String),
+}
+
+/// Encodes a `Vec<u8>` with `serialize_bytes` (one length and a memcpy in postcard, the same
+/// bytes on the wire as a sequence of `u8`, which serde would otherwise write one by one).
+mod raw_bytes {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    v.push(b);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
 }
 
 #[cfg(test)]
@@ -264,7 +302,23 @@ mod tests {
             assert_eq!(d, m);
         }
         let mut buf = Vec::new();
-        let chunk = ShuffleReply::Data(vec![7; SHUFFLE_CHUNK_BYTES]);
+        let chunk = ShuffleReply::Data((0..SHUFFLE_CHUNK_BYTES).map(|i| i as u8).collect());
         encode_frame(&chunk, SHUFFLE_MAX_FRAME_BYTES, &mut buf).unwrap();
+        let (d, _) = decode_frame::<ShuffleReply>(&buf, SHUFFLE_MAX_FRAME_BYTES)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d, chunk);
+    }
+
+    #[test]
+    fn raw_bytes_match_the_sequence_encoding() {
+        #[derive(Serialize)]
+        enum Plain {
+            Data(Vec<u8>),
+        }
+        let data = vec![1u8, 2, 200, 0, 255];
+        let fast = postcard::to_stdvec(&ShuffleReply::Data(data.clone())).unwrap();
+        let plain = postcard::to_stdvec(&Plain::Data(data)).unwrap();
+        assert_eq!(fast, plain);
     }
 }

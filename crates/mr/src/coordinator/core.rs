@@ -327,7 +327,7 @@ impl Coordinator {
         task.failures += 1;
         task.last_error = Some(error.to_string());
         let failures = task.failures;
-        tracing::warn!(?attempt, %worker, failures, error, "attempt failed");
+        tracing::warn!(attempt = %attempt_name(attempt), %worker, failures, error, "attempt failed");
         if failures >= max_attempts && self.outcome.is_none() {
             self.finish(JobOutcome::Failed {
                 task: task_name(attempt),
@@ -459,6 +459,16 @@ impl Coordinator {
             }
         }
         total
+    }
+
+    /// Attempts started so far, over all tasks (more than the number of tasks when backups,
+    /// duplicates or re-executions ran).
+    pub fn attempts_started(&self) -> u64 {
+        self.maps
+            .iter()
+            .chain(&self.reduces)
+            .map(|t| u64::from(t.next_attempt))
+            .sum()
     }
 
     /// Map tasks done and reduce tasks committed.

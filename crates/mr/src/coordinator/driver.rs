@@ -89,6 +89,8 @@ pub struct JobReport {
     pub input_bytes: u64,
     /// The `mr-out-<r>` files, in partition order.
     pub outputs: Vec<PathBuf>,
+    /// Attempts started over all tasks (maps + reduces when nothing ran twice).
+    pub attempts: u64,
 }
 
 /// Why a job could not run or did not succeed.
@@ -181,7 +183,7 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("mr-out-") || name.starts_with(".mr-out-") {
-            tracing::info!(file = %entry.path().display(), "removing output of a previous job");
+            tracing::debug!(file = %entry.path().display(), "removing output of a previous job");
             std::fs::remove_file(entry.path())
                 .map_err(io_err(format!("cannot remove {}", entry.path().display())))?;
         }
@@ -375,7 +377,6 @@ pub async fn run_job(
                                 tracing::debug!(%w, attempt = %attempt_name(attempt), ?d, "done");
                             }
                             (Some(w), ToCoordinator::TaskFailed { attempt, error }) => {
-                                tracing::warn!(%w, attempt = %attempt_name(attempt), %error, "attempt failed");
                                 core.task_failed(now, w, attempt, &error);
                             }
                             (Some(w), ToCoordinator::FetchFailed { attempt, map_task, map_attempt, error }) => {
@@ -490,6 +491,7 @@ pub async fn run_job(
                 counters: core.counters(),
                 input_bytes: job.input_bytes,
                 outputs,
+                attempts: core.attempts_started(),
             });
         }
     }
@@ -603,6 +605,14 @@ async fn connection(stream: TcpStream, conn: u64, events: mpsc::Sender<Event>) {
             },
             frame = framed.next() => match frame {
                 Some(Ok(msg)) => {
+                    if msg == ToCoordinator::Heartbeat {
+                        // Answered here, not by the state machine: it only proves this process
+                        // is alive to the worker.
+                        if let Err(e) = framed.send(ToWorker::HeartbeatAck).await {
+                            tracing::debug!(conn, error = %e, "send failed");
+                            break;
+                        }
+                    }
                     if events.send(Event::Message { conn, msg }).await.is_err() {
                         break;
                     }
