@@ -420,7 +420,7 @@ fn time_coreutils(corpus: &[PathBuf], bytes: u64) -> anyhow::Result<Figure> {
         .map(|p| format!("'{}'", p.display().to_string().replace('\'', "'\\''")))
         .collect();
     let script = format!(
-        "cat {} | LC_ALL=C tr -cs A-Za-z '\\n' | LC_ALL=C sort | uniq -c > /dev/null",
+        "cat {} | LC_ALL=C tr -cs A-Za-z '\\n' | sort | uniq -c > /dev/null",
         files.join(" ")
     );
     let (status, took, cpu) = timed(|| {
