@@ -404,6 +404,15 @@ impl Coordinator {
         Disposition::Accepted
     }
 
+    /// Whether `attempt` is a reduce attempt that won and whose output is not committed yet:
+    /// the driver places a fetched output only then.
+    pub fn awaiting_commit(&self, attempt: AttemptRef) -> bool {
+        attempt.kind == TaskKind::Reduce
+            && self.reduces.get(attempt.task as usize).is_some_and(|t| {
+                !t.committed && t.done.as_ref().map(|d| d.attempt) == Some(attempt.attempt)
+            })
+    }
+
     /// The worker's connection closed or it stopped answering: abandon its attempts and
     /// re-execute its completed map tasks whose output is still needed.
     pub fn worker_lost(&mut self, now: Duration, worker: WorkerId) {
