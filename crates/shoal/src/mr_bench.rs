@@ -420,7 +420,7 @@ fn time_coreutils(corpus: &[PathBuf], bytes: u64) -> anyhow::Result<Figure> {
         .map(|p| format!("'{}'", p.display().to_string().replace('\'', "'\\''")))
         .collect();
     let script = format!(
-        "cat {} | LC_ALL=C tr -cs A-Za-z '\\n' | LC_ALL=C sort | uniq -c > /dev/null",
+        "cat {} | LC_ALL=C tr -cs A-Za-z '\\n' | sort | uniq -c > /dev/null",
         files.join(" ")
     );
     let (status, took, cpu) = timed(|| {
@@ -498,8 +498,8 @@ fn print_table(
     )?;
     writeln!(
         out,
-        "{:<62} {:>9} {:>9} {:>10}",
-        "run", "seconds", "MB/s", "x coreutils"
+        "{:<62} {:>9} {:>9} {:>11} {:>9}",
+        "run", "seconds", "MB/s", "x coreutils", "CPU s"
     )?;
     for f in figures {
         let ratio = coreutils_mb_s

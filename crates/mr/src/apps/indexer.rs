@@ -3,6 +3,7 @@
 
 use crate::app::{App, Emit};
 use crate::apps::{push_decimal, text};
+use crate::task::sum_table::SumTable;
 
 /// The inverted index app.
 #[derive(Debug, Default, Clone, Copy)]
@@ -14,16 +15,13 @@ impl App for Indexer {
     }
 
     fn map(&self, name: &str, contents: &[u8], emit: &mut dyn Emit) -> anyhow::Result<()> {
-        // Each word once per split (an in-mapper combiner): the set borrows from `contents`.
-        let mut seen: ahash::AHashSet<&[u8]> = ahash::AHashSet::new();
+        // Each word once per split (an in-mapper combiner), using the engine's fast table as
+        // a set. Its memory is bounded by the split's distinct words.
+        let mut seen = SumTable::default();
         text::for_each_word(contents, |word| {
-            seen.insert(word);
+            seen.add(word, 1);
         });
-        let mut words: Vec<&[u8]> = seen.into_iter().collect();
-        words.sort_unstable();
-        for word in words {
-            emit.emit(word, name.as_bytes());
-        }
+        seen.drain(|word, _| emit.emit(word, name.as_bytes()));
         Ok(())
     }
 

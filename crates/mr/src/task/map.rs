@@ -14,6 +14,11 @@ use crate::app::{App, Combiner, Emit, MapInput};
 use crate::apps::{parse_decimal, push_decimal};
 use crate::split::{read_split, InputSplit};
 
+/// The summing table addresses its key arena with 32-bit offsets: it spills before reaching
+/// this size whatever the memory budget.
+const MAX_SUM_TABLE_BYTES: usize = 1 << 31;
+/// Longest key the summing table takes (well below its 32-bit lengths and offsets).
+const MAX_SUM_KEY_BYTES: usize = 1 << 30;
 /// Smallest buffer budget honoured (a smaller one would spill on every pair).
 const MIN_MEMORY_BYTES: usize = 4 * 1024;
 
@@ -105,9 +110,10 @@ struct SumBuffer {
 }
 
 impl SumBuffer {
+    /// True if the key was new.
     #[inline]
-    fn add(&mut self, key: &[u8], n: u64) {
-        self.sums.add(key, n);
+    fn add(&mut self, key: &[u8], n: u64) -> bool {
+        self.sums.add(key, n)
     }
 
     fn bytes(&self) -> usize {
@@ -349,8 +355,18 @@ impl Emit for MapSink<'_> {
                         }
                     }
                 };
-                self.sum_buf.add(key, n);
-                self.sum_buf.bytes() > self.memory_bytes
+                if key.len() > MAX_SUM_KEY_BYTES {
+                    self.error = Some(anyhow!(
+                        "app `{}` emitted a {}-byte key; the summing combiner takes keys of \
+                         at most {MAX_SUM_KEY_BYTES} bytes",
+                        self.app.name(),
+                        key.len()
+                    ));
+                    return;
+                }
+                // Memory only grows when a key is new.
+                self.sum_buf.add(key, n)
+                    && self.sum_buf.bytes() > self.memory_bytes.min(MAX_SUM_TABLE_BYTES)
             }
             Combiner::None | Combiner::Custom => {
                 let pushed = checked_partition(self.app, key, self.reduces)

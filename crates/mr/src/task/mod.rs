@@ -19,7 +19,7 @@
 pub mod format;
 mod map;
 mod reduce;
-mod sum_table;
+pub(crate) mod sum_table;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

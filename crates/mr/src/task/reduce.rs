@@ -263,7 +263,6 @@ fn reduce_into<W: Write + Send>(
     let mut counters = Counters::default();
     let app_name = app.name();
     if app.reduces_whole_task() {
-        let lines_before = out.bytes;
         let result = catch_unwind(AssertUnwindSafe(|| {
             app.reduce_task_stream(&mut *merger, &mut *out)
         }));
@@ -280,7 +279,6 @@ fn reduce_into<W: Write + Send>(
         for _ in merger.by_ref() {}
         merger.check()?;
         counters.add("reduce.input.records", merger.records);
-        let _ = lines_before;
         return Ok(counters);
     }
 

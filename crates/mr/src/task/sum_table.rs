@@ -7,7 +7,7 @@
 //! Open addressing with linear probing, power-of-two capacity, at most half full.
 
 /// Initial number of slots.
-const INITIAL_SLOTS: usize = 1 << 12;
+const INITIAL_SLOTS: usize = 1 << 8;
 /// Marks an empty slot (no key has this length).
 const EMPTY_LEN: u32 = u32::MAX;
 
@@ -128,12 +128,17 @@ impl SumTable {
         self.used
     }
 
-    /// Adds `n` to the sum of `key`. Keys longer than 4 GiB are not supported (the map buffer
-    /// spills long before).
+    /// Adds `n` to the sum of `key`; true if the key was new (the table grew). Keys longer
+    /// than 4 GiB are not supported (the map buffer spills long before).
     #[inline]
-    pub fn add(&mut self, key: &[u8], n: u64) {
+    pub fn add(&mut self, key: &[u8], n: u64) -> bool {
         let w = key_words(key);
         let h = hash(key, w);
+        self.add_hashed(key, w, h, n)
+    }
+
+    #[inline(always)]
+    fn add_hashed(&mut self, key: &[u8], w: KeyWords, h: u64, n: u64) -> bool {
         let mask = self.slots.len() - 1;
         let mut i = (h as usize) & mask;
         let len = key.len() as u32;
@@ -143,7 +148,7 @@ impl SumTable {
                 if key.len() <= 16 || self.arena_key(i) == key {
                     let slot = &mut self.slots[i];
                     slot.sum = slot.sum.saturating_add(n);
-                    return;
+                    return false;
                 }
             } else if slot.len == EMPTY_LEN {
                 break;
@@ -163,6 +168,7 @@ impl SumTable {
         if self.used * 2 > self.slots.len() {
             self.grow();
         }
+        true
     }
 
     fn arena_key(&self, i: usize) -> &[u8] {
