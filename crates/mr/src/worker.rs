@@ -122,11 +122,40 @@ fn host_name() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Name prefix of a worker's directory; the pid follows.
+const WORK_DIR_PREFIX: &str = "shoal-mr-worker-";
+
+/// Removes directories of workers that died without cleaning up (killed, or exited inside an
+/// app): their pid no longer exists.
+fn remove_stale_work_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            tracing::debug!(dir = %entry.path().display(), "removing a dead worker's directory");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Runs a worker until the job ends or the coordinator stays unreachable.
 pub async fn run_worker(options: WorkerOptions) -> Result<WorkerExit, WorkerError> {
     let pid = std::process::id();
     let base = options.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("shoal-mr-worker-{pid}"));
+    remove_stale_work_dirs(&base);
+    let dir = base.join(format!("{WORK_DIR_PREFIX}{pid}"));
     std::fs::create_dir_all(&dir).map_err(|source| WorkerError::Io {
         context: format!("cannot create work directory {}", dir.display()),
         source,
@@ -336,14 +365,14 @@ impl Session<'_> {
                         self.last_contact = last_heard;
                     }
                     Some(Ok(ToWorker::Map { attempt, split })) => {
-                        tracing::debug!(?attempt, "map");
+                        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "running");
                         current = Some(tokio::spawn(run_map(
                             app.clone(), job.clone(), attempt, split,
                             self.dir.clone(), self.table.clone(), self.options.slow_factor,
                         )));
                     }
                     Some(Ok(ToWorker::Reduce { attempt, inputs })) => {
-                        tracing::debug!(?attempt, "reduce");
+                        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "running");
                         current = Some(tokio::spawn(run_reduce(
                             app.clone(), job.clone(), attempt, inputs,
                             self.dir.clone(), self.table.clone(), self.options.slow_factor,

@@ -279,7 +279,7 @@ impl Coordinator {
         };
         let task = self.task_mut(attempt);
         if task.done.is_some() {
-            tracing::debug!(?attempt, "late result of a task already won: ignored");
+            tracing::debug!(attempt = %attempt_name(attempt), "late result of a task already won: ignored");
             self.schedule(now);
             return Disposition::Ignored;
         }
@@ -300,7 +300,7 @@ impl Coordinator {
                 shuffle_addr,
             });
         }
-        tracing::debug!(?attempt, %worker, "attempt won");
+        tracing::debug!(attempt = %attempt_name(attempt), %worker, "attempt won");
         self.schedule(now);
         Disposition::Accepted
     }
@@ -390,7 +390,7 @@ impl Coordinator {
             Ok(()) => task.committed = true,
             Err(error) => {
                 tracing::warn!(
-                    ?attempt,
+                    attempt = %attempt_name(attempt),
                     error,
                     "commit failed: running the reduce task again"
                 );
@@ -402,6 +402,15 @@ impl Coordinator {
         self.check_done();
         self.schedule(now);
         Disposition::Accepted
+    }
+
+    /// Whether `attempt` is a reduce attempt that won and whose output is not committed yet:
+    /// the driver places a fetched output only then.
+    pub fn awaiting_commit(&self, attempt: AttemptRef) -> bool {
+        attempt.kind == TaskKind::Reduce
+            && self.reduces.get(attempt.task as usize).is_some_and(|t| {
+                !t.committed && t.done.as_ref().map(|d| d.attempt) == Some(attempt.attempt)
+            })
     }
 
     /// The worker's connection closed or it stopped answering: abandon its attempts and
@@ -668,7 +677,7 @@ impl Coordinator {
                 w.waiting = false;
                 w.running.insert(attempt);
             }
-            tracing::debug!(?attempt, %worker, duplicate, "assigned");
+            tracing::debug!(attempt = %attempt_name(attempt), %worker, duplicate, "assigned");
             self.outputs.push_back(match kind {
                 TaskKind::Map => Output::AssignMap { worker, attempt },
                 TaskKind::Reduce => Output::AssignReduce {

@@ -234,11 +234,12 @@ enum Event {
     Closed {
         conn: u64,
     },
-    Committed {
+    /// A winning reduce output was fetched into the output directory under `Ok(temporary
+    /// name)`, or could not be fetched.
+    Fetched {
         attempt: AttemptRef,
-        result: Result<(), String>,
+        result: Result<PathBuf, String>,
     },
-    CommitFatal(String),
 }
 
 struct Conn {
@@ -385,17 +386,30 @@ pub async fn run_job(
                             }
                         }
                     }
-                    Event::Committed { attempt, result } => {
-                        if let Err(e) = &result {
-                            tracing::warn!(attempt = %attempt_name(attempt), error = %e, "commit failed");
-                        }
-                        core.commit_done(now, attempt, result);
+                    Event::Fetched { attempt, result: Err(e) } => {
+                        tracing::warn!(attempt = %attempt_name(attempt), error = %e, "cannot fetch reduce output");
+                        core.commit_done(now, attempt, Err(e));
                     }
-                    Event::CommitFatal(e) => {
-                        fatal = Some(CoordinatorError::Io {
-                            context: "cannot commit output".into(),
-                            source: std::io::Error::other(e),
-                        });
+                    Event::Fetched { attempt, result: Ok(tmp) } => {
+                        // The rename happens here, in the loop that owns the state machine, and
+                        // only if this attempt is still the winner: a superseded attempt's
+                        // output never reaches `mr-out-<r>`.
+                        if core.awaiting_commit(attempt) {
+                            let dest = options.out_dir.join(format!("mr-out-{}", attempt.task));
+                            match place(&tmp, &dest, &options.out_dir) {
+                                Ok(()) => {
+                                    core.commit_done(now, attempt, Ok(()));
+                                }
+                                Err(source) => {
+                                    fatal = Some(CoordinatorError::Io {
+                                        context: format!("cannot commit {}", dest.display()),
+                                        source,
+                                    });
+                                }
+                            }
+                        } else {
+                            let _ = std::fs::remove_file(&tmp);
+                        }
                     }
                 }
             }
@@ -515,8 +529,8 @@ fn send_to(
     }
 }
 
-/// Fetches a winning reduce output from its worker into the output directory: a temporary
-/// name, fsync, rename to `mr-out-<r>`, fsync the directory.
+/// Fetches a winning reduce output from its worker into the output directory under a
+/// temporary name (fsynced); the main loop renames it.
 async fn commit(
     job_id: u64,
     shuffle_addr: String,
@@ -530,22 +544,14 @@ async fn commit(
         reduce_task: r,
         attempt: attempt.attempt,
     };
-    let event = match fetch_file(&shuffle_addr, job_id, key, &tmp).await {
-        Err(e) => Event::Committed {
-            attempt,
-            result: Err(e.to_string()),
-        },
-        Ok(_) => match place(&tmp, &out_dir.join(format!("mr-out-{r}")), &out_dir) {
-            Ok(()) => Event::Committed {
-                attempt,
-                result: Ok(()),
-            },
-            Err(e) => Event::CommitFatal(format!("mr-out-{r} in {}: {e}", out_dir.display())),
-        },
+    let result = match fetch_file(&shuffle_addr, job_id, key, &tmp).await {
+        Ok(_) => Ok(tmp),
+        Err(e) => Err(e.to_string()),
     };
-    let _ = events.send(event).await;
+    let _ = events.send(Event::Fetched { attempt, result }).await;
 }
 
+/// Renames a fetched output into place and fsyncs the directory.
 fn place(tmp: &Path, dest: &Path, dir: &Path) -> std::io::Result<()> {
     std::fs::rename(tmp, dest)?;
     std::fs::File::open(dir)?.sync_all()
@@ -617,8 +623,12 @@ async fn connection(stream: TcpStream, conn: u64, events: mpsc::Sender<Event>) {
                         break;
                     }
                 }
-                Some(Err(e)) => {
+                Some(Err(shoal_wire::codec::CodecError::Frame(e))) => {
                     tracing::warn!(conn, error = %e, "bad frame from worker: closing connection");
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(conn, error = %e, "connection failed");
                     break;
                 }
                 None => break,

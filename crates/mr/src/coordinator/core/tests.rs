@@ -311,7 +311,12 @@ fn reducer_lost_before_commit_runs_the_reduce_again() {
     drain(&mut c);
     c.task_done(secs(2), w[1], reduce(0, 0), none());
     drain(&mut c);
+    assert!(c.awaiting_commit(reduce(0, 0)));
     c.worker_lost(secs(3), w[1]);
+    assert!(
+        !c.awaiting_commit(reduce(0, 0)),
+        "a superseded output is never placed"
+    );
     // The commit in flight fails, and its result is ignored anyway.
     assert_eq!(
         c.commit_done(secs(3), reduce(0, 0), Err("connection refused".into())),
