@@ -1,1 +1,317 @@
-//! Distribution: see the crate docs (being built).
+//! The shuffle without a shared file system (paper §3.1): each worker keeps the output of its
+//! completed attempts on its local disk and serves it over TCP; reduce workers (and the
+//! coordinator, committing reduce outputs) fetch files from it.
+//!
+//! One connection per file: `Hello` (role `Shuffle`, cluster id = job id), one
+//! [`ShuffleRequest`], then [`ShuffleReply::Data`] chunks and an `End` carrying the file's
+//! length. Every frame carries a CRC32C; the fetcher writes to a temporary name and renames it
+//! only once the length matches, so a half-fetched file is never used.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use shoal_wire::codec::{CodecError, FrameCodec};
+use shoal_wire::mr::{
+    FileKey, ShuffleReply, ShuffleRequest, SHUFFLE_CHUNK_BYTES, SHUFFLE_MAX_FRAME_BYTES,
+};
+use shoal_wire::{Hello, Role};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+/// How long a fetcher waits to connect to a shuffle server.
+pub const SHUFFLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long either side waits for the next frame (at most one chunk) before giving up on a
+/// connection: a stopped or partitioned server is detected this fast.
+pub const SHUFFLE_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most shuffle connections a worker serves at once; more wait in the accept queue.
+pub const MAX_SHUFFLE_CONNECTIONS: usize = 64;
+
+/// Files a worker may serve: only outputs of attempts it completed. Keys, not paths, come over
+/// the wire, so a fetcher can never name an arbitrary file.
+#[derive(Debug, Clone, Default)]
+pub struct FileTable {
+    files: Arc<Mutex<BTreeMap<FileKey, PathBuf>>>,
+    job_id: Arc<AtomicU64>,
+}
+
+impl FileTable {
+    /// Makes `path` available under `key`.
+    pub fn insert(&self, key: FileKey, path: PathBuf) {
+        if let Ok(mut files) = self.files.lock() {
+            files.insert(key, path);
+        }
+    }
+
+    /// Forgets every file (a new coordinator session).
+    pub fn clear(&self) {
+        if let Ok(mut files) = self.files.lock() {
+            files.clear();
+        }
+    }
+
+    /// The path served under `key`.
+    pub fn get(&self, key: &FileKey) -> Option<PathBuf> {
+        self.files.lock().ok()?.get(key).cloned()
+    }
+
+    /// Sets the job id fetchers must present (0: refuse everyone).
+    pub fn set_job_id(&self, job_id: u64) {
+        self.job_id.store(job_id, Ordering::SeqCst);
+    }
+
+    fn job_id(&self) -> u64 {
+        self.job_id.load(Ordering::SeqCst)
+    }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShuffleError {
+    /// Could not connect.
+    #[error("cannot connect to shuffle server {addr}: {source}")]
+    Connect {
+        /// The server.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The connection or local disk failed.
+    #[error("shuffle I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A bad frame.
+    #[error("shuffle protocol error: {0}")]
+    Codec(#[from] CodecError),
+    /// The server refused or could not read the file.
+    #[error("shuffle server refused: {0}")]
+    Remote(String),
+    /// The connection ended before the file did.
+    #[error("shuffle connection closed early after {0} bytes")]
+    Truncated(u64),
+    /// The server announced a length different from what arrived.
+    #[error("shuffle length mismatch: got {got} bytes, server says {expected}")]
+    Length {
+        /// Bytes received.
+        got: u64,
+        /// Bytes announced.
+        expected: u64,
+    },
+    /// Nothing arrived for [`SHUFFLE_IO_TIMEOUT`].
+    #[error("shuffle server stalled")]
+    Timeout,
+}
+
+/// Serves files from `table` on `listener` forever (drop the task to stop).
+pub async fn serve_shuffle(listener: TcpListener, table: FileTable) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_SHUFFLE_CONNECTIONS));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "shuffle: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let table = table.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, &table).await {
+                tracing::debug!(%peer, error = %e, "shuffle connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn next_frame<S, T>(framed: &mut S) -> Result<T, ShuffleError>
+where
+    S: futures::Stream<Item = Result<T, CodecError>> + Unpin,
+{
+    match tokio::time::timeout(SHUFFLE_IO_TIMEOUT, framed.next()).await {
+        Err(_) => Err(ShuffleError::Timeout),
+        Ok(None) => Err(ShuffleError::Truncated(0)),
+        Ok(Some(r)) => Ok(r?),
+    }
+}
+
+async fn serve_one(stream: TcpStream, table: &FileTable) -> Result<(), ShuffleError> {
+    stream.set_nodelay(true)?;
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::<Hello, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES),
+    );
+    let hello = next_frame(&mut framed).await?;
+    let job_id = table.job_id();
+    let refusal = match hello.validate() {
+        Err(e) => Some(e),
+        Ok(()) if hello.role != Role::Shuffle => Some("not a shuffle connection".to_string()),
+        Ok(()) if job_id == 0 || hello.cluster_id != job_id => Some(format!(
+            "job id {:#x} does not match this worker's job",
+            hello.cluster_id
+        )),
+        Ok(()) => None,
+    };
+    if let Some(reason) = refusal {
+        framed.send(ShuffleReply::Error(reason.clone())).await?;
+        return Err(ShuffleError::Remote(reason));
+    }
+    let mut framed = framed
+        .map_codec(|_| FrameCodec::<ShuffleRequest, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES));
+    let ShuffleRequest::Fetch(key) = next_frame(&mut framed).await?;
+    let Some(path) = table.get(&key) else {
+        framed
+            .send(ShuffleReply::Error(format!("no such file: {key:?}")))
+            .await?;
+        return Ok(());
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            framed
+                .send(ShuffleReply::Error(format!("{}: {e}", path.display())))
+                .await?;
+            return Ok(());
+        }
+    };
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; SHUFFLE_CHUNK_BYTES];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        tokio::time::timeout(
+            SHUFFLE_IO_TIMEOUT,
+            framed.send(ShuffleReply::Data(buf[..n].to_vec())),
+        )
+        .await
+        .map_err(|_| ShuffleError::Timeout)??;
+    }
+    framed
+        .send(ShuffleReply::End { total_bytes: total })
+        .await?;
+    Ok(())
+}
+
+/// Fetches `key` from the shuffle server at `addr` into `dest` (written to a temporary name
+/// and renamed when complete). Returns the number of bytes.
+pub async fn fetch_file(
+    addr: &str,
+    job_id: u64,
+    key: FileKey,
+    dest: &Path,
+) -> Result<u64, ShuffleError> {
+    let stream = match tokio::time::timeout(SHUFFLE_CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            return Err(ShuffleError::Connect {
+                addr: addr.to_string(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ShuffleError::Connect {
+                addr: addr.to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            })
+        }
+    };
+    stream.set_nodelay(true)?;
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::<ShuffleReply, Hello>::new(SHUFFLE_MAX_FRAME_BYTES),
+    );
+    framed.send(Hello::new(Role::Shuffle, job_id)).await?;
+    let mut framed = framed
+        .map_codec(|_| FrameCodec::<ShuffleReply, ShuffleRequest>::new(SHUFFLE_MAX_FRAME_BYTES));
+    framed.send(ShuffleRequest::Fetch(key)).await?;
+
+    let tmp = dest.with_extension("part");
+    let mut out = tokio::fs::File::create(&tmp).await?;
+    let mut got: u64 = 0;
+    let result = loop {
+        match next_frame(&mut framed).await {
+            Ok(ShuffleReply::Data(chunk)) => {
+                got += chunk.len() as u64;
+                out.write_all(&chunk).await?;
+            }
+            Ok(ShuffleReply::End { total_bytes }) if total_bytes == got => break Ok(got),
+            Ok(ShuffleReply::End { total_bytes }) => {
+                break Err(ShuffleError::Length {
+                    got,
+                    expected: total_bytes,
+                })
+            }
+            Ok(ShuffleReply::Error(e)) => break Err(ShuffleError::Remote(e)),
+            Err(ShuffleError::Truncated(_)) => break Err(ShuffleError::Truncated(got)),
+            Err(e) => break Err(e),
+        }
+    };
+    match result {
+        Ok(n) => {
+            out.flush().await?;
+            out.sync_all().await?;
+            drop(out);
+            tokio::fs::rename(&tmp, dest).await?;
+            Ok(n)
+        }
+        Err(e) => {
+            drop(out);
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_registered_files_only_to_the_right_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let data: Vec<u8> = (0..3 * SHUFFLE_CHUNK_BYTES + 17).map(|i| i as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let table = FileTable::default();
+        table.set_job_id(7);
+        let key = FileKey::MapOutput {
+            map_task: 1,
+            attempt: 0,
+            partition: 2,
+        };
+        table.insert(key, src);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(serve_shuffle(listener, table));
+
+        let dest = dir.path().join("dest");
+        assert_eq!(
+            fetch_file(&addr, 7, key, &dest).await.unwrap(),
+            data.len() as u64
+        );
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+
+        let other = FileKey::ReduceOutput {
+            reduce_task: 0,
+            attempt: 0,
+        };
+        let err = fetch_file(&addr, 7, other, &dir.path().join("x")).await;
+        assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
+        let err = fetch_file(&addr, 8, key, &dir.path().join("y")).await;
+        assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
+        assert!(!dir.path().join("y").exists());
+        server.abort();
+    }
+}

@@ -1,1 +1,643 @@
-//! Distribution: see the crate docs (being built).
+//! The worker process: registers with the coordinator, asks for tasks, runs them on blocking
+//! threads while heartbeats continue, keeps their output on its local disk and serves it to
+//! other workers through its shuffle server.
+//!
+//! A worker exits when the coordinator says the job is over (done or failed), or when it has
+//! been unable to reach the coordinator for `coordinator_timeout`. If its connection drops it
+//! reconnects and registers again under a new id (the coordinator has by then given its work
+//! to others).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::SplitSink;
+use futures::{SinkExt, StreamExt};
+use shoal_wire::codec::FrameCodec;
+use shoal_wire::mr::{
+    AttemptRef, FileKey, JobSpec, MapOutputLocation, SplitSpec, ToCoordinator, ToWorker,
+    MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
+};
+use shoal_wire::{Hello, Role};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+use crate::app::{build_app, App, AppConfig, ShippedFile};
+use crate::shuffle::{fetch_file, serve_shuffle, FileTable};
+use crate::split::InputSplit;
+
+/// Pause between attempts to reach the coordinator.
+pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
+
+/// How long the worker waits for the coordinator's welcome after registering.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Map outputs fetched at once by one reduce attempt.
+pub const MAX_PARALLEL_FETCHES: usize = 4;
+
+/// Tries per map output before a reduce attempt reports a fetch failure.
+pub const FETCH_TRIES: u32 = 3;
+
+/// Options of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The coordinator's address (`host:port`).
+    pub coordinator: String,
+    /// Directory for this worker's files (a fresh subdirectory is created in it and removed on
+    /// exit). Default: the system's temporary directory.
+    pub work_dir: Option<PathBuf>,
+    /// Where the shuffle server listens.
+    pub shuffle_listen: SocketAddr,
+    /// Host name or address other workers use to reach the shuffle server. Default: the local
+    /// address of the connection to the coordinator.
+    pub advertise_host: Option<String>,
+    /// Testing knob: after each task, sleep `(slow_factor - 1) ×` its duration, so this worker
+    /// behaves like a machine `slow_factor` times slower (for backup-task benchmarks).
+    pub slow_factor: f64,
+    /// Exit after failing to reach the coordinator for this long.
+    pub coordinator_timeout: Duration,
+}
+
+/// How a worker ended normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// The job is complete.
+    JobDone,
+    /// The job failed (the coordinator's reason).
+    JobFailed(String),
+}
+
+/// Why a worker stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The coordinator could not be reached.
+    #[error("coordinator at {addr} unreachable for {waited:?} ({last_error}); giving up (the job may have finished)")]
+    Unreachable {
+        /// Its address.
+        addr: String,
+        /// How long the worker tried.
+        waited: Duration,
+        /// The last error seen.
+        last_error: String,
+    },
+    /// The coordinator refused this worker.
+    #[error("coordinator refused this worker: {0}")]
+    Refused(String),
+    /// Local setup failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+type ControlSink = SplitSink<Framed<TcpStream, FrameCodec<ToWorker, ToCoordinator>>, ToCoordinator>;
+
+/// Removes the worker's directory when the worker ends (also on error paths).
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A clock for timeouts and the slow-factor knob.
+#[allow(clippy::disallowed_methods)] // The worker is a driver: it owns the clock.
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Name prefix of a worker's directory; the pid follows.
+const WORK_DIR_PREFIX: &str = "shoal-mr-worker-";
+
+/// Removes directories of workers that died without cleaning up (killed, or exited inside an
+/// app): their pid no longer exists.
+fn remove_stale_work_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            tracing::debug!(dir = %entry.path().display(), "removing a dead worker's directory");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Runs a worker until the job ends or the coordinator stays unreachable.
+pub async fn run_worker(options: WorkerOptions) -> Result<WorkerExit, WorkerError> {
+    let pid = std::process::id();
+    let base = options.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    remove_stale_work_dirs(&base);
+    let dir = base.join(format!("{WORK_DIR_PREFIX}{pid}"));
+    std::fs::create_dir_all(&dir).map_err(|source| WorkerError::Io {
+        context: format!("cannot create work directory {}", dir.display()),
+        source,
+    })?;
+    let _guard = DirGuard(dir.clone());
+
+    let listener = TcpListener::bind(options.shuffle_listen)
+        .await
+        .map_err(|source| WorkerError::Io {
+            context: format!("cannot listen for shuffle on {}", options.shuffle_listen),
+            source,
+        })?;
+    let shuffle_port = listener
+        .local_addr()
+        .map_err(|source| WorkerError::Io {
+            context: "shuffle listener".into(),
+            source,
+        })?
+        .port();
+    let table = FileTable::default();
+    let server = tokio::spawn(serve_shuffle(listener, table.clone()));
+    let name = format!("{}:{pid}", host_name());
+
+    let mut session = Session {
+        options: &options,
+        dir,
+        table,
+        shuffle_port,
+        name,
+        job: None,
+        last_contact: now(),
+    };
+    let result = session.run().await;
+    server.abort();
+    result
+}
+
+struct Session<'a> {
+    options: &'a WorkerOptions,
+    dir: PathBuf,
+    table: FileTable,
+    shuffle_port: u16,
+    name: String,
+    /// The job and its app, kept across reconnections to the same coordinator.
+    job: Option<(JobSpec, Arc<dyn App>)>,
+    /// When the coordinator was last heard from (a welcome or a heartbeat answer).
+    last_contact: std::time::Instant,
+}
+
+enum SessionEnd {
+    Exit(WorkerExit),
+    Lost(String),
+}
+
+/// What a finished attempt reports.
+enum Report {
+    Done(AttemptRef, std::collections::BTreeMap<String, u64>),
+    Failed(AttemptRef, String),
+    FetchFailed {
+        attempt: AttemptRef,
+        map_task: u32,
+        map_attempt: u32,
+        error: String,
+    },
+}
+
+impl Session<'_> {
+    async fn run(&mut self) -> Result<WorkerExit, WorkerError> {
+        let addr = self.options.coordinator.clone();
+        let mut last_error;
+        loop {
+            match self.connect().await {
+                Ok(stream) => match self.serve(stream).await? {
+                    SessionEnd::Exit(exit) => return Ok(exit),
+                    SessionEnd::Lost(why) => {
+                        tracing::warn!(coordinator = %addr, reason = %why, "lost the coordinator; reconnecting");
+                        last_error = why;
+                    }
+                },
+                Err(e) => last_error = e.to_string(),
+            }
+            let waited = self.last_contact.elapsed();
+            if waited >= self.options.coordinator_timeout {
+                return Err(WorkerError::Unreachable {
+                    addr,
+                    waited,
+                    last_error,
+                });
+            }
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            TcpStream::connect(&self.options.coordinator),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    fn shuffle_addr(&self, stream: &TcpStream) -> String {
+        let host = match &self.options.advertise_host {
+            Some(h) => h.clone(),
+            None => {
+                let listen = self.options.shuffle_listen.ip();
+                if listen.is_unspecified() {
+                    stream
+                        .local_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_else(|_| "127.0.0.1".into())
+                } else {
+                    listen.to_string()
+                }
+            }
+        };
+        if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{}", self.shuffle_port)
+        } else {
+            format!("{host}:{}", self.shuffle_port)
+        }
+    }
+
+    /// One connection to the coordinator, from handshake to its end.
+    async fn serve(&mut self, stream: TcpStream) -> Result<SessionEnd, WorkerError> {
+        let shuffle_addr = self.shuffle_addr(&stream);
+        let mut framed = Framed::new(
+            stream,
+            FrameCodec::<ToWorker, Hello>::new(MR_CONTROL_MAX_FRAME_BYTES),
+        );
+        if let Err(e) = framed
+            .send(Hello::new(Role::Client, MR_CONTROL_CLUSTER_ID))
+            .await
+        {
+            return Ok(SessionEnd::Lost(e.to_string()));
+        }
+        let framed = framed
+            .map_codec(|_| FrameCodec::<ToWorker, ToCoordinator>::new(MR_CONTROL_MAX_FRAME_BYTES));
+        let (mut sink, mut stream) = framed.split();
+        let register = ToCoordinator::Register {
+            name: self.name.clone(),
+            shuffle_addr: shuffle_addr.clone(),
+        };
+        if let Err(e) = sink.send(register).await {
+            return Ok(SessionEnd::Lost(e.to_string()));
+        }
+        let welcome_timeout = WELCOME_TIMEOUT.min(self.options.coordinator_timeout);
+        let (worker_id, job) = match tokio::time::timeout(welcome_timeout, stream.next()).await {
+            Ok(Some(Ok(ToWorker::Welcome { worker_id, job }))) => (worker_id, job),
+            Ok(Some(Ok(ToWorker::Refused { reason }))) => return Err(WorkerError::Refused(reason)),
+            Ok(Some(Ok(ToWorker::JobDone))) => return Ok(SessionEnd::Exit(WorkerExit::JobDone)),
+            Ok(Some(Ok(ToWorker::JobFailed { reason }))) => {
+                return Ok(SessionEnd::Exit(WorkerExit::JobFailed(reason)))
+            }
+            Ok(Some(Ok(other))) => {
+                return Ok(SessionEnd::Lost(format!(
+                    "unexpected first message {other:?}"
+                )))
+            }
+            Ok(Some(Err(e))) => return Ok(SessionEnd::Lost(e.to_string())),
+            Ok(None) => return Ok(SessionEnd::Lost("connection closed".into())),
+            Err(_) => return Ok(SessionEnd::Lost("no welcome from the coordinator".into())),
+        };
+        let app = self.app_for(&job)?;
+        tracing::info!(worker_id, %shuffle_addr, app = %job.app.name, "registered");
+        self.table.set_job_id(job.job_id);
+
+        if let Err(e) = sink.send(ToCoordinator::RequestTask).await {
+            return Ok(SessionEnd::Lost(e.to_string()));
+        }
+        let interval = Duration::from_millis(job.heartbeat_interval_ms.max(10));
+        let mut heartbeat = tokio::time::interval(interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut current: Option<tokio::task::JoinHandle<Report>> = None;
+        let mut last_heard = now();
+        self.last_contact = last_heard;
+        let end = loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    let silent = last_heard.elapsed();
+                    if silent >= self.options.coordinator_timeout {
+                        break SessionEnd::Lost(format!("no answer from the coordinator for {silent:?}"));
+                    }
+                    if let Err(e) = sink.send(ToCoordinator::Heartbeat).await {
+                        break SessionEnd::Lost(e.to_string());
+                    }
+                }
+                report = async { current.as_mut().expect("guarded by the select condition").await }, if current.is_some() => {
+                    current = None;
+                    let msg = match report {
+                        Ok(r) => r.into_message(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "task runner crashed");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = send_all(&mut sink, [msg, ToCoordinator::RequestTask]).await {
+                        break SessionEnd::Lost(e);
+                    }
+                }
+                msg = stream.next() => match msg {
+                    Some(Ok(ToWorker::HeartbeatAck)) => {
+                        last_heard = now();
+                        self.last_contact = last_heard;
+                    }
+                    Some(Ok(ToWorker::Map { attempt, split })) => {
+                        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "running");
+                        current = Some(tokio::spawn(run_map(
+                            app.clone(), job.clone(), attempt, split,
+                            self.dir.clone(), self.table.clone(), self.options.slow_factor,
+                        )));
+                    }
+                    Some(Ok(ToWorker::Reduce { attempt, inputs })) => {
+                        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "running");
+                        current = Some(tokio::spawn(run_reduce(
+                            app.clone(), job.clone(), attempt, inputs,
+                            self.dir.clone(), self.table.clone(), self.options.slow_factor,
+                        )));
+                    }
+                    Some(Ok(ToWorker::JobDone)) => break SessionEnd::Exit(WorkerExit::JobDone),
+                    Some(Ok(ToWorker::JobFailed { reason })) => {
+                        break SessionEnd::Exit(WorkerExit::JobFailed(reason))
+                    }
+                    Some(Ok(ToWorker::Refused { reason })) => return Err(WorkerError::Refused(reason)),
+                    Some(Ok(ToWorker::Welcome { .. })) => {}
+                    Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                    None => break SessionEnd::Lost("connection closed".into()),
+                },
+            }
+        };
+        if let Some(task) = current {
+            // The blocking work itself cannot be interrupted; its result is dropped.
+            task.abort();
+        }
+        Ok(end)
+    }
+
+    /// Builds the app once per job (streaming apps materialise their shipped files).
+    fn app_for(&mut self, job: &JobSpec) -> Result<Arc<dyn App>, WorkerError> {
+        if let Some((known, app)) = &self.job {
+            if known.job_id == job.job_id {
+                return Ok(app.clone());
+            }
+            // Another coordinator: forget the previous job's files.
+            self.table.clear();
+        }
+        let config = AppConfig {
+            name: job.app.name.clone(),
+            pattern: job.app.pattern.clone(),
+            mapper: job.app.mapper.clone(),
+            reducer: job.app.reducer.clone(),
+            shipped: job
+                .app
+                .shipped
+                .iter()
+                .map(|f| ShippedFile {
+                    name: f.name.clone(),
+                    contents: f.contents.clone(),
+                    executable: f.executable,
+                })
+                .collect(),
+        };
+        let app_dir = self.dir.join(format!("job-{:x}", job.job_id));
+        let app = build_app(&config, &app_dir).map_err(|e| {
+            WorkerError::Refused(format!("cannot build app {}: {e:#}", job.app.name))
+        })?;
+        self.job = Some((job.clone(), app.clone()));
+        Ok(app)
+    }
+}
+
+async fn send_all(
+    sink: &mut ControlSink,
+    msgs: impl IntoIterator<Item = ToCoordinator>,
+) -> Result<(), String> {
+    for msg in msgs {
+        sink.feed(msg).await.map_err(|e| e.to_string())?;
+    }
+    sink.flush().await.map_err(|e| e.to_string())
+}
+
+impl Report {
+    fn into_message(self) -> ToCoordinator {
+        match self {
+            Report::Done(attempt, counters) => ToCoordinator::TaskDone { attempt, counters },
+            Report::Failed(attempt, error) => ToCoordinator::TaskFailed { attempt, error },
+            Report::FetchFailed {
+                attempt,
+                map_task,
+                map_attempt,
+                error,
+            } => ToCoordinator::FetchFailed {
+                attempt,
+                map_task,
+                map_attempt,
+                error,
+            },
+        }
+    }
+}
+
+/// The slow-factor knob: sleep so the attempt appears to have taken `factor ×` as long.
+async fn slow_down(started: std::time::Instant, factor: f64) {
+    if factor > 1.0 {
+        let extra = started.elapsed().mul_f64(factor - 1.0);
+        tokio::time::sleep(extra).await;
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => {
+            if let Some(s) = p.downcast_ref::<&str>() {
+                format!("panicked: {s}")
+            } else if let Some(s) = p.downcast_ref::<String>() {
+                format!("panicked: {s}")
+            } else {
+                "panicked".into()
+            }
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+async fn run_map(
+    app: Arc<dyn App>,
+    job: JobSpec,
+    attempt: AttemptRef,
+    split: SplitSpec,
+    dir: PathBuf,
+    table: FileTable,
+    slow_factor: f64,
+) -> Report {
+    let started = now();
+    let task_dir = dir.join(format!("map-{}-a{}", attempt.task, attempt.attempt));
+    let split = InputSplit {
+        path: split.path,
+        offset: split.offset,
+        len: split.len,
+    };
+    let reduces = job.reduces;
+    let memory = job.memory_bytes;
+    let result = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&task_dir)?;
+        crate::task::run_map_task(&*app, &split, attempt.task, reduces, memory, &task_dir)
+    })
+    .await;
+    match result {
+        Ok(Ok(out)) if out.partitions.len() == reduces as usize => {
+            for (r, path) in out.partitions.into_iter().enumerate() {
+                table.insert(
+                    FileKey::MapOutput {
+                        map_task: attempt.task,
+                        attempt: attempt.attempt,
+                        partition: r as u32,
+                    },
+                    path,
+                );
+            }
+            slow_down(started, slow_factor).await;
+            Report::Done(attempt, out.counters.0)
+        }
+        Ok(Ok(out)) => Report::Failed(
+            attempt,
+            format!(
+                "map produced {} partitions, expected {reduces}",
+                out.partitions.len()
+            ),
+        ),
+        Ok(Err(e)) => Report::Failed(attempt, format!("{e:#}")),
+        Err(e) => Report::Failed(attempt, panic_message(e)),
+    }
+}
+
+/// Fetches one map output with a few tries.
+async fn fetch_with_retries(
+    job_id: u64,
+    location: &MapOutputLocation,
+    partition: u32,
+    dest: &Path,
+) -> Result<(), String> {
+    let key = FileKey::MapOutput {
+        map_task: location.map_task,
+        attempt: location.attempt,
+        partition,
+    };
+    let mut last = String::new();
+    for attempt in 0..FETCH_TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(RECONNECT_BACKOFF * attempt).await;
+        }
+        match fetch_file(&location.shuffle_addr, job_id, key, dest).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+async fn run_reduce(
+    app: Arc<dyn App>,
+    job: JobSpec,
+    attempt: AttemptRef,
+    inputs: Vec<MapOutputLocation>,
+    dir: PathBuf,
+    table: FileTable,
+    slow_factor: f64,
+) -> Report {
+    let started = now();
+    let r = attempt.task;
+    let task_dir = dir.join(format!("reduce-{r}-a{}", attempt.attempt));
+    let fetch_dir = task_dir.join("in");
+    let scratch = task_dir.join("scratch");
+    let out_dir = task_dir.join("out");
+    for d in [&fetch_dir, &scratch, &out_dir] {
+        if let Err(e) = tokio::fs::create_dir_all(d).await {
+            return Report::Failed(attempt, format!("cannot create {}: {e}", d.display()));
+        }
+    }
+    // Fetch partition r of every map output (local files are used in place).
+    let job_id = job.job_id;
+    let fetches = futures::stream::iter(inputs.into_iter().map(|loc| {
+        let key = FileKey::MapOutput {
+            map_task: loc.map_task,
+            attempt: loc.attempt,
+            partition: r,
+        };
+        let dest = fetch_dir.join(format!("map-{}", loc.map_task));
+        let local = table.get(&key);
+        async move {
+            if let Some(path) = local {
+                return (loc, Ok(path));
+            }
+            let result = fetch_with_retries(job_id, &loc, r, &dest).await;
+            (loc, result.map(|()| dest))
+        }
+    }))
+    .buffered(MAX_PARALLEL_FETCHES)
+    .collect::<Vec<_>>()
+    .await;
+    let mut files = Vec::with_capacity(fetches.len());
+    for (loc, result) in fetches {
+        match result {
+            Ok(path) => files.push(path),
+            Err(error) => {
+                let _ = tokio::fs::remove_dir_all(&task_dir).await;
+                return Report::FetchFailed {
+                    attempt,
+                    map_task: loc.map_task,
+                    map_attempt: loc.attempt,
+                    error,
+                };
+            }
+        }
+    }
+    let memory = job.memory_bytes;
+    let reduce_out = out_dir.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        crate::task::run_reduce_task(&*app, r, &files, memory, &scratch, &reduce_out)
+    })
+    .await;
+    let _ = tokio::fs::remove_dir_all(&fetch_dir).await;
+    match result {
+        Ok(Ok(counters)) => {
+            let out = out_dir.join(format!("mr-out-{r}"));
+            if !out.exists() {
+                return Report::Failed(attempt, format!("reduce wrote no {}", out.display()));
+            }
+            table.insert(
+                FileKey::ReduceOutput {
+                    reduce_task: r,
+                    attempt: attempt.attempt,
+                },
+                out,
+            );
+            slow_down(started, slow_factor).await;
+            Report::Done(attempt, counters.0)
+        }
+        Ok(Err(e)) => Report::Failed(attempt, format!("{e:#}")),
+        Err(e) => Report::Failed(attempt, panic_message(e)),
+    }
+}

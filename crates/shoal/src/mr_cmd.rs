@@ -1,14 +1,651 @@
-//! `shoal mr …` and `shoal bench mr` (being built: see the issue tracker).
+//! `shoal mr …`: the local quick start (`run`), the coordinator, the worker and the sequential
+//! reference (`seq`).
 
-use std::process::ExitCode;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// `shoal mr` subcommands.
-#[derive(Debug, clap::Subcommand)]
-pub enum MrCommand {
-    /// Run a job on this machine.
-    Run {},
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use shoal_mr::app::{AppConfig, ShippedFile};
+use shoal_mr::coordinator::{prepare_job, run_job, CoordinatorError, JobOptions, JobReport};
+use shoal_mr::status::{bind_status, serve_status, JobStatus};
+use shoal_mr::worker::{run_worker, WorkerExit, WorkerOptions};
+use tokio::sync::watch;
+
+/// `println!` that ignores a closed stdout (`shoal mr run | head` must not panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
-pub fn run(_cmd: MrCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`shoal mr` is not built yet")
+/// `shoal mr` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MrCommand {
+    /// Run a whole job on this machine: a coordinator and N worker processes, with a progress
+    /// bar. With no INPUT, counts the words of eight bundled books.
+    #[command(after_help = RUN_HELP)]
+    Run(Box<RunArgs>),
+    /// Serve a job to workers over TCP; exit 0 once every output file is in place.
+    #[command(after_help = COORDINATOR_HELP)]
+    Coordinator(Box<CoordinatorArgs>),
+    /// Ask a coordinator for tasks and run them until the job is over.
+    #[command(after_help = WORKER_HELP)]
+    Worker(Box<WorkerArgs>),
+    /// Run a job sequentially in this process: the reference output the distributed run must
+    /// match.
+    #[command(after_help = SEQ_HELP)]
+    Seq(Box<SeqArgs>),
+}
+
+const RUN_HELP: &str = "\
+Examples:
+  shoal mr run                                  # wordcount over the bundled books into ./mr-out
+  shoal mr run --workers 4 --http 127.0.0.1:8080 --app indexer books/*.txt
+  shoal mr run --app grep --pattern 'whale|ocean' --out hits big.txt
+  shoal mr run --app stream --mapper 'sh map.sh' --ship map.sh in.txt   # scripts run in the ship dir
+  shoal mr run --workers 4 --slow-workers 1     # one worker 10x slower: watch backup tasks win
+
+Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.";
+
+const COORDINATOR_HELP: &str = "\
+Examples:
+  # on host A
+  shoal mr coordinator --listen 0.0.0.0:7070 --http 0.0.0.0:8080 --app wordcount --out out /data/*.txt
+  # on hosts B, C, … (inputs must be readable at the same paths there)
+  shoal mr worker --coordinator hostA:7070
+
+The first line on stdout is `listening on ADDR` (useful with --listen 127.0.0.1:0).
+Exit status: 0 when the job is done and out/mr-out-* are in place; 1 when a task failed
+--max-attempts times (the message names the task, its input and the error); 2 on bad options
+or inputs (reported before the job starts).";
+
+const WORKER_HELP: &str = "\
+Examples:
+  shoal mr worker --coordinator 10.0.0.1:7070
+  shoal mr worker --coordinator hostA:7070 --work-dir /scratch --advertise hostB
+
+The worker keeps its map output in a fresh directory under --work-dir (removed on exit) and
+serves it to reduce workers from its shuffle server. It exits 0 when the coordinator says the
+job is done, 1 if the job failed or the coordinator stayed unreachable for
+--coordinator-timeout.";
+
+const SEQ_HELP: &str = "\
+Examples:
+  shoal mr seq --app wordcount --out seq.txt testdata/gutenberg/*.txt
+  sort mr-out/mr-out-* | diff - <(sort seq.txt)   # the distributed run must match";
+
+/// Which app and its options (shared by run, coordinator and seq).
+#[derive(Debug, Clone, Args)]
+pub struct AppArgs {
+    /// The app: wordcount, indexer, grep, stream, or a fault-testing app (mtiming, rtiming,
+    /// jobcount, early_exit, crash, nocrash).
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Regular expression of the grep app.
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// Map command of the stream app (`sh -c`; reads its split on stdin, writes
+    /// `key<TAB>value` lines).
+    #[arg(long)]
+    pub mapper: Option<String>,
+    /// Reduce command of the stream app (`sh -c`; reads sorted `key<TAB>value` lines).
+    #[arg(long)]
+    pub reducer: Option<String>,
+    /// A file shipped to every worker (e.g. the stream app's scripts); repeatable.
+    #[arg(long = "ship", value_name = "FILE")]
+    pub ship: Vec<PathBuf>,
+}
+
+impl AppArgs {
+    fn config(&self, default_app: &str) -> anyhow::Result<AppConfig> {
+        let mut shipped = Vec::new();
+        for path in &self.ship {
+            let contents = std::fs::read(path)
+                .with_context(|| format!("cannot read --ship {}", path.display()))?;
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("--ship {}: not a file name", path.display()))?
+                .to_string();
+            let executable = is_executable(path);
+            shipped.push(ShippedFile {
+                name,
+                contents,
+                executable,
+            });
+        }
+        Ok(AppConfig {
+            name: self.app.clone().unwrap_or_else(|| default_app.to_string()),
+            pattern: self.pattern.clone(),
+            mapper: self.mapper.clone(),
+            reducer: self.reducer.clone(),
+            shipped,
+        })
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Options of the job (shared by run and coordinator).
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Number of reduce tasks (= output files).
+    #[arg(long, default_value_t = 10)]
+    pub reduces: u32,
+    /// Target input size of one map task (e.g. 64MiB, 512KiB, 1000000).
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub split_size: u64,
+    /// Memory budget of one task's sort buffer; more is spilled to disk.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub memory: u64,
+    /// A worker silent this long is lost (its tasks are redone); an attempt running this long
+    /// is duplicated on another worker (e.g. 10s, 2500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub task_timeout: Duration,
+    /// A task failing this many times fails the job.
+    #[arg(long, default_value_t = 4)]
+    pub max_attempts: u32,
+    /// Re-run straggling tasks on idle workers near the end of each phase (paper §3.6).
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, value_name = "on|off")]
+    pub backup_tasks: bool,
+    /// Serve an HTML status page (and /status.json) on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+}
+
+/// `shoal mr run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub app: AppArgs,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 3)]
+    pub workers: u32,
+    /// Output directory.
+    #[arg(long, default_value = "mr-out")]
+    pub out: PathBuf,
+    /// Make this many of the workers artificially slow (testing knob for backup tasks).
+    #[arg(long, default_value_t = 0)]
+    pub slow_workers: u32,
+    /// How much slower the --slow-workers are.
+    #[arg(long, default_value_t = 10.0)]
+    pub slow_factor: f64,
+    /// Input files (default: the eight bundled books).
+    #[arg(value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+}
+
+/// `shoal mr coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address to accept workers on.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub app: AppArgs,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Input files (must be readable at the same paths on every worker's host).
+    #[arg(value_name = "INPUT", required = true)]
+    pub inputs: Vec<PathBuf>,
+}
+
+/// `shoal mr worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The coordinator's address (host:port).
+    #[arg(long)]
+    pub coordinator: String,
+    /// Where to keep map output (a fresh subdirectory, removed on exit). Default: $TMPDIR.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Address of this worker's shuffle server.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub shuffle_listen: SocketAddr,
+    /// Host name other workers use to reach this one (default: the address this worker uses
+    /// to reach the coordinator).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Give up after the coordinator is unreachable this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub coordinator_timeout: Duration,
+    /// Testing knob: behave as a machine this many times slower (sleeps after each task).
+    #[arg(long, default_value_t = 1.0, hide_short_help = true)]
+    pub slow_factor: f64,
+}
+
+/// `shoal mr seq`.
+#[derive(Debug, Args)]
+pub struct SeqArgs {
+    #[command(flatten)]
+    pub app: AppArgs,
+    /// Output file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Input files.
+    #[arg(value_name = "INPUT", required = true)]
+    pub inputs: Vec<PathBuf>,
+}
+
+/// Parses `64MiB`, `512KiB`, `1G`, `100k`, `1000`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 64MiB or 1000000)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Parses `10s`, `2500ms`, `1m`, `3` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let digits = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (try 10s or 500ms)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        other => return Err(format!("unknown duration unit `{other}` (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("`{s}`: expected on or off")),
+    }
+}
+
+/// Runs a `shoal mr` subcommand.
+pub fn run(cmd: MrCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    match cmd {
+        MrCommand::Run(args) => runtime.block_on(run_local(*args)),
+        MrCommand::Coordinator(args) => runtime.block_on(coordinator(*args)),
+        MrCommand::Worker(args) => runtime.block_on(worker(*args)),
+        MrCommand::Seq(args) => seq(*args),
+    }
+}
+
+fn job_options(app: AppConfig, job: &JobArgs, inputs: Vec<PathBuf>, out: PathBuf) -> JobOptions {
+    JobOptions {
+        app,
+        inputs,
+        split_size_bytes: job.split_size,
+        reduces: job.reduces,
+        memory_bytes: job.memory,
+        task_timeout: job.task_timeout,
+        max_attempts: job.max_attempts,
+        backup_tasks: job.backup_tasks,
+        out_dir: out,
+    }
+}
+
+/// Starts the status page if asked; returns the sender the coordinator publishes to.
+async fn status_channel(
+    http: Option<SocketAddr>,
+) -> anyhow::Result<(
+    watch::Sender<Arc<JobStatus>>,
+    watch::Receiver<Arc<JobStatus>>,
+)> {
+    let empty = JobStatus {
+        phase: "starting".into(),
+        elapsed_ms: 0,
+        maps_total: 0,
+        maps_done: 0,
+        reduces_total: 0,
+        reduces_done: 0,
+        maps: vec![],
+        reduces: vec![],
+        workers: vec![],
+        counters: Default::default(),
+        outcome: None,
+    };
+    let (tx, rx) = watch::channel(Arc::new(empty));
+    if let Some(addr) = http {
+        let listener = bind_status(addr).await?;
+        let real = listener.local_addr()?;
+        say!("status page on http://{real}/ (JSON at /status.json)");
+        tokio::spawn(serve_status(listener, rx.clone()));
+    }
+    Ok((tx, rx))
+}
+
+/// Maps a job's failure to an exit code: 1 for a failed task, an error (exit 2) otherwise.
+fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
+    match e {
+        CoordinatorError::TaskFailed { .. } => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+        other => Err(other.into()),
+    }
+}
+
+async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let app = args.app.config("wordcount")?;
+    let job = prepare_job(job_options(app, &args.job, args.inputs, args.out.clone()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    say!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+    let (tx, _rx) = status_channel(args.job.http).await?;
+    let maps = job.splits.len();
+    tokio::select! {
+        result = run_job(job, listener, tx) => match result {
+            Ok(report) => {
+                print_summary(&report, maps, None, &args.out);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => job_failure(e),
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: the job is abandoned");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    if !(args.slow_factor >= 1.0 && args.slow_factor.is_finite()) {
+        bail!("--slow-factor must be at least 1");
+    }
+    let options = WorkerOptions {
+        coordinator: args.coordinator,
+        work_dir: args.work_dir,
+        shuffle_listen: args.shuffle_listen,
+        advertise_host: args.advertise,
+        slow_factor: args.slow_factor,
+        coordinator_timeout: args.coordinator_timeout,
+    };
+    match run_worker(options).await {
+        Ok(WorkerExit::JobDone) => {
+            tracing::info!("job done: exiting");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(WorkerExit::JobFailed(reason)) => {
+            eprintln!("worker: the coordinator reports the job failed: {reason}");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!("worker: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn seq(args: SeqArgs) -> anyhow::Result<ExitCode> {
+    let config = args.app.config("wordcount")?;
+    let scratch = std::env::temp_dir().join(format!("shoal-mr-seq-{}", std::process::id()));
+    let app = shoal_mr::app::build_app(&config, &scratch);
+    let app = app.with_context(|| format!("bad app configuration for {}", config.name))?;
+    for input in &args.inputs {
+        std::fs::metadata(input)
+            .with_context(|| format!("cannot read input {}", input.display()))?;
+    }
+    let result = shoal_mr::seq::run_sequential(&*app, &args.inputs, &args.out);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let counters = result.with_context(|| format!("sequential {} failed", config.name))?;
+    eprintln!("wrote {}", args.out.display());
+    for (k, v) in &counters.0 {
+        eprintln!("  {k:<28} {v:>12}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Kills (SIGKILL) and reaps the worker processes of `mr run` when dropped.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// How long `mr run` waits for its workers to exit after the job ends.
+const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
+
+async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let scratch = std::env::temp_dir().join(format!("shoal-mr-run-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(scratch.clone());
+    let (inputs, bundled) = if args.inputs.is_empty() {
+        let books = shoal_mr::local::write_bundled_books(&scratch.join("books"))
+            .context("cannot write the bundled books to a temporary directory")?;
+        (books, true)
+    } else {
+        (args.inputs.clone(), false)
+    };
+    let app = args.app.config("wordcount")?;
+    let app_name = app.name.clone();
+    let job = prepare_job(job_options(
+        app,
+        &args.job,
+        inputs.clone(),
+        args.out.clone(),
+    ))?;
+    let maps = job.splits.len();
+    let input_bytes = job.input_bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen on 127.0.0.1")?;
+    let addr = listener.local_addr()?;
+    let (tx, mut rx) = status_channel(args.job.http).await?;
+
+    if bundled {
+        say!(
+            "Counting words in {} bundled books ({:.1} MB) with {} worker processes…",
+            inputs.len(),
+            input_bytes as f64 / 1e6,
+            args.workers
+        );
+    } else {
+        say!(
+            "Running {app_name} over {} file(s) ({:.1} MB) with {} worker processes…",
+            inputs.len(),
+            input_bytes as f64 / 1e6,
+            args.workers
+        );
+    }
+
+    let exe = std::env::current_exe().context("cannot find the shoal executable")?;
+    let mut children = Children(Vec::new());
+    for i in 0..args.workers {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["mr", "worker", "--coordinator", &addr.to_string()])
+            .arg("--work-dir")
+            .arg(scratch.join(format!("worker-{i}")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if i < args.slow_workers {
+            cmd.arg("--slow-factor").arg(args.slow_factor.to_string());
+        }
+        if std::env::var_os("SHOAL_LOG").is_none() {
+            cmd.env("SHOAL_LOG", "error");
+        }
+        std::fs::create_dir_all(scratch.join(format!("worker-{i}")))?;
+        children.0.push(
+            cmd.spawn()
+                .with_context(|| format!("cannot start {}", exe.display()))?,
+        );
+    }
+
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:>7} [{bar:40.cyan/blue}] {pos}/{len} tasks {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let map_bar = bars.add(indicatif::ProgressBar::new(maps as u64));
+    map_bar.set_style(style.clone());
+    map_bar.set_prefix("map");
+    let reduce_bar = bars.add(indicatif::ProgressBar::new(u64::from(args.job.reduces)));
+    reduce_bar.set_style(style);
+    reduce_bar.set_prefix("reduce");
+
+    let job_future = run_job(job, listener, tx);
+    tokio::pin!(job_future);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let result = loop {
+        tokio::select! {
+            r = &mut job_future => break r,
+            _ = poll.tick() => {
+                let s = rx.borrow_and_update().clone();
+                map_bar.set_position(u64::from(s.maps_done));
+                reduce_bar.set_position(u64::from(s.reduces_done));
+                let busy = s.workers.iter().filter(|w| !w.running.is_empty()).count();
+                map_bar.set_message(format!("{busy} workers busy"));
+                let alive = children.0.iter_mut().map(|c| c.try_wait()).filter(|r| matches!(r, Ok(None))).count();
+                if alive == 0 {
+                    bars.clear().ok();
+                    bail!("every worker process exited before the job finished (run with SHOAL_LOG=info to see why)");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                bars.clear().ok();
+                eprintln!("interrupted: stopping the workers");
+                return Ok(ExitCode::from(130));
+            }
+        }
+    };
+    map_bar.finish();
+    reduce_bar.finish();
+    bars.clear().ok();
+    // Workers exit on their own when told the job is over; give them a moment.
+    let deadline = tokio::time::Instant::now() + WORKER_EXIT_GRACE;
+    while tokio::time::Instant::now() < deadline
+        && children
+            .0
+            .iter_mut()
+            .any(|c| matches!(c.try_wait(), Ok(None)))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(children);
+    match result {
+        Ok(report) => {
+            let top = (app_name == "wordcount").then_some(10);
+            print_summary(&report, maps, top, &args.out);
+            if bundled {
+                say!(
+                    "\nNext: `shoal mr run --http 127.0.0.1:8080 --workers 4` to watch the status page, \
+                     or `shoal mr --help` to run a coordinator and workers on several hosts."
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => job_failure(e),
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn print_summary(report: &JobReport, maps: usize, top_words: Option<usize>, out: &Path) {
+    let secs = report.elapsed.as_secs_f64().max(1e-6);
+    say!(
+        "Done in {secs:.2} s: {maps} map tasks, {} reduce tasks, {:.1} MB in ({:.1} MB/s).",
+        report.outputs.len(),
+        report.input_bytes as f64 / 1e6,
+        report.input_bytes as f64 / 1e6 / secs
+    );
+    let tasks = (maps + report.outputs.len()) as u64;
+    if report.attempts > tasks {
+        say!(
+            "{} attempts for {tasks} tasks: {} ran again (backup tasks, timeouts or lost workers).",
+            report.attempts,
+            report.attempts - tasks
+        );
+    }
+    if let Some(n) = top_words {
+        match shoal_mr::local::top_counts(&report.outputs, n) {
+            Ok(top) if !top.is_empty() => {
+                say!("\nMost frequent words:");
+                let width = top.iter().map(|(w, _)| w.len()).max().unwrap_or(0);
+                for (i, (word, count)) in top.iter().enumerate() {
+                    say!("  {:>2}. {word:<width$} {count:>8}", i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !report.counters.is_empty() {
+        say!("\nCounters (winning attempts only):");
+        let width = report.counters.keys().map(String::len).max().unwrap_or(0);
+        for (k, v) in &report.counters {
+            say!("  {k:<width$} {v:>12}");
+        }
+    }
+    say!(
+        "\nOutput: {}/mr-out-0 … mr-out-{} (try: sort {}/mr-out-* | head)",
+        out.display(),
+        report.outputs.len().saturating_sub(1),
+        out.display()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("2k"), Ok(2048));
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2500ms"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+    }
 }

@@ -23,6 +23,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod mr;
 pub mod raft;
 
 #[cfg(feature = "codec")]

@@ -1,1 +1,0 @@
-//! Distribution: see the crate docs (being built).

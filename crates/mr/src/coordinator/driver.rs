@@ -1,0 +1,639 @@
+//! The coordinator's tokio driver: accepts worker connections, turns their frames into inputs
+//! of the [`Coordinator`] state machine, carries out its outputs, ticks it, and commits reduce
+//! outputs into the output directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use shoal_wire::codec::FrameCodec;
+use shoal_wire::mr::{
+    AppSpec, AttemptRef, FileKey, JobSpec, ShippedFileSpec, SplitSpec, TaskKind, ToCoordinator,
+    ToWorker, MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
+};
+use shoal_wire::{Hello, Role};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::Framed;
+
+use super::core::{attempt_name, task_name, Coordinator, CoordinatorConfig, Output, WorkerId};
+use crate::app::AppConfig;
+use crate::shuffle::fetch_file;
+use crate::split::{plan_splits, InputSplit};
+use crate::status::JobStatus;
+
+/// How often the state machine is ticked (timeouts, duplicates) and the status refreshed.
+pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A connection must complete its handshake within this time or is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest interval between a worker's heartbeats.
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Messages queued for one worker before it is considered stuck and disconnected.
+pub const MAX_QUEUED_MESSAGES_PER_WORKER: usize = 64;
+
+/// Events queued from connections to the coordinator loop.
+pub const MAX_QUEUED_EVENTS: usize = 1024;
+
+/// After the job ends, how long the coordinator waits for "exit" messages to reach workers.
+pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything that defines a job.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// The app and its options.
+    pub app: AppConfig,
+    /// Input files.
+    pub inputs: Vec<PathBuf>,
+    /// Target size of one map task's input, in bytes.
+    pub split_size_bytes: u64,
+    /// Number of reduce tasks.
+    pub reduces: u32,
+    /// Memory budget of one task, in bytes.
+    pub memory_bytes: u64,
+    /// Worker silence before it is lost; attempt runtime before it is duplicated.
+    pub task_timeout: Duration,
+    /// Failures of one task that fail the job.
+    pub max_attempts: u32,
+    /// Whether to run backup tasks near the end of a phase.
+    pub backup_tasks: bool,
+    /// Where `mr-out-<r>` files go.
+    pub out_dir: PathBuf,
+}
+
+/// A job whose inputs were planned and whose app and output directory were checked.
+#[derive(Debug, Clone)]
+pub struct PreparedJob {
+    /// The options.
+    pub options: JobOptions,
+    /// One split per map task.
+    pub splits: Vec<InputSplit>,
+    /// Sum of the inputs' sizes, in bytes.
+    pub input_bytes: u64,
+    /// Random id of this job (shuffle connections present it).
+    pub job_id: u64,
+}
+
+/// The result of a successful job.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// Wall time from start to the last commit.
+    pub elapsed: Duration,
+    /// Counters merged from winning attempts.
+    pub counters: BTreeMap<String, u64>,
+    /// Bytes of input.
+    pub input_bytes: u64,
+    /// The `mr-out-<r>` files, in partition order.
+    pub outputs: Vec<PathBuf>,
+    /// Attempts started over all tasks (maps + reduces when nothing ran twice).
+    pub attempts: u64,
+}
+
+/// Why a job could not run or did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Inputs missing or unreadable (reported before the job starts).
+    #[error("bad input: {0:#}")]
+    Input(anyhow::Error),
+    /// The app or its options are invalid.
+    #[error("bad app configuration: {0:#}")]
+    App(anyhow::Error),
+    /// Invalid option.
+    #[error("{0}")]
+    Options(String),
+    /// The output directory or the network failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A task failed `max_attempts` times.
+    #[error("job failed: {task} (input: {input}) failed {attempts} times; last error: {error}")]
+    TaskFailed {
+        /// "map 3" or "reduce 7".
+        task: String,
+        /// The task's input.
+        input: String,
+        /// Failures.
+        attempts: u32,
+        /// The last error.
+        error: String,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CoordinatorError {
+    let context = context.into();
+    move |source| CoordinatorError::Io { context, source }
+}
+
+/// Checks everything that can be checked before the job starts: options, inputs (planned into
+/// splits), the app (built once), the output directory (created, stale `mr-out-*` removed,
+/// writable).
+pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError> {
+    if options.reduces == 0 {
+        return Err(CoordinatorError::Options(
+            "--reduces must be at least 1".into(),
+        ));
+    }
+    if options.max_attempts == 0 {
+        return Err(CoordinatorError::Options(
+            "--max-attempts must be at least 1".into(),
+        ));
+    }
+    if options.split_size_bytes == 0 {
+        return Err(CoordinatorError::Options(
+            "--split-size must be positive".into(),
+        ));
+    }
+    if options.task_timeout < Duration::from_millis(200) {
+        return Err(CoordinatorError::Options(
+            "--task-timeout must be at least 200ms".into(),
+        ));
+    }
+    if options.inputs.is_empty() {
+        return Err(CoordinatorError::Options("no input files given".into()));
+    }
+    let splits =
+        plan_splits(&options.inputs, options.split_size_bytes).map_err(CoordinatorError::Input)?;
+    let mut input_bytes = 0;
+    for input in &options.inputs {
+        input_bytes += std::fs::metadata(input)
+            .map_err(io_err(format!("cannot read input {}", input.display())))?
+            .len();
+    }
+    let job_id = new_job_id();
+    let probe_dir = std::env::temp_dir().join(format!("shoal-mr-check-{job_id:x}"));
+    let built = crate::app::build_app(&options.app, &probe_dir);
+    let _ = std::fs::remove_dir_all(&probe_dir);
+    built.map_err(CoordinatorError::App)?;
+
+    let out = &options.out_dir;
+    std::fs::create_dir_all(out).map_err(io_err(format!(
+        "cannot create output directory {}",
+        out.display()
+    )))?;
+    for entry in std::fs::read_dir(out).map_err(io_err(format!("cannot list {}", out.display())))? {
+        let entry = entry.map_err(io_err(format!("cannot list {}", out.display())))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("mr-out-") || name.starts_with(".mr-out-") {
+            tracing::debug!(file = %entry.path().display(), "removing output of a previous job");
+            std::fs::remove_file(entry.path())
+                .map_err(io_err(format!("cannot remove {}", entry.path().display())))?;
+        }
+    }
+    let probe = out.join(format!(".mr-out-probe-{job_id:x}"));
+    std::fs::write(&probe, b"").map_err(io_err(format!(
+        "output directory {} is not writable",
+        out.display()
+    )))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(PreparedJob {
+        options,
+        splits,
+        input_bytes,
+        job_id,
+    })
+}
+
+/// A job id unlikely to collide with another job's: wall-clock nanoseconds mixed with the pid.
+#[allow(clippy::disallowed_methods)] // The driver may read the clock; the id is only a guard.
+fn new_job_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let id = nanos ^ (u64::from(std::process::id()) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+    id.max(1)
+}
+
+fn describe_split(split: &InputSplit) -> String {
+    format!(
+        "{} bytes {}..{}",
+        split.path.display(),
+        split.offset,
+        split.offset + split.len
+    )
+}
+
+enum Event {
+    Connected {
+        conn: u64,
+        tx: mpsc::Sender<ToWorker>,
+    },
+    Message {
+        conn: u64,
+        msg: ToCoordinator,
+    },
+    Closed {
+        conn: u64,
+    },
+    /// A winning reduce output was fetched into the output directory under `Ok(temporary
+    /// name)`, or could not be fetched.
+    Fetched {
+        attempt: AttemptRef,
+        result: Result<PathBuf, String>,
+    },
+}
+
+struct Conn {
+    tx: mpsc::Sender<ToWorker>,
+    worker: Option<WorkerId>,
+}
+
+/// A monotonic clock for the state machine, counted from the driver's start.
+struct Clock(std::time::Instant);
+
+impl Clock {
+    #[allow(clippy::disallowed_methods)] // The driver owns the clock and passes time in.
+    fn start() -> Self {
+        Clock(std::time::Instant::now())
+    }
+
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// Runs `job` with workers connecting to `listener` until it is done (every `mr-out-<r>` in
+/// place) or failed; publishes a status snapshot on `status` every tick.
+pub async fn run_job(
+    job: PreparedJob,
+    listener: TcpListener,
+    status: watch::Sender<Arc<JobStatus>>,
+) -> Result<JobReport, CoordinatorError> {
+    let clock = Clock::start();
+    let options = &job.options;
+    let mut core = Coordinator::new(CoordinatorConfig {
+        maps: job.splits.len() as u32,
+        reduces: options.reduces,
+        task_timeout: options.task_timeout,
+        max_attempts: options.max_attempts,
+        backup_tasks: options.backup_tasks,
+    });
+    let heartbeat = (options.task_timeout / 4).min(MAX_HEARTBEAT_INTERVAL);
+    let spec = JobSpec {
+        job_id: job.job_id,
+        app: AppSpec {
+            name: options.app.name.clone(),
+            pattern: options.app.pattern.clone(),
+            mapper: options.app.mapper.clone(),
+            reducer: options.app.reducer.clone(),
+            shipped: options
+                .app
+                .shipped
+                .iter()
+                .map(|f| ShippedFileSpec {
+                    name: f.name.clone(),
+                    contents: f.contents.clone(),
+                    executable: f.executable,
+                })
+                .collect(),
+        },
+        reduces: options.reduces,
+        memory_bytes: options.memory_bytes,
+        heartbeat_interval_ms: heartbeat.as_millis() as u64,
+    };
+    tracing::debug!(
+        addr = ?listener.local_addr().ok(),
+        maps = job.splits.len(),
+        reduces = options.reduces,
+        app = %options.app.name,
+        "coordinator waiting for workers"
+    );
+
+    let (events_tx, mut events) = mpsc::channel::<Event>(MAX_QUEUED_EVENTS);
+    let mut conns: BTreeMap<u64, Conn> = BTreeMap::new();
+    let mut by_worker: BTreeMap<WorkerId, u64> = BTreeMap::new();
+    let mut next_conn: u64 = 0;
+    let mut connection_tasks = tokio::task::JoinSet::new();
+    let mut ticker = tokio::time::interval(TICK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fatal: Option<CoordinatorError> = None;
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    next_conn += 1;
+                    let conn = next_conn;
+                    tracing::debug!(%peer, conn, "connection");
+                    connection_tasks.spawn(connection(stream, conn, events_tx.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = ticker.tick() => {
+                core.tick(clock.now());
+                status.send_replace(Arc::new(core.status(clock.now())));
+            }
+            Some(event) = events.recv() => {
+                let now = clock.now();
+                match event {
+                    Event::Connected { conn, tx } => {
+                        conns.insert(conn, Conn { tx, worker: None });
+                    }
+                    Event::Closed { conn } => {
+                        if let Some(Conn { worker: Some(w), .. }) = conns.remove(&conn) {
+                            by_worker.remove(&w);
+                            core.worker_lost(now, w);
+                        }
+                    }
+                    Event::Message { conn, msg } => {
+                        let Some(c) = conns.get_mut(&conn) else { continue };
+                        match (c.worker, msg) {
+                            (None, ToCoordinator::Register { name, shuffle_addr }) => {
+                                let w = core.register_worker(now, &name, &shuffle_addr);
+                                c.worker = Some(w);
+                                by_worker.insert(w, conn);
+                                let welcome = ToWorker::Welcome { worker_id: w.0, job: spec.clone() };
+                                if c.tx.try_send(welcome).is_err() {
+                                    conns.remove(&conn);
+                                }
+                            }
+                            (None, other) => {
+                                tracing::warn!(conn, ?other, "message before registration: closing");
+                                conns.remove(&conn);
+                            }
+                            (Some(_), ToCoordinator::Register { .. }) => {
+                                tracing::warn!(conn, "second registration: closing");
+                                conns.remove(&conn);
+                            }
+                            (Some(w), ToCoordinator::Heartbeat) => {
+                                if !core.heard_from(now, w) {
+                                    conns.remove(&conn);
+                                }
+                            }
+                            (Some(w), ToCoordinator::RequestTask) => core.request_task(now, w),
+                            (Some(w), ToCoordinator::TaskDone { attempt, counters }) => {
+                                let d = core.task_done(now, w, attempt, counters);
+                                tracing::debug!(%w, attempt = %attempt_name(attempt), ?d, "done");
+                            }
+                            (Some(w), ToCoordinator::TaskFailed { attempt, error }) => {
+                                core.task_failed(now, w, attempt, &error);
+                            }
+                            (Some(w), ToCoordinator::FetchFailed { attempt, map_task, map_attempt, error }) => {
+                                tracing::warn!(%w, attempt = %attempt_name(attempt), map_task, map_attempt, %error, "fetch failed");
+                                core.fetch_failed(now, w, attempt, map_task, map_attempt);
+                            }
+                        }
+                    }
+                    Event::Fetched { attempt, result: Err(e) } => {
+                        tracing::warn!(attempt = %attempt_name(attempt), error = %e, "cannot fetch reduce output");
+                        core.commit_done(now, attempt, Err(e));
+                    }
+                    Event::Fetched { attempt, result: Ok(tmp) } => {
+                        // The rename happens here, in the loop that owns the state machine, and
+                        // only if this attempt is still the winner: a superseded attempt's
+                        // output never reaches `mr-out-<r>`.
+                        if core.awaiting_commit(attempt) {
+                            let dest = options.out_dir.join(format!("mr-out-{}", attempt.task));
+                            match place(&tmp, &dest, &options.out_dir) {
+                                Ok(()) => {
+                                    core.commit_done(now, attempt, Ok(()));
+                                }
+                                Err(source) => {
+                                    fatal = Some(CoordinatorError::Io {
+                                        context: format!("cannot commit {}", dest.display()),
+                                        source,
+                                    });
+                                }
+                            }
+                        } else {
+                            let _ = std::fs::remove_file(&tmp);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Carry out the state machine's outputs, in order.
+        let mut finished: Option<Result<(), CoordinatorError>> = fatal.take().map(Err);
+        while let Some(output) = core.poll_output() {
+            match output {
+                Output::AssignMap { worker, attempt } => {
+                    let split = &job.splits[attempt.task as usize];
+                    let msg = ToWorker::Map {
+                        attempt,
+                        split: SplitSpec {
+                            path: split.path.clone(),
+                            offset: split.offset,
+                            len: split.len,
+                        },
+                    };
+                    send_to(&mut conns, &by_worker, worker, msg);
+                }
+                Output::AssignReduce {
+                    worker,
+                    attempt,
+                    inputs,
+                } => send_to(
+                    &mut conns,
+                    &by_worker,
+                    worker,
+                    ToWorker::Reduce { attempt, inputs },
+                ),
+                Output::Commit {
+                    attempt,
+                    worker,
+                    shuffle_addr,
+                } => {
+                    tracing::debug!(attempt = %attempt_name(attempt), %worker, "committing");
+                    tokio::spawn(commit(
+                        job.job_id,
+                        shuffle_addr,
+                        attempt,
+                        options.out_dir.clone(),
+                        events_tx.clone(),
+                    ));
+                }
+                Output::Disconnect { worker } => {
+                    if let Some(conn) = by_worker.remove(&worker) {
+                        conns.remove(&conn);
+                    }
+                }
+                Output::JobDone => finished = Some(Ok(())),
+                Output::JobFailed { attempt, error } => {
+                    let input = match attempt.kind {
+                        TaskKind::Map => describe_split(&job.splits[attempt.task as usize]),
+                        TaskKind::Reduce => {
+                            format!("partition {} of every map task", attempt.task)
+                        }
+                    };
+                    finished = Some(Err(CoordinatorError::TaskFailed {
+                        task: task_name(attempt),
+                        input,
+                        attempts: options.max_attempts,
+                        error,
+                    }));
+                }
+            }
+        }
+        if let Some(result) = finished {
+            status.send_replace(Arc::new(core.status(clock.now())));
+            let farewell = match &result {
+                Ok(()) => ToWorker::JobDone,
+                Err(e) => ToWorker::JobFailed {
+                    reason: e.to_string(),
+                },
+            };
+            for c in conns.values() {
+                let _ = c.tx.try_send(farewell.clone());
+            }
+            // Closing the queues lets each connection flush its farewell and end.
+            conns.clear();
+            drop(events_tx);
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
+                while connection_tasks.join_next().await.is_some() {}
+            })
+            .await;
+            connection_tasks.abort_all();
+            result?;
+            let outputs = (0..options.reduces)
+                .map(|r| options.out_dir.join(format!("mr-out-{r}")))
+                .collect();
+            return Ok(JobReport {
+                elapsed: clock.now(),
+                counters: core.counters(),
+                input_bytes: job.input_bytes,
+                outputs,
+                attempts: core.attempts_started(),
+            });
+        }
+    }
+}
+
+fn send_to(
+    conns: &mut BTreeMap<u64, Conn>,
+    by_worker: &BTreeMap<WorkerId, u64>,
+    worker: WorkerId,
+    msg: ToWorker,
+) {
+    let Some(conn) = by_worker.get(&worker) else {
+        return;
+    };
+    if let Some(c) = conns.get(conn) {
+        if c.tx.try_send(msg).is_err() {
+            tracing::warn!(%worker, "worker's queue is full or closed: disconnecting");
+            // Its Closed event makes the state machine treat it as lost.
+            conns.remove(conn);
+        }
+    }
+}
+
+/// Fetches a winning reduce output from its worker into the output directory under a
+/// temporary name (fsynced); the main loop renames it.
+async fn commit(
+    job_id: u64,
+    shuffle_addr: String,
+    attempt: AttemptRef,
+    out_dir: PathBuf,
+    events: mpsc::Sender<Event>,
+) {
+    let r = attempt.task;
+    let tmp = out_dir.join(format!(".mr-out-{r}-a{}.tmp", attempt.attempt));
+    let key = FileKey::ReduceOutput {
+        reduce_task: r,
+        attempt: attempt.attempt,
+    };
+    let result = match fetch_file(&shuffle_addr, job_id, key, &tmp).await {
+        Ok(_) => Ok(tmp),
+        Err(e) => Err(e.to_string()),
+    };
+    let _ = events.send(Event::Fetched { attempt, result }).await;
+}
+
+/// Renames a fetched output into place and fsyncs the directory.
+fn place(tmp: &Path, dest: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, dest)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// One worker connection: handshake, then frames in both directions until either side ends.
+/// A malformed or oversized frame closes the connection (and only it).
+async fn connection(stream: TcpStream, conn: u64, events: mpsc::Sender<Event>) {
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::<Hello, ToWorker>::new(MR_CONTROL_MAX_FRAME_BYTES),
+    );
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(hello))) => hello,
+        Ok(Some(Err(e))) => {
+            tracing::warn!(conn, error = %e, "bad handshake frame: closing connection");
+            return;
+        }
+        Ok(None) => return,
+        Err(_) => {
+            tracing::warn!(
+                conn,
+                "no handshake within {HANDSHAKE_TIMEOUT:?}: closing connection"
+            );
+            return;
+        }
+    };
+    let refusal = match hello.validate() {
+        Err(e) => Some(e),
+        Ok(()) if hello.role != Role::Client || hello.cluster_id != MR_CONTROL_CLUSTER_ID => {
+            Some("this is a MapReduce coordinator: connect with `shoal mr worker`".to_string())
+        }
+        Ok(()) => None,
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(conn, %reason, "handshake refused");
+        let _ = framed.send(ToWorker::Refused { reason }).await;
+        return;
+    }
+    let mut framed = framed
+        .map_codec(|_| FrameCodec::<ToCoordinator, ToWorker>::new(MR_CONTROL_MAX_FRAME_BYTES));
+    let (tx, mut rx) = mpsc::channel(MAX_QUEUED_MESSAGES_PER_WORKER);
+    if events.send(Event::Connected { conn, tx }).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(msg) => {
+                    if let Err(e) = framed.send(msg).await {
+                        tracing::debug!(conn, error = %e, "send failed");
+                        break;
+                    }
+                }
+                None => break,
+            },
+            frame = framed.next() => match frame {
+                Some(Ok(msg)) => {
+                    if msg == ToCoordinator::Heartbeat {
+                        // Answered here, not by the state machine: it only proves this process
+                        // is alive to the worker.
+                        if let Err(e) = framed.send(ToWorker::HeartbeatAck).await {
+                            tracing::debug!(conn, error = %e, "send failed");
+                            break;
+                        }
+                    }
+                    if events.send(Event::Message { conn, msg }).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(shoal_wire::codec::CodecError::Frame(e))) => {
+                    tracing::warn!(conn, error = %e, "bad frame from worker: closing connection");
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(conn, error = %e, "connection failed");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    let _ = events.send(Event::Closed { conn }).await;
+}

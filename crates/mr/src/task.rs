@@ -1,1 +1,0 @@
-//! Data path: see the crate docs (being built).
