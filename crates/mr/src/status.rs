@@ -295,3 +295,55 @@ pub async fn bind_status(addr: SocketAddr) -> std::io::Result<tokio::net::TcpLis
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_escapes_worker_data_and_json_round_trips() {
+        let status = JobStatus {
+            phase: "map".into(),
+            elapsed_ms: 1500,
+            maps_total: 1,
+            maps_done: 0,
+            reduces_total: 1,
+            reduces_done: 0,
+            maps: vec![TaskStatus {
+                kind: "map".into(),
+                index: 0,
+                state: TaskState::Running,
+                attempts: 2,
+                failures: 1,
+                running: vec![RunningAttemptStatus {
+                    attempt: 1,
+                    worker: 3,
+                    elapsed_ms: 300,
+                }],
+                winner_attempt: None,
+                winner_worker: None,
+                last_error: Some("<script>alert(1)</script>".into()),
+            }],
+            reduces: vec![],
+            workers: vec![WorkerStatus {
+                id: 3,
+                name: "host&<b>".into(),
+                shuffle_addr: "10.0.0.3:7000".into(),
+                state: WorkerState::Busy,
+                last_heartbeat_ms_ago: 120,
+                running: vec!["map 0 attempt 1".into()],
+                attempts_won: 0,
+            }],
+            counters: BTreeMap::from([("map.input.bytes".to_string(), 42)]),
+            outcome: None,
+        };
+        let html = render_html(&status);
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(html.contains("host&amp;&lt;b&gt;"));
+        assert!(html.contains("1@w3 (0.3)"));
+        let json = serde_json::to_string(&status).unwrap();
+        let back: JobStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, status);
+    }
+}

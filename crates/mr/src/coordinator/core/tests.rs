@@ -501,3 +501,23 @@ fn unknown_and_stale_reports_are_ignored() {
         Disposition::Accepted
     );
 }
+
+#[test]
+fn fetch_failure_of_a_superseded_map_attempt_keeps_the_new_winner() {
+    let mut c = coordinator(1, 2, false);
+    let w = register(&mut c, secs(0), 3);
+    c.request_task(secs(0), w[0]);
+    drain(&mut c);
+    c.task_done(secs(1), w[0], map(0, 0), none());
+    c.request_task(secs(1), w[1]);
+    assert_eq!(assigned(&drain(&mut c), w[1]), Some(reduce(0, 0)));
+    // w0 dies: map 0 runs again on w2 and wins.
+    c.worker_lost(secs(2), w[0]);
+    c.request_task(secs(2), w[2]);
+    assert_eq!(assigned(&drain(&mut c), w[2]), Some(map(0, 1)));
+    c.task_done(secs(3), w[2], map(0, 1), none());
+    // The old reduce attempt reports it could not fetch attempt 0: attempt 1 stays the winner.
+    c.fetch_failed(secs(3), w[1], reduce(0, 0), 0, 0);
+    assert_eq!(c.status(secs(3)).maps[0].state, TaskState::Done);
+    assert_eq!(c.status(secs(3)).maps[0].winner_attempt, Some(1));
+}
