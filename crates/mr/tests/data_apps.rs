@@ -204,7 +204,7 @@ fn stream_app_runs_shipped_scripts() {
         seq_lines(&*stream, &inputs, dir.path()),
         ["a 3", "b 2", "c 1"]
     );
-    let (lines, _) = run_job(
+    let (lines, counters) = run_job(
         &*stream,
         &inputs,
         1 << 20,
@@ -218,6 +218,8 @@ fn stream_app_runs_shipped_scripts() {
         .map(|l| String::from_utf8_lossy(l).into_owned())
         .collect();
     assert_eq!(lines, ["a 3", "b 2", "c 1"]);
+    assert_eq!(counters.get("reduce.output.records"), 3);
+    assert_eq!(counters.get("reduce.input.records"), 6);
 
     // A failing mapper fails the task with its stderr.
     let bad = AppConfig {

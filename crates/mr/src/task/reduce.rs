@@ -208,6 +208,8 @@ pub fn run_reduce_task(
     let mut out = CountingWriter {
         inner: std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, file),
         bytes: 0,
+        count_lines: app.reduces_whole_task(),
+        lines: 0,
     };
     let result = reduce_into(app, reduce_task, &mut merger, &mut out);
     let finished = result.and_then(|mut counters| {
@@ -236,17 +238,31 @@ pub fn run_reduce_task(
 struct CountingWriter<W: Write> {
     inner: W,
     bytes: u64,
+    /// Whether to count newlines (for whole-task reducers, whose lines the engine does not
+    /// write itself).
+    count_lines: bool,
+    lines: u64,
+}
+
+impl<W: Write> CountingWriter<W> {
+    #[inline]
+    fn note(&mut self, written: &[u8]) {
+        self.bytes += written.len() as u64;
+        if self.count_lines {
+            self.lines += memchr::memchr_iter(b'\n', written).count() as u64;
+        }
+    }
 }
 
 impl<W: Write> Write for CountingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
+        self.note(&buf[..n]);
         Ok(n)
     }
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
         self.inner.write_all(buf)?;
-        self.bytes += buf.len() as u64;
+        self.note(buf);
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -279,6 +295,7 @@ fn reduce_into<W: Write + Send>(
         for _ in merger.by_ref() {}
         merger.check()?;
         counters.add("reduce.input.records", merger.records);
+        counters.add("reduce.output.records", out.lines);
         return Ok(counters);
     }
 
