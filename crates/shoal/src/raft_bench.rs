@@ -70,6 +70,9 @@ pub struct BenchArgs {
     /// Measured seconds per run.
     #[arg(long, default_value_t = 10.0)]
     secs: f64,
+    /// Skip the commit runs (election figures only).
+    #[arg(long)]
+    elections_only: bool,
     /// Leader crashes (SIGKILL) to time; 0 skips the election figures.
     #[arg(long, default_value_t = 20)]
     kills: u32,
@@ -673,7 +676,12 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
     );
 
     let mut commit_figures = Vec::new();
-    for &proposers in &args.proposers {
+    let proposer_counts = if args.elections_only {
+        Vec::new()
+    } else {
+        args.proposers.clone()
+    };
+    for &proposers in &proposer_counts {
         let f = runtime
             .block_on(commit_run(&args, &settings, &data_dir, proposers))
             .with_context(|| format!("run with {proposers} proposers"))?;
@@ -728,26 +736,8 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
         );
     }
 
-    println!();
-    println!(
-        "Raft, 3 real processes on 127.0.0.1, fsync on, {}-byte commands, {} s measured after {} s warmup",
-        args.payload_bytes, args.secs, args.warmup_secs
-    );
-    println!(
-        "| proposers | commits/s | p50 latency | p99 latency | refused | load avg (start/end) |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for f in &commit_figures {
-        println!(
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {} / {} |",
-            f.proposers,
-            f.commits_per_sec,
-            ms(f.p50),
-            ms(f.p99),
-            f.refused,
-            f.load_start.map_or("?".into(), |l| format!("{l:.2}")),
-            f.load_end.map_or("?".into(), |l| format!("{l:.2}")),
-        );
+    if !commit_figures.is_empty() {
+        print_commit_table(&args, &commit_figures);
     }
     if !sorted.is_empty() {
         let fmt = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.0} ms"));
@@ -770,6 +760,30 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_commit_table(args: &BenchArgs, commit_figures: &[CommitFigures]) {
+    println!();
+    println!(
+        "Raft, 3 real processes on 127.0.0.1, fsync on, {}-byte commands, {} s measured after {} s warmup",
+        args.payload_bytes, args.secs, args.warmup_secs
+    );
+    println!(
+        "| proposers | commits/s | p50 latency | p99 latency | refused | load avg (start/end) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for f in commit_figures {
+        println!(
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {} / {} |",
+            f.proposers,
+            f.commits_per_sec,
+            ms(f.p50),
+            ms(f.p99),
+            f.refused,
+            f.load_start.map_or("?".into(), |l| format!("{l:.2}")),
+            f.load_end.map_or("?".into(), |l| format!("{l:.2}")),
+        );
+    }
 }
 
 #[cfg(test)]
