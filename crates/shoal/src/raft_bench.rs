@@ -355,7 +355,7 @@ async fn wait_converged(group: &mut Group, at_least: u64) -> Result<()> {
         let mut commits = Vec::new();
         for i in group.live() {
             match status(group.addrs[i]).await {
-                Some(s) => commits.push(s.applied.last_index.max(s.commit)),
+                Some(s) => commits.push(s.commit),
                 None => break,
             }
         }
