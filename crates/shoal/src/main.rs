@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod check_cmd;
 mod mr_bench;
 mod mr_cmd;
+mod raft_bench;
 mod sim_cmd;
 
 /// Shoal: a distributed-systems suite — MapReduce, Raft, and fault-tolerant key/value
@@ -53,6 +54,9 @@ enum BenchCommand {
     Sim(sim_cmd::BenchArgs),
     /// MapReduce throughput against a coreutils pipeline and the sequential implementation.
     Mr(mr_bench::BenchArgs),
+    /// Raft on three real processes: commits/s and latency by proposer count, election time
+    /// after a leader SIGKILL.
+    Raft(raft_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Check(args)) => check_cmd::bench(args),
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),
         Command::Bench(BenchCommand::Mr(args)) => mr_bench::bench(args),
+        Command::Bench(BenchCommand::Raft(args)) => raft_bench::bench(args),
     };
     match result {
         Ok(code) => code,

@@ -4,8 +4,12 @@
 //! ```text
 //! shoal-raft-node --id 1 --listen 127.0.0.1:7001 \
 //!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data /var/lib/shoal/1 \
-//!     [--cluster 1] [--tick-ms 50] [--snapshot-every 10000]
+//!     [--cluster 1] [--tick-ms 50] [--election-tick 10] [--heartbeat-tick 1] \
+//!     [--snapshot-every 10000]
 //! ```
+//!
+//! The election timeout is randomized in `[election-tick, 2 * election-tick)` ticks of
+//! `tick-ms`; the leader sends heartbeats every `heartbeat-tick` ticks.
 //!
 //! The listen address serves peers and clients (`DemoRequest`/`DemoResponse` frames after a
 //! `Client` hello). Stops cleanly on SIGINT or SIGTERM; exits non-zero with the reason on a
@@ -33,6 +37,8 @@ struct Args {
     data: PathBuf,
     cluster: u64,
     tick_ms: u64,
+    election_tick: u32,
+    heartbeat_tick: u32,
     snapshot_every: Option<u64>,
 }
 
@@ -73,6 +79,17 @@ fn parse_args() -> Result<Args> {
     let tick_ms = take("tick-ms")
         .map_or(Ok(50), |v| v.parse())
         .context("--tick-ms")?;
+    let election_tick = take("election-tick")
+        .map_or(Ok(shoal_raft::DEFAULT_ELECTION_TICK), |v| v.parse())
+        .context("--election-tick")?;
+    let heartbeat_tick = take("heartbeat-tick")
+        .map_or(Ok(shoal_raft::DEFAULT_HEARTBEAT_TICK), |v| v.parse())
+        .context("--heartbeat-tick")?;
+    if heartbeat_tick == 0 || election_tick <= heartbeat_tick {
+        bail!(
+            "need 0 < --heartbeat-tick < --election-tick, got {heartbeat_tick} and {election_tick}"
+        );
+    }
     let snapshot_every = match take("snapshot-every") {
         None => Some(shoal_runtime::node::DEFAULT_SNAPSHOT_EVERY),
         Some(v) if v == "0" => None,
@@ -88,6 +105,8 @@ fn parse_args() -> Result<Args> {
         data,
         cluster,
         tick_ms,
+        election_tick,
+        heartbeat_tick,
         snapshot_every,
     })
 }
@@ -112,6 +131,8 @@ async fn run() -> Result<()> {
     let id = NodeId(args.id);
     let mut config = NodeConfig::new(id, args.cluster, args.peers, args.data);
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
+    config.election_tick = args.election_tick;
+    config.heartbeat_tick = args.heartbeat_tick;
     config.snapshot_every = args.snapshot_every;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
