@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod demo;
+pub mod demo_node;
 pub mod node;
 pub mod transport;
 

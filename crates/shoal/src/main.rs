@@ -12,6 +12,7 @@ mod check_cmd;
 mod mr_bench;
 mod mr_cmd;
 mod raft_bench;
+mod raft_cmd;
 mod sim_cmd;
 
 /// Shoal: a distributed-systems suite — MapReduce, Raft, and fault-tolerant key/value
@@ -39,6 +40,9 @@ enum Command {
     /// reference.
     #[command(subcommand)]
     Mr(mr_cmd::MrCommand),
+    /// Run a node of a Raft group (a demo replicated log on the Raft library).
+    #[command(subcommand)]
+    Raft(raft_cmd::RaftCommand),
     /// Run a deterministic simulation scenario and print its trace.
     Sim(sim_cmd::SimArgs),
     /// Benchmarks that print Shoal's figures next to the baselines they must beat.
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => check_cmd::run(args),
         Command::Mr(cmd) => mr_cmd::run(cmd),
+        Command::Raft(cmd) => raft_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run(args),
         Command::Bench(BenchCommand::Check(args)) => check_cmd::bench(args),
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),

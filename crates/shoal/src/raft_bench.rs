@@ -86,8 +86,8 @@ pub struct BenchArgs {
     /// Ticks between the leader's heartbeats.
     #[arg(long, default_value_t = 1)]
     heartbeat_tick: u32,
-    /// The `shoal-raft-node` binary. Default: next to this executable (build it with
-    /// `cargo build --release -p shoal -p shoal-runtime --bins`).
+    /// A binary taking `shoal raft node`'s flags directly (e.g. the `shoal-raft-node` test
+    /// binary). Default: this executable's own `shoal raft node`.
     #[arg(long, env = "SHOAL_RAFT_NODE_BIN")]
     node_bin: Option<PathBuf>,
     /// Directory for the nodes' data (a fresh subdirectory per group, removed afterwards).
@@ -106,6 +106,8 @@ pub struct BenchArgs {
 #[derive(Debug, Clone)]
 struct NodeSettings {
     bin: PathBuf,
+    /// Arguments before the node's flags (`raft node` when `bin` is `shoal` itself).
+    bin_prefix: Vec<&'static str>,
     tick_ms: u64,
     election_tick: u32,
     heartbeat_tick: u32,
@@ -233,6 +235,7 @@ impl Group {
             .with_context(|| format!("opening {}", log_path.display()))?;
         let s = &self.settings;
         let child = Command::new(&s.bin)
+            .args(&s.bin_prefix)
             .args(["--id", &(i + 1).to_string()])
             .args(["--listen", &self.addrs[i].to_string()])
             .args(["--peers", &peers])
@@ -608,23 +611,14 @@ async fn election_runs(
     Ok(elections)
 }
 
-fn node_bin(args: &BenchArgs) -> Result<PathBuf> {
+/// The node program and the arguments before its flags: `--node-bin` if given, else this
+/// executable's `shoal raft node`.
+fn node_bin(args: &BenchArgs) -> Result<(PathBuf, Vec<&'static str>)> {
     if let Some(bin) = &args.node_bin {
-        return Ok(bin.clone());
+        return Ok((bin.clone(), Vec::new()));
     }
     let exe = std::env::current_exe().context("locating the current executable")?;
-    let bin = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
-        .join("shoal-raft-node");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p shoal -p shoal-runtime --bins` \
-             or pass --node-bin",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    Ok((exe, vec!["raft", "node"]))
 }
 
 /// Runs `shoal bench raft`.
@@ -655,8 +649,10 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
     if args.tick_ms == 0 || args.heartbeat_tick == 0 || args.election_tick <= args.heartbeat_tick {
         bail!("need --tick-ms > 0 and 0 < --heartbeat-tick < --election-tick");
     }
+    let (bin, bin_prefix) = node_bin(&args)?;
     let settings = NodeSettings {
-        bin: node_bin(&args)?,
+        bin,
+        bin_prefix,
         tick_ms: args.tick_ms,
         election_tick: args.election_tick,
         heartbeat_tick: args.heartbeat_tick,
@@ -668,7 +664,7 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
         .context("starting the tokio runtime")?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     eprintln!(
-        "raft bench: 3 shoal-raft-node processes on 127.0.0.1, fsync on, data in {}; \
+        "raft bench: 3 `shoal raft node` processes on 127.0.0.1, fsync on, data in {}; \
          {cpus} CPUs ({}), load average {:?}",
         data_dir.display(),
         cpu_model(),

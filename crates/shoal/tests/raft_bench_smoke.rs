@@ -1,38 +1,14 @@
-//! `shoal bench raft --quick` runs against three real `shoal-raft-node` processes and prints
-//! its JSON lines and table. Asserts only that it ran and what it printed parses; never a
-//! timing.
-//!
-//! The node binary belongs to `shoal-runtime`, which `cargo test -p shoal` does not build:
-//! `cargo build -p shoal-runtime --bin shoal-raft-node` first (same profile), or point
-//! `SHOAL_RAFT_NODE_BIN` at one. Without it the test says so and passes.
+//! `shoal bench raft --quick` runs against three real `shoal raft node` processes (the same
+//! binary) and prints its JSON lines and table. Asserts only that it ran and what it printed
+//! parses; never a timing.
 
-use std::path::PathBuf;
 use std::process::Command;
-
-fn node_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SHOAL_RAFT_NODE_BIN") {
-        return Some(p.into());
-    }
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_shoal"))
-        .parent()?
-        .join("shoal-raft-node");
-    bin.exists().then_some(bin)
-}
 
 #[test]
 fn quick_bench_runs_and_prints_json() {
-    let Some(node) = node_bin() else {
-        eprintln!(
-            "SKIPPED: shoal-raft-node not built; run \
-             `cargo build -p shoal-runtime --bin shoal-raft-node` first"
-        );
-        return;
-    };
     let data = tempfile::tempdir().expect("tempdir");
     let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["bench", "raft", "--quick", "--kills", "1"])
-        .arg("--node-bin")
-        .arg(&node)
         .arg("--data-dir")
         .arg(data.path())
         .output()

@@ -16,33 +16,11 @@
 //! fatal error, e.g. a data directory of another node or cluster.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures::{SinkExt, StreamExt};
-use shoal_raft::{NodeId, Role};
-use shoal_runtime::demo::{DemoRequest, DemoResponse, DemoStateMachine, DemoStatus};
-use shoal_runtime::{ClientConnection, Node, NodeConfig, NodeHandle, ProposeError};
-use tracing::{info, warn};
+use shoal_runtime::demo_node::{run_demo_node, DemoNodeOptions};
 
-/// How long a client's proposal may wait to be applied before it is answered with an error.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-struct Args {
-    id: u64,
-    listen: SocketAddr,
-    peers: BTreeMap<u64, SocketAddr>,
-    data: PathBuf,
-    cluster: u64,
-    tick_ms: u64,
-    election_tick: u32,
-    heartbeat_tick: u32,
-    snapshot_every: Option<u64>,
-}
-
-fn parse_args() -> Result<Args> {
+fn parse_args() -> Result<DemoNodeOptions> {
     let mut flags = BTreeMap::new();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -98,7 +76,7 @@ fn parse_args() -> Result<Args> {
     if let Some(unknown) = flags.keys().next() {
         bail!("unknown flag --{unknown}");
     }
-    Ok(Args {
+    Ok(DemoNodeOptions {
         id,
         listen,
         peers,
@@ -120,96 +98,12 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run().await {
+    let result = match parse_args() {
+        Ok(args) => run_demo_node(args).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(2);
-    }
-}
-
-async fn run() -> Result<()> {
-    let args = parse_args()?;
-    let id = NodeId(args.id);
-    let mut config = NodeConfig::new(id, args.cluster, args.peers, args.data);
-    config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
-    config.election_tick = args.election_tick;
-    config.heartbeat_tick = args.heartbeat_tick;
-    config.snapshot_every = args.snapshot_every;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let sm = DemoStateMachine::default();
-    let mut node = Node::start(config, listener, sm.clone())
-        .await
-        .context("starting the node")?;
-    info!(node = args.id, listen = %args.listen, "serving");
-    let handle = node.handle.clone();
-    let mut clients = node
-        .take_clients()
-        .ok_or_else(|| anyhow!("client acceptor already taken"))?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    loop {
-        tokio::select! {
-            conn = clients.recv() => match conn {
-                Some(conn) => {
-                    tokio::spawn(serve_client(conn, handle.clone(), sm.clone(), args.id));
-                }
-                None => break,
-            },
-            r = node.wait() => {
-                r.context("node stopped")?;
-                return Ok(());
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-        }
-    }
-    info!("shutting down");
-    handle.shutdown().await;
-    node.wait().await.context("node stopped")?;
-    Ok(())
-}
-
-async fn serve_client(conn: ClientConnection, handle: NodeHandle, sm: DemoStateMachine, id: u64) {
-    let remote = conn.peer_addr;
-    let mut framed = conn.framed::<DemoRequest, DemoResponse>();
-    while let Some(request) = framed.next().await {
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(%remote, error = %e, "closing client connection: bad frame");
-                return;
-            }
-        };
-        let response = match request {
-            DemoRequest::Propose { data } => {
-                match tokio::time::timeout(PROPOSE_TIMEOUT, handle.propose_and_wait(data)).await {
-                    Ok(Ok(p)) => DemoResponse::Applied {
-                        index: p.index.0,
-                        term: p.term.0,
-                    },
-                    Ok(Err(ProposeError::NotLeader { leader })) => DemoResponse::NotLeader {
-                        leader: leader.map(|l| l.0),
-                    },
-                    Ok(Err(e)) => DemoResponse::Error(e.to_string()),
-                    Err(_) => DemoResponse::Error("timed out waiting for the commit".into()),
-                }
-            }
-            DemoRequest::Status => match handle.status().await {
-                Ok(st) => DemoResponse::Status(DemoStatus {
-                    id,
-                    is_leader: st.role == Role::Leader,
-                    leader: st.leader.map(|l| l.0),
-                    term: st.term.0,
-                    commit: st.commit.0,
-                    applied: sm.get(),
-                }),
-                Err(e) => DemoResponse::Error(e.to_string()),
-            },
-        };
-        if let Err(e) = framed.send(response).await {
-            warn!(%remote, error = %e, "client connection failed");
-            return;
-        }
     }
 }
