@@ -1,0 +1,245 @@
+//! `shoal check` as a user runs it: exit codes, messages, --html.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn shoal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .output()
+        .expect("run shoal")
+}
+
+fn testdata(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/linearizability")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn linearizable_history_exits_0() {
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-etcd",
+        &testdata("jepsen-etcd/etcd_002.log"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "linearizable");
+}
+
+#[test]
+fn violation_exits_1_and_explains() {
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-etcd",
+        &testdata("jepsen-etcd/etcd_000.log"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("not linearizable\n"), "{text}");
+    assert!(text.contains("longest linearizable prefix"), "{text}");
+    assert!(text.contains("cannot be linearized"), "{text}");
+}
+
+#[test]
+fn kv_violation_names_the_key() {
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-kv",
+        &testdata("kv/c10-bad.txt"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("partition: key \""),
+        "{}",
+        stdout(&out)
+    );
+    let ok = shoal(&["check", "--format", "jepsen-kv", &testdata("kv/c10-ok.txt")]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+}
+
+#[test]
+fn exhausted_budget_exits_2_with_unknown() {
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-kv",
+        "--no-partition",
+        "--budget",
+        "0.000001",
+        &testdata("kv/c50-ok.txt"),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("unknown"), "{}", stdout(&out));
+}
+
+#[test]
+fn malformed_line_names_file_and_line_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.log");
+    std::fs::write(
+        &path,
+        "INFO  jepsen.util - 1\t:invoke\t:write\t1\n\
+         INFO  jepsen.util - 1\t:ok\t:write\t1\n\
+         INFO  jepsen.util - 2\t:invoke\t:frobnicate\t1\n",
+    )
+    .unwrap();
+    let out = shoal(&["check", "--format", "jepsen-etcd", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}:3:", path.display())), "{err}");
+    assert!(err.contains("expected :read, :write or :cas"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let json = dir.path().join("history.jsonl");
+    std::fs::write(
+        &json,
+        "{\"client\": 1, \"type\": \"invoke\", \"f\": \"get\", \"key\": \"a\"}\nnot json\n",
+    )
+    .unwrap();
+    let out = shoal(&["check", "--format", "json", json.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!("{}:2:", json.display())),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn missing_file_exits_2() {
+    let out = shoal(&["check", "--format", "json", "/nonexistent/history.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/nonexistent/history.jsonl"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn html_writes_a_self_contained_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("timeline.html");
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-kv",
+        "--html",
+        page.to_str().unwrap(),
+        &testdata("kv/c01-bad.txt"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let html = std::fs::read_to_string(&page).expect("page written");
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains("class=\"op"), "bars");
+    assert!(
+        html.contains("blocked"),
+        "the blocked operation is highlighted"
+    );
+    assert!(
+        !html.contains("src=") && !html.contains("href="),
+        "no external assets"
+    );
+}
+
+#[test]
+fn json_versioned_kv_histories() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(
+        &good,
+        r#"{"client": 1, "type": "invoke", "f": "put", "key": "a", "value": "x", "expected": 0}
+{"client": 2, "type": "invoke", "f": "get", "key": "a"}
+{"client": 2, "type": "no-key"}
+{"client": 1, "type": "ok", "version": 1}
+{"client": 3, "type": "invoke", "f": "put", "key": "a", "value": "y", "expected": 1}
+{"client": 3, "type": "maybe"}
+{"client": 2, "type": "invoke", "f": "get", "key": "a"}
+{"client": 2, "type": "ok", "value": "y", "version": 2}
+"#,
+    )
+    .unwrap();
+    let out = shoal(&["check", "--format", "json", good.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        r#"{"client": 1, "type": "invoke", "f": "put", "key": "a", "value": "x", "expected": 0}
+{"client": 1, "type": "ok", "version": 1}
+{"client": 2, "type": "invoke", "f": "get", "key": "a"}
+{"client": 2, "type": "no-key"}
+"#,
+    )
+    .unwrap();
+    let out = shoal(&[
+        "check",
+        "--format",
+        "json",
+        "--quiet",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).is_empty(), "--quiet prints nothing");
+
+    let register = dir.path().join("register.jsonl");
+    std::fs::write(
+        &register,
+        r#"{"client": 1, "type": "invoke", "f": "write", "value": 3}
+{"client": 1, "type": "ok"}
+{"client": 2, "type": "invoke", "f": "cas", "from": 3, "to": 4}
+{"client": 2, "type": "fail"}
+"#,
+    )
+    .unwrap();
+    let out = shoal(&[
+        "check",
+        "--format",
+        "json",
+        "--model",
+        "register",
+        register.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a cas of 3 after write 3 cannot fail"
+    );
+}
+
+#[test]
+fn help_teaches_formats_and_exit_codes() {
+    let out = shoal(&["check", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    for needle in [
+        "jepsen-etcd",
+        "jepsen-kv",
+        "json",
+        "EXIT CODES",
+        "unknown outcome",
+        "--budget",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
+    }
+}
