@@ -23,6 +23,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod raft;
 
 #[cfg(feature = "codec")]
 pub mod codec;

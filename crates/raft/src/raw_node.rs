@@ -1,0 +1,333 @@
+//! [`RawNode`]: the driver-facing API (etcd's `RawNode`), and [`Ready`], the batch of work the
+//! driver carries out between two calls.
+
+use crate::raft::{Raft, Role};
+use crate::storage::Storage;
+use crate::{Config, Entry, Error, HardState, LogIndex, Message, NodeId, Snapshot, Term};
+
+/// A read that is now safe to serve (thesis §6.4): the state machine has applied at least
+/// `index`, and leadership was confirmed after the read arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadState {
+    /// The commit index the read waited for.
+    pub index: LogIndex,
+    /// The context passed to [`RawNode::read_index`].
+    pub context: Vec<u8>,
+}
+
+/// Volatile state worth telling the driver about when it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SoftState {
+    /// The node's role.
+    pub role: Role,
+    /// The leader this node knows of, if any.
+    pub leader: Option<NodeId>,
+}
+
+/// Work for the driver, to be carried out **in this order**, then [`RawNode::advance`]:
+///
+/// 1. send `messages` (they do not depend on anything unpersisted; a leader's appends go out in
+///    parallel with its own fsync);
+/// 2. persist `snapshot`, `entries` (replacing any stored entry at or after `entries[0].index`)
+///    and `hard_state`, with one fsync (entries before the hard state that covers them);
+/// 3. send `persisted_messages` — only now, since they promise what step 2 made durable;
+/// 4. restore the state machine from `snapshot`, then apply `committed_entries` in order;
+/// 5. persist `compact` (the service's own snapshot) and discard the log up to its index;
+/// 6. serve `read_states` (their index is already applied).
+#[derive(Debug, Default)]
+#[must_use = "a Ready must be carried out and then advanced"]
+pub struct Ready {
+    /// Role or leader changed.
+    pub soft_state: Option<SoftState>,
+    /// Term, vote or commit changed; persist.
+    pub hard_state: Option<HardState>,
+    /// Log entries to persist.
+    pub entries: Vec<Entry>,
+    /// A snapshot from the leader: persist it (replacing the whole log) and restore the state
+    /// machine from it.
+    pub snapshot: Option<Snapshot>,
+    /// Messages that can be sent at once.
+    pub messages: Vec<Message>,
+    /// Messages to send only after step 2 is durable.
+    pub persisted_messages: Vec<Message>,
+    /// Committed entries to apply, in order.
+    pub committed_entries: Vec<Entry>,
+    /// A snapshot the service asked for with [`RawNode::snapshot`]: persist it, then discard
+    /// the log up to and including its index.
+    pub compact: Option<Snapshot>,
+    /// Reads that are now safe to serve.
+    pub read_states: Vec<ReadState>,
+}
+
+impl Ready {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.soft_state.is_none()
+            && self.hard_state.is_none()
+            && self.entries.is_empty()
+            && self.snapshot.is_none()
+            && self.messages.is_empty()
+            && self.persisted_messages.is_empty()
+            && self.committed_entries.is_empty()
+            && self.compact.is_none()
+            && self.read_states.is_empty()
+    }
+}
+
+/// What [`RawNode::ready`] handed out, so [`RawNode::advance`] knows what became durable.
+struct Handed {
+    last_entry: Option<(LogIndex, Term)>,
+    snapshot_index: Option<LogIndex>,
+    applied_to: Option<LogIndex>,
+}
+
+/// A snapshot of the node's state for tests, metrics and the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// This node.
+    pub id: NodeId,
+    /// Current term.
+    pub term: Term,
+    /// Vote in the current term.
+    pub vote: Option<NodeId>,
+    /// Role.
+    pub role: Role,
+    /// Known leader.
+    pub leader: Option<NodeId>,
+    /// Commit index.
+    pub commit: LogIndex,
+    /// Last index handed to the state machine and advanced.
+    pub applied: LogIndex,
+    /// First index still in the log.
+    pub first_index: LogIndex,
+    /// Last index in the log (durable or not).
+    pub last_index: LogIndex,
+    /// Last index known durable.
+    pub persisted: LogIndex,
+}
+
+/// A Raft node without I/O: feed it ticks, messages and requests; take [`Ready`]s.
+pub struct RawNode<S: Storage> {
+    raft: Raft<S>,
+    prev_hard_state: HardState,
+    prev_soft_state: SoftState,
+    /// Highest index handed out as a committed entry (applied once advanced).
+    applying: LogIndex,
+    handed: Option<Handed>,
+}
+
+impl<S: Storage> RawNode<S> {
+    /// Builds a node from its configuration and its durable state (fresh or restarted).
+    pub fn new(config: Config, storage: S) -> Result<RawNode<S>, Error> {
+        let raft = Raft::new(config, storage)?;
+        let prev_hard_state = raft.hard_state();
+        let prev_soft_state = SoftState {
+            role: raft.role,
+            leader: raft.leader,
+        };
+        let applying = raft.log.applied;
+        Ok(RawNode {
+            raft,
+            prev_hard_state,
+            prev_soft_state,
+            applying,
+            handed: None,
+        })
+    }
+
+    /// Advances the logical clock by one tick (the driver calls it at a fixed interval).
+    pub fn tick(&mut self) {
+        self.raft.tick();
+    }
+
+    /// Handles a message from a peer. Bad input (unknown sender, wrong receiver) is an error the
+    /// driver may log; stale or impossible messages are dropped and logged internally.
+    pub fn step(&mut self, message: Message) -> Result<(), Error> {
+        self.raft.step(message)
+    }
+
+    /// Proposes a command. Returns the log index it will have if committed. Fails on a
+    /// non-leader (with a leader hint) or when a limit is reached.
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<LogIndex, Error> {
+        self.raft.propose(data)
+    }
+
+    /// Requests a linearizable read: a [`ReadState`] with this `context` appears in a later
+    /// [`Ready`] once it is safe to serve. Contexts should be unique among outstanding reads.
+    pub fn read_index(&mut self, context: Vec<u8>) -> Result<(), Error> {
+        self.raft.read_index(context)
+    }
+
+    /// Asks the leader to hand leadership to `to` (thesis §3.10).
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), Error> {
+        self.raft.transfer_leader(to)
+    }
+
+    /// Starts an election now.
+    pub fn campaign(&mut self) {
+        self.raft.campaign_now();
+    }
+
+    /// The service snapshotted its state up to `index` (which it has applied). The next
+    /// [`Ready`] asks the driver to persist it and compact the log.
+    pub fn snapshot(&mut self, index: LogIndex, data: Vec<u8>) -> Result<(), Error> {
+        let first = self.raft.log.first_index();
+        if index < first {
+            return Err(Error::SnapshotOutOfDate { index });
+        }
+        if index > self.raft.log.applied {
+            return Err(Error::SnapshotNotApplied {
+                index,
+                applied: self.raft.log.applied,
+            });
+        }
+        let term = self.raft.log.term(index)?;
+        self.raft.local_snapshot = Some(Snapshot {
+            meta: crate::SnapshotMeta {
+                index,
+                term,
+                voters: self.raft.voters().to_vec(),
+            },
+            data,
+        });
+        Ok(())
+    }
+
+    /// Whether [`RawNode::ready`] would return work.
+    pub fn has_ready(&mut self) -> bool {
+        if self.handed.is_some() {
+            return false;
+        }
+        self.raft.flush();
+        let r = &self.raft;
+        r.hard_state() != self.prev_hard_state
+            || r.role != self.prev_soft_state.role
+            || r.leader != self.prev_soft_state.leader
+            || !r.log.unstable_entries().is_empty()
+            || r.log.unstable_snapshot().is_some()
+            || !r.msgs.is_empty()
+            || !r.msgs_after_persist.is_empty()
+            || r.local_snapshot.is_some()
+            || r.read_states.iter().any(|s| s.index <= r.log.applied)
+            || (r.log.unstable_snapshot().is_none()
+                && r.log.committed.min(r.log.persisted()) > self.applying)
+    }
+
+    /// Takes the work to do. Call [`RawNode::advance`] after carrying it out, before the next
+    /// `ready`.
+    pub fn ready(&mut self) -> Ready {
+        assert!(
+            self.handed.is_none(),
+            "ready() called twice without advance()"
+        );
+        self.raft.flush();
+        let r = &mut self.raft;
+        let mut rd = Ready::default();
+        let soft = SoftState {
+            role: r.role,
+            leader: r.leader,
+        };
+        if soft != self.prev_soft_state {
+            rd.soft_state = Some(soft);
+            self.prev_soft_state = soft;
+        }
+        let hs = r.hard_state();
+        if hs != self.prev_hard_state {
+            rd.hard_state = Some(hs);
+            self.prev_hard_state = hs;
+        }
+        rd.entries = r.log.unstable_entries().to_vec();
+        rd.snapshot = r.log.unstable_snapshot().cloned();
+        rd.messages = std::mem::take(&mut r.msgs);
+        rd.persisted_messages = std::mem::take(&mut r.msgs_after_persist);
+        rd.committed_entries = r
+            .log
+            .next_committed_entries(self.applying, r.config().max_committed_bytes_per_ready);
+        rd.compact = r.local_snapshot.take();
+        let applied = r.log.applied;
+        let (ready_reads, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut r.read_states)
+            .into_iter()
+            .partition(|s| s.index <= applied);
+        r.read_states = waiting;
+        rd.read_states = ready_reads;
+        let handed = Handed {
+            last_entry: rd.entries.last().map(|e| (e.index, e.term)),
+            snapshot_index: rd.snapshot.as_ref().map(|s| s.meta.index),
+            applied_to: rd.committed_entries.last().map(|e| e.index),
+        };
+        if let Some(i) = handed.applied_to {
+            self.applying = i;
+        }
+        if let Some(i) = handed.snapshot_index {
+            self.applying = self.applying.max(i);
+        }
+        self.handed = Some(handed);
+        rd
+    }
+
+    /// The driver finished the last [`Ready`]: its entries and snapshot are durable and its
+    /// committed entries applied.
+    pub fn advance(&mut self) {
+        let Some(h) = self.handed.take() else {
+            return;
+        };
+        let log = &mut self.raft.log;
+        if let Some(i) = h.snapshot_index {
+            log.stable_snapshot_to(i);
+        }
+        if let Some((i, t)) = h.last_entry {
+            log.stable_to(i, t);
+        }
+        if let Some(i) = h.applied_to {
+            debug_assert!(i <= log.committed, "applied beyond commit");
+            if i > log.applied {
+                log.applied = i;
+            }
+        }
+        self.applying = self.applying.max(log.applied);
+        self.raft.on_persisted();
+    }
+
+    /// The node's state.
+    pub fn status(&self) -> Status {
+        let r = &self.raft;
+        Status {
+            id: r.id,
+            term: r.term,
+            vote: r.vote,
+            role: r.role,
+            leader: r.leader,
+            commit: r.log.committed,
+            applied: r.log.applied,
+            first_index: r.log.first_index(),
+            last_index: r.log.last_index(),
+            persisted: r.log.persisted(),
+        }
+    }
+
+    /// The term of the entry at `index`, if the log (durable or not) holds it.
+    pub fn log_term(&self, index: LogIndex) -> Option<Term> {
+        self.raft.log.term(index).ok()
+    }
+
+    /// Entries in `[lo, hi)` held by the log (durable or not), for tests and diagnostics.
+    pub fn log_entries(&self, lo: LogIndex, hi: LogIndex) -> Result<Vec<Entry>, Error> {
+        Ok(self.raft.log.entries(lo, hi, usize::MAX)?)
+    }
+
+    /// Read access to the storage.
+    pub fn storage(&self) -> &S {
+        &self.raft.log.storage
+    }
+
+    /// Write access to the storage, for a driver that persists through it (as with
+    /// [`crate::MemStorage`]).
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.raft.log.storage
+    }
+
+    /// The leader's replication record of a follower (leader only).
+    pub fn progress(&self, id: NodeId) -> Option<crate::Progress> {
+        self.raft.progress.get(&id).cloned()
+    }
+}

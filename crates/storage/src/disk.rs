@@ -1,0 +1,399 @@
+//! The file operations storage needs, behind a small trait so the same code runs on a real
+//! directory ([`StdDisk`]) and on simulated disks ([`MemDisk`] here; the simulator's disk via
+//! glue, see `docs/raft.md`).
+//!
+//! The namespace is flat: one directory per node, files named by `&str`.
+
+use std::collections::BTreeMap;
+
+/// A failed file operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// No file of that name.
+    #[error("{op} {name}: no such file")]
+    NotFound {
+        /// The operation.
+        op: &'static str,
+        /// The file.
+        name: String,
+    },
+    /// A simulated disk refused.
+    #[error("{op} {name}: {reason}")]
+    Other {
+        /// The operation.
+        op: &'static str,
+        /// The file.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The operating system refused.
+    #[error("{op} {name}: {source}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The file.
+        name: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// File operations with explicit durability: writes are visible at once and durable only after
+/// [`Disk::sync`] of the file (data) and [`Disk::sync_dir`] (names: create, rename, remove).
+pub trait Disk {
+    /// Names of all files.
+    fn list(&self) -> Result<Vec<String>, DiskError>;
+    /// The whole content of a file, or `None` if it does not exist.
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, DiskError>;
+    /// Creates an empty file, replacing any file of that name.
+    fn create(&mut self, name: &str) -> Result<(), DiskError>;
+    /// Appends bytes to an existing file.
+    fn append(&mut self, name: &str, bytes: &[u8]) -> Result<(), DiskError>;
+    /// Cuts a file to `len` bytes.
+    fn truncate(&mut self, name: &str, len: u64) -> Result<(), DiskError>;
+    /// Renames a file, atomically replacing `to`.
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), DiskError>;
+    /// Removes a file (no error if it does not exist).
+    fn remove(&mut self, name: &str) -> Result<(), DiskError>;
+    /// Makes a file's data durable (fsync).
+    fn sync(&mut self, name: &str) -> Result<(), DiskError>;
+    /// Makes the directory's names durable (fsync of the directory).
+    fn sync_dir(&mut self) -> Result<(), DiskError>;
+}
+
+/// A real directory through `std::fs`.
+pub struct StdDisk {
+    dir: std::path::PathBuf,
+    /// Open handles of files being appended to, kept to avoid reopening per write.
+    open: BTreeMap<String, std::fs::File>,
+}
+
+impl StdDisk {
+    /// Uses (and creates if needed) `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Result<StdDisk, DiskError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| DiskError::Io {
+            op: "create dir",
+            name: dir.display().to_string(),
+            source,
+        })?;
+        Ok(StdDisk {
+            dir,
+            open: BTreeMap::new(),
+        })
+    }
+
+    fn io(op: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> DiskError {
+        let name = name.to_string();
+        move |source| DiskError::Io { op, name, source }
+    }
+
+    fn handle(&mut self, op: &'static str, name: &str) -> Result<&mut std::fs::File, DiskError> {
+        if !self.open.contains_key(name) {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.dir.join(name))
+                .map_err(|source| {
+                    if source.kind() == std::io::ErrorKind::NotFound {
+                        DiskError::NotFound {
+                            op,
+                            name: name.to_string(),
+                        }
+                    } else {
+                        DiskError::Io {
+                            op,
+                            name: name.to_string(),
+                            source,
+                        }
+                    }
+                })?;
+            self.open.insert(name.to_string(), f);
+        }
+        Ok(self.open.get_mut(name).expect("just inserted"))
+    }
+}
+
+impl Disk for StdDisk {
+    fn list(&self) -> Result<Vec<String>, DiskError> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.dir).map_err(Self::io("list", "."))?;
+        for e in rd {
+            let e = e.map_err(Self::io("list", "."))?;
+            if let Some(n) = e.file_name().to_str() {
+                out.push(n.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, DiskError> {
+        match std::fs::read(self.dir.join(name)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(DiskError::Io {
+                op: "read",
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn create(&mut self, name: &str) -> Result<(), DiskError> {
+        self.open.remove(name);
+        std::fs::File::create(self.dir.join(name)).map_err(Self::io("create", name))?;
+        Ok(())
+    }
+
+    fn append(&mut self, name: &str, bytes: &[u8]) -> Result<(), DiskError> {
+        use std::io::Write;
+        self.handle("append", name)?
+            .write_all(bytes)
+            .map_err(Self::io("append", name))
+    }
+
+    fn truncate(&mut self, name: &str, len: u64) -> Result<(), DiskError> {
+        self.handle("truncate", name)?
+            .set_len(len)
+            .map_err(Self::io("truncate", name))
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), DiskError> {
+        self.open.remove(from);
+        self.open.remove(to);
+        std::fs::rename(self.dir.join(from), self.dir.join(to)).map_err(Self::io("rename", from))
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), DiskError> {
+        self.open.remove(name);
+        match std::fs::remove_file(self.dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DiskError::Io {
+                op: "remove",
+                name: name.to_string(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn sync(&mut self, name: &str) -> Result<(), DiskError> {
+        self.handle("sync", name)?
+            .sync_data()
+            .map_err(Self::io("sync", name))
+    }
+
+    fn sync_dir(&mut self) -> Result<(), DiskError> {
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io("sync dir", "."))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Inode {
+    data: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+/// An in-memory disk with crash semantics, for tests: data is durable only once synced, names
+/// only once the directory is synced, and [`MemDisk::crash`] loses the rest — optionally
+/// keeping a torn prefix of unsynced appended bytes.
+#[derive(Debug, Clone, Default)]
+pub struct MemDisk {
+    inodes: BTreeMap<u64, Inode>,
+    names: BTreeMap<String, u64>,
+    durable_names: BTreeMap<String, u64>,
+    next_ino: u64,
+    /// fsyncs issued (files and directory), for group-commit tests.
+    pub syncs: u64,
+}
+
+impl MemDisk {
+    /// An empty disk.
+    pub fn new() -> MemDisk {
+        MemDisk::default()
+    }
+
+    fn ino(&self, op: &'static str, name: &str) -> Result<u64, DiskError> {
+        self.names.get(name).copied().ok_or(DiskError::NotFound {
+            op,
+            name: name.to_string(),
+        })
+    }
+
+    /// Simulates power loss. `keep_unsynced(file, n)` says how many of the `n` unsynced bytes
+    /// appended after a file's durable content survive (0 = lose all; a partial count is a torn
+    /// write).
+    pub fn crash(&mut self, mut keep_unsynced: impl FnMut(&str, usize) -> usize) {
+        self.names = self.durable_names.clone();
+        let live: BTreeMap<u64, String> = self.names.iter().map(|(n, &i)| (i, n.clone())).collect();
+        self.inodes.retain(|i, _| live.contains_key(i));
+        for (ino, inode) in self.inodes.iter_mut() {
+            let name = &live[ino];
+            let d = &inode.durable;
+            let extra = if inode.data.len() > d.len() && inode.data.starts_with(d) {
+                let n = inode.data.len() - d.len();
+                keep_unsynced(name, n).min(n)
+            } else {
+                0
+            };
+            let keep = d.len() + extra;
+            let mut data = inode.data.clone();
+            if extra == 0 {
+                data = d.clone();
+            } else {
+                data.truncate(keep);
+            }
+            inode.data = data.clone();
+            inode.durable = data;
+        }
+    }
+
+    /// Flips a byte of a file (durably), to test corruption detection.
+    pub fn corrupt(&mut self, name: &str, offset: usize) {
+        if let Some(&i) = self.names.get(name) {
+            let inode = self.inodes.get_mut(&i).expect("inode");
+            inode.data[offset] ^= 0x5a;
+            inode.durable = inode.data.clone();
+        }
+    }
+}
+
+impl Disk for MemDisk {
+    fn list(&self) -> Result<Vec<String>, DiskError> {
+        Ok(self.names.keys().cloned().collect())
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, DiskError> {
+        Ok(self.names.get(name).map(|i| self.inodes[i].data.clone()))
+    }
+
+    fn create(&mut self, name: &str) -> Result<(), DiskError> {
+        self.next_ino += 1;
+        self.inodes.insert(self.next_ino, Inode::default());
+        self.names.insert(name.to_string(), self.next_ino);
+        Ok(())
+    }
+
+    fn append(&mut self, name: &str, bytes: &[u8]) -> Result<(), DiskError> {
+        let i = self.ino("append", name)?;
+        self.inodes
+            .get_mut(&i)
+            .expect("inode")
+            .data
+            .extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn truncate(&mut self, name: &str, len: u64) -> Result<(), DiskError> {
+        let i = self.ino("truncate", name)?;
+        self.inodes
+            .get_mut(&i)
+            .expect("inode")
+            .data
+            .truncate(len as usize);
+        Ok(())
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), DiskError> {
+        let i = self.ino("rename", from)?;
+        self.names.remove(from);
+        self.names.insert(to.to_string(), i);
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), DiskError> {
+        self.names.remove(name);
+        Ok(())
+    }
+
+    fn sync(&mut self, name: &str) -> Result<(), DiskError> {
+        let i = self.ino("sync", name)?;
+        let inode = self.inodes.get_mut(&i).expect("inode");
+        inode.durable = inode.data.clone();
+        self.syncs += 1;
+        Ok(())
+    }
+
+    fn sync_dir(&mut self) -> Result<(), DiskError> {
+        self.durable_names = self.names.clone();
+        self.syncs += 1;
+        Ok(())
+    }
+}
+
+/// The simulator's disk (feature `sim`). Its fsyncs are asynchronous events of the simulation
+/// (`Ctx::fsync`), but the storage needs a barrier (an atomic replace must not rename before
+/// the data is durable), so `sync`/`sync_dir` make everything durable at once with
+/// `SimDisk::sync_all_now`. Crash coverage comes from the driver: it writes on every event and
+/// syncs on a group-commit timer, so crashes in between lose or tear unsynced writes. Model
+/// fsync latency by delaying the acknowledgement (see `docs/raft.md`).
+#[cfg(feature = "sim")]
+impl Disk for shoal_sim::SimDisk {
+    fn list(&self) -> Result<Vec<String>, DiskError> {
+        Ok(shoal_sim::SimDisk::list(self))
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, DiskError> {
+        if !self.exists(name) {
+            return Ok(None);
+        }
+        self.read_all(name)
+            .map(Some)
+            .map_err(|e| sim_err("read", name, e))
+    }
+
+    fn create(&mut self, name: &str) -> Result<(), DiskError> {
+        if self.exists(name) {
+            shoal_sim::SimDisk::remove(self, name).map_err(|e| sim_err("create", name, e))?;
+        }
+        shoal_sim::SimDisk::create(self, name).map_err(|e| sim_err("create", name, e))
+    }
+
+    fn append(&mut self, name: &str, bytes: &[u8]) -> Result<(), DiskError> {
+        shoal_sim::SimDisk::append(self, name, bytes)
+            .map(|_| ())
+            .map_err(|e| sim_err("append", name, e))
+    }
+
+    fn truncate(&mut self, name: &str, len: u64) -> Result<(), DiskError> {
+        shoal_sim::SimDisk::truncate(self, name, len).map_err(|e| sim_err("truncate", name, e))
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), DiskError> {
+        shoal_sim::SimDisk::rename(self, from, to).map_err(|e| sim_err("rename", from, e))
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), DiskError> {
+        if !self.exists(name) {
+            return Ok(());
+        }
+        shoal_sim::SimDisk::remove(self, name).map_err(|e| sim_err("remove", name, e))
+    }
+
+    fn sync(&mut self, _name: &str) -> Result<(), DiskError> {
+        self.sync_all_now();
+        Ok(())
+    }
+
+    fn sync_dir(&mut self) -> Result<(), DiskError> {
+        self.sync_all_now();
+        Ok(())
+    }
+}
+
+#[cfg(feature = "sim")]
+fn sim_err(op: &'static str, name: &str, e: shoal_sim::DiskError) -> DiskError {
+    match e {
+        shoal_sim::DiskError::NotFound(_) => DiskError::NotFound {
+            op,
+            name: name.to_string(),
+        },
+        other => DiskError::Other {
+            op,
+            name: name.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}

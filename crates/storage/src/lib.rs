@@ -1,0 +1,666 @@
+//! Shoal's durable Raft storage (DESIGN.md §5): the log in segment files with a length and a
+//! CRC32C per record, group commit, crash-safe suffix truncation and prefix compaction, hard
+//! state and snapshots replaced atomically, and an identity file so a node never starts on
+//! another node's or cluster's data.
+//!
+//! **Owns:** the on-disk format and recovery. **Must never:** report data durable before it was
+//! fsynced, silently drop a record (a torn record at the very tail is the only thing truncated;
+//! anything else refuses to start, naming file and offset), or depend on the Raft protocol
+//! beyond the `shoal_raft::Storage` trait it implements.
+//!
+//! # Files (one flat directory per node)
+//!
+//! - `identity`: cluster id and node id, written once at creation.
+//! - `hardstate`, `snapshot`: one framed record each, replaced via `*.tmp` + fsync + rename +
+//!   directory fsync.
+//! - `seg-<seq:016>.log`: a header record `{seq, first_index}` then one record per entry, with
+//!   consecutive indices. A higher `seq` supersedes lower ones from its `first_index` on: suffix
+//!   truncation never rewrites a file, it starts a new segment. Recovery replays segments in
+//!   `seq` order, so whatever prefix of the operations a crash keeps, the log read back is a
+//!   state the log really had.
+//!
+//! A record is `len: u32 LE | crc32c(payload): u32 LE | payload` (postcard).
+
+#![warn(missing_docs)]
+
+pub mod disk;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use shoal_raft::{Entry, HardState, LogIndex, Snapshot, StorageError as RaftStorageError, Term};
+
+pub use disk::{Disk, DiskError, MemDisk, StdDisk};
+
+/// Bytes of a record header (length + CRC32C).
+pub const RECORD_HEADER_BYTES: usize = 8;
+/// Largest record accepted when reading, in bytes (a corrupt length must not allocate 4 GiB).
+pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+/// Default [`StorageConfig::max_segment_bytes`] (64 MiB).
+pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Version of the on-disk format, in the identity file.
+pub const FORMAT_VERSION: u32 = 1;
+
+const IDENTITY: &str = "identity";
+const HARD_STATE: &str = "hardstate";
+const SNAPSHOT: &str = "snapshot";
+
+/// Errors of the storage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file operation failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// Data on disk is damaged somewhere other than a torn tail: refuse to start.
+    #[error("corrupt data in {file} at offset {offset}: {reason}")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// Byte offset of the bad record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The directory belongs to another node or cluster.
+    #[error("data directory belongs to cluster {found_cluster} node {found_node}, not cluster {cluster} node {node}")]
+    WrongIdentity {
+        /// Expected cluster.
+        cluster: u64,
+        /// Expected node.
+        node: u64,
+        /// Cluster found on disk.
+        found_cluster: u64,
+        /// Node found on disk.
+        found_node: u64,
+    },
+    /// A request the log cannot honour (e.g. an append leaving a gap).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// Limits of the storage.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// A segment is closed and a new one started once it exceeds this size.
+    pub max_segment_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            max_segment_bytes: DEFAULT_MAX_SEGMENT_BYTES,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    format_version: u32,
+    cluster_id: u64,
+    node_id: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+struct SegmentHeader {
+    seq: u64,
+    first_index: LogIndex,
+}
+
+/// Frames a payload as a record.
+pub fn encode_record<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    let payload = postcard::to_allocvec(value).expect("postcard encoding of plain data");
+    assert!(payload.len() <= MAX_RECORD_BYTES, "record too large");
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+}
+
+/// Result of reading one record at an offset.
+enum ReadRecord<T> {
+    Ok(T, usize),
+    /// Nothing (or only zero padding) left.
+    End,
+    /// The record runs past the end of the data or its checksum fails: torn or corrupt.
+    Bad(String),
+}
+
+fn read_record<T: DeserializeOwned>(buf: &[u8], offset: usize) -> ReadRecord<T> {
+    let rest = &buf[offset..];
+    if rest.is_empty() || rest.iter().all(|&b| b == 0) {
+        return ReadRecord::End;
+    }
+    if rest.len() < RECORD_HEADER_BYTES {
+        return ReadRecord::Bad("truncated record header".into());
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    if len > MAX_RECORD_BYTES {
+        return ReadRecord::Bad(format!("record length {len} over the limit"));
+    }
+    if rest.len() < RECORD_HEADER_BYTES + len {
+        return ReadRecord::Bad(format!(
+            "record of {len} bytes runs past the end of the file"
+        ));
+    }
+    let payload = &rest[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len];
+    if crc32c::crc32c(payload) != crc {
+        return ReadRecord::Bad("checksum mismatch".into());
+    }
+    match postcard::from_bytes(payload) {
+        Ok(v) => ReadRecord::Ok(v, RECORD_HEADER_BYTES + len),
+        Err(e) => ReadRecord::Bad(format!("undecodable record: {e}")),
+    }
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("seg-{seq:016}.log")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    name.strip_prefix("seg-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    /// Index the next record appended to it must have.
+    next_index: LogIndex,
+    bytes: u64,
+}
+
+/// The durable log, hard state and snapshot of one node, on a [`Disk`] lent to each call
+/// that writes (so a simulator can keep owning its disks; reads never touch the disk).
+///
+/// Writes ([`DurableStorage::append`], [`DurableStorage::set_hard_state`]) are visible at once
+/// and durable after [`DurableStorage::sync`], which fsyncs every file touched since the last
+/// sync (group commit). Snapshots are durable when their call returns. Entries are also kept
+/// in memory (the log is bounded by snapshots), so reads never touch the disk.
+pub struct DurableStorage {
+    config: StorageConfig,
+    hard_state: HardState,
+    durable_hard_state: HardState,
+    snapshot: Snapshot,
+    /// `entries[0]` has index `snapshot.meta.index + 1`.
+    entries: Vec<Entry>,
+    /// For each entry, the seq of the segment holding it.
+    entry_segment: Vec<u64>,
+    segments: BTreeMap<u64, Segment>,
+    active: u64,
+    /// Files written since the last sync.
+    dirty: BTreeSet<String>,
+    dir_dirty: bool,
+}
+
+impl DurableStorage {
+    /// Opens (or initialises, if the disk is empty) the storage of `node_id` in `cluster_id`.
+    /// Truncates a torn record at the tail of the newest segment; refuses to start on any
+    /// other damage, or on a directory of another node or cluster.
+    pub fn open(
+        disk: &mut impl Disk,
+        cluster_id: u64,
+        node_id: u64,
+        config: StorageConfig,
+    ) -> Result<DurableStorage, Error> {
+        let want = Identity {
+            format_version: FORMAT_VERSION,
+            cluster_id,
+            node_id,
+        };
+        match read_single::<Identity>(disk, IDENTITY)? {
+            Some(found) => {
+                if (found.cluster_id, found.node_id) != (cluster_id, node_id) {
+                    return Err(Error::WrongIdentity {
+                        cluster: cluster_id,
+                        node: node_id,
+                        found_cluster: found.cluster_id,
+                        found_node: found.node_id,
+                    });
+                }
+                if found.format_version != FORMAT_VERSION {
+                    return Err(Error::Corrupt {
+                        file: IDENTITY.into(),
+                        offset: 0,
+                        reason: format!("unknown format version {}", found.format_version),
+                    });
+                }
+            }
+            None => {
+                let names = disk.list()?;
+                if names.iter().any(|n| !n.ends_with(".tmp")) {
+                    return Err(Error::Corrupt {
+                        file: IDENTITY.into(),
+                        offset: 0,
+                        reason: "missing, but the directory holds data".into(),
+                    });
+                }
+                write_atomic(disk, IDENTITY, &want)?;
+            }
+        }
+        for name in disk.list()? {
+            if name.ends_with(".tmp") {
+                disk.remove(&name)?; // an interrupted atomic replace
+            }
+        }
+        let hard_state = read_single::<HardState>(disk, HARD_STATE)?.unwrap_or_default();
+        let snapshot = read_single::<Snapshot>(disk, SNAPSHOT)?.unwrap_or_default();
+
+        let mut seqs: Vec<u64> = disk
+            .list()?
+            .iter()
+            .filter_map(|n| parse_segment_name(n))
+            .collect();
+        seqs.sort_unstable();
+        let mut s = DurableStorage {
+            config,
+            hard_state,
+            durable_hard_state: hard_state,
+            snapshot,
+            entries: Vec::new(),
+            entry_segment: Vec::new(),
+            segments: BTreeMap::new(),
+            active: 0,
+            dirty: BTreeSet::new(),
+            dir_dirty: false,
+        };
+        let newest = seqs.last().copied();
+        for seq in seqs {
+            s.replay_segment(disk, seq, Some(seq) == newest)?;
+        }
+        if s.segments.is_empty() {
+            let first = s.snapshot.meta.index.next();
+            s.start_segment(disk, first)?;
+            s.sync(disk)?;
+        } else {
+            s.active = *s.segments.keys().next_back().expect("non-empty");
+        }
+        tracing::info!(node = node_id, first = %s.first(), last = %s.last(),
+            term = %s.hard_state.term, "storage opened");
+        Ok(s)
+    }
+
+    fn first(&self) -> LogIndex {
+        self.snapshot.meta.index.next()
+    }
+
+    fn last(&self) -> LogIndex {
+        LogIndex(self.snapshot.meta.index.0 + self.entries.len() as u64)
+    }
+
+    fn replay_segment(
+        &mut self,
+        disk: &mut impl Disk,
+        seq: u64,
+        newest: bool,
+    ) -> Result<(), Error> {
+        let name = segment_name(seq);
+        let buf = disk.read(&name)?.unwrap_or_default();
+        let corrupt = |offset: usize, reason: String| Error::Corrupt {
+            file: name.clone(),
+            offset: offset as u64,
+            reason,
+        };
+        let header: SegmentHeader = match read_record(&buf, 0) {
+            ReadRecord::Ok(h, _) => h,
+            ReadRecord::End | ReadRecord::Bad(_) if newest => {
+                // Created but its header never made it to disk: an empty tail segment.
+                tracing::warn!(file = %name, "discarding newest segment with a torn header");
+                disk.remove(&name)?;
+                return Ok(());
+            }
+            ReadRecord::End => return Err(corrupt(0, "empty segment".into())),
+            ReadRecord::Bad(why) => return Err(corrupt(0, why)),
+        };
+        if header.seq != seq {
+            return Err(corrupt(0, format!("header says seq {}", header.seq)));
+        }
+        let mut offset = match read_record::<SegmentHeader>(&buf, 0) {
+            ReadRecord::Ok(_, n) => n,
+            _ => unreachable!("decoded above"),
+        };
+        // This segment supersedes everything from its first index on (suffix truncation).
+        let first = header.first_index;
+        // A segment starting beyond the end of the log is legitimate only if empty: it was
+        // created for a snapshot install that a crash interrupted (see `apply_snapshot`).
+        let gap = first > self.last().next() && first > self.first();
+        if !gap {
+            self.truncate_memory(first);
+        }
+        let mut expect = first;
+        loop {
+            match read_record::<Entry>(&buf, offset) {
+                ReadRecord::Ok(e, n) => {
+                    if gap {
+                        return Err(corrupt(
+                            offset,
+                            format!(
+                                "segment starts at {first} but the log ends at {}",
+                                self.last()
+                            ),
+                        ));
+                    }
+                    if e.index != expect {
+                        return Err(corrupt(
+                            offset,
+                            format!("entry index {} where {expect} was expected", e.index),
+                        ));
+                    }
+                    if e.index > self.snapshot.meta.index {
+                        if e.index.prev() > self.snapshot.meta.index {
+                            // Terms never decrease along a log.
+                            let prev = self.entries.last().map(|p| p.term).unwrap_or_default();
+                            if e.term < prev {
+                                return Err(corrupt(offset, "term goes backwards".into()));
+                            }
+                        }
+                        self.entries.push(e);
+                        self.entry_segment.push(seq);
+                    }
+                    expect = expect.next();
+                    offset += n;
+                }
+                ReadRecord::End => break,
+                ReadRecord::Bad(why) => {
+                    let rest_is_tail = newest;
+                    if !rest_is_tail {
+                        return Err(corrupt(offset, why));
+                    }
+                    // A torn write at the very tail of the newest segment: the only damage we
+                    // repair, by truncating it (DESIGN.md §5). Anything after it would be a
+                    // second record, which a torn final write cannot produce.
+                    if has_valid_record_after(&buf, offset) {
+                        return Err(corrupt(offset, why));
+                    }
+                    tracing::warn!(file = %name, offset, %why, "truncating torn tail");
+                    disk.truncate(&name, offset as u64)?;
+                    disk.sync(&name)?;
+                    break;
+                }
+            }
+        }
+        self.segments.insert(
+            seq,
+            Segment {
+                next_index: expect,
+                bytes: offset as u64,
+            },
+        );
+        Ok(())
+    }
+
+    fn truncate_memory(&mut self, from: LogIndex) {
+        if from <= self.snapshot.meta.index {
+            // Everything after the snapshot is superseded.
+            self.entries.clear();
+            self.entry_segment.clear();
+            return;
+        }
+        let keep = (from.0 - self.first().0) as usize;
+        if keep < self.entries.len() {
+            self.entries.truncate(keep);
+            self.entry_segment.truncate(keep);
+        }
+    }
+
+    fn start_segment(&mut self, disk: &mut impl Disk, first_index: LogIndex) -> Result<(), Error> {
+        // Barrier: the previous active segment is durable before a newer one exists, so only
+        // the newest segment can ever have a torn tail.
+        if self.segments.contains_key(&self.active) {
+            let name = segment_name(self.active);
+            if self.dirty.remove(&name) {
+                disk.sync(&name)?;
+            }
+        }
+        let seq = self.segments.keys().next_back().map_or(1, |s| s + 1);
+        let name = segment_name(seq);
+        disk.create(&name)?;
+        let mut buf = Vec::new();
+        encode_record(&SegmentHeader { seq, first_index }, &mut buf);
+        disk.append(&name, &buf)?;
+        self.segments.insert(
+            seq,
+            Segment {
+                next_index: first_index,
+                bytes: buf.len() as u64,
+            },
+        );
+        self.active = seq;
+        self.dirty.insert(name);
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    /// Appends entries, superseding any stored entry at or after `entries[0].index` (a
+    /// conflict). Entries at or before the snapshot are skipped. Durable after
+    /// [`DurableStorage::sync`].
+    pub fn append(&mut self, disk: &mut impl Disk, entries: &[Entry]) -> Result<(), Error> {
+        let entries: Vec<&Entry> = entries.iter().filter(|e| e.index >= self.first()).collect();
+        let Some(head) = entries.first() else {
+            return Ok(());
+        };
+        if head.index > self.last().next() {
+            return Err(Error::Invalid(format!(
+                "append at {} leaves a gap after {}",
+                head.index,
+                self.last()
+            )));
+        }
+        if head.index <= self.last() {
+            self.truncate_memory(head.index);
+        }
+        let active = &self.segments[&self.active];
+        if head.index != active.next_index || active.bytes >= self.config.max_segment_bytes {
+            // Suffix truncation (a conflict) or a full segment: a new segment, which
+            // supersedes every older one from head.index on.
+            self.start_segment(disk, head.index)?;
+        }
+        let name = segment_name(self.active);
+        let mut buf = Vec::new();
+        for e in &entries {
+            encode_record(*e, &mut buf);
+        }
+        disk.append(&name, &buf)?;
+        if let Some(seg) = self.segments.get_mut(&self.active) {
+            seg.bytes += buf.len() as u64;
+            seg.next_index = LogIndex(head.index.0 + entries.len() as u64);
+        }
+        for e in entries {
+            self.entries.push(e.clone());
+            self.entry_segment.push(self.active);
+        }
+        self.dirty.insert(name);
+        Ok(())
+    }
+
+    /// Records the hard state. A term or vote change is written (atomically) now; a change of
+    /// the commit index alone is kept in memory and written with the next one or at a
+    /// snapshot, since Raft re-learns its commit index after a restart.
+    pub fn set_hard_state(&mut self, disk: &mut impl Disk, hs: HardState) -> Result<(), Error> {
+        self.hard_state = hs;
+        if (hs.term, hs.vote) != (self.durable_hard_state.term, self.durable_hard_state.vote) {
+            self.write_hard_state(disk)?;
+        }
+        Ok(())
+    }
+
+    fn write_hard_state(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
+        // The log first, so a durable commit index never exceeds the durable log.
+        self.sync(disk)?;
+        let mut hs = self.hard_state;
+        // Never claim a commit index beyond what the log holds durably.
+        hs.commit = hs.commit.min(self.last());
+        write_atomic(disk, HARD_STATE, &hs)?;
+        self.durable_hard_state = hs;
+        Ok(())
+    }
+
+    /// Group commit: one fsync per file written since the last call (plus the directory if
+    /// names changed). After it returns, everything appended before is durable.
+    pub fn sync(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
+        for name in std::mem::take(&mut self.dirty) {
+            disk.sync(&name)?;
+        }
+        if self.dir_dirty {
+            disk.sync_dir()?;
+            self.dir_dirty = false;
+        }
+        self.collect_garbage(disk)
+    }
+
+    /// Removes segments no live entry lives in any more (superseded or compacted). Only called
+    /// once everything is durable, so the superseding data exists on disk.
+    fn collect_garbage(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
+        let live: BTreeSet<u64> = self.entry_segment.iter().copied().collect();
+        let dead: Vec<u64> = self
+            .segments
+            .keys()
+            .copied()
+            .filter(|s| *s != self.active && !live.contains(s))
+            .collect();
+        for seq in dead {
+            // If a crash undoes the removal, recovery skips the file's entries anyway.
+            disk.remove(&segment_name(seq))?;
+            self.segments.remove(&seq);
+        }
+        Ok(())
+    }
+
+    /// Installs a snapshot received from the leader: replaces the whole log. Durable when it
+    /// returns.
+    pub fn apply_snapshot(
+        &mut self,
+        disk: &mut impl Disk,
+        snapshot: Snapshot,
+    ) -> Result<(), Error> {
+        let index = snapshot.meta.index;
+        // The empty superseding segment is created (and its name made durable) before the
+        // snapshot file, so no crash can leave the snapshot followed by the old log.
+        self.start_segment(disk, index.next())?;
+        self.sync(disk)?;
+        write_atomic(disk, SNAPSHOT, &snapshot)?;
+        self.snapshot = snapshot;
+        self.entries.clear();
+        self.entry_segment.clear();
+        if self.hard_state.commit < index {
+            self.hard_state.commit = index;
+        }
+        self.write_hard_state(disk)?;
+        self.collect_garbage(disk)
+    }
+
+    /// Records the service's own snapshot and discards the log up to and including its index.
+    /// Durable when it returns. Entries after it must already be stored.
+    pub fn compact(&mut self, disk: &mut impl Disk, snapshot: Snapshot) -> Result<(), Error> {
+        let index = snapshot.meta.index;
+        if index < self.first() {
+            return Ok(());
+        }
+        if index > self.last() {
+            return Err(Error::Invalid(format!(
+                "compact to {index} beyond the last index {}",
+                self.last()
+            )));
+        }
+        self.sync(disk)?;
+        write_atomic(disk, SNAPSHOT, &snapshot)?;
+        let drop = (index.0 + 1 - self.first().0) as usize;
+        self.entries.drain(..drop);
+        self.entry_segment.drain(..drop);
+        self.snapshot = snapshot;
+        self.write_hard_state(disk)?;
+        self.collect_garbage(disk)
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+fn has_valid_record_after(buf: &[u8], offset: usize) -> bool {
+    // Scan for any later position where a well-formed entry record starts.
+    (offset + 1..buf.len().saturating_sub(RECORD_HEADER_BYTES))
+        .any(|o| matches!(read_record::<Entry>(buf, o), ReadRecord::Ok(..)))
+}
+
+fn read_single<T: DeserializeOwned>(disk: &impl Disk, name: &str) -> Result<Option<T>, Error> {
+    let Some(buf) = disk.read(name)? else {
+        return Ok(None);
+    };
+    match read_record(&buf, 0) {
+        ReadRecord::Ok(v, _) => Ok(Some(v)),
+        ReadRecord::End => Err(Error::Corrupt {
+            file: name.into(),
+            offset: 0,
+            reason: "empty file".into(),
+        }),
+        ReadRecord::Bad(reason) => Err(Error::Corrupt {
+            file: name.into(),
+            offset: 0,
+            reason,
+        }),
+    }
+}
+
+/// Replaces a file atomically: temporary file, fsync, rename, directory fsync (DESIGN.md §5).
+fn write_atomic<T: Serialize>(disk: &mut impl Disk, name: &str, value: &T) -> Result<(), Error> {
+    let tmp = format!("{name}.tmp");
+    let mut buf = Vec::new();
+    encode_record(value, &mut buf);
+    disk.create(&tmp)?;
+    disk.append(&tmp, &buf)?;
+    disk.sync(&tmp)?;
+    disk.rename(&tmp, name)?;
+    disk.sync_dir()?;
+    Ok(())
+}
+
+impl shoal_raft::Storage for DurableStorage {
+    fn hard_state(&self) -> HardState {
+        self.hard_state
+    }
+
+    fn entries(
+        &self,
+        lo: LogIndex,
+        hi: LogIndex,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        if lo < self.first() {
+            return Err(RaftStorageError::Compacted);
+        }
+        if hi > self.last().next() || lo > hi {
+            return Err(RaftStorageError::Unavailable);
+        }
+        let base = self.first().0;
+        let slice = &self.entries[(lo.0 - base) as usize..(hi.0 - base) as usize];
+        Ok(shoal_raft::limit_size(slice, max_bytes))
+    }
+
+    fn term(&self, index: LogIndex) -> Result<Term, RaftStorageError> {
+        let snap = &self.snapshot.meta;
+        if index == snap.index {
+            return Ok(snap.term);
+        }
+        if index < snap.index {
+            return Err(RaftStorageError::Compacted);
+        }
+        if index > self.last() {
+            return Err(RaftStorageError::Unavailable);
+        }
+        Ok(self.entries[(index.0 - snap.index.0 - 1) as usize].term)
+    }
+
+    fn first_index(&self) -> LogIndex {
+        self.first()
+    }
+
+    fn last_index(&self) -> LogIndex {
+        self.last()
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, RaftStorageError> {
+        Ok(self.snapshot.clone())
+    }
+}
