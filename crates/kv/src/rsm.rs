@@ -32,7 +32,6 @@ pub struct RsmConfig {
     pub limits: Limits,
 }
 
-
 /// A write waiting for its index to apply.
 #[derive(Debug)]
 struct PendingWrite {
@@ -64,6 +63,7 @@ pub struct KvRsm<S: Storage> {
     role: Role,
     leader: Option<NodeId>,
     snapshots_taken: u64,
+    snapshots_installed: u64,
 }
 
 impl<S: Storage> KvRsm<S> {
@@ -88,6 +88,7 @@ impl<S: Storage> KvRsm<S> {
             role: status.role,
             leader: status.leader,
             snapshots_taken: 0,
+            snapshots_installed: 0,
         })
     }
 
@@ -114,6 +115,11 @@ impl<S: Storage> KvRsm<S> {
     /// Snapshots this server asked Raft to take since it started.
     pub fn snapshots_taken(&self) -> u64 {
         self.snapshots_taken
+    }
+
+    /// Snapshots received from a leader (InstallSnapshot) and restored since it started.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed
     }
 
     /// Requests waiting for an answer.
@@ -261,6 +267,7 @@ impl<S: Storage> KvRsm<S> {
                     );
                 }
                 self.applied = snap.meta.index;
+                self.snapshots_installed += 1;
                 let covered: Vec<LogIndex> = self
                     .pending_writes
                     .range(..=snap.meta.index)
