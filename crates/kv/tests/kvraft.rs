@@ -99,15 +99,6 @@ impl Cluster {
         Err(self.sim.failure("no leader"))
     }
 
-    /// The store of the server that applied the most.
-    fn freshest_store(&self) -> Option<shoal_kv::KvStore> {
-        self.servers
-            .iter()
-            .filter_map(|&id| self.node(id).and_then(|n| n.rsm.as_ref()))
-            .max_by_key(|r| r.applied())
-            .map(|r| r.store().clone())
-    }
-
     fn wait_clients(&mut self, ids: &[SimId], max: Duration) -> Result<(), Failure> {
         let ids = ids.to_vec();
         if !self.sim.run_until_true(max, |s| all_finished(s, &ids)) {
@@ -144,38 +135,51 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    /// Every acknowledged put is in the final state: no key's version is below the highest
-    /// version a client was told it wrote (no deletes in these workloads, so versions only
-    /// grow), and the total of versions is at most ok + maybe puts.
-    fn check_versions(&self, exact: bool) -> Result<(), Failure> {
-        let store = self.freshest_store().ok_or("no server")?;
+    /// Every acknowledged put is in the final state: a final client reads every key written
+    /// (linearizable reads, so after everything acknowledged), and no key's version is below
+    /// the highest version a client was told it wrote (no deletes in these workloads, so
+    /// versions only grow); the total of versions is at most ok + maybe puts.
+    fn check_versions(&mut self, exact: bool) -> Result<(), Failure> {
         let mut acked: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
         for &c in &self.clients {
             let Some(cl) = self.sim.node::<Client>(c) else {
                 continue;
             };
             for (op, o) in &cl.results {
-                if let (KvOp::Put { key, .. }, Outcome::Done(KvResult::Written { version })) =
-                    (op, o)
-                {
+                if let KvOp::Put { key, .. } = op {
                     let e = acked.entry(key.clone()).or_default();
-                    *e = (*e).max(*version);
+                    if let Outcome::Done(KvResult::Written { version }) = o {
+                        *e = (*e).max(*version);
+                    }
+                }
+            }
+        }
+        let gets: Vec<KvOp> = acked.keys().map(|k| KvOp::Get { key: k.clone() }).collect();
+        let reader = self.add_clients(1, |_| Work::Script(gets.clone()));
+        self.clients.retain(|c| !reader.contains(c));
+        self.wait_clients(&reader, Duration::from_secs(60))?;
+        let mut finals: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        if let Some(cl) = self.sim.node::<Client>(reader[0]) {
+            for (op, o) in &cl.results {
+                if let (KvOp::Get { key }, Outcome::Done(r)) = (op, o) {
+                    let v = match r {
+                        KvResult::Found { version, .. } => *version,
+                        _ => 0,
+                    };
+                    finals.insert(key.clone(), v);
                 }
             }
         }
         let mut total = 0;
         for (key, v) in &acked {
-            let have = store.get(key).map_or(0, |(_, v)| v);
+            let have = finals.get(key).copied().unwrap_or(0);
+            total += have;
             if have < *v {
                 return Err(self.sim.failure(format!(
-                    "acknowledged put lost: {} acked at version {v}, store has {have}",
+                    "acknowledged put lost: {} acked at version {v}, final read {have}",
                     String::from_utf8_lossy(key)
                 )));
             }
-        }
-        let keys: Vec<Vec<u8>> = acked.keys().cloned().collect();
-        for k in keys {
-            total += store.get(&k).map_or(0, |(_, v)| v);
         }
         let (ok, maybe) = put_counts(&self.sim, &self.clients);
         if ok == 0 {
