@@ -1,5 +1,5 @@
 //! Parsers of the history formats `shoal check` reads. Each takes the file's text and gives a
-//! [`History`] for one of the built-in models, or a [`ParseError`] naming the line and what was
+//! [`History`](crate::History) for one of the built-in models, or a [`ParseError`] naming the line and what was
 //! expected there. Times are line numbers unless the format carries its own.
 //!
 //! - [`jepsen_etcd`]: Jepsen's etcd logs, for the [`Register`](crate::models::Register) model;

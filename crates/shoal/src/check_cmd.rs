@@ -107,7 +107,8 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
             "expected a positive number of seconds, found {text:?}"
         ));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("expected a number of seconds that fits a duration, found {text:?}"))
 }
 
 /// Runs `shoal check`.
@@ -131,6 +132,18 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 check_file(&args, AppendKv, parsed(file, json::parse_append_kv(&text))?)
             }
         },
+    }
+}
+
+/// Prints to stdout; a closed pipe (`shoal check ... | head`) is not an error, the exit code
+/// still tells the verdict.
+fn emit(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_fmt(text) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -160,28 +173,27 @@ fn check_file<M: Model>(
     match verdict {
         Verdict::Linearizable => {
             if !args.quiet {
-                println!("linearizable");
+                emit(format_args!("linearizable\n"))?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Verdict::NotLinearizable(explanation) => {
             if !args.quiet {
-                println!("not linearizable");
-                print!("{explanation}");
+                emit(format_args!("not linearizable\n{explanation}"))?;
             }
             if let Some(path) = &args.html {
                 let title = args.file.display().to_string();
                 std::fs::write(path, shoal_check::html::render(&title, &explanation))
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 if !args.quiet {
-                    println!("timeline written to {}", path.display());
+                    emit(format_args!("timeline written to {}\n", path.display()))?;
                 }
             }
             Ok(ExitCode::from(1))
         }
         Verdict::Unknown(reason) => {
             if !args.quiet {
-                println!("unknown: {reason}");
+                emit(format_args!("unknown: {reason}\n"))?;
             }
             Ok(ExitCode::from(2))
         }
@@ -262,6 +274,13 @@ fn bench_one<M: Model>(
     }
 }
 
+/// `println!` through [`emit`]: a closed pipe is not a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        emit(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 /// Runs `shoal bench check`.
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let bench_started = now();
@@ -329,17 +348,20 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         "release"
     };
-    println!(
-        "shoal bench check: linearizability checker on the bundled histories ({profile} build)"
-    );
-    println!(
+    outln!("shoal bench check: linearizability checker on the bundled histories ({profile} build)");
+    outln!(
         "{:<30} {:>9} {:>10} {:>8} {:>10} {:>10}",
-        "set", "histories", "operations", "agree", "check (s)", "parse (s)"
+        "set",
+        "histories",
+        "operations",
+        "agree",
+        "check (s)",
+        "parse (s)"
     );
     let mut sets = vec![("jepsen-etcd (register)".to_string(), etcd)];
     sets.extend(kv_sets);
     for (name, set) in &sets {
-        println!(
+        outln!(
             "{:<30} {:>9} {:>10} {:>8} {:>10.3} {:>10.3}",
             name,
             set.histories,
@@ -352,7 +374,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let total = bench_started.elapsed();
     let check_sum: Duration = sets.iter().map(|(_, set)| set.check).sum();
     let parse_sum: Duration = sets.iter().map(|(_, set)| set.parse).sum();
-    println!(
+    outln!(
         "total wall time {:.3} s (check {:.3} s, read + parse {:.3} s); target: all of them in under {} s; reference to beat: Porcupine (Go), not run here",
         total.as_secs_f64(),
         check_sum.as_secs_f64(),
@@ -361,10 +383,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     );
     let all_agree = sets.iter().all(|(_, set)| set.agree == set.histories);
     if !all_agree {
-        println!("WARNING: some verdicts disagree with the published ones (or ran out of budget)");
+        outln!("WARNING: some verdicts disagree with the published ones (or ran out of budget)");
         return Ok(ExitCode::from(1));
     }
-    println!(
+    outln!(
         "every verdict agrees with the published one; {}",
         if total < BENCH_TARGET {
             "target met"

@@ -243,3 +243,23 @@ fn help_teaches_formats_and_exit_codes() {
         assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
     }
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "check",
+            "--format",
+            "jepsen-kv",
+            &testdata("kv/c50-bad.txt"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run shoal");
+    drop(child.stdout.take()); // like `shoal check ... | head -1` exiting early
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

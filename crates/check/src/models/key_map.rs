@@ -5,7 +5,7 @@
 /// The search checks one key at a time, so a state usually holds a single key; a `BTreeMap`
 /// would allocate a whole node (hundreds of bytes) for it, and the search keeps millions of
 /// states.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyMap<V> {
     entries: Vec<(String, V)>,
 }
@@ -56,6 +56,13 @@ impl<V> KeyMap<V> {
     }
 }
 
+/// Shown like a map: `{"a": "x"}`.
+impl<V: std::fmt::Debug> std::fmt::Debug for KeyMap<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
 impl<K: Into<String>, V> FromIterator<(K, V)> for KeyMap<V> {
     fn from_iter<T: IntoIterator<Item = (K, V)>>(iter: T) -> Self {
         let mut map = KeyMap::new();
@@ -80,5 +87,6 @@ mod tests {
         assert_eq!(map.get("b"), None);
         assert_eq!(map.len(), 1);
         assert_eq!(map, [("a", 3)].into_iter().collect());
+        assert_eq!(format!("{map:?}"), r#"{"a": 3}"#);
     }
 }
