@@ -175,6 +175,12 @@ impl<S: Storage> RaftLog<S> {
     }
 
     pub(crate) fn commit_to(&mut self, index: LogIndex) {
+        // Callers clamp network input; committing past the log would apply entries we lack.
+        assert!(
+            index <= self.last_index(),
+            "commit {index} beyond last index {}",
+            self.last_index()
+        );
         if index > self.committed {
             self.committed = index;
         }

@@ -884,6 +884,10 @@ impl<S: Storage> Raft<S> {
             .collect();
         matches.sort_unstable_by(|a, b| b.cmp(a));
         let q = matches[quorum(self.voters.len()) - 1];
+        debug_assert!(
+            self.progress.get(&self.id).map(|p| p.match_index) <= Some(self.log.persisted()),
+            "leader counts itself beyond what is durable"
+        );
         if q > self.log.committed && self.log.term(q) == Ok(self.term) {
             let was_current = self.committed_in_current_term();
             self.log.commit_to(q);
@@ -915,6 +919,10 @@ impl<S: Storage> Raft<S> {
             return false;
         }
         let next = pr.next_index;
+        debug_assert!(
+            next > pr.match_index,
+            "next index {next} not after match index"
+        );
         let prev = next.prev();
         let last = self.log.last_index();
         let prev_term = self.log.term(prev);

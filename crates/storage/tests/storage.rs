@@ -205,6 +205,8 @@ enum Op {
     Compact {
         at_percent: u64,
     },
+    /// A new term and vote (written durably at once, after the log).
+    Vote,
     /// Crash keeping `keep_percent` of each file's unsynced tail, then reopen.
     Crash {
         keep_percent: u64,
@@ -215,6 +217,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..4u64, 1..5u64, any::<bool>()).prop_map(|(back, n, term_bump)| Op::Append { back, n, term_bump }),
         2 => Just(Op::Sync),
+        1 => Just(Op::Vote),
         1 => (0..100u64).prop_map(|at_percent| Op::Compact { at_percent }),
         2 => (0..100u64).prop_map(|keep_percent| Op::Crash { keep_percent }),
     ]
@@ -249,6 +252,7 @@ proptest! {
         let mut cur = Model { snap: 0, snap_term: 0, log: vec![] };
         let mut synced = cur.clone();
         let mut history = vec![cur.clone()];
+        let mut hard_state = HardState::default();
         let mut term = 1;
         for op in ops {
             match op {
@@ -260,6 +264,14 @@ proptest! {
                     cur.log.truncate((start - cur.snap - 1) as usize);
                     cur.log.extend(entries);
                     history.push(cur.clone());
+                }
+                Op::Vote => {
+                    hard_state.term = Term(hard_state.term.0 + 1);
+                    hard_state.vote = Some(NodeId(hard_state.term.0 % 3 + 1));
+                    s.set_hard_state(&mut d, hard_state).unwrap();
+                    // A term/vote change syncs the log first.
+                    synced = cur.clone();
+                    history = vec![cur.clone()];
                 }
                 Op::Sync => {
                     s.sync(&mut d).unwrap();
@@ -288,6 +300,10 @@ proptest! {
                         log: all(&s),
                     };
                     prop_assert_eq!(got.snap, synced.snap);
+                    prop_assert_eq!(
+                        (s.hard_state().term, s.hard_state().vote),
+                        (hard_state.term, hard_state.vote)
+                    );
                     // The recovered log is a prefix of a state the log had since the last
                     // sync, and keeps every entry that all those states share (nothing
                     // acknowledged and not since truncated is lost).
