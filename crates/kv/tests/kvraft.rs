@@ -696,3 +696,31 @@ fn all_keys() -> KvOp {
         limit: u32::MAX,
     }
 }
+
+/// The lock on the replicated KV, unreliable network, with partitions of a minority: never
+/// two holders.
+#[test]
+fn lock_many_clients_replicated_unreliable() {
+    check_seeds!(5, |seed| -> Result<(), Failure> {
+        let mut c = Cluster::new(seed, 5, NetConfig::unreliable(), Some(2000));
+        let until = SimTime::from_nanos(3_000_000_000);
+        let ids = c.add_clients(5, |_| Work::LockLoop {
+            lock: "l".into(),
+            shared: "l0".into(),
+            until,
+        });
+        c.sim.run_for(Duration::from_secs(1));
+        if let Some(l) = c.leader() {
+            c.sim.isolate(l);
+            c.sim.run_for(Duration::from_secs(1));
+            c.sim.heal();
+        }
+        c.wait_clients(&ids, Duration::from_secs(60))?;
+        let held = check_lock_intervals(&c.sim, &ids)?;
+        if held == 0 {
+            return Err(c.sim.failure("nobody acquired the lock"));
+        }
+        check_history(&c.sim)?;
+        Ok(())
+    });
+}
