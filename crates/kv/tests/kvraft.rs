@@ -717,6 +717,12 @@ fn lock_many_clients_replicated_unreliable() {
         }
         c.wait_clients(&ids, Duration::from_secs(60))?;
         let held = check_lock_intervals(&c.sim, &ids)?;
+        if std::env::var_os("SHOAL_KV_STATS").is_some() {
+            eprintln!(
+                "seed {seed}: lock held {held} times, {} ops",
+                c.sim.history_len()
+            );
+        }
         if held == 0 {
             return Err(c.sim.failure("nobody acquired the lock"));
         }
