@@ -392,3 +392,98 @@ impl<S: Storage> KvRsm<S> {
         std::mem::take(&mut self.replies)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_raft::MemStorage;
+    use shoal_wire::kv::{Expected, KvOp};
+
+    /// Drives a single-node cluster's Readies with in-memory storage.
+    fn drive(rsm: &mut KvRsm<MemStorage>) {
+        while let Some(mut rd) = rsm.ready() {
+            let storage = rsm.raw_mut().storage_mut();
+            if let Some(s) = rd.snapshot.clone() {
+                storage.apply_snapshot(s);
+            }
+            storage.append(&rd.entries);
+            if let Some(hs) = rd.hard_state {
+                storage.set_hard_state(hs);
+            }
+            rsm.apply(&rd);
+            if let Some(s) = rd.compact.take() {
+                rsm.raw_mut().storage_mut().compact(s);
+            }
+            rsm.advance();
+            rsm.maybe_snapshot(u64::MAX);
+        }
+    }
+
+    fn req(request: u64, op: KvOp) -> KvRequest {
+        KvRequest {
+            client: 5,
+            request,
+            op,
+            serializable: false,
+        }
+    }
+
+    #[test]
+    fn single_node_write_then_read_index() {
+        let config = RsmConfig {
+            snapshot_bytes: Some(0),
+            limits: Limits::default(),
+        };
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
+        rsm.raw_mut().campaign();
+        drive(&mut rsm);
+        let put = KvOp::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expected: Expected::Version(0),
+        };
+        rsm.handle_request(1, req(1, put.clone()));
+        drive(&mut rsm);
+        // A retry of the same request is answered from the session table.
+        rsm.handle_request(1, req(1, put));
+        drive(&mut rsm);
+        rsm.handle_request(2, req(2, KvOp::Get { key: b"k".to_vec() }));
+        drive(&mut rsm);
+        let replies = rsm.take_replies();
+        let results: Vec<_> = replies
+            .iter()
+            .map(|(to, r)| match r {
+                KvReply::Done { result, .. } => (*to, result.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            results,
+            vec![
+                (1, KvResult::Written { version: 1 }),
+                (1, KvResult::Written { version: 1 }),
+                (
+                    2,
+                    KvResult::Found {
+                        value: b"v".to_vec(),
+                        version: 1
+                    }
+                )
+            ]
+        );
+        assert!(rsm.snapshots_taken() > 0);
+        assert_eq!(rsm.pending(), 0);
+    }
+
+    #[test]
+    fn follower_answers_wrong_leader() {
+        let raft = Config::new(NodeId(2), vec![NodeId(1), NodeId(2), NodeId(3)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
+        rsm.handle_request(7, req(1, KvOp::Get { key: b"k".to_vec() }));
+        assert!(matches!(
+            rsm.take_replies().as_slice(),
+            [(7, KvReply::WrongLeader { .. })]
+        ));
+    }
+}
