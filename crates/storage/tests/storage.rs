@@ -232,9 +232,11 @@ enum Op {
     },
     /// A new term and vote (written durably at once, after the log).
     Vote,
-    /// Crash keeping `keep_percent` of each file's unsynced tail, then reopen.
+    /// Crash keeping `keep_percent` of each file's unsynced tail and `keep_dir_percent` of the
+    /// unsynced directory operations, then reopen.
     Crash {
         keep_percent: u64,
+        keep_dir_percent: u64,
     },
 }
 
@@ -244,7 +246,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Sync),
         1 => Just(Op::Vote),
         1 => (0..100u64).prop_map(|at_percent| Op::Compact { at_percent }),
-        2 => (0..100u64).prop_map(|keep_percent| Op::Crash { keep_percent }),
+        2 => (0..100u64, 0..=100u64).prop_map(|(keep_percent, keep_dir_percent)| Op::Crash { keep_percent, keep_dir_percent }),
     ]
 }
 
@@ -316,8 +318,9 @@ proptest! {
                         history = vec![cur.clone()];
                     }
                 }
-                Op::Crash { keep_percent } => {
-                    d.crash(|_, n| n * keep_percent as usize / 100);
+                Op::Crash { keep_percent, keep_dir_percent } => {
+                    let keep_dir = d.unsynced_dir_ops() * keep_dir_percent as usize / 100;
+                    d.crash_keeping(keep_dir, |_, n| n * keep_percent as usize / 100);
                     s = open(&mut d);
                     let got = Model {
                         snap: s.first_index().0 - 1,
