@@ -341,6 +341,41 @@ impl Cluster {
             .sum()
     }
 
+    /// Log Matching (Figure 3) between every pair of servers that are up: if two logs have an
+    /// entry with the same index and term, they are identical up to it.
+    fn check_log_matching(&self) -> Result<(), Failure> {
+        let up: Vec<(SimId, &RawNode<DurableStorage>)> = self
+            .ids
+            .iter()
+            .filter_map(|&id| {
+                self.server(id)
+                    .and_then(|s| s.raw.as_ref())
+                    .map(|r| (id, r))
+            })
+            .collect();
+        for (i, (a_id, a)) in up.iter().enumerate() {
+            for (b_id, b) in up.iter().skip(i + 1) {
+                let (sa, sb) = (a.status(), b.status());
+                let lo = sa.first_index.max(sb.first_index);
+                let mut idx = sa.last_index.min(sb.last_index);
+                while idx >= lo && idx.0 > 0 {
+                    if a.log_term(idx) == b.log_term(idx) {
+                        let ea = a.log_entries(lo, idx.next()).expect("entries");
+                        let eb = b.log_entries(lo, idx.next()).expect("entries");
+                        if ea != eb {
+                            return Err(self.sim.failure(format!(
+                                "log matching: {a_id} and {b_id} agree at {idx} but differ before"
+                            )));
+                        }
+                        break;
+                    }
+                    idx = idx.prev();
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// State machine safety across all servers (up or not).
     fn check_applied_agree(&self) -> Result<(), Failure> {
         let mut seen: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
@@ -827,10 +862,12 @@ fn nemesis() {
                 Ok(())
             })?;
             c.check_applied_agree()?;
+            c.check_log_matching()?;
         }
         c.sim.heal_all();
         c.one(b"final", 5, true)?;
         c.check_applied_agree()?;
+        c.check_log_matching()?;
         let mut everything = std::collections::BTreeSet::new();
         for &id in &ids {
             for (i, d) in &c.server(id).unwrap().applied {
@@ -1001,6 +1038,7 @@ fn churn(seed: u64, net: NetConfig) -> Result<(), Failure> {
     }
     c.one(b"final", 5, true)?;
     c.check_applied_agree()?;
+    c.check_log_matching()?;
     c.check_nothing_lost()
 }
 

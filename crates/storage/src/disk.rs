@@ -196,14 +196,23 @@ struct Inode {
     durable: Vec<u8>,
 }
 
+#[derive(Debug, Clone)]
+enum DirOp {
+    Link(String, u64),
+    Rename(String, String),
+    Unlink(String),
+}
+
 /// An in-memory disk with crash semantics, for tests: data is durable only once synced, names
-/// only once the directory is synced, and [`MemDisk::crash`] loses the rest — optionally
-/// keeping a torn prefix of unsynced appended bytes.
+/// only once the directory is synced, and a crash loses the rest — optionally keeping a prefix
+/// of the unsynced directory operations (in order) and a torn prefix of unsynced appended bytes.
 #[derive(Debug, Clone, Default)]
 pub struct MemDisk {
     inodes: BTreeMap<u64, Inode>,
     names: BTreeMap<String, u64>,
     durable_names: BTreeMap<String, u64>,
+    /// Directory operations since the last directory sync, oldest first.
+    dir_ops: Vec<DirOp>,
     next_ino: u64,
     /// fsyncs issued (files and directory), for group-commit tests.
     pub syncs: u64,
@@ -222,11 +231,38 @@ impl MemDisk {
         })
     }
 
-    /// Simulates power loss. `keep_unsynced(file, n)` says how many of the `n` unsynced bytes
-    /// appended after a file's durable content survive (0 = lose all; a partial count is a torn
-    /// write).
-    pub fn crash(&mut self, mut keep_unsynced: impl FnMut(&str, usize) -> usize) {
-        self.names = self.durable_names.clone();
+    /// Simulates power loss that keeps no unsynced directory operation. `keep_unsynced(file,
+    /// n)` says how many of the `n` unsynced bytes appended after a file's durable content
+    /// survive (0 = lose all; a partial count is a torn write).
+    pub fn crash(&mut self, keep_unsynced: impl FnMut(&str, usize) -> usize) {
+        self.crash_keeping(0, keep_unsynced);
+    }
+
+    /// Like [`MemDisk::crash`], but the first `keep_dir_ops` unsynced directory operations
+    /// (create, rename, remove) survive, in order.
+    pub fn crash_keeping(
+        &mut self,
+        keep_dir_ops: usize,
+        mut keep_unsynced: impl FnMut(&str, usize) -> usize,
+    ) {
+        let mut names = self.durable_names.clone();
+        for op in self.dir_ops.drain(..).take(keep_dir_ops) {
+            match op {
+                DirOp::Link(n, i) => {
+                    names.insert(n, i);
+                }
+                DirOp::Rename(from, to) => {
+                    if let Some(i) = names.remove(&from) {
+                        names.insert(to, i);
+                    }
+                }
+                DirOp::Unlink(n) => {
+                    names.remove(&n);
+                }
+            }
+        }
+        self.names = names.clone();
+        self.durable_names = names;
         let live: BTreeMap<u64, String> = self.names.iter().map(|(n, &i)| (i, n.clone())).collect();
         self.inodes.retain(|i, _| live.contains_key(i));
         for (ino, inode) in self.inodes.iter_mut() {
@@ -238,16 +274,16 @@ impl MemDisk {
             } else {
                 0
             };
-            let keep = d.len() + extra;
-            let mut data = inode.data.clone();
-            if extra == 0 {
-                data = d.clone();
-            } else {
-                data.truncate(keep);
-            }
+            let mut data = d.clone();
+            data.extend_from_slice(&inode.data[d.len()..d.len() + extra]);
             inode.data = data.clone();
             inode.durable = data;
         }
+    }
+
+    /// Unsynced directory operations pending.
+    pub fn unsynced_dir_ops(&self) -> usize {
+        self.dir_ops.len()
     }
 
     /// Flips a byte of a file (durably), to test corruption detection.
@@ -273,6 +309,8 @@ impl Disk for MemDisk {
         self.next_ino += 1;
         self.inodes.insert(self.next_ino, Inode::default());
         self.names.insert(name.to_string(), self.next_ino);
+        self.dir_ops
+            .push(DirOp::Link(name.to_string(), self.next_ino));
         Ok(())
     }
 
@@ -300,11 +338,15 @@ impl Disk for MemDisk {
         let i = self.ino("rename", from)?;
         self.names.remove(from);
         self.names.insert(to.to_string(), i);
+        self.dir_ops
+            .push(DirOp::Rename(from.to_string(), to.to_string()));
         Ok(())
     }
 
     fn remove(&mut self, name: &str) -> Result<(), DiskError> {
-        self.names.remove(name);
+        if self.names.remove(name).is_some() {
+            self.dir_ops.push(DirOp::Unlink(name.to_string()));
+        }
         Ok(())
     }
 
@@ -318,6 +360,7 @@ impl Disk for MemDisk {
 
     fn sync_dir(&mut self) -> Result<(), DiskError> {
         self.durable_names = self.names.clone();
+        self.dir_ops.clear();
         self.syncs += 1;
         Ok(())
     }

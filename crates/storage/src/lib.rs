@@ -265,8 +265,20 @@ impl DurableStorage {
             dir_dirty: false,
         };
         let newest = seqs.last().copied();
-        for seq in seqs {
-            s.replay_segment(disk, seq, Some(seq) == newest)?;
+        // A segment is superseded from the smallest first index of any later segment on. One
+        // superseded whole is skipped: its deletion may have been undone by a crash, and what
+        // it holds (perhaps after a gap) no longer matters.
+        let mut firsts = Vec::with_capacity(seqs.len());
+        for &seq in &seqs {
+            let buf = disk.read(&segment_name(seq))?.unwrap_or_default();
+            firsts.push(match read_record::<SegmentHeader>(&buf, 0) {
+                ReadRecord::Ok(h, _) => Some(h.first_index),
+                _ => None, // replay reports it (or discards a torn newest header)
+            });
+        }
+        for (i, &seq) in seqs.iter().enumerate() {
+            let superseded_from = firsts[i + 1..].iter().flatten().min().copied();
+            s.replay_segment(disk, seq, Some(seq) == newest, superseded_from)?;
         }
         if s.segments.is_empty() {
             let first = s.snapshot.meta.index.next();
@@ -293,6 +305,7 @@ impl DurableStorage {
         disk: &mut impl Disk,
         seq: u64,
         newest: bool,
+        superseded_from: Option<LogIndex>,
     ) -> Result<(), Error> {
         let name = segment_name(seq);
         let buf = disk.read(&name)?.unwrap_or_default();
@@ -321,6 +334,17 @@ impl DurableStorage {
         };
         // This segment supersedes everything from its first index on (suffix truncation).
         let first = header.first_index;
+        if superseded_from.is_some_and(|from| from <= first) {
+            tracing::debug!(file = %name, "skipping a wholly superseded segment");
+            self.segments.insert(
+                seq,
+                Segment {
+                    next_index: first,
+                    bytes: buf.len() as u64,
+                },
+            );
+            return Ok(());
+        }
         // A segment starting beyond the end of the log is legitimate only if empty: it was
         // created for a snapshot install that a crash interrupted (see `apply_snapshot`).
         let gap = first > self.last().next() && first > self.first();

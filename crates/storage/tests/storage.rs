@@ -160,6 +160,31 @@ fn truncation_and_compaction_survive_restarts() {
     assert_eq!(s.snapshot().unwrap().data, vec![1, 2, 3]);
 }
 
+/// Regression (simulator, seed 8856 of `unreliable_churn`): a crash undid the deletion of one
+/// superseded segment but not of the one before it, leaving a gap in front of a segment that a
+/// later one supersedes. Recovery must skip wholly superseded segments.
+#[test]
+fn a_superseded_segment_after_a_gap_is_skipped() {
+    let mut d = MemDisk::new();
+    let mut s = open(&mut d);
+    for i in 1..=30 {
+        s.append(&mut d, &[e(i, 1)]).unwrap();
+    }
+    s.sync(&mut d).unwrap();
+    let before: Vec<String> = d.list().unwrap();
+    // Conflict at 3: a new segment supersedes from 3 on; the later segments die.
+    s.append(&mut d, &[e(3, 2)]).unwrap();
+    s.sync(&mut d).unwrap();
+    // The crash undoes the deletions; then only the second segment's deletion is redone.
+    d.crash(|_, n| n);
+    let segs: Vec<&String> = before.iter().filter(|n| n.starts_with("seg-")).collect();
+    assert!(segs.len() >= 3, "need several segments: {segs:?}");
+    d.remove(segs[1]).unwrap();
+    d.sync_dir().unwrap();
+    let s = open(&mut d);
+    assert_eq!(all(&s), vec![e(1, 1), e(2, 1), e(3, 2)]);
+}
+
 #[test]
 fn group_commit_uses_one_fsync_for_many_appends() {
     let mut d = MemDisk::new();
@@ -207,9 +232,11 @@ enum Op {
     },
     /// A new term and vote (written durably at once, after the log).
     Vote,
-    /// Crash keeping `keep_percent` of each file's unsynced tail, then reopen.
+    /// Crash keeping `keep_percent` of each file's unsynced tail and `keep_dir_percent` of the
+    /// unsynced directory operations, then reopen.
     Crash {
         keep_percent: u64,
+        keep_dir_percent: u64,
     },
 }
 
@@ -219,7 +246,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Sync),
         1 => Just(Op::Vote),
         1 => (0..100u64).prop_map(|at_percent| Op::Compact { at_percent }),
-        2 => (0..100u64).prop_map(|keep_percent| Op::Crash { keep_percent }),
+        2 => (0..100u64, 0..=100u64).prop_map(|(keep_percent, keep_dir_percent)| Op::Crash { keep_percent, keep_dir_percent }),
     ]
 }
 
@@ -291,8 +318,9 @@ proptest! {
                         history = vec![cur.clone()];
                     }
                 }
-                Op::Crash { keep_percent } => {
-                    d.crash(|_, n| n * keep_percent as usize / 100);
+                Op::Crash { keep_percent, keep_dir_percent } => {
+                    let keep_dir = d.unsynced_dir_ops() * keep_dir_percent as usize / 100;
+                    d.crash_keeping(keep_dir, |_, n| n * keep_percent as usize / 100);
                     s = open(&mut d);
                     let got = Model {
                         snap: s.first_index().0 - 1,

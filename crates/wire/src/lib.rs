@@ -23,6 +23,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod kv;
 pub mod mr;
 pub mod raft;
 

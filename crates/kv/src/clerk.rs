@@ -1,0 +1,342 @@
+//! The client (clerk) as a sans-IO state machine: one operation at a time, sent to the server
+//! believed to lead, retried on timeouts and wrong-leader answers until answered.
+
+use std::time::Duration;
+
+use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult};
+
+use crate::Error;
+
+/// Default time to wait for an answer before resending to the next server.
+pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default pause after every server has been tried once in a round without an answer.
+pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// Default longest pause between rounds (the backoff doubles up to it).
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Settings of a clerk.
+#[derive(Debug, Clone)]
+pub struct ClerkConfig {
+    /// This client's unique id (requests and dedup are keyed by it).
+    pub client: u64,
+    /// The servers' ids.
+    pub servers: Vec<u64>,
+    /// Wait this long for an answer before resending elsewhere.
+    pub retry_timeout: Duration,
+    /// First pause after a round of wrong-leader answers.
+    pub min_backoff: Duration,
+    /// Longest pause between rounds.
+    pub max_backoff: Duration,
+    /// Reads: ask for serializable (possibly stale, local) reads.
+    pub serializable_reads: bool,
+}
+
+impl ClerkConfig {
+    /// Defaults for `client` talking to `servers`.
+    pub fn new(client: u64, servers: Vec<u64>) -> ClerkConfig {
+        ClerkConfig {
+            client,
+            servers,
+            retry_timeout: DEFAULT_RETRY_TIMEOUT,
+            min_backoff: DEFAULT_MIN_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            serializable_reads: false,
+        }
+    }
+}
+
+/// What an operation finally returned to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server decided it (for a write answered on its first send, or any read).
+    Done(KvResult),
+    /// A conditional write was resent and the answer says it did not apply now — the first
+    /// send may have applied (the classic lab's ErrMaybe).
+    Maybe,
+}
+
+/// What the driver must do for the clerk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `request` to server `server`.
+    Send {
+        /// The server id.
+        server: u64,
+        /// The request.
+        request: KvRequest,
+    },
+    /// Call [`Clerk::on_timer`] with `token` after `after`.
+    SetTimer {
+        /// The delay.
+        after: Duration,
+        /// Identifies the timer; stale tokens are ignored.
+        token: u64,
+    },
+    /// The operation finished.
+    Finished(Outcome),
+}
+
+struct Pending {
+    request: KvRequest,
+    sends: u32,
+    /// Servers tried since the last answer or backoff.
+    tried_in_round: usize,
+    backoff: Duration,
+}
+
+/// A sans-IO client of the KV service.
+pub struct Clerk {
+    config: ClerkConfig,
+    leader: usize,
+    next_request: u64,
+    timer_token: u64,
+    pending: Option<Pending>,
+}
+
+impl Clerk {
+    /// A clerk; fails if it has no server.
+    pub fn new(config: ClerkConfig) -> Result<Clerk, Error> {
+        if config.servers.is_empty() {
+            return Err(Error::NoServers);
+        }
+        Ok(Clerk {
+            config,
+            leader: 0,
+            next_request: 1,
+            timer_token: 0,
+            pending: None,
+        })
+    }
+
+    /// This client's id.
+    pub fn client_id(&self) -> u64 {
+        self.config.client
+    }
+
+    /// Whether an operation is in flight.
+    pub fn is_busy(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The server currently believed to lead.
+    pub fn leader_guess(&self) -> u64 {
+        self.config.servers[self.leader]
+    }
+
+    /// Starts an operation. One at a time: fails with [`Error::Busy`] if one is in flight.
+    pub fn start(&mut self, op: KvOp) -> Result<Vec<Action>, Error> {
+        if self.pending.is_some() {
+            return Err(Error::Busy);
+        }
+        let request = KvRequest {
+            client: self.config.client,
+            request: self.next_request,
+            serializable: op.is_read() && self.config.serializable_reads,
+            op,
+        };
+        self.next_request += 1;
+        self.pending = Some(Pending {
+            request,
+            sends: 0,
+            tried_in_round: 0,
+            backoff: self.config.min_backoff,
+        });
+        Ok(self.send())
+    }
+
+    fn send(&mut self) -> Vec<Action> {
+        let Some(p) = self.pending.as_mut() else {
+            return Vec::new();
+        };
+        p.sends += 1;
+        p.tried_in_round += 1;
+        self.timer_token += 1;
+        vec![
+            Action::Send {
+                server: self.config.servers[self.leader],
+                request: p.request.clone(),
+            },
+            Action::SetTimer {
+                after: self.config.retry_timeout,
+                token: self.timer_token,
+            },
+        ]
+    }
+
+    /// Moves to the next server; after a full round, pauses with backoff.
+    fn next_server(&mut self) -> Vec<Action> {
+        self.leader = (self.leader + 1) % self.config.servers.len();
+        let n = self.config.servers.len();
+        let Some(p) = self.pending.as_mut() else {
+            return Vec::new();
+        };
+        if p.tried_in_round >= n {
+            p.tried_in_round = 0;
+            let after = p.backoff;
+            p.backoff = (p.backoff * 2).min(self.config.max_backoff);
+            self.timer_token += 1;
+            // Token with the top bit set: a backoff, whose expiry sends (not "timeout").
+            return vec![Action::SetTimer {
+                after,
+                token: self.timer_token | BACKOFF_BIT,
+            }];
+        }
+        self.send()
+    }
+
+    /// A timer set by an [`Action::SetTimer`] fired.
+    pub fn on_timer(&mut self, token: u64) -> Vec<Action> {
+        if self.pending.is_none() || token & !BACKOFF_BIT != self.timer_token {
+            return Vec::new();
+        }
+        if token & BACKOFF_BIT != 0 {
+            self.send()
+        } else {
+            self.next_server()
+        }
+    }
+
+    /// A reply arrived from a server.
+    pub fn on_reply(&mut self, reply: KvReply) -> Vec<Action> {
+        let Some(p) = self.pending.as_ref() else {
+            return Vec::new();
+        };
+        if reply.ids() != (p.request.client, p.request.request) {
+            return Vec::new(); // an answer to an older request, or someone else's
+        }
+        match reply {
+            KvReply::WrongLeader { leader, .. } => {
+                // Follow a hint to a server we know; otherwise try the next one.
+                if let Some(i) =
+                    leader.and_then(|l| self.config.servers.iter().position(|&s| s == l))
+                {
+                    if i != self.leader {
+                        self.leader = i;
+                        return self.send();
+                    }
+                }
+                self.next_server()
+            }
+            KvReply::Done { result, .. } => {
+                if result == KvResult::Stale {
+                    return Vec::new();
+                }
+                let Some(p) = self.pending.take() else {
+                    return Vec::new();
+                };
+                self.timer_token += 1;
+                vec![Action::Finished(classify(&p, result))]
+            }
+        }
+    }
+}
+
+/// High bit of a timer token marking a backoff pause.
+const BACKOFF_BIT: u64 = 1 << 63;
+
+/// The lab's rule: a conditional write resent at least once, answered "mismatch" (or no-key
+/// for a delete), may have applied on an earlier send: report maybe.
+fn classify(p: &Pending, result: KvResult) -> Outcome {
+    if p.sends <= 1 {
+        return Outcome::Done(result);
+    }
+    match (&p.request.op, &result) {
+        (
+            KvOp::Put {
+                expected: Expected::Version(_),
+                ..
+            },
+            KvResult::VersionMismatch,
+        )
+        | (KvOp::Delete { .. }, KvResult::VersionMismatch | KvResult::NoKey) => Outcome::Maybe,
+        _ => Outcome::Done(result),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put() -> KvOp {
+        KvOp::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expected: Expected::Version(0),
+        }
+    }
+
+    fn sent(actions: &[Action]) -> Option<(u64, KvRequest)> {
+        actions.iter().find_map(|a| match a {
+            Action::Send { server, request } => Some((*server, request.clone())),
+            _ => None,
+        })
+    }
+
+    fn timer(actions: &[Action]) -> u64 {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::SetTimer { token, .. } => Some(*token),
+                _ => None,
+            })
+            .expect("a timer")
+    }
+
+    #[test]
+    fn follows_hint_and_reports_maybe_on_retry() {
+        let mut c = Clerk::new(ClerkConfig::new(9, vec![1, 2, 3])).unwrap();
+        let a = c.start(put()).unwrap();
+        let (server, req) = sent(&a).unwrap();
+        assert_eq!(server, 1);
+        let a = c.on_reply(KvReply::WrongLeader {
+            client: 9,
+            request: req.request,
+            leader: Some(3),
+        });
+        assert_eq!(sent(&a).unwrap().0, 3);
+        let a = c.on_timer(timer(&a));
+        assert_eq!(sent(&a).unwrap().0, 1);
+        let a = c.on_reply(KvReply::Done {
+            client: 9,
+            request: req.request,
+            result: KvResult::VersionMismatch,
+        });
+        assert_eq!(a, vec![Action::Finished(Outcome::Maybe)]);
+        assert!(!c.is_busy());
+    }
+
+    #[test]
+    fn first_answer_mismatch_is_mismatch_and_stale_is_ignored() {
+        let mut c = Clerk::new(ClerkConfig::new(9, vec![1])).unwrap();
+        let a = c.start(put()).unwrap();
+        let (_, req) = sent(&a).unwrap();
+        assert!(c.start(put()).is_err());
+        let stale = KvReply::Done {
+            client: 9,
+            request: req.request - 1,
+            result: KvResult::Deleted,
+        };
+        assert!(c.on_reply(stale).is_empty());
+        let a = c.on_reply(KvReply::Done {
+            client: 9,
+            request: req.request,
+            result: KvResult::VersionMismatch,
+        });
+        assert_eq!(
+            a,
+            vec![Action::Finished(Outcome::Done(KvResult::VersionMismatch))]
+        );
+    }
+
+    #[test]
+    fn backs_off_after_a_round() {
+        let mut c = Clerk::new(ClerkConfig::new(1, vec![1, 2])).unwrap();
+        let a = c.start(KvOp::Get { key: b"k".to_vec() }).unwrap();
+        let a = c.on_timer(timer(&a)); // to server 2
+        assert!(sent(&a).is_some());
+        let a = c.on_timer(timer(&a)); // round done: backoff, nothing sent
+        assert!(sent(&a).is_none());
+        let a = c.on_timer(timer(&a));
+        assert!(sent(&a).is_some());
+    }
+}

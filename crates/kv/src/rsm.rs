@@ -1,0 +1,489 @@
+//! The replicated state machine: a [`KvStore`] on top of a Raft [`RawNode`], sans-IO.
+//!
+//! Writes are proposed to Raft and answered when applied at the index they were proposed at
+//! (wrong-leader if another entry lands there or leadership is lost). Reads use read-index
+//! (thesis §6.4): no log write, answered once the state machine has applied the index the
+//! leader confirmed. A snapshot is taken when the driver reports more Raft state than
+//! `snapshot_bytes`.
+//!
+//! The driver's loop (the simulator's or tokio's):
+//!
+//! 1. feed [`KvRsm::tick`], [`KvRsm::step`] (peer messages), [`KvRsm::handle_request`];
+//! 2. while [`KvRsm::ready`] gives a [`Ready`]: send `messages`; persist `snapshot`, `entries`,
+//!    `hard_state` through [`KvRsm::raw_mut`]'s storage and fsync; send `persisted_messages`;
+//!    call [`KvRsm::apply`]; persist `compact`; call [`KvRsm::advance`] and
+//!    [`KvRsm::maybe_snapshot`] with the persisted Raft state's size;
+//! 3. send the replies from [`KvRsm::take_replies`] to the connections named by their token.
+
+use std::collections::BTreeMap;
+
+use shoal_raft::{Config, EntryKind, LogIndex, NodeId, RawNode, Ready, Role, Storage, Term};
+use shoal_wire::kv::{KvReply, KvRequest, KvResult};
+
+use crate::store::{KvStore, Limits};
+use crate::Error;
+
+/// Settings of a replicated KV server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RsmConfig {
+    /// Snapshot when the persisted Raft state exceeds this many bytes (`None`: never).
+    pub snapshot_bytes: Option<u64>,
+    /// The store's limits (the same on every replica).
+    pub limits: Limits,
+}
+
+/// A write waiting for its index to apply.
+#[derive(Debug)]
+struct PendingWrite {
+    term: Term,
+    reply_to: u64,
+    client: u64,
+    request: u64,
+}
+
+/// A read waiting for leadership confirmation and apply.
+#[derive(Debug)]
+struct PendingRead {
+    reply_to: u64,
+    request: KvRequest,
+    /// Set once Raft confirmed: serve when applied reaches it.
+    index: Option<LogIndex>,
+}
+
+/// A replicated KV server: Raft core + versioned store + pending requests.
+pub struct KvRsm<S: Storage> {
+    raw: RawNode<S>,
+    store: KvStore,
+    config: RsmConfig,
+    applied: LogIndex,
+    pending_writes: BTreeMap<LogIndex, PendingWrite>,
+    pending_reads: BTreeMap<u64, PendingRead>,
+    next_read_id: u64,
+    replies: Vec<(u64, KvReply)>,
+    role: Role,
+    leader: Option<NodeId>,
+    snapshots_taken: u64,
+    snapshots_installed: u64,
+}
+
+impl<S: Storage> KvRsm<S> {
+    /// Starts (or restarts) a server from its durable Raft state, restoring the store from the
+    /// stored snapshot.
+    pub fn new(mut raft: Config, storage: S, config: RsmConfig) -> Result<KvRsm<S>, Error> {
+        let snap = storage.snapshot().map_err(shoal_raft::Error::from)?;
+        let mut store = KvStore::new(config.limits);
+        store.restore(&snap.data)?;
+        raft.applied = snap.meta.index;
+        let raw = RawNode::new(raft, storage)?;
+        let status = raw.status();
+        Ok(KvRsm {
+            raw,
+            store,
+            config,
+            applied: snap.meta.index,
+            pending_writes: BTreeMap::new(),
+            pending_reads: BTreeMap::new(),
+            next_read_id: 1,
+            replies: Vec::new(),
+            role: status.role,
+            leader: status.leader,
+            snapshots_taken: 0,
+            snapshots_installed: 0,
+        })
+    }
+
+    /// The Raft core (status, tests).
+    pub fn raw(&self) -> &RawNode<S> {
+        &self.raw
+    }
+
+    /// The Raft core, for the driver's storage writes.
+    pub fn raw_mut(&mut self) -> &mut RawNode<S> {
+        &mut self.raw
+    }
+
+    /// The state machine.
+    pub fn store(&self) -> &KvStore {
+        &self.store
+    }
+
+    /// Last applied log index.
+    pub fn applied(&self) -> LogIndex {
+        self.applied
+    }
+
+    /// Snapshots this server asked Raft to take since it started.
+    pub fn snapshots_taken(&self) -> u64 {
+        self.snapshots_taken
+    }
+
+    /// Snapshots received from a leader (InstallSnapshot) and restored since it started.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed
+    }
+
+    /// Requests waiting for an answer.
+    pub fn pending(&self) -> usize {
+        self.pending_writes.len() + self.pending_reads.len()
+    }
+
+    fn wrong_leader(&mut self, reply_to: u64, client: u64, request: u64) {
+        let leader = self.raw.status().leader.map(|l| l.0);
+        self.replies.push((
+            reply_to,
+            KvReply::WrongLeader {
+                client,
+                request,
+                leader,
+            },
+        ));
+    }
+
+    /// A client request arrived on connection `reply_to` (an opaque token for the driver).
+    pub fn handle_request(&mut self, reply_to: u64, req: KvRequest) {
+        let status = self.raw.status();
+        if req.op.is_read() && req.serializable {
+            let result = self.store.read(&req.op).unwrap_or(KvResult::Stale);
+            self.replies.push((
+                reply_to,
+                KvReply::Done {
+                    client: req.client,
+                    request: req.request,
+                    result,
+                },
+            ));
+            return;
+        }
+        if status.role != Role::Leader {
+            self.wrong_leader(reply_to, req.client, req.request);
+            return;
+        }
+        if req.op.is_read() {
+            let id = self.next_read_id;
+            self.next_read_id += 1;
+            if self.raw.read_index(id.to_le_bytes().to_vec()).is_err() {
+                self.wrong_leader(reply_to, req.client, req.request);
+                return;
+            }
+            self.pending_reads.insert(
+                id,
+                PendingRead {
+                    reply_to,
+                    request: req,
+                    index: None,
+                },
+            );
+            return;
+        }
+        // Refuse oversized writes before they take log space (the store refuses them too).
+        let too_large = match &req.op {
+            shoal_wire::kv::KvOp::Put { key, value, .. } => {
+                key.len() > self.config.limits.max_key_bytes
+                    || value.len() > self.config.limits.max_value_bytes
+            }
+            shoal_wire::kv::KvOp::Delete { key, .. } => {
+                key.len() > self.config.limits.max_key_bytes
+            }
+            _ => false,
+        };
+        if too_large {
+            let mut scratch = KvStore::new(self.config.limits);
+            let result = scratch.apply(1, &req);
+            self.replies.push((
+                reply_to,
+                KvReply::Done {
+                    client: req.client,
+                    request: req.request,
+                    result,
+                },
+            ));
+            return;
+        }
+        let data = match postcard::to_allocvec(&req) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(node = status.id.0, error = %e, "request does not encode");
+                return;
+            }
+        };
+        match self.raw.propose(data) {
+            Ok(index) => {
+                let pending = PendingWrite {
+                    term: status.term,
+                    reply_to,
+                    client: req.client,
+                    request: req.request,
+                };
+                if let Some(old) = self.pending_writes.insert(index, pending) {
+                    // Our own log was truncated and refilled: the old proposal is gone.
+                    self.wrong_leader(old.reply_to, old.client, old.request);
+                }
+            }
+            Err(_) => self.wrong_leader(reply_to, req.client, req.request),
+        }
+    }
+
+    /// Advances Raft's logical clock.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// A Raft message from a peer.
+    pub fn step(&mut self, msg: shoal_raft::Message) {
+        if let Err(e) = self.raw.step(msg) {
+            tracing::debug!(node = self.raw.status().id.0, error = %e, "raft message refused");
+        }
+    }
+
+    /// The next batch of work, if any.
+    pub fn ready(&mut self) -> Option<Ready> {
+        if self.raw.has_ready() {
+            Some(self.raw.ready())
+        } else {
+            None
+        }
+    }
+
+    /// Step 4 and 6 of a Ready (after its writes are durable): restore a snapshot, apply the
+    /// committed entries in order, serve safe reads, and fail requests whose leadership ended.
+    pub fn apply(&mut self, rd: &Ready) {
+        let id = self.raw.status().id.0;
+        if let Some(ss) = rd.soft_state {
+            let was_leader = self.role == Role::Leader;
+            self.role = ss.role;
+            self.leader = ss.leader;
+            if was_leader && ss.role != Role::Leader {
+                tracing::debug!(node = id, "lost leadership; failing pending requests");
+                self.fail_all_pending();
+            }
+        }
+        if let Some(snap) = &rd.snapshot {
+            if snap.meta.index > self.applied {
+                if let Err(e) = self.store.restore(&snap.data) {
+                    // A snapshot Raft accepted must decode: anything else would diverge.
+                    panic!(
+                        "node {id}: snapshot at {} does not decode: {e}",
+                        snap.meta.index
+                    );
+                }
+                self.applied = snap.meta.index;
+                self.snapshots_installed += 1;
+                let covered: Vec<LogIndex> = self
+                    .pending_writes
+                    .range(..=snap.meta.index)
+                    .map(|(i, _)| *i)
+                    .collect();
+                for i in covered {
+                    if let Some(p) = self.pending_writes.remove(&i) {
+                        self.wrong_leader(p.reply_to, p.client, p.request);
+                    }
+                }
+                tracing::info!(node = id, index = snap.meta.index.0, "restored snapshot");
+            }
+        }
+        for e in &rd.committed_entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            assert_eq!(
+                e.index.0,
+                self.applied.0 + 1,
+                "node {id}: apply out of order"
+            );
+            self.applied = e.index;
+            let pending = self.pending_writes.remove(&e.index);
+            if e.kind != EntryKind::Normal || e.data.is_empty() {
+                if let Some(p) = pending {
+                    self.wrong_leader(p.reply_to, p.client, p.request);
+                }
+                continue;
+            }
+            let req: KvRequest = match postcard::from_bytes(&e.data) {
+                Ok(r) => r,
+                Err(err) => {
+                    // Only this crate proposes; a committed entry that does not decode means
+                    // the log is corrupt, and skipping it on one replica would diverge.
+                    panic!("node {id}: entry {} does not decode: {err}", e.index);
+                }
+            };
+            let result = self.store.apply(e.index.0, &req);
+            if let Some(p) = pending {
+                if p.term == e.term && p.client == req.client && p.request == req.request {
+                    self.replies.push((
+                        p.reply_to,
+                        KvReply::Done {
+                            client: req.client,
+                            request: req.request,
+                            result,
+                        },
+                    ));
+                } else {
+                    self.wrong_leader(p.reply_to, p.client, p.request);
+                }
+            }
+        }
+        for rs in &rd.read_states {
+            let Ok(bytes) = <[u8; 8]>::try_from(rs.context.as_slice()) else {
+                continue;
+            };
+            if let Some(p) = self.pending_reads.get_mut(&u64::from_le_bytes(bytes)) {
+                p.index = Some(rs.index);
+            }
+        }
+        self.serve_reads();
+    }
+
+    /// Answers confirmed reads whose index is applied.
+    fn serve_reads(&mut self) {
+        let ready: Vec<u64> = self
+            .pending_reads
+            .iter()
+            .filter(|(_, p)| p.index.is_some_and(|i| i <= self.applied))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            if let Some(p) = self.pending_reads.remove(&id) {
+                let result = self.store.read(&p.request.op).unwrap_or(KvResult::Stale);
+                self.replies.push((
+                    p.reply_to,
+                    KvReply::Done {
+                        client: p.request.client,
+                        request: p.request.request,
+                        result,
+                    },
+                ));
+            }
+        }
+    }
+
+    fn fail_all_pending(&mut self) {
+        for (_, p) in std::mem::take(&mut self.pending_writes) {
+            self.wrong_leader(p.reply_to, p.client, p.request);
+        }
+        for (_, p) in std::mem::take(&mut self.pending_reads) {
+            self.wrong_leader(p.reply_to, p.request.client, p.request.request);
+        }
+    }
+
+    /// Tells Raft the Ready is done.
+    pub fn advance(&mut self) {
+        self.raw.advance();
+    }
+
+    /// Asks Raft for a snapshot of the store if `raft_state_bytes` (the persisted log and hard
+    /// state) exceeds `snapshot_bytes`. The snapshot comes back as a later Ready's `compact`.
+    pub fn maybe_snapshot(&mut self, raft_state_bytes: u64) {
+        let Some(limit) = self.config.snapshot_bytes else {
+            return;
+        };
+        let status = self.raw.status();
+        if raft_state_bytes <= limit || self.applied < status.first_index {
+            return;
+        }
+        let data = self.store.snapshot();
+        match self.raw.snapshot(self.applied, data) {
+            Ok(()) => self.snapshots_taken += 1,
+            Err(e) => tracing::debug!(node = status.id.0, error = %e, "snapshot not taken"),
+        }
+    }
+
+    /// Replies ready to send: (the `reply_to` token given with the request, reply).
+    pub fn take_replies(&mut self) -> Vec<(u64, KvReply)> {
+        std::mem::take(&mut self.replies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_raft::MemStorage;
+    use shoal_wire::kv::{Expected, KvOp};
+
+    /// Drives a single-node cluster's Readies with in-memory storage.
+    fn drive(rsm: &mut KvRsm<MemStorage>) {
+        while let Some(mut rd) = rsm.ready() {
+            let storage = rsm.raw_mut().storage_mut();
+            if let Some(s) = rd.snapshot.clone() {
+                storage.apply_snapshot(s);
+            }
+            storage.append(&rd.entries);
+            if let Some(hs) = rd.hard_state {
+                storage.set_hard_state(hs);
+            }
+            rsm.apply(&rd);
+            if let Some(s) = rd.compact.take() {
+                rsm.raw_mut().storage_mut().compact(s);
+            }
+            rsm.advance();
+            rsm.maybe_snapshot(u64::MAX);
+        }
+    }
+
+    fn req(request: u64, op: KvOp) -> KvRequest {
+        KvRequest {
+            client: 5,
+            request,
+            op,
+            serializable: false,
+        }
+    }
+
+    #[test]
+    fn single_node_write_then_read_index() {
+        let config = RsmConfig {
+            snapshot_bytes: Some(0),
+            limits: Limits::default(),
+        };
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
+        rsm.raw_mut().campaign();
+        drive(&mut rsm);
+        let put = KvOp::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expected: Expected::Version(0),
+        };
+        rsm.handle_request(1, req(1, put.clone()));
+        drive(&mut rsm);
+        // A retry of the same request is answered from the session table.
+        rsm.handle_request(1, req(1, put));
+        drive(&mut rsm);
+        rsm.handle_request(2, req(2, KvOp::Get { key: b"k".to_vec() }));
+        drive(&mut rsm);
+        let replies = rsm.take_replies();
+        let results: Vec<_> = replies
+            .iter()
+            .map(|(to, r)| match r {
+                KvReply::Done { result, .. } => (*to, result.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            results,
+            vec![
+                (1, KvResult::Written { version: 1 }),
+                (1, KvResult::Written { version: 1 }),
+                (
+                    2,
+                    KvResult::Found {
+                        value: b"v".to_vec(),
+                        version: 1
+                    }
+                )
+            ]
+        );
+        assert!(rsm.snapshots_taken() > 0);
+        assert_eq!(rsm.pending(), 0);
+    }
+
+    #[test]
+    fn follower_answers_wrong_leader() {
+        let raft = Config::new(NodeId(2), vec![NodeId(1), NodeId(2), NodeId(3)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
+        rsm.handle_request(7, req(1, KvOp::Get { key: b"k".to_vec() }));
+        assert!(matches!(
+            rsm.take_replies().as_slice(),
+            [(7, KvReply::WrongLeader { .. })]
+        ));
+    }
+}

@@ -1,0 +1,47 @@
+//! The single-server service (the classic lab's kvsrv): one [`KvStore`], no Raft. Every
+//! request is answered at once.
+
+use shoal_wire::kv::{KvReply, KvRequest};
+
+use crate::store::{KvStore, Limits};
+
+/// A single KV server, sans-IO: hand it a request, send back the reply.
+#[derive(Debug, Clone)]
+pub struct SingleServer {
+    store: KvStore,
+    next_index: u64,
+}
+
+impl SingleServer {
+    /// A server with an empty store.
+    pub fn new(limits: Limits) -> SingleServer {
+        SingleServer {
+            store: KvStore::new(limits),
+            next_index: 1,
+        }
+    }
+
+    /// The state machine, for inspection.
+    pub fn store(&self) -> &KvStore {
+        &self.store
+    }
+
+    /// Serves one request.
+    pub fn handle(&mut self, req: &KvRequest) -> KvReply {
+        let result = if req.op.is_read() {
+            match self.store.read(&req.op) {
+                Ok(r) => r,
+                Err(_) => shoal_wire::kv::KvResult::Stale,
+            }
+        } else {
+            let index = self.next_index;
+            self.next_index += 1;
+            self.store.apply(index, req)
+        };
+        KvReply::Done {
+            client: req.client,
+            request: req.request,
+            result,
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Messages of the key/value database (`shoal-kv`): client requests and replies, and the
+//! envelope that carries them next to Raft's messages between servers.
+//!
+//! Every request carries the client's id and a request id; the reply echoes both, so a client
+//! can drop answers to requests it has given up on, and servers can deduplicate retries.
+
+use serde::{Deserialize, Serialize};
+
+/// The version a conditional put or delete expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Expected {
+    /// Unconditional.
+    Any,
+    /// Apply only if the key is at this version; `0` means "the key must be missing".
+    Version(u64),
+}
+
+/// One operation on the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvOp {
+    /// Read a key.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Store a value if the version matches.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// The version the key must be at.
+        expected: Expected,
+    },
+    /// Remove a key if the version matches.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+        /// The version the key must be at.
+        expected: Expected,
+    },
+    /// Read keys in `[start, end)` (no end: to the last key) in key order, at most `limit`.
+    Scan {
+        /// First key (inclusive).
+        start: Vec<u8>,
+        /// Last key (exclusive); `None` for no bound.
+        end: Option<Vec<u8>>,
+        /// Most pairs returned.
+        limit: u32,
+    },
+}
+
+impl KvOp {
+    /// Whether the operation only reads (served by read-index, never written to the log).
+    pub fn is_read(&self) -> bool {
+        matches!(self, KvOp::Get { .. } | KvOp::Scan { .. })
+    }
+}
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvRequest {
+    /// The client's unique id.
+    pub client: u64,
+    /// Increases with each new operation of the client; retries reuse it.
+    pub request: u64,
+    /// What to do.
+    pub op: KvOp,
+    /// Reads only: answer from this server's state without confirming leadership (may be
+    /// stale; never for writes).
+    pub serializable: bool,
+}
+
+/// One key of a scan's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanItem {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Its value.
+    pub value: Vec<u8>,
+    /// Its version.
+    pub version: u64,
+}
+
+/// The outcome of an operation, as the state machine decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvResult {
+    /// A get found the key.
+    Found {
+        /// Its value.
+        value: Vec<u8>,
+        /// Its version.
+        version: u64,
+    },
+    /// The key is missing (get; put expecting a version > 0; delete).
+    NoKey,
+    /// A put applied; the key is now at `version`.
+    Written {
+        /// The new version.
+        version: u64,
+    },
+    /// A delete applied.
+    Deleted,
+    /// A put or delete found another version and did nothing.
+    VersionMismatch,
+    /// A scan's answer, in key order.
+    Scanned {
+        /// The pairs.
+        items: Vec<ScanItem>,
+    },
+    /// The key or value exceeds the server's limit; nothing was stored.
+    TooLarge {
+        /// `"key"` or `"value"`.
+        what: String,
+        /// Its size in bytes.
+        bytes: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The request is older than the client's latest one; nobody waits for this answer.
+    Stale,
+}
+
+/// A server's reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvReply {
+    /// The operation was decided.
+    Done {
+        /// Echo of the request's client.
+        client: u64,
+        /// Echo of the request id.
+        request: u64,
+        /// The outcome.
+        result: KvResult,
+    },
+    /// This server cannot serve the request (not the leader, or lost leadership before it
+    /// was decided: a write may still have applied). `leader` is a hint where to go.
+    WrongLeader {
+        /// Echo of the request's client.
+        client: u64,
+        /// Echo of the request id.
+        request: u64,
+        /// The leader this server knows of (a server id), if any.
+        leader: Option<u64>,
+    },
+}
+
+impl KvReply {
+    /// The (client, request) the reply answers.
+    pub fn ids(&self) -> (u64, u64) {
+        match self {
+            KvReply::Done {
+                client, request, ..
+            }
+            | KvReply::WrongLeader {
+                client, request, ..
+            } => (*client, *request),
+        }
+    }
+}
+
+/// Everything a KV server sends or receives: Raft traffic between servers, and client traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvMessage {
+    /// Between servers.
+    Raft(crate::raft::Message),
+    /// Client to server.
+    Request(KvRequest),
+    /// Server to client.
+    Reply(KvReply),
+}
