@@ -1,5 +1,11 @@
 //! The client (clerk) as a sans-IO state machine: one operation at a time, sent to the server
 //! believed to lead, retried on timeouts and wrong-leader answers until answered.
+//!
+//! Writes run in a client session (see `shoal_wire::kv`): before its first write, and after
+//! its session expired, the clerk registers ([`KvOp::Register`]) and then sends the write with
+//! the session id. A write answered [`KvResult::SessionExpired`] finishes as
+//! [`Outcome::Maybe`] (an earlier send may have applied before the session expired), and the
+//! next write registers a new session.
 
 use std::time::Duration;
 
@@ -17,7 +23,7 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// Settings of a clerk.
 #[derive(Debug, Clone)]
 pub struct ClerkConfig {
-    /// This client's unique id (requests and dedup are keyed by it).
+    /// This client's id: reads and registrations carry it (writes carry the session id).
     pub client: u64,
     /// The servers' ids.
     pub servers: Vec<u64>,
@@ -50,8 +56,9 @@ impl ClerkConfig {
 pub enum Outcome {
     /// The server decided it (for a write answered on its first send, or any read).
     Done(KvResult),
-    /// A conditional write was resent and the answer says it did not apply now — the first
-    /// send may have applied (the classic lab's ErrMaybe).
+    /// The write may or may not have applied: a conditional write was resent and the answer
+    /// says it did not apply now (the classic lab's ErrMaybe), or the write's session expired
+    /// ([`KvResult::SessionExpired`]) while it was outstanding.
     Maybe,
 }
 
@@ -77,7 +84,10 @@ pub enum Action {
 }
 
 struct Pending {
+    /// The request being sent: the operation, or a registration that must come first.
     request: KvRequest,
+    /// While `request` is a registration: the write to send once the session is open.
+    after_register: Option<KvOp>,
     sends: u32,
     /// Servers tried since the last answer or backoff.
     tried_in_round: usize,
@@ -91,6 +101,8 @@ pub struct Clerk {
     next_request: u64,
     timer_token: u64,
     pending: Option<Pending>,
+    /// The open session writes carry, once registered.
+    session: Option<u64>,
 }
 
 impl Clerk {
@@ -105,12 +117,18 @@ impl Clerk {
             next_request: 1,
             timer_token: 0,
             pending: None,
+            session: None,
         })
     }
 
     /// This client's id.
     pub fn client_id(&self) -> u64 {
         self.config.client
+    }
+
+    /// The session writes are sent in, if one is open (as far as this clerk knows).
+    pub fn session(&self) -> Option<u64> {
+        self.session
     }
 
     /// Whether an operation is in flight.
@@ -128,20 +146,32 @@ impl Clerk {
         if self.pending.is_some() {
             return Err(Error::Busy);
         }
-        let request = KvRequest {
-            client: self.config.client,
-            request: self.next_request,
-            serializable: op.is_read() && self.config.serializable_reads,
-            op,
+        let needs_session = !op.is_read() && !matches!(op, KvOp::Register);
+        let (request, after_register) = match (needs_session, self.session) {
+            (true, None) => (self.request(self.config.client, KvOp::Register), Some(op)),
+            (true, Some(session)) => (self.request(session, op), None),
+            (false, _) => (self.request(self.config.client, op), None),
         };
-        self.next_request += 1;
         self.pending = Some(Pending {
             request,
+            after_register,
             sends: 0,
             tried_in_round: 0,
             backoff: self.config.min_backoff,
         });
         Ok(self.send())
+    }
+
+    /// A new request (the next request id) of `client` (client id or session id).
+    fn request(&mut self, client: u64, op: KvOp) -> KvRequest {
+        let request = KvRequest {
+            client,
+            request: self.next_request,
+            serializable: op.is_read() && self.config.serializable_reads,
+            op,
+        };
+        self.next_request += 1;
+        request
     }
 
     fn send(&mut self) -> Vec<Action> {
@@ -221,9 +251,26 @@ impl Clerk {
                 if result == KvResult::Stale {
                     return Vec::new();
                 }
-                let Some(p) = self.pending.take() else {
+                if let KvResult::Registered { session } = result {
+                    self.session = Some(session);
+                }
+                if result == KvResult::SessionExpired {
+                    self.session = None;
+                }
+                let Some(mut p) = self.pending.take() else {
                     return Vec::new();
                 };
+                if let (Some(op), KvResult::Registered { session }) =
+                    (p.after_register.take(), &result)
+                {
+                    // The session is open: now send the write itself, to the same server.
+                    p.request = self.request(*session, op);
+                    p.sends = 0;
+                    p.tried_in_round = 0;
+                    p.backoff = self.config.min_backoff;
+                    self.pending = Some(p);
+                    return self.send();
+                }
                 self.timer_token += 1;
                 vec![Action::Finished(classify(&p, result))]
             }
@@ -236,7 +283,13 @@ const BACKOFF_BIT: u64 = 1 << 63;
 
 /// The lab's rule: a conditional write resent at least once, answered "mismatch" (or no-key
 /// for a delete), may have applied on an earlier send: report maybe.
+///
+/// A write refused because its session expired may have applied on an earlier send (or a
+/// network duplicate) before the session expired: maybe, whatever the number of sends.
 fn classify(p: &Pending, result: KvResult) -> Outcome {
+    if result == KvResult::SessionExpired {
+        return Outcome::Maybe;
+    }
     if p.sends <= 1 {
         return Outcome::Done(result);
     }
@@ -272,6 +325,23 @@ mod tests {
         })
     }
 
+    /// Answers the registration `actions` sent with session `session`; returns the actions
+    /// that follow (the write sent in the session).
+    fn open_session(c: &mut Clerk, actions: &[Action], session: u64) -> Vec<Action> {
+        let (_, reg) = sent(actions).unwrap();
+        assert_eq!(reg.op, KvOp::Register);
+        assert_eq!(reg.client, c.client_id());
+        let a = c.on_reply(KvReply::Done {
+            client: reg.client,
+            request: reg.request,
+            result: KvResult::Registered { session },
+        });
+        assert_eq!(c.session(), Some(session));
+        let (_, req) = sent(&a).unwrap();
+        assert_eq!(req.client, session);
+        a
+    }
+
     fn timer(actions: &[Action]) -> u64 {
         actions
             .iter()
@@ -286,10 +356,11 @@ mod tests {
     fn follows_hint_and_reports_maybe_on_retry() {
         let mut c = Clerk::new(ClerkConfig::new(9, vec![1, 2, 3])).unwrap();
         let a = c.start(put()).unwrap();
+        let a = open_session(&mut c, &a, 11);
         let (server, req) = sent(&a).unwrap();
         assert_eq!(server, 1);
         let a = c.on_reply(KvReply::WrongLeader {
-            client: 9,
+            client: 11,
             request: req.request,
             leader: Some(3),
         });
@@ -297,7 +368,7 @@ mod tests {
         let a = c.on_timer(timer(&a));
         assert_eq!(sent(&a).unwrap().0, 1);
         let a = c.on_reply(KvReply::Done {
-            client: 9,
+            client: 11,
             request: req.request,
             result: KvResult::VersionMismatch,
         });
@@ -309,16 +380,17 @@ mod tests {
     fn first_answer_mismatch_is_mismatch_and_stale_is_ignored() {
         let mut c = Clerk::new(ClerkConfig::new(9, vec![1])).unwrap();
         let a = c.start(put()).unwrap();
+        let a = open_session(&mut c, &a, 4);
         let (_, req) = sent(&a).unwrap();
         assert!(c.start(put()).is_err());
         let stale = KvReply::Done {
-            client: 9,
+            client: 4,
             request: req.request - 1,
             result: KvResult::Deleted,
         };
         assert!(c.on_reply(stale).is_empty());
         let a = c.on_reply(KvReply::Done {
-            client: 9,
+            client: 4,
             request: req.request,
             result: KvResult::VersionMismatch,
         });
@@ -326,6 +398,55 @@ mod tests {
             a,
             vec![Action::Finished(Outcome::Done(KvResult::VersionMismatch))]
         );
+    }
+
+    #[test]
+    fn session_expired_is_maybe_then_registers_again() {
+        let mut c = Clerk::new(ClerkConfig::new(9, vec![1])).unwrap();
+        let unconditional = KvOp::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expected: Expected::Any,
+        };
+        let a = c.start(unconditional.clone()).unwrap();
+        let a = open_session(&mut c, &a, 3);
+        let (_, req) = sent(&a).unwrap();
+        // Answered on the first send, and still maybe: a duplicate may have applied.
+        let a = c.on_reply(KvReply::Done {
+            client: 3,
+            request: req.request,
+            result: KvResult::SessionExpired,
+        });
+        assert_eq!(a, vec![Action::Finished(Outcome::Maybe)]);
+        assert_eq!(c.session(), None);
+        // Reads need no session.
+        let a = c.start(KvOp::Get { key: b"k".to_vec() }).unwrap();
+        let (_, get) = sent(&a).unwrap();
+        assert_eq!(get.client, 9);
+        c.on_reply(KvReply::Done {
+            client: 9,
+            request: get.request,
+            result: KvResult::NoKey,
+        });
+        // The next write registers a new session first, with a fresh request id.
+        let a = c.start(unconditional).unwrap();
+        let a = open_session(&mut c, &a, 20);
+        let (_, again) = sent(&a).unwrap();
+        assert!(again.request > get.request);
+        let a = c.on_reply(KvReply::Done {
+            client: 20,
+            request: again.request,
+            result: KvResult::Written { version: 2 },
+        });
+        assert_eq!(
+            a,
+            vec![Action::Finished(Outcome::Done(KvResult::Written {
+                version: 2
+            }))]
+        );
+        // A retry within the session reuses it.
+        let a = c.start(put()).unwrap();
+        assert_eq!(sent(&a).unwrap().1.client, 20);
     }
 
     #[test]

@@ -176,19 +176,7 @@ impl<S: Storage> KvRsm<S> {
             return;
         }
         // Refuse oversized writes before they take log space (the store refuses them too).
-        let too_large = match &req.op {
-            shoal_wire::kv::KvOp::Put { key, value, .. } => {
-                key.len() > self.config.limits.max_key_bytes
-                    || value.len() > self.config.limits.max_value_bytes
-            }
-            shoal_wire::kv::KvOp::Delete { key, .. } => {
-                key.len() > self.config.limits.max_key_bytes
-            }
-            _ => false,
-        };
-        if too_large {
-            let mut scratch = KvStore::new(self.config.limits);
-            let result = scratch.apply(1, &req);
+        if let Some(result) = self.store.size_error(&req.op) {
             self.replies.push((
                 reply_to,
                 KvReply::Done {
@@ -419,9 +407,9 @@ mod tests {
         }
     }
 
-    fn req(request: u64, op: KvOp) -> KvRequest {
+    fn req(client: u64, request: u64, op: KvOp) -> KvRequest {
         KvRequest {
-            client: 5,
+            client,
             request,
             op,
             serializable: false,
@@ -443,12 +431,27 @@ mod tests {
             value: b"v".to_vec(),
             expected: Expected::Version(0),
         };
-        rsm.handle_request(1, req(1, put.clone()));
+        rsm.handle_request(1, req(5, 1, KvOp::Register));
+        drive(&mut rsm);
+        let Some((
+            1,
+            KvReply::Done {
+                result: KvResult::Registered { session },
+                ..
+            },
+        )) = rsm.take_replies().pop()
+        else {
+            panic!("registration")
+        };
+        rsm.handle_request(1, req(session, 1, put.clone()));
         drive(&mut rsm);
         // A retry of the same request is answered from the session table.
-        rsm.handle_request(1, req(1, put));
+        rsm.handle_request(1, req(session, 1, put.clone()));
         drive(&mut rsm);
-        rsm.handle_request(2, req(2, KvOp::Get { key: b"k".to_vec() }));
+        // A write from a session that was never opened is refused.
+        rsm.handle_request(3, req(session + 1000, 1, put));
+        drive(&mut rsm);
+        rsm.handle_request(2, req(5, 2, KvOp::Get { key: b"k".to_vec() }));
         drive(&mut rsm);
         let replies = rsm.take_replies();
         let results: Vec<_> = replies
@@ -463,6 +466,7 @@ mod tests {
             vec![
                 (1, KvResult::Written { version: 1 }),
                 (1, KvResult::Written { version: 1 }),
+                (3, KvResult::SessionExpired),
                 (
                     2,
                     KvResult::Found {
@@ -480,7 +484,7 @@ mod tests {
     fn follower_answers_wrong_leader() {
         let raft = Config::new(NodeId(2), vec![NodeId(1), NodeId(2), NodeId(3)]);
         let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
-        rsm.handle_request(7, req(1, KvOp::Get { key: b"k".to_vec() }));
+        rsm.handle_request(7, req(5, 1, KvOp::Get { key: b"k".to_vec() }));
         assert!(matches!(
             rsm.take_replies().as_slice(),
             [(7, KvReply::WrongLeader { .. })]

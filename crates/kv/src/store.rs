@@ -1,7 +1,17 @@
-//! The versioned key/value state machine with its at-most-once session table.
+//! The versioned key/value state machine with its at-most-once client session table.
 //!
 //! Deterministic: every replica that applies the same commands in the same order reaches the
-//! same state, byte for byte (ordered maps only; eviction depends only on applied indexes).
+//! same state, byte for byte (ordered maps only; session ids and expiry depend only on applied
+//! indexes, never on a clock).
+//!
+//! **Sessions** (Raft thesis §6.3). A client registers ([`KvOp::Register`]); the session id is
+//! the position (log index) of the registration. Each write carries (session, sequence
+//! number); the table keeps, per session, the highest applied sequence number and its answer.
+//! The table holds at most [`Limits::max_sessions`] sessions: a registration into a full table
+//! expires the session used least recently (ordered by the position of its last registration
+//! or write — the same on every replica). A write whose session is unknown or expired is
+//! refused with [`KvResult::SessionExpired`] and **never applied**, so a late retry or a network
+//! duplicate can never apply twice.
 
 use std::collections::BTreeMap;
 
@@ -14,12 +24,12 @@ use crate::Error;
 pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
 /// Default largest value, in bytes (1 MiB).
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
-/// Default number of clients the session (dedup) table remembers.
+/// Default number of client sessions the table holds.
 pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 /// Default largest number of pairs one scan returns.
 pub const DEFAULT_MAX_SCAN_ITEMS: u32 = 1000;
 /// Version byte at the start of every snapshot; bumped when the layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
 /// Approximate fixed cost of one session entry in bytes (ids, index, the reply's tag), used by
 /// [`KvStore::session_bytes`].
 pub const SESSION_ENTRY_OVERHEAD_BYTES: usize = 48;
@@ -31,8 +41,10 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// Largest value in bytes; larger is refused with [`KvResult::TooLarge`].
     pub max_value_bytes: usize,
-    /// Most clients remembered for deduplication; `0` disables deduplication (the classic
-    /// lab's kvsrv, where the versions alone make retries safe and the clerk reports "maybe").
+    /// Most client sessions held (a registration into a full table expires the least
+    /// recently used one); `0` disables sessions and deduplication (the classic lab's kvsrv,
+    /// where the versions alone make retries safe and the clerk reports "maybe"): every
+    /// registration succeeds and every write applies.
     pub max_sessions: usize,
     /// Most pairs one scan returns (a request's `limit` is capped by it).
     pub max_scan_items: u32,
@@ -56,13 +68,15 @@ struct Item {
     version: u64,
 }
 
-/// The latest write of one client: its id, the order of last use, and the answer.
+/// One client session: its highest applied write, the order of last use, and the answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Session {
+    /// Sequence number of the latest applied write (`0`: none yet).
     request: u64,
-    /// Sequence number of the apply that last touched this session (the log index under Raft).
+    /// Position of the apply that last touched this session (the log index under Raft).
     last_used: u64,
-    result: KvResult,
+    /// The answer of write `request` (`None` before the first write).
+    result: Option<KvResult>,
 }
 
 /// The serialized form of a store (after the format version byte).
@@ -127,7 +141,7 @@ impl KvStore {
         self.data_bytes
     }
 
-    /// Number of clients in the session table (at most `limits.max_sessions`).
+    /// Number of sessions in the table (at most `limits.max_sessions`).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -137,13 +151,29 @@ impl KvStore {
     pub fn session_bytes(&self) -> usize {
         self.sessions
             .values()
-            .map(|s| SESSION_ENTRY_OVERHEAD_BYTES + result_bytes(&s.result))
+            .map(|s| SESSION_ENTRY_OVERHEAD_BYTES + s.result.as_ref().map_or(0, result_bytes))
             .sum()
     }
 
     /// The value and version of `key`.
     pub fn get(&self, key: &[u8]) -> Option<(&[u8], u64)> {
         self.items.get(key).map(|i| (i.value.as_slice(), i.version))
+    }
+
+    /// Whether session `session` is open (registered and not expired).
+    pub fn has_session(&self, session: u64) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
+    /// The answer a write would get for exceeding a size limit, if it does (`None` for
+    /// reads, registrations and writes within the limits). Lets a server refuse it before it
+    /// takes log space.
+    pub fn size_error(&self, op: &KvOp) -> Option<KvResult> {
+        match op {
+            KvOp::Put { key, value, .. } => self.check_sizes(key, Some(value)),
+            KvOp::Delete { key, .. } => self.check_sizes(key, None),
+            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register => None,
+        }
     }
 
     /// Checks sizes against the limits.
@@ -193,14 +223,16 @@ impl KvStore {
                     .collect();
                 Ok(KvResult::Scanned { items })
             }
-            KvOp::Put { .. } | KvOp::Delete { .. } => Err(Error::NotARead),
+            KvOp::Put { .. } | KvOp::Delete { .. } | KvOp::Register => Err(Error::NotARead),
         }
     }
 
     /// Applies a request at position `index` (strictly increasing; the Raft log index).
     ///
-    /// Reads are answered from the state. Writes are deduplicated per client: a retry of the
-    /// client's latest write gets the remembered answer without applying again; an older
+    /// Reads are answered from the state. [`KvOp::Register`] opens a session whose id is
+    /// `index`. Writes are deduplicated per session (`req.client`): a write from an unknown or
+    /// expired session gets [`KvResult::SessionExpired`] and is not applied; a retry of the
+    /// session's latest write gets the remembered answer without applying again; an older
     /// request gets [`KvResult::Stale`].
     pub fn apply(&mut self, index: u64, req: &KvRequest) -> KvResult {
         assert!(
@@ -212,60 +244,80 @@ impl KvStore {
         if req.op.is_read() {
             return self.read(&req.op).unwrap_or(KvResult::Stale);
         }
-        if self.limits.max_sessions > 0 {
-            if let Some(s) = self.sessions.get(&req.client) {
-                if req.request < s.request {
-                    return KvResult::Stale;
-                }
-                if req.request == s.request {
-                    let result = s.result.clone();
-                    self.touch(req.client, index);
-                    return result;
-                }
+        if matches!(req.op, KvOp::Register) {
+            if self.limits.max_sessions > 0 {
+                self.register(index);
             }
+            return KvResult::Registered { session: index };
+        }
+        if self.limits.max_sessions == 0 {
+            return self.write(&req.op);
+        }
+        let Some(s) = self.sessions.get(&req.client) else {
+            tracing::debug!(
+                session = req.client,
+                "write from an unknown or expired session"
+            );
+            return KvResult::SessionExpired;
+        };
+        if req.request < s.request || (req.request == s.request && s.result.is_none()) {
+            return KvResult::Stale;
+        }
+        if req.request == s.request {
+            let result = s.result.clone().unwrap_or(KvResult::Stale);
+            self.touch(req.client, index, None);
+            return result;
         }
         let result = self.write(&req.op);
-        if self.limits.max_sessions > 0 {
-            self.remember(req.client, req.request, index, result.clone());
-        }
+        self.touch(req.client, index, Some((req.request, result.clone())));
         result
     }
 
-    /// Marks a session used at `index`.
-    fn touch(&mut self, client: u64, index: u64) {
-        if let Some(s) = self.sessions.get_mut(&client) {
-            self.by_use.remove(&(s.last_used, client));
-            s.last_used = index;
-            self.by_use.insert((index, client), ());
-        }
-    }
-
-    /// Records a client's latest answer, evicting the least recently used client when full.
-    fn remember(&mut self, client: u64, request: u64, index: u64, result: KvResult) {
-        if let Some(old) = self.sessions.remove(&client) {
-            self.by_use.remove(&(old.last_used, client));
-        }
-        // Eviction rule: the table holds at most `max_sessions` clients; a new client evicts
-        // the one whose last write applied earliest. Depends only on the log, so every
-        // replica evicts the same client.
+    /// Opens session `index`, first expiring the least recently used sessions while the table
+    /// is full.
+    fn register(&mut self, index: u64) {
+        // Expiry rule: the table holds at most `max_sessions` sessions; a registration into a
+        // full table expires the session whose last registration or write applied earliest.
+        // It depends only on the log, so every replica expires the same session.
         while self.sessions.len() >= self.limits.max_sessions {
             let Some((&(used, victim), _)) = self.by_use.iter().next() else {
                 break;
             };
             self.by_use.remove(&(used, victim));
             self.sessions.remove(&victim);
-            tracing::debug!(client = victim, "session evicted");
+            tracing::debug!(session = victim, "session expired");
         }
-        self.sessions.insert(
-            client,
-            Session {
-                request,
-                last_used: index,
-                result,
-            },
+        // Positions strictly increase, so `index` is never an open session's id.
+        assert!(
+            self.sessions
+                .insert(
+                    index,
+                    Session {
+                        request: 0,
+                        last_used: index,
+                        result: None,
+                    },
+                )
+                .is_none(),
+            "session {index} registered twice"
         );
-        self.by_use.insert((index, client), ());
+        self.by_use.insert((index, index), ());
+        assert!(self.sessions.len() <= self.limits.max_sessions);
         debug_assert_eq!(self.sessions.len(), self.by_use.len());
+    }
+
+    /// Marks a session used at `index` and, with `latest`, records its newest write's
+    /// sequence number and answer.
+    fn touch(&mut self, session: u64, index: u64, latest: Option<(u64, KvResult)>) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            self.by_use.remove(&(s.last_used, session));
+            s.last_used = index;
+            if let Some((request, result)) = latest {
+                s.request = request;
+                s.result = Some(result);
+            }
+            self.by_use.insert((index, session), ());
+        }
     }
 
     /// Applies a write without deduplication.
@@ -314,7 +366,9 @@ impl KvStore {
                     }
                 }
             }
-            KvOp::Get { .. } | KvOp::Scan { .. } => self.read(op).unwrap_or(KvResult::Stale),
+            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register => {
+                self.read(op).unwrap_or(KvResult::Stale)
+            }
         }
     }
 
@@ -355,7 +409,9 @@ impl KvStore {
             fresh.items.insert(k, item);
         }
         for (c, s) in body.sessions {
-            fresh.by_use.insert((s.last_used, c), ());
+            if fresh.by_use.insert((s.last_used, c), ()).is_some() {
+                return Err(Error::SnapshotDecode(format!("session {c}: duplicate use")));
+            }
             fresh.sessions.insert(c, s);
         }
         *self = fresh;
@@ -390,28 +446,59 @@ mod tests {
         }
     }
 
+    fn del(client: u64, request: u64, key: &str) -> KvRequest {
+        KvRequest {
+            client,
+            request,
+            op: KvOp::Delete {
+                key: key.into(),
+                expected: Expected::Any,
+            },
+            serializable: false,
+        }
+    }
+
+    /// Registers at `index`; returns the session id.
+    fn register(s: &mut KvStore, index: u64) -> u64 {
+        let r = s.apply(
+            index,
+            &KvRequest {
+                client: 0,
+                request: 1,
+                op: KvOp::Register,
+                serializable: false,
+            },
+        );
+        let KvResult::Registered { session } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(session, index);
+        session
+    }
+
     #[test]
     fn put_semantics() {
         let mut s = KvStore::new(Limits::default());
+        let c = register(&mut s, 1);
         assert_eq!(
-            s.apply(1, &put(1, 1, "k", "a", Expected::Version(1))),
+            s.apply(2, &put(c, 1, "k", "a", Expected::Version(1))),
             KvResult::NoKey
         );
         assert_eq!(
-            s.apply(2, &put(1, 2, "k", "a", Expected::Version(0))),
+            s.apply(3, &put(c, 2, "k", "a", Expected::Version(0))),
             KvResult::Written { version: 1 }
         );
         assert_eq!(
-            s.apply(3, &put(1, 3, "k", "b", Expected::Version(0))),
+            s.apply(4, &put(c, 3, "k", "b", Expected::Version(0))),
             KvResult::VersionMismatch
         );
         assert_eq!(
-            s.apply(4, &put(1, 4, "k", "b", Expected::Any)),
+            s.apply(5, &put(c, 4, "k", "b", Expected::Any)),
             KvResult::Written { version: 2 }
         );
         assert_eq!(s.get(b"k"), Some((&b"b"[..], 2)));
         let del = KvRequest {
-            client: 1,
+            client: c,
             request: 5,
             op: KvOp::Delete {
                 key: "k".into(),
@@ -419,7 +506,7 @@ mod tests {
             },
             serializable: false,
         };
-        assert_eq!(s.apply(5, &del), KvResult::Deleted);
+        assert_eq!(s.apply(6, &del), KvResult::Deleted);
         assert_eq!(s.get(b"k"), None);
         assert_eq!(s.data_bytes(), 0);
     }
@@ -427,14 +514,78 @@ mod tests {
     #[test]
     fn dedup_returns_remembered_answer() {
         let mut s = KvStore::new(Limits::default());
-        let p = put(7, 1, "k", "a", Expected::Version(0));
-        assert_eq!(s.apply(1, &p), KvResult::Written { version: 1 });
+        let c = register(&mut s, 1);
+        let p = put(c, 1, "k", "a", Expected::Any);
         assert_eq!(s.apply(2, &p), KvResult::Written { version: 1 });
+        assert_eq!(s.apply(3, &p), KvResult::Written { version: 1 });
         assert_eq!(s.get(b"k"), Some((&b"a"[..], 1)));
         assert_eq!(
-            s.apply(3, &put(7, 0, "k", "x", Expected::Any)),
+            s.apply(4, &put(c, 0, "k", "x", Expected::Any)),
             KvResult::Stale
         );
+        assert_eq!(s.get(b"k"), Some((&b"a"[..], 1)));
+    }
+
+    #[test]
+    fn registration_allocates_log_index_sessions() {
+        let mut s = KvStore::new(Limits::default());
+        assert_eq!(register(&mut s, 3), 3);
+        assert_eq!(register(&mut s, 7), 7);
+        assert!(s.has_session(3) && s.has_session(7) && !s.has_session(5));
+        assert_eq!(s.session_count(), 2);
+        // A write from a session never registered is refused and not applied.
+        assert_eq!(
+            s.apply(8, &put(5, 1, "k", "v", Expected::Any)),
+            KvResult::SessionExpired
+        );
+        assert!(s.is_empty());
+        // Sessions are independent: the same sequence number in two sessions applies twice.
+        assert_eq!(
+            s.apply(9, &put(3, 1, "k", "v", Expected::Any)),
+            KvResult::Written { version: 1 }
+        );
+        assert_eq!(
+            s.apply(10, &put(7, 1, "k", "v", Expected::Any)),
+            KvResult::Written { version: 2 }
+        );
+        // Without sessions (max_sessions = 0) registration succeeds and writes apply.
+        let mut plain = KvStore::new(Limits {
+            max_sessions: 0,
+            ..Limits::default()
+        });
+        assert_eq!(register(&mut plain, 1), 1);
+        assert_eq!(plain.session_count(), 0);
+        let p = put(42, 1, "k", "v", Expected::Any);
+        assert_eq!(plain.apply(2, &p), KvResult::Written { version: 1 });
+        assert_eq!(plain.apply(3, &p), KvResult::Written { version: 2 });
+    }
+
+    #[test]
+    fn expired_session_write_never_applies() {
+        let mut s = KvStore::new(Limits {
+            max_sessions: 2,
+            ..Limits::default()
+        });
+        let a = register(&mut s, 1);
+        assert_eq!(
+            s.apply(2, &put(a, 1, "k", "v", Expected::Any)),
+            KvResult::Written { version: 1 }
+        );
+        let b = register(&mut s, 3);
+        // `a` was used at 2, `b` at 3: the next registration expires `a`.
+        let c = register(&mut s, 4);
+        assert!(!s.has_session(a) && s.has_session(b) && s.has_session(c));
+        // The late retry of a's unconditional put, and a's delete, are refused.
+        assert_eq!(
+            s.apply(5, &put(a, 1, "k", "v", Expected::Any)),
+            KvResult::SessionExpired
+        );
+        assert_eq!(s.apply(6, &del(a, 2, "k")), KvResult::SessionExpired);
+        assert_eq!(s.get(b"k"), Some((&b"v"[..], 1)));
+        // A write refreshes its session: `b` written at 7 outlives `c`.
+        assert_eq!(s.apply(7, &del(b, 1, "k")), KvResult::Deleted);
+        let d = register(&mut s, 8);
+        assert!(s.has_session(b) && !s.has_session(c) && s.has_session(d));
     }
 
     #[test]
@@ -445,50 +596,155 @@ mod tests {
             ..Limits::default()
         };
         let mut s = KvStore::new(limits);
+        let c = register(&mut s, 1);
         assert!(matches!(
-            s.apply(1, &put(1, 1, "kkkkk", "v", Expected::Any)),
+            s.apply(2, &put(c, 1, "kkkkk", "v", Expected::Any)),
             KvResult::TooLarge { .. }
         ));
         assert!(matches!(
-            s.apply(2, &put(1, 2, "k", "123456789", Expected::Any)),
+            s.apply(3, &put(c, 2, "k", "123456789", Expected::Any)),
             KvResult::TooLarge { .. }
         ));
+        assert!(s
+            .size_error(&put(c, 3, "k", "123456789", Expected::Any).op)
+            .is_some());
+        assert!(s
+            .size_error(&put(c, 3, "k", "1", Expected::Any).op)
+            .is_none());
         assert!(s.is_empty());
     }
 
+    /// The memory test: many clients, each registering and writing, never grow the table
+    /// past its bound (entries and bytes), and the most recent sessions are the ones kept.
     #[test]
     fn session_table_is_bounded() {
+        const MAX: usize = 10;
         let limits = Limits {
-            max_sessions: 10,
+            max_sessions: MAX,
             ..Limits::default()
         };
         let mut s = KvStore::new(limits);
-        for c in 0..1000u64 {
-            s.apply(c + 1, &put(c, 1, "k", "v", Expected::Any));
-            assert!(s.session_count() <= 10);
+        let mut index = 0;
+        let mut sessions = Vec::new();
+        for _ in 0..1000u64 {
+            index += 1;
+            let c = register(&mut s, index);
+            index += 1;
+            s.apply(index, &put(c, 1, "k", "v", Expected::Any));
+            sessions.push(c);
+            assert!(s.session_count() <= MAX);
+            assert!(s.session_bytes() <= MAX * SESSION_ENTRY_OVERHEAD_BYTES);
         }
-        // The most recent clients are the ones remembered.
+        assert_eq!(s.get(b"k"), Some((&b"v"[..], 1000)));
+        for (i, c) in sessions.iter().enumerate() {
+            assert_eq!(s.has_session(*c), i >= 1000 - MAX, "session {c}");
+        }
+        // The newest client's retry is deduplicated; the oldest one's is refused.
+        let last = *sessions.last().unwrap();
         assert_eq!(
-            s.apply(2000, &put(999, 1, "k", "zzz", Expected::Any)),
+            s.apply(index + 1, &put(last, 1, "k", "zzz", Expected::Any)),
             KvResult::Written { version: 1000 }
         );
+        assert_eq!(
+            s.apply(index + 2, &put(sessions[0], 1, "k", "zzz", Expected::Any)),
+            KvResult::SessionExpired
+        );
+        assert_eq!(s.get(b"k"), Some((&b"v"[..], 1000)));
+    }
+
+    /// A fixed pseudo-random log (registrations, writes from live and dead sessions,
+    /// retries) applied to two replicas — one of them restarted from a snapshot half way —
+    /// gives byte-identical state, session table included.
+    #[test]
+    fn expiry_is_deterministic_across_replicas() {
+        let limits = Limits {
+            max_sessions: 5,
+            ..Limits::default()
+        };
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut log = Vec::new();
+        let mut registered = vec![0u64];
+        for index in 1..=2000u64 {
+            let r = next();
+            let req = if r % 4 == 0 {
+                registered.push(index);
+                KvRequest {
+                    client: 0,
+                    request: 1,
+                    op: KvOp::Register,
+                    serializable: false,
+                }
+            } else {
+                let session = registered[(r >> 8) as usize % registered.len()];
+                let key = format!("k{}", (r >> 20) % 7);
+                if r % 3 == 0 {
+                    del(session, (r >> 32) % 50, &key)
+                } else {
+                    put(session, (r >> 32) % 50, &key, "v", Expected::Any)
+                }
+            };
+            log.push((index, req));
+        }
+        let mut a = KvStore::new(limits);
+        let mut b = KvStore::new(limits);
+        let mut answers_a = Vec::new();
+        let mut answers_b = Vec::new();
+        for (index, req) in &log {
+            answers_a.push(a.apply(*index, req));
+            if *index == 1000 {
+                let mut restarted = KvStore::new(limits);
+                restarted.restore(&b.snapshot()).unwrap();
+                b = restarted;
+            }
+            answers_b.push(b.apply(*index, req));
+            assert!(a.session_count() <= 5);
+        }
+        assert_eq!(answers_a, answers_b);
+        assert_eq!(a.snapshot(), b.snapshot());
+        assert!(answers_a.contains(&KvResult::SessionExpired));
     }
 
     #[test]
     fn snapshot_round_trip() {
         let mut s = KvStore::new(Limits::default());
+        let sessions: Vec<u64> = (1..=5).map(|i| register(&mut s, i)).collect();
         for i in 0..50u64 {
             s.apply(
-                i + 1,
-                &put(i % 5, i, &format!("k{i}"), "value", Expected::Any),
+                i + 6,
+                &put(
+                    sessions[(i % 5) as usize],
+                    i,
+                    &format!("k{i}"),
+                    "value",
+                    Expected::Any,
+                ),
             );
         }
         let bytes = s.snapshot();
         let mut r = KvStore::new(Limits::default());
         r.restore(&bytes).unwrap();
         assert_eq!(r.snapshot(), bytes);
-        assert_eq!(r.applied(), 50);
+        assert_eq!(r.applied(), 55);
         assert_eq!(r.data_bytes(), s.data_bytes());
+        assert_eq!(r.session_count(), 5);
+        assert_eq!(r.session_bytes(), s.session_bytes());
+        // The restored session table deduplicates like the original: the latest write of a
+        // session is answered from it, an older one is stale.
+        assert_eq!(
+            r.apply(56, &put(sessions[4], 49, "k49", "other", Expected::Any)),
+            KvResult::Written { version: 1 }
+        );
+        assert_eq!(
+            r.apply(57, &put(sessions[4], 44, "k49", "other", Expected::Any)),
+            KvResult::Stale
+        );
+        assert_eq!(r.get(b"k49"), Some((&b"value"[..], 1)));
         assert!(r.restore(&[9, 1, 2]).is_err());
         let scan = r
             .read(&KvOp::Scan {

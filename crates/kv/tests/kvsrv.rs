@@ -166,8 +166,10 @@ fn unreliable_net() {
     });
 }
 
-/// TestMemPutManyClients, as a bound on the dedup table rather than the heap: 20,000 clients
-/// each first put at version 1 (no-key), then client i puts a 1000-byte value at version i.
+/// TestMemPutManyClients, as a bound on the session table rather than the heap: 20,000 clients
+/// each register and first put at version 1 (no-key), then client i registers again (its
+/// first session expired long ago: a write in it is refused) and puts a 1000-byte value at
+/// version i.
 #[test]
 fn memory_bounded_many_clients() {
     const CLIENTS: u64 = 20_000;
@@ -177,9 +179,27 @@ fn memory_bounded_many_clients() {
         ..Limits::default()
     });
     let value = "x".repeat(1000);
-    for c in 0..CLIENTS {
+    let register = |server: &mut SingleServer, c: u64| -> u64 {
         let r = server.handle(&KvRequest {
             client: c,
+            request: 0,
+            op: KvOp::Register,
+            serializable: false,
+        });
+        match r {
+            shoal_wire::kv::KvReply::Done {
+                result: KvResult::Registered { session },
+                ..
+            } => session,
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut first = Vec::new();
+    for c in 0..CLIENTS {
+        let session = register(&mut server, c);
+        first.push(session);
+        let r = server.handle(&KvRequest {
+            client: session,
             request: 1,
             op: put("k", "", Expected::Version(1)),
             serializable: false,
@@ -192,8 +212,25 @@ fn memory_bounded_many_clients() {
         }
     }
     for c in 0..CLIENTS {
+        let refused = server.handle(&KvRequest {
+            client: first[c as usize],
+            request: 2,
+            op: put("k", &value, Expected::Any),
+            serializable: false,
+        });
+        assert!(
+            matches!(
+                refused,
+                shoal_wire::kv::KvReply::Done {
+                    result: KvResult::SessionExpired,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        let session = register(&mut server, c);
         let r = server.handle(&KvRequest {
-            client: c,
+            client: session,
             request: 2,
             op: put("k", &value, Expected::Version(c)),
             serializable: false,

@@ -1,8 +1,12 @@
 //! Messages of the key/value database (`shoal-kv`): client requests and replies, and the
 //! envelope that carries them next to Raft's messages between servers.
 //!
-//! Every request carries the client's id and a request id; the reply echoes both, so a client
-//! can drop answers to requests it has given up on, and servers can deduplicate retries.
+//! Every request carries a client id and a request id; the reply echoes both, so a client
+//! can drop answers to requests it has given up on. Writes are deduplicated by client
+//! *session* (Raft thesis §6.3): a client first registers ([`KvOp::Register`], answered
+//! [`KvResult::Registered`]), then sends every write with `client` set to that session id and
+//! `request` to a sequence number that increases with each new write. A write from an unknown
+//! or expired session is refused with [`KvResult::SessionExpired`] and never applied.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +52,9 @@ pub enum KvOp {
         /// Most pairs returned.
         limit: u32,
     },
+    /// Open a client session (a write through the log). Answered [`KvResult::Registered`]
+    /// with the new session id, which later writes carry in [`KvRequest::client`].
+    Register,
 }
 
 impl KvOp {
@@ -60,9 +67,11 @@ impl KvOp {
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvRequest {
-    /// The client's unique id.
+    /// Writes (puts, deletes): the session id from [`KvResult::Registered`]. Reads and
+    /// [`KvOp::Register`]: any id the client picks to recognise the reply.
     pub client: u64,
-    /// Increases with each new operation of the client; retries reuse it.
+    /// Increases with each new operation of the client (the session's sequence number for
+    /// writes); retries reuse it.
     pub request: u64,
     /// What to do.
     pub op: KvOp,
@@ -119,6 +128,15 @@ pub enum KvResult {
     },
     /// The request is older than the client's latest one; nobody waits for this answer.
     Stale,
+    /// A session was opened; writes carry `session` as their client id.
+    Registered {
+        /// The new session id (the log index of the registration; never 0).
+        session: u64,
+    },
+    /// The write's session is unknown or has expired: it was **not** applied now. An earlier
+    /// send of the same write may have applied; the client reports it as "maybe" and registers
+    /// a new session.
+    SessionExpired,
 }
 
 /// A server's reply.

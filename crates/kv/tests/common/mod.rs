@@ -455,7 +455,7 @@ fn to_input(op: &KvOp) -> Option<KvInput> {
             key: key_str(key),
             expected: exp(expected),
         }),
-        KvOp::Scan { .. } => None,
+        KvOp::Scan { .. } | KvOp::Register => None,
     }
 }
 
@@ -472,9 +472,11 @@ fn to_output(o: &Outcome) -> KvOutput {
             KvResult::Deleted => KvOutput::Deleted,
             KvResult::VersionMismatch => KvOutput::VersionMismatch,
             // Refused writes change nothing: like a mismatch for the model.
-            KvResult::TooLarge { .. } | KvResult::Scanned { .. } | KvResult::Stale => {
-                KvOutput::VersionMismatch
-            }
+            KvResult::TooLarge { .. }
+            | KvResult::Scanned { .. }
+            | KvResult::Stale
+            | KvResult::Registered { .. }
+            | KvResult::SessionExpired => KvOutput::VersionMismatch,
         },
     }
 }
