@@ -30,6 +30,10 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_MAX_SCAN_ITEMS: u32 = 1000;
 /// Version byte at the start of every snapshot; bumped when the layout changes.
 pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
+/// The previous snapshot format (per-client dedup entries, before sessions). Still restored:
+/// its data is kept and its dedup entries are dropped, so every old client's next write is
+/// refused with [`KvResult::SessionExpired`] (safe: never applied twice).
+pub const SNAPSHOT_FORMAT_VERSION_V1: u8 = 1;
 /// Approximate fixed cost of one session entry in bytes (ids, index, the reply's tag), used by
 /// [`KvStore::session_bytes`].
 pub const SESSION_ENTRY_OVERHEAD_BYTES: usize = 48;
@@ -77,6 +81,15 @@ struct Session {
     last_used: u64,
     /// The answer of write `request` (`None` before the first write).
     result: Option<KvResult>,
+}
+
+/// The serialized form of a format-1 store (only its data is restored).
+#[derive(Deserialize)]
+struct SnapshotBodyV1 {
+    applied: u64,
+    items: Vec<(Vec<u8>, Item)>,
+    #[allow(dead_code)] // decoded to validate the layout; dedup entries do not carry over
+    sessions: Vec<(u64, (u64, u64, KvResult))>,
 }
 
 /// The serialized form of a store (after the format version byte).
@@ -398,6 +411,17 @@ impl KvStore {
             *self = fresh;
             return Ok(());
         }
+        if bytes[0] == SNAPSHOT_FORMAT_VERSION_V1 {
+            let body: SnapshotBodyV1 = postcard::from_bytes(&bytes[1..])
+                .map_err(|e| Error::SnapshotDecode(e.to_string()))?;
+            fresh.applied = body.applied;
+            for (k, item) in body.items {
+                fresh.data_bytes += k.len() + item.value.len();
+                fresh.items.insert(k, item);
+            }
+            *self = fresh;
+            return Ok(());
+        }
         if bytes[0] != SNAPSHOT_FORMAT_VERSION {
             return Err(Error::SnapshotVersion(bytes[0]));
         }
@@ -444,6 +468,14 @@ mod tests {
             },
             serializable: false,
         }
+    }
+
+    /// The format-1 layout, for writing one in a test.
+    #[derive(Serialize)]
+    struct SnapshotBodyV1Out {
+        applied: u64,
+        items: Vec<(Vec<u8>, Item)>,
+        sessions: Vec<(u64, (u64, u64, KvResult))>,
     }
 
     fn del(client: u64, request: u64, key: &str) -> KvRequest {
@@ -746,6 +778,28 @@ mod tests {
         );
         assert_eq!(r.get(b"k49"), Some((&b"value"[..], 1)));
         assert!(r.restore(&[9, 1, 2]).is_err());
+        // A format-1 snapshot (before sessions) restores its data and no session.
+        let v1 = SnapshotBodyV1Out {
+            applied: 7,
+            items: vec![(
+                b"old".to_vec(),
+                Item {
+                    value: b"x".to_vec(),
+                    version: 3,
+                },
+            )],
+            sessions: vec![(5, (2, 7, KvResult::Written { version: 3 }))],
+        };
+        let mut bytes = vec![SNAPSHOT_FORMAT_VERSION_V1];
+        bytes.extend(postcard::to_allocvec(&v1).unwrap());
+        let mut old = KvStore::new(Limits::default());
+        old.restore(&bytes).unwrap();
+        assert_eq!((old.applied(), old.session_count()), (7, 0));
+        assert_eq!(old.get(b"old"), Some((&b"x"[..], 3)));
+        assert_eq!(
+            old.apply(8, &put(5, 2, "old", "y", Expected::Any)),
+            KvResult::SessionExpired
+        );
         let scan = r
             .read(&KvOp::Scan {
                 start: b"k1".to_vec(),
