@@ -1,5 +1,7 @@
 //! The single-server service (the classic lab's kvsrv): one [`KvStore`], no Raft. Every
-//! request is answered at once.
+//! request is answered at once. Sessions follow the store's rule: `register` opens one (its id
+//! is the server's apply counter), a write from an unknown or expired session is refused with
+//! `SessionExpired` and never applied.
 
 use shoal_wire::kv::{KvReply, KvRequest};
 
