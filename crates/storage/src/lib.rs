@@ -319,7 +319,11 @@ impl DurableStorage {
             ReadRecord::End | ReadRecord::Bad(_) if newest => {
                 // Created but its header never made it to disk: an empty tail segment.
                 tracing::warn!(file = %name, "discarding newest segment with a torn header");
+                // Durably: if a crash brought it back after we appended to the previous
+                // segment, that segment would no longer be the newest and its tail (not yet
+                // synced) could not be repaired.
                 disk.remove(&name)?;
+                disk.sync_dir()?;
                 return Ok(());
             }
             ReadRecord::End => return Err(corrupt(0, "empty segment".into())),
