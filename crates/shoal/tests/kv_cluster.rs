@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kv_support::{free_ports, signal, Cluster, SHOAL, WAIT};
+use kv_support::{signal, Cluster, SHOAL, WAIT};
 
 #[test]
 fn cli_put_get_del_scan_and_shell_on_three_servers() {
@@ -109,11 +109,13 @@ fn data_dir_of_another_server_is_refused() {
 #[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
 fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cluster_dir = dir.path().join("data");
+    // The defaults: `kv up` keeps its cluster in ./shoal-data, and the client commands find
+    // the endpoints there.
+    let cluster_dir = dir.path().join("shoal-data");
     let run_up = || {
         let mut child = Command::new(SHOAL)
-            .args(["kv", "up", "--nodes", "3", "--dir"])
-            .arg(&cluster_dir)
+            .args(["kv", "up", "--nodes", "3"])
+            .current_dir(dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -129,10 +131,11 @@ fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
             .to_string();
         (KillOnDrop(child), endpoints)
     };
-    let client = |endpoints: &str, args: &[&str]| {
+    let client = |args: &[&str]| {
         let out = Command::new(SHOAL)
-            .args(["kv", "--endpoints", endpoints, "--timeout", "20"])
+            .args(["kv", "--timeout", "20"])
             .args(args)
+            .current_dir(dir.path())
             .output()
             .expect("run shoal kv");
         assert!(
@@ -145,7 +148,7 @@ fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
     let (mut up, endpoints) = run_up();
     let written = std::fs::read_to_string(cluster_dir.join("endpoints")).expect("endpoints file");
     assert_eq!(written.lines().collect::<Vec<_>>().join(","), endpoints);
-    assert_eq!(client(&endpoints, &["put", "durable", "yes"]), "ok 1\n");
+    assert_eq!(client(&["put", "durable", "yes"]), "ok 1\n");
     // Stop it as Ctrl-C would, and wait for a clean exit.
     signal(up.0.id(), libc::SIGINT);
     let start = std::time::Instant::now();
@@ -159,8 +162,43 @@ fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
     }
     let (_up, again) = run_up();
     assert_eq!(again, endpoints, "same ports on resume");
-    assert_eq!(client(&again, &["get", "durable", "--version"]), "1 yes\n");
-    let _ = free_ports(0);
+    assert_eq!(client(&["get", "durable", "--version"]), "1 yes\n");
+}
+
+#[test]
+fn kv_lock_runs_commands_one_at_a_time() {
+    let c = Cluster::start(3);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let journal = dir.path().join("journal");
+    let script = format!(
+        "echo start >> {0}; sleep 0.3; echo end >> {0}",
+        journal.display()
+    );
+    let holders: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(SHOAL)
+                .args(["kv", "--endpoints", &c.endpoints(), "--timeout", "20"])
+                .args(["lock", "journal", "--", "sh", "-c", &script])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start shoal kv lock")
+        })
+        .map(KillOnDrop)
+        .collect();
+    for mut h in holders {
+        let status = h.0.wait().expect("wait for shoal kv lock");
+        assert!(status.success(), "shoal kv lock failed: {status}");
+    }
+    let text = std::fs::read_to_string(&journal).expect("journal");
+    assert_eq!(
+        text,
+        "start\nend\n".repeat(3),
+        "critical sections overlapped"
+    );
+    // The exit status of the command is passed on.
+    let out = c.cli(&["lock", "journal", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
 }
 
 struct KillOnDrop(std::process::Child);
