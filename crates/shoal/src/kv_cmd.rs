@@ -26,7 +26,7 @@ const MAX_SHELL_LINE_BYTES: usize = 4 * 1024 * 1024;
 
 /// `shoal kv`: the key/value database.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "A tour (three terminals):\n  \
+#[command(after_help = "A tour (`up` in one terminal, the rest in another):\n  \
     shoal kv up                      # a local 3-server cluster in ./shoal-data\n  \
     shoal kv put greeting hello      # prints: ok 1\n  \
     shoal kv get greeting --version  # prints: 1 hello\n  \
