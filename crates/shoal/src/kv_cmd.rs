@@ -45,6 +45,10 @@ pub struct KvCommand {
     /// Seconds a client command may take, retries included; `shell` answers `timeout` after it.
     #[arg(long, global = true, default_value_t = 5.0)]
     timeout: f64,
+    /// Reads (get, scan) answered by whichever server is asked, from its local state: faster,
+    /// possibly stale. The default is linearizable reads (read-index through the leader).
+    #[arg(long, global = true)]
+    serializable: bool,
     #[command(subcommand)]
     command: KvSub,
 }
@@ -212,6 +216,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
         let mut config = ClientConfig::new(endpoints);
         config.cluster_id = cmd.cluster;
         config.op_timeout = timeout;
+        config.serializable_reads = cmd.serializable;
         Ok(Client::new(config)?)
     };
     match cmd.command {

@@ -17,6 +17,16 @@ fn cli_put_get_del_scan_and_shell_on_three_servers() {
     assert_eq!(c.ok(&["put", "a", "avocado", "--expect", "1"]), "ok 2\n");
     assert_eq!(c.ok(&["get", "a"]), "avocado\n");
     assert_eq!(c.ok(&["get", "a", "--version"]), "2 avocado\n");
+    // A serializable read from any server: possibly stale, never a value that was not written.
+    // (A lagging server may not have applied the first put yet: then "no such key".)
+    let local = c.cli(&["get", "a", "--serializable"]);
+    let value = String::from_utf8_lossy(&local.stdout);
+    assert!(
+        (local.status.success() && (value == "avocado\n" || value == "apple\n"))
+            || (local.status.code() == Some(1)
+                && String::from_utf8_lossy(&local.stderr).contains("no such key")),
+        "serializable read: {local:?}"
+    );
     let mismatch = c.cli(&["put", "a", "x", "--expect", "1"]);
     assert_eq!(mismatch.status.code(), Some(1));
     // A put that was redirected (sent twice) and then mismatched is reported as maybe.
