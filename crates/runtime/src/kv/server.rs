@@ -44,6 +44,10 @@ pub const CLIENT_REQUEST_QUEUE_LEN: usize = 4096;
 /// Replies queued per client connection; a client that does not read its replies loses the
 /// newest (it retries).
 pub const CLIENT_REPLY_QUEUE_LEN: usize = 256;
+/// Client requests waiting for an answer in the state machine; a request beyond it is dropped
+/// as a lossy network would (its client resends), so a client that pipelines without limit
+/// cannot grow the server's memory.
+pub const MAX_PENDING_REQUESTS: usize = 10_000;
 /// Events handled per wake-up before the `Ready` is carried out, so that many requests and
 /// appends share one fsync.
 pub const MAX_EVENTS_PER_READY: usize = 256;
@@ -305,7 +309,15 @@ impl Driver {
             }
             Event::Accepted(conn) => self.accept(conn),
             Event::Client(ClientEvent::Request(token, request)) => {
-                if self.connections.contains_key(&token) {
+                if !self.connections.contains_key(&token) {
+                    // The connection closed: nobody would read the answer.
+                } else if self.rsm.pending() >= MAX_PENDING_REQUESTS {
+                    debug!(
+                        token,
+                        limit = MAX_PENDING_REQUESTS,
+                        "dropping a request: too many pending"
+                    );
+                } else {
                     self.rsm.handle_request(token, request);
                 }
             }
