@@ -401,14 +401,19 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    println!("endpoints {list}");
-    println!(
+    // A closed stdout (a script that read the first line and left) must not stop the
+    // cluster: errors writing it are ignored.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "endpoints {list}");
+    let _ = writeln!(
+        out,
         "cluster of {} in {} (endpoints in {}); Ctrl-C stops it",
         endpoints.len(),
         args.dir.display(),
         endpoints_path.display()
     );
-    std::io::stdout().flush()?;
+    let _ = out.flush();
+    drop(out);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let mut exited = futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait())));

@@ -127,7 +127,15 @@ fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
             .args(["kv", "up", "--nodes", "3"])
             .current_dir(dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join("up.log"))
+                    .expect("open the up log"),
+            )
+            .env("SHOAL_LOG", "info")
+            .env("NO_COLOR", "1")
             .spawn()
             .expect("start shoal kv up");
         let mut first = String::new();
@@ -150,8 +158,9 @@ fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
             .expect("run shoal kv");
         assert!(
             out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            "shoal kv {args:?}: {}\nservers' log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
