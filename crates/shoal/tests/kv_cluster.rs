@@ -225,6 +225,10 @@ struct KillOnDrop(std::process::Child);
 impl Drop for KillOnDrop {
     #[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
     fn drop(&mut self) {
+        // Never signal a pid that was already reaped: it may belong to someone else by now.
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
         signal(self.0.id(), libc::SIGINT);
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
