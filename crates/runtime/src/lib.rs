@@ -16,6 +16,7 @@
 
 pub mod demo;
 pub mod demo_node;
+pub mod kv;
 pub mod node;
 pub mod transport;
 

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check_cmd;
+mod kv_cmd;
 mod mr_bench;
 mod mr_cmd;
 mod raft_bench;
@@ -43,6 +44,8 @@ enum Command {
     /// Run a node of a Raft group (a demo replicated log on the Raft library).
     #[command(subcommand)]
     Raft(raft_cmd::RaftCommand),
+    /// The key/value database: servers, a local cluster, get/put/del/scan, a shell, a lock.
+    Kv(kv_cmd::KvCommand),
     /// Run a deterministic simulation scenario and print its trace.
     Sim(sim_cmd::SimArgs),
     /// Benchmarks that print Shoal's figures next to the baselines they must beat.
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check_cmd::run(args),
         Command::Mr(cmd) => mr_cmd::run(cmd),
         Command::Raft(cmd) => raft_cmd::run(cmd),
+        Command::Kv(cmd) => kv_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run(args),
         Command::Bench(BenchCommand::Check(args)) => check_cmd::bench(args),
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),

@@ -1,0 +1,9 @@
+//! The key/value database on tokio: the server driver ([`server`]) that runs the sans-IO
+//! `shoal_kv::KvRsm` over TCP and real disks, and the async [`client`] library that runs the
+//! sans-IO `shoal_kv::Clerk`.
+
+pub mod client;
+pub mod server;
+
+pub use client::{Client, ClientConfig, ClientError, DeleteOutcome, PutOutcome};
+pub use server::{run_server, KvServerConfig, KvServerError};
