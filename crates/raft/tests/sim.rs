@@ -295,7 +295,8 @@ impl Node<Message> for Server {
 struct Cluster {
     sim: Sim<Message>,
     ids: Vec<SimId>,
-    journal: Journal,
+    /// The per-event checker of the five Figure 3 properties, fed by the servers' journal.
+    inv: Invariants,
 }
 
 impl Cluster {
@@ -314,7 +315,17 @@ impl Cluster {
                 sim.add_node(move |_| Server::new(n, snapshot_every, journal.clone()))
             })
             .collect();
-        Cluster { sim, ids, journal }
+        Cluster {
+            sim,
+            ids,
+            inv: Invariants::new(journal),
+        }
+    }
+
+    /// Runs for `duration`, checking the five Figure 3 properties after every event.
+    fn run_checked(&mut self, duration: Duration) -> Result<(), Failure> {
+        let (sim, inv, ids) = (&mut self.sim, &mut self.inv, &self.ids);
+        sim.run_checked(duration, |sim| inv.check(sim, ids))
     }
 
     fn server(&self, id: SimId) -> Option<&Server> {
@@ -752,7 +763,7 @@ fn figure_8_with_crashes() {
                 }
             }
             let ms = if (seed + iter) % 10 == 0 { 300 } else { 10 };
-            c.sim.run_for(Duration::from_millis(ms));
+            c.run_checked(Duration::from_millis(ms))?;
             if let Some(l) = leader {
                 c.sim.crash(l);
                 up -= 1;
@@ -951,7 +962,6 @@ fn nemesis() {
         let mut c = Cluster::new(seed, 5, NetConfig::reliable(), Some(20));
         c.sim
             .start_nemesis(shoal_sim::NemesisConfig::new(c.ids.clone()));
-        let mut inv = Invariants::new(c.journal.clone());
         let ids = c.ids.clone();
         for round in 0..100u64 {
             for &id in &ids {
@@ -961,17 +971,14 @@ fn nemesis() {
                     }
                 });
             }
-            c.sim
-                .run_checked(Duration::from_millis(100), |sim| inv.check(sim, &ids))?;
+            c.run_checked(Duration::from_millis(100))?;
         }
         c.check_applied_agree()?;
         c.check_log_matching()?;
         c.sim.heal_all();
-        c.sim
-            .run_checked(Duration::from_secs(1), |sim| inv.check(sim, &ids))?;
+        c.run_checked(Duration::from_secs(1))?;
         c.one(b"final", 5, true)?;
-        c.sim
-            .run_checked(Duration::from_millis(500), |sim| inv.check(sim, &ids))?;
+        c.run_checked(Duration::from_millis(500))?;
         c.check_applied_agree()?;
         c.check_log_matching()?;
         let mut everything = std::collections::BTreeSet::new();
@@ -1111,7 +1118,7 @@ fn churn(seed: u64, net: NetConfig) -> Result<(), Failure> {
                 next += 1;
                 c.start_on_leaders(format!("c{next}").as_bytes());
             }
-            c.sim.run_for(Duration::from_millis(20));
+            c.run_checked(Duration::from_millis(20))?;
         }
         if rng.below(100) < 20 {
             let v = c.ids[rng.below(5) as usize];
@@ -1178,7 +1185,7 @@ fn figure_8_unreliable() {
             } else {
                 rng.below(13)
             };
-            c.sim.run_for(Duration::from_millis(ms));
+            c.run_checked(Duration::from_millis(ms))?;
             let leaders: Vec<SimId> = c
                 .leaders()
                 .into_iter()
