@@ -7,7 +7,12 @@
 //! then are the dependent messages sent, entries applied and the node advanced. A crash in
 //! between loses or tears the unsynced writes.
 
+mod invariants;
+
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use invariants::{digest, Invariants, Journal, Obs};
 
 use shoal_raft::{Config, EntryKind, LogIndex, Message, NodeId, RawNode, Ready, Role, Storage};
 use shoal_sim::rand::Rng;
@@ -45,10 +50,17 @@ struct Server {
     snapshot_every: Option<u64>,
     /// Benchmarks: (command, simulated time in ns) of each apply.
     apply_times: Vec<(Vec<u8>, u64)>,
+    /// What this server did, for the invariant checker.
+    journal: Journal,
+    /// index → term of every entry written to the disk since the snapshot (a shadow of the
+    /// stored log, kept in step with the writes, rebuilt from the disk at restart).
+    written: BTreeMap<u64, u64>,
+    /// (index, term) of the last entry covered by the stored snapshot.
+    snap: (u64, u64),
 }
 
 impl Server {
-    fn new(n: u64, snapshot_every: Option<u64>) -> Server {
+    fn new(n: u64, snapshot_every: Option<u64>, journal: Journal) -> Server {
         Server {
             n,
             raw: None,
@@ -57,7 +69,69 @@ impl Server {
             syncing: None,
             snapshot_every,
             apply_times: Vec::new(),
+            journal,
+            written: BTreeMap::new(),
+            snap: (0, 0),
         }
+    }
+
+    fn observe(&self, obs: Obs) {
+        self.journal.borrow_mut().push(obs);
+    }
+
+    /// The term of the written entry `index` (the snapshot's for its last index).
+    fn written_term(&self, index: u64) -> u64 {
+        if index == self.snap.0 {
+            self.snap.1
+        } else {
+            self.written.get(&index).copied().unwrap_or(0)
+        }
+    }
+
+    /// Mirrors `storage.append(entries)` in the shadow log and reports it.
+    fn record_append(
+        &mut self,
+        me: SimId,
+        leader_term: Option<u64>,
+        entries: &[shoal_raft::Entry],
+    ) {
+        let entries: Vec<_> = entries.iter().filter(|e| e.index.0 > self.snap.0).collect();
+        let Some(head) = entries.first() else { return };
+        let removed = self.written.split_off(&head.index.0);
+        if let Some(lt) = leader_term {
+            for (&i, &t) in &removed {
+                let rewritten = entries.iter().any(|e| e.index.0 == i && e.term.0 == t);
+                if !rewritten {
+                    self.observe(Obs::Overwrite {
+                        node: me,
+                        leader_term: lt,
+                        index: i,
+                        old_term: t,
+                    });
+                }
+            }
+        }
+        for e in entries {
+            let prev_term = self.written_term(e.index.0 - 1);
+            self.written.insert(e.index.0, e.term.0);
+            self.observe(Obs::Entry {
+                node: me,
+                index: e.index.0,
+                term: e.term.0,
+                hash: digest(&e.data),
+                prev_term,
+            });
+        }
+    }
+
+    /// Mirrors a snapshot install (`whole = true`: the log is replaced) or a compaction.
+    fn record_snapshot(&mut self, index: u64, term: u64, whole: bool) {
+        if whole {
+            self.written.clear();
+        } else {
+            self.written = self.written.split_off(&(index + 1));
+        }
+        self.snap = (index, term);
     }
 
     fn raw(&mut self) -> &mut RawNode<DurableStorage> {
@@ -84,6 +158,8 @@ impl Server {
             return;
         }
         let mut rd = raw.ready();
+        let st = raw.status();
+        let leader_term = (st.role == Role::Leader).then_some(st.term.0);
         for m in std::mem::take(&mut rd.messages) {
             ctx.send(sim_id(m.to), m);
         }
@@ -96,6 +172,10 @@ impl Server {
         if let Some(hs) = rd.hard_state {
             storage.set_hard_state(disk, hs).expect("hard state");
         }
+        if let Some(s) = &rd.snapshot {
+            self.record_snapshot(s.meta.index.0, s.meta.term.0, true);
+        }
+        self.record_append(ctx.id(), leader_term, &rd.entries);
         self.syncing = Some(rd);
         let latency = Duration::from_micros(ctx.rng().gen_range(200..2000));
         ctx.set_timer(latency, TIMER_SYNC);
@@ -110,13 +190,31 @@ impl Server {
         for m in std::mem::take(&mut rd.persisted_messages) {
             ctx.send(sim_id(m.to), m);
         }
+        let me = ctx.id();
+        let node_term = raw.status().term.0;
         if let Some(s) = &rd.snapshot {
             self.applied = postcard::from_bytes(&s.data).expect("snapshot decodes");
             self.last_applied = s.meta.index.0;
+            for (i, d) in &self.applied {
+                self.journal.borrow_mut().push(Obs::Applied {
+                    node: me,
+                    index: *i,
+                    term: None,
+                    hash: digest(d),
+                    node_term,
+                });
+            }
         }
         for e in &rd.committed_entries {
             assert_eq!(e.index.0, self.last_applied + 1, "out-of-order apply");
             self.last_applied = e.index.0;
+            self.journal.borrow_mut().push(Obs::Applied {
+                node: me,
+                index: e.index.0,
+                term: Some(e.term.0),
+                hash: digest(&e.data),
+                node_term,
+            });
             if e.kind == EntryKind::Normal {
                 self.applied.push((e.index.0, e.data.clone()));
                 if e.data.starts_with(b"bench") {
@@ -126,8 +224,13 @@ impl Server {
             }
         }
         if let Some(s) = rd.compact.take() {
+            let (index, term) = (s.meta.index.0, s.meta.term.0);
             raw.storage_mut().compact(ctx.disk(), s).expect("compact");
+            if index > self.snap.0 {
+                self.record_snapshot(index, term, false);
+            }
         }
+        let raw = self.raw.as_mut().expect("started");
         raw.advance();
         if let Some(every) = self.snapshot_every {
             let first = raw.status().first_index.0;
@@ -152,6 +255,16 @@ impl Node<Message> for Server {
         if !snap.data.is_empty() {
             self.applied = postcard::from_bytes(&snap.data).expect("snapshot decodes");
         }
+        // The recovered log is checked like a written one (torn writes must not break it).
+        self.record_snapshot(snap.meta.index.0, snap.meta.term.0, true);
+        let recovered = storage
+            .entries(
+                storage.first_index(),
+                storage.last_index().next(),
+                usize::MAX,
+            )
+            .expect("entries");
+        self.record_append(ctx.id(), None, &recovered);
         self.last_applied = snap.meta.index.0;
         let mut cfg = Config::new(id, (1..=self.n).map(NodeId).collect());
         cfg.election_tick = 30;
@@ -182,6 +295,8 @@ impl Node<Message> for Server {
 struct Cluster {
     sim: Sim<Message>,
     ids: Vec<SimId>,
+    /// The per-event checker of the five Figure 3 properties, fed by the servers' journal.
+    inv: Invariants,
 }
 
 impl Cluster {
@@ -193,10 +308,24 @@ impl Cluster {
                 ..SimConfig::default()
             },
         );
+        let journal = Journal::default();
         let ids = (0..n)
-            .map(|_| sim.add_node(move |_| Server::new(n, snapshot_every)))
+            .map(|_| {
+                let journal = journal.clone();
+                sim.add_node(move |_| Server::new(n, snapshot_every, journal.clone()))
+            })
             .collect();
-        Cluster { sim, ids }
+        Cluster {
+            sim,
+            ids,
+            inv: Invariants::new(journal),
+        }
+    }
+
+    /// Runs for `duration`, checking the five Figure 3 properties after every event.
+    fn run_checked(&mut self, duration: Duration) -> Result<(), Failure> {
+        let (sim, inv, ids) = (&mut self.sim, &mut self.inv, &self.ids);
+        sim.run_checked(duration, |sim| inv.check(sim, ids))
     }
 
     fn server(&self, id: SimId) -> Option<&Server> {
@@ -634,7 +763,7 @@ fn figure_8_with_crashes() {
                 }
             }
             let ms = if (seed + iter) % 10 == 0 { 300 } else { 10 };
-            c.sim.run_for(Duration::from_millis(ms));
+            c.run_checked(Duration::from_millis(ms))?;
             if let Some(l) = leader {
                 c.sim.crash(l);
                 up -= 1;
@@ -822,18 +951,18 @@ fn isolated_follower_rejoins_without_an_election() {
 }
 
 /// The nemesis mixes partitions of every shape, crashes with torn writes, loss, duplication and
-/// reordering while clients propose; election safety is checked after every event, state
-/// machine safety after every 100 ms; after healing, a leader commits and every command that
-/// any server applied is applied everywhere (no committed entry lost).
+/// reordering while clients propose and servers take snapshots. After **every** simulator
+/// event the five Figure 3 properties are checked (`tests/invariants`: election safety, leader
+/// append-only, log matching, leader completeness, state machine safety). After healing, a
+/// leader commits within 10 s and every command that any server applied is applied everywhere
+/// (no committed entry lost).
 #[test]
 fn nemesis() {
     shoal_sim::check_seeds!(5, |seed| -> Result<(), Failure> {
         let mut c = Cluster::new(seed, 5, NetConfig::reliable(), Some(20));
         c.sim
             .start_nemesis(shoal_sim::NemesisConfig::new(c.ids.clone()));
-        let mut leaders: std::collections::BTreeMap<u64, SimId> = Default::default();
         let ids = c.ids.clone();
-        let _ = &mut leaders;
         for round in 0..100u64 {
             for &id in &ids {
                 let _ = c.sim.call::<Server, _>(id, |s, ctx| {
@@ -842,30 +971,14 @@ fn nemesis() {
                     }
                 });
             }
-            c.sim.run_checked(Duration::from_millis(100), |sim| {
-                for &id in &ids {
-                    let Some(s) = sim.node::<Server>(id) else {
-                        continue;
-                    };
-                    let Some(raw) = s.raw.as_ref() else { continue };
-                    let st = raw.status();
-                    if st.role == Role::Leader {
-                        let first = *leaders.entry(st.term.0).or_insert(id);
-                        if first != id {
-                            return Err(format!(
-                                "election safety: {first} and {id} both led term {}",
-                                st.term
-                            ));
-                        }
-                    }
-                }
-                Ok(())
-            })?;
-            c.check_applied_agree()?;
-            c.check_log_matching()?;
+            c.run_checked(Duration::from_millis(100))?;
         }
+        c.check_applied_agree()?;
+        c.check_log_matching()?;
         c.sim.heal_all();
+        c.run_checked(Duration::from_secs(1))?;
         c.one(b"final", 5, true)?;
+        c.run_checked(Duration::from_millis(500))?;
         c.check_applied_agree()?;
         c.check_log_matching()?;
         let mut everything = std::collections::BTreeSet::new();
@@ -1005,7 +1118,7 @@ fn churn(seed: u64, net: NetConfig) -> Result<(), Failure> {
                 next += 1;
                 c.start_on_leaders(format!("c{next}").as_bytes());
             }
-            c.sim.run_for(Duration::from_millis(20));
+            c.run_checked(Duration::from_millis(20))?;
         }
         if rng.below(100) < 20 {
             let v = c.ids[rng.below(5) as usize];
@@ -1072,7 +1185,7 @@ fn figure_8_unreliable() {
             } else {
                 rng.below(13)
             };
-            c.sim.run_for(Duration::from_millis(ms));
+            c.run_checked(Duration::from_millis(ms))?;
             let leaders: Vec<SimId> = c
                 .leaders()
                 .into_iter()
