@@ -179,9 +179,67 @@ fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
         assert!(start.elapsed() < WAIT, "kv up did not stop");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (_up, again) = run_up();
+    let (mut up, again) = run_up();
     assert_eq!(again, endpoints, "same ports on resume");
     assert_eq!(client(&["get", "durable", "--version"]), "1 yes\n");
+
+    // The README's tour: SIGKILL a server of `kv up`; the service goes on, and `kv up`
+    // restarts the server from its data directory instead of stopping the cluster.
+    let servers = children_of(up.0.id());
+    assert_eq!(servers.len(), 3, "kv up runs three servers: {servers:?}");
+    signal(servers[0], libc::SIGKILL);
+    assert_eq!(
+        client(&["put", "durable", "still", "--expect", "1"]),
+        "ok 2\n"
+    );
+    assert_eq!(client(&["get", "durable"]), "still\n");
+    let start = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+        if log.contains("restarted") && children_of(up.0.id()).len() == 3 {
+            break;
+        }
+        assert!(
+            up.0.try_wait().expect("wait for kv up").is_none(),
+            "kv up stopped when one server died:\n{log}"
+        );
+        assert!(
+            start.elapsed() < WAIT,
+            "kv up did not restart the server:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pids of the live processes whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: the command may contain spaces, so split after ')'.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace());
+        let state = fields.as_mut().and_then(|f| f.next());
+        let ppid = fields
+            .as_mut()
+            .and_then(|f| f.next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && state != Some("Z") {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    pids
 }
 
 #[test]
