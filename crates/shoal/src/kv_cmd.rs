@@ -155,7 +155,7 @@ struct ServerArgs {
     #[arg(long)]
     listen: SocketAddr,
     /// Every server of the cluster, this one included: ID=ADDR,ID=ADDR,…
-    #[arg(long, value_parser = parse_peer, value_delimiter = ',', required = true)]
+    #[arg(long, value_parser = crate::cli::parse_peer, value_delimiter = ',', required = true)]
     peers: Vec<(u64, SocketAddr)>,
     /// Data directory (created if missing).
     #[arg(long)]
@@ -184,17 +184,6 @@ struct UpArgs {
     /// Directory of the cluster: DIR/endpoints and one data directory per server.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
-}
-
-fn parse_peer(s: &str) -> Result<(u64, SocketAddr)> {
-    let (id, addr) = s
-        .split_once('=')
-        .ok_or_else(|| anyhow!("peer {s:?} is not ID=ADDR"))?;
-    Ok((
-        id.parse().with_context(|| format!("peer id {id:?}"))?,
-        addr.parse()
-            .with_context(|| format!("peer address {addr:?}"))?,
-    ))
 }
 
 /// Runs `shoal kv …`.

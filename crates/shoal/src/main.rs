@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check_cmd;
+mod cli;
 mod kv_cmd;
 mod mr_bench;
 mod mr_cmd;

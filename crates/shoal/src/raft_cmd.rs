@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use shoal_runtime::demo_node::{run_demo_node, DemoNodeOptions};
 
 /// `shoal raft` subcommands.
@@ -34,7 +34,7 @@ pub struct NodeArgs {
     #[arg(long)]
     listen: SocketAddr,
     /// Every voter of the group, this node included: ID=ADDR,ID=ADDR,…
-    #[arg(long, value_parser = parse_peer, value_delimiter = ',', required = true)]
+    #[arg(long, value_parser = crate::cli::parse_peer, value_delimiter = ',', required = true)]
     peers: Vec<(u64, SocketAddr)>,
     /// Data directory (created if missing).
     #[arg(long)]
@@ -54,17 +54,6 @@ pub struct NodeArgs {
     /// Snapshot every this many applied entries (0: never).
     #[arg(long, default_value_t = shoal_runtime::node::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
-}
-
-fn parse_peer(s: &str) -> Result<(u64, SocketAddr)> {
-    let (id, addr) = s
-        .split_once('=')
-        .ok_or_else(|| anyhow!("peer {s:?} is not ID=ADDR"))?;
-    Ok((
-        id.parse().with_context(|| format!("peer id {id:?}"))?,
-        addr.parse()
-            .with_context(|| format!("peer address {addr:?}"))?,
-    ))
 }
 
 /// Runs `shoal raft …`.
