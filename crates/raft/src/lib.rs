@@ -72,7 +72,7 @@ pub use shoal_wire::raft::{
     Entry, EntryKind, HardState, LogIndex, Message, MessageBody, NodeId, RejectHint, Snapshot,
     SnapshotMeta, Term,
 };
-pub use storage::{limit_size, MemStorage, Storage, StorageError};
+pub use storage::{limit_size, window_entries, window_term, MemStorage, Storage, StorageError};
 
 /// Errors returned to the driver or service.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

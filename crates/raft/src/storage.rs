@@ -122,29 +122,11 @@ impl Storage for MemStorage {
         hi: LogIndex,
         max_bytes: usize,
     ) -> Result<Vec<Entry>, StorageError> {
-        if lo < self.first_index() {
-            return Err(StorageError::Compacted);
-        }
-        if hi > self.last_index().next() || lo > hi {
-            return Err(StorageError::Unavailable);
-        }
-        let offset = self.first_index().0;
-        let slice = &self.entries[(lo.0 - offset) as usize..(hi.0 - offset) as usize];
-        Ok(limit_size(slice, max_bytes))
+        window_entries(&self.snapshot.meta, &self.entries, lo, hi, max_bytes)
     }
 
     fn term(&self, index: LogIndex) -> Result<Term, StorageError> {
-        let snap = &self.snapshot.meta;
-        if index == snap.index {
-            return Ok(snap.term);
-        }
-        if index < snap.index {
-            return Err(StorageError::Compacted);
-        }
-        if index > self.last_index() {
-            return Err(StorageError::Unavailable);
-        }
-        Ok(self.entries[(index.0 - snap.index.0 - 1) as usize].term)
+        window_term(&self.snapshot.meta, &self.entries, index)
     }
 
     fn first_index(&self) -> LogIndex {
@@ -158,6 +140,47 @@ impl Storage for MemStorage {
     fn snapshot(&self) -> Result<Snapshot, StorageError> {
         Ok(self.snapshot.clone())
     }
+}
+
+/// [`Storage::entries`] for a log kept in memory as a snapshot followed by `entries` (the
+/// entries at indexes `snapshot.index + 1 ..`): the entries in `[lo, hi)`, at most `max_bytes`
+/// of them but at least one. Shared by [`MemStorage`] and the durable storage's cache.
+pub fn window_entries(
+    snapshot: &SnapshotMeta,
+    entries: &[Entry],
+    lo: LogIndex,
+    hi: LogIndex,
+    max_bytes: usize,
+) -> Result<Vec<Entry>, StorageError> {
+    let first = snapshot.index.next();
+    let last = LogIndex(snapshot.index.0 + entries.len() as u64);
+    if lo < first {
+        return Err(StorageError::Compacted);
+    }
+    if hi > last.next() || lo > hi {
+        return Err(StorageError::Unavailable);
+    }
+    let slice = &entries[(lo.0 - first.0) as usize..(hi.0 - first.0) as usize];
+    Ok(limit_size(slice, max_bytes))
+}
+
+/// [`Storage::term`] for the same in-memory layout as [`window_entries`].
+pub fn window_term(
+    snapshot: &SnapshotMeta,
+    entries: &[Entry],
+    index: LogIndex,
+) -> Result<Term, StorageError> {
+    if index == snapshot.index {
+        return Ok(snapshot.term);
+    }
+    if index < snapshot.index {
+        return Err(StorageError::Compacted);
+    }
+    let offset = (index.0 - snapshot.index.0 - 1) as usize;
+    entries
+        .get(offset)
+        .map(|e| e.term)
+        .ok_or(StorageError::Unavailable)
 }
 
 /// The longest prefix of `entries` within `max_bytes`, but at least one entry.

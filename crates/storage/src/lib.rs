@@ -655,29 +655,11 @@ impl shoal_raft::Storage for DurableStorage {
         hi: LogIndex,
         max_bytes: usize,
     ) -> Result<Vec<Entry>, RaftStorageError> {
-        if lo < self.first() {
-            return Err(RaftStorageError::Compacted);
-        }
-        if hi > self.last().next() || lo > hi {
-            return Err(RaftStorageError::Unavailable);
-        }
-        let base = self.first().0;
-        let slice = &self.entries[(lo.0 - base) as usize..(hi.0 - base) as usize];
-        Ok(shoal_raft::limit_size(slice, max_bytes))
+        shoal_raft::window_entries(&self.snapshot.meta, &self.entries, lo, hi, max_bytes)
     }
 
     fn term(&self, index: LogIndex) -> Result<Term, RaftStorageError> {
-        let snap = &self.snapshot.meta;
-        if index == snap.index {
-            return Ok(snap.term);
-        }
-        if index < snap.index {
-            return Err(RaftStorageError::Compacted);
-        }
-        if index > self.last() {
-            return Err(RaftStorageError::Unavailable);
-        }
-        Ok(self.entries[(index.0 - snap.index.0 - 1) as usize].term)
+        shoal_raft::window_term(&self.snapshot.meta, &self.entries, index)
     }
 
     fn first_index(&self) -> LogIndex {
