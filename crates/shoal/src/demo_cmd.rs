@@ -46,8 +46,8 @@ const MAX_TOP: usize = 999;
 const SUMMARY_KEY: &str = "demo/summary";
 
 const DEMO_HELP: &str = "\
-What it does, step by step (about 5 seconds; nothing to configure):
-  1. starts a 3-server KV cluster on 127.0.0.1 (this executable's own `shoal kv server`
+What it does, step by step (a few seconds; nothing to configure):
+  1. starts a 3-node KV cluster on 127.0.0.1 (this executable's own `shoal kv server`
      processes, free ports, data and logs in a temporary directory) and waits for a leader;
   2. counts the words of eight bundled books with MapReduce: a coordinator in this process
      and --workers `shoal mr worker` processes;
@@ -196,9 +196,9 @@ impl Demo {
         }
         stored.push((SUMMARY_KEY.to_string(), summary));
         for (key, value) in &stored {
-            match client
-                .put(key.as_bytes(), value.as_bytes(), Expected::Any)
-                .await
+            let put = client.put(key.as_bytes(), value.as_bytes(), Expected::Any);
+            match with_majority(&mut self.servers, put)
+                .await?
                 .with_context(|| format!("storing {key}"))?
             {
                 PutOutcome::Written(_) => {}
@@ -234,9 +234,9 @@ impl Demo {
         let mut read = Vec::with_capacity(stored.len());
         let mut failover = None;
         for (key, _) in &stored {
-            let value = client
-                .get(key.as_bytes())
-                .await
+            let get = client.get(key.as_bytes());
+            let value = with_majority(&mut self.servers, get)
+                .await?
                 .with_context(|| format!("reading {key}"))?
                 .map(|(value, _version)| String::from_utf8_lossy(&value).into_owned());
             failover.get_or_insert_with(|| killed.elapsed());
@@ -405,6 +405,7 @@ impl Demo {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.workers.stop();
+        self.workers.expect_exits();
         Ok((report, maps))
     }
 
@@ -456,7 +457,7 @@ impl Demo {
             return Err(std::io::Error::last_os_error())
                 .with_context(|| format!("kill({pid}, SIGKILL)"));
         }
-        proc.killed = true;
+        proc.exit_expected = true;
         let status = proc
             .child
             .wait()
@@ -563,6 +564,31 @@ impl Demo {
     }
 }
 
+/// Runs a KV operation, but fails at once (instead of at the operation's timeout) if so many
+/// servers have exited that no majority is left to answer it.
+async fn with_majority<T>(
+    servers: &mut Procs,
+    op: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    let majority = SERVERS / 2 + 1;
+    let lost = async {
+        loop {
+            let running = servers.running();
+            if running < majority {
+                return anyhow!(
+                    "only {running} of {SERVERS} servers are running: no majority to answer ({})",
+                    servers.exits().join("; ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        r = op => Ok(r),
+        e = lost => Err(e),
+    }
+}
+
 fn step_name(step: usize) -> &'static str {
     match step {
         0 => "preparing the directory",
@@ -609,8 +635,8 @@ struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
-    /// The demo killed it on purpose (its exit is not news).
-    killed: bool,
+    /// The demo killed it or saw it finish its work: its exit is not news.
+    exit_expected: bool,
 }
 
 /// Child processes; dropping them SIGKILLs and reaps whichever still run.
@@ -632,16 +658,42 @@ impl Procs {
         Ok(())
     }
 
+    fn running(&mut self) -> usize {
+        self.0
+            .iter_mut()
+            .map(|p| matches!(p.child.try_wait(), Ok(None)))
+            .filter(|&running| running)
+            .count()
+    }
+
+    /// `NAME exited (STATUS)` for each process that has exited.
+    fn exits(&mut self) -> Vec<String> {
+        self.0
+            .iter_mut()
+            .filter_map(|p| match p.child.try_wait() {
+                Ok(Some(status)) => Some(format!("{} exited ({status})", p.name)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn all_exited(&mut self) -> bool {
         self.0
             .iter_mut()
             .all(|p| !matches!(p.child.try_wait(), Ok(None)))
     }
 
+    /// Marks every process as done with its work.
+    fn expect_exits(&mut self) {
+        for p in &mut self.0 {
+            p.exit_expected = true;
+        }
+    }
+
     /// Says which processes died unexpectedly (before the demo stops the rest).
     fn report_exits(&mut self) {
         for p in &mut self.0 {
-            if let (false, Ok(Some(status))) = (p.killed, p.child.try_wait()) {
+            if let (false, Ok(Some(status))) = (p.exit_expected, p.child.try_wait()) {
                 eprintln!("shoal demo: {} had exited ({status})", p.name);
             }
         }
@@ -724,7 +776,7 @@ fn spawn_logged(mut cmd: Command, name: String, log: PathBuf) -> Result<Proc> {
         name,
         child,
         log,
-        killed: false,
+        exit_expected: false,
     })
 }
 
