@@ -393,7 +393,12 @@ impl Demo {
                         s.maps_done, s.maps_total, s.reduces_done, s.reduces_total
                     ));
                     if self.workers.all_exited() {
-                        bail!("every worker process exited before the job finished");
+                        // Workers exit once told the job is over, which may be noticed here
+                        // just before the coordinator returns: give it a moment.
+                        match tokio::time::timeout(Duration::from_secs(2), &mut job_future).await {
+                            Ok(r) => break r.context("the MapReduce job failed")?,
+                            Err(_) => bail!("every worker process exited before the job finished"),
+                        }
                     }
                 }
                 _ = &mut deadline => bail!("the job did not finish within {} s", JOB_TIMEOUT.as_secs()),
