@@ -619,6 +619,18 @@ impl DurableStorage {
         self.collect_garbage(disk)
     }
 
+    /// Bytes of the live log (the entries after the snapshot, each with its fixed overhead):
+    /// what a service compares with its snapshot threshold. Unlike the segment files' sizes,
+    /// it drops at once when the log is compacted (the active segment keeps its dead prefix
+    /// until it is rotated, so measuring files made every check after a compaction ask for
+    /// another snapshot).
+    pub fn log_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| (e.data.len() + shoal_wire::raft::ENTRY_OVERHEAD_BYTES) as u64)
+            .sum()
+    }
+
     /// Number of segment files.
     pub fn segment_count(&self) -> usize {
         self.segments.len()

@@ -160,6 +160,32 @@ fn truncation_and_compaction_survive_restarts() {
     assert_eq!(s.snapshot().unwrap().data, vec![1, 2, 3]);
 }
 
+/// The snapshot threshold's measure: the live log, which compaction shrinks at once, even
+/// while the active segment file keeps its dead prefix (measuring the files made the KV
+/// server snapshot at every check after its first compaction).
+#[test]
+fn log_bytes_count_live_entries_and_drop_at_compaction() {
+    let mut d = MemDisk::new();
+    let mut s = DurableStorage::open(&mut d, 7, 1, StorageConfig::default()).expect("opens");
+    assert_eq!(s.log_bytes(), 0);
+    let entries: Vec<Entry> = (1..=10).map(|i| e(i, 1)).collect();
+    s.append(&mut d, &entries).unwrap();
+    s.sync(&mut d).unwrap();
+    let per_entry = |e: &Entry| (e.data.len() + shoal_wire::raft::ENTRY_OVERHEAD_BYTES) as u64;
+    assert_eq!(s.log_bytes(), entries.iter().map(per_entry).sum::<u64>());
+    s.compact(&mut d, snap(8, 1)).unwrap();
+    assert_eq!(s.segment_count(), 1, "one active segment, its prefix dead");
+    assert_eq!(
+        s.log_bytes(),
+        entries[8..].iter().map(per_entry).sum::<u64>()
+    );
+    let s = open(&mut d);
+    assert_eq!(
+        s.log_bytes(),
+        entries[8..].iter().map(per_entry).sum::<u64>()
+    );
+}
+
 /// Regression (simulator, seed 8856 of `unreliable_churn`): a crash undid the deletion of one
 /// superseded segment but not of the one before it, leaving a gap in front of a segment that a
 /// later one supersedes. Recovery must skip wholly superseded segments.

@@ -26,7 +26,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use shoal_kv::{KvRsm, RsmConfig};
 use shoal_raft::{Config as RaftConfig, Message, NodeId, Ready};
-use shoal_storage::{Disk as _, DurableStorage, StdDisk, StorageConfig};
+use shoal_storage::{DurableStorage, StdDisk, StorageConfig};
 use shoal_wire::kv::{KvReply, KvRequest};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -381,17 +381,9 @@ impl Driver {
         Ok(())
     }
 
-    /// Bytes of the persisted Raft state: log segments and hard state (not the snapshot).
+    /// Bytes of the Raft state the snapshot threshold is about: the live log.
     fn raft_state_bytes(&self) -> u64 {
-        let Ok(names) = self.disk.list() else {
-            return 0;
-        };
-        names
-            .iter()
-            .filter(|n| n.starts_with("seg-") || n.as_str() == "hardstate")
-            .filter_map(|n| std::fs::metadata(self.config.data_dir.join(n)).ok())
-            .map(|m| m.len())
-            .sum()
+        self.rsm.raw().storage().log_bytes()
     }
 
     fn storage_error(&self, source: shoal_storage::Error) -> KvServerError {
