@@ -146,7 +146,7 @@ impl Clerk {
         if self.pending.is_some() {
             return Err(Error::Busy);
         }
-        let needs_session = !op.is_read() && !matches!(op, KvOp::Register);
+        let needs_session = !op.is_read() && !matches!(op, KvOp::Register | KvOp::Status);
         let (request, after_register) = match (needs_session, self.session) {
             (true, None) => (self.request(self.config.client, KvOp::Register), Some(op)),
             (true, Some(session)) => (self.request(session, op), None),
@@ -224,6 +224,22 @@ impl Clerk {
         } else {
             self.next_server()
         }
+    }
+
+    /// The connection to `server` failed (refused, reset, closed). If the operation waits for
+    /// that server, it is resent to the next one now instead of after the retry timeout. (A
+    /// request sent before the failure may still have applied: this is a resend like any
+    /// other, and the maybe rule counts it.)
+    pub fn on_unreachable(&mut self, server: u64) -> Vec<Action> {
+        let waiting_on_it = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.sends > 0 && self.config.servers[self.leader] == server);
+        if !waiting_on_it {
+            return Vec::new();
+        }
+        self.timer_token += 1; // the retry timer of the failed send is void
+        self.next_server()
     }
 
     /// A reply arrived from a server.
@@ -447,6 +463,40 @@ mod tests {
         // A retry within the session reuses it.
         let a = c.start(put()).unwrap();
         assert_eq!(sent(&a).unwrap().1.client, 20);
+    }
+
+    #[test]
+    fn a_lost_connection_moves_on_at_once() {
+        let mut c = Clerk::new(ClerkConfig::new(1, vec![1, 2, 3])).unwrap();
+        let a = c.start(KvOp::Get { key: b"k".to_vec() }).unwrap();
+        let (server, req) = sent(&a).unwrap();
+        assert_eq!(server, 1);
+        // Another server's connection failing changes nothing.
+        assert!(c.on_unreachable(3).is_empty());
+        // Ours failing resends to the next server without waiting for the retry timer ...
+        let a = c.on_unreachable(1);
+        let (next, again) = sent(&a).unwrap();
+        assert_eq!(next, 2);
+        assert_eq!(again.request, req.request);
+        // ... and the first send's timer is void.
+        let old_timer = 1;
+        assert!(c.on_timer(old_timer).is_empty());
+        // Idle: nothing to do.
+        let a = c.on_reply(KvReply::Done {
+            client: 1,
+            request: req.request,
+            result: KvResult::NoKey,
+        });
+        assert_eq!(a, vec![Action::Finished(Outcome::Done(KvResult::NoKey))]);
+        assert!(c.on_unreachable(2).is_empty());
+    }
+
+    #[test]
+    fn status_needs_no_session() {
+        let mut c = Clerk::new(ClerkConfig::new(5, vec![1])).unwrap();
+        let a = c.start(KvOp::Status).unwrap();
+        let (_, req) = sent(&a).unwrap();
+        assert_eq!((req.client, req.op), (5, KvOp::Status));
     }
 
     #[test]

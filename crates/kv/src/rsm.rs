@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use shoal_raft::{Config, EntryKind, LogIndex, NodeId, RawNode, Ready, Role, Storage, Term};
-use shoal_wire::kv::{KvReply, KvRequest, KvResult};
+use shoal_wire::kv::{KvOp, KvReply, KvRequest, KvResult, ServerRole, ServerStatus};
 
 use crate::store::{KvStore, Limits};
 use crate::Error;
@@ -122,6 +122,25 @@ impl<S: Storage> KvRsm<S> {
         self.snapshots_installed
     }
 
+    /// What this server says of itself to a [`KvOp::Status`] request.
+    pub fn server_status(&self) -> ServerStatus {
+        let s = self.raw.status();
+        ServerStatus {
+            id: s.id.0,
+            role: match s.role {
+                Role::Follower => ServerRole::Follower,
+                Role::PreCandidate => ServerRole::PreCandidate,
+                Role::Candidate => ServerRole::Candidate,
+                Role::Leader => ServerRole::Leader,
+            },
+            term: s.term.0,
+            leader: s.leader.map(|l| l.0),
+            commit: s.commit.0,
+            applied: self.applied.0,
+            last_index: s.last_index.0,
+        }
+    }
+
     /// Requests waiting for an answer.
     pub fn pending(&self) -> usize {
         self.pending_writes.len() + self.pending_reads.len()
@@ -142,6 +161,18 @@ impl<S: Storage> KvRsm<S> {
     /// A client request arrived on connection `reply_to` (an opaque token for the driver).
     pub fn handle_request(&mut self, reply_to: u64, req: KvRequest) {
         let status = self.raw.status();
+        if req.op == KvOp::Status {
+            let result = KvResult::Status(self.server_status());
+            self.replies.push((
+                reply_to,
+                KvReply::Done {
+                    client: req.client,
+                    request: req.request,
+                    result,
+                },
+            ));
+            return;
+        }
         if req.op.is_read() && req.serializable {
             let result = self.store.read(&req.op).unwrap_or(KvResult::Stale);
             self.replies.push((

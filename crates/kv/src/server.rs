@@ -3,7 +3,7 @@
 //! is the server's apply counter), a write from an unknown or expired session is refused with
 //! `SessionExpired` and never applied.
 
-use shoal_wire::kv::{KvReply, KvRequest};
+use shoal_wire::kv::{KvOp, KvReply, KvRequest, KvResult, ServerRole, ServerStatus};
 
 use crate::store::{KvStore, Limits};
 
@@ -30,10 +30,22 @@ impl SingleServer {
 
     /// Serves one request.
     pub fn handle(&mut self, req: &KvRequest) -> KvReply {
-        let result = if req.op.is_read() {
+        let result = if req.op == KvOp::Status {
+            // One server: always the leader of its own term 1, everything applied at once.
+            let last = self.next_index.saturating_sub(1);
+            KvResult::Status(ServerStatus {
+                id: 1,
+                role: ServerRole::Leader,
+                term: 1,
+                leader: Some(1),
+                commit: last,
+                applied: last,
+                last_index: last,
+            })
+        } else if req.op.is_read() {
             match self.store.read(&req.op) {
                 Ok(r) => r,
-                Err(_) => shoal_wire::kv::KvResult::Stale,
+                Err(_) => KvResult::Stale,
             }
         } else {
             let index = self.next_index;

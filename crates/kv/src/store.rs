@@ -185,7 +185,7 @@ impl KvStore {
         match op {
             KvOp::Put { key, value, .. } => self.check_sizes(key, Some(value)),
             KvOp::Delete { key, .. } => self.check_sizes(key, None),
-            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register => None,
+            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register | KvOp::Status => None,
         }
     }
 
@@ -236,7 +236,9 @@ impl KvStore {
                     .collect();
                 Ok(KvResult::Scanned { items })
             }
-            KvOp::Put { .. } | KvOp::Delete { .. } | KvOp::Register => Err(Error::NotARead),
+            KvOp::Put { .. } | KvOp::Delete { .. } | KvOp::Register | KvOp::Status => {
+                Err(Error::NotARead)
+            }
         }
     }
 
@@ -379,7 +381,7 @@ impl KvStore {
                     }
                 }
             }
-            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register => {
+            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register | KvOp::Status => {
                 self.read(op).unwrap_or(KvResult::Stale)
             }
         }

@@ -94,6 +94,45 @@ fn leader_sigkill_service_continues_and_restarted_leader_catches_up() {
 }
 
 #[test]
+fn status_names_one_leader_and_reports_an_unreachable_server() {
+    let mut c = Cluster::start(3);
+    assert_eq!(c.ok(&["put", "k", "v"]), "ok 1\n");
+    let leader = c.wait_leader();
+    let table = c.ok(&["status"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("ID"), "{table}");
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(" leader ")).count(),
+        1,
+        "{table}"
+    );
+    assert!(lines[leader as usize].contains(" leader "), "{table}");
+    // Every server knows the leader and has applied the put.
+    let json = c.ok(&["status", "--json"]);
+    for line in json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(v["leader"].as_u64(), Some(leader), "{json}");
+        assert!(v["commit"].as_u64().unwrap() >= 2, "{json}");
+    }
+    // A dead server is reported, not hidden; the others still answer.
+    let other = (1..=3).find(|&id| id != leader).expect("another server");
+    c.kill(other);
+    let out = c.cli_within("1", &["status"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    let dead = table
+        .lines()
+        .nth(other as usize)
+        .expect("a line per server");
+    assert!(dead.contains("cannot reach"), "{table}");
+    // With the leader gone too, nobody leads: exit status 1.
+    c.kill(leader);
+    let out = c.cli_within("1", &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
 fn data_dir_of_another_server_is_refused() {
     let mut c = Cluster::start(3);
     assert_eq!(c.ok(&["put", "x", "1"]), "ok 1\n");

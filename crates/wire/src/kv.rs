@@ -55,6 +55,9 @@ pub enum KvOp {
     /// Open a client session (a write through the log). Answered [`KvResult::Registered`]
     /// with the new session id, which later writes carry in [`KvRequest::client`].
     Register,
+    /// Ask the server that receives it about itself (role, term, leader, indexes). Answered
+    /// at once by that server, leader or not, with [`KvResult::Status`]; never replicated.
+    Status,
 }
 
 impl KvOp {
@@ -137,6 +140,51 @@ pub enum KvResult {
     /// send of the same write may have applied; the client reports it as "maybe" and registers
     /// a new session.
     SessionExpired,
+    /// The answer to [`KvOp::Status`].
+    Status(ServerStatus),
+}
+
+/// A server's role in its Raft group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ServerRole {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Asks whether it could win an election (pre-vote), without starting one.
+    PreCandidate,
+    /// Runs for leader.
+    Candidate,
+    /// Leads: serves reads and writes.
+    Leader,
+}
+
+impl std::fmt::Display for ServerRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServerRole::Follower => "follower",
+            ServerRole::PreCandidate => "pre-candidate",
+            ServerRole::Candidate => "candidate",
+            ServerRole::Leader => "leader",
+        })
+    }
+}
+
+/// What a server says of itself ([`KvOp::Status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    /// The server's id.
+    pub id: u64,
+    /// Its role.
+    pub role: ServerRole,
+    /// Its current term.
+    pub term: u64,
+    /// The leader it knows of in that term.
+    pub leader: Option<u64>,
+    /// Its commit index.
+    pub commit: u64,
+    /// The last log index applied to its state machine.
+    pub applied: u64,
+    /// The last index of its log.
+    pub last_index: u64,
 }
 
 /// A server's reply.

@@ -455,7 +455,7 @@ fn to_input(op: &KvOp) -> Option<KvInput> {
             key: key_str(key),
             expected: exp(expected),
         }),
-        KvOp::Scan { .. } | KvOp::Register => None,
+        KvOp::Scan { .. } | KvOp::Register | KvOp::Status => None,
     }
 }
 
@@ -476,7 +476,8 @@ fn to_output(o: &Outcome) -> KvOutput {
             | KvResult::Scanned { .. }
             | KvResult::Stale
             | KvResult::Registered { .. }
-            | KvResult::SessionExpired => KvOutput::VersionMismatch,
+            | KvResult::SessionExpired
+            | KvResult::Status(_) => KvOutput::VersionMismatch,
         },
     }
 }

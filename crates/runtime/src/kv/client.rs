@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use shoal_kv::{Action, Clerk, ClerkConfig, Lock, LockStep, Outcome};
-use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult, ScanItem};
+use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult, ScanItem, ServerStatus};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
@@ -91,6 +91,9 @@ pub enum ClientError {
     /// The server answered something this operation cannot return (a bug or a version skew).
     #[error("unexpected answer: {0:?}")]
     Unexpected(KvResult),
+    /// The server could not be reached (connection refused or lost).
+    #[error("cannot reach {0}")]
+    Unreachable(SocketAddr),
     /// The client is misconfigured (no endpoints).
     #[error("client: {0}")]
     Kv(#[from] shoal_kv::Error),
@@ -129,8 +132,21 @@ pub struct Client {
     clerk: Clerk,
     /// Connection tasks by server id (`index + 1`).
     connections: BTreeMap<u64, mpsc::Sender<KvRequest>>,
-    replies_tx: mpsc::Sender<KvReply>,
-    replies: mpsc::Receiver<KvReply>,
+    replies_tx: mpsc::Sender<Incoming>,
+    replies: mpsc::Receiver<Incoming>,
+    /// The server whose answer finished the last operation.
+    last_server: Option<u64>,
+    /// Request ids of status requests (counting down from the top, apart from the clerk's).
+    next_status_request: u64,
+}
+
+/// What the connection tasks tell the client.
+#[derive(Debug)]
+enum Incoming {
+    /// Server `.0` answered.
+    Reply(u64, KvReply),
+    /// The connection to server `.0` failed or could not be opened.
+    Lost(u64),
 }
 
 impl std::fmt::Debug for Client {
@@ -160,7 +176,95 @@ impl Client {
             connections: BTreeMap::new(),
             replies_tx,
             replies,
+            last_server: None,
+            next_status_request: u64::MAX,
         })
+    }
+
+    /// The id of the server (`index + 1` in the endpoint list) whose answer finished the last
+    /// operation, if it finished.
+    pub fn last_server(&self) -> Option<u64> {
+        self.last_server
+    }
+
+    /// Asks the server at `endpoints[index]` about itself (role, term, leader, commit and
+    /// applied indexes), whether it leads or not. Waits at most `timeout`.
+    pub async fn status(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<ServerStatus, ClientError> {
+        if index >= self.config.endpoints.len() {
+            return Err(ClientError::Kv(shoal_kv::Error::NoServers));
+        }
+        while self.replies.try_recv().is_ok() {}
+        let server = index as u64 + 1;
+        let request = KvRequest {
+            client: self.clerk.client_id(),
+            request: self.next_status_request,
+            op: KvOp::Status,
+            serializable: true,
+        };
+        self.next_status_request -= 1;
+        let ids = (request.client, request.request);
+        self.send(server, request);
+        let deadline = Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                incoming = self.replies.recv() => match incoming {
+                    Some(Incoming::Reply(from, reply)) if from == server && reply.ids() == ids => {
+                        return match reply {
+                            KvReply::Done { result: KvResult::Status(s), .. } => Ok(s),
+                            KvReply::Done { result, .. } => Err(ClientError::Unexpected(result)),
+                            KvReply::WrongLeader { .. } => {
+                                Err(ClientError::Unexpected(KvResult::Stale))
+                            }
+                        };
+                    }
+                    Some(Incoming::Lost(from)) if from == server => {
+                        return Err(ClientError::Unreachable(self.config.endpoints[index]));
+                    }
+                    Some(_) => {}
+                    None => return Err(ClientError::Timeout(timeout)),
+                },
+                _ = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout(timeout)),
+            }
+        }
+    }
+
+    /// The status of every endpoint, in endpoint order (`Err` for those that did not answer
+    /// within `timeout`; they are asked concurrently).
+    pub async fn statuses(&self, timeout: Duration) -> Vec<Result<ServerStatus, ClientError>> {
+        let mut out = Vec::with_capacity(self.config.endpoints.len());
+        for i in 0..self.config.endpoints.len() {
+            let mut c = match Client::new(self.config.clone()) {
+                Ok(c) => c,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            out.push(Ok(tokio::spawn(async move { c.status(i, timeout).await })));
+        }
+        let mut results = Vec::with_capacity(out.len());
+        for h in out {
+            results.push(match h {
+                Ok(handle) => handle.await.unwrap_or(Err(ClientError::Timeout(timeout))),
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    /// The current leader's status: asks every endpoint and returns the leader with the
+    /// highest term, or `None` if no server answers as leader within `timeout`.
+    pub async fn find_leader(&self, timeout: Duration) -> Option<ServerStatus> {
+        self.statuses(timeout)
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|s| s.role == shoal_wire::kv::ServerRole::Leader)
+            .max_by_key(|s| s.term)
     }
 
     fn clerk(config: &ClientConfig) -> Result<Clerk, ClientError> {
@@ -169,6 +273,11 @@ impl Client {
         cc.retry_timeout = config.retry_timeout;
         cc.serializable_reads = config.serializable_reads;
         Ok(Clerk::new(cc)?)
+    }
+
+    /// The servers' addresses, in server-id order.
+    pub fn endpoints(&self) -> &[SocketAddr] {
+        &self.config.endpoints
     }
 
     /// This client's current id (it changes after a timed-out operation).
@@ -190,6 +299,7 @@ impl Client {
     ) -> Result<Outcome, ClientError> {
         // Answers to abandoned requests are of no use.
         while self.replies.try_recv().is_ok() {}
+        self.last_server = None;
         let deadline = Instant::now() + timeout;
         let mut actions = self.clerk.start(op)?;
         let mut timer: Option<(Instant, u64)> = None;
@@ -205,11 +315,16 @@ impl Client {
             }
             let (timer_at, token) = timer.unwrap_or((deadline, 0));
             tokio::select! {
-                reply = self.replies.recv() => {
-                    if let Some(reply) = reply {
+                incoming = self.replies.recv() => match incoming {
+                    Some(Incoming::Reply(server, reply)) => {
                         actions = self.clerk.on_reply(reply);
+                        if actions.iter().any(|a| matches!(a, Action::Finished(_))) {
+                            self.last_server = Some(server);
+                        }
                     }
-                }
+                    Some(Incoming::Lost(server)) => actions = self.clerk.on_unreachable(server),
+                    None => {}
+                },
                 _ = tokio::time::sleep_until(timer_at), if timer.is_some() => {
                     timer = None;
                     actions = self.clerk.on_timer(token);
@@ -236,6 +351,7 @@ impl Client {
             _ => {
                 let (tx, rx) = mpsc::channel(CONNECTION_QUEUE_LEN);
                 tokio::spawn(connection(
+                    server,
                     addr,
                     self.config.clone(),
                     rx,
@@ -373,12 +489,24 @@ fn too_large_or_unexpected(result: KvResult) -> ClientError {
 }
 
 /// One connection to a server: connects, writes the queued requests, forwards the replies.
-/// Ends (and is replaced on the next send) when the connection fails.
+/// Ends (and is replaced on the next send) when the connection fails, and then says so.
 async fn connection(
+    server: u64,
+    addr: SocketAddr,
+    config: ClientConfig,
+    requests: mpsc::Receiver<KvRequest>,
+    replies: mpsc::Sender<Incoming>,
+) {
+    run_connection(server, addr, config, requests, &replies).await;
+    let _ = replies.send(Incoming::Lost(server)).await;
+}
+
+async fn run_connection(
+    server: u64,
     addr: SocketAddr,
     config: ClientConfig,
     mut requests: mpsc::Receiver<KvRequest>,
-    replies: mpsc::Sender<KvReply>,
+    replies: &mpsc::Sender<Incoming>,
 ) {
     let framed = match connect_client::<KvReply, KvRequest>(
         addr,
@@ -408,7 +536,7 @@ async fn connection(
             },
             reply = stream.next() => match reply {
                 Some(Ok(reply)) => {
-                    if replies.send(reply).await.is_err() {
+                    if replies.send(Incoming::Reply(server, reply)).await.is_err() {
                         return;
                     }
                 }

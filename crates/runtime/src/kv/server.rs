@@ -35,7 +35,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::transport::{ClientConnection, Inbound, Transport, TransportConfig, TransportError};
 
 /// Default [`KvServerConfig::tick_interval`]: the wall-clock length of one Raft tick.
-pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(50);
+pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(25);
 /// Default [`KvServerConfig::max_client_connections`].
 pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 1024;
 /// Requests from all client connections waiting for the driver; a connection whose request

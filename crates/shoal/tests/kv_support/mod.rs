@@ -1,5 +1,5 @@
 //! Real `shoal kv server` processes on 127.0.0.1 for the KV tests: start, SIGKILL, SIGSTOP,
-//! restart from disk, find the leader from the servers' logs. Every child is killed on Drop.
+//! restart from disk, find the leader with `shoal kv status`. Every child is killed on Drop.
 
 #![allow(dead_code)]
 
@@ -118,37 +118,21 @@ impl Cluster {
         self.servers[id as usize - 1].as_ref().map(Child::id)
     }
 
-    /// The running server that most recently logged becoming leader (highest term).
+    /// The running server that answers `shoal kv status` as leader (the highest term's, if
+    /// two think they lead).
     pub fn leader(&self) -> Option<u64> {
-        let mut best: Option<(u64, u64)> = None;
-        for id in 1..=self.ports.len() as u64 {
-            if self.servers[id as usize - 1].is_none() {
-                continue;
-            }
-            let Ok(text) = std::fs::read_to_string(self.log_path(id)) else {
-                continue;
-            };
-            for line in text.lines().filter(|l| l.contains("role changed")) {
-                let Some(term) = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("term="))
-                    .and_then(|t| t.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                if line.contains("role=Leader") {
-                    if best.is_none_or(|(t, _)| term > t) {
-                        best = Some((term, id));
-                    }
-                } else if best.is_some_and(|(t, b)| b == id && term >= t) {
-                    best = None;
-                }
-            }
-        }
-        best.map(|(_, id)| id)
+        let out = self.cli_within("1", &["status", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["role"] == "leader")
+            .filter_map(|v| Some((v["term"].as_u64()?, v["id"].as_u64()?)))
+            .filter(|&(_, id)| self.servers[id as usize - 1].is_some())
+            .max()
+            .map(|(_, id)| id)
     }
 
-    /// Waits until some running server logged leadership.
+    /// Waits until some running server says it leads.
     #[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
     pub fn wait_leader(&self) -> u64 {
         let start = std::time::Instant::now();
@@ -163,8 +147,13 @@ impl Cluster {
 
     /// Runs a client command against the cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_within("20", args)
+    }
+
+    /// Runs a client command with `--timeout SECS`.
+    pub fn cli_within(&self, secs: &str, args: &[&str]) -> Output {
         Command::new(SHOAL)
-            .args(["kv", "--endpoints", &self.endpoints(), "--timeout", "20"])
+            .args(["kv", "--endpoints", &self.endpoints(), "--timeout", secs])
             .args(args)
             .output()
             .expect("run shoal kv")
