@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::target::{ShoalTarget, TargetKind};
+use super::target::TargetKind;
 use super::{now, LIVENESS};
 
 /// Members of a local cluster.
@@ -22,7 +22,8 @@ pub const MEMBERS: usize = 3;
 const POLL: Duration = Duration::from_millis(20);
 /// Bound on one probe operation while looking for the leader or a catch-up.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// The key the catch-up markers are written to (outside the benchmark's `k…` keys).
+/// The key etcd's catch-up markers are written to (outside the benchmark's `k…` keys).
+#[cfg(feature = "etcd")]
 const MARKER_KEY: &[u8] = b"_kv_bench_marker";
 
 /// A member process, SIGKILLed and reaped when dropped so that no error path leaves one behind.
@@ -224,26 +225,18 @@ impl LocalCluster {
         bail!("no {} leader within {LIVENESS:?}", self.kind.name())
     }
 
-    /// Shoal's leader: the live server that accepts a put sent to it alone (only the leader
-    /// answers a write; a follower answers "wrong leader").
+    /// A Shoal client of the whole cluster, for status requests.
+    fn shoal_client(&self) -> Option<shoal_runtime::kv::Client> {
+        let mut config = shoal_runtime::kv::ClientConfig::new(self.addrs.clone());
+        config.op_timeout = PROBE_TIMEOUT;
+        shoal_runtime::kv::Client::new(config).ok()
+    }
+
+    /// Shoal's leader: the live server whose status says it leads (the highest term wins).
     async fn shoal_leader(&self) -> Option<usize> {
-        for i in self.live() {
-            let alone = ShoalTarget {
-                endpoints: vec![self.addrs[i]],
-                cluster_id: shoal_runtime::kv::client::DEFAULT_CLUSTER_ID,
-                op_timeout: PROBE_TIMEOUT,
-            };
-            let Ok(mut client) = alone.client() else {
-                continue;
-            };
-            let put = client.put(MARKER_KEY, b"leader-probe", shoal_wire::kv::Expected::Any);
-            if let Ok(Ok(shoal_runtime::kv::PutOutcome::Written(_))) =
-                tokio::time::timeout(PROBE_TIMEOUT, put).await
-            {
-                return Some(i);
-            }
-        }
-        None
+        let leader = self.shoal_client()?.find_leader(PROBE_TIMEOUT).await?;
+        let i = usize::try_from(leader.id).ok()?.checked_sub(1)?;
+        self.live().contains(&i).then_some(i)
     }
 
     #[cfg(not(feature = "etcd"))]
@@ -271,18 +264,20 @@ impl LocalCluster {
         leader
     }
 
-    /// Writes a marker through the whole cluster, then waits until member `i` serves it
-    /// from its own state (a serializable read sent to it alone): it has applied at least
-    /// everything committed before the marker.
+    /// Waits until member `i` has applied everything the cluster had committed when it
+    /// came back. Shoal: its status's applied index reaches the leader's commit index of
+    /// that moment. etcd: a marker is written through the whole cluster, and member `i`
+    /// serves it from its own state (a serializable read sent to it alone).
     pub async fn wait_caught_up(&mut self, i: usize) -> Result<()> {
         self.markers += 1;
         let marker = format!("marker-{}", self.markers).into_bytes();
         let deadline = now() + LIVENESS;
         let mut written = false;
+        let mut goal = None;
         while now() < deadline {
             self.check_alive()?;
             let done = match self.kind {
-                TargetKind::Shoal => self.shoal_catch_up(i, &marker, &mut written).await,
+                TargetKind::Shoal => self.shoal_catch_up(i, &mut goal).await,
                 TargetKind::Etcd => self.etcd_catch_up(i, &marker, &mut written).await,
             };
             if done {
@@ -297,33 +292,22 @@ impl LocalCluster {
         )
     }
 
-    async fn shoal_catch_up(&self, i: usize, marker: &[u8], written: &mut bool) -> bool {
-        let client_of = |endpoints: Vec<SocketAddr>, serializable: bool| {
-            let mut config = shoal_runtime::kv::ClientConfig::new(endpoints);
-            config.op_timeout = PROBE_TIMEOUT;
-            config.serializable_reads = serializable;
-            shoal_runtime::kv::Client::new(config).ok()
-        };
-        if !*written {
-            let Some(mut all) = client_of(self.addrs.clone(), false) else {
-                return false;
-            };
-            let put = all.put(MARKER_KEY, marker, shoal_wire::kv::Expected::Any);
-            *written = matches!(
-                tokio::time::timeout(PROBE_TIMEOUT, put).await,
-                Ok(Ok(shoal_runtime::kv::PutOutcome::Written(_)))
-            );
-            if !*written {
-                return false;
-            }
-        }
-        let Some(mut alone) = client_of(vec![self.addrs[i]], true) else {
+    /// Shoal: the first time, the leader's commit index becomes the goal (in `goal`); then
+    /// whether member `i` has applied up to it.
+    async fn shoal_catch_up(&self, i: usize, goal: &mut Option<u64>) -> bool {
+        let Some(mut client) = self.shoal_client() else {
             return false;
         };
-        matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, alone.get(MARKER_KEY)).await,
-            Ok(Ok(Some((value, _)))) if value == marker
-        )
+        if goal.is_none() {
+            let Some(leader) = client.find_leader(PROBE_TIMEOUT).await else {
+                return false;
+            };
+            *goal = Some(leader.commit);
+        }
+        match client.status(i, PROBE_TIMEOUT).await {
+            Ok(s) => goal.is_some_and(|g| s.applied >= g),
+            Err(_) => false,
+        }
     }
 
     #[cfg(not(feature = "etcd"))]

@@ -5,16 +5,16 @@
 //! The figure of one kill: from the moment the leader is sent SIGKILL to the acknowledgement
 //! of the first put that was *sent after the killed process had been reaped* (so it cannot
 //! have been committed by the old leader) and that was answered by a surviving member (etcd's
-//! response header names the member; Shoal's client does not say yet, but a put sent after the
-//! reap cannot be answered by the dead process). Puts already in flight at the kill do not
-//! count, whenever they complete.
+//! response header names the member, Shoal's `Client::last_server` the server; a put sent
+//! after the reap cannot be answered by the dead process anyway). Puts already in flight at
+//! the kill do not count, whenever they complete.
 //!
 //! Those puts come from the closed-loop requesters and from *probes*: from the reap until the
 //! first acknowledgement, one probe put is sent every [`PROBE_EVERY`] on an idle connection of
 //! a pool (a new one is opened when all are busy). Without them a closed loop would time a
 //! stuck request rather than the cluster: an etcd follower that forwarded a put to the dead
-//! leader answers only after its 7 s request timeout, and a Shoal client that sent one to the
-//! dead leader resends only after its 500 ms retry timeout.
+//! leader answers only after its 7 s request timeout (5 s + 2 election timeouts), and a
+//! client waiting on a request that was lost resends only after its retry timeout.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -33,7 +33,7 @@ impl TargetKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
     /// The server that answered, when the client can tell (etcd: the response header's
-    /// member id; Shoal's client does not say yet).
+    /// member id; Shoal: the server id, `Client::last_server`).
     pub server: Option<u64>,
     /// Gets: whether the key existed (puts: always true).
     pub found: bool,
@@ -97,7 +97,7 @@ impl KvConn for ShoalConn {
             .map_err(shoal_error)?
         {
             PutOutcome::Written(_) => Ok(Answer {
-                server: None,
+                server: self.client.last_server(),
                 found: true,
             }),
             other => bail!("unconditional put answered {other:?}"),
@@ -107,7 +107,7 @@ impl KvConn for ShoalConn {
     async fn get(&mut self, key: &[u8]) -> Result<Answer> {
         let found = self.client.get(key).await.map_err(shoal_error)?.is_some();
         Ok(Answer {
-            server: None,
+            server: self.client.last_server(),
             found,
         })
     }
