@@ -69,10 +69,14 @@ fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
 impl LocalCluster {
     /// Starts three fresh members with data under `data_dir`.
     pub fn start(kind: TargetKind, bin: PathBuf, data_dir: &Path) -> Result<LocalCluster> {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix(&format!("shoal-bench-kv-{}-", kind.name()))
             .tempdir_in(data_dir)
             .with_context(|| format!("creating a data directory in {}", data_dir.display()))?;
+        // For a post-mortem: the members' data and logs stay.
+        if std::env::var_os("SHOAL_BENCH_KEEP_DATA").is_some() {
+            dir.disable_cleanup(true);
+        }
         let all = free_addrs(2 * MEMBERS)?;
         let addrs = all[..MEMBERS].to_vec();
         let peer_addrs = match kind {

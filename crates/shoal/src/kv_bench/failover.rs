@@ -39,6 +39,9 @@ const ACK_POLL: Duration = Duration::from_millis(1);
 pub const PROBE_EVERY: Duration = Duration::from_millis(5);
 /// Probe connections opened (and used once) before the first kill.
 const PROBE_POOL: usize = 16;
+/// Most probe connections: when all are busy, a probe is skipped (each Shoal client may hold
+/// a connection to every server, and a server accepts 1024 clients).
+const MAX_PROBE_CONNS: usize = 400;
 
 /// The kill being timed.
 struct Epoch {
@@ -170,6 +173,7 @@ pub async fn failover<T: KvTarget>(
     }
     let mut probes = Probes {
         target: target.clone(),
+        opened: PROBE_POOL,
         pool: Arc::new(Mutex::new(Vec::new())),
         tasks: tokio::task::JoinSet::new(),
         keys,
@@ -203,6 +207,8 @@ pub async fn failover<T: KvTarget>(
 /// The probe puts and their connections.
 struct Probes<T: KvTarget> {
     target: Arc<T>,
+    /// Connections opened so far (idle in `pool` or busy in a task).
+    opened: usize,
     pool: Arc<Mutex<Vec<T::Conn>>>,
     tasks: tokio::task::JoinSet<()>,
     keys: Keys,
@@ -216,7 +222,11 @@ impl<T: KvTarget> Probes<T> {
         let idle = self.pool.lock().expect("pool lock").pop();
         let mut conn = match idle {
             Some(c) => c,
-            None => self.target.connect().await?,
+            None if self.opened < MAX_PROBE_CONNS => {
+                self.opened += 1;
+                self.target.connect().await?
+            }
+            None => return Ok(()),
         };
         let key = self.keys.key(self.rng.below(self.keys.keyspace));
         let value = self.value.clone();
@@ -276,7 +286,11 @@ async fn kill_loop<T: KvTarget>(
             }
             let t = now();
             if t > deadline {
-                bail!("{name}: no write acknowledged within {LIVENESS:?} of a leader kill");
+                bail!(
+                    "{name}: no write acknowledged within {LIVENESS:?} of leader kill {} \
+                     (SHOAL_BENCH_KEEP_DATA=1 keeps the members' logs)",
+                    done.len() + 1
+                );
             }
             if t >= next_probe {
                 probes.send(shared).await?;

@@ -17,6 +17,8 @@ use super::{now, SplitMix64};
 pub const RETRY_PAUSE: Duration = Duration::from_millis(5);
 /// Time between progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Attempts of one prefill put beyond the first.
+const PREFILL_RETRIES: u32 = 100;
 /// A run stops early when this many operations in a row failed (a dead cluster).
 const MAX_ERRORS_IN_A_ROW: u64 = 2000;
 
@@ -101,6 +103,8 @@ pub struct RunResult {
     pub warmup_errors: u64,
     /// Measured gets that found no key.
     pub misses: u64,
+    /// The first error of the run, if any.
+    pub first_error: Option<String>,
 }
 
 impl RunResult {
@@ -135,6 +139,7 @@ struct RequesterResult {
     warmup_errors: u64,
     misses: u64,
     last_end: Option<Instant>,
+    first_error: Option<String>,
 }
 
 /// Runs one closed-loop load against `target`.
@@ -177,6 +182,7 @@ pub async fn run_load<T: KvTarget>(target: &Arc<T>, spec: &LoadSpec) -> Result<R
         errors: 0,
         warmup_errors: 0,
         misses: 0,
+        first_error: None,
     };
     let mut last_end: Option<Instant> = None;
     while let Some(joined) = tasks.join_next().await {
@@ -186,6 +192,9 @@ pub async fn run_load<T: KvTarget>(target: &Arc<T>, spec: &LoadSpec) -> Result<R
         result.warmup_errors += r.warmup_errors;
         result.misses += r.misses;
         last_end = last_end.max(r.last_end);
+        if result.first_error.is_none() {
+            result.first_error = r.first_error;
+        }
     }
     finished.store(true, Ordering::Relaxed);
     progress.abort();
@@ -240,11 +249,18 @@ async fn requester<C: KvConn>(
         if n == spec.warmup {
             *shared.measure_start.lock().expect("measure_start lock") = Some(start);
         }
-        let answer = if is_get {
+        let mut answer = if is_get {
             conn.get(&key).await
         } else {
             conn.put(&key, &spec.value).await
         };
+        // The prefill must write every key: a failed put is retried (a leader change, say).
+        let mut retries = 0;
+        while answer.is_err() && spec.order == KeyOrder::Sequential && retries < PREFILL_RETRIES {
+            retries += 1;
+            tokio::time::sleep(RETRY_PAUSE).await;
+            answer = conn.put(&key, &spec.value).await;
+        }
         let end = now();
         match answer {
             Ok(a) => {
@@ -261,6 +277,7 @@ async fn requester<C: KvConn>(
             }
             Err(e) => {
                 tracing::debug!(error = %format!("{e:#}"), "operation failed");
+                out.first_error.get_or_insert_with(|| format!("{e:#}"));
                 shared.errors_in_a_row.fetch_add(1, Ordering::Relaxed);
                 if measured {
                     out.errors += 1;
