@@ -104,6 +104,7 @@ impl LocalCluster {
     }
 
     /// etcd client URLs.
+    #[cfg(feature = "etcd")]
     pub fn urls(&self) -> Vec<String> {
         self.addrs.iter().map(|a| format!("http://{a}")).collect()
     }

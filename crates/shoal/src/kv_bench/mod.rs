@@ -90,11 +90,11 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
     clients: Vec<usize>,
     /// Measured operations per run.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 50_000)]
     ops: u64,
     /// Operations before measuring, per run (they also open the connections and, for Shoal,
     /// the client sessions: keep it at least --clients).
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 2_000)]
     warmup: u64,
     /// Bytes per key.
     #[arg(long, default_value_t = 16)]
@@ -345,6 +345,7 @@ fn shoal_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>> {
 }
 
 /// Parses --endpoints for etcd (URLs, `http://` added when missing).
+#[cfg(feature = "etcd")]
 fn etcd_urls(endpoints: &[String]) -> Vec<String> {
     endpoints
         .iter()
