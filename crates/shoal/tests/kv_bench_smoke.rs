@@ -117,13 +117,13 @@ fn quick_compare_with_etcd_when_available() {
     );
     let json = json_lines(&out);
     assert_eq!(json.len(), 6 + 2 * 3, "{json:?}");
-    // Interleaved: shoal, etcd, shoal, etcd… puts, then failover, then gets.
-    assert_run(&json[0], "shoal", "put", 1);
-    assert_run(&json[1], "etcd", "put", 1);
-    assert_run(&json[2], "shoal", "put", 4);
-    assert_run(&json[3], "etcd", "put", 4);
-    assert_failover(&json[4..7], "shoal", 2);
-    assert_failover(&json[7..10], "etcd", 2);
+    // Failover, then runs interleaved (shoal, etcd, shoal, etcd…): puts, then gets.
+    assert_failover(&json[0..3], "shoal", 2);
+    assert_failover(&json[3..6], "etcd", 2);
+    assert_run(&json[6], "shoal", "put", 1);
+    assert_run(&json[7], "etcd", "put", 1);
+    assert_run(&json[8], "shoal", "put", 4);
+    assert_run(&json[9], "etcd", "put", 4);
     assert_run(&json[10], "shoal", "get", 4);
     assert_run(&json[11], "etcd", "get", 4);
     for get in &json[10..12] {

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -173,6 +174,14 @@ impl LocalCluster {
                     }
                 }
             }
+        }
+        // The members die with the benchmark even when it is killed (no Drop runs then).
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
         }
         let child = cmd
             .stdin(Stdio::null())

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::target::{KvConn, KvTarget, TargetKind};
-use super::{now, SplitMix64};
+use super::{now, SplitMix64, LIVENESS};
 
 /// Pause of a requester after a failed operation (a dead server refuses connections at once;
 /// without it a requester would spin).
@@ -124,6 +124,8 @@ impl RunResult {
 
 /// Shared by the requesters of one run.
 struct Shared {
+    /// Set when no operation was answered for [`LIVENESS`]: the requesters stop.
+    abort: AtomicBool,
     next_op: AtomicU64,
     answered: AtomicU64,
     errors_in_a_row: AtomicU64,
@@ -149,6 +151,7 @@ pub async fn run_load<T: KvTarget>(target: &Arc<T>, spec: &LoadSpec) -> Result<R
         conns.push(target.connect().await?);
     }
     let shared = Arc::new(Shared {
+        abort: AtomicBool::new(false),
         next_op: AtomicU64::new(0),
         answered: AtomicU64::new(0),
         errors_in_a_row: AtomicU64::new(0),
@@ -207,6 +210,15 @@ pub async fn run_load<T: KvTarget>(target: &Arc<T>, spec: &LoadSpec) -> Result<R
     if let (Some(a), Some(b)) = (measure_start, last_end) {
         result.secs = b.saturating_duration_since(a).as_secs_f64();
     }
+    if shared.abort.load(Ordering::Relaxed) {
+        anyhow::bail!(
+            "{} {}: no operation answered for {LIVENESS:?} ({} of {total} answered; the first error: {})",
+            target.kind().name(),
+            spec.label,
+            shared.answered.load(Ordering::Relaxed),
+            result.first_error.as_deref().unwrap_or("none")
+        );
+    }
     if shared.errors_in_a_row.load(Ordering::Relaxed) >= MAX_ERRORS_IN_A_ROW {
         anyhow::bail!(
             "{} {}: {MAX_ERRORS_IN_A_ROW} operations in a row failed: is the cluster down?",
@@ -227,7 +239,9 @@ async fn requester<C: KvConn>(
     let mut out = RequesterResult::default();
     let total = spec.warmup + spec.ops;
     loop {
-        if shared.errors_in_a_row.load(Ordering::Relaxed) >= MAX_ERRORS_IN_A_ROW {
+        if shared.errors_in_a_row.load(Ordering::Relaxed) >= MAX_ERRORS_IN_A_ROW
+            || shared.abort.load(Ordering::Relaxed)
+        {
             return out;
         }
         let n = shared.next_op.fetch_add(1, Ordering::Relaxed);
@@ -256,7 +270,11 @@ async fn requester<C: KvConn>(
         };
         // The prefill must write every key: a failed put is retried (a leader change, say).
         let mut retries = 0;
-        while answer.is_err() && spec.order == KeyOrder::Sequential && retries < PREFILL_RETRIES {
+        while answer.is_err()
+            && spec.order == KeyOrder::Sequential
+            && retries < PREFILL_RETRIES
+            && !shared.abort.load(Ordering::Relaxed)
+        {
             retries += 1;
             tokio::time::sleep(RETRY_PAUSE).await;
             answer = conn.put(&key, &spec.value).await;
@@ -292,7 +310,8 @@ async fn requester<C: KvConn>(
 }
 
 /// Prints the operations answered so far and the recent rate: one line per second, or one
-/// line rewritten in place on a terminal.
+/// line rewritten in place on a terminal. Also the watchdog: no answer for [`LIVENESS`]
+/// aborts the run.
 async fn progress(
     label: String,
     shared: Arc<Shared>,
@@ -303,10 +322,16 @@ async fn progress(
     let tty = std::io::stderr().is_terminal();
     let mut last = 0;
     let mut last_at = started;
+    let mut last_answer_at = started;
     while !finished.load(Ordering::Relaxed) {
         tokio::time::sleep(PROGRESS_EVERY).await;
         let done = shared.answered.load(Ordering::Relaxed);
         let at = now();
+        if done > last {
+            last_answer_at = at;
+        } else if at - last_answer_at > LIVENESS {
+            shared.abort.store(true, Ordering::Relaxed);
+        }
         let rate = (done - last) as f64 / (at - last_at).as_secs_f64().max(1e-9);
         let line = format!(
             "kv bench: {label}: {done}/{total} ops, {rate:.0} ops/s, {:.0} s",
