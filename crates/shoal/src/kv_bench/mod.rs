@@ -453,7 +453,7 @@ fn print_failover(name: &str, f: &Failover) {
 
 /// One measured run (and its JSON line).
 async fn run<T: KvTarget>(
-    target: &Arc<T>,
+    side: &mut Side<T>,
     args: &BenchArgs,
     plan: &Plan,
     mode: Mode,
@@ -472,20 +472,18 @@ async fn run<T: KvTarget>(
         value: plan.value.clone(),
         seed: args.seed ^ clients as u64,
     };
-    let r = load::run_load(target, &spec).await.with_context(|| {
-        format!(
-            "{} {} with {clients} clients",
-            target.kind().name(),
-            mode.name()
-        )
-    })?;
+    let name = side.target.kind().name();
+    let r = side
+        .checked(load::run_load(&side.target, &spec).await)?
+        .with_context(|| format!("{name} {} with {clients} clients", mode.name()))?;
     print_run(&r, args);
     runs.push(r);
     Ok(())
 }
 
 /// Writes every key of the keyspace once.
-async fn prefill<T: KvTarget>(target: &Arc<T>, args: &BenchArgs, plan: &Plan) -> Result<()> {
+async fn prefill<T: KvTarget>(side: &mut Side<T>, args: &BenchArgs, plan: &Plan) -> Result<()> {
+    let target = &side.target.clone();
     let clients = args
         .clients
         .iter()
@@ -505,8 +503,8 @@ async fn prefill<T: KvTarget>(target: &Arc<T>, args: &BenchArgs, plan: &Plan) ->
         value: plan.value.clone(),
         seed: args.seed,
     };
-    let r = load::run_load(target, &spec)
-        .await
+    let r = side
+        .checked(load::run_load(target, &spec).await)?
         .with_context(|| format!("{} prefill", target.kind().name()))?;
     if r.errors > 0 {
         bail!(
@@ -533,6 +531,17 @@ struct Side<T: KvTarget> {
 }
 
 impl<T: KvTarget> Side<T> {
+    /// Fails if a member of a local cluster exited behind the benchmark's back (a run's
+    /// error then says why); otherwise hands back `outcome`.
+    fn checked<R>(&mut self, outcome: R) -> Result<R> {
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster
+                .check_alive()
+                .context("a member exited without being killed by the benchmark")?;
+        }
+        Ok(outcome)
+    }
+
     /// The failover phase. Its failure (no write acknowledged, no catch-up) is a finding,
     /// not the end of the benchmark: it is printed and returned as `Err`, and the caller goes
     /// on with the other target.
@@ -726,12 +735,12 @@ async fn single_side<T: KvTarget>(
 ) -> Result<Failovers> {
     check_sizes(&side.target, plan).await?;
     if args.prefill {
-        prefill(&side.target, args, plan).await?;
+        prefill(&mut side, args, plan).await?;
     } else if args.mode != Mode::Put {
         eprintln!("kv bench: no --prefill: gets of keys never written count as misses");
     }
     for &clients in &args.clients {
-        run(&side.target, args, plan, args.mode, clients, runs).await?;
+        run(&mut side, args, plan, args.mode, clients, runs).await?;
     }
     let kind = side.target.kind();
     Ok(side
@@ -764,16 +773,16 @@ async fn compare(args: &BenchArgs, plan: &Plan, runs: &mut Vec<RunResult>) -> Re
         failovers.push((TargetKind::Etcd, f));
     }
     for &clients in &args.clients {
-        run(&shoal.target, args, plan, Mode::Put, clients, runs).await?;
-        run(&etcd.target, args, plan, Mode::Put, clients, runs).await?;
+        run(&mut shoal, args, plan, Mode::Put, clients, runs).await?;
+        run(&mut etcd, args, plan, Mode::Put, clients, runs).await?;
     }
     let get_clients: Vec<usize> = args.clients.iter().copied().filter(|&c| c > 1).collect();
     if !get_clients.is_empty() {
-        prefill(&shoal.target, args, plan).await?;
-        prefill(&etcd.target, args, plan).await?;
+        prefill(&mut shoal, args, plan).await?;
+        prefill(&mut etcd, args, plan).await?;
         for &clients in &get_clients {
-            run(&shoal.target, args, plan, Mode::Get, clients, runs).await?;
-            run(&etcd.target, args, plan, Mode::Get, clients, runs).await?;
+            run(&mut shoal, args, plan, Mode::Get, clients, runs).await?;
+            run(&mut etcd, args, plan, Mode::Get, clients, runs).await?;
         }
     }
     Ok(failovers)
