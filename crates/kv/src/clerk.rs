@@ -17,8 +17,9 @@ use crate::Error;
 pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_millis(100);
 /// Default pause after every server has been tried once in a round without an answer.
 pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(10);
-/// Default longest pause between rounds (the backoff doubles up to it).
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_millis(200);
+/// Default longest pause between rounds (the backoff doubles up to it). Short, so that a client
+/// finds a newly elected leader within ~50 ms; a round is one small request per server.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Settings of a clerk.
 #[derive(Debug, Clone)]

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod demo_node;
 pub mod kv;
 pub mod node;
+mod ready;
 pub mod transport;
 
 pub use node::{Node, NodeConfig, NodeError, NodeHandle, ProposeError, Proposed, StateMachine};

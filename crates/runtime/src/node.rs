@@ -331,7 +331,7 @@ impl Node {
         raft_config.election_tick = config.election_tick;
         raft_config.heartbeat_tick = config.heartbeat_tick;
         raft_config.applied = snapshot.meta.index;
-        raft_config.rng_seed = election_seed(config.id);
+        raft_config.rng_seed = crate::ready::election_seed(config.id.0);
         let raw = RawNode::new(raft_config, storage)?;
         let status = raw.status();
         info!(node = %config.id, term = %status.term, commit = %status.commit,
@@ -383,17 +383,6 @@ impl Node {
             Err(e) => Err(NodeError::DriverPanicked(e.to_string())),
         }
     }
-}
-
-/// The seed of the core's election-timeout jitter. The core is deterministic given its seed;
-/// in production nodes must not share one, so it mixes the node id with the wall clock.
-#[allow(clippy::disallowed_methods)] // the runtime is where real time and entropy come in
-fn election_seed(id: NodeId) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    nanos ^ id.0.rotate_left(32) ^ u64::from(std::process::id())
 }
 
 /// The driver loop's state (see the module docs). Each `Ready` is carried out in this order:
@@ -627,7 +616,9 @@ impl<SM: StateMachine> NodeDriver<SM> {
         // 5. Our own snapshot: persist it and compact the log.
         if let Some(snapshot) = rd.compact.take() {
             let index = snapshot.meta.index;
-            self.blocking(|d| d.raw.storage_mut().compact(&mut d.disk, snapshot))?;
+            let (storage, disk) = (self.raw.storage_mut(), &mut self.disk);
+            crate::ready::in_place(|| storage.compact(disk, snapshot))
+                .map_err(|e| self.storage_error(e))?;
             debug!(%index, "log compacted");
         }
         // 6. Reads that are now safe.
@@ -643,48 +634,19 @@ impl<SM: StateMachine> NodeDriver<SM> {
     }
 
     fn persist(&mut self, rd: &Ready) -> Result<(), NodeError> {
-        if rd.snapshot.is_none() && rd.entries.is_empty() && rd.hard_state.is_none() {
-            return Ok(());
-        }
-        self.blocking(|d| {
-            let storage = d.raw.storage_mut();
-            if let Some(s) = &rd.snapshot {
-                storage.apply_snapshot(&mut d.disk, s.clone())?;
-            }
-            storage.append(&mut d.disk, &rd.entries)?;
-            if let Some(hs) = rd.hard_state {
-                storage.set_hard_state(&mut d.disk, hs)?;
-            }
-            storage.sync(&mut d.disk)
-        })
+        let result = crate::ready::persist_ready(self.raw.storage_mut(), &mut self.disk, rd);
+        result.map_err(|e| self.storage_error(e))
     }
 
-    /// Runs a disk operation. On a multi-threaded runtime the worker thread is handed over
-    /// for the duration, so the transport's tasks keep running during an fsync.
-    fn blocking(
-        &mut self,
-        op: impl FnOnce(&mut Self) -> Result<(), shoal_storage::Error>,
-    ) -> Result<(), NodeError> {
-        let multi_thread = matches!(
-            tokio::runtime::Handle::current().runtime_flavor(),
-            tokio::runtime::RuntimeFlavor::MultiThread
-        );
-        let result = if multi_thread {
-            tokio::task::block_in_place(|| op(self))
-        } else {
-            op(self)
-        };
-        result.map_err(|source| NodeError::Storage {
+    fn storage_error(&self, source: shoal_storage::Error) -> NodeError {
+        NodeError::Storage {
             dir: self.config.data_dir.display().to_string(),
             source,
-        })
+        }
     }
 
     fn send(&mut self, m: Message) {
-        let to = m.to.0;
-        if let Err(e) = self.transport.send(to, m) {
-            warn!(error = %e, "core addressed a message to an unknown node");
-        }
+        crate::ready::send(&self.transport, m);
     }
 
     /// Answers the waiting proposals at or below `index`: applied if the entry there has the

@@ -9,6 +9,12 @@
 //! configured peers and its frames are delivered on the inbound stream as `(from, msg)`;
 //! `Client` and `Shuffle` connections are handed, still unframed, to the service through
 //! [`ClientAcceptor`]. Any bad frame closes only its own connection.
+//!
+//! Each frame on a peer connection carries a [`PeerFrame`]: a whole message, or one part of a
+//! message too large for one frame (an InstallSnapshot of a big state machine). Parts of one
+//! message follow each other on the connection (TCP keeps them in order); the reader
+//! reassembles them up to [`TransportConfig::max_message_bytes`], growing its buffer only as
+//! parts arrive, so a bogus peer cannot make it allocate more than it actually sent.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -20,7 +26,9 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde::{de::DeserializeOwned, Serialize};
 use shoal_wire::codec::FrameCodec;
-use shoal_wire::frame::{decode_frame, encode_frame, peek_frame_len, FRAME_HEADER_BYTES};
+use shoal_wire::frame::{
+    decode_frame, encode_frame, peek_frame_len, FrameError, FRAME_HEADER_BYTES,
+};
 use shoal_wire::{Hello, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +42,9 @@ use tracing::{debug, info, warn, Instrument};
 pub const MAX_HELLO_FRAME_BYTES: usize = 64;
 /// Default [`TransportConfig::max_frame_bytes`]: 16 MiB, the wire crate's hard maximum.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = shoal_wire::DEFAULT_MAX_FRAME_BYTES;
+/// Default [`TransportConfig::max_message_bytes`]: 1 GiB, the largest message (a snapshot)
+/// sent in parts over several frames.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 30;
 /// Default [`TransportConfig::peer_queue_len`]: messages waiting for one peer.
 pub const DEFAULT_PEER_QUEUE_LEN: usize = 4096;
 /// Default [`TransportConfig::inbound_queue_len`]: peer messages waiting for the node.
@@ -76,6 +87,8 @@ pub struct TransportConfig {
     pub peers: BTreeMap<u64, SocketAddr>,
     /// Largest frame payload sent or accepted, in bytes.
     pub max_frame_bytes: usize,
+    /// Largest peer message, in bytes: one that does not fit in a frame is sent in parts.
+    pub max_message_bytes: usize,
     /// Messages queued per peer before [`TransportConfig::drop_policy`] applies.
     pub peer_queue_len: usize,
     /// What a full per-peer queue drops.
@@ -109,6 +122,7 @@ impl TransportConfig {
             cluster_id,
             peers,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             peer_queue_len: DEFAULT_PEER_QUEUE_LEN,
             drop_policy: DropPolicy::DropOldest,
             inbound_queue_len: DEFAULT_INBOUND_QUEUE_LEN,
@@ -152,8 +166,10 @@ pub enum TransportError {
 pub struct TransportStats {
     /// Messages given up because a peer queue was full.
     pub dropped_queue_full: AtomicU64,
-    /// Messages not sent because they encode to more than `max_frame_bytes`.
+    /// Messages not sent because they encode to more than `max_message_bytes`.
     pub dropped_too_large: AtomicU64,
+    /// Messages sent in several parts because they exceed `max_frame_bytes`.
+    pub sent_in_parts: AtomicU64,
     /// Frames written to peers.
     pub frames_sent: AtomicU64,
     /// Batched writes to peers (each carries one or more frames).
@@ -291,7 +307,8 @@ where
         config: TransportConfig,
         listener: TcpListener,
     ) -> Result<(Transport<M>, Inbound<M>, ClientAcceptor), TransportError> {
-        if config.max_frame_bytes == 0
+        if config.max_frame_bytes < MIN_FRAME_BYTES
+            || config.max_message_bytes < config.max_frame_bytes
             || config.peer_queue_len == 0
             || config.inbound_queue_len == 0
             || config.client_queue_len == 0
@@ -543,20 +560,53 @@ async fn serve_inbound<M>(
         return;
     }
     debug!(%remote, peer = from, "accepted peer connection");
-    let mut frames = FramedRead::new(stream, FrameCodec::<M, ()>::new(config.max_frame_bytes));
+    let mut frames = FramedRead::new(
+        stream,
+        FrameCodec::<PeerFrame<M>, ()>::new(config.max_frame_bytes),
+    );
+    // The parts of a message received so far.
+    let mut partial: Vec<u8> = Vec::new();
     while let Some(frame) = frames.next().await {
-        match frame {
-            Ok(msg) => {
-                bump(&stats.frames_received);
-                if peer_tx.send((from, msg)).await.is_err() {
-                    return; // the node is shutting down
+        bump(&stats.frames_received);
+        let msg = match frame {
+            Ok(PeerFrame::Whole(msg)) if partial.is_empty() => msg,
+            Ok(PeerFrame::Part { last, bytes }) => {
+                if partial.len() + bytes.len() > config.max_message_bytes {
+                    bump(&stats.bad_frames);
+                    warn!(%remote, peer = from, limit = config.max_message_bytes,
+                        "closing peer connection: message larger than the limit");
+                    return;
                 }
+                partial.extend_from_slice(&bytes);
+                if !last {
+                    continue;
+                }
+                match postcard::from_bytes::<M>(&partial) {
+                    Ok(msg) => {
+                        partial = Vec::new();
+                        msg
+                    }
+                    Err(e) => {
+                        bump(&stats.bad_frames);
+                        warn!(%remote, peer = from, error = %e,
+                            "closing peer connection: malformed message in parts");
+                        return;
+                    }
+                }
+            }
+            Ok(PeerFrame::Whole(_)) => {
+                bump(&stats.bad_frames);
+                warn!(%remote, peer = from, "closing peer connection: a message inside another");
+                return;
             }
             Err(e) => {
                 bump(&stats.bad_frames);
                 warn!(%remote, peer = from, error = %e, "closing peer connection: bad frame");
                 return;
             }
+        };
+        if peer_tx.send((from, msg)).await.is_err() {
+            return; // the node is shutting down
         }
     }
     debug!(%remote, peer = from, "peer connection closed");
@@ -654,11 +704,23 @@ async fn run_peer_connection<M: Serialize>(
         let mut frames = 0u64;
         while frames < config.max_batch_frames as u64 && buf.len() < config.max_batch_bytes {
             let Some(msg) = queue.pop() else { break };
-            match encode_frame(&msg, config.max_frame_bytes, &mut buf) {
+            let encoded =
+                encode_frame(&PeerFrameRef::Whole(&msg), config.max_frame_bytes, &mut buf);
+            match encoded {
                 Ok(()) => frames += 1,
+                Err(FrameError::TooLarge { .. }) => {
+                    // Too big for one frame: what is batched goes first, then the parts.
+                    let Some(bytes) = encode_whole(&msg, config, stats) else {
+                        continue;
+                    };
+                    drop(msg);
+                    writer.write_all(&buf).await?;
+                    buf.clear();
+                    frames += send_in_parts(&mut writer, &bytes, config, stats).await?;
+                }
                 Err(e) => {
                     bump(&stats.dropped_too_large);
-                    warn!(error = %e, "dropping a message that does not fit in a frame");
+                    warn!(error = %e, "dropping a message that does not encode");
                 }
             }
         }
@@ -682,6 +744,96 @@ async fn run_peer_connection<M: Serialize>(
             },
         }
     }
+}
+
+/// Smallest `max_frame_bytes`: room for a part's header and some payload.
+pub const MIN_FRAME_BYTES: usize = 256;
+
+/// What one frame on a peer connection carries (decoding side).
+#[derive(Debug, serde::Deserialize)]
+pub enum PeerFrame<M> {
+    /// A whole message.
+    Whole(M),
+    /// A piece of the postcard encoding of a message too large for one frame; `last` on the
+    /// final piece, when the reader decodes the concatenation.
+    Part {
+        /// Whether this is the final piece.
+        last: bool,
+        /// The piece.
+        bytes: Vec<u8>,
+    },
+}
+
+/// What one frame on a peer connection carries (encoding side, borrowing; the same encoding as
+/// [`PeerFrame`]).
+#[derive(Debug, Serialize)]
+pub enum PeerFrameRef<'a, M> {
+    /// A whole message.
+    Whole(&'a M),
+    /// A piece of a message too large for one frame.
+    Part {
+        /// Whether this is the final piece.
+        last: bool,
+        /// The piece.
+        bytes: &'a [u8],
+    },
+}
+
+/// The postcard encoding of a message to send in parts, or `None` (and a counted drop) if it
+/// exceeds `max_message_bytes`.
+fn encode_whole<M: Serialize>(
+    msg: &M,
+    config: &TransportConfig,
+    stats: &TransportStats,
+) -> Option<Vec<u8>> {
+    match postcard::to_allocvec(msg) {
+        Ok(e) if e.len() <= config.max_message_bytes => Some(e),
+        Ok(e) => {
+            bump(&stats.dropped_too_large);
+            warn!(
+                bytes = e.len(),
+                limit = config.max_message_bytes,
+                "dropping a message larger than the message limit"
+            );
+            None
+        }
+        Err(e) => {
+            bump(&stats.dropped_too_large);
+            warn!(error = %e, "dropping a message that does not encode");
+            None
+        }
+    }
+}
+
+/// Writes an encoded message as consecutive [`PeerFrame::Part`] frames; returns their number.
+async fn send_in_parts(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    encoded: &[u8],
+    config: &TransportConfig,
+    stats: &TransportStats,
+) -> std::io::Result<u64> {
+    // Room for the variant, the flag and the length prefix of the piece.
+    let piece = config.max_frame_bytes - 16;
+    let mut buf = Vec::with_capacity(config.max_frame_bytes + FRAME_HEADER_BYTES);
+    let mut frames = 0;
+    let mut chunks = encoded.chunks(piece).peekable();
+    while let Some(bytes) = chunks.next() {
+        buf.clear();
+        let part: PeerFrameRef<'_, ()> = PeerFrameRef::Part {
+            last: chunks.peek().is_none(),
+            bytes,
+        };
+        encode_frame(&part, config.max_frame_bytes, &mut buf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        writer.write_all(&buf).await?;
+        frames += 1;
+    }
+    bump(&stats.sent_in_parts);
+    debug!(
+        bytes = encoded.len(),
+        frames, "sent a large message in parts"
+    );
+    Ok(frames)
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal_runtime::transport::{DropPolicy, Inbound, Transport, TransportConfig, TransportStats};
+use shoal_runtime::transport::{
+    DropPolicy, Inbound, PeerFrameRef, Transport, TransportConfig, TransportStats,
+};
 use shoal_wire::{encode_frame, Hello, Role, PROTOCOL_MAGIC, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -174,13 +176,15 @@ async fn bad_input_is_rejected_and_good_peers_still_served() {
     let l2 = ls.pop().unwrap();
     let l1 = ls.pop().unwrap();
     drop(l3); // node 3 is configured but absent: it is only impersonated below
-    let (t1, mut in1, _c1) = Transport::<Msg>::start(config(1, &peers), l1).unwrap();
+    let mut c1 = config(1, &peers);
+    c1.max_message_bytes = c1.max_frame_bytes; // a message in parts may not exceed 64 KiB
+    let (t1, mut in1, _c1) = Transport::<Msg>::start(c1, l1).unwrap();
     let (t2, _in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
     let server = t1.local_addr();
     until_delivered(&t2, 1, &mut in1, 2).await;
 
     let mut good_frame = Vec::new();
-    encode_frame(&msg(5), 1024, &mut good_frame).unwrap();
+    encode_frame(&PeerFrameRef::Whole(&msg(5)), 1024, &mut good_frame).unwrap();
     let mut bad_crc = good_frame.clone();
     let last = bad_crc.len() - 1;
     bad_crc[last] ^= 0xff;
@@ -226,6 +230,23 @@ async fn bad_input_is_rejected_and_good_peers_still_served() {
         ),
         ("bad crc", [peer_hello(3), bad_crc].concat()),
         ("malformed payload", [peer_hello(3), malformed].concat()),
+        (
+            "parts beyond the message limit",
+            [peer_hello(3), parts(&vec![7u8; 100 * 1024], 3)].concat(),
+        ),
+        (
+            "parts that decode to no message",
+            [peer_hello(3), parts(&[0xff; 64], 2)].concat(),
+        ),
+        (
+            "a whole message between parts",
+            [
+                peer_hello(3),
+                part_frame(&[1, 2, 3], false),
+                good_frame.clone(),
+            ]
+            .concat(),
+        ),
     ];
     for (what, bytes) in &cases {
         expect_closed(server, bytes, what).await;
@@ -241,7 +262,68 @@ async fn bad_input_is_rejected_and_good_peers_still_served() {
 
     let st = t1.stats();
     assert_eq!(TransportStats::get(&st.rejected_handshakes), 7);
-    assert_eq!(TransportStats::get(&st.bad_frames), 3);
+    assert_eq!(TransportStats::get(&st.bad_frames), 6);
+}
+
+/// One `Part` frame carrying `bytes`.
+fn part_frame(bytes: &[u8], last: bool) -> Vec<u8> {
+    let mut b = Vec::new();
+    let part: PeerFrameRef<'_, ()> = PeerFrameRef::Part { last, bytes };
+    encode_frame(&part, 1 << 20, &mut b).unwrap();
+    b
+}
+
+/// `bytes` cut into `n` part frames.
+fn parts(bytes: &[u8], n: usize) -> Vec<u8> {
+    let size = bytes.len().div_ceil(n);
+    let chunks: Vec<&[u8]> = bytes.chunks(size).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| part_frame(c, i == last))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_message_larger_than_a_frame_arrives_in_parts_between_small_ones() {
+    let (mut ls, peers) = listeners(2).await;
+    let l2 = ls.pop().unwrap();
+    let l1 = ls.pop().unwrap();
+    let (t1, _in1, _c1) = Transport::<Msg>::start(config(1, &peers), l1).unwrap();
+    let (_t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    // 64 KiB frames; a 1 MiB message (a snapshot, say) needs 17 of them.
+    let big = Msg {
+        seq: 2,
+        body: (0..1024 * 1024).map(|i| (i % 251) as u8).collect(),
+    };
+    t1.send(2, msg(1)).unwrap();
+    t1.send(2, big.clone()).unwrap();
+    t1.send(2, msg(3)).unwrap();
+    assert_eq!(recv(&mut in2).await, (1, msg(1)));
+    assert_eq!(recv(&mut in2).await, (1, big));
+    assert_eq!(recv(&mut in2).await, (1, msg(3)));
+    assert_eq!(TransportStats::get(&t1.stats().sent_in_parts), 1);
+    assert_eq!(TransportStats::get(&t1.stats().dropped_too_large), 0);
+}
+
+#[tokio::test]
+async fn a_message_beyond_the_message_limit_is_dropped_and_counted() {
+    let (mut ls, peers) = listeners(2).await;
+    let l2 = ls.pop().unwrap();
+    let l1 = ls.pop().unwrap();
+    let mut c = config(1, &peers);
+    c.max_message_bytes = 256 * 1024;
+    let (t1, _in1, _c1) = Transport::<Msg>::start(c, l1).unwrap();
+    let (_t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
+    let huge = Msg {
+        seq: 2,
+        body: vec![1; 512 * 1024],
+    };
+    t1.send(2, huge).unwrap();
+    t1.send(2, msg(3)).unwrap();
+    assert_eq!(recv(&mut in2).await, (1, msg(3)));
+    assert_eq!(TransportStats::get(&t1.stats().dropped_too_large), 1);
 }
 
 #[tokio::test]
@@ -309,7 +391,7 @@ async fn truncated_frames_silence_and_connection_floods_are_bounded() {
 
     // A frame cut short by the end of the stream.
     let mut frame = Vec::new();
-    encode_frame(&msg(1), 1024, &mut frame).unwrap();
+    encode_frame(&PeerFrameRef::Whole(&msg(1)), 1024, &mut frame).unwrap();
     let mut s = TcpStream::connect(server).await.unwrap();
     s.write_all(&[peer_hello(3), frame[..frame.len() - 3].to_vec()].concat())
         .await

@@ -1,7 +1,7 @@
 //! `shoal`: one binary for every part of Shoal.
 //!
 //! Each area owns one module here holding its clap arguments and the code that runs them:
-//! `check_cmd` (linearizability checker), `sim_cmd` (simulator), `mr_cmd` (MapReduce), `mr_bench` (its benchmark).
+//! `demo_cmd` (the tour), `check_cmd` (linearizability checker), `sim_cmd` (simulator), `mr_cmd` (MapReduce), `mr_bench` (its benchmark).
 //! `main` only parses, sets up logging and dispatches.
 
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod check_cmd;
 mod cli;
+mod demo_cmd;
 mod kv_bench;
 mod kv_cmd;
 mod mr_bench;
@@ -37,6 +38,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The tour: a KV cluster, a MapReduce job and a leader crash on this machine, in seconds.
+    Demo(demo_cmd::DemoArgs),
     /// Check a recorded history for linearizability.
     Check(check_cmd::CheckArgs),
     /// Run MapReduce jobs: a local quick start, a coordinator, workers, or the sequential
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Check(args) => check_cmd::run(args),
         Command::Mr(cmd) => mr_cmd::run(cmd),
         Command::Raft(cmd) => raft_cmd::run(cmd),

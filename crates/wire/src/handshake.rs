@@ -8,7 +8,7 @@ pub const PROTOCOL_MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 
 /// Version of the wire protocol. Bumped on any incompatible change to a message type; a peer
 /// speaking another version is refused with a clear error.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// What the caller is, which decides which messages the connection may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

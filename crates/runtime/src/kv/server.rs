@@ -172,7 +172,7 @@ pub async fn run_server(
     );
     raft.election_tick = config.election_tick;
     raft.heartbeat_tick = config.heartbeat_tick;
-    raft.rng_seed = election_seed(config.id);
+    raft.rng_seed = crate::ready::election_seed(config.id);
     let rsm = KvRsm::new(raft, storage, config.rsm)?;
     let status = rsm.raw().status();
     info!(node = config.id, term = %status.term, commit = %status.commit,
@@ -200,17 +200,6 @@ pub async fn run_server(
         .run(inbound, clients, events, shutdown)
         .instrument(span)
         .await
-}
-
-/// The seed of the core's election-timeout jitter: servers must not share one, so it mixes
-/// the id with the wall clock.
-#[allow(clippy::disallowed_methods)] // the runtime is where real time and entropy come in
-fn election_seed(id: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    nanos ^ id.rotate_left(32) ^ u64::from(std::process::id())
 }
 
 enum Event {
@@ -363,19 +352,9 @@ impl Driver {
             self.send(m);
         }
         // 2. Persist, then one fsync.
-        if rd.snapshot.is_some() || !rd.entries.is_empty() || rd.hard_state.is_some() {
-            self.blocking(|d| {
-                let storage = d.rsm.raw_mut().storage_mut();
-                if let Some(s) = &rd.snapshot {
-                    storage.apply_snapshot(&mut d.disk, s.clone())?;
-                }
-                storage.append(&mut d.disk, &rd.entries)?;
-                if let Some(hs) = rd.hard_state {
-                    storage.set_hard_state(&mut d.disk, hs)?;
-                }
-                storage.sync(&mut d.disk)
-            })?;
-        }
+        let result =
+            crate::ready::persist_ready(self.rsm.raw_mut().storage_mut(), &mut self.disk, &rd);
+        result.map_err(|e| self.storage_error(e))?;
         // 3. Messages that promise what step 2 made durable.
         for m in std::mem::take(&mut rd.persisted_messages) {
             self.send(m);
@@ -385,7 +364,9 @@ impl Driver {
         // 5. Our own snapshot: persist it and compact the log.
         if let Some(snapshot) = rd.compact.take() {
             let index = snapshot.meta.index;
-            self.blocking(|d| d.rsm.raw_mut().storage_mut().compact(&mut d.disk, snapshot))?;
+            let (storage, disk) = (self.rsm.raw_mut().storage_mut(), &mut self.disk);
+            crate::ready::in_place(|| storage.compact(disk, snapshot))
+                .map_err(|e| self.storage_error(e))?;
             debug!(%index, "log compacted");
         }
         // 6. Done; maybe snapshot.
@@ -413,32 +394,15 @@ impl Driver {
             .sum()
     }
 
-    /// Runs a disk operation. On a multi-threaded runtime the worker thread is handed over
-    /// for the duration, so the transport's tasks keep running during an fsync.
-    fn blocking(
-        &mut self,
-        op: impl FnOnce(&mut Self) -> Result<(), shoal_storage::Error>,
-    ) -> Result<(), KvServerError> {
-        let multi_thread = matches!(
-            tokio::runtime::Handle::current().runtime_flavor(),
-            tokio::runtime::RuntimeFlavor::MultiThread
-        );
-        let result = if multi_thread {
-            tokio::task::block_in_place(|| op(self))
-        } else {
-            op(self)
-        };
-        result.map_err(|source| KvServerError::Storage {
+    fn storage_error(&self, source: shoal_storage::Error) -> KvServerError {
+        KvServerError::Storage {
             dir: self.config.data_dir.display().to_string(),
             source,
-        })
+        }
     }
 
     fn send(&mut self, m: Message) {
-        let to = m.to.0;
-        if let Err(e) = self.transport.send(to, m) {
-            warn!(error = %e, "core addressed a message to an unknown server");
-        }
+        crate::ready::send(&self.transport, m);
     }
 
     fn flush_replies(&mut self) {
