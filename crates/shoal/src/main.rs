@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod check_cmd;
 mod cli;
 mod demo_cmd;
+mod kv_bench;
 mod kv_cmd;
 mod mr_bench;
 mod mr_cmd;
@@ -68,6 +69,9 @@ enum BenchCommand {
     /// Raft on three real processes: commits/s and latency by proposer count, election time
     /// after a leader SIGKILL.
     Raft(raft_bench::BenchArgs),
+    /// The key/value database against etcd: ops/s and latency by client count for puts and
+    /// linearizable gets, write availability after a leader SIGKILL.
+    Kv(kv_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),
         Command::Bench(BenchCommand::Mr(args)) => mr_bench::bench(args),
         Command::Bench(BenchCommand::Raft(args)) => raft_bench::bench(args),
+        Command::Bench(BenchCommand::Kv(args)) => kv_bench::bench(args),
     };
     match result {
         Ok(code) => code,
