@@ -761,10 +761,9 @@ async fn compare(args: &BenchArgs, plan: &Plan, runs: &mut Vec<RunResult>) -> Re
     let mut etcd = start_etcd(args, plan).await?;
     check_sizes(&shoal.target, plan).await?;
     check_sizes(&etcd.target, plan).await?;
-    // Failover first, on fresh clusters with little state: Shoal cannot yet send a snapshot
-    // larger than its 16 MiB frame limit, so once the state is that large (the put runs of
-    // 50,000 random keys leave ~22 MB) a restarted member never catches up
-    // (docs/benchmarks.md).
+    // Failover first, on fresh clusters with little state, so that it measures leader loss
+    // rather than state size (run after the puts, it once failed on Shoal's snapshots larger
+    // than a frame: docs/benchmarks.md).
     let mut failovers = Vec::new();
     if let Some(f) = shoal.failover(args, plan).await {
         failovers.push((TargetKind::Shoal, f));
