@@ -11,7 +11,8 @@ use futures::{SinkExt, StreamExt};
 use shoal_kv::Lock;
 use shoal_raft::{Message, MessageBody, NodeId, Term};
 use shoal_runtime::kv::{
-    run_server, Client, ClientConfig, ClientError, DeleteOutcome, KvServerConfig, PutOutcome,
+    run_server, Client, ClientConfig, ClientError, ClientPool, DeleteOutcome, KvServerConfig,
+    PutOutcome,
 };
 use shoal_wire::kv::{Expected, KvReply};
 use shoal_wire::{encode_frame, Hello, Role};
@@ -121,6 +122,57 @@ async fn client_operations_and_lock() {
     c.release(&mut lock).await.expect("release");
     assert!(!lock.is_held());
     assert_eq!(c.get(b"lock/a").await.expect("get"), Some((Vec::new(), 2)));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_clients_share_one_connection_and_each_gets_its_own_answers() {
+    let server = Server::start().await;
+    let mut config = ClientConfig::new(vec![server.addr]);
+    config.cluster_id = CLUSTER;
+    config.op_timeout = WAIT;
+    let pool = ClientPool::new(config);
+    // 40 clients of one pool, each in its own session, interleaving writes and reads of its
+    // own key and compare-and-sets of a shared counter.
+    let mut tasks = Vec::new();
+    for i in 0..40u32 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::with_pool(&pool).expect("client");
+            let key = format!("key{i}").into_bytes();
+            let mut wins = 0;
+            for round in 1..=20u64 {
+                let value = format!("{i}-{round}").into_bytes();
+                let put = c.put(&key, &value, Expected::Version(round - 1)).await;
+                assert_eq!(put.expect("put"), PutOutcome::Written(round));
+                let got = c.get(&key).await.expect("get");
+                assert_eq!(got, Some((value, round)), "client {i} got another's answer");
+                let counter = c.get(b"counter").await.expect("get counter");
+                let version = counter.map_or(0, |(_, v)| v);
+                if c.put(b"counter", b"x", Expected::Version(version))
+                    .await
+                    .expect("cas")
+                    == PutOutcome::Written(version + 1)
+                {
+                    wins += 1;
+                }
+            }
+            wins
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += t.await.expect("client task");
+    }
+    // Every successful compare-and-set advanced the counter by exactly one version.
+    let mut c = server.client();
+    let (_, version) = c
+        .get(b"counter")
+        .await
+        .expect("get")
+        .expect("counter exists");
+    assert_eq!(version, wins);
+    assert!(wins > 0);
     server.stop().await;
 }
 

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -138,6 +139,87 @@ pub struct Client {
     last_server: Option<u64>,
     /// Request ids of status requests (counting down from the top, apart from the clerk's).
     next_status_request: u64,
+    /// Shared connections, if the client was made from a [`ClientPool`].
+    pool: Option<ClientPool>,
+    /// Ids (client id, session ids) answers to this client carry, registered in the pool.
+    routed: Vec<u64>,
+}
+
+/// Routes from the client id an answer echoes to the client waiting for it.
+type Routes = Arc<Mutex<BTreeMap<u64, mpsc::Sender<Incoming>>>>;
+
+/// Connections shared by many [`Client`]s ([`Client::with_pool`]): one TCP connection per
+/// server carries the requests of every client of the pool, written in batches, and each
+/// answer goes to the client whose id (or session id) it echoes. Each client still runs one
+/// operation at a time in its own session, so N clients of one pool keep N operations in
+/// flight over one connection per server, as a gRPC channel does.
+#[derive(Clone)]
+pub struct ClientPool {
+    config: ClientConfig,
+    connections: Arc<Mutex<BTreeMap<u64, mpsc::Sender<KvRequest>>>>,
+    routes: Routes,
+}
+
+impl std::fmt::Debug for ClientPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientPool")
+            .field("endpoints", &self.config.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Requests queued per pooled connection (many clients share it).
+pub const POOL_CONNECTION_QUEUE_LEN: usize = 8192;
+
+impl ClientPool {
+    /// A pool for the cluster at `config.endpoints`; connects lazily.
+    pub fn new(config: ClientConfig) -> ClientPool {
+        ClientPool {
+            config,
+            connections: Arc::default(),
+            routes: Arc::default(),
+        }
+    }
+
+    /// The queue of the shared connection to `server` (`addr`), opened if needed.
+    fn sender(&self, server: u64, addr: SocketAddr) -> mpsc::Sender<KvRequest> {
+        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        match connections.get(&server) {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = mpsc::channel(POOL_CONNECTION_QUEUE_LEN);
+                tokio::spawn(pooled_connection(
+                    server,
+                    addr,
+                    self.config.clone(),
+                    rx,
+                    Arc::clone(&self.routes),
+                ));
+                connections.insert(server, tx.clone());
+                tx
+            }
+        }
+    }
+
+    fn route(&self, id: u64, to: mpsc::Sender<Incoming>) {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.insert(id, to);
+    }
+
+    fn unroute(&self, ids: &[u64]) {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            routes.remove(id);
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.unroute(&self.routed);
+        }
+    }
 }
 
 /// What the connection tasks tell the client.
@@ -178,7 +260,33 @@ impl Client {
             replies,
             last_server: None,
             next_status_request: u64::MAX,
+            pool: None,
+            routed: Vec::new(),
         })
+    }
+
+    /// A client sharing `pool`'s connections with the pool's other clients.
+    pub fn with_pool(pool: &ClientPool) -> Result<Client, ClientError> {
+        let mut client = Client::new(pool.config.clone())?;
+        client.pool = Some(pool.clone());
+        client.update_routes();
+        Ok(client)
+    }
+
+    /// Makes sure the pool routes answers to our client id and session to us.
+    fn update_routes(&mut self) {
+        let Some(pool) = &self.pool else {
+            return;
+        };
+        for id in [Some(self.clerk.client_id()), self.clerk.session()]
+            .into_iter()
+            .flatten()
+        {
+            if !self.routed.contains(&id) {
+                pool.route(id, self.replies_tx.clone());
+                self.routed.push(id);
+            }
+        }
     }
 
     /// The id of the server (`index + 1` in the endpoint list) whose answer finished the last
@@ -304,6 +412,7 @@ impl Client {
         let mut actions = self.clerk.start(op)?;
         let mut timer: Option<(Instant, u64)> = None;
         loop {
+            self.update_routes();
             for action in actions.drain(..) {
                 match action {
                     Action::Send { server, request } => self.send(server, request),
@@ -333,6 +442,7 @@ impl Client {
                     // The clerk still waits for this operation: start over with a new
                     // identity so its answer can never be mistaken for a later one's.
                     self.clerk = Self::clerk(&self.config)?;
+                    self.update_routes();
                     return Err(ClientError::Timeout(timeout));
                 }
             }
@@ -346,6 +456,11 @@ impl Client {
         else {
             return;
         };
+        if let Some(pool) = &self.pool {
+            // Full or closed: lost, like on a network; the clerk resends.
+            let _ = pool.sender(server, addr).try_send(request);
+            return;
+        }
         let tx = match self.connections.get(&server) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
@@ -488,6 +603,38 @@ fn too_large_or_unexpected(result: KvResult) -> ClientError {
     }
 }
 
+/// One connection of a [`ClientPool`]: like [`connection`], but each answer goes to the client
+/// whose id it echoes, and a failure is told to every client of the pool.
+async fn pooled_connection(
+    server: u64,
+    addr: SocketAddr,
+    config: ClientConfig,
+    requests: mpsc::Receiver<KvRequest>,
+    routes: Routes,
+) {
+    run_connection(server, addr, config, requests, |incoming| {
+        if let Incoming::Reply(_, reply) = &incoming {
+            let to = {
+                let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+                routes.get(&reply.ids().0).cloned()
+            };
+            // A client that is gone, or does not read: the answer is lost (it resends).
+            if let Some(to) = to {
+                let _ = to.try_send(incoming);
+            }
+        }
+        true
+    })
+    .await;
+    let clients: Vec<mpsc::Sender<Incoming>> = {
+        let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.values().cloned().collect()
+    };
+    for c in clients {
+        let _ = c.try_send(Incoming::Lost(server));
+    }
+}
+
 /// One connection to a server: connects, writes the queued requests, forwards the replies.
 /// Ends (and is replaced on the next send) when the connection fails, and then says so.
 async fn connection(
@@ -497,16 +644,25 @@ async fn connection(
     requests: mpsc::Receiver<KvRequest>,
     replies: mpsc::Sender<Incoming>,
 ) {
-    run_connection(server, addr, config, requests, &replies).await;
+    run_connection(server, addr, config, requests, |incoming| {
+        // The client reads its answers (one operation at a time): the queue has room.
+        !matches!(
+            replies.try_send(incoming),
+            Err(mpsc::error::TrySendError::Closed(_))
+        )
+    })
+    .await;
     let _ = replies.send(Incoming::Lost(server)).await;
 }
 
+/// Connects, then writes queued requests (in batches) and hands each answer to `deliver`
+/// until the connection fails or `deliver` says stop.
 async fn run_connection(
     server: u64,
     addr: SocketAddr,
     config: ClientConfig,
     mut requests: mpsc::Receiver<KvRequest>,
-    replies: &mpsc::Sender<Incoming>,
+    mut deliver: impl FnMut(Incoming) -> bool,
 ) {
     let framed = match connect_client::<KvReply, KvRequest>(
         addr,
@@ -527,7 +683,15 @@ async fn run_connection(
         tokio::select! {
             request = requests.recv() => match request {
                 Some(request) => {
-                    if let Err(e) = sink.send(request).await {
+                    // Everything queued goes out in one write.
+                    let mut result = sink.feed(request).await;
+                    while result.is_ok() {
+                        match requests.try_recv() {
+                            Ok(more) => result = sink.feed(more).await,
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = result.and(sink.flush().await) {
                         debug!(%addr, error = %e, "connection failed");
                         return;
                     }
@@ -536,7 +700,7 @@ async fn run_connection(
             },
             reply = stream.next() => match reply {
                 Some(Ok(reply)) => {
-                    if replies.send(Incoming::Reply(server, reply)).await.is_err() {
+                    if !deliver(Incoming::Reply(server, reply)) {
                         return;
                     }
                 }

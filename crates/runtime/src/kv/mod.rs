@@ -5,5 +5,5 @@
 pub mod client;
 pub mod server;
 
-pub use client::{Client, ClientConfig, ClientError, DeleteOutcome, PutOutcome};
+pub use client::{Client, ClientConfig, ClientError, ClientPool, DeleteOutcome, PutOutcome};
 pub use server::{run_server, KvServerConfig, KvServerError};

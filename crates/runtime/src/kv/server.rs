@@ -42,8 +42,8 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 1024;
 /// does not fit waits (TCP backpressure).
 pub const CLIENT_REQUEST_QUEUE_LEN: usize = 4096;
 /// Replies queued per client connection; a client that does not read its replies loses the
-/// newest (it retries).
-pub const CLIENT_REPLY_QUEUE_LEN: usize = 256;
+/// newest (it retries). Large enough for a multiplexing client's many requests in flight.
+pub const CLIENT_REPLY_QUEUE_LEN: usize = 4096;
 /// Client requests waiting for an answer in the state machine; a request beyond it is dropped
 /// as a lossy network would (its client resends), so a client that pipelines without limit
 /// cannot grow the server's memory.
@@ -443,7 +443,15 @@ async fn serve_client(
             },
             reply = replies.recv() => match reply {
                 Some(reply) => {
-                    if let Err(e) = framed.send(reply).await {
+                    // Everything already answered goes out in one write.
+                    let mut result = framed.feed(reply).await;
+                    while result.is_ok() {
+                        match replies.try_recv() {
+                            Ok(more) => result = framed.feed(more).await,
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = result.and(framed.flush().await) {
                         debug!(error = %e, "client connection failed");
                         break;
                     }

@@ -590,11 +590,11 @@ type FailoverOutcome = std::result::Result<Failover, String>;
 async fn start_shoal(args: &BenchArgs, plan: &Plan) -> Result<Side<ShoalTarget>> {
     if !args.endpoints.is_empty() && !args.compare {
         let endpoints = shoal_endpoints(&args.endpoints)?;
-        let target = Arc::new(ShoalTarget {
-            endpoints: endpoints.clone(),
-            cluster_id: args.cluster,
-            op_timeout: OP_TIMEOUT,
-        });
+        let target = Arc::new(ShoalTarget::new(
+            endpoints.clone(),
+            args.cluster,
+            OP_TIMEOUT,
+        ));
         let list = args.endpoints.join(",");
         wait_ready(
             &target,
@@ -619,11 +619,11 @@ async fn start_shoal(args: &BenchArgs, plan: &Plan) -> Result<Side<ShoalTarget>>
             .join(","),
         cluster.dir().display()
     );
-    let target = Arc::new(ShoalTarget {
-        endpoints: cluster.addrs.clone(),
-        cluster_id: shoal_runtime::kv::client::DEFAULT_CLUSTER_ID,
-        op_timeout: OP_TIMEOUT,
-    });
+    let target = Arc::new(ShoalTarget::new(
+        cluster.addrs.clone(),
+        shoal_runtime::kv::client::DEFAULT_CLUSTER_ID,
+        OP_TIMEOUT,
+    ));
     cluster.wait_leader().await?;
     wait_ready(&target, LIVENESS, "the local Shoal cluster").await?;
     Ok(Side {

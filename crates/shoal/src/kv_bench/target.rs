@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use shoal_runtime::kv::{Client, ClientConfig, ClientError, PutOutcome};
+use shoal_runtime::kv::{Client, ClientConfig, ClientError, ClientPool, PutOutcome};
 use shoal_wire::kv::Expected;
 
 /// Which system a run measures.
@@ -57,20 +57,34 @@ pub trait KvTarget: Send + Sync + 'static {
     fn connect(&self) -> impl Future<Output = Result<Self::Conn>> + Send;
 }
 
-/// Shoal, one `Client` per requester (the client runs one operation at a time).
+/// Shoal: one `Client` per requester (a client runs one operation at a time, in its own
+/// session), all sharing one `ClientPool`, so the requests of every requester travel over one
+/// connection per server, written in batches, as etcd's requests share one gRPC channel.
 pub struct ShoalTarget {
     pub endpoints: Vec<SocketAddr>,
     pub cluster_id: u64,
     /// Bound on one operation, retries included.
     pub op_timeout: Duration,
+    pool: ClientPool,
 }
 
 impl ShoalTarget {
-    pub fn client(&self) -> Result<Client> {
+    pub fn new(endpoints: Vec<SocketAddr>, cluster_id: u64, op_timeout: Duration) -> ShoalTarget {
+        let mut t = ShoalTarget {
+            endpoints,
+            cluster_id,
+            op_timeout,
+            pool: ClientPool::new(ClientConfig::new(Vec::new())),
+        };
+        t.pool = ClientPool::new(t.config());
+        t
+    }
+
+    fn config(&self) -> ClientConfig {
         let mut config = ClientConfig::new(self.endpoints.clone());
         config.cluster_id = self.cluster_id;
         config.op_timeout = self.op_timeout;
-        Ok(Client::new(config)?)
+        config
     }
 }
 
@@ -122,7 +136,7 @@ impl KvTarget for ShoalTarget {
 
     async fn connect(&self) -> Result<ShoalConn> {
         Ok(ShoalConn {
-            client: self.client()?,
+            client: Client::with_pool(&self.pool)?,
         })
     }
 }
