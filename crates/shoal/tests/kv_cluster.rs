@@ -133,6 +133,70 @@ fn status_names_one_leader_and_reports_an_unreachable_server() {
 }
 
 #[test]
+fn a_snapshot_larger_than_a_frame_reaches_a_restarted_server() {
+    // 20 values of ~1 MiB written while server `lagging` is down: the snapshot the others
+    // send it (~20 MiB) exceeds the 16 MiB frame limit and must travel in parts.
+    let mut c = Cluster::start(3);
+    assert_eq!(c.ok(&["put", "k0", "v0"]), "ok 1\n");
+    let leader = c.wait_leader();
+    let lagging = (1..=3).find(|&id| id != leader).expect("a follower");
+    c.kill(lagging);
+    let mut sh = c.shell("20");
+    let value = "x".repeat((1 << 20) - 64);
+    for i in 0..20 {
+        assert_eq!(sh.ask(&format!("put big{i} any {value}")), "ok 1");
+    }
+    drop(sh);
+    // Both survivors snapshot the big values and drop their logs.
+    let survivors: Vec<u64> = (1..=3).filter(|&id| id != lagging).collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    for &id in &survivors {
+        let snapshot = c.data_dir(id).join("snapshot");
+        while std::fs::metadata(&snapshot).map_or(0, |m| m.len()) < 16 << 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server {id} never took a snapshot of the big values"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Restart them, so that no append queued for the lagging server while it was down
+    // survives in a transport queue: only the snapshot can catch it up now.
+    for &id in &survivors {
+        c.restart(id);
+    }
+    c.restart(lagging);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = c.cli_within("2", &["status", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let applied: Vec<u64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["applied"].as_u64())
+            .collect();
+        if applied.len() == 3 && applied[0] >= 22 && applied.iter().all(|&a| a == applied[0]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted server never caught up: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(c.log_path(lagging)).unwrap_or_default();
+    assert!(
+        log.contains("restored snapshot"),
+        "the restarted server caught up without a snapshot: {log}"
+    );
+    // With another server gone, every write needs the restarted one.
+    c.kill(survivors[0]);
+    assert_eq!(c.ok(&["put", "after", "catch-up"]), "ok 1\n");
+    let got = c.ok(&["--serializable", "get", "big19"]);
+    assert_eq!(got.trim_end().len(), value.len());
+}
+
+#[test]
 fn data_dir_of_another_server_is_refused() {
     let mut c = Cluster::start(3);
     assert_eq!(c.ok(&["put", "x", "1"]), "ok 1\n");
