@@ -133,6 +133,7 @@ fn status_names_one_leader_and_reports_an_unreachable_server() {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
 fn a_snapshot_larger_than_a_frame_reaches_a_restarted_server() {
     // 20 values of ~1 MiB written while server `lagging` is down: the snapshot the others
     // send it (~20 MiB) exceeds the 16 MiB frame limit and must travel in parts.
