@@ -286,17 +286,7 @@ impl Demo {
 
     /// Step 1: spawns the servers and waits until one of them leads.
     async fn start_cluster(&mut self) -> Result<(Client, ServerStatus)> {
-        // Bind every port first so that no two servers get the same one; free them together.
-        let probes = (0..SERVERS)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("finding free ports on 127.0.0.1")?;
-        self.endpoints = probes
-            .iter()
-            .map(std::net::TcpListener::local_addr)
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("reading a port")?;
-        drop(probes);
+        self.endpoints = crate::cli::free_local_addrs(SERVERS)?;
         let peers = self
             .endpoints
             .iter()

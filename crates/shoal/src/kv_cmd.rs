@@ -428,16 +428,7 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         if args.nodes == 0 {
             bail!("--nodes must be at least 1");
         }
-        let mut endpoints = Vec::new();
-        // Bind all first so that no two servers get the same port; free them together.
-        let mut probes = Vec::new();
-        for _ in 0..args.nodes {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0")
-                .context("finding a free port on 127.0.0.1")?;
-            endpoints.push(probe.local_addr().context("reading the port")?);
-            probes.push(probe);
-        }
-        drop(probes);
+        let endpoints = crate::cli::free_local_addrs(args.nodes as usize)?;
         let text: String = endpoints.iter().map(|e| format!("{e}\n")).collect();
         std::fs::write(&endpoints_path, text)
             .with_context(|| format!("writing {}", endpoints_path.display()))?;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_util;
 mod check_cmd;
 mod cli;
 mod demo_cmd;

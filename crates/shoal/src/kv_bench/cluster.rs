@@ -56,17 +56,6 @@ pub struct LocalCluster {
     dir: tempfile::TempDir,
 }
 
-fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
-    // Hold all listeners until every port is chosen, so that no two are the same.
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port"))
-        .collect::<Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().context("local address of a free port"))
-        .collect()
-}
-
 impl LocalCluster {
     /// Starts three fresh members with data under `data_dir`.
     pub fn start(kind: TargetKind, bin: PathBuf, data_dir: &Path) -> Result<LocalCluster> {
@@ -78,7 +67,7 @@ impl LocalCluster {
         if std::env::var_os("SHOAL_BENCH_KEEP_DATA").is_some() {
             dir.disable_cleanup(true);
         }
-        let all = free_addrs(2 * MEMBERS)?;
+        let all = crate::cli::free_local_addrs(2 * MEMBERS)?;
         let addrs = all[..MEMBERS].to_vec();
         let peer_addrs = match kind {
             TargetKind::Shoal => addrs.clone(),
