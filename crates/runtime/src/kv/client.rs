@@ -131,16 +131,14 @@ pub enum DeleteOutcome {
 pub struct Client {
     config: ClientConfig,
     clerk: Clerk,
-    /// Connection tasks by server id (`index + 1`).
-    connections: BTreeMap<u64, mpsc::Sender<KvRequest>>,
     replies_tx: mpsc::Sender<Incoming>,
     replies: mpsc::Receiver<Incoming>,
     /// The server whose answer finished the last operation.
     last_server: Option<u64>,
     /// Request ids of status requests (counting down from the top, apart from the clerk's).
     next_status_request: u64,
-    /// Shared connections, if the client was made from a [`ClientPool`].
-    pool: Option<ClientPool>,
+    /// The connections: the client's own (a pool of one), or shared ([`Client::with_pool`]).
+    pool: ClientPool,
     /// Ids (client id, session ids) answers to this client carry, registered in the pool.
     routed: Vec<u64>,
 }
@@ -156,6 +154,8 @@ type Routes = Arc<Mutex<BTreeMap<u64, mpsc::Sender<Incoming>>>>;
 #[derive(Clone)]
 pub struct ClientPool {
     config: ClientConfig,
+    /// Requests queued per connection before new ones are dropped (the clerks resend).
+    queue_len: usize,
     connections: Arc<Mutex<BTreeMap<u64, mpsc::Sender<KvRequest>>>>,
     routes: Routes,
 }
@@ -174,8 +174,13 @@ pub const POOL_CONNECTION_QUEUE_LEN: usize = 8192;
 impl ClientPool {
     /// A pool for the cluster at `config.endpoints`; connects lazily.
     pub fn new(config: ClientConfig) -> ClientPool {
+        ClientPool::with_queue_len(config, POOL_CONNECTION_QUEUE_LEN)
+    }
+
+    fn with_queue_len(config: ClientConfig, queue_len: usize) -> ClientPool {
         ClientPool {
             config,
+            queue_len,
             connections: Arc::default(),
             routes: Arc::default(),
         }
@@ -187,7 +192,7 @@ impl ClientPool {
         match connections.get(&server) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
-                let (tx, rx) = mpsc::channel(POOL_CONNECTION_QUEUE_LEN);
+                let (tx, rx) = mpsc::channel(self.queue_len);
                 tokio::spawn(pooled_connection(
                     server,
                     addr,
@@ -216,9 +221,7 @@ impl ClientPool {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
-            pool.unroute(&self.routed);
-        }
+        self.pool.unroute(&self.routed);
     }
 }
 
@@ -250,40 +253,40 @@ fn new_client_id() -> u64 {
 impl Client {
     /// A client of the cluster at `config.endpoints`; connects lazily.
     pub fn new(config: ClientConfig) -> Result<Client, ClientError> {
-        let clerk = Self::clerk(&config)?;
-        let (replies_tx, replies) = mpsc::channel(REPLY_QUEUE_LEN);
-        Ok(Client {
-            config,
-            clerk,
-            connections: BTreeMap::new(),
-            replies_tx,
-            replies,
-            last_server: None,
-            next_status_request: u64::MAX,
-            pool: None,
-            routed: Vec::new(),
-        })
+        let pool = ClientPool::with_queue_len(config.clone(), CONNECTION_QUEUE_LEN);
+        Client::in_pool(config, pool)
     }
 
     /// A client sharing `pool`'s connections with the pool's other clients.
     pub fn with_pool(pool: &ClientPool) -> Result<Client, ClientError> {
-        let mut client = Client::new(pool.config.clone())?;
-        client.pool = Some(pool.clone());
+        Client::in_pool(pool.config.clone(), pool.clone())
+    }
+
+    fn in_pool(config: ClientConfig, pool: ClientPool) -> Result<Client, ClientError> {
+        let clerk = Self::clerk(&config)?;
+        let (replies_tx, replies) = mpsc::channel(REPLY_QUEUE_LEN);
+        let mut client = Client {
+            config,
+            clerk,
+            replies_tx,
+            replies,
+            last_server: None,
+            next_status_request: u64::MAX,
+            pool,
+            routed: Vec::new(),
+        };
         client.update_routes();
         Ok(client)
     }
 
     /// Makes sure the pool routes answers to our client id and session to us.
     fn update_routes(&mut self) {
-        let Some(pool) = &self.pool else {
-            return;
-        };
         for id in [Some(self.clerk.client_id()), self.clerk.session()]
             .into_iter()
             .flatten()
         {
             if !self.routed.contains(&id) {
-                pool.route(id, self.replies_tx.clone());
+                self.pool.route(id, self.replies_tx.clone());
                 self.routed.push(id);
             }
         }
@@ -456,28 +459,8 @@ impl Client {
         else {
             return;
         };
-        if let Some(pool) = &self.pool {
-            // Full or closed: lost, like on a network; the clerk resends.
-            let _ = pool.sender(server, addr).try_send(request);
-            return;
-        }
-        let tx = match self.connections.get(&server) {
-            Some(tx) if !tx.is_closed() => tx.clone(),
-            _ => {
-                let (tx, rx) = mpsc::channel(CONNECTION_QUEUE_LEN);
-                tokio::spawn(connection(
-                    server,
-                    addr,
-                    self.config.clone(),
-                    rx,
-                    self.replies_tx.clone(),
-                ));
-                self.connections.insert(server, tx.clone());
-                tx
-            }
-        };
         // Full or closed: the request is lost, like on a network; the clerk resends.
-        let _ = tx.try_send(request);
+        let _ = self.pool.sender(server, addr).try_send(request);
     }
 
     /// Reads `key`: its value and version, or `None` if missing.
@@ -603,8 +586,9 @@ fn too_large_or_unexpected(result: KvResult) -> ClientError {
     }
 }
 
-/// One connection of a [`ClientPool`]: like [`connection`], but each answer goes to the client
-/// whose id it echoes, and a failure is told to every client of the pool.
+/// One connection of a [`ClientPool`]: connects, writes the queued requests, hands each answer
+/// to the client whose id it echoes, and tells every client of the pool when it fails (it is
+/// replaced on the next send).
 async fn pooled_connection(
     server: u64,
     addr: SocketAddr,
@@ -633,26 +617,6 @@ async fn pooled_connection(
     for c in clients {
         let _ = c.try_send(Incoming::Lost(server));
     }
-}
-
-/// One connection to a server: connects, writes the queued requests, forwards the replies.
-/// Ends (and is replaced on the next send) when the connection fails, and then says so.
-async fn connection(
-    server: u64,
-    addr: SocketAddr,
-    config: ClientConfig,
-    requests: mpsc::Receiver<KvRequest>,
-    replies: mpsc::Sender<Incoming>,
-) {
-    run_connection(server, addr, config, requests, |incoming| {
-        // The client reads its answers (one operation at a time): the queue has room.
-        !matches!(
-            replies.try_send(incoming),
-            Err(mpsc::error::TrySendError::Closed(_))
-        )
-    })
-    .await;
-    let _ = replies.send(Incoming::Lost(server)).await;
 }
 
 /// Connects, then writes queued requests (in batches) and hands each answer to `deliver`
