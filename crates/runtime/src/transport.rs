@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Sink, SinkExt, StreamExt};
 use rand::{Rng, SeedableRng};
 use serde::{de::DeserializeOwned, Serialize};
 use shoal_wire::codec::FrameCodec;
@@ -744,6 +744,24 @@ async fn run_peer_connection<M: Serialize>(
             },
         }
     }
+}
+
+/// Writes `first` and everything already waiting in `queue` to `sink`, then flushes once: a
+/// batch of frames in one write instead of one write per frame (client connections, both
+/// ends).
+pub async fn send_queued<S, T>(
+    sink: &mut S,
+    first: T,
+    queue: &mut mpsc::Receiver<T>,
+) -> Result<(), S::Error>
+where
+    S: Sink<T> + Unpin,
+{
+    sink.feed(first).await?;
+    while let Ok(more) = queue.try_recv() {
+        sink.feed(more).await?;
+    }
+    sink.flush().await
 }
 
 /// Smallest `max_frame_bytes`: room for a part's header and some payload.

@@ -12,14 +12,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use shoal_kv::{Action, Clerk, ClerkConfig, Lock, LockStep, Outcome};
 use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult, ScanItem, ServerStatus};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::transport::connect_client;
+use crate::transport::{connect_client, send_queued};
 
 /// Default [`ClientConfig::op_timeout`].
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -647,15 +647,7 @@ async fn run_connection(
         tokio::select! {
             request = requests.recv() => match request {
                 Some(request) => {
-                    // Everything queued goes out in one write.
-                    let mut result = sink.feed(request).await;
-                    while result.is_ok() {
-                        match requests.try_recv() {
-                            Ok(more) => result = sink.feed(more).await,
-                            Err(_) => break,
-                        }
-                    }
-                    if let Err(e) = result.and(sink.flush().await) {
+                    if let Err(e) = send_queued(&mut sink, request, &mut requests).await {
                         debug!(%addr, error = %e, "connection failed");
                         return;
                     }

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use shoal_kv::{KvRsm, RsmConfig};
 use shoal_raft::{Config as RaftConfig, Message, NodeId, Ready};
 use shoal_storage::{DurableStorage, StdDisk, StorageConfig};
@@ -32,7 +32,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::transport::{ClientConnection, Inbound, Transport, TransportConfig, TransportError};
+use crate::transport::{
+    send_queued, ClientConnection, Inbound, Transport, TransportConfig, TransportError,
+};
 
 /// Default [`KvServerConfig::tick_interval`]: the wall-clock length of one Raft tick.
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(25);
@@ -443,15 +445,7 @@ async fn serve_client(
             },
             reply = replies.recv() => match reply {
                 Some(reply) => {
-                    // Everything already answered goes out in one write.
-                    let mut result = framed.feed(reply).await;
-                    while result.is_ok() {
-                        match replies.try_recv() {
-                            Ok(more) => result = framed.feed(more).await,
-                            Err(_) => break,
-                        }
-                    }
-                    if let Err(e) = result.and(framed.flush().await) {
+                    if let Err(e) = send_queued(&mut framed, reply, &mut replies).await {
                         debug!(error = %e, "client connection failed");
                         break;
                     }
