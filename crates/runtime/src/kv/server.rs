@@ -53,7 +53,7 @@ pub const MAX_PENDING_REQUESTS: usize = 10_000;
 /// Events handled per wake-up before the `Ready` is carried out, so that many requests and
 /// appends share one fsync.
 pub const MAX_EVENTS_PER_READY: usize = 256;
-/// Ticks between two measurements of the Raft state's size on disk (for snapshots).
+/// Ticks between two measurements of the live log's size (for snapshots).
 pub const SNAPSHOT_CHECK_TICKS: u64 = 4;
 
 /// Everything one KV server is started with.
