@@ -225,7 +225,7 @@ pub enum ShuffleRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShuffleReply {
     /// The next chunk of the file (at most [`SHUFFLE_CHUNK_BYTES`]).
-    Data(#[serde(with = "raw_bytes")] Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The whole file was sent; `total_bytes` lets the fetcher check nothing was lost.
     End {
         /// Length of the file.
@@ -233,41 +233,6 @@ pub enum ShuffleReply {
     },
     /// The file is unknown or unreadable.
     Error(String),
-}
-
-/// Encodes a `Vec<u8>` with `serialize_bytes` (one length and a memcpy in postcard, the same
-/// bytes on the wire as a sequence of `u8`, which serde would otherwise write one by one).
-mod raw_bytes {
-    use serde::de::{Deserializer, SeqAccess, Visitor};
-    use serde::Serializer;
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-                while let Some(b) = seq.next_element()? {
-                    v.push(b);
-                }
-                Ok(v)
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
 }
 
 #[cfg(test)]
