@@ -13,7 +13,11 @@
 //! refused with [`KvResult::SessionExpired`] and **never applied**, so a late retry or a network
 //! duplicate can never apply twice.
 
-use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use imbl::{OrdMap, OrdSet};
+use serde_bytes::{ByteBuf, Bytes};
+use smallvec::SmallVec;
 
 use serde::{Deserialize, Serialize};
 use shoal_wire::kv::{Expected, KvOp, KvRequest, KvResult, ScanItem};
@@ -65,9 +69,15 @@ impl Default for Limits {
     }
 }
 
+/// A key as the store holds it: up to 24 bytes inline, so that the comparisons of a lookup
+/// read the tree node itself instead of chasing a pointer per key (with heap keys, lookups
+/// and their `memcmp` cache misses were a fifth of the leader's CPU under a put load).
+type Key = SmallVec<[u8; 24]>;
+
 /// A key's value and version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Item {
+    #[serde(with = "serde_bytes")]
     value: Vec<u8>,
     version: u64,
 }
@@ -96,7 +106,7 @@ struct SnapshotBodyV1 {
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     applied: u64,
-    items: Vec<(Vec<u8>, Item)>,
+    items: Vec<(ByteBuf, Item)>,
     sessions: Vec<(u64, Session)>,
 }
 
@@ -104,16 +114,26 @@ struct SnapshotBody {
 #[derive(Serialize)]
 struct SnapshotBodyRef<'a> {
     applied: u64,
-    items: Seq<'a, Vec<u8>, Item>,
+    items: Items<'a>,
     sessions: Seq<'a, u64, Session>,
 }
 
 /// A map serialized as a sequence of `(key, value)` pairs, as a `Vec<(K, V)>` is.
-struct Seq<'a, K, V>(&'a BTreeMap<K, V>);
+struct Seq<'a, K, V>(&'a OrdMap<K, V>);
 
-impl<K: Serialize, V: Serialize> Serialize for Seq<'_, K, V> {
+impl<K: Serialize + Ord + Clone, V: Serialize + Clone> Serialize for Seq<'_, K, V> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.0.iter())
+    }
+}
+
+/// The items as a sequence of `(key, item)` pairs, the keys written as bytes (one memcpy
+/// each; the same encoding as a sequence of `u8`).
+struct Items<'a>(&'a OrdMap<Key, Item>);
+
+impl Serialize for Items<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|(k, v)| (Bytes::new(k.as_slice()), v)))
     }
 }
 
@@ -121,13 +141,18 @@ impl<K: Serialize, V: Serialize> Serialize for Seq<'_, K, V> {
 ///
 /// Writes go through [`KvStore::apply`] with a position (the Raft log index, or a counter in
 /// the single server) that orders them; reads through [`KvStore::read`].
+///
+/// The maps are persistent B-trees (`imbl::OrdMap`): `clone` is O(1) and shares every node
+/// until one side writes to it, so a server can snapshot a copy on another thread while it
+/// keeps applying (`docs/kv.md`, "Snapshots"). Between snapshots no node is shared and writes
+/// cost what a `BTreeMap`'s do.
 #[derive(Debug, Clone)]
 pub struct KvStore {
     limits: Limits,
-    items: BTreeMap<Vec<u8>, Item>,
-    sessions: BTreeMap<u64, Session>,
+    items: OrdMap<Key, Item>,
+    sessions: OrdMap<u64, Session>,
     /// Sessions ordered by last use, for eviction: (last_used, client).
-    by_use: BTreeMap<(u64, u64), ()>,
+    by_use: OrdSet<(u64, u64)>,
     /// Position of the last applied write.
     applied: u64,
     data_bytes: usize,
@@ -138,9 +163,9 @@ impl KvStore {
     pub fn new(limits: Limits) -> KvStore {
         KvStore {
             limits,
-            items: BTreeMap::new(),
-            sessions: BTreeMap::new(),
-            by_use: BTreeMap::new(),
+            items: OrdMap::new(),
+            sessions: OrdMap::new(),
+            by_use: OrdSet::new(),
             applied: 0,
             data_bytes: 0,
         }
@@ -231,7 +256,7 @@ impl KvStore {
     /// [`Error::NotARead`].
     pub fn read(&self, op: &KvOp) -> Result<KvResult, Error> {
         match op {
-            KvOp::Get { key } => Ok(match self.items.get(key) {
+            KvOp::Get { key } => Ok(match self.items.get(key.as_slice()) {
                 Some(i) => KvResult::Found {
                     value: i.value.clone(),
                     version: i.version,
@@ -242,11 +267,11 @@ impl KvStore {
                 let limit = (*limit).min(self.limits.max_scan_items) as usize;
                 let items = self
                     .items
-                    .range(start.clone()..)
+                    .range::<_, [u8]>((Bound::Included(start.as_slice()), Bound::Unbounded))
                     .take_while(|(k, _)| end.as_ref().is_none_or(|e| k.as_slice() < e.as_slice()))
                     .take(limit)
                     .map(|(k, i)| ScanItem {
-                        key: k.clone(),
+                        key: k.to_vec(),
                         value: i.value.clone(),
                         version: i.version,
                     })
@@ -312,7 +337,7 @@ impl KvStore {
         // full table expires the session whose last registration or write applied earliest.
         // It depends only on the log, so every replica expires the same session.
         while self.sessions.len() >= self.limits.max_sessions {
-            let Some((&(used, victim), _)) = self.by_use.iter().next() else {
+            let Some(&(used, victim)) = self.by_use.get_min() else {
                 break;
             };
             self.by_use.remove(&(used, victim));
@@ -333,7 +358,7 @@ impl KvStore {
                 .is_none(),
             "session {index} registered twice"
         );
-        self.by_use.insert((index, index), ());
+        self.by_use.insert((index, index));
         assert!(self.sessions.len() <= self.limits.max_sessions);
         debug_assert_eq!(self.sessions.len(), self.by_use.len());
     }
@@ -348,7 +373,7 @@ impl KvStore {
                 s.request = request;
                 s.result = Some(result);
             }
-            self.by_use.insert((index, session), ());
+            self.by_use.insert((index, session));
         }
     }
 
@@ -363,35 +388,44 @@ impl KvStore {
                 if let Some(e) = self.check_sizes(key, Some(value)) {
                     return e;
                 }
-                let current = self.items.get(key).map(|i| i.version);
-                let version = match (current, expected) {
-                    (None, Expected::Any | Expected::Version(0)) => 1,
-                    (None, Expected::Version(_)) => return KvResult::NoKey,
-                    (Some(v), Expected::Any) => v + 1,
-                    (Some(v), Expected::Version(e)) if *e == v => v + 1,
-                    (Some(_), Expected::Version(_)) => return KvResult::VersionMismatch,
-                };
+                // One walk down the tree for a key that exists (the common case), two for a
+                // new one.
+                if let Some(item) = self.items.get_mut(key.as_slice()) {
+                    let version = match expected {
+                        Expected::Version(e) if *e != item.version => {
+                            return KvResult::VersionMismatch
+                        }
+                        _ => item.version + 1,
+                    };
+                    self.data_bytes = self.data_bytes + value.len() - item.value.len();
+                    item.value.clone_from(value);
+                    item.version = version;
+                    return KvResult::Written { version };
+                }
+                if let Expected::Version(v) = expected {
+                    if *v != 0 {
+                        return KvResult::NoKey;
+                    }
+                }
                 let item = Item {
                     value: value.clone(),
-                    version,
+                    version: 1,
                 };
                 self.data_bytes += key.len() + value.len();
-                if let Some(old) = self.items.insert(key.clone(), item) {
-                    self.data_bytes -= key.len() + old.value.len();
-                }
-                KvResult::Written { version }
+                self.items.insert(Key::from_slice(key), item);
+                KvResult::Written { version: 1 }
             }
             KvOp::Delete { key, expected } => {
                 if let Some(e) = self.check_sizes(key, None) {
                     return e;
                 }
-                let Some(current) = self.items.get(key).map(|i| i.version) else {
+                let Some(current) = self.items.get(key.as_slice()).map(|i| i.version) else {
                     return KvResult::NoKey;
                 };
                 match expected {
                     Expected::Version(e) if *e != current => KvResult::VersionMismatch,
                     _ => {
-                        if let Some(old) = self.items.remove(key) {
+                        if let Some(old) = self.items.remove(key.as_slice()) {
                             self.data_bytes -= key.len() + old.value.len();
                         }
                         KvResult::Deleted
@@ -411,7 +445,7 @@ impl KvStore {
         // key or value before the one into `out` (it used to clone the store twice over).
         let body = SnapshotBodyRef {
             applied: self.applied,
-            items: Seq(&self.items),
+            items: Items(&self.items),
             sessions: Seq(&self.sessions),
         };
         let out = vec![SNAPSHOT_FORMAT_VERSION];
@@ -433,7 +467,7 @@ impl KvStore {
             fresh.applied = body.applied;
             for (k, item) in body.items {
                 fresh.data_bytes += k.len() + item.value.len();
-                fresh.items.insert(k, item);
+                fresh.items.insert(Key::from_vec(k), item);
             }
             *self = fresh;
             return Ok(());
@@ -446,10 +480,10 @@ impl KvStore {
         fresh.applied = body.applied;
         for (k, item) in body.items {
             fresh.data_bytes += k.len() + item.value.len();
-            fresh.items.insert(k, item);
+            fresh.items.insert(Key::from_vec(k.into_vec()), item);
         }
         for (c, s) in body.sessions {
-            if fresh.by_use.insert((s.last_used, c), ()).is_some() {
+            if fresh.by_use.insert((s.last_used, c)).is_some() {
                 return Err(Error::SnapshotDecode(format!("session {c}: duplicate use")));
             }
             fresh.sessions.insert(c, s);
@@ -775,14 +809,31 @@ mod tests {
             );
         }
         let bytes = s.snapshot();
-        // Written from the maps, it is exactly the encoding of `SnapshotBody`, which
-        // `restore` reads.
-        let owned = SnapshotBody {
+        // Written from the maps (byte fields as bytes), it is exactly the plain encoding of
+        // the body with every byte string a `Vec<u8>`, the format `restore` has always read.
+        #[derive(Serialize)]
+        struct PlainItem {
+            value: Vec<u8>,
+            version: u64,
+        }
+        #[derive(Serialize)]
+        struct PlainBody {
+            applied: u64,
+            items: Vec<(Vec<u8>, PlainItem)>,
+            sessions: Vec<(u64, Session)>,
+        }
+        let owned = PlainBody {
             applied: s.applied,
             items: s
                 .items
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| {
+                    let item = PlainItem {
+                        value: v.value.clone(),
+                        version: v.version,
+                    };
+                    (k.to_vec(), item)
+                })
                 .collect(),
             sessions: s.sessions.iter().map(|(c, x)| (*c, x.clone())).collect(),
         };
