@@ -23,7 +23,7 @@ pub mod store;
 
 pub use clerk::{Action, Clerk, ClerkConfig, Outcome};
 pub use lock::{Lock, LockStep};
-pub use rsm::{KvRsm, RsmConfig};
+pub use rsm::{KvRsm, RsmConfig, SnapshotJob};
 pub use server::SingleServer;
 pub use store::{KvStore, Limits};
 

@@ -17,7 +17,10 @@
 
 use std::collections::BTreeMap;
 
-use shoal_raft::{Config, EntryKind, LogIndex, NodeId, RawNode, Ready, Role, Storage, Term};
+use shoal_raft::{
+    Config, EntryKind, LogIndex, NodeId, RawNode, Ready, Role, Snapshot, SnapshotMeta, Storage,
+    Term,
+};
 use shoal_wire::kv::{KvOp, KvReply, KvRequest, KvResult, ServerRole, ServerStatus};
 
 use crate::store::{KvStore, Limits};
@@ -48,6 +51,29 @@ struct PendingRead {
     request: KvRequest,
     /// Set once Raft confirmed: serve when applied reaches it.
     index: Option<LogIndex>,
+}
+
+/// A snapshot to make off the driver's loop: a copy of the store (sharing its nodes, see
+/// [`KvStore`]) and the Raft metadata of the index it was taken at.
+#[derive(Debug)]
+pub struct SnapshotJob {
+    meta: SnapshotMeta,
+    store: KvStore,
+}
+
+impl SnapshotJob {
+    /// The log index the snapshot covers.
+    pub fn index(&self) -> LogIndex {
+        self.meta.index
+    }
+
+    /// Serializes the store (the slow part: call it off the loop).
+    pub fn run(self) -> Snapshot {
+        Snapshot {
+            data: self.store.snapshot(),
+            meta: self.meta,
+        }
+    }
 }
 
 /// A replicated KV server: Raft core + versioned store + pending requests.
@@ -403,6 +429,33 @@ impl<S: Storage> KvRsm<S> {
         match self.raw.snapshot(self.applied, data) {
             Ok(()) => self.snapshots_taken += 1,
             Err(e) => tracing::debug!(node = status.id.0, error = %e, "snapshot not taken"),
+        }
+    }
+
+    /// Like [`KvRsm::maybe_snapshot`], but hands the work to the driver instead of doing it
+    /// in place: if `raft_state_bytes` exceeds `snapshot_bytes`, a [`SnapshotJob`] holding an
+    /// O(1) copy of the store and the snapshot's metadata. The driver runs it on another
+    /// thread, writes the file there, and compacts its storage when the file is durable; the
+    /// Raft core needs nothing back (it reads its first index from the storage). At most one
+    /// job should be in flight: the driver asks again only after the last one finished.
+    pub fn snapshot_job(&mut self, raft_state_bytes: u64) -> Option<SnapshotJob> {
+        let limit = self.config.snapshot_bytes?;
+        let status = self.raw.status();
+        if raft_state_bytes <= limit || self.applied < status.first_index {
+            return None;
+        }
+        match self.raw.snapshot_meta(self.applied) {
+            Ok(meta) => {
+                self.snapshots_taken += 1;
+                Some(SnapshotJob {
+                    meta,
+                    store: self.store.clone(),
+                })
+            }
+            Err(e) => {
+                tracing::debug!(node = status.id.0, error = %e, "snapshot not taken");
+                None
+            }
         }
     }
 

@@ -171,6 +171,16 @@ impl<S: Storage> RawNode<S> {
     /// The service snapshotted its state up to `index` (which it has applied). The next
     /// [`Ready`] asks the driver to persist it and compact the log.
     pub fn snapshot(&mut self, index: LogIndex, data: Vec<u8>) -> Result<(), Error> {
+        let meta = self.snapshot_meta(index)?;
+        self.raft.local_snapshot = Some(Snapshot { meta, data });
+        Ok(())
+    }
+
+    /// The metadata a snapshot of the service's state at `index` carries (applied, not yet
+    /// compacted), with the same checks as [`RawNode::snapshot`]. For a driver that serializes
+    /// and writes the snapshot itself, off its loop, and then compacts its storage directly
+    /// instead of through [`Ready::compact`].
+    pub fn snapshot_meta(&self, index: LogIndex) -> Result<crate::SnapshotMeta, Error> {
         let first = self.raft.log.first_index();
         if index < first {
             return Err(Error::SnapshotOutOfDate { index });
@@ -182,15 +192,11 @@ impl<S: Storage> RawNode<S> {
             });
         }
         let term = self.raft.log.term(index)?;
-        self.raft.local_snapshot = Some(Snapshot {
-            meta: crate::SnapshotMeta {
-                index,
-                term,
-                voters: self.raft.voters().to_vec(),
-            },
-            data,
-        });
-        Ok(())
+        Ok(crate::SnapshotMeta {
+            index,
+            term,
+            voters: self.raft.voters().to_vec(),
+        })
     }
 
     /// Whether [`RawNode::ready`] would return work.
