@@ -6,6 +6,13 @@
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's malloc: the KV server's hot path allocates per request (frames,
+/// commands, entries, replies), and under load glibc's allocator was 11–15% of the leader's
+/// CPU in the profile (`docs/benchmarks.md`); mimalloc's thread-local free lists cost a
+/// fraction of that. Memory use is comparable.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 mod bench_util;
