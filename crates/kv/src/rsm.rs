@@ -500,6 +500,60 @@ mod tests {
         }
     }
 
+    /// A snapshot job is a copy of the store at the applied index: writes applied after it
+    /// was handed out do not leak into it, and restoring its data gives that state back.
+    #[test]
+    fn snapshot_job_copies_the_store_at_its_index() {
+        let config = RsmConfig {
+            snapshot_bytes: Some(10),
+            limits: Limits::default(),
+        };
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
+        rsm.raw_mut().campaign();
+        let drive_plain = |rsm: &mut KvRsm<MemStorage>| {
+            while let Some(rd) = rsm.ready() {
+                let storage = rsm.raw_mut().storage_mut();
+                storage.append(&rd.entries);
+                if let Some(hs) = rd.hard_state {
+                    storage.set_hard_state(hs);
+                }
+                rsm.apply(&rd);
+                rsm.advance();
+            }
+        };
+        drive_plain(&mut rsm);
+        rsm.handle_request(1, req(5, 1, KvOp::Register));
+        drive_plain(&mut rsm);
+        let session = rsm.applied().0;
+        let put = |request: u64, value: &str| {
+            let op = KvOp::Put {
+                key: b"k".to_vec(),
+                value: value.as_bytes().to_vec(),
+                expected: Expected::Any,
+            };
+            req(session, request, op)
+        };
+        rsm.handle_request(1, put(1, "before"));
+        drive_plain(&mut rsm);
+        // Under the threshold: no job.
+        assert!(rsm.snapshot_job(10).is_none());
+        let job = rsm.snapshot_job(11).expect("over the threshold");
+        assert_eq!(job.index(), rsm.applied());
+        let at_job = rsm.store().snapshot();
+        rsm.handle_request(1, put(2, "after"));
+        drive_plain(&mut rsm);
+        assert_eq!(rsm.store().get(b"k"), Some((&b"after"[..], 2)));
+        let snap = job.run();
+        assert_eq!(snap.meta.index, LogIndex(rsm.applied().0 - 1));
+        assert_eq!(snap.meta.voters, vec![NodeId(1)]);
+        assert_eq!(snap.data, at_job);
+        let mut restored = KvStore::new(Limits::default());
+        restored.restore(&snap.data).unwrap();
+        assert_eq!(restored.get(b"k"), Some((&b"before"[..], 1)));
+        assert_eq!(rsm.snapshots_taken(), 1);
+    }
+
     #[test]
     fn single_node_write_then_read_index() {
         let config = RsmConfig {
