@@ -186,6 +186,8 @@ pub struct DurableStorage {
     entries: Vec<Entry>,
     /// For each entry, the seq of the segment holding it.
     entry_segment: Vec<u64>,
+    /// Sum of [`entry_bytes`] over `entries`, kept up to date by every change of `entries`.
+    log_bytes: u64,
     segments: BTreeMap<u64, Segment>,
     active: u64,
     /// Files written since the last sync.
@@ -264,6 +266,7 @@ impl DurableStorage {
             snapshot,
             entries: Vec::new(),
             entry_segment: Vec::new(),
+            log_bytes: 0,
             maybe_garbage: true,
             segments: BTreeMap::new(),
             active: 0,
@@ -388,6 +391,7 @@ impl DurableStorage {
                                 return Err(corrupt(offset, "term goes backwards".into()));
                             }
                         }
+                        self.log_bytes += entry_bytes(&e);
                         self.entries.push(e);
                         self.entry_segment.push(seq);
                     }
@@ -429,10 +433,12 @@ impl DurableStorage {
             // Everything after the snapshot is superseded.
             self.entries.clear();
             self.entry_segment.clear();
+            self.log_bytes = 0;
             return;
         }
         let keep = (from.0 - self.first().0) as usize;
         if keep < self.entries.len() {
+            self.log_bytes -= self.entries[keep..].iter().map(entry_bytes).sum::<u64>();
             self.entries.truncate(keep);
             self.entry_segment.truncate(keep);
         }
@@ -501,6 +507,7 @@ impl DurableStorage {
             seg.next_index = LogIndex(head.index.0 + entries.len() as u64);
         }
         for e in entries {
+            self.log_bytes += entry_bytes(e);
             self.entries.push(e.clone());
             self.entry_segment.push(self.active);
         }
@@ -589,6 +596,7 @@ impl DurableStorage {
         self.snapshot = snapshot;
         self.entries.clear();
         self.entry_segment.clear();
+        self.log_bytes = 0;
         if self.hard_state.commit < index {
             self.hard_state.commit = index;
         }
@@ -612,6 +620,7 @@ impl DurableStorage {
         self.sync(disk)?;
         write_atomic(disk, SNAPSHOT, &snapshot)?;
         let drop = (index.0 + 1 - self.first().0) as usize;
+        self.log_bytes -= self.entries[..drop].iter().map(entry_bytes).sum::<u64>();
         self.entries.drain(..drop);
         self.entry_segment.drain(..drop);
         self.snapshot = snapshot;
@@ -623,12 +632,9 @@ impl DurableStorage {
     /// what a service compares with its snapshot threshold. Unlike the segment files' sizes,
     /// it drops at once when the log is compacted (the active segment keeps its dead prefix
     /// until it is rotated, so measuring files made every check after a compaction ask for
-    /// another snapshot).
+    /// another snapshot). Kept as a running sum: O(1).
     pub fn log_bytes(&self) -> u64 {
-        self.entries
-            .iter()
-            .map(|e| (e.data.len() + shoal_wire::raft::ENTRY_OVERHEAD_BYTES) as u64)
-            .sum()
+        self.log_bytes
     }
 
     /// Number of segment files.
@@ -673,6 +679,11 @@ fn write_atomic<T: Serialize>(disk: &mut impl Disk, name: &str, value: &T) -> Re
     disk.rename(&tmp, name)?;
     disk.sync_dir()?;
     Ok(())
+}
+
+/// What an entry counts for in [`DurableStorage::log_bytes`].
+fn entry_bytes(e: &Entry) -> u64 {
+    (e.data.len() + shoal_wire::raft::ENTRY_OVERHEAD_BYTES) as u64
 }
 
 impl shoal_raft::Storage for DurableStorage {

@@ -243,6 +243,49 @@ fn real_directory_round_trip() {
     assert!(DurableStorage::open(&mut d, 1, 9, small()).is_err());
 }
 
+fn per_entry(e: &Entry) -> u64 {
+    (e.data.len() + shoal_wire::raft::ENTRY_OVERHEAD_BYTES) as u64
+}
+
+/// `log_bytes` by its definition.
+fn summed_log_bytes(s: &DurableStorage) -> u64 {
+    all(s).iter().map(per_entry).sum()
+}
+
+#[test]
+fn log_bytes_is_the_summed_size_through_every_change() {
+    let mut d = MemDisk::new();
+    let mut s = open(&mut d);
+    let check = |s: &DurableStorage, what: &str| {
+        assert_eq!(s.log_bytes(), summed_log_bytes(s), "after {what}");
+    };
+    check(&s, "open");
+    s.append(&mut d, &(1..=12).map(|i| e(i, 1)).collect::<Vec<_>>())
+        .unwrap();
+    check(&s, "append");
+    s.append(&mut d, &[e(9, 2), e(10, 2)]).unwrap();
+    check(&s, "a conflicting append");
+    s.sync(&mut d).unwrap();
+    s.compact(&mut d, snap(3, 1)).unwrap();
+    check(&s, "compact");
+    s.append(&mut d, &[e(11, 2)]).unwrap();
+    check(&s, "append");
+    assert!(s.log_bytes() > 0);
+    drop(s);
+    let mut s = open(&mut d);
+    check(&s, "reopen");
+    s.append(&mut d, &[e(8, 3)]).unwrap();
+    check(&s, "truncating append");
+    s.apply_snapshot(&mut d, snap(30, 3)).unwrap();
+    check(&s, "apply_snapshot");
+    assert_eq!(s.log_bytes(), 0);
+    s.append(&mut d, &[e(31, 3)]).unwrap();
+    check(&s, "append after apply_snapshot");
+    s.sync(&mut d).unwrap();
+    d.crash(|_, _| 0);
+    check(&open(&mut d), "crash");
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// Append `n` entries of `term` starting `back` entries before the end.
@@ -382,6 +425,7 @@ proptest! {
                     term = term.max(cur.log.last().map_or(0, |e| e.term.0)) + 1;
                 }
             }
+            prop_assert_eq!(s.log_bytes(), summed_log_bytes(&s));
         }
         s.sync(&mut d).unwrap();
         let s = open(&mut d);
