@@ -94,6 +94,12 @@ impl StdDisk {
         })
     }
 
+    /// Files this disk keeps a handle of.
+    #[cfg(test)]
+    pub(crate) fn open_handles(&self) -> usize {
+        self.open.len()
+    }
+
     fn io(op: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> DiskError {
         let name = name.to_string();
         move |source| DiskError::Io { op, name, source }
