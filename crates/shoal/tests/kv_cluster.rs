@@ -152,7 +152,8 @@ fn a_snapshot_larger_than_a_frame_reaches_a_restarted_server() {
     let survivors: Vec<u64> = (1..=3).filter(|&id| id != lagging).collect();
     let deadline = std::time::Instant::now() + WAIT;
     for &id in &survivors {
-        let snapshot = c.data_dir(id).join("snapshot");
+        // `shoal_storage::SNAPSHOT_FILE` (this crate does not depend on shoal-storage).
+        let snapshot = c.data_dir(id).join("snapshot-v2");
         while std::fs::metadata(&snapshot).map_or(0, |m| m.len()) < 16 << 20 {
             assert!(
                 std::time::Instant::now() < deadline,

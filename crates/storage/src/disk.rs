@@ -60,9 +60,19 @@ pub trait Disk {
     fn sync(&mut self, name: &str) -> Result<(), DiskError>;
     /// Makes the directory's names durable (fsync of the directory).
     fn sync_dir(&mut self) -> Result<(), DiskError>;
+    /// Releases whatever the disk keeps open for a file it will not write again soon (a hint:
+    /// the file and its content stay). A file written once through a second handle, such as a
+    /// snapshot prepared on another thread, is closed so the handle holds no descriptor for it.
+    fn close(&mut self, name: &str) {
+        let _ = name;
+    }
 }
 
 /// A real directory through `std::fs`.
+///
+/// Several `StdDisk`s may use the same directory (e.g. one per thread) as long as no two
+/// write the same file at once: each keeps its own handles of the files it appends to, which
+/// `create`, `rename`, `remove` and `close` drop for the names involved.
 pub struct StdDisk {
     dir: std::path::PathBuf,
     /// Open handles of files being appended to, kept to avoid reopening per write.
@@ -82,6 +92,12 @@ impl StdDisk {
             dir,
             open: BTreeMap::new(),
         })
+    }
+
+    /// Files this disk keeps a handle of.
+    #[cfg(test)]
+    pub(crate) fn open_handles(&self) -> usize {
+        self.open.len()
     }
 
     fn io(op: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> DiskError {
@@ -187,6 +203,10 @@ impl Disk for StdDisk {
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(Self::io("sync dir", "."))
+    }
+
+    fn close(&mut self, name: &str) {
+        self.open.remove(name);
     }
 }
 

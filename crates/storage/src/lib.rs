@@ -11,8 +11,20 @@
 //! # Files (one flat directory per node)
 //!
 //! - `identity`: cluster id and node id, written once at creation.
-//! - `hardstate`, `snapshot`: one framed record each, replaced via `*.tmp` + fsync + rename +
-//!   directory fsync.
+//! - `hardstate`: one framed record, replaced via `*.tmp` + fsync + rename + directory fsync.
+//! - `snapshot-v2` ([`SNAPSHOT_FILE`]): the snapshot, of any size, replaced the same way (its
+//!   temporary file is written by [`prepare_snapshot`], possibly on another thread, and renamed
+//!   by [`DurableStorage::install_prepared`]). A header record `{meta, data_len: u64,
+//!   chunk_bytes: u32, chunks: u64}` (postcard), then the data in `chunks` records whose payload
+//!   is the raw bytes (not postcard): every chunk holds exactly `chunk_bytes` bytes
+//!   ([`SNAPSHOT_CHUNK_BYTES`] when written, at most [`MAX_RECORD_BYTES`]) but the last, which
+//!   holds the rest (`chunks = ceil(data_len / chunk_bytes)`; no chunk for empty data), and the
+//!   file ends right after the last chunk. Each record has its CRC32C, so every byte is checked;
+//!   a chunk of another length, a missing or extra byte, is corruption.
+//! - `snapshot` ([`LEGACY_SNAPSHOT_FILE`], format of before `snapshot-v2`): the snapshot as one
+//!   framed record (so at most 64 MiB). Read at open when `snapshot-v2` is absent; removed once
+//!   a `snapshot-v2` is durable (if both exist, `snapshot-v2` is the newer).
+//! - `*.tmp`: a replacement not yet renamed; removed at open.
 //! - `seg-<seq:016>.log`: a header record `{seq, first_index}` then one record per entry, with
 //!   consecutive indices. A higher `seq` supersedes lower ones from its `first_index` on: suffix
 //!   truncation never rewrites a file, it starts a new segment. Recovery replays segments in
@@ -28,7 +40,9 @@ pub mod disk;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use shoal_raft::{Entry, HardState, LogIndex, Snapshot, StorageError as RaftStorageError, Term};
+use shoal_raft::{
+    Entry, HardState, LogIndex, Snapshot, SnapshotMeta, StorageError as RaftStorageError, Term,
+};
 
 pub use disk::{Disk, DiskError, MemDisk, StdDisk};
 
@@ -41,9 +55,18 @@ pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Version of the on-disk format, in the identity file.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The snapshot file (see the crate doc's "Files").
+pub const SNAPSHOT_FILE: &str = "snapshot-v2";
+/// The snapshot file of the single-record format, read when [`SNAPSHOT_FILE`] is absent.
+pub const LEGACY_SNAPSHOT_FILE: &str = "snapshot";
+/// Data bytes per chunk record of the snapshot file (the last chunk may be shorter).
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
 const IDENTITY: &str = "identity";
 const HARD_STATE: &str = "hardstate";
-const SNAPSHOT: &str = "snapshot";
+/// Temporary name of a snapshot written by `compact` or `apply_snapshot` in the storage's own
+/// thread (a prepared one is named after its index, so the two never clash).
+const SNAPSHOT_TMP: &str = "snapshot-v2.tmp";
 
 /// Errors of the storage.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +127,15 @@ struct Identity {
 struct SegmentHeader {
     seq: u64,
     first_index: LogIndex,
+}
+
+/// The first record of the snapshot file.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct SnapshotHeader {
+    meta: SnapshotMeta,
+    data_len: u64,
+    chunk_bytes: u32,
+    chunks: u64,
 }
 
 /// Frames a payload as a record.
@@ -186,6 +218,10 @@ pub struct DurableStorage {
     entries: Vec<Entry>,
     /// For each entry, the seq of the segment holding it.
     entry_segment: Vec<u64>,
+    /// Sum of [`entry_bytes`] over `entries`, kept up to date by every change of `entries`.
+    log_bytes: u64,
+    /// The legacy snapshot file exists: remove it once a new snapshot file is durable.
+    legacy_snapshot: bool,
     segments: BTreeMap<u64, Segment>,
     active: u64,
     /// Files written since the last sync.
@@ -249,7 +285,24 @@ impl DurableStorage {
             }
         }
         let hard_state = read_single::<HardState>(disk, HARD_STATE)?.unwrap_or_default();
-        let snapshot = read_single::<Snapshot>(disk, SNAPSHOT)?.unwrap_or_default();
+        let mut legacy_snapshot = disk.list()?.iter().any(|n| n == LEGACY_SNAPSHOT_FILE);
+        let mut dir_dirty = false;
+        let snapshot = match disk.read(SNAPSHOT_FILE)? {
+            Some(buf) => {
+                let snapshot = decode_snapshot_file(SNAPSHOT_FILE, buf)?;
+                if legacy_snapshot {
+                    // Older than the new file, which a crash kept along with it.
+                    disk.remove(LEGACY_SNAPSHOT_FILE)?;
+                    legacy_snapshot = false;
+                    dir_dirty = true;
+                }
+                snapshot
+            }
+            None if legacy_snapshot => {
+                read_single::<Snapshot>(disk, LEGACY_SNAPSHOT_FILE)?.unwrap_or_default()
+            }
+            None => Snapshot::default(),
+        };
 
         let mut seqs: Vec<u64> = disk
             .list()?
@@ -264,11 +317,13 @@ impl DurableStorage {
             snapshot,
             entries: Vec::new(),
             entry_segment: Vec::new(),
+            log_bytes: 0,
+            legacy_snapshot,
             maybe_garbage: true,
             segments: BTreeMap::new(),
             active: 0,
             dirty: BTreeSet::new(),
-            dir_dirty: false,
+            dir_dirty,
         };
         let newest = seqs.last().copied();
         // A segment is superseded from the smallest first index of any later segment on. One
@@ -388,6 +443,7 @@ impl DurableStorage {
                                 return Err(corrupt(offset, "term goes backwards".into()));
                             }
                         }
+                        self.log_bytes += entry_bytes(&e);
                         self.entries.push(e);
                         self.entry_segment.push(seq);
                     }
@@ -429,10 +485,12 @@ impl DurableStorage {
             // Everything after the snapshot is superseded.
             self.entries.clear();
             self.entry_segment.clear();
+            self.log_bytes = 0;
             return;
         }
         let keep = (from.0 - self.first().0) as usize;
         if keep < self.entries.len() {
+            self.log_bytes -= self.entries[keep..].iter().map(entry_bytes).sum::<u64>();
             self.entries.truncate(keep);
             self.entry_segment.truncate(keep);
         }
@@ -501,6 +559,7 @@ impl DurableStorage {
             seg.next_index = LogIndex(head.index.0 + entries.len() as u64);
         }
         for e in entries {
+            self.log_bytes += entry_bytes(e);
             self.entries.push(e.clone());
             self.entry_segment.push(self.active);
         }
@@ -585,10 +644,12 @@ impl DurableStorage {
         // snapshot file, so no crash can leave the snapshot followed by the old log.
         self.start_segment(disk, index.next())?;
         self.sync(disk)?;
-        write_atomic(disk, SNAPSHOT, &snapshot)?;
-        self.snapshot = snapshot;
+        let prepared = prepare_as(disk, snapshot, SNAPSHOT_TMP.to_string())?;
+        self.rename_snapshot_file(disk, &prepared.tmp)?;
+        self.snapshot = prepared.snapshot;
         self.entries.clear();
         self.entry_segment.clear();
+        self.log_bytes = 0;
         if self.hard_state.commit < index {
             self.hard_state.commit = index;
         }
@@ -597,38 +658,94 @@ impl DurableStorage {
     }
 
     /// Records the service's own snapshot and discards the log up to and including its index.
-    /// Durable when it returns. Entries after it must already be stored.
+    /// Durable when it returns. Entries after it must already be stored. Does nothing if the
+    /// log already starts after that index. It writes the whole snapshot file in the caller's
+    /// thread: [`prepare_snapshot`] and [`DurableStorage::install_prepared`] split the same
+    /// work so that the writing may happen elsewhere.
     pub fn compact(&mut self, disk: &mut impl Disk, snapshot: Snapshot) -> Result<(), Error> {
         let index = snapshot.meta.index;
         if index < self.first() {
             return Ok(());
         }
+        self.check_compact(index)?;
+        let prepared = prepare_as(disk, snapshot, SNAPSHOT_TMP.to_string())?;
+        self.install_prepared(disk, prepared).map(|_| ())
+    }
+
+    /// Makes a snapshot written by [`prepare_snapshot`] the storage's snapshot and discards the
+    /// log up to and including its index, as [`DurableStorage::compact`] does, but without
+    /// writing its data: a rename and a directory fsync (plus the fsyncs `compact` does too:
+    /// the log, the hard state). Entries after it must already be stored. Durable when it
+    /// returns `Ok(true)`.
+    ///
+    /// If the log already starts after the snapshot's index (a newer snapshot was installed or
+    /// compacted since it was prepared), removes its temporary file and returns `Ok(false)`. An
+    /// error also removes it, when the disk lets it.
+    pub fn install_prepared(
+        &mut self,
+        disk: &mut impl Disk,
+        prepared: PreparedSnapshot,
+    ) -> Result<bool, Error> {
+        let index = prepared.snapshot.meta.index;
+        if index < self.first() {
+            disk.remove(&prepared.tmp)?;
+            return Ok(false);
+        }
+        let result = self.check_compact(index).and_then(|()| {
+            // The log up to the snapshot (and, as for `compact`, after it) is durable before
+            // the snapshot replaces it.
+            self.sync(disk)?;
+            self.rename_snapshot_file(disk, &prepared.tmp)
+        });
+        if let Err(e) = result {
+            let _ = disk.remove(&prepared.tmp); // already failing: report the first error
+            return Err(e);
+        }
+        let drop = (index.0 + 1 - self.first().0) as usize;
+        self.log_bytes -= self.entries[..drop].iter().map(entry_bytes).sum::<u64>();
+        self.entries.drain(..drop);
+        self.entry_segment.drain(..drop);
+        self.snapshot = prepared.snapshot;
+        // A snapshot covers applied, hence committed, entries only.
+        if self.hard_state.commit < index {
+            self.hard_state.commit = index;
+        }
+        self.write_hard_state(disk)?;
+        self.collect_garbage(disk)?;
+        Ok(true)
+    }
+
+    fn check_compact(&self, index: LogIndex) -> Result<(), Error> {
         if index > self.last() {
             return Err(Error::Invalid(format!(
                 "compact to {index} beyond the last index {}",
                 self.last()
             )));
         }
-        self.sync(disk)?;
-        write_atomic(disk, SNAPSHOT, &snapshot)?;
-        let drop = (index.0 + 1 - self.first().0) as usize;
-        self.entries.drain(..drop);
-        self.entry_segment.drain(..drop);
-        self.snapshot = snapshot;
-        self.write_hard_state(disk)?;
-        self.collect_garbage(disk)
+        Ok(())
+    }
+
+    /// The durable step of a snapshot install: the fsynced temporary file becomes the snapshot
+    /// file, durably. The legacy file, now stale, goes too (durably at the next sync; if a
+    /// crash brings it back, `open` prefers the new file and removes it again).
+    fn rename_snapshot_file(&mut self, disk: &mut impl Disk, tmp: &str) -> Result<(), Error> {
+        disk.rename(tmp, SNAPSHOT_FILE)?;
+        disk.sync_dir()?;
+        if self.legacy_snapshot {
+            disk.remove(LEGACY_SNAPSHOT_FILE)?;
+            self.legacy_snapshot = false;
+            self.dir_dirty = true;
+        }
+        Ok(())
     }
 
     /// Bytes of the live log (the entries after the snapshot, each with its fixed overhead):
     /// what a service compares with its snapshot threshold. Unlike the segment files' sizes,
     /// it drops at once when the log is compacted (the active segment keeps its dead prefix
     /// until it is rotated, so measuring files made every check after a compaction ask for
-    /// another snapshot).
+    /// another snapshot). Kept as a running sum: O(1).
     pub fn log_bytes(&self) -> u64 {
-        self.entries
-            .iter()
-            .map(|e| (e.data.len() + shoal_wire::raft::ENTRY_OVERHEAD_BYTES) as u64)
-            .sum()
+        self.log_bytes
     }
 
     /// Number of segment files.
@@ -675,6 +792,215 @@ fn write_atomic<T: Serialize>(disk: &mut impl Disk, name: &str, value: &T) -> Re
     Ok(())
 }
 
+/// What an entry counts for in [`DurableStorage::log_bytes`].
+fn entry_bytes(e: &Entry) -> u64 {
+    (e.data.len() + shoal_wire::raft::ENTRY_OVERHEAD_BYTES) as u64
+}
+
+/// A snapshot whose file is written and fsynced under a temporary name (ending in `.tmp`, so
+/// one never installed is removed at the next open), ready to become the storage's snapshot
+/// through [`DurableStorage::install_prepared`].
+pub struct PreparedSnapshot {
+    snapshot: Snapshot,
+    /// The temporary file.
+    tmp: String,
+}
+
+impl PreparedSnapshot {
+    /// What the snapshot covers.
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.snapshot.meta
+    }
+
+    /// Name of its temporary file.
+    pub fn file_name(&self) -> &str {
+        &self.tmp
+    }
+
+    /// Gives the snapshot up: removes its temporary file.
+    pub fn discard(self, disk: &mut impl Disk) -> Result<(), Error> {
+        disk.remove(&self.tmp)?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for PreparedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedSnapshot")
+            .field("meta", &self.snapshot.meta)
+            .field("data_len", &self.snapshot.data.len())
+            .field("tmp", &self.tmp)
+            .finish()
+    }
+}
+
+/// Writes `snapshot` to a temporary file of the snapshot format and fsyncs it, for
+/// [`DurableStorage::install_prepared`]. Touches no other file, so it may run on another
+/// thread with its own `Disk` handle on the same directory (a second [`StdDisk::new`] of it)
+/// while the [`DurableStorage`] keeps appending. The temporary file is named after the
+/// snapshot's index: run at most one preparation per index at a time. On error, the temporary
+/// file is removed when the disk lets it.
+pub fn prepare_snapshot(
+    disk: &mut impl Disk,
+    snapshot: Snapshot,
+) -> Result<PreparedSnapshot, Error> {
+    let tmp = format!("{SNAPSHOT_FILE}.{:020}.tmp", snapshot.meta.index.0);
+    prepare_as(disk, snapshot, tmp)
+}
+
+fn prepare_as(
+    disk: &mut impl Disk,
+    snapshot: Snapshot,
+    tmp: String,
+) -> Result<PreparedSnapshot, Error> {
+    let written = write_snapshot_file(disk, &tmp, &snapshot, SNAPSHOT_CHUNK_BYTES);
+    disk.close(&tmp);
+    if let Err(e) = written {
+        let _ = disk.remove(&tmp); // already failing: report the first error
+        return Err(e);
+    }
+    Ok(PreparedSnapshot { snapshot, tmp })
+}
+
+/// Creates `name` holding `snapshot` in the snapshot file format, and fsyncs it. Streams: the
+/// header record, then each chunk's record header and the chunk straight from `snapshot.data`.
+fn write_snapshot_file(
+    disk: &mut impl Disk,
+    name: &str,
+    snapshot: &Snapshot,
+    chunk_bytes: usize,
+) -> Result<(), Error> {
+    assert!(
+        (1..=MAX_RECORD_BYTES).contains(&chunk_bytes),
+        "chunk size {chunk_bytes} out of range"
+    );
+    let data = &snapshot.data;
+    let header = SnapshotHeader {
+        meta: snapshot.meta.clone(),
+        data_len: data.len() as u64,
+        chunk_bytes: chunk_bytes as u32,
+        chunks: data.len().div_ceil(chunk_bytes) as u64,
+    };
+    let mut head = Vec::new();
+    encode_record(&header, &mut head);
+    disk.create(name)?;
+    disk.append(name, &head)?;
+    for chunk in data.chunks(chunk_bytes) {
+        let mut frame = [0u8; RECORD_HEADER_BYTES];
+        frame[0..4].copy_from_slice(&(chunk.len() as u32).to_le_bytes());
+        frame[4..8].copy_from_slice(&crc32c::crc32c(chunk).to_le_bytes());
+        disk.append(name, &frame)?;
+        disk.append(name, chunk)?;
+    }
+    disk.sync(name)?;
+    Ok(())
+}
+
+/// Decodes a whole snapshot file (`buf`, read from `name`) exactly: every record's length and
+/// checksum, the chunk count and sizes the header announces, nothing after the last chunk.
+/// The data is gathered in place in `buf` (chunk payloads moved over the record headers), so
+/// nothing is allocated beyond the file's own size, whatever the header claims.
+fn decode_snapshot_file(name: &str, mut buf: Vec<u8>) -> Result<Snapshot, Error> {
+    let corrupt = |offset: usize, reason: String| Error::Corrupt {
+        file: name.to_string(),
+        offset: offset as u64,
+        reason,
+    };
+    if buf.is_empty() {
+        return Err(corrupt(0, "empty file".into()));
+    }
+    let payload = frame_payload(&buf, 0, RecordLen::AtMost(MAX_RECORD_BYTES))
+        .map_err(|why| corrupt(0, why))?;
+    let header: SnapshotHeader = match postcard::take_from_bytes(payload) {
+        Ok((h, [])) => h,
+        Ok((_, rest)) => {
+            return Err(corrupt(
+                0,
+                format!("{} undecoded bytes in the header record", rest.len()),
+            ))
+        }
+        Err(e) => return Err(corrupt(0, format!("undecodable header record: {e}"))),
+    };
+    let mut pos = RECORD_HEADER_BYTES + payload.len();
+    let chunk_bytes = header.chunk_bytes as u64;
+    if chunk_bytes == 0 || chunk_bytes > MAX_RECORD_BYTES as u64 {
+        return Err(corrupt(0, format!("chunk size {chunk_bytes} out of range")));
+    }
+    if header.chunks != header.data_len.div_ceil(chunk_bytes) {
+        return Err(corrupt(
+            0,
+            format!(
+                "{} chunks cannot hold {} bytes in chunks of {chunk_bytes}",
+                header.chunks, header.data_len
+            ),
+        ));
+    }
+    // Each chunk is checked before it is moved; every step moves past at least one record
+    // header of the real file, so a huge claimed size fails at the end of the file, not later.
+    let mut data_end = 0usize;
+    let mut remaining = header.data_len;
+    for i in 0..header.chunks {
+        let want = remaining.min(chunk_bytes) as usize;
+        frame_payload(&buf, pos, RecordLen::Exactly(want))
+            .map_err(|why| corrupt(pos, format!("chunk {i} of {}: {why}", header.chunks)))?;
+        let from = pos + RECORD_HEADER_BYTES;
+        buf.copy_within(from..from + want, data_end);
+        data_end += want;
+        pos = from + want;
+        remaining -= want as u64;
+    }
+    if pos != buf.len() {
+        return Err(corrupt(
+            pos,
+            format!("{} bytes after the last chunk", buf.len() - pos),
+        ));
+    }
+    buf.truncate(data_end);
+    Ok(Snapshot {
+        meta: header.meta,
+        data: buf,
+    })
+}
+
+/// What a record's length may be.
+#[derive(Debug, Clone, Copy)]
+enum RecordLen {
+    AtMost(usize),
+    Exactly(usize),
+}
+
+/// The payload of the framed record at `offset`, after checking its length, that it lies
+/// within `buf`, and its checksum.
+fn frame_payload(buf: &[u8], offset: usize, allowed: RecordLen) -> Result<&[u8], String> {
+    let rest = buf.get(offset..).unwrap_or_default();
+    if rest.len() < RECORD_HEADER_BYTES {
+        return Err(format!(
+            "truncated record header ({} of {RECORD_HEADER_BYTES} bytes)",
+            rest.len()
+        ));
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    match allowed {
+        RecordLen::AtMost(max) if len > max => {
+            return Err(format!("record length {len} over the limit of {max}"));
+        }
+        RecordLen::Exactly(want) if len != want => {
+            return Err(format!("record length {len} where {want} was expected"));
+        }
+        _ => {}
+    }
+    let Some(payload) = rest.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len) else {
+        return Err(format!(
+            "record of {len} bytes runs past the end of the file"
+        ));
+    };
+    if crc32c::crc32c(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok(payload)
+}
+
 impl shoal_raft::Storage for DurableStorage {
     fn hard_state(&self) -> HardState {
         self.hard_state
@@ -703,5 +1029,160 @@ impl shoal_raft::Storage for DurableStorage {
 
     fn snapshot(&self) -> Result<Snapshot, RaftStorageError> {
         Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_raft::NodeId;
+
+    fn snapshot(len: usize) -> Snapshot {
+        Snapshot {
+            meta: SnapshotMeta {
+                index: LogIndex(7),
+                term: Term(2),
+                voters: vec![NodeId(1), NodeId(3)],
+            },
+            data: (0..len).map(|i| (i * 7 + i / 256) as u8).collect(),
+        }
+    }
+
+    fn written(s: &Snapshot, chunk_bytes: usize) -> Vec<u8> {
+        let mut d = MemDisk::new();
+        write_snapshot_file(&mut d, "f", s, chunk_bytes).unwrap();
+        d.read("f").unwrap().unwrap()
+    }
+
+    fn corrupt_at(buf: Vec<u8>) -> (u64, String) {
+        match decode_snapshot_file("f", buf) {
+            Err(Error::Corrupt {
+                file,
+                offset,
+                reason,
+            }) => {
+                assert_eq!(file, "f");
+                (offset, reason)
+            }
+            other => panic!("expected corruption, got {:?}", other.map(|s| s.meta)),
+        }
+    }
+
+    fn with_header(header: &SnapshotHeader, rest: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode_record(header, &mut buf);
+        buf.extend_from_slice(rest);
+        buf
+    }
+
+    #[test]
+    fn snapshot_files_round_trip_at_every_size_around_the_chunk_size() {
+        for len in [0, 1, 7, 8, 9, 16, 17, 100] {
+            let s = snapshot(len);
+            let buf = written(&s, 8);
+            assert_eq!(buf.len(), {
+                let mut head = Vec::new();
+                encode_record(
+                    &SnapshotHeader {
+                        meta: s.meta.clone(),
+                        data_len: len as u64,
+                        chunk_bytes: 8,
+                        chunks: len.div_ceil(8) as u64,
+                    },
+                    &mut head,
+                );
+                head.len() + len + RECORD_HEADER_BYTES * len.div_ceil(8)
+            });
+            assert_eq!(decode_snapshot_file("f", buf).unwrap(), s, "{len} bytes");
+        }
+    }
+
+    /// Every byte is checked: flipping any one, cutting the file anywhere or adding to it is
+    /// corruption, never a panic or another snapshot.
+    #[test]
+    fn every_damage_to_a_snapshot_file_is_detected() {
+        let s = snapshot(29);
+        let buf = written(&s, 8);
+        for at in 0..buf.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut bad = buf.clone();
+                bad[at] ^= flip;
+                corrupt_at(bad);
+            }
+        }
+        for len in 0..buf.len() {
+            let (offset, _) = corrupt_at(buf[..len].to_vec());
+            assert!(offset <= len as u64);
+        }
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert_eq!(corrupt_at(longer).0, buf.len() as u64);
+    }
+
+    /// A header announcing more data than the file holds fails at the end of the real file
+    /// (no allocation follows its claims); inconsistent or impossible sizes fail at once.
+    #[test]
+    fn lying_snapshot_headers_are_corrupt() {
+        let meta = snapshot(0).meta;
+        let header = |data_len: u64, chunk_bytes: u32, chunks: u64| SnapshotHeader {
+            meta: meta.clone(),
+            data_len,
+            chunk_bytes,
+            chunks,
+        };
+        let head_len = with_header(&header(u64::MAX, 1, u64::MAX), &[]).len() as u64;
+        // Huge claims with tiny chunks: the first missing record is reported.
+        let (offset, reason) = corrupt_at(with_header(&header(u64::MAX, 1, u64::MAX), &[]));
+        assert_eq!(offset, head_len, "{reason}");
+        let mut one_chunk = Vec::new();
+        one_chunk.extend_from_slice(&1u32.to_le_bytes());
+        one_chunk.extend_from_slice(&crc32c::crc32c(b"x").to_le_bytes());
+        one_chunk.push(b'x');
+        let head_len = with_header(&header(1 << 40, 1, 1 << 40), &[]).len() as u64;
+        let (offset, reason) = corrupt_at(with_header(&header(1 << 40, 1, 1 << 40), &one_chunk));
+        assert_eq!(offset, head_len + 9, "{reason}");
+        // A chunk count that does not match, a zero or oversized chunk size.
+        for h in [
+            header(1, 1, 2),
+            header(1, 1, 0),
+            header(0, 8, 1),
+            header(16, 8, 1),
+            header(1, 0, 0),
+            header(0, 0, 0),
+            header(1, MAX_RECORD_BYTES as u32 + 1, 1),
+        ] {
+            let (offset, reason) = corrupt_at(with_header(&h, &one_chunk));
+            assert_eq!(offset, 0, "{h:?}: {reason}");
+        }
+        // The right header and chunk: it decodes.
+        let s = decode_snapshot_file("f", with_header(&header(1, 1, 1), &one_chunk)).unwrap();
+        assert_eq!(s.data, b"x");
+        // Extra bytes inside the header record.
+        let mut payload = postcard::to_allocvec(&header(1, 1, 1)).unwrap();
+        payload.push(0);
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        buf.extend_from_slice(&payload);
+        buf.extend_from_slice(&one_chunk);
+        assert_eq!(corrupt_at(buf).0, 0);
+    }
+
+    /// A snapshot prepared through a second handle leaves no file open in it (a server
+    /// preparing one per snapshot would otherwise leak a descriptor each time).
+    #[test]
+    fn preparing_through_a_std_disk_keeps_no_handle_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = StdDisk::new(dir.path()).unwrap();
+        let p = prepare_snapshot(&mut d, snapshot(3 * SNAPSHOT_CHUNK_BYTES / 2)).unwrap();
+        assert_eq!(d.open_handles(), 0);
+        let mut other = StdDisk::new(dir.path()).unwrap();
+        let buf = other.read(p.file_name()).unwrap().unwrap();
+        assert_eq!(
+            decode_snapshot_file(p.file_name(), buf).unwrap(),
+            snapshot(3 * SNAPSHOT_CHUNK_BYTES / 2)
+        );
+        p.discard(&mut other).unwrap();
+        assert_eq!(other.list().unwrap(), Vec::<String>::new());
     }
 }

@@ -594,7 +594,7 @@ pub fn raft_state_bytes(disk: &shoal_sim::SimDisk) -> u64 {
 
 /// Bytes of the stored snapshot file.
 pub fn snapshot_file_bytes(disk: &shoal_sim::SimDisk) -> u64 {
-    disk.len("snapshot").unwrap_or(0)
+    disk.len(shoal_storage::SNAPSHOT_FILE).unwrap_or(0)
 }
 
 impl Node<M> for RaftNode {
