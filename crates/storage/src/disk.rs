@@ -94,6 +94,17 @@ impl StdDisk {
         })
     }
 
+    /// If `name` is a large file, a second name (hard link) for it that keeps its blocks
+    /// allocated once `name` is replaced; `None` if it is small, missing, or cannot be linked.
+    fn doomed_link(&self, name: &str) -> Option<std::path::PathBuf> {
+        let path = self.dir.join(name);
+        if !is_large(&path) {
+            return None;
+        }
+        let doomed = self.dir.join(doomed_name(name));
+        std::fs::hard_link(&path, &doomed).ok().map(|()| doomed)
+    }
+
     /// Files this disk keeps a handle of.
     #[cfg(test)]
     pub(crate) fn open_handles(&self) -> usize {
@@ -178,12 +189,28 @@ impl Disk for StdDisk {
     fn rename(&mut self, from: &str, to: &str) -> Result<(), DiskError> {
         self.open.remove(from);
         self.open.remove(to);
-        std::fs::rename(self.dir.join(from), self.dir.join(to)).map_err(Self::io("rename", from))
+        // Replacing a large file would free its blocks inside the rename: keep them linked
+        // under a doomed name and free them on another thread (see `reap_later`).
+        let doomed = self.doomed_link(to);
+        std::fs::rename(self.dir.join(from), self.dir.join(to))
+            .map_err(Self::io("rename", from))?;
+        if let Some(path) = doomed {
+            reap_later(path);
+        }
+        Ok(())
     }
 
     fn remove(&mut self, name: &str) -> Result<(), DiskError> {
         self.open.remove(name);
-        match std::fs::remove_file(self.dir.join(name)) {
+        let path = self.dir.join(name);
+        if is_large(&path) {
+            let doomed = self.dir.join(doomed_name(name));
+            if std::fs::rename(&path, &doomed).is_ok() {
+                reap_later(doomed);
+                return Ok(());
+            }
+        }
+        match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DiskError::Io {
                 op: "remove",
                 name: name.to_string(),
@@ -208,6 +235,45 @@ impl Disk for StdDisk {
     fn close(&mut self, name: &str) {
         self.open.remove(name);
     }
+}
+
+/// Files at least this large are freed off the caller's thread (`reap_later`).
+const REAP_LATER_BYTES: u64 = 1 << 20;
+
+/// Unlinking a large file frees its blocks inside the call: 11 ms to replace a 30 MB snapshot
+/// and 24 ms to remove a 64 MB segment on this project's test machine (ext4 with `discard`),
+/// and the KV server calls `rename` and `remove` from its event loop. So `StdDisk` renames a
+/// large file it removes (or hard-links one a rename replaces) to a name ending in `.tmp` —
+/// a directory entry, no freeing — and unlinks that name on a short-lived thread. The
+/// original name is gone exactly as before (durably after `sync_dir`); a crash before the
+/// thread runs leaves a `*.tmp` file, which `DurableStorage::open` removes. Nothing in the
+/// standard library or a well-kept crate defers the freeing, hence this.
+fn reap_later(path: std::path::PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("shoal-reap".into())
+        .spawn({
+            let path = path.clone();
+            move || {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(file = %path.display(), error = %e,
+                        "could not remove a replaced file");
+                }
+            }
+        });
+    if spawned.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+fn is_large(path: &std::path::Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() >= REAP_LATER_BYTES)
+}
+
+/// A unique name (within the process) for a file about to be freed.
+fn doomed_name(name: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{name}.{}-{n}.doomed.tmp", std::process::id())
 }
 
 #[derive(Debug, Clone, Default)]
@@ -458,5 +524,56 @@ fn sim_err(op: &'static str, name: &str, e: shoal_sim::DiskError) -> DiskError {
             name: name.to_string(),
             reason: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod std_disk_tests {
+    use super::*;
+
+    fn files(disk: &StdDisk) -> Vec<String> {
+        let mut names = disk.list().unwrap();
+        names.sort();
+        names
+    }
+
+    /// Waits (up to ~10 s) for the reaper threads to free every doomed file.
+    fn until_reaped(disk: &StdDisk) -> Vec<String> {
+        for _ in 0..1000 {
+            let names = files(disk);
+            if !names.iter().any(|n| n.ends_with(".doomed.tmp")) {
+                return names;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        files(disk)
+    }
+
+    /// Large files removed or replaced are freed on another thread, with the same visible
+    /// result as an unlink: the name is gone (or holds the new content) at once, and the
+    /// doomed name disappears soon after. Small files take the direct path.
+    #[test]
+    fn large_files_are_freed_off_the_callers_thread_with_the_same_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = StdDisk::new(dir.path()).unwrap();
+        let big = vec![7u8; REAP_LATER_BYTES as usize + 1];
+        for name in ["a", "b", "c"] {
+            disk.create(name).unwrap();
+            disk.append(name, &big).unwrap();
+        }
+        disk.create("small").unwrap();
+        disk.append("small", b"x").unwrap();
+        disk.create("new").unwrap();
+        disk.append("new", b"fresh").unwrap();
+
+        disk.remove("a").unwrap();
+        assert_eq!(disk.read("a").unwrap(), None);
+        disk.rename("new", "b").unwrap();
+        assert_eq!(disk.read("b").unwrap().unwrap(), b"fresh");
+        disk.remove("small").unwrap();
+        disk.remove("missing").unwrap();
+        disk.sync_dir().unwrap();
+        assert_eq!(until_reaped(&disk), vec!["b".to_string(), "c".to_string()]);
+        assert_eq!(disk.read("c").unwrap().unwrap(), big);
     }
 }

@@ -52,8 +52,13 @@ pub const RECORD_HEADER_BYTES: usize = 8;
 pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 /// Default [`StorageConfig::max_segment_bytes`] (64 MiB).
 pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// Version of the on-disk format, in the identity file.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk format, in the identity file. 2: the snapshot is `snapshot-v2`
+/// (chunked); 1 kept it in `snapshot` (one record). A version-1 directory is read and its
+/// identity rewritten as version 2 at open, so that an older binary, which would not see
+/// `snapshot-v2`, refuses the directory instead of starting without its snapshot.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version [`DurableStorage::open`] reads (and upgrades).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// The snapshot file (see the crate doc's "Files").
 pub const SNAPSHOT_FILE: &str = "snapshot-v2";
@@ -259,12 +264,25 @@ impl DurableStorage {
                         found_node: found.node_id,
                     });
                 }
-                if found.format_version != FORMAT_VERSION {
+                if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&found.format_version) {
                     return Err(Error::Corrupt {
                         file: IDENTITY.into(),
                         offset: 0,
-                        reason: format!("unknown format version {}", found.format_version),
+                        reason: format!(
+                            "unknown format version {} (this build reads {OLDEST_FORMAT_VERSION} \
+                             to {FORMAT_VERSION}; was it written by a newer Shoal?)",
+                            found.format_version
+                        ),
                     });
+                }
+                if found.format_version < FORMAT_VERSION {
+                    write_atomic(disk, IDENTITY, &want)?;
+                    tracing::info!(
+                        node = node_id,
+                        from = found.format_version,
+                        to = FORMAT_VERSION,
+                        "storage format upgraded"
+                    );
                 }
             }
             None => {
@@ -686,10 +704,22 @@ impl DurableStorage {
         disk: &mut impl Disk,
         prepared: PreparedSnapshot,
     ) -> Result<bool, Error> {
+        Ok(self.install_prepared_releasing(disk, prepared)?.is_some())
+    }
+
+    /// [`DurableStorage::install_prepared`], handing back the entries it dropped (`None` if the
+    /// snapshot was superseded) instead of freeing them: a log of a few hundred thousand
+    /// entries takes milliseconds to free, which a caller on a latency-sensitive loop can do
+    /// on another thread.
+    pub fn install_prepared_releasing(
+        &mut self,
+        disk: &mut impl Disk,
+        prepared: PreparedSnapshot,
+    ) -> Result<Option<Vec<Entry>>, Error> {
         let index = prepared.snapshot.meta.index;
         if index < self.first() {
             disk.remove(&prepared.tmp)?;
-            return Ok(false);
+            return Ok(None);
         }
         let result = self.check_compact(index).and_then(|()| {
             // The log up to the snapshot (and, as for `compact`, after it) is durable before
@@ -703,16 +733,19 @@ impl DurableStorage {
         }
         let drop = (index.0 + 1 - self.first().0) as usize;
         self.log_bytes -= self.entries[..drop].iter().map(entry_bytes).sum::<u64>();
-        self.entries.drain(..drop);
+        let kept = self.entries.split_off(drop);
+        let dropped = std::mem::replace(&mut self.entries, kept);
         self.entry_segment.drain(..drop);
         self.snapshot = prepared.snapshot;
-        // A snapshot covers applied, hence committed, entries only.
+        // A snapshot covers applied, hence committed, entries only. The hard state is not
+        // rewritten for it (an fsync, a rename and a directory fsync in the caller's loop):
+        // a durable commit index below the snapshot is harmless, Raft starts from
+        // `max(commit, first index - 1)`, and the next term or vote change writes it.
         if self.hard_state.commit < index {
             self.hard_state.commit = index;
         }
-        self.write_hard_state(disk)?;
         self.collect_garbage(disk)?;
-        Ok(true)
+        Ok(Some(dropped))
     }
 
     fn check_compact(&self, index: LogIndex) -> Result<(), Error> {
@@ -1034,6 +1067,38 @@ impl shoal_raft::Storage for DurableStorage {
 
 #[cfg(test)]
 mod tests {
+    /// A version-1 directory opens (its legacy snapshot read) and is marked version 2; a
+    /// version from the future is refused with a message that says so.
+    #[test]
+    fn an_older_format_is_upgraded_and_a_newer_one_refused() {
+        let mut d = MemDisk::default();
+        let old = Identity {
+            format_version: 1,
+            cluster_id: 4,
+            node_id: 2,
+        };
+        write_atomic(&mut d, IDENTITY, &old).unwrap();
+        let legacy = snapshot(10);
+        write_atomic(&mut d, LEGACY_SNAPSHOT_FILE, &legacy).unwrap();
+        let s = DurableStorage::open(&mut d, 4, 2, StorageConfig::default()).unwrap();
+        assert_eq!(shoal_raft::Storage::snapshot(&s).unwrap(), legacy);
+        let id: Identity = read_single(&d, IDENTITY).unwrap().unwrap();
+        assert_eq!(id.format_version, FORMAT_VERSION);
+
+        let mut d = MemDisk::default();
+        let future = Identity {
+            format_version: FORMAT_VERSION + 1,
+            ..old
+        };
+        write_atomic(&mut d, IDENTITY, &future).unwrap();
+        let e = DurableStorage::open(&mut d, 4, 2, StorageConfig::default())
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string().contains("newer Shoal") || format!("{e:?}").contains("newer Shoal"),
+            "{e:?}"
+        );
+    }
     use super::*;
     use shoal_raft::NodeId;
 
@@ -1183,6 +1248,13 @@ mod tests {
             snapshot(3 * SNAPSHOT_CHUNK_BYTES / 2)
         );
         p.discard(&mut other).unwrap();
-        assert_eq!(other.list().unwrap(), Vec::<String>::new());
+        // A large file is freed by a reaper thread under a doomed name (see `StdDisk`).
+        let left: Vec<String> = other
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|n| !n.ends_with(".doomed.tmp"))
+            .collect();
+        assert_eq!(left, Vec::<String>::new());
     }
 }
