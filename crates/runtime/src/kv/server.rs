@@ -416,14 +416,23 @@ impl Driver {
         self.snapshot_in_flight = Some(index);
         let dir = self.config.data_dir.clone();
         let tx = self.snapshot_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        let work = move || {
+            lower_this_threads_priority();
             let snapshot = job.run();
             let result = StdDisk::new(&dir)
                 .map_err(shoal_storage::Error::Disk)
                 .and_then(|mut disk| shoal_storage::prepare_snapshot(&mut disk, snapshot));
             // The server may have stopped meanwhile; the temporary file is removed at open.
             let _ = tx.blocking_send(result);
-        });
+        };
+        // A thread of its own (not the blocking pool), because it lowers its own priority.
+        let spawned = std::thread::Builder::new()
+            .name("shoal-snapshot".into())
+            .spawn(work);
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the snapshot thread; snapshot skipped");
+            self.snapshot_in_flight = None;
+        }
     }
 
     /// Makes a snapshot written off the loop the storage's snapshot and drops the log before
@@ -482,6 +491,21 @@ impl Driver {
                     self.connections.remove(&token);
                 }
             }
+        }
+    }
+}
+
+/// Gives the calling thread a lower CPU priority (nice +10), so that serializing a snapshot
+/// (tens of milliseconds of CPU on every server at about the same moment) yields to the
+/// loops that answer requests instead of competing with them on a small machine. Best
+/// effort: on failure the thread keeps its priority.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's own id, no memory is passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
+            debug!("could not lower the snapshot thread's priority");
         }
     }
 }
