@@ -14,6 +14,7 @@
 //! duplicate can never apply twice.
 
 use std::ops::Bound;
+use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet};
 use serde_bytes::{ByteBuf, Bytes};
@@ -77,8 +78,11 @@ type Key = SmallVec<[u8; 24]>;
 /// A key's value and version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Item {
-    #[serde(with = "serde_bytes")]
-    value: Vec<u8>,
+    /// Shared, so that copying a tree node (a write while a snapshot holds a copy of the
+    /// store) copies pointers, not every value of the node: with owned vectors those copies
+    /// were a burst of allocations on every server at each snapshot.
+    #[serde(with = "shared_bytes")]
+    value: Arc<[u8]>,
     version: u64,
 }
 
@@ -212,7 +216,7 @@ impl KvStore {
 
     /// The value and version of `key`.
     pub fn get(&self, key: &[u8]) -> Option<(&[u8], u64)> {
-        self.items.get(key).map(|i| (i.value.as_slice(), i.version))
+        self.items.get(key).map(|i| (&i.value[..], i.version))
     }
 
     /// Whether session `session` is open (registered and not expired).
@@ -258,7 +262,7 @@ impl KvStore {
         match op {
             KvOp::Get { key } => Ok(match self.items.get(key.as_slice()) {
                 Some(i) => KvResult::Found {
-                    value: i.value.clone(),
+                    value: i.value.to_vec(),
                     version: i.version,
                 },
                 None => KvResult::NoKey,
@@ -272,7 +276,7 @@ impl KvStore {
                     .take(limit)
                     .map(|(k, i)| ScanItem {
                         key: k.to_vec(),
-                        value: i.value.clone(),
+                        value: i.value.to_vec(),
                         version: i.version,
                     })
                     .collect();
@@ -398,7 +402,7 @@ impl KvStore {
                         _ => item.version + 1,
                     };
                     self.data_bytes = self.data_bytes + value.len() - item.value.len();
-                    item.value.clone_from(value);
+                    item.value = Arc::from(value.as_slice());
                     item.version = version;
                     return KvResult::Written { version };
                 }
@@ -408,7 +412,7 @@ impl KvStore {
                     }
                 }
                 let item = Item {
-                    value: value.clone(),
+                    value: Arc::from(value.as_slice()),
                     version: 1,
                 };
                 self.data_bytes += key.len() + value.len();
@@ -490,6 +494,22 @@ impl KvStore {
         }
         *self = fresh;
         Ok(())
+    }
+}
+
+/// `Arc<[u8]>` as bytes: one length and a memcpy (the same encoding as a sequence of `u8`).
+mod shared_bytes {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::ByteBuf;
+
+    pub fn serialize<S: Serializer>(v: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
+        Ok(Arc::from(ByteBuf::deserialize(d)?.into_vec()))
     }
 }
 
@@ -829,7 +849,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| {
                     let item = PlainItem {
-                        value: v.value.clone(),
+                        value: v.value.to_vec(),
                         version: v.version,
                     };
                     (k.to_vec(), item)
@@ -865,7 +885,7 @@ mod tests {
             items: vec![(
                 b"old".to_vec(),
                 Item {
-                    value: b"x".to_vec(),
+                    value: Arc::from(&b"x"[..]),
                     version: 3,
                 },
             )],

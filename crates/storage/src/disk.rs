@@ -240,21 +240,25 @@ impl Disk for StdDisk {
 /// Files at least this large are freed off the caller's thread (`reap_later`).
 const REAP_LATER_BYTES: u64 = 1 << 20;
 
-/// Unlinking a large file frees its blocks inside the call: 11 ms to replace a 30 MB snapshot
-/// and 24 ms to remove a 64 MB segment on this project's test machine (ext4 with `discard`),
-/// and the KV server calls `rename` and `remove` from its event loop. So `StdDisk` renames a
-/// large file it removes (or hard-links one a rename replaces) to a name ending in `.tmp` —
-/// a directory entry, no freeing — and unlinks that name on a short-lived thread. The
-/// original name is gone exactly as before (durably after `sync_dir`); a crash before the
-/// thread runs leaves a `*.tmp` file, which `DurableStorage::open` removes. Nothing in the
-/// standard library or a well-kept crate defers the freeing, hence this.
+/// Freeing a large file is slow, and worse, slows everyone's fsyncs: unlinking takes 11 ms
+/// for a 30 MB snapshot and 24 ms for a 64 MB segment on this project's test machine (ext4
+/// mounted with `discard`), and the discards of the freed blocks then ride on the next
+/// journal commit, so an fsync of the log right after unlinking 89 MB took 34–40 ms instead
+/// of 0.3 (`docs/benchmarks.md`). The KV server calls `rename` and `remove` from its loop.
+/// So `StdDisk` renames a large file it removes (or hard-links one a rename replaces) to a
+/// name ending in `.tmp` — a directory entry, no freeing — and a short-lived thread frees it
+/// gradually, as RocksDB's delete scheduler does: it makes that rename durable, then cuts the
+/// file 4 MiB at a time with a pause in between (worst log fsync meanwhile: 3 ms), then
+/// unlinks it. The original name is gone exactly as before (durably after `sync_dir`); a crash
+/// before the end leaves a `*.tmp` file, which `DurableStorage::open` removes. Nothing in the
+/// standard library or a well-kept crate does this, hence this.
 fn reap_later(path: std::path::PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("shoal-reap".into())
         .spawn({
             let path = path.clone();
             move || {
-                if let Err(e) = std::fs::remove_file(&path) {
+                if let Err(e) = free_gradually(&path) {
                     tracing::warn!(file = %path.display(), error = %e,
                         "could not remove a replaced file");
                 }
@@ -263,6 +267,27 @@ fn reap_later(path: std::path::PathBuf) {
     if spawned.is_err() {
         let _ = std::fs::remove_file(&path);
     }
+}
+
+/// Bytes cut per step when freeing a large file, and the pause after each.
+const REAP_STEP_BYTES: u64 = 4 << 20;
+const REAP_STEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+fn free_gradually(path: &std::path::Path) -> std::io::Result<()> {
+    // The doomed name must be durable before the data goes: after a crash the file is either
+    // whole under its old name or (cut or not) under the `.tmp` name, never cut under the old.
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut len = file.metadata()?.len();
+    while len > REAP_STEP_BYTES {
+        len -= REAP_STEP_BYTES;
+        file.set_len(len)?;
+        std::thread::sleep(REAP_STEP_PAUSE);
+    }
+    drop(file);
+    std::fs::remove_file(path)
 }
 
 fn is_large(path: &std::path::Path) -> bool {

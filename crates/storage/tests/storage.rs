@@ -1062,3 +1062,28 @@ proptest! {
         prop_assert_eq!(all(&s), cur.log);
     }
 }
+
+/// `install_prepared_releasing` hands back exactly the entries it dropped, in order.
+#[test]
+fn installing_a_prepared_snapshot_hands_back_the_dropped_entries() {
+    let mut d = MemDisk::default();
+    let mut s = open(&mut d);
+    let entries: Vec<Entry> = (1..=10).map(|i| e(i, 1)).collect();
+    s.append(&mut d, &entries).unwrap();
+    s.sync(&mut d).unwrap();
+    let prepared = prepare_snapshot(&mut d, snap_of(8, 1)).unwrap();
+    let dropped = s
+        .install_prepared_releasing(&mut d, prepared)
+        .unwrap()
+        .unwrap();
+    assert_eq!(dropped, entries[..8].to_vec());
+    assert_eq!(all(&s), entries[8..].to_vec());
+    assert_eq!(s.log_bytes(), summed_log_bytes(&s));
+    // A superseded one hands back nothing and installs nothing.
+    let prepared = prepare_snapshot(&mut d, snap_of(5, 1)).unwrap();
+    assert_eq!(
+        s.install_prepared_releasing(&mut d, prepared).unwrap(),
+        None
+    );
+    assert_eq!(all(&s), entries[8..].to_vec());
+}

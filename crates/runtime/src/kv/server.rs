@@ -412,7 +412,7 @@ impl Driver {
     /// data directory; the result comes back as [`Event::SnapshotWritten`].
     fn start_snapshot(&mut self, job: SnapshotJob) {
         let index = job.index();
-        debug!(%index, "snapshot started");
+        info!(%index, "snapshot started");
         self.snapshot_in_flight = Some(index);
         let dir = self.config.data_dir.clone();
         let tx = self.snapshot_tx.clone();
@@ -449,7 +449,7 @@ impl Driver {
             crate::ready::in_place(|| storage.install_prepared_releasing(disk, prepared))
                 .map_err(|e| self.storage_error(e))?;
         if let Some(dropped) = installed {
-            debug!(%index, entries = dropped.len(), "snapshot written, log compacted");
+            info!(%index, entries = dropped.len(), "snapshot written, log compacted");
             // Freeing a few hundred thousand entries takes milliseconds: not in the loop.
             tokio::task::spawn_blocking(move || drop(dropped));
         } else {
