@@ -184,31 +184,27 @@ impl<S: Storage> KvRsm<S> {
         ));
     }
 
+    /// Queues the answer `result` to request `request` of `client`, for connection `reply_to`.
+    fn answer(&mut self, reply_to: u64, client: u64, request: u64, result: KvResult) {
+        let reply = KvReply::Done {
+            client,
+            request,
+            result,
+        };
+        self.replies.push((reply_to, reply));
+    }
+
     /// A client request arrived on connection `reply_to` (an opaque token for the driver).
     pub fn handle_request(&mut self, reply_to: u64, req: KvRequest) {
         let status = self.raw.status();
         if req.op == KvOp::Status {
             let result = KvResult::Status(self.server_status());
-            self.replies.push((
-                reply_to,
-                KvReply::Done {
-                    client: req.client,
-                    request: req.request,
-                    result,
-                },
-            ));
+            self.answer(reply_to, req.client, req.request, result);
             return;
         }
         if req.op.is_read() && req.serializable {
             let result = self.store.read(&req.op).unwrap_or(KvResult::Stale);
-            self.replies.push((
-                reply_to,
-                KvReply::Done {
-                    client: req.client,
-                    request: req.request,
-                    result,
-                },
-            ));
+            self.answer(reply_to, req.client, req.request, result);
             return;
         }
         if status.role != Role::Leader {
@@ -234,14 +230,7 @@ impl<S: Storage> KvRsm<S> {
         }
         // Refuse oversized writes before they take log space (the store refuses them too).
         if let Some(result) = self.store.size_error(&req.op) {
-            self.replies.push((
-                reply_to,
-                KvReply::Done {
-                    client: req.client,
-                    request: req.request,
-                    result,
-                },
-            ));
+            self.answer(reply_to, req.client, req.request, result);
             return;
         }
         let data = match postcard::to_allocvec(&req) {
@@ -354,14 +343,7 @@ impl<S: Storage> KvRsm<S> {
             let result = self.store.apply(e.index.0, &req);
             if let Some(p) = pending {
                 if p.term == e.term && p.client == req.client && p.request == req.request {
-                    self.replies.push((
-                        p.reply_to,
-                        KvReply::Done {
-                            client: req.client,
-                            request: req.request,
-                            result,
-                        },
-                    ));
+                    self.answer(p.reply_to, req.client, req.request, result);
                 } else {
                     self.wrong_leader(p.reply_to, p.client, p.request);
                 }
@@ -389,14 +371,7 @@ impl<S: Storage> KvRsm<S> {
         for id in ready {
             if let Some(p) = self.pending_reads.remove(&id) {
                 let result = self.store.read(&p.request.op).unwrap_or(KvResult::Stale);
-                self.replies.push((
-                    p.reply_to,
-                    KvReply::Done {
-                        client: p.request.client,
-                        request: p.request.request,
-                        result,
-                    },
-                ));
+                self.answer(p.reply_to, p.request.client, p.request.request, result);
             }
         }
     }
@@ -418,17 +393,15 @@ impl<S: Storage> KvRsm<S> {
     /// Asks Raft for a snapshot of the store if `raft_state_bytes` (the persisted log and hard
     /// state) exceeds `snapshot_bytes`. The snapshot comes back as a later Ready's `compact`.
     pub fn maybe_snapshot(&mut self, raft_state_bytes: u64) {
-        let Some(limit) = self.config.snapshot_bytes else {
-            return;
-        };
-        let status = self.raw.status();
-        if raft_state_bytes <= limit || self.applied < status.first_index {
-            return;
-        }
-        let data = self.store.snapshot();
-        match self.raw.snapshot(self.applied, data) {
-            Ok(()) => self.snapshots_taken += 1,
-            Err(e) => tracing::debug!(node = status.id.0, error = %e, "snapshot not taken"),
+        // The same test and metadata as a job, run at once: `snapshot_meta` just checked
+        // what `RawNode::snapshot` checks, so it cannot refuse.
+        if let Some(job) = self.snapshot_job(raft_state_bytes) {
+            let snapshot = job.run();
+            let taken = self.raw.snapshot(snapshot.meta.index, snapshot.data);
+            debug_assert!(
+                taken.is_ok(),
+                "snapshot refused after its metadata: {taken:?}"
+            );
         }
     }
 
