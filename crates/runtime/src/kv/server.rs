@@ -10,7 +10,7 @@
 //! 2. persist the received snapshot, the entries and the hard state, then fsync once;
 //! 3. send `persisted_messages` (votes, append acknowledgements: they promise step 2);
 //! 4. `apply` (restore, apply committed entries, serve safe reads);
-//! 5. persist `compact` (our own snapshot) and drop the log before it;
+//! 5. (`compact` stays empty: this driver makes its own snapshots off the loop, below);
 //! 6. `advance`, then maybe start a snapshot;
 //! 7. send the replies to their connections.
 //!
@@ -18,8 +18,8 @@
 //! fsynced on a majority. A storage error stops the server.
 //!
 //! Our own snapshots are made off the loop: the state machine hands out an O(1) copy of the
-//! store ([`shoal_kv::SnapshotJob`]), a blocking-pool thread serializes it and writes and
-//! fsyncs it under a temporary name, and the loop then only renames it into place and drops the
+//! store ([`shoal_kv::SnapshotJob`]), a thread of its own at a lower priority serializes it
+//! and writes and fsyncs it under a temporary name, and the loop then only renames it into place and drops the
 //! log before it ([`DurableStorage::install_prepared`]), between two Readies. Serializing and
 //! writing tens of megabytes in the loop used to stall every request for 100–200 ms.
 
@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use shoal_kv::{KvRsm, RsmConfig, SnapshotJob};
-use shoal_raft::{Config as RaftConfig, LogIndex, Message, NodeId, Ready};
+use shoal_raft::{Config as RaftConfig, Message, NodeId, Ready};
 use shoal_storage::{DurableStorage, PreparedSnapshot, StdDisk, StorageConfig};
 use shoal_wire::kv::{KvReply, KvRequest};
 use tokio::net::TcpListener;
@@ -204,7 +204,7 @@ pub async fn run_server(
         events_tx,
         ticks: 0,
         last_snapshot_check: 0,
-        snapshot_in_flight: None,
+        snapshot_running: false,
         snapshot_tx,
     };
     driver
@@ -236,8 +236,8 @@ struct Driver {
     ticks: u64,
     /// Tick of the last measurement of the Raft state's size.
     last_snapshot_check: u64,
-    /// Index of the snapshot being made off the loop, if one is.
-    snapshot_in_flight: Option<LogIndex>,
+    /// A snapshot is being made off the loop (one at a time).
+    snapshot_running: bool,
     /// Where the snapshot thread sends its result.
     snapshot_tx: mpsc::Sender<Result<PreparedSnapshot, shoal_storage::Error>>,
 }
@@ -272,12 +272,10 @@ impl Driver {
                 Some(s) = snapshots.recv() => Event::SnapshotWritten(s),
                 _ = &mut shutdown => Event::Stop,
             };
-            if let Event::SnapshotWritten(result) = event {
-                if let Err(e) = self.install_snapshot(result) {
-                    break Err(e);
-                }
-            } else if !self.handle(event) {
-                break Ok(());
+            match self.handle(event) {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
             }
             // Take whatever else is already waiting, so that it shares one Ready (and fsync).
             for _ in 0..MAX_EVENTS_PER_READY {
@@ -288,7 +286,8 @@ impl Driver {
                 } else {
                     break;
                 };
-                self.handle(event);
+                // Peer messages and client events neither stop the server nor fail.
+                let _ = self.handle(event);
             }
             if let Err(e) = self.process_ready() {
                 break Err(e);
@@ -302,8 +301,9 @@ impl Driver {
         result
     }
 
-    /// Feeds one event to the state machine. Returns false to stop.
-    fn handle(&mut self, event: Event) -> bool {
+    /// Feeds one event to the state machine. `Ok(false)`: stop; an error (a snapshot written
+    /// off the loop that failed or cannot be installed) is fatal.
+    fn handle(&mut self, event: Event) -> Result<bool, KvServerError> {
         match event {
             Event::Tick => {
                 self.rsm.tick();
@@ -320,7 +320,7 @@ impl Driver {
                 }
             }
             Event::Accepted(conn) => self.accept(conn),
-            Event::SnapshotWritten(_) => unreachable!("handled by the loop"),
+            Event::SnapshotWritten(result) => self.install_snapshot(result)?,
             Event::Client(ClientEvent::Request(token, request)) => {
                 if !self.connections.contains_key(&token) {
                     // The connection closed: nobody would read the answer.
@@ -337,9 +337,9 @@ impl Driver {
             Event::Client(ClientEvent::Closed(token)) => {
                 self.connections.remove(&token);
             }
-            Event::Stop => return false,
+            Event::Stop => return Ok(false),
         }
-        true
+        Ok(true)
     }
 
     fn accept(&mut self, conn: ClientConnection) {
@@ -385,18 +385,13 @@ impl Driver {
         }
         // 4. Apply, serve reads, answer writes.
         self.rsm.apply(&rd);
-        // 5. Our own snapshot: persist it and compact the log.
-        if let Some(snapshot) = rd.compact.take() {
-            let index = snapshot.meta.index;
-            let (storage, disk) = (self.rsm.raw_mut().storage_mut(), &mut self.disk);
-            crate::ready::in_place(|| storage.compact(disk, snapshot))
-                .map_err(|e| self.storage_error(e))?;
-            debug!(%index, "log compacted");
-        }
+        // 5. Nothing: the KV state machine hands its snapshots out as jobs (`start_snapshot`),
+        // never through `RawNode::snapshot`, so no Ready carries `compact`.
+        debug_assert!(rd.compact.is_none(), "compact in a Ready of the KV server");
         // 6. Done; maybe start a snapshot.
         self.rsm.advance();
         if self.config.rsm.snapshot_bytes.is_some()
-            && self.snapshot_in_flight.is_none()
+            && !self.snapshot_running
             && self.ticks >= self.last_snapshot_check + SNAPSHOT_CHECK_TICKS
         {
             self.last_snapshot_check = self.ticks;
@@ -408,12 +403,12 @@ impl Driver {
         Ok(())
     }
 
-    /// Serializes and writes a snapshot on a blocking-pool thread, with its own handle on the
+    /// Serializes and writes a snapshot on a thread of its own, with its own handle on the
     /// data directory; the result comes back as [`Event::SnapshotWritten`].
     fn start_snapshot(&mut self, job: SnapshotJob) {
         let index = job.index();
         info!(%index, "snapshot started");
-        self.snapshot_in_flight = Some(index);
+        self.snapshot_running = true;
         let dir = self.config.data_dir.clone();
         let tx = self.snapshot_tx.clone();
         let work = move || {
@@ -431,7 +426,7 @@ impl Driver {
             .spawn(work);
         if let Err(e) = spawned {
             warn!(error = %e, "could not start the snapshot thread; snapshot skipped");
-            self.snapshot_in_flight = None;
+            self.snapshot_running = false;
         }
     }
 
@@ -441,7 +436,7 @@ impl Driver {
         &mut self,
         result: Result<PreparedSnapshot, shoal_storage::Error>,
     ) -> Result<(), KvServerError> {
-        self.snapshot_in_flight = None;
+        self.snapshot_running = false;
         let prepared = result.map_err(|e| self.storage_error(e))?;
         let index = prepared.meta().index;
         let (storage, disk) = (self.rsm.raw_mut().storage_mut(), &mut self.disk);
