@@ -129,6 +129,25 @@ pub struct JobStatus {
     pub outcome: Option<JobOutcome>,
 }
 
+impl JobStatus {
+    /// The status before the coordinator has published any: phase "starting", nothing known.
+    pub fn starting() -> JobStatus {
+        JobStatus {
+            phase: "starting".into(),
+            elapsed_ms: 0,
+            maps_total: 0,
+            maps_done: 0,
+            reduces_total: 0,
+            reduces_done: 0,
+            maps: vec![],
+            reduces: vec![],
+            workers: vec![],
+            counters: BTreeMap::new(),
+            outcome: None,
+        }
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")

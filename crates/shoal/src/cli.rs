@@ -29,3 +29,47 @@ pub fn free_local_addrs(n: usize) -> Result<Vec<SocketAddr>> {
         .map(|l| l.local_addr().context("reading a free port's address"))
         .collect()
 }
+
+/// The `--peers` value for servers at `addrs`, with ids 1, 2, … in order: `1=A,2=B,3=C`
+/// (what [`parse_peer`] reads back).
+pub fn peers_arg(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A child process SIGKILLed and reaped when dropped, so that no error path leaves one behind.
+pub struct KilledOnDrop {
+    pub child: std::process::Child,
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes the kernel SIGKILL the process `cmd` starts when this process dies, even by SIGKILL
+/// (when no `Drop` runs). The signal follows the spawning *thread*: spawn from a thread that
+/// lives as long as the child should. Linux only; elsewhere a no-op.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl(2) is async-signal-safe, as a pre_exec hook requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}

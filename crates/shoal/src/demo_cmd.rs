@@ -287,13 +287,7 @@ impl Demo {
     /// Step 1: spawns the servers and waits until one of them leads.
     async fn start_cluster(&mut self) -> Result<(Client, ServerStatus)> {
         self.endpoints = crate::cli::free_local_addrs(SERVERS)?;
-        let peers = self
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| format!("{}={e}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        let peers = crate::cli::peers_arg(&self.endpoints);
         let exe = std::env::current_exe().context("locating the shoal executable")?;
         for (i, endpoint) in self.endpoints.iter().enumerate() {
             let id = i + 1;
@@ -367,7 +361,7 @@ impl Demo {
             let proc = spawn_logged(cmd, format!("worker {i}"), log)?;
             self.workers.0.push(proc);
         }
-        let (tx, mut rx) = watch::channel(Arc::new(empty_status()));
+        let (tx, mut rx) = watch::channel(Arc::new(JobStatus::starting()));
         let job_future = run_job(job, listener, tx);
         tokio::pin!(job_future);
         let deadline = tokio::time::sleep(JOB_TIMEOUT);
@@ -602,22 +596,6 @@ fn top_key(index: usize, count: usize) -> String {
     format!("top/{:0width$}", index + 1)
 }
 
-fn empty_status() -> JobStatus {
-    JobStatus {
-        phase: "starting".into(),
-        elapsed_ms: 0,
-        maps_total: 0,
-        maps_done: 0,
-        reduces_total: 0,
-        reduces_done: 0,
-        maps: vec![],
-        reduces: vec![],
-        workers: vec![],
-        counters: Default::default(),
-        outcome: None,
-    }
-}
-
 /// The demo's only clock read. clippy.toml forbids `Instant::now` because protocol code must
 /// take time from its driver; the demo reports wall-clock timings and bounds its waits.
 #[allow(clippy::disallowed_methods)]
@@ -750,20 +728,9 @@ fn spawn_logged(mut cmd: Command, name: String, log: PathBuf) -> Result<Proc> {
     // A process group of its own: Ctrl-C in the terminal reaches only the demo, which then
     // stops its children itself, in order, and says which step was interrupted.
     cmd.process_group(0);
-    // If this process dies without cleaning up (SIGKILL), the kernel kills the child too.
-    // The signal follows the spawning *thread*: `run` spawns from the main thread.
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: prctl(2) is async-signal-safe, as a pre_exec hook requires.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    // If this process dies without cleaning up (SIGKILL), the kernel kills the child too
+    // (`run` spawns from the main thread, which the signal follows).
+    crate::cli::die_with_parent(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {name} ({cmd:?})"))?;

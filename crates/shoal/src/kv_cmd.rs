@@ -434,12 +434,7 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
             .with_context(|| format!("writing {}", endpoints_path.display()))?;
         endpoints
     };
-    let peers = endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, e)| format!("{}={e}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = crate::cli::peers_arg(&endpoints);
     let exe = std::env::current_exe().context("locating the shoal binary")?;
     let spawn = |id: usize| -> Result<tokio::process::Child> {
         let data = args.dir.join(format!("node{id}"));

@@ -323,20 +323,7 @@ async fn status_channel(
     watch::Sender<Arc<JobStatus>>,
     watch::Receiver<Arc<JobStatus>>,
 )> {
-    let empty = JobStatus {
-        phase: "starting".into(),
-        elapsed_ms: 0,
-        maps_total: 0,
-        maps_done: 0,
-        reduces_total: 0,
-        reduces_done: 0,
-        maps: vec![],
-        reduces: vec![],
-        workers: vec![],
-        counters: Default::default(),
-        outcome: None,
-    };
-    let (tx, rx) = watch::channel(Arc::new(empty));
+    let (tx, rx) = watch::channel(Arc::new(JobStatus::starting()));
     if let Some(addr) = http {
         let listener = bind_status(addr).await?;
         let real = listener.local_addr()?;

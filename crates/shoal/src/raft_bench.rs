@@ -17,12 +17,13 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bench_util::{cpu_model, load_avg_1m, ms, now, percentile, SplitMix64};
+use crate::cli::{peers_arg, KilledOnDrop};
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
@@ -114,23 +115,11 @@ struct NodeSettings {
     heartbeat_tick: u32,
 }
 
-/// A node process, SIGKILLed and reaped when dropped so that no error path leaves one behind.
-struct NodeProc {
-    child: Child,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Three node processes and their data, removed on drop (processes first).
 struct Group {
     settings: NodeSettings,
     addrs: Vec<SocketAddr>,
-    procs: Vec<Option<NodeProc>>,
+    procs: Vec<Option<KilledOnDrop>>,
     // Declared last: dropped after the processes are gone.
     dir: tempfile::TempDir,
 }
@@ -155,13 +144,7 @@ impl Group {
     }
 
     fn spawn(&mut self, i: usize) -> Result<()> {
-        let peers = self
-            .addrs
-            .iter()
-            .enumerate()
-            .map(|(j, a)| format!("{}={a}", j + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        let peers = peers_arg(&self.addrs);
         let log_path = self.dir.path().join(format!("n{}.log", i + 1));
         let log = File::options()
             .create(true)
@@ -189,7 +172,7 @@ impl Group {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", s.bin.display()))?;
-        self.procs[i] = Some(NodeProc { child });
+        self.procs[i] = Some(KilledOnDrop { child });
         Ok(())
     }
 
@@ -714,21 +697,5 @@ fn print_commit_table(args: &BenchArgs, commit_figures: &[CommitFigures]) {
             f.load_start.map_or("?".into(), |l| format!("{l:.2}")),
             f.load_end.map_or("?".into(), |l| format!("{l:.2}")),
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u32> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.0), Some(1));
-        assert_eq!(percentile(&v, 0.5), Some(50));
-        assert_eq!(percentile(&v, 0.99), Some(99));
-        assert_eq!(percentile(&v, 1.0), Some(100));
-        assert_eq!(percentile::<u32>(&[], 0.5), None);
-        assert_eq!(percentile(&[7], 0.99), Some(7));
     }
 }

@@ -7,15 +7,15 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use super::target::TargetKind;
 use super::{now, LIVENESS};
+use crate::cli::{die_with_parent, peers_arg, KilledOnDrop};
 
 /// Members of a local cluster.
 pub const MEMBERS: usize = 3;
@@ -26,18 +26,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The key etcd's catch-up markers are written to (outside the benchmark's `k…` keys).
 #[cfg(feature = "etcd")]
 const MARKER_KEY: &[u8] = b"_kv_bench_marker";
-
-/// A member process, SIGKILLed and reaped when dropped so that no error path leaves one behind.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Three member processes and their data.
 pub struct LocalCluster {
@@ -50,7 +38,7 @@ pub struct LocalCluster {
     /// once the cluster answered).
     pub member_ids: Vec<u64>,
     bin: PathBuf,
-    procs: Vec<Option<Proc>>,
+    procs: Vec<Option<KilledOnDrop>>,
     markers: u64,
     // Declared last: dropped after the processes are gone.
     dir: tempfile::TempDir,
@@ -115,13 +103,7 @@ impl LocalCluster {
         let mut cmd = Command::new(&self.bin);
         match self.kind {
             TargetKind::Shoal => {
-                let peers = self
-                    .addrs
-                    .iter()
-                    .enumerate()
-                    .map(|(j, a)| format!("{}={a}", j + 1))
-                    .collect::<Vec<_>>()
-                    .join(",");
+                let peers = peers_arg(&self.addrs);
                 cmd.args(["kv", "server", "--id", &(i + 1).to_string()])
                     .args(["--listen", &self.addrs[i].to_string()])
                     .args(["--peers", &peers])
@@ -165,20 +147,14 @@ impl LocalCluster {
             }
         }
         // The members die with the benchmark even when it is killed (no Drop runs then).
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating a log file handle")?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
-        self.procs[i] = Some(Proc { child });
+        self.procs[i] = Some(KilledOnDrop { child });
         Ok(())
     }
 

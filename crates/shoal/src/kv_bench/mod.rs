@@ -873,18 +873,3 @@ fn print_compare_table(runs: &[RunResult], failovers: &Failovers) {
         println!("| shoal | failed: {e} | every Shoal kill < 1 s | NOT met |");
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u32> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.0), Some(1));
-        assert_eq!(percentile(&v, 0.5), Some(50));
-        assert_eq!(percentile(&v, 0.99), Some(99));
-        assert_eq!(percentile(&v, 1.0), Some(100));
-        assert_eq!(percentile::<u32>(&[], 0.5), None);
-    }
-}
