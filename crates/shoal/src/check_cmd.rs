@@ -1,6 +1,7 @@
 //! `shoal check` (check a recorded history for linearizability) and `shoal bench check` (time the
 //! checker on the bundled Jepsen histories). The checking itself lives in `shoal-check`.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -13,23 +14,30 @@ use shoal_check::{check_with_options, Budget, CheckOptions, History, Model, Verd
 const CHECK_ABOUT: &str = "\
 Reads FILE in the given --format, searches for an order of its operations that respects real time
 and the model's rules (Wing & Gong's search with Lowe's just-in-time linearization, a cache of
-explored states, and one search per key), and prints `linearizable` or `not linearizable` followed
-by an explanation: the key, the longest linearizable prefix found, and the operations that could
-not come after it. --html FILE also writes a self-contained timeline of the failing key.
+explored states, and one search per key), and prints the verdict with what it covered, for example
+`linearizable: 1,234 operations on 10 keys`, or `not linearizable: ...` followed by an
+explanation: the key, the longest linearizable prefix found, and the operations that could not
+come after it. --html FILE also writes a self-contained timeline of the failing key.
 
 FORMATS (--format):
   jepsen-etcd  Jepsen etcd logs (one register, read/write/cas), one operation event per line:
                  INFO  jepsen.util - 3<TAB>:invoke<TAB>:cas<TAB>[3 0]
-               :ok completes, :fail means the cas found another value (or the write/read did
-               nothing), :info means unknown outcome. Other lines (nemesis) are ignored.
+               Fields separated by tabs or spaces. :ok completes, :fail means the cas found
+               another value (or the write/read did nothing), :info means unknown outcome.
+               Ignored: blank lines, `jepsen.util - :nemesis ...` lines, and log lines of other
+               loggers (`INFO  jepsen.core - ...`).
   jepsen-kv    Jepsen key/value histories (get/put/append, keys start as \"\"), one map per line:
                  {:process 0, :type :invoke, :f :append, :key \"0\", :value \"x 0 0 y\"}
+               Ignored: blank lines and maps whose :process is a keyword (:nemesis).
   json         Shoal's JSON lines, one event per line, for --model versioned-kv (default),
                register or append-kv:
                  {\"client\":1,\"type\":\"invoke\",\"f\":\"put\",\"key\":\"a\",\"value\":\"x\",\"expected\":0}
                  {\"client\":1,\"type\":\"ok\",\"version\":1}
-               Completion types: ok, fail (did not apply), info (unknown), and for versioned-kv
-               no-key, mismatch, maybe. See docs/checker.md for every field.
+               Completion types: ok, fail (did not apply), info (unknown), and for
+               versioned-kv no-key, mismatch, maybe. Ignored: blank lines and lines starting
+               with #. See docs/checker.md for every field.
+Any other line is an error, and so is a file with no operation at all: a file in the wrong
+format never passes as an empty history.
 
 An operation that never completes, or completes with :info / \"info\", has an unknown outcome: it
 may take effect at any point after its invocation, or never.
@@ -37,8 +45,9 @@ may take effect at any point after its invocation, or never.
 EXIT CODES:
   0  linearizable
   1  not linearizable
-  2  unknown (--budget or --max-memory ran out: the search did not finish), or an error (unreadable file,
-     malformed line: the message names the file, the line and what was expected)";
+  2  unknown: --budget or --max-memory ran out before the search finished
+  2  error: unreadable file, a line the format does not know (the message names the file,
+     the line and what was expected there), or no operations found (wrong --format?)";
 
 /// Default of `--max-memory`, in MiB.
 const DEFAULT_MAX_MEMORY_MIB: usize = 2048;
@@ -79,7 +88,7 @@ pub struct CheckArgs {
     #[arg(long, value_enum, default_value = "versioned-kv")]
     pub model: JsonModel,
     /// Write a self-contained HTML timeline of the failing key to this file (only when the
-    /// history is not linearizable).
+    /// history is not linearizable; otherwise it says that no timeline was written).
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
     /// Give up after this many seconds of search and answer "unknown" (exit 2).
@@ -147,9 +156,14 @@ fn emit(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     }
 }
 
-/// Names the file in a parse error: `FILE:LINE: expected ..., found ...`.
-fn parsed<T>(file: &Path, result: Result<T, ParseError>) -> anyhow::Result<T> {
-    result.map_err(|e| {
+/// Names the file in a parse error (`FILE:LINE: expected ..., found ...`), and refuses a history
+/// with no operation: it would be trivially linearizable, and it nearly always means the file is
+/// in another format or empty, so a green verdict would be false.
+fn parsed<I, O>(
+    file: &Path,
+    result: Result<History<I, O>, ParseError>,
+) -> anyhow::Result<History<I, O>> {
+    let history = result.map_err(|e| {
         anyhow::anyhow!(
             "{}:{}: malformed line: expected {}, found {}",
             file.display(),
@@ -157,7 +171,44 @@ fn parsed<T>(file: &Path, result: Result<T, ParseError>) -> anyhow::Result<T> {
             e.expected,
             e.found
         )
-    })
+    })?;
+    if history.is_empty() {
+        anyhow::bail!(
+            "no operations found in {}: wrong --format? (an empty history is not checked)",
+            file.display()
+        );
+    }
+    Ok(history)
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What was checked, for the verdict line: `1,234 operations on 10 keys`. A model without
+/// partitions (the register) is one key.
+fn scope<M: Model>(model: &M, history: &History<M::Input, M::Output>) -> String {
+    let keys: BTreeSet<Option<String>> = history
+        .ops()
+        .iter()
+        .map(|op| model.partition_key(&op.input))
+        .collect();
+    let plural =
+        |n: usize, word: &str| format!("{} {word}{}", thousands(n), if n == 1 { "" } else { "s" });
+    format!(
+        "{} on {}",
+        plural(history.len(), "operation"),
+        plural(keys.len(), "key")
+    )
 }
 
 fn check_file<M: Model>(
@@ -170,31 +221,44 @@ fn check_file<M: Model>(
         partition_by_key: !args.no_partition,
     };
     let verdict = check_with_options(&model, &history, &options);
+    let scope = scope(&model, &history);
+    let say = |text: std::fmt::Arguments<'_>| -> anyhow::Result<()> {
+        if args.quiet {
+            Ok(())
+        } else {
+            emit(text)
+        }
+    };
+    // Only a violation has a timeline to draw; say so rather than leave the user looking for
+    // a file that was never written.
+    let no_timeline = |why: &str| -> anyhow::Result<()> {
+        match &args.html {
+            Some(path) => say(format_args!(
+                "{why}: no timeline written to {}\n",
+                path.display()
+            )),
+            None => Ok(()),
+        }
+    };
     match verdict {
         Verdict::Linearizable => {
-            if !args.quiet {
-                emit(format_args!("linearizable\n"))?;
-            }
+            say(format_args!("linearizable: {scope}\n"))?;
+            no_timeline("history is linearizable")?;
             Ok(ExitCode::SUCCESS)
         }
         Verdict::NotLinearizable(explanation) => {
-            if !args.quiet {
-                emit(format_args!("not linearizable\n{explanation}"))?;
-            }
+            say(format_args!("not linearizable: {scope}\n{explanation}"))?;
             if let Some(path) = &args.html {
                 let title = args.file.display().to_string();
                 std::fs::write(path, shoal_check::html::render(&title, &explanation))
                     .with_context(|| format!("cannot write {}", path.display()))?;
-                if !args.quiet {
-                    emit(format_args!("timeline written to {}\n", path.display()))?;
-                }
+                say(format_args!("timeline written to {}\n", path.display()))?;
             }
             Ok(ExitCode::from(1))
         }
         Verdict::Unknown(reason) => {
-            if !args.quiet {
-                emit(format_args!("unknown: {reason}\n"))?;
-            }
+            say(format_args!("unknown: {scope}: {reason}\n"))?;
+            no_timeline("search did not finish")?;
             Ok(ExitCode::from(2))
         }
     }

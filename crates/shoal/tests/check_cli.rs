@@ -35,7 +35,11 @@ fn linearizable_history_exits_0() {
         &testdata("jepsen-etcd/etcd_002.log"),
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), "linearizable");
+    assert!(
+        stdout(&out).starts_with("linearizable: "),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -48,7 +52,7 @@ fn violation_exits_1_and_explains() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.starts_with("not linearizable\n"), "{text}");
+    assert!(text.starts_with("not linearizable: "), "{text}");
     assert!(text.contains("longest linearizable prefix"), "{text}");
     assert!(text.contains("cannot be linearized"), "{text}");
 }
@@ -262,4 +266,145 @@ fn a_closed_stdout_is_not_a_panic() {
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(1));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+#[test]
+fn verdict_line_counts_operations_and_keys() {
+    let out = shoal(&["check", "--format", "jepsen-kv", &testdata("kv/c50-ok.txt")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = read_testdata("kv/c50-ok.txt");
+    let operations = text.matches(":type :invoke").count();
+    let keys: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|line| line.split(":key ").nth(1)?.split(',').next())
+        .collect();
+    assert!(operations > 1000 && keys.len() > 1, "{operations} {keys:?}");
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "linearizable: {},{:03} operations on {} keys\n",
+            operations / 1000,
+            operations % 1000,
+            keys.len()
+        )
+    );
+
+    // A violation and a register history (one key) say what they covered too.
+    let bad = shoal(&[
+        "check",
+        "--format",
+        "jepsen-etcd",
+        &testdata("jepsen-etcd/etcd_000.log"),
+    ]);
+    assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
+    let first = stdout(&bad).lines().next().unwrap_or_default().to_string();
+    assert!(
+        first.starts_with("not linearizable: ") && first.ends_with(" operations on 1 key"),
+        "{first}"
+    );
+}
+
+fn read_testdata(path: &str) -> String {
+    std::fs::read_to_string(testdata(path)).expect("bundled history")
+}
+
+#[test]
+fn a_file_of_another_format_is_an_error_naming_file_and_line() {
+    // A jepsen-kv history read as jepsen-etcd used to be skipped line by line and pass as an
+    // empty, linearizable history (exit 0).
+    let path = testdata("kv/c10-ok.txt");
+    let out = shoal(&["check", "--format", "jepsen-etcd", &path]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{path}:1: ")), "{err}");
+    assert!(err.contains("Jepsen log line"), "{err}");
+    assert!(!stdout(&out).contains("linearizable"), "{}", stdout(&out));
+
+    // And the other way round, and JSON read as Jepsen kv.
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-kv",
+        &testdata("jepsen-etcd/etcd_002.log"),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("etcd_002.log:1: "),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_history_without_operations_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("empty.log", "", "jepsen-etcd"),
+        ("blank.txt", "\n\n", "jepsen-kv"),
+        ("comments.jsonl", "# nothing recorded\n", "json"),
+        (
+            "nemesis.log",
+            "INFO  jepsen.util - :nemesis\t:info\t:start\tnil\n",
+            "jepsen-etcd",
+        ),
+    ];
+    for (name, text, format) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = shoal(&["check", "--format", format, path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!(
+                "no operations found in {}: wrong --format?",
+                path.display()
+            )),
+            "{name}: {err}"
+        );
+        assert!(stdout(&out).is_empty(), "{name}: {}", stdout(&out));
+    }
+}
+
+#[test]
+fn space_separated_bundled_etcd_logs_are_checked_not_skipped() {
+    // etcd_100.log separates its fields with spaces; it used to be read as zero operations.
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-etcd",
+        &testdata("jepsen-etcd/etcd_100.log"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let invokes = read_testdata("jepsen-etcd/etcd_100.log")
+        .matches(":invoke")
+        .count();
+    assert!(invokes > 50);
+    assert_eq!(
+        stdout(&out),
+        format!("linearizable: {invokes} operations on 1 key\n")
+    );
+}
+
+#[test]
+fn html_on_a_linearizable_history_says_no_timeline_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("ok.html");
+    let out = shoal(&[
+        "check",
+        "--format",
+        "jepsen-kv",
+        "--html",
+        page.to_str().unwrap(),
+        &testdata("kv/c01-ok.txt"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "history is linearizable: no timeline written to {}",
+            page.display()
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!page.exists());
 }

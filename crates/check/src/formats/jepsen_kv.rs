@@ -8,8 +8,9 @@
 //! ```
 //!
 //! One map per line; blank lines are skipped. `:ok` completes, `:fail` drops the operation (it
-//! did not apply), `:info` or no completion leaves the outcome unknown. Lines whose `:process` is
-//! not a number (nemesis) are ignored. Times are line numbers.
+//! did not apply), `:info` or no completion leaves the outcome unknown. Exactly these lines are
+//! ignored: blank lines and maps whose `:process` is a keyword (`:nemesis`); anything else that
+//! is not such a map is an error. Times are line numbers.
 
 use std::collections::BTreeMap;
 
