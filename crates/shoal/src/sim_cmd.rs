@@ -13,6 +13,7 @@ const TARGET_SIM_SECONDS_PER_WALL_SECOND: f64 = 1_000.0;
 
 /// Arguments of `shoal sim`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = SIM_HELP)]
 pub struct SimArgs {
     /// Seed of the run: the same seed prints the same trace and hash.
     #[arg(long, default_value_t = 1)]
@@ -33,6 +34,16 @@ pub struct SimArgs {
     #[arg(long)]
     no_nemesis: bool,
 }
+
+const SIM_HELP: &str = "\
+Runs a heartbeat cluster under the nemesis (random partitions, crashes and restarts, pauses,
+network changes) for the first 80% of --duration, heals it, and prints: the last --tail trace
+events, a summary of every fault and repair over the whole run (count per kind and the first
+few with their virtual times), message counters, each node's state, and the trace hash. The
+same --seed prints the same output.
+
+Example:
+  shoal sim --seed 3 --duration 20s --tail 10";
 
 /// Arguments of `shoal bench sim`.
 #[derive(Debug, clap::Args)]
@@ -101,6 +112,18 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     };
     let lines = if args.full { usize::MAX } else { args.tail };
     print!("{}", sim.format_trace_tail(lines));
+    // The tail is mostly heartbeats; the faults that shaped the run are summed over all of it.
+    let faults = sim.fault_summary();
+    if faults.total() == 0 {
+        println!("faults and repairs: none");
+    } else {
+        println!(
+            "faults and repairs over the whole run: {} (count, then the first {} with their times)",
+            faults.total(),
+            shoal_sim::FaultSummary::FIRST_KEPT
+        );
+        print!("{faults}");
+    }
     let stats = sim.total_stats();
     println!(
         "heartbeat cluster: {} nodes, beat every {} ms, seed {}, {} simulated",

@@ -55,3 +55,82 @@ fn bench_prints_the_figure_against_the_target() {
     assert!(text.contains("simulated seconds per wall second"), "{text}");
     assert!(text.contains("target >= 1000"), "{text}");
 }
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .output()
+        .expect("runs the shoal binary");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// The count on the summary line of `kind` (`  crash           3  1.755114s n2, ...`).
+fn summary_count(out: &str, kind: &str) -> usize {
+    out.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("  ")?.strip_prefix(kind)?;
+            let first = rest.split_whitespace().next()?;
+            first.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn sim_summarises_every_fault_even_when_the_tail_shows_none() {
+    let args = ["sim", "--seed", "3", "--duration", "20s"];
+    let short = run(&[&args[..], &["--tail", "5"]].concat());
+    let full = run(&[&args[..], &["--full"]].concat());
+    // The tail is heartbeats only; the summary still counts the whole run's faults.
+    let tail: Vec<&str> = short.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(tail.len(), 5);
+    assert!(tail.iter().all(|l| !l.contains("CRASH")), "{short}");
+    assert!(
+        short.contains("faults and repairs over the whole run: "),
+        "{short}"
+    );
+    // The counts agree with the full trace.
+    let crashes = full.lines().filter(|l| l.contains(" CRASH")).count();
+    let restarts = full
+        .lines()
+        .filter(|l| l.contains(" start (incarnation ") && !l.contains("(incarnation 0)"))
+        .count();
+    let partitions = full
+        .lines()
+        .filter(|l| l.contains("nemesis/control: partition "))
+        .count();
+    let pauses = full
+        .lines()
+        .filter(|l| l.contains("nemesis/control: pause "))
+        .count();
+    assert!(crashes > 0 && partitions > 0, "seed 3 has faults:\n{short}");
+    assert_eq!(summary_count(&short, "crash"), crashes, "{short}");
+    assert_eq!(summary_count(&short, "restart"), restarts, "{short}");
+    assert_eq!(summary_count(&short, "partition"), partitions, "{short}");
+    assert_eq!(summary_count(&short, "pause"), pauses, "{short}");
+    // The first crash is shown with its time and node, as in the trace.
+    let first_crash = full
+        .lines()
+        .find(|l| l.contains(" CRASH"))
+        .expect("a crash");
+    let at = first_crash
+        .trim_start_matches('[')
+        .split(']')
+        .next()
+        .expect("a time")
+        .trim();
+    let crash_line = short
+        .lines()
+        .find(|l| l.starts_with("  crash"))
+        .expect("a crash line");
+    assert!(crash_line.contains(at), "{crash_line} / {first_crash}");
+
+    // Same seed, same summary; no nemesis, no faults.
+    assert_eq!(short, run(&[&args[..], &["--tail", "5"]].concat()));
+    let calm = run(&["sim", "--no-nemesis", "--duration", "2s", "--tail", "1"]);
+    assert!(calm.contains("faults and repairs: none"), "{calm}");
+}

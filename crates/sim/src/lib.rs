@@ -86,7 +86,7 @@ pub use sim::{
     DEFAULT_FSYNC_MAX, DEFAULT_FSYNC_MIN, DEFAULT_TRACE_TAIL_LEN,
 };
 pub use time::SimTime;
-pub use trace::{TraceEntry, TraceKind};
+pub use trace::{Fault, FaultKind, FaultSummary, TraceEntry, TraceKind};
 
 /// Re-exported so nodes can name the type of [`Ctx::rng`] and use its traits.
 pub use rand;

@@ -1,6 +1,7 @@
 //! The network model: per directed link loss, delay (with a long tail that reorders),
 //! duplication and connectivity, plus per-link and per-node counters.
 
+use std::fmt;
 use std::time::Duration;
 
 use rand::Rng;
@@ -279,6 +280,27 @@ pub enum Partition {
         /// Receiver side of the cut link.
         to: crate::NodeId,
     },
+}
+
+/// Short and readable: `isolate n3`, `n0 n1 | n2 n3 n4`, `ring n0 n2 n1 n3`, `cut n1->n2`.
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes = |ids: &[crate::NodeId]| {
+            ids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        match self {
+            Partition::Isolate(id) => write!(f, "isolate {id}"),
+            Partition::Groups(groups) => {
+                let groups: Vec<String> = groups.iter().map(|g| nodes(g)).collect();
+                write!(f, "{}", groups.join(" | "))
+            }
+            Partition::Ring(ring) => write!(f, "ring {}", nodes(ring)),
+            Partition::OneWay { from, to } => write!(f, "cut {from}->{to}"),
+        }
+    }
 }
 
 impl Partition {

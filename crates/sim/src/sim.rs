@@ -16,7 +16,7 @@ use crate::disk::{CrashPolicy, DiskError, SimDisk, SyncTarget};
 use crate::history::{History, HistoryError, OpId, Operation};
 use crate::net::{chance, Delay, DropReason, LinkStats, NetConfig, NodeStats, Partition};
 use crate::time::{duration_nanos, SimTime};
-use crate::trace::{format_tail, mix, Trace, TraceEntry, TraceKind};
+use crate::trace::{format_tail, mix, FaultKind, FaultSummary, Trace, TraceEntry, TraceKind};
 
 /// Identifies a node (server or client actor) in a simulation: ids are dense, from 0, in the
 /// order nodes were added.
@@ -341,6 +341,13 @@ impl<M: Message> Core<M> {
     pub(crate) fn control_note(&mut self, action: String) {
         tracing::debug!(at = %self.now(), "{action}");
         self.record(NodeId::NONE, TraceKind::Control { action }, 0, None);
+    }
+
+    /// Counts a fault for the run's [`FaultSummary`] (not hashed: the trace event that goes
+    /// with it is).
+    fn fault(&mut self, kind: FaultKind, target: String) {
+        let now = self.now();
+        self.trace.record_fault(now, kind, target);
     }
 
     /// A send from a running node: held behind pending fsyncs unless `bypass_barrier`.
@@ -1030,6 +1037,9 @@ impl<M: Message> Sim<M> {
         slot.rng = stream_rng(seed, STREAM_NODE, u64::from(node.0), u64::from(incarnation));
         self.core
             .record(node, TraceKind::Start { incarnation }, 0, None);
+        if incarnation > 0 {
+            self.core.fault(FaultKind::Restart, node.to_string());
+        }
         tracing::debug!(%node, incarnation, at = %self.core.now(), "node boots");
         if let Some(n) = self.nodes[node.index()].node.as_mut() {
             let mut ctx = Ctx {
@@ -1177,6 +1187,7 @@ impl<M: Message> Sim<M> {
         }
         tracing::debug!(node = %id, at = %self.core.now(), "node crashes: {detail}");
         self.core.record(id, TraceKind::Crash { detail }, 0, None);
+        self.core.fault(FaultKind::Crash, id.to_string());
     }
 
     /// Restarts a crashed node now: a fresh value from its factory boots on its surviving
@@ -1196,6 +1207,7 @@ impl<M: Message> Sim<M> {
             if slot.up && !slot.paused {
                 slot.paused = true;
                 self.core.control_note(format!("pause {id}"));
+                self.core.fault(FaultKind::Pause, id.to_string());
             }
         }
     }
@@ -1212,6 +1224,7 @@ impl<M: Message> Sim<M> {
         let stash = std::mem::take(&mut slot.stash);
         self.core
             .control_note(format!("resume {id} ({} events waited)", stash.len()));
+        self.core.fault(FaultKind::Resume, id.to_string());
         let now = self.core.now;
         for ev in stash {
             self.core.push(now, ev.kind);
@@ -1232,6 +1245,7 @@ impl<M: Message> Sim<M> {
             }
         }
         self.core.control_note(format!("set net {config:?}"));
+        self.core.fault(FaultKind::NetChange, String::new());
     }
 
     /// Sets one directed link's network model.
@@ -1246,18 +1260,24 @@ impl<M: Message> Sim<M> {
         }
         self.core
             .control_note(format!("set link {from}->{to} {config:?}"));
+        self.core
+            .fault(FaultKind::LinkChange, format!("{from}->{to} set"));
     }
 
     /// Cuts the directed link `from -> to`.
     pub fn cut(&mut self, from: NodeId, to: NodeId) {
         self.core.set_connected(from, to, false);
         self.core.control_note(format!("cut {from}->{to}"));
+        self.core
+            .fault(FaultKind::LinkChange, format!("{from}->{to} cut"));
     }
 
     /// Reconnects the directed link `from -> to`.
     pub fn connect(&mut self, from: NodeId, to: NodeId) {
         self.core.set_connected(from, to, true);
         self.core.control_note(format!("connect {from}->{to}"));
+        self.core
+            .fault(FaultKind::LinkChange, format!("{from}->{to} connected"));
     }
 
     /// Whether `from -> to` is connected.
@@ -1307,6 +1327,8 @@ impl<M: Message> Sim<M> {
             Partition::OneWay { from, to } => self.core.set_connected(*from, *to, false),
         }
         self.core.control_note(format!("partition {partition:?}"));
+        self.core
+            .fault(FaultKind::Partition, format!("({partition})"));
     }
 
     /// Isolates one node (cuts all its links both ways).
@@ -1330,6 +1352,7 @@ impl<M: Message> Sim<M> {
             }
         }
         self.core.control_note("heal".to_string());
+        self.core.fault(FaultKind::Heal, String::new());
     }
 
     /// Applies a control action now.
@@ -1424,6 +1447,12 @@ impl<M: Message> Sim<M> {
     /// The most recent trace entries (up to `SimConfig::trace_tail_len`).
     pub fn trace_tail(&self) -> impl Iterator<Item = &TraceEntry<M>> {
         self.core.trace.tail().iter()
+    }
+
+    /// Every fault and repair applied so far (crashes, restarts, partitions, heals, pauses,
+    /// network changes), counted over the whole run whatever the trace tail's length.
+    pub fn fault_summary(&self) -> &FaultSummary {
+        self.core.trace.faults()
     }
 
     /// The last `n` trace entries, one per line.

@@ -1,7 +1,8 @@
-//! The event trace: a running hash of every event (for determinism checks) and a ring buffer
-//! of the most recent events (for failure reports and `shoal sim`).
+//! The event trace: a running hash of every event (for determinism checks), a ring buffer
+//! of the most recent events (for failure reports and `shoal sim`), and a summary of every
+//! fault applied over the whole run ([`FaultSummary`]), which a short tail would miss.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::{self, Debug, Write as _};
 
 use crate::net::DropReason;
@@ -175,6 +176,117 @@ fn mix_str(mut h: u64, s: &str) -> u64 {
     mix(h, s.len() as u64)
 }
 
+/// A kind of fault, or of repair, the simulator applied (by the nemesis or by a test).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// A node crashed.
+    Crash,
+    /// A crashed node booted again.
+    Restart,
+    /// Links were cut to a partition shape.
+    Partition,
+    /// Every link was reconnected.
+    Heal,
+    /// A node was paused (like SIGSTOP).
+    Pause,
+    /// A paused node was resumed.
+    Resume,
+    /// Every link's network model changed (delays, loss, duplication, reordering).
+    NetChange,
+    /// One directed link was cut, reconnected or given another network model.
+    LinkChange,
+}
+
+impl FaultKind {
+    /// A short lower-case name, as `shoal sim` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Crash => "crash",
+            FaultKind::Restart => "restart",
+            FaultKind::Partition => "partition",
+            FaultKind::Heal => "heal",
+            FaultKind::Pause => "pause",
+            FaultKind::Resume => "resume",
+            FaultKind::NetChange => "net change",
+            FaultKind::LinkChange => "link change",
+        }
+    }
+}
+
+/// One fault or repair, when and to what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// Virtual time it was applied.
+    pub at: SimTime,
+    /// What it was.
+    pub kind: FaultKind,
+    /// What it concerned: a node (`n2`), a partition shape, a link; empty for cluster-wide ones.
+    pub target: String,
+}
+
+/// How many faults of each kind a run applied, and the first few of each with their times.
+///
+/// Kept apart from the trace hash, so adding it changed no seed's hash.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultSummary {
+    counts: BTreeMap<FaultKind, u64>,
+    first: BTreeMap<FaultKind, Vec<Fault>>,
+}
+
+impl FaultSummary {
+    /// How many faults of each kind are kept with their times.
+    pub const FIRST_KEPT: usize = 3;
+
+    pub(crate) fn record(&mut self, at: SimTime, kind: FaultKind, target: String) {
+        *self.counts.entry(kind).or_default() += 1;
+        let first = self.first.entry(kind).or_default();
+        if first.len() < Self::FIRST_KEPT {
+            first.push(Fault { at, kind, target });
+        }
+    }
+
+    /// How many faults of `kind` were applied.
+    pub fn count(&self, kind: FaultKind) -> u64 {
+        self.counts.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// How many faults were applied in all.
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// The first [`FaultSummary::FIRST_KEPT`] faults of `kind`, in time order.
+    pub fn first(&self, kind: FaultKind) -> &[Fault] {
+        self.first.get(&kind).map_or(&[], Vec::as_slice)
+    }
+
+    /// Each kind that occurred with its count, in [`FaultKind`] order.
+    pub fn counts(&self) -> impl Iterator<Item = (FaultKind, u64)> + '_ {
+        self.counts.iter().map(|(&kind, &n)| (kind, n))
+    }
+}
+
+/// One line per kind: `crash        4  1.200000s n2, 3.400000s n4, 7.000000s n1, ...`.
+impl fmt::Display for FaultSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (kind, count) in self.counts() {
+            write!(f, "  {:<12}{count:>5} ", kind.name())?;
+            for (i, fault) in self.first(kind).iter().enumerate() {
+                let sep = if i == 0 { " " } else { ", " };
+                write!(f, "{sep}{}", fault.at)?;
+                if !fault.target.is_empty() {
+                    write!(f, " {}", fault.target)?;
+                }
+            }
+            if count > self.first(kind).len() as u64 {
+                write!(f, ", ...")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
 /// The trace of one simulation.
 pub(crate) struct Trace<M> {
     hash: u64,
@@ -182,6 +294,7 @@ pub(crate) struct Trace<M> {
     tail: VecDeque<TraceEntry<M>>,
     tail_capacity: usize,
     keep_messages: bool,
+    faults: FaultSummary,
 }
 
 impl<M: Clone> Trace<M> {
@@ -192,7 +305,17 @@ impl<M: Clone> Trace<M> {
             tail: VecDeque::with_capacity(tail_capacity.min(4096)),
             tail_capacity,
             keep_messages,
+            faults: FaultSummary::default(),
         }
+    }
+
+    pub(crate) fn faults(&self) -> &FaultSummary {
+        &self.faults
+    }
+
+    /// Counts a fault for [`FaultSummary`]; the event itself is recorded (and hashed) as before.
+    pub(crate) fn record_fault(&mut self, at: SimTime, kind: FaultKind, target: String) {
+        self.faults.record(at, kind, target);
     }
 
     pub(crate) fn hash(&self) -> u64 {
@@ -279,4 +402,35 @@ pub(crate) fn format_tail<M: Debug>(entries: &VecDeque<TraceEntry<M>>, n: usize)
         let _ = writeln!(out, "{e}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_summary_counts_all_and_keeps_the_first_few() {
+        let mut summary = FaultSummary::default();
+        for i in 0..5u64 {
+            summary.record(
+                SimTime::from_nanos(i * 1_000_000_000),
+                FaultKind::Crash,
+                format!("n{i}"),
+            );
+        }
+        summary.record(SimTime::from_nanos(7), FaultKind::Heal, String::new());
+        assert_eq!(summary.count(FaultKind::Crash), 5);
+        assert_eq!(summary.count(FaultKind::Pause), 0);
+        assert_eq!(summary.total(), 6);
+        assert_eq!(
+            summary.first(FaultKind::Crash).len(),
+            FaultSummary::FIRST_KEPT
+        );
+        assert_eq!(summary.first(FaultKind::Crash)[1].target, "n1");
+        let text = summary.to_string();
+        assert_eq!(
+            text,
+            "  crash           5  0.000000s n0, 1.000000s n1, 2.000000s n2, ...\n  heal            1  0.000000s\n"
+        );
+    }
 }
