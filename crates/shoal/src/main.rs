@@ -19,6 +19,7 @@ mod bench_util;
 mod check_cmd;
 mod cli;
 mod demo_cmd;
+mod help;
 mod kv_bench;
 mod kv_cmd;
 mod mr_bench;
@@ -37,7 +38,7 @@ mod sim_cmd;
     name = "shoal",
     version,
     propagate_version = true,
-    max_term_width = 100
+    term_width = help::WIDTH
 )]
 struct Cli {
     #[command(subcommand)]

@@ -8,19 +8,29 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use shoal_runtime::demo_node::{run_demo_node, DemoNodeOptions};
 
+const NODE_HELP: &str = "\
+Example, a three-node group on one machine (one command per terminal):
+  shoal raft node --id 1 --listen 127.0.0.1:7001 --data n1 \\
+      --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
+  shoal raft node --id 2 --listen 127.0.0.1:7002 --data n2 \\
+      --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
+  shoal raft node --id 3 --listen 127.0.0.1:7003 --data n3 \\
+      --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
+Restarting a node with the same --data resumes it; a data directory of another node or cluster
+is refused.
+
+There is no command-line client for this demo log: its client protocol is driven by
+`shoal bench raft`, which starts three nodes, proposes, reads their status and SIGKILLs the
+leader (`shoal bench raft --quick` takes seconds). To use Raft from the shell, use the key/value
+database built on it: `shoal kv --help`.";
+
 /// `shoal raft` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum RaftCommand {
     /// Run one node of a Raft group replicating a demo log (a count and a running hash of the
     /// applied commands). Used by `shoal bench raft` and the real-process tests; the KV
     /// database runs the same library with a real state machine.
-    #[command(
-        after_help = "Example, a three-node group on one machine (one line per terminal):\n  \
-        shoal raft node --id 1 --listen 127.0.0.1:7001 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data n1\n  \
-        shoal raft node --id 2 --listen 127.0.0.1:7002 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data n2\n  \
-        shoal raft node --id 3 --listen 127.0.0.1:7003 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data n3\n\
-        Restarting a node with the same --data resumes it; a data directory of another node or cluster is refused."
-    )]
+    #[command(after_help = NODE_HELP)]
     Node(NodeArgs),
 }
 

@@ -55,11 +55,13 @@ const PREFILL_CLIENTS: usize = 64;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 Examples:
-  shoal bench kv                                   # puts at 1, 64, 256 clients + 20 leader kills, on a fresh local Shoal cluster
+  # puts at 1, 64, 256 clients + 20 leader kills, on a fresh local Shoal cluster:
+  shoal bench kv
   shoal bench kv --mode get --prefill --clients 64 --failover-kills 0
   shoal bench kv --mode mixed --read-ratio 0.9 --prefill --clients 16,64
-  shoal bench kv --endpoints 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003   # an existing cluster (`shoal kv up`)
-  shoal bench kv --target etcd --endpoints 127.0.0.1:2379                   # an existing etcd
+  # an existing cluster (`shoal kv up`), an existing etcd:
+  shoal bench kv --endpoints 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
+  shoal bench kv --target etcd --endpoints 127.0.0.1:2379
   cargo run --release --features etcd -- bench kv --compare --plot docs/kv-vs-etcd.svg
   shoal bench kv --quick                           # a smoke test in seconds
 
