@@ -1,5 +1,5 @@
 //! `shoal bench raft`: Raft figures from three real `shoal-raft-node` processes on 127.0.0.1,
-//! fsync on (issue 4, "Benchmark").
+//! fsync on.
 //!
 //! - **Commits**: for each proposer count, a fresh 3-node group; that many closed-loop proposers,
 //!   each on its own client connection to the leader, keep one proposal of `--payload-bytes` in

@@ -1,4 +1,4 @@
-//! `shoal bench kv`: Shoal's key/value database against etcd, driven the same way (issue 6).
+//! `shoal bench kv`: Shoal's key/value database against etcd, driven the same way.
 //!
 //! - **Runs**: N closed-loop requesters, each with one operation in flight; the first
 //!   `--warmup` operations are not measured, the next `--ops` are (throughput over the measured
@@ -7,7 +7,7 @@
 //!   a survivor, restart the killed member from its data and let it catch up; repeat.
 //! - **--compare**: a fresh local 3-member Shoal cluster and a fresh local 3-member etcd
 //!   cluster, the matrix of runs interleaved (shoal, etcd, shoal, etcd, …), then the ratios
-//!   against the targets of the issue.
+//!   against Shoal's targets.
 //!
 //! Progress goes to stderr; stdout gets one JSON line per run (and per kill) and tables at
 //! the end. Timings are figures, never pass/fail criteria. `SHOAL_BENCH_KEEP_DATA=1` keeps the
@@ -78,7 +78,7 @@ Keys are `k` + a zero-padded number below --keyspace, --key-size bytes in all; v
 
 Output: progress on stderr; on stdout one JSON line per run (kind \"run\"), per kill \
 (\"failover_kill\") and per failover phase (\"failover\"), then tables. --compare adds the \
-ratios Shoal/etcd against the issue's targets. The etcd target needs a build with \
+ratios Shoal/etcd against Shoal's targets (the target column). The etcd target needs a build with \
 `--features etcd` (and protoc: apt-get install protobuf-compiler).")]
 pub struct BenchArgs {
     /// An existing cluster: Shoal servers as A,B,C in server-id order, or etcd client
@@ -804,7 +804,7 @@ fn print_compare_table(runs: &[RunResult], failovers: &Failovers) {
             .find(|r| r.target == t && r.mode == m && r.clients == c)
     };
     println!();
-    println!("Shoal / etcd (ratios; targets of issue 6)");
+    println!("Shoal / etcd (ratios; Shoal's targets)");
     println!("| run | shoal ops/s | etcd ops/s | ops/s ratio | shoal p50 | etcd p50 | p50 ratio | shoal p99 | etcd p99 | p99 ratio | target | |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut keys: Vec<(Mode, usize)> = runs.iter().map(|r| (r.mode, r.clients)).collect();
