@@ -72,7 +72,7 @@ pub enum WorkerExit {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The coordinator could not be reached.
-    #[error("coordinator at {addr} unreachable for {waited:?} ({last_error}); giving up (the job may have finished)")]
+    #[error("coordinator at {addr} unreachable for {waited:.1?} ({last_error}); giving up (the job may have finished)")]
     Unreachable {
         /// Its address.
         addr: String,
@@ -82,7 +82,7 @@ pub enum WorkerError {
         last_error: String,
     },
     /// The coordinator was never reached: nothing listens there, or nothing answers.
-    #[error("cannot reach a coordinator at {addr} ({last_error}) for {waited:?}; giving up — is the coordinator running?")]
+    #[error("cannot reach a coordinator at {addr} ({last_error}) for {waited:.1?}; giving up — is the coordinator running?")]
     NeverReached {
         /// Its address.
         addr: String,
@@ -612,10 +612,8 @@ fn failure_text(e: &anyhow::Error, dir: &Path) -> String {
         })
     });
     match disk {
-        Some(io) => format!(
-            "{} ({e:#})",
-            crate::disk::describe("worker directory", dir, "--work-dir", io)
-        ),
+        // The cause, once: the chain below it would repeat "No space left on device".
+        Some(io) => crate::disk::describe("worker directory", dir, "--work-dir", io),
         None => format!("{e:#}"),
     }
 }

@@ -367,8 +367,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let (tx, _rx) = status_channel(status_listener)?;
     say!("listening on {addr}");
+    let (tx, _rx) = status_channel(status_listener)?;
     let _ = std::io::stdout().flush();
     let maps = job.splits.len();
     let mut terminate = sigterm()?;

@@ -429,12 +429,17 @@ impl Coordinator {
                 let text = error.to_string();
                 task.last_error = Some(text.clone());
                 let abort = matches!(error, CommitError::Unrecoverable(_));
-                tracing::warn!(
-                    attempt = %attempt_name(attempt),
-                    failures,
-                    error = %text,
-                    "commit failed"
-                );
+                if abort {
+                    // The job's own error says it; a warning too would say it twice.
+                    tracing::debug!(attempt = %attempt_name(attempt), error = %text, "commit failed");
+                } else {
+                    tracing::warn!(
+                        attempt = %attempt_name(attempt),
+                        failures,
+                        error = %text,
+                        "commit failed: running the reduce task again"
+                    );
+                }
                 if (abort || failures >= max_attempts) && self.outcome.is_none() {
                     self.finish(JobOutcome::Failed {
                         task: task_name(attempt),

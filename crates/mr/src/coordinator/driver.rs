@@ -403,7 +403,7 @@ pub async fn run_job(
                         }
                     }
                     Event::Fetched { attempt, result: Err(e) } => {
-                        tracing::warn!(attempt = %attempt_name(attempt), error = %e, "cannot fetch reduce output");
+                        // (The state machine logs it, once.)
                         core.commit_done(now, attempt, Err(e));
                     }
                     Event::Fetched { attempt, result: Ok(tmp) } => {
@@ -514,7 +514,7 @@ pub async fn run_job(
             // file in the output directory: stop them, then remove what they wrote.
             commits.abort_all();
             while commits.join_next().await.is_some() {}
-            remove_temporary_outputs(&options.out_dir);
+            remove_outputs(&options.out_dir, result.is_err());
             result?;
             let outputs = (0..options.reduces)
                 .map(|r| options.out_dir.join(format!("mr-out-{r}")))
@@ -573,13 +573,17 @@ async fn commit(
     let _ = events.send(Event::Fetched { attempt, result }).await;
 }
 
-/// Removes the temporary files of commits (`.mr-out-*`) from the output directory.
-fn remove_temporary_outputs(out_dir: &Path) {
+/// Removes the temporary files of commits (`.mr-out-*`) from the output directory and, after a
+/// failed job, the outputs it did commit (`mr-out-*`): a failed job leaves no output that
+/// could be taken for a complete one, and gives back the space it took.
+fn remove_outputs(out_dir: &Path, failed: bool) {
     let Ok(entries) = std::fs::read_dir(out_dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(".mr-out-") {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".mr-out-") || (failed && name.starts_with("mr-out-")) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
