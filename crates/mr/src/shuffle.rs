@@ -73,6 +73,13 @@ impl FileTable {
         }
     }
 
+    /// Stops serving `key` (its files are about to be deleted).
+    pub fn remove(&self, key: &FileKey) {
+        if let Ok(mut files) = self.files.lock() {
+            files.remove(key);
+        }
+    }
+
     /// Forgets every file (a new coordinator session).
     pub fn clear(&self) {
         if let Ok(mut files) = self.files.lock() {

@@ -5,7 +5,11 @@
 //! A worker exits when the coordinator says the job is over (done or failed), or when it has
 //! been unable to reach the coordinator for `coordinator_timeout`. If its connection drops it
 //! reconnects and registers again under a new id (the coordinator has by then given its work
-//! to others).
+//! to others). Before its first welcome, it says at once that nothing answers (and keeps
+//! trying), and gives up at once on a peer that is not a coordinator.
+//!
+//! A failed attempt's files are deleted when it ends; a reduce output is served once (to the
+//! coordinator committing it) and then deleted: a full disk is never made fuller by retries.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +20,7 @@ use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use shoal_wire::codec::FrameCodec;
 use shoal_wire::mr::{
-    AttemptRef, FileKey, JobSpec, MapOutputLocation, SplitSpec, ToCoordinator, ToWorker,
+    AttemptRef, FileKey, JobSpec, MapOutputLocation, SplitSpec, TaskKind, ToCoordinator, ToWorker,
     MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
 };
 use shoal_wire::{Hello, Role};
@@ -437,6 +441,7 @@ impl Session<'_> {
                     }
                     Some(Ok(ToWorker::Refused { reason })) => return Err(WorkerError::Refused(reason)),
                     Some(Ok(ToWorker::Welcome { .. })) => {}
+                    Some(Ok(ToWorker::Discard { attempt })) => self.discard(attempt).await,
                     Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                     None => break SessionEnd::Lost("connection closed".into()),
                 },
@@ -447,6 +452,34 @@ impl Session<'_> {
             task.abort();
         }
         Ok(end)
+    }
+
+    /// Deletes a losing attempt's files: they are no longer served, and its directory goes.
+    async fn discard(&self, attempt: AttemptRef) {
+        let dir = match attempt.kind {
+            TaskKind::Map => {
+                let reduces = self.job.as_ref().map_or(0, |(job, _)| job.reduces);
+                for partition in 0..reduces {
+                    self.table.remove(&FileKey::MapOutput {
+                        map_task: attempt.task,
+                        attempt: attempt.attempt,
+                        partition,
+                    });
+                }
+                self.dir
+                    .join(format!("map-{}-a{}", attempt.task, attempt.attempt))
+            }
+            TaskKind::Reduce => {
+                self.table.remove(&FileKey::ReduceOutput {
+                    reduce_task: attempt.task,
+                    attempt: attempt.attempt,
+                });
+                self.dir
+                    .join(format!("reduce-{}-a{}", attempt.task, attempt.attempt))
+            }
+        };
+        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "discarding a losing attempt's files");
+        let _ = tokio::fs::remove_dir_all(&dir).await;
     }
 
     /// Builds the app once per job (streaming apps materialise their shipped files).

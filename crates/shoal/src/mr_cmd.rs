@@ -50,7 +50,12 @@ Examples:
   shoal mr run --app stream --mapper 'sh map.sh' --ship map.sh in.txt   # scripts run in the ship dir
   shoal mr run --workers 4 --slow-workers 1     # one worker 10x slower: watch backup tasks win
 
-Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.";
+Inputs: files; a directory stands for the files in it (names starting with _ or . and
+subdirectories are skipped); *.gz files are decompressed (one map task each).
+Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.
+Exit status: 0 done; 1 the job failed (a task failed --max-attempts times, or the output
+directory is full, read-only or not writable); 2 bad options or inputs; 130 on Ctrl-C and 143
+on SIGTERM (workers stopped and the scratch directory under $TMPDIR removed either way).";
 
 const COORDINATOR_HELP: &str = "\
 Examples:
@@ -61,8 +66,9 @@ Examples:
 
 The first line on stdout is `listening on ADDR` (useful with --listen 127.0.0.1:0).
 Exit status: 0 when the job is done and out/mr-out-* are in place; 1 when a task failed
---max-attempts times (the message names the task, its input and the error); 2 on bad options
-or inputs (reported before the job starts).";
+--max-attempts times (the message names the task, its input and the error) or the output
+directory is full, read-only or not writable; 2 on bad options or inputs, or a busy --listen
+or --http port (reported before `listening on`); 130 on Ctrl-C, 143 on SIGTERM.";
 
 const WORKER_HELP: &str = "\
 Examples:
@@ -71,8 +77,9 @@ Examples:
 
 The worker keeps its map output in a fresh directory under --work-dir (removed on exit) and
 serves it to reduce workers from its shuffle server. It exits 0 when the coordinator says the
-job is done, 1 if the job failed or the coordinator stayed unreachable for
---coordinator-timeout.";
+job is done, 1 if the job failed, if the coordinator stayed unreachable for
+--coordinator-timeout (a worker that cannot connect says so at once, then keeps trying), or at
+once if the address answers but is not a MapReduce coordinator.";
 
 const SEQ_HELP: &str = "\
 Examples:

@@ -105,6 +105,14 @@ pub enum Output {
         /// Its shuffle server.
         shuffle_addr: String,
     },
+    /// Tell `worker` to delete the files of `attempt`, which finished after another attempt of
+    /// its task had won (a backup or a duplicate): they will never be fetched.
+    Discard {
+        /// The worker holding the files.
+        worker: WorkerId,
+        /// The losing attempt.
+        attempt: AttemptRef,
+    },
     /// Close this worker's connection: it was declared lost.
     Disconnect {
         /// The worker.
@@ -310,6 +318,7 @@ impl Coordinator {
         let task = self.task_mut(attempt);
         if task.done.is_some() {
             tracing::debug!(attempt = %attempt_name(attempt), "late result of a task already won: ignored");
+            self.outputs.push_back(Output::Discard { worker, attempt });
             self.schedule(now);
             return Disposition::Ignored;
         }

@@ -465,6 +465,14 @@ pub async fn run_job(
                         events_tx.clone(),
                     ));
                 }
+                Output::Discard { worker, attempt } => {
+                    send_to(
+                        &mut conns,
+                        &by_worker,
+                        worker,
+                        ToWorker::Discard { attempt },
+                    );
+                }
                 Output::Disconnect { worker } => {
                     if let Some(conn) = by_worker.remove(&worker) {
                         conns.remove(&conn);

@@ -367,10 +367,16 @@ fn backup_tasks_near_the_end_of_a_phase() {
         c.task_done(secs(3), w[0], map(3, 1), none()),
         Disposition::Accepted
     );
+    drain(&mut c);
     assert_eq!(
         c.task_done(secs(4), w[3], map(3, 0), none()),
         Disposition::Ignored
     );
+    // The loser's output will never be fetched: its worker is told to delete it.
+    assert!(drain(&mut c).contains(&Output::Discard {
+        worker: w[3],
+        attempt: map(3, 0)
+    }));
 }
 
 #[test]
