@@ -332,14 +332,15 @@ fn job_options(app: AppConfig, job: &JobArgs, inputs: Vec<PathBuf>, out: PathBuf
     }
 }
 
-/// Serves the status page on `listener`, if any; returns the sender the coordinator publishes
-/// to.
-fn status_channel(
-    listener: Option<tokio::net::TcpListener>,
-) -> anyhow::Result<(
+/// Where the coordinator publishes its status, and where the progress bars read it.
+type StatusChannel = (
     watch::Sender<Arc<JobStatus>>,
     watch::Receiver<Arc<JobStatus>>,
-)> {
+);
+
+/// Serves the status page on `listener`, if any; returns the sender the coordinator publishes
+/// to.
+fn status_channel(listener: Option<tokio::net::TcpListener>) -> anyhow::Result<StatusChannel> {
     let (tx, rx) = watch::channel(Arc::new(JobStatus::starting()));
     if let Some(listener) = listener {
         let real = listener.local_addr()?;
