@@ -517,8 +517,11 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Declared before the workers, so dropped after them: the directory goes once no worker
     // writes to it, on every way out of this function (errors, Ctrl-C, SIGTERM).
     let _cleanup = RemoveOnDrop(scratch.clone());
-    // Installed before anything slow, so that a SIGTERM from now on takes the cleanup path.
+    // Installed before anything slow, so that a SIGINT or SIGTERM from now on takes the
+    // cleanup path (they are acted on in the job loop below; none is lost meanwhile).
     let mut terminate = sigterm()?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot install a SIGINT handler")?;
     let (inputs, bundled) = if args.inputs.is_empty() {
         let books = shoal_mr::local::write_bundled_books(&scratch.join("books"))
             .context("cannot write the bundled books to a temporary directory")?;
@@ -622,7 +625,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             // Ctrl-C and SIGTERM take the same way out: `children` (killed and reaped) and
             // then `_cleanup` (the scratch directory) are dropped on return.
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 bars.clear().ok();
                 eprintln!("interrupted: stopping the workers");
                 return Ok(ExitCode::from(130));

@@ -234,26 +234,35 @@ fn start_long_job(lab: &Lab, tmp: &Path) -> (Procs, usize, Vec<u32>, PathBuf) {
     }
 }
 
-/// Before: SIGTERM killed `mr run` with no message, its workers ran on for 10 s and its
-/// scratch directory stayed for ever. Now it cleans up as Ctrl-C does, with exit code 143.
-#[test]
-fn sigterm_stops_mr_run_like_ctrl_c() {
+/// Sends `sig` to a running `mr run`; checks it exits with `code` and `message`, its workers
+/// gone and its scratch directory removed.
+fn stop_mr_run_with(sig: &str, code: i32, message: &str) {
     let lab = Lab::new();
     let tmp = lab.path().join("tmp");
     let (procs, i, workers, scratch) = start_long_job(&lab, &tmp);
-    signal(procs.pid(i), "TERM");
-    let (code, _, stderr) = procs
+    signal(procs.pid(i), sig);
+    let (got, _, stderr) = procs
         .wait_with_output(i, Duration::from_secs(20))
-        .expect("mr run exits on SIGTERM");
-    assert_eq!(code, Some(143), "{stderr}");
-    assert!(
-        stderr.contains("terminated: stopping the workers"),
-        "{stderr}"
-    );
+        .expect("mr run exits on the signal");
+    assert_eq!(got, Some(code), "{stderr}");
+    assert!(stderr.contains(message), "{stderr}");
     for w in workers {
         assert!(!running(w), "worker {w} outlived mr run");
     }
     assert!(!scratch.exists(), "scratch {} left", scratch.display());
+}
+
+/// Before: SIGTERM killed `mr run` with no message, its workers ran on for 10 s and its
+/// scratch directory stayed for ever. Now it cleans up as Ctrl-C does, with exit code 143.
+#[test]
+fn sigterm_stops_mr_run_like_ctrl_c() {
+    stop_mr_run_with("TERM", 143, "terminated: stopping the workers");
+}
+
+/// Ctrl-C (SIGINT): the same, with exit code 130.
+#[test]
+fn sigint_stops_mr_run_and_cleans_up() {
+    stop_mr_run_with("INT", 130, "interrupted: stopping the workers");
 }
 
 /// Before: workers of a SIGKILLed `mr run` ran on (10 s, then a message after the prompt).
