@@ -15,6 +15,7 @@ pub mod task;
 
 // --- distribution ----------------------------------------------------------------------------
 pub mod coordinator;
+pub mod disk;
 pub mod local;
 pub mod shuffle;
 pub mod status;

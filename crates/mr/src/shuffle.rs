@@ -37,15 +37,46 @@ pub const MAX_SHUFFLE_CONNECTIONS: usize = 64;
 /// the wire, so a fetcher can never name an arbitrary file.
 #[derive(Debug, Clone, Default)]
 pub struct FileTable {
-    files: Arc<Mutex<BTreeMap<FileKey, PathBuf>>>,
+    files: Arc<Mutex<BTreeMap<FileKey, Served>>>,
     job_id: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Clone)]
+struct Served {
+    path: PathBuf,
+    /// Served once, then this directory (holding the file) is deleted: a reduce output, which
+    /// only the coordinator fetches, once, to commit it.
+    once: Option<PathBuf>,
 }
 
 impl FileTable {
     /// Makes `path` available under `key`.
     pub fn insert(&self, key: FileKey, path: PathBuf) {
         if let Ok(mut files) = self.files.lock() {
-            files.insert(key, path);
+            files.insert(key, Served { path, once: None });
+        }
+    }
+
+    /// Makes `path` available under `key` for one fetch; after it (whether it succeeded or
+    /// not) the entry is dropped and `dir` deleted. For reduce outputs: the coordinator fetches
+    /// each winning output exactly once, and a failed commit runs the task again as a new
+    /// attempt, so the file is never needed twice and must not pile up on the worker's disk.
+    pub fn insert_once(&self, key: FileKey, path: PathBuf, dir: PathBuf) {
+        if let Ok(mut files) = self.files.lock() {
+            files.insert(
+                key,
+                Served {
+                    path,
+                    once: Some(dir),
+                },
+            );
+        }
+    }
+
+    /// Stops serving `key` (its files are about to be deleted).
+    pub fn remove(&self, key: &FileKey) {
+        if let Ok(mut files) = self.files.lock() {
+            files.remove(key);
         }
     }
 
@@ -58,7 +89,18 @@ impl FileTable {
 
     /// The path served under `key`.
     pub fn get(&self, key: &FileKey) -> Option<PathBuf> {
-        self.files.lock().ok()?.get(key).cloned()
+        Some(self.files.lock().ok()?.get(key)?.path.clone())
+    }
+
+    /// The path under `key` and, for a served-once entry, the directory to delete after this
+    /// fetch (the entry is then gone, so no second fetch can start).
+    fn take_for_serving(&self, key: &FileKey) -> Option<(PathBuf, Option<PathBuf>)> {
+        let mut files = self.files.lock().ok()?;
+        let served = files.get(key)?.clone();
+        if served.once.is_some() {
+            files.remove(key);
+        }
+        Some((served.path, served.once))
     }
 
     /// Sets the job id fetchers must present (0: refuse everyone).
@@ -82,9 +124,18 @@ pub enum ShuffleError {
         /// The error.
         source: std::io::Error,
     },
-    /// The connection or local disk failed.
+    /// The connection failed.
     #[error("shuffle I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// Writing the fetched file on this side failed (a full or read-only disk: see
+    /// [`crate::disk`]).
+    #[error("cannot write {}: {}", path.display(), crate::disk::reason(error))]
+    LocalWrite {
+        /// The file being written.
+        path: PathBuf,
+        /// The error.
+        error: std::io::Error,
+    },
     /// A bad frame.
     #[error("shuffle protocol error: {0}")]
     Codec(#[from] CodecError),
@@ -167,13 +218,24 @@ async fn serve_one(stream: TcpStream, table: &FileTable) -> Result<(), ShuffleEr
     let mut framed = framed
         .map_codec(|_| FrameCodec::<ShuffleRequest, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES));
     let ShuffleRequest::Fetch(key) = next_frame(&mut framed).await?;
-    let Some(path) = table.get(&key) else {
+    let Some((path, once)) = table.take_for_serving(&key) else {
         framed
             .send(ShuffleReply::Error(format!("no such file: {key:?}")))
             .await?;
         return Ok(());
     };
-    let mut file = match tokio::fs::File::open(&path).await {
+    let result = send_file(&mut framed, &path).await;
+    if let Some(dir) = once {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+    result
+}
+
+async fn send_file<S>(framed: &mut S, path: &Path) -> Result<(), ShuffleError>
+where
+    S: futures::Sink<ShuffleReply, Error = CodecError> + Unpin,
+{
+    let mut file = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(e) => {
             framed
@@ -238,13 +300,19 @@ pub async fn fetch_file(
     framed.send(ShuffleRequest::Fetch(key)).await?;
 
     let tmp = dest.with_extension("part");
-    let mut out = tokio::fs::File::create(&tmp).await?;
+    let local = |error: std::io::Error| ShuffleError::LocalWrite {
+        path: tmp.clone(),
+        error,
+    };
+    let mut out = tokio::fs::File::create(&tmp).await.map_err(local)?;
     let mut got: u64 = 0;
     let result = loop {
         match next_frame(&mut framed).await {
             Ok(ShuffleReply::Data(chunk)) => {
                 got += chunk.len() as u64;
-                out.write_all(&chunk).await?;
+                if let Err(e) = out.write_all(&chunk).await {
+                    break Err(local(e));
+                }
             }
             Ok(ShuffleReply::End { total_bytes }) if total_bytes == got => break Ok(got),
             Ok(ShuffleReply::End { total_bytes }) => {
@@ -260,11 +328,21 @@ pub async fn fetch_file(
     };
     match result {
         Ok(n) => {
-            out.flush().await?;
-            out.sync_all().await?;
-            drop(out);
-            tokio::fs::rename(&tmp, dest).await?;
-            Ok(n)
+            let finished = async {
+                out.flush().await?;
+                out.sync_all().await?;
+                drop(out);
+                tokio::fs::rename(&tmp, dest).await
+            };
+            match finished.await {
+                Ok(()) => Ok(n),
+                Err(e) => {
+                    // A full disk fails here as often as in write_all: the partial file must
+                    // not stay behind to make it fuller.
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    Err(local(e))
+                }
+            }
         }
         Err(e) => {
             drop(out);

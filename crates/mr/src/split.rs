@@ -4,6 +4,10 @@
 //! line start while planning, so a split's byte range `[offset, offset + len)` holds exactly
 //! its whole lines and the concatenation of a file's splits is the file. A line longer than
 //! the split size makes its split longer; a file without newlines is one split.
+//!
+//! A gzip file (name ending in `.gz`) cannot be cut (gzip is not splittable), so it is one
+//! split, read whole and decompressed by its map task, as Hadoop does. A directory given as
+//! input stands for the files in it ([`expand_inputs`]).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -26,6 +30,62 @@ pub struct InputSplit {
     pub len: u64,
 }
 
+/// Whether `path` is read through gzip (its name ends in `.gz`, as Hadoop's codec choice).
+pub fn is_gzip(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"))
+}
+
+/// Replaces each directory in `inputs` by the files directly in it, in name order, as Hadoop's
+/// `FileInputFormat` does by default: names starting with `_` or `.` (such as `_SUCCESS` and
+/// editor or checksum files) are skipped, and so are subdirectories (not read recursively).
+/// A directory with nothing to read is an error; files are kept as given.
+pub fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let meta = std::fs::metadata(input)
+            .with_context(|| format!("cannot read input {}", input.display()))?;
+        if !meta.is_dir() {
+            files.push(input.clone());
+            continue;
+        }
+        let mut found = Vec::new();
+        let entries = std::fs::read_dir(input)
+            .with_context(|| format!("cannot list input directory {}", input.display()))?;
+        for entry in entries {
+            let entry = entry
+                .with_context(|| format!("cannot list input directory {}", input.display()))?;
+            let name = entry.file_name();
+            if name
+                .to_str()
+                .is_some_and(|n| n.starts_with('_') || n.starts_with('.'))
+            {
+                continue;
+            }
+            let path = entry.path();
+            // Follows symbolic links, as a file named on the command line would be.
+            let is_file = std::fs::metadata(&path)
+                .with_context(|| format!("cannot read input {}", path.display()))?
+                .is_file();
+            if is_file {
+                found.push(path);
+            } else {
+                tracing::debug!(path = %path.display(), "not a file: skipped");
+            }
+        }
+        if found.is_empty() {
+            bail!(
+                "input directory {} has no files to read (names starting with _ or . and \
+                 subdirectories are skipped)",
+                input.display()
+            );
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
+}
+
 /// Cuts `inputs` into splits of about `split_size_bytes` each (at least 1), in input order.
 ///
 /// A missing or unreadable input, or a directory, is an error naming the file. An empty file
@@ -39,11 +99,13 @@ pub fn plan_splits(inputs: &[PathBuf], split_size_bytes: u64) -> anyhow::Result<
         let meta = file
             .metadata()
             .with_context(|| format!("cannot stat input {}", path.display()))?;
+        // (A directory is an error here: callers expand directories first, see
+        // `expand_inputs`.)
         if meta.is_dir() {
             bail!("input {} is a directory, not a file", path.display());
         }
         let file_len = meta.len();
-        if file_len == 0 {
+        if file_len == 0 || is_gzip(path) {
             splits.push(InputSplit {
                 path: path.clone(),
                 offset: 0,
@@ -92,10 +154,25 @@ fn next_line_start(file: &mut File, path: &Path, pos: u64, file_len: u64) -> any
     Ok(file_len)
 }
 
-/// Reads a split's bytes.
+/// Reads a split's bytes (decompressed, for a gzip file: its one split is the whole file).
 pub fn read_split(split: &InputSplit) -> anyhow::Result<Vec<u8>> {
     let mut file = File::open(&split.path)
         .with_context(|| format!("cannot open input {}", split.path.display()))?;
+    if is_gzip(&split.path) {
+        if split.offset != 0 {
+            bail!(
+                "input {} is gzip-compressed and cannot be read from offset {}",
+                split.path.display(),
+                split.offset
+            );
+        }
+        let mut contents = Vec::new();
+        // Multi-member files (concatenated .gz files, as `cat a.gz b.gz` makes) are read whole.
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))
+            .read_to_end(&mut contents)
+            .with_context(|| format!("cannot decompress input {}", split.path.display()))?;
+        return Ok(contents);
+    }
     file.seek(SeekFrom::Start(split.offset))
         .with_context(|| format!("seeking in input {}", split.path.display()))?;
     let len = usize::try_from(split.len).context("split too large for this machine")?;
@@ -113,4 +190,46 @@ pub fn read_split(split: &InputSplit) -> anyhow::Result<Vec<u8>> {
         );
     }
     Ok(contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    #[test]
+    fn a_directory_stands_for_its_visible_files_and_gz_is_one_decompressed_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("b.txt"), "two\n").unwrap();
+        std::fs::write(d.join("a.txt"), "one\n").unwrap();
+        std::fs::write(d.join("_SUCCESS"), "").unwrap();
+        std::fs::write(d.join(".a.txt.crc"), "x").unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        let text = "the quick brown fox\n".repeat(1000);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text.as_bytes()).unwrap();
+        std::fs::write(d.join("c.txt.gz"), gz.finish().unwrap()).unwrap();
+
+        let files = expand_inputs(&[d.to_path_buf()]).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a.txt", "b.txt", "c.txt.gz"]);
+
+        // A small split size cuts text files, never a gzip file.
+        let splits = plan_splits(&files, 8).unwrap();
+        let gz_splits: Vec<_> = splits.iter().filter(|s| is_gzip(&s.path)).collect();
+        assert_eq!(gz_splits.len(), 1);
+        assert_eq!(read_split(gz_splits[0]).unwrap(), text.as_bytes());
+
+        let empty = tempfile::tempdir().unwrap();
+        std::fs::write(empty.path().join("_SUCCESS"), "").unwrap();
+        let err = expand_inputs(&[empty.path().to_path_buf()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("has no files to read"),
+            "{err:#}"
+        );
+    }
 }

@@ -5,7 +5,11 @@
 //! A worker exits when the coordinator says the job is over (done or failed), or when it has
 //! been unable to reach the coordinator for `coordinator_timeout`. If its connection drops it
 //! reconnects and registers again under a new id (the coordinator has by then given its work
-//! to others).
+//! to others). Before its first welcome, it says at once that nothing answers (and keeps
+//! trying), and gives up at once on a peer that is not a coordinator.
+//!
+//! A failed attempt's files are deleted when it ends; a reduce output is served once (to the
+//! coordinator committing it) and then deleted: a full disk is never made fuller by retries.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +20,7 @@ use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use shoal_wire::codec::FrameCodec;
 use shoal_wire::mr::{
-    AttemptRef, FileKey, JobSpec, MapOutputLocation, SplitSpec, ToCoordinator, ToWorker,
+    AttemptRef, FileKey, JobSpec, MapOutputLocation, SplitSpec, TaskKind, ToCoordinator, ToWorker,
     MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
 };
 use shoal_wire::{Hello, Role};
@@ -24,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
 use crate::app::{build_app, App, AppConfig, ShippedFile};
-use crate::shuffle::{fetch_file, serve_shuffle, FileTable};
+use crate::shuffle::{fetch_file, serve_shuffle, FileTable, ShuffleError};
 use crate::split::InputSplit;
 
 /// Pause between attempts to reach the coordinator.
@@ -72,7 +76,7 @@ pub enum WorkerExit {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The coordinator could not be reached.
-    #[error("coordinator at {addr} unreachable for {waited:?} ({last_error}); giving up (the job may have finished)")]
+    #[error("coordinator at {addr} unreachable for {waited:.1?} ({last_error}); giving up (the job may have finished)")]
     Unreachable {
         /// Its address.
         addr: String,
@@ -80,6 +84,25 @@ pub enum WorkerError {
         waited: Duration,
         /// The last error seen.
         last_error: String,
+    },
+    /// The coordinator was never reached: nothing listens there, or nothing answers.
+    #[error("cannot reach a coordinator at {addr} ({last_error}) for {waited:.1?}; giving up — is the coordinator running?")]
+    NeverReached {
+        /// Its address.
+        addr: String,
+        /// How long the worker tried.
+        waited: Duration,
+        /// The last error seen.
+        last_error: String,
+    },
+    /// Something answers at the address, but it is not a MapReduce coordinator (a KV or Raft
+    /// server closes the connection on a worker's handshake).
+    #[error("{addr}: that port is not a MapReduce coordinator ({detail})")]
+    NotACoordinator {
+        /// The address.
+        addr: String,
+        /// What it did.
+        detail: String,
     },
     /// The coordinator refused this worker.
     #[error("coordinator refused this worker: {0}")]
@@ -208,6 +231,9 @@ struct Session<'a> {
 enum SessionEnd {
     Exit(WorkerExit),
     Lost(String),
+    /// The peer answered the handshake with something no coordinator sends (or closed the
+    /// connection without a word): only decisive before any coordinator welcomed us.
+    NotACoordinator(String),
 }
 
 /// What a finished attempt reports.
@@ -226,19 +252,42 @@ impl Session<'_> {
     async fn run(&mut self) -> Result<WorkerExit, WorkerError> {
         let addr = self.options.coordinator.clone();
         let mut last_error;
+        let mut said_unreachable = false;
         loop {
             match self.connect().await {
                 Ok(stream) => match self.serve(stream).await? {
                     SessionEnd::Exit(exit) => return Ok(exit),
-                    SessionEnd::Lost(why) => {
+                    SessionEnd::NotACoordinator(detail) if self.job.is_none() => {
+                        return Err(WorkerError::NotACoordinator { addr, detail });
+                    }
+                    SessionEnd::NotACoordinator(why) | SessionEnd::Lost(why) => {
                         tracing::warn!(coordinator = %addr, reason = %why, "lost the coordinator; reconnecting");
                         last_error = why;
                     }
                 },
-                Err(e) => last_error = e.to_string(),
+                Err(e) => {
+                    last_error = lowercase_first(&crate::disk::reason(&e));
+                    if self.job.is_none() && !said_unreachable {
+                        // Said at once (and once), not after the whole --coordinator-timeout:
+                        // a wrong address or a coordinator not started yet is the usual cause.
+                        tracing::warn!(
+                            "connecting to {addr}: {last_error} — is the coordinator running? \
+                             (trying again for {:?})",
+                            self.options.coordinator_timeout
+                        );
+                        said_unreachable = true;
+                    }
+                }
             }
             let waited = self.last_contact.elapsed();
             if waited >= self.options.coordinator_timeout {
+                if self.job.is_none() {
+                    return Err(WorkerError::NeverReached {
+                        addr,
+                        waited,
+                        last_error,
+                    });
+                }
                 return Err(WorkerError::Unreachable {
                     addr,
                     waited,
@@ -314,12 +363,20 @@ impl Session<'_> {
                 return Ok(SessionEnd::Exit(WorkerExit::JobFailed(reason)))
             }
             Ok(Some(Ok(other))) => {
-                return Ok(SessionEnd::Lost(format!(
-                    "unexpected first message {other:?}"
+                return Ok(SessionEnd::NotACoordinator(format!(
+                    "it answered with {other:?}"
                 )))
             }
-            Ok(Some(Err(e))) => return Ok(SessionEnd::Lost(e.to_string())),
-            Ok(None) => return Ok(SessionEnd::Lost("connection closed".into())),
+            Ok(Some(Err(e))) => {
+                return Ok(SessionEnd::NotACoordinator(format!(
+                    "it answered with something else: {e}"
+                )))
+            }
+            Ok(None) => {
+                return Ok(SessionEnd::NotACoordinator(
+                    "it closed the connection on the handshake, as a KV or Raft server does".into(),
+                ))
+            }
             Err(_) => return Ok(SessionEnd::Lost("no welcome from the coordinator".into())),
         };
         let app = self.app_for(&job)?;
@@ -384,6 +441,7 @@ impl Session<'_> {
                     }
                     Some(Ok(ToWorker::Refused { reason })) => return Err(WorkerError::Refused(reason)),
                     Some(Ok(ToWorker::Welcome { .. })) => {}
+                    Some(Ok(ToWorker::Discard { attempt })) => self.discard(attempt).await,
                     Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                     None => break SessionEnd::Lost("connection closed".into()),
                 },
@@ -394,6 +452,34 @@ impl Session<'_> {
             task.abort();
         }
         Ok(end)
+    }
+
+    /// Deletes a losing attempt's files: they are no longer served, and its directory goes.
+    async fn discard(&self, attempt: AttemptRef) {
+        let dir = match attempt.kind {
+            TaskKind::Map => {
+                let reduces = self.job.as_ref().map_or(0, |(job, _)| job.reduces);
+                for partition in 0..reduces {
+                    self.table.remove(&FileKey::MapOutput {
+                        map_task: attempt.task,
+                        attempt: attempt.attempt,
+                        partition,
+                    });
+                }
+                self.dir
+                    .join(format!("map-{}-a{}", attempt.task, attempt.attempt))
+            }
+            TaskKind::Reduce => {
+                self.table.remove(&FileKey::ReduceOutput {
+                    reduce_task: attempt.task,
+                    attempt: attempt.attempt,
+                });
+                self.dir
+                    .join(format!("reduce-{}-a{}", attempt.task, attempt.attempt))
+            }
+        };
+        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "discarding a losing attempt's files");
+        let _ = tokio::fs::remove_dir_all(&dir).await;
     }
 
     /// Builds the app once per job (streaming apps materialise their shipped files).
@@ -427,6 +513,14 @@ impl Session<'_> {
         })?;
         self.job = Some((job.clone(), app.clone()));
         Ok(app)
+    }
+}
+
+fn lowercase_first(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 
@@ -501,11 +595,17 @@ async fn run_map(
     };
     let reduces = job.reduces;
     let memory = job.memory_bytes;
+    let attempt_dir = task_dir.clone();
     let result = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&task_dir)?;
         crate::task::run_map_task(&*app, &split, attempt.task, reduces, memory, &task_dir)
     })
     .await;
+    if !matches!(&result, Ok(Ok(out)) if out.partitions.len() == reduces as usize) {
+        // A failed attempt's files are never served: delete them now, not at exit (on a full
+        // disk, every retry's leftovers would make it fuller).
+        let _ = tokio::fs::remove_dir_all(&attempt_dir).await;
+    }
     match result {
         Ok(Ok(out)) if out.partitions.len() == reduces as usize => {
             for (r, path) in out.partitions.into_iter().enumerate() {
@@ -528,8 +628,26 @@ async fn run_map(
                 out.partitions.len()
             ),
         ),
-        Ok(Err(e)) => Report::Failed(attempt, format!("{e:#}")),
+        Ok(Err(e)) => Report::Failed(attempt, failure_text(&e, &dir)),
         Err(e) => Report::Failed(attempt, panic_message(e)),
+    }
+}
+
+/// An attempt's error for the coordinator: when this worker's disk is full or read-only, a
+/// message naming its directory and the way out first, then the details.
+fn failure_text(e: &anyhow::Error, dir: &Path) -> String {
+    let disk = e.chain().find_map(|c| {
+        c.downcast_ref::<std::io::Error>().filter(|io| {
+            matches!(
+                io.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
+            )
+        })
+    });
+    match disk {
+        // The cause, once: the chain below it would repeat "No space left on device".
+        Some(io) => crate::disk::describe("worker directory", dir, "--work-dir", io),
+        None => format!("{e:#}"),
     }
 }
 
@@ -539,23 +657,27 @@ async fn fetch_with_retries(
     location: &MapOutputLocation,
     partition: u32,
     dest: &Path,
-) -> Result<(), String> {
+) -> Result<(), ShuffleError> {
     let key = FileKey::MapOutput {
         map_task: location.map_task,
         attempt: location.attempt,
         partition,
     };
-    let mut last = String::new();
-    for attempt in 0..FETCH_TRIES {
-        if attempt > 0 {
-            tokio::time::sleep(RECONNECT_BACKOFF * attempt).await;
-        }
+    let mut tries = 0;
+    loop {
         match fetch_file(&location.shuffle_addr, job_id, key, dest).await {
             Ok(_) => return Ok(()),
-            Err(e) => last = e.to_string(),
+            // Our own disk failed: trying again, or re-running the map, cannot help.
+            Err(e @ ShuffleError::LocalWrite { .. }) => return Err(e),
+            Err(e) => {
+                tries += 1;
+                if tries >= FETCH_TRIES {
+                    return Err(e);
+                }
+            }
         }
+        tokio::time::sleep(RECONNECT_BACKOFF * tries).await;
     }
-    Err(last)
 }
 
 async fn run_reduce(
@@ -603,41 +725,58 @@ async fn run_reduce(
     for (loc, result) in fetches {
         match result {
             Ok(path) => files.push(path),
+            Err(ShuffleError::LocalWrite { path, error }) => {
+                // This worker's disk, not the map output, is the problem: a task failure
+                // (counted toward --max-attempts), not a reason to re-run the map.
+                let _ = tokio::fs::remove_dir_all(&task_dir).await;
+                let text = crate::disk::describe("worker directory", &dir, "--work-dir", &error);
+                return Report::Failed(
+                    attempt,
+                    format!("{text} (fetching into {})", path.display()),
+                );
+            }
             Err(error) => {
                 let _ = tokio::fs::remove_dir_all(&task_dir).await;
                 return Report::FetchFailed {
                     attempt,
                     map_task: loc.map_task,
                     map_attempt: loc.attempt,
-                    error,
+                    error: error.to_string(),
                 };
             }
         }
     }
     let memory = job.memory_bytes;
     let reduce_out = out_dir.clone();
+    let reduce_scratch = scratch.clone();
     let result = tokio::task::spawn_blocking(move || {
-        crate::task::run_reduce_task(&*app, r, &files, memory, &scratch, &reduce_out)
+        crate::task::run_reduce_task(&*app, r, &files, memory, &reduce_scratch, &reduce_out)
     })
     .await;
     let _ = tokio::fs::remove_dir_all(&fetch_dir).await;
-    match result {
+    let _ = tokio::fs::remove_dir_all(&scratch).await;
+    let out = out_dir.join(format!("mr-out-{r}"));
+    let report = match result {
+        Ok(Ok(_)) if !out.exists() => {
+            Report::Failed(attempt, format!("reduce wrote no {}", out.display()))
+        }
         Ok(Ok(counters)) => {
-            let out = out_dir.join(format!("mr-out-{r}"));
-            if !out.exists() {
-                return Report::Failed(attempt, format!("reduce wrote no {}", out.display()));
-            }
-            table.insert(
+            // Served once, to the coordinator committing it; then the attempt's directory
+            // goes (a failed commit runs the task again as a new attempt).
+            table.insert_once(
                 FileKey::ReduceOutput {
                     reduce_task: r,
                     attempt: attempt.attempt,
                 },
                 out,
+                task_dir.clone(),
             );
             slow_down(started, slow_factor).await;
-            Report::Done(attempt, counters.0)
+            return Report::Done(attempt, counters.0);
         }
-        Ok(Err(e)) => Report::Failed(attempt, format!("{e:#}")),
+        Ok(Err(e)) => Report::Failed(attempt, failure_text(&e, &dir)),
         Err(e) => Report::Failed(attempt, panic_message(e)),
-    }
+    };
+    let _ = tokio::fs::remove_dir_all(&task_dir).await;
+    report
 }

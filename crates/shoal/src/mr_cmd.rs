@@ -50,7 +50,12 @@ Examples:
   shoal mr run --app stream --mapper 'sh map.sh' --ship map.sh in.txt   # scripts run in the ship dir
   shoal mr run --workers 4 --slow-workers 1     # one worker 10x slower: watch backup tasks win
 
-Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.";
+Inputs: files; a directory stands for the files in it (names starting with _ or . and
+subdirectories are skipped); *.gz files are decompressed (one map task each).
+Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.
+Exit status: 0 done; 1 the job failed (a task failed --max-attempts times, or the output
+directory is full, read-only or not writable); 2 bad options or inputs; 130 on Ctrl-C and 143
+on SIGTERM (workers stopped and the scratch directory under $TMPDIR removed either way).";
 
 const COORDINATOR_HELP: &str = "\
 Examples:
@@ -61,8 +66,9 @@ Examples:
 
 The first line on stdout is `listening on ADDR` (useful with --listen 127.0.0.1:0).
 Exit status: 0 when the job is done and out/mr-out-* are in place; 1 when a task failed
---max-attempts times (the message names the task, its input and the error); 2 on bad options
-or inputs (reported before the job starts).";
+--max-attempts times (the message names the task, its input and the error) or the output
+directory is full, read-only or not writable; 2 on bad options or inputs, or a busy --listen
+or --http port (reported before `listening on`); 130 on Ctrl-C, 143 on SIGTERM.";
 
 const WORKER_HELP: &str = "\
 Examples:
@@ -71,8 +77,9 @@ Examples:
 
 The worker keeps its map output in a fresh directory under --work-dir (removed on exit) and
 serves it to reduce workers from its shuffle server. It exits 0 when the coordinator says the
-job is done, 1 if the job failed or the coordinator stayed unreachable for
---coordinator-timeout.";
+job is done, 1 if the job failed, if the coordinator stayed unreachable for
+--coordinator-timeout (a worker that cannot connect says so at once, then keeps trying), or at
+once if the address answers but is not a MapReduce coordinator.";
 
 const SEQ_HELP: &str = "\
 Examples:
@@ -158,8 +165,9 @@ pub struct JobArgs {
     /// Re-run straggling tasks on idle workers near the end of each phase (paper §3.6).
     #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, value_name = "on|off")]
     pub backup_tasks: bool,
-    /// Serve an HTML status page (and /status.json) on this address.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve an HTML status page (and /status.json) on this address (HOST:PORT; a host name
+    /// or an IP address).
+    #[arg(long, value_name = "ADDR", value_parser = addr_arg)]
     pub http: Option<SocketAddr>,
 }
 
@@ -190,8 +198,8 @@ pub struct RunArgs {
 /// `shoal mr coordinator`.
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
-    /// Address to accept workers on.
-    #[arg(long, default_value = "0.0.0.0:7070")]
+    /// Address to accept workers on (HOST:PORT; a host name or an IP address).
+    #[arg(long, default_value = "0.0.0.0:7070", value_parser = addr_arg)]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub app: AppArgs,
@@ -208,14 +216,14 @@ pub struct CoordinatorArgs {
 /// `shoal mr worker`.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// The coordinator's address (host:port).
-    #[arg(long)]
-    pub coordinator: String,
+    /// The coordinator's address (HOST:PORT; a host name or an IP address).
+    #[arg(long, value_parser = addr_arg)]
+    pub coordinator: SocketAddr,
     /// Where to keep map output (a fresh subdirectory, removed on exit). Default: $TMPDIR.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
     /// Address of this worker's shuffle server.
-    #[arg(long, default_value = "0.0.0.0:0")]
+    #[arg(long, default_value = "0.0.0.0:0", value_parser = addr_arg)]
     pub shuffle_listen: SocketAddr,
     /// Host name other workers use to reach this one (default: the address this worker uses
     /// to reach the coordinator).
@@ -227,6 +235,9 @@ pub struct WorkerArgs {
     /// Testing knob: behave as a machine this many times slower (sleeps after each task).
     #[arg(long, default_value_t = 1.0, hide_short_help = true)]
     pub slow_factor: f64,
+    /// Started by `mr run`, which reports a failed job itself: do not print it again.
+    #[arg(long, hide = true)]
+    pub supervised: bool,
 }
 
 /// `shoal mr seq`.
@@ -240,6 +251,11 @@ pub struct SeqArgs {
     /// Input files.
     #[arg(value_name = "INPUT", required = true)]
     pub inputs: Vec<PathBuf>,
+}
+
+/// `--http`, `--listen`, `--coordinator`: a host name or an IP address, with a port.
+fn addr_arg(s: &str) -> anyhow::Result<SocketAddr> {
+    crate::cli::parse_addr(s)
 }
 
 /// Parses `64MiB`, `512KiB`, `1G`, `100k`, `1000`.
@@ -316,16 +332,17 @@ fn job_options(app: AppConfig, job: &JobArgs, inputs: Vec<PathBuf>, out: PathBuf
     }
 }
 
-/// Starts the status page if asked; returns the sender the coordinator publishes to.
-async fn status_channel(
-    http: Option<SocketAddr>,
-) -> anyhow::Result<(
+/// Where the coordinator publishes its status, and where the progress bars read it.
+type StatusChannel = (
     watch::Sender<Arc<JobStatus>>,
     watch::Receiver<Arc<JobStatus>>,
-)> {
+);
+
+/// Serves the status page on `listener`, if any; returns the sender the coordinator publishes
+/// to.
+fn status_channel(listener: Option<tokio::net::TcpListener>) -> anyhow::Result<StatusChannel> {
     let (tx, rx) = watch::channel(Arc::new(JobStatus::starting()));
-    if let Some(addr) = http {
-        let listener = bind_status(addr).await?;
+    if let Some(listener) = listener {
         let real = listener.local_addr()?;
         say!("status page on http://{real}/ (JSON at /status.json)");
         tokio::spawn(serve_status(listener, rx.clone()));
@@ -333,10 +350,11 @@ async fn status_channel(
     Ok((tx, rx))
 }
 
-/// Maps a job's failure to an exit code: 1 for a failed task, an error (exit 2) otherwise.
+/// Maps a job's failure to an exit code: 1 for a failed task or a job aborted on an
+/// unrecoverable disk error, an error (exit 2) otherwise.
 fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
     match e {
-        CoordinatorError::TaskFailed { .. } => {
+        CoordinatorError::TaskFailed { .. } | CoordinatorError::Aborted(_) => {
             eprintln!("error: {e}");
             Ok(ExitCode::from(1))
         }
@@ -347,14 +365,21 @@ fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let app = args.app.config("wordcount")?;
     let job = prepare_job(job_options(app, &args.job, args.inputs, args.out.clone()))?;
+    // Both ports are bound before either is announced: a busy --http port fails the command
+    // before any worker can connect (and before `listening on` tells anyone to try).
+    let status_listener = match args.job.http {
+        Some(addr) => Some(bind_http(addr).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     say!("listening on {addr}");
+    let (tx, _rx) = status_channel(status_listener)?;
     let _ = std::io::stdout().flush();
-    let (tx, _rx) = status_channel(args.job.http).await?;
     let maps = job.splits.len();
+    let mut terminate = sigterm()?;
     tokio::select! {
         result = run_job(job, listener, tx) => match result {
             Ok(report) => {
@@ -367,15 +392,33 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             eprintln!("interrupted: the job is abandoned");
             Ok(ExitCode::from(130))
         }
+        _ = terminate.recv() => {
+            eprintln!("terminated: the job is abandoned");
+            Ok(ExitCode::from(143))
+        }
     }
+}
+
+/// Binds the status page's port (`--http`).
+async fn bind_http(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    bind_status(addr)
+        .await
+        .with_context(|| format!("cannot serve the status page on --http {addr}"))
+}
+
+/// A stream of SIGTERMs (what `kill`, systemd, CI runners and `timeout` send).
+fn sigterm() -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install a SIGTERM handler")
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if !(args.slow_factor >= 1.0 && args.slow_factor.is_finite()) {
         bail!("--slow-factor must be at least 1");
     }
+    let supervised = args.supervised;
     let options = WorkerOptions {
-        coordinator: args.coordinator,
+        coordinator: args.coordinator.to_string(),
         work_dir: args.work_dir,
         shuffle_listen: args.shuffle_listen,
         advertise_host: args.advertise,
@@ -388,7 +431,12 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Ok(WorkerExit::JobFailed(reason)) => {
-            eprintln!("worker: the coordinator reports the job failed: {reason}");
+            if supervised {
+                // `mr run` prints the reason once, for the whole job.
+                tracing::debug!(%reason, "the coordinator reports the job failed");
+            } else {
+                eprintln!("worker: the coordinator reports the job failed: {reason}");
+            }
             Ok(ExitCode::from(1))
         }
         Err(e) => {
@@ -403,11 +451,8 @@ fn seq(args: SeqArgs) -> anyhow::Result<ExitCode> {
     let scratch = std::env::temp_dir().join(format!("shoal-mr-seq-{}", std::process::id()));
     let app = shoal_mr::app::build_app(&config, &scratch);
     let app = app.with_context(|| format!("bad app configuration for {}", config.name))?;
-    for input in &args.inputs {
-        std::fs::metadata(input)
-            .with_context(|| format!("cannot read input {}", input.display()))?;
-    }
-    let result = shoal_mr::seq::run_sequential(&*app, &args.inputs, &args.out);
+    let inputs = shoal_mr::split::expand_inputs(&args.inputs)?;
+    let result = shoal_mr::seq::run_sequential(&*app, &inputs, &args.out);
     let _ = std::fs::remove_dir_all(&scratch);
     let counters = result.with_context(|| format!("sequential {} failed", config.name))?;
     eprintln!("wrote {}", args.out.display());
@@ -434,12 +479,49 @@ impl Drop for Children {
 /// How long `mr run` waits for its workers to exit after the job ends.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
+/// Name prefix of `mr run`'s scratch directory under $TMPDIR; the pid follows.
+const SCRATCH_PREFIX: &str = "shoal-mr-run-";
+
+/// Removes the scratch directories of `mr run` processes that no longer exist (killed with
+/// SIGKILL, when no cleanup can run; their workers died with them).
+fn remove_stale_scratch(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            tracing::debug!(dir = %entry.path().display(), "removing a dead `mr run`'s scratch");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let scratch = std::env::temp_dir().join(format!("shoal-mr-run-{}", std::process::id()));
+    let tmp = std::env::temp_dir();
+    remove_stale_scratch(&tmp);
+    let scratch = tmp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+    // Declared before the workers, so dropped after them: the directory goes once no worker
+    // writes to it, on every way out of this function (errors, Ctrl-C, SIGTERM).
     let _cleanup = RemoveOnDrop(scratch.clone());
+    // Installed before anything slow, so that a SIGINT or SIGTERM from now on takes the
+    // cleanup path (they are acted on in the job loop below; none is lost meanwhile).
+    let mut terminate = sigterm()?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot install a SIGINT handler")?;
     let (inputs, bundled) = if args.inputs.is_empty() {
         let books = shoal_mr::local::write_bundled_books(&scratch.join("books"))
             .context("cannot write the bundled books to a temporary directory")?;
@@ -449,31 +531,29 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let app = args.app.config("wordcount")?;
     let app_name = app.name.clone();
-    let job = prepare_job(job_options(
-        app,
-        &args.job,
-        inputs.clone(),
-        args.out.clone(),
-    ))?;
+    let status_listener = match args.job.http {
+        Some(addr) => Some(bind_http(addr).await?),
+        None => None,
+    };
+    let job = prepare_job(job_options(app, &args.job, inputs, args.out.clone()))?;
     let maps = job.splits.len();
     let input_bytes = job.input_bytes;
+    let files = job.options.inputs.len();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot listen on 127.0.0.1")?;
     let addr = listener.local_addr()?;
-    let (tx, mut rx) = status_channel(args.job.http).await?;
+    let (tx, mut rx) = status_channel(status_listener)?;
 
     if bundled {
         say!(
-            "Counting words in {} bundled books ({:.1} MB) with {} worker processes…",
-            inputs.len(),
+            "Counting words in {files} bundled books ({:.1} MB) with {} worker processes…",
             input_bytes as f64 / 1e6,
             args.workers
         );
     } else {
         say!(
-            "Running {app_name} over {} file(s) ({:.1} MB) with {} worker processes…",
-            inputs.len(),
+            "Running {app_name} over {files} file(s) ({:.1} MB) with {} worker processes…",
             input_bytes as f64 / 1e6,
             args.workers
         );
@@ -483,18 +563,29 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut children = Children(Vec::new());
     for i in 0..args.workers {
         let mut cmd = Command::new(&exe);
-        cmd.args(["mr", "worker", "--coordinator", &addr.to_string()])
-            .arg("--work-dir")
-            .arg(scratch.join(format!("worker-{i}")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        cmd.args([
+            "mr",
+            "worker",
+            "--supervised",
+            "--coordinator",
+            &addr.to_string(),
+        ])
+        .arg("--work-dir")
+        .arg(scratch.join(format!("worker-{i}")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
         if i < args.slow_workers {
             cmd.arg("--slow-factor").arg(args.slow_factor.to_string());
         }
         if std::env::var_os("SHOAL_LOG").is_none() {
             cmd.env("SHOAL_LOG", "error");
         }
-        std::fs::create_dir_all(scratch.join(format!("worker-{i}")))?;
+        // Workers die with this process even when it is SIGKILLed. The signal follows the
+        // spawning thread: this is the thread of `block_on` (the main thread), which lives as
+        // long as the process.
+        crate::cli::die_with_parent(&mut cmd);
+        std::fs::create_dir_all(scratch.join(format!("worker-{i}")))
+            .with_context(|| format!("cannot create {}", scratch.display()))?;
         children.0.push(
             cmd.spawn()
                 .with_context(|| format!("cannot start {}", exe.display()))?,
@@ -532,10 +623,17 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
                     bail!("every worker process exited before the job finished (run with SHOAL_LOG=info to see why)");
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            // Ctrl-C and SIGTERM take the same way out: `children` (killed and reaped) and
+            // then `_cleanup` (the scratch directory) are dropped on return.
+            _ = interrupt.recv() => {
                 bars.clear().ok();
                 eprintln!("interrupted: stopping the workers");
                 return Ok(ExitCode::from(130));
+            }
+            _ = terminate.recv() => {
+                bars.clear().ok();
+                eprintln!("terminated: stopping the workers");
+                return Ok(ExitCode::from(143));
             }
         }
     };

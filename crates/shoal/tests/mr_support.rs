@@ -78,6 +78,35 @@ impl Procs {
         }
     }
 
+    /// Waits up to `timeout` for child `i` and returns its exit code and what it wrote to its
+    /// stdout and stderr (where piped; read while it runs, so a full pipe never blocks it).
+    pub fn wait_with_output(
+        &self,
+        i: usize,
+        timeout: Duration,
+    ) -> Option<(Option<i32>, String, String)> {
+        let (out, err) = {
+            let mut v = self.0.lock().unwrap();
+            (v[i].stdout.take(), v[i].stderr.take())
+        };
+        fn reader<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_string(&mut s);
+                }
+                s
+            })
+        }
+        let (out, err) = (reader(out), reader(err));
+        let status = self.wait(i, timeout)?;
+        Some((
+            status.code(),
+            out.join().unwrap_or_default(),
+            err.join().unwrap_or_default(),
+        ))
+    }
+
     /// SIGKILLs child `i`.
     pub fn kill(&self, i: usize) {
         let mut v = self.0.lock().unwrap();

@@ -190,6 +190,13 @@ pub enum ToWorker {
     /// Answer to a [`ToCoordinator::Heartbeat`]: the coordinator is alive (a worker that hears
     /// nothing for its coordinator timeout reconnects, then gives up).
     HeartbeatAck,
+    /// This worker's attempt finished after another attempt of its task had won: its output
+    /// will never be fetched, so delete it. (Appended last: every earlier message keeps its
+    /// encoding.)
+    Discard {
+        /// The losing attempt.
+        attempt: AttemptRef,
+    },
 }
 
 /// A file a worker's shuffle server may serve. Only files of completed attempts are served.
@@ -257,6 +264,7 @@ mod tests {
                 }],
             },
             ToWorker::JobFailed { reason: "x".into() },
+            ToWorker::Discard { attempt },
         ];
         for m in msgs {
             let mut buf = Vec::new();

@@ -20,10 +20,13 @@
 //!   later reports of the same task are ignored.
 //! - A reduce attempt that cannot fetch a map output reports it; that map task is re-executed
 //!   and the reduce task goes back to the queue (neither counts as a failure).
-//! - Only attempts that *fail* (the app returned an error or panicked) count towards
-//!   `max_attempts`; a lost worker is not the task's fault. At `max_attempts` the job fails.
+//! - Only attempts that *fail* (the app returned an error or panicked, or the winning reduce
+//!   output could not be committed) count towards `max_attempts`; a lost worker is not the
+//!   task's fault. At `max_attempts` the job fails.
 //! - A reduce task is finished when its winning output has been committed (copied into the
 //!   output directory and renamed) by the driver; the job is done when every reduce task is.
+//!   A commit that failed in a way retrying cannot fix ([`CommitError::Unrecoverable`]: the
+//!   output directory is full, read-only or not writable) fails the job at once.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -102,6 +105,14 @@ pub enum Output {
         /// Its shuffle server.
         shuffle_addr: String,
     },
+    /// Tell `worker` to delete the files of `attempt`, which finished after another attempt of
+    /// its task had won (a backup or a duplicate): they will never be fetched.
+    Discard {
+        /// The worker holding the files.
+        worker: WorkerId,
+        /// The losing attempt.
+        attempt: AttemptRef,
+    },
     /// Close this worker's connection: it was declared lost.
     Disconnect {
         /// The worker.
@@ -116,6 +127,33 @@ pub enum Output {
         /// The last error.
         error: String,
     },
+    /// A commit failed in a way no retry can fix: tell the workers to exit, then exit non-zero
+    /// with `error` (which names the output directory and what to do).
+    JobAborted {
+        /// The reduce attempt whose output could not be committed.
+        attempt: AttemptRef,
+        /// The error.
+        error: String,
+    },
+}
+
+/// Why the driver could not commit a winning reduce output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    /// Retrying may help (the worker could not be reached, the transfer broke): the attempt
+    /// counts as failed and the reduce task runs again, up to `max_attempts`.
+    Retryable(String),
+    /// Retrying cannot help (the output directory is full, read-only or not writable): the job
+    /// fails at once with this message.
+    Unrecoverable(String),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Retryable(e) | CommitError::Unrecoverable(e) => f.write_str(e),
+        }
+    }
 }
 
 /// Whether a report changed anything.
@@ -280,6 +318,7 @@ impl Coordinator {
         let task = self.task_mut(attempt);
         if task.done.is_some() {
             tracing::debug!(attempt = %attempt_name(attempt), "late result of a task already won: ignored");
+            self.outputs.push_back(Output::Discard { worker, attempt });
             self.schedule(now);
             return Disposition::Ignored;
         }
@@ -372,14 +411,17 @@ impl Coordinator {
         Disposition::Accepted
     }
 
-    /// The driver finished committing a reduce output: `Ok` if it is in place, `Err` if the
-    /// output could not be fetched from the worker (the reduce task is run again).
+    /// The driver finished committing a reduce output: `Ok` if it is in place. A
+    /// [`CommitError::Retryable`] failure counts toward `max_attempts` like a failed attempt
+    /// and the reduce task runs again; a [`CommitError::Unrecoverable`] one fails the job at
+    /// once (retries would fail the same way, each leaving files behind).
     pub fn commit_done(
         &mut self,
         now: Duration,
         attempt: AttemptRef,
-        result: Result<(), String>,
+        result: Result<(), CommitError>,
     ) -> Disposition {
+        let max_attempts = self.config.max_attempts;
         let Some(task) = self.reduces.get_mut(attempt.task as usize) else {
             return Disposition::Ignored;
         };
@@ -389,13 +431,42 @@ impl Coordinator {
         match result {
             Ok(()) => task.committed = true,
             Err(error) => {
-                tracing::warn!(
-                    attempt = %attempt_name(attempt),
-                    error,
-                    "commit failed: running the reduce task again"
-                );
                 task.done = None;
                 task.counters.clear();
+                task.failures += 1;
+                let failures = task.failures;
+                let text = error.to_string();
+                task.last_error = Some(text.clone());
+                let abort = matches!(error, CommitError::Unrecoverable(_));
+                if abort {
+                    // The job's own error says it; a warning too would say it twice.
+                    tracing::debug!(attempt = %attempt_name(attempt), error = %text, "commit failed");
+                } else {
+                    tracing::warn!(
+                        attempt = %attempt_name(attempt),
+                        failures,
+                        error = %text,
+                        "commit failed: running the reduce task again"
+                    );
+                }
+                if (abort || failures >= max_attempts) && self.outcome.is_none() {
+                    self.finish(JobOutcome::Failed {
+                        task: task_name(attempt),
+                        error: text.clone(),
+                    });
+                    self.outputs.push_back(if abort {
+                        Output::JobAborted {
+                            attempt,
+                            error: text,
+                        }
+                    } else {
+                        Output::JobFailed {
+                            attempt,
+                            error: text,
+                        }
+                    });
+                    return Disposition::Accepted;
+                }
                 self.invalidate_lost_map_outputs();
             }
         }

@@ -18,9 +18,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
-use super::core::{attempt_name, task_name, Coordinator, CoordinatorConfig, Output, WorkerId};
+use super::core::{
+    attempt_name, task_name, CommitError, Coordinator, CoordinatorConfig, Output, WorkerId,
+};
 use crate::app::AppConfig;
-use crate::shuffle::fetch_file;
+use crate::shuffle::{fetch_file, ShuffleError};
 use crate::split::{plan_splits, InputSplit};
 use crate::status::JobStatus;
 
@@ -105,14 +107,19 @@ pub enum CoordinatorError {
     /// Invalid option.
     #[error("{0}")]
     Options(String),
-    /// The output directory or the network failed.
-    #[error("{context}: {source}")]
+    /// The output directory or the network failed. (The cause is part of the message, not a
+    /// `source`, so that a chain printed with `{:#}` says it once.)
+    #[error("{context}: {}", crate::disk::reason(error))]
     Io {
         /// What was being done.
         context: String,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    /// A commit failed in a way no retry can fix (the output directory is full, read-only or
+    /// not writable); the message names the directory and what to do.
+    #[error("job failed: {0}")]
+    Aborted(String),
     /// A task failed `max_attempts` times.
     #[error("job failed: {task} (input: {input}) failed {attempts} times; last error: {error}")]
     TaskFailed {
@@ -129,7 +136,7 @@ pub enum CoordinatorError {
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CoordinatorError {
     let context = context.into();
-    move |source| CoordinatorError::Io { context, source }
+    move |error| CoordinatorError::Io { context, error }
 }
 
 /// Checks everything that can be checked before the job starts: options, inputs (planned into
@@ -159,6 +166,9 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
     if options.inputs.is_empty() {
         return Err(CoordinatorError::Options("no input files given".into()));
     }
+    let mut options = options;
+    options.inputs =
+        crate::split::expand_inputs(&options.inputs).map_err(CoordinatorError::Input)?;
     let splits =
         plan_splits(&options.inputs, options.split_size_bytes).map_err(CoordinatorError::Input)?;
     let mut input_bytes = 0;
@@ -174,6 +184,12 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
     built.map_err(CoordinatorError::App)?;
 
     let out = &options.out_dir;
+    if out.is_file() {
+        return Err(CoordinatorError::Options(format!(
+            "--out {} is a file, not a directory",
+            out.display()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(io_err(format!(
         "cannot create output directory {}",
         out.display()
@@ -238,7 +254,7 @@ enum Event {
     /// name)`, or could not be fetched.
     Fetched {
         attempt: AttemptRef,
-        result: Result<PathBuf, String>,
+        result: Result<PathBuf, CommitError>,
     },
 }
 
@@ -313,9 +329,9 @@ pub async fn run_job(
     let mut by_worker: BTreeMap<WorkerId, u64> = BTreeMap::new();
     let mut next_conn: u64 = 0;
     let mut connection_tasks = tokio::task::JoinSet::new();
+    let mut commits = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(TICK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut fatal: Option<CoordinatorError> = None;
 
     loop {
         tokio::select! {
@@ -387,7 +403,7 @@ pub async fn run_job(
                         }
                     }
                     Event::Fetched { attempt, result: Err(e) } => {
-                        tracing::warn!(attempt = %attempt_name(attempt), error = %e, "cannot fetch reduce output");
+                        // (The state machine logs it, once.)
                         core.commit_done(now, attempt, Err(e));
                     }
                     Event::Fetched { attempt, result: Ok(tmp) } => {
@@ -396,17 +412,11 @@ pub async fn run_job(
                         // output never reaches `mr-out-<r>`.
                         if core.awaiting_commit(attempt) {
                             let dest = options.out_dir.join(format!("mr-out-{}", attempt.task));
-                            match place(&tmp, &dest, &options.out_dir) {
-                                Ok(()) => {
-                                    core.commit_done(now, attempt, Ok(()));
-                                }
-                                Err(source) => {
-                                    fatal = Some(CoordinatorError::Io {
-                                        context: format!("cannot commit {}", dest.display()),
-                                        source,
-                                    });
-                                }
-                            }
+                            let placed = place(&tmp, &dest, &options.out_dir).map_err(|e| {
+                                let _ = std::fs::remove_file(&tmp);
+                                commit_error(&options.out_dir, &e)
+                            });
+                            core.commit_done(now, attempt, placed);
                         } else {
                             let _ = std::fs::remove_file(&tmp);
                         }
@@ -416,7 +426,7 @@ pub async fn run_job(
         }
 
         // Carry out the state machine's outputs, in order.
-        let mut finished: Option<Result<(), CoordinatorError>> = fatal.take().map(Err);
+        let mut finished: Option<Result<(), CoordinatorError>> = None;
         while let Some(output) = core.poll_output() {
             match output {
                 Output::AssignMap { worker, attempt } => {
@@ -447,13 +457,21 @@ pub async fn run_job(
                     shuffle_addr,
                 } => {
                     tracing::debug!(attempt = %attempt_name(attempt), %worker, "committing");
-                    tokio::spawn(commit(
+                    commits.spawn(commit(
                         job.job_id,
                         shuffle_addr,
                         attempt,
                         options.out_dir.clone(),
                         events_tx.clone(),
                     ));
+                }
+                Output::Discard { worker, attempt } => {
+                    send_to(
+                        &mut conns,
+                        &by_worker,
+                        worker,
+                        ToWorker::Discard { attempt },
+                    );
                 }
                 Output::Disconnect { worker } => {
                     if let Some(conn) = by_worker.remove(&worker) {
@@ -474,6 +492,10 @@ pub async fn run_job(
                         attempts: options.max_attempts,
                         error,
                     }));
+                }
+                Output::JobAborted { attempt, error } => {
+                    tracing::debug!(attempt = %attempt_name(attempt), "job aborted");
+                    finished = Some(Err(CoordinatorError::Aborted(error)));
                 }
             }
         }
@@ -496,6 +518,11 @@ pub async fn run_job(
             })
             .await;
             connection_tasks.abort_all();
+            // A commit still fetching (the job failed meanwhile) would leave its temporary
+            // file in the output directory: stop them, then remove what they wrote.
+            commits.abort_all();
+            while commits.join_next().await.is_some() {}
+            remove_outputs(&options.out_dir, result.is_err());
             result?;
             let outputs = (0..options.reduces)
                 .map(|r| options.out_dir.join(format!("mr-out-{r}")))
@@ -546,9 +573,39 @@ async fn commit(
     };
     let result = match fetch_file(&shuffle_addr, job_id, key, &tmp).await {
         Ok(_) => Ok(tmp),
-        Err(e) => Err(e.to_string()),
+        Err(ShuffleError::LocalWrite { error, .. }) => Err(commit_error(&out_dir, &error)),
+        Err(e) => Err(CommitError::Retryable(format!(
+            "cannot fetch the output from {shuffle_addr}: {e}"
+        ))),
     };
     let _ = events.send(Event::Fetched { attempt, result }).await;
+}
+
+/// Removes the temporary files of commits (`.mr-out-*`) from the output directory and, after a
+/// failed job, the outputs it did commit (`mr-out-*`): a failed job leaves no output that
+/// could be taken for a complete one, and gives back the space it took.
+fn remove_outputs(out_dir: &Path, failed: bool) {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".mr-out-") || (failed && name.starts_with("mr-out-")) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// A failure to write into the output directory: unrecoverable (the job fails at once, naming
+/// the directory) when no retry can fix it, retryable otherwise.
+fn commit_error(out_dir: &Path, e: &std::io::Error) -> CommitError {
+    let text = crate::disk::describe("output directory", out_dir, "--out", e);
+    if crate::disk::is_unrecoverable(e) {
+        CommitError::Unrecoverable(text)
+    } else {
+        CommitError::Retryable(text)
+    }
 }
 
 /// Renames a fetched output into place and fsyncs the directory.

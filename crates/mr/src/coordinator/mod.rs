@@ -4,7 +4,7 @@
 pub mod core;
 mod driver;
 
-pub use self::core::{Coordinator, CoordinatorConfig, Disposition, Output, WorkerId};
+pub use self::core::{CommitError, Coordinator, CoordinatorConfig, Disposition, Output, WorkerId};
 pub use driver::{
     prepare_job, run_job, CoordinatorError, JobOptions, JobReport, PreparedJob, TICK_INTERVAL,
 };

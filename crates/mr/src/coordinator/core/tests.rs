@@ -319,7 +319,11 @@ fn reducer_lost_before_commit_runs_the_reduce_again() {
     );
     // The commit in flight fails, and its result is ignored anyway.
     assert_eq!(
-        c.commit_done(secs(3), reduce(0, 0), Err("connection refused".into())),
+        c.commit_done(
+            secs(3),
+            reduce(0, 0),
+            Err(CommitError::Retryable("connection refused".into()))
+        ),
         Disposition::Ignored
     );
     c.request_task(secs(3), w[0]);
@@ -363,10 +367,16 @@ fn backup_tasks_near_the_end_of_a_phase() {
         c.task_done(secs(3), w[0], map(3, 1), none()),
         Disposition::Accepted
     );
+    drain(&mut c);
     assert_eq!(
         c.task_done(secs(4), w[3], map(3, 0), none()),
         Disposition::Ignored
     );
+    // The loser's output will never be fetched: its worker is told to delete it.
+    assert!(drain(&mut c).contains(&Output::Discard {
+        worker: w[3],
+        attempt: map(3, 0)
+    }));
 }
 
 #[test]
@@ -520,4 +530,73 @@ fn fetch_failure_of_a_superseded_map_attempt_keeps_the_new_winner() {
     c.fetch_failed(secs(3), w[1], reduce(0, 0), 0, 0);
     assert_eq!(c.status(secs(3)).maps[0].state, TaskState::Done);
     assert_eq!(c.status(secs(3)).maps[0].winner_attempt, Some(1));
+}
+
+/// Runs map 0 and reduce 0 attempt `attempt` to a win on `w`; the commit is then due.
+fn win_reduce(c: &mut Coordinator, now: Duration, w: WorkerId, attempt: u32) {
+    c.request_task(now, w);
+    assert_eq!(assigned(&drain(c), w), Some(reduce(0, attempt)));
+    c.task_done(now, w, reduce(0, attempt), none());
+    assert!(matches!(drain(c).as_slice(), [Output::Commit { .. }]));
+}
+
+#[test]
+fn failed_commits_count_toward_max_attempts() {
+    // Before: a failed commit ran the reduce again without counting, forever (a full output
+    // disk looped for as long as anyone waited).
+    let mut c = coordinator(1, 1, false);
+    let w = register(&mut c, secs(0), 1);
+    c.request_task(secs(0), w[0]);
+    drain(&mut c);
+    c.task_done(secs(0), w[0], map(0, 0), none());
+    for attempt in 0..2 {
+        win_reduce(&mut c, secs(1), w[0], attempt);
+        let err = CommitError::Retryable("shuffle connection closed early".into());
+        assert_eq!(
+            c.commit_done(secs(1), reduce(0, attempt), Err(err)),
+            Disposition::Accepted
+        );
+        assert!(
+            c.outcome().is_none(),
+            "a retryable failure runs the task again"
+        );
+    }
+    win_reduce(&mut c, secs(2), w[0], 2);
+    let err = CommitError::Retryable("shuffle connection closed early".into());
+    c.commit_done(secs(2), reduce(0, 2), Err(err));
+    assert_eq!(
+        drain(&mut c),
+        vec![Output::JobFailed {
+            attempt: reduce(0, 2),
+            error: "shuffle connection closed early".into()
+        }],
+        "the third failure of three allowed fails the job"
+    );
+    c.request_task(secs(3), w[0]);
+    assert_eq!(drain(&mut c), vec![], "nothing runs after the job failed");
+}
+
+#[test]
+fn an_unrecoverable_commit_failure_fails_the_job_at_once() {
+    let mut c = coordinator(1, 2, false);
+    let w = register(&mut c, secs(0), 1);
+    c.request_task(secs(0), w[0]);
+    drain(&mut c);
+    c.task_done(secs(0), w[0], map(0, 0), none());
+    win_reduce(&mut c, secs(1), w[0], 0);
+    let full = "output directory /o is full (No space left on device): free space or choose \
+                another --out";
+    c.commit_done(
+        secs(1),
+        reduce(0, 0),
+        Err(CommitError::Unrecoverable(full.into())),
+    );
+    assert_eq!(
+        drain(&mut c),
+        vec![Output::JobAborted {
+            attempt: reduce(0, 0),
+            error: full.into()
+        }]
+    );
+    assert!(matches!(c.outcome(), Some(JobOutcome::Failed { .. })));
 }
