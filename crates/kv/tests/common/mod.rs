@@ -306,6 +306,9 @@ impl Client {
                 self.phase = LockPhase::Acquiring;
                 self.next(ctx, None);
             }
+            LockStep::LeaseLost => {
+                self.violation = Some("the lock loop holds no lease, yet lost one".into());
+            }
         }
     }
 
