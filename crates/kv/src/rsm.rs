@@ -836,4 +836,62 @@ mod tests {
             [(7, KvReply::WrongLeader { .. })]
         ));
     }
+
+    /// On one node: the leader's lease clock expires a lease after its TTL of ticks (and not
+    /// before), a keep-alive pushes the deadline, and a client cannot send the leader's own
+    /// expiry.
+    #[test]
+    fn leader_expires_leases_by_its_ticks() {
+        let config = RsmConfig {
+            tick_ms: 100,
+            limits: Limits {
+                min_lease_ttl_ms: 100,
+                ..Limits::default()
+            },
+            ..RsmConfig::default()
+        };
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
+        rsm.raw_mut().campaign();
+        drive(&mut rsm);
+        rsm.handle_request(1, req(5, 1, KvOp::Register));
+        drive(&mut rsm);
+        let session = rsm.applied().0;
+        rsm.handle_request(1, req(session, 1, KvOp::LeaseGrant { ttl_ms: 1_000 }));
+        drive(&mut rsm);
+        let id = rsm.applied().0;
+        assert_eq!(rsm.lease_deadline_ms(id), Some(rsm.lease_now_ms() + 1_000));
+        let forged = KvOp::LeaseExpire { id, renewals: 0 };
+        rsm.handle_request(2, req(session, 2, forged));
+        drive(&mut rsm);
+        let replies = rsm.take_replies();
+        assert!(matches!(
+            replies.last(),
+            Some((
+                2,
+                KvReply::Done {
+                    result: KvResult::Refused { .. },
+                    ..
+                }
+            ))
+        ));
+        for _ in 0..9 {
+            rsm.tick();
+            drive(&mut rsm);
+        }
+        assert_eq!(rsm.store().lease_count(), 1, "expired before its TTL");
+        rsm.handle_request(1, req(session, 3, KvOp::LeaseKeepAlive { id }));
+        drive(&mut rsm);
+        for _ in 0..9 {
+            rsm.tick();
+            drive(&mut rsm);
+        }
+        assert_eq!(rsm.store().lease_count(), 1, "a keep-alive did not renew");
+        for _ in 0..2 {
+            rsm.tick();
+            drive(&mut rsm);
+        }
+        assert_eq!(rsm.store().lease_count(), 0, "not expired after its TTL");
+        assert_eq!(rsm.lease_deadline_ms(id), None);
+    }
 }

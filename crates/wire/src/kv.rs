@@ -480,4 +480,41 @@ mod tests {
             assert_eq!(postcard::from_bytes::<KvResult>(&bytes).unwrap(), r);
         }
     }
+
+    /// The lease variants are appended: every older variant keeps its index (postcard's
+    /// first byte), so old messages and log entries decode as before.
+    #[test]
+    fn lease_variants_are_appended() {
+        let tag = |op: &KvOp| postcard::to_stdvec(op).unwrap()[0];
+        assert_eq!(tag(&KvOp::Register), 4);
+        assert_eq!(tag(&KvOp::Status), 5);
+        assert_eq!(tag(&KvOp::LeaseGrant { ttl_ms: 1 }), 6);
+        assert_eq!(tag(&KvOp::LeaseCheckpoint { leases: vec![] }), 12);
+        let rtag = |r: &KvResult| postcard::to_stdvec(r).unwrap()[0];
+        assert_eq!(rtag(&KvResult::SessionExpired), 9);
+        assert_eq!(rtag(&KvResult::LeaseGranted { id: 1, ttl_ms: 1 }), 11);
+        let ops = [
+            KvOp::PutLease {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                expected: Expected::Version(0),
+                lease: 9,
+            },
+            KvOp::LeaseCheckpoint {
+                leases: vec![LeaseCheckpoint {
+                    id: 1,
+                    renewals: 2,
+                    remaining_ms: 3,
+                }],
+            },
+            KvOp::LeaseList,
+        ];
+        for op in ops {
+            let bytes = postcard::to_stdvec(&op).unwrap();
+            assert_eq!(postcard::from_bytes::<KvOp>(&bytes).unwrap(), op);
+        }
+        assert!(
+            KvOp::LeaseList.is_read() && KvOp::LeaseExpire { id: 1, renewals: 0 }.is_internal()
+        );
+    }
 }
