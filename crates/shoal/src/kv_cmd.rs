@@ -321,8 +321,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             shell(c, timeout).await
         }
         KvSub::Lock(args) => {
-            let (c, keeper) = (client(cmd.endpoints.clone())?, client(cmd.endpoints)?);
-            crate::kv_lease_cmd::lock(c, keeper, args).await
+            crate::kv_lease_cmd::lock(|| client(cmd.endpoints.clone()), args).await
         }
         KvSub::Lease { sub } => crate::kv_lease_cmd::lease(client(cmd.endpoints)?, sub).await,
     }

@@ -207,9 +207,12 @@ fn fmt_secs(ms: u64) -> String {
     format!("{}.{}", ms / 1000, (ms % 1000) / 100)
 }
 
-/// `shoal kv lock NAME -- COMMAND…`: `client` runs the lock, `keeper` the keep-alives (a
-/// client runs one operation at a time).
-pub async fn lock(mut client: Client, keeper: Client, args: LockArgs) -> Result<ExitCode> {
+/// `shoal kv lock NAME -- COMMAND…`. `new_client` makes a client of the cluster: one runs the
+/// lock, one the keep-alives (a client runs one operation at a time), and the release uses a
+/// fresh one (a signal may have abandoned an operation of the first).
+pub async fn lock(new_client: impl Fn() -> Result<Client>, args: LockArgs) -> Result<ExitCode> {
+    let mut client = new_client()?;
+    let keeper = new_client()?;
     let (program, rest) = args
         .command
         .split_first()
@@ -244,13 +247,21 @@ pub async fn lock(mut client: Client, keeper: Client, args: LockArgs) -> Result<
     let acquired: Result<(), (u8, String)> = loop {
         step = match step {
             LockStep::Acquired => break Ok(()),
-            LockStep::Run(op) => match client.execute(op).await {
-                Ok(outcome) => lock.on_outcome(outcome),
-                Err(e) => {
-                    tracing::debug!(error = %e, "lock operation failed; retrying");
-                    lock.on_outcome(Outcome::Maybe)
+            LockStep::Run(op) => {
+                // A signal must not wait for an operation against an unreachable cluster.
+                let result = tokio::select! {
+                    r = client.execute(op) => r,
+                    _ = interrupt.recv() => break Err((128 + libc::SIGINT as u8, String::new())),
+                    _ = terminate.recv() => break Err((128 + libc::SIGTERM as u8, String::new())),
+                };
+                match result {
+                    Ok(outcome) => lock.on_outcome(outcome),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "lock operation failed; retrying");
+                        lock.on_outcome(Outcome::Maybe)
+                    }
                 }
-            },
+            }
             LockStep::Wait(d) => {
                 if !told {
                     if let Some(holder) = lock.holder() {
@@ -293,7 +304,7 @@ pub async fn lock(mut client: Client, keeper: Client, args: LockArgs) -> Result<
     };
     if let Err((code, message)) = acquired {
         keep.abort();
-        release(&mut client, lease, &key).await;
+        release(&new_client, lease, &key).await;
         if !message.is_empty() {
             eprintln!("{message}");
         }
@@ -315,7 +326,7 @@ pub async fn lock(mut client: Client, keeper: Client, args: LockArgs) -> Result<
         Ok(c) => c,
         Err(e) => {
             keep.abort();
-            release(&mut client, lease, &key).await;
+            release(&new_client, lease, &key).await;
             return Err(e).with_context(|| format!("running {program:?}"));
         }
     };
@@ -346,7 +357,7 @@ pub async fn lock(mut client: Client, keeper: Client, args: LockArgs) -> Result<
         }
     };
     keep.abort();
-    release(&mut client, lease, &key).await;
+    release(&new_client, lease, &key).await;
     let status = status.with_context(|| format!("waiting for {program:?}"))?;
     if lease_lost {
         return Ok(ExitCode::from(EXIT_LEASE_LOST));
@@ -367,9 +378,16 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
 
 /// Revokes the lock's lease (deleting the key: the lock is free at once). On failure the
 /// lease expires by itself within its TTL.
-async fn release(client: &mut Client, lease: u64, key: &str) {
-    if let Err(e) = client.lease_revoke(lease).await {
-        eprintln!("could not release {key} ({e}); it frees itself when lease {lease} expires");
+async fn release(new_client: &impl Fn() -> Result<Client>, lease: u64, key: &str) {
+    let revoked = match new_client() {
+        Ok(mut client) => client
+            .lease_revoke(lease)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = revoked {
+        eprintln!("could not release {key} ({e:#}); it frees itself when lease {lease} expires");
     }
 }
 

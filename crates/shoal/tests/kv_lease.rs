@@ -208,6 +208,18 @@ fn kv_lock_wait_timeout_bounds_the_wait_and_names_the_holder() {
         "stderr:\n{stderr}"
     );
     assert!(stderr.contains("gave up waiting"), "stderr:\n{stderr}");
+    // Its lease was revoked on the way out; so is that of a waiter stopped by SIGINT.
+    let waiter_err = dir.path().join("waiter.err");
+    let mut waiter = spawn(&c, &["lock", "busy", "--", "true"], &waiter_err);
+    wait_for("the waiter names the holder", || {
+        read(&waiter_err).contains("waiting for lock/busy")
+    });
+    signal(waiter.0.id(), libc::SIGINT);
+    let status = waiter.0.wait().expect("wait for the waiter");
+    assert_eq!(status.code(), Some(130));
+    let list = c.ok(&["lease", "list"]);
+    assert_eq!(list.lines().count(), 2, "only the holder's lease: {list}");
+    drop(holder);
 }
 
 /// `kv lease`: a key put with a lease is listed with it and deleted when the lease expires
