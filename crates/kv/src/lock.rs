@@ -104,6 +104,11 @@ impl Lock {
         }
     }
 
+    /// The lease the lock is held under (`0`: none).
+    pub fn lease(&self) -> u64 {
+        self.lease
+    }
+
     /// The value of the other owner that held the lock at the last read, if it was taken.
     pub fn holder(&self) -> Option<&[u8]> {
         self.holder.as_deref()

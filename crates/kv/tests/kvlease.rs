@@ -489,3 +489,286 @@ fn leases_survive_snapshot_and_restart() {
         Ok(())
     });
 }
+
+/// A client looping on a lock held under a lease of its own (`Lock::with_lease`): grant,
+/// acquire, hold `hold` (no keep-alive: far shorter than the TTL), release, revoke, again
+/// until `until`.
+struct LeasedLocker {
+    clerk: Clerk,
+    ttl_ms: u64,
+    hold: Duration,
+    until: SimTime,
+    lock: Option<shoal_kv::Lock>,
+    lease: Option<u64>,
+    current: Option<KvOp>,
+    phase: LockerPhase,
+    /// Since when it holds the lock, if it does.
+    holding_since: Option<SimTime>,
+    /// When it got the lock, and when it began releasing it.
+    held: Vec<(SimTime, SimTime)>,
+    /// Fencing versions seen, in order.
+    versions: Vec<u64>,
+    /// When the latest grant was first sent.
+    grant_sent: SimTime,
+    violation: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockerPhase {
+    Granting,
+    Locking,
+    Holding,
+    Revoking,
+    Done,
+}
+
+impl LeasedLocker {
+    fn start_op(&mut self, ctx: &mut Ctx<'_, M>, op: KvOp) {
+        self.current = Some(op.clone());
+        match self.clerk.start(op) {
+            Ok(actions) => self.perform(ctx, actions),
+            Err(e) => self.violation = Some(format!("clerk refused: {e}")),
+        }
+    }
+
+    fn perform(&mut self, ctx: &mut Ctx<'_, M>, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send { server, request } => {
+                    ctx.send(server_sim(server), KvMessage::Request(request))
+                }
+                Action::SetTimer { after, token } => {
+                    ctx.set_timer(after, token);
+                }
+                Action::Finished(outcome) => self.finished(ctx, outcome),
+            }
+        }
+    }
+
+    fn begin(&mut self, ctx: &mut Ctx<'_, M>) {
+        if ctx.now() >= self.until {
+            self.phase = LockerPhase::Done;
+            return;
+        }
+        self.phase = LockerPhase::Granting;
+        self.grant_sent = ctx.now();
+        let ttl_ms = self.ttl_ms;
+        self.start_op(ctx, KvOp::LeaseGrant { ttl_ms });
+    }
+
+    fn step(&mut self, ctx: &mut Ctx<'_, M>, step: shoal_kv::LockStep) {
+        use shoal_kv::LockStep;
+        match step {
+            LockStep::Run(op) => self.start_op(ctx, op),
+            LockStep::Wait(d) => {
+                ctx.set_timer(d, PAUSE);
+            }
+            LockStep::Acquired => {
+                self.holding_since = Some(ctx.now());
+                let v = self.lock.as_ref().and_then(|l| l.version()).unwrap_or(0);
+                if self.versions.last().is_some_and(|&last| v <= last) {
+                    self.violation = Some(format!("fencing version went back to {v}"));
+                }
+                self.versions.push(v);
+                self.phase = LockerPhase::Holding;
+                ctx.set_timer(self.hold, PAUSE);
+            }
+            LockStep::Released => {
+                self.phase = LockerPhase::Revoking;
+                let id = self.lease.take().unwrap_or_default();
+                self.start_op(ctx, KvOp::LeaseRevoke { id });
+            }
+            LockStep::LeaseLost => {
+                // Our lease expired while we waited: start over with a new one.
+                self.lease = None;
+                self.lock = None;
+                self.begin(ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Ctx<'_, M>, outcome: Outcome) {
+        let Some(op) = self.current.take() else {
+            return;
+        };
+        match (self.phase, op, outcome) {
+            (LockerPhase::Granting, _, Outcome::Done(KvResult::LeaseGranted { id, .. })) => {
+                self.lease = Some(id);
+                let me = format!("c{}", self.clerk.client_id()).into_bytes();
+                let mut lock = shoal_kv::Lock::with_lease(b"lock/x".to_vec(), me, id);
+                let step = lock.acquire();
+                self.lock = Some(lock);
+                self.phase = LockerPhase::Locking;
+                self.step(ctx, step);
+            }
+            (LockerPhase::Granting, _, _) => self.begin(ctx),
+            (LockerPhase::Locking, _, outcome) => {
+                let step = match self.lock.as_mut() {
+                    Some(l) => l.on_outcome(outcome),
+                    None => return,
+                };
+                self.step(ctx, step);
+            }
+            (LockerPhase::Revoking, _, _) => {
+                self.lock = None;
+                self.begin(ctx);
+            }
+            (phase, op, outcome) => {
+                self.violation = Some(format!("{phase:?}: {op:?} answered {outcome:?}"));
+            }
+        }
+    }
+}
+
+impl Node<M> for LeasedLocker {
+    fn on_start(&mut self, ctx: &mut Ctx<'_, M>) {
+        self.begin(ctx);
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_, M>, _from: SimId, msg: M) {
+        if let KvMessage::Reply(r) = msg {
+            let actions = self.clerk.on_reply(r);
+            self.perform(ctx, actions);
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, M>, token: u64) {
+        if token != PAUSE {
+            let actions = self.clerk.on_timer(token);
+            self.perform(ctx, actions);
+            return;
+        }
+        match self.phase {
+            LockerPhase::Locking => {
+                let step = match self.lock.as_mut() {
+                    Some(l) => l.on_wait_done(),
+                    None => return,
+                };
+                self.step(ctx, step);
+            }
+            LockerPhase::Holding => {
+                if let Some(since) = self.holding_since.take() {
+                    self.held.push((since, ctx.now()));
+                }
+                self.phase = LockerPhase::Locking;
+                let step = match self.lock.as_mut() {
+                    Some(l) => l.release(),
+                    None => return,
+                };
+                self.step(ctx, step);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Lockers on one leased lock (`Lock::with_lease`): never two holders, fencing versions only
+/// grow; one locker is crashed while it holds the lock, and another gets the lock once the
+/// dead holder's lease expired (TTL after its grant, plus a tick and a commit), not before.
+#[test]
+fn leased_lock_passes_on_when_its_holder_dies() {
+    check_seeds!(3, |seed| -> Result<(), Failure> {
+        let mut c = Cluster::new(seed, 3, None);
+        wait_leader(&mut c)?;
+        let servers: Vec<u64> = (1..=3).collect();
+        let ttl_ms = 1_000;
+        let until = c.sim.now() + Duration::from_secs(6);
+        let lockers: Vec<SimId> = (0..3)
+            .map(|_| {
+                let servers = servers.clone();
+                c.sim.add_node(move |id| LeasedLocker {
+                    clerk: Clerk::new(ClerkConfig::new(u64::from(id.0), servers.clone()))
+                        .expect("servers"),
+                    ttl_ms,
+                    hold: Duration::from_millis(20),
+                    until,
+                    lock: None,
+                    lease: None,
+                    current: None,
+                    phase: LockerPhase::Granting,
+                    holding_since: None,
+                    held: Vec::new(),
+                    versions: Vec::new(),
+                    grant_sent: SimTime::ZERO,
+                    violation: None,
+                })
+            })
+            .collect();
+        c.sim.run_for(Duration::from_secs(1));
+        // Crash the first locker found holding the lock.
+        let mut victim = None;
+        for _ in 0..200 {
+            victim = lockers.iter().copied().find(|&l| {
+                c.sim
+                    .node::<LeasedLocker>(l)
+                    .is_some_and(|n| n.holding_since.is_some())
+            });
+            if victim.is_some() {
+                break;
+            }
+            c.sim.run_for(Duration::from_millis(1));
+        }
+        let victim = victim.ok_or_else(|| c.sim.failure("nobody held the lock"))?;
+        let crashed_at = c.sim.now();
+        let mut all: Vec<(SimTime, SimTime, SimId)> = Vec::new();
+        let mut victim_lease_ends = crashed_at;
+        if let Some(n) = c.sim.node::<LeasedLocker>(victim) {
+            victim_lease_ends = n.grant_sent + Duration::from_millis(ttl_ms);
+            all.extend(n.held.iter().map(|&(a, b)| (a, b, victim)));
+            let since = n.holding_since.unwrap_or(crashed_at);
+            all.push((since, crashed_at, victim));
+        }
+        c.sim.crash(victim);
+        c.sim.run_for(Duration::from_secs(6));
+        let mut next_after_crash = None;
+        for &l in &lockers {
+            if l == victim {
+                continue;
+            }
+            let n = c
+                .sim
+                .node::<LeasedLocker>(l)
+                .ok_or_else(|| c.sim.failure("locker gone"))?;
+            if let Some(v) = &n.violation {
+                return Err(c.sim.failure(format!("locker {l}: {v}")));
+            }
+            all.extend(n.held.iter().map(|&(a, b)| (a, b, l)));
+            let first = n.held.iter().map(|h| h.0).find(|&a| a > crashed_at);
+            next_after_crash = match (next_after_crash, first) {
+                (Some(x), Some(y)) => Some(std::cmp::min(x, y)),
+                (x, y) => x.or(y),
+            };
+        }
+        all.sort();
+        for w in all.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(c.sim.failure(format!(
+                    "two holders: {} held [{}, {}) and {} from {}",
+                    w[0].2, w[0].0, w[0].1, w[1].2, w[1].0
+                )));
+            }
+        }
+        let next = next_after_crash
+            .ok_or_else(|| c.sim.failure("nobody got the lock after its holder died"))?;
+        if next < victim_lease_ends {
+            return Err(c.sim.failure(format!(
+                "the lock passed on at {next}, before the dead holder's lease could end \
+                 ({victim_lease_ends})"
+            )));
+        }
+        if all.len() < 10 {
+            return Err(c
+                .sim
+                .failure(format!("only {} critical sections", all.len())));
+        }
+        // The dead holder's lease was granted before it acquired, so it expired at most TTL
+        // after the crash; the lease could not have expired before the crash.
+        let latest = crashed_at + Duration::from_millis(ttl_ms + 300);
+        if next > latest {
+            return Err(c.sim.failure(format!(
+                "the lock passed on at {next}, more than TTL after its holder died at {crashed_at}"
+            )));
+        }
+        Ok(())
+    });
+}

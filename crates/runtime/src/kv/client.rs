@@ -572,6 +572,10 @@ impl Client {
                     lock.on_wait_done()
                 }
                 done if done == until => return Ok(()),
+                LockStep::LeaseLost => {
+                    let id = lock.lease();
+                    return Err(ClientError::Unexpected(KvResult::LeaseNotFound { id }));
+                }
                 other => {
                     debug!(?other, "lock step out of order");
                     return Ok(());
