@@ -160,8 +160,8 @@ impl<S: Storage> KvRsm<S> {
             floor_ms,
             ..LeaseClock::default()
         };
-        for (id, _, remaining, _, _) in store.leases() {
-            leases.deadlines.insert(id, remaining);
+        for l in store.leases() {
+            leases.deadlines.insert(l.id, l.remaining_ms);
         }
         Ok(KvRsm {
             raw,
@@ -259,11 +259,11 @@ impl<S: Storage> KvRsm<S> {
                 .store
                 .leases()
                 .into_iter()
-                .filter_map(|(id, _, _, renewals, _)| {
-                    let d = self.leases.deadlines.get(&id)?;
+                .filter_map(|l| {
+                    let d = self.leases.deadlines.get(&l.id)?;
                     Some(LeaseCheckpoint {
-                        id,
-                        renewals,
+                        id: l.id,
+                        renewals: l.renewals,
                         remaining_ms: d.saturating_sub(now),
                     })
                 })
@@ -308,7 +308,7 @@ impl<S: Storage> KvRsm<S> {
             .store
             .leases()
             .into_iter()
-            .map(|(id, _, remaining, _, _)| (id, now + remaining))
+            .map(|l| (l.id, now + l.remaining_ms))
             .collect();
         self.leases.expiring.clear();
     }
@@ -319,14 +319,14 @@ impl<S: Storage> KvRsm<S> {
     fn on_became_leader(&mut self) {
         let now = self.leases.now_ms;
         let floor = now + self.leases.floor_ms;
-        for (id, _, remaining, _, _) in self.store.leases() {
+        for l in self.store.leases() {
             let d = self
                 .leases
                 .deadlines
-                .get(&id)
+                .get(&l.id)
                 .copied()
-                .unwrap_or(now + remaining);
-            self.leases.deadlines.insert(id, d.max(floor));
+                .unwrap_or(now + l.remaining_ms);
+            self.leases.deadlines.insert(l.id, d.max(floor));
         }
         self.leases.expiring.clear();
         self.leases.next_checkpoint_ms = now + self.config.lease_checkpoint_ms.max(1);

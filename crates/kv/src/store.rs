@@ -233,7 +233,22 @@ pub struct KvStore {
     data_bytes: usize,
 }
 
-/// What a lease-ending apply did, for the replicated state machine's timers.
+/// A live lease as the store holds it ([`KvStore::leases`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseStatus {
+    /// The lease id (the position of its grant).
+    pub id: u64,
+    /// Its TTL in ms.
+    pub ttl_ms: u64,
+    /// Its remaining time in ms when last replicated (grant, keep-alive or checkpoint).
+    pub remaining_ms: u64,
+    /// Keep-alives applied so far (the fence of expiry and checkpoints).
+    pub renewals: u64,
+    /// Keys attached to it.
+    pub keys: usize,
+}
+
+/// What an apply did to leases, for the replicated state machine's timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseEvent {
     /// Lease `id` was granted or kept alive: it has `ttl_ms` from now.
@@ -326,13 +341,16 @@ impl KvStore {
         self.leases.len()
     }
 
-    /// The live leases as `(id, ttl_ms, replicated remaining ms, renewals, keys)`, by id.
-    pub fn leases(&self) -> Vec<(u64, u64, u64, u64, usize)> {
+    /// The live leases, by id.
+    pub fn leases(&self) -> Vec<LeaseStatus> {
         self.leases
             .iter()
-            .map(|(id, l)| {
-                let keys = self.lease_keys.get(id).map_or(0, OrdSet::len);
-                (*id, l.ttl_ms, l.remaining_ms, l.renewals, keys)
+            .map(|(id, l)| LeaseStatus {
+                id: *id,
+                ttl_ms: l.ttl_ms,
+                remaining_ms: l.remaining_ms,
+                renewals: l.renewals,
+                keys: self.lease_keys.get(id).map_or(0, OrdSet::len),
             })
             .collect()
     }
@@ -419,11 +437,11 @@ impl KvStore {
                 leases: self
                     .leases()
                     .into_iter()
-                    .map(|(id, ttl_ms, remaining_ms, _, keys)| LeaseInfo {
-                        id,
-                        ttl_ms,
-                        remaining_ms,
-                        keys: keys as u64,
+                    .map(|l| LeaseInfo {
+                        id: l.id,
+                        ttl_ms: l.ttl_ms,
+                        remaining_ms: l.remaining_ms,
+                        keys: l.keys as u64,
                     })
                     .collect(),
             }),
@@ -1311,6 +1329,14 @@ mod tests {
         }
     }
 
+    /// The leases as `(id, ttl_ms, remaining_ms, renewals, keys)`.
+    fn tuples(s: &KvStore) -> Vec<(u64, u64, u64, u64, usize)> {
+        s.leases()
+            .iter()
+            .map(|l| (l.id, l.ttl_ms, l.remaining_ms, l.renewals, l.keys))
+            .collect()
+    }
+
     fn put_lease(c: u64, r: u64, key: &str, value: &str, lease: u64) -> KvRequest {
         let op = KvOp::PutLease {
             key: key.into(),
@@ -1358,7 +1384,7 @@ mod tests {
             KvResult::Written { version: 5 }
         );
         assert_eq!(s.key_lease(b"b"), None);
-        assert_eq!(s.leases(), vec![(l, 5_000, 5_000, 0, 1)]);
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 0, 1)]);
         // Unknown lease: refused, nothing stored.
         assert_eq!(
             s.apply(7, &put_lease(c, 7, "z", "1", 999)),
@@ -1404,7 +1430,7 @@ mod tests {
         let n = grant(&mut s, 15, c, 5_000);
         s.apply(16, &put_lease(c, 16, "d", "1", n));
         assert_eq!(s.apply(17, &del(c, 17, "d")), KvResult::Deleted);
-        assert_eq!(s.leases(), vec![(n, 5_000, 5_000, 0, 0)]);
+        assert_eq!(tuples(&s), vec![(n, 5_000, 5_000, 0, 0)]);
         assert_eq!(s.data_bytes(), "b".len() + "plain".len());
     }
 
@@ -1428,14 +1454,14 @@ mod tests {
             )
         };
         s.apply(3, &cp(0, 1_200));
-        assert_eq!(s.leases(), vec![(l, 5_000, 1_200, 0, 0)]);
+        assert_eq!(tuples(&s), vec![(l, 5_000, 1_200, 0, 0)]);
         s.apply(4, &req(c, 4, KvOp::LeaseKeepAlive { id: l }));
-        assert_eq!(s.leases(), vec![(l, 5_000, 5_000, 1, 0)]);
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 1, 0)]);
         s.apply(5, &cp(0, 100));
-        assert_eq!(s.leases(), vec![(l, 5_000, 5_000, 1, 0)]);
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 1, 0)]);
         // Never above the TTL.
         s.apply(6, &cp(1, 99_000));
-        assert_eq!(s.leases(), vec![(l, 5_000, 5_000, 1, 0)]);
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 1, 0)]);
     }
 
     /// Every lease limit refuses with a reason and changes nothing.
@@ -1492,7 +1518,7 @@ mod tests {
         let mut r = KvStore::new(Limits::default());
         r.restore(&bytes).unwrap();
         assert_eq!(r.snapshot(), bytes);
-        assert_eq!(r.leases(), vec![(l, 3_000, 3_000, 1, 1)]);
+        assert_eq!(tuples(&r), vec![(l, 3_000, 3_000, 1, 1)]);
         assert_eq!(
             r.apply(6, &req(c, 6, KvOp::LeaseRevoke { id: l })),
             KvResult::LeaseRevoked { id: l, keys: 1 }
