@@ -267,10 +267,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             lease: Some(lease),
         } => crate::kv_lease_cmd::put(client(cmd.endpoints)?, key, value, expect, lease).await,
         KvSub::Put {
-            key,
-            value,
-            expect,
-            lease: None,
+            key, value, expect, ..
         } => {
             let mut c = client(cmd.endpoints)?;
             let expected = expect.map_or(Expected::Any, Expected::Version);
