@@ -19,8 +19,8 @@ pub const DEFAULT_LOCK_TTL_SECS: f64 = 10.0;
 const LOCK_POLL: Duration = Duration::from_millis(100);
 /// Exit status of `kv lock` when `--wait-timeout` passed without the lock (EX_TEMPFAIL).
 pub const EXIT_WAIT_TIMEOUT: u8 = 75;
-/// Exit status of `kv lock` when the lease was lost while the command ran (EX_SOFTWARE is
-/// not it; 128 + SIGTERM would pass for the command's own): the command was terminated.
+/// Exit status of `kv lock` when the lease was lost while the command ran and the command
+/// was terminated (EX_SOFTWARE; not 128 + SIGTERM, which would pass for the command's own).
 pub const EXIT_LEASE_LOST: u8 = 70;
 
 /// `shoal kv lease …`.
@@ -227,16 +227,9 @@ pub async fn lock(new_client: impl Fn() -> Result<Client>, args: LockArgs) -> Re
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
 
-    let lease = match client
-        .lease_grant(ttl)
-        .await
-        .context("granting the lock's lease")?
-    {
-        GrantOutcome::Granted { id, .. } => id,
-        GrantOutcome::Refused(reason) => bail!("the lock's lease was refused: {reason}"),
-    };
+    let mut lease = grant_lease(&mut client, ttl).await?;
     let (lost_tx, mut lost) = watch::channel(false);
-    let keep = tokio::spawn(keep_alive(keeper, lease, ttl, lost_tx));
+    let mut keep = tokio::spawn(keep_alive(keeper, lease, ttl, lost_tx));
     let owner = owner_value(lease, ttl);
     let mut lock = Lock::with_lease(key.clone().into_bytes(), owner.into_bytes(), lease);
     lock.set_retry(LOCK_POLL);
@@ -289,15 +282,25 @@ pub async fn lock(new_client: impl Fn() -> Result<Client>, args: LockArgs) -> Re
                     _ = tokio::time::sleep(sleep) => lock.on_wait_done(),
                     _ = interrupt.recv() => break Err((128 + libc::SIGINT as u8, String::new())),
                     _ = terminate.recv() => break Err((128 + libc::SIGTERM as u8, String::new())),
-                    _ = lost.changed() => break Err((EXIT_LEASE_LOST,
-                        format!("lost the lease of {key} while waiting for it"))),
+                    _ = lost.changed() => LockStep::LeaseLost,
                 }
             }
             LockStep::LeaseLost => {
-                break Err((
-                    EXIT_LEASE_LOST,
-                    format!("lost the lease of {key} while waiting for it"),
-                ))
+                // Only while waiting (the cluster was out of reach for a TTL): nothing is held
+                // yet, so wait on under a new lease.
+                keep.abort();
+                release(&new_client, lease, &key).await;
+                eprintln!(
+                    "lost the lease of {key} while waiting for it; waiting on with a new one"
+                );
+                lease = grant_lease(&mut client, ttl).await?;
+                let (lost_tx, lost_rx) = watch::channel(false);
+                lost = lost_rx;
+                keep = tokio::spawn(keep_alive(new_client()?, lease, ttl, lost_tx));
+                let owner = owner_value(lease, ttl);
+                lock = Lock::with_lease(key.clone().into_bytes(), owner.into_bytes(), lease);
+                lock.set_retry(LOCK_POLL);
+                lock.acquire()
             }
             LockStep::Released => break Err((1, format!("{key}: lock step out of order"))),
         };
@@ -363,6 +366,18 @@ pub async fn lock(new_client: impl Fn() -> Result<Client>, args: LockArgs) -> Re
         return Ok(ExitCode::from(EXIT_LEASE_LOST));
     }
     Ok(ExitCode::from(exit_code(status)))
+}
+
+/// Grants the lock's lease.
+async fn grant_lease(client: &mut Client, ttl: Duration) -> Result<u64> {
+    match client
+        .lease_grant(ttl)
+        .await
+        .context("granting the lock's lease")?
+    {
+        GrantOutcome::Granted { id, .. } => Ok(id),
+        GrantOutcome::Refused(reason) => bail!("the lock's lease was refused: {reason}"),
+    }
 }
 
 /// The exit status of a command as a shell reports it: its code, or 128+N if signal N killed
