@@ -3,9 +3,10 @@
 //! **Owns:** the versioned KV state machine with its bounded at-most-once session table and
 //! snapshots ([`KvStore`]); the single-server service ([`SingleServer`], the classic kvsrv);
 //! the replicated state machine glue over Raft ([`KvRsm`]: submit, apply at the proposed
-//! index, read-index reads, snapshots); the client ([`Clerk`]: leader finding, retries,
-//! backoff, the "maybe" rule); and the lock built only on the KV ([`Lock`]). Messages are in
-//! `shoal_wire::kv`.
+//! index, read-index reads, snapshots, the leader's lease clock); leases (etcd's model: keys
+//! that go when their lease is revoked or not kept alive); the client ([`Clerk`]: leader
+//! finding, retries, backoff, the "maybe" rule); and the lock built only on the KV ([`Lock`],
+//! optionally under a lease). Messages are in `shoal_wire::kv`.
 //!
 //! **Must never:** do I/O, read a clock, spawn, use an unseeded RNG or iterate a std hash map.
 //! Time is given by the driver (ticks, timer callbacks), persistence is the driver's job
@@ -25,7 +26,7 @@ pub use clerk::{Action, Clerk, ClerkConfig, Outcome};
 pub use lock::{Lock, LockStep};
 pub use rsm::{KvRsm, RsmConfig, SnapshotJob};
 pub use server::SingleServer;
-pub use store::{KvStore, Limits};
+pub use store::{KvStore, LeaseStatus, Limits};
 
 /// Errors of the KV layer.
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,13 @@
 //! re-reads the key to learn whether the put applied, so retries and lost replies never make
 //! two holders.
 //!
+//! **With a lease** ([`Lock::with_lease`]): the claim attaches the key to the holder's lease
+//! ([`KvOp::PutLease`]), so a holder that dies loses the lock when its lease expires; the
+//! release deletes the key (missing means free, as empty does). A key created under a lease
+//! starts at the version of the log index of its put, so the held version only grows from one
+//! holder to the next, across deletions: a fencing token ([`Lock::version`]). If the lease is
+//! gone when claiming, the step is [`LockStep::LeaseLost`].
+//!
 //! Sans-IO: [`Lock`] says which KV operation to run next ([`LockStep::Run`]); the driver runs
 //! it with a [`crate::Clerk`] and feeds the [`crate::Outcome`] back.
 
@@ -27,6 +34,9 @@ pub enum LockStep {
     Acquired,
     /// The lock is released.
     Released,
+    /// (Leased lock) the lease is gone (expired or revoked): the claim was refused. The lock
+    /// is idle; grant a new lease to try again.
+    LeaseLost,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +62,10 @@ pub struct Lock {
     owner: Vec<u8>,
     state: State,
     retry: Duration,
+    /// The lease the claim attaches the key to (`0`: none, the classic lock).
+    lease: u64,
+    /// The other owner's value seen by the last read that found the lock taken.
+    holder: Option<Vec<u8>>,
 }
 
 impl Lock {
@@ -64,7 +78,40 @@ impl Lock {
             owner,
             state: State::Idle,
             retry: DEFAULT_LOCK_RETRY,
+            lease: 0,
+            holder: None,
         }
+    }
+
+    /// A lock whose key is attached to lease `lease` while held (see the module's doc).
+    pub fn with_lease(key: Vec<u8>, owner: Vec<u8>, lease: u64) -> Lock {
+        let mut lock = Lock::new(key, owner);
+        lock.lease = lease;
+        lock
+    }
+
+    /// Sets the pause before re-reading a lock held by someone else.
+    pub fn set_retry(&mut self, retry: Duration) {
+        self.retry = retry;
+    }
+
+    /// The version of the key while we hold it (with a lease: a fencing token that grows from
+    /// one holder to the next).
+    pub fn version(&self) -> Option<u64> {
+        match self.state {
+            State::Held { version } => Some(version),
+            _ => None,
+        }
+    }
+
+    /// The lease the lock is held under (`0`: none).
+    pub fn lease(&self) -> u64 {
+        self.lease
+    }
+
+    /// The value of the other owner that held the lock at the last read, if it was taken.
+    pub fn holder(&self) -> Option<&[u8]> {
+        self.holder.as_deref()
     }
 
     /// Whether we hold the lock.
@@ -91,6 +138,13 @@ impl Lock {
             return LockStep::Released;
         };
         self.state = State::Releasing;
+        if self.lease != 0 {
+            // Leased: delete the key (missing is free), which also detaches it from the lease.
+            return LockStep::Run(KvOp::Delete {
+                key: self.key.clone(),
+                expected: Expected::Version(version),
+            });
+        }
         LockStep::Run(KvOp::Put {
             key: self.key.clone(),
             value: Vec::new(),
@@ -114,11 +168,13 @@ impl Lock {
                 if value == self.owner {
                     // An earlier claim (answered maybe) applied.
                     self.state = State::Held { version };
+                    self.holder = None;
                     LockStep::Acquired
                 } else if value.is_empty() {
                     self.state = State::Claiming;
                     self.claim(version)
                 } else {
+                    self.holder = Some(value);
                     LockStep::Wait(self.retry)
                 }
             }
@@ -129,14 +185,19 @@ impl Lock {
             (State::Reading, _) => LockStep::Wait(self.retry),
             (State::Claiming, Outcome::Done(KvResult::Written { version })) => {
                 self.state = State::Held { version };
+                self.holder = None;
                 LockStep::Acquired
+            }
+            (State::Claiming, Outcome::Done(KvResult::LeaseNotFound { .. })) => {
+                self.state = State::Idle;
+                LockStep::LeaseLost
             }
             // Mismatch: someone else won; maybe: re-read to learn whether we did.
             (State::Claiming, _) => {
                 self.state = State::Reading;
                 self.read()
             }
-            (State::Releasing, Outcome::Done(KvResult::Written { .. })) => {
+            (State::Releasing, Outcome::Done(KvResult::Written { .. } | KvResult::Deleted)) => {
                 self.state = State::Idle;
                 LockStep::Released
             }
@@ -164,10 +225,83 @@ impl Lock {
     }
 
     fn claim(&self, version: u64) -> LockStep {
+        if self.lease != 0 {
+            return LockStep::Run(KvOp::PutLease {
+                key: self.key.clone(),
+                value: self.owner.clone(),
+                expected: Expected::Version(version),
+                lease: self.lease,
+            });
+        }
         LockStep::Run(KvOp::Put {
             key: self.key.clone(),
             value: self.owner.clone(),
             expected: Expected::Version(version),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(r: KvResult) -> Outcome {
+        Outcome::Done(r)
+    }
+
+    /// The leased lock claims with the lease, reports the holder it waits for, hands the
+    /// version out as the fencing token, releases by deleting, and reports a lost lease.
+    #[test]
+    fn leased_lock_claims_with_its_lease_and_releases_by_delete() {
+        let mut l = Lock::with_lease(b"lock/x".to_vec(), b"me".to_vec(), 7);
+        assert_eq!(
+            l.acquire(),
+            LockStep::Run(KvOp::Get {
+                key: b"lock/x".to_vec()
+            })
+        );
+        let step = l.on_outcome(done(KvResult::Found {
+            value: b"other".to_vec(),
+            version: 3,
+        }));
+        assert_eq!(step, LockStep::Wait(DEFAULT_LOCK_RETRY));
+        assert_eq!(l.holder(), Some(&b"other"[..]));
+        assert_eq!(
+            l.on_wait_done(),
+            LockStep::Run(KvOp::Get {
+                key: b"lock/x".to_vec()
+            })
+        );
+        let claim = l.on_outcome(done(KvResult::NoKey));
+        assert_eq!(
+            claim,
+            LockStep::Run(KvOp::PutLease {
+                key: b"lock/x".to_vec(),
+                value: b"me".to_vec(),
+                expected: Expected::Version(0),
+                lease: 7,
+            })
+        );
+        assert_eq!(
+            l.on_outcome(done(KvResult::Written { version: 42 })),
+            LockStep::Acquired
+        );
+        assert_eq!((l.version(), l.holder()), (Some(42), None));
+        assert_eq!(
+            l.release(),
+            LockStep::Run(KvOp::Delete {
+                key: b"lock/x".to_vec(),
+                expected: Expected::Version(42),
+            })
+        );
+        assert_eq!(l.on_outcome(done(KvResult::Deleted)), LockStep::Released);
+        // Lease gone at claim time.
+        l.acquire();
+        l.on_outcome(done(KvResult::NoKey));
+        assert_eq!(
+            l.on_outcome(done(KvResult::LeaseNotFound { id: 7 })),
+            LockStep::LeaseLost
+        );
+        assert!(!l.is_held());
     }
 }

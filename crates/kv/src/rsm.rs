@@ -14,6 +14,16 @@
 //!    call [`KvRsm::apply`]; persist `compact`; call [`KvRsm::advance`] and
 //!    [`KvRsm::maybe_snapshot`] with the persisted Raft state's size;
 //! 3. send the replies from [`KvRsm::take_replies`] to the connections named by their token.
+//!
+//! **Lease clock.** The state machine reads no clock: each [`KvRsm::tick`] advances its time
+//! by [`RsmConfig::tick_ms`] (the driver ticks at that period, the simulator in simulated
+//! time). Every replica keeps a deadline per lease, from the entries it applies (grant and
+//! keep-alive: now + TTL; a checkpoint: now + the replicated remaining time). Only the leader
+//! acts on them: when a deadline passes it proposes [`KvOp::LeaseExpire`] (fenced by the
+//! lease's renewal counter), and every [`RsmConfig::lease_checkpoint_ms`] it proposes a
+//! [`KvOp::LeaseCheckpoint`] of every lease's remaining time. A server that becomes leader
+//! keeps its deadlines but never shorter than the longest election timeout from now, so that
+//! leases do not expire in a burst after a failover (`docs/kv.md`, "Leases", for the bounds).
 
 use std::collections::BTreeMap;
 
@@ -21,18 +31,60 @@ use shoal_raft::{
     Config, EntryKind, LogIndex, NodeId, RawNode, Ready, Role, Snapshot, SnapshotMeta, Storage,
     Term,
 };
-use shoal_wire::kv::{KvOp, KvReply, KvRequest, KvResult, ServerRole, ServerStatus};
+use shoal_wire::kv::{
+    KvOp, KvReply, KvRequest, KvResult, LeaseCheckpoint, ServerRole, ServerStatus,
+};
 
-use crate::store::{KvStore, Limits};
+use crate::store::{KvStore, LeaseEvent, Limits};
 use crate::Error;
 
+/// Default [`RsmConfig::tick_ms`]: the tokio driver's default tick.
+pub const DEFAULT_TICK_MS: u64 = 25;
+/// Default [`RsmConfig::lease_checkpoint_ms`]. A lease outlives its deadline after a failover
+/// by at most about this plus an election, so it is short next to a lock's TTL (seconds); the
+/// cost is one log entry of ~24 bytes per live lease per period, and only while leases exist.
+pub const DEFAULT_LEASE_CHECKPOINT_MS: u64 = 1_000;
+/// Most leases in one checkpoint entry (more are split over several entries).
+pub const MAX_LEASES_PER_CHECKPOINT: usize = 1_000;
+
 /// Settings of a replicated KV server.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct RsmConfig {
     /// Snapshot when the persisted Raft state exceeds this many bytes (`None`: never).
     pub snapshot_bytes: Option<u64>,
     /// The store's limits (the same on every replica).
     pub limits: Limits,
+    /// Milliseconds of (monotonic) time one [`KvRsm::tick`] stands for: the lease clock.
+    pub tick_ms: u64,
+    /// How often the leader replicates the leases' remaining times, in ms.
+    pub lease_checkpoint_ms: u64,
+}
+
+impl Default for RsmConfig {
+    fn default() -> Self {
+        RsmConfig {
+            snapshot_bytes: None,
+            limits: Limits::default(),
+            tick_ms: DEFAULT_TICK_MS,
+            lease_checkpoint_ms: DEFAULT_LEASE_CHECKPOINT_MS,
+        }
+    }
+}
+
+/// The lease clock's volatile state (never replicated, rebuilt from the store).
+#[derive(Debug, Default)]
+struct LeaseClock {
+    /// Milliseconds since this server started (ticks × tick_ms).
+    now_ms: u64,
+    /// Lease id → the time it expires, on this server's clock.
+    deadlines: BTreeMap<u64, u64>,
+    /// Leases whose expiry this leader proposed, and when (re-proposed if still alive after
+    /// a floor's time: the proposal may have been lost with a log truncation).
+    expiring: BTreeMap<u64, u64>,
+    /// When the leader sends its next checkpoint.
+    next_checkpoint_ms: u64,
+    /// A new leader's shortest deadline from now: the longest election timeout.
+    floor_ms: u64,
 }
 
 /// A write waiting for its index to apply.
@@ -90,6 +142,7 @@ pub struct KvRsm<S: Storage> {
     leader: Option<NodeId>,
     snapshots_taken: u64,
     snapshots_installed: u64,
+    leases: LeaseClock,
 }
 
 impl<S: Storage> KvRsm<S> {
@@ -100,8 +153,16 @@ impl<S: Storage> KvRsm<S> {
         let mut store = KvStore::new(config.limits);
         store.restore(&snap.data)?;
         raft.applied = snap.meta.index;
+        let floor_ms = 2 * u64::from(raft.election_tick) * config.tick_ms;
         let raw = RawNode::new(raft, storage)?;
         let status = raw.status();
+        let mut leases = LeaseClock {
+            floor_ms,
+            ..LeaseClock::default()
+        };
+        for l in store.leases() {
+            leases.deadlines.insert(l.id, l.remaining_ms);
+        }
         Ok(KvRsm {
             raw,
             store,
@@ -115,7 +176,160 @@ impl<S: Storage> KvRsm<S> {
             leader: status.leader,
             snapshots_taken: 0,
             snapshots_installed: 0,
+            leases,
         })
+    }
+
+    /// This server's lease clock in ms (ticks × `tick_ms` since it started).
+    pub fn lease_now_ms(&self) -> u64 {
+        self.leases.now_ms
+    }
+
+    /// When lease `id` expires on this server's lease clock, as far as it knows (the leader
+    /// acts on it; a follower's is an estimate from the entries it applied).
+    pub fn lease_deadline_ms(&self, id: u64) -> Option<u64> {
+        self.leases.deadlines.get(&id).copied()
+    }
+
+    /// Answers a read from the store; the leases' remaining times come from this server's
+    /// deadlines rather than the last replicated values.
+    fn read(&self, op: &KvOp) -> KvResult {
+        match self.store.read(op) {
+            Ok(KvResult::Leases { mut leases }) => {
+                for l in &mut leases {
+                    if let Some(d) = self.leases.deadlines.get(&l.id) {
+                        l.remaining_ms = d.saturating_sub(self.leases.now_ms);
+                    }
+                }
+                KvResult::Leases { leases }
+            }
+            Ok(r) => r,
+            Err(_) => KvResult::Stale,
+        }
+    }
+
+    /// Proposes an operation of the leader's own (lease expiry, checkpoint): no session, no
+    /// waiting client. A refused proposal is retried by the next tick's duties.
+    fn propose_internal(&mut self, op: KvOp) {
+        let req = KvRequest {
+            client: 0,
+            request: 0,
+            op,
+            serializable: false,
+        };
+        match postcard::to_allocvec(&req) {
+            Ok(data) => {
+                if let Err(e) = self.raw.propose(data) {
+                    tracing::debug!(error = %e, "lease proposal refused");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "lease proposal does not encode"),
+        }
+    }
+
+    /// The leader's lease duties at each tick: propose the expiry of every lease whose
+    /// deadline passed, and a checkpoint when one is due.
+    fn lease_duties(&mut self) {
+        let now = self.leases.now_ms;
+        let due: Vec<u64> = self
+            .leases
+            .deadlines
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(renewals) = self.store.lease_renewals(id) else {
+                self.leases.deadlines.remove(&id);
+                continue;
+            };
+            let retry = self.leases.floor_ms.max(1);
+            if let Some(at) = self.leases.expiring.get(&id) {
+                if now < at + retry {
+                    continue;
+                }
+            }
+            self.leases.expiring.insert(id, now);
+            tracing::debug!(lease = id, "lease deadline passed: proposing its expiry");
+            self.propose_internal(KvOp::LeaseExpire { id, renewals });
+        }
+        if now >= self.leases.next_checkpoint_ms {
+            self.leases.next_checkpoint_ms = now + self.config.lease_checkpoint_ms.max(1);
+            let all: Vec<LeaseCheckpoint> = self
+                .store
+                .leases()
+                .into_iter()
+                .filter_map(|l| {
+                    let d = self.leases.deadlines.get(&l.id)?;
+                    Some(LeaseCheckpoint {
+                        id: l.id,
+                        renewals: l.renewals,
+                        remaining_ms: d.saturating_sub(now),
+                    })
+                })
+                .collect();
+            for chunk in all.chunks(MAX_LEASES_PER_CHECKPOINT) {
+                self.propose_internal(KvOp::LeaseCheckpoint {
+                    leases: chunk.to_vec(),
+                });
+            }
+        }
+    }
+
+    /// Updates the deadlines after an apply, from what it did to leases.
+    fn on_lease_events(&mut self, events: &[LeaseEvent]) {
+        let now = self.leases.now_ms;
+        for e in events {
+            match *e {
+                LeaseEvent::Renewed { id, ttl_ms } => {
+                    self.leases.deadlines.insert(id, now + ttl_ms);
+                    self.leases.expiring.remove(&id);
+                }
+                LeaseEvent::Checkpointed { id, remaining_ms } => {
+                    // The leader made it from its own deadlines: nothing to learn. A follower
+                    // takes it as its estimate (a later point than the leader measured from,
+                    // so never earlier than the leader's deadline).
+                    if self.role != Role::Leader {
+                        self.leases.deadlines.insert(id, now + remaining_ms);
+                    }
+                }
+                LeaseEvent::Ended { id } => {
+                    self.leases.deadlines.remove(&id);
+                    self.leases.expiring.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Rebuilds the deadlines from the store (after a snapshot replaced it).
+    fn reset_lease_deadlines(&mut self) {
+        let now = self.leases.now_ms;
+        self.leases.deadlines = self
+            .store
+            .leases()
+            .into_iter()
+            .map(|l| (l.id, now + l.remaining_ms))
+            .collect();
+        self.leases.expiring.clear();
+    }
+
+    /// A new leader honours each lease's remaining time as it knows it, but gives every lease
+    /// at least `floor_ms` (an election timeout), so that the clients of the old leader have
+    /// time to find this one before their leases expire.
+    fn on_became_leader(&mut self) {
+        let now = self.leases.now_ms;
+        let floor = now + self.leases.floor_ms;
+        for l in self.store.leases() {
+            let d = self
+                .leases
+                .deadlines
+                .get(&l.id)
+                .copied()
+                .unwrap_or(now + l.remaining_ms);
+            self.leases.deadlines.insert(l.id, d.max(floor));
+        }
+        self.leases.expiring.clear();
+        self.leases.next_checkpoint_ms = now + self.config.lease_checkpoint_ms.max(1);
     }
 
     /// The Raft core (status, tests).
@@ -203,7 +417,14 @@ impl<S: Storage> KvRsm<S> {
             return;
         }
         if req.op.is_read() && req.serializable {
-            let result = self.store.read(&req.op).unwrap_or(KvResult::Stale);
+            let result = self.read(&req.op);
+            self.answer(reply_to, req.client, req.request, result);
+            return;
+        }
+        if req.op.is_internal() {
+            let result = KvResult::Refused {
+                reason: "lease expiry and checkpoints are proposed by the leader only".into(),
+            };
             self.answer(reply_to, req.client, req.request, result);
             return;
         }
@@ -257,9 +478,14 @@ impl<S: Storage> KvRsm<S> {
         }
     }
 
-    /// Advances Raft's logical clock.
+    /// Advances Raft's logical clock and the lease clock by one tick ([`RsmConfig::tick_ms`]);
+    /// on the leader, proposes the expiry of leases whose deadline passed and checkpoints.
     pub fn tick(&mut self) {
         self.raw.tick();
+        self.leases.now_ms += self.config.tick_ms;
+        if self.role == Role::Leader {
+            self.lease_duties();
+        }
     }
 
     /// A Raft message from a peer.
@@ -289,6 +515,10 @@ impl<S: Storage> KvRsm<S> {
             if was_leader && ss.role != Role::Leader {
                 tracing::debug!(node = id, "lost leadership; failing pending requests");
                 self.fail_all_pending();
+                self.leases.expiring.clear();
+            }
+            if !was_leader && ss.role == Role::Leader {
+                self.on_became_leader();
             }
         }
         if let Some(snap) = &rd.snapshot {
@@ -302,6 +532,7 @@ impl<S: Storage> KvRsm<S> {
                 }
                 self.applied = snap.meta.index;
                 self.snapshots_installed += 1;
+                self.reset_lease_deadlines();
                 let covered: Vec<LogIndex> = self
                     .pending_writes
                     .range(..=snap.meta.index)
@@ -340,7 +571,11 @@ impl<S: Storage> KvRsm<S> {
                     panic!("node {id}: entry {} does not decode: {err}", e.index);
                 }
             };
-            let result = self.store.apply(e.index.0, &req);
+            let mut events = Vec::new();
+            let result = self.store.apply_with_events(e.index.0, &req, &mut events);
+            if !events.is_empty() {
+                self.on_lease_events(&events);
+            }
             if let Some(p) = pending {
                 if p.term == e.term && p.client == req.client && p.request == req.request {
                     self.answer(p.reply_to, req.client, req.request, result);
@@ -370,7 +605,7 @@ impl<S: Storage> KvRsm<S> {
             .collect();
         for id in ready {
             if let Some(p) = self.pending_reads.remove(&id) {
-                let result = self.store.read(&p.request.op).unwrap_or(KvResult::Stale);
+                let result = self.read(&p.request.op);
                 self.answer(p.reply_to, p.request.client, p.request.request, result);
             }
         }
@@ -479,7 +714,7 @@ mod tests {
     fn snapshot_job_copies_the_store_at_its_index() {
         let config = RsmConfig {
             snapshot_bytes: Some(10),
-            limits: Limits::default(),
+            ..RsmConfig::default()
         };
         let raft = Config::new(NodeId(1), vec![NodeId(1)]);
         let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
@@ -531,7 +766,7 @@ mod tests {
     fn single_node_write_then_read_index() {
         let config = RsmConfig {
             snapshot_bytes: Some(0),
-            limits: Limits::default(),
+            ..RsmConfig::default()
         };
         let raft = Config::new(NodeId(1), vec![NodeId(1)]);
         let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
@@ -600,5 +835,63 @@ mod tests {
             rsm.take_replies().as_slice(),
             [(7, KvReply::WrongLeader { .. })]
         ));
+    }
+
+    /// On one node: the leader's lease clock expires a lease after its TTL of ticks (and not
+    /// before), a keep-alive pushes the deadline, and a client cannot send the leader's own
+    /// expiry.
+    #[test]
+    fn leader_expires_leases_by_its_ticks() {
+        let config = RsmConfig {
+            tick_ms: 100,
+            limits: Limits {
+                min_lease_ttl_ms: 100,
+                ..Limits::default()
+            },
+            ..RsmConfig::default()
+        };
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
+        rsm.raw_mut().campaign();
+        drive(&mut rsm);
+        rsm.handle_request(1, req(5, 1, KvOp::Register));
+        drive(&mut rsm);
+        let session = rsm.applied().0;
+        rsm.handle_request(1, req(session, 1, KvOp::LeaseGrant { ttl_ms: 1_000 }));
+        drive(&mut rsm);
+        let id = rsm.applied().0;
+        assert_eq!(rsm.lease_deadline_ms(id), Some(rsm.lease_now_ms() + 1_000));
+        let forged = KvOp::LeaseExpire { id, renewals: 0 };
+        rsm.handle_request(2, req(session, 2, forged));
+        drive(&mut rsm);
+        let replies = rsm.take_replies();
+        assert!(matches!(
+            replies.last(),
+            Some((
+                2,
+                KvReply::Done {
+                    result: KvResult::Refused { .. },
+                    ..
+                }
+            ))
+        ));
+        for _ in 0..9 {
+            rsm.tick();
+            drive(&mut rsm);
+        }
+        assert_eq!(rsm.store().lease_count(), 1, "expired before its TTL");
+        rsm.handle_request(1, req(session, 3, KvOp::LeaseKeepAlive { id }));
+        drive(&mut rsm);
+        for _ in 0..9 {
+            rsm.tick();
+            drive(&mut rsm);
+        }
+        assert_eq!(rsm.store().lease_count(), 1, "a keep-alive did not renew");
+        for _ in 0..2 {
+            rsm.tick();
+            drive(&mut rsm);
+        }
+        assert_eq!(rsm.store().lease_count(), 0, "not expired after its TTL");
+        assert_eq!(rsm.lease_deadline_ms(id), None);
     }
 }

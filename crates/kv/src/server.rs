@@ -42,6 +42,12 @@ impl SingleServer {
                 applied: last,
                 last_index: last,
             })
+        } else if req.op.is_internal() {
+            // Lease expiry and checkpoints come from a replicated leader's clock only; this
+            // server has none (its leases end when revoked).
+            KvResult::Refused {
+                reason: "lease expiry and checkpoints are proposed by the leader only".into(),
+            }
         } else if req.op.is_read() {
             match self.store.read(&req.op) {
                 Ok(r) => r,

@@ -12,6 +12,13 @@
 //! or write — the same on every replica). A write whose session is unknown or expired is
 //! refused with [`KvResult::SessionExpired`] and **never applied**, so a late retry or a network
 //! duplicate can never apply twice.
+//!
+//! **Leases** (etcd's model, `docs/kv.md` "Leases"). A lease has an id (the log index of its
+//! grant), a TTL and the keys attached to it ([`KvOp::PutLease`]); revoking or expiring it
+//! deletes those keys. The store has no clock: it records each lease's TTL, its renewal
+//! counter and the remaining time last replicated (by a grant, keep-alive or leader
+//! checkpoint); *when* a lease expires is decided by the leader's driver, which proposes
+//! [`KvOp::LeaseExpire`] (see [`crate::KvRsm`]).
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -21,7 +28,7 @@ use serde_bytes::{ByteBuf, Bytes};
 use smallvec::SmallVec;
 
 use serde::{Deserialize, Serialize};
-use shoal_wire::kv::{Expected, KvOp, KvRequest, KvResult, ScanItem};
+use shoal_wire::kv::{Expected, KvOp, KvRequest, KvResult, LeaseCheckpoint, LeaseInfo, ScanItem};
 
 use crate::Error;
 
@@ -34,7 +41,22 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 /// Default largest number of pairs one scan returns.
 pub const DEFAULT_MAX_SCAN_ITEMS: u32 = 1000;
 /// Version byte at the start of every snapshot; bumped when the layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 3;
+/// The format before leases (no lease per key, no lease table). Still restored: its data
+/// and sessions are kept, with no lease.
+pub const SNAPSHOT_FORMAT_VERSION_V2: u8 = 2;
+/// Default most live leases ([`Limits::max_leases`]). Every lease costs the leader a timer
+/// entry and ~24 bytes in each checkpoint.
+pub const DEFAULT_MAX_LEASES: usize = 10_000;
+/// Default shortest TTL a grant may ask for, in ms ([`Limits::min_lease_ttl_ms`]): a lease
+/// must outlive a leader election (etcd's minimum is 1.5 election timeouts) and a keep-alive
+/// round trip, or it expires while its holder is doing everything right.
+pub const DEFAULT_MIN_LEASE_TTL_MS: u64 = 1_000;
+/// Default longest TTL, in ms ([`Limits::max_lease_ttl_ms`]): one day.
+pub const DEFAULT_MAX_LEASE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// Default most keys attached to one lease ([`Limits::max_keys_per_lease`]): revoking a lease
+/// deletes its keys in one apply step, which must stay short.
+pub const DEFAULT_MAX_KEYS_PER_LEASE: usize = 10_000;
 /// The previous snapshot format (per-client dedup entries, before sessions). Still restored:
 /// its data is kept and its dedup entries are dropped, so every old client's next write is
 /// refused with [`KvResult::SessionExpired`] (safe: never applied twice).
@@ -57,6 +79,14 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Most pairs one scan returns (a request's `limit` is capped by it).
     pub max_scan_items: u32,
+    /// Most live leases; a grant beyond is refused ([`KvResult::Refused`]).
+    pub max_leases: usize,
+    /// Shortest lease TTL in ms; a shorter grant is refused.
+    pub min_lease_ttl_ms: u64,
+    /// Longest lease TTL in ms; a longer grant is refused.
+    pub max_lease_ttl_ms: u64,
+    /// Most keys attached to one lease; a put attaching one more is refused.
+    pub max_keys_per_lease: usize,
 }
 
 impl Default for Limits {
@@ -66,6 +96,10 @@ impl Default for Limits {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_scan_items: DEFAULT_MAX_SCAN_ITEMS,
+            max_leases: DEFAULT_MAX_LEASES,
+            min_lease_ttl_ms: DEFAULT_MIN_LEASE_TTL_MS,
+            max_lease_ttl_ms: DEFAULT_MAX_LEASE_TTL_MS,
+            max_keys_per_lease: DEFAULT_MAX_KEYS_PER_LEASE,
         }
     }
 }
@@ -84,6 +118,29 @@ struct Item {
     #[serde(with = "shared_bytes")]
     value: Arc<[u8]>,
     version: u64,
+    /// The lease the key is attached to (`0`: none).
+    lease: u64,
+}
+
+/// A key's value and version in a format-2 snapshot (before leases).
+#[derive(Debug, Clone, Deserialize)]
+struct ItemV2 {
+    #[serde(with = "shared_bytes")]
+    value: Arc<[u8]>,
+    version: u64,
+}
+
+/// One lease, as replicated. Its keys are not stored here but found from the items (the
+/// `keys` index is rebuilt at restore).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Lease {
+    /// Its TTL in ms.
+    ttl_ms: u64,
+    /// Remaining time in ms when last replicated (grant, keep-alive: the TTL; a leader's
+    /// checkpoint: what that leader measured). A new leader starts from it.
+    remaining_ms: u64,
+    /// Keep-alives applied so far: fences a stale expiry or checkpoint.
+    renewals: u64,
 }
 
 /// One client session: its highest applied write, the order of last use, and the answer.
@@ -101,9 +158,17 @@ struct Session {
 #[derive(Deserialize)]
 struct SnapshotBodyV1 {
     applied: u64,
-    items: Vec<(Vec<u8>, Item)>,
+    items: Vec<(Vec<u8>, ItemV2)>,
     #[allow(dead_code)] // decoded to validate the layout; dedup entries do not carry over
     sessions: Vec<(u64, (u64, u64, KvResult))>,
+}
+
+/// The serialized form of a format-2 store (before leases).
+#[derive(Deserialize)]
+struct SnapshotBodyV2 {
+    applied: u64,
+    items: Vec<(ByteBuf, ItemV2)>,
+    sessions: Vec<(u64, Session)>,
 }
 
 /// The serialized form of a store (after the format version byte).
@@ -112,6 +177,7 @@ struct SnapshotBody {
     applied: u64,
     items: Vec<(ByteBuf, Item)>,
     sessions: Vec<(u64, Session)>,
+    leases: Vec<(u64, Lease)>,
 }
 
 /// [`SnapshotBody`]'s encoding, borrowing the store's maps.
@@ -120,6 +186,7 @@ struct SnapshotBodyRef<'a> {
     applied: u64,
     items: Items<'a>,
     sessions: Seq<'a, u64, Session>,
+    leases: Seq<'a, u64, Lease>,
 }
 
 /// A map serialized as a sequence of `(key, value)` pairs, as a `Vec<(K, V)>` is.
@@ -157,9 +224,52 @@ pub struct KvStore {
     sessions: OrdMap<u64, Session>,
     /// Sessions ordered by last use, for eviction: (last_used, client).
     by_use: OrdSet<(u64, u64)>,
+    /// Live leases by id.
+    leases: OrdMap<u64, Lease>,
+    /// The keys attached to each lease (an index of `items`' `lease` fields).
+    lease_keys: OrdMap<u64, OrdSet<Key>>,
     /// Position of the last applied write.
     applied: u64,
     data_bytes: usize,
+}
+
+/// A live lease as the store holds it ([`KvStore::leases`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseStatus {
+    /// The lease id (the position of its grant).
+    pub id: u64,
+    /// Its TTL in ms.
+    pub ttl_ms: u64,
+    /// Its remaining time in ms when last replicated (grant, keep-alive or checkpoint).
+    pub remaining_ms: u64,
+    /// Keep-alives applied so far (the fence of expiry and checkpoints).
+    pub renewals: u64,
+    /// Keys attached to it.
+    pub keys: usize,
+}
+
+/// What an apply did to leases, for the replicated state machine's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// Lease `id` was granted or kept alive: it has `ttl_ms` from now.
+    Renewed {
+        /// The lease.
+        id: u64,
+        /// Its TTL in ms.
+        ttl_ms: u64,
+    },
+    /// A checkpoint recorded lease `id`'s remaining time.
+    Checkpointed {
+        /// The lease.
+        id: u64,
+        /// Remaining ms as replicated.
+        remaining_ms: u64,
+    },
+    /// Lease `id` ended (revoked or expired).
+    Ended {
+        /// The lease.
+        id: u64,
+    },
 }
 
 impl KvStore {
@@ -170,6 +280,8 @@ impl KvStore {
             items: OrdMap::new(),
             sessions: OrdMap::new(),
             by_use: OrdSet::new(),
+            leases: OrdMap::new(),
+            lease_keys: OrdMap::new(),
             applied: 0,
             data_bytes: 0,
         }
@@ -219,6 +331,35 @@ impl KvStore {
         self.items.get(key).map(|i| (&i.value[..], i.version))
     }
 
+    /// The lease `key` is attached to, if any.
+    pub fn key_lease(&self, key: &[u8]) -> Option<u64> {
+        self.items.get(key).map(|i| i.lease).filter(|&l| l != 0)
+    }
+
+    /// Number of live leases.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// The live leases, by id.
+    pub fn leases(&self) -> Vec<LeaseStatus> {
+        self.leases
+            .iter()
+            .map(|(id, l)| LeaseStatus {
+                id: *id,
+                ttl_ms: l.ttl_ms,
+                remaining_ms: l.remaining_ms,
+                renewals: l.renewals,
+                keys: self.lease_keys.get(id).map_or(0, OrdSet::len),
+            })
+            .collect()
+    }
+
+    /// Lease `id`'s renewal counter, if it is live.
+    pub fn lease_renewals(&self, id: u64) -> Option<u64> {
+        self.leases.get(&id).map(|l| l.renewals)
+    }
+
     /// Whether session `session` is open (registered and not expired).
     pub fn has_session(&self, session: u64) -> bool {
         self.sessions.contains_key(&session)
@@ -231,7 +372,17 @@ impl KvStore {
         match op {
             KvOp::Put { key, value, .. } => self.check_sizes(key, Some(value)),
             KvOp::Delete { key, .. } => self.check_sizes(key, None),
-            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register | KvOp::Status => None,
+            KvOp::PutLease { key, value, .. } => self.check_sizes(key, Some(value)),
+            KvOp::Get { .. }
+            | KvOp::Scan { .. }
+            | KvOp::Register
+            | KvOp::Status
+            | KvOp::LeaseGrant { .. }
+            | KvOp::LeaseKeepAlive { .. }
+            | KvOp::LeaseRevoke { .. }
+            | KvOp::LeaseList
+            | KvOp::LeaseExpire { .. }
+            | KvOp::LeaseCheckpoint { .. } => None,
         }
     }
 
@@ -282,9 +433,19 @@ impl KvStore {
                     .collect();
                 Ok(KvResult::Scanned { items })
             }
-            KvOp::Put { .. } | KvOp::Delete { .. } | KvOp::Register | KvOp::Status => {
-                Err(Error::NotARead)
-            }
+            KvOp::LeaseList => Ok(KvResult::Leases {
+                leases: self
+                    .leases()
+                    .into_iter()
+                    .map(|l| LeaseInfo {
+                        id: l.id,
+                        ttl_ms: l.ttl_ms,
+                        remaining_ms: l.remaining_ms,
+                        keys: l.keys as u64,
+                    })
+                    .collect(),
+            }),
+            _ => Err(Error::NotARead),
         }
     }
 
@@ -296,12 +457,41 @@ impl KvStore {
     /// session's latest write gets the remembered answer without applying again; an older
     /// request gets [`KvResult::Stale`].
     pub fn apply(&mut self, index: u64, req: &KvRequest) -> KvResult {
+        self.apply_with_events(index, req, &mut Vec::new())
+    }
+
+    /// [`KvStore::apply`], also telling what happened to leases (for the leader's timers).
+    ///
+    /// The leader's own [`KvOp::LeaseExpire`] and [`KvOp::LeaseCheckpoint`] carry no session
+    /// (they are not client writes, and are idempotent by their fences).
+    pub fn apply_with_events(
+        &mut self,
+        index: u64,
+        req: &KvRequest,
+        events: &mut Vec<LeaseEvent>,
+    ) -> KvResult {
         assert!(
             index > self.applied,
             "apply at {index} after {}: out of order",
             self.applied
         );
         self.applied = index;
+        match &req.op {
+            KvOp::LeaseExpire { id, renewals } => {
+                if self.lease_renewals(*id) != Some(*renewals) {
+                    // Renewed (or ended) since the leader decided: nothing to do.
+                    return KvResult::LeaseNotFound { id: *id };
+                }
+                let keys = self.end_lease(*id, events);
+                tracing::debug!(lease = id, keys, "lease expired");
+                return KvResult::LeaseRevoked { id: *id, keys };
+            }
+            KvOp::LeaseCheckpoint { leases } => {
+                self.checkpoint(leases, events);
+                return KvResult::Stale;
+            }
+            _ => {}
+        }
         if req.op.is_read() {
             return self.read(&req.op).unwrap_or(KvResult::Stale);
         }
@@ -312,7 +502,7 @@ impl KvStore {
             return KvResult::Registered { session: index };
         }
         if self.limits.max_sessions == 0 {
-            return self.write(&req.op);
+            return self.write(index, &req.op, events);
         }
         let Some(s) = self.sessions.get(&req.client) else {
             tracing::debug!(
@@ -329,9 +519,108 @@ impl KvStore {
             self.touch(req.client, index, None);
             return result;
         }
-        let result = self.write(&req.op);
+        let result = self.write(index, &req.op, events);
         self.touch(req.client, index, Some((req.request, result.clone())));
         result
+    }
+
+    /// Records a leader's checkpoint: each lease not renewed since gets its remaining time.
+    fn checkpoint(&mut self, leases: &[LeaseCheckpoint], events: &mut Vec<LeaseEvent>) {
+        for c in leases {
+            if let Some(l) = self.leases.get_mut(&c.id) {
+                if l.renewals == c.renewals {
+                    l.remaining_ms = c.remaining_ms.min(l.ttl_ms);
+                    events.push(LeaseEvent::Checkpointed {
+                        id: c.id,
+                        remaining_ms: l.remaining_ms,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Ends lease `id`: deletes its keys and forgets it. Returns how many keys went.
+    fn end_lease(&mut self, id: u64, events: &mut Vec<LeaseEvent>) -> u64 {
+        let keys = self.lease_keys.remove(&id).unwrap_or_default();
+        let n = keys.len() as u64;
+        for k in keys {
+            if let Some(old) = self.items.remove(k.as_slice()) {
+                self.data_bytes -= k.len() + old.value.len();
+            }
+        }
+        if self.leases.remove(&id).is_some() {
+            events.push(LeaseEvent::Ended { id });
+        }
+        n
+    }
+
+    /// Detaches `key` from the lease it is attached to (`lease`, 0: none).
+    fn detach(&mut self, key: &[u8], lease: u64) {
+        if lease == 0 {
+            return;
+        }
+        if let Some(keys) = self.lease_keys.get_mut(&lease) {
+            keys.remove(key);
+        }
+    }
+
+    /// Applies a lease operation (grant, keep-alive, revoke) at `index`.
+    fn lease_op(&mut self, index: u64, op: &KvOp, events: &mut Vec<LeaseEvent>) -> KvResult {
+        match op {
+            KvOp::LeaseGrant { ttl_ms } => {
+                let (min, max) = (self.limits.min_lease_ttl_ms, self.limits.max_lease_ttl_ms);
+                if *ttl_ms < min || *ttl_ms > max {
+                    return KvResult::Refused {
+                        reason: format!(
+                            "lease TTL {ttl_ms} ms is outside this server's bounds [{min}, {max}] ms"
+                        ),
+                    };
+                }
+                if self.leases.len() >= self.limits.max_leases {
+                    return KvResult::Refused {
+                        reason: format!(
+                            "too many leases: the server holds at most {}",
+                            self.limits.max_leases
+                        ),
+                    };
+                }
+                // Positions strictly increase, so `index` is never a live lease's id.
+                self.leases.insert(
+                    index,
+                    Lease {
+                        ttl_ms: *ttl_ms,
+                        remaining_ms: *ttl_ms,
+                        renewals: 0,
+                    },
+                );
+                events.push(LeaseEvent::Renewed {
+                    id: index,
+                    ttl_ms: *ttl_ms,
+                });
+                KvResult::LeaseGranted {
+                    id: index,
+                    ttl_ms: *ttl_ms,
+                }
+            }
+            KvOp::LeaseKeepAlive { id } => match self.leases.get_mut(id) {
+                Some(l) => {
+                    l.renewals += 1;
+                    l.remaining_ms = l.ttl_ms;
+                    let ttl_ms = l.ttl_ms;
+                    events.push(LeaseEvent::Renewed { id: *id, ttl_ms });
+                    KvResult::LeaseKept { id: *id, ttl_ms }
+                }
+                None => KvResult::LeaseNotFound { id: *id },
+            },
+            KvOp::LeaseRevoke { id } => {
+                if !self.leases.contains_key(id) {
+                    return KvResult::LeaseNotFound { id: *id };
+                }
+                let keys = self.end_lease(*id, events);
+                KvResult::LeaseRevoked { id: *id, keys }
+            }
+            _ => KvResult::Stale,
+        }
     }
 
     /// Opens session `index`, first expiring the least recently used sessions while the table
@@ -381,43 +670,37 @@ impl KvStore {
         }
     }
 
-    /// Applies a write without deduplication.
-    fn write(&mut self, op: &KvOp) -> KvResult {
+    /// Applies a write without deduplication, at position `index`.
+    fn write(&mut self, index: u64, op: &KvOp, events: &mut Vec<LeaseEvent>) -> KvResult {
         match op {
             KvOp::Put {
                 key,
                 value,
                 expected,
+            } => self.put(index, key, value, *expected, 0),
+            KvOp::PutLease {
+                key,
+                value,
+                expected,
+                lease,
             } => {
-                if let Some(e) = self.check_sizes(key, Some(value)) {
-                    return e;
+                if *lease == 0 || !self.leases.contains_key(lease) {
+                    return KvResult::LeaseNotFound { id: *lease };
                 }
-                // One walk down the tree for a key that exists (the common case), two for a
-                // new one.
-                if let Some(item) = self.items.get_mut(key.as_slice()) {
-                    let version = match expected {
-                        Expected::Version(e) if *e != item.version => {
-                            return KvResult::VersionMismatch
-                        }
-                        _ => item.version + 1,
+                let already = self.key_lease(key) == Some(*lease);
+                let attached = self.lease_keys.get(lease).map_or(0, OrdSet::len);
+                if !already && attached >= self.limits.max_keys_per_lease {
+                    return KvResult::Refused {
+                        reason: format!(
+                            "lease {lease} already has {attached} keys, the most this server \
+                             attaches to one lease"
+                        ),
                     };
-                    self.data_bytes = self.data_bytes + value.len() - item.value.len();
-                    item.value = Arc::from(value.as_slice());
-                    item.version = version;
-                    return KvResult::Written { version };
                 }
-                if let Expected::Version(v) = expected {
-                    if *v != 0 {
-                        return KvResult::NoKey;
-                    }
-                }
-                let item = Item {
-                    value: Arc::from(value.as_slice()),
-                    version: 1,
-                };
-                self.data_bytes += key.len() + value.len();
-                self.items.insert(Key::from_slice(key), item);
-                KvResult::Written { version: 1 }
+                self.put(index, key, value, *expected, *lease)
+            }
+            KvOp::LeaseGrant { .. } | KvOp::LeaseKeepAlive { .. } | KvOp::LeaseRevoke { .. } => {
+                self.lease_op(index, op, events)
             }
             KvOp::Delete { key, expected } => {
                 if let Some(e) = self.check_sizes(key, None) {
@@ -431,14 +714,78 @@ impl KvStore {
                     _ => {
                         if let Some(old) = self.items.remove(key.as_slice()) {
                             self.data_bytes -= key.len() + old.value.len();
+                            self.detach(key, old.lease);
                         }
                         KvResult::Deleted
                     }
                 }
             }
-            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Register | KvOp::Status => {
-                self.read(op).unwrap_or(KvResult::Stale)
+            KvOp::Get { .. }
+            | KvOp::Scan { .. }
+            | KvOp::Register
+            | KvOp::Status
+            | KvOp::LeaseList
+            | KvOp::LeaseExpire { .. }
+            | KvOp::LeaseCheckpoint { .. } => self.read(op).unwrap_or(KvResult::Stale),
+        }
+    }
+
+    /// A put at position `index`, attaching the key to `lease` (0: detaching it).
+    fn put(
+        &mut self,
+        index: u64,
+        key: &[u8],
+        value: &[u8],
+        expected: Expected,
+        lease: u64,
+    ) -> KvResult {
+        if let Some(e) = self.check_sizes(key, Some(value)) {
+            return e;
+        }
+        // One walk down the tree for a key that exists (the common case), two for a
+        // new one.
+        if let Some(item) = self.items.get_mut(key) {
+            let version = match expected {
+                Expected::Version(e) if e != item.version => return KvResult::VersionMismatch,
+                _ => item.version + 1,
+            };
+            self.data_bytes = self.data_bytes + value.len() - item.value.len();
+            item.value = Arc::from(value);
+            item.version = version;
+            let old_lease = std::mem::replace(&mut item.lease, lease);
+            if old_lease != lease {
+                self.detach(key, old_lease);
+                self.attach(key, lease);
             }
+            return KvResult::Written { version };
+        }
+        if let Expected::Version(v) = expected {
+            if v != 0 {
+                return KvResult::NoKey;
+            }
+        }
+        // A key created under a lease starts at the position of its creation, so its
+        // versions only grow across deletions (a lock key's version is a fencing
+        // token); a plain key starts at 1 as it always did.
+        let version = if lease == 0 { 1 } else { index.max(1) };
+        let item = Item {
+            value: Arc::from(value),
+            version,
+            lease,
+        };
+        self.data_bytes += key.len() + value.len();
+        self.items.insert(Key::from_slice(key), item);
+        self.attach(key, lease);
+        KvResult::Written { version }
+    }
+
+    /// Attaches `key` to `lease` (0: none) in the index.
+    fn attach(&mut self, key: &[u8], lease: u64) {
+        if lease != 0 {
+            self.lease_keys
+                .entry(lease)
+                .or_default()
+                .insert(Key::from_slice(key));
         }
     }
 
@@ -451,6 +798,7 @@ impl KvStore {
             applied: self.applied,
             items: Items(&self.items),
             sessions: Seq(&self.sessions),
+            leases: Seq(&self.leases),
         };
         let out = vec![SNAPSHOT_FORMAT_VERSION];
         // Encoding plain vectors and integers into a Vec cannot fail.
@@ -471,19 +819,57 @@ impl KvStore {
             fresh.applied = body.applied;
             for (k, item) in body.items {
                 fresh.data_bytes += k.len() + item.value.len();
+                let item = Item {
+                    value: item.value,
+                    version: item.version,
+                    lease: 0,
+                };
                 fresh.items.insert(Key::from_vec(k), item);
             }
             *self = fresh;
             return Ok(());
         }
-        if bytes[0] != SNAPSHOT_FORMAT_VERSION {
-            return Err(Error::SnapshotVersion(bytes[0]));
-        }
-        let body: SnapshotBody =
-            postcard::from_bytes(&bytes[1..]).map_err(|e| Error::SnapshotDecode(e.to_string()))?;
+        let decode = |e: postcard::Error| Error::SnapshotDecode(e.to_string());
+        let body: SnapshotBody = match bytes[0] {
+            SNAPSHOT_FORMAT_VERSION => postcard::from_bytes(&bytes[1..]).map_err(decode)?,
+            SNAPSHOT_FORMAT_VERSION_V2 => {
+                // Before leases: the same data and sessions, no key attached to a lease.
+                let old: SnapshotBodyV2 = postcard::from_bytes(&bytes[1..]).map_err(decode)?;
+                SnapshotBody {
+                    applied: old.applied,
+                    items: old
+                        .items
+                        .into_iter()
+                        .map(|(k, i)| {
+                            let item = Item {
+                                value: i.value,
+                                version: i.version,
+                                lease: 0,
+                            };
+                            (k, item)
+                        })
+                        .collect(),
+                    sessions: old.sessions,
+                    leases: Vec::new(),
+                }
+            }
+            v => return Err(Error::SnapshotVersion(v)),
+        };
         fresh.applied = body.applied;
+        for (id, l) in body.leases {
+            fresh.leases.insert(id, l);
+        }
         for (k, item) in body.items {
             fresh.data_bytes += k.len() + item.value.len();
+            if item.lease != 0 {
+                if !fresh.leases.contains_key(&item.lease) {
+                    return Err(Error::SnapshotDecode(format!(
+                        "a key is attached to lease {}, which the snapshot does not hold",
+                        item.lease
+                    )));
+                }
+                fresh.attach(&k, item.lease);
+            }
             fresh.items.insert(Key::from_vec(k.into_vec()), item);
         }
         for (c, s) in body.sessions {
@@ -540,12 +926,27 @@ mod tests {
         }
     }
 
+    /// An item of the formats before leases (1 and 2), for writing one in a test.
+    #[derive(Serialize)]
+    struct OldItem {
+        value: Vec<u8>,
+        version: u64,
+    }
+
     /// The format-1 layout, for writing one in a test.
     #[derive(Serialize)]
     struct SnapshotBodyV1Out {
         applied: u64,
-        items: Vec<(Vec<u8>, Item)>,
+        items: Vec<(Vec<u8>, OldItem)>,
         sessions: Vec<(u64, (u64, u64, KvResult))>,
+    }
+
+    /// The format-2 layout (before leases), for writing one in a test.
+    #[derive(Serialize)]
+    struct SnapshotBodyV2Out {
+        applied: u64,
+        items: Vec<(Vec<u8>, OldItem)>,
+        sessions: Vec<(u64, Session)>,
     }
 
     fn del(client: u64, request: u64, key: &str) -> KvRequest {
@@ -835,12 +1236,14 @@ mod tests {
         struct PlainItem {
             value: Vec<u8>,
             version: u64,
+            lease: u64,
         }
         #[derive(Serialize)]
         struct PlainBody {
             applied: u64,
             items: Vec<(Vec<u8>, PlainItem)>,
             sessions: Vec<(u64, Session)>,
+            leases: Vec<(u64, Lease)>,
         }
         let owned = PlainBody {
             applied: s.applied,
@@ -851,11 +1254,13 @@ mod tests {
                     let item = PlainItem {
                         value: v.value.to_vec(),
                         version: v.version,
+                        lease: v.lease,
                     };
                     (k.to_vec(), item)
                 })
                 .collect(),
             sessions: s.sessions.iter().map(|(c, x)| (*c, x.clone())).collect(),
+            leases: s.leases.iter().map(|(c, x)| (*c, x.clone())).collect(),
         };
         let mut expected = vec![SNAPSHOT_FORMAT_VERSION];
         expected.extend(postcard::to_allocvec(&owned).unwrap());
@@ -884,8 +1289,8 @@ mod tests {
             applied: 7,
             items: vec![(
                 b"old".to_vec(),
-                Item {
-                    value: Arc::from(&b"x"[..]),
+                OldItem {
+                    value: b"x".to_vec(),
                     version: 3,
                 },
             )],
@@ -913,5 +1318,246 @@ mod tests {
         };
         let keys: Vec<_> = items.iter().map(|i| i.key.clone()).collect();
         assert_eq!(keys, vec![b"k1".to_vec(), b"k10".to_vec(), b"k11".to_vec()]);
+    }
+
+    fn req(client: u64, request: u64, op: KvOp) -> KvRequest {
+        KvRequest {
+            client,
+            request,
+            op,
+            serializable: false,
+        }
+    }
+
+    /// The leases as `(id, ttl_ms, remaining_ms, renewals, keys)`.
+    fn tuples(s: &KvStore) -> Vec<(u64, u64, u64, u64, usize)> {
+        s.leases()
+            .iter()
+            .map(|l| (l.id, l.ttl_ms, l.remaining_ms, l.renewals, l.keys))
+            .collect()
+    }
+
+    fn put_lease(c: u64, r: u64, key: &str, value: &str, lease: u64) -> KvRequest {
+        let op = KvOp::PutLease {
+            key: key.into(),
+            value: value.into(),
+            expected: Expected::Any,
+            lease,
+        };
+        req(c, r, op)
+    }
+
+    fn grant(s: &mut KvStore, index: u64, c: u64, ttl_ms: u64) -> u64 {
+        match s.apply(index, &req(c, index, KvOp::LeaseGrant { ttl_ms })) {
+            KvResult::LeaseGranted { id, ttl_ms: t } => {
+                assert_eq!((id, t), (index, ttl_ms));
+                id
+            }
+            other => panic!("grant: {other:?}"),
+        }
+    }
+
+    /// Keys put with a lease go with it (revoke or a fenced expiry); a plain re-put detaches
+    /// a key; a put with an unknown lease is refused; a key created under a lease starts at
+    /// the position of its put and its versions keep growing across deletions.
+    #[test]
+    fn lease_attach_detach_revoke_expire() {
+        let mut s = KvStore::new(Limits::default());
+        let c = register(&mut s, 1);
+        let l = grant(&mut s, 2, c, 5_000);
+        assert_eq!(
+            s.apply(3, &put_lease(c, 3, "a", "1", l)),
+            KvResult::Written { version: 3 }
+        );
+        assert_eq!(
+            s.apply(4, &put_lease(c, 4, "b", "1", l)),
+            KvResult::Written { version: 4 }
+        );
+        assert_eq!(
+            s.apply(5, &put_lease(c, 5, "a", "2", l)),
+            KvResult::Written { version: 4 }
+        );
+        assert_eq!(s.key_lease(b"a"), Some(l));
+        // A plain put detaches "b": it survives the lease.
+        assert_eq!(
+            s.apply(6, &put(c, 6, "b", "plain", Expected::Any)),
+            KvResult::Written { version: 5 }
+        );
+        assert_eq!(s.key_lease(b"b"), None);
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 0, 1)]);
+        // Unknown lease: refused, nothing stored.
+        assert_eq!(
+            s.apply(7, &put_lease(c, 7, "z", "1", 999)),
+            KvResult::LeaseNotFound { id: 999 }
+        );
+        assert_eq!(s.get(b"z"), None);
+        // Revoke deletes "a" only.
+        assert_eq!(
+            s.apply(8, &req(c, 8, KvOp::LeaseRevoke { id: l })),
+            KvResult::LeaseRevoked { id: l, keys: 1 }
+        );
+        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.get(b"b"), Some((&b"plain"[..], 5)));
+        assert_eq!(s.lease_count(), 0);
+        assert_eq!(
+            s.apply(9, &req(c, 9, KvOp::LeaseKeepAlive { id: l })),
+            KvResult::LeaseNotFound { id: l }
+        );
+        // A new lease: "a" comes back at a higher version than it ever had (fencing).
+        let m = grant(&mut s, 10, c, 5_000);
+        assert_eq!(
+            s.apply(11, &put_lease(c, 11, "a", "3", m)),
+            KvResult::Written { version: 11 }
+        );
+        // Expiry fenced by the renewal counter: a keep-alive applied since wins.
+        assert_eq!(
+            s.apply(12, &req(c, 12, KvOp::LeaseKeepAlive { id: m })),
+            KvResult::LeaseKept {
+                id: m,
+                ttl_ms: 5_000
+            }
+        );
+        let stale = req(0, 0, KvOp::LeaseExpire { id: m, renewals: 0 });
+        assert_eq!(s.apply(13, &stale), KvResult::LeaseNotFound { id: m });
+        assert!(s.get(b"a").is_some());
+        let fresh = req(0, 0, KvOp::LeaseExpire { id: m, renewals: 1 });
+        assert_eq!(
+            s.apply(14, &fresh),
+            KvResult::LeaseRevoked { id: m, keys: 1 }
+        );
+        assert_eq!(s.get(b"a"), None);
+        // Deleting a leased key detaches it: the lease's count drops.
+        let n = grant(&mut s, 15, c, 5_000);
+        s.apply(16, &put_lease(c, 16, "d", "1", n));
+        assert_eq!(s.apply(17, &del(c, 17, "d")), KvResult::Deleted);
+        assert_eq!(tuples(&s), vec![(n, 5_000, 5_000, 0, 0)]);
+        assert_eq!(s.data_bytes(), "b".len() + "plain".len());
+    }
+
+    /// Checkpoints record the remaining time unless the lease was renewed since.
+    #[test]
+    fn lease_checkpoint_is_fenced() {
+        let mut s = KvStore::new(Limits::default());
+        let c = register(&mut s, 1);
+        let l = grant(&mut s, 2, c, 5_000);
+        let cp = |renewals, remaining_ms| {
+            req(
+                0,
+                0,
+                KvOp::LeaseCheckpoint {
+                    leases: vec![LeaseCheckpoint {
+                        id: l,
+                        renewals,
+                        remaining_ms,
+                    }],
+                },
+            )
+        };
+        s.apply(3, &cp(0, 1_200));
+        assert_eq!(tuples(&s), vec![(l, 5_000, 1_200, 0, 0)]);
+        s.apply(4, &req(c, 4, KvOp::LeaseKeepAlive { id: l }));
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 1, 0)]);
+        s.apply(5, &cp(0, 100));
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 1, 0)]);
+        // Never above the TTL.
+        s.apply(6, &cp(1, 99_000));
+        assert_eq!(tuples(&s), vec![(l, 5_000, 5_000, 1, 0)]);
+    }
+
+    /// Every lease limit refuses with a reason and changes nothing.
+    #[test]
+    fn lease_limits_refuse() {
+        let mut s = KvStore::new(Limits {
+            max_leases: 1,
+            max_keys_per_lease: 1,
+            min_lease_ttl_ms: 100,
+            max_lease_ttl_ms: 1_000,
+            ..Limits::default()
+        });
+        let c = register(&mut s, 1);
+        for (i, ttl) in [(2, 99), (3, 1_001)] {
+            let r = s.apply(i, &req(c, i, KvOp::LeaseGrant { ttl_ms: ttl }));
+            assert!(
+                matches!(&r, KvResult::Refused { reason } if reason.contains("TTL")),
+                "{r:?}"
+            );
+        }
+        let l = grant(&mut s, 4, c, 100);
+        let r = s.apply(5, &req(c, 5, KvOp::LeaseGrant { ttl_ms: 500 }));
+        assert!(
+            matches!(&r, KvResult::Refused { reason } if reason.contains("too many leases")),
+            "{r:?}"
+        );
+        assert_eq!(
+            s.apply(6, &put_lease(c, 6, "a", "1", l)),
+            KvResult::Written { version: 6 }
+        );
+        // Re-putting an attached key is fine; a second key is over the limit.
+        assert_eq!(
+            s.apply(7, &put_lease(c, 7, "a", "2", l)),
+            KvResult::Written { version: 7 }
+        );
+        let r = s.apply(8, &put_lease(c, 8, "b", "1", l));
+        assert!(matches!(r, KvResult::Refused { .. }), "{r:?}");
+        assert_eq!(s.get(b"b"), None);
+        assert_eq!(s.lease_count(), 1);
+    }
+
+    /// Leases are in the snapshot (keys stay attached after a restore), and a format-2
+    /// snapshot (before leases) restores its data and sessions with no lease.
+    #[test]
+    fn lease_snapshot_and_old_format() {
+        let mut s = KvStore::new(Limits::default());
+        let c = register(&mut s, 1);
+        let l = grant(&mut s, 2, c, 3_000);
+        s.apply(3, &put_lease(c, 3, "a", "1", l));
+        s.apply(4, &put(c, 4, "b", "1", Expected::Any));
+        s.apply(5, &req(c, 5, KvOp::LeaseKeepAlive { id: l }));
+        let bytes = s.snapshot();
+        assert_eq!(bytes[0], SNAPSHOT_FORMAT_VERSION);
+        let mut r = KvStore::new(Limits::default());
+        r.restore(&bytes).unwrap();
+        assert_eq!(r.snapshot(), bytes);
+        assert_eq!(tuples(&r), vec![(l, 3_000, 3_000, 1, 1)]);
+        assert_eq!(
+            r.apply(6, &req(c, 6, KvOp::LeaseRevoke { id: l })),
+            KvResult::LeaseRevoked { id: l, keys: 1 }
+        );
+        assert_eq!(r.get(b"a"), None);
+        assert!(r.get(b"b").is_some());
+
+        let v2 = SnapshotBodyV2Out {
+            applied: 9,
+            items: vec![(
+                b"old".to_vec(),
+                OldItem {
+                    value: b"x".to_vec(),
+                    version: 4,
+                },
+            )],
+            sessions: vec![(
+                7,
+                Session {
+                    request: 2,
+                    last_used: 8,
+                    result: Some(KvResult::Written { version: 4 }),
+                },
+            )],
+        };
+        let mut bytes = vec![SNAPSHOT_FORMAT_VERSION_V2];
+        bytes.extend(postcard::to_allocvec(&v2).unwrap());
+        let mut old = KvStore::new(Limits::default());
+        old.restore(&bytes).unwrap();
+        assert_eq!((old.applied(), old.session_count()), (9, 1));
+        assert_eq!(old.get(b"old"), Some((&b"x"[..], 4)));
+        assert_eq!(old.key_lease(b"old"), None);
+        assert_eq!(old.lease_count(), 0);
+        // Its session still deduplicates.
+        assert_eq!(
+            old.apply(10, &put(7, 2, "old", "y", Expected::Any)),
+            KvResult::Written { version: 4 }
+        );
+        // A key attached to a lease the snapshot lacks is refused, not restored half-way.
+        assert!(old.restore(&[SNAPSHOT_FORMAT_VERSION, 0xff]).is_err());
     }
 }

@@ -49,6 +49,8 @@ impl Cluster {
         let config = RsmConfig {
             snapshot_bytes,
             limits,
+            tick_ms: TICK.as_millis() as u64,
+            ..RsmConfig::default()
         };
         let servers = (0..n)
             .map(|_| sim.add_node(move |_| RaftNode::new(n, config, SEGMENT_BYTES)))

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use shoal_kv::{Lock, Outcome};
+use anyhow::{bail, Context, Result};
+use shoal_kv::Outcome;
 use shoal_runtime::kv::{
     run_server, Client, ClientConfig, DeleteOutcome, KvServerConfig, PutOutcome,
 };
@@ -94,7 +94,8 @@ enum KvSub {
     /// version (0: only if missing).
     #[command(after_help = "Examples:\n  shoal kv put greeting hello\n  \
         shoal kv put greeting bye --expect 1   # compare-and-set\n  \
-        shoal kv put fresh x --expect 0        # create only")]
+        shoal kv put fresh x --expect 0        # create only\n  \
+        shoal kv put session/a up --lease 42   # deleted when lease 42 ends")]
     Put {
         /// The key.
         key: String,
@@ -103,6 +104,11 @@ enum KvSub {
         /// Store only if the key is at this version.
         #[arg(long)]
         expect: Option<u64>,
+        /// Attach the key to this lease (`shoal kv lease grant`): it is deleted when the lease
+        /// expires or is revoked. A key created this way starts at a version equal to the log
+        /// index of the put, not 1.
+        #[arg(long)]
+        lease: Option<u64>,
     },
     /// Delete a key (with --expect, only at that version).
     #[command(after_help = "Example:\n  shoal kv del greeting")]
@@ -146,14 +152,15 @@ enum KvSub {
         shell never exits on a bad line.\nExample:\n  \
         printf 'put k 0 hello\\nget k\\n' | shoal kv shell")]
     Shell,
-    /// Run a command while holding a lock (a key `lock/NAME`); exits with its status.
-    #[command(after_help = "Example:\n  shoal kv lock backup -- tar czf backup.tgz data/")]
-    Lock {
-        /// The lock's name.
-        name: String,
-        /// The command and its arguments.
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
+    /// Run a command while holding a lock (the key `lock/NAME`, under a lease); exits with
+    /// its status.
+    #[command(after_help = crate::kv_lease_cmd::LOCK_HELP)]
+    Lock(crate::kv_lease_cmd::LockArgs),
+    /// Leases: grant, keep-alive, revoke, list. Keys put with a lease are deleted when it
+    /// ends.
+    Lease {
+        #[command(subcommand)]
+        sub: crate::kv_lease_cmd::LeaseSub,
     },
 }
 
@@ -253,7 +260,15 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
                 }
             }
         }
-        KvSub::Put { key, value, expect } => {
+        KvSub::Put {
+            key,
+            value,
+            expect,
+            lease: Some(lease),
+        } => crate::kv_lease_cmd::put(client(cmd.endpoints)?, key, value, expect, lease).await,
+        KvSub::Put {
+            key, value, expect, ..
+        } => {
             let mut c = client(cmd.endpoints)?;
             let expected = expect.map_or(Expected::Any, Expected::Version);
             match c.put(key.as_bytes(), value.as_bytes(), expected).await? {
@@ -302,10 +317,10 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             let c = client(cmd.endpoints)?;
             shell(c, timeout).await
         }
-        KvSub::Lock { name, command } => {
-            let c = client(cmd.endpoints)?;
-            lock(c, name, command).await
+        KvSub::Lock(args) => {
+            crate::kv_lease_cmd::lock(|| client(cmd.endpoints.clone()), args).await
         }
+        KvSub::Lease { sub } => crate::kv_lease_cmd::lease(client(cmd.endpoints)?, sub).await,
     }
 }
 
@@ -735,31 +750,4 @@ fn shell_answer(op: &KvOp, outcome: Outcome) -> String {
             other => format!("error unexpected answer to {op:?}: {other:?}"),
         },
     }
-}
-
-/// `shoal kv lock NAME -- COMMAND…`.
-async fn lock(mut client: Client, name: String, command: Vec<String>) -> Result<ExitCode> {
-    let (program, args) = command
-        .split_first()
-        .ok_or_else(|| anyhow!("no command given after --"))?;
-    let owner = format!("pid{}-client{:x}", std::process::id(), client.client_id());
-    let mut lock = Lock::new(format!("lock/{name}").into_bytes(), owner.into_bytes());
-    client
-        .acquire(&mut lock)
-        .await
-        .with_context(|| format!("acquiring lock {name:?}"))?;
-    tracing::info!(lock = %name, "lock acquired");
-    let status = tokio::process::Command::new(program)
-        .args(args)
-        .status()
-        .await
-        .with_context(|| format!("running {program:?}"));
-    client
-        .release(&mut lock)
-        .await
-        .with_context(|| format!("releasing lock {name:?}"))?;
-    let status = status?;
-    Ok(ExitCode::from(
-        status.code().unwrap_or(1).clamp(0, 255) as u8
-    ))
 }

@@ -22,6 +22,7 @@ mod demo_cmd;
 mod help;
 mod kv_bench;
 mod kv_cmd;
+mod kv_lease_cmd;
 mod mr_bench;
 mod mr_cmd;
 mod raft_bench;

@@ -64,12 +64,103 @@ pub enum KvOp {
     /// Ask the server that receives it about itself (role, term, leader, indexes). Answered
     /// at once by that server, leader or not, with [`KvResult::Status`]; never replicated.
     Status,
+    // Lease operations (etcd's model; see `docs/kv.md`, "Leases"). Appended after the
+    // original variants: postcard encodes the variant index, so old messages and old log
+    // entries still decode.
+    /// Grant a lease of `ttl_ms` milliseconds (a write through the log). Answered
+    /// [`KvResult::LeaseGranted`] with the new lease's id, or [`KvResult::Refused`] when the
+    /// TTL is out of the server's bounds or the lease table is full.
+    LeaseGrant {
+        /// Time to live in milliseconds, renewed to this by every keep-alive.
+        ttl_ms: u64,
+    },
+    /// Renew a lease to its full TTL (a write through the log, so a deposed leader can never
+    /// acknowledge one). Answered [`KvResult::LeaseKept`] or [`KvResult::LeaseNotFound`].
+    LeaseKeepAlive {
+        /// The lease.
+        id: u64,
+    },
+    /// End a lease now and delete every key attached to it. Answered
+    /// [`KvResult::LeaseRevoked`] or [`KvResult::LeaseNotFound`].
+    LeaseRevoke {
+        /// The lease.
+        id: u64,
+    },
+    /// List the live leases (a read). Answered [`KvResult::Leases`].
+    LeaseList,
+    /// [`KvOp::Put`] that attaches the key to lease `lease`: the key is deleted when the
+    /// lease expires or is revoked. A put with an unknown or expired lease is refused with
+    /// [`KvResult::LeaseNotFound`]. A key created by this put starts at the version equal to
+    /// the log index of the put (so the versions of a lock key only grow, across deletions:
+    /// a fencing token); an existing key's version increases by one as with `Put`.
+    PutLease {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// The version the key must be at.
+        expected: Expected,
+        /// The lease to attach the key to.
+        lease: u64,
+    },
+    /// Internal, proposed only by the leader when lease `id`'s deadline passed: ends the lease
+    /// and deletes its keys, **if** it was not renewed since (`renewals` is the lease's
+    /// renewal counter when the leader decided; a keep-alive applied in between makes this a
+    /// no-op). Refused from clients.
+    LeaseExpire {
+        /// The lease.
+        id: u64,
+        /// Its renewal counter when the leader decided it expired.
+        renewals: u64,
+    },
+    /// Internal, proposed only by the leader periodically: the remaining time of each lease,
+    /// replicated so that a new leader honours it. Refused from clients.
+    LeaseCheckpoint {
+        /// The leases' remaining times.
+        leases: Vec<LeaseCheckpoint>,
+    },
+}
+
+/// One lease's remaining time in a [`KvOp::LeaseCheckpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseCheckpoint {
+    /// The lease.
+    pub id: u64,
+    /// Its renewal counter when the leader measured (a stale entry is ignored).
+    pub renewals: u64,
+    /// Milliseconds left before it expires, as the leader saw it.
+    pub remaining_ms: u64,
+}
+
+/// One live lease in a [`KvResult::Leases`] answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// The lease id.
+    pub id: u64,
+    /// Its TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// Milliseconds left before it expires, as the answering server knows it (the leader's
+    /// clock for a linearizable read).
+    pub remaining_ms: u64,
+    /// Keys attached to it.
+    pub keys: u64,
 }
 
 impl KvOp {
     /// Whether the operation only reads (served by read-index, never written to the log).
     pub fn is_read(&self) -> bool {
-        matches!(self, KvOp::Get { .. } | KvOp::Scan { .. })
+        matches!(self, KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::LeaseList)
+    }
+
+    /// Whether only the leader itself may propose the operation (lease expiry and
+    /// checkpoints); servers refuse it from clients.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            KvOp::LeaseExpire { .. } | KvOp::LeaseCheckpoint { .. }
+        )
     }
 }
 
@@ -151,6 +242,45 @@ pub enum KvResult {
     SessionExpired,
     /// The answer to [`KvOp::Status`].
     Status(ServerStatus),
+    // Lease answers, appended (see `KvOp::LeaseGrant`).
+    /// A lease was granted.
+    LeaseGranted {
+        /// Its id (the log index of the grant; never 0).
+        id: u64,
+        /// Its TTL in milliseconds.
+        ttl_ms: u64,
+    },
+    /// A keep-alive renewed the lease to its full TTL.
+    LeaseKept {
+        /// The lease.
+        id: u64,
+        /// Its TTL (the time it now has left) in milliseconds.
+        ttl_ms: u64,
+    },
+    /// The lease does not exist (never granted, expired or revoked): nothing was done.
+    LeaseNotFound {
+        /// The lease asked for.
+        id: u64,
+    },
+    /// A lease was revoked and its keys deleted.
+    LeaseRevoked {
+        /// The lease.
+        id: u64,
+        /// How many keys were deleted.
+        keys: u64,
+    },
+    /// The answer to [`KvOp::LeaseList`], by lease id.
+    Leases {
+        /// The live leases.
+        leases: Vec<LeaseInfo>,
+    },
+    /// The request breaks a limit or a rule of the server (a TTL out of bounds, too many
+    /// leases, too many keys on a lease, an internal operation from a client); nothing was
+    /// done.
+    Refused {
+        /// What was wrong, for a person.
+        reason: String,
+    },
 }
 
 /// A server's role in its Raft group.
@@ -349,5 +479,42 @@ mod tests {
             let bytes = postcard::to_stdvec(&r).unwrap();
             assert_eq!(postcard::from_bytes::<KvResult>(&bytes).unwrap(), r);
         }
+    }
+
+    /// The lease variants are appended: every older variant keeps its index (postcard's
+    /// first byte), so old messages and log entries decode as before.
+    #[test]
+    fn lease_variants_are_appended() {
+        let tag = |op: &KvOp| postcard::to_stdvec(op).unwrap()[0];
+        assert_eq!(tag(&KvOp::Register), 4);
+        assert_eq!(tag(&KvOp::Status), 5);
+        assert_eq!(tag(&KvOp::LeaseGrant { ttl_ms: 1 }), 6);
+        assert_eq!(tag(&KvOp::LeaseCheckpoint { leases: vec![] }), 12);
+        let rtag = |r: &KvResult| postcard::to_stdvec(r).unwrap()[0];
+        assert_eq!(rtag(&KvResult::SessionExpired), 9);
+        assert_eq!(rtag(&KvResult::LeaseGranted { id: 1, ttl_ms: 1 }), 11);
+        let ops = [
+            KvOp::PutLease {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                expected: Expected::Version(0),
+                lease: 9,
+            },
+            KvOp::LeaseCheckpoint {
+                leases: vec![LeaseCheckpoint {
+                    id: 1,
+                    renewals: 2,
+                    remaining_ms: 3,
+                }],
+            },
+            KvOp::LeaseList,
+        ];
+        for op in ops {
+            let bytes = postcard::to_stdvec(&op).unwrap();
+            assert_eq!(postcard::from_bytes::<KvOp>(&bytes).unwrap(), op);
+        }
+        assert!(
+            KvOp::LeaseList.is_read() && KvOp::LeaseExpire { id: 1, renewals: 0 }.is_internal()
+        );
     }
 }

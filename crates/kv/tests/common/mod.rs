@@ -306,6 +306,9 @@ impl Client {
                 self.phase = LockPhase::Acquiring;
                 self.next(ctx, None);
             }
+            LockStep::LeaseLost => {
+                self.violation = Some("the lock loop holds no lease, yet lost one".into());
+            }
         }
     }
 
@@ -455,7 +458,18 @@ fn to_input(op: &KvOp) -> Option<KvInput> {
             key: key_str(key),
             expected: exp(expected),
         }),
-        KvOp::Scan { .. } | KvOp::Register | KvOp::Status => None,
+        // Lease operations are outside the versioned-KV model (an expiry deletes keys no
+        // client asked to): lease tests keep their keys apart and check them on their own.
+        KvOp::Scan { .. }
+        | KvOp::Register
+        | KvOp::Status
+        | KvOp::LeaseGrant { .. }
+        | KvOp::LeaseKeepAlive { .. }
+        | KvOp::LeaseRevoke { .. }
+        | KvOp::LeaseList
+        | KvOp::PutLease { .. }
+        | KvOp::LeaseExpire { .. }
+        | KvOp::LeaseCheckpoint { .. } => None,
     }
 }
 
@@ -477,7 +491,13 @@ fn to_output(o: &Outcome) -> KvOutput {
             | KvResult::Stale
             | KvResult::Registered { .. }
             | KvResult::SessionExpired
-            | KvResult::Status(_) => KvOutput::VersionMismatch,
+            | KvResult::Status(_)
+            | KvResult::LeaseGranted { .. }
+            | KvResult::LeaseKept { .. }
+            | KvResult::LeaseNotFound { .. }
+            | KvResult::LeaseRevoked { .. }
+            | KvResult::Leases { .. }
+            | KvResult::Refused { .. } => KvOutput::VersionMismatch,
         },
     }
 }

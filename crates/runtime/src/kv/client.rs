@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use shoal_kv::{Action, Clerk, ClerkConfig, Lock, LockStep, Outcome};
-use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult, ScanItem, ServerStatus};
+use shoal_wire::kv::{
+    Expected, KvOp, KvReply, KvRequest, KvResult, LeaseInfo, ScanItem, ServerStatus,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
@@ -570,11 +572,119 @@ impl Client {
                     lock.on_wait_done()
                 }
                 done if done == until => return Ok(()),
+                LockStep::LeaseLost => {
+                    let id = lock.lease();
+                    return Err(ClientError::Unexpected(KvResult::LeaseNotFound { id }));
+                }
                 other => {
                     debug!(?other, "lock step out of order");
                     return Ok(());
                 }
             };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases (`docs/kv.md`, "Leases"). Kept in a section of their own.
+
+/// The answer to [`Client::lease_grant`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantOutcome {
+    /// The lease was granted.
+    Granted {
+        /// Its id.
+        id: u64,
+        /// Its TTL in ms.
+        ttl_ms: u64,
+    },
+    /// The server refused (TTL out of bounds, too many leases): why.
+    Refused(String),
+}
+
+/// The answer to [`Client::put_with_lease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeasePutOutcome {
+    /// Stored and attached; the key's new version.
+    Written(u64),
+    /// The key was at another version: nothing stored.
+    Mismatch,
+    /// The key was missing and a version > 0 was expected: nothing stored.
+    NoKey,
+    /// The lease does not exist (expired, revoked, never granted): nothing stored.
+    LeaseNotFound,
+    /// A retried put may or may not have applied.
+    Maybe,
+}
+
+impl Client {
+    /// Grants a lease of `ttl` (rounded down to ms).
+    pub async fn lease_grant(&mut self, ttl: Duration) -> Result<GrantOutcome, ClientError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        match self.done(KvOp::LeaseGrant { ttl_ms }).await? {
+            KvResult::LeaseGranted { id, ttl_ms } => Ok(GrantOutcome::Granted { id, ttl_ms }),
+            KvResult::Refused { reason } => Ok(GrantOutcome::Refused(reason)),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Renews lease `id` to its full TTL: `Some(ttl_ms)`, or `None` if the lease is gone.
+    /// Answered only once the renewal is committed (it goes through the log).
+    pub async fn lease_keep_alive(&mut self, id: u64) -> Result<Option<u64>, ClientError> {
+        match self.execute(KvOp::LeaseKeepAlive { id }).await? {
+            Outcome::Done(KvResult::LeaseKept { ttl_ms, .. }) => Ok(Some(ttl_ms)),
+            Outcome::Done(KvResult::LeaseNotFound { .. }) => Ok(None),
+            // A retried keep-alive whose session expired: it may have applied, but nothing
+            // says the lease lives; the caller's next keep-alive will tell.
+            Outcome::Maybe => Err(ClientError::Unexpected(KvResult::SessionExpired)),
+            Outcome::Done(other) => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Revokes lease `id` and deletes its keys: `Some(keys deleted)`, or `None` if the lease
+    /// was already gone.
+    pub async fn lease_revoke(&mut self, id: u64) -> Result<Option<u64>, ClientError> {
+        match self.execute(KvOp::LeaseRevoke { id }).await? {
+            Outcome::Done(KvResult::LeaseRevoked { keys, .. }) => Ok(Some(keys)),
+            Outcome::Done(KvResult::LeaseNotFound { .. }) => Ok(None),
+            // Retried and the session expired meanwhile: a revoke is idempotent, ask again.
+            Outcome::Maybe => match self.execute(KvOp::LeaseRevoke { id }).await? {
+                Outcome::Done(KvResult::LeaseRevoked { keys, .. }) => Ok(Some(keys)),
+                _ => Ok(None),
+            },
+            Outcome::Done(other) => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// The live leases (a linearizable read: remaining times as the leader counts them).
+    pub async fn lease_list(&mut self) -> Result<Vec<LeaseInfo>, ClientError> {
+        match self.done(KvOp::LeaseList).await? {
+            KvResult::Leases { leases } => Ok(leases),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// [`Client::put`] attaching the key to lease `lease` (deleted when the lease ends).
+    pub async fn put_with_lease(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        expected: Expected,
+        lease: u64,
+    ) -> Result<LeasePutOutcome, ClientError> {
+        let op = KvOp::PutLease {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            expected,
+            lease,
+        };
+        match self.execute(op).await? {
+            Outcome::Maybe => Ok(LeasePutOutcome::Maybe),
+            Outcome::Done(KvResult::Written { version }) => Ok(LeasePutOutcome::Written(version)),
+            Outcome::Done(KvResult::VersionMismatch) => Ok(LeasePutOutcome::Mismatch),
+            Outcome::Done(KvResult::NoKey) => Ok(LeasePutOutcome::NoKey),
+            Outcome::Done(KvResult::LeaseNotFound { .. }) => Ok(LeasePutOutcome::LeaseNotFound),
+            Outcome::Done(other) => Err(too_large_or_unexpected(other)),
         }
     }
 }

@@ -6,4 +6,5 @@ pub mod client;
 pub mod server;
 
 pub use client::{Client, ClientConfig, ClientError, ClientPool, DeleteOutcome, PutOutcome};
+pub use client::{GrantOutcome, LeasePutOutcome};
 pub use server::{run_server, KvServerConfig, KvServerError};

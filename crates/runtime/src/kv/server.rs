@@ -181,7 +181,14 @@ pub async fn run_server(
     raft.election_tick = config.election_tick;
     raft.heartbeat_tick = config.heartbeat_tick;
     raft.rng_seed = crate::ready::election_seed(config.id);
-    let rsm = KvRsm::new(raft, storage, config.rsm)?;
+    // The lease clock counts ticks: one tick is one tick interval of wall time. A tick the
+    // loop was too busy to take is taken late (`MissedTickBehavior::Delay`), so the lease
+    // clock can only run slow: a lease then lives a little longer, never shorter.
+    let mut rsm_config = config.rsm;
+    rsm_config.tick_ms = u64::try_from(config.tick_interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let rsm = KvRsm::new(raft, storage, rsm_config)?;
     let status = rsm.raw().status();
     info!(node = config.id, term = %status.term, commit = %status.commit,
         applied = %rsm.applied(), "kv server restored");
