@@ -513,9 +513,41 @@ impl Client {
         }
     }
 
-    /// Keys in `[start, end)` (no end: to the last key) in key order, at most `limit`
-    /// (further capped by the servers' `max_scan_items`).
+    /// Keys in `[start, end)` (no end: to the last key) in key order, at most `limit`.
+    ///
+    /// The servers answer at most their `max_scan_items` per request; a longer scan is read
+    /// in pages (each next page starts just after the last key of the one before), so it is
+    /// `limit` keys whenever there are that many. Each page is linearizable on its own; a scan
+    /// of several pages is not one snapshot (a key written meanwhile may or may not appear).
     pub async fn scan(
+        &mut self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Vec<ScanItem>, ClientError> {
+        let mut items: Vec<ScanItem> = Vec::new();
+        let mut from = start.to_vec();
+        while (items.len() as u64) < u64::from(limit) {
+            let asked = limit - items.len() as u32;
+            let page = self.scan_page(&from, end, asked).await?;
+            // An empty page is the end of the range; a full one is all that was asked for. A
+            // short one may be the end or the servers' cap: only the next page tells.
+            let Some(last) = page.last() else { break };
+            // The smallest key after `last`.
+            from = last.key.clone();
+            from.push(0);
+            let full = page.len() as u32 >= asked;
+            items.extend(page);
+            if full {
+                break;
+            }
+        }
+        items.truncate(limit as usize);
+        Ok(items)
+    }
+
+    /// One request of a scan (the servers may answer fewer than `limit` pairs).
+    async fn scan_page(
         &mut self,
         start: &[u8],
         end: Option<&[u8]>,

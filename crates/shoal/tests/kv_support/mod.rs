@@ -222,6 +222,14 @@ impl Shell {
         assert!(n > 0, "the shell exited after {line:?}");
         answer.trim_end_matches('\n').to_string()
     }
+
+    /// Reads one more line of a multi-line answer (`scan`, `status`, `help`).
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).expect("read the shell");
+        assert!(n > 0, "the shell exited in the middle of an answer");
+        line.trim_end_matches('\n').to_string()
+    }
 }
 
 impl Drop for Shell {
