@@ -757,7 +757,7 @@ async fn shell(mut client: Client, timeout: Duration) -> Result<ExitCode> {
             Ok(None) => continue,
             Ok(Some(ShellCmd::Op(op))) => match client.execute_within(op.clone(), timeout).await {
                 Ok(outcome) => shell_answer(&op, outcome),
-                Err(shoal_runtime::kv::ClientError::Timeout(_)) => "timeout".to_string(),
+                Err(shoal_runtime::kv::ClientError::Timeout { .. }) => "timeout".to_string(),
                 Err(e) => format!("error {}", one_line(&e.to_string())),
             },
             Ok(Some(ShellCmd::Scan { start, end, limit })) => {
@@ -774,7 +774,7 @@ async fn shell(mut client: Client, timeout: Duration) -> Result<ExitCode> {
                         }
                         reply
                     }
-                    Err(shoal_runtime::kv::ClientError::Timeout(_)) => "timeout".to_string(),
+                    Err(shoal_runtime::kv::ClientError::Timeout { .. }) => "timeout".to_string(),
                     Err(e) => format!("error {}", one_line(&e.to_string())),
                 }
             }

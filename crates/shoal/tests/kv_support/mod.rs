@@ -246,3 +246,15 @@ pub fn signal(pid: u32, sig: i32) {
         libc::kill(pid as libc::pid_t, sig);
     }
 }
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_listening(addr: &str) {
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < WAIT,
+            "nothing listens on {addr} after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
