@@ -342,10 +342,7 @@ impl Seen {
     }
 
     fn answered(&mut self, server: u64) {
-        if let Some(a) = usize::try_from(server - 1)
-            .ok()
-            .and_then(|i| self.answered.get_mut(i))
-        {
+        if let Some(a) = index_of(server).and_then(|i| self.answered.get_mut(i)) {
             *a = true;
         }
     }
@@ -354,17 +351,13 @@ impl Seen {
         if matches!(failure, LinkFailure::Lost(_)) {
             self.maybe_delivered = true;
         }
-        if let Some(f) = usize::try_from(server - 1)
-            .ok()
-            .and_then(|i| self.failed.get_mut(i))
-        {
+        if let Some(f) = index_of(server).and_then(|i| self.failed.get_mut(i)) {
             *f = Some(failure);
         }
     }
 
     fn has_failed(&self, server: u64) -> bool {
-        usize::try_from(server - 1)
-            .ok()
+        index_of(server)
             .and_then(|i| self.failed.get(i))
             .is_some_and(Option::is_some)
     }
@@ -446,6 +439,11 @@ impl Seen {
             )
         }
     }
+}
+
+/// The endpoint index of server `server` (ids count from 1), if it can be one.
+fn index_of(server: u64) -> Option<usize> {
+    usize::try_from(server.checked_sub(1)?).ok()
 }
 
 /// The message of [`ClientError::Timeout`].

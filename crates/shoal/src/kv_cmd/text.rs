@@ -112,7 +112,7 @@ pub fn next_word(s: &str) -> Result<Option<(Word, &str)>, String> {
     let end = s.find(char::is_whitespace).unwrap_or(s.len());
     Ok(Some((
         Word {
-            bytes: s[..end].as_bytes().to_vec(),
+            bytes: s.as_bytes()[..end].to_vec(),
             quoted: false,
         },
         &s[end..],

@@ -248,6 +248,7 @@ pub fn signal(pid: u32, sig: i32) {
 }
 
 /// Waits until something accepts TCP connections at `addr`.
+#[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
 pub fn wait_listening(addr: &str) {
     let start = std::time::Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
