@@ -99,8 +99,9 @@ enum KvSub {
         The endpoints are printed and written to DIR/endpoints, where the client commands \
         find them.")]
     Up(UpArgs),
-    /// Print a key's value (and version with --version), then a newline (none with --raw).
-    /// Exit status 1 if the key is missing.
+    /// Print a key's value (exit status 1 if the key is missing).
+    ///
+    /// The value's bytes (after `VERSION ` with --version), then a newline (none with --raw).
     #[command(
         after_help = "Examples:\n  shoal kv get greeting --version\n  \
         shoal kv get photo --raw > photo.jpg   # the bytes exactly as stored",
@@ -116,9 +117,10 @@ enum KvSub {
         #[arg(long)]
         raw: bool,
     },
-    /// Store a value; prints `ok NEW_VERSION`. With --expect, only if the key is at that
-    /// version (0: only if missing). The value is the argument, or stdin with `-`, or a file
-    /// with --file; it is stored as bytes, exactly.
+    /// Store a value; prints `ok NEW_VERSION`.
+    ///
+    /// With --expect, only if the key is at that version (0: only if missing). The value is
+    /// the argument, or stdin with `-`, or a file with --file; it is stored as bytes, exactly.
     #[command(after_help = "Examples:\n  shoal kv put greeting hello\n  \
         shoal kv put greeting bye --expect 1   # compare-and-set\n  \
         shoal kv put fresh x --expect 0        # create only\n  \
@@ -146,9 +148,10 @@ enum KvSub {
         #[arg(long)]
         expect: Option<u64>,
     },
-    /// Print `KEY VERSION VALUE` for the keys in [START, END) in key order. A key or value
-    /// with spaces, control characters or non-UTF-8 bytes is printed as a quoted string with
-    /// C escapes (`"a b\n\xff"`); plain ones as they are.
+    /// Print `KEY VERSION VALUE` for the keys in [START, END) in key order.
+    ///
+    /// A key or value with spaces, control characters or non-UTF-8 bytes is printed as a
+    /// quoted string with C escapes (`"a b\n\xff"`); plain ones as they are.
     #[command(
         after_help = "Examples:\n  shoal kv scan\n  shoal kv scan user/ user0 --limit 10\n\
         A scan longer than the servers' cap per request (1,000 keys) is read in several \
