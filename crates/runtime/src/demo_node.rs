@@ -46,6 +46,7 @@ pub async fn run_demo_node(args: DemoNodeOptions) -> Result<()> {
     let id = NodeId(args.id);
     let mut config = NodeConfig::new(id, args.cluster, args.peers, args.data);
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
+    config.transport.service = DEMO_SERVICE.to_string();
     config.election_tick = args.election_tick;
     config.heartbeat_tick = args.heartbeat_tick;
     config.snapshot_every = args.snapshot_every;
@@ -85,17 +86,32 @@ pub async fn run_demo_node(args: DemoNodeOptions) -> Result<()> {
     Ok(())
 }
 
+/// What a Raft demo node calls itself when it refuses a client of another protocol.
+pub const DEMO_SERVICE: &str = "Raft demo node (`shoal raft node`)";
+
 async fn serve_client(conn: ClientConnection, handle: NodeHandle, sm: DemoStateMachine, id: u64) {
     let remote = conn.peer_addr;
+    let cluster_id = conn.hello.cluster_id;
     let mut framed = conn.framed::<DemoRequest, DemoResponse>();
+    let mut first = true;
     while let Some(request) = framed.next().await {
         let request = match request {
             Ok(r) => r,
             Err(e) => {
                 warn!(%remote, error = %e, "closing client connection: bad frame");
+                if first {
+                    // Most likely a client of another service (a KV client): say what this is.
+                    let refusal = shoal_wire::Refusal::new(
+                        cluster_id,
+                        DEMO_SERVICE,
+                        "it speaks the Raft demo protocol only",
+                    );
+                    crate::transport::refuse(framed.into_inner(), refusal).await;
+                }
                 return;
             }
         };
+        first = false;
         let response = match request {
             DemoRequest::Propose { data } => {
                 match tokio::time::timeout(PROPOSE_TIMEOUT, handle.propose_and_wait(data)).await {

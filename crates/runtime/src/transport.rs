@@ -29,7 +29,7 @@ use shoal_wire::codec::FrameCodec;
 use shoal_wire::frame::{
     decode_frame, encode_frame, peek_frame_len, FrameError, FRAME_HEADER_BYTES,
 };
-use shoal_wire::{Hello, Role};
+use shoal_wire::{Hello, Refusal, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -66,6 +66,13 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Default [`TransportConfig::backoff_max`].
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Default [`TransportConfig::service`].
+pub const DEFAULT_SERVICE: &str = "Shoal server";
+/// After a [`Refusal`], how long the refusing side keeps reading (and discarding) what the
+/// caller still sends before it closes: closing with unread input would make the kernel reset
+/// the connection, and the caller could lose the refusal.
+pub const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// What a full per-peer queue gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +119,9 @@ pub struct TransportConfig {
     /// Cap of the exponentially growing reconnection delay (each delay is jittered down to
     /// half its value, so peers restarting together do not reconnect in lockstep).
     pub backoff_max: Duration,
+    /// What this server is, for a person (sent in a [`Refusal`], so that a client of another
+    /// service can say what it reached): [`shoal_wire::KV_SERVICE`], "Raft demo node", ….
+    pub service: String,
 }
 
 impl TransportConfig {
@@ -134,6 +144,7 @@ impl TransportConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             backoff_min: DEFAULT_BACKOFF_MIN,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            service: DEFAULT_SERVICE.to_string(),
         }
     }
 }
@@ -456,6 +467,40 @@ async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
     }
 }
 
+/// Tells the caller why its connection is refused, then closes it. Errors are ignored: the
+/// connection is being dropped anyway, and the refusal is only a courtesy to the caller.
+pub async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+    let mut buf = Vec::new();
+    if encode_frame(&refusal, MAX_REFUSAL_FRAME_BYTES, &mut buf).is_err()
+        || stream.write_all(&buf).await.is_err()
+        || stream.shutdown().await.is_err()
+    {
+        return;
+    }
+    // Read what the caller still sends until it closes (or the linger ends), so the close
+    // is a clean FIN and not a reset that could discard the refusal on its side.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Refuses a connection: with a [`Refusal`] for a client (which reads and can tell its user),
+/// silently for a peer (a peer connection is one-way: the caller never reads it).
+async fn refuse_client(stream: TcpStream, hello: &Hello, config: &TransportConfig, reason: String) {
+    if !matches!(hello.role, Role::Peer { .. }) {
+        refuse(
+            stream,
+            Refusal::new(config.cluster_id, &config.service, reason),
+        )
+        .await;
+    }
+}
+
+/// Largest [`Refusal`] frame (its texts are short; this bounds a client's read of one).
+pub const MAX_REFUSAL_FRAME_BYTES: usize = 4096;
+
 async fn accept_loop<M>(
     listener: TcpListener,
     config: Arc<TransportConfig>,
@@ -528,15 +573,27 @@ async fn serve_inbound<M>(
             return;
         }
     };
+    if hello.magic != shoal_wire::PROTOCOL_MAGIC {
+        // Not a Shoal process at all (an HTTP client, a port scanner): nothing to tell it.
+        bump(&stats.rejected_handshakes);
+        warn!(%remote, "rejecting connection: not a Shoal handshake");
+        return;
+    }
     if let Err(reason) = hello.validate() {
         bump(&stats.rejected_handshakes);
         warn!(%remote, %reason, "rejecting connection");
+        refuse_client(stream, &hello, config, reason).await;
         return;
     }
     if hello.cluster_id != config.cluster_id {
         bump(&stats.rejected_handshakes);
         warn!(%remote, theirs = hello.cluster_id, ours = config.cluster_id,
             "rejecting connection from another cluster");
+        let reason = format!(
+            "this server is cluster {}, not {}",
+            config.cluster_id, hello.cluster_id
+        );
+        refuse_client(stream, &hello, config, reason).await;
         return;
     }
     let from = match hello.role {

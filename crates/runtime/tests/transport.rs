@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use shoal_runtime::transport::{
     DropPolicy, Inbound, PeerFrameRef, Transport, TransportConfig, TransportStats,
 };
-use shoal_wire::{encode_frame, Hello, Role, PROTOCOL_MAGIC, PROTOCOL_VERSION};
+use shoal_wire::{encode_frame, Hello, Refusal, Role, PROTOCOL_MAGIC, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -444,5 +444,46 @@ async fn drop_newest_keeps_the_oldest() {
     let (_t2, mut in2, _c2) = Transport::<Msg>::start(config(2, &peers), l2).unwrap();
     for seq in 0..5 {
         assert_eq!(recv(&mut in2).await, (1, msg(seq)));
+    }
+}
+
+/// A client of another cluster or protocol version is told why before the close (a peer is
+/// not: its connection is one-way), and the transport's service name comes with it.
+#[tokio::test]
+async fn a_refused_client_is_told_why() {
+    let (mut ls, peers) = listeners(1).await;
+    let mut c = config(1, &peers);
+    c.service = "Test service".into();
+    let (t1, _in1, _c1) = Transport::<Msg>::start(c, ls.pop().unwrap()).unwrap();
+    let server = t1.local_addr();
+    let cases = [
+        (
+            Hello::new(Role::Client, CLUSTER + 1),
+            format!("this server is cluster {CLUSTER}, not {}", CLUSTER + 1),
+        ),
+        (
+            Hello {
+                version: PROTOCOL_VERSION + 1,
+                ..Hello::new(Role::Client, CLUSTER)
+            },
+            "protocol version".to_string(),
+        ),
+    ];
+    for (hello, reason) in cases {
+        let mut s = TcpStream::connect(server).await.unwrap();
+        s.write_all(&hello_bytes(&hello)).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+            .await
+            .expect("the server closes after its refusal")
+            .expect("a clean close, not a reset");
+        let (refusal, used) = shoal_wire::decode_frame::<Refusal>(&got, 4096)
+            .expect("a well-formed frame")
+            .expect("a whole frame");
+        assert_eq!(used, got.len(), "nothing after the refusal");
+        assert_eq!(refusal.magic, PROTOCOL_MAGIC);
+        assert_eq!(refusal.cluster_id, CLUSTER);
+        assert_eq!(refusal.service, "Test service");
+        assert!(refusal.reason.contains(&reason), "{refusal:?}");
     }
 }

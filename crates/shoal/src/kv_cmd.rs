@@ -1,8 +1,10 @@
 //! `shoal kv …`: the key/value database — servers, a local cluster, and the client commands.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,6 +16,9 @@ use shoal_runtime::kv::{
 };
 use shoal_wire::kv::{Expected, KvOp, KvResult, ServerRole};
 use std::io::BufRead as _;
+
+mod text;
+use text as kv_text;
 
 /// Where `shoal kv up` keeps its cluster, and where the client commands look for endpoints.
 const DEFAULT_DIR: &str = "shoal-data";
@@ -29,6 +34,9 @@ const UP_QUICK_FAILURE: Duration = Duration::from_secs(3);
 const UP_MAX_QUICK_FAILURES: u32 = 3;
 /// Longest line `shoal kv shell` accepts (a key and value far over the default limits).
 const MAX_SHELL_LINE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest value `shoal kv put` reads from stdin or a file: the wire's frame limit bounds any
+/// server's `--max-value-bytes`, so more than this could never be stored.
+const MAX_CLI_VALUE_BYTES: usize = shoal_wire::DEFAULT_MAX_FRAME_BYTES;
 
 /// `shoal kv`: the key/value database.
 #[derive(Debug, clap::Args)]
@@ -38,13 +46,26 @@ const MAX_SHELL_LINE_BYTES: usize = 4 * 1024 * 1024;
     shoal kv get greeting --version  # prints: 1 hello\n  \
     shoal kv put greeting bye --expect 1\n  \
     shoal kv scan\n\
-Client commands find the cluster in ./shoal-data/endpoints (written by `shoal kv up`) unless \
---endpoints is given. Kill any one server of three: the database keeps answering.")]
+Client commands find the cluster in this order: --endpoints, then $SHOAL_ENDPOINTS, then \
+DIR/endpoints of --dir DIR (written by `shoal kv up --dir DIR`), then ./shoal-data/endpoints. \
+Kill any one server of three: the database keeps answering.")]
 pub struct KvCommand {
-    /// Server addresses, in server-id order: A,B,C (default: the lines of
-    /// ./shoal-data/endpoints).
-    #[arg(long, global = true, value_delimiter = ',')]
+    /// Server addresses (HOST:PORT, a host name or an IP), in server-id order: A,B,C.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        value_parser = crate::cli::parse_addr,
+        env = "SHOAL_ENDPOINTS",
+        hide_env_values = true
+    )]
     endpoints: Vec<SocketAddr>,
+    /// Directory of a cluster started with `shoal kv up --dir DIR`: the client commands read
+    /// DIR/endpoints (unless --endpoints or $SHOAL_ENDPOINTS is given).
+    // The id `dir` is also `kv up`'s own --dir: clap then keeps `up`'s (a global arg is not
+    // propagated to a subcommand that has an arg of the same id).
+    #[arg(long, global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
     /// Cluster id the servers were started with.
     #[arg(long, global = true, default_value_t = 1)]
     cluster: u64,
@@ -78,29 +99,43 @@ enum KvSub {
         The endpoints are printed and written to DIR/endpoints, where the client commands \
         find them.")]
     Up(UpArgs),
-    /// Print a key's value (and version with --version). Exit status 1 if the key is missing.
+    /// Print a key's value (exit status 1 if the key is missing).
+    ///
+    /// The value's bytes (after `VERSION ` with --version), then a newline (none with --raw).
     #[command(
-        after_help = "Example:\n  shoal kv get greeting --version",
+        after_help = "Examples:\n  shoal kv get greeting --version\n  \
+        shoal kv get photo --raw > photo.jpg   # the bytes exactly as stored",
         disable_version_flag = true
     )]
     Get {
-        /// The key.
-        key: String,
+        /// The key (any bytes the shell can pass).
+        key: OsString,
         /// Print `VERSION VALUE` instead of the value.
         #[arg(long)]
         version: bool,
+        /// Write the value's bytes alone, without the newline after them.
+        #[arg(long)]
+        raw: bool,
     },
-    /// Store a value; prints `ok NEW_VERSION`. With --expect, only if the key is at that
-    /// version (0: only if missing).
+    /// Store a value; prints `ok NEW_VERSION`.
+    ///
+    /// With --expect, only if the key is at that version (0: only if missing). The value is
+    /// the argument, or stdin with `-`, or a file with --file; it is stored as bytes, exactly.
     #[command(after_help = "Examples:\n  shoal kv put greeting hello\n  \
         shoal kv put greeting bye --expect 1   # compare-and-set\n  \
         shoal kv put fresh x --expect 0        # create only\n  \
-        shoal kv put session/a up --lease 42   # deleted when lease 42 ends")]
+        shoal kv put session/a up --lease 42   # deleted when lease 42 ends\n  \
+        shoal kv put photo --file photo.jpg    # a file's bytes (up to the 1 MiB limit)\n  \
+        tar c notes | shoal kv put notes.tar - # stdin")]
     Put {
-        /// The key.
-        key: String,
-        /// The value.
-        value: String,
+        /// The key (any bytes the shell can pass).
+        key: OsString,
+        /// The value; `-` reads it from stdin.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        value: Option<OsString>,
+        /// Read the value from this file.
+        #[arg(long)]
+        file: Option<PathBuf>,
         /// Store only if the key is at this version.
         #[arg(long)]
         expect: Option<u64>,
@@ -114,18 +149,25 @@ enum KvSub {
     #[command(after_help = "Example:\n  shoal kv del greeting")]
     Del {
         /// The key.
-        key: String,
+        key: OsString,
         /// Delete only if the key is at this version.
         #[arg(long)]
         expect: Option<u64>,
     },
     /// Print `KEY VERSION VALUE` for the keys in [START, END) in key order.
-    #[command(after_help = "Examples:\n  shoal kv scan\n  shoal kv scan user/ user0 --limit 10")]
+    ///
+    /// A key or value with spaces, control characters or non-UTF-8 bytes is printed as a
+    /// quoted string with C escapes (`"a b\n\xff"`); plain ones as they are.
+    #[command(
+        after_help = "Examples:\n  shoal kv scan\n  shoal kv scan user/ user0 --limit 10\n\
+        A scan longer than the servers' cap per request (1,000 keys) is read in several \
+        requests, each linearizable on its own."
+    )]
     Scan {
         /// First key (inclusive; default: the first).
-        start: Option<String>,
+        start: Option<OsString>,
         /// Last key (exclusive; default: none).
-        end: Option<String>,
+        end: Option<OsString>,
         /// Most keys printed.
         #[arg(long, default_value_t = shoal_runtime::kv::client::DEFAULT_SCAN_LIMIT)]
         limit: u32,
@@ -142,15 +184,8 @@ enum KvSub {
         #[arg(long)]
         json: bool,
     },
-    /// Read commands from stdin, answer each with exactly one line (flushed, in order).
-    #[command(after_help = "Commands and answers:\n  \
-        get KEY                        -> value VERSION VALUE | nokey\n  \
-        put KEY EXPECTED_VERSION VALUE -> ok NEW_VERSION | mismatch | nokey | maybe\n  \
-        del KEY EXPECTED_VERSION       -> deleted | mismatch | nokey | maybe\n\
-        VALUE is the rest of the line; EXPECTED_VERSION may be `any`. No answer within \
-        --timeout -> timeout (the outcome is unknown). A malformed line -> error MESSAGE; the \
-        shell never exits on a bad line.\nExample:\n  \
-        printf 'put k 0 hello\\nget k\\n' | shoal kv shell")]
+    /// Read commands from stdin, answer each (flushed, in order); `help` lists them.
+    #[command(after_help = SHELL_HELP)]
     Shell,
     /// Run a command while holding a lock (the key `lock/NAME`, under a lease); exits with
     /// its status.
@@ -164,14 +199,34 @@ enum KvSub {
     },
 }
 
+/// The shell's commands and answers (`shoal kv shell --help`, and its `help` command).
+const SHELL_HELP: &str = r#"Commands and answers (one line each unless said otherwise):
+  get KEY                        -> value VERSION VALUE | nokey
+  put KEY EXPECTED_VERSION VALUE -> ok NEW_VERSION | mismatch | nokey | maybe
+  del KEY EXPECTED_VERSION       -> deleted | mismatch | nokey | maybe
+  scan [START [END]] [LIMIT]     -> scanned N, then N lines KEY VERSION VALUE
+  status                         -> servers N, then N lines
+                                    ID ADDRESS ROLE TERM LEADER COMMIT APPLIED
+                                    (or ID ADDRESS unreachable REASON)
+  help                           -> help N, then N lines of this text
+VALUE is the rest of the line; EXPECTED_VERSION may be `any`; words are separated by spaces.
+A key or value with spaces, newlines or other bytes is written as a C-style quoted string,
+e.g. "my key" or "line1\nline2\xff" (escapes \n \r \t \0 \\ \" \xHH); bare words are taken
+as they are. Answers quote a key or value the same way when it is not plain text. In scan,
+a last bare number is the LIMIT (quote a numeric key: scan "10").
+No answer within --timeout -> timeout (the outcome is unknown). A malformed line -> error
+MESSAGE; the shell never exits on a bad line.
+Example:
+  printf 'put k 0 hello\nget k\n' | shoal kv shell"#;
+
 /// Arguments of `shoal kv server`.
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
     /// This server's id: one of the ids in --peers.
     #[arg(long)]
     id: u64,
-    /// Address serving both peers and clients.
-    #[arg(long)]
+    /// Address serving both peers and clients (HOST:PORT; a host name or an IP).
+    #[arg(long, value_parser = crate::cli::parse_addr)]
     listen: SocketAddr,
     /// Every server of the cluster, this one included: ID=ADDR,ID=ADDR,…
     #[arg(long, value_parser = crate::cli::parse_peer, value_delimiter = ',', required = true)]
@@ -225,25 +280,20 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
         bail!("--timeout must be a positive number of seconds");
     }
     let timeout = Duration::from_secs_f64(cmd.timeout);
-    let client = |endpoints: Vec<SocketAddr>| -> Result<Client> {
-        let endpoints = if endpoints.is_empty() {
-            read_endpoints(&Path::new(DEFAULT_DIR).join(ENDPOINTS_FILE)).context(
-                "no --endpoints given and no cluster in ./shoal-data (start one with `shoal kv up`)",
-            )?
-        } else {
-            endpoints
-        };
+    let client = |endpoints: Vec<SocketAddr>, dir: Option<PathBuf>| -> Result<Client> {
+        let endpoints = client_endpoints(endpoints, dir.as_deref())?;
         let mut config = ClientConfig::new(endpoints);
         config.cluster_id = cmd.cluster;
         config.op_timeout = timeout;
         config.serializable_reads = cmd.serializable;
         Ok(Client::new(config)?)
     };
+    let (endpoints, dir) = (cmd.endpoints, cmd.dir);
     match cmd.command {
         KvSub::Server(args) => server(args, cmd.cluster).await,
         KvSub::Up(args) => up(args).await,
-        KvSub::Get { key, version } => {
-            let mut c = client(cmd.endpoints)?;
+        KvSub::Get { key, version, raw } => {
+            let mut c = client(endpoints, dir)?;
             match c.get(key.as_bytes()).await? {
                 Some((value, v)) => {
                     let mut out = std::io::stdout().lock();
@@ -251,11 +301,14 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
                         write!(out, "{v} ")?;
                     }
                     out.write_all(&value)?;
-                    writeln!(out)?;
+                    if !raw {
+                        writeln!(out)?;
+                    }
+                    out.flush()?;
                     Ok(ExitCode::SUCCESS)
                 }
                 None => {
-                    eprintln!("no such key: {key}");
+                    eprintln!("no such key: {}", kv_text::key(key.as_bytes()));
                     Ok(ExitCode::from(1))
                 }
             }
@@ -263,15 +316,17 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
         KvSub::Put {
             key,
             value,
+            file,
             expect,
-            lease: Some(lease),
-        } => crate::kv_lease_cmd::put(client(cmd.endpoints)?, key, value, expect, lease).await,
-        KvSub::Put {
-            key, value, expect, ..
+            lease,
         } => {
-            let mut c = client(cmd.endpoints)?;
+            let value = put_value(value, file.as_deref())?;
+            let mut c = client(endpoints, dir)?;
+            if let Some(lease) = lease {
+                return crate::kv_lease_cmd::put(c, key.as_bytes(), &value, expect, lease).await;
+            }
             let expected = expect.map_or(Expected::Any, Expected::Version);
-            match c.put(key.as_bytes(), value.as_bytes(), expected).await? {
+            match c.put(key.as_bytes(), &value, expected).await? {
                 PutOutcome::Written(v) => {
                     println!("ok {v}");
                     Ok(ExitCode::SUCCESS)
@@ -282,7 +337,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             }
         }
         KvSub::Del { key, expect } => {
-            let mut c = client(cmd.endpoints)?;
+            let mut c = client(endpoints, dir)?;
             let expected = expect.map_or(Expected::Any, Expected::Version);
             match c.delete(key.as_bytes(), expected).await? {
                 DeleteOutcome::Deleted => {
@@ -295,33 +350,95 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             }
         }
         KvSub::Scan { start, end, limit } => {
-            let mut c = client(cmd.endpoints)?;
+            let mut c = client(endpoints, dir)?;
             let start = start.unwrap_or_default();
             let items = c
-                .scan(start.as_bytes(), end.as_deref().map(str::as_bytes), limit)
+                .scan(start.as_bytes(), end.as_ref().map(|e| e.as_bytes()), limit)
                 .await?;
             let mut out = std::io::stdout().lock();
             for item in items {
-                out.write_all(&item.key)?;
-                write!(out, " {} ", item.version)?;
-                out.write_all(&item.value)?;
-                writeln!(out)?;
+                writeln!(
+                    out,
+                    "{} {} {}",
+                    kv_text::key(&item.key),
+                    item.version,
+                    kv_text::value(&item.value)
+                )?;
             }
+            out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
         KvSub::Status { json } => {
-            let c = client(cmd.endpoints)?;
+            let c = client(endpoints, dir)?;
             status(&c, timeout, json).await
         }
         KvSub::Shell => {
-            let c = client(cmd.endpoints)?;
+            let c = client(endpoints, dir)?;
             shell(c, timeout).await
         }
         KvSub::Lock(args) => {
-            crate::kv_lease_cmd::lock(|| client(cmd.endpoints.clone()), args).await
+            crate::kv_lease_cmd::lock(|| client(endpoints.clone(), dir.clone()), args).await
         }
-        KvSub::Lease { sub } => crate::kv_lease_cmd::lease(client(cmd.endpoints)?, sub).await,
+        KvSub::Lease { sub } => crate::kv_lease_cmd::lease(client(endpoints, dir)?, sub).await,
     }
+}
+
+/// The endpoints a client command talks to: --endpoints (or $SHOAL_ENDPOINTS, which clap
+/// reads into the same list), else DIR/endpoints of --dir, else ./shoal-data/endpoints.
+fn client_endpoints(endpoints: Vec<SocketAddr>, dir: Option<&Path>) -> Result<Vec<SocketAddr>> {
+    if !endpoints.is_empty() {
+        return Ok(endpoints);
+    }
+    if let Some(dir) = dir {
+        return read_endpoints(&dir.join(ENDPOINTS_FILE)).with_context(|| {
+            format!(
+                "--dir {}: no cluster there (start one with `shoal kv up --dir {}`)",
+                dir.display(),
+                dir.display()
+            )
+        });
+    }
+    let default = Path::new(DEFAULT_DIR).join(ENDPOINTS_FILE);
+    if !default.exists() {
+        bail!(
+            "no cluster to talk to: give --endpoints A,B,C, or set SHOAL_ENDPOINTS=A,B,C, or \
+             --dir DIR of a cluster started with `shoal kv up --dir DIR` (there is no \
+             ./{DEFAULT_DIR}/{ENDPOINTS_FILE} here)"
+        );
+    }
+    read_endpoints(&default)
+}
+
+/// The value of `kv put`: the argument, stdin for `-`, or the file's bytes; at most
+/// [`MAX_CLI_VALUE_BYTES`] read (the servers enforce their own limit, usually lower).
+fn put_value(value: Option<OsString>, file: Option<&Path>) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let (mut reader, what): (Box<dyn std::io::Read>, String) = match (value, file) {
+        (_, Some(path)) => (
+            Box::new(
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+            ),
+            path.display().to_string(),
+        ),
+        (Some(v), None) if v == "-" => (Box::new(std::io::stdin().lock()), "stdin".into()),
+        (Some(v), None) => return Ok(v.into_vec()),
+        (None, None) => bail!("no value: give VALUE, `-` for stdin, or --file FILE"),
+    };
+    let mut bytes = Vec::new();
+    // One byte more than the limit tells "at the limit" from "over it" without reading all.
+    (&mut reader)
+        .take(MAX_CLI_VALUE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading the value from {what}"))?;
+    if bytes.len() > MAX_CLI_VALUE_BYTES {
+        bail!(
+            "the value from {what} is larger than {} bytes, the most a value may be \
+             (servers' --max-value-bytes defaults to {})",
+            MAX_CLI_VALUE_BYTES,
+            shoal_kv::store::DEFAULT_MAX_VALUE_BYTES
+        );
+    }
+    Ok(bytes)
 }
 
 /// `shoal kv status`: one line (or JSON object) per endpoint.
@@ -394,7 +511,7 @@ fn read_endpoints(path: &Path) -> Result<Vec<SocketAddr>> {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .map(|l| {
-            l.parse()
+            crate::cli::parse_addr(l)
                 .with_context(|| format!("{}: bad address {l:?}", path.display()))
         })
         .collect::<Result<Vec<SocketAddr>>>()?;
@@ -652,16 +769,67 @@ async fn shell(mut client: Client, timeout: Duration) -> Result<ExitCode> {
         };
         let reply = match parse_shell_line(&line) {
             Ok(None) => continue,
-            Ok(Some(op)) => match client.execute_within(op.clone(), timeout).await {
+            Ok(Some(ShellCmd::Op(op))) => match client.execute_within(op.clone(), timeout).await {
                 Ok(outcome) => shell_answer(&op, outcome),
-                Err(shoal_runtime::kv::ClientError::Timeout(_)) => "timeout".to_string(),
-                Err(e) => format!("error {e}"),
+                Err(shoal_runtime::kv::ClientError::Timeout { .. }) => "timeout".to_string(),
+                Err(e) => format!("error {}", one_line(&e.to_string())),
             },
-            Err(message) => format!("error {message}"),
+            Ok(Some(ShellCmd::Scan { start, end, limit })) => {
+                match client.scan(&start, end.as_deref(), limit).await {
+                    Ok(items) => {
+                        let mut reply = format!("scanned {}", items.len());
+                        for item in items {
+                            reply.push_str(&format!(
+                                "\n{} {} {}",
+                                kv_text::key(&item.key),
+                                item.version,
+                                kv_text::value(&item.value)
+                            ));
+                        }
+                        reply
+                    }
+                    Err(shoal_runtime::kv::ClientError::Timeout { .. }) => "timeout".to_string(),
+                    Err(e) => format!("error {}", one_line(&e.to_string())),
+                }
+            }
+            Ok(Some(ShellCmd::Status)) => {
+                let statuses = client.statuses(timeout).await;
+                let mut reply = format!("servers {}", statuses.len());
+                for (i, (s, addr)) in statuses.iter().zip(client.endpoints()).enumerate() {
+                    reply.push('\n');
+                    match s {
+                        Ok(s) => reply.push_str(&format!(
+                            "{} {addr} {} {} {} {} {}",
+                            s.id,
+                            s.role,
+                            s.term,
+                            s.leader.map_or("-".to_string(), |l| l.to_string()),
+                            s.commit,
+                            s.applied
+                        )),
+                        Err(e) => reply.push_str(&format!(
+                            "{} {addr} unreachable {}",
+                            i + 1,
+                            one_line(&e.to_string())
+                        )),
+                    }
+                }
+                reply
+            }
+            Ok(Some(ShellCmd::Help)) => {
+                let lines: Vec<&str> = SHELL_HELP.lines().collect();
+                format!("help {}\n{}", lines.len(), lines.join("\n"))
+            }
+            Err(message) => format!("error {}", one_line(&message)),
         };
         answer(&reply)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A message on one line (an answer of the shell is never split by an error's text).
+fn one_line(message: &str) -> String {
+    message.replace(['\n', '\r'], " ")
 }
 
 fn answer(line: &str) -> Result<()> {
@@ -670,66 +838,105 @@ fn answer(line: &str) -> Result<()> {
     out.flush().context("writing to stdout")
 }
 
+/// One command of the shell.
+#[derive(Debug, Clone, PartialEq)]
+enum ShellCmd {
+    /// get, put or del.
+    Op(KvOp),
+    /// scan [START [END]] [LIMIT].
+    Scan {
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
+        limit: u32,
+    },
+    /// status.
+    Status,
+    /// help.
+    Help,
+}
+
 /// Parses one shell line; `Ok(None)` for a blank line.
-fn parse_shell_line(line: &str) -> std::result::Result<Option<KvOp>, String> {
+fn parse_shell_line(line: &str) -> std::result::Result<Option<ShellCmd>, String> {
     if line.len() > MAX_SHELL_LINE_BYTES {
         return Err(format!("line longer than {MAX_SHELL_LINE_BYTES} bytes"));
     }
-    let line = line.trim_start();
-    if line.trim().is_empty() {
+    let Some((cmd, rest)) = kv_text::next_word(line)? else {
         return Ok(None);
-    }
-    let (cmd, rest) = split_word(line);
-    let version = |v: &str| -> std::result::Result<Expected, String> {
+    };
+    let version = |w: &kv_text::Word| -> std::result::Result<Expected, String> {
+        let v = w.text().unwrap_or_default();
         if v == "any" {
             return Ok(Expected::Any);
         }
-        v.parse()
-            .map(Expected::Version)
-            .map_err(|_| format!("expected version {v:?} is not a number or `any`"))
+        v.parse().map(Expected::Version).map_err(|_| {
+            format!(
+                "expected version {} is not a number or `any`",
+                kv_text::key(&w.bytes)
+            )
+        })
     };
-    match cmd {
-        "get" => {
-            let (key, rest) = split_word(rest);
-            if key.is_empty() || !rest.trim().is_empty() {
-                return Err("usage: get KEY".into());
-            }
-            Ok(Some(KvOp::Get {
-                key: key.as_bytes().to_vec(),
-            }))
+    // The remaining words of the line (a value is never read through this).
+    let words = |mut rest: &str| -> std::result::Result<Vec<kv_text::Word>, String> {
+        let mut words = Vec::new();
+        while let Some((w, r)) = kv_text::next_word(rest)? {
+            words.push(w);
+            rest = r;
         }
+        Ok(words)
+    };
+    match cmd.text().filter(|_| !cmd.quoted).unwrap_or_default() {
+        "get" => match words(rest)?.as_slice() {
+            [key] => Ok(Some(ShellCmd::Op(KvOp::Get {
+                key: key.bytes.clone(),
+            }))),
+            _ => Err("usage: get KEY".into()),
+        },
         "put" => {
-            let (key, rest) = split_word(rest);
-            let (v, value) = split_word(rest);
-            if key.is_empty() || v.is_empty() {
-                return Err("usage: put KEY EXPECTED_VERSION VALUE".into());
-            }
-            Ok(Some(KvOp::Put {
-                key: key.as_bytes().to_vec(),
-                value: value.as_bytes().to_vec(),
-                expected: version(v)?,
-            }))
+            let usage = || "usage: put KEY EXPECTED_VERSION VALUE".to_string();
+            let (key, rest) = kv_text::next_word(rest)?.ok_or_else(usage)?;
+            let (v, rest) = kv_text::next_word(rest)?.ok_or_else(usage)?;
+            Ok(Some(ShellCmd::Op(KvOp::Put {
+                key: key.bytes,
+                value: kv_text::rest_value(rest)?,
+                expected: version(&v)?,
+            })))
         }
-        "del" => {
-            let (key, rest) = split_word(rest);
-            let (v, rest) = split_word(rest);
-            if key.is_empty() || v.is_empty() || !rest.trim().is_empty() {
-                return Err("usage: del KEY EXPECTED_VERSION".into());
-            }
-            Ok(Some(KvOp::Delete {
-                key: key.as_bytes().to_vec(),
+        "del" => match words(rest)?.as_slice() {
+            [key, v] => Ok(Some(ShellCmd::Op(KvOp::Delete {
+                key: key.bytes.clone(),
                 expected: version(v)?,
-            }))
+            }))),
+            _ => Err("usage: del KEY EXPECTED_VERSION".into()),
+        },
+        "scan" => {
+            let mut words = words(rest)?;
+            let mut limit = shoal_runtime::kv::client::DEFAULT_SCAN_LIMIT;
+            // A last bare number is the limit; a numeric key is written quoted.
+            if let Some(n) = words
+                .last()
+                .filter(|w| !w.quoted)
+                .and_then(|w| w.text()?.parse::<u32>().ok())
+            {
+                limit = n;
+                words.pop();
+            }
+            let mut words = words.into_iter();
+            let start = words.next().map(|w| w.bytes).unwrap_or_default();
+            let end = words.next().map(|w| w.bytes);
+            if words.next().is_some() {
+                return Err("usage: scan [START [END]] [LIMIT]".into());
+            }
+            Ok(Some(ShellCmd::Scan { start, end, limit }))
         }
-        other => Err(format!("unknown command {other:?} (get, put, del)")),
-    }
-}
-
-/// The first space-separated word and the rest after exactly one space.
-fn split_word(s: &str) -> (&str, &str) {
-    match s.split_once(' ') {
-        Some((w, rest)) => (w, rest),
-        None => (s, ""),
+        "status" | "help" if !words(rest)?.is_empty() => {
+            Err(format!("usage: {}", cmd.text().unwrap_or_default()))
+        }
+        "status" => Ok(Some(ShellCmd::Status)),
+        "help" => Ok(Some(ShellCmd::Help)),
+        _ => Err(format!(
+            "unknown command {} (get, put, del, scan, status, help)",
+            kv_text::key(&cmd.bytes)
+        )),
     }
 }
 
@@ -738,7 +945,7 @@ fn shell_answer(op: &KvOp, outcome: Outcome) -> String {
         Outcome::Maybe => "maybe".into(),
         Outcome::Done(result) => match result {
             KvResult::Found { value, version } => {
-                format!("value {version} {}", String::from_utf8_lossy(&value))
+                format!("value {version} {}", kv_text::value(&value))
             }
             KvResult::NoKey => "nokey".into(),
             KvResult::Written { version } => format!("ok {version}"),

@@ -164,15 +164,13 @@ pub async fn lease(mut client: Client, sub: LeaseSub) -> Result<ExitCode> {
 /// `shoal kv put KEY VALUE --lease ID`.
 pub async fn put(
     mut client: Client,
-    key: String,
-    value: String,
+    key: &[u8],
+    value: &[u8],
     expect: Option<u64>,
     lease: u64,
 ) -> Result<ExitCode> {
     let expected = expect.map_or(Expected::Any, Expected::Version);
-    let outcome = client
-        .put_with_lease(key.as_bytes(), value.as_bytes(), expected, lease)
-        .await?;
+    let outcome = client.put_with_lease(key, value, expected, lease).await?;
     let message = match outcome {
         LeasePutOutcome::Written(v) => {
             println!("ok {v}");

@@ -40,8 +40,8 @@ pub struct NodeArgs {
     /// This node's id: one of the ids in --peers.
     #[arg(long)]
     id: u64,
-    /// Address serving both peers and clients.
-    #[arg(long)]
+    /// Address serving both peers and clients (HOST:PORT; a host name or an IP).
+    #[arg(long, value_parser = crate::cli::parse_addr)]
     listen: SocketAddr,
     /// Every voter of the group, this node included: ID=ADDR,ID=ADDR,…
     #[arg(long, value_parser = crate::cli::parse_peer, value_delimiter = ',', required = true)]

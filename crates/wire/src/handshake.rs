@@ -65,3 +65,55 @@ impl Hello {
         Ok(())
     }
 }
+
+/// What a server names itself as in a [`Refusal`] when it is a KV server.
+pub const KV_SERVICE: &str = "Shoal KV server";
+
+/// Sent by a server, instead of closing silently, when it refuses a caller's [`Hello`] (another
+/// cluster id, another protocol version) or the first request after it (a service that does
+/// not speak the caller's protocol). The connection is closed after it.
+///
+/// It starts with [`PROTOCOL_MAGIC`], which no reply of any protocol can start with (postcard
+/// encodes the magic as the varint bytes `cc 9e a1 9a 05`, an impossible enum variant index), so
+/// a client tells it apart from an answer by decoding it first. Older clients read it as a
+/// malformed answer and close, as they did when the server closed without a word.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Must equal [`PROTOCOL_MAGIC`].
+    pub magic: u32,
+    /// The refusing server's [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// The refusing server's cluster id.
+    pub cluster_id: u64,
+    /// What the server is, for a person: [`KV_SERVICE`], "Raft demo node", ….
+    pub service: String,
+    /// Why it refused, for a person.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal from this build's protocol version.
+    pub fn new(cluster_id: u64, service: impl Into<String>, reason: impl Into<String>) -> Self {
+        Refusal {
+            magic: PROTOCOL_MAGIC,
+            version: PROTOCOL_VERSION,
+            cluster_id,
+            service: service.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_starts_with_bytes_no_enum_can_start_with() {
+        let bytes = postcard::to_allocvec(&Refusal::new(1, KV_SERVICE, "x")).expect("encode");
+        assert_eq!(&bytes[..5], &[0xcc, 0x9e, 0xa1, 0x9a, 0x05]);
+        // Decoded as a KV reply (what an older client does), it is malformed, not an answer.
+        assert!(postcard::from_bytes::<crate::kv::KvReply>(&bytes).is_err());
+        assert!(postcard::from_bytes::<crate::mr::ToWorker>(&bytes).is_err());
+    }
+}

@@ -21,7 +21,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::transport::{connect_client, send_queued};
+use crate::transport::{connect_client, send_queued, TransportError, MAX_REFUSAL_FRAME_BYTES};
+use bytes::{Buf as _, BytesMut};
+use shoal_wire::codec::{CodecError, FrameCodec};
+use shoal_wire::frame::{decode_frame, peek_frame_len, FRAME_HEADER_BYTES};
+use shoal_wire::mr::ToWorker;
+use shoal_wire::{Refusal, KV_SERVICE, PROTOCOL_MAGIC};
+use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
 
 /// Default [`ClientConfig::op_timeout`].
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,6 +36,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default [`ClientConfig::retry_timeout`]: wait this long for an answer before asking the
 /// next server (a real network is slower than the simulator's, and an fsync is in the path).
 pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default [`ClientConfig::refused_grace`].
+pub const DEFAULT_REFUSED_GRACE: Duration = Duration::from_secs(2);
 /// Requests queued per connection before new ones are dropped (the clerk resends).
 pub const CONNECTION_QUEUE_LEN: usize = 64;
 /// Replies from all connections waiting to be read.
@@ -58,6 +66,10 @@ pub struct ClientConfig {
     pub max_frame_bytes: usize,
     /// Reads answered by any server from its local state (possibly stale).
     pub serializable_reads: bool,
+    /// How long an operation keeps trying when every server refuses the connection before it
+    /// fails with [`ClientError::NoServer`] (capped by the operation's timeout): a cluster
+    /// being started binds its ports within moments, a stopped one never does.
+    pub refused_grace: Duration,
 }
 
 impl ClientConfig {
@@ -71,6 +83,7 @@ impl ClientConfig {
             retry_timeout: DEFAULT_RETRY_TIMEOUT,
             max_frame_bytes: shoal_wire::DEFAULT_MAX_FRAME_BYTES,
             serializable_reads: false,
+            refused_grace: DEFAULT_REFUSED_GRACE,
         }
     }
 }
@@ -78,9 +91,25 @@ impl ClientConfig {
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// No answer within the operation's deadline; a write's outcome is unknown.
-    #[error("no answer within {0:?} (a write may or may not have applied)")]
-    Timeout(Duration),
+    /// No answer within the operation's deadline. For a write (`write`), its outcome is
+    /// unknown: it may still apply.
+    #[error("{}", timeout_message(*.after, .seen, *.write))]
+    Timeout {
+        /// The deadline that ran out.
+        after: Duration,
+        /// What the client saw meanwhile, for a person: how many servers answered (none as
+        /// leader), why the others did not ("no leader: 1 of 3 servers answering (…)").
+        seen: String,
+        /// The operation was a write, which may still apply.
+        write: bool,
+    },
+    /// No endpoint can serve this cluster: each refused the connection, is a server of
+    /// another cluster, or is not a KV server. Said at once, without waiting for the deadline;
+    /// the message says which (e.g. "cannot reach any server (connection refused on A, B, C):
+    /// is the cluster running?", "server A is cluster 1, not 2", "A is not a Shoal KV server
+    /// (it speaks HTTP)").
+    #[error("{0}")]
+    NoServer(String),
     /// The key or value exceeds the servers' limit; nothing was stored.
     #[error("{what} of {bytes} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -95,8 +124,13 @@ pub enum ClientError {
     #[error("unexpected answer: {0:?}")]
     Unexpected(KvResult),
     /// The server could not be reached (connection refused or lost).
-    #[error("cannot reach {0}")]
-    Unreachable(SocketAddr),
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// The server's address.
+        addr: SocketAddr,
+        /// Why, for a person.
+        reason: String,
+    },
     /// The client is misconfigured (no endpoints).
     #[error("client: {0}")]
     Kv(#[from] shoal_kv::Error),
@@ -232,8 +266,199 @@ impl Drop for Client {
 enum Incoming {
     /// Server `.0` answered.
     Reply(u64, KvReply),
-    /// The connection to server `.0` failed or could not be opened.
-    Lost(u64),
+    /// The connection to server `.0` failed or could not be opened, for this reason.
+    Lost(u64, LinkFailure),
+}
+
+/// Why a connection to a server ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LinkFailure {
+    /// Connection refused: nothing listens there.
+    ConnectionRefused,
+    /// The server refused the handshake or the first request, and said why.
+    RefusedBy(Refusal),
+    /// The other end answered in another protocol (described).
+    Foreign(String),
+    /// The connection could not be opened for another reason (a timeout, no route).
+    Connect(String),
+    /// The connection was open (a request may have been delivered) and ended.
+    Lost(String),
+}
+
+impl LinkFailure {
+    /// Whether retrying within this operation cannot help: the endpoint is no server of this
+    /// cluster, or nothing listens there.
+    fn is_definite(&self) -> bool {
+        matches!(
+            self,
+            LinkFailure::ConnectionRefused | LinkFailure::RefusedBy(_) | LinkFailure::Foreign(_)
+        )
+    }
+
+    /// The failure of the endpoint at `addr`, for a person, in a client of `cluster_id`.
+    fn describe(&self, addr: SocketAddr, cluster_id: u64) -> String {
+        match self {
+            LinkFailure::ConnectionRefused => format!("{addr}: connection refused"),
+            LinkFailure::RefusedBy(r) if r.service == KV_SERVICE && r.cluster_id != cluster_id => {
+                format!(
+                    "server {addr} is cluster {}, not {cluster_id}",
+                    r.cluster_id
+                )
+            }
+            LinkFailure::RefusedBy(r) if r.service == KV_SERVICE => {
+                format!("server {addr} refused the connection: {}", r.reason)
+            }
+            LinkFailure::RefusedBy(r) => {
+                format!(
+                    "{addr} is not a Shoal KV server (it is a {}: {})",
+                    r.service, r.reason
+                )
+            }
+            LinkFailure::Foreign(what) => {
+                format!("{addr} is not a Shoal KV server (it speaks {what})")
+            }
+            LinkFailure::Connect(e) => format!("{addr}: {e}"),
+            LinkFailure::Lost(e) => format!("{addr}: {e}"),
+        }
+    }
+}
+
+/// What one operation learnt about each server (index `server - 1`).
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// Servers that sent any answer during the operation.
+    answered: Vec<bool>,
+    /// The last failure of each server's connection during the operation.
+    failed: Vec<Option<LinkFailure>>,
+    /// A connection failed after it was open: a request may have reached a server.
+    maybe_delivered: bool,
+}
+
+impl Seen {
+    fn new(servers: usize) -> Seen {
+        Seen {
+            answered: vec![false; servers],
+            failed: vec![None; servers],
+            maybe_delivered: false,
+        }
+    }
+
+    fn answered(&mut self, server: u64) {
+        if let Some(a) = index_of(server).and_then(|i| self.answered.get_mut(i)) {
+            *a = true;
+        }
+    }
+
+    fn failed(&mut self, server: u64, failure: LinkFailure) {
+        if matches!(failure, LinkFailure::Lost(_)) {
+            self.maybe_delivered = true;
+        }
+        if let Some(f) = index_of(server).and_then(|i| self.failed.get_mut(i)) {
+            *f = Some(failure);
+        }
+    }
+
+    fn has_failed(&self, server: u64) -> bool {
+        index_of(server)
+            .and_then(|i| self.failed.get(i))
+            .is_some_and(Option::is_some)
+    }
+
+    /// Whether some server refused the connection (it may be starting).
+    fn any_refused(&self) -> bool {
+        self.failed
+            .iter()
+            .any(|f| matches!(f, Some(LinkFailure::ConnectionRefused)))
+    }
+
+    /// Whether no server answered and every one failed for good.
+    fn hopeless(&self) -> bool {
+        !self.answered.iter().any(|&a| a)
+            && self
+                .failed
+                .iter()
+                .all(|f| f.as_ref().is_some_and(LinkFailure::is_definite))
+    }
+
+    /// The message of [`ClientError::NoServer`] when [`Seen::hopeless`].
+    fn no_server(&self, endpoints: &[SocketAddr], cluster_id: u64, write: bool) -> String {
+        let mut refused = Vec::new();
+        let mut other = Vec::new();
+        for (f, addr) in self.failed.iter().zip(endpoints) {
+            match f {
+                Some(LinkFailure::ConnectionRefused) => refused.push(addr.to_string()),
+                Some(f) => other.push(f.describe(*addr, cluster_id)),
+                None => {}
+            }
+        }
+        let mut message = if other.is_empty() {
+            let which = if refused.len() == 1 {
+                "the server"
+            } else {
+                "any server"
+            };
+            format!(
+                "cannot reach {which} (connection refused on {}): is the cluster running?",
+                refused.join(", ")
+            )
+        } else {
+            if !refused.is_empty() {
+                other.push(format!("connection refused on {}", refused.join(", ")));
+            }
+            other.join("; ")
+        };
+        if write && self.maybe_delivered {
+            message.push_str(" (a write may or may not have applied)");
+        }
+        message
+    }
+
+    /// What the client saw, for [`ClientError::Timeout`].
+    fn summary(&self, endpoints: &[SocketAddr], cluster_id: u64) -> String {
+        let answering = self.answered.iter().filter(|&&a| a).count();
+        let details: Vec<String> = self
+            .failed
+            .iter()
+            .zip(&self.answered)
+            .zip(endpoints)
+            .filter(|((_, &answered), _)| !answered)
+            .map(|((f, _), addr)| match f {
+                Some(f) => f.describe(*addr, cluster_id),
+                None => format!("{addr}: no answer"),
+            })
+            .collect();
+        let details = if details.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", details.join("; "))
+        };
+        if answering == 0 {
+            format!("no server answered{details}")
+        } else {
+            format!(
+                "no leader: {answering} of {} servers answering{details}",
+                endpoints.len()
+            )
+        }
+    }
+}
+
+/// The endpoint index of server `server` (ids count from 1), if it can be one.
+fn index_of(server: u64) -> Option<usize> {
+    usize::try_from(server.checked_sub(1)?).ok()
+}
+
+/// The message of [`ClientError::Timeout`].
+fn timeout_message(after: Duration, seen: &str, write: bool) -> String {
+    let mut m = format!("no answer within {after:?}");
+    if !seen.is_empty() {
+        m.push_str(": ");
+        m.push_str(seen);
+    }
+    if write {
+        m.push_str(" (a write may or may not have applied)");
+    }
+    m
 }
 
 impl std::fmt::Debug for Client {
@@ -334,13 +559,25 @@ impl Client {
                             }
                         };
                     }
-                    Some(Incoming::Lost(from)) if from == server => {
-                        return Err(ClientError::Unreachable(self.config.endpoints[index]));
+                    Some(Incoming::Lost(from, failure)) if from == server => {
+                        let addr = self.config.endpoints[index];
+                        return Err(match failure {
+                            LinkFailure::Connect(reason) | LinkFailure::Lost(reason) => {
+                                ClientError::Unreachable { addr, reason }
+                            }
+                            LinkFailure::ConnectionRefused => ClientError::Unreachable {
+                                addr,
+                                reason: "connection refused".into(),
+                            },
+                            definite => ClientError::NoServer(
+                                definite.describe(addr, self.config.cluster_id),
+                            ),
+                        });
                     }
                     Some(_) => {}
-                    None => return Err(ClientError::Timeout(timeout)),
+                    None => return Err(status_timeout(timeout)),
                 },
-                _ = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout(timeout)),
+                _ = tokio::time::sleep_until(deadline) => return Err(status_timeout(timeout)),
             }
         }
     }
@@ -362,7 +599,7 @@ impl Client {
         let mut results = Vec::with_capacity(out.len());
         for h in out {
             results.push(match h {
-                Ok(handle) => handle.await.unwrap_or(Err(ClientError::Timeout(timeout))),
+                Ok(handle) => handle.await.unwrap_or(Err(status_timeout(timeout))),
                 Err(e) => Err(e),
             });
         }
@@ -413,7 +650,11 @@ impl Client {
         // Answers to abandoned requests are of no use.
         while self.replies.try_recv().is_ok() {}
         self.last_server = None;
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let grace = self.config.refused_grace.min(timeout);
+        let write = matches!(op, KvOp::Put { .. } | KvOp::Delete { .. });
+        let mut seen = Seen::new(self.config.endpoints.len());
         let mut actions = self.clerk.start(op)?;
         let mut timer: Option<(Instant, u64)> = None;
         loop {
@@ -431,12 +672,34 @@ impl Client {
             tokio::select! {
                 incoming = self.replies.recv() => match incoming {
                     Some(Incoming::Reply(server, reply)) => {
+                        seen.answered(server);
                         actions = self.clerk.on_reply(reply);
                         if actions.iter().any(|a| matches!(a, Action::Finished(_))) {
                             self.last_server = Some(server);
                         }
                     }
-                    Some(Incoming::Lost(server)) => actions = self.clerk.on_unreachable(server),
+                    Some(Incoming::Lost(server, failure)) => {
+                        let again = seen.has_failed(server) && failure.is_definite();
+                        seen.failed(server, failure);
+                        if seen.hopeless()
+                            && (!seen.any_refused() || started.elapsed() >= grace)
+                        {
+                            // Every endpoint refused or is no server of this cluster: waiting
+                            // for the deadline would only hide that.
+                            self.abandon()?;
+                            let endpoints = &self.config.endpoints;
+                            return Err(ClientError::NoServer(seen.no_server(
+                                endpoints,
+                                self.config.cluster_id,
+                                write,
+                            )));
+                        }
+                        // The first failure of a server moves on to the next at once; a server
+                        // that keeps refusing is retried on the clerk's timer, not in a loop.
+                        if !again {
+                            actions = self.clerk.on_unreachable(server);
+                        }
+                    }
                     None => {}
                 },
                 _ = tokio::time::sleep_until(timer_at), if timer.is_some() => {
@@ -444,14 +707,23 @@ impl Client {
                     actions = self.clerk.on_timer(token);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    // The clerk still waits for this operation: start over with a new
-                    // identity so its answer can never be mistaken for a later one's.
-                    self.clerk = Self::clerk(&self.config)?;
-                    self.update_routes();
-                    return Err(ClientError::Timeout(timeout));
+                    self.abandon()?;
+                    return Err(ClientError::Timeout {
+                        after: timeout,
+                        seen: seen.summary(&self.config.endpoints, self.config.cluster_id),
+                        write,
+                    });
                 }
             }
         }
+    }
+
+    /// Gives up the operation in progress. The clerk still waits for it: start over with a
+    /// new identity so its answer can never be mistaken for a later one's.
+    fn abandon(&mut self) -> Result<(), ClientError> {
+        self.clerk = Self::clerk(&self.config)?;
+        self.update_routes();
+        Ok(())
     }
 
     fn send(&mut self, server: u64, request: KvRequest) {
@@ -515,9 +787,41 @@ impl Client {
         }
     }
 
-    /// Keys in `[start, end)` (no end: to the last key) in key order, at most `limit`
-    /// (further capped by the servers' `max_scan_items`).
+    /// Keys in `[start, end)` (no end: to the last key) in key order, at most `limit`.
+    ///
+    /// The servers answer at most their `max_scan_items` per request; a longer scan is read
+    /// in pages (each next page starts just after the last key of the one before), so it is
+    /// `limit` keys whenever there are that many. Each page is linearizable on its own; a scan
+    /// of several pages is not one snapshot (a key written meanwhile may or may not appear).
     pub async fn scan(
+        &mut self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Vec<ScanItem>, ClientError> {
+        let mut items: Vec<ScanItem> = Vec::new();
+        let mut from = start.to_vec();
+        while (items.len() as u64) < u64::from(limit) {
+            let asked = limit - items.len() as u32;
+            let page = self.scan_page(&from, end, asked).await?;
+            // An empty page is the end of the range; a full one is all that was asked for. A
+            // short one may be the end or the servers' cap: only the next page tells.
+            let Some(last) = page.last() else { break };
+            // The smallest key after `last`.
+            from = last.key.clone();
+            from.push(0);
+            let full = page.len() as u32 >= asked;
+            items.extend(page);
+            if full {
+                break;
+            }
+        }
+        items.truncate(limit as usize);
+        Ok(items)
+    }
+
+    /// One request of a scan (the servers may answer fewer than `limit` pairs).
+    async fn scan_page(
         &mut self,
         start: &[u8],
         end: Option<&[u8]>,
@@ -689,6 +993,15 @@ impl Client {
     }
 }
 
+/// The error of a status request that got no answer in time.
+fn status_timeout(after: Duration) -> ClientError {
+    ClientError::Timeout {
+        after,
+        seen: String::new(),
+        write: false,
+    }
+}
+
 fn too_large_or_unexpected(result: KvResult) -> ClientError {
     match result {
         KvResult::TooLarge { what, bytes, limit } => ClientError::TooLarge { what, bytes, limit },
@@ -706,7 +1019,7 @@ async fn pooled_connection(
     requests: mpsc::Receiver<KvRequest>,
     routes: Routes,
 ) {
-    run_connection(server, addr, config, requests, |incoming| {
+    let failure = run_connection(server, addr, config, requests, |incoming| {
         if let Incoming::Reply(_, reply) = &incoming {
             let to = {
                 let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
@@ -725,19 +1038,23 @@ async fn pooled_connection(
         routes.values().cloned().collect()
     };
     for c in clients {
-        let _ = c.try_send(Incoming::Lost(server));
+        let _ = c.try_send(Incoming::Lost(server, failure.clone()));
     }
 }
 
+/// How long a client waits for a server's last words (a [`Refusal`]) after a write to it
+/// failed: a server that refuses closes the connection, which can fail the write first.
+const LAST_WORDS_WAIT: Duration = Duration::from_millis(200);
+
 /// Connects, then writes queued requests (in batches) and hands each answer to `deliver`
-/// until the connection fails or `deliver` says stop.
+/// until the connection fails or `deliver` says stop; returns why it ended.
 async fn run_connection(
     server: u64,
     addr: SocketAddr,
     config: ClientConfig,
     mut requests: mpsc::Receiver<KvRequest>,
     mut deliver: impl FnMut(Incoming) -> bool,
-) {
+) -> LinkFailure {
     let framed = match connect_client::<KvReply, KvRequest>(
         addr,
         config.cluster_id,
@@ -749,33 +1066,192 @@ async fn run_connection(
         Ok(f) => f,
         Err(e) => {
             debug!(%addr, error = %e, "cannot connect");
-            return;
+            return match e {
+                TransportError::Connect { source, .. }
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    LinkFailure::ConnectionRefused
+                }
+                TransportError::Connect { source, .. } => LinkFailure::Connect(source.to_string()),
+                other => LinkFailure::Connect(other.to_string()),
+            };
         }
     };
-    let (mut sink, mut stream) = framed.split();
+    // The hello went straight to the socket: nothing is buffered in `framed`.
+    let (read, write) = framed.into_inner().into_split();
+    let mut stream = FramedRead::new(read, ServerFrames::new(config.max_frame_bytes));
+    let mut sink = FramedWrite::new(
+        write,
+        FrameCodec::<KvReply, KvRequest>::new(config.max_frame_bytes),
+    );
+    let mut answered = false;
     loop {
-        tokio::select! {
+        let frame = tokio::select! {
             request = requests.recv() => match request {
                 Some(request) => {
                     if let Err(e) = send_queued(&mut sink, request, &mut requests).await {
                         debug!(%addr, error = %e, "connection failed");
-                        return;
+                        // A refusing server closes at once: its refusal may be waiting.
+                        return match tokio::time::timeout(LAST_WORDS_WAIT, stream.next()).await {
+                            Ok(Some(Ok(ServerFrame::Refused(r)))) => LinkFailure::RefusedBy(r),
+                            Ok(Some(Ok(ServerFrame::Foreign(what)))) => LinkFailure::Foreign(what),
+                            _ => LinkFailure::Lost(format!("connection lost: {e}")),
+                        };
                     }
+                    continue;
                 }
-                None => return,
+                None => return LinkFailure::Lost("connection no longer needed".into()),
             },
-            reply = stream.next() => match reply {
-                Some(Ok(reply)) => {
-                    if !deliver(Incoming::Reply(server, reply)) {
-                        return;
-                    }
+            frame = stream.next() => frame,
+        };
+        match frame {
+            Some(Ok(ServerFrame::Reply(reply))) => {
+                answered = true;
+                if !deliver(Incoming::Reply(server, reply)) {
+                    return LinkFailure::Lost("connection no longer needed".into());
                 }
-                Some(Err(e)) => {
-                    debug!(%addr, error = %e, "connection failed");
-                    return;
-                }
-                None => return,
-            },
+            }
+            Some(Ok(ServerFrame::Refused(r))) => {
+                debug!(%addr, service = %r.service, reason = %r.reason, "refused");
+                return LinkFailure::RefusedBy(r);
+            }
+            Some(Ok(ServerFrame::Foreign(what))) => {
+                debug!(%addr, %what, "not a KV server");
+                return LinkFailure::Foreign(what);
+            }
+            Some(Err(e)) => {
+                debug!(%addr, error = %e, "connection failed");
+                return LinkFailure::Lost(format!("connection failed: {e}"));
+            }
+            None if answered => return LinkFailure::Lost("connection closed".into()),
+            None => {
+                return LinkFailure::Lost(
+                    "closed the connection without answering (an older server of another \
+                     cluster, or not a KV server?)"
+                        .into(),
+                )
+            }
+        }
+    }
+}
+
+/// What a server sent on a client connection.
+#[derive(Debug)]
+enum ServerFrame {
+    /// An answer.
+    Reply(KvReply),
+    /// A refusal (always the first frame, then the server closes).
+    Refused(Refusal),
+    /// The first bytes are not a KV answer: what they look like.
+    Foreign(String),
+}
+
+/// Decodes a server's frames, looking harder at the first: a [`Refusal`], or the bytes of
+/// another protocol (an HTTP error page, a MapReduce coordinator's refusal), are told apart
+/// from an answer so the client can say what it reached.
+struct ServerFrames {
+    replies: FrameCodec<KvReply, KvRequest>,
+    max_frame_bytes: usize,
+    first: bool,
+}
+
+impl ServerFrames {
+    fn new(max_frame_bytes: usize) -> ServerFrames {
+        ServerFrames {
+            replies: FrameCodec::new(max_frame_bytes),
+            max_frame_bytes,
+            first: true,
+        }
+    }
+
+    fn first_frame(&mut self, src: &mut BytesMut) -> Result<Option<ServerFrame>, CodecError> {
+        const HTTP: &[u8] = b"HTTP/";
+        if src.len() < HTTP.len() && HTTP.starts_with(src) {
+            return Ok(None);
+        }
+        if src.starts_with(HTTP) {
+            self.first = false;
+            src.clear();
+            return Ok(Some(ServerFrame::Foreign("HTTP".into())));
+        }
+        let len = match peek_frame_len(src, self.max_frame_bytes) {
+            Ok(Some(len)) => len,
+            Ok(None) => return Ok(None),
+            Err(_) => {
+                self.first = false;
+                let what = describe_foreign(src);
+                src.clear();
+                return Ok(Some(ServerFrame::Foreign(what)));
+            }
+        };
+        if src.len() < FRAME_HEADER_BYTES + len {
+            src.reserve(FRAME_HEADER_BYTES + len - src.len());
+            return Ok(None);
+        }
+        self.first = false;
+        if let Ok(Some((r, used))) = decode_frame::<Refusal>(src, MAX_REFUSAL_FRAME_BYTES) {
+            if r.magic == PROTOCOL_MAGIC {
+                src.advance(used);
+                return Ok(Some(ServerFrame::Refused(r)));
+            }
+        }
+        if let Ok(Some((reply, used))) = decode_frame::<KvReply>(src, self.max_frame_bytes) {
+            src.advance(used);
+            return Ok(Some(ServerFrame::Reply(reply)));
+        }
+        let what = match decode_frame::<ToWorker>(src, self.max_frame_bytes) {
+            Ok(Some(_)) => "the MapReduce coordinator protocol".to_string(),
+            _ => "another protocol (its first message is not a KV answer)".to_string(),
+        };
+        src.clear();
+        Ok(Some(ServerFrame::Foreign(what)))
+    }
+}
+
+/// What the first bytes of another protocol look like, for a person.
+fn describe_foreign(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(40)];
+    let text = head
+        .iter()
+        .take_while(|&&b| b != b'\r' && b != b'\n')
+        .all(|b| b.is_ascii_graphic() || *b == b' ');
+    if text && !head.is_empty() {
+        let line: String = head
+            .iter()
+            .take_while(|&&b| b != b'\r' && b != b'\n')
+            .map(|&b| b as char)
+            .collect();
+        format!("a text protocol: {line:?}")
+    } else {
+        "an unknown binary protocol".into()
+    }
+}
+
+impl Decoder for ServerFrames {
+    type Item = ServerFrame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ServerFrame>, CodecError> {
+        if self.first {
+            return self.first_frame(src);
+        }
+        Ok(self.replies.decode(src)?.map(ServerFrame::Reply))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<ServerFrame>, CodecError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None if self.first => {
+                self.first = false;
+                let what = describe_foreign(src);
+                src.clear();
+                Ok(Some(ServerFrame::Foreign(what)))
+            }
+            None => Err(CodecError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed in the middle of a frame",
+            ))),
         }
     }
 }

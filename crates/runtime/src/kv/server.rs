@@ -98,7 +98,10 @@ impl KvServerConfig {
         KvServerConfig {
             id,
             cluster_id,
-            transport: TransportConfig::new(id, cluster_id, peers.clone()),
+            transport: TransportConfig {
+                service: shoal_wire::KV_SERVICE.to_string(),
+                ..TransportConfig::new(id, cluster_id, peers.clone())
+            },
             peers,
             data_dir,
             tick_interval: DEFAULT_TICK_INTERVAL,

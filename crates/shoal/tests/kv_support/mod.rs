@@ -222,6 +222,14 @@ impl Shell {
         assert!(n > 0, "the shell exited after {line:?}");
         answer.trim_end_matches('\n').to_string()
     }
+
+    /// Reads one more line of a multi-line answer (`scan`, `status`, `help`).
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).expect("read the shell");
+        assert!(n > 0, "the shell exited in the middle of an answer");
+        line.trim_end_matches('\n').to_string()
+    }
 }
 
 impl Drop for Shell {
@@ -236,5 +244,18 @@ pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a child process of this test.
     unsafe {
         libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+#[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
+pub fn wait_listening(addr: &str) {
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < WAIT,
+            "nothing listens on {addr} after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
