@@ -21,6 +21,7 @@ mod cli;
 mod demo_cmd;
 mod kv_bench;
 mod kv_cmd;
+mod kv_up;
 mod mr_bench;
 mod mr_cmd;
 mod raft_bench;
