@@ -21,6 +21,11 @@ pub(crate) fn election_seed(id: u64) -> u64 {
     nanos ^ id.rotate_left(32) ^ u64::from(std::process::id())
 }
 
+/// A leader for a message or log field: its id, or `none` (not Rust's `Some(3)`).
+pub(crate) fn leader_text(leader: Option<shoal_raft::NodeId>) -> String {
+    leader.map_or_else(|| "none".to_string(), |l| l.0.to_string())
+}
+
 /// Step 2 of a `Ready`: write the received snapshot, the new entries and the hard state, then
 /// one fsync covers them all (group commit). Nothing to write: no fsync.
 pub(crate) fn persist_ready(

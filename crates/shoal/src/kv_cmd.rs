@@ -372,8 +372,20 @@ pub(crate) fn read_endpoints(path: &Path) -> Result<Vec<SocketAddr>> {
 
 async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
     let peers: BTreeMap<u64, SocketAddr> = args.peers.into_iter().collect();
-    if !peers.contains_key(&args.id) {
+    let Some(&own) = peers.get(&args.id) else {
         bail!("--id {} is not one of the --peers", args.id);
+    };
+    // The others reach this server at its --peers entry: listening anywhere else would leave
+    // it unreachable (a port on all interfaces, 0.0.0.0 or [::], serves that entry too).
+    if own.port() != args.listen.port()
+        || !(args.listen.ip().is_unspecified() || own.ip() == args.listen.ip())
+    {
+        bail!(
+            "--listen {} differs from this server's own --peers entry {}={own}: the other \
+             servers would look for it at {own}",
+            args.listen,
+            args.id
+        );
     }
     let mut config = KvServerConfig::new(args.id, cluster, peers, args.data.clone());
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
@@ -394,7 +406,7 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
     tracing::info!(node = args.id, listen = %args.listen, "kv server starting");
     run_server(config, listener, shutdown)
         .await
-        .with_context(|| format!("kv server {} (data {})", args.id, args.data.display()))?;
+        .with_context(|| format!("kv server {}", args.id))?;
     Ok(ExitCode::SUCCESS)
 }
 

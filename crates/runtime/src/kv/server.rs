@@ -123,6 +123,10 @@ pub enum KvServerError {
         #[source]
         source: shoal_storage::Error,
     },
+    /// The data directory cannot be used at all: another process holds it, or it is not a
+    /// Shoal data directory (the message names the directory).
+    #[error(transparent)]
+    DataDir(shoal_storage::Error),
     /// The replicated state machine refused its state (for example an unreadable snapshot).
     #[error("kv state machine: {0}")]
     Kv(#[from] shoal_kv::Error),
@@ -167,13 +171,20 @@ pub async fn run_server(
     };
     let mut disk =
         StdDisk::new(&config.data_dir).map_err(|e| storage_err(shoal_storage::Error::Disk(e)))?;
+    // The open takes the directory's lock, held by `disk` (kept by the driver) until we exit.
     let storage = DurableStorage::open(
         &mut disk,
         config.cluster_id,
         config.id,
         StorageConfig::default(),
     )
-    .map_err(storage_err)?;
+    .map_err(|e| {
+        if e.is_about_directory() {
+            KvServerError::DataDir(e)
+        } else {
+            storage_err(e)
+        }
+    })?;
     let mut raft = RaftConfig::new(
         NodeId(config.id),
         config.peers.keys().copied().map(NodeId).collect(),
@@ -368,7 +379,7 @@ impl Driver {
     fn carry_out(&mut self, mut rd: Ready) -> Result<(), KvServerError> {
         if let Some(soft) = rd.soft_state {
             let term = self.rsm.raw().status().term;
-            info!(role = ?soft.role, leader = ?soft.leader.map(|l| l.0), term = term.0,
+            info!(role = ?soft.role, leader = %crate::ready::leader_text(soft.leader), term = term.0,
                 "role changed");
         }
         // 1. Messages that promise nothing unpersisted.
