@@ -68,7 +68,10 @@ enum KvSub {
     /// stops it). A second run on the same --dir resumes the same cluster.
     #[command(after_help = "Example:\n  shoal kv up --nodes 3 --dir shoal-data\n\
         The endpoints are printed and written to DIR/endpoints, where the client commands \
-        find them.")]
+        find them. Each server logs to DIR/nodeN.log. A server that dies is restarted; one \
+        that keeps failing (a damaged directory, a full disk) is retried less and less often \
+        while the others serve, and what is wrong and how to fix it is printed once. The \
+        servers stop with `kv up`, even when it is killed.")]
     Up(crate::kv_up::UpArgs),
     /// Print a key's value (and version with --version). Exit status 1 if the key is missing.
     #[command(

@@ -335,11 +335,17 @@ async fn supervise(
                 let id = i + 1;
                 let slot = &mut slots[i];
                 slot.child = None;
+                // Killed by a signal (someone's `kill -9`, the OOM killer) is not a failure
+                // to start, however soon it came: the next start may well work.
+                let killed = status.as_ref().is_ok_and(|s| {
+                    use std::os::unix::process::ExitStatusExt as _;
+                    s.signal().is_some()
+                });
                 let status = match status {
                     Ok(status) => status.to_string(),
                     Err(e) => format!("wait failed: {e}"),
                 };
-                if now.duration_since(slot.started) >= UP_QUICK_FAILURE {
+                if killed || now.duration_since(slot.started) >= UP_QUICK_FAILURE {
                     slot.quick_failures = 0;
                     slot.reported = None;
                     slot.restart_at = Some(now + UP_RESTART_DELAY);
