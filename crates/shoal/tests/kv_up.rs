@@ -158,12 +158,6 @@ fn a_damaged_server_leaves_the_majority_serving_and_resyncs_once_moved_aside() {
         up.ok(&["put", &format!("k{i}"), &format!("v{i}")]);
     }
     up.stop();
-    // Each server logged to its own file, in plain text (not a terminal: no colour codes).
-    for id in 1..=3 {
-        let log = std::fs::read_to_string(dir.join(format!("node{id}.log"))).expect("a log");
-        assert!(log.contains("kv server starting"), "node{id}.log: {log}");
-        assert!(!log.contains('\u{1b}'), "colour codes in node{id}.log");
-    }
     // Flip a byte in the middle of server 2's log segment.
     let node2 = dir.join("node2");
     let segment = std::fs::read_dir(&node2)
@@ -221,6 +215,12 @@ fn a_damaged_server_leaves_the_majority_serving_and_resyncs_once_moved_aside() {
     );
     assert!(up.running());
     up.stop();
+    // Each server logged to its own file, in plain text (not a terminal: no colour codes).
+    for id in 1..=3 {
+        let log = std::fs::read_to_string(dir.join(format!("node{id}.log"))).expect("a log");
+        assert!(log.contains("kv server starting"), "node{id}.log: {log}");
+        assert!(!log.contains('\u{1b}'), "colour codes in node{id}.log");
+    }
 }
 
 #[test]
