@@ -1,6 +1,6 @@
 //! One process per data directory: a second `kv server` on a directory in use is refused at
 //! once and the first keeps serving; a directory of unrelated files is named as such; a
-//! `--listen` that is not the server's own `--peers` entry is refused.
+//! `--listen` that is not the server's own `--peers` entry is refused. `raft node` likewise.
 
 mod kv_support;
 
@@ -33,6 +33,16 @@ fn exits_by_itself(cmd: &mut Command) -> (std::process::ExitStatus, String) {
             panic!("still running after {WAIT:?}: it should have refused to start");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child SIGKILLed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -102,5 +112,53 @@ fn a_listen_address_other_than_the_servers_own_peers_entry_is_refused() {
     assert!(
         !dir.path().join("n1").exists(),
         "nothing created before refusing"
+    );
+}
+
+/// `raft node` owns its data directory the same way (the lock is taken by the storage's open,
+/// which every owner goes through).
+#[test]
+#[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
+fn a_second_raft_node_on_a_data_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("n1");
+    let ports = free_ports(2);
+    let node = |port: u16| {
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["raft", "node", "--id", "1", "--listen", &addr])
+            .args(["--peers", &format!("1={addr}"), "--data"])
+            .arg(&data);
+        cmd
+    };
+    let mut first = KillOnDrop(
+        node(ports[0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a raft node"),
+    );
+    // It holds the lock once it has written its pid into DIR/LOCK.
+    let pid = first.0.id().to_string();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(data.join("LOCK")).map_or(true, |t| t.trim() != pid) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the first node never locked {}",
+            data.display()
+        );
+        assert!(
+            first.0.try_wait().expect("wait").is_none(),
+            "the first node exited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, err) = exits_by_itself(&mut node(ports[1]));
+    assert!(!status.success());
+    let expected = format!("data directory {} is in use by pid {pid}", data.display());
+    assert!(err.contains(&expected), "expected {expected:?} in: {err}");
+    assert!(
+        first.0.try_wait().expect("wait").is_none(),
+        "the first node still runs"
     );
 }
