@@ -66,6 +66,23 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
+    // One `kv up` per cluster directory: it holds DIR/LOCK (as each server holds its own
+    // DIR/nodeN/LOCK) until it exits, so a second one refuses even while every server of the
+    // first is down and waiting for a restart.
+    let mut guard =
+        StdDisk::new(&args.dir).with_context(|| format!("opening {}", args.dir.display()))?;
+    let supervisor = match guard.lock() {
+        Ok(()) => None,
+        Err(DiskError::Locked { pid, .. }) => Some(pid),
+        Err(e) => return Err(e).with_context(|| format!("locking {}", args.dir.display())),
+    };
+    if let (Some(pid), false) = (supervisor, resuming) {
+        bail!(
+            "another `kv up` (pid {}) is starting a cluster in {}",
+            pid.map_or("unknown".to_string(), |p| p.to_string()),
+            args.dir.display()
+        );
+    }
     let endpoints = if resuming {
         read_endpoints(&endpoints_path)?
     } else {
@@ -81,15 +98,18 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         .collect::<Vec<_>>()
         .join(",");
     let running = running_servers(&args.dir, endpoints.len())?;
-    if !running.is_empty() {
-        let pids = running
+    if supervisor.is_some() || !running.is_empty() {
+        let mut pids: Vec<String> = running
             .iter()
             .map(|(id, pid)| pid.map_or(format!("server {id}"), |p| p.to_string()))
-            .collect::<Vec<_>>()
-            .join(", ");
+            .collect();
+        if let Some(pid) = supervisor {
+            pids.push(pid.map_or("kv up".to_string(), |p| format!("kv up {p}")));
+        }
         bail!(
-            "a cluster already answers on these endpoints (pids {pids}): {list}; its data \
-             directories in {} are in use. Use it (shoal kv --dir {} …), or stop it first",
+            "a cluster already answers on these endpoints (pids {}): {list}; its directory {} \
+             is in use. Use it (shoal kv --dir {} …), or stop it first",
+            pids.join(", "),
             args.dir.display(),
             args.dir.display()
         );
@@ -157,6 +177,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
             let _ = child.kill().await;
         }
     }
+    drop(guard);
     match failure {
         Some(message) => bail!(message),
         None => Ok(ExitCode::SUCCESS),

@@ -248,6 +248,7 @@ fn kv_up_servers_die_with_it_and_a_second_kv_up_refuses_a_running_cluster() {
         assert!(err.contains(&pid.to_string()), "pid {pid} not named: {err}");
     }
     assert!(err.contains(&up.endpoints), "{err}");
+    assert!(err.contains(&format!("kv up {}", up.child.id())), "{err}");
     assert!(
         !err.contains("Address already in use"),
         "nothing was started: {err}"
