@@ -3,8 +3,9 @@
 //! Each server writes its log to `DIR/nodeN.log`, next to its data directory `DIR/nodeN`;
 //! `kv up` itself prints a few lines at start and one line per restart or failure. A server
 //! that dies is restarted from its data directory while the others keep serving; one that keeps
-//! failing right after it starts (a damaged directory, a full disk) is retried less and less
-//! often, and what is wrong with it and how to fix it is printed once. Only when a majority
+//! failing (exits with an error within a minute of each start: a damaged directory, a full
+//! disk) is retried less and less often, and what is wrong with it and how to fix it is
+//! printed once. Only when a majority
 //! cannot run does `kv up` give up: the cluster then serves nothing, and the foreground
 //! process exiting with the reasons says so more plainly than one retrying silently.
 
@@ -26,9 +27,13 @@ const UP_STOP_GRACE: Duration = Duration::from_secs(5);
 const UP_RESTART_DELAY: Duration = Duration::from_secs(1);
 /// The longest wait between two starts of a failing server.
 const UP_MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
-/// A server that exits sooner than this after starting has failed to start; one that has run
-/// this long is healthy again.
+/// A server that exits with an error sooner than this after starting has failed to start; one
+/// that has run this long after failing is announced as running again.
 const UP_QUICK_FAILURE: Duration = Duration::from_secs(3);
+/// A server that exits with an error within this long of its start continues its series of
+/// failures (and the backoff): a full disk may let it run a few seconds each time. One that
+/// has run this long starts afresh.
+const UP_HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// A server counts as unable to run after this many failed starts in a row; when a majority
 /// cannot run, `kv up` stops.
 const UP_GIVE_UP_FAILURES: u32 = 3;
@@ -136,7 +141,8 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
             started: Instant::now(),
             log_offset,
             restart_at: None,
-            quick_failures: 0,
+            failures: 0,
+            announced: false,
             reported: None,
         });
     }
@@ -268,8 +274,10 @@ struct UpSlot {
     /// Length of its log when it started: its messages of this run follow.
     log_offset: u64,
     restart_at: Option<Instant>,
-    /// Exits in a row, each within [`UP_QUICK_FAILURE`] of its start.
-    quick_failures: u32,
+    /// Exits with an error in a row, each within [`UP_HEALTHY_RUN`] of its start.
+    failures: u32,
+    /// "running again" was printed for its current start.
+    announced: bool,
     /// The error last diagnosed for its current failures, printed once.
     reported: Option<String>,
 }
@@ -356,19 +364,22 @@ async fn supervise(
                 let id = i + 1;
                 let slot = &mut slots[i];
                 slot.child = None;
-                // Killed by a signal (someone's `kill -9`, the OOM killer) is not a failure
-                // to start, however soon it came: the next start may well work.
-                let killed = status.as_ref().is_ok_and(|s| {
-                    use std::os::unix::process::ExitStatusExt as _;
-                    s.signal().is_some()
-                });
+                // Only an exit with an error status is the server failing. Killed by a signal
+                // (someone's `kill -9`, the OOM killer) or stopped cleanly by someone's
+                // SIGTERM, it is restarted at once: the next start may well work.
+                let failed = match &status {
+                    Ok(status) => status.code().is_some_and(|c| c != 0),
+                    Err(_) => true,
+                };
                 let status = match status {
                     Ok(status) => status.to_string(),
                     Err(e) => format!("wait failed: {e}"),
                 };
-                if killed || now.duration_since(slot.started) >= UP_QUICK_FAILURE {
-                    slot.quick_failures = 0;
+                let ran = now.duration_since(slot.started);
+                if !failed || ran >= UP_HEALTHY_RUN {
+                    slot.failures = 0;
                     slot.reported = None;
+                    slot.announced = false;
                     slot.restart_at = Some(now + UP_RESTART_DELAY);
                     eprintln!(
                         "server {id} exited ({status}); restarting it in {} s; the others keep \
@@ -377,8 +388,14 @@ async fn supervise(
                     );
                     continue;
                 }
-                slot.quick_failures += 1;
-                let delay = restart_delay(slot.quick_failures);
+                slot.failures += 1;
+                slot.announced = false;
+                let delay = restart_delay(slot.failures);
+                let failed_to = if ran < UP_QUICK_FAILURE {
+                    "failed to start"
+                } else {
+                    "failed"
+                };
                 slot.restart_at = Some(now + delay);
                 let diagnosis = diagnose(
                     &cluster.log_path(id),
@@ -387,8 +404,7 @@ async fn supervise(
                 );
                 if slot.reported.as_deref() != Some(diagnosis.error.as_str()) {
                     eprintln!(
-                        "server {id} failed to start ({status}); the others keep serving. \
-                         From {}:",
+                        "server {id} {failed_to} ({status}); the others keep serving. From {}:",
                         cluster.log_path(id).display()
                     );
                     for line in &diagnosis.tail {
@@ -403,15 +419,15 @@ async fn supervise(
                     slot.reported = Some(diagnosis.error);
                 } else {
                     eprintln!(
-                        "server {id} failed to start again ({} times in a row); next try in {} s",
-                        slot.quick_failures,
+                        "server {id} {failed_to} again ({} times in a row); next try in {} s",
+                        slot.failures,
                         delay.as_secs()
                     );
                 }
                 let broken: Vec<usize> = slots
                     .iter()
                     .enumerate()
-                    .filter(|(_, s)| s.quick_failures >= UP_GIVE_UP_FAILURES)
+                    .filter(|(_, s)| s.failures >= UP_GIVE_UP_FAILURES)
                     .map(|(i, _)| i + 1)
                     .collect();
                 if slots.len() - broken.len() < majority {
@@ -442,7 +458,7 @@ async fn supervise(
                 for (i, slot) in slots.iter_mut().enumerate() {
                     let id = i + 1;
                     if slot.restart_at.is_some()
-                        && slot.quick_failures > 0
+                        && slot.failures > 0
                         && !cluster.data_dir(id).exists()
                     {
                         // The user moved the directory aside as told: start it now, empty.
@@ -452,13 +468,16 @@ async fn supervise(
                             cluster.data_dir(id).display()
                         );
                         restart(cluster, id, slot, now)?;
-                    } else if slot.child.is_some()
-                        && slot.quick_failures > 0
-                        && now.duration_since(slot.started) >= UP_QUICK_FAILURE
-                    {
-                        eprintln!("server {id} is running again");
-                        slot.quick_failures = 0;
-                        slot.reported = None;
+                    } else if slot.child.is_some() && slot.failures > 0 {
+                        let ran = now.duration_since(slot.started);
+                        if ran >= UP_QUICK_FAILURE && !slot.announced {
+                            eprintln!("server {id} is running again");
+                            slot.announced = true;
+                        }
+                        if ran >= UP_HEALTHY_RUN {
+                            slot.failures = 0;
+                            slot.reported = None;
+                        }
                     }
                 }
             }
@@ -473,7 +492,7 @@ fn restart(cluster: &Cluster, id: usize, slot: &mut UpSlot, now: Instant) -> Res
     slot.child = Some(child);
     slot.log_offset = offset;
     slot.started = now;
-    if slot.quick_failures == 0 {
+    if slot.failures == 0 {
         eprintln!("server {id} restarted");
     }
     Ok(())
