@@ -395,6 +395,16 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
     config.rsm.snapshot_bytes = (args.snapshot_bytes > 0).then_some(args.snapshot_bytes);
     config.rsm.limits.max_key_bytes = args.max_key_bytes;
     config.rsm.limits.max_value_bytes = args.max_value_bytes;
+    // The same command run twice would fail on the port before the directory: say what
+    // matters. (Only a probe: the server's storage takes the lock for good below.)
+    if args.data.is_dir() {
+        use shoal_storage::Disk as _;
+        let mut disk = shoal_storage::StdDisk::new(&args.data)
+            .with_context(|| format!("opening {}", args.data.display()))?;
+        if let Err(e @ shoal_storage::DiskError::Locked { .. }) = disk.lock() {
+            return Err(e).with_context(|| format!("kv server {}", args.id));
+        }
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -67,6 +67,10 @@ fn a_second_server_on_a_data_directory_in_use_is_refused_and_the_first_keeps_ser
         c.data_dir(1).display()
     );
     assert!(err.contains(&expected), "expected {expected:?} in: {err}");
+    // The very same command again: the directory is named, not only the busy port.
+    let (status, err) = exits_by_itself(&mut c.server_command(1, &c.data_dir(1)));
+    assert!(!status.success());
+    assert!(err.contains(&expected), "expected {expected:?} in: {err}");
     // The first still serves, reads and writes.
     assert_eq!(c.ok(&["put", "after", "2"]), "ok 1\n");
     assert_eq!(c.ok(&["get", "before"]), "1\n");
