@@ -477,7 +477,9 @@ impl<SM: StateMachine> NodeDriver<SM> {
         };
         match &result {
             Ok(()) => info!("node stopped"),
-            Err(e) => error!(error = %e, "node stopped on a fatal error"),
+            Err(e) => {
+                error!(error = %crate::ready::error_chain(e), "node stopped on a fatal error")
+            }
         }
         self.fail_pending();
         self.transport.shutdown();

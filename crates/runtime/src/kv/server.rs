@@ -307,7 +307,9 @@ impl Driver {
         };
         match &result {
             Ok(()) => info!("kv server stopped"),
-            Err(e) => error!(error = %e, "kv server stopped on a fatal error"),
+            Err(e) => {
+                error!(error = %crate::ready::error_chain(e), "kv server stopped on a fatal error")
+            }
         }
         result
     }
