@@ -587,7 +587,7 @@ impl<SM: StateMachine> NodeDriver<SM> {
     fn carry_out(&mut self, mut rd: Ready) -> Result<(), NodeError> {
         if let Some(soft) = rd.soft_state {
             let term = self.raw.status().term;
-            info!(role = ?soft.role, leader = %crate::ready::leader_text(soft.leader), %term,
+            info!(role = %crate::ready::role_text(soft.role), leader = %crate::ready::leader_text(soft.leader), %term,
                 "role changed");
             if soft.role != Role::Leader {
                 // Reads in flight were issued to us as leader; they will never complete.

@@ -21,6 +21,16 @@ pub(crate) fn election_seed(id: u64) -> u64 {
     nanos ^ id.rotate_left(32) ^ u64::from(std::process::id())
 }
 
+/// A role for a log field, in the words `shoal kv status` uses (not Rust's `PreCandidate`).
+pub(crate) fn role_text(role: shoal_raft::Role) -> &'static str {
+    match role {
+        shoal_raft::Role::Follower => "follower",
+        shoal_raft::Role::PreCandidate => "pre-candidate",
+        shoal_raft::Role::Candidate => "candidate",
+        shoal_raft::Role::Leader => "leader",
+    }
+}
+
 /// A leader for a message or log field: its id, or `none` (not Rust's `Some(3)`).
 pub(crate) fn leader_text(leader: Option<shoal_raft::NodeId>) -> String {
     leader.map_or_else(|| "none".to_string(), |l| l.0.to_string())

@@ -381,7 +381,7 @@ impl Driver {
     fn carry_out(&mut self, mut rd: Ready) -> Result<(), KvServerError> {
         if let Some(soft) = rd.soft_state {
             let term = self.rsm.raw().status().term;
-            info!(role = ?soft.role, leader = %crate::ready::leader_text(soft.leader), term = term.0,
+            info!(role = %crate::ready::role_text(soft.role), leader = %crate::ready::leader_text(soft.leader), term = term.0,
                 "role changed");
         }
         // 1. Messages that promise nothing unpersisted.
