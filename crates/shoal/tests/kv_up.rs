@@ -220,6 +220,11 @@ fn a_damaged_server_leaves_the_majority_serving_and_resyncs_once_moved_aside() {
         let log = std::fs::read_to_string(dir.join(format!("node{id}.log"))).expect("a log");
         assert!(log.contains("kv server starting"), "node{id}.log: {log}");
         assert!(!log.contains('\u{1b}'), "colour codes in node{id}.log");
+        assert!(log.contains("role changed"), "node{id}.log: {log}");
+        assert!(
+            !log.contains("Some("),
+            "Rust debug syntax in node{id}.log: {log}"
+        );
     }
 }
 
