@@ -164,7 +164,12 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     );
     let _ = out.flush();
     drop(out);
-    let failure = supervise(&cluster, &mut slots, signals).await?;
+    // Even when supervising fails (a restart that cannot be spawned), the servers are stopped
+    // cleanly below, not SIGKILLed by their drop.
+    let failure = match supervise(&cluster, &mut slots, signals).await {
+        Ok(failure) => failure,
+        Err(e) => Some(format!("{e:#}")),
+    };
     let mut children: Vec<_> = slots.into_iter().filter_map(|slot| slot.child).collect();
     // Ask every server to stop (SIGTERM: they finish the write in progress), then wait.
     for child in &children {
