@@ -397,7 +397,7 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
     config.rsm.limits.max_value_bytes = args.max_value_bytes;
     // The same command run twice would fail on the port before the directory: say what
     // matters. (Only a probe: the server's storage takes the lock for good below.)
-    if args.data.is_dir() {
+    if args.data.join(shoal_storage::LOCK_FILE).exists() {
         use shoal_storage::Disk as _;
         let mut disk = shoal_storage::StdDisk::new(&args.data)
             .with_context(|| format!("opening {}", args.data.display()))?;

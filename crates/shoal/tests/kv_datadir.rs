@@ -95,6 +95,12 @@ fn a_directory_of_other_files_is_not_taken_for_a_data_directory() {
     );
     assert!(err.contains(&expected), "expected {expected:?} in: {err}");
     assert!(!err.contains("corrupt"), "{err}");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read the directory")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, ["holiday.jpg"], "the directory is left as it was");
 }
 
 #[test]

@@ -220,6 +220,39 @@ fn read_record<T: DeserializeOwned>(buf: &[u8], offset: usize) -> ReadRecord<T> 
     }
 }
 
+/// A directory without an identity file may only be empty (or hold leftover `*.tmp` files):
+/// Shoal's files without it are damage ([`Error::Corrupt`]), other files mean it is not a data
+/// directory at all ([`Error::Foreign`]).
+fn refuse_without_identity(disk: &impl Disk) -> Result<(), Error> {
+    let names = disk.list()?;
+    let ours = |n: &str| {
+        n == HARD_STATE
+            || n == SNAPSHOT_FILE
+            || n == LEGACY_SNAPSHOT_FILE
+            || parse_segment_name(n).is_some()
+    };
+    if names.iter().any(|n| ours(n)) {
+        return Err(Error::Corrupt {
+            file: IDENTITY.into(),
+            offset: 0,
+            reason: "missing, but the directory holds data".into(),
+        });
+    }
+    let others: Vec<String> = names
+        .into_iter()
+        .filter(|n| !n.ends_with(".tmp"))
+        .take(FOREIGN_FILES_LISTED)
+        .collect();
+    if others.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Foreign {
+            dir: disk.location(),
+            files: others,
+        })
+    }
+}
+
 fn segment_name(seq: u64) -> String {
     format!("seg-{seq:016}.log")
 }
@@ -282,7 +315,12 @@ impl DurableStorage {
         node_id: u64,
         config: StorageConfig,
     ) -> Result<DurableStorage, Error> {
-        // Before reading anything: a second process on the directory must not even recover
+        // A stranger's directory is refused before the lock, whose file would be the first
+        // thing of ours in it: it is left exactly as it was. (Read-only, so safe unlocked.)
+        if disk.read(IDENTITY)?.is_none() {
+            refuse_without_identity(disk)?;
+        }
+        // Before anything else: a second process on the directory must not even recover
         // (truncating a torn tail the first one is still writing).
         disk.lock()?;
         let want = Identity {
@@ -322,32 +360,7 @@ impl DurableStorage {
                 }
             }
             None => {
-                let names = disk.list()?;
-                let ours = |n: &str| {
-                    n == HARD_STATE
-                        || n == SNAPSHOT_FILE
-                        || n == LEGACY_SNAPSHOT_FILE
-                        || parse_segment_name(n).is_some()
-                };
-                if names.iter().any(|n| ours(n)) {
-                    // Shoal's files without their identity: damage, not a stranger's directory.
-                    return Err(Error::Corrupt {
-                        file: IDENTITY.into(),
-                        offset: 0,
-                        reason: "missing, but the directory holds data".into(),
-                    });
-                }
-                let others: Vec<String> = names
-                    .into_iter()
-                    .filter(|n| !n.ends_with(".tmp"))
-                    .take(FOREIGN_FILES_LISTED)
-                    .collect();
-                if !others.is_empty() {
-                    return Err(Error::Foreign {
-                        dir: disk.location(),
-                        files: others,
-                    });
-                }
+                refuse_without_identity(disk)?;
                 write_atomic(disk, IDENTITY, &want)?;
             }
         }

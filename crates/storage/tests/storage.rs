@@ -311,7 +311,13 @@ fn a_directory_of_other_files_is_not_a_data_directory() {
         }
         other => panic!("expected a foreign directory, got {:?}", other.map(|_| ())),
     }
-    assert!(!dir.path().join("identity").exists());
+    // Left exactly as it was: no identity, no lock file.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, ["notes.txt"]);
     // Shoal's own files without the identity are damage, reported as such.
     let mut m = MemDisk::new();
     m.create("hardstate").unwrap();
