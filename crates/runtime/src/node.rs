@@ -127,7 +127,7 @@ impl NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The durable storage failed or refused to open (wrong node or cluster, corruption).
-    #[error("storage in {dir}: {source}")]
+    #[error("storage in {dir}")]
     Storage {
         /// The data directory.
         dir: String,
@@ -135,6 +135,10 @@ pub enum NodeError {
         #[source]
         source: shoal_storage::Error,
     },
+    /// The data directory cannot be used at all: another process holds it, or it is not a
+    /// Shoal data directory (the message names the directory).
+    #[error(transparent)]
+    DataDir(shoal_storage::Error),
     /// The Raft core refused its configuration or state.
     #[error("raft: {0}")]
     Raft(#[from] shoal_raft::Error),
@@ -161,7 +165,7 @@ pub enum NodeError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     /// This node is not the leader; ask `leader` if known.
-    #[error("not the leader (leader: {leader:?})")]
+    #[error("not the leader (leader: {})", crate::ready::leader_text(*.leader))]
     NotLeader {
         /// The leader this node knows of.
         leader: Option<NodeId>,
@@ -308,13 +312,20 @@ impl Node {
         };
         let mut disk = StdDisk::new(&config.data_dir)
             .map_err(|e| storage_err(shoal_storage::Error::Disk(e)))?;
+        // The open takes the directory's lock, held by `disk` (kept by the driver).
         let storage = DurableStorage::open(
             &mut disk,
             config.cluster_id,
             config.id.0,
             StorageConfig::default(),
         )
-        .map_err(storage_err)?;
+        .map_err(|e| {
+            if e.is_about_directory() {
+                NodeError::DataDir(e)
+            } else {
+                storage_err(e)
+            }
+        })?;
         let snapshot = storage.snapshot().map_err(shoal_raft::Error::from)?;
         if snapshot.meta.index > LogIndex(0) {
             state_machine
@@ -466,7 +477,9 @@ impl<SM: StateMachine> NodeDriver<SM> {
         };
         match &result {
             Ok(()) => info!("node stopped"),
-            Err(e) => error!(error = %e, "node stopped on a fatal error"),
+            Err(e) => {
+                error!(error = %crate::ready::error_chain(e), "node stopped on a fatal error")
+            }
         }
         self.fail_pending();
         self.transport.shutdown();
@@ -574,7 +587,8 @@ impl<SM: StateMachine> NodeDriver<SM> {
     fn carry_out(&mut self, mut rd: Ready) -> Result<(), NodeError> {
         if let Some(soft) = rd.soft_state {
             let term = self.raw.status().term;
-            info!(role = ?soft.role, leader = ?soft.leader.map(|l| l.0), %term, "role changed");
+            info!(role = %crate::ready::role_text(soft.role), leader = %crate::ready::leader_text(soft.leader), %term,
+                "role changed");
             if soft.role != Role::Leader {
                 // Reads in flight were issued to us as leader; they will never complete.
                 for (_, (_, reply)) in std::mem::take(&mut self.pending_reads) {

@@ -21,6 +21,40 @@ pub(crate) fn election_seed(id: u64) -> u64 {
     nanos ^ id.rotate_left(32) ^ u64::from(std::process::id())
 }
 
+/// A role for a log field, in the words `shoal kv status` uses (not Rust's `PreCandidate`).
+pub(crate) fn role_text(role: shoal_raft::Role) -> &'static str {
+    match role {
+        shoal_raft::Role::Follower => "follower",
+        shoal_raft::Role::PreCandidate => "pre-candidate",
+        shoal_raft::Role::Candidate => "candidate",
+        shoal_raft::Role::Leader => "leader",
+    }
+}
+
+/// A leader for a message or log field: its id, or `none` (not Rust's `Some(3)`).
+pub(crate) fn leader_text(leader: Option<shoal_raft::NodeId>) -> String {
+    leader.map_or_else(|| "none".to_string(), |l| l.0.to_string())
+}
+
+/// An error and its causes on one line (`outer: cause: root`) for a log: errors such as
+/// "storage in DIR" keep their cause in `source()`, not in their message. A cause whose text
+/// already ends the previous one is not repeated.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut previous = out.clone();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !previous.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        previous = text;
+        cause = e.source();
+    }
+    out
+}
+
 /// Step 2 of a `Ready`: write the received snapshot, the new entries and the hard state, then
 /// one fsync covers them all (group commit). Nothing to write: no fsync.
 pub(crate) fn persist_ready(
@@ -62,5 +96,25 @@ pub(crate) fn send(transport: &Transport<Message>, m: Message) {
     let to = m.to.0;
     if let Err(e) = transport.send(to, m) {
         warn!(error = %e, "core addressed a message to an unknown server");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_names_every_cause_once() {
+        let err = shoal_storage::Error::Disk(shoal_storage::DiskError::Io {
+            op: "append",
+            name: "seg-1.log".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        });
+        let text = super::error_chain(&err);
+        assert!(
+            text.starts_with("append seg-1.log: No space left on device"),
+            "{text}"
+        );
+        assert_eq!(text.matches("No space left").count(), 1, "{text}");
+        assert_eq!(super::leader_text(None), "none");
+        assert_eq!(super::leader_text(Some(shoal_raft::NodeId(3))), "3");
     }
 }

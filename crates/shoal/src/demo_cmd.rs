@@ -110,10 +110,18 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             step: 0,
             args,
         };
+        // SIGTERM (a supervisor, `timeout`, `kill`) and SIGHUP (the terminal closed) clean up
+        // exactly as Ctrl-C does.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigterm =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         // `None`: interrupted. Dropping the tour's future first stops whatever it waits for.
         let result = tokio::select! {
             r = demo.tour() => Some(r),
             _ = tokio::signal::ctrl_c() => None,
+            _ = sigterm.recv() => None,
+            _ = sighup.recv() => None,
         };
         demo.finish(result)
     })

@@ -23,6 +23,7 @@ mod help;
 mod kv_bench;
 mod kv_cmd;
 mod kv_lease_cmd;
+mod kv_up;
 mod mr_bench;
 mod mr_cmd;
 mod raft_bench;
@@ -103,20 +104,83 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::from(2)
         }
     }
 }
 
-/// Logs go to stderr, filtered by `SHOAL_LOG` (default: warnings, and info for shoal's crates).
+/// An error and its causes on one line, `outer: cause: root cause`, each cause once.
+///
+/// Some error types (of other crates) repeat their cause in their own message and also return
+/// it from `source()`, which `{:#}` would print twice ("No space left on device (os error 28):
+/// No space left on device (os error 28)"): a cause whose text already ends the previous
+/// message is skipped.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !previous.is_empty() && previous.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        previous = text;
+    }
+    out
+}
+
+/// Logs go to stderr, filtered by `SHOAL_LOG` (default: warnings, and info for shoal's crates),
+/// coloured only when stderr is a terminal (and `NO_COLOR` is unset): a log file or a pipe
+/// gets plain text.
 fn init_logging() {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| EnvFilter::new("warn,shoal=info,shoal_mr=info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    /// An error type that, like many, prints its cause in its message and returns it as its
+    /// source too.
+    #[derive(Debug)]
+    struct Repeats(std::io::Error);
+
+    impl std::fmt::Display for Repeats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "append seg-1.log: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Repeats {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let err = anyhow::Error::new(Repeats(std::io::Error::from_raw_os_error(28)))
+            .context("kv server 1");
+        let text = error_chain(&err);
+        assert_eq!(text.matches("No space left on device").count(), 1, "{text}");
+        assert!(text.starts_with("kv server 1: append seg-1.log: No space left on device"));
+        // Distinct causes are all kept, in order.
+        let err = anyhow::anyhow!("root").context("middle").context("outer");
+        assert_eq!(error_chain(&err), "outer: middle: root");
+    }
 }

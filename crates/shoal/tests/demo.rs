@@ -173,3 +173,62 @@ fn demo_dir_keep_quiet_and_help() {
         );
     }
 }
+
+/// SIGTERM (what `timeout`, systemd or CI send) cleans up exactly as Ctrl-C: the demo says it
+/// was interrupted, stops every process and removes its directory.
+#[test]
+#[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
+fn demo_sigterm_cleans_up_as_ctrl_c() {
+    use std::io::Read as _;
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let tmp = root.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("create TMPDIR");
+    let mut child = Command::new(SHOAL)
+        .arg("demo")
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start shoal demo");
+    // Wait until the cluster is up (step 2 begins), reading stdout on a thread.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("[2/6]") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+        let _ = child.kill();
+        panic!("the demo never reached step 2");
+    }
+    // SAFETY: kill(2) on our child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().expect("wait for shoal demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Exited by itself (not killed by the signal), reporting the interruption.
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "exit status {}: {stderr}",
+        out.status
+    );
+    assert!(stderr.contains("interrupted during step 2/6"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("read TMPDIR")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}\n{stderr}");
+    let procs = processes_mentioning(root.path());
+    assert!(procs.is_empty(), "still running: {procs:?}\n{stderr}");
+}

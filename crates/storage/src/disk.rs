@@ -27,8 +27,18 @@ pub enum DiskError {
         /// Why.
         reason: String,
     },
-    /// The operating system refused.
-    #[error("{op} {name}: {source}")]
+    /// Another process holds the directory's lock ([`Disk::lock`]).
+    #[error("data directory {dir} is in use by {}", holder_text(*.pid))]
+    Locked {
+        /// The directory.
+        dir: String,
+        /// The holder's pid as recorded in its [`LOCK_FILE`], if readable (informative only:
+        /// the lock is the kernel's flock, not the file's content).
+        pid: Option<u32>,
+    },
+    /// The operating system refused. The cause is the error's `source()`, not repeated in its
+    /// message: `{:#}` of an `anyhow` chain would print it twice.
+    #[error("{op} {name}")]
     Io {
         /// The operation.
         op: &'static str,
@@ -38,6 +48,20 @@ pub enum DiskError {
         source: std::io::Error,
     },
 }
+
+fn holder_text(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("pid {pid}"),
+        None => "another process".into(),
+    }
+}
+
+/// The file [`StdDisk::lock`] holds an exclusive `flock` on, for as long as the disk lives; it
+/// contains the holder's pid (for the error message only). It is never removed: removing a
+/// lock file races with a process that just opened it, and a stale one is harmless (the
+/// kernel drops a flock when its holder exits, even by SIGKILL). Not listed by
+/// [`Disk::list`]: the storage never sees it.
+pub const LOCK_FILE: &str = "LOCK";
 
 /// File operations with explicit durability: writes are visible at once and durable only after
 /// [`Disk::sync`] of the file (data) and [`Disk::sync_dir`] (names: create, rename, remove).
@@ -66,6 +90,17 @@ pub trait Disk {
     fn close(&mut self, name: &str) {
         let _ = name;
     }
+    /// Takes an exclusive lock on the directory for as long as this disk lives, so that no
+    /// second process uses it at once (fails with [`DiskError::Locked`]). Taking it again
+    /// through the same disk is a no-op. [`crate::DurableStorage::open`] calls it first, so
+    /// every owner of a data directory gets the lock. A simulated disk has nothing to lock.
+    fn lock(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
+    /// How messages name this disk: a real directory's path.
+    fn location(&self) -> String {
+        "the data directory".into()
+    }
 }
 
 /// A real directory through `std::fs`.
@@ -77,6 +112,8 @@ pub struct StdDisk {
     dir: std::path::PathBuf,
     /// Open handles of files being appended to, kept to avoid reopening per write.
     open: BTreeMap<String, std::fs::File>,
+    /// The [`LOCK_FILE`], flocked, once [`Disk::lock`] succeeded; closing it releases the lock.
+    lock: Option<std::fs::File>,
 }
 
 impl StdDisk {
@@ -91,6 +128,7 @@ impl StdDisk {
         Ok(StdDisk {
             dir,
             open: BTreeMap::new(),
+            lock: None,
         })
     }
 
@@ -148,7 +186,9 @@ impl Disk for StdDisk {
         for e in rd {
             let e = e.map_err(Self::io("list", "."))?;
             if let Some(n) = e.file_name().to_str() {
-                out.push(n.to_string());
+                if n != LOCK_FILE {
+                    out.push(n.to_string());
+                }
             }
         }
         out.sort();
@@ -235,6 +275,73 @@ impl Disk for StdDisk {
     fn close(&mut self, name: &str) {
         self.open.remove(name);
     }
+
+    /// `flock(LOCK_EX | LOCK_NB)` on [`LOCK_FILE`], as etcd flocks its WAL: the kernel releases
+    /// it when the process exits however it exits, so a crashed owner never blocks a restart,
+    /// and it belongs to this open file, so other `StdDisk`s of the directory in this process
+    /// (a snapshot thread's) neither take nor need it. Through `libc` (already a dependency of
+    /// the workspace) rather than `std::fs::File::try_lock`, which needs Rust 1.89 (the
+    /// workspace supports 1.85), or `fs2`, which is unmaintained.
+    fn lock(&mut self) -> Result<(), DiskError> {
+        if self.lock.is_some() {
+            return Ok(());
+        }
+        let path = self.dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(Self::io("lock", LOCK_FILE))?;
+        if !try_flock(&file).map_err(Self::io("lock", LOCK_FILE))? {
+            use std::io::Read as _;
+            let mut text = String::new();
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(DiskError::Locked {
+                dir: self.dir.display().to_string(),
+                pid,
+            });
+        }
+        // Ours now: record our pid for the message a second process prints.
+        use std::io::Write as _;
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(Self::io("lock", LOCK_FILE))?;
+        self.lock = Some(file);
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// Tries `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` if another open file holds a lock on it.
+#[cfg(unix)]
+fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd as _;
+    loop {
+        // SAFETY: flock(2) on a descriptor `file` owns and keeps open for the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(err),
+        }
+    }
+}
+
+/// No `flock` here: the directory is not locked.
+#[cfg(not(unix))]
+fn try_flock(_file: &std::fs::File) -> std::io::Result<bool> {
+    Ok(true)
 }
 
 /// Files at least this large are freed off the caller's thread (`reap_later`).

@@ -44,7 +44,7 @@ use shoal_raft::{
     Entry, HardState, LogIndex, Snapshot, SnapshotMeta, StorageError as RaftStorageError, Term,
 };
 
-pub use disk::{Disk, DiskError, MemDisk, StdDisk};
+pub use disk::{Disk, DiskError, MemDisk, StdDisk, LOCK_FILE};
 
 /// Bytes of a record header (length + CRC32C).
 pub const RECORD_HEADER_BYTES: usize = 8;
@@ -101,9 +101,40 @@ pub enum Error {
         /// Node found on disk.
         found_node: u64,
     },
+    /// The directory holds files but no identity: not a node's directory at all (a typo in a
+    /// path, or a directory of something else). Nothing in it is touched.
+    #[error("{dir} is not a Shoal data directory (it holds other files: {})", files_text(.files))]
+    Foreign {
+        /// The directory ([`Disk::location`]).
+        dir: String,
+        /// Some of the files found (at most [`FOREIGN_FILES_LISTED`]).
+        files: Vec<String>,
+    },
     /// A request the log cannot honour (e.g. an append leaving a gap).
     #[error("invalid request: {0}")]
     Invalid(String),
+}
+
+/// How many of a foreign directory's files [`Error::Foreign`] names.
+pub const FOREIGN_FILES_LISTED: usize = 3;
+
+fn files_text(files: &[String]) -> String {
+    let mut text = files.join(", ");
+    if files.len() >= FOREIGN_FILES_LISTED {
+        text.push_str(", …");
+    }
+    text
+}
+
+impl Error {
+    /// The error is about the directory as a whole (another process uses it, or it is not a
+    /// Shoal data directory), and its message names the directory.
+    pub fn is_about_directory(&self) -> bool {
+        matches!(
+            self,
+            Error::Foreign { .. } | Error::Disk(DiskError::Locked { .. })
+        )
+    }
 }
 
 /// Limits of the storage.
@@ -189,6 +220,39 @@ fn read_record<T: DeserializeOwned>(buf: &[u8], offset: usize) -> ReadRecord<T> 
     }
 }
 
+/// A directory without an identity file may only be empty (or hold leftover `*.tmp` files):
+/// Shoal's files without it are damage ([`Error::Corrupt`]), other files mean it is not a data
+/// directory at all ([`Error::Foreign`]).
+fn refuse_without_identity(disk: &impl Disk) -> Result<(), Error> {
+    let names = disk.list()?;
+    let ours = |n: &str| {
+        n == HARD_STATE
+            || n == SNAPSHOT_FILE
+            || n == LEGACY_SNAPSHOT_FILE
+            || parse_segment_name(n).is_some()
+    };
+    if names.iter().any(|n| ours(n)) {
+        return Err(Error::Corrupt {
+            file: IDENTITY.into(),
+            offset: 0,
+            reason: "missing, but the directory holds data".into(),
+        });
+    }
+    let others: Vec<String> = names
+        .into_iter()
+        .filter(|n| !n.ends_with(".tmp"))
+        .take(FOREIGN_FILES_LISTED)
+        .collect();
+    if others.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Foreign {
+            dir: disk.location(),
+            files: others,
+        })
+    }
+}
+
 fn segment_name(seq: u64) -> String {
     format!("seg-{seq:016}.log")
 }
@@ -241,7 +305,9 @@ pub struct DurableStorage {
 
 impl DurableStorage {
     /// Opens (or initialises, if the disk is empty) the storage of `node_id` in `cluster_id`.
-    /// Truncates a torn record at the tail of the newest segment; refuses to start on any
+    /// Takes the disk's lock first ([`Disk::lock`]: another process using the directory is
+    /// refused with [`DiskError::Locked`]); a directory of files that are not Shoal's is
+    /// refused with [`Error::Foreign`]. Truncates a torn record at the tail of the newest segment; refuses to start on any
     /// other damage, or on a directory of another node or cluster.
     pub fn open(
         disk: &mut impl Disk,
@@ -249,6 +315,14 @@ impl DurableStorage {
         node_id: u64,
         config: StorageConfig,
     ) -> Result<DurableStorage, Error> {
+        // A stranger's directory is refused before the lock, whose file would be the first
+        // thing of ours in it: it is left exactly as it was. (Read-only, so safe unlocked.)
+        if disk.read(IDENTITY)?.is_none() {
+            refuse_without_identity(disk)?;
+        }
+        // Before anything else: a second process on the directory must not even recover
+        // (truncating a torn tail the first one is still writing).
+        disk.lock()?;
         let want = Identity {
             format_version: FORMAT_VERSION,
             cluster_id,
@@ -286,14 +360,7 @@ impl DurableStorage {
                 }
             }
             None => {
-                let names = disk.list()?;
-                if names.iter().any(|n| !n.ends_with(".tmp")) {
-                    return Err(Error::Corrupt {
-                        file: IDENTITY.into(),
-                        offset: 0,
-                        reason: "missing, but the directory holds data".into(),
-                    });
-                }
+                refuse_without_identity(disk)?;
                 write_atomic(disk, IDENTITY, &want)?;
             }
         }

@@ -9,8 +9,8 @@ use shoal_raft::{
 };
 use shoal_storage::{
     encode_record, prepare_snapshot, Disk, DiskError, DurableStorage, Error, MemDisk,
-    PreparedSnapshot, StdDisk, StorageConfig, LEGACY_SNAPSHOT_FILE, SNAPSHOT_CHUNK_BYTES,
-    SNAPSHOT_FILE,
+    PreparedSnapshot, StdDisk, StorageConfig, LEGACY_SNAPSHOT_FILE, LOCK_FILE,
+    SNAPSHOT_CHUNK_BYTES, SNAPSHOT_FILE,
 };
 
 fn e(index: u64, term: u64) -> Entry {
@@ -247,6 +247,100 @@ fn real_directory_round_trip() {
     assert_eq!(s.last_index(), LogIndex(25));
     assert_eq!(s.term(LogIndex(25)), Ok(Term(2)));
     assert!(DurableStorage::open(&mut d, 1, 9, small()).is_err());
+}
+
+/// A directory is used by one `DurableStorage` at a time: a second open (a second process,
+/// or here a second handle, which `flock` treats alike) is refused with the holder's pid, and
+/// the lock goes with the disk that took it.
+#[test]
+fn a_second_open_of_a_directory_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = StdDisk::new(dir.path()).unwrap();
+    let s = DurableStorage::open(&mut first, 1, 1, small()).unwrap();
+    let mut second = StdDisk::new(dir.path()).unwrap();
+    match DurableStorage::open(&mut second, 1, 1, small()) {
+        Err(err @ Error::Disk(DiskError::Locked { .. })) => {
+            assert!(err.is_about_directory());
+            let text = err.to_string();
+            let expected = format!(
+                "data directory {} is in use by pid {}",
+                dir.path().display(),
+                std::process::id()
+            );
+            assert_eq!(text, expected);
+        }
+        other => panic!("expected the directory locked, got {:?}", other.map(|_| ())),
+    }
+    // Reopening through the disk that holds the lock is fine (it is already ours).
+    drop(s);
+    DurableStorage::open(&mut first, 1, 1, small()).unwrap();
+    drop(first);
+    DurableStorage::open(&mut second, 1, 1, small()).unwrap();
+    // The lock file is the disk's, not the storage's: not listed.
+    assert!(!second.list().unwrap().iter().any(|n| n == LOCK_FILE));
+}
+
+/// A LOCK file left by a process that died (SIGKILL leaves it behind) does not block a start:
+/// only a live flock does.
+#[test]
+fn a_stale_lock_file_does_not_block_a_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(LOCK_FILE), "999999\n").unwrap();
+    let mut d = StdDisk::new(dir.path()).unwrap();
+    DurableStorage::open(&mut d, 1, 1, small()).unwrap();
+    let pid = std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap();
+    assert_eq!(pid.trim(), std::process::id().to_string());
+}
+
+/// A directory of unrelated files is named as such, not reported as corrupt, and left alone.
+#[test]
+fn a_directory_of_other_files_is_not_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+    let mut d = StdDisk::new(dir.path()).unwrap();
+    match DurableStorage::open(&mut d, 1, 1, small()) {
+        Err(err @ Error::Foreign { .. }) => {
+            assert!(err.is_about_directory());
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{} is not a Shoal data directory (it holds other files: notes.txt)",
+                    dir.path().display()
+                )
+            );
+        }
+        other => panic!("expected a foreign directory, got {:?}", other.map(|_| ())),
+    }
+    // Left exactly as it was: no identity, no lock file.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, ["notes.txt"]);
+    // Shoal's own files without the identity are damage, reported as such.
+    let mut m = MemDisk::new();
+    m.create("hardstate").unwrap();
+    assert!(matches!(
+        DurableStorage::open(&mut m, 1, 1, small()),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+/// The OS error under a disk error is its `source()`, not repeated in its message.
+#[test]
+fn a_disk_error_does_not_repeat_its_cause() {
+    let err = Error::Disk(DiskError::Io {
+        op: "append",
+        name: "seg-0000000000000001.log".into(),
+        source: std::io::Error::from_raw_os_error(28),
+    });
+    let text = err.to_string();
+    assert_eq!(text, "append seg-0000000000000001.log");
+    let cause = std::error::Error::source(&err)
+        .expect("a cause")
+        .to_string();
+    assert!(cause.contains("No space left on device"), "{cause}");
 }
 
 /// A snapshot whose data says which index it is of.

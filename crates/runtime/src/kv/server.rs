@@ -126,6 +126,10 @@ pub enum KvServerError {
         #[source]
         source: shoal_storage::Error,
     },
+    /// The data directory cannot be used at all: another process holds it, or it is not a
+    /// Shoal data directory (the message names the directory).
+    #[error(transparent)]
+    DataDir(shoal_storage::Error),
     /// The replicated state machine refused its state (for example an unreadable snapshot).
     #[error("kv state machine: {0}")]
     Kv(#[from] shoal_kv::Error),
@@ -170,13 +174,20 @@ pub async fn run_server(
     };
     let mut disk =
         StdDisk::new(&config.data_dir).map_err(|e| storage_err(shoal_storage::Error::Disk(e)))?;
+    // The open takes the directory's lock, held by `disk` (kept by the driver) until we exit.
     let storage = DurableStorage::open(
         &mut disk,
         config.cluster_id,
         config.id,
         StorageConfig::default(),
     )
-    .map_err(storage_err)?;
+    .map_err(|e| {
+        if e.is_about_directory() {
+            KvServerError::DataDir(e)
+        } else {
+            storage_err(e)
+        }
+    })?;
     let mut raft = RaftConfig::new(
         NodeId(config.id),
         config.peers.keys().copied().map(NodeId).collect(),
@@ -306,7 +317,9 @@ impl Driver {
         };
         match &result {
             Ok(()) => info!("kv server stopped"),
-            Err(e) => error!(error = %e, "kv server stopped on a fatal error"),
+            Err(e) => {
+                error!(error = %crate::ready::error_chain(e), "kv server stopped on a fatal error")
+            }
         }
         result
     }
@@ -378,7 +391,7 @@ impl Driver {
     fn carry_out(&mut self, mut rd: Ready) -> Result<(), KvServerError> {
         if let Some(soft) = rd.soft_state {
             let term = self.rsm.raw().status().term;
-            info!(role = ?soft.role, leader = ?soft.leader.map(|l| l.0), term = term.0,
+            info!(role = %crate::ready::role_text(soft.role), leader = %crate::ready::leader_text(soft.leader), term = term.0,
                 "role changed");
         }
         // 1. Messages that promise nothing unpersisted.

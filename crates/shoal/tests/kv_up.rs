@@ -1,0 +1,305 @@
+//! `shoal kv up` as a supervisor, with real processes: a damaged server does not take the
+//! healthy majority down and re-syncs once its directory is moved aside; its servers die with
+//! it even on SIGKILL; a second `kv up` on a running cluster refuses; each server logs to its
+//! own file, in plain text.
+
+mod kv_support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kv_support::{signal, SHOAL, WAIT};
+
+/// A running `shoal kv up --dir DIR`, SIGKILLed on drop (its servers follow it).
+struct Up {
+    child: Child,
+    endpoints: String,
+    err_path: PathBuf,
+}
+
+impl Up {
+    fn start(dir: &Path, err_path: &Path) -> Up {
+        let mut child = Command::new(SHOAL)
+            .args(["kv", "up", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(err_path).expect("create the stderr file"))
+            .spawn()
+            .expect("start shoal kv up");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut first)
+            .expect("read the endpoints");
+        let endpoints = first
+            .trim()
+            .strip_prefix("endpoints ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_string();
+        Up {
+            child,
+            endpoints,
+            err_path: err_path.to_path_buf(),
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err_path).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait for kv up").is_none()
+    }
+
+    /// Runs a client command against endpoint list `endpoints`, returning (success, stdout).
+    fn client(endpoints: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new(SHOAL)
+            .args(["kv", "--endpoints", endpoints, "--timeout", "10"])
+            .args(args)
+            .output()
+            .expect("run shoal kv");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out) = Up::client(&self.endpoints, args);
+        assert!(
+            ok,
+            "shoal kv {args:?} failed; kv up said:\n{}",
+            self.stderr()
+        );
+        out
+    }
+
+    /// Stops it as a supervisor would (SIGTERM) and waits for a clean exit.
+    #[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
+    fn stop(mut self) {
+        signal(self.child.id(), libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for kv up") {
+                assert!(status.success(), "kv up exited with {status}");
+                return;
+            }
+            assert!(start.elapsed() < WAIT, "kv up did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `cond` holds, failing with `what` (and kv up's messages) after [`WAIT`].
+#[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
+fn wait_until(up: &mut Up, what: &str, mut cond: impl FnMut(&mut Up) -> bool) {
+    let start = Instant::now();
+    while !cond(up) {
+        assert!(
+            start.elapsed() < WAIT,
+            "{what} within {WAIT:?}; kv up said:\n{}",
+            up.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// Pids of the live processes whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let mut fields = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace());
+        let state = fields.as_mut().and_then(|f| f.next());
+        let ppid = fields
+            .as_mut()
+            .and_then(|f| f.next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && state != Some("Z") {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    pids
+}
+
+#[test]
+fn a_damaged_server_leaves_the_majority_serving_and_resyncs_once_moved_aside() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let up = Up::start(&dir, &tmp.path().join("up1.err"));
+    for i in 0..20 {
+        up.ok(&["put", &format!("k{i}"), &format!("v{i}")]);
+    }
+    up.stop();
+    // Flip a byte in the middle of server 2's log segment.
+    let node2 = dir.join("node2");
+    let segment = std::fs::read_dir(&node2)
+        .expect("read node2")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
+        })
+        .max()
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).expect("read the segment");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&segment, bytes).expect("write the segment");
+
+    let mut up = Up::start(&dir, &tmp.path().join("up2.err"));
+    // The other two serve reads and writes.
+    assert_eq!(up.ok(&["get", "k7"]), "v7\n");
+    assert_eq!(up.ok(&["put", "during", "yes"]), "ok 1\n");
+    // kv up names server 2 and the fix once, and is still up after the third failure in a row
+    // (where it used to stop the whole cluster).
+    let mv = format!("mv {} {}.bad", node2.display(), node2.display());
+    wait_until(&mut up, "no diagnosis of server 2", |up| {
+        up.stderr().contains(&mv) && up.stderr().contains("3 times in a row")
+    });
+    assert!(up.running(), "kv up stopped:\n{}", up.stderr());
+    let said = up.stderr();
+    assert!(said.contains("server 2 failed to start"), "{said}");
+    assert!(said.contains("checksum mismatch"), "{said}");
+    assert_eq!(
+        said.matches(&mv).count(),
+        1,
+        "the fix is printed once:\n{said}"
+    );
+    assert_eq!(up.ok(&["get", "during"]), "yes\n");
+
+    // Moved aside, it is started at once, empty, and catches up from the others: a local
+    // (serializable) read on server 2 alone sees the latest write.
+    std::fs::rename(&node2, dir.join("node2.bad")).expect("move node2 aside");
+    assert_eq!(up.ok(&["put", "after", "moved"]), "ok 1\n");
+    let server2 = up
+        .endpoints
+        .split(',')
+        .nth(1)
+        .expect("3 endpoints")
+        .to_string();
+    wait_until(&mut up, "server 2 did not catch up", |_| {
+        Up::client(&server2, &["--serializable", "get", "after"]) == (true, "moved\n".into())
+    });
+    assert_eq!(
+        Up::client(&server2, &["--serializable", "get", "k19"]),
+        (true, "v19\n".into())
+    );
+    assert!(up.running());
+    up.stop();
+    // Each server logged to its own file, in plain text (not a terminal: no colour codes).
+    for id in 1..=3 {
+        let log = std::fs::read_to_string(dir.join(format!("node{id}.log"))).expect("a log");
+        assert!(log.contains("kv server starting"), "node{id}.log: {log}");
+        assert!(!log.contains('\u{1b}'), "colour codes in node{id}.log");
+        assert!(log.contains("role changed"), "node{id}.log: {log}");
+        assert!(
+            !log.contains("Some("),
+            "Rust debug syntax in node{id}.log: {log}"
+        );
+    }
+}
+
+#[test]
+fn kv_up_servers_die_with_it_and_a_second_kv_up_refuses_a_running_cluster() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let mut up = Up::start(&dir, &tmp.path().join("up.err"));
+    up.ok(&["put", "k", "v"]);
+    let servers = children_of(up.child.id());
+    assert_eq!(servers.len(), 3, "three servers: {servers:?}");
+
+    // A second kv up on the same directory starts nothing and says why.
+    let out = Command::new(SHOAL)
+        .args(["kv", "up", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("run a second kv up");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second kv up: {}", out.status);
+    assert!(
+        err.contains("a cluster already answers on these endpoints"),
+        "{err}"
+    );
+    for pid in &servers {
+        assert!(err.contains(&pid.to_string()), "pid {pid} not named: {err}");
+    }
+    assert!(err.contains(&up.endpoints), "{err}");
+    assert!(err.contains(&format!("kv up {}", up.child.id())), "{err}");
+    assert!(
+        !err.contains("Address already in use"),
+        "nothing was started: {err}"
+    );
+    assert_eq!(up.ok(&["get", "k"]), "v\n");
+
+    // SIGKILL (no cleanup can run): the kernel takes the servers down with it.
+    signal(up.child.id(), libc::SIGKILL);
+    let _ = up.child.wait();
+    wait_until(&mut up, "servers outlived kv up", |_| {
+        !servers.iter().any(|&p| pid_alive(p))
+    });
+}
+
+#[test]
+fn kv_up_refuses_zero_nodes_before_creating_anything_and_warns_about_two() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("none");
+    let out = Command::new(SHOAL)
+        .args(["kv", "up", "--nodes", "0", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("run kv up");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nodes must be at least 1"));
+    assert!(!dir.exists(), "kv up --nodes 0 created {}", dir.display());
+
+    let dir = tmp.path().join("two");
+    let mut child = Command::new(SHOAL)
+        .args(["kv", "up", "--nodes", "2", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kv up");
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().expect("stderr"))
+        .read_line(&mut line)
+        .expect("read kv up's stderr");
+    assert!(line.contains("tolerates no failure"), "{line}");
+    // Its servers are started once it prints the endpoints.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read kv up's stdout");
+    assert!(first.starts_with("endpoints "), "{first}");
+    signal(child.id(), libc::SIGTERM);
+    assert!(child.wait().expect("wait for kv up").success());
+}
