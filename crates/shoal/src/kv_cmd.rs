@@ -217,6 +217,11 @@ Example:
 /// Arguments of `shoal kv server`.
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
+    #[command(flatten)]
+    client_only: NotForServers,
+    /// Shadows the client commands' --dir (see [`NotForServers`]).
+    #[arg(long = "dir", id = "dir", hide = true)]
+    client_dir: Option<PathBuf>,
     /// This server's id: one of the ids in --peers.
     #[arg(long)]
     id: u64,
@@ -505,7 +510,49 @@ pub(crate) fn read_endpoints(path: &Path) -> Result<Vec<SocketAddr>> {
     Ok(endpoints)
 }
 
+/// The client-only options of `shoal kv`, shadowed in `kv server` and `kv up` so that their
+/// `--help` lists only what applies to them (clap does not propagate a global option to a
+/// subcommand that has an argument of the same id). Given there anyway, they are refused
+/// rather than silently ignored.
+#[derive(Debug, clap::Args)]
+pub(crate) struct NotForServers {
+    // Same value types as the client options: clap hands a subcommand's value of a global id
+    // up to the parent, which reads it as its own type.
+    #[arg(long = "endpoints", id = "endpoints", hide = true, value_delimiter = ',',
+          value_parser = crate::cli::parse_addr)]
+    endpoints: Vec<SocketAddr>,
+    #[arg(long = "timeout", id = "timeout", hide = true)]
+    timeout: Option<f64>,
+    #[arg(long = "serializable", id = "serializable", hide = true)]
+    serializable: bool,
+}
+
+impl NotForServers {
+    /// An error naming the first client-only option given to `command`.
+    pub(crate) fn refuse(&self, command: &str) -> Result<()> {
+        let given = [
+            ("--endpoints", !self.endpoints.is_empty()),
+            ("--timeout", self.timeout.is_some()),
+            ("--serializable", self.serializable),
+        ];
+        if let Some((name, _)) = given.iter().find(|(_, given)| *given) {
+            bail!(
+                "{name} is an option of the client commands (get, put, …), not of `kv {command}`"
+            );
+        }
+        Ok(())
+    }
+}
+
 async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
+    args.client_only.refuse("server")?;
+    if let Some(dir) = &args.client_dir {
+        bail!(
+            "--dir {} is an option of the client commands and of `kv up`; a server's data \
+             directory is --data",
+            dir.display()
+        );
+    }
     let peers: BTreeMap<u64, SocketAddr> = args.peers.into_iter().collect();
     let Some(&own) = peers.get(&args.id) else {
         bail!("--id {} is not one of the --peers", args.id);

@@ -81,8 +81,8 @@ status (128+N if killed by signal N). A waiter prints once who holds the lock.
 
 COMMAND's environment:
   SHOAL_LOCK_KEY      the lock's key (lock/NAME)
-  SHOAL_LOCK_VERSION  the key's version: a fencing token, larger for every later holder \
-(pass it to what the lock protects and refuse requests with a smaller one)
+  SHOAL_LOCK_VERSION  the key's version: a fencing token, larger for every later holder
+                      (pass it to what the lock protects; refuse requests with a smaller one)
   SHOAL_LOCK_LEASE    the lease id
 
 If the lease is lost while COMMAND runs (no keep-alive got through for a TTL), `kv lock` \

@@ -56,6 +56,8 @@ pub(crate) struct UpArgs {
     /// its log DIR/nodeN.log.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
+    #[command(flatten)]
+    client_only: crate::kv_cmd::NotForServers,
 }
 
 /// `shoal kv up`: one `shoal kv server` child per node; ports recorded in DIR/endpoints.
@@ -64,6 +66,7 @@ pub(crate) struct UpArgs {
 /// parent-death signal follows the spawning thread, and the main thread lives as long as the
 /// process.
 pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
+    args.client_only.refuse("up")?;
     let endpoints_path = args.dir.join(ENDPOINTS_FILE);
     let resuming = endpoints_path.exists();
     if !resuming && args.nodes == 0 {

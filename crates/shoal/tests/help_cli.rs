@@ -43,3 +43,42 @@ fn examples_are_not_wrapped_under_a_narrow_columns() {
         );
     }
 }
+
+/// `kv server` and `kv up` list only the options that apply to them; the client commands'
+/// options, given to them anyway, are refused with a message rather than ignored.
+#[test]
+fn servers_list_and_take_only_their_own_options() {
+    for sub in ["server", "up"] {
+        let text = help("100", &["kv", sub]);
+        for client_only in ["--endpoints", "--timeout", "--serializable"] {
+            assert!(
+                !text.contains(client_only),
+                "kv {sub} --help lists {client_only}:\n{text}"
+            );
+        }
+    }
+    let text = help("100", &["kv", "get"]);
+    assert!(
+        text.contains("--endpoints") && text.contains("--timeout"),
+        "{text}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["kv", "server", "--id", "1", "--listen", "127.0.0.1:1"])
+        .args([
+            "--peers",
+            "1=127.0.0.1:1",
+            "--data",
+            "/nonexistent/never-created",
+        ])
+        .args(["--endpoints", "127.0.0.1:2"])
+        .output()
+        .expect("run shoal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--endpoints is an option of the client commands"),
+        "{stderr}"
+    );
+    assert!(!std::path::Path::new("/nonexistent/never-created").exists());
+}
