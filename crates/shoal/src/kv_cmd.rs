@@ -217,11 +217,11 @@ Example:
 /// Arguments of `shoal kv server`.
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
+    /// Hidden shadows of the client options (see [`NotForServers`]).
     #[command(flatten)]
-    client_only: NotForServers,
-    /// Shadows the client commands' --dir (see [`NotForServers`]).
+    _client_only: NotForServers,
     #[arg(long = "dir", id = "dir", hide = true)]
-    client_dir: Option<PathBuf>,
+    _client_dir: Option<PathBuf>,
     /// This server's id: one of the ids in --peers.
     #[arg(long)]
     id: u64,
@@ -512,12 +512,14 @@ pub(crate) fn read_endpoints(path: &Path) -> Result<Vec<SocketAddr>> {
 
 /// The client-only options of `shoal kv`, shadowed in `kv server` and `kv up` so that their
 /// `--help` lists only what applies to them (clap does not propagate a global option to a
-/// subcommand that has an argument of the same id). Given there anyway, they are refused
-/// rather than silently ignored.
+/// subcommand that has an argument of the same id). Their values are not used there. They are
+/// not refused either: clap also hands a global's environment value (`$SHOAL_ENDPOINTS`) and
+/// the parent's values down to these shadows, so "given here" cannot be told from "exported
+/// for the clients", and a server must start in a shell set up for clients.
 #[derive(Debug, clap::Args)]
 pub(crate) struct NotForServers {
-    // Same value types as the client options: clap hands a subcommand's value of a global id
-    // up to the parent, which reads it as its own type.
+    // Same value types as the client options: clap hands values of a global id between the
+    // parent and the subcommand, each side reading them as its own type.
     #[arg(long = "endpoints", id = "endpoints", hide = true, value_delimiter = ',',
           value_parser = crate::cli::parse_addr)]
     endpoints: Vec<SocketAddr>,
@@ -527,32 +529,7 @@ pub(crate) struct NotForServers {
     serializable: bool,
 }
 
-impl NotForServers {
-    /// An error naming the first client-only option given to `command`.
-    pub(crate) fn refuse(&self, command: &str) -> Result<()> {
-        let given = [
-            ("--endpoints", !self.endpoints.is_empty()),
-            ("--timeout", self.timeout.is_some()),
-            ("--serializable", self.serializable),
-        ];
-        if let Some((name, _)) = given.iter().find(|(_, given)| *given) {
-            bail!(
-                "{name} is an option of the client commands (get, put, …), not of `kv {command}`"
-            );
-        }
-        Ok(())
-    }
-}
-
 async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
-    args.client_only.refuse("server")?;
-    if let Some(dir) = &args.client_dir {
-        bail!(
-            "--dir {} is an option of the client commands and of `kv up`; a server's data \
-             directory is --data",
-            dir.display()
-        );
-    }
     let peers: BTreeMap<u64, SocketAddr> = args.peers.into_iter().collect();
     let Some(&own) = peers.get(&args.id) else {
         bail!("--id {} is not one of the --peers", args.id);

@@ -56,8 +56,9 @@ pub(crate) struct UpArgs {
     /// its log DIR/nodeN.log.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
+    /// Hidden shadows of the client options (see `NotForServers`).
     #[command(flatten)]
-    client_only: crate::kv_cmd::NotForServers,
+    _client_only: crate::kv_cmd::NotForServers,
 }
 
 /// `shoal kv up`: one `shoal kv server` child per node; ports recorded in DIR/endpoints.
@@ -66,7 +67,6 @@ pub(crate) struct UpArgs {
 /// parent-death signal follows the spawning thread, and the main thread lives as long as the
 /// process.
 pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
-    args.client_only.refuse("up")?;
     let endpoints_path = args.dir.join(ENDPOINTS_FILE);
     let resuming = endpoints_path.exists();
     if !resuming && args.nodes == 0 {
