@@ -90,7 +90,9 @@ says so on stderr, sends COMMAND SIGTERM (another holder may already have the lo
 exits with status 70.
 
 Example:
-  shoal kv lock backup --ttl 10 -- tar czf backup.tgz data/";
+  shoal kv lock nightly --ttl 10 -- ./report.sh   # one report at a time across hosts\n\
+The lock coordinates clients; it does not pause the servers: a copy of their data directories \
+taken under it is not a consistent backup.";
 
 /// Runs `shoal kv lease …`.
 pub async fn lease(mut client: Client, sub: LeaseSub) -> Result<ExitCode> {

@@ -316,8 +316,11 @@ pub async fn run_job(
         memory_bytes: options.memory_bytes,
         heartbeat_interval_ms: heartbeat.as_millis() as u64,
     };
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     tracing::debug!(
-        addr = ?listener.local_addr().ok(),
+        addr = %addr,
         maps = job.splits.len(),
         reduces = options.reduces,
         app = %options.app.name,
