@@ -49,4 +49,17 @@ pub enum Error {
     /// The Raft core refused.
     #[error(transparent)]
     Raft(#[from] shoal_raft::Error),
+    /// Raft handed the state machine something committed that it cannot use: a snapshot or a
+    /// log entry that does not decode. Skipping it on one replica would make the replicas
+    /// diverge, so the replica must stop (its driver reports this, naming its data directory)
+    /// and be repaired: moved aside, it re-syncs from the others.
+    #[error("the committed {what} at index {index} is unusable: {reason}")]
+    Unusable {
+        /// `snapshot` or `log entry`.
+        what: &'static str,
+        /// Its Raft index.
+        index: u64,
+        /// Why it does not decode.
+        reason: String,
+    },
 }

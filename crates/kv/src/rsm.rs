@@ -506,7 +506,10 @@ impl<S: Storage> KvRsm<S> {
 
     /// Step 4 and 6 of a Ready (after its writes are durable): restore a snapshot, apply the
     /// committed entries in order, serve safe reads, and fail requests whose leadership ended.
-    pub fn apply(&mut self, rd: &Ready) {
+    ///
+    /// [`Error::Unusable`] if a committed snapshot or entry does not decode: the replica must
+    /// stop (the state machine is then in no defined state and must not be used again).
+    pub fn apply(&mut self, rd: &Ready) -> Result<(), Error> {
         let id = self.raw.status().id.0;
         if let Some(ss) = rd.soft_state {
             let was_leader = self.role == Role::Leader;
@@ -525,10 +528,11 @@ impl<S: Storage> KvRsm<S> {
             if snap.meta.index > self.applied {
                 if let Err(e) = self.store.restore(&snap.data) {
                     // A snapshot Raft accepted must decode: anything else would diverge.
-                    panic!(
-                        "node {id}: snapshot at {} does not decode: {e}",
-                        snap.meta.index
-                    );
+                    return Err(Error::Unusable {
+                        what: "snapshot",
+                        index: snap.meta.index.0,
+                        reason: e.to_string(),
+                    });
                 }
                 self.applied = snap.meta.index;
                 self.snapshots_installed += 1;
@@ -568,7 +572,11 @@ impl<S: Storage> KvRsm<S> {
                 Err(err) => {
                     // Only this crate proposes; a committed entry that does not decode means
                     // the log is corrupt, and skipping it on one replica would diverge.
-                    panic!("node {id}: entry {} does not decode: {err}", e.index);
+                    return Err(Error::Unusable {
+                        what: "log entry",
+                        index: e.index.0,
+                        reason: err.to_string(),
+                    });
                 }
             };
             let mut events = Vec::new();
@@ -593,6 +601,7 @@ impl<S: Storage> KvRsm<S> {
             }
         }
         self.serve_reads();
+        Ok(())
     }
 
     /// Answers confirmed reads whose index is applied.
@@ -690,7 +699,7 @@ mod tests {
             if let Some(hs) = rd.hard_state {
                 storage.set_hard_state(hs);
             }
-            rsm.apply(&rd);
+            rsm.apply(&rd).expect("apply");
             if let Some(s) = rd.compact.take() {
                 rsm.raw_mut().storage_mut().compact(s);
             }
@@ -706,6 +715,55 @@ mod tests {
             op,
             serializable: false,
         }
+    }
+
+    /// A committed entry or snapshot that does not decode stops the replica with an error
+    /// naming what and where, never a panic (the driver reports it and exits).
+    #[test]
+    fn an_unusable_entry_or_snapshot_is_an_error_not_a_panic() {
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
+        let rd = Ready {
+            committed_entries: vec![shoal_raft::Entry {
+                term: Term(1),
+                index: LogIndex(1),
+                kind: EntryKind::Normal,
+                data: vec![0xff; 7],
+            }],
+            ..Ready::default()
+        };
+        let err = rsm.apply(&rd).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Unusable {
+                    what: "log entry",
+                    index: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
+        let rd = Ready {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta {
+                    index: LogIndex(5),
+                    term: Term(1),
+                    ..SnapshotMeta::default()
+                },
+                data: b"not a snapshot".to_vec(),
+            }),
+            ..Ready::default()
+        };
+        let err = rsm.apply(&rd).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the committed snapshot at index 5 is unusable"),
+            "{err}"
+        );
     }
 
     /// A snapshot job is a copy of the store at the applied index: writes applied after it
@@ -726,7 +784,7 @@ mod tests {
                 if let Some(hs) = rd.hard_state {
                     storage.set_hard_state(hs);
                 }
-                rsm.apply(&rd);
+                rsm.apply(&rd).expect("apply");
                 rsm.advance();
             }
         };

@@ -133,6 +133,16 @@ pub enum KvServerError {
     /// The replicated state machine refused its state (for example an unreadable snapshot).
     #[error("kv state machine: {0}")]
     Kv(#[from] shoal_kv::Error),
+    /// Raft committed a snapshot or entry the state machine cannot use (it does not decode):
+    /// the server stops rather than diverge from the others.
+    #[error("state machine in {dir} (move the directory aside: the server then re-syncs from the others)")]
+    StateMachine {
+        /// The data directory.
+        dir: String,
+        /// The cause.
+        #[source]
+        source: shoal_kv::Error,
+    },
     /// The transport failed to start.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -407,7 +417,12 @@ impl Driver {
             self.send(m);
         }
         // 4. Apply, serve reads, answer writes.
-        self.rsm.apply(&rd);
+        self.rsm
+            .apply(&rd)
+            .map_err(|source| KvServerError::StateMachine {
+                dir: self.config.data_dir.display().to_string(),
+                source,
+            })?;
         // 5. Nothing: the KV state machine hands its snapshots out as jobs (`start_snapshot`),
         // never through `RawNode::snapshot`, so no Ready carries `compact`.
         debug_assert!(rd.compact.is_none(), "compact in a Ready of the KV server");
