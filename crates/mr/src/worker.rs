@@ -148,9 +148,10 @@ fn host_name() -> String {
 /// Name prefix of a worker's directory; the pid follows.
 const WORK_DIR_PREFIX: &str = "shoal-mr-worker-";
 
-/// Removes directories of workers that died without cleaning up (killed, or exited inside an
-/// app): their pid no longer exists.
-fn remove_stale_work_dirs(base: &Path) {
+/// Removes the directories `base/PREFIX<pid>` of processes that died without cleaning up
+/// (SIGKILLed, or a worker that exited inside an app): their pid no longer exists. Used for
+/// workers' directories here and for `mr run`'s scratch directory.
+pub fn remove_dirs_of_dead_processes(base: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
@@ -158,7 +159,7 @@ fn remove_stale_work_dirs(base: &Path) {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
+            .and_then(|n| n.strip_prefix(prefix))
             .and_then(|p| p.parse::<libc::pid_t>().ok())
         else {
             continue;
@@ -167,7 +168,7 @@ fn remove_stale_work_dirs(base: &Path) {
         let gone = unsafe { libc::kill(pid, 0) } != 0
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone {
-            tracing::debug!(dir = %entry.path().display(), "removing a dead worker's directory");
+            tracing::debug!(dir = %entry.path().display(), "removing a dead process's directory");
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -177,7 +178,7 @@ fn remove_stale_work_dirs(base: &Path) {
 pub async fn run_worker(options: WorkerOptions) -> Result<WorkerExit, WorkerError> {
     let pid = std::process::id();
     let base = options.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    remove_stale_work_dirs(&base);
+    remove_dirs_of_dead_processes(&base, WORK_DIR_PREFIX);
     let dir = base.join(format!("{WORK_DIR_PREFIX}{pid}"));
     std::fs::create_dir_all(&dir).map_err(|source| WorkerError::Io {
         context: format!("cannot create work directory {}", dir.display()),

@@ -482,37 +482,13 @@ const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 /// Name prefix of `mr run`'s scratch directory under $TMPDIR; the pid follows.
 const SCRATCH_PREFIX: &str = "shoal-mr-run-";
 
-/// Removes the scratch directories of `mr run` processes that no longer exist (killed with
-/// SIGKILL, when no cleanup can run; their workers died with them).
-fn remove_stale_scratch(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
-            tracing::debug!(dir = %entry.path().display(), "removing a dead `mr run`'s scratch");
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
 async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
     let tmp = std::env::temp_dir();
-    remove_stale_scratch(&tmp);
+    // Scratch directories of `mr run`s that were SIGKILLed (their workers died with them).
+    shoal_mr::worker::remove_dirs_of_dead_processes(&tmp, SCRATCH_PREFIX);
     let scratch = tmp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
     // Declared before the workers, so dropped after them: the directory goes once no worker
     // writes to it, on every way out of this function (errors, Ctrl-C, SIGTERM).
