@@ -152,7 +152,11 @@ impl Group {
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
         let s = &self.settings;
-        let child = Command::new(&s.bin)
+        let mut cmd = Command::new(&s.bin);
+        // The nodes die with the benchmark even when it is SIGKILLed (no Drop runs then).
+        // Spawned from the future `block_on` runs on the main thread, which the signal follows.
+        crate::cli::die_with_parent(&mut cmd);
+        let child = cmd
             .args(&s.bin_prefix)
             .args(["--id", &(i + 1).to_string()])
             .args(["--listen", &self.addrs[i].to_string()])
