@@ -10,6 +10,14 @@ pub fn now() -> Instant {
     Instant::now()
 }
 
+/// `N CPUs (MODEL), load average L` for a benchmark's first line (`unknown` where
+/// /proc/loadavg cannot be read).
+pub fn machine_line() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = load_avg_1m().map_or_else(|| "unknown".to_string(), |l| format!("{l:.2}"));
+    format!("{cpus} CPUs ({}), load average {load}", cpu_model())
+}
+
 /// The 1-minute load average, which the figures must be read against (a shared 2-core box).
 pub fn load_avg_1m() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")

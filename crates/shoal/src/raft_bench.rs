@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bench_util::{cpu_model, load_avg_1m, ms, now, percentile, SplitMix64};
+use crate::bench_util::{load_avg_1m, ms, now, percentile, SplitMix64};
 use crate::cli::{peers_arg, KilledOnDrop};
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{SinkExt, StreamExt};
@@ -584,13 +584,10 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     eprintln!(
-        "raft bench: 3 `shoal raft node` processes on 127.0.0.1, fsync on, data in {}; \
-         {cpus} CPUs ({}), load average {:?}",
+        "raft bench: 3 `shoal raft node` processes on 127.0.0.1, fsync on, data in {}; {}",
         data_dir.display(),
-        cpu_model(),
-        load_avg_1m()
+        crate::bench_util::machine_line()
     );
 
     let mut commit_figures = Vec::new();

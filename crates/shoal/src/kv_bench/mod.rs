@@ -610,9 +610,8 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
         .context("starting the tokio runtime")?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     eprintln!(
-        "kv bench: {cpus} CPUs ({}), load average {:?}; local clusters' data under {}",
-        cpu_model(),
-        load_avg_1m(),
+        "kv bench: {}; local clusters' data under {}",
+        crate::bench_util::machine_line(),
         plan.data_dir.display()
     );
     let mut runs = Vec::new();
