@@ -2,12 +2,14 @@
 //! a SIGKILLed leader, a restart from disk, a foreign data directory, `shoal kv up`.
 
 mod kv_support;
+mod proc_support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kv_support::{signal, Cluster, SHOAL, WAIT};
+use proc_support::children_of;
 
 #[test]
 fn cli_put_get_del_scan_and_shell_on_three_servers() {
@@ -314,37 +316,6 @@ fn kv_up_starts_a_cluster_and_a_second_run_resumes_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Pids of the live processes whose parent is `parent` (from /proc).
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid …`: the command may contain spaces, so split after ')'.
-        let mut fields = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace());
-        let state = fields.as_mut().and_then(|f| f.next());
-        let ppid = fields
-            .as_mut()
-            .and_then(|f| f.next())
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) && state != Some("Z") {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    pids
 }
 
 #[test]

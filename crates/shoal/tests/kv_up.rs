@@ -4,6 +4,7 @@
 //! own file, in plain text.
 
 mod kv_support;
+mod proc_support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kv_support::{signal, SHOAL, WAIT};
+use proc_support::{children_of, running};
 
 /// A running `shoal kv up --dir DIR`, SIGKILLed on drop (its servers follow it).
 struct Up {
@@ -110,43 +112,6 @@ fn wait_until(up: &mut Up, what: &str, mut cond: impl FnMut(&mut Up) -> bool) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
-    })
-}
-
-/// Pids of the live processes whose parent is `parent` (from /proc).
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let mut fields = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace());
-        let state = fields.as_mut().and_then(|f| f.next());
-        let ppid = fields
-            .as_mut()
-            .and_then(|f| f.next())
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) && state != Some("Z") {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    pids
 }
 
 #[test]
@@ -264,7 +229,7 @@ fn kv_up_servers_die_with_it_and_a_second_kv_up_refuses_a_running_cluster() {
     signal(up.child.id(), libc::SIGKILL);
     let _ = up.child.wait();
     wait_until(&mut up, "servers outlived kv up", |_| {
-        !servers.iter().any(|&p| pid_alive(p))
+        !servers.iter().any(|&p| running(p))
     });
 }
 

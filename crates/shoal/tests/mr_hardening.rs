@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod mr_support;
+mod proc_support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mr_support::*;
+use proc_support::{children_of, running};
 
 /// Liveness bound of a job that must end (the old code looped for ever on a full disk).
 const JOB_BOUND: Duration = Duration::from_secs(60);
@@ -163,36 +165,6 @@ fn full_scratch_disk_fails_the_job_naming_the_worker_directory() {
         Vec::<PathBuf>::new(),
         "left in the scratch"
     );
-}
-
-/// Pids of the processes whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut kids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if ppid_and_state(pid).is_some_and(|(ppid, _)| ppid == parent) {
-            kids.push(pid);
-        }
-    }
-    kids
-}
-
-/// (parent pid, state letter) from /proc/PID/stat.
-fn ppid_and_state(pid: u32) -> Option<(u32, char)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) S ppid …": comm may hold spaces and parentheses; the last ')' ends it.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((ppid, state))
-}
-
-/// Whether `pid` still runs (a zombie waiting for its reaper does not).
-fn running(pid: u32) -> bool {
-    ppid_and_state(pid).is_some_and(|(_, state)| state != 'Z' && state != 'X')
 }
 
 /// Starts `mr run` on a job that takes long (slow workers), waits until its workers run, and
