@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use shoal_kv::Outcome;
 use shoal_runtime::kv::{
-    run_server, Client, ClientConfig, DeleteOutcome, KvServerConfig, PutOutcome,
+    run_server, Client, ClientConfig, DeleteOutcome, KvServerConfig, LeasePutOutcome,
 };
 use shoal_wire::kv::{Expected, KvOp, KvResult, ServerRole};
 use std::io::BufRead as _;
@@ -311,18 +311,27 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
         } => {
             let value = put_value(value, file.as_deref())?;
             let mut c = client(endpoints, dir)?;
-            if let Some(lease) = lease {
-                return crate::kv_lease_cmd::put(c, key.as_bytes(), &value, expect, lease).await;
-            }
             let expected = expect.map_or(Expected::Any, Expected::Version);
-            match c.put(key.as_bytes(), &value, expected).await? {
-                PutOutcome::Written(v) => {
+            // A plain put answers as a leased one would, so one match prints both.
+            let outcome = match lease {
+                Some(lease) => {
+                    c.put_with_lease(key.as_bytes(), &value, expected, lease)
+                        .await?
+                }
+                None => c.put(key.as_bytes(), &value, expected).await?.into(),
+            };
+            match outcome {
+                LeasePutOutcome::Written(v) => {
                     println!("ok {v}");
                     Ok(ExitCode::SUCCESS)
                 }
-                PutOutcome::Mismatch => fail("version mismatch: nothing stored"),
-                PutOutcome::NoKey => fail("no such key: nothing stored"),
-                PutOutcome::Maybe => fail("maybe: a retried put may or may not have applied"),
+                LeasePutOutcome::Mismatch => fail("version mismatch: nothing stored"),
+                LeasePutOutcome::NoKey => fail("no such key: nothing stored"),
+                LeasePutOutcome::LeaseNotFound => fail(&format!(
+                    "lease {} not found (expired or revoked): nothing stored",
+                    lease.unwrap_or_default()
+                )),
+                LeasePutOutcome::Maybe => fail("maybe: a retried put may or may not have applied"),
             }
         }
         KvSub::Del { key, expect } => {

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use shoal_kv::{Lock, LockStep, Outcome};
-use shoal_runtime::kv::{Client, GrantOutcome, LeasePutOutcome};
-use shoal_wire::kv::Expected;
+use shoal_runtime::kv::{Client, GrantOutcome};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -161,32 +160,6 @@ pub async fn lease(mut client: Client, sub: LeaseSub) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// `shoal kv put KEY VALUE --lease ID`.
-pub async fn put(
-    mut client: Client,
-    key: &[u8],
-    value: &[u8],
-    expect: Option<u64>,
-    lease: u64,
-) -> Result<ExitCode> {
-    let expected = expect.map_or(Expected::Any, Expected::Version);
-    let outcome = client.put_with_lease(key, value, expected, lease).await?;
-    let message = match outcome {
-        LeasePutOutcome::Written(v) => {
-            println!("ok {v}");
-            return Ok(ExitCode::SUCCESS);
-        }
-        LeasePutOutcome::Mismatch => "version mismatch: nothing stored".to_string(),
-        LeasePutOutcome::NoKey => "no such key: nothing stored".to_string(),
-        LeasePutOutcome::LeaseNotFound => {
-            format!("lease {lease} not found (expired or revoked): nothing stored")
-        }
-        LeasePutOutcome::Maybe => "maybe: a retried put may or may not have applied".to_string(),
-    };
-    eprintln!("{message}");
-    Ok(ExitCode::from(1))
 }
 
 fn not_found(id: u64) -> Result<ExitCode> {

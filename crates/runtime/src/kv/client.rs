@@ -921,6 +921,18 @@ pub enum LeasePutOutcome {
     Maybe,
 }
 
+/// A plain put's answer as a leased put's, so one caller can handle both.
+impl From<PutOutcome> for LeasePutOutcome {
+    fn from(outcome: PutOutcome) -> LeasePutOutcome {
+        match outcome {
+            PutOutcome::Written(version) => LeasePutOutcome::Written(version),
+            PutOutcome::Mismatch => LeasePutOutcome::Mismatch,
+            PutOutcome::NoKey => LeasePutOutcome::NoKey,
+            PutOutcome::Maybe => LeasePutOutcome::Maybe,
+        }
+    }
+}
+
 impl Client {
     /// Grants a lease of `ttl` (rounded down to ms).
     pub async fn lease_grant(&mut self, ttl: Duration) -> Result<GrantOutcome, ClientError> {
