@@ -22,6 +22,7 @@ mod ready;
 pub mod transport;
 
 pub use node::{Node, NodeConfig, NodeError, NodeHandle, ProposeError, Proposed, StateMachine};
+pub use ready::error_chain;
 
 pub use transport::{
     connect_client, ClientAcceptor, ClientConnection, DropPolicy, Inbound, Transport,

@@ -36,10 +36,11 @@ pub(crate) fn leader_text(leader: Option<shoal_raft::NodeId>) -> String {
     leader.map_or_else(|| "none".to_string(), |l| l.0.to_string())
 }
 
-/// An error and its causes on one line (`outer: cause: root`) for a log: errors such as
-/// "storage in DIR" keep their cause in `source()`, not in their message. A cause whose text
-/// already ends the previous one is not repeated.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error and its causes on one line (`outer: cause: root`), for a log or the CLI's last
+/// line: errors such as "storage in DIR" keep their cause in `source()`, not in their message.
+/// A cause whose text already ends the previous one is not repeated (some error types, of other
+/// crates too, print their cause in their message and also return it from `source()`).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut previous = out.clone();
     let mut cause = err.source();

@@ -110,27 +110,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes on one line, `outer: cause: root cause`, each cause once.
-///
-/// Some error types (of other crates) repeat their cause in their own message and also return
-/// it from `source()`, which `{:#}` would print twice ("No space left on device (os error 28):
-/// No space left on device (os error 28)"): a cause whose text already ends the previous
-/// message is skipped.
+/// The error and its causes on one line, each cause once (`shoal_runtime::error_chain`, which
+/// the servers' fatal-error logs use too).
 fn error_chain(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    let mut previous = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if !previous.is_empty() && previous.ends_with(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-        previous = text;
-    }
-    out
+    shoal_runtime::error_chain(err.as_ref())
 }
 
 /// Logs go to stderr, filtered by `SHOAL_LOG` (default: warnings, and info for shoal's crates),
