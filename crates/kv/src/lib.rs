@@ -24,7 +24,7 @@ pub mod store;
 
 pub use clerk::{Action, Clerk, ClerkConfig, Outcome};
 pub use lock::{Lock, LockStep};
-pub use rsm::{KvRsm, RsmConfig, SnapshotJob};
+pub use rsm::{KvMachine, KvRsm, RsmConfig, SnapshotJob, StoreSnapshot, Waiter};
 pub use server::SingleServer;
 pub use store::{KvStore, LeaseStatus, Limits};
 
@@ -49,6 +49,9 @@ pub enum Error {
     /// The Raft core refused.
     #[error(transparent)]
     Raft(#[from] shoal_raft::Error),
+    /// The durable storage failed.
+    #[error(transparent)]
+    Storage(shoal_storage::Error),
     /// Raft handed the state machine something committed that it cannot use: a snapshot or a
     /// log entry that does not decode. Skipping it on one replica would make the replicas
     /// diverge, so the replica must stop (its driver reports this, naming its data directory)

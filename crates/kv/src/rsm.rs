@@ -1,19 +1,17 @@
-//! The replicated state machine: a [`KvStore`] on top of a Raft [`RawNode`], sans-IO.
+//! The replicated KV state machine: a [`KvStore`] hosted by the replica shell
+//! ([`shoal_replica::Replica`]), sans-IO.
 //!
 //! Writes are proposed to Raft and answered when applied at the index they were proposed at
 //! (wrong-leader if another entry lands there or leadership is lost). Reads use read-index
 //! (thesis §6.4): no log write, answered once the state machine has applied the index the
-//! leader confirmed. A snapshot is taken when the driver reports more Raft state than
-//! `snapshot_bytes`.
+//! leader confirmed. Snapshots are taken by the shell's policy when the live log exceeds
+//! `snapshot_bytes`, as jobs the driver runs off its loop.
 //!
-//! The driver's loop (the simulator's or tokio's):
-//!
-//! 1. feed [`KvRsm::tick`], [`KvRsm::step`] (peer messages), [`KvRsm::handle_request`];
-//! 2. while [`KvRsm::ready`] gives a [`Ready`]: send `messages`; persist `snapshot`, `entries`,
-//!    `hard_state` through [`KvRsm::raw_mut`]'s storage and fsync; send `persisted_messages`;
-//!    call [`KvRsm::apply`]; persist `compact`; call [`KvRsm::advance`] and
-//!    [`KvRsm::maybe_snapshot`] with the persisted Raft state's size;
-//! 3. send the replies from [`KvRsm::take_replies`] to the connections named by their token.
+//! A driver (the tokio one in `shoal_runtime`, the simulator's in `shoal_replica::sim`) feeds
+//! [`KvRsm::tick`], [`KvRsm::step`] and [`KvRsm::handle_request`], carries out the shell's
+//! pipeline on [`KvRsm::replica_mut`] (`write_ready`, `sync`, `on_synced`, snapshot jobs; the
+//! contract is on `shoal_raft::Ready`), then sends the replies of [`KvRsm::take_replies`] to the
+//! connections named by their token.
 //!
 //! **Lease clock.** The state machine reads no clock: each [`KvRsm::tick`] advances its time
 //! by [`RsmConfig::tick_ms`] (the driver ticks at that period, the simulator in simulated
@@ -27,10 +25,9 @@
 
 use std::collections::BTreeMap;
 
-use shoal_raft::{
-    Config, EntryKind, LogIndex, NodeId, RawNode, Ready, Role, Snapshot, SnapshotMeta, Storage,
-    Term,
-};
+use shoal_raft::{Config, LogIndex, NodeId, RawNode, Role};
+use shoal_replica::{Done, Replica, ReplicaConfig, SnapshotPolicy};
+use shoal_storage::DurableStorage;
 use shoal_wire::kv::{
     KvOp, KvReply, KvRequest, KvResult, LeaseCheckpoint, ServerRole, ServerStatus,
 };
@@ -87,108 +84,85 @@ struct LeaseClock {
     floor_ms: u64,
 }
 
-/// A write waiting for its index to apply.
+/// Who waits for a proposal or a read: the connection token to answer on and the request.
 #[derive(Debug)]
-struct PendingWrite {
-    term: Term,
+pub struct Waiter {
     reply_to: u64,
     client: u64,
     request: u64,
+    /// The read to serve once confirmed (`None` for a write).
+    read: Option<KvOp>,
 }
 
-/// A read waiting for leadership confirmation and apply.
-#[derive(Debug)]
-struct PendingRead {
-    reply_to: u64,
-    request: KvRequest,
-    /// Set once Raft confirmed: serve when applied reaches it.
-    index: Option<LogIndex>,
-}
-
-/// A snapshot to make off the driver's loop: a copy of the store (sharing its nodes, see
-/// [`KvStore`]) and the Raft metadata of the index it was taken at.
-#[derive(Debug)]
-pub struct SnapshotJob {
-    meta: SnapshotMeta,
+/// The KV state machine as the replica shell hosts it: the store, and the lease clock's
+/// volatile state (each replica's own; it follows the entries applied and the role).
+pub struct KvMachine {
     store: KvStore,
-}
-
-impl SnapshotJob {
-    /// The log index the snapshot covers.
-    pub fn index(&self) -> LogIndex {
-        self.meta.index
-    }
-
-    /// Serializes the store (the slow part: call it off the loop).
-    pub fn run(self) -> Snapshot {
-        Snapshot {
-            data: self.store.snapshot(),
-            meta: self.meta,
-        }
-    }
-}
-
-/// A replicated KV server: Raft core + versioned store + pending requests.
-pub struct KvRsm<S: Storage> {
-    raw: RawNode<S>,
-    store: KvStore,
-    config: RsmConfig,
-    applied: LogIndex,
-    pending_writes: BTreeMap<LogIndex, PendingWrite>,
-    pending_reads: BTreeMap<u64, PendingRead>,
-    next_read_id: u64,
-    replies: Vec<(u64, KvReply)>,
-    role: Role,
-    leader: Option<NodeId>,
-    snapshots_taken: u64,
-    snapshots_installed: u64,
     leases: LeaseClock,
+    role: Role,
+    lease_checkpoint_ms: u64,
 }
 
-impl<S: Storage> KvRsm<S> {
-    /// Starts (or restarts) a server from its durable Raft state, restoring the store from the
-    /// stored snapshot.
-    pub fn new(mut raft: Config, storage: S, config: RsmConfig) -> Result<KvRsm<S>, Error> {
-        let snap = storage.snapshot().map_err(shoal_raft::Error::from)?;
-        let mut store = KvStore::new(config.limits);
-        store.restore(&snap.data)?;
-        raft.applied = snap.meta.index;
-        let floor_ms = 2 * u64::from(raft.election_tick) * config.tick_ms;
-        let raw = RawNode::new(raft, storage)?;
-        let status = raw.status();
-        let mut leases = LeaseClock {
-            floor_ms,
-            ..LeaseClock::default()
-        };
-        for l in store.leases() {
-            leases.deadlines.insert(l.id, l.remaining_ms);
+/// A snapshot in the making: an O(1) copy of the store (sharing its nodes, see [`KvStore`]),
+/// serialized off the loop.
+#[derive(Debug)]
+pub struct StoreSnapshot(KvStore);
+
+impl shoal_replica::SnapshotData for StoreSnapshot {
+    fn into_bytes(self) -> Vec<u8> {
+        self.0.snapshot()
+    }
+}
+
+/// A snapshot job of the KV server (see [`shoal_replica::SnapshotJob`]).
+pub type SnapshotJob = shoal_replica::SnapshotJob<StoreSnapshot>;
+
+impl shoal_replica::StateMachine for KvMachine {
+    type Output = KvResult;
+    type Snapshot = StoreSnapshot;
+
+    fn apply(&mut self, index: LogIndex, command: &[u8]) -> Result<Option<KvResult>, String> {
+        if command.is_empty() {
+            return Ok(None);
         }
-        Ok(KvRsm {
-            raw,
-            store,
-            config,
-            applied: snap.meta.index,
-            pending_writes: BTreeMap::new(),
-            pending_reads: BTreeMap::new(),
-            next_read_id: 1,
-            replies: Vec::new(),
-            role: status.role,
-            leader: status.leader,
-            snapshots_taken: 0,
-            snapshots_installed: 0,
-            leases,
-        })
+        // Only this crate proposes; a committed entry that does not decode means the log is
+        // corrupt, and skipping it on one replica would diverge.
+        let req: KvRequest = postcard::from_bytes(command).map_err(|e| e.to_string())?;
+        let mut events = Vec::new();
+        let result = self.store.apply_with_events(index.0, &req, &mut events);
+        if !events.is_empty() {
+            self.on_lease_events(&events);
+        }
+        Ok(Some(result))
     }
 
-    /// This server's lease clock in ms (ticks × `tick_ms` since it started).
-    pub fn lease_now_ms(&self) -> u64 {
-        self.leases.now_ms
+    fn snapshot(&self) -> StoreSnapshot {
+        StoreSnapshot(self.store.clone())
     }
 
-    /// When lease `id` expires on this server's lease clock, as far as it knows (the leader
-    /// acts on it; a follower's is an estimate from the entries it applied).
-    pub fn lease_deadline_ms(&self, id: u64) -> Option<u64> {
-        self.leases.deadlines.get(&id).copied()
+    fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
+        // A snapshot Raft accepted must decode: anything else would diverge.
+        self.store.restore(data).map_err(|e| e.to_string())?;
+        self.reset_lease_deadlines();
+        Ok(())
+    }
+
+    fn on_role_change(&mut self, role: Role, _leader: Option<NodeId>) {
+        let was_leader = self.role == Role::Leader;
+        self.role = role;
+        if was_leader && role != Role::Leader {
+            self.leases.expiring.clear();
+        }
+        if !was_leader && role == Role::Leader {
+            self.on_became_leader();
+        }
+    }
+}
+
+impl KvMachine {
+    /// The store.
+    pub fn store(&self) -> &KvStore {
+        &self.store
     }
 
     /// Answers a read from the store; the leases' remaining times come from this server's
@@ -208,28 +182,10 @@ impl<S: Storage> KvRsm<S> {
         }
     }
 
-    /// Proposes an operation of the leader's own (lease expiry, checkpoint): no session, no
-    /// waiting client. A refused proposal is retried by the next tick's duties.
-    fn propose_internal(&mut self, op: KvOp) {
-        let req = KvRequest {
-            client: 0,
-            request: 0,
-            op,
-            serializable: false,
-        };
-        match postcard::to_allocvec(&req) {
-            Ok(data) => {
-                if let Err(e) = self.raw.propose(data) {
-                    tracing::debug!(error = %e, "lease proposal refused");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "lease proposal does not encode"),
-        }
-    }
-
-    /// The leader's lease duties at each tick: propose the expiry of every lease whose
-    /// deadline passed, and a checkpoint when one is due.
-    fn lease_duties(&mut self) {
+    /// The leader's lease duties at a tick: the expiry of every lease whose deadline passed,
+    /// and a checkpoint when one is due, as operations to propose.
+    fn lease_duties(&mut self) -> Vec<KvOp> {
+        let mut ops = Vec::new();
         let now = self.leases.now_ms;
         let due: Vec<u64> = self
             .leases
@@ -251,10 +207,10 @@ impl<S: Storage> KvRsm<S> {
             }
             self.leases.expiring.insert(id, now);
             tracing::debug!(lease = id, "lease deadline passed: proposing its expiry");
-            self.propose_internal(KvOp::LeaseExpire { id, renewals });
+            ops.push(KvOp::LeaseExpire { id, renewals });
         }
         if now >= self.leases.next_checkpoint_ms {
-            self.leases.next_checkpoint_ms = now + self.config.lease_checkpoint_ms.max(1);
+            self.leases.next_checkpoint_ms = now + self.lease_checkpoint_ms.max(1);
             let all: Vec<LeaseCheckpoint> = self
                 .store
                 .leases()
@@ -269,11 +225,12 @@ impl<S: Storage> KvRsm<S> {
                 })
                 .collect();
             for chunk in all.chunks(MAX_LEASES_PER_CHECKPOINT) {
-                self.propose_internal(KvOp::LeaseCheckpoint {
+                ops.push(KvOp::LeaseCheckpoint {
                     leases: chunk.to_vec(),
                 });
             }
         }
+        ops
     }
 
     /// Updates the deadlines after an apply, from what it did to leases.
@@ -329,42 +286,123 @@ impl<S: Storage> KvRsm<S> {
             self.leases.deadlines.insert(l.id, d.max(floor));
         }
         self.leases.expiring.clear();
-        self.leases.next_checkpoint_ms = now + self.config.lease_checkpoint_ms.max(1);
+        self.leases.next_checkpoint_ms = now + self.lease_checkpoint_ms.max(1);
+    }
+}
+
+/// A replicated KV server: the replica shell hosting a [`KvMachine`], and the replies to send.
+pub struct KvRsm {
+    replica: Replica<KvMachine, Waiter>,
+    config: RsmConfig,
+    replies: Vec<(u64, KvReply)>,
+}
+
+impl KvRsm {
+    /// Starts (or restarts) a server from its durable Raft state, restoring the store from the
+    /// stored snapshot.
+    pub fn new(raft: Config, storage: DurableStorage, config: RsmConfig) -> Result<KvRsm, Error> {
+        let floor_ms = 2 * u64::from(raft.election_tick) * config.tick_ms;
+        let machine = KvMachine {
+            store: KvStore::new(config.limits),
+            leases: LeaseClock {
+                floor_ms,
+                ..LeaseClock::default()
+            },
+            role: Role::Follower,
+            lease_checkpoint_ms: config.lease_checkpoint_ms,
+        };
+        let replica_config = ReplicaConfig {
+            snapshot: SnapshotPolicy {
+                log_bytes: config.snapshot_bytes,
+                entries: None,
+            },
+            read_timeout_ticks: None,
+            // Clients retry with the same request id (at-most-once): telling them at once
+            // lets them find the new leader sooner.
+            fail_proposals_on_leadership_loss: true,
+        };
+        let replica = Replica::new(raft, storage, machine, replica_config)?;
+        Ok(KvRsm {
+            replica,
+            config,
+            replies: Vec::new(),
+        })
+    }
+
+    /// The replica shell, for the driver's pipeline (`write_ready`, `sync`, `on_synced`,
+    /// snapshot jobs).
+    pub fn replica_mut(&mut self) -> &mut Replica<KvMachine, Waiter> {
+        &mut self.replica
+    }
+
+    /// The replica shell.
+    pub fn replica(&self) -> &Replica<KvMachine, Waiter> {
+        &self.replica
+    }
+
+    /// This server's lease clock in ms (ticks × `tick_ms` since it started).
+    pub fn lease_now_ms(&self) -> u64 {
+        self.replica.machine().leases.now_ms
+    }
+
+    /// When lease `id` expires on this server's lease clock, as far as it knows (the leader
+    /// acts on it; a follower's is an estimate from the entries it applied).
+    pub fn lease_deadline_ms(&self, id: u64) -> Option<u64> {
+        self.replica.machine().leases.deadlines.get(&id).copied()
+    }
+
+    /// Proposes an operation of the leader's own (lease expiry, checkpoint): no session, no
+    /// waiting client. A refused proposal is retried by the next tick's duties.
+    fn propose_internal(&mut self, op: KvOp) {
+        let req = KvRequest {
+            client: 0,
+            request: 0,
+            op,
+            serializable: false,
+        };
+        match postcard::to_allocvec(&req) {
+            Ok(data) => {
+                if let Err(e) = self.replica.propose_untracked(data) {
+                    tracing::debug!(error = %e, "lease proposal refused");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "lease proposal does not encode"),
+        }
     }
 
     /// The Raft core (status, tests).
-    pub fn raw(&self) -> &RawNode<S> {
-        &self.raw
+    pub fn raw(&self) -> &RawNode<DurableStorage> {
+        self.replica.raw()
     }
 
-    /// The Raft core, for the driver's storage writes.
-    pub fn raw_mut(&mut self) -> &mut RawNode<S> {
-        &mut self.raw
+    /// The Raft core (campaign, leadership transfer).
+    pub fn raw_mut(&mut self) -> &mut RawNode<DurableStorage> {
+        self.replica.raw_mut()
     }
 
     /// The state machine.
     pub fn store(&self) -> &KvStore {
-        &self.store
+        &self.replica.machine().store
     }
 
     /// Last applied log index.
     pub fn applied(&self) -> LogIndex {
-        self.applied
+        self.replica.applied()
     }
 
-    /// Snapshots this server asked Raft to take since it started.
+    /// Snapshot jobs this server handed out since it started.
     pub fn snapshots_taken(&self) -> u64 {
-        self.snapshots_taken
+        self.replica.snapshots_taken()
     }
 
     /// Snapshots received from a leader (InstallSnapshot) and restored since it started.
     pub fn snapshots_installed(&self) -> u64 {
-        self.snapshots_installed
+        self.replica.snapshots_installed()
     }
 
     /// What this server says of itself to a [`KvOp::Status`] request.
     pub fn server_status(&self) -> ServerStatus {
-        let s = self.raw.status();
+        let s = self.replica.status();
         ServerStatus {
             id: s.id.0,
             role: match s.role {
@@ -376,18 +414,18 @@ impl<S: Storage> KvRsm<S> {
             term: s.term.0,
             leader: s.leader.map(|l| l.0),
             commit: s.commit.0,
-            applied: self.applied.0,
+            applied: self.replica.applied().0,
             last_index: s.last_index.0,
         }
     }
 
     /// Requests waiting for an answer.
     pub fn pending(&self) -> usize {
-        self.pending_writes.len() + self.pending_reads.len()
+        self.replica.pending_proposals() + self.replica.pending_reads()
     }
 
     fn wrong_leader(&mut self, reply_to: u64, client: u64, request: u64) {
-        let leader = self.raw.status().leader.map(|l| l.0);
+        let leader = self.replica.status().leader.map(|l| l.0);
         self.replies.push((
             reply_to,
             KvReply::WrongLeader {
@@ -410,14 +448,15 @@ impl<S: Storage> KvRsm<S> {
 
     /// A client request arrived on connection `reply_to` (an opaque token for the driver).
     pub fn handle_request(&mut self, reply_to: u64, req: KvRequest) {
-        let status = self.raw.status();
+        self.collect_done();
+        let status = self.replica.status();
         if req.op == KvOp::Status {
             let result = KvResult::Status(self.server_status());
             self.answer(reply_to, req.client, req.request, result);
             return;
         }
         if req.op.is_read() && req.serializable {
-            let result = self.read(&req.op);
+            let result = self.replica.machine().read(&req.op);
             self.answer(reply_to, req.client, req.request, result);
             return;
         }
@@ -433,24 +472,19 @@ impl<S: Storage> KvRsm<S> {
             return;
         }
         if req.op.is_read() {
-            let id = self.next_read_id;
-            self.next_read_id += 1;
-            if self.raw.read_index(id.to_le_bytes().to_vec()).is_err() {
-                self.wrong_leader(reply_to, req.client, req.request);
-                return;
+            let waiter = Waiter {
+                reply_to,
+                client: req.client,
+                request: req.request,
+                read: Some(req.op),
+            };
+            if let Err((_, w)) = self.replica.read(waiter) {
+                self.wrong_leader(w.reply_to, w.client, w.request);
             }
-            self.pending_reads.insert(
-                id,
-                PendingRead {
-                    reply_to,
-                    request: req,
-                    index: None,
-                },
-            );
             return;
         }
         // Refuse oversized writes before they take log space (the store refuses them too).
-        if let Some(result) = self.store.size_error(&req.op) {
+        if let Some(result) = self.replica.machine().store.size_error(&req.op) {
             self.answer(reply_to, req.client, req.request, result);
             return;
         }
@@ -461,251 +495,131 @@ impl<S: Storage> KvRsm<S> {
                 return;
             }
         };
-        match self.raw.propose(data) {
-            Ok(index) => {
-                let pending = PendingWrite {
-                    term: status.term,
-                    reply_to,
-                    client: req.client,
-                    request: req.request,
-                };
-                if let Some(old) = self.pending_writes.insert(index, pending) {
-                    // Our own log was truncated and refilled: the old proposal is gone.
-                    self.wrong_leader(old.reply_to, old.client, old.request);
-                }
-            }
-            Err(_) => self.wrong_leader(reply_to, req.client, req.request),
+        let waiter = Waiter {
+            reply_to,
+            client: req.client,
+            request: req.request,
+            read: None,
+        };
+        if let Err((_, w)) = self.replica.propose(data, waiter) {
+            self.wrong_leader(w.reply_to, w.client, w.request);
         }
     }
 
     /// Advances Raft's logical clock and the lease clock by one tick ([`RsmConfig::tick_ms`]);
     /// on the leader, proposes the expiry of leases whose deadline passed and checkpoints.
     pub fn tick(&mut self) {
-        self.raw.tick();
-        self.leases.now_ms += self.config.tick_ms;
-        if self.role == Role::Leader {
-            self.lease_duties();
+        self.replica.tick();
+        let tick_ms = self.config.tick_ms;
+        let machine = self.replica.machine_mut();
+        machine.leases.now_ms += tick_ms;
+        if machine.role == Role::Leader {
+            for op in machine.lease_duties() {
+                self.propose_internal(op);
+            }
         }
     }
 
     /// A Raft message from a peer.
     pub fn step(&mut self, msg: shoal_raft::Message) {
-        if let Err(e) = self.raw.step(msg) {
-            tracing::debug!(node = self.raw.status().id.0, error = %e, "raft message refused");
+        if let Err(e) = self.replica.step(msg) {
+            tracing::debug!(node = self.replica.status().id.0, error = %e, "raft message refused");
         }
     }
 
-    /// The next batch of work, if any.
-    pub fn ready(&mut self) -> Option<Ready> {
-        if self.raw.has_ready() {
-            Some(self.raw.ready())
-        } else {
-            None
-        }
-    }
-
-    /// Step 4 and 6 of a Ready (after its writes are durable): restore a snapshot, apply the
-    /// committed entries in order, serve safe reads, and fail requests whose leadership ended.
-    ///
-    /// [`Error::Unusable`] if a committed snapshot or entry does not decode: the replica must
-    /// stop (the state machine is then in no defined state and must not be used again).
-    pub fn apply(&mut self, rd: &Ready) -> Result<(), Error> {
-        let id = self.raw.status().id.0;
-        if let Some(ss) = rd.soft_state {
-            let was_leader = self.role == Role::Leader;
-            self.role = ss.role;
-            self.leader = ss.leader;
-            if was_leader && ss.role != Role::Leader {
-                tracing::debug!(node = id, "lost leadership; failing pending requests");
-                self.fail_all_pending();
-                self.leases.expiring.clear();
-            }
-            if !was_leader && ss.role == Role::Leader {
-                self.on_became_leader();
-            }
-        }
-        if let Some(snap) = &rd.snapshot {
-            if snap.meta.index > self.applied {
-                if let Err(e) = self.store.restore(&snap.data) {
-                    // A snapshot Raft accepted must decode: anything else would diverge.
-                    return Err(Error::Unusable {
-                        what: "snapshot",
-                        index: snap.meta.index.0,
-                        reason: e.to_string(),
-                    });
-                }
-                self.applied = snap.meta.index;
-                self.snapshots_installed += 1;
-                self.reset_lease_deadlines();
-                let covered: Vec<LogIndex> = self
-                    .pending_writes
-                    .range(..=snap.meta.index)
-                    .map(|(i, _)| *i)
-                    .collect();
-                for i in covered {
-                    if let Some(p) = self.pending_writes.remove(&i) {
-                        self.wrong_leader(p.reply_to, p.client, p.request);
-                    }
-                }
-                tracing::info!(node = id, index = snap.meta.index.0, "restored snapshot");
-            }
-        }
-        for e in &rd.committed_entries {
-            if e.index <= self.applied {
-                continue;
-            }
-            assert_eq!(
-                e.index.0,
-                self.applied.0 + 1,
-                "node {id}: apply out of order"
-            );
-            self.applied = e.index;
-            let pending = self.pending_writes.remove(&e.index);
-            if e.kind != EntryKind::Normal || e.data.is_empty() {
-                if let Some(p) = pending {
-                    self.wrong_leader(p.reply_to, p.client, p.request);
-                }
-                continue;
-            }
-            let req: KvRequest = match postcard::from_bytes(&e.data) {
-                Ok(r) => r,
-                Err(err) => {
-                    // Only this crate proposes; a committed entry that does not decode means
-                    // the log is corrupt, and skipping it on one replica would diverge.
-                    return Err(Error::Unusable {
-                        what: "log entry",
-                        index: e.index.0,
-                        reason: err.to_string(),
-                    });
-                }
-            };
-            let mut events = Vec::new();
-            let result = self.store.apply_with_events(e.index.0, &req, &mut events);
-            if !events.is_empty() {
-                self.on_lease_events(&events);
-            }
-            if let Some(p) = pending {
-                if p.term == e.term && p.client == req.client && p.request == req.request {
-                    self.answer(p.reply_to, req.client, req.request, result);
-                } else {
-                    self.wrong_leader(p.reply_to, p.client, p.request);
-                }
-            }
-        }
-        for rs in &rd.read_states {
-            let Ok(bytes) = <[u8; 8]>::try_from(rs.context.as_slice()) else {
-                continue;
-            };
-            if let Some(p) = self.pending_reads.get_mut(&u64::from_le_bytes(bytes)) {
-                p.index = Some(rs.index);
-            }
-        }
-        self.serve_reads();
-        Ok(())
-    }
-
-    /// Answers confirmed reads whose index is applied.
-    fn serve_reads(&mut self) {
-        let ready: Vec<u64> = self
-            .pending_reads
-            .iter()
-            .filter(|(_, p)| p.index.is_some_and(|i| i <= self.applied))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ready {
-            if let Some(p) = self.pending_reads.remove(&id) {
-                let result = self.read(&p.request.op);
-                self.answer(p.reply_to, p.request.client, p.request.request, result);
-            }
-        }
-    }
-
-    fn fail_all_pending(&mut self) {
-        for (_, p) in std::mem::take(&mut self.pending_writes) {
-            self.wrong_leader(p.reply_to, p.client, p.request);
-        }
-        for (_, p) in std::mem::take(&mut self.pending_reads) {
-            self.wrong_leader(p.reply_to, p.request.client, p.request.request);
-        }
-    }
-
-    /// Tells Raft the Ready is done.
-    pub fn advance(&mut self) {
-        self.raw.advance();
-    }
-
-    /// Asks Raft for a snapshot of the store if `raft_state_bytes` (the persisted log and hard
-    /// state) exceeds `snapshot_bytes`. The snapshot comes back as a later Ready's `compact`.
-    pub fn maybe_snapshot(&mut self, raft_state_bytes: u64) {
-        // The same test and metadata as a job, run at once: `snapshot_meta` just checked
-        // what `RawNode::snapshot` checks, so it cannot refuse.
-        if let Some(job) = self.snapshot_job(raft_state_bytes) {
-            let snapshot = job.run();
-            let taken = self.raw.snapshot(snapshot.meta.index, snapshot.data);
-            debug_assert!(
-                taken.is_ok(),
-                "snapshot refused after its metadata: {taken:?}"
-            );
-        }
-    }
-
-    /// Like [`KvRsm::maybe_snapshot`], but hands the work to the driver instead of doing it
-    /// in place: if `raft_state_bytes` exceeds `snapshot_bytes`, a [`SnapshotJob`] holding an
-    /// O(1) copy of the store and the snapshot's metadata. The driver runs it on another
-    /// thread, writes the file there, and compacts its storage when the file is durable; the
-    /// Raft core needs nothing back (it reads its first index from the storage). At most one
-    /// job should be in flight: the driver asks again only after the last one finished.
-    pub fn snapshot_job(&mut self, raft_state_bytes: u64) -> Option<SnapshotJob> {
-        let limit = self.config.snapshot_bytes?;
-        let status = self.raw.status();
-        if raft_state_bytes <= limit || self.applied < status.first_index {
-            return None;
-        }
-        match self.raw.snapshot_meta(self.applied) {
-            Ok(meta) => {
-                self.snapshots_taken += 1;
-                Some(SnapshotJob {
-                    meta,
-                    store: self.store.clone(),
-                })
-            }
-            Err(e) => {
-                tracing::debug!(node = status.id.0, error = %e, "snapshot not taken");
-                None
-            }
-        }
-    }
-
-    /// Replies ready to send: (the `reply_to` token given with the request, reply).
+    /// Replies ready to send: (the `reply_to` token given with the request, reply). Call after
+    /// the pipeline's `on_synced`: reads confirmed there are served now.
     pub fn take_replies(&mut self) -> Vec<(u64, KvReply)> {
+        self.collect_done();
         std::mem::take(&mut self.replies)
+    }
+
+    /// Turns what the replica decided into replies, in order (before any answer given at
+    /// once, so replies keep the order things happened in).
+    fn collect_done(&mut self) {
+        for done in self.replica.take_done() {
+            match done {
+                Done::Applied { tag: w, output, .. } => {
+                    self.answer(w.reply_to, w.client, w.request, output)
+                }
+                Done::Lost { tag: w, .. } | Done::ReadFailed { tag: w, .. } => {
+                    self.wrong_leader(w.reply_to, w.client, w.request)
+                }
+                Done::ReadReady { tag: w, .. } => {
+                    let result = match &w.read {
+                        Some(op) => self.replica.machine().read(op),
+                        None => KvResult::Stale,
+                    };
+                    self.answer(w.reply_to, w.client, w.request, result);
+                }
+            }
+        }
+    }
+}
+
+impl From<shoal_replica::Error> for Error {
+    fn from(e: shoal_replica::Error) -> Error {
+        match e {
+            shoal_replica::Error::Unusable {
+                what,
+                index,
+                reason,
+            } => Error::Unusable {
+                what,
+                index,
+                reason,
+            },
+            shoal_replica::Error::Raft(e) => Error::Raft(e),
+            shoal_replica::Error::Storage(e) => Error::Storage(e),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_raft::MemStorage;
+    use shoal_storage::{MemDisk, StorageConfig};
     use shoal_wire::kv::{Expected, KvOp};
 
-    /// Drives a single-node cluster's Readies with in-memory storage.
-    fn drive(rsm: &mut KvRsm<MemStorage>) {
-        while let Some(mut rd) = rsm.ready() {
-            let storage = rsm.raw_mut().storage_mut();
-            if let Some(s) = rd.snapshot.clone() {
-                storage.apply_snapshot(s);
+    /// A single-node server on an in-memory disk.
+    fn single(config: RsmConfig) -> (KvRsm, MemDisk) {
+        let mut disk = MemDisk::new();
+        let storage = DurableStorage::open(&mut disk, 1, 1, StorageConfig::default()).unwrap();
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        (KvRsm::new(raft, storage, config).unwrap(), disk)
+    }
+
+    /// Carries out the Readies of a single-node cluster; snapshot jobs are held back in `jobs`
+    /// (`None`: run and installed at once).
+    fn drive_holding(
+        rsm: &mut KvRsm,
+        disk: &mut MemDisk,
+        mut jobs: Option<&mut Vec<SnapshotJob>>,
+    ) -> Result<(), shoal_replica::Error> {
+        let replica = rsm.replica_mut();
+        while let Some(u) = replica.write_ready(disk)? {
+            replica.sync(disk)?;
+            let synced = replica.on_synced(disk, u)?;
+            if let Some(job) = synced.snapshot {
+                match jobs.as_deref_mut() {
+                    Some(held) => held.push(job),
+                    None => {
+                        let prepared = job.prepare(disk);
+                        replica.install_snapshot(disk, prepared)?;
+                    }
+                }
             }
-            storage.append(&rd.entries);
-            if let Some(hs) = rd.hard_state {
-                storage.set_hard_state(hs);
-            }
-            rsm.apply(&rd).expect("apply");
-            if let Some(s) = rd.compact.take() {
-                rsm.raw_mut().storage_mut().compact(s);
-            }
-            rsm.advance();
-            rsm.maybe_snapshot(u64::MAX);
         }
+        Ok(())
+    }
+
+    fn drive(rsm: &mut KvRsm, disk: &mut MemDisk) {
+        drive_holding(rsm, disk, None).expect("drive");
+    }
+
+    fn elect(rsm: &mut KvRsm, disk: &mut MemDisk) {
+        rsm.raw_mut().campaign();
+        drive(rsm, disk);
     }
 
     fn req(client: u64, request: u64, op: KvOp) -> KvRequest {
@@ -721,44 +635,41 @@ mod tests {
     /// naming what and where, never a panic (the driver reports it and exits).
     #[test]
     fn an_unusable_entry_or_snapshot_is_an_error_not_a_panic() {
-        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
-        let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
-        let rd = Ready {
-            committed_entries: vec![shoal_raft::Entry {
-                term: Term(1),
-                index: LogIndex(1),
-                kind: EntryKind::Normal,
-                data: vec![0xff; 7],
-            }],
-            ..Ready::default()
-        };
-        let err = rsm.apply(&rd).unwrap_err();
+        let (mut rsm, mut disk) = single(RsmConfig::default());
+        elect(&mut rsm, &mut disk);
+        rsm.replica_mut()
+            .propose_untracked(vec![0xff; 7])
+            .expect("leader");
+        let err = Error::from(drive_holding(&mut rsm, &mut disk, None).unwrap_err());
         assert!(
             matches!(
                 err,
                 Error::Unusable {
                     what: "log entry",
-                    index: 1,
+                    index: 2,
                     ..
                 }
             ),
             "{err}"
         );
 
-        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
-        let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
-        let rd = Ready {
-            snapshot: Some(Snapshot {
-                meta: SnapshotMeta {
-                    index: LogIndex(5),
-                    term: Term(1),
-                    ..SnapshotMeta::default()
-                },
-                data: b"not a snapshot".to_vec(),
-            }),
-            ..Ready::default()
+        // A stored snapshot that does not decode is refused at start.
+        let mut disk = MemDisk::new();
+        let mut storage =
+            DurableStorage::open(&mut disk, 1, 1, shoal_storage::StorageConfig::default()).unwrap();
+        let snapshot = shoal_raft::Snapshot {
+            meta: shoal_raft::SnapshotMeta {
+                index: LogIndex(5),
+                term: shoal_raft::Term(1),
+                voters: vec![NodeId(1)],
+            },
+            data: b"not a snapshot".to_vec(),
         };
-        let err = rsm.apply(&rd).unwrap_err();
+        storage.apply_snapshot(&mut disk, snapshot).unwrap();
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        let err = KvRsm::new(raft, storage, RsmConfig::default())
+            .err()
+            .expect("refused");
         assert!(
             err.to_string()
                 .starts_with("the committed snapshot at index 5 is unusable"),
@@ -766,58 +677,91 @@ mod tests {
         );
     }
 
+    /// What one `Ready` of a single node gave.
+    enum Step {
+        Nothing,
+        Plain,
+        /// A snapshot job, and the store's snapshot at the moment it was handed out.
+        Job(Box<SnapshotJob>, Vec<u8>),
+    }
+
+    fn one_ready(rsm: &mut KvRsm, disk: &mut MemDisk) -> Step {
+        let replica = rsm.replica_mut();
+        let Some(u) = replica.write_ready(disk).unwrap() else {
+            return Step::Nothing;
+        };
+        replica.sync(disk).unwrap();
+        match replica.on_synced(disk, u).unwrap().snapshot {
+            Some(job) => Step::Job(Box::new(job), rsm.store().snapshot()),
+            None => Step::Plain,
+        }
+    }
+
     /// A snapshot job is a copy of the store at the applied index: writes applied after it
-    /// was handed out do not leak into it, and restoring its data gives that state back.
+    /// was handed out do not leak into it, one job is in flight at a time, and installing it
+    /// stores that state and drops the log before it.
     #[test]
     fn snapshot_job_copies_the_store_at_its_index() {
         let config = RsmConfig {
             snapshot_bytes: Some(10),
             ..RsmConfig::default()
         };
-        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
-        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
-        rsm.raw_mut().campaign();
-        let drive_plain = |rsm: &mut KvRsm<MemStorage>| {
-            while let Some(rd) = rsm.ready() {
-                let storage = rsm.raw_mut().storage_mut();
-                storage.append(&rd.entries);
-                if let Some(hs) = rd.hard_state {
-                    storage.set_hard_state(hs);
-                }
-                rsm.apply(&rd).expect("apply");
-                rsm.advance();
-            }
+        let (mut rsm, mut disk) = single(config);
+        let install = |rsm: &mut KvRsm, disk: &mut MemDisk, job: SnapshotJob| {
+            let prepared = job.prepare(disk);
+            rsm.replica_mut().install_snapshot(disk, prepared).unwrap()
         };
-        drive_plain(&mut rsm);
+        elect(&mut rsm, &mut disk);
         rsm.handle_request(1, req(5, 1, KvOp::Register));
-        drive_plain(&mut rsm);
+        drive(&mut rsm, &mut disk);
         let session = rsm.applied().0;
-        let put = |request: u64, value: &str| {
+        let put = |request: u64, key: &str, value: &str| {
             let op = KvOp::Put {
-                key: b"k".to_vec(),
+                key: key.as_bytes().to_vec(),
                 value: value.as_bytes().to_vec(),
                 expected: Expected::Any,
             };
             req(session, request, op)
         };
-        rsm.handle_request(1, put(1, "before"));
-        drive_plain(&mut rsm);
-        // Under the threshold: no job.
-        assert!(rsm.snapshot_job(10).is_none());
-        let job = rsm.snapshot_job(11).expect("over the threshold");
-        assert_eq!(job.index(), rsm.applied());
-        let at_job = rsm.store().snapshot();
-        rsm.handle_request(1, put(2, "after"));
-        drive_plain(&mut rsm);
+        rsm.handle_request(1, put(1, "k", "before"));
+        // Run Readies (writing other keys when there are none) until a job is handed out
+        // with "before" applied; earlier jobs are installed at once.
+        let mut request = 2;
+        let (job, at_job) = loop {
+            match one_ready(&mut rsm, &mut disk) {
+                Step::Job(job, at) if rsm.store().get(b"k").is_some() => break (*job, at),
+                Step::Job(job, _) => {
+                    install(&mut rsm, &mut disk, *job);
+                }
+                Step::Plain => {}
+                Step::Nothing => {
+                    rsm.handle_request(1, put(request, "x", "filler"));
+                    request += 1;
+                    assert!(request < 100, "no snapshot job over the threshold");
+                }
+            }
+        };
+        let job_index = job.index();
+        assert_eq!(job_index, rsm.applied());
+        assert_eq!(rsm.replica().snapshot_in_flight(), Some(job_index));
+        rsm.handle_request(1, put(request, "k", "after"));
+        let mut jobs = Vec::new();
+        drive_holding(&mut rsm, &mut disk, Some(&mut jobs)).unwrap();
+        assert!(jobs.is_empty(), "a second job while one is in flight");
         assert_eq!(rsm.store().get(b"k"), Some((&b"after"[..], 2)));
-        let snap = job.run();
-        assert_eq!(snap.meta.index, LogIndex(rsm.applied().0 - 1));
-        assert_eq!(snap.meta.voters, vec![NodeId(1)]);
-        assert_eq!(snap.data, at_job);
+        let dropped = install(&mut rsm, &mut disk, job).expect("installed");
+        assert!(!dropped.is_empty());
+        assert_eq!(rsm.replica().snapshot_in_flight(), None);
+        // What was installed is the store as of the job, not later.
+        use shoal_raft::Storage as _;
+        let stored = rsm.raw().storage().snapshot().unwrap();
+        assert_eq!(stored.meta.index, job_index);
+        assert_eq!(stored.meta.voters, vec![NodeId(1)]);
+        assert_eq!(stored.data, at_job);
         let mut restored = KvStore::new(Limits::default());
-        restored.restore(&snap.data).unwrap();
+        restored.restore(&stored.data).unwrap();
         assert_eq!(restored.get(b"k"), Some((&b"before"[..], 1)));
-        assert_eq!(rsm.snapshots_taken(), 1);
+        assert!(rsm.snapshots_taken() >= 1);
     }
 
     #[test]
@@ -826,17 +770,15 @@ mod tests {
             snapshot_bytes: Some(0),
             ..RsmConfig::default()
         };
-        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
-        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
-        rsm.raw_mut().campaign();
-        drive(&mut rsm);
+        let (mut rsm, mut disk) = single(config);
+        elect(&mut rsm, &mut disk);
         let put = KvOp::Put {
             key: b"k".to_vec(),
             value: b"v".to_vec(),
             expected: Expected::Version(0),
         };
         rsm.handle_request(1, req(5, 1, KvOp::Register));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         let Some((
             1,
             KvReply::Done {
@@ -848,15 +790,15 @@ mod tests {
             panic!("registration")
         };
         rsm.handle_request(1, req(session, 1, put.clone()));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         // A retry of the same request is answered from the session table.
         rsm.handle_request(1, req(session, 1, put.clone()));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         // A write from a session that was never opened is refused.
         rsm.handle_request(3, req(session + 1000, 1, put));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         rsm.handle_request(2, req(5, 2, KvOp::Get { key: b"k".to_vec() }));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         let replies = rsm.take_replies();
         let results: Vec<_> = replies
             .iter()
@@ -886,8 +828,10 @@ mod tests {
 
     #[test]
     fn follower_answers_wrong_leader() {
+        let mut disk = MemDisk::new();
+        let storage = DurableStorage::open(&mut disk, 1, 2, StorageConfig::default()).unwrap();
         let raft = Config::new(NodeId(2), vec![NodeId(1), NodeId(2), NodeId(3)]);
-        let mut rsm = KvRsm::new(raft, MemStorage::new(), RsmConfig::default()).unwrap();
+        let mut rsm = KvRsm::new(raft, storage, RsmConfig::default()).unwrap();
         rsm.handle_request(7, req(5, 1, KvOp::Get { key: b"k".to_vec() }));
         assert!(matches!(
             rsm.take_replies().as_slice(),
@@ -908,20 +852,18 @@ mod tests {
             },
             ..RsmConfig::default()
         };
-        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
-        let mut rsm = KvRsm::new(raft, MemStorage::new(), config).unwrap();
-        rsm.raw_mut().campaign();
-        drive(&mut rsm);
+        let (mut rsm, mut disk) = single(config);
+        elect(&mut rsm, &mut disk);
         rsm.handle_request(1, req(5, 1, KvOp::Register));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         let session = rsm.applied().0;
         rsm.handle_request(1, req(session, 1, KvOp::LeaseGrant { ttl_ms: 1_000 }));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         let id = rsm.applied().0;
         assert_eq!(rsm.lease_deadline_ms(id), Some(rsm.lease_now_ms() + 1_000));
         let forged = KvOp::LeaseExpire { id, renewals: 0 };
         rsm.handle_request(2, req(session, 2, forged));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         let replies = rsm.take_replies();
         assert!(matches!(
             replies.last(),
@@ -935,19 +877,19 @@ mod tests {
         ));
         for _ in 0..9 {
             rsm.tick();
-            drive(&mut rsm);
+            drive(&mut rsm, &mut disk);
         }
         assert_eq!(rsm.store().lease_count(), 1, "expired before its TTL");
         rsm.handle_request(1, req(session, 3, KvOp::LeaseKeepAlive { id }));
-        drive(&mut rsm);
+        drive(&mut rsm, &mut disk);
         for _ in 0..9 {
             rsm.tick();
-            drive(&mut rsm);
+            drive(&mut rsm, &mut disk);
         }
         assert_eq!(rsm.store().lease_count(), 1, "a keep-alive did not renew");
         for _ in 0..2 {
             rsm.tick();
-            drive(&mut rsm);
+            drive(&mut rsm, &mut disk);
         }
         assert_eq!(rsm.store().lease_count(), 0, "not expired after its TTL");
         assert_eq!(rsm.lease_deadline_ms(id), None);

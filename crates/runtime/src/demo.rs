@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use shoal_raft::{LogIndex, Snapshot};
+use shoal_raft::LogIndex;
 
 use crate::node::StateMachine;
 
@@ -121,11 +121,11 @@ impl StateMachine for DemoStateMachine {
         postcard::to_allocvec(&self.get()).unwrap_or_default()
     }
 
-    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String> {
-        let restored: AppliedLog = if snapshot.data.is_empty() {
+    fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
+        let restored: AppliedLog = if data.is_empty() {
             AppliedLog::default()
         } else {
-            postcard::from_bytes(&snapshot.data).map_err(|e| e.to_string())?
+            postcard::from_bytes(data).map_err(|e| e.to_string())?
         };
         self.set(|s| *s = restored);
         Ok(())

@@ -16,11 +16,13 @@
 
 pub mod demo;
 pub mod demo_node;
+mod driver;
 pub mod kv;
 pub mod node;
 mod ready;
 pub mod transport;
 
+pub use driver::{DEFAULT_TICK_INTERVAL, MAX_EVENTS_PER_READY};
 pub use node::{Node, NodeConfig, NodeError, NodeHandle, ProposeError, Proposed, StateMachine};
 pub use ready::error_chain;
 

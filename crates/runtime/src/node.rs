@@ -1,41 +1,32 @@
-//! The Raft node driver: one [`RawNode`] on tokio, with the TCP [`Transport`], durable storage
-//! on a real directory ([`DurableStorage`] over [`StdDisk`]) and a ticker.
+//! The generic Raft node: any [`StateMachine`] hosted by the replica shell
+//! ([`shoal_replica::Replica`]) on the tokio replica driver ([`crate::driver`]), with the TCP
+//! [`Transport`], durable storage on a real directory and a ticker. Callers use a
+//! [`NodeHandle`]: propose, read-index, status, shutdown.
 //!
-//! The driver is one task that owns the `RawNode`. It waits for a tick, a peer message or a
-//! command from a [`NodeHandle`], feeds it to the node, then carries out every `Ready` in the
-//! order of DESIGN.md §4:
-//!
-//! 1. send `messages` (they promise nothing unpersisted);
-//! 2. persist the received snapshot, the entries and the hard state, then fsync once;
-//! 3. send `persisted_messages` (votes, append acknowledgements: they promise step 2);
-//! 4. restore the state machine from the snapshot, apply committed entries, answer proposals;
-//! 5. persist our own snapshot (`compact`) and drop the log before it;
-//! 6. answer safe reads; 7. `advance`.
-//!
-//! Durability is a barrier: `persisted_messages` are sent, and committed entries applied, only
-//! after the fsync that covers them returned.
-//! A storage error stops the node (a failed fsync leaves the file in an unknown state, so
-//! retrying it could lie about durability).
+//! The driver carries out every `Ready` in the order stated on `shoal_raft::Ready`; durability
+//! is a barrier (`persisted_messages` are sent, and committed entries applied, only after the
+//! fsync that covers them returned). A storage error stops the node (a failed fsync leaves the
+//! file in an unknown state, so retrying it could lie about durability), and so does a stored
+//! or received snapshot the state machine cannot restore.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_raft::{
-    Config as RaftConfig, EntryKind, LogIndex, Message, NodeId, RawNode, Ready, Role, Snapshot,
-    Status, Storage as _, Term,
-};
+use shoal_raft::{Config as RaftConfig, LogIndex, NodeId, Status, Term};
+use shoal_replica::{Done, ReadFailure, Replica, ReplicaConfig, SnapshotPolicy};
 use shoal_storage::{DurableStorage, StdDisk, StorageConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{error, info, Instrument};
 
-use crate::transport::{ClientAcceptor, Inbound, Transport, TransportConfig, TransportError};
+use crate::driver::{Driver, Service};
+use crate::transport::{ClientAcceptor, Transport, TransportConfig, TransportError};
 
-/// Default [`NodeConfig::tick_interval`]: the wall-clock length of one Raft tick.
-pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(50);
+/// Default [`NodeConfig::tick_interval`]: every Shoal server's tick.
+pub use crate::driver::{DEFAULT_TICK_INTERVAL, MAX_EVENTS_PER_READY};
 /// Default [`NodeConfig::command_queue_len`]: requests from handles waiting for the driver.
 pub const DEFAULT_COMMAND_QUEUE_LEN: usize = 1024;
 /// Default [`NodeConfig::max_pending_proposals`]: proposals waiting to be applied.
@@ -47,9 +38,6 @@ pub const DEFAULT_MAX_PENDING_READS: usize = 10_000;
 pub const DEFAULT_READ_TIMEOUT_TICKS: u64 = 100;
 /// Default [`NodeConfig::snapshot_every`]: applied entries between two snapshots.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
-/// Peer messages stepped (and commands taken) per wake-up before the `Ready` is handled, so
-/// that many proposals or appends share one fsync.
-pub const MAX_EVENTS_PER_READY: usize = 256;
 
 /// The replicated state machine the driver applies committed entries to.
 ///
@@ -62,8 +50,9 @@ pub trait StateMachine: Send + 'static {
     /// The state as of the last applied index, for a snapshot.
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the whole state with a snapshot's (`data` from [`StateMachine::snapshot`] of
-    /// some node). An error stops the node: the snapshot is durable but unusable.
-    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String>;
+    /// some node, taken at `index`). An error stops the node: the snapshot is durable but
+    /// unusable.
+    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), String>;
 }
 
 /// Configuration of a node.
@@ -151,6 +140,9 @@ pub enum NodeError {
     /// The driver task panicked (a bug).
     #[error("node driver panicked: {0}")]
     DriverPanicked(String),
+    /// Raft committed an entry the replica cannot use, or the replica failed otherwise.
+    #[error(transparent)]
+    Replica(shoal_replica::Error),
     /// The state machine could not restore a snapshot.
     #[error("state machine refused the snapshot at {index}: {reason}")]
     Restore {
@@ -292,7 +284,7 @@ impl Node {
     pub async fn start<SM: StateMachine>(
         config: NodeConfig,
         listener: TcpListener,
-        mut state_machine: SM,
+        state_machine: SM,
     ) -> Result<Node, NodeError> {
         if !config.peers.contains_key(&config.id.0) {
             return Err(NodeError::InvalidConfig(format!(
@@ -326,27 +318,29 @@ impl Node {
                 storage_err(e)
             }
         })?;
-        let snapshot = storage.snapshot().map_err(shoal_raft::Error::from)?;
-        if snapshot.meta.index > LogIndex(0) {
-            state_machine
-                .restore(&snapshot)
-                .map_err(|reason| NodeError::Restore {
-                    index: snapshot.meta.index,
-                    reason,
-                })?;
-        }
         let mut raft_config = RaftConfig::new(
             config.id,
             config.peers.keys().copied().map(NodeId).collect(),
         );
         raft_config.election_tick = config.election_tick;
         raft_config.heartbeat_tick = config.heartbeat_tick;
-        raft_config.applied = snapshot.meta.index;
         raft_config.rng_seed = crate::ready::election_seed(config.id.0);
-        let raw = RawNode::new(raft_config, storage)?;
-        let status = raw.status();
+        let replica_config = ReplicaConfig {
+            snapshot: SnapshotPolicy {
+                log_bytes: None,
+                entries: config.snapshot_every,
+            },
+            read_timeout_ticks: Some(config.read_timeout_ticks),
+            fail_proposals_on_leadership_loss: false,
+        };
+        let replica = Replica::new(raft_config, storage, Hosted(state_machine), replica_config)
+            .map_err(|e| match e {
+                shoal_replica::Error::Storage(source) => storage_err(source),
+                other => node_error(other),
+            })?;
+        let status = replica.status();
         info!(node = %config.id, term = %status.term, commit = %status.commit,
-            last_index = %status.last_index, snapshot = %snapshot.meta.index, "node restored");
+            last_index = %status.last_index, snapshot = %replica.applied(), "node restored");
 
         let mut tc = config.transport.clone();
         tc.node_id = config.id.0;
@@ -355,20 +349,40 @@ impl Node {
         let (transport, inbound, clients) = Transport::start(tc, listener)?;
         let (tx, rx) = mpsc::channel(config.command_queue_len.max(1));
         let span = tracing::info_span!("node", node = %config.id);
-        let driver = NodeDriver {
-            config,
-            raw,
+        let driver = Driver {
+            service: NodeService {
+                replica,
+                max_pending_proposals: config.max_pending_proposals,
+                max_pending_reads: config.max_pending_reads,
+            },
             disk,
+            data_dir: config.data_dir.clone(),
             transport,
-            state_machine,
-            commands: rx,
-            pending_proposals: BTreeMap::new(),
-            pending_reads: BTreeMap::new(),
-            ticks: 0,
-            next_read_id: 0,
-            applied: snapshot.meta.index,
+            tick_interval: config.tick_interval,
         };
-        let task = tokio::spawn(driver.run(inbound).instrument(span));
+        let data_dir = config.data_dir.display().to_string();
+        let task = tokio::spawn(
+            async move {
+                let result = driver
+                    .run(inbound, rx, std::future::pending())
+                    .await
+                    .map_err(|e| match e {
+                        shoal_replica::Error::Storage(source) => NodeError::Storage {
+                            dir: data_dir,
+                            source,
+                        },
+                        other => node_error(other),
+                    });
+                match &result {
+                    Ok(()) => info!("node stopped"),
+                    Err(e) => {
+                        error!(error = %crate::ready::error_chain(e), "node stopped on a fatal error")
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        );
         Ok(Node {
             handle: NodeHandle { commands: tx },
             clients: Some(clients),
@@ -396,339 +410,180 @@ impl Node {
     }
 }
 
-/// The driver loop's state (see the module docs). Each `Ready` is carried out in this order:
-///
-/// 1. send `messages` (they promise nothing unpersisted);
-/// 2. persist the received `snapshot`, `entries` and `hard_state`, then fsync (group commit:
-///    one sync covers everything written by this `Ready`);
-/// 3. send `persisted_messages` (votes, append acknowledgements: they promise step 2);
-/// 4. restore the state machine from the snapshot, apply `committed_entries` in order and
-///    answer the proposals waiting for them;
-/// 5. persist `compact` (our own snapshot) and drop the log before it;
-/// 6. answer `read_states`;
-/// 7. `advance`, then maybe ask the core for a new snapshot.
-struct NodeDriver<SM> {
-    config: NodeConfig,
-    raw: RawNode<DurableStorage>,
-    disk: StdDisk,
-    transport: Transport<Message>,
-    state_machine: SM,
-    commands: mpsc::Receiver<Command>,
-    /// Proposals waiting to be applied: index → (term it was appended in, reply).
-    pending_proposals: BTreeMap<LogIndex, (Term, Reply<Proposed>)>,
-    /// Read-index requests in flight: context id → (tick issued at, reply). Ids grow with
-    /// time, so the first entry is the oldest.
-    pending_reads: BTreeMap<u64, (u64, Reply<LogIndex>)>,
-    /// Ticks since start.
-    ticks: u64,
-    next_read_id: u64,
-    /// Last index applied to the state machine.
-    applied: LogIndex,
+/// Who waits for the node: a proposal's or a read's reply.
+enum Waiting {
+    Proposal(Reply<Proposed>),
+    Read(Reply<LogIndex>),
 }
 
-enum Event {
-    Tick,
-    Peer(u64, Message),
-    Command(Command),
-    Stop,
+impl Waiting {
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiting::Proposal(r) => r.is_closed(),
+            Waiting::Read(r) => r.is_closed(),
+        }
+    }
+
+    fn fail(self, e: ProposeError) {
+        match self {
+            Waiting::Proposal(r) => {
+                let _ = r.send(Err(e));
+            }
+            Waiting::Read(r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
 }
 
-impl<SM: StateMachine> NodeDriver<SM> {
-    async fn run(mut self, mut inbound: Inbound<Message>) -> Result<(), NodeError> {
-        // The ticker is the driver's only clock: Raft sees time only as ticks.
-        let mut ticker = tokio::time::interval(self.config.tick_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
-            let event = tokio::select! {
-                _ = ticker.tick() => Event::Tick,
-                m = inbound.recv() => match m {
-                    Some((from, msg)) => Event::Peer(from, msg),
-                    None => Event::Stop,
-                },
-                c = self.commands.recv() => match c {
-                    Some(c) => Event::Command(c),
-                    None => Event::Stop,
-                },
-            };
-            if !self.handle(event) {
-                break Ok(());
-            }
-            // Take whatever else is already waiting, so that it shares one Ready (and fsync).
-            let mut stop = false;
-            for _ in 0..MAX_EVENTS_PER_READY {
-                let event = match inbound.try_recv() {
-                    Ok((from, msg)) => Event::Peer(from, msg),
-                    Err(_) => match self.commands.try_recv() {
-                        Ok(c) => Event::Command(c),
-                        Err(_) => break,
-                    },
-                };
-                if !self.handle(event) {
-                    stop = true;
-                    break;
-                }
-            }
-            if let Err(e) = self.process_ready() {
-                break Err(e);
-            }
-            if stop {
-                break Ok(());
-            }
-        };
-        match &result {
-            Ok(()) => info!("node stopped"),
-            Err(e) => {
-                error!(error = %crate::ready::error_chain(e), "node stopped on a fatal error")
-            }
-        }
-        self.fail_pending();
-        self.transport.shutdown();
-        result
+/// A [`StateMachine`] as the replica shell hosts it.
+struct Hosted<SM>(SM);
+
+impl<SM: StateMachine> shoal_replica::StateMachine for Hosted<SM> {
+    type Output = ();
+    type Snapshot = Vec<u8>;
+
+    fn apply(&mut self, index: LogIndex, command: &[u8]) -> Result<Option<()>, String> {
+        self.0.apply(index, command);
+        Ok(Some(()))
     }
 
-    /// Feeds one event to the core. Returns false to stop.
-    fn handle(&mut self, event: Event) -> bool {
-        match event {
-            Event::Tick => {
-                self.raw.tick();
-                self.ticks += 1;
-                self.expire_reads();
-            }
-            Event::Peer(from, msg) => self.step(from, msg),
-            Event::Command(Command::Shutdown) | Event::Stop => return false,
-            Event::Command(c) => self.command(c),
-        }
-        true
+    fn snapshot(&self) -> Vec<u8> {
+        self.0.snapshot()
     }
 
-    fn step(&mut self, from: u64, msg: Message) {
-        // The handshake proved `from`; a message claiming another sender or addressed to
-        // another node is forged or misrouted.
-        if msg.from.0 != from || msg.to != self.config.id {
-            warn!(conn_peer = from, msg_from = %msg.from, msg_to = %msg.to,
-                kind = msg.body.name(), "dropping a message with a wrong sender or receiver");
-            return;
-        }
-        let kind = msg.body.name();
-        if let Err(e) = self.raw.step(msg) {
-            debug!(from, kind, error = %e, "core refused a message");
-        }
+    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), String> {
+        self.0.restore(index, data)
+    }
+}
+
+/// The generic node as a service of the replica driver: commands from handles.
+struct NodeService<SM: StateMachine> {
+    replica: Replica<Hosted<SM>, Waiting>,
+    max_pending_proposals: usize,
+    max_pending_reads: usize,
+}
+
+impl<SM: StateMachine> Service for NodeService<SM> {
+    type Machine = Hosted<SM>;
+    type Tag = Waiting;
+    type Event = Command;
+
+    fn replica(&mut self) -> &mut Replica<Hosted<SM>, Waiting> {
+        &mut self.replica
     }
 
-    fn command(&mut self, command: Command) {
+    fn tick(&mut self) {
+        self.replica.tick();
+    }
+
+    fn event(&mut self, command: Command) -> bool {
         match command {
             Command::Propose {
                 data,
                 wait_applied,
                 reply,
             } => {
-                if wait_applied && self.pending_proposals.len() >= self.config.max_pending_proposals
-                {
-                    // Forget waiters whose caller gave up before refusing a new one.
-                    self.pending_proposals
-                        .retain(|_, (_, reply)| !reply.is_closed());
+                if !wait_applied {
+                    let term = self.replica.status().term;
+                    let result = self
+                        .replica
+                        .propose_untracked(data)
+                        .map(|index| Proposed { index, term })
+                        .map_err(propose_error);
+                    let _ = reply.send(result);
+                    return true;
                 }
-                if wait_applied && self.pending_proposals.len() >= self.config.max_pending_proposals
-                {
+                if self.replica.pending_proposals() >= self.max_pending_proposals {
+                    // Forget waiters whose caller gave up before refusing a new one.
+                    self.replica.forget_proposals(Waiting::is_closed);
+                }
+                if self.replica.pending_proposals() >= self.max_pending_proposals {
                     let _ =
                         reply.send(Err(ProposeError::Busy("too many proposals waiting".into())));
-                    return;
+                    return true;
                 }
-                match self.raw.propose(data) {
-                    Ok(index) => {
-                        let proposed = Proposed {
-                            index,
-                            term: self.raw.status().term,
-                        };
-                        if wait_applied {
-                            self.pending_proposals.insert(index, (proposed.term, reply));
-                        } else {
-                            let _ = reply.send(Ok(proposed));
-                        }
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(propose_error(e)));
-                    }
+                if let Err((e, waiting)) = self.replica.propose(data, Waiting::Proposal(reply)) {
+                    waiting.fail(propose_error(e));
                 }
             }
             Command::ReadIndex { reply } => {
-                if self.pending_reads.len() >= self.config.max_pending_reads {
+                if self.replica.pending_reads() >= self.max_pending_reads {
                     let _ = reply.send(Err(ProposeError::Busy("too many reads waiting".into())));
-                    return;
+                    return true;
                 }
-                let id = self.next_read_id;
-                self.next_read_id += 1;
-                match self.raw.read_index(id.to_le_bytes().to_vec()) {
-                    Ok(()) => {
-                        self.pending_reads.insert(id, (self.ticks, reply));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(propose_error(e)));
-                    }
+                if let Err((e, waiting)) = self.replica.read(Waiting::Read(reply)) {
+                    waiting.fail(propose_error(e));
                 }
             }
             Command::Status { reply } => {
-                let _ = reply.send(self.raw.status());
+                let _ = reply.send(self.replica.status());
             }
-            Command::Shutdown => {}
+            Command::Shutdown => return false,
         }
+        true
     }
 
-    fn process_ready(&mut self) -> Result<(), NodeError> {
-        while self.raw.has_ready() {
-            let rd = self.raw.ready();
-            self.carry_out(rd)?;
-            self.raw.advance();
-            self.maybe_snapshot();
-        }
-        Ok(())
-    }
-
-    fn carry_out(&mut self, mut rd: Ready) -> Result<(), NodeError> {
-        if let Some(soft) = rd.soft_state {
-            let term = self.raw.status().term;
-            info!(role = %crate::ready::role_text(soft.role), leader = %crate::ready::leader_text(soft.leader), %term,
-                "role changed");
-            if soft.role != Role::Leader {
-                // Reads in flight were issued to us as leader; they will never complete.
-                for (_, (_, reply)) in std::mem::take(&mut self.pending_reads) {
-                    let _ = reply.send(Err(ProposeError::NotLeader {
-                        leader: soft.leader,
-                    }));
+    fn answer(&mut self) {
+        for done in self.replica.take_done() {
+            match done {
+                Done::Applied {
+                    tag, index, term, ..
+                } => {
+                    if let Waiting::Proposal(r) = tag {
+                        let _ = r.send(Ok(Proposed { index, term }));
+                    }
                 }
-            }
-        }
-        // 1. Messages that promise nothing unpersisted.
-        for m in std::mem::take(&mut rd.messages) {
-            self.send(m);
-        }
-        // 2. Persist, then one fsync.
-        self.persist(&rd)?;
-        // 3. Messages that promise what step 2 made durable.
-        for m in std::mem::take(&mut rd.persisted_messages) {
-            self.send(m);
-        }
-        // 4. Apply.
-        if let Some(snapshot) = &rd.snapshot {
-            self.state_machine
-                .restore(snapshot)
-                .map_err(|reason| NodeError::Restore {
-                    index: snapshot.meta.index,
-                    reason,
-                })?;
-            self.applied = snapshot.meta.index;
-            self.resolve_proposals_up_to(snapshot.meta.index, None);
-        }
-        for e in &rd.committed_entries {
-            debug_assert_eq!(e.index, self.applied.next(), "entries apply in order");
-            if e.kind == EntryKind::Normal {
-                self.state_machine.apply(e.index, &e.data);
-            }
-            self.applied = e.index;
-            self.resolve_proposals_up_to(e.index, Some(e.term));
-        }
-        // 5. Our own snapshot: persist it and compact the log.
-        if let Some(snapshot) = rd.compact.take() {
-            let index = snapshot.meta.index;
-            let (storage, disk) = (self.raw.storage_mut(), &mut self.disk);
-            crate::ready::in_place(|| storage.compact(disk, snapshot))
-                .map_err(|e| self.storage_error(e))?;
-            debug!(%index, "log compacted");
-        }
-        // 6. Reads that are now safe.
-        for read in rd.read_states.drain(..) {
-            let Ok(bytes) = <[u8; 8]>::try_from(read.context.as_slice()) else {
-                continue;
-            };
-            if let Some((_, reply)) = self.pending_reads.remove(&u64::from_le_bytes(bytes)) {
-                let _ = reply.send(Ok(read.index));
-            }
-        }
-        Ok(())
-    }
-
-    fn persist(&mut self, rd: &Ready) -> Result<(), NodeError> {
-        let result = crate::ready::persist_ready(self.raw.storage_mut(), &mut self.disk, rd);
-        result.map_err(|e| self.storage_error(e))
-    }
-
-    fn storage_error(&self, source: shoal_storage::Error) -> NodeError {
-        NodeError::Storage {
-            dir: self.config.data_dir.display().to_string(),
-            source,
-        }
-    }
-
-    fn send(&mut self, m: Message) {
-        crate::ready::send(&self.transport, m);
-    }
-
-    /// Answers the waiting proposals at or below `index`: applied if the entry there has the
-    /// term they were appended in, lost otherwise.
-    fn resolve_proposals_up_to(&mut self, index: LogIndex, term: Option<Term>) {
-        while let Some(entry) = self.pending_proposals.first_entry() {
-            if *entry.key() > index {
-                break;
-            }
-            let (at, (proposed_term, reply)) = entry.remove_entry();
-            let result = if at == index && term == Some(proposed_term) {
-                Ok(Proposed {
-                    index: at,
-                    term: proposed_term,
-                })
-            } else {
                 // Replaced by entries of another leader, or skipped by a snapshot (which cannot
-                // say whether our entry is inside it): report it lost; clients retry
-                // idempotently (request ids, DESIGN.md §3).
-                Err(ProposeError::Lost { index: at })
-            };
-            let _ = reply.send(result);
-        }
-    }
-
-    /// Fails the read-index requests older than `read_timeout_ticks`.
-    fn expire_reads(&mut self) {
-        while let Some(entry) = self.pending_reads.first_entry() {
-            if entry.get().0.saturating_add(self.config.read_timeout_ticks) > self.ticks {
-                break;
-            }
-            let (_, reply) = entry.remove();
-            let _ = reply.send(Err(ProposeError::Busy("read timed out".into())));
-        }
-    }
-
-    fn maybe_snapshot(&mut self) {
-        let Some(every) = self.config.snapshot_every else {
-            return;
-        };
-        let first = self.raw.status().first_index;
-        if self.applied.0 >= first.0.saturating_add(every) {
-            let data = self.state_machine.snapshot();
-            match self.raw.snapshot(self.applied, data) {
-                Ok(()) => debug!(index = %self.applied, "snapshot requested"),
-                Err(e) => debug!(error = %e, "snapshot refused"),
-            }
-        }
-    }
-
-    fn fail_pending(&mut self) {
-        for (_, (_, reply)) in std::mem::take(&mut self.pending_proposals) {
-            let _ = reply.send(Err(ProposeError::Stopped));
-        }
-        for (_, (_, reply)) in std::mem::take(&mut self.pending_reads) {
-            let _ = reply.send(Err(ProposeError::Stopped));
-        }
-        while let Ok(c) = self.commands.try_recv() {
-            match c {
-                Command::Propose { reply, .. } => {
-                    let _ = reply.send(Err(ProposeError::Stopped));
+                // say whether our entry is inside it): lost; clients retry idempotently.
+                Done::Lost { tag, index } => tag.fail(ProposeError::Lost { index }),
+                Done::ReadReady { tag, index } => {
+                    if let Waiting::Read(r) = tag {
+                        let _ = r.send(Ok(index));
+                    }
                 }
-                Command::ReadIndex { reply } => {
-                    let _ = reply.send(Err(ProposeError::Stopped));
-                }
-                Command::Status { .. } | Command::Shutdown => {}
+                Done::ReadFailed { tag, reason } => tag.fail(match reason {
+                    ReadFailure::NotLeader { leader } => ProposeError::NotLeader { leader },
+                    ReadFailure::TimedOut => ProposeError::Busy("read timed out".into()),
+                }),
             }
         }
+    }
+
+    fn stop(&mut self, commands: &mut mpsc::Receiver<Command>) {
+        for waiting in self.replica.drain_waiting() {
+            waiting.fail(ProposeError::Stopped);
+        }
+        {
+            commands.close();
+            while let Ok(c) = commands.try_recv() {
+                match c {
+                    Command::Propose { reply, .. } => {
+                        let _ = reply.send(Err(ProposeError::Stopped));
+                    }
+                    Command::ReadIndex { reply } => {
+                        let _ = reply.send(Err(ProposeError::Stopped));
+                    }
+                    Command::Status { .. } | Command::Shutdown => {}
+                }
+            }
+        }
+    }
+}
+
+/// A fatal error of the replica other than storage: an unusable snapshot or entry.
+fn node_error(e: shoal_replica::Error) -> NodeError {
+    match e {
+        shoal_replica::Error::Unusable {
+            what: "snapshot",
+            index,
+            reason,
+        } => NodeError::Restore {
+            index: LogIndex(index),
+            reason,
+        },
+        shoal_replica::Error::Raft(e) => NodeError::Raft(e),
+        other => NodeError::Replica(other),
     }
 }
 

@@ -1,13 +1,6 @@
-//! What every tokio driver of a Raft core does the same way, whichever state machine sits on
-//! top (the generic [`crate::node`] driver and the KV server's [`crate::kv::server`]): persist
-//! a `Ready` with one fsync, run disk work without stalling the runtime, and seed the
-//! election-timeout jitter.
-
-use shoal_raft::{Message, Ready};
-use shoal_storage::{DurableStorage, StdDisk};
-use tracing::warn;
-
-use crate::transport::Transport;
+//! Small pieces every server of the runtime shares: the election-timeout seed, and how roles,
+//! leaders and errors are written in logs and messages. (The `Ready` pipeline itself is in
+//! [`crate::driver`].)
 
 /// The seed of the core's election-timeout jitter. The core is deterministic given its seed;
 /// in production nodes must not share one, so it mixes the node id with the wall clock and
@@ -54,50 +47,6 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     out
-}
-
-/// Step 2 of a `Ready`: write the received snapshot, the new entries and the hard state, then
-/// one fsync covers them all (group commit). Nothing to write: no fsync.
-pub(crate) fn persist_ready(
-    storage: &mut DurableStorage,
-    disk: &mut StdDisk,
-    rd: &Ready,
-) -> Result<(), shoal_storage::Error> {
-    if rd.snapshot.is_none() && rd.entries.is_empty() && rd.hard_state.is_none() {
-        return Ok(());
-    }
-    in_place(|| {
-        if let Some(s) = &rd.snapshot {
-            storage.apply_snapshot(disk, s.clone())?;
-        }
-        storage.append(disk, &rd.entries)?;
-        if let Some(hs) = rd.hard_state {
-            storage.set_hard_state(disk, hs)?;
-        }
-        storage.sync(disk)
-    })
-}
-
-/// Runs blocking disk work. On a multi-threaded runtime the worker thread is handed over for
-/// the duration, so the transport's and the connections' tasks keep running during an fsync.
-pub(crate) fn in_place<T>(op: impl FnOnce() -> T) -> T {
-    let multi_thread = matches!(
-        tokio::runtime::Handle::current().runtime_flavor(),
-        tokio::runtime::RuntimeFlavor::MultiThread
-    );
-    if multi_thread {
-        tokio::task::block_in_place(op)
-    } else {
-        op()
-    }
-}
-
-/// Hands a message of the core to the transport.
-pub(crate) fn send(transport: &Transport<Message>, m: Message) {
-    let to = m.to.0;
-    if let Err(e) = transport.send(to, m) {
-        warn!(error = %e, "core addressed a message to an unknown server");
-    }
 }
 
 #[cfg(test)]

@@ -11,8 +11,10 @@ use shoal_check::models::{Expected as CExpected, KvInput, KvOutput, VersionedKv}
 use shoal_check::{check, Budget, HistoryBuilder, Verdict};
 use shoal_kv::{
     Action, Clerk, ClerkConfig, KvRsm, Lock, LockStep, Outcome, RsmConfig, SingleServer,
+    StoreSnapshot,
 };
 use shoal_raft::{Config, Message as RaftMessage, NodeId};
+use shoal_replica::sim::SimPipeline;
 use shoal_sim::rand::Rng;
 use shoal_sim::{Ctx, Failure, Node, OpId, Sim, SimTime};
 use shoal_storage::{DurableStorage, StorageConfig};
@@ -28,7 +30,6 @@ pub const HEARTBEAT_TICKS: u32 = 10;
 /// Election timeout base: ELECTION_TICKS ticks (1 s as in the lab's tester would be 100).
 pub const ELECTION_TICKS: u32 = 30;
 const TIMER_TICK: u64 = 0;
-const TIMER_SYNC: u64 = 1;
 const CLUSTER_ID: u64 = 7;
 /// Client timer tokens with this bit are the workload's own sleeps (clerk tokens never have it).
 const SLEEP_BIT: u64 = 1 << 62;
@@ -521,13 +522,18 @@ impl Node<M> for SingleNode {
     fn on_timer(&mut self, _ctx: &mut Ctx<'_, M>, _token: u64) {}
 }
 
-/// A replicated server actor: KvRsm over durable storage on the node's simulated disk.
+/// A replicated server actor: KvRsm over durable storage on the node's simulated disk, driven
+/// by the replica shell's simulator driver (the production pipeline, snapshot jobs included).
 pub struct RaftNode {
     pub n: u64,
     pub config: RsmConfig,
     pub segment_bytes: u64,
-    pub rsm: Option<KvRsm<DurableStorage>>,
-    syncing: Option<shoal_raft::Ready>,
+    pub rsm: Option<KvRsm>,
+    pub pipeline: SimPipeline<StoreSnapshot, M>,
+}
+
+fn route(m: RaftMessage) -> (SimId, M) {
+    (server_sim(m.to.0), KvMessage::Raft(m))
 }
 
 impl RaftNode {
@@ -537,11 +543,11 @@ impl RaftNode {
             config,
             segment_bytes,
             rsm: None,
-            syncing: None,
+            pipeline: SimPipeline::new(route),
         }
     }
 
-    fn rsm(&mut self) -> &mut KvRsm<DurableStorage> {
+    fn rsm(&mut self) -> &mut KvRsm {
         self.rsm.as_mut().expect("started")
     }
 
@@ -551,58 +557,20 @@ impl RaftNode {
         }
     }
 
-    /// Persists the next Ready's writes and waits for the simulated fsync.
-    fn drive(&mut self, ctx: &mut Ctx<'_, M>) {
+    /// Carries the pipeline on, then sends the replies it decided. The simulated replicas only
+    /// ever commit what they proposed and their disks fail only by crashing: an error here is
+    /// a bug, and the failing seed is printed by the harness.
+    fn drive(&mut self, ctx: &mut Ctx<'_, M>, token: Option<u64>) {
+        let rsm = self.rsm.as_mut().expect("started");
+        let result = match token {
+            Some(t) => self
+                .pipeline
+                .on_timer(ctx, rsm.replica_mut(), t)
+                .map(|_| ()),
+            None => self.pipeline.drive(ctx, rsm.replica_mut()),
+        };
+        result.expect("the replica pipeline failed");
         self.flush_replies(ctx);
-        if self.syncing.is_some() {
-            return;
-        }
-        let rsm = self.rsm.as_mut().expect("started");
-        let Some(mut rd) = rsm.ready() else {
-            return;
-        };
-        for m in std::mem::take(&mut rd.messages) {
-            ctx.send(server_sim(m.to.0), KvMessage::Raft(m));
-        }
-        let storage = rsm.raw_mut().storage_mut();
-        let disk = ctx.disk();
-        if let Some(s) = &rd.snapshot {
-            storage
-                .apply_snapshot(disk, s.clone())
-                .expect("snapshot persists");
-        }
-        storage.append(disk, &rd.entries).expect("append");
-        if let Some(hs) = rd.hard_state {
-            storage.set_hard_state(disk, hs).expect("hard state");
-        }
-        self.syncing = Some(rd);
-        let latency = Duration::from_micros(ctx.rng().gen_range(200..2000));
-        ctx.set_timer(latency, TIMER_SYNC);
-    }
-
-    fn finish_sync(&mut self, ctx: &mut Ctx<'_, M>) {
-        let Some(mut rd) = self.syncing.take() else {
-            return;
-        };
-        let rsm = self.rsm.as_mut().expect("started");
-        rsm.raw_mut().storage_mut().sync(ctx.disk()).expect("sync");
-        for m in std::mem::take(&mut rd.persisted_messages) {
-            ctx.send(server_sim(m.to.0), KvMessage::Raft(m));
-        }
-        // The simulated replicas only ever commit what they proposed: an unusable entry or
-        // snapshot here is a bug, and the failing seed is printed by the harness.
-        rsm.apply(&rd)
-            .expect("a committed entry or snapshot is unusable");
-        if let Some(s) = rd.compact.take() {
-            rsm.raw_mut()
-                .storage_mut()
-                .compact(ctx.disk(), s)
-                .expect("compact");
-        }
-        rsm.advance();
-        let bytes = raft_state_bytes(ctx.disk());
-        rsm.maybe_snapshot(bytes);
-        self.drive(ctx);
     }
 }
 
@@ -646,17 +614,16 @@ impl Node<M> for RaftNode {
             KvMessage::Request(r) => self.rsm().handle_request(u64::from(from.0), r),
             KvMessage::Reply(_) => {}
         }
-        self.drive(ctx);
+        self.drive(ctx, None);
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_, M>, token: u64) {
-        match token {
-            TIMER_TICK => {
-                self.rsm().tick();
-                self.drive(ctx);
-                ctx.set_timer(TICK, TIMER_TICK);
-            }
-            _ => self.finish_sync(ctx),
+        if token == TIMER_TICK {
+            self.rsm().tick();
+            self.drive(ctx, None);
+            ctx.set_timer(TICK, TIMER_TICK);
+        } else {
+            self.drive(ctx, Some(token));
         }
     }
 }

@@ -1,0 +1,291 @@
+//! The tokio driver of a replica shell ([`shoal_replica::Replica`]): the one loop that both the
+//! generic [`crate::node`] and the KV server ([`crate::kv::server`]) run.
+//!
+//! One task owns the service (and through it the replica). It waits for a tick, a peer
+//! message, an event of the service (a command, a client request) or a finished snapshot,
+//! takes whatever else is already waiting (up to [`MAX_EVENTS_PER_READY`], so that many
+//! proposals and appends share one fsync), then carries out every `Ready` through the shell:
+//! `write_ready`, send, `sync` (the durability barrier), `on_synced`, send the persisted
+//! messages, start a snapshot job on a thread of its own if the shell handed one out. The
+//! contract of a `Ready` is on `shoal_raft::Ready`.
+//!
+//! Snapshot jobs are serialized and written on a thread at a lower priority with its own
+//! handle on the data directory; the loop only installs the prepared file (a rename and a
+//! directory fsync) and frees the dropped log elsewhere. Serializing and writing tens of
+//! megabytes in the loop used to stall every request for 100–200 ms.
+//!
+//! A storage error, or a committed entry or snapshot the state machine cannot use, stops the
+//! loop with an error (one policy, the shell's).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shoal_raft::Message;
+use shoal_replica::{Replica, SnapshotData, SnapshotJob, StateMachine};
+use shoal_storage::{PreparedSnapshot, StdDisk};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::transport::{Inbound, Transport};
+
+/// Default tick of every Shoal server: the wall-clock length of one Raft tick.
+pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(25);
+/// Peer messages and service events taken per wake-up before the `Ready` is carried out, so
+/// that many requests and appends share one fsync.
+pub const MAX_EVENTS_PER_READY: usize = 256;
+
+/// What a service puts around its replica on the tokio driver.
+pub(crate) trait Service: Send + 'static {
+    /// The state machine the replica hosts.
+    type Machine: StateMachine + Send + 'static;
+    /// Who waits for a proposal or a read.
+    type Tag: Send + 'static;
+    /// What the service's own producers (handles, client connections) send the loop.
+    type Event: Send + 'static;
+
+    /// The replica.
+    fn replica(&mut self) -> &mut Replica<Self::Machine, Self::Tag>;
+    /// One tick of the clock (the replica's, and the service's own duties).
+    fn tick(&mut self);
+    /// A message from peer `from` (proved by the transport's handshake).
+    fn step(&mut self, from: u64, msg: Message) {
+        let me = self.replica().status().id;
+        // A message claiming another sender or addressed to another node is forged or
+        // misrouted.
+        if msg.from.0 != from || msg.to != me {
+            warn!(conn_peer = from, msg_from = %msg.from, msg_to = %msg.to,
+                kind = msg.body.name(), "dropping a message with a wrong sender or receiver");
+            return;
+        }
+        let kind = msg.body.name();
+        if let Err(e) = self.replica().step(msg) {
+            debug!(from, kind, error = %e, "core refused a message");
+        }
+    }
+    /// One event of the service. `false`: stop the loop.
+    fn event(&mut self, event: Self::Event) -> bool;
+    /// After the Readies of a wake-up: answer whoever the replica decided.
+    fn answer(&mut self);
+    /// The loop stops: tell everyone still waiting, and whoever sent `events` not yet taken.
+    fn stop(&mut self, events: &mut mpsc::Receiver<Self::Event>);
+}
+
+type Prepared = Result<PreparedSnapshot, shoal_storage::Error>;
+
+/// The loop's state besides the service.
+pub(crate) struct Driver<S: Service> {
+    pub(crate) service: S,
+    pub(crate) disk: StdDisk,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) transport: Transport<Message>,
+    pub(crate) tick_interval: Duration,
+}
+
+enum Wake<E> {
+    Tick,
+    Peer(u64, Message),
+    Event(E),
+    SnapshotWritten(Prepared),
+    Stop,
+}
+
+impl<S: Service> Driver<S>
+where
+    <S::Machine as StateMachine>::Snapshot: SnapshotData,
+{
+    /// Runs until `shutdown` completes, an event says stop, the transport closes, or a fatal
+    /// error.
+    pub(crate) async fn run(
+        mut self,
+        mut inbound: Inbound<Message>,
+        mut events: mpsc::Receiver<S::Event>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), shoal_replica::Error> {
+        // The ticker is the driver's only clock: Raft sees time only as ticks. A tick the loop
+        // was too busy to take is taken late, never twice.
+        let mut ticker = tokio::time::interval(self.tick_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (snapshot_tx, mut snapshots) = mpsc::channel::<Prepared>(1);
+        tokio::pin!(shutdown);
+        let result = loop {
+            let wake = tokio::select! {
+                _ = ticker.tick() => Wake::Tick,
+                m = inbound.recv() => match m {
+                    Some((from, msg)) => Wake::Peer(from, msg),
+                    None => Wake::Stop,
+                },
+                e = events.recv() => match e {
+                    Some(e) => Wake::Event(e),
+                    None => Wake::Stop,
+                },
+                Some(s) = snapshots.recv() => Wake::SnapshotWritten(s),
+                _ = &mut shutdown => Wake::Stop,
+            };
+            let mut stop = match self.wake(wake) {
+                Ok(go_on) => !go_on,
+                Err(e) => break Err(e),
+            };
+            // Take whatever else is already waiting, so that it shares one Ready (and fsync).
+            for _ in 0..MAX_EVENTS_PER_READY {
+                if stop {
+                    break;
+                }
+                let wake = if let Ok((from, msg)) = inbound.try_recv() {
+                    Wake::Peer(from, msg)
+                } else if let Ok(e) = events.try_recv() {
+                    Wake::Event(e)
+                } else {
+                    break;
+                };
+                // Peer messages and service events never fail.
+                stop = matches!(self.wake(wake), Ok(false));
+            }
+            if let Err(e) = self.process_ready(&snapshot_tx) {
+                break Err(e);
+            }
+            self.service.answer();
+            if stop {
+                break Ok(());
+            }
+        };
+        self.service.stop(&mut events);
+        self.transport.shutdown();
+        result
+    }
+
+    /// Feeds one wake-up to the service. `Ok(false)`: stop.
+    fn wake(&mut self, wake: Wake<S::Event>) -> Result<bool, shoal_replica::Error> {
+        match wake {
+            Wake::Tick => self.service.tick(),
+            Wake::Peer(from, msg) => self.service.step(from, msg),
+            Wake::Event(e) => return Ok(self.service.event(e)),
+            Wake::SnapshotWritten(prepared) => self.install(prepared)?,
+            Wake::Stop => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Carries out every `Ready` the replica has.
+    fn process_ready(
+        &mut self,
+        snapshot_tx: &mpsc::Sender<Prepared>,
+    ) -> Result<(), shoal_replica::Error> {
+        loop {
+            let replica = self.service.replica();
+            let (disk, transport) = (&mut self.disk, &self.transport);
+            // Write, send what promises nothing, fsync: one hand-over of the worker thread.
+            let unsynced = in_place(|| {
+                let Some(mut unsynced) = replica.write_ready(disk)? else {
+                    return Ok(None);
+                };
+                if let Some(soft) = unsynced.soft_state() {
+                    let term = replica.status().term;
+                    info!(role = %crate::ready::role_text(soft.role),
+                        leader = %crate::ready::leader_text(soft.leader), term = term.0,
+                        "role changed");
+                }
+                for m in std::mem::take(&mut unsynced.messages) {
+                    send(transport, m);
+                }
+                replica.sync(disk)?;
+                Ok::<_, shoal_replica::Error>(Some(unsynced))
+            })?;
+            let Some(unsynced) = unsynced else {
+                return Ok(());
+            };
+            let synced = replica.on_synced(disk, unsynced)?;
+            for m in synced.messages {
+                send(transport, m);
+            }
+            if let Some(job) = synced.snapshot {
+                self.start_snapshot(job, snapshot_tx);
+            }
+        }
+    }
+
+    /// Serializes and writes a snapshot on a thread of its own, with its own handle on the
+    /// data directory; the result comes back as a wake-up.
+    fn start_snapshot(
+        &mut self,
+        job: SnapshotJob<<S::Machine as StateMachine>::Snapshot>,
+        tx: &mpsc::Sender<Prepared>,
+    ) {
+        let index = job.index();
+        info!(index = index.0, "snapshot started");
+        let dir = self.data_dir.clone();
+        let tx = tx.clone();
+        let work = move || {
+            lower_this_threads_priority();
+            let result = StdDisk::new(&dir)
+                .map_err(shoal_storage::Error::Disk)
+                .and_then(|mut disk| job.prepare(&mut disk));
+            // The server may have stopped meanwhile; the temporary file is removed at open.
+            let _ = tx.blocking_send(result);
+        };
+        // A thread of its own (not the blocking pool), because it lowers its own priority.
+        let spawned = std::thread::Builder::new()
+            .name("shoal-snapshot".into())
+            .spawn(work);
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the snapshot thread; snapshot skipped");
+            self.service.replica().abandon_snapshot();
+        }
+    }
+
+    /// Installs a snapshot written off the loop (a rename and a directory fsync).
+    fn install(&mut self, prepared: Prepared) -> Result<(), shoal_replica::Error> {
+        let index = prepared.as_ref().ok().map(|p| p.meta().index);
+        let (replica, disk) = (self.service.replica(), &mut self.disk);
+        match in_place(|| replica.install_snapshot(disk, prepared))? {
+            Some(dropped) => {
+                info!(
+                    index = index.map_or(0, |i| i.0),
+                    entries = dropped.len(),
+                    "snapshot written, log compacted"
+                );
+                // Freeing a few hundred thousand entries takes milliseconds: not in the loop.
+                tokio::task::spawn_blocking(move || drop(dropped));
+            }
+            None => debug!("snapshot written but superseded by a newer one: discarded"),
+        }
+        Ok(())
+    }
+}
+
+/// Runs blocking disk work. On a multi-threaded runtime the worker thread is handed over for
+/// the duration, so the transport's and the connections' tasks keep running during an fsync.
+pub(crate) fn in_place<T>(op: impl FnOnce() -> T) -> T {
+    let multi_thread = matches!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    if multi_thread {
+        tokio::task::block_in_place(op)
+    } else {
+        op()
+    }
+}
+
+/// Hands a message of the core to the transport.
+fn send(transport: &Transport<Message>, m: Message) {
+    let to = m.to.0;
+    if let Err(e) = transport.send(to, m) {
+        warn!(error = %e, "core addressed a message to an unknown server");
+    }
+}
+
+/// Gives the calling thread a lower CPU priority (nice +10), so that serializing a snapshot
+/// (tens of milliseconds of CPU on every server at about the same moment) yields to the
+/// loops that answer requests instead of competing with them on a small machine. Best
+/// effort: on failure the thread keeps its priority.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's own id, no memory is passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
+            debug!("could not lower the snapshot thread's priority");
+        }
+    }
+}
