@@ -116,7 +116,6 @@ pub struct ReplicaConfig {
     pub fail_proposals_on_leadership_loss: bool,
 }
 
-
 /// Why a replica stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
