@@ -451,7 +451,10 @@ impl<SM: StateMachine, T> Replica<SM, T> {
                 self.snapshots_installed += 1;
                 // Whether a waiting proposal is inside the snapshot is unknown: lost.
                 self.resolve_up_to(index, None);
-                tracing::info!(index = index.0, "restored snapshot (received from the leader)");
+                tracing::info!(
+                    index = index.0,
+                    "restored snapshot (received from the leader)"
+                );
             }
         }
         for e in &rd.committed_entries {

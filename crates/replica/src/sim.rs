@@ -54,9 +54,10 @@ pub trait Observer {
         let _ = (ctx_node, leader_term, ready);
     }
     /// `ready`'s writes are durable and its committed entries are about to be applied, while
-    /// the node's term is `term`.
-    fn applying(&mut self, ctx_node: shoal_sim::NodeId, term: u64, ready: &Ready) {
-        let _ = (ctx_node, term, ready);
+    /// the node's term is `term`; entries at or below `applied` (the replica's applied index,
+    /// or the index of the snapshot `ready` restores if higher) are skipped.
+    fn applying(&mut self, ctx_node: shoal_sim::NodeId, term: u64, applied: u64, ready: &Ready) {
+        let _ = (ctx_node, term, applied, ready);
     }
     /// The node's own snapshot at `index` (of `term`) was installed and the log before it
     /// dropped.
@@ -170,7 +171,15 @@ impl<D: SnapshotData, M: shoal_sim::Message> SimPipeline<D, M> {
                 };
                 replica.sync(ctx.disk())?;
                 let term = replica.status().term.0;
-                self.observer.applying(ctx.id(), term, &unsynced.ready);
+                let applied = unsynced
+                    .ready
+                    .snapshot
+                    .as_ref()
+                    .map_or(replica.applied().0, |s| {
+                        replica.applied().0.max(s.meta.index.0)
+                    });
+                self.observer
+                    .applying(ctx.id(), term, applied, &unsynced.ready);
                 let synced = replica.on_synced(ctx.disk(), unsynced)?;
                 self.send(ctx, synced.messages);
                 if let Some(job) = synced.snapshot {
