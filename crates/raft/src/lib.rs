@@ -16,6 +16,12 @@
 //!
 //! # Driving a node
 //!
+//! A driver carries out each [`Ready`] in the order its documentation states, with the
+//! reasons; the steps in the example below are numbered as there. Services do not drive a
+//! `RawNode` themselves: they host their state machine in the replica shell
+//! (`shoal_replica::Replica`), which does it for the tokio driver and the simulator's alike
+//! (`docs/architecture.md`). This bare loop is what the core's own tests use.
+//!
 //! ```
 //! use shoal_raft::{Config, MemStorage, NodeId, RawNode, Ready};
 //!

@@ -24,16 +24,59 @@ pub struct SoftState {
     pub leader: Option<NodeId>,
 }
 
-/// Work for the driver, to be carried out **in this order**, then [`RawNode::advance`]:
+/// Work for the driver, to be carried out **in this order**, then [`RawNode::advance`].
 ///
-/// 1. send `messages` (they do not depend on anything unpersisted; a leader's appends go out in
-///    parallel with its own fsync);
-/// 2. persist `snapshot`, `entries` (replacing any stored entry at or after `entries[0].index`)
-///    and `hard_state`, with one fsync (entries before the hard state that covers them);
-/// 3. send `persisted_messages` — only now, since they promise what step 2 made durable;
-/// 4. restore the state machine from `snapshot`, then apply `committed_entries` in order;
-/// 5. persist `compact` (the service's own snapshot) and discard the log up to its index;
-/// 6. serve `read_states` (their index is already applied).
+/// This is the one authoritative statement of the contract; every other doc (the replica
+/// shell `shoal_replica`, the drivers, `docs/raft.md`, `docs/runtime.md`, `docs/kv.md`)
+/// refers here instead of restating it.
+///
+/// 1. **Send [`Ready::messages`] at once.** Only a leader's appends, heartbeats, snapshots,
+///    `TimeoutNow` and read-index answers go here: they depend only on its term, which it
+///    made durable before it could win. So a leader's appends go out while its own fsync runs
+///    (thesis §10.2.1); it counts itself towards a commit only once step 7 reports its
+///    entries durable.
+/// 2. **Write** [`Ready::snapshot`] (it replaces the whole log), then [`Ready::entries`]
+///    (replacing any stored entry at or after `entries[0].index`), then
+///    [`Ready::hard_state`] (entries before the hard state whose commit index covers them),
+///    and make them durable with **one fsync** (group commit: one per file written). That
+///    fsync is **the durability barrier**: everything below waits for it, and nothing above
+///    depends on it.
+/// 3. **Send [`Ready::persisted_messages`]** (everything else: votes, vote requests, append
+///    acknowledgements, forwarded requests) only after the barrier: they promise what step 2
+///    made durable. Sent earlier, a crash could forget a vote already granted or a
+///    candidate's new term (two leaders in one term), or an entry already counted towards a
+///    commit (a committed entry lost).
+/// 4. **Restore** the state machine from `snapshot` (now durable), then **apply**
+///    [`Ready::committed_entries`] in order. They never go past this node's durable log: the
+///    core hands out committed entries only up to the index the last `advance` reported
+///    durable, and none in a `Ready` that carries a snapshot.
+/// 5. **Persist [`Ready::compact`]** and discard the log up to and including its index. It
+///    is filled only by [`RawNode::snapshot`], a snapshot of state already applied, so it
+///    comes after step 4. Services no longer use it: the replica shell
+///    (`shoal_replica::Replica`) takes [`RawNode::snapshot_meta`] and the state machine's
+///    copy as a *snapshot job*, which its driver serializes and writes off its loop and
+///    installs later, between two `Ready`s (`DurableStorage::install_prepared_releasing`:
+///    a rename and a directory fsync), so that tens of megabytes are never written inside
+///    the loop. `compact` remains for drivers of a bare `RawNode` (the core's own tests,
+///    the example in the crate docs); Raft needs nothing back from either path, since it
+///    reads its first index from the storage.
+/// 6. **Serve [`Ready::read_states`]**: each is a read whose leadership was confirmed after
+///    it arrived; answer it from the state machine once it has applied at least
+///    [`ReadState::index`] (already true when the `Ready` is handed out).
+/// 7. **Call [`RawNode::advance`]**: the core learns that step 2 is durable (a leader may
+///    now count itself towards commits, so its next `Ready` may commit more) and that step 4
+///    is applied. Do not call [`RawNode::ready`] again before (it panics).
+///
+/// Steps 3 to 6 all follow the barrier; among themselves only the order stated matters
+/// (restore before apply, apply before `compact` and before serving reads), so a driver may
+/// send the persisted messages after applying, as the replica shell does. A crash anywhere
+/// is safe: before the barrier it loses or tears only writes that nothing sent or applied
+/// depends on; after it, a restart recovers them from the disk. The simulator's driver
+/// completes the fsync on a timer, so crashes do land between step 2 and the barrier.
+///
+/// [`Ready::soft_state`] asks for nothing durable: it reports a role or leader change, for the
+/// driver's log and for the state machine (the replica shell tells it before applying the
+/// entries of the same `Ready`).
 #[derive(Debug, Default)]
 #[must_use = "a Ready must be carried out and then advanced"]
 pub struct Ready {
@@ -46,14 +89,15 @@ pub struct Ready {
     /// A snapshot from the leader: persist it (replacing the whole log) and restore the state
     /// machine from it.
     pub snapshot: Option<Snapshot>,
-    /// Messages that can be sent at once.
+    /// Messages that can be sent at once (step 1).
     pub messages: Vec<Message>,
-    /// Messages to send only after step 2 is durable.
+    /// Messages to send only after step 2 is durable (step 3).
     pub persisted_messages: Vec<Message>,
     /// Committed entries to apply, in order.
     pub committed_entries: Vec<Entry>,
     /// A snapshot the service asked for with [`RawNode::snapshot`]: persist it, then discard
-    /// the log up to and including its index.
+    /// the log up to and including its index (step 5; empty under the replica shell, which
+    /// uses snapshot jobs instead).
     pub compact: Option<Snapshot>,
     /// Reads that are now safe to serve.
     pub read_states: Vec<ReadState>,

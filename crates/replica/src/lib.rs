@@ -24,10 +24,10 @@
 //! ```
 //!
 //! The order of a `Ready`'s steps and why is stated once, on [`shoal_raft::Ready`]. The tokio
-//! driver runs `sync` at once; the simulator's ([`sim`], feature `sim`) runs it after a simulated
-//! fsync latency, so that a crash can land between the write and the barrier, and runs a
-//! snapshot job as two later events (prepare, install), so that a crash can land at every step
-//! of the snapshot pipeline.
+//! driver runs `sync` at once; the simulator's (module `sim`, feature `sim`) runs it after a
+//! simulated fsync latency, so that a crash can land between the write and the barrier, and
+//! runs a snapshot job as two later events (prepare, install), so that a crash can land at
+//! every step of the snapshot pipeline.
 //!
 //! # Faults
 //!

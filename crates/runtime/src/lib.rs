@@ -3,8 +3,11 @@
 //!
 //! **What this crate owns:** the [`transport`] (one listener per node for peers and clients,
 //! one outbound connection per peer with jittered exponential backoff, bounded per-peer
-//! queues, batched writes, handshake validation) and the Raft [`node`] driver: ticker, the
-//! `Ready` loop with its durability barrier, proposals, reads and clean shutdown.
+//! queues, batched writes, handshake validation); the one tokio driver of a replica shell
+//! (`shoal_replica::Replica`, in the private `driver` module: ticker, batching of events per
+//! `Ready`, the shell's pipeline with its durability barrier, snapshot jobs on a thread of
+//! their own), on which run the generic Raft [`node`] (proposals, reads, clean shutdown) and
+//! the [`kv`] server; and the demo replicated log behind `shoal raft node`.
 //!
 //! **What it must never do:** contain protocol logic (a decision about terms, logs or votes
 //! belongs in the protocol crates, where the simulator can test it), send a message that

@@ -1,13 +1,13 @@
 //! The generic Raft node: any [`StateMachine`] hosted by the replica shell
-//! ([`shoal_replica::Replica`]) on the tokio replica driver ([`crate::driver`]), with the TCP
-//! [`Transport`], durable storage on a real directory and a ticker. Callers use a
-//! [`NodeHandle`]: propose, read-index, status, shutdown.
+//! ([`shoal_replica::Replica`]) on the tokio replica driver (the crate-private `driver`
+//! module, `driver.rs`), with the TCP [`Transport`], durable storage on a real directory and a
+//! ticker. Callers use a [`NodeHandle`]: propose, read-index, status, shutdown.
 //!
-//! The driver carries out every `Ready` in the order stated on `shoal_raft::Ready`; durability
-//! is a barrier (`persisted_messages` are sent, and committed entries applied, only after the
-//! fsync that covers them returned). A storage error stops the node (a failed fsync leaves the
-//! file in an unknown state, so retrying it could lie about durability), and so does a stored
-//! or received snapshot the state machine cannot restore.
+//! The shell carries out every `Ready` (the contract, with its durability barrier, is stated
+//! once on `shoal_raft::Ready`); this module adds only the handles' commands and their
+//! answers. One error policy, the shell's: a storage error stops the node (a failed fsync
+//! leaves the file in an unknown state, so retrying it could lie about durability), and so
+//! does a stored or received snapshot the state machine cannot restore.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

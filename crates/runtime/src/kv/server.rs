@@ -1,6 +1,6 @@
-//! The KV server: one [`KvRsm`] on the tokio replica driver ([`crate::driver`]), with the TCP
-//! [`Transport`] for peers, client connections handed over by the same listener, durable
-//! storage in a real directory and a ticker.
+//! The KV server: one [`KvRsm`] on the tokio replica driver (the crate-private `driver`
+//! module, `driver.rs`), with the TCP [`Transport`] for peers, client connections handed over
+//! by the same listener, durable storage in a real directory and a ticker.
 //!
 //! The driver carries out every `Ready` through the replica shell (the contract is on
 //! `shoal_raft::Ready`); this module adds what a KV server has besides: client connections,
