@@ -87,7 +87,7 @@ impl Workload {
 }
 
 /// What one run did and found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     /// The workload.
     pub workload: Workload,
