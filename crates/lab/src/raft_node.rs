@@ -3,7 +3,7 @@
 //! disk, the fsync completes after a simulated latency (a timer), and only then are the
 //! dependent messages sent, entries applied and the node advanced; a crash in between loses
 //! or tears the unsynced writes. It reports what it writes and applies to the Figure-3
-//! [`Journal`](crate::invariants::Journal).
+//! [`Journal`].
 //!
 //! This is the simulator's Raft driver in one module, so that a driver over a shared replica
 //! shell can replace it in one place. Cluster-wide checks on its nodes are below it.
