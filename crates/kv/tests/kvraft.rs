@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use shoal_kv::{Limits, Outcome, RsmConfig};
+use shoal_lab::invariants::{Invariants, Journal};
 use shoal_raft::Role;
 use shoal_replica::sim::SnapshotStage;
 use shoal_sim::rand::{Rng, SeedableRng};
@@ -27,11 +28,28 @@ struct Cluster {
     servers: Vec<SimId>,
     n: u64,
     clients: Vec<SimId>,
+    /// The Figure-3 checker the servers report to (only when built by `with_invariants`).
+    inv: Option<Invariants>,
 }
 
 impl Cluster {
     fn new(seed: u64, n: u64, net: NetConfig, snapshot_bytes: Option<u64>) -> Cluster {
         Cluster::with_limits(seed, n, net, snapshot_bytes, Limits::default())
+    }
+
+    /// A cluster whose servers report to Raft's Figure-3 checker ([`Cluster::run_checked`]).
+    fn with_invariants(seed: u64, n: u64, net: NetConfig, snapshot_bytes: Option<u64>) -> Cluster {
+        let journal = Journal::default();
+        let mut c = Cluster::build(
+            seed,
+            n,
+            net,
+            snapshot_bytes,
+            Limits::default(),
+            Some(journal.clone()),
+        );
+        c.inv = Some(Invariants::new(journal));
+        c
     }
 
     fn with_limits(
@@ -40,6 +58,17 @@ impl Cluster {
         net: NetConfig,
         snapshot_bytes: Option<u64>,
         limits: Limits,
+    ) -> Cluster {
+        Cluster::build(seed, n, net, snapshot_bytes, limits, None)
+    }
+
+    fn build(
+        seed: u64,
+        n: u64,
+        net: NetConfig,
+        snapshot_bytes: Option<u64>,
+        limits: Limits,
+        journal: Option<Journal>,
     ) -> Cluster {
         let mut sim = Sim::new(
             seed,
@@ -55,14 +84,37 @@ impl Cluster {
             ..RsmConfig::default()
         };
         let servers = (0..n)
-            .map(|_| sim.add_node(move |_| RaftNode::new(n, config, SEGMENT_BYTES)))
+            .map(|_| {
+                let journal = journal.clone();
+                sim.add_node(move |_| {
+                    let node = RaftNode::new(n, config, SEGMENT_BYTES);
+                    match &journal {
+                        Some(j) => node.with_journal(j.clone()),
+                        None => node,
+                    }
+                })
+            })
             .collect();
         Cluster {
             sim,
             servers,
             n,
             clients: Vec::new(),
+            inv: None,
         }
+    }
+
+    /// Runs until `until`, checking Raft's five Figure-3 properties after every event (a
+    /// cluster built by `with_invariants`; otherwise just runs).
+    fn run_checked_until(&mut self, until: SimTime) -> Result<(), Failure> {
+        let Some(inv) = &mut self.inv else {
+            self.sim.run_until(until);
+            return Ok(());
+        };
+        let left = Duration::from_nanos(until.as_nanos().saturating_sub(self.sim.now().as_nanos()));
+        let servers = &self.servers;
+        self.sim
+            .run_checked(left, |sim| inv.check::<M, RaftNode>(sim, servers))
     }
 
     fn server_ids(&self) -> Vec<u64> {
@@ -672,15 +724,16 @@ fn serializable_reads_from_followers() {
 }
 
 /// Randomized nemesis: partitions, crashes (with disk damage), pauses and network changes on
-/// 5 servers for 8 s while 5 clients work on 10 keys; then heal: every client finishes, the
-/// history is linearizable, no acknowledged put is lost, and all servers converge.
+/// 5 servers for 8 s while 5 clients work on 10 keys, Raft's five Figure-3 properties checked
+/// after every event; then heal: every client finishes, the history is linearizable, no
+/// acknowledged put is lost, and all servers converge.
 #[test]
 fn nemesis() {
     check_seeds!(8, |seed| -> Result<(), Failure> {
         // A small threshold on even seeds: snapshot jobs are prepared and installed all the
         // time (hundreds per run), under crashes and partitions.
         let snapshot_bytes = if seed % 2 == 0 { Some(300) } else { None };
-        let mut c = Cluster::new(seed, 5, NetConfig::reliable(), snapshot_bytes);
+        let mut c = Cluster::with_invariants(seed, 5, NetConfig::reliable(), snapshot_bytes);
         let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
         let until = SimTime::from_nanos(8_000_000_000);
         let ids = c.add_clients(5, |_| Work::PutLoop {
@@ -688,7 +741,7 @@ fn nemesis() {
             until,
         });
         c.sim.start_nemesis(NemesisConfig::new(c.servers.clone()));
-        c.sim.run_until(until);
+        c.run_checked_until(until)?;
         c.sim.heal_all();
         c.wait_clients(&ids, Duration::from_secs(60))?;
         // Converge: every server applies the same state.

@@ -2,295 +2,19 @@
 //! simulated disks, ports of the classic Raft lab scenarios (SCENARIOS.md, Lab 3). Each runs
 //! several seeds; `SHOAL_SEEDS=N` runs more, `SHOAL_SEED=S` replays one.
 //!
-//! The driver here is the reference for the simulation driver: entries and hard state are
-//! written on every Ready, the fsync completes after a simulated latency (a timer), and only
-//! then are the dependent messages sent, entries applied and the node advanced. A crash in
-//! between loses or tears the unsynced writes.
+//! The simulated server (`shoal_lab::raft_node::Server`) writes entries and hard state on
+//! every Ready; the fsync completes after a simulated latency (a timer), and only then are the
+//! dependent messages sent, entries applied and the node advanced. A crash in between loses or
+//! tears the unsynced writes. The Figure-3 checker is `shoal_lab::invariants`.
 
-mod invariants;
-
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use invariants::{digest, Invariants, Journal, Obs};
-
-use shoal_raft::{Config, EntryKind, LogIndex, Message, NodeId, RawNode, Ready, Role, Storage};
-use shoal_sim::rand::Rng;
-use shoal_sim::{Ctx, Failure, NetConfig, Node, Sim, SimConfig};
-use shoal_storage::{DurableStorage, StorageConfig};
+use shoal_lab::invariants::{Invariants, Journal};
+use shoal_lab::raft_node::{self, count_applied, Server, SEGMENT_BYTES};
+use shoal_raft::{Message, Role};
+use shoal_sim::{Failure, NetConfig, Sim, SimConfig};
 
 type SimId = shoal_sim::NodeId;
-
-const TICK: Duration = Duration::from_millis(10);
-const TIMER_TICK: u64 = 0;
-const TIMER_SYNC: u64 = 1;
-const CLUSTER_ID: u64 = 42;
-/// Small segments, so compaction frees disk space often (the 3D size bound).
-const SEGMENT_BYTES: u64 = 1024;
-
-fn raft_id(id: SimId) -> NodeId {
-    NodeId(u64::from(id.0) + 1)
-}
-
-fn sim_id(id: NodeId) -> SimId {
-    shoal_sim::NodeId((id.0 - 1) as u32)
-}
-
-/// One Raft server: the core, its storage on the simulated disk, and a state machine that
-/// records the commands it applied.
-struct Server {
-    n: u64,
-    raw: Option<RawNode<DurableStorage>>,
-    /// (index, command) of every applied command, in order.
-    applied: Vec<(u64, Vec<u8>)>,
-    last_applied: u64,
-    /// The Ready whose writes wait for their fsync.
-    syncing: Option<Ready>,
-    /// Take a snapshot every this many applied entries (the 3D tests use 10).
-    snapshot_every: Option<u64>,
-    /// Benchmarks: (command, simulated time in ns) of each apply.
-    apply_times: Vec<(Vec<u8>, u64)>,
-    /// What this server did, for the invariant checker.
-    journal: Journal,
-    /// index → term of every entry written to the disk since the snapshot (a shadow of the
-    /// stored log, kept in step with the writes, rebuilt from the disk at restart).
-    written: BTreeMap<u64, u64>,
-    /// (index, term) of the last entry covered by the stored snapshot.
-    snap: (u64, u64),
-}
-
-impl Server {
-    fn new(n: u64, snapshot_every: Option<u64>, journal: Journal) -> Server {
-        Server {
-            n,
-            raw: None,
-            applied: Vec::new(),
-            last_applied: 0,
-            syncing: None,
-            snapshot_every,
-            apply_times: Vec::new(),
-            journal,
-            written: BTreeMap::new(),
-            snap: (0, 0),
-        }
-    }
-
-    fn observe(&self, obs: Obs) {
-        self.journal.borrow_mut().push(obs);
-    }
-
-    /// The term of the written entry `index` (the snapshot's for its last index).
-    fn written_term(&self, index: u64) -> u64 {
-        if index == self.snap.0 {
-            self.snap.1
-        } else {
-            self.written.get(&index).copied().unwrap_or(0)
-        }
-    }
-
-    /// Mirrors `storage.append(entries)` in the shadow log and reports it.
-    fn record_append(
-        &mut self,
-        me: SimId,
-        leader_term: Option<u64>,
-        entries: &[shoal_raft::Entry],
-    ) {
-        let entries: Vec<_> = entries.iter().filter(|e| e.index.0 > self.snap.0).collect();
-        let Some(head) = entries.first() else { return };
-        let removed = self.written.split_off(&head.index.0);
-        if let Some(lt) = leader_term {
-            for (&i, &t) in &removed {
-                let rewritten = entries.iter().any(|e| e.index.0 == i && e.term.0 == t);
-                if !rewritten {
-                    self.observe(Obs::Overwrite {
-                        node: me,
-                        leader_term: lt,
-                        index: i,
-                        old_term: t,
-                    });
-                }
-            }
-        }
-        for e in entries {
-            let prev_term = self.written_term(e.index.0 - 1);
-            self.written.insert(e.index.0, e.term.0);
-            self.observe(Obs::Entry {
-                node: me,
-                index: e.index.0,
-                term: e.term.0,
-                hash: digest(&e.data),
-                prev_term,
-            });
-        }
-    }
-
-    /// Mirrors a snapshot install (`whole = true`: the log is replaced) or a compaction.
-    fn record_snapshot(&mut self, index: u64, term: u64, whole: bool) {
-        if whole {
-            self.written.clear();
-        } else {
-            self.written = self.written.split_off(&(index + 1));
-        }
-        self.snap = (index, term);
-    }
-
-    fn raw(&mut self) -> &mut RawNode<DurableStorage> {
-        self.raw.as_mut().expect("started")
-    }
-
-    fn status(&self) -> shoal_raft::Status {
-        self.raw.as_ref().expect("started").status()
-    }
-
-    fn propose(&mut self, ctx: &mut Ctx<'_, Message>, data: Vec<u8>) -> Option<LogIndex> {
-        let r = self.raw().propose(data).ok();
-        self.drive(ctx);
-        r
-    }
-
-    /// Writes a Ready's state, then waits for the simulated fsync before the rest.
-    fn drive(&mut self, ctx: &mut Ctx<'_, Message>) {
-        if self.syncing.is_some() {
-            return;
-        }
-        let raw = self.raw.as_mut().expect("started");
-        if !raw.has_ready() {
-            return;
-        }
-        let mut rd = raw.ready();
-        let st = raw.status();
-        let leader_term = (st.role == Role::Leader).then_some(st.term.0);
-        for m in std::mem::take(&mut rd.messages) {
-            ctx.send(sim_id(m.to), m);
-        }
-        let storage = raw.storage_mut();
-        let disk = ctx.disk();
-        if let Some(s) = &rd.snapshot {
-            storage.apply_snapshot(disk, s.clone()).expect("snapshot");
-        }
-        storage.append(disk, &rd.entries).expect("append");
-        if let Some(hs) = rd.hard_state {
-            storage.set_hard_state(disk, hs).expect("hard state");
-        }
-        if let Some(s) = &rd.snapshot {
-            self.record_snapshot(s.meta.index.0, s.meta.term.0, true);
-        }
-        self.record_append(ctx.id(), leader_term, &rd.entries);
-        self.syncing = Some(rd);
-        let latency = Duration::from_micros(ctx.rng().gen_range(200..2000));
-        ctx.set_timer(latency, TIMER_SYNC);
-    }
-
-    fn finish_sync(&mut self, ctx: &mut Ctx<'_, Message>) {
-        let Some(mut rd) = self.syncing.take() else {
-            return;
-        };
-        let raw = self.raw.as_mut().expect("started");
-        raw.storage_mut().sync(ctx.disk()).expect("sync");
-        for m in std::mem::take(&mut rd.persisted_messages) {
-            ctx.send(sim_id(m.to), m);
-        }
-        let me = ctx.id();
-        let node_term = raw.status().term.0;
-        if let Some(s) = &rd.snapshot {
-            self.applied = postcard::from_bytes(&s.data).expect("snapshot decodes");
-            self.last_applied = s.meta.index.0;
-            for (i, d) in &self.applied {
-                self.journal.borrow_mut().push(Obs::Applied {
-                    node: me,
-                    index: *i,
-                    term: None,
-                    hash: digest(d),
-                    node_term,
-                });
-            }
-        }
-        for e in &rd.committed_entries {
-            assert_eq!(e.index.0, self.last_applied + 1, "out-of-order apply");
-            self.last_applied = e.index.0;
-            self.journal.borrow_mut().push(Obs::Applied {
-                node: me,
-                index: e.index.0,
-                term: Some(e.term.0),
-                hash: digest(&e.data),
-                node_term,
-            });
-            if e.kind == EntryKind::Normal {
-                self.applied.push((e.index.0, e.data.clone()));
-                if e.data.starts_with(b"bench") {
-                    self.apply_times
-                        .push((e.data.clone(), ctx.now().as_nanos()));
-                }
-            }
-        }
-        if let Some(s) = rd.compact.take() {
-            let (index, term) = (s.meta.index.0, s.meta.term.0);
-            raw.storage_mut().compact(ctx.disk(), s).expect("compact");
-            if index > self.snap.0 {
-                self.record_snapshot(index, term, false);
-            }
-        }
-        let raw = self.raw.as_mut().expect("started");
-        raw.advance();
-        if let Some(every) = self.snapshot_every {
-            let first = raw.status().first_index.0;
-            if self.last_applied >= first + every {
-                let data = postcard::to_allocvec(&self.applied).expect("encode");
-                let _ = raw.snapshot(LogIndex(self.last_applied), data);
-            }
-        }
-        self.drive(ctx);
-    }
-}
-
-impl Node<Message> for Server {
-    fn on_start(&mut self, ctx: &mut Ctx<'_, Message>) {
-        let id = raft_id(ctx.id());
-        let storage_config = StorageConfig {
-            max_segment_bytes: SEGMENT_BYTES,
-        };
-        let storage = DurableStorage::open(ctx.disk(), CLUSTER_ID, id.0, storage_config)
-            .expect("storage opens");
-        let snap = storage.snapshot().expect("snapshot");
-        if !snap.data.is_empty() {
-            self.applied = postcard::from_bytes(&snap.data).expect("snapshot decodes");
-        }
-        // The recovered log is checked like a written one (torn writes must not break it).
-        self.record_snapshot(snap.meta.index.0, snap.meta.term.0, true);
-        let recovered = storage
-            .entries(
-                storage.first_index(),
-                storage.last_index().next(),
-                usize::MAX,
-            )
-            .expect("entries");
-        self.record_append(ctx.id(), None, &recovered);
-        self.last_applied = snap.meta.index.0;
-        let mut cfg = Config::new(id, (1..=self.n).map(NodeId).collect());
-        cfg.election_tick = 30;
-        cfg.heartbeat_tick = 10;
-        cfg.rng_seed = ctx.rng().gen();
-        cfg.applied = snap.meta.index;
-        self.raw = Some(RawNode::new(cfg, storage).expect("node starts"));
-        ctx.set_timer(TICK, TIMER_TICK);
-    }
-
-    fn on_message(&mut self, ctx: &mut Ctx<'_, Message>, _from: SimId, msg: Message) {
-        let _ = self.raw().step(msg);
-        self.drive(ctx);
-    }
-
-    fn on_timer(&mut self, ctx: &mut Ctx<'_, Message>, token: u64) {
-        match token {
-            TIMER_TICK => {
-                self.raw().tick();
-                self.drive(ctx);
-                ctx.set_timer(TICK, TIMER_TICK);
-            }
-            _ => self.finish_sync(ctx),
-        }
-    }
-}
 
 struct Cluster {
     sim: Sim<Message>,
@@ -325,11 +49,11 @@ impl Cluster {
     /// Runs for `duration`, checking the five Figure 3 properties after every event.
     fn run_checked(&mut self, duration: Duration) -> Result<(), Failure> {
         let (sim, inv, ids) = (&mut self.sim, &mut self.inv, &self.ids);
-        sim.run_checked(duration, |sim| inv.check(sim, ids))
+        sim.run_checked(duration, |sim| inv.check::<Message, Server>(sim, ids))
     }
 
     fn server(&self, id: SimId) -> Option<&Server> {
-        self.sim.node::<Server>(id).filter(|s| s.raw.is_some())
+        raft_node::server(&self.sim, id)
     }
 
     /// Leaders among nodes that are up, with their terms.
@@ -378,7 +102,7 @@ impl Cluster {
         let mut index = None;
         for &id in &self.ids {
             if let Some(s) = self.server(id) {
-                if let Some((i, _)) = s.applied.iter().find(|(_, d)| d == cmd) {
+                if let Some((i, _)) = s.applied().iter().find(|(_, d)| d == cmd) {
                     count += 1;
                     index = Some(*i);
                 }
@@ -396,7 +120,7 @@ impl Cluster {
             for &id in &self.ids.clone() {
                 let cmd = cmd.to_vec();
                 let r = self.sim.call::<Server, _>(id, |s, ctx| {
-                    s.raw.is_some()
+                    s.is_started()
                         && s.status().role == Role::Leader
                         && s.propose(ctx, cmd).is_some()
                 });
@@ -425,22 +149,7 @@ impl Cluster {
     /// Every command any server applied (so committed) is applied on every server: no
     /// acknowledged write lost. Call after healing and a final `one(.., all)`.
     fn check_nothing_lost(&self) -> Result<(), Failure> {
-        let mut everything = std::collections::BTreeSet::new();
-        for &id in &self.ids {
-            if let Some(s) = self.server(id) {
-                everything.extend(s.applied.iter().cloned());
-            }
-        }
-        for &id in &self.ids {
-            let Some(s) = self.server(id) else { continue };
-            let mine: std::collections::BTreeSet<_> = s.applied.iter().cloned().collect();
-            if let Some(missing) = everything.difference(&mine).next() {
-                return Err(self
-                    .sim
-                    .failure(format!("{id} lacks committed entry {missing:?}")));
-            }
-        }
-        Ok(())
+        raft_node::check_nothing_lost(&self.sim, &self.ids).map_err(|m| self.sim.failure(m))
     }
 
     /// Proposes `cmd` on every node that thinks it leads (like the lab's Start on all).
@@ -448,7 +157,7 @@ impl Cluster {
         let mut any = false;
         for &id in &self.ids.clone() {
             let r = self.sim.call::<Server, _>(id, |s, ctx| {
-                s.raw.is_some()
+                s.is_started()
                     && s.status().role == Role::Leader
                     && s.propose(ctx, cmd.to_vec()).is_some()
             });
@@ -473,62 +182,13 @@ impl Cluster {
     /// Log Matching (Figure 3) between every pair of servers that are up: if two logs have an
     /// entry with the same index and term, they are identical up to it.
     fn check_log_matching(&self) -> Result<(), Failure> {
-        let up: Vec<(SimId, &RawNode<DurableStorage>)> = self
-            .ids
-            .iter()
-            .filter_map(|&id| {
-                self.server(id)
-                    .and_then(|s| s.raw.as_ref())
-                    .map(|r| (id, r))
-            })
-            .collect();
-        for (i, (a_id, a)) in up.iter().enumerate() {
-            for (b_id, b) in up.iter().skip(i + 1) {
-                let (sa, sb) = (a.status(), b.status());
-                let lo = sa.first_index.max(sb.first_index);
-                let mut idx = sa.last_index.min(sb.last_index);
-                while idx >= lo && idx.0 > 0 {
-                    if a.log_term(idx) == b.log_term(idx) {
-                        let ea = a.log_entries(lo, idx.next()).expect("entries");
-                        let eb = b.log_entries(lo, idx.next()).expect("entries");
-                        if ea != eb {
-                            return Err(self.sim.failure(format!(
-                                "log matching: {a_id} and {b_id} agree at {idx} but differ before"
-                            )));
-                        }
-                        break;
-                    }
-                    idx = idx.prev();
-                }
-            }
-        }
-        Ok(())
+        raft_node::check_log_matching(&self.sim, &self.ids).map_err(|m| self.sim.failure(m))
     }
 
     /// State machine safety across all servers (up or not).
     fn check_applied_agree(&self) -> Result<(), Failure> {
-        let mut seen: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
-        for &id in &self.ids {
-            if let Some(s) = self.sim.node::<Server>(id) {
-                for (i, d) in &s.applied {
-                    if let Some(prev) = seen.insert(*i, d.clone()) {
-                        if &prev != d {
-                            return Err(self.sim.failure(format!("two commands applied at {i}")));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        raft_node::check_applied_agree(&self.sim, &self.ids).map_err(|m| self.sim.failure(m))
     }
-}
-
-fn count_applied(sim: &Sim<Message>, cmd: &[u8]) -> usize {
-    sim.node_ids()
-        .into_iter()
-        .filter_map(|id| sim.node::<Server>(id))
-        .filter(|s| s.applied.iter().any(|(_, d)| d == cmd))
-        .count()
 }
 
 #[test]
@@ -730,7 +390,7 @@ fn persistence_across_crashes_of_all_nodes() {
         // Every server has all three, in order.
         for &id in &c.ids {
             let s = c.server(id).unwrap();
-            let cmds: Vec<&[u8]> = s.applied.iter().map(|(_, d)| d.as_slice()).collect();
+            let cmds: Vec<&[u8]> = s.applied().iter().map(|(_, d)| d.as_slice()).collect();
             if cmds != [b"11".as_slice(), b"12", b"13"] {
                 return Err(c.sim.failure(format!("server {id} applied {cmds:?}")));
             }
@@ -751,7 +411,7 @@ fn figure_8_with_crashes() {
             let mut leader = None;
             for &id in &c.ids.clone() {
                 let r = c.sim.call::<Server, _>(id, |s, ctx| {
-                    if s.raw.is_some() && s.status().role == Role::Leader {
+                    if s.is_started() && s.status().role == Role::Leader {
                         s.propose(ctx, format!("f{iter}").into_bytes());
                         true
                     } else {
@@ -966,7 +626,7 @@ fn nemesis() {
         for round in 0..100u64 {
             for &id in &ids {
                 let _ = c.sim.call::<Server, _>(id, |s, ctx| {
-                    if s.raw.is_some() && s.status().role == Role::Leader {
+                    if s.is_started() && s.status().role == Role::Leader {
                         s.propose(ctx, format!("n{round}-{id}").into_bytes());
                     }
                 });
@@ -983,13 +643,13 @@ fn nemesis() {
         c.check_log_matching()?;
         let mut everything = std::collections::BTreeSet::new();
         for &id in &ids {
-            for (i, d) in &c.server(id).unwrap().applied {
+            for (i, d) in c.server(id).unwrap().applied() {
                 everything.insert((*i, d.clone()));
             }
         }
         for &id in &ids {
             let mine: std::collections::BTreeSet<_> =
-                c.server(id).unwrap().applied.iter().cloned().collect();
+                c.server(id).unwrap().applied().iter().cloned().collect();
             if let Some(missing) = everything.difference(&mine).next() {
                 return Err(c
                     .sim
@@ -1037,12 +697,12 @@ fn bench_commit_throughput_and_latency() {
             }
             c.sim.run_for(Duration::from_micros(50));
             let s = c.server(leader).unwrap();
-            for (cmd, at) in &s.apply_times[seen..] {
+            for (cmd, at) in &s.apply_times()[seen..] {
                 if let Some(t0) = outstanding.remove(cmd) {
                     latencies.push(at - t0);
                 }
             }
-            seen = s.apply_times.len();
+            seen = s.apply_times().len();
         }
         latencies.sort_unstable();
         let secs = duration_ns as f64 / 1e9;
@@ -1074,7 +734,7 @@ fn bench_election_time_after_leader_crash() {
         let ok = c.sim.run_until_true(Duration::from_secs(10), |sim| {
             sim.node_ids().into_iter().any(|id| {
                 sim.node::<Server>(id)
-                    .and_then(|s| s.raw.as_ref())
+                    .and_then(|s| s.raw())
                     .is_some_and(|r| r.status().role == Role::Leader)
             })
         });
@@ -1275,7 +935,7 @@ fn snapcommon(seed: u64, net: NetConfig, disconnect: bool, crash: bool) -> Resul
         for i in 0..n {
             let cmd = format!("s{iter}-{i}").into_bytes();
             let r = c.sim.call::<Server, _>(sender, |s, ctx| {
-                s.raw.is_some() && s.propose(ctx, cmd).is_some()
+                s.is_started() && s.propose(ctx, cmd).is_some()
             });
             let _ = r; // a follower refuses; `one` below retries on the leader
         }

@@ -62,7 +62,8 @@ enum Command {
     Raft(raft_cmd::RaftCommand),
     /// The key/value database: servers, a local cluster, get/put/del/scan, a shell, a lock.
     Kv(kv_cmd::KvCommand),
-    /// Run a deterministic simulation scenario and print its trace.
+    /// Run a deterministic simulation: the heartbeat scenario's trace, or the Raft or KV
+    /// protocol under a nemesis, checked after every event (--workload raft|kv).
     Sim(sim_cmd::SimArgs),
     /// Benchmarks that print Shoal's figures next to the baselines they must beat.
     #[command(subcommand)]

@@ -1,49 +1,92 @@
-//! `shoal sim` (run a built-in simulated scenario and print its trace and trace hash) and
+//! `shoal sim` (run a simulation: the heartbeat scenario's trace and trace hash, or the Raft /
+//! KV workloads of `shoal-lab` checked after every event, over one seed or many) and
 //! `shoal bench sim` (simulator speed on a 5-node heartbeat cluster).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use shoal_lab::{Report, Workload};
 use shoal_sim::scenarios::{heartbeat_cluster, HEARTBEAT_INTERVAL};
 use shoal_sim::{NemesisConfig, NetConfig, SimConfig};
 
 /// Target of `shoal bench sim`: simulated seconds per wall-clock second.
 const TARGET_SIM_SECONDS_PER_WALL_SECOND: f64 = 1_000.0;
 
+/// `--duration` of the heartbeat scenario when not given.
+const HEARTBEAT_DURATION: Duration = Duration::from_secs(10);
+/// `--duration` (the nemesis phase) of the raft and kv workloads when not given: long enough
+/// for a handful of faults of every kind per seed, short enough that `--seeds 200` of either
+/// takes well under two minutes in a release build (docs/simulator.md has the timings).
+const WORKLOAD_DURATION: Duration = Duration::from_secs(20);
+
+/// What `shoal sim` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WorkloadArg {
+    /// A toy heartbeat cluster: prints its trace, fault summary and trace hash.
+    Heartbeat,
+    /// Raft servers under the nemesis, proposals through the leader, Figure-3 invariants
+    /// checked after every event.
+    Raft,
+    /// The replicated KV under the nemesis, clients putting and getting, Figure-3 invariants
+    /// after every event and the history checked for linearizability.
+    Kv,
+}
+
 /// Arguments of `shoal sim`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = SIM_HELP)]
 pub struct SimArgs {
-    /// Seed of the run: the same seed prints the same trace and hash.
+    /// What to simulate.
+    #[arg(long, value_enum, default_value = "heartbeat")]
+    workload: WorkloadArg,
+    /// Seed of the run (the first one with --seeds): the same seed prints the same output.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Virtual time to simulate, e.g. `10s`, `500ms`, `2m` (a bare number is seconds).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    duration: Duration,
-    /// Nodes in the heartbeat cluster.
+    /// raft and kv: run this many seeds, --seed, --seed + 1, ..., and sum them up.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// Virtual time to simulate, e.g. `10s`, `500ms`, `2m` (a bare number is seconds). The
+    /// heartbeat scenario's whole run (default 10s); for raft and kv the nemesis phase, before
+    /// the heal and the final checks (default 20s).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// heartbeat: nodes in the cluster.
     #[arg(long, default_value_t = 5)]
     nodes: u32,
-    /// Trace lines to print (the last ones).
+    /// Trace lines to print (heartbeat: the last ones; raft and kv: of a failing seed).
     #[arg(long, default_value_t = 40)]
     tail: usize,
-    /// Print the whole trace instead of its tail.
+    /// heartbeat: print the whole trace instead of its tail.
     #[arg(long)]
     full: bool,
-    /// Run without the nemesis (no partitions, crashes or network changes).
+    /// heartbeat: run without the nemesis (no partitions, crashes or network changes).
     #[arg(long)]
     no_nemesis: bool,
 }
 
 const SIM_HELP: &str = "\
-Runs a heartbeat cluster under the nemesis (random partitions, crashes and restarts, pauses,
-network changes) for the first 80% of --duration, heals it, and prints: the last --tail trace
-events, a summary of every fault and repair over the whole run (count per kind and the first
-few with their virtual times), message counters, each node's state, and the trace hash. The
-same --seed prints the same output.
+--workload heartbeat (the default) runs a heartbeat cluster under the nemesis (random
+partitions, crashes and restarts, pauses, network changes) for the first 80% of --duration,
+heals it, and prints: the last --tail trace events, a summary of every fault and repair over
+the whole run (count per kind and the first few with their virtual times), message counters,
+each node's state, and the trace hash.
 
-Example:
-  shoal sim --seed 3 --duration 20s --tail 10";
+--workload raft and --workload kv run the real protocol on 5 servers under the nemesis for
+--duration (partitions, crashes with torn writes, pauses, loss, delay, duplication), check
+Raft's five Figure-3 properties after every event, heal, check that a final write commits,
+and (kv) check the clients' history with `shoal check`'s versioned-KV model. Per seed one line:
+the faults drawn, events, operations checked, the trace hash and the verdict. A failing seed
+prints the violation, the trace tail and the one command that replays it, and the exit code
+is 1. With --seeds N a summary follows (and a progress bar on a terminal).
+
+The same --seed prints the same output, byte for byte.
+
+Examples:
+  shoal sim --seed 3 --duration 20s --tail 10
+  shoal sim --workload kv --seeds 200
+  shoal sim --workload raft --seed 17 --duration 5s";
 
 /// Arguments of `shoal bench sim`.
 #[derive(Debug, clap::Args)]
@@ -89,6 +132,186 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
+    let workload = match args.workload {
+        WorkloadArg::Heartbeat => return run_heartbeat(args),
+        WorkloadArg::Raft => Workload::Raft,
+        WorkloadArg::Kv => Workload::Kv,
+    };
+    if args.full || args.no_nemesis {
+        bail!("--full and --no-nemesis are for --workload heartbeat only");
+    }
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let Some(last) = args.seed.checked_add(args.seeds - 1) else {
+        bail!("--seed + --seeds is past the last seed");
+    };
+    let duration = args.duration.unwrap_or(WORKLOAD_DURATION);
+    run_workload(workload, args.seed..=last, duration, args.tail)
+}
+
+/// Runs `workload` over `seeds`, printing one line per seed (and the details of a failing
+/// one), then a summary. Everything on stdout is a function of the arguments alone.
+fn run_workload(
+    workload: Workload,
+    seeds: std::ops::RangeInclusive<u64>,
+    duration: Duration,
+    tail: usize,
+) -> anyhow::Result<ExitCode> {
+    let (first, last) = (*seeds.start(), *seeds.end());
+    let many = last > first;
+    // A progress bar only for a person watching: never in a pipe or a file (same output).
+    let bar = if many && std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(last - first + 1);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} seeds, {msg} [{elapsed}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let (mut failed, mut gave_up, mut events) = (Vec::new(), 0u64, 0u64);
+    // The simulated servers log through `tracing` with wall-clock stamps: noise here, and
+    // thousands of lines per seed. SHOAL_LOG (e.g. `SHOAL_LOG=info` on a replay) shows them.
+    let quiet = std::env::var_os("SHOAL_LOG").is_none();
+    for seed in seeds {
+        let report = if quiet {
+            let silent = tracing::subscriber::NoSubscriber::default();
+            tracing::subscriber::with_default(silent, || workload.run(seed, duration))
+        } else {
+            workload.run(seed, duration)
+        };
+        events += report.events;
+        if report.history_gave_up.is_some() {
+            gave_up += 1;
+        }
+        if report.outcome.is_err() {
+            failed.push(seed);
+        }
+        let text = format_report(&report, tail, !many);
+        bar.suspend(|| print!("{text}"));
+        bar.set_message(format!("{} failed", failed.len()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if many {
+        let n = last - first + 1;
+        println!(
+            "{}: {n} seeds ({first}..={last}), --duration {}: {} passed, {} failed{}; {events} events",
+            workload.name(),
+            format_duration(duration),
+            n - failed.len() as u64,
+            failed.len(),
+            if gave_up > 0 {
+                format!(" ({gave_up} history checks gave up within their step budget)")
+            } else {
+                String::new()
+            }
+        );
+        if !failed.is_empty() {
+            let list: Vec<String> = failed.iter().map(u64::to_string).collect();
+            println!("failed seeds: {}", list.join(" "));
+        }
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A duration as `--duration` reads it back.
+fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if Duration::from_millis(d.as_millis() as u64) == d {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
+}
+
+/// The command that replays one seed.
+fn replay_command(report: &Report) -> String {
+    format!(
+        "shoal sim --workload {} --seed {} --duration {}",
+        report.workload.name(),
+        report.seed,
+        format_duration(report.duration)
+    )
+}
+
+/// One line per seed; a failure adds the violation, the trace tail (at most `tail` lines) and
+/// the replay command; `detailed` (a single seed) adds the fault summary and the replay
+/// command on success too.
+fn format_report(r: &Report, tail: usize, detailed: bool) -> String {
+    use std::fmt::Write;
+    let faults: Vec<String> = r
+        .faults
+        .counts()
+        .map(|(kind, n)| format!("{} {n}", kind.name()))
+        .collect();
+    let faults = if faults.is_empty() {
+        "none".to_string()
+    } else {
+        faults.join(", ")
+    };
+    let ops = match r.workload {
+        Workload::Raft => format!("proposed {}, committed {}", r.ops, r.committed),
+        Workload::Kv => format!("ops checked {}, puts acked {}", r.ops, r.committed),
+    };
+    let verdict = match (&r.outcome, &r.history_gave_up) {
+        (Err(_), _) => "FAILED".to_string(),
+        (Ok(()), None) => "ok".to_string(),
+        (Ok(()), Some(_)) => "ok (history check gave up within its step budget)".to_string(),
+    };
+    let mut out = format!(
+        "{} seed {}: faults: {faults} | events {} | {ops} | trace hash {:016x} | {verdict}\n",
+        r.workload.name(),
+        r.seed,
+        r.events,
+        r.trace_hash
+    );
+    if detailed && r.faults.total() > 0 {
+        let _ = write!(
+            out,
+            "faults and repairs: {} (count, then the first {} with their times)\n{}",
+            r.faults.total(),
+            shoal_sim::FaultSummary::FIRST_KEPT,
+            r.faults
+        );
+    }
+    if let Err(f) = &r.outcome {
+        let _ = writeln!(out, "  violation: {}", f.message);
+        if let Some(context) = &f.context {
+            // The context is "at T after N events (trace hash H), last events:" and the tail,
+            // one event per line: keep its head line and the last `tail` events.
+            let mut lines = context.lines();
+            if let Some(head) = lines.next() {
+                let _ = writeln!(out, "  {head}");
+            }
+            let events: Vec<&str> = lines.collect();
+            for l in &events[events.len().saturating_sub(tail)..] {
+                let _ = writeln!(out, "  {l}");
+            }
+        }
+    }
+    if detailed || r.outcome.is_err() {
+        let _ = writeln!(out, "replay: {}", replay_command(r));
+    }
+    out
+}
+
+/// `shoal sim --workload heartbeat`: the heartbeat scenario and its trace.
+fn run_heartbeat(args: SimArgs) -> anyhow::Result<ExitCode> {
+    if args.seeds != 1 {
+        bail!("--seeds is for --workload raft and kv");
+    }
+    let duration = args.duration.unwrap_or(HEARTBEAT_DURATION);
     if args.nodes < 2 {
         bail!("--nodes must be at least 2");
     }
@@ -105,10 +328,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
             Some(10),
             config,
         );
-        sim.run_for(args.duration);
+        sim.run_for(duration);
         sim
     } else {
-        nemesis_scenario(args.seed, args.nodes, args.duration, config)
+        nemesis_scenario(args.seed, args.nodes, duration, config)
     };
     let lines = if args.full { usize::MAX } else { args.tail };
     print!("{}", sim.format_trace_tail(lines));
@@ -255,5 +478,55 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("3x").is_err());
+    }
+
+    #[test]
+    fn a_failing_seed_prints_the_violation_the_trace_tail_and_the_replay() {
+        let report = Report {
+            workload: Workload::Kv,
+            seed: 17,
+            duration: Duration::from_millis(2500),
+            faults: shoal_sim::FaultSummary::default(),
+            events: 1234,
+            sim_time: shoal_sim::SimTime::from_nanos(3_000_000_000),
+            ops: 40,
+            committed: 9,
+            history_gave_up: None,
+            trace_hash: 0xabc,
+            outcome: Err(shoal_sim::Failure {
+                message: "history not linearizable: ...".into(),
+                context: Some(
+                    "at 3.000000s after 1234 events (trace hash 0000000000000abc), last events:\n\
+                     [1] a\n[2] b\n[3] c"
+                        .into(),
+                ),
+            }),
+        };
+        let text = format_report(&report, 2, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "kv seed 17: faults: none | events 1234 | ops checked 40, puts acked 9 | trace hash 0000000000000abc | FAILED",
+                "  violation: history not linearizable: ...",
+                "  at 3.000000s after 1234 events (trace hash 0000000000000abc), last events:",
+                "  [2] b",
+                "  [3] c",
+                "replay: shoal sim --workload kv --seed 17 --duration 2500ms",
+            ]
+        );
+    }
+
+    #[test]
+    fn replayed_durations_parse_back() {
+        for d in [
+            Duration::from_secs(5),
+            Duration::from_millis(1500),
+            Duration::from_millis(250),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

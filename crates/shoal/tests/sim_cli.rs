@@ -134,3 +134,69 @@ fn sim_summarises_every_fault_even_when_the_tail_shows_none() {
     let calm = run(&["sim", "--no-nemesis", "--duration", "2s", "--tail", "1"]);
     assert!(calm.contains("faults and repairs: none"), "{calm}");
 }
+
+/// `shoal sim --workload raft|kv`: one line per seed, a summary, the replay command, and the
+/// same output byte for byte on a second run; one seed alone replays its line of a range.
+#[test]
+fn workloads_pass_and_replay_byte_for_byte() {
+    for w in ["raft", "kv"] {
+        let range = [
+            "sim",
+            "--workload",
+            w,
+            "--seed",
+            "5",
+            "--seeds",
+            "3",
+            "--duration",
+            "3s",
+        ];
+        let a = run(&range);
+        assert_eq!(a, run(&range), "{w}: same seeds, same output");
+        let prefix = format!("{w} seed ");
+        let lines: Vec<&str> = a.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert_eq!(lines.len(), 3, "{a}");
+        assert!(lines.iter().all(|l| l.ends_with("| ok")), "{a}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains(" | events ") && l.contains("faults: ")),
+            "{a}"
+        );
+        assert!(
+            a.contains(&format!(
+                "{w}: 3 seeds (5..=7), --duration 3s: 3 passed, 0 failed"
+            )),
+            "{a}"
+        );
+        let one = run(&["sim", "--workload", w, "--seed", "6", "--duration", "3s"]);
+        assert_eq!(one.lines().next(), Some(lines[1]), "{one}");
+        assert!(
+            one.contains(&format!(
+                "replay: shoal sim --workload {w} --seed 6 --duration 3s"
+            )),
+            "{one}"
+        );
+        let other = run(&["sim", "--workload", w, "--seed", "9", "--duration", "3s"]);
+        assert_ne!(one.lines().next(), other.lines().next());
+    }
+}
+
+#[test]
+fn workload_flags_are_checked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["sim", "--seeds", "3"])
+        .output()
+        .expect("runs the shoal binary");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--seeds is for --workload raft and kv"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["sim", "--workload", "kv", "--full"])
+        .output()
+        .expect("runs the shoal binary");
+    assert!(!out.status.success());
+}

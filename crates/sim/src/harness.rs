@@ -174,6 +174,13 @@ pub fn seeds_from(
     Ok((0..count).collect())
 }
 
+/// The trace tail left behind by the last `Sim` dropped while this thread panicked (taken:
+/// a second call returns `None`). For runners that catch a simulation's panic themselves,
+/// like `shoal sim`'s workloads.
+pub fn take_panic_trace() -> Option<String> {
+    PANIC_TRACE.with(|p| p.borrow_mut().take())
+}
+
 /// The report printed for a failing seed.
 pub fn format_failure_report(test: &TestId, seed: u64, failure: &Failure) -> String {
     let mut out = format!(

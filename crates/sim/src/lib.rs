@@ -70,7 +70,9 @@ mod trace;
 pub use disk::{
     CrashPolicy, DiskError, SimDisk, MAX_FILE_BYTES, MAX_FILE_NAME_BYTES, SECTOR_BYTES,
 };
-pub use harness::{format_failure_report, run_seeds, try_run_seeds, Failure, TestId};
+pub use harness::{
+    format_failure_report, run_seeds, take_panic_trace, try_run_seeds, Failure, TestId,
+};
 pub use history::{HistoryError, OpId, Operation};
 pub use nemesis::{
     random_net, random_partition, NemesisConfig, DEFAULT_NEMESIS_MAX_INTERVAL,

@@ -1,4 +1,6 @@
-//! Raft's five safety properties (paper Figure 3), checked after every simulator event.
+//! Raft's five safety properties (paper Figure 3), checked after every simulator event, for
+//! every simulation that runs Raft (the bare Raft servers of [`crate::raft_node`], the KV
+//! replicas of [`crate::kv_node`], whatever message type they exchange).
 //!
 //! Servers report what they do to a shared [`Journal`]: every entry they write to (or recover
 //! from) their disk with the term of its predecessor, every overwrite of a written entry, and
@@ -11,11 +13,18 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use shoal_raft::{LogIndex, RawNode, Role};
-use shoal_sim::Sim;
+use shoal_raft::{Entry, LogIndex, RawNode, Role, Storage};
+use shoal_sim::{Message, Node, Sim};
 use shoal_storage::DurableStorage;
 
 type SimId = shoal_sim::NodeId;
+
+/// A simulated server hosting one Raft group: how the checker reads a node's live Raft state
+/// (its role, term and log) without knowing the node's type or message type.
+pub trait RaftHost {
+    /// The running Raft core, `None` before the node started.
+    fn raft(&self) -> Option<&RawNode<DurableStorage>>;
+}
 
 /// FNV-1a, 64 bits: a deterministic digest of a command.
 pub fn digest(data: &[u8]) -> u64 {
@@ -27,34 +36,48 @@ pub fn digest(data: &[u8]) -> u64 {
     h
 }
 
-/// One thing a server did, as reported by the driver.
+/// One thing a server did, as reported by the driver (through a [`Recorder`]).
 #[derive(Debug, Clone)]
 pub enum Obs {
     /// `node` wrote (or recovered at restart) the entry `index` of `term` with data digest
     /// `hash`; the entry before it in its log has term `prev_term` (the snapshot's term when
     /// `index` follows the snapshot, 0 at index 1).
     Entry {
+        /// The server.
         node: SimId,
+        /// The entry's index.
         index: u64,
+        /// The entry's term.
         term: u64,
+        /// [`digest`] of the entry's data.
         hash: u64,
+        /// The term of the entry before it in the server's log.
         prev_term: u64,
     },
     /// `node` replaced its written entry `index` of term `old_term` while it was the leader of
     /// `leader_term` (the entry was not written back identically in the same batch).
     Overwrite {
+        /// The server.
         node: SimId,
+        /// The term it leads.
         leader_term: u64,
+        /// The overwritten entry's index.
         index: u64,
+        /// The overwritten entry's term.
         old_term: u64,
     },
     /// `node` applied the entry `index` (of `term`, `None` when restored from a snapshot) with
     /// data digest `hash`, while its current term was `node_term`.
     Applied {
+        /// The server.
         node: SimId,
+        /// The entry's index.
         index: u64,
+        /// The entry's term (`None`: restored from a snapshot, term unknown).
         term: Option<u64>,
+        /// [`digest`] of the entry's data.
         hash: u64,
+        /// The server's current term when it applied it.
         node_term: u64,
     },
 }
@@ -100,6 +123,7 @@ pub struct Invariants {
 }
 
 impl Invariants {
+    /// A checker draining `journal` (give its clones to the servers' [`Recorder`]s).
     pub fn new(journal: Journal) -> Invariants {
         Invariants {
             journal,
@@ -107,8 +131,25 @@ impl Invariants {
         }
     }
 
-    /// Checks all five properties against what happened since the previous call.
-    pub fn check(&mut self, sim: &Sim<shoal_raft::Message>, ids: &[SimId]) -> Result<(), String> {
+    /// Checks all five properties against what happened since the previous call, reading the
+    /// live Raft state of the nodes `ids` (those that are up) of type `T`.
+    pub fn check<M: Message, T: Node<M> + RaftHost>(
+        &mut self,
+        sim: &Sim<M>,
+        ids: &[SimId],
+    ) -> Result<(), String> {
+        self.check_nodes(
+            ids.iter()
+                .filter_map(|&id| sim.node::<T>(id).and_then(|n| n.raft()).map(|r| (id, r))),
+        )
+    }
+
+    /// [`Invariants::check`] over explicitly given live Raft cores (for drivers that are not a
+    /// [`RaftHost`] of a [`Sim`]).
+    pub fn check_nodes<'a, S: Storage + 'a>(
+        &mut self,
+        nodes: impl IntoIterator<Item = (SimId, &'a RawNode<S>)>,
+    ) -> Result<(), String> {
         let observed = std::mem::take(&mut *self.journal.borrow_mut());
         for obs in observed {
             match obs {
@@ -134,10 +175,7 @@ impl Invariants {
                 } => self.check_state_machine_safety(node, index, term, hash, node_term)?,
             }
         }
-        for &id in ids {
-            let Some(raw) = sim.node::<crate::Server>(id).and_then(|s| s.raw.as_ref()) else {
-                continue;
-            };
+        for (id, raw) in nodes {
             let st = raw.status();
             if st.role != Role::Leader {
                 continue;
@@ -164,10 +202,10 @@ impl Invariants {
     /// only appends. Checked on the live log: the leader's last entry at the previous event is
     /// still there with the same term (unless compacted into a snapshot), and the log did not
     /// shrink. (Overwrites of written entries are caught by [`check_leader_never_overwrites`].)
-    fn check_leader_append_only(
+    fn check_leader_append_only<S: Storage>(
         &mut self,
         node: SimId,
-        raw: &RawNode<DurableStorage>,
+        raw: &RawNode<S>,
     ) -> Result<(), String> {
         let st = raw.status();
         let term = st.term.0;
@@ -266,10 +304,10 @@ impl Invariants {
     /// present in the logs of the leaders of all higher-numbered terms. An entry applied by a
     /// node in its term `u` was committed in a term `<= u`, so every leader of a term `> u`
     /// must hold it with the same term (or have compacted it into its snapshot).
-    fn check_leader_completeness(
+    fn check_leader_completeness<S: Storage>(
         &mut self,
         node: SimId,
-        raw: &RawNode<DurableStorage>,
+        raw: &RawNode<S>,
     ) -> Result<(), String> {
         let st = raw.status();
         let term = st.term.0;
@@ -309,4 +347,140 @@ fn check_leader_never_overwrites(
         ));
     }
     Ok(())
+}
+
+/// A driver's side of the journal: it mirrors the entries the server wrote to its disk (a
+/// shadow of the stored log, kept in step with the writes and rebuilt from the disk at
+/// restart) and reports writes, overwrites and applies. One per server incarnation.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    journal: Journal,
+    /// index → term of every entry written to the disk since the snapshot.
+    written: BTreeMap<u64, u64>,
+    /// (index, term) of the last entry covered by the stored snapshot.
+    snap: (u64, u64),
+}
+
+impl Recorder {
+    /// A recorder reporting to `journal`.
+    pub fn new(journal: Journal) -> Recorder {
+        Recorder {
+            journal,
+            written: BTreeMap::new(),
+            snap: (0, 0),
+        }
+    }
+
+    /// Reports one observation.
+    pub fn observe(&self, obs: Obs) {
+        self.journal.borrow_mut().push(obs);
+    }
+
+    /// The term of the written entry `index` (the snapshot's for its last index).
+    fn written_term(&self, index: u64) -> u64 {
+        if index == self.snap.0 {
+            self.snap.1
+        } else {
+            self.written.get(&index).copied().unwrap_or(0)
+        }
+    }
+
+    /// At start: the storage recovered from the disk (its snapshot and the log after it) is
+    /// checked like a written one (torn writes must not break it).
+    pub fn recovered<S: Storage>(&mut self, me: SimId, storage: &S) -> Result<(), String> {
+        let snap = storage
+            .snapshot()
+            .map_err(|e| format!("{me}: snapshot: {e}"))?;
+        self.snapshot(snap.meta.index.0, snap.meta.term.0, true);
+        let recovered = storage
+            .entries(
+                storage.first_index(),
+                storage.last_index().next(),
+                usize::MAX,
+            )
+            .map_err(|e| format!("{me}: recovered entries: {e}"))?;
+        self.append(me, None, &recovered);
+        Ok(())
+    }
+
+    /// Mirrors `storage.append(entries)` and reports it; `leader_term` is the node's term if
+    /// it leads (for Leader Append-Only).
+    pub fn append(&mut self, me: SimId, leader_term: Option<u64>, entries: &[Entry]) {
+        let entries: Vec<_> = entries.iter().filter(|e| e.index.0 > self.snap.0).collect();
+        let Some(head) = entries.first() else { return };
+        let removed = self.written.split_off(&head.index.0);
+        if let Some(lt) = leader_term {
+            for (&i, &t) in &removed {
+                let rewritten = entries.iter().any(|e| e.index.0 == i && e.term.0 == t);
+                if !rewritten {
+                    self.observe(Obs::Overwrite {
+                        node: me,
+                        leader_term: lt,
+                        index: i,
+                        old_term: t,
+                    });
+                }
+            }
+        }
+        for e in entries {
+            let prev_term = self.written_term(e.index.0 - 1);
+            self.written.insert(e.index.0, e.term.0);
+            self.observe(Obs::Entry {
+                node: me,
+                index: e.index.0,
+                term: e.term.0,
+                hash: digest(&e.data),
+                prev_term,
+            });
+        }
+    }
+
+    /// Mirrors a snapshot install (`whole = true`: the log is replaced) or a compaction up to
+    /// `index` (ignored if the stored snapshot is already newer).
+    pub fn snapshot(&mut self, index: u64, term: u64, whole: bool) {
+        if whole {
+            self.written.clear();
+        } else if index > self.snap.0 {
+            self.written = self.written.split_off(&(index + 1));
+        } else {
+            return;
+        }
+        self.snap = (index, term);
+    }
+
+    /// Reports that `me` applied the committed entry `e` while its term was `node_term`.
+    pub fn applied(&self, me: SimId, e: &Entry, node_term: u64) {
+        self.observe(Obs::Applied {
+            node: me,
+            index: e.index.0,
+            term: Some(e.term.0),
+            hash: digest(&e.data),
+            node_term,
+        });
+    }
+}
+
+/// The replica shell's simulator driver reports to a recorder as it writes, applies and
+/// compacts (the simulated servers hand it one per incarnation).
+impl shoal_replica::sim::Observer for Recorder {
+    fn written(&mut self, me: SimId, leader_term: Option<u64>, ready: &shoal_raft::Ready) {
+        if let Some(s) = &ready.snapshot {
+            self.snapshot(s.meta.index.0, s.meta.term.0, true);
+        }
+        self.append(me, leader_term, &ready.entries);
+    }
+
+    fn applying(&mut self, me: SimId, term: u64, applied: u64, ready: &shoal_raft::Ready) {
+        for e in ready
+            .committed_entries
+            .iter()
+            .filter(|e| e.index.0 > applied)
+        {
+            self.applied(me, e, term);
+        }
+    }
+
+    fn compacted(&mut self, _me: SimId, index: u64, term: u64) {
+        self.snapshot(index, term, false);
+    }
 }

@@ -1,0 +1,23 @@
+//! Shoal's simulation lab: what every simulation of our protocols shares, in library code.
+//!
+//! **Owns:** the Figure-3 invariant checkers of Raft ([`invariants`]), the simulated servers
+//! ([`raft_node`]: a bare Raft server; [`kv_node`]: the KV servers, replicated and single), the
+//! simulated KV client actor and the checks of what clients saw ([`kv_client`]), and the
+//! workloads `shoal sim --workload raft|kv` runs ([`workload`]). The simulation tests of
+//! `shoal-raft` and `shoal-kv` use it as a dev-dependency.
+//!
+//! **Must never:** read the wall clock, use unseeded randomness or iterate hash maps (a seed
+//! must replay a run byte for byte), or do real I/O: it runs only inside `shoal-sim`.
+//!
+//! The server drivers are one module each so that a driver over a shared replica shell can
+//! replace them in one place.
+
+#![warn(missing_docs)]
+
+pub mod invariants;
+pub mod kv_client;
+pub mod kv_node;
+pub mod raft_node;
+pub mod workload;
+
+pub use workload::{run_kv, run_raft, Report, Workload};
