@@ -295,6 +295,8 @@ pub struct KvRsm {
     replica: Replica<KvMachine, Waiter>,
     config: RsmConfig,
     replies: Vec<(u64, KvReply)>,
+    /// A buffer for the replica's answers, kept between rounds (no allocation per round).
+    done: Vec<Done<Waiter, KvResult>>,
 }
 
 impl KvRsm {
@@ -326,6 +328,7 @@ impl KvRsm {
             replica,
             config,
             replies: Vec::new(),
+            done: Vec::new(),
         })
     }
 
@@ -537,8 +540,13 @@ impl KvRsm {
     /// Turns what the replica decided into replies, in order (before any answer given at
     /// once, so replies keep the order things happened in).
     fn collect_done(&mut self) {
-        for done in self.replica.take_done() {
-            match done {
+        if !self.replica.has_done() {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.done);
+        self.replica.take_done_into(&mut done);
+        for d in done.drain(..) {
+            match d {
                 Done::Applied { tag: w, output, .. } => {
                     self.answer(w.reply_to, w.client, w.request, output)
                 }
@@ -554,6 +562,7 @@ impl KvRsm {
                 }
             }
         }
+        self.done = done;
     }
 }
 

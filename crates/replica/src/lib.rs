@@ -204,6 +204,14 @@ pub struct Unsynced {
 }
 
 impl Unsynced {
+    /// Whether it wrote anything that needs the fsync (a driver may skip handing its thread
+    /// over for a `Ready` that only sends and applies).
+    pub fn needs_sync(&self) -> bool {
+        self.ready.snapshot.is_some()
+            || !self.ready.entries.is_empty()
+            || self.ready.hard_state.is_some()
+    }
+
     /// The role or leader change this `Ready` reports, if any (for the driver's log).
     pub fn soft_state(&self) -> Option<SoftState> {
         self.ready.soft_state
@@ -502,9 +510,25 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         self.snapshot_in_flight = None;
     }
 
+    /// Whether Raft has a `Ready` for the driver.
+    pub fn has_ready(&mut self) -> bool {
+        self.raw.has_ready()
+    }
+
     /// Answers for callers, in the order they were decided.
     pub fn take_done(&mut self) -> Vec<Done<T, SM::Output>> {
         std::mem::take(&mut self.done)
+    }
+
+    /// Moves the answers for callers to the end of `out`, in the order they were decided
+    /// (both vectors keep their capacity: no allocation per round on a busy server).
+    pub fn take_done_into(&mut self, out: &mut Vec<Done<T, SM::Output>>) {
+        out.append(&mut self.done);
+    }
+
+    /// Whether answers wait in [`Replica::take_done`].
+    pub fn has_done(&self) -> bool {
+        !self.done.is_empty()
     }
 
     /// Every caller still waiting (at shutdown: the driver tells them the replica stopped).

@@ -173,27 +173,28 @@ where
     ) -> Result<(), shoal_replica::Error> {
         loop {
             let replica = self.service.replica();
+            if !replica.has_ready() {
+                return Ok(());
+            }
             let (disk, transport) = (&mut self.disk, &self.transport);
-            // Write, send what promises nothing, fsync: one hand-over of the worker thread.
-            let unsynced = in_place(|| {
-                let Some(mut unsynced) = replica.write_ready(disk)? else {
-                    return Ok(None);
-                };
-                if let Some(soft) = unsynced.soft_state() {
-                    let term = replica.status().term;
-                    info!(role = %crate::ready::role_text(soft.role),
-                        leader = %crate::ready::leader_text(soft.leader), term = term.0,
-                        "role changed");
-                }
-                for m in std::mem::take(&mut unsynced.messages) {
-                    send(transport, m);
-                }
-                replica.sync(disk)?;
-                Ok::<_, shoal_replica::Error>(Some(unsynced))
-            })?;
-            let Some(unsynced) = unsynced else {
+            // Writes go to the page cache (no fsync yet): cheap enough for the loop.
+            let Some(mut unsynced) = replica.write_ready(disk)? else {
                 return Ok(());
             };
+            if let Some(soft) = unsynced.soft_state() {
+                let term = replica.status().term;
+                info!(role = %crate::ready::role_text(soft.role),
+                    leader = %crate::ready::leader_text(soft.leader), term = term.0,
+                    "role changed");
+            }
+            for m in std::mem::take(&mut unsynced.messages) {
+                send(transport, m);
+            }
+            // The barrier. Handing the worker thread over costs a wake-up of another one:
+            // only for a Ready that wrote something.
+            if unsynced.needs_sync() {
+                in_place(|| replica.sync(disk))?;
+            }
             let synced = replica.on_synced(disk, unsynced)?;
             for m in synced.messages {
                 send(transport, m);
