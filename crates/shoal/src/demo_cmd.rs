@@ -294,8 +294,8 @@ impl Demo {
 
     /// Step 1: spawns the servers and waits until one of them leads.
     async fn start_cluster(&mut self) -> Result<(Client, ServerStatus)> {
-        self.endpoints = crate::cli::free_local_addrs(SERVERS)?;
-        let peers = crate::cli::peers_arg(&self.endpoints);
+        self.endpoints = shoal_cluster::free_local_addrs(SERVERS)?;
+        let peers = shoal_cluster::peers_arg(&self.endpoints);
         let exe = std::env::current_exe().context("locating the shoal executable")?;
         for (i, endpoint) in self.endpoints.iter().enumerate() {
             let id = i + 1;
@@ -738,7 +738,7 @@ fn spawn_logged(mut cmd: Command, name: String, log: PathBuf) -> Result<Proc> {
     cmd.process_group(0);
     // If this process dies without cleaning up (SIGKILL), the kernel kills the child too
     // (`run` spawns from the main thread, which the signal follows).
-    crate::cli::die_with_parent(&mut cmd);
+    shoal_cluster::die_with_parent(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {name} ({cmd:?})"))?;

@@ -94,7 +94,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     let endpoints = if resuming {
         read_endpoints(&endpoints_path)?
     } else {
-        let endpoints = crate::cli::free_local_addrs(args.nodes as usize)?;
+        let endpoints = shoal_cluster::free_local_addrs(args.nodes as usize)?;
         let text: String = endpoints.iter().map(|e| format!("{e}\n")).collect();
         std::fs::write(&endpoints_path, text)
             .with_context(|| format!("writing {}", endpoints_path.display()))?;
@@ -130,7 +130,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     }
     let cluster = Cluster {
         dir: args.dir.clone(),
-        peers: crate::cli::peers_arg(&endpoints),
+        peers: shoal_cluster::peers_arg(&endpoints),
         endpoints: endpoints.clone(),
         exe: std::env::current_exe().context("locating the shoal binary")?,
     };
@@ -244,7 +244,7 @@ impl Cluster {
             // then stops the servers itself (not a restart race with servers exiting).
             .process_group(0);
         // A SIGKILL of `kv up` (no Drop runs) takes its servers with it.
-        crate::cli::die_with_parent(cmd.as_std_mut());
+        shoal_cluster::die_with_parent(cmd.as_std_mut());
         let child = cmd
             .spawn()
             .with_context(|| format!("starting server {id}"))?;

@@ -559,7 +559,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         // Workers die with this process even when it is SIGKILLed. The signal follows the
         // spawning thread: this is the thread of `block_on` (the main thread), which lives as
         // long as the process.
-        crate::cli::die_with_parent(&mut cmd);
+        shoal_cluster::die_with_parent(&mut cmd);
         std::fs::create_dir_all(scratch.join(format!("worker-{i}")))
             .with_context(|| format!("cannot create {}", scratch.display()))?;
         children.0.push(
