@@ -668,10 +668,19 @@ impl Procs {
                 return Ok(found);
             }
             if now() >= deadline {
-                bail!("no {what} within {timeout:?}");
+                bail!("no {what} within {}", human(timeout));
             }
             tokio::time::sleep(poll).await;
         }
+    }
+}
+
+/// `20 s` for whole seconds (as the CLI's messages write them), else `1.5s` / `50ms`.
+fn human(d: Duration) -> String {
+    if d.subsec_nanos() == 0 && d.as_secs() > 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{d:?}")
     }
 }
 
@@ -925,6 +934,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "no leader within 50ms");
+        assert_eq!(human(Duration::from_secs(20)), "20 s");
+    }
+
+    #[test]
+    fn an_unlogged_child_has_no_log_and_its_exit_says_so_plainly() {
+        let mut p =
+            Proc::spawn(Spec::unlogged("worker 0", "/bin/sh").args(["-c", "exit 4"])).unwrap();
+        assert!(p.log_path().is_none());
+        let err = p
+            .wait_ready(&Ready::LogLine("x".into()), Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "worker 0 exited (exit status: 4)");
+        assert!(p.log_since_start().is_empty() && p.log_tail(3).is_empty());
+        let mut procs = Procs::new();
+        procs
+            .spawn(Spec::unlogged("worker 1", "/bin/sh").args(["-c", "exec sleep 30"]))
+            .unwrap();
+        assert!(procs.logs().is_empty());
+        assert_eq!(procs.running(), 1);
     }
 
     #[test]

@@ -305,20 +305,18 @@ impl Demo {
         let mut config = ClientConfig::new(self.endpoints.clone());
         config.op_timeout = OP_TIMEOUT;
         let client = Client::new(config).context("creating the KV client")?;
-        let deadline = now() + STARTUP_TIMEOUT;
-        loop {
-            self.servers.check_running()?;
-            if let Some(leader) = client.find_leader(STATUS_TIMEOUT).await {
-                return Ok((client, leader));
-            }
-            if now() > deadline {
-                bail!(
-                    "no server became leader within {} s",
-                    STARTUP_TIMEOUT.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // A server that exits meanwhile (a port taken, a refused flag) fails the wait at once,
+        // quoting its log.
+        let leader = self
+            .servers
+            .wait_for(
+                "server became leader",
+                STARTUP_TIMEOUT,
+                Duration::from_millis(50),
+                || client.find_leader(STATUS_TIMEOUT),
+            )
+            .await?;
+        Ok((client, leader))
     }
 
     /// Step 2: the word count, with a one-line progress display on a terminal.
