@@ -276,14 +276,19 @@ pub enum Ready {
     LogLine(String),
 }
 
-/// One supervised child: its spec, the running process (if any), where its current run's log
-/// begins. Dropping it SIGKILLs and reaps the process.
+/// One supervised child: its spec, its process, where its current run's log begins.
+/// Dropping it SIGKILLs and reaps the process.
 #[derive(Debug)]
 pub struct Proc {
-    spec: Spec,
-    child: Option<Child>,
-    /// The exit status once it is known (reaped).
+    name: String,
+    /// How to start it again; `None` for a child the caller spawned (see [`Proc::adopt`]).
+    spec: Option<Spec>,
+    /// The current (or last) process, kept after it exits for its pid and piped output.
+    child: Child,
+    /// Its exit status once reaped (also after a kill); `None` while it runs.
     exited: Option<ExitStatus>,
+    /// Waiting for it failed (it is not our child any more): treated as gone.
+    lost: bool,
     started: Instant,
     log_offset: u64,
     /// The supervisor killed it or saw it finish its work: its exit is not news.
@@ -295,26 +300,45 @@ impl Proc {
     pub fn spawn(spec: Spec) -> Result<Proc> {
         let (child, log_offset) = spec.start(!spec.append_log)?;
         Ok(Proc {
-            spec,
-            child: Some(child),
+            name: spec.name.clone(),
+            spec: Some(spec),
+            child,
             exited: None,
+            lost: false,
             started: now(),
             log_offset,
             exit_expected: false,
         })
     }
 
+    /// Supervises a child the caller spawned itself, for stdio a [`Spec`] does not describe
+    /// (pipes a test reads): it is killed and reaped like any other, but has no log and cannot
+    /// be restarted. The caller should have called [`die_with_parent`] on its command.
+    pub fn adopt(name: impl Into<String>, child: Child) -> Proc {
+        Proc {
+            name: name.into(),
+            spec: None,
+            child,
+            exited: None,
+            lost: false,
+            started: now(),
+            log_offset: 0,
+            exit_expected: false,
+        }
+    }
+
     pub fn name(&self) -> &str {
-        &self.spec.name
+        &self.name
     }
 
-    pub fn spec(&self) -> &Spec {
-        &self.spec
+    /// How it is started (`None` for an adopted child).
+    pub fn spec(&self) -> Option<&Spec> {
+        self.spec.as_ref()
     }
 
-    /// Its log file, unless it is [`Spec::unlogged`].
+    /// Its log file, unless it is [`Spec::unlogged`] or adopted.
     pub fn log_path(&self) -> Option<&Path> {
-        self.spec.log()
+        self.spec.as_ref()?.log()
     }
 
     /// When the current run started.
@@ -327,24 +351,29 @@ impl Proc {
         self.log_offset
     }
 
-    /// Its pid while it has a process that is not reaped.
+    /// Its pid while it runs (or has exited but is not reaped yet).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        (self.exited.is_none() && !self.lost).then(|| self.child.id())
     }
 
-    /// Its exit status if it has exited (reaping it), `None` while it runs or after a kill.
+    /// The pid of its current or last process, even after it exited.
+    pub fn last_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The current or last process, for its piped stdio (an adopted child's).
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Its exit status if it has exited (reaping it; also after a kill), `None` while it runs.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        if let Some(child) = &mut self.child {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    self.child = None;
-                    self.exited = Some(status);
-                }
+        if self.exited.is_none() && !self.lost {
+            match self.child.try_wait() {
+                Ok(Some(status)) => self.exited = Some(status),
                 Ok(None) => return None,
                 // Not our child any more (cannot happen for a child we own): treat as gone.
-                Err(_) => {
-                    self.child = None;
-                }
+                Err(_) => self.lost = true,
             }
         }
         self.exited
@@ -353,7 +382,7 @@ impl Proc {
     /// Whether its process runs.
     pub fn is_running(&mut self) -> bool {
         self.try_exit();
-        self.child.is_some()
+        self.exited.is_none() && !self.lost
     }
 
     /// Marks its exit as expected (killed, or done with its work).
@@ -376,15 +405,19 @@ impl Proc {
     }
 
     /// SIGKILLs and reaps the process (first SIGCONT, in case it is paused); once this
-    /// returns it answers nothing more. Returns its exit status when it had one to reap.
+    /// returns it answers nothing more. Returns its exit status if it was running.
     pub fn kill(&mut self) -> Option<ExitStatus> {
         self.exit_expected = true;
-        let mut child = self.child.take()?;
-        let _ = send_signal(child.id(), libc::SIGCONT);
-        let _ = child.kill();
-        let status = child.wait().ok();
-        self.exited = status;
-        status
+        if !self.is_running() {
+            return None;
+        }
+        let _ = send_signal(self.child.id(), libc::SIGCONT);
+        let _ = self.child.kill();
+        match self.child.wait() {
+            Ok(status) => self.exited = Some(status),
+            Err(_) => self.lost = true,
+        }
+        self.exited
     }
 
     /// SIGTERM (a clean shutdown), then SIGKILL after `grace`; reaps it.
@@ -395,10 +428,18 @@ impl Proc {
     /// Kills the process if it runs and starts it again with the same spec, appending to
     /// its log.
     pub fn restart(&mut self) -> Result<()> {
+        let Some(spec) = &self.spec else {
+            bail!(
+                "{} was started by the caller: it cannot be restarted",
+                self.name
+            );
+        };
+        let spec = spec.clone();
         self.kill();
-        let (child, log_offset) = self.spec.start(false)?;
-        self.child = Some(child);
+        let (child, log_offset) = spec.start(false)?;
+        self.child = child;
         self.exited = None;
+        self.lost = false;
         self.started = now();
         self.log_offset = log_offset;
         self.exit_expected = false;
@@ -529,6 +570,13 @@ impl Procs {
     pub fn spawn(&mut self, spec: Spec) -> Result<usize> {
         self.procs.push(Some(Proc::spawn(spec)?));
         Ok(self.procs.len() - 1)
+    }
+
+    /// Supervises a child the caller spawned (see [`Proc::adopt`]) in a new slot; returns its
+    /// index.
+    pub fn adopt(&mut self, name: impl Into<String>, child: Child) -> usize {
+        self.procs.push(Some(Proc::adopt(name, child)));
+        self.procs.len() - 1
     }
 
     /// Starts `spec` in slot `i` (killing what ran there).
@@ -954,6 +1002,37 @@ mod tests {
             .unwrap();
         assert!(procs.logs().is_empty());
         assert_eq!(procs.running(), 1);
+    }
+
+    #[test]
+    fn an_adopted_child_keeps_its_pipes_and_pid_and_cannot_be_restarted() {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "echo out; echo err >&2; exit 1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut procs = Procs::new();
+        let i = procs.adopt("coordinator", cmd.spawn().unwrap());
+        let p = procs.get_mut(i).unwrap();
+        let pid = p.last_pid();
+        let mut err = String::new();
+        p.child_mut()
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(err, "err\n");
+        let deadline = now() + Duration::from_secs(10);
+        while p.is_running() && now() < deadline {
+            std::thread::sleep(READY_POLL);
+        }
+        assert_eq!(p.try_exit().and_then(|s| s.code()), Some(1));
+        assert_eq!((p.pid(), p.last_pid()), (None, pid));
+        assert!(p.log_path().is_none());
+        let e = p.restart().unwrap_err().to_string();
+        assert!(e.contains("cannot be restarted"), "{e}");
+        assert_eq!(procs.exits(), ["coordinator exited (exit status: 1)"]);
     }
 
     #[test]
