@@ -6,15 +6,15 @@
 //! `shoal mr worker` processes (their logs go to files in the demo directory); the MapReduce
 //! coordinator and the KV client run in this process.
 
-use std::fs::File;
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use shoal_cluster::{Proc, Procs, Spec};
 use shoal_mr::app::AppConfig;
 use shoal_mr::coordinator::{prepare_job, run_job, JobOptions, JobReport};
 use shoal_mr::status::JobStatus;
@@ -98,30 +98,25 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         .build()
         .context("starting the tokio runtime")?;
     // The demo's future runs on this (the main) thread: the children are spawned from it,
-    // which matters for their parent-death signal (see `spawn_logged`).
+    // which matters for their parent-death signal (see `child_spec`).
     runtime.block_on(async move {
         let workspace = Workspace::new(args.dir.as_deref(), args.keep)?;
         let mut demo = Demo {
             say: Say::new(args.quiet),
-            servers: Procs::default(),
-            workers: Procs::default(),
+            servers: Procs::new(),
+            workers: Procs::new(),
             workspace,
             endpoints: Vec::new(),
             step: 0,
             args,
         };
-        // SIGTERM (a supervisor, `timeout`, `kill`) and SIGHUP (the terminal closed) clean up
-        // exactly as Ctrl-C does.
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut sigterm =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        // Ctrl-C, SIGTERM (a supervisor, `timeout`, `kill`) and SIGHUP (the terminal closed)
+        // all clean up the same way.
+        let mut signals = shoal_cluster::StopSignals::install()?;
         // `None`: interrupted. Dropping the tour's future first stops whatever it waits for.
         let result = tokio::select! {
             r = demo.tour() => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
-            _ = sigterm.recv() => None,
-            _ = sighup.recv() => None,
+            _ = signals.recv() => None,
         };
         demo.finish(result)
     })
@@ -225,8 +220,8 @@ impl Demo {
         let pid = self
             .server(leader.id)
             .ok_or_else(|| anyhow!("the leader's id {} is not one of ours", leader.id))?
-            .child
-            .id();
+            .pid()
+            .ok_or_else(|| anyhow!("server {} (the leader) has exited", leader.id))?;
         let start = self.begin(
             4,
             &format!(
@@ -294,37 +289,34 @@ impl Demo {
 
     /// Step 1: spawns the servers and waits until one of them leads.
     async fn start_cluster(&mut self) -> Result<(Client, ServerStatus)> {
-        self.endpoints = crate::cli::free_local_addrs(SERVERS)?;
-        let peers = crate::cli::peers_arg(&self.endpoints);
+        self.endpoints = shoal_cluster::free_local_addrs(SERVERS)?;
+        let peers = shoal_cluster::peers_arg(&self.endpoints);
         let exe = std::env::current_exe().context("locating the shoal executable")?;
         for (i, endpoint) in self.endpoints.iter().enumerate() {
             let id = i + 1;
-            let mut cmd = Command::new(&exe);
-            cmd.args(["kv", "server", "--id", &id.to_string()])
+            let log = self.workspace.path.join(format!("node{id}.log"));
+            let spec = child_spec(format!("server {id}"), &exe, log)
+                .args(["kv", "server", "--id", &id.to_string()])
                 .args(["--listen", &endpoint.to_string(), "--peers", &peers])
                 .arg("--data")
                 .arg(self.workspace.path.join(format!("node{id}")));
-            let log = self.workspace.path.join(format!("node{id}.log"));
-            let proc = spawn_logged(cmd, format!("server {id}"), log)?;
-            self.servers.0.push(proc);
+            self.servers.spawn(spec)?;
         }
         let mut config = ClientConfig::new(self.endpoints.clone());
         config.op_timeout = OP_TIMEOUT;
         let client = Client::new(config).context("creating the KV client")?;
-        let deadline = now() + STARTUP_TIMEOUT;
-        loop {
-            self.servers.check_running()?;
-            if let Some(leader) = client.find_leader(STATUS_TIMEOUT).await {
-                return Ok((client, leader));
-            }
-            if now() > deadline {
-                bail!(
-                    "no server became leader within {} s",
-                    STARTUP_TIMEOUT.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // A server that exits meanwhile (a port taken, a refused flag) fails the wait at once,
+        // quoting its log.
+        let leader = self
+            .servers
+            .wait_for(
+                "server became leader",
+                STARTUP_TIMEOUT,
+                Duration::from_millis(50),
+                || client.find_leader(STATUS_TIMEOUT),
+            )
+            .await?;
+        Ok((client, leader))
     }
 
     /// Step 2: the word count, with a one-line progress display on a terminal.
@@ -360,14 +352,13 @@ impl Demo {
             let work = dir.join("mr-work").join(format!("worker{i}"));
             std::fs::create_dir_all(&work)
                 .with_context(|| format!("creating {}", work.display()))?;
-            let mut cmd = Command::new(&exe);
-            cmd.args(["mr", "worker", "--coordinator", &addr.to_string()])
+            let log = dir.join(format!("worker{i}.log"));
+            let spec = child_spec(format!("worker {i}"), &exe, log)
+                .args(["mr", "worker", "--coordinator", &addr.to_string()])
                 .arg("--work-dir")
                 .arg(&work)
                 .args(["--shuffle-listen", "127.0.0.1:0"]);
-            let log = dir.join(format!("worker{i}.log"));
-            let proc = spawn_logged(cmd, format!("worker {i}"), log)?;
-            self.workers.0.push(proc);
+            self.workers.spawn(spec)?;
         }
         let (tx, mut rx) = watch::channel(Arc::new(JobStatus::starting()));
         let job_future = run_job(job, listener, tx);
@@ -401,7 +392,7 @@ impl Demo {
         while !self.workers.all_exited() && now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.workers.stop();
+        self.workers.stop(STOP_GRACE);
         self.workers.expect_exits();
         Ok((report, maps))
     }
@@ -438,7 +429,7 @@ impl Demo {
     /// Server `id` (1-based).
     fn server(&mut self, id: u64) -> Option<&mut Proc> {
         let index = usize::try_from(id).ok()?.checked_sub(1)?;
-        self.servers.0.get_mut(index)
+        self.servers.get_mut(index)
     }
 
     fn client(&self) -> Result<Client> {
@@ -448,18 +439,11 @@ impl Demo {
     /// Step 4: `kill(pid, SIGKILL)` on server `id`, then reaps it.
     async fn kill_server(&mut self, id: u64) -> Result<()> {
         let proc = self.server(id).ok_or_else(|| anyhow!("no server {id}"))?;
-        let pid = libc::pid_t::try_from(proc.child.id()).context("pid out of range")?;
-        // SAFETY: kill(2) on a child we started and have not reaped, so the pid is still ours.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("kill({pid}, SIGKILL)"));
+        if !proc.is_running() {
+            bail!("server {id} had already exited");
         }
-        proc.exit_expected = true;
-        let status = proc
-            .child
-            .wait()
-            .with_context(|| format!("reaping server {id}"))?;
-        tracing::debug!(id, %status, "leader killed");
+        let status = proc.kill();
+        tracing::debug!(id, ?status, "leader killed");
         Ok(())
     }
 
@@ -479,8 +463,8 @@ impl Demo {
                 &format!("stopping every process, removing {}", dir.display()),
             )
         };
-        self.servers.stop();
-        self.workers.stop();
+        self.servers.stop(STOP_GRACE);
+        self.workers.stop(STOP_GRACE);
         let kept = self.workspace.release();
         self.say.done(start);
         if let Some(path) = kept {
@@ -536,11 +520,11 @@ impl Demo {
             _ => self.servers.logs(),
         };
         if error.is_some() {
-            self.servers.report_exits();
-            self.workers.report_exits();
+            report_exits(&mut self.servers);
+            report_exits(&mut self.workers);
         }
-        self.servers.stop();
-        self.workers.stop();
+        self.servers.stop(STOP_GRACE);
+        self.workers.stop(STOP_GRACE);
         if error.is_some() {
             print_log_tails(&logs);
         }
@@ -611,143 +595,27 @@ fn now() -> Instant {
     Instant::now()
 }
 
-/// A child process with its log file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    /// The demo killed it or saw it finish its work: its exit is not news.
-    exit_expected: bool,
-}
-
-/// Child processes; dropping them SIGKILLs and reaps whichever still run.
-#[derive(Default)]
-struct Procs(Vec<Proc>);
-
-impl Procs {
-    /// Fails, naming the process, if any has exited.
-    fn check_running(&mut self) -> Result<()> {
-        for p in &mut self.0 {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                bail!(
-                    "{} exited ({status}); its log is {}",
-                    p.name,
-                    p.log.display()
-                );
-            }
+/// Says which processes died unexpectedly (before the demo stops the rest).
+fn report_exits(procs: &mut Procs) {
+    for p in procs.iter_mut() {
+        if p.exit_expected() {
+            continue;
         }
-        Ok(())
-    }
-
-    fn running(&mut self) -> usize {
-        self.0
-            .iter_mut()
-            .map(|p| matches!(p.child.try_wait(), Ok(None)))
-            .filter(|&running| running)
-            .count()
-    }
-
-    /// `NAME exited (STATUS)` for each process that has exited.
-    fn exits(&mut self) -> Vec<String> {
-        self.0
-            .iter_mut()
-            .filter_map(|p| match p.child.try_wait() {
-                Ok(Some(status)) => Some(format!("{} exited ({status})", p.name)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn all_exited(&mut self) -> bool {
-        self.0
-            .iter_mut()
-            .all(|p| !matches!(p.child.try_wait(), Ok(None)))
-    }
-
-    /// Marks every process as done with its work.
-    fn expect_exits(&mut self) {
-        for p in &mut self.0 {
-            p.exit_expected = true;
-        }
-    }
-
-    /// Says which processes died unexpectedly (before the demo stops the rest).
-    fn report_exits(&mut self) {
-        for p in &mut self.0 {
-            if let (false, Ok(Some(status))) = (p.exit_expected, p.child.try_wait()) {
-                eprintln!("shoal demo: {} had exited ({status})", p.name);
-            }
-        }
-    }
-
-    fn logs(&self) -> Vec<(String, PathBuf)> {
-        self.0
-            .iter()
-            .map(|p| (p.name.clone(), p.log.clone()))
-            .collect()
-    }
-
-    /// SIGTERM (a clean shutdown), then SIGKILL after [`STOP_GRACE`]; reaps every process.
-    fn stop(&mut self) {
-        for p in &mut self.0 {
-            if let Ok(None) = p.child.try_wait() {
-                if let Ok(pid) = libc::pid_t::try_from(p.child.id()) {
-                    // SAFETY: kill(2) on a child we started and have not reaped.
-                    unsafe {
-                        libc::kill(pid, libc::SIGTERM);
-                    }
-                }
-            }
-        }
-        let deadline = now() + STOP_GRACE;
-        while !self.all_exited() && now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.kill_all();
-    }
-
-    fn kill_all(&mut self) {
-        for p in &mut self.0 {
-            if let Ok(None) = p.child.try_wait() {
-                let _ = p.child.kill();
-            }
-            let _ = p.child.wait();
+        if let Some(status) = p.try_exit() {
+            eprintln!("shoal demo: {} had exited ({status})", p.name());
         }
     }
 }
 
-impl Drop for Procs {
-    fn drop(&mut self) {
-        self.kill_all();
-    }
-}
-
-/// Spawns `cmd` with its stdout and stderr appended to `log`.
-fn spawn_logged(mut cmd: Command, name: String, log: PathBuf) -> Result<Proc> {
-    let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let err = file
-        .try_clone()
-        .with_context(|| format!("opening {}", log.display()))?;
-    cmd.stdin(Stdio::null())
-        .stdout(file)
-        .stderr(err)
-        .env("NO_COLOR", "1");
-    use std::os::unix::process::CommandExt as _;
-    // A process group of its own: Ctrl-C in the terminal reaches only the demo, which then
-    // stops its children itself, in order, and says which step was interrupted.
-    cmd.process_group(0);
-    // If this process dies without cleaning up (SIGKILL), the kernel kills the child too
-    // (`run` spawns from the main thread, which the signal follows).
-    crate::cli::die_with_parent(&mut cmd);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {name} ({cmd:?})"))?;
-    Ok(Proc {
-        name,
-        child,
-        log,
-        exit_expected: false,
-    })
+/// A child of the demo: its stdout and stderr in a fresh `log`, plain text, in a process
+/// group of its own (a Ctrl-C in the terminal reaches only the demo, which then stops its
+/// children itself, in order, and says which step was interrupted). The supervisor gives it
+/// the parent-death signal: `run` spawns from the main thread, which the signal follows, so a
+/// SIGKILLed demo takes its children along.
+fn child_spec(name: String, exe: &Path, log: PathBuf) -> Spec {
+    Spec::new(name, exe, log)
+        .env("NO_COLOR", "1")
+        .own_process_group()
 }
 
 fn print_log_tails(logs: &[(String, PathBuf)]) {

@@ -297,7 +297,7 @@ pub async fn lock(new_client: impl Fn() -> Result<Client>, args: LockArgs) -> Re
     // If this process dies without releasing, the command must not go on unlocked. (The
     // parent-death signal follows the spawning thread: this runs on the main thread, inside
     // `block_on`.)
-    crate::cli::die_with_parent(&mut cmd);
+    shoal_cluster::die_with_parent(&mut cmd);
     let mut child = match tokio::process::Command::from(cmd).spawn() {
         Ok(c) => c,
         Err(e) => {

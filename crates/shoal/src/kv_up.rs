@@ -9,14 +9,14 @@
 //! cannot run does `kv up` give up: the cluster then serves nothing, and the foreground
 //! process exiting with the reasons says so more plainly than one retrying silently.
 
-use std::io::{Read as _, Seek as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Duration;
+use std::process::{ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use shoal_cluster::{now, Backoff, Procs, Spec, StopSignals};
 use shoal_storage::{Disk as _, DiskError, StdDisk, LOCK_FILE};
-use tokio::time::Instant;
 
 use crate::kv_cmd::{read_endpoints, DEFAULT_DIR, ENDPOINTS_FILE};
 
@@ -39,11 +39,16 @@ const UP_HEALTHY_RUN: Duration = Duration::from_secs(60);
 const UP_GIVE_UP_FAILURES: u32 = 3;
 /// Lines of a failing server's log printed with its diagnosis.
 const LOG_TAIL_LINES: usize = 3;
-/// Bytes of a server's log read to find its last lines.
-const LOG_TAIL_BYTES: u64 = 16 * 1024;
 /// How often waiting restarts are checked for a data directory moved aside (restarted at once)
 /// and restarted servers for being healthy again.
 const UP_POLL: Duration = Duration::from_secs(1);
+/// How often the servers are checked for having exited.
+const UP_EXIT_POLL: Duration = Duration::from_millis(50);
+/// Restart delays of a failing server.
+const UP_BACKOFF: Backoff = Backoff {
+    initial: UP_RESTART_DELAY,
+    max: UP_MAX_RESTART_DELAY,
+};
 
 /// Arguments of `shoal kv up`.
 #[derive(Debug, clap::Args)]
@@ -94,7 +99,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     let endpoints = if resuming {
         read_endpoints(&endpoints_path)?
     } else {
-        let endpoints = crate::cli::free_local_addrs(args.nodes as usize)?;
+        let endpoints = shoal_cluster::free_local_addrs(args.nodes as usize)?;
         let text: String = endpoints.iter().map(|e| format!("{e}\n")).collect();
         std::fs::write(&endpoints_path, text)
             .with_context(|| format!("writing {}", endpoints_path.display()))?;
@@ -130,19 +135,17 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     }
     let cluster = Cluster {
         dir: args.dir.clone(),
-        peers: crate::cli::peers_arg(&endpoints),
+        peers: shoal_cluster::peers_arg(&endpoints),
         endpoints: endpoints.clone(),
         exe: std::env::current_exe().context("locating the shoal binary")?,
     };
     // Before the first child: a stop signal from now on stops the servers too.
-    let signals = Signals::install()?;
+    let signals = StopSignals::install()?;
+    let mut procs = Procs::new();
     let mut slots = Vec::new();
     for id in 1..=endpoints.len() {
-        let (child, log_offset) = cluster.spawn(id)?;
+        procs.spawn(cluster.spec(id)?)?;
         slots.push(UpSlot {
-            child: Some(child),
-            started: Instant::now(),
-            log_offset,
             restart_at: None,
             failures: 0,
             announced: false,
@@ -169,28 +172,13 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     drop(out);
     // Even when supervising fails (a restart that cannot be spawned), the servers are stopped
     // cleanly below, not SIGKILLed by their drop.
-    let failure = match supervise(&cluster, &mut slots, signals).await {
+    let failure = match supervise(&cluster, &mut procs, &mut slots, signals).await {
         Ok(failure) => failure,
         Err(e) => Some(format!("{e:#}")),
     };
-    let mut children: Vec<_> = slots.into_iter().filter_map(|slot| slot.child).collect();
-    // Ask every server to stop (SIGTERM: they finish the write in progress), then wait.
-    for child in &children {
-        if let Some(pid) = child.id() {
-            // SAFETY: kill(2) on a child's pid we started and have not yet reaped.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-    }
-    for child in &mut children {
-        if tokio::time::timeout(UP_STOP_GRACE, child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
-        }
-    }
+    // Ask every server to stop (SIGTERM: they finish the write in progress), then wait;
+    // SIGKILL those still running after the grace period.
+    procs.stop(UP_STOP_GRACE);
     drop(guard);
     match failure {
         Some(message) => bail!(message),
@@ -215,40 +203,21 @@ impl Cluster {
         self.dir.join(format!("node{id}.log"))
     }
 
-    /// Starts server `id`, its stdout and stderr appended to its log; returns the child and
-    /// the log's length before it started (where its messages begin).
-    fn spawn(&self, id: usize) -> Result<(tokio::process::Child, u64)> {
-        let log_path = self.log_path(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let offset = log
-            .metadata()
-            .with_context(|| format!("reading {}", log_path.display()))?
-            .len();
-        let stdout = log
-            .try_clone()
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.args(["kv", "server", "--id", &id.to_string()])
-            .args(["--listen", &self.endpoints[id - 1].to_string()])
-            .args(["--peers", &self.peers, "--data"])
-            .arg(self.data_dir(id))
-            .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .stderr(log)
-            .kill_on_drop(true)
-            // Its own process group: a Ctrl-C in the terminal reaches `kv up` alone, which
-            // then stops the servers itself (not a restart race with servers exiting).
-            .process_group(0);
-        // A SIGKILL of `kv up` (no Drop runs) takes its servers with it.
-        crate::cli::die_with_parent(cmd.as_std_mut());
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting server {id}"))?;
-        Ok((child, offset))
+    /// How to start server `id`: its stdout and stderr appended to its log (the supervisor
+    /// gives it the parent-death signal: a SIGKILL of `kv up`, when no Drop runs, takes its
+    /// servers with it).
+    fn spec(&self, id: usize) -> Result<Spec> {
+        Ok(
+            Spec::new(format!("server {id}"), &self.exe, self.log_path(id))
+                .append_log()
+                .args(["kv", "server", "--id", &id.to_string()])
+                .args(["--listen", &self.endpoints[id - 1].to_string()])
+                .args(["--peers", &self.peers, "--data"])
+                .arg(self.data_dir(id))
+                // Its own process group: a Ctrl-C in the terminal reaches `kv up` alone, which
+                // then stops the servers itself (not a restart race with servers exiting).
+                .own_process_group(),
+        )
     }
 }
 
@@ -274,13 +243,9 @@ fn running_servers(dir: &Path, n: usize) -> Result<Vec<(usize, Option<u32>)>> {
     Ok(running)
 }
 
-/// One server of `shoal kv up`.
+/// The restart policy's state of one server of `shoal kv up` (its process is in `Procs`).
 struct UpSlot {
-    /// The running process, or `None` while it waits for its restart.
-    child: Option<tokio::process::Child>,
-    started: Instant,
-    /// Length of its log when it started: its messages of this run follow.
-    log_offset: u64,
+    /// When it is restarted, while it waits for its restart.
     restart_at: Option<Instant>,
     /// Exits with an error in a row, each within [`UP_HEALTHY_RUN`] of its start.
     failures: u32,
@@ -290,30 +255,10 @@ struct UpSlot {
     reported: Option<String>,
 }
 
-/// The signals that stop `kv up`, as streams (not a fresh `ctrl_c()` per turn of the loop: a
-/// signal arriving between two turns is kept).
-struct Signals {
-    sigint: tokio::signal::unix::Signal,
-    sigterm: tokio::signal::unix::Signal,
-    sighup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    /// Installs the handlers: from then on these signals no longer kill the process.
-    fn install() -> Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            sigint: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            sigterm: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-            sighup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
-        })
-    }
-}
-
 /// What woke `shoal kv up`'s supervisor.
 enum UpEvent {
     Stop,
-    Exited(usize, std::io::Result<std::process::ExitStatus>),
+    CheckExits,
     RestartDue,
     Poll,
 }
@@ -322,143 +267,52 @@ enum UpEvent {
 /// (`Ok(Some(why))`).
 async fn supervise(
     cluster: &Cluster,
+    procs: &mut Procs,
     slots: &mut [UpSlot],
-    signals: Signals,
+    mut signals: StopSignals,
 ) -> Result<Option<String>> {
-    let Signals {
-        mut sigint,
-        mut sigterm,
-        mut sighup,
-    } = signals;
     let mut poll = tokio::time::interval(UP_POLL);
-    let majority = slots.len() / 2 + 1;
+    let mut exits = tokio::time::interval(UP_EXIT_POLL);
     loop {
         let event = {
             let next_restart = slots.iter().filter_map(|slot| slot.restart_at).min();
-            let waits: Vec<_> = slots
-                .iter_mut()
-                .enumerate()
-                .filter_map(|(i, slot)| {
-                    let child = slot.child.as_mut()?;
-                    Some(Box::pin(async move { (i, child.wait().await) }))
-                })
-                .collect();
-            let any_exit = async move {
-                if waits.is_empty() {
-                    std::future::pending().await
-                } else {
-                    futures::future::select_all(waits).await.0
-                }
-            };
             let restart_due = async move {
                 match next_restart {
-                    Some(at) => tokio::time::sleep_until(at).await,
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                _ = sigint.recv() => UpEvent::Stop,
-                _ = sigterm.recv() => UpEvent::Stop,
-                _ = sighup.recv() => UpEvent::Stop,
-                (i, status) = any_exit => UpEvent::Exited(i, status),
+                _ = signals.recv() => UpEvent::Stop,
                 _ = restart_due => UpEvent::RestartDue,
+                _ = exits.tick() => UpEvent::CheckExits,
                 _ = poll.tick() => UpEvent::Poll,
             }
         };
-        let now = Instant::now();
+        let now = now();
         match event {
             UpEvent::Stop => return Ok(None),
-            UpEvent::Exited(i, status) => {
-                let id = i + 1;
-                let slot = &mut slots[i];
-                slot.child = None;
-                // Only an exit with an error status is the server failing. Killed by a signal
-                // (someone's `kill -9`, the OOM killer) or stopped cleanly by someone's
-                // SIGTERM, it is restarted at once: the next start may well work.
-                let failed = match &status {
-                    Ok(status) => status.code().is_some_and(|c| c != 0),
-                    Err(_) => true,
-                };
-                let status = match status {
-                    Ok(status) => status.to_string(),
-                    Err(e) => format!("wait failed: {e}"),
-                };
-                let ran = now.duration_since(slot.started);
-                if !failed || ran >= UP_HEALTHY_RUN {
-                    slot.failures = 0;
-                    slot.reported = None;
-                    slot.announced = false;
-                    slot.restart_at = Some(now + UP_RESTART_DELAY);
-                    eprintln!(
-                        "server {id} exited ({status}); restarting it in {} s; the others keep \
-                         serving",
-                        UP_RESTART_DELAY.as_secs()
-                    );
-                    continue;
-                }
-                slot.failures += 1;
-                slot.announced = false;
-                let delay = restart_delay(slot.failures);
-                let failed_to = if ran < UP_QUICK_FAILURE {
-                    "failed to start"
-                } else {
-                    "failed"
-                };
-                slot.restart_at = Some(now + delay);
-                let diagnosis = diagnose(
-                    &cluster.log_path(id),
-                    slot.log_offset,
-                    &cluster.data_dir(id),
-                );
-                if slot.reported.as_deref() != Some(diagnosis.error.as_str()) {
-                    eprintln!(
-                        "server {id} {failed_to} ({status}); the others keep serving. From {}:",
-                        cluster.log_path(id).display()
-                    );
-                    for line in &diagnosis.tail {
-                        eprintln!("  {line}");
+            UpEvent::CheckExits => {
+                for i in 0..slots.len() {
+                    if slots[i].restart_at.is_some() {
+                        continue;
                     }
-                    eprintln!("  fix: {}", diagnosis.fix);
-                    eprintln!(
-                        "  kv up retries it in {} s, then less often (every {} s at most)",
-                        delay.as_secs(),
-                        UP_MAX_RESTART_DELAY.as_secs()
-                    );
-                    slot.reported = Some(diagnosis.error);
-                } else {
-                    eprintln!(
-                        "server {id} {failed_to} again ({} times in a row); next try in {} s",
-                        slot.failures,
-                        delay.as_secs()
-                    );
-                }
-                let broken: Vec<usize> = slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.failures >= UP_GIVE_UP_FAILURES)
-                    .map(|(i, _)| i + 1)
-                    .collect();
-                if slots.len() - broken.len() < majority {
-                    let names = broken
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    return Ok(Some(format!(
-                        "no majority can run ({} of {} servers keep failing to start: {names}; \
-                         see above and their logs in {}); the cluster is stopped, its data \
-                         kept: fix them and run `shoal kv up --dir {}` again",
-                        broken.len(),
-                        slots.len(),
-                        cluster.dir.display(),
-                        cluster.dir.display()
-                    )));
+                    let Some(proc) = procs.get_mut(i) else {
+                        continue;
+                    };
+                    if proc.is_running() {
+                        continue;
+                    }
+                    let status = proc.try_exit();
+                    if let Some(why) = on_exit(cluster, procs, slots, i, status, now) {
+                        return Ok(Some(why));
+                    }
                 }
             }
             UpEvent::RestartDue => {
                 for (i, slot) in slots.iter_mut().enumerate() {
                     if slot.restart_at.is_some_and(|at| at <= now) {
-                        restart(cluster, i + 1, slot, now)?;
+                        restart(procs, i + 1, slot)?;
                     }
                 }
             }
@@ -475,9 +329,15 @@ async fn supervise(
                              others)",
                             cluster.data_dir(id).display()
                         );
-                        restart(cluster, id, slot, now)?;
-                    } else if slot.child.is_some() && slot.failures > 0 {
-                        let ran = now.duration_since(slot.started);
+                        restart(procs, id, slot)?;
+                    } else if slot.failures > 0 {
+                        let Some(proc) = procs.get_mut(i) else {
+                            continue;
+                        };
+                        if !proc.is_running() {
+                            continue;
+                        }
+                        let ran = now.duration_since(proc.started());
                         if ran >= UP_QUICK_FAILURE && !slot.announced {
                             eprintln!("server {id} is running again");
                             slot.announced = true;
@@ -493,13 +353,108 @@ async fn supervise(
     }
 }
 
-/// Starts server `id` again from its data directory.
-fn restart(cluster: &Cluster, id: usize, slot: &mut UpSlot, now: Instant) -> Result<()> {
-    let (child, offset) = cluster.spawn(id)?;
+/// Server `i + 1` exited with `status` (`None`: it could not be waited for): schedules its
+/// restart, says why it failed once, and returns why `kv up` gives up when a majority cannot
+/// run.
+fn on_exit(
+    cluster: &Cluster,
+    procs: &Procs,
+    slots: &mut [UpSlot],
+    i: usize,
+    status: Option<ExitStatus>,
+    now: Instant,
+) -> Option<String> {
+    let id = i + 1;
+    let majority = slots.len() / 2 + 1;
+    let (started, log_offset) = procs
+        .get(i)
+        .map_or((now, 0), |p| (p.started(), p.log_offset()));
+    let slot = &mut slots[i];
+    // Only an exit with an error status is the server failing. Killed by a signal
+    // (someone's `kill -9`, the OOM killer) or stopped cleanly by someone's
+    // SIGTERM, it is restarted at once: the next start may well work.
+    let failed = match &status {
+        Some(status) => status.code().is_some_and(|c| c != 0),
+        None => true,
+    };
+    let status = match status {
+        Some(status) => status.to_string(),
+        None => "wait failed".to_string(),
+    };
+    let ran = now.duration_since(started);
+    if !failed || ran >= UP_HEALTHY_RUN {
+        slot.failures = 0;
+        slot.reported = None;
+        slot.announced = false;
+        slot.restart_at = Some(now + UP_RESTART_DELAY);
+        eprintln!(
+            "server {id} exited ({status}); restarting it in {} s; the others keep \
+             serving",
+            UP_RESTART_DELAY.as_secs()
+        );
+        return None;
+    }
+    slot.failures += 1;
+    slot.announced = false;
+    let delay = restart_delay(slot.failures);
+    let failed_to = if ran < UP_QUICK_FAILURE {
+        "failed to start"
+    } else {
+        "failed"
+    };
+    slot.restart_at = Some(now + delay);
+    let diagnosis = diagnose(&cluster.log_path(id), log_offset, &cluster.data_dir(id));
+    if slot.reported.as_deref() != Some(diagnosis.error.as_str()) {
+        eprintln!(
+            "server {id} {failed_to} ({status}); the others keep serving. From {}:",
+            cluster.log_path(id).display()
+        );
+        for line in &diagnosis.tail {
+            eprintln!("  {line}");
+        }
+        eprintln!("  fix: {}", diagnosis.fix);
+        eprintln!(
+            "  kv up retries it in {} s, then less often (every {} s at most)",
+            delay.as_secs(),
+            UP_MAX_RESTART_DELAY.as_secs()
+        );
+        slot.reported = Some(diagnosis.error);
+    } else {
+        eprintln!(
+            "server {id} {failed_to} again ({} times in a row); next try in {} s",
+            slot.failures,
+            delay.as_secs()
+        );
+    }
+    let broken: Vec<usize> = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.failures >= UP_GIVE_UP_FAILURES)
+        .map(|(i, _)| i + 1)
+        .collect();
+    if slots.len() - broken.len() >= majority {
+        return None;
+    }
+    let names = broken
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(format!(
+        "no majority can run ({} of {} servers keep failing to start: {names}; \
+         see above and their logs in {}); the cluster is stopped, its data \
+         kept: fix them and run `shoal kv up --dir {}` again",
+        broken.len(),
+        slots.len(),
+        cluster.dir.display(),
+        cluster.dir.display()
+    ))
+}
+
+/// Starts server `id` again from its data directory, with the same arguments.
+fn restart(procs: &mut Procs, id: usize, slot: &mut UpSlot) -> Result<()> {
+    procs.restart(id - 1)?;
     slot.restart_at = None;
-    slot.child = Some(child);
-    slot.log_offset = offset;
-    slot.started = now;
     if slot.failures == 0 {
         eprintln!("server {id} restarted");
     }
@@ -509,8 +464,7 @@ fn restart(cluster: &Cluster, id: usize, slot: &mut UpSlot, now: Instant) -> Res
 /// The wait before the next start of a server that failed `failures` starts in a row:
 /// 1 s, 2 s, 4 s, … up to [`UP_MAX_RESTART_DELAY`].
 fn restart_delay(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    (UP_RESTART_DELAY * 2u32.pow(doublings)).min(UP_MAX_RESTART_DELAY)
+    UP_BACKOFF.delay(failures)
 }
 
 /// Why a server failed to start, from its log.
@@ -526,7 +480,7 @@ struct Diagnosis {
 
 /// Reads what server wrote to `log` since `offset` and says what to do about it.
 fn diagnose(log: &Path, offset: u64, data: &Path) -> Diagnosis {
-    let text = read_from(log, offset).unwrap_or_default();
+    let text = shoal_cluster::read_log_from(log, offset).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim_end)
@@ -569,24 +523,6 @@ fn fix_for(error: &str, data: &Path) -> String {
     } else {
         "see the log above; kv up keeps retrying".to_string()
     }
-}
-
-/// The end of a log from `offset` on (at most [`LOG_TAIL_BYTES`], starting at a line).
-fn read_from(path: &Path, offset: u64) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let start = offset.max(len.saturating_sub(LOG_TAIL_BYTES));
-    file.seek(std::io::SeekFrom::Start(start))?;
-    let mut buf = Vec::new();
-    file.read_to_end(&mut buf)?;
-    let mut text = String::from_utf8_lossy(&buf).into_owned();
-    if start > offset {
-        // Cut in the middle of a line: drop its end.
-        if let Some(nl) = text.find('\n') {
-            text.drain(..=nl);
-        }
-    }
-    Ok(text)
 }
 
 #[cfg(test)]

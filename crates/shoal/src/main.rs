@@ -1,7 +1,8 @@
 //! `shoal`: one binary for every part of Shoal.
 //!
 //! Each area owns one module here holding its clap arguments and the code that runs them:
-//! `demo_cmd` (the tour), `check_cmd` (linearizability checker), `sim_cmd` (simulator), `mr_cmd` (MapReduce), `mr_bench` (its benchmark).
+//! `demo_cmd` (the tour), `check_cmd` (linearizability checker), `sim_cmd` (simulator), `mr_cmd` (MapReduce).
+//! `bench kv|raft|mr` run the `shoal-bench` library; local clusters are supervised by `shoal-cluster`.
 //! `main` only parses, sets up logging and dispatches.
 
 use std::process::ExitCode;
@@ -15,18 +16,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
 
-mod bench_util;
 mod check_cmd;
 mod cli;
 mod demo_cmd;
 mod help;
-mod kv_bench;
 mod kv_cmd;
 mod kv_lease_cmd;
 mod kv_up;
-mod mr_bench;
 mod mr_cmd;
-mod raft_bench;
 mod raft_cmd;
 mod sim_cmd;
 
@@ -77,13 +74,13 @@ enum BenchCommand {
     /// Simulator speed: events and simulated seconds per wall second.
     Sim(sim_cmd::BenchArgs),
     /// MapReduce throughput against a coreutils pipeline and the sequential implementation.
-    Mr(mr_bench::BenchArgs),
+    Mr(shoal_bench::mr_bench::BenchArgs),
     /// Raft on three real processes: commits/s and latency by proposer count, election time
     /// after a leader SIGKILL.
-    Raft(raft_bench::BenchArgs),
+    Raft(shoal_bench::raft_bench::BenchArgs),
     /// The key/value database against etcd: ops/s and latency by client count for puts and
     /// linearizable gets, write availability after a leader SIGKILL.
-    Kv(kv_bench::BenchArgs),
+    Kv(shoal_bench::kv_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,9 +95,9 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim_cmd::run(args),
         Command::Bench(BenchCommand::Check(args)) => check_cmd::bench(args),
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),
-        Command::Bench(BenchCommand::Mr(args)) => mr_bench::bench(args),
-        Command::Bench(BenchCommand::Raft(args)) => raft_bench::bench(args),
-        Command::Bench(BenchCommand::Kv(args)) => kv_bench::bench(args),
+        Command::Bench(BenchCommand::Mr(args)) => shoal_bench::mr_bench::bench(args),
+        Command::Bench(BenchCommand::Raft(args)) => shoal_bench::raft_bench::bench(args),
+        Command::Bench(BenchCommand::Kv(args)) => shoal_bench::kv_bench::bench(args),
     };
     match result {
         Ok(code) => code,

@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -462,20 +462,6 @@ fn seq(args: SeqArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Kills (SIGKILL) and reaps the worker processes of `mr run` when dropped.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
 /// How long `mr run` waits for its workers to exit after the job ends.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -536,36 +522,32 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let exe = std::env::current_exe().context("cannot find the shoal executable")?;
-    let mut children = Children(Vec::new());
+    // The workers, killed (SIGKILL) and reaped when dropped.
+    let mut children = shoal_cluster::Procs::new();
     for i in 0..args.workers {
-        let mut cmd = Command::new(&exe);
-        cmd.args([
-            "mr",
-            "worker",
-            "--supervised",
-            "--coordinator",
-            &addr.to_string(),
-        ])
-        .arg("--work-dir")
-        .arg(scratch.join(format!("worker-{i}")))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        // No log file: stdout is discarded and the workers' (rare) errors reach the terminal.
+        let mut spec = shoal_cluster::Spec::unlogged(format!("worker {i}"), &exe)
+            .args([
+                "mr",
+                "worker",
+                "--supervised",
+                "--coordinator",
+                &addr.to_string(),
+            ])
+            .arg("--work-dir")
+            .arg(scratch.join(format!("worker-{i}")));
         if i < args.slow_workers {
-            cmd.arg("--slow-factor").arg(args.slow_factor.to_string());
+            spec = spec.arg("--slow-factor").arg(args.slow_factor.to_string());
         }
         if std::env::var_os("SHOAL_LOG").is_none() {
-            cmd.env("SHOAL_LOG", "error");
+            spec = spec.env("SHOAL_LOG", "error");
         }
-        // Workers die with this process even when it is SIGKILLed. The signal follows the
-        // spawning thread: this is the thread of `block_on` (the main thread), which lives as
-        // long as the process.
-        crate::cli::die_with_parent(&mut cmd);
+        // The supervisor gives the workers the parent-death signal: they die with this
+        // process even when it is SIGKILLed. The signal follows the spawning thread: this is
+        // the thread of `block_on` (the main thread), which lives as long as the process.
         std::fs::create_dir_all(scratch.join(format!("worker-{i}")))
             .with_context(|| format!("cannot create {}", scratch.display()))?;
-        children.0.push(
-            cmd.spawn()
-                .with_context(|| format!("cannot start {}", exe.display()))?,
-        );
+        children.spawn(spec)?;
     }
 
     let bars = indicatif::MultiProgress::new();
@@ -593,8 +575,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
                 reduce_bar.set_position(u64::from(s.reduces_done));
                 let busy = s.workers.iter().filter(|w| !w.running.is_empty()).count();
                 map_bar.set_message(format!("{busy} workers busy"));
-                let alive = children.0.iter_mut().map(|c| c.try_wait()).filter(|r| matches!(r, Ok(None))).count();
-                if alive == 0 {
+                if children.running() == 0 {
                     bars.clear().ok();
                     bail!("every worker process exited before the job finished (run with SHOAL_LOG=info to see why)");
                 }
@@ -618,12 +599,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     bars.clear().ok();
     // Workers exit on their own when told the job is over; give them a moment.
     let deadline = tokio::time::Instant::now() + WORKER_EXIT_GRACE;
-    while tokio::time::Instant::now() < deadline
-        && children
-            .0
-            .iter_mut()
-            .any(|c| matches!(c.try_wait(), Ok(None)))
-    {
+    while tokio::time::Instant::now() < deadline && children.running() > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(children);

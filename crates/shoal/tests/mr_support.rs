@@ -42,26 +42,35 @@ pub fn shoal() -> Command {
     cmd
 }
 
-/// Every child process of a test; all are SIGKILLed and reaped on drop (also on panic).
+/// Every child process of a test, supervised by `shoal_cluster` (the same kill and reap rules
+/// as every local cluster of Shoal): all are SIGKILLed and reaped on drop (also on panic). The
+/// tests spawn the children themselves, with the pipes they read, and hand them over; the list
+/// is shared with the threads of a test.
 #[derive(Default, Clone)]
-pub struct Procs(Arc<Mutex<Vec<Child>>>);
+pub struct Procs(Arc<Mutex<shoal_cluster::Procs>>);
 
 impl Procs {
     /// Adds a child; returns its index.
     pub fn add(&self, child: Child) -> usize {
-        let mut v = self.0.lock().unwrap();
-        v.push(child);
-        v.len() - 1
+        let mut procs = self.0.lock().unwrap();
+        let name = format!("child {}", procs.len());
+        procs.adopt(name, child)
     }
 
-    /// Pid of child `i`.
+    /// Runs `f` on child `i`.
+    fn with<T>(&self, i: usize, f: impl FnOnce(&mut shoal_cluster::Proc) -> T) -> T {
+        let mut procs = self.0.lock().unwrap();
+        f(procs.get_mut(i).expect("a child of this test"))
+    }
+
+    /// Pid of child `i` (also once it exited).
     pub fn pid(&self, i: usize) -> u32 {
-        self.0.lock().unwrap()[i].id()
+        self.with(i, |p| p.last_pid())
     }
 
     /// Exit status of child `i` if it has exited.
     pub fn try_wait(&self, i: usize) -> Option<ExitStatus> {
-        self.0.lock().unwrap()[i].try_wait().ok().flatten()
+        self.with(i, |p| p.try_exit())
     }
 
     /// Waits up to `timeout` for child `i`.
@@ -85,10 +94,10 @@ impl Procs {
         i: usize,
         timeout: Duration,
     ) -> Option<(Option<i32>, String, String)> {
-        let (out, err) = {
-            let mut v = self.0.lock().unwrap();
-            (v[i].stdout.take(), v[i].stderr.take())
-        };
+        let (out, err) = self.with(i, |p| {
+            let child = p.child_mut();
+            (child.stdout.take(), child.stderr.take())
+        });
         fn reader<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
             std::thread::spawn(move || {
                 let mut s = String::new();
@@ -107,11 +116,9 @@ impl Procs {
         ))
     }
 
-    /// SIGKILLs child `i`.
+    /// SIGKILLs child `i` (SIGCONT first, in case it is stopped) and reaps it.
     pub fn kill(&self, i: usize) {
-        let mut v = self.0.lock().unwrap();
-        let _ = v[i].kill();
-        let _ = v[i].wait();
+        self.with(i, |p| p.kill());
     }
 
     /// Number of children.
@@ -121,38 +128,21 @@ impl Procs {
 
     /// Indexes of children that have exited.
     pub fn exited(&self) -> Vec<usize> {
-        let mut v = self.0.lock().unwrap();
-        let mut exited = Vec::new();
-        for (i, c) in v.iter_mut().enumerate() {
-            if let Ok(Some(_)) = c.try_wait() {
-                exited.push(i);
-            }
-        }
-        exited
+        let mut procs = self.0.lock().unwrap();
+        (0..procs.len())
+            .filter(|&i| procs.get_mut(i).is_some_and(|p| p.try_exit().is_some()))
+            .collect()
     }
 
     /// Stderr of child `i`, once it exited (stderr must have been piped).
     pub fn stderr(&self, i: usize) -> String {
-        let mut v = self.0.lock().unwrap();
-        let mut s = String::new();
-        if let Some(e) = v[i].stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        if Arc::strong_count(&self.0) > 1 {
-            return;
-        }
-        if let Ok(mut v) = self.0.lock() {
-            for c in v.iter_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
+        self.with(i, |p| {
+            let mut s = String::new();
+            if let Some(e) = p.child_mut().stderr.as_mut() {
+                let _ = e.read_to_string(&mut s);
             }
-        }
+            s
+        })
     }
 }
 

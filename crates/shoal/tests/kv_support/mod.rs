@@ -1,11 +1,15 @@
 //! Real `shoal kv server` processes on 127.0.0.1 for the KV tests: start, SIGKILL, SIGSTOP,
-//! restart from disk, find the leader with `shoal kv status`. Every child is killed on Drop.
+//! restart from disk, find the leader with `shoal kv status`. The servers are supervised by
+//! `shoal_cluster` (the same supervisor as `kv up`, `demo` and the benchmarks): every child is
+//! killed on Drop, and dies with the test process even if that is killed.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+
+use shoal_cluster::{Procs, Spec};
 use std::time::Duration;
 
 /// The binary under test.
@@ -28,7 +32,8 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub ports: Vec<u16>,
-    pub servers: Vec<Option<Child>>,
+    /// Server `id` in slot `id - 1`.
+    pub servers: Procs,
 }
 
 impl Cluster {
@@ -39,7 +44,7 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             ports,
-            servers: (0..n).map(|_| None).collect(),
+            servers: Procs::with_slots(n),
         };
         for id in 1..=n as u64 {
             c.restart(id);
@@ -72,17 +77,24 @@ impl Cluster {
         self.dir.path().join(format!("node{id}.log"))
     }
 
+    /// The arguments of `shoal kv server` for server `id` with `data` as its directory.
+    fn server_args(&self, id: u64, data: &Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = ["kv", "server", "--id", &id.to_string()]
+            .iter()
+            .map(Into::into)
+            .collect();
+        args.push("--listen".into());
+        args.push(format!("127.0.0.1:{}", self.ports[id as usize - 1]).into());
+        args.extend(["--peers".into(), self.peers().into(), "--data".into()]);
+        args.push(data.into());
+        args.extend(["--snapshot-bytes".into(), "20000".into()]);
+        args
+    }
+
     /// A `shoal kv server` command for server `id` with `data` as its directory.
     pub fn server_command(&self, id: u64, data: &Path) -> Command {
         let mut cmd = Command::new(SHOAL);
-        cmd.args(["kv", "server", "--id", &id.to_string()])
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
-            ])
-            .args(["--peers", &self.peers(), "--data"])
-            .arg(data)
-            .args(["--snapshot-bytes", "20000"])
+        cmd.args(self.server_args(id, data))
             .env("SHOAL_LOG", "info")
             .env("NO_COLOR", "1");
         cmd
@@ -90,32 +102,24 @@ impl Cluster {
 
     /// (Re)starts server `id` from its data directory, appending its log to `node{id}.log`.
     pub fn restart(&mut self, id: u64) {
-        self.kill(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(id))
-            .expect("open the server log");
-        let child = self
-            .server_command(id, &self.data_dir(id))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+        let spec = Spec::new(format!("server {id}"), SHOAL, self.log_path(id))
+            .args(self.server_args(id, &self.data_dir(id)))
+            .env("SHOAL_LOG", "info")
+            .env("NO_COLOR", "1")
+            .append_log()
+            .stdout_null();
+        self.servers
+            .spawn_at(id as usize - 1, spec)
             .expect("start a server");
-        self.servers[id as usize - 1] = Some(child);
     }
 
-    /// SIGKILLs server `id` (if running).
+    /// SIGKILLs server `id` (if running; SIGCONT first, in case it is paused) and reaps it.
     pub fn kill(&mut self, id: u64) {
-        if let Some(mut child) = self.servers[id as usize - 1].take() {
-            signal(child.id(), libc::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.servers.kill(id as usize - 1);
     }
 
     pub fn pid(&self, id: u64) -> Option<u32> {
-        self.servers[id as usize - 1].as_ref().map(Child::id)
+        self.servers.get(id as usize - 1)?.pid()
     }
 
     /// The running server that answers `shoal kv status` as leader (the highest term's, if
@@ -127,7 +131,7 @@ impl Cluster {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["role"] == "leader")
             .filter_map(|v| Some((v["term"].as_u64()?, v["id"].as_u64()?)))
-            .filter(|&(_, id)| self.servers[id as usize - 1].is_some())
+            .filter(|&(_, id)| id >= 1 && self.pid(id).is_some())
             .max()
             .map(|(_, id)| id)
     }
@@ -193,14 +197,6 @@ impl Cluster {
             child,
             stdin,
             stdout,
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for id in 1..=self.servers.len() as u64 {
-            self.kill(id);
         }
     }
 }

@@ -5,17 +5,15 @@
 //! Both run with their default durability settings: only names, addresses and data
 //! directories are given.
 
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use super::target::TargetKind;
 use super::{now, LIVENESS};
-use crate::cli::{die_with_parent, peers_arg, KilledOnDrop};
+use shoal_cluster::{peers_arg, Procs, Spec};
 
 /// Members of a local cluster.
 pub const MEMBERS: usize = 3;
@@ -38,7 +36,7 @@ pub struct LocalCluster {
     /// once the cluster answered).
     pub member_ids: Vec<u64>,
     bin: PathBuf,
-    procs: Vec<Option<KilledOnDrop>>,
+    procs: Procs,
     markers: u64,
     // Declared last: dropped after the processes are gone.
     dir: tempfile::TempDir,
@@ -55,7 +53,7 @@ impl LocalCluster {
         if std::env::var_os("SHOAL_BENCH_KEEP_DATA").is_some() {
             dir.disable_cleanup(true);
         }
-        let all = crate::cli::free_local_addrs(2 * MEMBERS)?;
+        let all = shoal_cluster::free_local_addrs(2 * MEMBERS)?;
         let addrs = all[..MEMBERS].to_vec();
         let peer_addrs = match kind {
             TargetKind::Shoal => addrs.clone(),
@@ -67,7 +65,7 @@ impl LocalCluster {
             peer_addrs,
             member_ids: (1..=MEMBERS as u64).collect(),
             bin,
-            procs: (0..MEMBERS).map(|_| None).collect(),
+            procs: Procs::with_slots(MEMBERS),
             markers: 0,
             dir,
         };
@@ -91,20 +89,17 @@ impl LocalCluster {
         self.dir.path().join(format!("m{}.log", i + 1))
     }
 
-    /// Starts (or restarts from its data directory) member `i`.
+    /// Starts (or restarts from its data directory) member `i`, its output appended to
+    /// `m{i+1}.log`.
     pub fn spawn(&mut self, i: usize) -> Result<()> {
-        let log_path = self.log_path(i);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
         let data = self.dir.path().join(format!("m{}", i + 1));
-        let mut cmd = Command::new(&self.bin);
+        let name = format!("{} member {}", self.kind.name(), i + 1);
+        let mut spec = Spec::new(name, &self.bin, self.log_path(i)).append_log();
         match self.kind {
             TargetKind::Shoal => {
                 let peers = peers_arg(&self.addrs);
-                cmd.args(["kv", "server", "--id", &(i + 1).to_string()])
+                spec = spec
+                    .args(["kv", "server", "--id", &(i + 1).to_string()])
                     .args(["--listen", &self.addrs[i].to_string()])
                     .args(["--peers", &peers])
                     .arg("--data")
@@ -128,7 +123,8 @@ impl LocalCluster {
                 // Only names and URLs: snapshot count, heartbeat, election timeout and
                 // fsync behaviour stay etcd's defaults. On a restart etcd reads the
                 // membership from its data directory and ignores the --initial-* flags.
-                cmd.args(["--name", &name(i)])
+                spec = spec
+                    .args(["--name", &name(i)])
                     .arg("--data-dir")
                     .arg(&data)
                     .args(["--listen-client-urls", &client_url])
@@ -141,50 +137,31 @@ impl LocalCluster {
                 // An ETCD_* variable of the caller's environment would act as a flag.
                 for (k, _) in std::env::vars_os() {
                     if k.to_string_lossy().starts_with("ETCD_") {
-                        cmd.env_remove(k);
+                        spec = spec.env_remove(k);
                     }
                 }
             }
         }
-        // The members die with the benchmark even when it is killed (no Drop runs then).
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("duplicating a log file handle")?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        self.procs[i] = Some(KilledOnDrop { child });
-        Ok(())
+        // The supervisor gives each member the parent-death signal: the members die with
+        // the benchmark even when it is killed (no Drop runs then).
+        self.procs.spawn_at(i, spec)
     }
 
     /// SIGKILLs member `i` and reaps it: once this returns, it answers nothing more.
     pub fn kill(&mut self, i: usize) {
-        self.procs[i] = None;
+        self.procs.kill(i);
     }
 
-    /// Fails if a member exited on its own (e.g. refused its arguments).
+    /// Fails if a member exited on its own (e.g. refused its arguments), quoting its log.
     pub fn check_alive(&mut self) -> Result<()> {
-        for i in 0..MEMBERS {
-            let Some(p) = &mut self.procs[i] else {
-                continue;
-            };
-            if let Some(status) = p.child.try_wait().context("polling a member")? {
-                let log = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                bail!(
-                    "{} member {} exited ({status}); its log ends with:\n{}",
-                    self.kind.name(),
-                    i + 1,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
-        Ok(())
+        self.procs.check_running()
     }
 
+    /// Members started and not killed (one that exited on its own fails `check_alive`).
     pub fn live(&self) -> Vec<usize> {
-        (0..MEMBERS).filter(|&i| self.procs[i].is_some()).collect()
+        (0..MEMBERS)
+            .filter(|&i| self.procs.get(i).is_some_and(|p| !p.exit_expected()))
+            .collect()
     }
 
     /// Waits until a live member leads (and, for Shoal, has committed a write); returns it.

@@ -14,19 +14,18 @@
 //! Progress goes to stderr; stdout gets one JSON line per run (and per kill) and a table at the
 //! end. Timings are figures, never pass/fail criteria.
 
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bench_util::{load_avg_1m, ms, now, percentile, SplitMix64};
-use crate::cli::{peers_arg, KilledOnDrop};
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
+use shoal_cluster::{peers_arg, Procs, Spec};
 use shoal_runtime::demo::{DemoRequest, DemoResponse, DemoStatus};
 use shoal_wire::codec::FrameCodec;
 use tokio::net::TcpStream;
@@ -119,7 +118,7 @@ struct NodeSettings {
 struct Group {
     settings: NodeSettings,
     addrs: Vec<SocketAddr>,
-    procs: Vec<Option<KilledOnDrop>>,
+    procs: Procs,
     // Declared last: dropped after the processes are gone.
     dir: tempfile::TempDir,
 }
@@ -130,11 +129,11 @@ impl Group {
             .prefix("shoal-bench-raft-")
             .tempdir_in(data_dir)
             .with_context(|| format!("creating a data directory in {}", data_dir.display()))?;
-        let addrs = crate::cli::free_local_addrs(NODES)?;
+        let addrs = shoal_cluster::free_local_addrs(NODES)?;
         let mut group = Group {
             settings: settings.clone(),
             addrs,
-            procs: (0..NODES).map(|_| None).collect(),
+            procs: Procs::with_slots(NODES),
             dir,
         };
         for i in 0..NODES {
@@ -143,20 +142,18 @@ impl Group {
         Ok(group)
     }
 
+    /// Starts (or restarts from its data directory) node `i`, its stderr appended to
+    /// `n{i+1}.log`.
     fn spawn(&mut self, i: usize) -> Result<()> {
         let peers = peers_arg(&self.addrs);
         let log_path = self.dir.path().join(format!("n{}.log", i + 1));
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
         let s = &self.settings;
-        let mut cmd = Command::new(&s.bin);
-        // The nodes die with the benchmark even when it is SIGKILLed (no Drop runs then).
-        // Spawned from the future `block_on` runs on the main thread, which the signal follows.
-        crate::cli::die_with_parent(&mut cmd);
-        let child = cmd
+        // The supervisor gives the node the parent-death signal: the nodes die with the
+        // benchmark even when it is SIGKILLed (no Drop runs then). Spawned from the future
+        // `block_on` runs on the main thread, which the signal follows.
+        let spec = Spec::new(format!("node {}", i + 1), &s.bin, log_path)
+            .append_log()
+            .stdout_null()
             .args(&s.bin_prefix)
             .args(["--id", &(i + 1).to_string()])
             .args(["--listen", &self.addrs[i].to_string()])
@@ -170,43 +167,25 @@ impl Group {
             .env(
                 "RUST_LOG",
                 std::env::var("SHOAL_NODE_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", s.bin.display()))?;
-        self.procs[i] = Some(KilledOnDrop { child });
-        Ok(())
+            );
+        self.procs.spawn_at(i, spec)
     }
 
     /// SIGKILL node `i` and reap it.
     fn kill(&mut self, i: usize) {
-        self.procs[i] = None;
+        self.procs.kill(i);
     }
 
-    /// Fails if a node exited on its own (e.g. refused its arguments).
+    /// Fails if a node exited on its own (e.g. refused its arguments), quoting its log.
     fn check_alive(&mut self) -> Result<()> {
-        for (i, p) in self.procs.iter_mut().enumerate() {
-            if let Some(p) = p {
-                if let Some(status) = p.child.try_wait().context("polling a node")? {
-                    let log =
-                        std::fs::read_to_string(self.dir.path().join(format!("n{}.log", i + 1)))
-                            .unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                    bail!(
-                        "node {} exited ({status}); its log ends with:\n{}",
-                        i + 1,
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    );
-                }
-            }
-        }
-        Ok(())
+        self.procs.check_running()
     }
 
+    /// Nodes started and not killed.
     fn live(&self) -> Vec<usize> {
-        (0..NODES).filter(|&i| self.procs[i].is_some()).collect()
+        (0..NODES)
+            .filter(|&i| self.procs.get(i).is_some_and(|p| !p.exit_expected()))
+            .collect()
     }
 }
 
