@@ -406,14 +406,33 @@ impl<SM: StateMachine, T> Replica<SM, T> {
     // ---- the Ready pipeline ---------------------------------------------------------------
 
     /// Takes the next `Ready`, if any, and writes what it asks to persist (a received snapshot,
-    /// entries, hard state) without the fsync. The driver sends [`Unsynced::messages`], then
-    /// calls [`Replica::sync`] and [`Replica::on_synced`].
+    /// entries, hard state) without the fsync: [`Replica::take_ready`] then
+    /// [`Replica::write`]. The driver sends [`Unsynced::messages`], then calls
+    /// [`Replica::sync`] and [`Replica::on_synced`].
     pub fn write_ready(&mut self, disk: &mut impl Disk) -> Result<Option<Unsynced>, Error> {
-        if !self.raw.has_ready() {
+        let Some(unsynced) = self.take_ready() else {
             return Ok(None);
+        };
+        self.write(disk, &unsynced)?;
+        Ok(Some(unsynced))
+    }
+
+    /// Takes the next `Ready`, if any, writing nothing yet: for a driver that sends
+    /// [`Unsynced::messages`] first and then writes and syncs in one go, off its event loop
+    /// (only when [`Unsynced::needs_sync`]).
+    pub fn take_ready(&mut self) -> Option<Unsynced> {
+        if !self.raw.has_ready() {
+            return None;
         }
         let mut ready = self.raw.ready();
         let messages = std::mem::take(&mut ready.messages);
+        Some(Unsynced { messages, ready })
+    }
+
+    /// Writes what a `Ready` taken by [`Replica::take_ready`] asks to persist, without the
+    /// fsync.
+    pub fn write(&mut self, disk: &mut impl Disk, unsynced: &Unsynced) -> Result<(), Error> {
+        let ready = &unsynced.ready;
         let storage = self.raw.storage_mut();
         if let Some(s) = &ready.snapshot {
             // Durable when it returns (it replaces the whole log).
@@ -423,7 +442,7 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         if let Some(hs) = ready.hard_state {
             storage.set_hard_state(disk, hs)?;
         }
-        Ok(Some(Unsynced { messages, ready }))
+        Ok(())
     }
 
     /// The durability barrier: one fsync per file written since the last call (group commit).

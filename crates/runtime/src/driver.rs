@@ -173,27 +173,29 @@ where
     ) -> Result<(), shoal_replica::Error> {
         loop {
             let replica = self.service.replica();
-            if !replica.has_ready() {
-                return Ok(());
-            }
-            let (disk, transport) = (&mut self.disk, &self.transport);
-            // Writes go to the page cache (no fsync yet): cheap enough for the loop.
-            let Some(mut unsynced) = replica.write_ready(disk)? else {
+            let Some(mut unsynced) = replica.take_ready() else {
                 return Ok(());
             };
+            let (disk, transport) = (&mut self.disk, &self.transport);
             if let Some(soft) = unsynced.soft_state() {
                 let term = replica.status().term;
                 info!(role = %crate::ready::role_text(soft.role),
                     leader = %crate::ready::leader_text(soft.leader), term = term.0,
                     "role changed");
             }
+            // Messages that promise nothing unpersisted go first: a leader's appends travel
+            // while it writes and fsyncs its own copy.
             for m in std::mem::take(&mut unsynced.messages) {
                 send(transport, m);
             }
-            // The barrier. Handing the worker thread over costs a wake-up of another one:
-            // only for a Ready that wrote something.
+            // Write and fsync with the worker thread handed over (writes of tens of kilobytes
+            // fault pages in; the fsync waits for the disk); a Ready with nothing to persist
+            // skips the hand-over, which costs a wake-up of another worker.
             if unsynced.needs_sync() {
-                in_place(|| replica.sync(disk))?;
+                in_place(|| {
+                    replica.write(disk, &unsynced)?;
+                    replica.sync(disk)
+                })?;
             }
             let synced = replica.on_synced(disk, unsynced)?;
             for m in synced.messages {
