@@ -405,6 +405,8 @@ fn time_mr_run(
         .args(corpus)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    // The supervisor's rule for every child: it dies with us (its workers die with it).
+    shoal_cluster::die_with_parent(&mut cmd);
     let (output, took, cpu) = timed(|| cmd.output().context("running shoal mr run"))?;
     if !output.status.success() {
         bail!(
@@ -430,13 +432,10 @@ fn time_coreutils(corpus: &[PathBuf], bytes: u64) -> anyhow::Result<Figure> {
         "cat {} | LC_ALL=C tr -cs A-Za-z '\\n' | sort | uniq -c > /dev/null",
         files.join(" ")
     );
-    let (status, took, cpu) = timed(|| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .status()
-            .context("running the coreutils pipeline")
-    })?;
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(&script);
+    shoal_cluster::die_with_parent(&mut sh);
+    let (status, took, cpu) = timed(|| sh.status().context("running the coreutils pipeline"))?;
     if !status.success() {
         bail!("coreutils pipeline failed: {status}");
     }
