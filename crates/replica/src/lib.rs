@@ -775,3 +775,256 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_storage::{MemDisk, StorageConfig};
+
+    /// A machine that sums the bytes of its commands; an empty command is no command, and a
+    /// command `[0xff]` is unusable.
+    #[derive(Debug, Default)]
+    struct Sum(u64);
+
+    impl StateMachine for Sum {
+        type Output = u64;
+        type Snapshot = Vec<u8>;
+
+        fn apply(&mut self, _index: LogIndex, command: &[u8]) -> Result<Option<u64>, String> {
+            match command {
+                [] => Ok(None),
+                [0xff] => Err("poison".into()),
+                bytes => {
+                    self.0 += bytes.iter().map(|&b| u64::from(b)).sum::<u64>();
+                    Ok(Some(self.0))
+                }
+            }
+        }
+
+        fn snapshot(&self) -> Vec<u8> {
+            self.0.to_le_bytes().to_vec()
+        }
+
+        fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
+            let bytes: [u8; 8] = data.try_into().map_err(|_| "not 8 bytes".to_string())?;
+            self.0 = u64::from_le_bytes(bytes);
+            Ok(())
+        }
+    }
+
+    fn single(disk: &mut MemDisk, config: ReplicaConfig) -> Replica<Sum, &'static str> {
+        let storage = DurableStorage::open(disk, 1, 1, StorageConfig::default()).unwrap();
+        let raft = Config::new(NodeId(1), vec![NodeId(1)]);
+        Replica::new(raft, storage, Sum::default(), config).unwrap()
+    }
+
+    /// Carries out every Ready; snapshot jobs are prepared and installed at once.
+    fn drive(r: &mut Replica<Sum, &'static str>, disk: &mut MemDisk) -> Result<(), Error> {
+        while let Some(u) = r.write_ready(disk)? {
+            r.sync(disk)?;
+            if let Some(job) = r.on_synced(disk, u)?.snapshot {
+                let prepared = job.prepare(disk);
+                r.install_snapshot(disk, prepared)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn proposals_apply_reads_wait_for_apply_and_answers_keep_their_order() {
+        let mut disk = MemDisk::new();
+        let mut r = single(&mut disk, ReplicaConfig::default());
+        // Not the leader yet: refused, the tag handed back.
+        assert_eq!(r.propose(vec![1], "early").unwrap_err().1, "early");
+        r.raw_mut().campaign();
+        drive(&mut r, &mut disk).unwrap();
+        assert_eq!(r.role(), Role::Leader);
+        let a = r.propose(vec![2], "a").unwrap();
+        let b = r.propose(vec![], "noop").unwrap();
+        r.read("read").unwrap();
+        let c = r.propose(vec![3, 4], "c").unwrap();
+        drive(&mut r, &mut disk).unwrap();
+        let done = r.take_done();
+        let term = r.status().term;
+        // The read was confirmed at the commit index it arrived at (1: before the writes
+        // committed), so it is ready at once; the writes follow in log order.
+        assert_eq!(
+            done,
+            vec![
+                Done::ReadReady {
+                    tag: "read",
+                    index: LogIndex(1)
+                },
+                Done::Applied {
+                    tag: "a",
+                    index: a,
+                    term,
+                    output: 2
+                },
+                Done::Lost {
+                    tag: "noop",
+                    index: b
+                },
+                Done::Applied {
+                    tag: "c",
+                    index: c,
+                    term,
+                    output: 9
+                },
+            ]
+        );
+        assert_eq!(r.pending_proposals() + r.pending_reads(), 0);
+        assert_eq!(r.machine().0, 9);
+    }
+
+    #[test]
+    fn the_entry_policy_snapshots_and_a_restart_restores_from_it() {
+        let mut disk = MemDisk::new();
+        let config = ReplicaConfig {
+            snapshot: SnapshotPolicy {
+                log_bytes: None,
+                entries: Some(3),
+            },
+            ..ReplicaConfig::default()
+        };
+        let mut r = single(&mut disk, config);
+        r.raw_mut().campaign();
+        drive(&mut r, &mut disk).unwrap();
+        for i in 1..=10u8 {
+            r.propose(vec![i], "p").unwrap();
+            drive(&mut r, &mut disk).unwrap();
+        }
+        assert!(r.snapshots_taken() >= 2, "{}", r.snapshots_taken());
+        assert!(r.status().first_index.0 > 1, "the log was not compacted");
+        assert_eq!(r.snapshot_in_flight(), None);
+        let applied = r.applied();
+        drop(r);
+        // A restart restores the machine from the stored snapshot and replays the log after it.
+        let mut r = single(&mut disk, config);
+        assert!(r.status().first_index.0 > 1);
+        assert!(
+            r.applied() <= applied && r.applied().0 > 1,
+            "restored from the snapshot"
+        );
+        r.raw_mut().campaign();
+        drive(&mut r, &mut disk).unwrap();
+        assert_eq!(r.machine().0, 55, "the snapshot and the log after it");
+        assert!(r.applied() > applied, "the new leader's entry applied too");
+    }
+
+    #[test]
+    fn an_unusable_entry_stops_the_replica_with_an_error() {
+        let mut disk = MemDisk::new();
+        let mut r = single(&mut disk, ReplicaConfig::default());
+        r.raw_mut().campaign();
+        drive(&mut r, &mut disk).unwrap();
+        r.propose(vec![0xff], "poison").unwrap();
+        let err = drive(&mut r, &mut disk).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Unusable {
+                    what: "log entry",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("poison"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_snapshot_preparation_stops_the_replica_and_frees_the_slot() {
+        let mut disk = MemDisk::new();
+        let config = ReplicaConfig {
+            snapshot: SnapshotPolicy {
+                log_bytes: Some(0),
+                entries: None,
+            },
+            ..ReplicaConfig::default()
+        };
+        let mut r = single(&mut disk, config);
+        r.raw_mut().campaign();
+        let mut job = None;
+        while let Some(u) = r.write_ready(&mut disk).unwrap() {
+            r.sync(&mut disk).unwrap();
+            job = job.or(r.on_synced(&mut disk, u).unwrap().snapshot);
+        }
+        let job = job.expect("a job over a 0-byte threshold");
+        assert_eq!(r.snapshot_in_flight(), Some(job.index()));
+        let failed = Err(shoal_storage::Error::Invalid("disk full".into()));
+        assert!(r.install_snapshot(&mut disk, failed).is_err());
+        assert_eq!(r.snapshot_in_flight(), None);
+    }
+
+    #[test]
+    fn leadership_loss_fails_reads_and_with_the_flag_proposals() {
+        for fail_proposals in [false, true] {
+            let mut disk = MemDisk::new();
+            let storage = DurableStorage::open(&mut disk, 1, 1, StorageConfig::default()).unwrap();
+            let raft = Config::new(NodeId(1), vec![NodeId(1), NodeId(2), NodeId(3)]);
+            let config = ReplicaConfig {
+                fail_proposals_on_leadership_loss: fail_proposals,
+                ..ReplicaConfig::default()
+            };
+            let mut r: Replica<Sum, &str> =
+                Replica::new(raft, storage, Sum::default(), config).unwrap();
+            // Win an election by hand: campaign, then grant every (pre-)vote it asks for.
+            r.raw_mut().campaign();
+            for _ in 0..4 {
+                let mut out = Vec::new();
+                while let Some(u) = r.write_ready(&mut disk).unwrap() {
+                    out.extend(u.messages.iter().cloned());
+                    r.sync(&mut disk).unwrap();
+                    out.extend(r.on_synced(&mut disk, u).unwrap().messages);
+                }
+                for m in out {
+                    if let shoal_raft::MessageBody::RequestVote { pre_vote, .. } = m.body {
+                        let _ = r.step(shoal_raft::Message {
+                            from: m.to,
+                            to: m.from,
+                            term: m.term,
+                            body: shoal_raft::MessageBody::RequestVoteResponse {
+                                pre_vote,
+                                granted: true,
+                            },
+                        });
+                    }
+                }
+            }
+            drive(&mut r, &mut disk).unwrap();
+            assert_eq!(r.role(), Role::Leader, "elected by hand");
+            r.propose(vec![1], "write").unwrap();
+            r.read("read").unwrap();
+            drive(&mut r, &mut disk).unwrap();
+            // A higher term from a peer: the replica steps down.
+            let term = r.status().term;
+            let heartbeat = shoal_raft::Message {
+                from: NodeId(2),
+                to: NodeId(1),
+                term: Term(term.0 + 1),
+                body: shoal_raft::MessageBody::Heartbeat {
+                    commit: LogIndex(0),
+                    read_context: None,
+                },
+            };
+            let _ = r.step(heartbeat);
+            drive(&mut r, &mut disk).unwrap();
+            let done = r.take_done();
+            assert!(
+                done.contains(&Done::ReadFailed {
+                    tag: "read",
+                    reason: ReadFailure::NotLeader {
+                        leader: Some(NodeId(2))
+                    }
+                }),
+                "{done:?}"
+            );
+            let lost = done
+                .iter()
+                .any(|d| matches!(d, Done::Lost { tag: "write", .. }));
+            assert_eq!(lost, fail_proposals, "{done:?}");
+            assert_eq!(r.pending_proposals(), usize::from(!fail_proposals));
+        }
+    }
+}
