@@ -91,7 +91,7 @@ pub enum Error {
     #[error("configuration does not decode: {0}")]
     Decode(String),
     /// A query for a configuration the history does not hold.
-    #[error("no configuration {asked}: the history holds 1..={latest}")]
+    #[error("no configuration {asked}: the history holds 0..={latest}")]
     UnknownConfig {
         /// The number asked for.
         asked: u64,

@@ -11,7 +11,8 @@ use crate::{Error, ShardId};
 ///
 /// 128 shards. With `k` groups a balanced configuration gives every group `⌊128/k⌋` or
 /// `⌈128/k⌉` shards, so the busiest group carries at most `⌈128/k⌉ / (128/k)` of its fair
-/// share. For 1..=16 groups (the table in `docs/sharding.md`; [`tests`](self) check it):
+/// share. For 1..=16 groups (also in `docs/sharding.md`; the unit test
+/// `default_shard_count_balances_8_to_16_groups` checks it):
 ///
 /// | groups | shards per group (min–max) | busiest / fair share |
 /// |-------:|:---------------------------|---------------------:|
@@ -30,7 +31,7 @@ use crate::{Error, ShardId};
 ///
 /// So from 8 to 16 groups no group carries more than 9.4% above its share and no group
 /// owns more than 12.5% more than another (9 against 8 at 15 groups). With 64 shards the
-/// worst cases are 17.2% above the share and 25% more than another (5 against 4 at 13 and
+/// worst cases are 17.2% above the share and 25% more than another (5 against 4 at 13 to
 /// 15 groups); 256 would gain little more while doubling configuration size and the number
 /// of migrations a join or leave runs. The lab's 10 shards cannot balance beyond 10 groups
 /// at all.
