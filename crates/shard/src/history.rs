@@ -51,7 +51,7 @@ impl History {
     /// must be numbered latest + 1, have the same shard count and keep the invariants.
     pub fn push(&mut self, config: Config) -> Result<(), Error> {
         let latest = self.latest();
-        if config.num != latest.num + 1 {
+        if latest.num.checked_add(1) != Some(config.num) {
             return Err(Error::OutOfOrder {
                 latest: latest.num,
                 got: config.num,

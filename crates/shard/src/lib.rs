@@ -95,7 +95,7 @@ pub enum Error {
     UnknownConfig {
         /// The number asked for.
         asked: u64,
-        /// The latest configuration's number (0 when the history is empty).
+        /// The latest configuration's number (0 before the first change).
         latest: u64,
     },
     /// A configuration appended out of order.
