@@ -1,0 +1,109 @@
+//! Shoal's sharded key/value database, protocol layer (sans-IO): the model the shard controller,
+//! the shard groups and the routing clients share.
+//!
+//! **Owns:** the shard function ([`shard_of`]: FNV-1a 32 of the key modulo the shard count)
+//! and the shard-count rules ([`DEFAULT_SHARDS`], [`validate_shards`]); the numbered
+//! configuration ([`Config`]: owner of every shard, servers of every group) and its versioned
+//! encoding; the controller's operations as pure functions from the latest configuration to
+//! the next ([`join`], [`leave`], [`move_shard`], one [`Op`] applied by [`apply`]) with their
+//! rebalancing rule (fewest shard moves, groups within one shard of each other); the moves a
+//! migration has to carry out ([`diff`]); and the history of configurations the controller
+//! keeps ([`History`]).
+//!
+//! **Must never:** do I/O, read a clock, spawn, use an unseeded RNG or iterate a std hash map
+//! (every map here is a `BTreeMap`, every tie is broken by gid or shard number). Every replica
+//! of the controller applies the same operation to the same configuration and must get the
+//! same next configuration, bit for bit.
+//!
+//! Not built yet (planned, issue 13): the controller's store on Shoal KV, migration, the
+//! shard-aware groups and the routing clients. See `docs/sharding.md`.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod history;
+pub mod ops;
+pub mod shard;
+
+pub use config::{diff, Config, ShardMove, CONFIG_FORMAT};
+pub use history::History;
+pub use ops::{apply, join, leave, move_shard, Op};
+pub use shard::{fnv1a32, shard_of, validate_shards, DEFAULT_SHARDS, MAX_SHARDS};
+
+/// A replica group's id. `0` is not a group: it marks a shard that no group owns
+/// ([`NO_GROUP`]).
+pub type Gid = u64;
+
+/// A shard's number, `0..shards`.
+pub type ShardId = u32;
+
+/// The owner of a shard that no group owns (only before the first group has joined).
+pub const NO_GROUP: Gid = 0;
+
+/// Errors of the shard model. An operation that fails produces no new configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A shard count outside `1..=MAX_SHARDS`.
+    #[error("invalid shard count {0}: it must be between 1 and {max}", max = MAX_SHARDS)]
+    ShardCount(u64),
+    /// A request that names no group.
+    #[error("the request names no group")]
+    NoGroups,
+    /// Gid 0 means "no owner" and cannot be a group.
+    #[error("gid 0 is reserved (it means \"no owner\")")]
+    ReservedGid,
+    /// A group given without any server.
+    #[error("group {0} has no servers")]
+    NoServers(Gid),
+    /// Join of a group that is already a member.
+    #[error("group {0} is already a member")]
+    AlreadyMember(Gid),
+    /// Leave or Move naming a group that is not a member.
+    #[error("group {0} is not a member")]
+    NotMember(Gid),
+    /// The same gid twice in one Leave.
+    #[error("group {0} is named twice")]
+    DuplicateGid(Gid),
+    /// A Leave that would leave no group: every shard needs an owner.
+    #[error("refused: leaving would remove the last group(s); every shard needs an owner")]
+    LastGroup,
+    /// A shard number not below the shard count.
+    #[error("unknown shard {shard}: there are {shards} shards")]
+    UnknownShard {
+        /// The shard asked for.
+        shard: ShardId,
+        /// The shard count of the configuration.
+        shards: u32,
+    },
+    /// Configurations with different shard counts cannot be compared or chained.
+    #[error("shard counts differ: {0} and {1}")]
+    ShardCountMismatch(u32, u32),
+    /// A configuration number past `u64::MAX`.
+    #[error("configuration numbers are exhausted")]
+    NumOverflow,
+    /// A configuration that breaks the model's invariants (decoded or built by hand).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// Encoded by an unknown format version.
+    #[error("unknown configuration format version {0}")]
+    FormatVersion(u8),
+    /// Bytes that do not decode.
+    #[error("configuration does not decode: {0}")]
+    Decode(String),
+    /// A query for a configuration the history does not hold.
+    #[error("no configuration {asked}: the history holds 0..={latest}")]
+    UnknownConfig {
+        /// The number asked for.
+        asked: u64,
+        /// The latest configuration's number (0 before the first change).
+        latest: u64,
+    },
+    /// A configuration appended out of order.
+    #[error("configuration {got} does not follow {latest}")]
+    OutOfOrder {
+        /// The latest number held.
+        latest: u64,
+        /// The number given.
+        got: u64,
+    },
+}
