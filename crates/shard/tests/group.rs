@@ -642,3 +642,41 @@ fn adoption_is_in_order_and_installs_are_fenced() {
     assert!(g2.m.serves(2));
     assert!(!g2.m.serves(3));
 }
+
+/// The state alone fences writes: a Freeze that reaches the group before it adopts the
+/// configuration that moves the shard (the adopted one still gives it here) stops the writes.
+#[test]
+fn a_frozen_shard_refuses_writes_even_before_the_group_adopts_the_move() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let k = key_in(2, 0);
+    let s = g1.register(2);
+    assert_eq!(g1.client(2, req(s, 1, put(&k, b"v1"))), written(1));
+    assert_eq!(g1.control(&freeze(2, 2)), ControlOutcome::Applied);
+    assert_eq!(g1.m.config().owner(2), Some(1));
+    let before = g1.bytes();
+    assert_eq!(
+        g1.client(2, req(s, 2, put(&k, b"v2"))),
+        GroupOutput::WrongGroup { config: 1 }
+    );
+    assert_eq!(
+        g1.m.read(2, &get(&k)),
+        GroupOutput::WrongGroup { config: 1 }
+    );
+    assert_eq!(g1.bytes(), before);
+    // Adopting configuration 2 afterwards keeps it frozen, and its export is what was frozen.
+    assert_eq!(g1.control(&adopt(&c2)), ControlOutcome::Applied);
+    assert_eq!(g1.m.shard(2).unwrap().state, ShardState::Frozen);
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    g2.control(&adopt(&c2));
+    g2.control(&install(2, 2, g1.m.export(2, 2).unwrap()));
+    assert_eq!(
+        g2.m.read(2, &get(&k)),
+        GroupOutput::Kv(KvResult::Found {
+            value: b"v1".to_vec(),
+            version: 1
+        })
+    );
+}
