@@ -680,3 +680,31 @@ fn a_frozen_shard_refuses_writes_even_before_the_group_adopts_the_move() {
         })
     );
 }
+
+proptest::proptest! {
+    /// Random bytes, raw or behind a valid version byte, as an entry, a snapshot or an
+    /// Install's data: errors or refusals, never a panic, and the machine unchanged.
+    #[test]
+    fn random_bytes_never_panic(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+        let mut g = busy_machine();
+        let before = g.bytes();
+        let mut versioned = vec![1u8];
+        versioned.extend(&raw);
+        for bytes in [&raw, &versioned] {
+            if let Ok(e) = GroupEntry::decode(bytes) {
+                // Bytes that happen to decode are a well-formed entry: they re-encode the same.
+                proptest::prop_assert_eq!(&e.encode(), bytes);
+            } else {
+                proptest::prop_assert!(bytes.is_empty() || g.m.apply(LogIndex(7), bytes).is_err());
+            }
+            proptest::prop_assert!(g.m.restore(LogIndex(7), bytes).is_err());
+            let outcome = g.control(&install(2, 3, bytes.clone()));
+            proptest::prop_assert!(
+                matches!(outcome, ControlOutcome::Refused { .. }),
+                "{:?}",
+                outcome
+            );
+        }
+        proptest::prop_assert_eq!(g.bytes(), before);
+    }
+}
