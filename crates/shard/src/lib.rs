@@ -8,24 +8,36 @@
 //! the next ([`join`], [`leave`], [`move_shard`], one [`Op`] applied by [`apply`]) with their
 //! rebalancing rule (fewest shard moves, groups within one shard of each other); the moves a
 //! migration has to carry out ([`diff`]); and the history of configurations the controller
-//! keeps ([`History`]).
+//! keeps ([`History`]); and the replica groups' shard-aware state machine ([`ShardMachine`],
+//! module [`group`]): per-shard stores and states, the log entries of a migration
+//! ([`GroupEntry`]: adopt, freeze, install, delete, fenced by configuration numbers) and the
+//! export of a frozen shard. It builds on `shoal-kv`'s `KvStore` (one per shard),
+//! `shoal-wire`'s KV messages and `shoal-replica`'s `StateMachine` (the shell hosts it).
 //!
 //! **Must never:** do I/O, read a clock, spawn, use an unseeded RNG or iterate a std hash map
 //! (every map here is a `BTreeMap`, every tie is broken by gid or shard number). Every replica
 //! of the controller applies the same operation to the same configuration and must get the
-//! same next configuration, bit for bit.
+//! same next configuration, bit for bit. The group state machine must never apply a client
+//! request at the group's log index (each shard's store numbers its own applies), never apply
+//! a request for a shard it does not serve, and never panic on an entry, snapshot or export
+//! (bad bytes are errors).
 //!
-//! Not built yet (planned, issue 13): the controller's store on Shoal KV, migration, the
-//! shard-aware groups and the routing clients. See `docs/sharding.md`.
+//! Not built yet (planned, issue 13): the controller's store on Shoal KV, the controller's
+//! driving of migrations and the routing clients. See `docs/sharding.md`.
 
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod group;
 pub mod history;
 pub mod ops;
 pub mod shard;
 
 pub use config::{diff, Config, ShardMove, CONFIG_FORMAT};
+pub use group::{
+    ControlOutcome, GroupEntry, GroupError, GroupOutput, GroupSnapshot, Shard, ShardMachine,
+    ShardState,
+};
 pub use history::History;
 pub use ops::{apply, join, leave, move_shard, Op};
 pub use shard::{fnv1a32, shard_of, validate_shards, DEFAULT_SHARDS, MAX_SHARDS};

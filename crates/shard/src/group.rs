@@ -1,0 +1,695 @@
+//! A replica group's shard-aware state machine ([`ShardMachine`]), hosted by the replica shell
+//! (`shoal_replica::Replica`) the way the KV server hosts `shoal_kv::KvMachine`.
+//!
+//! The group's log carries [`GroupEntry`]s: client requests for one shard, the configurations
+//! the group adopts, and the three migration steps (freeze at the old owner, install at the new
+//! owner, delete at the old owner), each fenced by a configuration number and idempotent. The
+//! semantics are the table of `docs/sharding.md`, "Groups".
+//!
+//! **Positions.** Each shard's [`KvStore`] numbers its own applies: the machine applies a client
+//! request at `store.applied() + 1`, never at the group's log index. The counter is part of the
+//! store's snapshot, so it travels with the shard: after a migration the new owner's log index
+//! may be far below the old owner's (a `KvStore` asserts growing positions), and two groups'
+//! indexes collide. Session ids (the positions of their registrations) are therefore per
+//! shard, and a client registers once per shard it writes to.
+//!
+//! **Leases** are refused in a sharded cluster for now ([`KvResult::Refused`]): a lease's keys
+//! may span shards and its expiry follows positions, which are per shard here.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shoal_kv::{KvStore, Limits};
+use shoal_raft::LogIndex;
+use shoal_wire::kv::{KvOp, KvRequest, KvResult};
+
+use crate::{diff, shard_of, Config, Gid, ShardId, NO_GROUP};
+
+/// The format version byte in front of every encoded [`GroupEntry`].
+pub const ENTRY_FORMAT: u8 = 1;
+/// The format version byte in front of a [`ShardMachine`] snapshot.
+pub const MACHINE_SNAPSHOT_FORMAT: u8 = 1;
+/// The format version byte in front of a shard exported by [`ShardMachine::export`].
+pub const EXPORT_FORMAT: u8 = 1;
+
+/// The reason given with [`KvResult::Refused`] to a lease operation.
+pub const LEASES_REFUSED: &str =
+    "leases are not supported in a sharded cluster (yet): a lease's keys may span shards";
+
+/// Errors of the group state machine: bytes that are no entry, snapshot or export of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// Encoded by an unknown format version.
+    #[error("unknown {what} format version {version}")]
+    Format {
+        /// `entry`, `snapshot` or `export`.
+        what: &'static str,
+        /// The version byte found.
+        version: u8,
+    },
+    /// Bytes that do not decode, or decode to something that breaks an invariant.
+    #[error("{what} does not decode: {reason}")]
+    Decode {
+        /// `entry`, `snapshot` or `export`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One entry of a group's Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupEntry {
+    /// A client's request for `shard`, routed by configuration `config` (the request is judged
+    /// against the group's own adopted configuration; `config` only tells what the client knew).
+    Client {
+        /// The shard the request is for (every key it names must be in it).
+        shard: ShardId,
+        /// The configuration the client routed by.
+        config: u64,
+        /// The request.
+        request: KvRequest,
+    },
+    /// The group learns configuration `config.num` (it must follow the adopted one).
+    Adopt {
+        /// The new configuration.
+        config: Config,
+    },
+    /// Old owner: stop serving `shard` from configuration `config` on.
+    Freeze {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that moves it away.
+        config: u64,
+    },
+    /// New owner: serve `shard` with `data` (from [`ShardMachine::export`] at the old owner).
+    Install {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that moves it here.
+        config: u64,
+        /// The shard's exported bytes.
+        data: Vec<u8>,
+    },
+    /// Old owner: forget the frozen `shard` (after it is installed at its new owner).
+    Delete {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that moved it away.
+        config: u64,
+    },
+}
+
+impl GroupEntry {
+    /// The encoding: [`ENTRY_FORMAT`], then the entry in postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        let out = vec![ENTRY_FORMAT];
+        // Integers, byte vectors, strings and maps always serialize into a Vec.
+        postcard::to_extend(self, out).expect("a GroupEntry always serializes")
+    }
+
+    /// Decodes [`GroupEntry::encode`]'s bytes. Never panics: an unknown version, truncated or
+    /// trailing bytes, and an adopted configuration breaking the invariants are errors.
+    pub fn decode(bytes: &[u8]) -> Result<GroupEntry, GroupError> {
+        let rest = check_version("entry", ENTRY_FORMAT, bytes)?;
+        let entry: GroupEntry = take_all("entry", rest)?;
+        if let GroupEntry::Adopt { config } = &entry {
+            config.check().map_err(|e| GroupError::Decode {
+                what: "entry",
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(entry)
+    }
+}
+
+fn check_version<'a>(
+    what: &'static str,
+    expected: u8,
+    bytes: &'a [u8],
+) -> Result<&'a [u8], GroupError> {
+    let (&version, rest) = bytes.split_first().ok_or(GroupError::Decode {
+        what,
+        reason: "no bytes".into(),
+    })?;
+    if version != expected {
+        return Err(GroupError::Format { what, version });
+    }
+    Ok(rest)
+}
+
+fn take_all<'a, T: Deserialize<'a>>(what: &'static str, bytes: &'a [u8]) -> Result<T, GroupError> {
+    let (value, trailing) = postcard::take_from_bytes(bytes).map_err(|e| GroupError::Decode {
+        what,
+        reason: e.to_string(),
+    })?;
+    if !trailing.is_empty() {
+        return Err(GroupError::Decode {
+            what,
+            reason: format!("{} trailing bytes", trailing.len()),
+        });
+    }
+    Ok(value)
+}
+
+/// A shard's state in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardState {
+    /// Requests for the shard are applied (while the adopted configuration gives it here).
+    Serving,
+    /// Frozen for a move: every request is refused; the data waits to be exported and deleted.
+    Frozen,
+}
+
+/// A shard held by a group (an absent shard is not in the machine's map).
+#[derive(Debug, Clone)]
+pub struct Shard {
+    /// Serving or frozen.
+    pub state: ShardState,
+    /// The configuration number that gave the shard this state.
+    pub config: u64,
+    /// The shard's data and session table; its `applied()` is the shard's own position.
+    pub store: KvStore,
+}
+
+/// What a control entry (Adopt, Freeze, Install, Delete) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlOutcome {
+    /// The entry changed the state.
+    Applied,
+    /// Its effect already holds (a replay): nothing changed.
+    AlreadyDone,
+    /// It carries an older configuration number than the shard (or group) has seen: ignored.
+    Stale {
+        /// The newer number the shard (or the group) is at.
+        seen: u64,
+    },
+    /// It does not fit the state (an Adopt that skips a configuration, a Freeze of a shard not
+    /// held, data that is no export of this shard at this configuration): nothing changed.
+    Refused {
+        /// Why, for a person.
+        reason: String,
+    },
+}
+
+/// What applying a [`GroupEntry`] gives back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupOutput {
+    /// The shard's store answered the client's request.
+    Kv(KvResult),
+    /// The group does not serve the shard now; `config` is the configuration it knows.
+    WrongGroup {
+        /// The group's adopted configuration number.
+        config: u64,
+    },
+    /// The outcome of a control entry.
+    Control(ControlOutcome),
+}
+
+/// The shard-aware state machine of one replica group.
+#[derive(Debug, Clone)]
+pub struct ShardMachine {
+    gid: Gid,
+    limits: Limits,
+    /// The newest adopted configuration (configuration 0, with no owners, at first).
+    config: Config,
+    shards: BTreeMap<ShardId, Shard>,
+    /// For each shard this group deleted, the configuration number of the delete: a replayed
+    /// or delayed Install of that number or older must not bring stale data back.
+    deleted: BTreeMap<ShardId, u64>,
+}
+
+/// A snapshot in the making: O(1) copies of the stores (`KvStore` shares its nodes), serialized
+/// off the loop by [`shoal_replica::SnapshotData::into_bytes`].
+#[derive(Debug, Clone)]
+pub struct GroupSnapshot(ShardMachine);
+
+impl shoal_replica::SnapshotData for GroupSnapshot {
+    fn into_bytes(self) -> Vec<u8> {
+        self.0.encode_snapshot()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ShardImage {
+    shard: ShardId,
+    state: ShardState,
+    config: u64,
+    store: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MachineImage {
+    gid: Gid,
+    config: Config,
+    shards: Vec<ShardImage>,
+    deleted: Vec<(ShardId, u64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExportImage {
+    shard: ShardId,
+    config: u64,
+    store: Vec<u8>,
+}
+
+fn key_of(op: &KvOp) -> Option<&[u8]> {
+    match op {
+        KvOp::Get { key }
+        | KvOp::Put { key, .. }
+        | KvOp::Delete { key, .. }
+        | KvOp::PutLease { key, .. } => Some(key),
+        _ => None,
+    }
+}
+
+fn is_lease_op(op: &KvOp) -> bool {
+    matches!(
+        op,
+        KvOp::LeaseGrant { .. }
+            | KvOp::LeaseKeepAlive { .. }
+            | KvOp::LeaseRevoke { .. }
+            | KvOp::LeaseList
+            | KvOp::PutLease { .. }
+            | KvOp::LeaseExpire { .. }
+            | KvOp::LeaseCheckpoint { .. }
+    )
+}
+
+impl ShardMachine {
+    /// A group `gid` of a cluster with `shards` shards, at configuration 0 (holding nothing).
+    /// Every replica of every group must use the same `limits` (stores migrate between groups).
+    pub fn new(gid: Gid, shards: u32, limits: Limits) -> Result<ShardMachine, crate::Error> {
+        if gid == NO_GROUP {
+            return Err(crate::Error::ReservedGid);
+        }
+        Ok(ShardMachine {
+            gid,
+            limits,
+            config: Config::empty(shards)?,
+            shards: BTreeMap::new(),
+            deleted: BTreeMap::new(),
+        })
+    }
+
+    /// The group's id.
+    pub fn gid(&self) -> Gid {
+        self.gid
+    }
+
+    /// The newest adopted configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The shard if this group holds it (serving or frozen).
+    pub fn shard(&self, shard: ShardId) -> Option<&Shard> {
+        self.shards.get(&shard)
+    }
+
+    /// The shards held, in order.
+    pub fn shards(&self) -> impl Iterator<Item = (ShardId, &Shard)> {
+        self.shards.iter().map(|(&s, sh)| (s, sh))
+    }
+
+    /// Whether requests for `shard` are served here now: the shard is Serving and the adopted
+    /// configuration gives it to this group.
+    pub fn serves(&self, shard: ShardId) -> bool {
+        self.config.owner(shard) == Some(self.gid)
+            && self
+                .shards
+                .get(&shard)
+                .is_some_and(|s| s.state == ShardState::Serving)
+    }
+
+    /// Answers a read (get, scan) of `shard` once read-index confirmed it: `WrongGroup` unless
+    /// the shard is served here.
+    pub fn read(&self, shard: ShardId, op: &KvOp) -> GroupOutput {
+        if is_lease_op(op) {
+            return GroupOutput::Kv(KvResult::Refused {
+                reason: LEASES_REFUSED.into(),
+            });
+        }
+        if let Some(refused) = self.misrouted(shard, op) {
+            return refused;
+        }
+        match self.shards.get(&shard) {
+            Some(s) if self.serves(shard) => {
+                GroupOutput::Kv(s.store.read(op).unwrap_or(KvResult::Stale))
+            }
+            _ => self.wrong_group(),
+        }
+    }
+
+    /// The bytes to install at the new owner: the shard's store (data, session table, its
+    /// position counter) with the shard number and configuration, only when the shard is
+    /// Frozen at `config` here.
+    pub fn export(&self, shard: ShardId, config: u64) -> Option<Vec<u8>> {
+        let s = self.shards.get(&shard)?;
+        if s.state != ShardState::Frozen || s.config != config {
+            return None;
+        }
+        let image = ExportImage {
+            shard,
+            config,
+            store: s.store.snapshot(),
+        };
+        let out = vec![EXPORT_FORMAT];
+        Some(postcard::to_extend(&image, out).expect("an export always serializes"))
+    }
+
+    fn wrong_group(&self) -> GroupOutput {
+        GroupOutput::WrongGroup {
+            config: self.config.num,
+        }
+    }
+
+    /// A request whose key is not in `shard` (or a shard number past the count): refused, so
+    /// that no key is ever stored in a shard it does not hash to.
+    fn misrouted(&self, shard: ShardId, op: &KvOp) -> Option<GroupOutput> {
+        let n = self.config.num_shards();
+        if shard >= n {
+            return Some(GroupOutput::Kv(KvResult::Refused {
+                reason: format!("unknown shard {shard}: there are {n} shards"),
+            }));
+        }
+        let key = key_of(op)?;
+        let actual = shard_of(key, n);
+        (actual != shard).then(|| {
+            GroupOutput::Kv(KvResult::Refused {
+                reason: format!("the key is in shard {actual}, not in shard {shard}"),
+            })
+        })
+    }
+
+    fn apply_client(&mut self, shard: ShardId, request: &KvRequest) -> GroupOutput {
+        if is_lease_op(&request.op) {
+            return GroupOutput::Kv(KvResult::Refused {
+                reason: LEASES_REFUSED.into(),
+            });
+        }
+        if matches!(request.op, KvOp::Status) {
+            return GroupOutput::Kv(KvResult::Refused {
+                reason: "status is answered by the server, never through the log".into(),
+            });
+        }
+        if let Some(refused) = self.misrouted(shard, &request.op) {
+            return refused;
+        }
+        if !self.serves(shard) {
+            return self.wrong_group();
+        }
+        let Some(s) = self.shards.get_mut(&shard) else {
+            return self.wrong_group();
+        };
+        // The shard's own counter, not the group's log index (see the module's comment).
+        let position = s.store.applied() + 1;
+        GroupOutput::Kv(s.store.apply(position, request))
+    }
+
+    fn adopt(&mut self, config: &Config) -> ControlOutcome {
+        if config.num == self.config.num {
+            if *config == self.config {
+                return ControlOutcome::AlreadyDone;
+            }
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "another configuration {} was adopted: configurations never change",
+                    config.num
+                ),
+            };
+        }
+        if config.num < self.config.num {
+            return ControlOutcome::Stale {
+                seen: self.config.num,
+            };
+        }
+        if config.num != self.config.num + 1 {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "configuration {} does not follow the adopted {}: adopt them in order",
+                    config.num, self.config.num
+                ),
+            };
+        }
+        if let Err(e) = config.check() {
+            return ControlOutcome::Refused {
+                reason: e.to_string(),
+            };
+        }
+        let moves = match diff(&self.config, config) {
+            Ok(m) => m,
+            Err(e) => {
+                return ControlOutcome::Refused {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        // Only shards that had no owner (the first Join) start here empty: a shard with an
+        // owner before waits for its Install, a shard moving out keeps its state until Freeze.
+        for m in moves {
+            if m.from == NO_GROUP && m.to == self.gid && !self.shards.contains_key(&m.shard) {
+                self.shards.insert(
+                    m.shard,
+                    Shard {
+                        state: ShardState::Serving,
+                        config: config.num,
+                        store: KvStore::new(self.limits),
+                    },
+                );
+            }
+        }
+        self.config = config.clone();
+        ControlOutcome::Applied
+    }
+
+    fn unknown_shard(&self, shard: ShardId) -> Option<ControlOutcome> {
+        let n = self.config.num_shards();
+        (shard >= n).then(|| ControlOutcome::Refused {
+            reason: format!("unknown shard {shard}: there are {n} shards"),
+        })
+    }
+
+    fn freeze(&mut self, shard: ShardId, config: u64) -> ControlOutcome {
+        if let Some(r) = self.unknown_shard(shard) {
+            return r;
+        }
+        let Some(s) = self.shards.get_mut(&shard) else {
+            return match self.deleted.get(&shard) {
+                Some(&d) if d == config => ControlOutcome::AlreadyDone,
+                Some(&d) if d > config => ControlOutcome::Stale { seen: d },
+                _ => ControlOutcome::Refused {
+                    reason: format!("shard {shard} is not held by group {}", self.gid),
+                },
+            };
+        };
+        match s.state {
+            ShardState::Frozen if s.config == config => ControlOutcome::AlreadyDone,
+            _ if s.config >= config => ControlOutcome::Stale { seen: s.config },
+            ShardState::Serving => {
+                s.state = ShardState::Frozen;
+                s.config = config;
+                ControlOutcome::Applied
+            }
+            // Frozen at an older configuration: its data may not be current, so it is not
+            // re-frozen (and so never exported) at a newer number.
+            ShardState::Frozen => ControlOutcome::Refused {
+                reason: format!(
+                    "shard {shard} is frozen at configuration {}, not serving",
+                    s.config
+                ),
+            },
+        }
+    }
+
+    fn install(&mut self, shard: ShardId, config: u64, data: &[u8]) -> ControlOutcome {
+        if let Some(r) = self.unknown_shard(shard) {
+            return r;
+        }
+        match self.shards.get(&shard) {
+            Some(s) if s.config == config && s.state == ShardState::Serving => {
+                return ControlOutcome::AlreadyDone
+            }
+            Some(s) if s.config >= config => return ControlOutcome::Stale { seen: s.config },
+            _ => {}
+        }
+        if let Some(&d) = self.deleted.get(&shard) {
+            if d >= config {
+                return ControlOutcome::Stale { seen: d };
+            }
+        }
+        let store = match self.decode_export(shard, config, data) {
+            Ok(store) => store,
+            Err(reason) => return ControlOutcome::Refused { reason },
+        };
+        self.deleted.remove(&shard);
+        self.shards.insert(
+            shard,
+            Shard {
+                state: ShardState::Serving,
+                config,
+                store,
+            },
+        );
+        ControlOutcome::Applied
+    }
+
+    fn decode_export(&self, shard: ShardId, config: u64, data: &[u8]) -> Result<KvStore, String> {
+        let rest = check_version("export", EXPORT_FORMAT, data).map_err(|e| e.to_string())?;
+        let image: ExportImage = take_all("export", rest).map_err(|e| e.to_string())?;
+        if image.shard != shard || image.config != config {
+            return Err(format!(
+                "the data is shard {} frozen at configuration {}, not shard {shard} at {config}",
+                image.shard, image.config
+            ));
+        }
+        let mut store = KvStore::new(self.limits);
+        store
+            .restore(&image.store)
+            .map_err(|e| format!("the shard's store: {e}"))?;
+        Ok(store)
+    }
+
+    fn delete(&mut self, shard: ShardId, config: u64) -> ControlOutcome {
+        if let Some(r) = self.unknown_shard(shard) {
+            return r;
+        }
+        let Some(s) = self.shards.get(&shard) else {
+            return ControlOutcome::AlreadyDone;
+        };
+        if s.config > config || (s.config == config && s.state == ShardState::Serving) {
+            return ControlOutcome::Stale { seen: s.config };
+        }
+        if s.state != ShardState::Frozen || s.config != config {
+            // Serving at an older number, or frozen for another move: deleting would lose
+            // writes nobody has copied.
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "shard {shard} is not frozen at configuration {config} (it is {:?} at {})",
+                    s.state, s.config
+                ),
+            };
+        }
+        self.shards.remove(&shard);
+        self.deleted.insert(shard, config);
+        ControlOutcome::Applied
+    }
+
+    /// Applies a decoded entry.
+    pub fn apply_entry(&mut self, entry: &GroupEntry) -> GroupOutput {
+        match entry {
+            GroupEntry::Client { shard, request, .. } => self.apply_client(*shard, request),
+            GroupEntry::Adopt { config } => GroupOutput::Control(self.adopt(config)),
+            GroupEntry::Freeze { shard, config } => {
+                GroupOutput::Control(self.freeze(*shard, *config))
+            }
+            GroupEntry::Install {
+                shard,
+                config,
+                data,
+            } => GroupOutput::Control(self.install(*shard, *config, data)),
+            GroupEntry::Delete { shard, config } => {
+                GroupOutput::Control(self.delete(*shard, *config))
+            }
+        }
+    }
+
+    fn encode_snapshot(&self) -> Vec<u8> {
+        let image = MachineImage {
+            gid: self.gid,
+            config: self.config.clone(),
+            shards: self
+                .shards
+                .iter()
+                .map(|(&shard, s)| ShardImage {
+                    shard,
+                    state: s.state,
+                    config: s.config,
+                    store: s.store.snapshot(),
+                })
+                .collect(),
+            deleted: self.deleted.iter().map(|(&s, &c)| (s, c)).collect(),
+        };
+        let out = vec![MACHINE_SNAPSHOT_FORMAT];
+        postcard::to_extend(&image, out).expect("a machine snapshot always serializes")
+    }
+
+    /// Replaces the whole state with a snapshot's bytes. Never panics: another version,
+    /// undecodable bytes, another group's snapshot, shards out of order or past the count,
+    /// and an invalid configuration are errors, and leave the machine unchanged.
+    pub fn restore_bytes(&mut self, bytes: &[u8]) -> Result<(), GroupError> {
+        let bad = |reason: String| GroupError::Decode {
+            what: "snapshot",
+            reason,
+        };
+        let rest = check_version("snapshot", MACHINE_SNAPSHOT_FORMAT, bytes)?;
+        let image: MachineImage = take_all("snapshot", rest)?;
+        if image.gid != self.gid {
+            return Err(bad(format!(
+                "it is group {}'s, this is group {}",
+                image.gid, self.gid
+            )));
+        }
+        image.config.check().map_err(|e| bad(e.to_string()))?;
+        let n = image.config.num_shards();
+        let in_order = |ids: &mut dyn Iterator<Item = ShardId>| {
+            let mut prev: Option<ShardId> = None;
+            for s in ids {
+                if s >= n || prev.is_some_and(|p| p >= s) {
+                    return false;
+                }
+                prev = Some(s);
+            }
+            true
+        };
+        if !in_order(&mut image.shards.iter().map(|s| s.shard))
+            || !in_order(&mut image.deleted.iter().map(|d| d.0))
+        {
+            return Err(bad(
+                "shard numbers out of order, repeated or past the count".into(),
+            ));
+        }
+        let mut shards = BTreeMap::new();
+        for s in image.shards {
+            let mut store = KvStore::new(self.limits);
+            store
+                .restore(&s.store)
+                .map_err(|e| bad(format!("shard {}: {e}", s.shard)))?;
+            shards.insert(
+                s.shard,
+                Shard {
+                    state: s.state,
+                    config: s.config,
+                    store,
+                },
+            );
+        }
+        self.config = image.config;
+        self.shards = shards;
+        self.deleted = image.deleted.into_iter().collect();
+        Ok(())
+    }
+}
+
+impl shoal_replica::StateMachine for ShardMachine {
+    type Output = GroupOutput;
+    type Snapshot = GroupSnapshot;
+
+    fn apply(&mut self, _index: LogIndex, command: &[u8]) -> Result<Option<GroupOutput>, String> {
+        if command.is_empty() {
+            return Ok(None);
+        }
+        // Only the group's servers propose; a committed entry that does not decode means the
+        // log is unusable here, and skipping it on one replica would diverge.
+        let entry = GroupEntry::decode(command).map_err(|e| e.to_string())?;
+        Ok(Some(self.apply_entry(&entry)))
+    }
+
+    fn snapshot(&self) -> GroupSnapshot {
+        GroupSnapshot(self.clone())
+    }
+
+    fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
+        self.restore_bytes(data).map_err(|e| e.to_string())
+    }
+}

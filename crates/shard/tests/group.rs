@@ -1,0 +1,710 @@
+//! The group state machine (`ShardMachine`): serving, WrongGroup, the fenced and idempotent
+//! migration entries, at-most-once across a migration, snapshots, determinism, bad bytes and
+//! per-shard positions. Every test drives the machine through `StateMachine::apply` with
+//! encoded entries, as the replica shell does.
+
+use std::collections::BTreeMap;
+
+use shoal_kv::Limits;
+use shoal_raft::LogIndex;
+use shoal_replica::{SnapshotData, StateMachine};
+use shoal_shard::group::LEASES_REFUSED;
+use shoal_shard::{
+    join, shard_of, Config, ControlOutcome, Gid, GroupEntry, GroupOutput, ShardMachine, ShardState,
+};
+use shoal_wire::kv::{Expected, KvOp, KvRequest, KvResult};
+
+const SHARDS: u32 = 4;
+
+fn servers(gid: Gid) -> BTreeMap<Gid, Vec<String>> {
+    BTreeMap::from([(gid, vec![format!("{gid}a")])])
+}
+
+/// Configuration 1: group 1 owns every shard. Configuration 2: group 2 joins and gets shards
+/// 2 and 3 (the highest-numbered of group 1's).
+fn configs() -> (Config, Config) {
+    let c1 = join(&Config::empty(SHARDS).unwrap(), &servers(1)).unwrap();
+    let c2 = join(&c1, &servers(2)).unwrap();
+    assert_eq!(c1.shards, vec![1, 1, 1, 1]);
+    assert_eq!(c2.shards, vec![1, 1, 2, 2]);
+    (c1, c2)
+}
+
+/// A key of `shard`.
+fn key_in(shard: u32, n: usize) -> Vec<u8> {
+    (0..)
+        .map(|i| format!("k{i}").into_bytes())
+        .filter(|k| shard_of(k, SHARDS) == shard)
+        .nth(n)
+        .unwrap()
+}
+
+/// A machine and the log index it applies at next (the shell's, unrelated to the shards').
+struct Node {
+    m: ShardMachine,
+    index: u64,
+}
+
+impl Node {
+    fn new(gid: Gid) -> Node {
+        Node::at(gid, 1)
+    }
+
+    fn at(gid: Gid, index: u64) -> Node {
+        Node {
+            m: ShardMachine::new(gid, SHARDS, Limits::default()).unwrap(),
+            index,
+        }
+    }
+
+    fn apply(&mut self, e: &GroupEntry) -> GroupOutput {
+        let out = self
+            .m
+            .apply(LogIndex(self.index), &e.encode())
+            .expect("a well-formed entry applies")
+            .expect("a command of this machine");
+        self.index += 1;
+        out
+    }
+
+    fn control(&mut self, e: &GroupEntry) -> ControlOutcome {
+        match self.apply(e) {
+            GroupOutput::Control(c) => c,
+            other => panic!("{e:?} gave {other:?}"),
+        }
+    }
+
+    fn client(&mut self, shard: u32, request: KvRequest) -> GroupOutput {
+        let config = self.m.config().num;
+        self.apply(&GroupEntry::Client {
+            shard,
+            config,
+            request,
+        })
+    }
+
+    fn register(&mut self, shard: u32) -> u64 {
+        match self.client(shard, req(0, 0, KvOp::Register)) {
+            GroupOutput::Kv(KvResult::Registered { session }) => session,
+            other => panic!("register gave {other:?}"),
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.m.snapshot().into_bytes()
+    }
+}
+
+fn req(client: u64, request: u64, op: KvOp) -> KvRequest {
+    KvRequest {
+        client,
+        request,
+        op,
+        serializable: false,
+    }
+}
+
+fn put(key: &[u8], value: &[u8]) -> KvOp {
+    KvOp::Put {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        expected: Expected::Any,
+    }
+}
+
+fn get(key: &[u8]) -> KvOp {
+    KvOp::Get { key: key.to_vec() }
+}
+
+fn adopt(c: &Config) -> GroupEntry {
+    GroupEntry::Adopt { config: c.clone() }
+}
+
+fn freeze(shard: u32, config: u64) -> GroupEntry {
+    GroupEntry::Freeze { shard, config }
+}
+
+fn delete(shard: u32, config: u64) -> GroupEntry {
+    GroupEntry::Delete { shard, config }
+}
+
+fn install(shard: u32, config: u64, data: Vec<u8>) -> GroupEntry {
+    GroupEntry::Install {
+        shard,
+        config,
+        data,
+    }
+}
+
+fn written(version: u64) -> GroupOutput {
+    GroupOutput::Kv(KvResult::Written { version })
+}
+
+#[test]
+fn a_serving_shard_applies_requests() {
+    let (c1, _) = configs();
+    let mut g1 = Node::new(1);
+    assert_eq!(g1.control(&adopt(&c1)), ControlOutcome::Applied);
+    // The first join: every shard starts serving, empty, at configuration 1.
+    for s in 0..SHARDS {
+        let shard = g1.m.shard(s).unwrap();
+        assert_eq!((shard.state, shard.config), (ShardState::Serving, 1));
+        assert!(g1.m.serves(s));
+    }
+    let k = key_in(1, 0);
+    let session = g1.register(1);
+    assert_eq!(g1.client(1, req(session, 1, put(&k, b"v1"))), written(1));
+    assert_eq!(g1.client(1, req(session, 2, put(&k, b"v2"))), written(2));
+    assert_eq!(
+        g1.m.read(1, &get(&k)),
+        GroupOutput::Kv(KvResult::Found {
+            value: b"v2".to_vec(),
+            version: 2
+        })
+    );
+    // Other shards are untouched.
+    assert_eq!(g1.m.shard(0).unwrap().store.len(), 0);
+}
+
+#[test]
+fn an_absent_or_frozen_shard_answers_wrong_group_and_applies_nothing() {
+    let (c1, c2) = configs();
+    // Group 2 at configuration 1 holds nothing.
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    let before = g2.bytes();
+    let k = key_in(2, 0);
+    assert_eq!(
+        g2.client(2, req(1, 1, put(&k, b"v"))),
+        GroupOutput::WrongGroup { config: 1 }
+    );
+    assert_eq!(
+        g2.client(2, req(0, 0, KvOp::Register)),
+        GroupOutput::WrongGroup { config: 1 }
+    );
+    assert_eq!(
+        g2.m.read(2, &get(&k)),
+        GroupOutput::WrongGroup { config: 1 }
+    );
+    assert_eq!(g2.bytes(), before);
+    // Adopting configuration 2 (shard 2 moves in) does not serve it before its Install.
+    g2.control(&adopt(&c2));
+    assert!(g2.m.shard(2).is_none());
+    assert_eq!(
+        g2.client(2, req(1, 1, put(&k, b"v"))),
+        GroupOutput::WrongGroup { config: 2 }
+    );
+
+    // Group 1: shard 2 frozen.
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let session = g1.register(2);
+    assert_eq!(g1.client(2, req(session, 1, put(&k, b"v1"))), written(1));
+    g1.control(&adopt(&c2));
+    assert_eq!(g1.control(&freeze(2, 2)), ControlOutcome::Applied);
+    let before = g1.bytes();
+    let applied = g1.m.shard(2).unwrap().store.applied();
+    assert_eq!(
+        g1.client(2, req(session, 2, put(&k, b"v2"))),
+        GroupOutput::WrongGroup { config: 2 }
+    );
+    assert_eq!(
+        g1.m.read(2, &get(&k)),
+        GroupOutput::WrongGroup { config: 2 }
+    );
+    assert_eq!(g1.m.shard(2).unwrap().store.applied(), applied);
+    assert_eq!(g1.m.shard(2).unwrap().store.get(&k), Some((&b"v1"[..], 1)));
+    assert_eq!(g1.bytes(), before);
+    // A shard still held but given away by the adopted configuration is not served either.
+    let session3 = {
+        let mut g = Node::new(1);
+        g.control(&adopt(&c1));
+        let s = g.register(3);
+        g.control(&adopt(&c2));
+        let k3 = key_in(3, 0);
+        assert_eq!(g.m.shard(3).unwrap().state, ShardState::Serving);
+        assert_eq!(
+            g.client(3, req(s, 1, put(&k3, b"x"))),
+            GroupOutput::WrongGroup { config: 2 }
+        );
+        assert_eq!(g.m.shard(3).unwrap().store.len(), 0);
+        s
+    };
+    assert!(session3 > 0);
+}
+
+#[test]
+fn a_stale_freeze_is_ignored() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    g1.control(&adopt(&c2));
+    let before = g1.bytes();
+    // Shard 2 is Serving(1): a Freeze numbered 1 (or 0) is from an older configuration.
+    assert_eq!(g1.control(&freeze(2, 1)), ControlOutcome::Stale { seen: 1 });
+    assert_eq!(g1.control(&freeze(2, 0)), ControlOutcome::Stale { seen: 1 });
+    assert_eq!(g1.bytes(), before);
+    assert_eq!(g1.m.shard(2).unwrap().state, ShardState::Serving);
+    assert_eq!(g1.control(&freeze(2, 2)), ControlOutcome::Applied);
+    let frozen = g1.bytes();
+    assert_eq!(g1.control(&freeze(2, 1)), ControlOutcome::Stale { seen: 2 });
+    assert_eq!(g1.bytes(), frozen);
+}
+
+#[test]
+fn every_control_entry_replayed_is_a_no_op() {
+    let (c1, c2) = configs();
+    let k = key_in(2, 0);
+    let mut g1 = Node::new(1);
+    let mut g2 = Node::new(2);
+    let mut s = 0;
+    for g in [&mut g1, &mut g2] {
+        assert_eq!(g.control(&adopt(&c1)), ControlOutcome::Applied);
+        let once = g.bytes();
+        assert_eq!(g.control(&adopt(&c1)), ControlOutcome::AlreadyDone);
+        assert_eq!(g.bytes(), once);
+        if g.m.gid() == 1 {
+            // A session of shard 2 opened at the old owner migrates with the shard.
+            s = g.register(2);
+        }
+        assert_eq!(g.control(&adopt(&c2)), ControlOutcome::Applied);
+        let once = g.bytes();
+        assert_eq!(g.control(&adopt(&c2)), ControlOutcome::AlreadyDone);
+        assert_eq!(g.control(&adopt(&c1)), ControlOutcome::Stale { seen: 2 });
+        assert_eq!(g.bytes(), once);
+    }
+    assert_eq!(g1.control(&freeze(2, 2)), ControlOutcome::Applied);
+    let once = g1.bytes();
+    assert_eq!(g1.control(&freeze(2, 2)), ControlOutcome::AlreadyDone);
+    assert_eq!(g1.bytes(), once);
+    let data = g1.m.export(2, 2).unwrap();
+    assert_eq!(
+        g2.control(&install(2, 2, data.clone())),
+        ControlOutcome::Applied
+    );
+    assert_eq!(g2.client(2, req(s, 1, put(&k, b"v"))), written(1));
+    let once = g2.bytes();
+    // A replayed Install must not overwrite the writes made since.
+    assert_eq!(
+        g2.control(&install(2, 2, data.clone())),
+        ControlOutcome::AlreadyDone
+    );
+    assert_eq!(g2.bytes(), once);
+    assert_eq!(g1.control(&delete(2, 2)), ControlOutcome::Applied);
+    let once = g1.bytes();
+    assert_eq!(g1.control(&delete(2, 2)), ControlOutcome::AlreadyDone);
+    assert_eq!(g1.control(&freeze(2, 2)), ControlOutcome::AlreadyDone);
+    // A delayed Install of the deleted configuration does not bring the old data back.
+    assert_eq!(
+        g1.control(&install(2, 2, data)),
+        ControlOutcome::Stale { seen: 2 }
+    );
+    assert_eq!(g1.bytes(), once);
+    assert!(g1.m.shard(2).is_none());
+}
+
+#[test]
+fn a_retry_after_a_migration_is_answered_from_the_migrated_table_not_applied_twice() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let k = key_in(3, 0);
+    let s = g1.register(3);
+    // The write applies at the old owner; its answer is lost, the client will retry.
+    assert_eq!(g1.client(3, req(s, 1, put(&k, b"once"))), written(1));
+    g1.control(&adopt(&c2));
+    g1.control(&freeze(3, 2));
+    assert_eq!(
+        g1.m.export(3, 1),
+        None,
+        "only at the number it was frozen at"
+    );
+    assert_eq!(g1.m.export(2, 2), None, "only a frozen shard");
+    let data = g1.m.export(3, 2).unwrap();
+
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    g2.control(&adopt(&c2));
+    assert_eq!(g2.control(&install(3, 2, data)), ControlOutcome::Applied);
+    let shard = g2.m.shard(3).unwrap();
+    assert_eq!((shard.state, shard.config), (ShardState::Serving, 2));
+    assert!(shard.store.has_session(s));
+    // The retry, same (session, request): the remembered answer, the version unchanged.
+    assert_eq!(g2.client(3, req(s, 1, put(&k, b"once"))), written(1));
+    assert_eq!(
+        g2.m.read(3, &get(&k)),
+        GroupOutput::Kv(KvResult::Found {
+            value: b"once".to_vec(),
+            version: 1
+        })
+    );
+    // The session's next write applies.
+    assert_eq!(g2.client(3, req(s, 2, put(&k, b"twice"))), written(2));
+    // A session the shard never knew is refused, as in the unsharded KV.
+    assert_eq!(
+        g2.client(3, req(s + 1000, 1, put(&k, b"x"))),
+        GroupOutput::Kv(KvResult::SessionExpired)
+    );
+}
+
+#[test]
+fn delete_frees_the_shard() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let s = g1.register(2);
+    for i in 0..20u64 {
+        let k = key_in(2, i as usize);
+        assert_eq!(g1.client(2, req(s, i + 1, put(&k, &[7; 100]))), written(1));
+    }
+    g1.control(&adopt(&c2));
+    // Deleting a serving shard would lose writes: refused.
+    assert!(matches!(
+        g1.control(&delete(2, 2)),
+        ControlOutcome::Refused { .. }
+    ));
+    g1.control(&freeze(2, 2));
+    let frozen = g1.bytes();
+    assert_eq!(g1.control(&delete(2, 2)), ControlOutcome::Applied);
+    assert!(g1.m.shard(2).is_none());
+    assert_eq!(g1.m.export(2, 2), None);
+    let deleted = g1.bytes();
+    assert!(
+        deleted.len() + 2000 < frozen.len(),
+        "{} vs {}",
+        deleted.len(),
+        frozen.len()
+    );
+    // The other shards are still served.
+    let k0 = key_in(0, 0);
+    let s0 = g1.register(0);
+    assert_eq!(g1.client(0, req(s0, 1, put(&k0, b"v"))), written(1));
+}
+
+/// A machine with serving, frozen and deleted shards, data and sessions.
+fn busy_machine() -> Node {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    for shard in 0..SHARDS {
+        let s = g1.register(shard);
+        for i in 0..5u64 {
+            let k = key_in(shard, i as usize);
+            assert_eq!(
+                g1.client(shard, req(s, i + 1, put(&k, b"value"))),
+                written(1)
+            );
+        }
+    }
+    g1.control(&adopt(&c2));
+    g1.control(&freeze(2, 2));
+    g1.control(&freeze(3, 2));
+    g1.control(&delete(3, 2));
+    g1
+}
+
+#[test]
+fn snapshot_restore_snapshot_is_byte_identical() {
+    let g1 = busy_machine();
+    let bytes = g1.bytes();
+    let mut fresh = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
+    fresh.restore(LogIndex(99), &bytes).unwrap();
+    assert_eq!(fresh.snapshot().into_bytes(), bytes);
+    assert_eq!(fresh.config(), g1.m.config());
+    assert_eq!(fresh.shard(2).unwrap().state, ShardState::Frozen);
+    assert!(fresh.shard(3).is_none());
+    assert_eq!(fresh.export(2, 2), g1.m.export(2, 2));
+
+    // Garbage, another version, truncations, trailing bytes and another group's snapshot are
+    // errors that leave the machine as it was.
+    let mut other = ShardMachine::new(2, SHARDS, Limits::default()).unwrap();
+    let other_before = other.snapshot().into_bytes();
+    assert!(other
+        .restore(LogIndex(1), &bytes)
+        .unwrap_err()
+        .contains("group 1"));
+    assert!(fresh.restore(LogIndex(1), &[]).is_err());
+    assert!(fresh.restore(LogIndex(1), b"garbage").is_err());
+    let mut v2 = bytes.clone();
+    v2[0] = 2;
+    assert!(fresh
+        .restore(LogIndex(1), &v2)
+        .unwrap_err()
+        .contains("version 2"));
+    for cut in 1..bytes.len() {
+        assert!(
+            fresh.restore(LogIndex(1), &bytes[..cut]).is_err(),
+            "cut {cut}"
+        );
+    }
+    let mut long = bytes.clone();
+    long.push(0);
+    assert!(fresh.restore(LogIndex(1), &long).is_err());
+    assert_eq!(fresh.snapshot().into_bytes(), bytes);
+    assert_eq!(other.snapshot().into_bytes(), other_before);
+}
+
+#[test]
+fn two_machines_applying_the_same_entries_end_byte_identical() {
+    let a = busy_machine();
+    let b = busy_machine();
+    assert_eq!(a.bytes(), b.bytes());
+    // And a replica restored from the snapshot then applying the same entries as another.
+    let (_, c2) = configs();
+    let c3 = shoal_shard::move_shard(&c2, 1, 2).unwrap();
+    let mut x = busy_machine();
+    let mut y = Node::at(1, 500);
+    y.m.restore(LogIndex(499), &x.bytes()).unwrap();
+    let k = key_in(0, 7);
+    for n in [&mut x, &mut y] {
+        n.control(&adopt(&c3));
+        let s = n.register(0);
+        assert_eq!(n.client(0, req(s, 1, put(&k, b"z"))), written(1));
+    }
+    assert_eq!(x.bytes(), y.bytes());
+}
+
+#[test]
+fn garbage_entries_are_errors_never_panics() {
+    let mut g = Node::new(1);
+    let (c1, _) = configs();
+    g.control(&adopt(&c1));
+    let before = g.bytes();
+    let entries = [
+        adopt(&c1),
+        freeze(1, 2),
+        install(1, 2, vec![1, 2, 3]),
+        delete(1, 2),
+        GroupEntry::Client {
+            shard: 1,
+            config: 1,
+            request: req(3, 4, put(&key_in(1, 0), b"v")),
+        },
+    ];
+    for e in &entries {
+        let bytes = e.encode();
+        assert_eq!(bytes[0], shoal_shard::group::ENTRY_FORMAT);
+        assert_eq!(GroupEntry::decode(&bytes).as_ref(), Ok(e));
+        for cut in 0..bytes.len() {
+            assert!(
+                g.m.apply(LogIndex(9), &bytes[..cut.max(1)]).is_err(),
+                "{e:?} cut {cut}"
+            );
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(g.m.apply(LogIndex(9), &long).is_err());
+        let mut version = bytes.clone();
+        version[0] = 9;
+        assert!(g
+            .m
+            .apply(LogIndex(9), &version)
+            .unwrap_err()
+            .contains("version 9"));
+        // Flipped bytes either decode to some entry or are an error; never a panic.
+        for i in 1..bytes.len() {
+            let mut m = bytes.clone();
+            m[i] ^= 0xff;
+            let _ = GroupEntry::decode(&m);
+        }
+    }
+    assert!(g
+        .m
+        .apply(LogIndex(9), b"\x01\xff\xff\xff\xff\xff\xff")
+        .is_err());
+    // An Adopt of a configuration breaking the invariants does not decode.
+    let mut broken = c1.clone();
+    broken.shards[0] = 7;
+    assert!(g.m.apply(LogIndex(9), &adopt(&broken).encode()).is_err());
+    // An empty command is no command of this machine.
+    assert_eq!(g.m.apply(LogIndex(9), &[]), Ok(None));
+    assert_eq!(g.bytes(), before);
+}
+
+#[test]
+fn moving_a_shard_from_a_long_log_to_a_short_log_does_not_panic() {
+    let (c1, c2) = configs();
+    // The old owner's log is far ahead of the new owner's.
+    let mut g1 = Node::at(1, 1_000_000);
+    g1.control(&adopt(&c1));
+    let s = g1.register(2);
+    let k = key_in(2, 0);
+    for i in 1..=30u64 {
+        assert_eq!(g1.client(2, req(s, i, put(&k, b"v"))), written(i));
+    }
+    // The shard counts its own applies (one registration, 30 writes), not the log index.
+    assert_eq!(g1.m.shard(2).unwrap().store.applied(), 31);
+    assert_eq!(
+        s, 1,
+        "a session id is the shard's position of its registration"
+    );
+    g1.control(&adopt(&c2));
+    g1.control(&freeze(2, 2));
+    let data = g1.m.export(2, 2).unwrap();
+
+    let mut g2 = Node::at(2, 1);
+    g2.control(&adopt(&c1));
+    g2.control(&adopt(&c2));
+    assert_eq!(g2.control(&install(2, 2, data)), ControlOutcome::Applied);
+    assert!(g2.index < 10);
+    assert_eq!(g2.client(2, req(s, 31, put(&k, b"w"))), written(31));
+    assert_eq!(g2.m.shard(2).unwrap().store.applied(), 32);
+    let s2 = g2.register(2);
+    assert_eq!(s2, 33);
+}
+
+#[test]
+fn leases_are_refused_and_misrouted_keys_too() {
+    let (c1, _) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let before = g1.bytes();
+    let refused = GroupOutput::Kv(KvResult::Refused {
+        reason: LEASES_REFUSED.into(),
+    });
+    assert_eq!(
+        g1.client(0, req(1, 1, KvOp::LeaseGrant { ttl_ms: 5000 })),
+        refused
+    );
+    assert_eq!(
+        g1.client(
+            0,
+            req(
+                1,
+                1,
+                KvOp::PutLease {
+                    key: key_in(0, 0),
+                    value: b"v".to_vec(),
+                    expected: Expected::Any,
+                    lease: 1
+                }
+            )
+        ),
+        refused
+    );
+    assert_eq!(g1.m.read(0, &KvOp::LeaseList), refused);
+    // A key of shard 1 sent as shard 0: refused, stored nowhere.
+    let s = g1.register(0);
+    let after_register = g1.bytes();
+    assert_ne!(after_register, before);
+    match g1.client(0, req(s, 1, put(&key_in(1, 0), b"v"))) {
+        GroupOutput::Kv(KvResult::Refused { reason }) => {
+            assert!(reason.contains("shard 1"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        g1.client(SHARDS, req(s, 1, KvOp::Register)),
+        GroupOutput::Kv(KvResult::Refused { .. })
+    ));
+    assert_eq!(g1.bytes(), after_register);
+}
+
+#[test]
+fn adoption_is_in_order_and_installs_are_fenced() {
+    let (c1, c2) = configs();
+    let mut g2 = Node::new(2);
+    let before = g2.bytes();
+    // Skipping configuration 1 would take every shard's owner for "none".
+    assert!(matches!(
+        g2.control(&adopt(&c2)),
+        ControlOutcome::Refused { .. }
+    ));
+    assert_eq!(g2.bytes(), before);
+    g2.control(&adopt(&c1));
+    g2.control(&adopt(&c2));
+
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    g1.control(&adopt(&c2));
+    g1.control(&freeze(2, 2));
+    let data = g1.m.export(2, 2).unwrap();
+    // Data frozen at 2 installed as another number or another shard: refused.
+    let before = g2.bytes();
+    assert!(matches!(
+        g2.control(&install(2, 3, data.clone())),
+        ControlOutcome::Refused { .. }
+    ));
+    assert!(matches!(
+        g2.control(&install(3, 2, data.clone())),
+        ControlOutcome::Refused { .. }
+    ));
+    assert!(matches!(
+        g2.control(&install(2, 2, b"junk".to_vec())),
+        ControlOutcome::Refused { .. }
+    ));
+    assert!(matches!(
+        g2.control(&freeze(2, 2)),
+        ControlOutcome::Refused { .. }
+    ));
+    assert_eq!(g2.bytes(), before);
+    assert_eq!(g2.control(&install(2, 2, data)), ControlOutcome::Applied);
+    assert!(g2.m.serves(2));
+    assert!(!g2.m.serves(3));
+}
+
+/// The state alone fences writes: a Freeze that reaches the group before it adopts the
+/// configuration that moves the shard (the adopted one still gives it here) stops the writes.
+#[test]
+fn a_frozen_shard_refuses_writes_even_before_the_group_adopts_the_move() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let k = key_in(2, 0);
+    let s = g1.register(2);
+    assert_eq!(g1.client(2, req(s, 1, put(&k, b"v1"))), written(1));
+    assert_eq!(g1.control(&freeze(2, 2)), ControlOutcome::Applied);
+    assert_eq!(g1.m.config().owner(2), Some(1));
+    let before = g1.bytes();
+    assert_eq!(
+        g1.client(2, req(s, 2, put(&k, b"v2"))),
+        GroupOutput::WrongGroup { config: 1 }
+    );
+    assert_eq!(
+        g1.m.read(2, &get(&k)),
+        GroupOutput::WrongGroup { config: 1 }
+    );
+    assert_eq!(g1.bytes(), before);
+    // Adopting configuration 2 afterwards keeps it frozen, and its export is what was frozen.
+    assert_eq!(g1.control(&adopt(&c2)), ControlOutcome::Applied);
+    assert_eq!(g1.m.shard(2).unwrap().state, ShardState::Frozen);
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    g2.control(&adopt(&c2));
+    g2.control(&install(2, 2, g1.m.export(2, 2).unwrap()));
+    assert_eq!(
+        g2.m.read(2, &get(&k)),
+        GroupOutput::Kv(KvResult::Found {
+            value: b"v1".to_vec(),
+            version: 1
+        })
+    );
+}
+
+proptest::proptest! {
+    /// Random bytes, raw or behind a valid version byte, as an entry, a snapshot or an
+    /// Install's data: errors or refusals, never a panic, and the machine unchanged.
+    #[test]
+    fn random_bytes_never_panic(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+        let mut g = busy_machine();
+        let before = g.bytes();
+        let mut versioned = vec![1u8];
+        versioned.extend(&raw);
+        for bytes in [&raw, &versioned] {
+            if let Ok(e) = GroupEntry::decode(bytes) {
+                // Bytes that happen to decode are a well-formed entry: they re-encode the same.
+                proptest::prop_assert_eq!(&e.encode(), bytes);
+            } else {
+                proptest::prop_assert!(bytes.is_empty() || g.m.apply(LogIndex(7), bytes).is_err());
+            }
+            proptest::prop_assert!(g.m.restore(LogIndex(7), bytes).is_err());
+            let outcome = g.control(&install(2, 3, bytes.clone()));
+            proptest::prop_assert!(
+                matches!(outcome, ControlOutcome::Refused { .. }),
+                "{:?}",
+                outcome
+            );
+        }
+        proptest::prop_assert_eq!(g.bytes(), before);
+    }
+}
