@@ -26,6 +26,7 @@ pub mod handshake;
 pub mod kv;
 pub mod mr;
 pub mod raft;
+pub mod shard;
 
 #[cfg(feature = "codec")]
 pub mod codec;
