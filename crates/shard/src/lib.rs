@@ -11,7 +11,8 @@
 //! keeps ([`History`]); and the replica groups' shard-aware state machine ([`ShardMachine`],
 //! module [`group`]): per-shard stores and states, the log entries of a migration
 //! ([`GroupEntry`]: adopt, freeze, install, delete, fenced by configuration numbers) and the
-//! export of a frozen shard. It builds on `shoal-kv`'s `KvStore` (one per shard),
+//! export of a frozen shard; and the group's host ([`GroupHost`], module [`host`]): client
+//! requests in (`shoal_wire::shard`), proposals and read-index reads, replies out. It builds on `shoal-kv`'s `KvStore` (one per shard),
 //! `shoal-wire`'s KV messages and `shoal-replica`'s `StateMachine` (the shell hosts it).
 //!
 //! **Must never:** do I/O, read a clock, spawn, use an unseeded RNG or iterate a std hash map
@@ -23,13 +24,15 @@
 //! (bad bytes are errors).
 //!
 //! Not built yet (planned, issue 13): the controller's store on Shoal KV, the controller's
-//! driving of migrations and the routing clients. See `docs/sharding.md`.
+//! driving of migrations, the drivers running a `GroupHost` and the routing clients. See
+//! `docs/sharding.md`.
 
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod group;
 pub mod history;
+pub mod host;
 pub mod ops;
 pub mod shard;
 
@@ -39,6 +42,7 @@ pub use group::{
     ShardState,
 };
 pub use history::History;
+pub use host::{ControlResult, GroupHost, HostError};
 pub use ops::{apply, join, leave, move_shard, Op};
 pub use shard::{fnv1a32, shard_of, validate_shards, DEFAULT_SHARDS, MAX_SHARDS};
 
