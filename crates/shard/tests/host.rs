@@ -365,3 +365,52 @@ fn a_follower_answers_wrong_leader() {
     );
     assert_eq!(s.last_index(), 0, "a follower proposes nothing");
 }
+
+/// A read confirmed after its shard was frozen is answered WrongGroup: the host serves it from
+/// the machine's state when the confirmation comes, not from the state it arrived in.
+#[test]
+fn a_read_whose_shard_left_meanwhile_is_wrong_group() {
+    let (c1, _) = configs();
+    let shard = 2;
+    let mut s = Server::new(1).elect();
+    assert_eq!(
+        s.control(GroupEntry::Adopt { config: c1 }),
+        ControlOutcome::Applied
+    );
+    // Frozen for configuration 2 (which gives shard 2 away) before the group adopts it: the
+    // freeze alone stops the shard.
+    assert!(matches!(
+        s.done(5, 1, shard, get(&key_in(shard))),
+        KvResult::NoKey
+    ));
+    let config = s.host.machine().config().num;
+    s.host.handle_request(
+        7,
+        ShardRequest {
+            client: 5,
+            request: 2,
+            shard,
+            config,
+            op: get(&key_in(shard)),
+            serializable: false,
+        },
+    );
+    s.host
+        .propose_control(1, GroupEntry::Freeze { shard, config: 2 });
+    s.drive();
+    assert_eq!(
+        s.host.take_control_results(),
+        vec![(1, ControlResult::Applied(ControlOutcome::Applied))]
+    );
+    assert_eq!(
+        s.host.take_replies(),
+        vec![(
+            7,
+            ShardReply::WrongGroup {
+                client: 5,
+                request: 2,
+                config: 1
+            }
+        )]
+    );
+}
