@@ -263,7 +263,7 @@ fn key_of(op: &KvOp) -> Option<&[u8]> {
     }
 }
 
-fn is_lease_op(op: &KvOp) -> bool {
+pub(crate) fn is_lease_op(op: &KvOp) -> bool {
     matches!(
         op,
         KvOp::LeaseGrant { .. }

@@ -168,7 +168,9 @@ impl GroupHost {
     /// A Raft message from a peer. A message Raft refuses (another cluster's, a stale one) is
     /// dropped: Raft's own retries recover.
     pub fn step(&mut self, msg: shoal_raft::Message) {
-        let _ = self.replica.step(msg);
+        if let Err(e) = self.replica.step(msg) {
+            tracing::debug!(node = self.replica.status().id.0, error = %e, "raft message refused");
+        }
     }
 
     /// What this server says of itself to a [`KvOp::Status`] request.
@@ -256,6 +258,21 @@ impl GroupHost {
         if req.op.is_internal() {
             let result = KvResult::Refused {
                 reason: "lease expiry and checkpoints are proposed by the leader only".into(),
+            };
+            self.replies.push((
+                reply_to,
+                ShardReply::Done {
+                    client,
+                    request,
+                    result,
+                },
+            ));
+            return;
+        }
+        if crate::group::is_lease_op(&req.op) {
+            // Refused before it takes log space (the machine refuses it too).
+            let result = KvResult::Refused {
+                reason: crate::group::LEASES_REFUSED.into(),
             };
             self.replies.push((
                 reply_to,

@@ -196,6 +196,15 @@ fn serves_register_put_and_get() {
         s.done(session, 2, 1, put(&key_in(0), b"x")),
         KvResult::Refused { .. }
     ));
+    // Leases are refused at once, before they take log space.
+    let before = s.last_index();
+    assert_eq!(
+        s.done(session, 3, 1, KvOp::LeaseGrant { ttl_ms: 5_000 }),
+        KvResult::Refused {
+            reason: shoal_shard::group::LEASES_REFUSED.into()
+        }
+    );
+    assert_eq!(s.last_index(), before, "a refused lease takes no log entry");
 }
 
 /// A request for a shard another group serves is answered WrongGroup at once, with the
