@@ -405,21 +405,7 @@ impl KvRsm {
 
     /// What this server says of itself to a [`KvOp::Status`] request.
     pub fn server_status(&self) -> ServerStatus {
-        let s = self.replica.status();
-        ServerStatus {
-            id: s.id.0,
-            role: match s.role {
-                Role::Follower => ServerRole::Follower,
-                Role::PreCandidate => ServerRole::PreCandidate,
-                Role::Candidate => ServerRole::Candidate,
-                Role::Leader => ServerRole::Leader,
-            },
-            term: s.term.0,
-            leader: s.leader.map(|l| l.0),
-            commit: s.commit.0,
-            applied: self.replica.applied().0,
-            last_index: s.last_index.0,
-        }
+        server_status(&self.replica)
     }
 
     /// Requests waiting for an answer.
@@ -563,6 +549,26 @@ impl KvRsm {
             }
         }
         self.done = done;
+    }
+}
+
+/// What a server hosting `replica` says of itself to a [`KvOp::Status`] request (the KV server
+/// and the sharded KV's groups alike).
+pub fn server_status<SM: shoal_replica::StateMachine, T>(replica: &Replica<SM, T>) -> ServerStatus {
+    let s = replica.status();
+    ServerStatus {
+        id: s.id.0,
+        role: match s.role {
+            Role::Follower => ServerRole::Follower,
+            Role::PreCandidate => ServerRole::PreCandidate,
+            Role::Candidate => ServerRole::Candidate,
+            Role::Leader => ServerRole::Leader,
+        },
+        term: s.term.0,
+        leader: s.leader.map(|l| l.0),
+        commit: s.commit.0,
+        applied: replica.applied().0,
+        last_index: s.last_index.0,
     }
 }
 

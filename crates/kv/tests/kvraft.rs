@@ -155,6 +155,26 @@ impl Cluster {
             })
     }
 
+    /// Waits (30 s of simulated time at most) until every server is up and holds the same keys
+    /// and values: they converged `after` something.
+    fn wait_converged(&mut self, after: &str) -> Result<(), Failure> {
+        let servers = self.servers.clone();
+        let converged = self.sim.run_until_true(Duration::from_secs(30), |sim| {
+            let states: Vec<_> = servers
+                .iter()
+                .filter_map(|&id| sim.node::<RaftNode>(id).and_then(|n| n.rsm.as_ref()))
+                .map(|r| r.store().read(&all_keys()).ok())
+                .collect();
+            states.len() == servers.len() && states.windows(2).all(|w| w[0] == w[1])
+        });
+        if !converged {
+            return Err(self
+                .sim
+                .failure(format!("servers did not converge after {after}")));
+        }
+        Ok(())
+    }
+
     /// Snapshot jobs handed out by the servers alive now, summed.
     fn snapshots_taken(&self) -> u64 {
         self.servers
@@ -744,19 +764,7 @@ fn nemesis() {
         c.run_checked_until(until)?;
         c.sim.heal_all();
         c.wait_clients(&ids, Duration::from_secs(60))?;
-        // Converge: every server applies the same state.
-        let servers = c.servers.clone();
-        let converged = c.sim.run_until_true(Duration::from_secs(30), |sim| {
-            let states: Vec<_> = servers
-                .iter()
-                .filter_map(|&id| sim.node::<RaftNode>(id).and_then(|n| n.rsm.as_ref()))
-                .map(|r| r.store().read(&all_keys()).ok())
-                .collect();
-            states.len() == servers.len() && states.windows(2).all(|w| w[0] == w[1])
-        });
-        if !converged {
-            return Err(c.sim.failure("servers did not converge after healing"));
-        }
+        c.wait_converged("healing")?;
         c.check_versions(false)?;
         check_history(&c.sim)?;
         if snapshot_bytes.is_some() && c.snapshots_taken() < 20 {
@@ -833,18 +841,7 @@ fn crash_at_every_step_of_the_snapshot_pipeline() {
         }
         assert_eq!(crashes, 9);
         c.wait_clients(&ids, Duration::from_secs(60))?;
-        let servers = c.servers.clone();
-        let converged = c.sim.run_until_true(Duration::from_secs(30), |sim| {
-            let states: Vec<_> = servers
-                .iter()
-                .filter_map(|&id| sim.node::<RaftNode>(id).and_then(|n| n.rsm.as_ref()))
-                .map(|r| r.store().read(&all_keys()).ok())
-                .collect();
-            states.len() == servers.len() && states.windows(2).all(|w| w[0] == w[1])
-        });
-        if !converged {
-            return Err(c.sim.failure("servers did not converge after the crashes"));
-        }
+        c.wait_converged("the crashes")?;
         c.check_versions(false)?;
         check_history(&c.sim)?;
         Ok(())

@@ -23,7 +23,7 @@ use shoal_kv::Limits;
 use shoal_raft::{Config, RawNode, Role};
 use shoal_replica::{Done, Replica, ReplicaConfig, SnapshotPolicy};
 use shoal_storage::DurableStorage;
-use shoal_wire::kv::{KvOp, KvRequest, KvResult, ServerRole, ServerStatus};
+use shoal_wire::kv::{KvOp, KvRequest, KvResult, ServerStatus};
 use shoal_wire::shard::{ShardReply, ShardRequest};
 
 use crate::{ControlOutcome, Gid, GroupEntry, GroupOutput, GroupSnapshot, ShardId, ShardMachine};
@@ -175,25 +175,21 @@ impl GroupHost {
 
     /// What this server says of itself to a [`KvOp::Status`] request.
     pub fn server_status(&self) -> ServerStatus {
-        let s = self.replica.status();
-        ServerStatus {
-            id: s.id.0,
-            role: match s.role {
-                Role::Follower => ServerRole::Follower,
-                Role::PreCandidate => ServerRole::PreCandidate,
-                Role::Candidate => ServerRole::Candidate,
-                Role::Leader => ServerRole::Leader,
-            },
-            term: s.term.0,
-            leader: s.leader.map(|l| l.0),
-            commit: s.commit.0,
-            applied: self.replica.applied().0,
-            last_index: s.last_index.0,
-        }
+        shoal_kv::rsm::server_status(&self.replica)
     }
 
     fn leader_hint(&self) -> Option<u64> {
         self.replica.status().leader.map(|l| l.0)
+    }
+
+    /// Queues the answer `result` to request `request` of `client`, for connection `reply_to`.
+    fn answer(&mut self, reply_to: u64, client: u64, request: u64, result: KvResult) {
+        let reply = ShardReply::Done {
+            client,
+            request,
+            result,
+        };
+        self.replies.push((reply_to, reply));
     }
 
     fn wrong_leader(&mut self, reply_to: u64, client: u64, request: u64) {
@@ -239,14 +235,7 @@ impl GroupHost {
         let (client, request) = (req.client, req.request);
         if req.op == KvOp::Status {
             let result = KvResult::Status(self.server_status());
-            self.replies.push((
-                reply_to,
-                ShardReply::Done {
-                    client,
-                    request,
-                    result,
-                },
-            ));
+            self.answer(reply_to, client, request, result);
             return;
         }
         if req.op.is_read() && req.serializable {
@@ -259,14 +248,7 @@ impl GroupHost {
             let result = KvResult::Refused {
                 reason: "lease expiry and checkpoints are proposed by the leader only".into(),
             };
-            self.replies.push((
-                reply_to,
-                ShardReply::Done {
-                    client,
-                    request,
-                    result,
-                },
-            ));
+            self.answer(reply_to, client, request, result);
             return;
         }
         if crate::group::is_lease_op(&req.op) {
@@ -274,14 +256,7 @@ impl GroupHost {
             let result = KvResult::Refused {
                 reason: crate::group::LEASES_REFUSED.into(),
             };
-            self.replies.push((
-                reply_to,
-                ShardReply::Done {
-                    client,
-                    request,
-                    result,
-                },
-            ));
+            self.answer(reply_to, client, request, result);
             return;
         }
         if self.replica.status().role != Role::Leader {
@@ -319,14 +294,7 @@ impl GroupHost {
             .shard(req.shard)
             .and_then(|s| s.store.size_error(&req.op))
         {
-            self.replies.push((
-                reply_to,
-                ShardReply::Done {
-                    client,
-                    request,
-                    result,
-                },
-            ));
+            self.answer(reply_to, client, request, result);
             return;
         }
         let entry = GroupEntry::Client {
