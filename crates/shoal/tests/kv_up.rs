@@ -153,7 +153,9 @@ fn a_damaged_server_leaves_the_majority_serving_and_resyncs_once_moved_aside() {
     assert!(up.running(), "kv up stopped:\n{}", up.stderr());
     let said = up.stderr();
     assert!(said.contains("server 2 failed to start"), "{said}");
-    assert!(said.contains("checksum mismatch"), "{said}");
+    // Where the flipped byte lands depends on the log's layout: in a payload it fails the
+    // checksum, in a length field the record runs past the end. Either is named as corrupt data.
+    assert!(said.contains("corrupt data in seg-"), "{said}");
     assert_eq!(
         said.matches(&mv).count(),
         1,
