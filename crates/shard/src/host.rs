@@ -24,7 +24,9 @@ use shoal_raft::{Config, RawNode, Role};
 use shoal_replica::{Done, Replica, ReplicaConfig, SnapshotPolicy};
 use shoal_storage::DurableStorage;
 use shoal_wire::kv::{KvOp, KvRequest, KvResult, ServerStatus};
-use shoal_wire::shard::{ShardReply, ShardRequest};
+use shoal_wire::shard::{
+    ControlOp, ControlReply, ControlRequest, ControlStatus, ShardReply, ShardRequest,
+};
 
 use crate::{ControlOutcome, Gid, GroupEntry, GroupOutput, GroupSnapshot, ShardId, ShardMachine};
 
@@ -90,12 +92,32 @@ pub enum ControlResult {
     },
 }
 
+/// Internal tags of control requests that came over the wire have this bit set.
+const WIRE_TAG_BIT: u64 = 1 << 63;
+
+/// The wire form of a control entry's outcome.
+pub fn control_status(outcome: ControlOutcome) -> ControlStatus {
+    match outcome {
+        ControlOutcome::Applied => ControlStatus::Applied,
+        ControlOutcome::AlreadyDone => ControlStatus::AlreadyDone,
+        ControlOutcome::Stale { seen } => ControlStatus::Stale { seen },
+        ControlOutcome::Refused { reason } => ControlStatus::Refused { reason },
+    }
+}
+
 /// A replica group's server: the replica shell hosting a [`ShardMachine`], and the replies and
 /// control results to hand out.
 pub struct GroupHost {
     replica: Replica<ShardMachine, Waiter>,
     replies: Vec<(u64, ShardReply)>,
     control: Vec<(u64, ControlResult)>,
+    /// Control requests from the wire in flight: internal tag → (reply_to, the request's tag).
+    wire_control: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// The next internal tag for a wire control request (high bit set: never a caller's tag
+    /// of [`GroupHost::propose_control`] in practice; a clash is refused below).
+    next_wire_tag: u64,
+    /// Answers to control requests from the wire: (reply_to, reply).
+    control_replies: Vec<(u64, ControlReply)>,
     /// A buffer for the replica's answers, kept between rounds (no allocation per round).
     done: Vec<Done<Waiter, GroupOutput>>,
 }
@@ -125,6 +147,9 @@ impl GroupHost {
             replica,
             replies: Vec::new(),
             control: Vec::new(),
+            wire_control: std::collections::BTreeMap::new(),
+            next_wire_tag: WIRE_TAG_BIT,
+            control_replies: Vec::new(),
             done: Vec::new(),
         })
     }
@@ -351,6 +376,102 @@ impl GroupHost {
         }
     }
 
+    /// A control request from the controller arrived on connection `reply_to`: proposes the
+    /// step (or serves the read) and answers through [`GroupHost::take_control_replies`]. A
+    /// request for another gid is answered `WrongGid`, an Adopt whose configuration does not
+    /// decode `Invalid`, a follower `NotLeader`; none of them changes anything.
+    pub fn handle_control(&mut self, reply_to: u64, req: ControlRequest) {
+        self.collect_done();
+        let tag = req.tag;
+        let gid = self.replica.machine().gid();
+        if req.gid != gid {
+            self.control_replies
+                .push((reply_to, ControlReply::WrongGid { tag, gid }));
+            return;
+        }
+        if self.replica.status().role != Role::Leader {
+            let leader = self.leader_hint();
+            self.control_replies
+                .push((reply_to, ControlReply::NotLeader { tag, leader }));
+            return;
+        }
+        let adopted = self.replica.machine().config().num;
+        let entry = match req.op {
+            ControlOp::Adopted => {
+                self.control_replies
+                    .push((reply_to, ControlReply::Adopted { tag, adopted }));
+                return;
+            }
+            ControlOp::Export { shard, config } => {
+                let internal = self.wire_tag(reply_to, tag);
+                self.export(internal, shard, config);
+                return;
+            }
+            ControlOp::Adopt { config } => match crate::Config::decode(&config) {
+                Ok(config) => GroupEntry::Adopt { config },
+                Err(e) => {
+                    let reason = format!("the configuration does not decode: {e}");
+                    self.control_replies
+                        .push((reply_to, ControlReply::Invalid { tag, reason }));
+                    return;
+                }
+            },
+            ControlOp::Freeze { shard, config } => GroupEntry::Freeze { shard, config },
+            ControlOp::Install {
+                shard,
+                config,
+                data,
+            } => GroupEntry::Install {
+                shard,
+                config,
+                data,
+            },
+            ControlOp::Delete { shard, config } => GroupEntry::Delete { shard, config },
+        };
+        let internal = self.wire_tag(reply_to, tag);
+        self.propose_control(internal, entry);
+    }
+
+    fn wire_tag(&mut self, reply_to: u64, tag: u64) -> u64 {
+        let internal = self.next_wire_tag;
+        self.next_wire_tag = WIRE_TAG_BIT | (self.next_wire_tag.wrapping_add(1));
+        self.wire_control.insert(internal, (reply_to, tag));
+        internal
+    }
+
+    /// Answers to [`GroupHost::handle_control`]: (the `reply_to` token, reply).
+    pub fn take_control_replies(&mut self) -> Vec<(u64, ControlReply)> {
+        self.collect_done();
+        self.route_wire_control();
+        std::mem::take(&mut self.control_replies)
+    }
+
+    /// Moves the results of wire control requests from `control` to `control_replies`.
+    fn route_wire_control(&mut self) {
+        if self.wire_control.is_empty() {
+            return;
+        }
+        let adopted = self.replica.machine().config().num;
+        let mut kept = Vec::new();
+        for (internal, result) in self.control.drain(..) {
+            let Some((reply_to, tag)) = self.wire_control.remove(&internal) else {
+                kept.push((internal, result));
+                continue;
+            };
+            let reply = match result {
+                ControlResult::Applied(outcome) => ControlReply::Done {
+                    tag,
+                    status: control_status(outcome),
+                    adopted,
+                },
+                ControlResult::Exported(data) => ControlReply::Exported { tag, data, adopted },
+                ControlResult::NotLeader { leader } => ControlReply::NotLeader { tag, leader },
+            };
+            self.control_replies.push((reply_to, reply));
+        }
+        self.control = kept;
+    }
+
     /// Replies ready to send: (the `reply_to` token given with the request, reply). Call after
     /// the pipeline's `on_synced`: reads confirmed there are served now.
     pub fn take_replies(&mut self) -> Vec<(u64, ShardReply)> {
@@ -361,6 +482,7 @@ impl GroupHost {
     /// Results of control entries and exports: (the caller's tag, result).
     pub fn take_control_results(&mut self) -> Vec<(u64, ControlResult)> {
         self.collect_done();
+        self.route_wire_control();
         std::mem::take(&mut self.control)
     }
 

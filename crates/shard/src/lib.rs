@@ -33,6 +33,7 @@ pub mod config;
 pub mod group;
 pub mod history;
 pub mod host;
+pub mod layout;
 pub mod ops;
 pub mod shard;
 
@@ -42,7 +43,7 @@ pub use group::{
     ShardState,
 };
 pub use history::History;
-pub use host::{ControlResult, GroupHost, HostError};
+pub use host::{control_status, ControlResult, GroupHost, HostError};
 pub use ops::{apply, join, leave, move_shard, Op};
 pub use shard::{fnv1a32, shard_of, validate_shards, DEFAULT_SHARDS, MAX_SHARDS};
 

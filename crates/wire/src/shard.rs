@@ -82,6 +82,154 @@ impl ShardReply {
     }
 }
 
+/// What the shard controller asks of a group (through the group's Raft log, except
+/// [`ControlOp::Export`] and [`ControlOp::Adopted`], which are reads). Every step names the
+/// configuration it belongs to and is idempotent: a replay answers
+/// [`ControlStatus::AlreadyDone`], an older number [`ControlStatus::Stale`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlOp {
+    /// Learn the next configuration (its encoding, `shoal_shard::Config::encode`). A group
+    /// adopts configurations one number at a time, in order.
+    Adopt {
+        /// The encoded configuration.
+        #[serde(with = "serde_bytes")]
+        config: Vec<u8>,
+    },
+    /// Stop serving `shard` (old owner) as of configuration `config`.
+    Freeze {
+        /// The shard.
+        shard: u32,
+        /// The configuration that moves it away.
+        config: u64,
+    },
+    /// Read the shard frozen at `config` (a linearizable read at the old owner's leader).
+    Export {
+        /// The shard.
+        shard: u32,
+        /// The configuration it was frozen at.
+        config: u64,
+    },
+    /// Serve `shard` from `data` (the export) as of configuration `config` (new owner).
+    Install {
+        /// The shard.
+        shard: u32,
+        /// The configuration that moves it here.
+        config: u64,
+        /// The old owner's export of the shard frozen at `config`.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Drop the frozen copy of `shard` (old owner), once installed at the new owner.
+    Delete {
+        /// The shard.
+        shard: u32,
+        /// The configuration it was frozen at.
+        config: u64,
+    },
+    /// Which configuration has the group adopted? (Answered by the leader from its applied
+    /// state, with no log entry: the number only grows, so a stale answer is merely low.)
+    Adopted,
+}
+
+/// A request from the controller to one server of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlRequest {
+    /// Chosen by the controller to match the reply; echoed.
+    pub tag: u64,
+    /// The group the controller believes this server belongs to: a server of another group
+    /// answers [`ControlReply::WrongGid`] and does nothing.
+    pub gid: u64,
+    /// What to do.
+    pub op: ControlOp,
+}
+
+/// What a control entry did at the group (`shoal_shard::ControlOutcome` on the wire).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlStatus {
+    /// The entry changed the group's state.
+    Applied,
+    /// Its effect already held (a replay): nothing changed.
+    AlreadyDone,
+    /// Older than what the shard (or group) has seen: ignored.
+    Stale {
+        /// The newer number it is at.
+        seen: u64,
+    },
+    /// It does not fit the state; nothing changed.
+    Refused {
+        /// Why, for a person.
+        reason: String,
+    },
+}
+
+/// A group server's answer to a [`ControlRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// A log step (Adopt, Freeze, Install, Delete) was decided.
+    Done {
+        /// Echo.
+        tag: u64,
+        /// What it did.
+        status: ControlStatus,
+        /// The configuration the group has adopted, after it.
+        adopted: u64,
+    },
+    /// The export: the shard's bytes, or `None` when the group does not hold the shard frozen
+    /// at that configuration (not frozen yet, or deleted already).
+    Exported {
+        /// Echo.
+        tag: u64,
+        /// The bytes to [`ControlOp::Install`].
+        #[serde(with = "serde_bytes")]
+        data: Option<Vec<u8>>,
+        /// The configuration the group has adopted.
+        adopted: u64,
+    },
+    /// Answer to [`ControlOp::Adopted`].
+    Adopted {
+        /// Echo.
+        tag: u64,
+        /// The configuration the group has adopted.
+        adopted: u64,
+    },
+    /// Not the leader (or it lost leadership before the outcome was known; a step may still
+    /// have applied: steps are idempotent, retry).
+    NotLeader {
+        /// Echo.
+        tag: u64,
+        /// A hint: the leader's server id, if known.
+        leader: Option<u64>,
+    },
+    /// This server is not in group `gid` of the request; nothing was done.
+    WrongGid {
+        /// Echo.
+        tag: u64,
+        /// The server's own gid.
+        gid: u64,
+    },
+    /// The request cannot be carried out (for example an Adopt whose bytes do not decode).
+    Invalid {
+        /// Echo.
+        tag: u64,
+        /// Why, for a person.
+        reason: String,
+    },
+}
+
+impl ControlReply {
+    /// The tag the reply answers.
+    pub fn tag(&self) -> u64 {
+        match self {
+            ControlReply::Done { tag, .. }
+            | ControlReply::Exported { tag, .. }
+            | ControlReply::Adopted { tag, .. }
+            | ControlReply::NotLeader { tag, .. }
+            | ControlReply::WrongGid { tag, .. }
+            | ControlReply::Invalid { tag, .. } => *tag,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,12 +310,119 @@ mod tests {
         }
     }
 
+    #[test]
+    fn control_messages_round_trip() {
+        let requests = [
+            ControlRequest {
+                tag: 1,
+                gid: 2,
+                op: ControlOp::Adopt {
+                    config: vec![1, 0, 3],
+                },
+            },
+            ControlRequest {
+                tag: 2,
+                gid: 2,
+                op: ControlOp::Freeze {
+                    shard: 3,
+                    config: 4,
+                },
+            },
+            ControlRequest {
+                tag: 3,
+                gid: 2,
+                op: ControlOp::Export {
+                    shard: 3,
+                    config: 4,
+                },
+            },
+            ControlRequest {
+                tag: 4,
+                gid: 2,
+                op: ControlOp::Install {
+                    shard: 3,
+                    config: 4,
+                    data: vec![9; 40],
+                },
+            },
+            ControlRequest {
+                tag: 5,
+                gid: 2,
+                op: ControlOp::Delete {
+                    shard: 3,
+                    config: 4,
+                },
+            },
+            ControlRequest {
+                tag: u64::MAX,
+                gid: u64::MAX,
+                op: ControlOp::Adopted,
+            },
+        ];
+        for r in requests {
+            let bytes = postcard::to_stdvec(&r).unwrap();
+            assert_eq!(postcard::from_bytes::<ControlRequest>(&bytes).unwrap(), r);
+        }
+        let replies = [
+            ControlReply::Done {
+                tag: 1,
+                status: ControlStatus::Applied,
+                adopted: 3,
+            },
+            ControlReply::Done {
+                tag: 1,
+                status: ControlStatus::AlreadyDone,
+                adopted: 3,
+            },
+            ControlReply::Done {
+                tag: 1,
+                status: ControlStatus::Stale { seen: 9 },
+                adopted: 3,
+            },
+            ControlReply::Done {
+                tag: 1,
+                status: ControlStatus::Refused {
+                    reason: "gap".into(),
+                },
+                adopted: 3,
+            },
+            ControlReply::Exported {
+                tag: 2,
+                data: Some(vec![1, 2]),
+                adopted: 4,
+            },
+            ControlReply::Exported {
+                tag: 2,
+                data: None,
+                adopted: 4,
+            },
+            ControlReply::Adopted { tag: 3, adopted: 0 },
+            ControlReply::NotLeader {
+                tag: 4,
+                leader: Some(2),
+            },
+            ControlReply::WrongGid { tag: 5, gid: 7 },
+            ControlReply::Invalid {
+                tag: 6,
+                reason: "bad".into(),
+            },
+        ];
+        for r in replies {
+            let bytes = postcard::to_stdvec(&r).unwrap();
+            let back = postcard::from_bytes::<ControlReply>(&bytes).unwrap();
+            assert_eq!(back.tag(), r.tag());
+            assert_eq!(back, r);
+        }
+    }
+
     proptest! {
         /// Garbage decodes to an error or to some message, never a panic.
         #[test]
         fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = postcard::from_bytes::<ShardRequest>(&bytes);
             let _ = postcard::from_bytes::<ShardReply>(&bytes);
+            let _ = postcard::from_bytes::<ControlRequest>(&bytes);
+            let _ = postcard::from_bytes::<ControlReply>(&bytes);
         }
     }
 }
