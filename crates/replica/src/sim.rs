@@ -82,18 +82,19 @@ enum Job<D> {
 pub struct SimPipeline<D, M> {
     syncing: Option<Unsynced>,
     job: Job<D>,
-    /// How a Raft message travels: (destination node, the simulation's message).
-    route: fn(Message) -> (shoal_sim::NodeId, M),
+    /// How a Raft message travels: (destination node, the simulation's message). A closure,
+    /// so that a node can route by a directory of its own (a replica group's peers).
+    route: Box<dyn Fn(Message) -> (shoal_sim::NodeId, M)>,
     observer: Box<dyn Observer>,
 }
 
 impl<D: SnapshotData, M: shoal_sim::Message> SimPipeline<D, M> {
     /// A pipeline sending Raft messages through `route`.
-    pub fn new(route: fn(Message) -> (shoal_sim::NodeId, M)) -> Self {
+    pub fn new(route: impl Fn(Message) -> (shoal_sim::NodeId, M) + 'static) -> Self {
         SimPipeline {
             syncing: None,
             job: Job::Idle,
-            route,
+            route: Box::new(route),
             observer: Box::new(NoObserver),
         }
     }
