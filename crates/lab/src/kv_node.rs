@@ -44,9 +44,29 @@ impl Node<M> for SingleNode {
     fn on_timer(&mut self, _ctx: &mut Ctx<'_, M>, _token: u64) {}
 }
 
+/// A simulation message type that carries the KV servers' traffic (their Raft messages, the
+/// requests they serve and the replies they send): [`KvMessage`] itself, or a larger message
+/// type of a simulation that also runs other nodes (the sharded KV's controller store).
+pub trait KvEnvelope: shoal_sim::Message {
+    /// Wraps a KV message.
+    fn wrap(m: KvMessage) -> Self;
+    /// The KV message inside, if it is one (anything else is not for a KV server).
+    fn into_kv(self) -> Option<KvMessage>;
+}
+
+impl KvEnvelope for KvMessage {
+    fn wrap(m: KvMessage) -> Self {
+        m
+    }
+    fn into_kv(self) -> Option<KvMessage> {
+        Some(self)
+    }
+}
+
 /// A replicated server actor: KvRsm over durable storage on the node's simulated disk, driven
-/// by the replica shell's simulator driver.
-pub struct RaftNode {
+/// by the replica shell's simulator driver. `Msg` is the simulation's message type. The
+/// servers must be the first nodes of the simulation: Raft id = sim id + 1.
+pub struct RaftNode<Msg: KvEnvelope = M> {
     /// Servers in the cluster (ids 1..=n).
     pub n: u64,
     /// The state machine's settings (snapshot threshold, limits, lease clock).
@@ -56,29 +76,29 @@ pub struct RaftNode {
     /// The server, once started.
     pub rsm: Option<KvRsm>,
     /// The driver state of this incarnation.
-    pub pipeline: SimPipeline<StoreSnapshot, M>,
+    pub pipeline: SimPipeline<StoreSnapshot, Msg>,
     journal: Option<Journal>,
 }
 
-fn route(m: shoal_raft::Message) -> (SimId, M) {
-    (server_sim(m.to.0), KvMessage::Raft(m))
+fn route<Msg: KvEnvelope>(m: shoal_raft::Message) -> (SimId, Msg) {
+    (server_sim(m.to.0), Msg::wrap(KvMessage::Raft(m)))
 }
 
-impl RaftNode {
+impl<Msg: KvEnvelope> RaftNode<Msg> {
     /// A server of an `n`-server cluster.
-    pub fn new(n: u64, config: RsmConfig, segment_bytes: u64) -> RaftNode {
+    pub fn new(n: u64, config: RsmConfig, segment_bytes: u64) -> RaftNode<Msg> {
         RaftNode {
             n,
             config,
             segment_bytes,
             rsm: None,
-            pipeline: SimPipeline::new(route),
+            pipeline: SimPipeline::new(route::<Msg>),
             journal: None,
         }
     }
 
     /// Reports writes, overwrites, applies and compactions to `journal` (the Figure-3 checker).
-    pub fn with_journal(mut self, journal: Journal) -> RaftNode {
+    pub fn with_journal(mut self, journal: Journal) -> RaftNode<Msg> {
         self.journal = Some(journal);
         self
     }
@@ -90,7 +110,7 @@ impl RaftNode {
     /// Carries the pipeline on, then sends the replies it decided. The simulated replicas only
     /// ever commit what they proposed and their disks fail only by crashing: an error here is
     /// a bug, and the failing seed is printed by the harness.
-    fn drive(&mut self, ctx: &mut Ctx<'_, M>, token: Option<u64>) {
+    fn drive(&mut self, ctx: &mut Ctx<'_, Msg>, token: Option<u64>) {
         let rsm = self.rsm.as_mut().expect("started");
         let result = match token {
             Some(t) => self
@@ -103,12 +123,15 @@ impl RaftNode {
             panic!("the replica pipeline failed: {e}");
         }
         for (to, reply) in rsm.take_replies() {
-            ctx.send(shoal_sim::NodeId(to as u32), KvMessage::Reply(reply));
+            ctx.send(
+                shoal_sim::NodeId(to as u32),
+                Msg::wrap(KvMessage::Reply(reply)),
+            );
         }
     }
 }
 
-impl RaftHost for RaftNode {
+impl<Msg: KvEnvelope> RaftHost for RaftNode<Msg> {
     fn raft(&self) -> Option<&RawNode<DurableStorage>> {
         self.rsm.as_ref().map(|r| r.raw())
     }
@@ -128,8 +151,8 @@ pub fn snapshot_file_bytes(disk: &shoal_sim::SimDisk) -> u64 {
     disk.len(shoal_storage::SNAPSHOT_FILE).unwrap_or(0)
 }
 
-impl Node<M> for RaftNode {
-    fn on_start(&mut self, ctx: &mut Ctx<'_, M>) {
+impl<Msg: KvEnvelope> Node<Msg> for RaftNode<Msg> {
+    fn on_start(&mut self, ctx: &mut Ctx<'_, Msg>) {
         let id = NodeId(u64::from(ctx.id().0) + 1);
         let storage = DurableStorage::open(
             ctx.disk(),
@@ -145,7 +168,7 @@ impl Node<M> for RaftNode {
             // The recovered log is checked like a written one (torn writes must not break it).
             rec.recovered(ctx.id(), &storage)
                 .expect("recovered log reads");
-            self.pipeline = SimPipeline::new(route).with_observer(Box::new(rec));
+            self.pipeline = SimPipeline::new(route::<Msg>).with_observer(Box::new(rec));
         }
         let mut cfg = Config::new(id, (1..=self.n).map(NodeId).collect());
         cfg.election_tick = ELECTION_TICKS;
@@ -155,16 +178,16 @@ impl Node<M> for RaftNode {
         ctx.set_timer(TICK, TIMER_TICK);
     }
 
-    fn on_message(&mut self, ctx: &mut Ctx<'_, M>, from: SimId, msg: M) {
-        match msg {
-            KvMessage::Raft(m) => self.rsm().step(m),
-            KvMessage::Request(r) => self.rsm().handle_request(u64::from(from.0), r),
-            KvMessage::Reply(_) => {}
+    fn on_message(&mut self, ctx: &mut Ctx<'_, Msg>, from: SimId, msg: Msg) {
+        match msg.into_kv() {
+            Some(KvMessage::Raft(m)) => self.rsm().step(m),
+            Some(KvMessage::Request(r)) => self.rsm().handle_request(u64::from(from.0), r),
+            Some(KvMessage::Reply(_)) | None => {}
         }
         self.drive(ctx, None);
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_, M>, token: u64) {
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, Msg>, token: u64) {
         if token == TIMER_TICK {
             self.rsm().tick();
             self.drive(ctx, None);
