@@ -4,6 +4,9 @@
 //! answers clients' [`SM::Shard`] requests and the controller's [`SM::Control`] requests, and
 //! snapshots by a small byte threshold so that snapshots and their installs happen.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use shoal_kv::Limits;
 use shoal_raft::{Config, NodeId, RawNode};
 use shoal_replica::sim::SimPipeline;
@@ -19,6 +22,16 @@ use crate::kv_client::SimId;
 use crate::kv_node::{ELECTION_TICKS, HEARTBEAT_TICKS, TICK};
 
 const TIMER_TICK: u64 = 0;
+
+/// Snapshot counts summed over every server and incarnation of a world's groups (a server's
+/// own counters restart with it), so tests can assert that snapshots were taken and installed.
+#[derive(Debug, Default)]
+pub struct SnapshotStats {
+    /// Snapshots a server took of its own state.
+    pub taken: Cell<u64>,
+    /// Snapshots a server received from its leader (InstallSnapshot) and restored.
+    pub installed: Cell<u64>,
+}
 /// Each group is its own Raft cluster: a distinct cluster id per group, so that a message that
 /// reached another group's server would be refused rather than taken for its own.
 const CLUSTER_ID_BASE: u64 = 1_000;
@@ -34,6 +47,9 @@ pub struct GroupNode {
     pub host: Option<GroupHost>,
     pipeline: SimPipeline<GroupSnapshot, SM>,
     journal: Option<Journal>,
+    stats: Option<Rc<SnapshotStats>>,
+    /// (taken, installed) already added to `stats` by this incarnation.
+    counted: (u64, u64),
 }
 
 /// The route of a group's Raft messages: Raft id `i` is `peers[i - 1]`. A message to an id
@@ -62,7 +78,15 @@ impl GroupNode {
             snapshot_bytes,
             host: None,
             journal: None,
+            stats: None,
+            counted: (0, 0),
         }
+    }
+
+    /// Adds this server's snapshot counts to `stats`.
+    pub fn with_stats(mut self, stats: Rc<SnapshotStats>) -> GroupNode {
+        self.stats = Some(stats);
+        self
     }
 
     /// Reports writes, overwrites, applies and compactions to `journal` (the group's Figure-3
@@ -101,6 +125,15 @@ impl GroupNode {
         }
         for (to, reply) in host.take_control_replies() {
             ctx.send(shoal_sim::NodeId(to as u32), SM::ControlReply(reply));
+        }
+        if let Some(stats) = &self.stats {
+            let r = host.replica();
+            let now = (r.snapshots_taken(), r.snapshots_installed());
+            stats.taken.set(stats.taken.get() + now.0 - self.counted.0);
+            stats
+                .installed
+                .set(stats.installed.get() + now.1 - self.counted.1);
+            self.counted = now;
         }
     }
 }

@@ -9,6 +9,7 @@
 //! ([`Directory::server_name`]): the names the controller writes and the clients route by.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -25,7 +26,7 @@ use crate::kv_node::{KvEnvelope, RaftNode, TICK};
 mod group_node;
 mod invariant;
 
-pub use group_node::GroupNode;
+pub use group_node::{GroupNode, SnapshotStats};
 pub use invariant::{ShardInvariant, ShardView};
 
 /// The message type of a shard simulation.
@@ -208,6 +209,8 @@ pub struct World {
     pub checks: Checks,
     /// The shape it was built with.
     pub spec: WorldSpec,
+    /// The group servers' snapshot counts, over every incarnation.
+    pub snapshots: Rc<SnapshotStats>,
 }
 
 impl World {
@@ -238,14 +241,18 @@ impl World {
             }
         }
         let mut groups = BTreeMap::new();
+        let snapshots = Rc::new(SnapshotStats::default());
         for &gid in &spec.gids {
             let journal = Journal::default();
             let peers = dir.group(gid).to_vec();
             for &want in &peers {
                 let (peers, journal) = (peers.clone(), journal.clone());
                 let (shards, bytes) = (spec.shards, spec.group_snapshot_bytes);
+                let stats = snapshots.clone();
                 let id = sim.add_node(move |_| {
-                    GroupNode::new(gid, peers.clone(), shards, bytes).with_journal(journal.clone())
+                    GroupNode::new(gid, peers.clone(), shards, bytes)
+                        .with_journal(journal.clone())
+                        .with_stats(stats.clone())
                 });
                 assert_eq!(id, want, "group servers are added in directory order");
             }
@@ -260,6 +267,7 @@ impl World {
                 shards: ShardInvariant::default(),
             },
             spec,
+            snapshots,
         }
     }
 
