@@ -74,6 +74,64 @@ enum LockPhase {
     Releasing,
 }
 
+/// The decisions of the lab's OneClientPut loop ([`Work::PutLoop`]), shared by the KV and the
+/// sharded-KV client actors: put at the last version this client knows of a random key, then
+/// get a random key, until the deadline.
+#[derive(Debug, Clone, Default)]
+pub struct PutLoop {
+    /// Per key: last known version.
+    versions: BTreeMap<String, u64>,
+    after_put: bool,
+    counter: u64,
+}
+
+impl PutLoop {
+    /// The operation to run after `last` finished (`None` at the start), or `None` when the
+    /// loop is over (`past_deadline` and the last put's get done). Values are unique per
+    /// client (`client` and a counter), so the history shows which put a read saw.
+    pub fn next(
+        &mut self,
+        rng: &mut impl Rng,
+        client: u64,
+        keys: &[String],
+        past_deadline: bool,
+        last: Option<&(KvOp, Outcome)>,
+    ) -> Option<KvOp> {
+        match last {
+            Some((KvOp::Get { key }, Outcome::Done(r))) => {
+                let v = match r {
+                    KvResult::Found { version, .. } => *version,
+                    _ => 0,
+                };
+                self.versions.insert(key_str(key), v);
+            }
+            Some((KvOp::Put { key, .. }, Outcome::Done(KvResult::Written { version }))) => {
+                self.versions.insert(key_str(key), *version);
+            }
+            _ => {}
+        }
+        let key = keys[rng.gen_range(0..keys.len())].clone();
+        if self.after_put {
+            self.after_put = false;
+            return Some(KvOp::Get {
+                key: key.into_bytes(),
+            });
+        }
+        if past_deadline {
+            return None;
+        }
+        self.after_put = true;
+        self.counter += 1;
+        let version = self.versions.get(&key).copied().unwrap_or(0);
+        let value = format!("{{\"id\":{client},\"v\":{}}}", self.counter);
+        Some(KvOp::Put {
+            key: key.into_bytes(),
+            value: value.into_bytes(),
+            expected: Expected::Version(version),
+        })
+    }
+}
+
 /// A client actor.
 pub struct Client {
     clerk: Clerk,
@@ -89,9 +147,7 @@ pub struct Client {
     pub finished: bool,
     /// The first thing this client saw that its workload forbids.
     pub violation: Option<String>,
-    /// Per key: last known version.
-    versions: BTreeMap<String, u64>,
-    after_put: bool,
+    put_loop: PutLoop,
     round: u64,
     retrying: bool,
     // lock loop
@@ -117,8 +173,7 @@ impl Client {
             maybes: 0,
             finished: false,
             violation: None,
-            versions: BTreeMap::new(),
-            after_put: false,
+            put_loop: PutLoop::default(),
             round: 0,
             retrying: false,
             lock: None,
@@ -206,51 +261,15 @@ impl Client {
                 }
             }
             Work::PutLoop { keys, until } => {
-                if let Some((KvOp::Get { key }, Outcome::Done(r))) = &last {
-                    let key = String::from_utf8_lossy(key).into_owned();
-                    let v = match r {
-                        KvResult::Found { version, .. } => *version,
-                        _ => 0,
-                    };
-                    self.versions.insert(key, v);
-                }
-                if let Some((KvOp::Put { key, .. }, Outcome::Done(KvResult::Written { version }))) =
-                    &last
+                let id = self.clerk.client_id();
+                let past = ctx.now() >= until;
+                match self
+                    .put_loop
+                    .next(ctx.rng(), id, &keys, past, last.as_ref())
                 {
-                    self.versions
-                        .insert(String::from_utf8_lossy(key).into_owned(), *version);
+                    Some(op) => self.run(ctx, op),
+                    None => self.finished = true,
                 }
-                let key = keys[ctx.rng().gen_range(0..keys.len())].clone();
-                if self.after_put {
-                    self.after_put = false;
-                    self.run(
-                        ctx,
-                        KvOp::Get {
-                            key: key.into_bytes(),
-                        },
-                    );
-                    return;
-                }
-                if ctx.now() >= until {
-                    self.finished = true;
-                    return;
-                }
-                self.after_put = true;
-                self.counter += 1;
-                let version = self.versions.get(&key).copied().unwrap_or(0);
-                let value = format!(
-                    "{{\"id\":{},\"v\":{}}}",
-                    self.clerk.client_id(),
-                    self.counter
-                );
-                self.run(
-                    ctx,
-                    KvOp::Put {
-                        key: key.into_bytes(),
-                        value: value.into_bytes(),
-                        expected: Expected::Version(version),
-                    },
-                );
             }
             Work::Rounds { key, rounds } => {
                 let k = key.clone().into_bytes();
@@ -448,7 +467,8 @@ fn key_str(k: &[u8]) -> String {
     String::from_utf8_lossy(k).into_owned()
 }
 
-fn to_input(op: &KvOp) -> Option<KvInput> {
+/// The versioned-KV model's input for `op` (`None`: outside the model, not recorded).
+pub fn to_input(op: &KvOp) -> Option<KvInput> {
     let exp = |e: &Expected| match e {
         Expected::Any => CExpected::Any,
         Expected::Version(v) => CExpected::Version(*v),
@@ -483,7 +503,8 @@ fn to_input(op: &KvOp) -> Option<KvInput> {
     }
 }
 
-fn to_output(o: &Outcome) -> KvOutput {
+/// The versioned-KV model's output for an outcome.
+pub fn to_output(o: &Outcome) -> KvOutput {
     match o {
         Outcome::Maybe => KvOutput::Maybe,
         Outcome::Done(r) => match r {
@@ -525,7 +546,10 @@ pub struct HistoryCheck {
 /// Checks the recorded history against the versioned-KV model (the model of `shoal check
 /// --model kv`) within `budget`; a violation is an `Err` carrying the trace tail. A step
 /// budget ([`Budget::steps`]) gives the same answer on every machine; a time budget does not.
-pub fn check_kv_history(sim: &Sim<M>, budget: Budget) -> Result<HistoryCheck, Failure> {
+pub fn check_kv_history<Msg: shoal_sim::Message>(
+    sim: &Sim<Msg>,
+    budget: Budget,
+) -> Result<HistoryCheck, Failure> {
     let ops = sim
         .history::<KvInput, KvOutput>()
         .map_err(|e| sim.failure(e.to_string()))?;
