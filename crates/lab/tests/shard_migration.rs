@@ -621,7 +621,7 @@ fn run_migration(seed: u64, seen: &Seen) -> Result<(), Failure> {
 #[test]
 fn shards_migrate_under_faults_and_the_invariant_holds_after_every_event() {
     let seen = Seen::default();
-    shoal_sim::check_seeds!(50, |seed| run_migration(seed, &seen));
+    shoal_sim::check_seeds!(200, |seed| run_migration(seed, &seen));
     // The runs did what they claim: faults were injected, requests had to be retried, and
     // group servers took snapshots (so restarts restored from them) and lagging ones were
     // brought up to date by their leader's snapshot.
