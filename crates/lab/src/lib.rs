@@ -4,7 +4,7 @@
 //! ([`raft_node`]: a bare Raft server; [`kv_node`]: the KV servers, replicated and single), the
 //! simulated KV client actor and the checks of what clients saw ([`kv_client`]), the sharded
 //! KV's simulated world ([`shard`]: replica-group servers, the controller's store, the
-//! per-event shard invariant), and the workloads `shoal sim --workload raft|kv` runs
+//! per-event shard invariant), and the workloads `shoal sim --workload raft|kv|shard` runs
 //! ([`workload`]). The simulation tests of
 //! `shoal-raft` and `shoal-kv` use it as a dev-dependency.
 //!
@@ -23,4 +23,4 @@ pub mod raft_node;
 pub mod shard;
 pub mod workload;
 
-pub use workload::{run_kv, run_raft, Report, Workload};
+pub use workload::{run_kv, run_raft, run_shard, Report, Workload};

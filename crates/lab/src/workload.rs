@@ -1,5 +1,7 @@
-//! The workloads of `shoal sim --workload raft|kv`: a whole cluster running the real protocol
-//! under the nemesis, checked after every event and at the end, summed up in a [`Report`].
+//! The workloads of `shoal sim --workload raft|kv|shard`: a whole cluster running the real
+//! protocol under the nemesis, checked after every event and at the end, summed up in a
+//! [`Report`]. The sharded KV's (**shard**) lives with the rest of its world in
+//! [`crate::shard::workload`]; this module names it and shares the runner.
 //!
 //! Both run on the reliable network with the nemesis on the servers for `duration` (partitions
 //! of every shape, crashes with torn writes, pauses, loss, delay, reordering and duplication),
@@ -37,6 +39,7 @@ use crate::kv_node::{RaftNode, TICK};
 use crate::raft_node::{
     check_applied_agree, check_log_matching, check_nothing_lost, count_applied, Server,
 };
+pub use crate::shard::run_shard;
 
 /// Servers in either workload's cluster.
 pub const SERVERS: u64 = 5;
@@ -66,6 +69,9 @@ pub enum Workload {
     Raft,
     /// The replicated KV: clerks with a put/get workload.
     Kv,
+    /// The sharded KV: a controller reconfiguring, groups migrating shards, routing clients
+    /// with a put/get workload ([`crate::shard::workload`]).
+    Shard,
 }
 
 impl Workload {
@@ -74,6 +80,7 @@ impl Workload {
         match self {
             Workload::Raft => "raft",
             Workload::Kv => "kv",
+            Workload::Shard => "shard",
         }
     }
 
@@ -82,6 +89,7 @@ impl Workload {
         match self {
             Workload::Raft => run_raft(seed, duration),
             Workload::Kv => run_kv(seed, duration),
+            Workload::Shard => run_shard(seed, duration),
         }
     }
 }
@@ -114,7 +122,7 @@ pub struct Report {
 }
 
 /// Runs `body` and turns a panic anywhere in the simulation into a failed [`Report`].
-fn catching(
+pub(crate) fn catching(
     workload: Workload,
     seed: u64,
     duration: Duration,

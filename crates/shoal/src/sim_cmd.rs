@@ -16,7 +16,7 @@ const TARGET_SIM_SECONDS_PER_WALL_SECOND: f64 = 1_000.0;
 
 /// `--duration` of the heartbeat scenario when not given.
 const HEARTBEAT_DURATION: Duration = Duration::from_secs(10);
-/// `--duration` (the nemesis phase) of the raft and kv workloads when not given: long enough
+/// `--duration` (the nemesis phase) of the raft, kv and shard workloads when not given: long enough
 /// for a handful of faults of every kind per seed, short enough that `--seeds 200` of either
 /// takes well under two minutes in a release build (docs/simulator.md has the timings).
 const WORKLOAD_DURATION: Duration = Duration::from_secs(20);
@@ -32,6 +32,10 @@ enum WorkloadArg {
     /// The replicated KV under the nemesis, clients putting and getting, Figure-3 invariants
     /// after every event and the history checked for linearizability.
     Kv,
+    /// The sharded KV under the nemesis with reconfiguration as a fault: a controller
+    /// joining, removing and moving groups, routing clients putting and getting, Figure 3 on
+    /// every group and the shard invariant after every event, the history checked.
+    Shard,
 }
 
 /// Arguments of `shoal sim`.
@@ -44,18 +48,18 @@ pub struct SimArgs {
     /// Seed of the run (the first one with --seeds): the same seed prints the same output.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// raft and kv: run this many seeds, --seed, --seed + 1, ..., and sum them up.
+    /// raft, kv and shard: run this many seeds, --seed, --seed + 1, ..., and sum them up.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
     /// Virtual time to simulate, e.g. `10s`, `500ms`, `2m` (a bare number is seconds). The
-    /// heartbeat scenario's whole run (default 10s); for raft and kv the nemesis phase, before
+    /// heartbeat scenario's whole run (default 10s); for raft, kv and shard the nemesis phase, before
     /// the heal and the final checks (default 20s).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// heartbeat: nodes in the cluster.
     #[arg(long, default_value_t = 5)]
     nodes: u32,
-    /// Trace lines to print (heartbeat: the last ones; raft and kv: of a failing seed).
+    /// Trace lines to print (heartbeat: the last ones; raft, kv and shard: of a failing seed).
     #[arg(long, default_value_t = 40)]
     tail: usize,
     /// heartbeat: print the whole trace instead of its tail.
@@ -76,7 +80,11 @@ each node's state, and the trace hash.
 --workload raft and --workload kv run the real protocol on 5 servers under the nemesis for
 --duration (partitions, crashes with torn writes, pauses, loss, delay, duplication), check
 Raft's five Figure-3 properties after every event, heal, check that a final write commits,
-and (kv) check the clients' history with `shoal check`'s versioned-KV model. Per seed one line:
+and (kv) check the clients' history with `shoal check`'s versioned-KV model. --workload shard
+runs the sharded KV (a 3-server controller store, 4 groups of 3, a controller, 3 routing
+clients) the same way, with random joins, leaves and moves as one more fault and the shard
+invariant (at most one group serves a shard; it holds every applied write) after every
+event. Per seed one line:
 the faults drawn, events, operations checked, the trace hash and the verdict. A failing seed
 prints the violation, the trace tail and the one command that replays it, and the exit code
 is 1. With --seeds N a summary follows (and a progress bar on a terminal).
@@ -86,6 +94,7 @@ The same --seed prints the same output, byte for byte.
 Examples:
   shoal sim --seed 3 --duration 20s --tail 10
   shoal sim --workload kv --seeds 200
+  shoal sim --workload shard --seeds 50
   shoal sim --workload raft --seed 17 --duration 5s";
 
 /// Arguments of `shoal bench sim`.
@@ -136,6 +145,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         WorkloadArg::Heartbeat => return run_heartbeat(args),
         WorkloadArg::Raft => Workload::Raft,
         WorkloadArg::Kv => Workload::Kv,
+        WorkloadArg::Shard => Workload::Shard,
     };
     if args.full || args.no_nemesis {
         bail!("--full and --no-nemesis are for --workload heartbeat only");
@@ -262,7 +272,9 @@ fn format_report(r: &Report, tail: usize, detailed: bool) -> String {
     };
     let ops = match r.workload {
         Workload::Raft => format!("proposed {}, committed {}", r.ops, r.committed),
-        Workload::Kv => format!("ops checked {}, puts acked {}", r.ops, r.committed),
+        Workload::Kv | Workload::Shard => {
+            format!("ops checked {}, puts acked {}", r.ops, r.committed)
+        }
     };
     let verdict = match (&r.outcome, &r.history_gave_up) {
         (Err(_), _) => "FAILED".to_string(),
@@ -309,7 +321,7 @@ fn format_report(r: &Report, tail: usize, detailed: bool) -> String {
 /// `shoal sim --workload heartbeat`: the heartbeat scenario and its trace.
 fn run_heartbeat(args: SimArgs) -> anyhow::Result<ExitCode> {
     if args.seeds != 1 {
-        bail!("--seeds is for --workload raft and kv");
+        bail!("--seeds is for --workload raft, kv and shard");
     }
     let duration = args.duration.unwrap_or(HEARTBEAT_DURATION);
     if args.nodes < 2 {

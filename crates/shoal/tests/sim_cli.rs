@@ -135,11 +135,11 @@ fn sim_summarises_every_fault_even_when_the_tail_shows_none() {
     assert!(calm.contains("faults and repairs: none"), "{calm}");
 }
 
-/// `shoal sim --workload raft|kv`: one line per seed, a summary, the replay command, and the
+/// `shoal sim --workload raft|kv|shard`: one line per seed, a summary, the replay command, and the
 /// same output byte for byte on a second run; one seed alone replays its line of a range.
 #[test]
 fn workloads_pass_and_replay_byte_for_byte() {
-    for w in ["raft", "kv"] {
+    for w in ["raft", "kv", "shard"] {
         let range = [
             "sim",
             "--workload",
@@ -190,7 +190,8 @@ fn workload_flags_are_checked() {
         .expect("runs the shoal binary");
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--seeds is for --workload raft and kv"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--seeds is for --workload raft, kv and shard"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

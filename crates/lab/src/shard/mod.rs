@@ -23,11 +23,17 @@ use crate::invariants::{Invariants, Journal};
 use crate::kv_client::SimId;
 use crate::kv_node::{KvEnvelope, RaftNode, TICK};
 
+mod client_node;
+mod controller_node;
 mod group_node;
 mod invariant;
+pub mod workload;
 
+pub use client_node::{ShardClientNode, ShardWork};
+pub use controller_node::{ControllerNode, CtlLog};
 pub use group_node::{GroupNode, SnapshotStats};
 pub use invariant::{ShardInvariant, ShardView};
+pub use workload::{run_shard, run_shard_with_stats, ShardStats};
 
 /// The message type of a shard simulation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,7 +84,7 @@ impl Directory {
         format!("g{gid}-{i}")
     }
 
-    /// Records store server `server` (Raft id) at `sim`.
+    /// Records the next store server at `sim`; its Raft id (1-based).
     pub fn add_store(&mut self, sim: SimId) -> u64 {
         self.store.push(sim);
         self.store.len() as u64
