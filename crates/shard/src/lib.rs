@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod controller;
 pub mod group;
 pub mod history;
 pub mod host;
@@ -38,6 +39,9 @@ pub mod ops;
 pub mod shard;
 
 pub use config::{diff, Config, ShardMove, CONFIG_FORMAT};
+pub use controller::{
+    Controller, ControllerConfig, ControllerError, ControllerStatus, CtlAction, CtlPhase,
+};
 pub use group::{
     ControlOutcome, GroupEntry, GroupError, GroupOutput, GroupSnapshot, Shard, ShardMachine,
     ShardState,
