@@ -495,8 +495,15 @@ impl Controller {
                     self.arm_keepalive(out);
                     self.lock_step(step, out);
                 }
+                Some(KvResult::Refused { reason }) => {
+                    self.problem(format!(
+                        "the store refused the lease ({reason}): check lease_ttl_ms against \
+                         the store's lease limits; retrying"
+                    ));
+                    self.retry_later(out);
+                }
                 other => {
-                    self.problem(format!("lease grant answered {other:?}"));
+                    self.problem(format!("lease grant answered {other:?}; retrying"));
                     self.retry_later(out);
                 }
             },
@@ -1353,6 +1360,170 @@ impl Controller {
                     self.store(put, Purpose::CasNew(record), out);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_kv::{Limits, SingleServer};
+
+    /// Carries the store traffic to a single server until none is left; returns the other
+    /// actions in order.
+    fn settle(c: &mut Controller, s: &mut SingleServer, actions: Vec<CtlAction>) -> Vec<CtlAction> {
+        let mut queue: VecDeque<CtlAction> = actions.into();
+        let mut rest = Vec::new();
+        while let Some(a) = queue.pop_front() {
+            match a {
+                CtlAction::Store { request, .. } => {
+                    let reply = s.handle(&request);
+                    queue.extend(c.on_store_reply(reply));
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn group_sends(actions: &[CtlAction]) -> Vec<(String, ControlRequest)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                CtlAction::Group {
+                    server, request, ..
+                } => Some((server.clone(), request.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn timers(actions: &[CtlAction]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                CtlAction::SetTimer { token, .. } => Some(*token),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Requests go to the believed leader, follow a NotLeader hint (a Raft id, index + 1),
+    /// rotate after a pause without one, and move on to the next server on a timeout; stale
+    /// timers do nothing.
+    #[test]
+    fn group_requests_follow_hints_rotate_and_time_out() {
+        let mut store = SingleServer::new(Limits::default());
+        let mut c = Controller::new(ControllerConfig::new(b"a".to_vec(), 1, vec![1], 4)).unwrap();
+        let a = c.start();
+        settle(&mut c, &mut store, a);
+        assert_eq!(c.status().phase, CtlPhase::Idle);
+        assert_eq!(c.status().latest, Some(0));
+
+        let names: Vec<String> = ["x1", "x2", "x3"].iter().map(|s| s.to_string()).collect();
+        let a = c.submit(5, Op::Join(BTreeMap::from([(7, names)])));
+        let a = settle(&mut c, &mut store, a);
+        let sends = group_sends(&a);
+        assert_eq!(sends.len(), 1);
+        let (server, req) = &sends[0];
+        assert_eq!(
+            (server.as_str(), &req.op, req.gid),
+            ("x1", &ControlOp::Adopted, 7)
+        );
+        let tag = req.tag;
+        let first_timeout = timers(&a)[timers(&a).len() - 1];
+
+        // A hint: straight to server 3.
+        let a = c.on_group_reply(
+            7,
+            "x1",
+            ControlReply::NotLeader {
+                tag,
+                leader: Some(3),
+            },
+        );
+        assert_eq!(group_sends(&a)[0].0, "x3");
+        // No hint: a pause, then the next server (round the list).
+        let a = c.on_group_reply(7, "x3", ControlReply::NotLeader { tag, leader: None });
+        assert!(group_sends(&a).is_empty(), "no hot loop");
+        let pause = timers(&a)[0];
+        let a = c.on_timer(pause);
+        assert_eq!(group_sends(&a)[0].0, "x1");
+        // The first send's timer is stale now.
+        assert!(c.on_timer(first_timeout).is_empty());
+        // A timeout: the next server.
+        let timeout = timers(&a)[0];
+        let a = c.on_timer(timeout);
+        assert_eq!(group_sends(&a)[0].0, "x2");
+        // A reply from the wrong group's point of view is ignored.
+        assert!(c
+            .on_group_reply(8, "x2", ControlReply::Adopted { tag, adopted: 0 })
+            .is_empty());
+
+        let a = c.on_group_reply(7, "x2", ControlReply::Adopted { tag, adopted: 0 });
+        let sends = group_sends(&a);
+        assert_eq!(
+            sends[0].0, "x2",
+            "the server that answered is the leader now"
+        );
+        let ControlOp::Adopt { config } = &sends[0].1.op else {
+            panic!("{sends:?}");
+        };
+        let config = Config::decode(config).unwrap();
+        assert_eq!((config.num, config.shards.clone()), (1, vec![7; 4]));
+        assert_eq!(c.status().phase, CtlPhase::Changing);
+
+        let a = c.on_group_reply(
+            7,
+            "x2",
+            ControlReply::Done {
+                tag: sends[0].1.tag,
+                status: ControlStatus::Applied,
+                adopted: 1,
+            },
+        );
+        let a = settle(&mut c, &mut store, a);
+        assert!(a.contains(&CtlAction::Finished {
+            ticket: 5,
+            result: Ok(1)
+        }));
+        let (bytes, _) = store.store().get(LATEST_KEY).unwrap();
+        let record = Record::decode(bytes).unwrap();
+        assert_eq!((record.config, record.complete), (config, true));
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let ok = ControllerConfig::new(b"a".to_vec(), 1, vec![1], 4);
+        assert!(Controller::new(ok.clone()).is_ok());
+        let bad = [
+            ControllerConfig {
+                name: Vec::new(),
+                ..ok.clone()
+            },
+            ControllerConfig {
+                store: Vec::new(),
+                ..ok.clone()
+            },
+            ControllerConfig {
+                shards: 0,
+                ..ok.clone()
+            },
+            ControllerConfig {
+                lease_ttl_ms: 2,
+                ..ok.clone()
+            },
+            ControllerConfig {
+                max_parallel_moves: 0,
+                ..ok.clone()
+            },
+            ControllerConfig {
+                retry_timeout: Duration::ZERO,
+                ..ok
+            },
+        ];
+        for cfg in bad {
+            assert!(Controller::new(cfg).is_err());
         }
     }
 }
