@@ -173,6 +173,8 @@ struct StoreJob {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Purpose {
     Grant,
+    /// Revoking a lease we gave up on (its outcome does not matter).
+    Revoke,
     /// A keep-alive of this lease (its outcome counts whatever the generation).
     KeepAlive(u64),
     Lock,
@@ -281,6 +283,8 @@ pub struct Controller {
     gen: u64,
     phase: Phase,
     lease: Option<u64>,
+    /// Keep-alive periods since the last confirmed keep-alive (or grant).
+    unconfirmed: u32,
     lock: Option<Lock>,
     lock_wait: u64,
     latest: Option<(Record, u64)>,
@@ -328,6 +332,7 @@ impl Controller {
             gen: 0,
             phase: Phase::Stopped,
             lease: None,
+            unconfirmed: 0,
             lock: None,
             lock_wait: 0,
             latest: None,
@@ -488,6 +493,7 @@ impl Controller {
             Purpose::Grant => match result {
                 Some(KvResult::LeaseGranted { id, .. }) => {
                     self.lease = Some(id);
+                    self.unconfirmed = 0;
                     let mut lock = Lock::with_lease(LOCK_KEY.to_vec(), self.cfg.name.clone(), id);
                     lock.set_retry(self.cfg.retry_timeout);
                     let step = lock.acquire();
@@ -511,11 +517,18 @@ impl Controller {
                 if self.lease != Some(id) {
                     return;
                 }
-                if let Some(KvResult::LeaseNotFound { .. }) = result {
-                    self.problem("the lease is gone: stopped driving, acquiring the lock again");
-                    self.relock(out);
+                match result {
+                    Some(KvResult::LeaseKept { .. }) => self.unconfirmed = 0,
+                    Some(KvResult::LeaseNotFound { .. }) => {
+                        self.problem(
+                            "the lease is gone: stopped driving, acquiring the lock again",
+                        );
+                        self.relock(out);
+                    }
+                    _ => {}
                 }
             }
+            Purpose::Revoke => {}
             Purpose::Lock => {
                 let step = match self.lock.as_mut() {
                     Some(lock) => lock.on_outcome(outcome),
@@ -654,6 +667,8 @@ impl Controller {
     /// Drops all work and starts over from granting a lease.
     fn relock(&mut self, out: &mut Vec<CtlAction>) {
         self.drop_work();
+        // The old lease's keep-alives are pointless now.
+        self.store_queue.clear();
         self.lease = None;
         self.lock = None;
         self.phase = Phase::Locking;
@@ -1222,6 +1237,26 @@ impl Controller {
                 self.clerk_actions(actions, &mut out);
             }
             KIND_KEEPALIVE if self.lease == Some(payload) => {
+                self.unconfirmed += 1;
+                if self.unconfirmed >= 3 {
+                    // No keep-alive confirmed for a whole TTL: the store may have expired the
+                    // lease and another controller may hold the lock. Stop driving now; revoke
+                    // the lease (deleting the lock key if it still lives, so that our new
+                    // lease's lock is not the old key) and acquire again.
+                    self.problem(
+                        "no keep-alive confirmed for a whole lease TTL (is the store \
+                         reachable?): stopped driving, acquiring the lock again",
+                    );
+                    self.relock(&mut out);
+                    let job = StoreJob {
+                        op: KvOp::LeaseRevoke { id: payload },
+                        purpose: Purpose::Revoke,
+                        gen: self.gen,
+                    };
+                    self.store_queue.push_front(job);
+                    self.pump_store(&mut out);
+                    return out;
+                }
                 let queued = self
                     .store_queue
                     .iter()

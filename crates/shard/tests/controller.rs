@@ -239,6 +239,10 @@ struct World {
     delivered: Vec<(usize, Gid, ControlOp)>,
     /// Requests lost to muted servers.
     lost: usize,
+    /// Controllers whose store traffic is lost (both ways).
+    store_cut: BTreeSet<usize>,
+    /// Group requests each controller sent (delivered or lost).
+    group_sends: BTreeMap<usize, usize>,
 }
 
 fn name(gid: Gid) -> String {
@@ -276,6 +280,8 @@ impl World {
             muted: BTreeSet::new(),
             delivered: Vec::new(),
             lost: 0,
+            store_cut: BTreeSet::new(),
+            group_sends: BTreeMap::new(),
         }
     }
 
@@ -356,6 +362,14 @@ impl World {
         if self.ctls[ctl].paused {
             self.ctls[ctl].held.push(msg);
             return;
+        }
+        if matches!(msg, Msg::ToStore { .. } | Msg::FromStore { .. })
+            && self.store_cut.contains(&ctl)
+        {
+            return;
+        }
+        if let Msg::ToGroup { .. } = msg {
+            *self.group_sends.entry(ctl).or_default() += 1;
         }
         match msg {
             Msg::ToStore { ctl, req } => {
@@ -794,4 +808,34 @@ fn a_silent_group_server_makes_the_change_wait_not_fail() {
         } => assert_eq!(value, b"moved"),
         other => panic!("{other:?}"),
     }
+}
+
+/// A controller cut off from its store stops driving once no keep-alive has been confirmed for
+/// a whole TTL (the store may have given its lock away), and goes back to the lock; reconnected,
+/// it acquires again and finishes the change it had installed.
+#[test]
+fn a_controller_cut_off_from_its_store_stops_driving() {
+    let mut w = World::new(&[1, 2]);
+    let a = w.controller("a");
+    w.submit(a, 1, Op::Join(servers(&[1])));
+    assert_eq!(w.finish(a, 1), Ok(1));
+    w.muted.insert(name(2));
+    w.submit(a, 2, Op::Join(servers(&[2])));
+    w.run_for(TTL_MS);
+    assert_eq!(w.ctls[a].c.status().phase, CtlPhase::Changing);
+
+    w.store_cut.insert(a);
+    w.run_for(2 * TTL_MS);
+    let s = w.ctls[a].c.status();
+    assert_eq!(s.phase, CtlPhase::Locking);
+    assert!(!s.holds_lock);
+    assert!(s.last_problem.unwrap().contains("keep-alive"));
+    let sends = w.group_sends[&a];
+    w.run_for(2 * TTL_MS);
+    assert_eq!(w.group_sends[&a], sends, "no group request after giving up");
+
+    w.store_cut.clear();
+    w.muted.clear();
+    assert_eq!(w.finish(a, 2), Ok(2));
+    w.assert_placed();
 }
