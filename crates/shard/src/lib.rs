@@ -23,9 +23,12 @@
 //! a request for a shard it does not serve, and never panic on an entry, snapshot or export
 //! (bad bytes are errors).
 //!
-//! Not built yet (planned, issue 13): the controller's store on Shoal KV, the controller's
-//! driving of migrations, the drivers running a `GroupHost` and the routing clients. See
-//! `docs/sharding.md`.
+//! **Also owns:** the shard controller ([`Controller`], module [`controller`]): the configurations in a
+//! Shoal KV store under a leased lock, the recovery of an incomplete change, the migrations
+//! driven at the groups.
+//!
+//! Not built yet (planned, issue 13): the drivers running a `GroupHost` and the controller, and
+//! the routing clients. See `docs/sharding.md`.
 
 #![warn(missing_docs)]
 
