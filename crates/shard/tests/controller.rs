@@ -465,7 +465,15 @@ impl World {
     /// Runs until `done` holds (true) or `ms` of virtual time pass (false).
     fn run_until(&mut self, ms: u64, done: impl Fn(&World) -> bool) -> bool {
         let limit = self.now + ms;
+        // Every retry waits for a timer: a long burst of messages at one instant is a hot loop.
+        let mut burst = 0;
+        let mut at = self.now;
         loop {
+            if self.now != at {
+                (at, burst) = (self.now, 0);
+            }
+            burst += 1;
+            assert!(burst < 100_000, "a hot loop at {} ms", self.now);
             if done(self) {
                 return true;
             }
@@ -574,6 +582,23 @@ fn join_moves_half_the_shards_with_data_and_leave_moves_them_back() {
     assert_eq!(record.moves.len(), SHARDS as usize / 2);
     assert!(record.moves.iter().all(|m| m.from == 1 && m.to == 2));
     w.assert_placed();
+    // At most `max_parallel_moves` (2) moves between their Freeze and their Delete at a time,
+    // and more than one at some point.
+    let mut open = BTreeSet::new();
+    let mut most = 0;
+    for (_, _, op) in &w.delivered {
+        match op {
+            ControlOp::Freeze { shard, .. } => {
+                open.insert(*shard);
+            }
+            ControlOp::Delete { shard, .. } => {
+                open.remove(shard);
+            }
+            _ => {}
+        }
+        most = most.max(open.len());
+    }
+    assert_eq!(most, 2);
     for k in &keys {
         let owner = record.config.owner(shard_of(k, SHARDS)).unwrap();
         match w.group(owner).get(k) {
@@ -838,4 +863,109 @@ fn a_controller_cut_off_from_its_store_stops_driving() {
     w.muted.clear();
     assert_eq!(w.finish(a, 2), Ok(2));
     w.assert_placed();
+}
+
+/// A controller that died between installing a record and writing it to the history: the next
+/// one writes the history entry, drives the change and marks it complete.
+#[test]
+fn a_record_missing_from_the_history_is_written_and_driven() {
+    let mut w = World::new(&[1, 2]);
+    let a = w.controller("a");
+    w.submit(a, 1, Op::Join(servers(&[1])));
+    assert_eq!(w.finish(a, 1), Ok(1));
+    w.group(1).put(&key_in(4, 0), b"x");
+    w.ctls[a].alive = false;
+
+    // What the dead controller's conditional put left: configuration 2, incomplete, no history.
+    let (old, version) = w.store.record().unwrap();
+    let next = shoal_shard::join(&old.config, &servers(&[2])).unwrap();
+    let record = Record {
+        moves: shoal_shard::diff(&old.config, &next).unwrap(),
+        config: next.clone(),
+        complete: false,
+    };
+    let send = |w: &mut World, client: u64, op: KvOp| {
+        w.store.rsm.handle_request(
+            77,
+            KvRequest {
+                client,
+                request: 1,
+                op,
+                serializable: false,
+            },
+        );
+        w.store.drive();
+        let replies = w.store.rsm.take_replies();
+        match replies.as_slice() {
+            [(77, KvReply::Done { result, .. })] => result.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let KvResult::Registered { session } = send(&mut w, 900, KvOp::Register) else {
+        panic!("no session");
+    };
+    let put = KvOp::Put {
+        key: LATEST_KEY.to_vec(),
+        value: record.encode(),
+        expected: Expected::Version(version),
+    };
+    assert!(matches!(
+        send(&mut w, session, put),
+        KvResult::Written { .. }
+    ));
+    assert_eq!(w.store.history(2), None);
+
+    let b = w.controller("b");
+    w.idle(b);
+    assert_eq!(w.store.history(2), Some(next));
+    assert_eq!(w.ctls[b].c.status().latest, Some(2));
+    w.assert_placed();
+    match w.group(2).get(&key_in(4, 0)) {
+        ShardReply::Done {
+            result: KvResult::Found { value, .. },
+            ..
+        } => assert_eq!(value, b"x"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A controller dropped right after the old owner deleted a moved shard: the next one replays
+/// the move, finds no export (the shard is gone from the old owner), learns from the new owner
+/// that it is installed there (an Install without data, answered AlreadyDone), and completes.
+#[test]
+fn a_replay_after_the_old_owner_deleted_the_shard_completes() {
+    let mut w = World::new(&[1, 2]);
+    let a = w.controller("a");
+    w.submit(a, 1, Op::Join(servers(&[1])));
+    assert_eq!(w.finish(a, 1), Ok(1));
+    for s in 0..SHARDS {
+        w.group(1).put(&key_in(s, 0), b"kept");
+    }
+    w.submit(a, 2, Op::Join(servers(&[2])));
+    assert!(w.run_until(10_000, |w| w
+        .delivered
+        .iter()
+        .any(|(_, _, op)| matches!(op, ControlOp::Delete { .. }))));
+    w.ctls[a].alive = false;
+    assert!(!w.store.record().unwrap().0.complete);
+
+    let b = w.controller("b");
+    w.idle(b);
+    assert!(
+        w.delivered.iter().any(|(c, g, op)| *c == b
+            && *g == 2
+            && matches!(op, ControlOp::Install { data, .. } if data.is_empty())),
+        "the new owner was asked"
+    );
+    w.assert_placed();
+    for s in 0..SHARDS {
+        let owner = if s < SHARDS / 2 { 1 } else { 2 };
+        match w.group(owner).get(&key_in(s, 0)) {
+            ShardReply::Done {
+                result: KvResult::Found { value, .. },
+                ..
+            } => assert_eq!(value, b"kept"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
