@@ -572,17 +572,28 @@ impl Controller {
             Purpose::Create(record) => match result {
                 Some(KvResult::Written { version }) => self.loaded(record, version, out),
                 // Someone else created it (or our put applied on an earlier send): read it.
-                _ => self.reload(out),
+                Some(KvResult::VersionMismatch) | None => self.reload(out),
+                Some(other) => {
+                    self.problem(format!("creating configuration 0 answered {other:?}"));
+                    self.retry_later(out);
+                }
             },
-            Purpose::EnsureHistory(n) => {
+            Purpose::EnsureHistory(n) => match result {
                 // Written, or already there (mismatch): configurations never change.
-                if let Some((record, _)) = &self.latest {
-                    if record.config.num == n {
-                        let record = record.clone();
-                        self.after_history(record, out);
+                Some(KvResult::Written { .. } | KvResult::VersionMismatch) => {
+                    if let Some((record, _)) = &self.latest {
+                        if record.config.num == n {
+                            let record = record.clone();
+                            self.after_history(record, out);
+                        }
                     }
                 }
-            }
+                // Maybe (the session expired: it may not have applied) or refused: again.
+                other => {
+                    self.problem(format!("writing history entry {n} answered {other:?}"));
+                    self.retry_later(out);
+                }
+            },
             Purpose::FetchConfig(k) => {
                 self.fetching.remove(&k);
                 match result {
@@ -615,7 +626,22 @@ impl Controller {
                         .insert(record.config.num, record.config.clone());
                     self.loaded(record, version, out);
                 }
-                _ => self.recheck(out),
+                Some(KvResult::VersionMismatch) | None => self.recheck(out),
+                // Refused by the store's rules (too large): nothing was written, and trying
+                // again would give the same answer.
+                Some(other) => {
+                    if let Some((ticket, _)) = self.current.take() {
+                        out.push(CtlAction::Finished {
+                            ticket,
+                            result: Err(format!(
+                                "the store refused configuration {}: {other:?}",
+                                record.config.num
+                            )),
+                        });
+                    }
+                    self.phase = Phase::Idle;
+                    self.next_ticket(out);
+                }
             },
             Purpose::CasComplete => match result {
                 Some(KvResult::Written { version }) => {
@@ -627,7 +653,11 @@ impl Controller {
                     self.phase = Phase::Idle;
                     self.next_ticket(out);
                 }
-                _ => self.recheck(out),
+                Some(KvResult::VersionMismatch) | None => self.recheck(out),
+                Some(other) => {
+                    self.problem(format!("marking the change complete answered {other:?}"));
+                    self.retry_later(out);
+                }
             },
             Purpose::Query(n) => {
                 let Some((ticket, _)) = self.current.take() else {
