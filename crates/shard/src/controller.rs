@@ -272,6 +272,9 @@ struct Call {
     servers: Vec<String>,
     purpose: CallFor,
     sends: u64,
+    /// Hints followed at once since the last pause: stale hints pointing at each other must
+    /// not make a hot loop.
+    hops: usize,
 }
 
 /// The shard controller (see the module's documentation).
@@ -1068,6 +1071,7 @@ impl Controller {
                 servers,
                 purpose,
                 sends: 0,
+                hops: 0,
             },
         );
         Some(tag)
@@ -1103,6 +1107,7 @@ impl Controller {
     fn resend_later(&mut self, tag: u64, out: &mut Vec<CtlAction>) {
         if let Some(call) = self.calls.get_mut(&tag) {
             call.sends += 1;
+            call.hops = 0;
             out.push(CtlAction::SetTimer {
                 after: self.cfg.retry_timeout,
                 token: token(KIND_CALL_RESEND, (tag << 16) | (call.sends & 0xFFFF)),
@@ -1125,7 +1130,7 @@ impl Controller {
         if call.gid != gid {
             return out;
         }
-        let (purpose, len) = (call.purpose, call.servers.len());
+        let (purpose, len, hops) = (call.purpose, call.servers.len(), call.hops);
         let pos = call.servers.iter().position(|s| s == server);
         match reply {
             ControlReply::NotLeader { leader, .. } => {
@@ -1134,9 +1139,16 @@ impl Controller {
                     .and_then(|l| l.checked_sub(1))
                     .filter(|&i| i < len && Some(i) != pos);
                 match hint {
+                    Some(i) if hops < len => {
+                        self.leaders.insert(gid, i);
+                        if let Some(call) = self.calls.get_mut(&tag) {
+                            call.hops += 1;
+                        }
+                        self.send_call(tag, &mut out);
+                    }
                     Some(i) => {
                         self.leaders.insert(gid, i);
-                        self.send_call(tag, &mut out);
+                        self.resend_later(tag, &mut out);
                     }
                     None => {
                         self.rotate(gid, len);
@@ -1519,6 +1531,31 @@ mod tests {
         // A timeout: the next server.
         let timeout = timers(&a)[0];
         let a = c.on_timer(timeout);
+        assert_eq!(group_sends(&a)[0].0, "x2");
+        // Stale hints pointing at each other: followed at once only as many times as there
+        // are servers, then after a pause.
+        let mut hinted = Vec::new();
+        for (from, to) in [("x2", 1), ("x1", 2), ("x2", 1)] {
+            let a = c.on_group_reply(
+                7,
+                from,
+                ControlReply::NotLeader {
+                    tag,
+                    leader: Some(to),
+                },
+            );
+            hinted.push(group_sends(&a).len());
+        }
+        let a = c.on_group_reply(
+            7,
+            "x1",
+            ControlReply::NotLeader {
+                tag,
+                leader: Some(2),
+            },
+        );
+        assert_eq!((hinted, group_sends(&a).len()), (vec![1, 1, 1], 0));
+        let a = c.on_timer(timers(&a)[0]);
         assert_eq!(group_sends(&a)[0].0, "x2");
         // A reply from the wrong group's point of view is ignored.
         assert!(c
