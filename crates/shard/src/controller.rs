@@ -35,7 +35,8 @@ use crate::{apply, diff, Config, Gid, Op, ShardMove, NO_GROUP};
 /// Settings of a controller.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// This controller's id as the lock's holder: unique among the controllers.
+    /// This controller's id as the lock's holder: unique among the controllers running at once
+    /// (a restarted controller may reuse its name: it re-attaches the lock to its new lease).
     pub name: Vec<u8>,
     /// The KV client id of the store clerk.
     pub client: u64,
@@ -178,6 +179,8 @@ enum Purpose {
     /// A keep-alive of this lease (its outcome counts whatever the generation).
     KeepAlive(u64),
     Lock,
+    /// Re-attaching the held lock key to our lease (see `lock_step`).
+    Attach,
     Load,
     Create(Record),
     EnsureHistory(u64),
@@ -532,6 +535,15 @@ impl Controller {
                 }
             }
             Purpose::Revoke => {}
+            Purpose::Attach => match result {
+                Some(KvResult::Written { .. }) => self.reload(out),
+                other => {
+                    self.problem(format!(
+                        "re-attaching the lock to our lease answered {other:?}: acquiring again"
+                    ));
+                    self.relock(out);
+                }
+            },
             Purpose::Lock => {
                 let step = match self.lock.as_mut() {
                     Some(lock) => lock.on_outcome(outcome),
@@ -744,7 +756,21 @@ impl Controller {
                     token: token(KIND_LOCK_WAIT, self.lock_wait),
                 });
             }
-            LockStep::Acquired => self.reload(out),
+            // The lock finds its key holding our name also when an earlier incarnation of this
+            // controller (same name, another lease) claimed it: re-attach the key to our lease
+            // at the version held, so that it cannot vanish with a lease we do not keep alive.
+            LockStep::Acquired => match (self.lock.as_ref().and_then(Lock::version), self.lease) {
+                (Some(version), Some(lease)) => {
+                    let op = KvOp::PutLease {
+                        key: LOCK_KEY.to_vec(),
+                        value: self.cfg.name.clone(),
+                        expected: Expected::Version(version),
+                        lease,
+                    };
+                    self.store(op, Purpose::Attach, out);
+                }
+                _ => self.relock(out),
+            },
             LockStep::LeaseLost => self.relock(out),
             LockStep::Released => {}
         }

@@ -969,3 +969,24 @@ fn a_replay_after_the_old_owner_deleted_the_shard_completes() {
         }
     }
 }
+
+/// A controller restarted under the same name while its first incarnation's lease still lives
+/// takes the lock over at once (the key holds its name) and re-attaches it to its new lease: when
+/// the old lease expires the lock stays, and a rival never gets it.
+#[test]
+fn a_restarted_controller_reattaches_the_lock_to_its_new_lease() {
+    let mut w = World::new(&[1]);
+    let a = w.controller("a");
+    w.idle(a);
+    w.ctls[a].alive = false;
+    let a2 = w.controller("a");
+    w.idle(a2);
+    let rival = w.controller("r");
+    w.run_for(5 * TTL_MS);
+    assert_eq!(w.store.get(LOCK_KEY).unwrap().0, b"a");
+    assert!(w.ctls[a2].c.status().holds_lock);
+    assert_eq!(w.ctls[rival].c.status().phase, CtlPhase::Locking);
+    w.submit(a2, 1, Op::Join(servers(&[1])));
+    assert_eq!(w.finish(a2, 1), Ok(1));
+    assert!(w.delivered.iter().all(|(c, _, _)| *c == a2));
+}
