@@ -75,20 +75,22 @@ impl Store {
     }
 }
 
-/// A single-node server of a group.
+/// A server of a group (node `id` of `n`).
 struct Group {
     host: GroupHost,
     disk: MemDisk,
+    /// Raft messages to send.
+    raft_out: Vec<shoal_raft::Message>,
     next_request: u64,
     /// Sessions opened, per shard (sessions are per shard).
     sessions: BTreeMap<u32, u64>,
 }
 
 impl Group {
-    fn new(gid: Gid) -> Group {
+    fn new(gid: Gid, id: u64, n: u64) -> Group {
         let mut disk = MemDisk::new();
-        let storage = DurableStorage::open(&mut disk, gid, 1, StorageConfig::default()).unwrap();
-        let raft = RaftConfig::new(NodeId(1), vec![NodeId(1)]);
+        let storage = DurableStorage::open(&mut disk, gid, id, StorageConfig::default()).unwrap();
+        let raft = RaftConfig::new(NodeId(id), (1..=n).map(NodeId).collect());
         let host = GroupHost::new(
             raft,
             storage,
@@ -101,19 +103,24 @@ impl Group {
         let mut g = Group {
             host,
             disk,
+            raft_out: Vec::new(),
             next_request: 1,
             sessions: BTreeMap::new(),
         };
-        g.host.raw_mut().campaign();
-        g.drive();
+        if n == 1 {
+            g.host.raw_mut().campaign();
+            g.drive();
+        }
         g
     }
 
     fn drive(&mut self) {
         let replica = self.host.replica_mut();
         while let Some(u) = replica.write_ready(&mut self.disk).expect("write") {
+            self.raft_out.extend(u.messages.iter().cloned());
             replica.sync(&mut self.disk).expect("sync");
             let synced = replica.on_synced(&mut self.disk, u).expect("on_synced");
+            self.raft_out.extend(synced.messages);
             if let Some(job) = synced.snapshot {
                 let prepared = job.prepare(&mut self.disk);
                 replica
@@ -182,6 +189,11 @@ impl Group {
 
 #[derive(Debug)]
 enum Msg {
+    /// Between the servers of a group.
+    Raft {
+        name: String,
+        msg: shoal_raft::Message,
+    },
     ToStore {
         ctl: usize,
         req: KvRequest,
@@ -205,12 +217,13 @@ enum Msg {
 }
 
 impl Msg {
-    fn ctl(&self) -> usize {
+    fn ctl(&self) -> Option<usize> {
         match self {
             Msg::ToStore { ctl, .. }
             | Msg::FromStore { ctl, .. }
             | Msg::ToGroup { ctl, .. }
-            | Msg::FromGroup { ctl, .. } => *ctl,
+            | Msg::FromGroup { ctl, .. } => Some(*ctl),
+            Msg::Raft { .. } => None,
         }
     }
 }
@@ -243,14 +256,34 @@ struct World {
     store_cut: BTreeSet<usize>,
     /// Group requests each controller sent (delivered or lost).
     group_sends: BTreeMap<usize, usize>,
+    /// Group servers cut off from everyone (Raft and controllers); their clocks stop.
+    isolated: BTreeSet<String>,
+    /// (controller, server) of every control request delivered.
+    to_servers: Vec<(usize, String)>,
 }
 
+/// The group with three servers; the others have one.
+const BIG: Gid = 9;
+
+/// The name of the (first) server of `gid`.
 fn name(gid: Gid) -> String {
-    format!("g{gid}")
+    server_names(gid).remove(0)
+}
+
+/// The servers of `gid`, node 1 first: `g9a`, `g9b`, `g9c` for [`BIG`], `g<gid>` otherwise.
+fn server_names(gid: Gid) -> Vec<String> {
+    if gid == BIG {
+        ["a", "b", "c"]
+            .iter()
+            .map(|n| format!("g{gid}{n}"))
+            .collect()
+    } else {
+        vec![format!("g{gid}")]
+    }
 }
 
 fn servers(gids: &[Gid]) -> BTreeMap<Gid, Vec<String>> {
-    gids.iter().map(|&g| (g, vec![name(g)])).collect()
+    gids.iter().map(|&g| (g, server_names(g))).collect()
 }
 
 /// A key of `shard`, the `i`th one.
@@ -271,7 +304,14 @@ impl World {
             store,
             groups: gids
                 .iter()
-                .map(|&g| (name(g), (g, Group::new(g))))
+                .flat_map(|&g| {
+                    let names = server_names(g);
+                    let n = names.len() as u64;
+                    names
+                        .into_iter()
+                        .zip(1..)
+                        .map(move |(name, id)| (name, (g, Group::new(g, id, n))))
+                })
                 .collect(),
             ctls: Vec::new(),
             queue: VecDeque::new(),
@@ -282,11 +322,21 @@ impl World {
             lost: 0,
             store_cut: BTreeSet::new(),
             group_sends: BTreeMap::new(),
+            isolated: BTreeSet::new(),
+            to_servers: Vec::new(),
         }
     }
 
+    /// The leading (reachable) server of `gid`.
     fn group(&mut self, gid: Gid) -> &mut Group {
-        &mut self.groups.get_mut(&name(gid)).unwrap().1
+        let leader = server_names(gid)
+            .into_iter()
+            .find(|n| {
+                !self.isolated.contains(n)
+                    && self.groups[n].1.host.raw().status().role == shoal_raft::Role::Leader
+            })
+            .expect("the group has a leader");
+        &mut self.groups.get_mut(&leader).unwrap().1
     }
 
     /// Adds a controller and starts it.
@@ -355,7 +405,12 @@ impl World {
     }
 
     fn deliver(&mut self, msg: Msg) {
-        let ctl = msg.ctl();
+        let Some(ctl) = msg.ctl() else {
+            if let Msg::Raft { name, msg } = msg {
+                self.deliver_raft(name, msg);
+            }
+            return;
+        };
         if !self.ctls[ctl].alive {
             return;
         }
@@ -372,6 +427,8 @@ impl World {
             *self.group_sends.entry(ctl).or_default() += 1;
         }
         match msg {
+            // Handled above.
+            Msg::Raft { .. } => {}
             Msg::ToStore { ctl, req } => {
                 self.store.rsm.handle_request(ctl as u64, req);
                 self.store.drive();
@@ -387,22 +444,15 @@ impl World {
                 name,
                 req,
             } => {
-                if self.muted.contains(&name) {
+                if self.muted.contains(&name) || self.isolated.contains(&name) {
                     self.lost += 1;
                     return;
                 }
                 self.delivered.push((ctl, gid, req.op.clone()));
+                self.to_servers.push((ctl, name.clone()));
                 let (_, g) = self.groups.get_mut(&name).expect("a known group server");
                 g.host.handle_control(ctl as u64, req);
-                g.drive();
-                for (to, reply) in g.host.take_control_replies() {
-                    self.queue.push_back(Msg::FromGroup {
-                        ctl: to as usize,
-                        gid,
-                        name: name.clone(),
-                        reply,
-                    });
-                }
+                self.flush_group(&name);
             }
             Msg::FromGroup {
                 ctl,
@@ -413,6 +463,35 @@ impl World {
                 let a = self.ctls[ctl].c.on_group_reply(gid, &name, reply);
                 self.act(ctl, a);
             }
+        }
+    }
+
+    fn deliver_raft(&mut self, name: String, msg: shoal_raft::Message) {
+        let from = server_names(self.groups[&name].0)[msg.from.0 as usize - 1].clone();
+        if self.isolated.contains(&name) || self.isolated.contains(&from) {
+            return;
+        }
+        self.groups.get_mut(&name).unwrap().1.host.step(msg);
+        self.flush_group(&name);
+    }
+
+    /// Drives group server `name`'s pipeline; queues its Raft messages and control replies.
+    fn flush_group(&mut self, name: &str) {
+        let (gid, g) = self.groups.get_mut(name).unwrap();
+        let gid = *gid;
+        g.drive();
+        let names = server_names(gid);
+        for msg in std::mem::take(&mut g.raft_out) {
+            let to = names[msg.to.0 as usize - 1].clone();
+            self.queue.push_back(Msg::Raft { name: to, msg });
+        }
+        for (to, reply) in g.host.take_control_replies() {
+            self.queue.push_back(Msg::FromGroup {
+                ctl: to as usize,
+                gid,
+                name: name.to_string(),
+                reply,
+            });
         }
     }
 
@@ -432,6 +511,13 @@ impl World {
             self.store.rsm.tick();
             self.store.drive();
             self.store_replies();
+            let names: Vec<String> = self.groups.keys().cloned().collect();
+            for name in names {
+                if !self.isolated.contains(&name) {
+                    self.groups.get_mut(&name).unwrap().1.host.tick();
+                    self.flush_group(&name);
+                }
+            }
             self.next_tick += self.store.tick_ms;
         }
         self.now = self.now.max(t);
@@ -517,7 +603,10 @@ impl World {
         let (record, _) = self.store.record().unwrap();
         assert!(record.complete);
         let config = record.config;
-        for (gid, g) in self.groups.values() {
+        for (name, (gid, g)) in &self.groups {
+            if self.isolated.contains(name) {
+                continue;
+            }
             let m = g.host.machine();
             if config.groups.contains_key(gid) {
                 assert_eq!(m.config(), &config, "group {gid} adopted the latest");
@@ -526,7 +615,7 @@ impl World {
                 let held = m.shard(s).map(|sh| (sh.state, sh.config));
                 if config.owner(s) == Some(*gid) {
                     assert_eq!(held.map(|h| h.0), Some(ShardState::Serving), "shard {s}");
-                    assert!(m.serves(s), "group {gid} serves shard {s}");
+                    assert!(m.serves(s), "{name} of group {gid} serves shard {s}");
                 } else {
                     assert_eq!(held, None, "group {gid} still holds shard {s}");
                 }
@@ -989,4 +1078,65 @@ fn a_restarted_controller_reattaches_the_lock_to_its_new_lease() {
     w.submit(a2, 1, Op::Join(servers(&[1])));
     assert_eq!(w.finish(a2, 1), Ok(1));
     assert!(w.delivered.iter().all(|(c, _, _)| *c == a2));
+}
+
+/// A three-server group: the controller finds its leader, and when that leader is cut off it
+/// times out, moves on to the other servers, follows their hints to the new leader and
+/// completes the change there.
+#[test]
+fn the_controller_follows_a_group_to_its_new_leader() {
+    let mut w = World::new(&[1, BIG]);
+    let first = name(BIG);
+    w.groups
+        .get_mut(&first)
+        .unwrap()
+        .1
+        .host
+        .raw_mut()
+        .campaign();
+    w.flush_group(&first);
+    w.run_until(1_000, |w| {
+        w.groups[&first].1.host.raw().status().role == shoal_raft::Role::Leader
+    });
+    let a = w.controller("a");
+    w.submit(a, 1, Op::Join(servers(&[1])));
+    assert_eq!(w.finish(a, 1), Ok(1));
+    let keys: Vec<Vec<u8>> = (0..SHARDS).map(|s| key_in(s, 0)).collect();
+    for k in &keys {
+        w.group(1).put(k, b"v");
+    }
+    w.submit(a, 2, Op::Join(servers(&[BIG])));
+    assert_eq!(w.finish(a, 2), Ok(2));
+    assert!(w
+        .to_servers
+        .iter()
+        .all(|(_, n)| !n.starts_with("g9") || *n == first));
+    w.run_for(500);
+    w.assert_placed();
+
+    // The leader is cut off; another server takes over.
+    w.isolated.insert(first.clone());
+    assert!(w.run_until(10_000, |w| server_names(BIG).iter().any(
+        |n| *n != first && w.groups[n].1.host.raw().status().role == shoal_raft::Role::Leader
+    )));
+    let before = w.to_servers.len();
+    w.submit(a, 3, Op::Leave(vec![BIG]));
+    assert_eq!(w.finish(a, 3), Ok(3));
+    let asked: BTreeSet<&String> = w.to_servers[before..]
+        .iter()
+        .map(|(_, n)| n)
+        .filter(|n| n.starts_with("g9"))
+        .collect();
+    assert!(asked.len() >= 2, "{asked:?}");
+    w.run_for(500);
+    w.assert_placed();
+    for k in &keys {
+        match w.group(1).get(k) {
+            ShardReply::Done {
+                result: KvResult::Found { value, .. },
+                ..
+            } => assert_eq!(value, b"v"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
