@@ -953,8 +953,9 @@ impl Controller {
 
     /// A group is past the configuration being driven: a later one exists. Reload.
     fn moved_past(&mut self, out: &mut Vec<CtlAction>) {
+        // Someone else installed a later configuration: re-check our lease as well.
         self.problem("a group is past the configuration being driven: reloading");
-        self.reload(out);
+        self.recheck(out);
     }
 
     // ---- moves ----

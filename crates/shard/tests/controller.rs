@@ -851,7 +851,11 @@ fn two_controllers_one_drives_and_a_stale_put_cannot_overwrite() {
     w.submit(b, 1, Op::Join(servers(&[2])));
     assert_eq!(w.finish(a, 1), Ok(1));
     w.run_for(TTL_MS * 3);
-    assert_eq!(w.ctls[b].c.status().phase, CtlPhase::Locking);
+    let s = w.ctls[b].c.status();
+    assert_eq!(
+        (s.phase, s.holds_lock, s.queued),
+        (CtlPhase::Locking, false, 1)
+    );
     assert_eq!(
         w.result(b, 1),
         None,
@@ -906,7 +910,9 @@ fn a_silent_group_server_makes_the_change_wait_not_fail() {
     assert_eq!(w.result(a, 2), None);
     let s = w.ctls[a].c.status();
     assert_eq!(s.phase, CtlPhase::Changing);
-    assert!(!s.complete);
+    assert_eq!((s.latest, s.complete), (Some(2), false));
+    // Waiting for the new group to adopt: no move started.
+    assert_eq!((s.moves_pending, s.moves_done, s.queued), (3, 0, 1));
     assert!(s.holds_lock, "the lease is kept alive meanwhile");
     assert!(w.delivered.iter().all(|(_, g, _)| *g != 2));
     // Resent every retry timeout (100 ms) or so: not given up, not a hot loop.
