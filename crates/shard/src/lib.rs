@@ -23,13 +23,17 @@
 //! a request for a shard it does not serve, and never panic on an entry, snapshot or export
 //! (bad bytes are errors).
 //!
-//! Not built yet (planned, issue 13): the controller's store on Shoal KV, the controller's
-//! driving of migrations, the drivers running a `GroupHost` and the routing clients. See
-//! `docs/sharding.md`.
+//! **Also owns:** the shard controller ([`Controller`], module [`controller`]): the configurations in a
+//! Shoal KV store under a leased lock, the recovery of an incomplete change, the migrations
+//! driven at the groups.
+//!
+//! Not built yet (planned, issue 13): the drivers running a `GroupHost` and the controller, and
+//! the routing clients. See `docs/sharding.md`.
 
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod controller;
 pub mod group;
 pub mod history;
 pub mod host;
@@ -38,6 +42,9 @@ pub mod ops;
 pub mod shard;
 
 pub use config::{diff, Config, ShardMove, CONFIG_FORMAT};
+pub use controller::{
+    Controller, ControllerConfig, ControllerError, ControllerStatus, CtlAction, CtlPhase,
+};
 pub use group::{
     ControlOutcome, GroupEntry, GroupError, GroupOutput, GroupSnapshot, Shard, ShardMachine,
     ShardState,
