@@ -23,12 +23,16 @@
 //! a request for a shard it does not serve, and never panic on an entry, snapshot or export
 //! (bad bytes are errors).
 //!
+//! And the routing client ([`ShardClerk`], module [`client`]): key → shard → owner group from
+//! a configuration cached from the controller's store, per-shard sessions, retries across
+//! migrations with the same request id, scans merged across shards.
+//!
 //! Not built yet (planned, issue 13): the controller's store on Shoal KV, the controller's
-//! driving of migrations, the drivers running a `GroupHost` and the routing clients. See
-//! `docs/sharding.md`.
+//! driving of migrations and the drivers running a `GroupHost`. See `docs/sharding.md`.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod group;
 pub mod history;
@@ -37,6 +41,7 @@ pub mod layout;
 pub mod ops;
 pub mod shard;
 
+pub use client::{ClientAction, ClientError, ShardClerk, ShardClerkConfig};
 pub use config::{diff, Config, ShardMove, CONFIG_FORMAT};
 pub use group::{
     ControlOutcome, GroupEntry, GroupError, GroupOutput, GroupSnapshot, Shard, ShardMachine,
