@@ -351,6 +351,19 @@ impl World {
     /// publish the configuration, both adopt it, the old owner freezes and exports, the new
     /// owner installs. Returns the new configuration.
     fn migrate(&mut self, shard: u32, from: Gid, to: Gid) -> Config {
+        let (next, data) = self.begin_migration(shard, from, to);
+        self.server(to).control(GroupEntry::Install {
+            shard,
+            config: next.num,
+            data,
+        });
+        next
+    }
+
+    /// The first half of [`World::migrate`]: everything up to the export; the new owner has
+    /// adopted the configuration but not installed the shard. Returns the configuration and
+    /// the exported bytes.
+    fn begin_migration(&mut self, shard: u32, from: Gid, to: Gid) -> (Config, Vec<u8>) {
         let next = move_shard(self.store.latest.as_ref().unwrap(), shard, to).unwrap();
         self.store.publish(&next);
         let num = next.num;
@@ -362,12 +375,7 @@ impl World {
         self.server(from)
             .control(GroupEntry::Freeze { shard, config: num });
         let data = self.server(from).export(shard, num);
-        self.server(to).control(GroupEntry::Install {
-            shard,
-            config: num,
-            data,
-        });
-        next
+        (next, data)
     }
 
     /// The requests sent for `shard`: (server, request).
@@ -870,4 +878,80 @@ fn stale_answers_and_foreign_timers_are_ignored() {
     // The finished operation's retry timer is void.
     assert!(c.on_timer(token).is_empty());
     assert!(!c.is_busy());
+}
+
+/// A scan routed by a stale configuration: the part of the shard that moved is answered
+/// WrongGroup by its old owner, rerouted after a refetch, and the merged result is complete.
+#[test]
+fn a_scan_reroutes_the_part_of_a_shard_that_moved() {
+    let c1 = two_groups();
+    let mut w = World::new(&c1, &[1, 2]);
+    let mut expected = Vec::new();
+    for shard in 0..SHARDS {
+        for nth in 0..2 {
+            let key = key_in(shard, nth);
+            let version = written(&w.done(put(&key, b"x")));
+            expected.push(ScanItem {
+                key,
+                value: b"x".to_vec(),
+                version,
+            });
+        }
+    }
+    expected.sort_by(|a, b| a.key.cmp(&b.key));
+    w.migrate(3, 2, 1);
+    let sent_before = w.sent.len();
+    assert_eq!(
+        w.done(KvOp::Scan {
+            start: Vec::new(),
+            end: None,
+            limit: 100
+        }),
+        KvResult::Scanned { items: expected }
+    );
+    let shard3: Vec<String> = w.sent[sent_before..]
+        .iter()
+        .filter(|(_, r)| r.shard == 3)
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert_eq!(shard3, vec!["2a".to_string(), "1a".to_string()]);
+    assert_eq!(w.clerk.config().unwrap().shards, vec![1, 1, 2, 1]);
+}
+
+/// Mid-migration: the new owner adopted the configuration but waits for the Install, so both
+/// groups answer WrongGroup and the store has nothing newer. The client pauses and retries
+/// (no outcome) and succeeds once the shard is installed.
+#[test]
+fn waits_while_its_shard_is_mid_migration() {
+    let c1 = two_groups();
+    let mut w = World::new(&c1, &[1, 2]);
+    let shard = 1;
+    let key = key_in(shard, 0);
+    let version = written(&w.done(put(&key, b"v")));
+    let (c2, data) = w.begin_migration(shard, 1, 2);
+    let actions = w.clerk.start(get(&key)).unwrap();
+    assert_eq!(w.settle(actions), None);
+    assert_eq!(w.run_timers(30), None, "nobody serves the shard yet");
+    assert_eq!(w.clerk.config(), Some(&c2));
+    let at_new_owner = w
+        .sent_for(shard)
+        .iter()
+        .filter(|(s, r)| s == "2a" && r.op == get(&key))
+        .count();
+    assert!(
+        at_new_owner >= 2,
+        "retried the new owner {at_new_owner} times"
+    );
+    w.server(2).control(GroupEntry::Install {
+        shard,
+        config: c2.num,
+        data,
+    });
+    assert_eq!(
+        w.run_timers(100),
+        Some(Outcome::Done(KvResult::Found {
+            value: b"v".to_vec(),
+            version
+        }))
+    );
 }
