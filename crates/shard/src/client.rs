@@ -358,6 +358,56 @@ impl ShardClerk {
         self.route(i)
     }
 
+    /// The connection to server `server` of the controller's store failed: the fetch waiting
+    /// on it is resent to the next store server at once (see `shoal_kv::Clerk::on_unreachable`).
+    pub fn on_store_unreachable(&mut self, server: u64) -> Vec<ClientAction> {
+        let actions = self.store.on_unreachable(server);
+        self.store_actions(actions)
+    }
+
+    /// The connection to server `server` of group `gid` failed (refused, reset, closed): every
+    /// part waiting on that server moves on now as if its retry timer fired, instead of after
+    /// the retry timeout. A request sent before the failure may still have applied: this is a
+    /// resend like any other, with the same request id, and the maybe rule counts it.
+    pub fn on_group_unreachable(&mut self, gid: Gid, server: &str) -> Vec<ClientAction> {
+        let current = self.config.as_ref().and_then(|c| {
+            let servers = c.groups.get(&gid)?;
+            let i = self.leaders.get(&gid).copied().unwrap_or(0) % servers.len().max(1);
+            servers.get(i)
+        });
+        if current.map(String::as_str) != Some(server) {
+            return Vec::new(); // not the server anything waits on
+        }
+        let tokens: Vec<u64> = self
+            .pending
+            .as_ref()
+            .and_then(|p| p.parts.as_ref())
+            .map(|parts| {
+                parts
+                    .iter()
+                    .filter(|p| p.gid == gid)
+                    .filter_map(|p| match p.state {
+                        PartState::Sent { token } => Some(token),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for (n, token) in tokens.into_iter().enumerate() {
+            if n > 0 {
+                // The first part's timeout already moved the group's guess to the next
+                // server; the others follow it there without rotating again.
+                if let Some(i) = self.find_part(|s| s == PartState::Sent { token }) {
+                    out.extend(self.route(i));
+                }
+                continue;
+            }
+            out.extend(self.on_timer(token));
+        }
+        out
+    }
+
     fn group_size(&self, gid: Gid) -> usize {
         self.config
             .as_ref()
@@ -470,7 +520,10 @@ impl ShardClerk {
         // or no group has joined. Pause, then send again by the cached configuration.
         let token = self.new_token();
         let after = self.refresh_backoff;
-        self.refresh_backoff = (self.refresh_backoff * 2).min(self.cfg.max_backoff);
+        self.refresh_backoff = self
+            .refresh_backoff
+            .saturating_mul(2)
+            .min(self.cfg.max_backoff);
         self.refresh = Refresh::Backoff { token };
         vec![ClientAction::SetTimer { after, token }]
     }
@@ -637,7 +690,7 @@ impl ShardClerk {
         };
         part.tried_in_round = 0;
         let after = part.backoff;
-        part.backoff = (part.backoff * 2).min(max);
+        part.backoff = part.backoff.saturating_mul(2).min(max);
         part.state = PartState::Backoff { token };
         vec![ClientAction::SetTimer { after, token }]
     }

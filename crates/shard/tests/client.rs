@@ -955,3 +955,34 @@ fn waits_while_its_shard_is_mid_migration() {
         }))
     );
 }
+
+/// A failed connection to the server a request waits on resends it to the next server at
+/// once (same request id); another server's failure changes nothing.
+#[test]
+fn a_lost_connection_moves_on_at_once() {
+    let (mut c, mut store) = hand_world();
+    let a = c.start(get(b"k")).unwrap();
+    let a = through_store(&mut c, &mut store, a);
+    let (server, req) = group_send(&a);
+    assert_eq!(server, "1a");
+    let old_timer = own_timer(&a);
+    assert!(c.on_group_unreachable(1, "1c").is_empty());
+    assert!(c.on_group_unreachable(2, "1a").is_empty());
+    let a = c.on_group_unreachable(1, "1a");
+    let (server, again) = group_send(&a);
+    assert_eq!(server, "1b");
+    assert_eq!((again.client, again.request), (req.client, req.request));
+    assert!(
+        c.on_timer(old_timer).is_empty(),
+        "the failed send's timer is void"
+    );
+    let a = c.on_group_reply(done(&again, KvResult::NoKey));
+    assert_eq!(
+        a,
+        vec![ClientAction::Finished(Outcome::Done(KvResult::NoKey))]
+    );
+    assert!(
+        c.on_group_unreachable(1, "1b").is_empty(),
+        "idle: nothing to do"
+    );
+}
