@@ -25,13 +25,16 @@
 //!
 //! **Also owns:** the shard controller ([`Controller`], module [`controller`]): the configurations in a
 //! Shoal KV store under a leased lock, the recovery of an incomplete change, the migrations
-//! driven at the groups.
+//! driven at the groups. And the routing client ([`ShardClerk`], module [`client`]): key → shard
+//! → owner group from a configuration cached from the controller's store, per-shard sessions,
+//! retries across migrations with the same request id, scans merged across shards.
 //!
-//! Not built yet (planned, issue 13): the drivers running a `GroupHost` and the controller, and
-//! the routing clients. See `docs/sharding.md`.
+//! The simulator drives all of them (crate `shoal-lab`, `shoal sim --workload shard`); the tokio
+//! drivers, processes and CLI are issue 14. See `docs/sharding.md`.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod controller;
 pub mod group;
@@ -41,6 +44,7 @@ pub mod layout;
 pub mod ops;
 pub mod shard;
 
+pub use client::{ClientAction, ClientError, ShardClerk, ShardClerkConfig};
 pub use config::{diff, Config, ShardMove, CONFIG_FORMAT};
 pub use controller::{
     Controller, ControllerConfig, ControllerError, ControllerStatus, CtlAction, CtlPhase,
