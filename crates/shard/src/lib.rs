@@ -23,13 +23,20 @@
 //! a request for a shard it does not serve, and never panic on an entry, snapshot or export
 //! (bad bytes are errors).
 //!
-//! Not built yet (planned, issue 13): the controller's store on Shoal KV, the controller's
-//! driving of migrations, the drivers running a `GroupHost` and the routing clients. See
-//! `docs/sharding.md`.
+//! **Also owns:** the shard controller ([`Controller`], module [`controller`]): the configurations in a
+//! Shoal KV store under a leased lock, the recovery of an incomplete change, the migrations
+//! driven at the groups. And the routing client ([`ShardClerk`], module [`client`]): key → shard
+//! → owner group from a configuration cached from the controller's store, per-shard sessions,
+//! retries across migrations with the same request id, scans merged across shards.
+//!
+//! The simulator drives all of them (crate `shoal-lab`, `shoal sim --workload shard`); the tokio
+//! drivers, processes and CLI are issue 14. See `docs/sharding.md`.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
+pub mod controller;
 pub mod group;
 pub mod history;
 pub mod host;
@@ -37,7 +44,11 @@ pub mod layout;
 pub mod ops;
 pub mod shard;
 
+pub use client::{ClientAction, ClientError, ShardClerk, ShardClerkConfig};
 pub use config::{diff, Config, ShardMove, CONFIG_FORMAT};
+pub use controller::{
+    Controller, ControllerConfig, ControllerError, ControllerStatus, CtlAction, CtlPhase,
+};
 pub use group::{
     ControlOutcome, GroupEntry, GroupError, GroupOutput, GroupSnapshot, Shard, ShardMachine,
     ShardState,

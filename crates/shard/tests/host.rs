@@ -423,3 +423,235 @@ fn a_read_whose_shard_left_meanwhile_is_wrong_group() {
         )]
     );
 }
+
+/// The controller's wire requests (`handle_control`): a whole migration through them, with the
+/// group's adopted number in every answer; another gid, bad configuration bytes and a
+/// follower are answered without touching anything.
+#[test]
+fn control_requests_over_the_wire_carry_a_whole_migration() {
+    use shoal_wire::shard::{ControlOp, ControlReply, ControlRequest, ControlStatus};
+    fn ask(s: &mut Server, gid: Gid, op: ControlOp) -> ControlReply {
+        let tag = s.next_tag;
+        s.next_tag += 1;
+        s.host.handle_control(3, ControlRequest { tag, gid, op });
+        s.drive();
+        let mut replies = s.host.take_control_replies();
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        let (to, reply) = replies.pop().unwrap();
+        assert_eq!((to, reply.tag()), (3, tag));
+        assert!(
+            s.host.take_control_results().is_empty(),
+            "routed to the wire"
+        );
+        reply
+    }
+    let (c1, c2) = configs();
+    let mut a = Server::new(1).elect();
+    let mut b = Server::new(2).elect();
+    let adopted = |r: ControlReply| match r {
+        ControlReply::Done {
+            status: ControlStatus::Applied,
+            adopted,
+            ..
+        } => adopted,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        ask(&mut a, 1, ControlOp::Adopted),
+        ControlReply::Adopted { tag: 1, adopted: 0 }
+    );
+    assert_eq!(
+        adopted(ask(
+            &mut a,
+            1,
+            ControlOp::Adopt {
+                config: c1.encode()
+            }
+        )),
+        1
+    );
+    let key = key_in(2);
+    let KvResult::Registered { session } = a.done(100, 1, 2, KvOp::Register) else {
+        panic!("no session");
+    };
+    assert!(matches!(
+        a.done(session, 1, 2, put(&key, b"moved")),
+        KvResult::Written { .. }
+    ));
+    // Another group's request, and bytes that are no configuration: refused, nothing logged.
+    let before = a.last_index();
+    let wrong = ask(
+        &mut a,
+        2,
+        ControlOp::Freeze {
+            shard: 2,
+            config: 2,
+        },
+    );
+    assert!(
+        matches!(wrong, ControlReply::WrongGid { gid: 1, .. }),
+        "{wrong:?}"
+    );
+    assert!(matches!(
+        ask(
+            &mut a,
+            1,
+            ControlOp::Adopt {
+                config: vec![1, 2, 3]
+            }
+        ),
+        ControlReply::Invalid { .. }
+    ));
+    assert_eq!(a.last_index(), before);
+
+    for s in [&mut a, &mut b] {
+        let gid = s.host.machine().gid();
+        if gid == 2 {
+            assert_eq!(
+                adopted(ask(
+                    s,
+                    2,
+                    ControlOp::Adopt {
+                        config: c1.encode()
+                    }
+                )),
+                1
+            );
+        }
+        assert_eq!(
+            adopted(ask(
+                s,
+                gid,
+                ControlOp::Adopt {
+                    config: c2.encode()
+                }
+            )),
+            2
+        );
+    }
+    // The same step again is a no-op.
+    assert!(matches!(
+        ask(
+            &mut a,
+            1,
+            ControlOp::Adopt {
+                config: c2.encode()
+            }
+        ),
+        ControlReply::Done {
+            status: ControlStatus::AlreadyDone,
+            adopted: 2,
+            ..
+        }
+    ));
+    assert!(
+        matches!(
+            ask(
+                &mut a,
+                1,
+                ControlOp::Export {
+                    shard: 2,
+                    config: 2
+                }
+            ),
+            ControlReply::Exported { data: None, .. }
+        ),
+        "nothing to export before the freeze"
+    );
+    assert_eq!(
+        adopted(ask(
+            &mut a,
+            1,
+            ControlOp::Freeze {
+                shard: 2,
+                config: 2
+            }
+        )),
+        2
+    );
+    let ControlReply::Exported {
+        data: Some(data), ..
+    } = ask(
+        &mut a,
+        1,
+        ControlOp::Export {
+            shard: 2,
+            config: 2,
+        },
+    )
+    else {
+        panic!("no export");
+    };
+    assert_eq!(
+        adopted(ask(
+            &mut b,
+            2,
+            ControlOp::Install {
+                shard: 2,
+                config: 2,
+                data
+            }
+        )),
+        2
+    );
+    assert_eq!(
+        adopted(ask(
+            &mut a,
+            1,
+            ControlOp::Delete {
+                shard: 2,
+                config: 2
+            }
+        )),
+        2
+    );
+    assert!(matches!(
+        b.done(5, 1, 2, get(&key)),
+        KvResult::Found { value, .. } if value == b"moved"
+    ));
+    // An older step now is stale.
+    assert!(matches!(
+        ask(
+            &mut a,
+            1,
+            ControlOp::Freeze {
+                shard: 2,
+                config: 1
+            }
+        ),
+        ControlReply::Done {
+            status: ControlStatus::Stale { .. },
+            ..
+        }
+    ));
+}
+
+/// A follower answers the controller `NotLeader` with its hint and proposes nothing.
+#[test]
+fn a_follower_answers_control_requests_not_leader() {
+    use shoal_wire::shard::{ControlOp, ControlReply, ControlRequest};
+    let mut s = Server::new(1); // never campaigned: a follower
+    s.host.handle_control(
+        9,
+        ControlRequest {
+            tag: 5,
+            gid: 1,
+            op: ControlOp::Freeze {
+                shard: 0,
+                config: 1,
+            },
+        },
+    );
+    s.drive();
+    assert_eq!(
+        s.host.take_control_replies(),
+        vec![(
+            9,
+            ControlReply::NotLeader {
+                tag: 5,
+                leader: None
+            }
+        )]
+    );
+    assert_eq!(s.last_index(), 0);
+}
