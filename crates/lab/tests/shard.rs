@@ -45,6 +45,24 @@ fn the_sharded_kv_survives_the_nemesis_and_reconfiguration() {
     if seen.len() >= 10 {
         assert!(sum(|s| s.snapshots_taken) > 0, "no snapshots");
         assert!(sum(|s| s.snapshots_installed) > 0, "no snapshot installs");
+        // The faults aimed at the migration's windows and the move right after a write
+        // happened (each of them on some seeds).
+        assert!(
+            sum(|s| s.aimed_old_owner) > 0,
+            "no old owner's leader crashed mid-move"
+        );
+        assert!(
+            sum(|s| s.aimed_new_owner) > 0,
+            "no new owner's leader crashed mid-install"
+        );
+        assert!(
+            sum(|s| s.aimed_controller) > 0,
+            "no controller crashed mid-change"
+        );
+        assert!(
+            sum(|s| s.moves_after_write) > 0,
+            "no shard moved right after a write"
+        );
     }
 }
 

@@ -7,7 +7,11 @@
 //! while the controller is idle, a random Join, Leave or Move drawn from the controller's
 //! latest configuration. The nemesis crashes, restarts, pauses and partitions the store
 //! servers, the group servers and the controller (at most 3 of them down at once) and changes
-//! the network (loss, delay, reordering, duplication). After every event: Figure 3 on the
+//! the network (loss, delay, reordering, duplication). On top of it, faults **aimed at the
+//! migration's windows** ([`ShardRun::aim`]): the old owner's leader crashed between a
+//! shard's freeze and its delete, the new owner's leader crashed while the install is due, the
+//! controller crashed in the middle of a change; and CockroachDB's trick, a shard moved right
+//! after a client's newest write to it ([`ShardRun::move_after_write`]). After every event: Figure 3 on the
 //! store and on every group, and the shard invariant ([`super::ShardInvariant`]). At the end:
 //! heal; the controller finishes its change; every client finishes; each shard is served by
 //! exactly the group the latest configuration names; a fresh client's put and get succeed;
@@ -19,13 +23,14 @@ use std::time::Duration;
 
 use shoal_check::Budget;
 use shoal_kv::Outcome;
-use shoal_shard::{Gid, Op};
+use shoal_raft::Role;
+use shoal_shard::{shard_of, Gid, Op, ShardState};
 use shoal_sim::rand::seq::SliceRandom;
 use shoal_sim::rand::{Rng, SeedableRng};
 use shoal_sim::{ChaCha8Rng, Failure, NemesisConfig, Sim};
 use shoal_wire::kv::{Expected, KvOp, KvResult};
 
-use super::{ControllerNode, CtlLog, ShardClientNode, ShardWork, World, WorldSpec, SM};
+use super::{ControllerNode, CtlLog, GroupNode, ShardClientNode, ShardWork, World, WorldSpec, SM};
 use crate::kv_client::{check_kv_history, SimId};
 use crate::workload::{catching, Report, Workload, KV_CHECK_STEPS, SETTLE_LIMIT};
 
@@ -44,8 +49,32 @@ pub const SHARD_MAX_DOWN: usize = 3;
 const RECONFIG_PAUSE_MS: std::ops::Range<u64> = 300..1_500;
 /// How often the run looks at the controller.
 const STEP: Duration = Duration::from_millis(100);
+/// How often the nemesis phase looks for a migration window to aim at (a freeze-to-delete
+/// window on a healthy network lasts a few tens of milliseconds).
+const AIM_STEP: Duration = Duration::from_millis(5);
 /// The run's own random stream (reconfigurations), apart from the simulation's.
 const RECONFIG_STREAM: u64 = 0x5ead_c0f1;
+/// Chance, per look while a migration window is open, of an aimed crash.
+const AIM_CHANCE: f64 = 0.02;
+/// Chance, per look while the controller drives a change, of crashing it.
+const AIM_CONTROLLER_CHANCE: f64 = 0.002;
+/// How long an aimed victim stays down, in ms.
+const AIM_DOWN_MS: std::ops::Range<u64> = 50..1_500;
+/// Chance that a client's newest acknowledged write is followed at once by a Move of its
+/// shard (when the controller is idle).
+const MOVE_AFTER_WRITE_CHANCE: f64 = 0.3;
+
+/// Which migration window an aimed crash hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Aim {
+    /// The old owner's leader, a shard frozen there (between freeze and delete).
+    OldOwnerLeader,
+    /// The new owner's leader, a shard frozen at its old owner and not yet served here
+    /// (the install due).
+    NewOwnerLeader,
+    /// The controller, mid-change.
+    Controller,
+}
 
 struct ShardRun {
     w: World,
@@ -55,6 +84,19 @@ struct ShardRun {
     rng: ChaCha8Rng,
     next_ticket: u64,
     gave_up: Option<String>,
+    /// The aimed crash's victim still down, and when it restarts (ns).
+    victim: Option<(SimId, u64)>,
+    /// Per client: how many of its results were looked at for a move-after-write.
+    seen_results: Vec<usize>,
+    aimed: AimStats,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct AimStats {
+    old_owner: u64,
+    new_owner: u64,
+    controller: u64,
+    moves_after_write: u64,
 }
 
 /// What a shard run did besides the clients' work (for tests that assert the run exercised
@@ -73,6 +115,14 @@ pub struct ShardStats {
     pub snapshots_installed: u64,
     /// Times the shard invariant's ghosts moved.
     pub ghost_updates: u64,
+    /// Aimed crashes of an old owner's leader between a shard's freeze and its delete.
+    pub aimed_old_owner: u64,
+    /// Aimed crashes of a new owner's leader while a shard's install was due.
+    pub aimed_new_owner: u64,
+    /// Aimed crashes of the controller in the middle of a change.
+    pub aimed_controller: u64,
+    /// Moves submitted right after a client's write to the moved shard was acknowledged.
+    pub moves_after_write: u64,
 }
 
 /// The shard workload for `seed`: see the module's documentation.
@@ -105,6 +155,9 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
             rng: ChaCha8Rng::seed_from_u64(seed ^ RECONFIG_STREAM),
             next_ticket: 1,
             gave_up: None,
+            victim: None,
+            seen_results: Vec::new(),
+            aimed: AimStats::default(),
         };
         let outcome = run.body(duration);
         *stats.borrow_mut() = run.stats();
@@ -146,6 +199,10 @@ impl ShardRun {
             snapshots_taken: self.w.snapshots.taken.get(),
             snapshots_installed: self.w.snapshots.installed.get(),
             ghost_updates: self.w.checks.shards.updates(),
+            aimed_old_owner: self.aimed.old_owner,
+            aimed_new_owner: self.aimed.new_owner,
+            aimed_controller: self.aimed.controller,
+            moves_after_write: self.aimed.moves_after_write,
         }
     }
 
@@ -160,6 +217,7 @@ impl ShardRun {
             })
             .collect();
         self.clients.extend(&ids);
+        self.seen_results.resize(self.clients.len(), 0);
         ids
     }
 
@@ -214,12 +272,168 @@ impl ShardRun {
         let Some(op) = self.random_op() else {
             return false;
         };
+        self.submit(op)
+    }
+
+    /// Submits `op` to the controller; whether it took it.
+    fn submit(&mut self, op: Op) -> bool {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.w
             .sim
             .call::<ControllerNode, _>(self.ctl, |c, ctx| c.submit(ctx, ticket, op))
             .is_ok()
+    }
+
+    /// The leader of group `gid` (the up server that believes it leads, highest term), if any.
+    fn leader_of(&self, gid: Gid) -> Option<SimId> {
+        self.w
+            .dir
+            .group(gid)
+            .iter()
+            .filter(|&&id| self.w.sim.is_up(id) && !self.w.sim.is_paused(id))
+            .filter_map(|&id| {
+                let host = self.w.sim.node::<GroupNode>(id)?.host.as_ref()?;
+                let st = host.raw().status();
+                (st.role == Role::Leader).then_some((st.term, id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    /// Nodes of the nemesis's targets down or paused now.
+    fn down_count(&self, targets: &[SimId]) -> usize {
+        targets
+            .iter()
+            .filter(|&&id| !self.w.sim.is_up(id) || self.w.sim.is_paused(id))
+            .count()
+    }
+
+    /// Faults aimed at the migration's windows, looked for every step of the nemesis phase:
+    /// restarts the last victim when its time is up; otherwise, with at most one aimed victim
+    /// down and the nemesis's bound on nodes down kept, crashes the old owner's leader of a
+    /// frozen shard (between its freeze and its delete), the new owner's leader while that
+    /// shard's install is due, or the controller while it drives a change.
+    fn aim(&mut self, targets: &[SimId]) {
+        let now = self.w.sim.now().as_nanos();
+        if let Some((id, at)) = self.victim {
+            if now < at {
+                return;
+            }
+            self.w.sim.restart(id);
+            self.victim = None;
+        }
+        if self.down_count(targets) >= SHARD_MAX_DOWN {
+            return;
+        }
+        let Some(latest) = self
+            .controller()
+            .and_then(|c| c.ctl.as_ref())
+            .and_then(|c| c.latest())
+            .map(|r| r.config.clone())
+        else {
+            return;
+        };
+        let changing = self
+            .controller()
+            .and_then(|c| c.ctl.as_ref())
+            .is_some_and(|c| c.status().phase == shoal_shard::CtlPhase::Changing);
+        let mut windows: Vec<(Aim, SimId)> = Vec::new();
+        for shard in 0..SHARD_SHARDS {
+            let owner = latest.owner(shard);
+            for &gid in &SHARD_GIDS {
+                let frozen = self
+                    .w
+                    .checks
+                    .shards
+                    .view(gid, shard)
+                    .is_some_and(|v| v.state == ShardState::Frozen);
+                if !frozen || Some(gid) == owner {
+                    continue;
+                }
+                if let Some(l) = self.leader_of(gid) {
+                    windows.push((Aim::OldOwnerLeader, l));
+                }
+                let installed = owner.is_some_and(|o| {
+                    self.w
+                        .checks
+                        .shards
+                        .view(o, shard)
+                        .is_some_and(|v| v.serves)
+                });
+                if let (Some(o), false) = (owner, installed) {
+                    if let Some(l) = self.leader_of(o) {
+                        windows.push((Aim::NewOwnerLeader, l));
+                    }
+                }
+            }
+        }
+        let aim = if !windows.is_empty() && self.rng.gen_bool(AIM_CHANCE) {
+            windows.choose(&mut self.rng).copied()
+        } else if changing && self.rng.gen_bool(AIM_CONTROLLER_CHANCE) {
+            Some((Aim::Controller, self.ctl))
+        } else {
+            None
+        };
+        let Some((aim, id)) = aim else { return };
+        match aim {
+            Aim::OldOwnerLeader => self.aimed.old_owner += 1,
+            Aim::NewOwnerLeader => self.aimed.new_owner += 1,
+            Aim::Controller => self.aimed.controller += 1,
+        }
+        self.w.sim.note(format!("aimed crash of {id}: {aim:?}"));
+        self.w.sim.crash(id);
+        let down = self.rng.gen_range(AIM_DOWN_MS) * 1_000_000;
+        self.victim = Some((id, now + down));
+    }
+
+    /// CockroachDB's trick: when a client's newest result is an acknowledged write and the
+    /// controller is idle, sometimes move that key's shard at once to another member group.
+    /// Whether it submitted a move.
+    fn move_after_write(&mut self) -> bool {
+        let mut written = None;
+        for (i, &c) in self.clients.iter().enumerate() {
+            let Some(n) = self.w.sim.node::<ShardClientNode>(c) else {
+                continue;
+            };
+            if n.results.len() > self.seen_results[i] {
+                self.seen_results[i] = n.results.len();
+                if let Some((KvOp::Put { key, .. }, Outcome::Done(KvResult::Written { .. }))) =
+                    n.results.last()
+                {
+                    written = Some(key.clone());
+                }
+            }
+        }
+        let Some(key) = written else { return false };
+        if !self.rng.gen_bool(MOVE_AFTER_WRITE_CHANCE)
+            || !self.controller().is_some_and(ControllerNode::is_idle)
+        {
+            return false;
+        }
+        let Some(latest) = self
+            .controller()
+            .and_then(|c| c.ctl.as_ref())
+            .and_then(|c| c.latest())
+            .map(|r| r.config.clone())
+        else {
+            return false;
+        };
+        let shard = shard_of(&key, SHARD_SHARDS);
+        let others: Vec<Gid> = latest
+            .groups
+            .keys()
+            .copied()
+            .filter(|&g| Some(g) != latest.owner(shard))
+            .collect();
+        let Some(&gid) = others.choose(&mut self.rng) else {
+            return false;
+        };
+        let moved = self.submit(Op::Move { shard, gid });
+        if moved {
+            self.aimed.moves_after_write += 1;
+        }
+        moved
     }
 
     fn check_violations(&self) -> Result<(), Failure> {
@@ -247,20 +461,24 @@ impl ShardRun {
         let mut targets = self.w.dir.store_sims().to_vec();
         targets.extend(self.w.dir.group_sims());
         targets.push(self.ctl);
-        let mut nemesis = NemesisConfig::new(targets);
+        let mut nemesis = NemesisConfig::new(targets.clone());
         nemesis.max_crashed = SHARD_MAX_DOWN;
         self.w.sim.start_nemesis(nemesis);
         let end = until.as_nanos();
         let mut next_op_at = 0;
         while self.w.sim.now().as_nanos() < end {
             let now = self.w.sim.now().as_nanos();
-            if now >= next_op_at && self.reconfigure() {
+            if now >= next_op_at && (self.move_after_write() || self.reconfigure()) {
                 let pause = self.rng.gen_range(RECONFIG_PAUSE_MS);
                 next_op_at = now + pause * 1_000_000;
             }
+            self.aim(&targets);
             let left = Duration::from_nanos(end - now);
-            self.w.run_checked(STEP.min(left))?;
+            self.w.run_checked(AIM_STEP.min(left))?;
             self.check_violations()?;
+        }
+        if let Some((id, _)) = self.victim.take() {
+            self.w.sim.restart(id);
         }
         self.w.sim.heal_all();
         // A controller that spent the whole run down or cut off may not even have joined the
