@@ -63,6 +63,10 @@ fn the_sharded_kv_survives_the_nemesis_and_reconfiguration() {
             sum(|s| s.moves_after_write) > 0,
             "no shard moved right after a write"
         );
+        assert!(
+            sum(|s| s.stale_replays) > 0,
+            "no control request of an older configuration was delivered again"
+        );
     }
 }
 

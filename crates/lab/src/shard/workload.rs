@@ -11,7 +11,11 @@
 //! migration's windows** ([`ShardRun::aim`]): the old owner's leader crashed between a
 //! shard's freeze and its delete, the new owner's leader crashed while the install is due, the
 //! controller crashed in the middle of a change; and CockroachDB's trick, a shard moved right
-//! after a client's newest write to it ([`ShardRun::move_after_write`]). After every event: Figure 3 on the
+//! after a client's newest write to it ([`ShardRun::move_after_write`]). And **stale control
+//! messages**: every request the controller sends a group is recorded, and now and then one of
+//! them, often from an older configuration, is delivered again by a [`Replayer`] (a delayed
+//! duplicate, or a message from a controller long dead): a message from an older
+//! configuration must change nothing. After every event: Figure 3 on the
 //! store and on every group, and the shard invariant ([`super::ShardInvariant`]). At the end:
 //! heal; the controller finishes its change; every client finishes; each shard is served by
 //! exactly the group the latest configuration names; a fresh client's put and get succeed;
@@ -27,8 +31,9 @@ use shoal_raft::Role;
 use shoal_shard::{shard_of, Gid, Op, ShardState};
 use shoal_sim::rand::seq::SliceRandom;
 use shoal_sim::rand::{Rng, SeedableRng};
-use shoal_sim::{ChaCha8Rng, Failure, NemesisConfig, Sim};
+use shoal_sim::{ChaCha8Rng, Ctx, Failure, NemesisConfig, Node, Sim};
 use shoal_wire::kv::{Expected, KvOp, KvResult};
+use shoal_wire::shard::{ControlOp, ControlRequest};
 
 use super::{ControllerNode, CtlLog, GroupNode, ShardClientNode, ShardWork, World, WorldSpec, SM};
 use crate::kv_client::{check_kv_history, SimId};
@@ -64,6 +69,33 @@ const AIM_DOWN_MS: std::ops::Range<u64> = 50..1_500;
 /// shard (when the controller is idle).
 const MOVE_AFTER_WRITE_CHANCE: f64 = 0.3;
 
+/// Chance, per look of the nemesis phase, that the replayer delivers a recorded control
+/// request again (about one every half second of virtual time).
+const REPLAY_CHANCE: f64 = 0.01;
+/// Control requests kept for replay: the most recent ones, so replays reach back several
+/// configurations.
+const REPLAY_KEEP: usize = 256;
+
+/// Delivers recorded control requests again, from its own address (a delayed duplicate or a
+/// dead controller's message). It ignores the answers but counts them.
+#[derive(Default)]
+pub struct Replayer {
+    /// Answers received.
+    pub answers: u64,
+}
+
+impl Node<SM> for Replayer {
+    fn on_start(&mut self, _ctx: &mut Ctx<'_, SM>) {}
+
+    fn on_message(&mut self, _ctx: &mut Ctx<'_, SM>, _from: SimId, msg: SM) {
+        if matches!(msg, SM::ControlReply(_)) {
+            self.answers += 1;
+        }
+    }
+
+    fn on_timer(&mut self, _ctx: &mut Ctx<'_, SM>, _token: u64) {}
+}
+
 /// Which migration window an aimed crash hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Aim {
@@ -89,6 +121,9 @@ struct ShardRun {
     /// Per client: how many of its results were looked at for a move-after-write.
     seen_results: Vec<usize>,
     aimed: AimStats,
+    replayer: SimId,
+    /// The controller's recent control requests: (group server, request).
+    recorded: Rc<RefCell<Vec<(SimId, ControlRequest)>>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -97,6 +132,8 @@ struct AimStats {
     new_owner: u64,
     controller: u64,
     moves_after_write: u64,
+    replays: u64,
+    stale_replays: u64,
 }
 
 /// What a shard run did besides the clients' work (for tests that assert the run exercised
@@ -123,6 +160,10 @@ pub struct ShardStats {
     pub aimed_controller: u64,
     /// Moves submitted right after a client's write to the moved shard was acknowledged.
     pub moves_after_write: u64,
+    /// Control requests delivered again by the replayer.
+    pub replays: u64,
+    /// Of those, the ones whose configuration is older than the latest (stale messages).
+    pub stale_replays: u64,
 }
 
 /// The shard workload for `seed`: see the module's documentation.
@@ -147,6 +188,19 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
         let ctl = w
             .sim
             .add_node(move |_| ControllerNode::new(dir.clone(), SHARD_SHARDS, l.clone()));
+        let replayer = w.sim.add_node(|_| Replayer::default());
+        let recorded: Rc<RefCell<Vec<(SimId, ControlRequest)>>> = Rc::default();
+        let rec = recorded.clone();
+        w.sim.set_message_filter(move |from, to, msg| {
+            if let (true, SM::Control(req)) = (from == ctl, msg) {
+                let mut rec = rec.borrow_mut();
+                if rec.len() == REPLAY_KEEP {
+                    rec.remove(0);
+                }
+                rec.push((to, req.clone()));
+            }
+            true
+        });
         let mut run = ShardRun {
             w,
             ctl,
@@ -158,6 +212,8 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
             victim: None,
             seen_results: Vec::new(),
             aimed: AimStats::default(),
+            replayer,
+            recorded,
         };
         let outcome = run.body(duration);
         *stats.borrow_mut() = run.stats();
@@ -203,6 +259,8 @@ impl ShardRun {
             aimed_new_owner: self.aimed.new_owner,
             aimed_controller: self.aimed.controller,
             moves_after_write: self.aimed.moves_after_write,
+            replays: self.aimed.replays,
+            stale_replays: self.aimed.stale_replays,
         }
     }
 
@@ -387,6 +445,45 @@ impl ShardRun {
         self.victim = Some((id, now + down));
     }
 
+    /// Now and then delivers a recorded control request again, from the replayer.
+    fn replay(&mut self) {
+        if !self.rng.gen_bool(REPLAY_CHANCE) {
+            return;
+        }
+        let picked = self.recorded.borrow().choose(&mut self.rng).cloned();
+        let Some((to, req)) = picked else { return };
+        let latest = self.latest_num().unwrap_or(0);
+        let num = match &req.op {
+            ControlOp::Adopt { config } => {
+                shoal_shard::Config::decode(config).map_or(latest, |c| c.num)
+            }
+            ControlOp::Freeze { config, .. }
+            | ControlOp::Export { config, .. }
+            | ControlOp::Install { config, .. }
+            | ControlOp::Delete { config, .. } => *config,
+            ControlOp::Adopted => latest,
+        };
+        self.aimed.replays += 1;
+        if num < latest {
+            self.aimed.stale_replays += 1;
+        }
+        let what = match &req.op {
+            ControlOp::Adopt { .. } => "Adopt".to_string(),
+            ControlOp::Adopted => "Adopted".to_string(),
+            ControlOp::Freeze { shard, .. } => format!("Freeze shard {shard}"),
+            ControlOp::Export { shard, .. } => format!("Export shard {shard}"),
+            ControlOp::Install { shard, .. } => format!("Install shard {shard}"),
+            ControlOp::Delete { shard, .. } => format!("Delete shard {shard}"),
+        };
+        self.w
+            .sim
+            .note(format!("replay to {to}: {what} at configuration {num}"));
+        let _ = self
+            .w
+            .sim
+            .call::<Replayer, _>(self.replayer, |_, ctx| ctx.send(to, SM::Control(req)));
+    }
+
     /// CockroachDB's trick: when a client's newest result is an acknowledged write and the
     /// controller is idle, sometimes move that key's shard at once to another member group.
     /// Whether it submitted a move.
@@ -473,6 +570,7 @@ impl ShardRun {
                 next_op_at = now + pause * 1_000_000;
             }
             self.aim(&targets);
+            self.replay();
             let left = Duration::from_nanos(end - now);
             self.w.run_checked(AIM_STEP.min(left))?;
             self.check_violations()?;
