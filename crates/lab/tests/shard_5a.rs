@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
+use shoal_check::models::{KvInput, KvOutput};
 use shoal_check::Budget;
 use shoal_kv::Outcome;
 use shoal_lab::kv_client::{check_kv_history, SimId};
@@ -768,12 +769,16 @@ fn moving_shards(c: &Config, gid: Gid, names: Vec<String>) -> BTreeSet<ShardId> 
 /// TestProgressJoin5A: 4 groups join; then a background loop joins and leaves gid 6 (200 ms
 /// apart, like the lab's) while one clerk gets keys of shards that loop never moves: at least
 /// 100 gets complete within 4 s (virtual), every one correct, and the loop completed at least
-/// one join and one leave meanwhile (so migrations did run).
+/// one join and one leave meanwhile (so migrations did run). Stronger than the lab: no single
+/// get takes as long as the clerk's retry timeout (the unmoved shards never pause).
 #[test]
 fn progress_join_gets_on_unmoved_shards_continue_during_joins_and_leaves() {
     const WINDOW: Duration = Duration::from_secs(4);
     const MIN_GETS: usize = 100;
     const MOVER: Gid = 6;
+    /// Beyond the lab: no get on an unmoved shard even waits for a resend (the clerk's retry
+    /// timeout); they take ~10 ms at most here.
+    const MAX_GET: Duration = shoal_kv::clerk::DEFAULT_RETRY_TIMEOUT;
     shoal_sim::check_seeds!(8, |seed| {
         let mut lab = lab(seed, 6)?;
         lab.join(&[2, 3, 4, 5])?;
@@ -821,6 +826,20 @@ fn progress_join_gets_on_unmoved_shards_continue_during_joins_and_leaves() {
         }
         lab.check_violations()?;
         let results = lab.results(getter);
+        // The longest a get of the loop took (finished or still out at the window's end).
+        let ops = lab
+            .w
+            .sim
+            .history::<KvInput, KvOutput>()
+            .map_err(|e| lab.fail(format!("history: {e:?}")))?;
+        let now = lab.w.sim.now();
+        let slowest = ops
+            .iter()
+            .filter(|o| o.client == getter)
+            .map(|o| o.returned_at.unwrap_or(now).as_nanos() - o.called_at.as_nanos())
+            .max()
+            .map(Duration::from_nanos)
+            .unwrap_or_default();
         lab.w.sim.crash(getter);
         for (op, outcome) in &results {
             let KvOp::Get { key } = op else { continue };
@@ -828,7 +847,7 @@ fn progress_join_gets_on_unmoved_shards_continue_during_joins_and_leaves() {
         }
         eprintln!(
             "seed {seed}: {} gets in {WINDOW:?} on {} keys outside shards {moving:?}; {joins} \
-             joins, {leaves} leaves",
+             joins, {leaves} leaves, slowest get {slowest:?}",
             results.len(),
             still.len()
         );
@@ -837,6 +856,11 @@ fn progress_join_gets_on_unmoved_shards_continue_during_joins_and_leaves() {
                 "{} gets completed in {WINDOW:?} (at least {MIN_GETS} wanted) during {joins} \
                  joins and {leaves} leaves",
                 results.len()
+            )));
+        }
+        if slowest >= MAX_GET {
+            return Err(lab.fail(format!(
+                "a get on an unmoved shard took {slowest:?} during the joins and leaves"
             )));
         }
         if let Some(t) = pending {
