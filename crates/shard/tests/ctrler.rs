@@ -9,6 +9,8 @@ use shoal_shard::{diff, Config, Error, Gid, History, Op, DEFAULT_SHARDS, NO_GROU
 
 /// The old shardctrler's `NShards`.
 const NSHARDS: u32 = 10;
+/// shardkv1's (Lab 5) and its shardcfg's `NShards`.
+const LAB5_SHARDS: u32 = 12;
 
 fn group(gid: Gid, servers: &[&str]) -> BTreeMap<Gid, Vec<String>> {
     BTreeMap::from([(gid, servers.iter().map(|s| s.to_string()).collect())])
@@ -114,6 +116,37 @@ fn basic_leave_join_keeps_servers() {
     assert_eq!(h.apply(&Op::Leave(vec![2])), Err(Error::LastGroup));
     assert_eq!(h.latest().num, 3);
     check(h.latest(), &[2]);
+}
+
+/// shardcfg/TestBasic (2025) at its own 12 shards: join 1 (servers x, y, z), join 2 (a, b, c):
+/// balanced 6/6 with the fewest moves (6, all to group 2), servers kept in order; leave 1:
+/// every shard at 2 (only group 1's moved); leaving the last group is refused (the lab's
+/// config would be left empty; ours keeps every shard owned) and writes nothing; every
+/// configuration stays queryable.
+#[test]
+fn shardcfg_basic_at_the_labs_twelve_shards() {
+    let mut h = History::new(LAB5_SHARDS).unwrap();
+    check(h.latest(), &[]);
+    let c1 = join(&mut h, group(1, &["x", "y", "z"]));
+    check(&c1, &[1]);
+    assert_eq!(c1.shards, vec![1; LAB5_SHARDS as usize]);
+    let c2 = join(&mut h, group(2, &["a", "b", "c"]));
+    check(&c2, &[1, 2]);
+    let moves = diff(&c1, &c2).unwrap();
+    assert_eq!(moves.len(), 6);
+    assert!(moves.iter().all(|m| m.from == 1 && m.to == 2));
+    assert_eq!(c2.groups[&1], vec!["x", "y", "z"]);
+    assert_eq!(c2.groups[&2], vec!["a", "b", "c"]);
+    let c3 = leave(&mut h, &[1]);
+    check(&c3, &[2]);
+    let moves = diff(&c2, &c3).unwrap();
+    assert_eq!(moves.len(), 6);
+    assert!(moves.iter().all(|m| m.from == 1 && m.to == 2));
+    assert_eq!(h.apply(&Op::Leave(vec![2])), Err(Error::LastGroup));
+    assert_eq!(h.latest(), &c3);
+    for c in [&c1, &c2, &c3] {
+        assert_eq!(h.query(c.num).unwrap(), c);
+    }
 }
 
 /// The old TestBasic "Historical queries": every configuration stays queryable, unchanged, by
@@ -377,10 +410,11 @@ fn minimal_again() {
 
 /// TestManyJoinLeave5A: 8 groups join one by one after group 1, then leave one by one; the
 /// configuration is balanced after every change, and every change moves the fewest shards
-/// (a join of the k-th group takes exactly ⌊n/k⌋ shards, a leave moves only the leaver's).
+/// (a join of the k-th group takes exactly ⌊n/k⌋ shards, a leave moves only the leaver's); at
+/// the old lab's 10 shards, Lab 5's 12 and our default 128.
 #[test]
 fn many_join_leave() {
-    for shards in [NSHARDS, DEFAULT_SHARDS] {
+    for shards in [NSHARDS, LAB5_SHARDS, DEFAULT_SHARDS] {
         let mut h = History::new(shards).unwrap();
         join(&mut h, groups(&[1]));
         let mut members = vec![1];

@@ -76,6 +76,12 @@ impl ShardClientNode {
         )
     }
 
+    /// The configuration this client last read from the controller's store (the lab's
+    /// `Query()` as a client sees it), if it has read one.
+    pub fn config(&self) -> Option<&shoal_shard::Config> {
+        self.clerk.config()
+    }
+
     fn violation(&mut self, v: String) {
         if self.violation.is_none() {
             self.violation = Some(v);

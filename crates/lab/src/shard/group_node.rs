@@ -101,6 +101,15 @@ impl GroupNode {
         self.gid
     }
 
+    /// The bytes a snapshot of this server's state machine taken now would hold (every shard
+    /// it holds, served or frozen, with its sessions, and its delete records), or `None` while
+    /// it is down. Tests bound it: a deleted shard must not stay in the state.
+    pub fn state_bytes(&self) -> Option<u64> {
+        use shoal_replica::{SnapshotData, StateMachine};
+        let host = self.host.as_ref()?;
+        Some(host.machine().snapshot().into_bytes().len() as u64)
+    }
+
     fn host(&mut self) -> &mut GroupHost {
         self.host.as_mut().expect("started")
     }
