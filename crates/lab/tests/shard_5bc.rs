@@ -826,7 +826,9 @@ fn recover_ctrler_5b() {
 /// new name) every 2 s; the run lasts 8 s rather than the lab's 2 s so that turns happen
 /// despite the 3 s lease. At most one drives: the store watch (written once, one chain) and,
 /// on the reliable network, at most one controller believing it holds the lock at any look.
-/// Afterwards the last change completes and every Get succeeds.
+/// Afterwards the last change completes and every Get succeeds; changes were made (4
+/// configurations, 2 on the unreliable network) and at least two controller incarnations held
+/// the lock.
 fn concurrent(seed: u64, net: NetConfig, reliable: bool) -> Result<(), Failure> {
     let mut lab = Lab::new(seed, &[1, 2, 3, 4, 5], net);
     lab.one_holder = reliable;
@@ -840,7 +842,9 @@ fn concurrent(seed: u64, net: NetConfig, reliable: bool) -> Result<(), Failure> 
     let mut tickets: Vec<Option<u64>> = vec![None; 4];
     let end = lab.w.sim.now() + Duration::from_secs(8);
     let mut next_crash = lab.w.sim.now() + TWO_SECONDS;
+    // (controller, crashes so far): who held the lock, per incarnation.
     let mut turns = std::collections::BTreeSet::new();
+    let mut crashes = vec![0u32; lab.ctls.len()];
     while lab.w.sim.now() < end {
         for (i, &c) in ctls.iter().enumerate() {
             let gid = 2 + i as Gid;
@@ -861,8 +865,9 @@ fn concurrent(seed: u64, net: NetConfig, reliable: bool) -> Result<(), Failure> 
             }
         }
         if let Some(h) = ctls.iter().copied().find(|&c| lab.holds_lock(c)) {
-            turns.insert(h);
+            turns.insert((h, crashes[h]));
             if lab.w.sim.now() >= next_crash {
+                crashes[h] += 1;
                 let id = lab.ctls[h].id;
                 lab.w.sim.crash(id);
                 lab.w.sim.restart(id);
@@ -886,8 +891,13 @@ fn concurrent(seed: u64, net: NetConfig, reliable: bool) -> Result<(), Failure> 
     if latest < if reliable { 4 } else { 2 } {
         return Err(lab.fail(format!("only {latest} configurations")));
     }
+    if let Some(h) = lab.driver() {
+        turns.insert((h, crashes[h]));
+    }
     if turns.len() < 2 {
-        return Err(lab.fail(format!("only controllers {turns:?} held the lock")));
+        return Err(lab.fail(format!(
+            "only {turns:?} (controller, incarnation) held the lock"
+        )));
     }
     lab.check_owners()?;
     lab.check_data()?;
