@@ -5,7 +5,10 @@
 //! alive every third of the TTL. The fence against a stale controller (one whose lease ran out
 //! unnoticed) is not the lock but the conditional put of [`LATEST_KEY`] at the version read:
 //! two controllers can never both install N+1, and a controller whose put fails reloads,
-//! re-checks its lease and only then retries the operation against the new latest.
+//! re-checks its lease and only then retries the operation against the new latest. A
+//! controller whose attempt was installed but that lost the lock before finishing it (another
+//! controller drove the change and went on) reads the history when it runs the operation
+//! again: finding its attempt there, it reports that number instead of applying it twice.
 //!
 //! The protocol, in order: grant a lease and acquire the lock; load the latest record
 //! (creating configuration 0 when the store is empty) and make sure it is in the history;
