@@ -21,9 +21,9 @@
 //! see `a_controller_back_after_its_change_was_finished_does_not_apply_it_again`).
 //!
 //! Seeds (`SHOAL_SEEDS=N` for more): 20 for TestJoinLeave5B, 16 for
-//! TestPartitionControllerJoin5C, 4 for TestRecoverCtrler5B, each concurrent variant and the
-//! unreliable partition recoveries, 3 and 2 for the reliable ones (no clerks, clerks): about
-//! 20 s for the file.
+//! TestPartitionControllerJoin5C, 8 for TestConcurrentReliable5C, 4 for TestRecoverCtrler5B,
+//! TestAcquireLockConcurrentUnreliable5C and the unreliable partition recoveries, 3 and 2 for
+//! the reliable ones (no clerks, clerks).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -56,6 +56,10 @@ const TWO_SECONDS: Duration = Duration::from_secs(2);
 const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
 /// How long "must not finish" is watched.
 const STUCK_WINDOW: Duration = Duration::from_secs(5);
+/// The controllers' lease TTL (`ControllerConfig`'s default).
+const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How long a paused lock holder stays paused: past its lease.
+const PAUSE: Duration = Duration::from_secs(4);
 /// Limit for clients and ordinary joins and leaves.
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -171,6 +175,9 @@ struct Lab {
     /// Check that at most one controller believes it holds the lock (no partitions, no
     /// unreliable network: a cut-off holder may not know yet that its lease ran out).
     one_holder: bool,
+    /// Controllers paused, or resumed less than a lease TTL ago: they may still believe they
+    /// hold the lock they lost (left out of `one_holder`).
+    stale_until: BTreeMap<usize, SimTime>,
 }
 
 impl Lab {
@@ -196,6 +203,7 @@ impl Lab {
             interrupted: Vec::new(),
             loops: 0,
             one_holder: false,
+            stale_until: BTreeMap::new(),
         }
     }
 
@@ -221,6 +229,15 @@ impl Lab {
 
     fn controller(&self, c: usize) -> Option<&ControllerNode> {
         self.w.sim.node::<ControllerNode>(self.ctls[c].id)
+    }
+
+    /// Paused, or resumed less than a lease TTL ago.
+    fn stale(&self, c: usize) -> bool {
+        self.w.sim.is_paused(self.ctls[c].id)
+            || self
+                .stale_until
+                .get(&c)
+                .is_some_and(|&t| self.w.sim.now() < t)
     }
 
     fn holds_lock(&self, c: usize) -> bool {
@@ -296,7 +313,7 @@ impl Lab {
         }
         if self.one_holder {
             let holders: Vec<usize> = (0..self.ctls.len())
-                .filter(|&c| self.holds_lock(c))
+                .filter(|&c| self.holds_lock(c) && !self.stale(c))
                 .collect();
             if holders.len() > 1 {
                 return Err(sim.failure(format!("controllers {holders:?} all hold the lock")));
@@ -822,9 +839,13 @@ fn recover_ctrler_5b() {
 
 /// TestConcurrentReliable5C / TestAcquireLockConcurrentUnreliable5C: 4 controllers at once,
 /// each looping join/leave of its own gid. Ours hold the lock until they die (the lab's take
-/// turns), so to make them take turns the holder is crashed (and restarted at once, under a
-/// new name) every 2 s; the run lasts 8 s rather than the lab's 2 s so that turns happen
-/// despite the 3 s lease. At most one drives: the store watch (written once, one chain) and,
+/// turns), so to make them take turns each lock holder, 2 s after it got the lock, is crashed
+/// (and restarted at once, under a new name) or, every other time, paused for 4 s (past its
+/// 3 s lease: it comes back believing it holds the lock, its work in flight, after another
+/// took over); the run lasts 12 s rather than the lab's 2 s so that turns happen despite the
+/// lease. (Making the put that marks a change complete unconditional is caught here: a
+/// resumed controller sets the record back, "the record went back from configuration 84 to
+/// 63", seed 5 of the reliable variant.) At most one drives: the store watch (written once, one chain) and,
 /// on the reliable network, at most one controller believing it holds the lock at any look.
 /// Afterwards the last change completes and every Get succeeds; changes were made (4
 /// configurations, 2 on the unreliable network) and at least two controller incarnations held
@@ -840,11 +861,15 @@ fn concurrent(seed: u64, net: NetConfig, reliable: bool) -> Result<(), Failure> 
     // Per controller (looping over gid 2 + its index): its ticket in flight. An operation
     // chosen from a record its own crashed put had not changed yet may be refused later.
     let mut tickets: Vec<Option<u64>> = vec![None; 4];
-    let end = lab.w.sim.now() + Duration::from_secs(8);
+    let end = lab.w.sim.now() + Duration::from_secs(12);
     let mut next_crash = lab.w.sim.now() + TWO_SECONDS;
     // (controller, crashes so far): who held the lock, per incarnation.
     let mut turns = std::collections::BTreeSet::new();
     let mut crashes = vec![0u32; lab.ctls.len()];
+    // Every other turn the holder is paused (a long GC pause) rather than crashed: it comes back
+    // believing it holds the lock, with its work in flight, after another took over.
+    let mut faults = 0;
+    let mut paused: Option<(usize, SimTime)> = None;
     while lab.w.sim.now() < end {
         for (i, &c) in ctls.iter().enumerate() {
             let gid = 2 + i as Gid;
@@ -864,15 +889,35 @@ fn concurrent(seed: u64, net: NetConfig, reliable: bool) -> Result<(), Failure> 
                 tickets[i] = lab.submit(c, op);
             }
         }
-        if let Some(h) = ctls.iter().copied().find(|&c| lab.holds_lock(c)) {
-            turns.insert((h, crashes[h]));
+        if let Some((p, at)) = paused {
+            if lab.w.sim.now() >= at {
+                lab.w.sim.resume(lab.ctls[p].id);
+                lab.stale_until.insert(p, at + LEASE_TTL);
+                paused = None;
+            }
+        }
+        let holder = ctls
+            .iter()
+            .copied()
+            .find(|&c| lab.holds_lock(c) && !lab.stale(c));
+        if let Some(h) = holder {
+            if turns.insert((h, crashes[h])) {
+                // A new holder drives for 2 s before its fault.
+                next_crash = lab.w.sim.now() + TWO_SECONDS;
+            }
             if lab.w.sim.now() >= next_crash {
-                crashes[h] += 1;
                 let id = lab.ctls[h].id;
-                lab.w.sim.crash(id);
-                lab.w.sim.restart(id);
-                // Its queued work is gone with it: submit again.
-                tickets[ctls.iter().position(|&c| c == h).expect("one of them")] = None;
+                if faults % 2 == 1 && paused.is_none() {
+                    lab.w.sim.pause(id);
+                    paused = Some((h, lab.w.sim.now() + PAUSE));
+                } else {
+                    crashes[h] += 1;
+                    lab.w.sim.crash(id);
+                    lab.w.sim.restart(id);
+                    // Its queued work is gone with it: submit again.
+                    tickets[ctls.iter().position(|&c| c == h).expect("one of them")] = None;
+                }
+                faults += 1;
                 next_crash = lab.w.sim.now() + TWO_SECONDS;
             }
         }
@@ -911,7 +956,7 @@ fn concurrent(seed: u64, net: NetConfig, reliable: bool) -> Result<(), Failure> 
 /// lock").
 #[test]
 fn concurrent_reliable_5c() {
-    shoal_sim::check_seeds!(4, |seed| concurrent(seed, NetConfig::reliable(), true));
+    shoal_sim::check_seeds!(8, |seed| concurrent(seed, NetConfig::reliable(), true));
 }
 
 /// TestAcquireLockConcurrentUnreliable5C: [`concurrent`] on the unreliable network (loss,
