@@ -5,7 +5,10 @@
 //! alive every third of the TTL. The fence against a stale controller (one whose lease ran out
 //! unnoticed) is not the lock but the conditional put of [`LATEST_KEY`] at the version read:
 //! two controllers can never both install N+1, and a controller whose put fails reloads,
-//! re-checks its lease and only then retries the operation against the new latest.
+//! re-checks its lease and only then retries the operation against the new latest. A
+//! controller whose attempt was installed but that lost the lock before finishing it (another
+//! controller drove the change and went on) reads the history when it runs the operation
+//! again: finding its attempt there, it reports that number instead of applying it twice.
 //!
 //! The protocol, in order: grant a lease and acquire the lock; load the latest record
 //! (creating configuration 0 when the store is empty) and make sure it is in the history;
@@ -188,6 +191,8 @@ enum Purpose {
     CasNew(Record),
     CasComplete,
     Query(u64),
+    /// Reading history entry N: was the current operation's attempt installed as N?
+    CheckAttempt(u64),
 }
 
 /// Internal phases (finer than [`CtlPhase`]).
@@ -674,6 +679,32 @@ impl Controller {
                     self.retry_later(out);
                 }
             },
+            Purpose::CheckAttempt(n) => {
+                match result {
+                    Some(KvResult::Found { value, .. }) => match Config::decode(&value) {
+                        Ok(c) if c.num == n => {
+                            self.configs.insert(n, c);
+                        }
+                        other => {
+                            self.problem(format!("history entry {n} holds {other:?}"));
+                            return self.retry_later(out);
+                        }
+                    },
+                    // Every number below the latest is in the history (a controller writes
+                    // the latest there before it installs the next): not ours, then.
+                    Some(KvResult::NoKey) => {
+                        if let Some((_, Job::Op { attempted, .. })) = self.current.as_mut() {
+                            *attempted = None;
+                        }
+                    }
+                    other => {
+                        self.problem(format!("reading history entry {n} answered {other:?}"));
+                        return self.retry_later(out);
+                    }
+                }
+                self.phase = Phase::Idle;
+                self.next_ticket(out);
+            }
             Purpose::Query(n) => {
                 let Some((ticket, _)) = self.current.take() else {
                     return;
@@ -1421,6 +1452,36 @@ impl Controller {
                             result: Ok(latest.config.num),
                         });
                         continue;
+                    }
+                    // Our put may have installed the attempt and we lost the lock before
+                    // finishing it (cut off): another controller drove it and went on. The
+                    // history says whether that number holds our configuration; applying the
+                    // operation again would run it twice (a second Join of a group that left
+                    // meanwhile) or report a refusal for an operation that was applied.
+                    if let Some(c) = attempted.as_ref().filter(|c| c.num < latest.config.num) {
+                        match self.configs.get(&c.num) {
+                            Some(h) if h == c => {
+                                out.push(CtlAction::Finished {
+                                    ticket,
+                                    result: Ok(c.num),
+                                });
+                                continue;
+                            }
+                            // Another controller's configuration took that number: ours was
+                            // never installed; apply the operation to the latest below.
+                            Some(_) => {}
+                            None => {
+                                let n = c.num;
+                                self.current = Some((ticket, Job::Op { op, attempted }));
+                                self.phase = Phase::Querying;
+                                self.store(
+                                    KvOp::Get { key: config_key(n) },
+                                    Purpose::CheckAttempt(n),
+                                    out,
+                                );
+                                return;
+                            }
+                        }
                     }
                     let next = match apply(&latest.config, &op) {
                         Ok(next) => next,

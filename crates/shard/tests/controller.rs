@@ -1146,3 +1146,44 @@ fn the_controller_follows_a_group_to_its_new_leader() {
         }
     }
 }
+
+/// A controller cut off after installing its change (its ticket never finished) comes back
+/// once another controller has finished that change and gone on: when it gets the lock again
+/// it must recognise its operation in the history and report it, not apply it a second time.
+/// Without the history check it joined group 2 again (configuration 4) after group 2 had left,
+/// a change nobody asked for (the simulator's partitionCtrler rounds of `shard_5bc.rs` found
+/// it).
+#[test]
+fn a_controller_back_after_its_change_was_finished_does_not_apply_it_again() {
+    let mut w = World::new(&[1, 2]);
+    let a = w.controller("a");
+    w.submit(a, 1, Op::Join(servers(&[1])));
+    assert_eq!(w.finish(a, 1), Ok(1));
+    // Group 2 silent: the join is installed as configuration 2 and waits for it.
+    w.muted.insert(name(2));
+    w.submit(a, 2, Op::Join(servers(&[2])));
+    w.run_for(TTL_MS);
+    let (record, _) = w.store.record().unwrap();
+    assert_eq!((record.config.num, record.complete), (2, false));
+    // Cut off from the store: it stops driving, its lease runs out.
+    w.store_cut.insert(a);
+    let b = w.controller("b");
+    w.muted.clear();
+    w.idle(b);
+    assert!(
+        w.store.record().unwrap().0.complete,
+        "b finished configuration 2"
+    );
+    w.submit(b, 1, Op::Leave(vec![2]));
+    assert_eq!(w.finish(b, 1), Ok(3));
+    assert_eq!(w.result(a, 2), None);
+    // b goes away; a comes back and gets the lock after b's lease.
+    w.ctls[b].alive = false;
+    w.store_cut.clear();
+    assert_eq!(w.finish(a, 2), Ok(2), "its join was configuration 2");
+    w.run_for(TTL_MS);
+    let (record, _) = w.store.record().unwrap();
+    assert_eq!(record.config.num, 3, "nothing applied again: {record:?}");
+    assert!(!record.config.groups.contains_key(&2));
+    w.assert_placed();
+}

@@ -1,7 +1,8 @@
 //! The simulated shard controller: a [`Controller`] (sans-IO) whose store requests go to the
 //! store servers and whose control requests go to the group servers named in the
 //! configurations, through the world's [`Directory`]. A crash loses it; the new incarnation
-//! (under a new lock-holder name) calls [`Controller::start`] again, which takes the lock once
+//! (under a new lock-holder name: `ctl-{node}-{incarnation}`, unique per node and
+//! incarnation) calls [`Controller::start`] again, which takes the lock once
 //! the old lease ran out and finishes any incomplete change. Operations come from the test ([`ControllerNode::submit`]);
 //! their results, over every incarnation, go to a shared [`CtlLog`].
 
@@ -101,12 +102,20 @@ impl ControllerNode {
     }
 }
 
+/// The lock-holder name of controller node `id` in its incarnation `incarnation`: unique per
+/// node and incarnation.
+fn controller_name(id: SimId, incarnation: u32) -> String {
+    format!("ctl-{}-{incarnation}", id.0)
+}
+
 impl Node<SM> for ControllerNode {
     fn on_start(&mut self, ctx: &mut Ctx<'_, SM>) {
         let me = u64::from(ctx.id().0);
-        // A name per incarnation: the new one waits for the old one's lease to run out, and a
-        // delayed request of the old one is fenced like another controller's.
-        let name = format!("ctl-{}", ctx.incarnation()).into_bytes();
+        // A name per node and incarnation: two controller nodes of one world never share a
+        // lock-holder name (both would believe they hold the lock), and a restarted one waits
+        // for its old incarnation's lease to run out, a delayed request of the old one fenced
+        // like another controller's.
+        let name = controller_name(ctx.id(), ctx.incarnation()).into_bytes();
         let cfg = ControllerConfig::new(name, me, self.dir.store_ids(), self.shards);
         match Controller::new(cfg) {
             Ok(mut ctl) => {
