@@ -7,7 +7,7 @@
 //! (`shoal_replica::Replica`, in the private `driver` module: ticker, batching of events per
 //! `Ready`, the shell's pipeline with its durability barrier, snapshot jobs on a thread of
 //! their own), on which run the generic Raft [`node`] (proposals, reads, clean shutdown) and
-//! the [`kv`] server; and the demo replicated log behind `shoal raft node`.
+//! the [`kv`] server and the [`shard`] group server; and the demo replicated log behind `shoal raft node`.
 //!
 //! **What it must never do:** contain protocol logic (a decision about terms, logs or votes
 //! belongs in the protocol crates, where the simulator can test it), send a message that
@@ -23,6 +23,7 @@ mod driver;
 pub mod kv;
 pub mod node;
 mod ready;
+pub mod shard;
 pub mod transport;
 
 pub use driver::{DEFAULT_TICK_INTERVAL, MAX_EVENTS_PER_READY};

@@ -69,6 +69,9 @@ impl Hello {
 /// What a server names itself as in a [`Refusal`] when it is a KV server.
 pub const KV_SERVICE: &str = "Shoal KV server";
 
+/// What a server names itself as in a [`Refusal`] when it is a server of a shard group.
+pub const SHARD_SERVICE: &str = "Shoal shard group server";
+
 /// Sent by a server, instead of closing silently, when it refuses a caller's [`Hello`] (another
 /// cluster id, another protocol version) or the first request after it (a service that does
 /// not speak the caller's protocol). The connection is closed after it.

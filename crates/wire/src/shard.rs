@@ -230,6 +230,28 @@ impl ControlReply {
     }
 }
 
+/// Everything a client or the shard controller sends a group server on one client connection
+/// (after a `Client` [`crate::Hello`]). Versioned by the handshake's
+/// [`crate::PROTOCOL_VERSION`]; new kinds are appended as new variants (postcard encodes the
+/// variant index), so an older server reads a newer kind as a malformed frame, which it
+/// answers with a [`crate::Refusal`] naming the problem before it closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToGroup {
+    /// A client's key/value request, answered [`FromGroup::Reply`].
+    Request(ShardRequest),
+    /// A migration step or query from the controller, answered [`FromGroup::Control`].
+    Control(ControlRequest),
+}
+
+/// Everything a group server sends back on a client connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromGroup {
+    /// The answer to a [`ToGroup::Request`].
+    Reply(ShardReply),
+    /// The answer to a [`ToGroup::Control`].
+    Control(ControlReply),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +437,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn connection_envelopes_round_trip_and_a_refusal_is_not_an_answer() {
+        let to = [
+            ToGroup::Request(ShardRequest {
+                client: 1,
+                request: 2,
+                shard: 3,
+                config: 4,
+                op: KvOp::Get { key: b"k".to_vec() },
+                serializable: false,
+            }),
+            ToGroup::Control(ControlRequest {
+                tag: 9,
+                gid: 2,
+                op: ControlOp::Install {
+                    shard: 1,
+                    config: 2,
+                    data: vec![7; 10],
+                },
+            }),
+        ];
+        for m in to {
+            let bytes = postcard::to_stdvec(&m).unwrap();
+            assert_eq!(postcard::from_bytes::<ToGroup>(&bytes).unwrap(), m);
+        }
+        let from = [
+            FromGroup::Reply(ShardReply::WrongGroup {
+                client: 1,
+                request: 2,
+                config: 3,
+            }),
+            FromGroup::Control(ControlReply::Adopted { tag: 4, adopted: 5 }),
+        ];
+        for m in from {
+            let bytes = postcard::to_stdvec(&m).unwrap();
+            assert_eq!(postcard::from_bytes::<FromGroup>(&bytes).unwrap(), m);
+        }
+        let refusal = postcard::to_stdvec(&crate::Refusal::new(1, crate::SHARD_SERVICE, "x"))
+            .unwrap();
+        assert!(postcard::from_bytes::<FromGroup>(&refusal).is_err());
+    }
+
     proptest! {
         /// Garbage decodes to an error or to some message, never a panic.
         #[test]
@@ -423,6 +487,8 @@ mod tests {
             let _ = postcard::from_bytes::<ShardReply>(&bytes);
             let _ = postcard::from_bytes::<ControlRequest>(&bytes);
             let _ = postcard::from_bytes::<ControlReply>(&bytes);
+            let _ = postcard::from_bytes::<ToGroup>(&bytes);
+            let _ = postcard::from_bytes::<FromGroup>(&bytes);
         }
     }
 }
