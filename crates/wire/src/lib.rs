@@ -32,7 +32,9 @@ pub mod shard;
 pub mod codec;
 
 pub use frame::{decode_frame, encode_frame, FrameError, FRAME_HEADER_BYTES};
-pub use handshake::{Hello, Refusal, Role, KV_SERVICE, PROTOCOL_MAGIC, SHARD_SERVICE, PROTOCOL_VERSION};
+pub use handshake::{
+    Hello, Refusal, Role, KV_SERVICE, PROTOCOL_MAGIC, PROTOCOL_VERSION, SHARD_SERVICE,
+};
 
 /// Default hard maximum of a frame's payload, in bytes (16 MiB). Every protocol may choose a
 /// smaller limit; nothing larger is ever allocated by a decoder.

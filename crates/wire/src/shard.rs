@@ -474,8 +474,8 @@ mod tests {
             let bytes = postcard::to_stdvec(&m).unwrap();
             assert_eq!(postcard::from_bytes::<FromGroup>(&bytes).unwrap(), m);
         }
-        let refusal = postcard::to_stdvec(&crate::Refusal::new(1, crate::SHARD_SERVICE, "x"))
-            .unwrap();
+        let refusal =
+            postcard::to_stdvec(&crate::Refusal::new(1, crate::SHARD_SERVICE, "x")).unwrap();
         assert!(postcard::from_bytes::<FromGroup>(&refusal).is_err());
     }
 

@@ -232,7 +232,12 @@ fn read_group_file(dir: &Path) -> Result<Option<(u64, u32)>, ShardServerError> {
 }
 
 /// Writes the group file atomically (temporary file, fsync, rename, directory fsync).
-fn write_group_file(disk: &mut StdDisk, dir: &Path, gid: u64, shards: u32) -> Result<(), ShardServerError> {
+fn write_group_file(
+    disk: &mut StdDisk,
+    dir: &Path,
+    gid: u64,
+    shards: u32,
+) -> Result<(), ShardServerError> {
     let tmp = format!("{GROUP_FILE}.tmp");
     let text = group_file_text(gid, shards);
     let result = (|| {
@@ -385,7 +390,11 @@ pub async fn run_shard_server(
         },
     });
     match &result {
-        Ok(()) => info!(gid = config.gid, node = config.id, "shard group server stopped"),
+        Ok(()) => info!(
+            gid = config.gid,
+            node = config.id,
+            "shard group server stopped"
+        ),
         Err(e) => {
             error!(gid = config.gid, node = config.id, error = %crate::ready::error_chain(e),
                 "shard group server stopped on a fatal error")
@@ -438,7 +447,11 @@ impl Service for ShardService {
                 if !self.connections.contains_key(&token) {
                     // The connection closed: nobody would read the answer.
                 } else if self.host.pending() >= MAX_PENDING_REQUESTS {
-                    debug!(token, limit = MAX_PENDING_REQUESTS, "dropping a request: too many pending");
+                    debug!(
+                        token,
+                        limit = MAX_PENDING_REQUESTS,
+                        "dropping a request: too many pending"
+                    );
                 } else {
                     self.host.handle_request(token, request);
                 }
@@ -447,7 +460,11 @@ impl Service for ShardService {
                 if !self.connections.contains_key(&token) {
                     // The connection closed.
                 } else if self.host.pending() >= MAX_PENDING_REQUESTS {
-                    debug!(token, limit = MAX_PENDING_REQUESTS, "dropping a control request: too many pending");
+                    debug!(
+                        token,
+                        limit = MAX_PENDING_REQUESTS,
+                        "dropping a control request: too many pending"
+                    );
                 } else {
                     self.note_step(token, &request);
                     self.host.handle_control(token, request);
@@ -487,7 +504,10 @@ impl ShardService {
         match tx.try_send(reply) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                debug!(token, "client reply queue full: dropping a reply (it retries)");
+                debug!(
+                    token,
+                    "client reply queue full: dropping a reply (it retries)"
+                );
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.connections.remove(&token);
@@ -552,13 +572,18 @@ impl ShardService {
             bytes,
         } = step;
         let Some(shard) = shard else {
-            if let ControlReply::Done { status, adopted, .. } = reply {
+            if let ControlReply::Done {
+                status, adopted, ..
+            } = reply
+            {
                 info!(gid = self.gid, adopted, status = ?status, "configuration adoption decided");
             }
             return;
         };
         match reply {
-            ControlReply::Done { status, adopted, .. } => {
+            ControlReply::Done {
+                status, adopted, ..
+            } => {
                 let status = match status {
                     ControlStatus::Applied => "applied".to_string(),
                     ControlStatus::AlreadyDone => "already done".to_string(),
@@ -570,10 +595,23 @@ impl ShardService {
                     "migration step");
             }
             ControlReply::Exported { data, adopted, .. } => match data {
-                Some(data) => info!(gid = self.gid, step = what, shard, config,
-                    bytes = data.len(), adopted, "migration step: shard exported"),
-                None => info!(gid = self.gid, step = what, shard, config, adopted,
-                    "migration step: shard not held frozen at that configuration"),
+                Some(data) => info!(
+                    gid = self.gid,
+                    step = what,
+                    shard,
+                    config,
+                    bytes = data.len(),
+                    adopted,
+                    "migration step: shard exported"
+                ),
+                None => info!(
+                    gid = self.gid,
+                    step = what,
+                    shard,
+                    config,
+                    adopted,
+                    "migration step: shard not held frozen at that configuration"
+                ),
             },
             other => debug!(gid = self.gid, step = what, shard, config, reply = ?other,
                 "migration step not carried out here"),
