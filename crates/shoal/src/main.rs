@@ -25,6 +25,7 @@ mod kv_lease_cmd;
 mod kv_up;
 mod mr_cmd;
 mod raft_cmd;
+mod shard_cmd;
 mod sim_cmd;
 
 /// Shoal: a distributed-systems suite — MapReduce, Raft, and fault-tolerant key/value
@@ -59,6 +60,8 @@ enum Command {
     Raft(raft_cmd::RaftCommand),
     /// The key/value database: servers, a local cluster, get/put/del/scan, a shell, a lock.
     Kv(kv_cmd::KvCommand),
+    /// The sharded key/value database: the server of one replica group (more to come).
+    Shard(shard_cmd::ShardCommand),
     /// Run a deterministic simulation: the heartbeat scenario's trace, or the Raft or KV
     /// protocol under a nemesis, checked after every event (--workload raft|kv).
     Sim(sim_cmd::SimArgs),
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Mr(cmd) => mr_cmd::run(cmd),
         Command::Raft(cmd) => raft_cmd::run(cmd),
         Command::Kv(cmd) => kv_cmd::run(cmd),
+        Command::Shard(cmd) => shard_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run(args),
         Command::Bench(BenchCommand::Check(args)) => check_cmd::bench(args),
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),
