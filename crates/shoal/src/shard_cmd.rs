@@ -29,9 +29,10 @@ enum ShardSub {
     /// new one, delete at the old one), and each server logs those steps.
     #[command(
         after_help = "Example, group 1 of three servers on one machine (one per terminal):\n  \
-        shoal shard server --gid 1 --id 1 --listen 127.0.0.1:7101 --peers 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103 --data g1n1\n  \
-        shoal shard server --gid 1 --id 2 --listen 127.0.0.1:7102 --peers 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103 --data g1n2\n  \
-        shoal shard server --gid 1 --id 3 --listen 127.0.0.1:7103 --peers 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103 --data g1n3\n\
+        P=127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103\n  \
+        shoal shard server --gid 1 --id 1 --listen 127.0.0.1:7101 --peers $P --data g1n1\n  \
+        shoal shard server --gid 1 --id 2 --listen 127.0.0.1:7102 --peers $P --data g1n2\n  \
+        shoal shard server --gid 1 --id 3 --listen 127.0.0.1:7103 --peers $P --data g1n3\n\
         Server ids are positions in --peers (1 is the first address). One address serves the \
         group's peers, clients and the controller. Restarting with the same --data resumes; a \
         data directory of another group (another --gid or --shards), server or cluster is \

@@ -80,9 +80,12 @@ impl Group {
         loop {
             for addr in &self.addrs {
                 if let Ok(reply) = call(addr, message) {
+                    // A leader just elected may not have applied the adoption yet: it
+                    // answers WrongGroup at configuration 0, and the routing client retries.
                     if !matches!(
                         reply,
                         FromGroup::Reply(ShardReply::WrongLeader { .. })
+                            | FromGroup::Reply(ShardReply::WrongGroup { config: 0, .. })
                             | FromGroup::Control(ControlReply::NotLeader { .. })
                     ) {
                         return reply;

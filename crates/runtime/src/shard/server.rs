@@ -18,7 +18,7 @@
 //!
 //! Migration steps are logged at info level by the group's leader when they are decided:
 //! freeze, export (the copy), install and delete, with the shard, the configuration and the
-//! bytes moved.
+//! bytes moved (export, install) or the keys held (freeze, delete: counting them is free).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -411,6 +411,8 @@ struct Step {
     config: u64,
     /// Bytes carried by the request (an install's export).
     bytes: Option<usize>,
+    /// Keys of the shard held here when the step was asked (a freeze's, a delete's).
+    keys: usize,
 }
 
 /// The group server as a service of the replica driver.
@@ -520,18 +522,26 @@ impl ShardService {
         if request.gid != self.gid || self.steps.len() >= MAX_LOGGED_STEPS {
             return;
         }
+        let keys = match &request.op {
+            ControlOp::Freeze { shard, .. } | ControlOp::Delete { shard, .. } => {
+                self.shard_keys(*shard)
+            }
+            _ => 0,
+        };
         let step = match &request.op {
             ControlOp::Freeze { shard, config } => Step {
                 what: "freeze",
                 shard: Some(*shard),
                 config: *config,
                 bytes: None,
+                keys,
             },
             ControlOp::Export { shard, config } => Step {
                 what: "copy (export)",
                 shard: Some(*shard),
                 config: *config,
                 bytes: None,
+                keys,
             },
             ControlOp::Install {
                 shard,
@@ -542,18 +552,21 @@ impl ShardService {
                 shard: Some(*shard),
                 config: *config,
                 bytes: Some(data.len()),
+                keys,
             },
             ControlOp::Delete { shard, config } => Step {
                 what: "delete",
                 shard: Some(*shard),
                 config: *config,
                 bytes: None,
+                keys,
             },
             ControlOp::Adopt { .. } => Step {
                 what: "adopt",
                 shard: None,
                 config: 0,
                 bytes: None,
+                keys,
             },
             ControlOp::Adopted => return,
         };
@@ -570,6 +583,7 @@ impl ShardService {
             shard,
             config,
             bytes,
+            keys,
         } = step;
         let Some(shard) = shard else {
             if let ControlReply::Done {
@@ -590,9 +604,12 @@ impl ShardService {
                     ControlStatus::Stale { seen } => format!("stale (at {seen})"),
                     ControlStatus::Refused { reason } => format!("refused: {reason}"),
                 };
-                let bytes = bytes.unwrap_or_else(|| self.shard_bytes(shard));
-                info!(gid = self.gid, step = what, shard, config, bytes, adopted, %status,
-                    "migration step");
+                match (bytes, keys) {
+                    (Some(bytes), _) => info!(gid = self.gid, step = what, shard, config, bytes,
+                        adopted, %status, "migration step"),
+                    (None, keys) => info!(gid = self.gid, step = what, shard, config, keys,
+                        adopted, %status, "migration step"),
+                }
             }
             ControlReply::Exported { data, adopted, .. } => match data {
                 Some(data) => info!(
@@ -618,12 +635,13 @@ impl ShardService {
         }
     }
 
-    /// The bytes a shard's export takes, if this server holds the shard (a freeze or delete's
-    /// log line).
-    fn shard_bytes(&self, shard: u32) -> usize {
-        let machine = self.host.machine();
-        let config = machine.config().num;
-        machine.export(shard, config).map_or(0, |d| d.len())
+    /// The keys this server holds of `shard` (a freeze or delete's log line: counting them
+    /// is free, where its bytes would take an export's serialization in the loop).
+    fn shard_keys(&self, shard: u32) -> usize {
+        self.host
+            .machine()
+            .shard(shard)
+            .map_or(0, |s| s.store.len())
     }
 
     fn accept(&mut self, conn: ClientConnection) {
