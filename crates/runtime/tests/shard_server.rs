@@ -657,3 +657,41 @@ async fn a_kv_servers_directory_is_refused() {
         files_before
     );
 }
+
+/// A damaged data directory stops the server before it serves, with an error that names the
+/// directory and (in its cause) the damaged file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_directory_stops_the_server_naming_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let g = Group::start(3, dir.path()).await;
+    let c1 = join(
+        &Config::empty(SHARDS).expect("config 0"),
+        &BTreeMap::from([(3, g.addrs())]),
+    )
+    .expect("config 1");
+    adopted_ok(
+        g.control(
+            1,
+            ControlOp::Adopt {
+                config: c1.encode(),
+            },
+        )
+        .await,
+        1,
+    );
+    let peers = g.peers.clone();
+    g.stop().await;
+    let data = dir.path().join("g3n1");
+    std::fs::write(data.join("identity"), b"not an identity").expect("damage");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let err = run_shard_server(
+        config(3, 1, &peers, dir.path()),
+        listener,
+        std::future::pending(),
+    )
+    .await
+    .expect_err("a damaged directory is refused");
+    let text = shoal_runtime::error_chain(&err);
+    assert!(text.contains(&data.display().to_string()), "{text}");
+    assert!(text.contains("identity"), "{text}");
+}
