@@ -139,7 +139,7 @@ pub enum ShardServerError {
     #[error(transparent)]
     DataDir(shoal_storage::Error),
     /// The data directory belongs to another group, or was written with another shard count.
-    #[error("{file} says {found}, but this server was started as {want}: the directory belongs to another group's server (use its own --data, or start it with the gid it was created with)")]
+    #[error("{file} says {found}, but this server was started as {want}: the directory was created for another group or shard count (give this server its own --data, or start it with the --gid and --shards the directory was created with)")]
     OtherGroup {
         /// The group file.
         file: String,
