@@ -23,6 +23,7 @@ mod driver;
 pub mod kv;
 pub mod node;
 mod ready;
+mod serving;
 pub mod shard;
 pub mod transport;
 

@@ -14,15 +14,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_raft::{Config as RaftConfig, LogIndex, NodeId, Status, Term};
+use shoal_raft::{LogIndex, NodeId, Status, Term};
 use shoal_replica::{Done, ReadFailure, Replica, ReplicaConfig, SnapshotPolicy};
-use shoal_storage::{DurableStorage, StdDisk, StorageConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, Instrument};
 
 use crate::driver::{Driver, Service};
+use crate::serving::{open_replica, OpenError, Opened};
 use crate::transport::{ClientAcceptor, Transport, TransportConfig, TransportError};
 
 /// Default [`NodeConfig::tick_interval`]: every Shoal server's tick.
@@ -302,29 +302,22 @@ impl Node {
             dir: dir.clone(),
             source,
         };
-        let mut disk = StdDisk::new(&config.data_dir)
-            .map_err(|e| storage_err(shoal_storage::Error::Disk(e)))?;
-        // The open takes the directory's lock, held by `disk` (kept by the driver).
-        let storage = DurableStorage::open(
-            &mut disk,
+        let Opened {
+            disk,
+            storage,
+            raft: raft_config,
+        } = open_replica(
+            &config.data_dir,
             config.cluster_id,
             config.id.0,
-            StorageConfig::default(),
+            config.peers.keys().copied(),
+            config.election_tick,
+            config.heartbeat_tick,
         )
-        .map_err(|e| {
-            if e.is_about_directory() {
-                NodeError::DataDir(e)
-            } else {
-                storage_err(e)
-            }
+        .map_err(|e| match e {
+            OpenError::DataDir(e) => NodeError::DataDir(e),
+            OpenError::Storage(source) => storage_err(source),
         })?;
-        let mut raft_config = RaftConfig::new(
-            config.id,
-            config.peers.keys().copied().map(NodeId).collect(),
-        );
-        raft_config.election_tick = config.election_tick;
-        raft_config.heartbeat_tick = config.heartbeat_tick;
-        raft_config.rng_seed = crate::ready::election_seed(config.id.0);
         let replica_config = ReplicaConfig {
             snapshot: SnapshotPolicy {
                 log_bytes: None,

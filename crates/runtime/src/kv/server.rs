@@ -17,15 +17,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use shoal_kv::{KvMachine, KvRsm, RsmConfig, Waiter};
-use shoal_raft::{Config as RaftConfig, Message, NodeId};
+use shoal_raft::Message;
 use shoal_replica::Replica;
-use shoal_storage::{DurableStorage, StdDisk, StorageConfig};
 use shoal_wire::kv::{KvReply, KvRequest};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::driver::{Driver, Service};
+use crate::serving::{forward_accepted, open_replica, ClientTable, OpenError, Opened};
 use crate::transport::{send_queued, ClientConnection, Transport, TransportConfig, TransportError};
 
 /// Default [`KvServerConfig::tick_interval`]: every Shoal server's tick.
@@ -159,34 +159,25 @@ pub async fn run_server(
             "tick interval and connection limit must be positive".into(),
         ));
     }
-    let dir = config.data_dir.display().to_string();
-    let storage_err = |source| KvServerError::Storage {
-        dir: dir.clone(),
-        source,
-    };
-    let mut disk =
-        StdDisk::new(&config.data_dir).map_err(|e| storage_err(shoal_storage::Error::Disk(e)))?;
-    // The open takes the directory's lock, held by `disk` (kept by the driver) until we exit.
-    let storage = DurableStorage::open(
-        &mut disk,
+    let Opened {
+        disk,
+        storage,
+        raft,
+    } = open_replica(
+        &config.data_dir,
         config.cluster_id,
         config.id,
-        StorageConfig::default(),
+        config.peers.keys().copied(),
+        config.election_tick,
+        config.heartbeat_tick,
     )
-    .map_err(|e| {
-        if e.is_about_directory() {
-            KvServerError::DataDir(e)
-        } else {
-            storage_err(e)
-        }
+    .map_err(|e| match e {
+        OpenError::DataDir(e) => KvServerError::DataDir(e),
+        OpenError::Storage(source) => KvServerError::Storage {
+            dir: config.data_dir.display().to_string(),
+            source,
+        },
     })?;
-    let mut raft = RaftConfig::new(
-        NodeId(config.id),
-        config.peers.keys().copied().map(NodeId).collect(),
-    );
-    raft.election_tick = config.election_tick;
-    raft.heartbeat_tick = config.heartbeat_tick;
-    raft.rng_seed = crate::ready::election_seed(config.id);
     // The lease clock counts ticks: one tick is one tick interval of wall time. A tick the
     // loop was too busy to take is taken late (`MissedTickBehavior::Delay`), so the lease
     // clock can only run slow: a lease then lives a little longer, never shorter.
@@ -205,25 +196,14 @@ pub async fn run_server(
     tc.peers = config.peers.clone();
     let (transport, inbound, clients) = Transport::<Message>::start(tc, listener)?;
     let (events_tx, events) = mpsc::channel(CLIENT_REQUEST_QUEUE_LEN);
-    // Accepted connections join the requests' queue, so the driver waits on one channel.
-    let accepted = events_tx.clone();
-    tokio::spawn(async move {
-        let mut clients = clients;
-        while let Some(conn) = clients.recv().await {
-            if accepted.send(ClientEvent::Accepted(conn)).await.is_err() {
-                break;
-            }
-        }
-    });
+    forward_accepted(clients, events_tx.clone(), ClientEvent::Accepted);
     let span = tracing::info_span!("kv", node = config.id);
     let data_dir = config.data_dir.clone();
     let driver = Driver {
         service: KvService {
             rsm,
-            connections: BTreeMap::new(),
-            next_token: 1,
+            clients: ClientTable::new(config.max_client_connections),
             events_tx,
-            max_client_connections: config.max_client_connections,
         },
         disk,
         data_dir: config.data_dir.clone(),
@@ -251,11 +231,8 @@ pub async fn run_server(
 /// The KV server as a service of the replica driver.
 struct KvService {
     rsm: KvRsm,
-    /// Open client connections: token → their reply queue.
-    connections: BTreeMap<u64, mpsc::Sender<KvReply>>,
-    next_token: u64,
+    clients: ClientTable<KvReply>,
     events_tx: mpsc::Sender<ClientEvent>,
-    max_client_connections: usize,
 }
 
 impl Service for KvService {
@@ -275,7 +252,7 @@ impl Service for KvService {
         match event {
             ClientEvent::Accepted(conn) => self.accept(conn),
             ClientEvent::Request(token, request) => {
-                if !self.connections.contains_key(&token) {
+                if !self.clients.is_open(token) {
                     // The connection closed: nobody would read the answer.
                 } else if self.rsm.pending() >= MAX_PENDING_REQUESTS {
                     debug!(
@@ -287,51 +264,28 @@ impl Service for KvService {
                     self.rsm.handle_request(token, request);
                 }
             }
-            ClientEvent::Closed(token) => {
-                self.connections.remove(&token);
-            }
+            ClientEvent::Closed(token) => self.clients.remove(token),
         }
         true
     }
 
     fn answer(&mut self) {
         for (token, reply) in self.rsm.take_replies() {
-            let Some(tx) = self.connections.get(&token) else {
-                continue; // the client left
-            };
-            match tx.try_send(reply) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    debug!(
-                        token,
-                        "client reply queue full: dropping a reply (it retries)"
-                    );
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.connections.remove(&token);
-                }
-            }
+            self.clients.send(token, reply);
         }
     }
 
     fn stop(&mut self, _events: &mut mpsc::Receiver<ClientEvent>) {
-        // Dropping the reply queues closes the connections.
-        self.connections.clear();
+        self.clients.clear();
     }
 }
 
 impl KvService {
     fn accept(&mut self, conn: ClientConnection) {
         let remote = conn.peer_addr;
-        if self.connections.len() >= self.max_client_connections {
-            warn!(%remote, limit = self.max_client_connections,
-                "refusing a client connection: too many");
+        let Some((token, reply_rx)) = self.clients.admit(remote, CLIENT_REPLY_QUEUE_LEN) else {
             return;
-        }
-        let token = self.next_token;
-        self.next_token += 1;
-        let (reply_tx, reply_rx) = mpsc::channel(CLIENT_REPLY_QUEUE_LEN);
-        self.connections.insert(token, reply_tx);
+        };
         let events = self.events_tx.clone();
         let span = tracing::debug_span!("client", %remote, token);
         tokio::spawn(serve_client(conn, token, events, reply_rx).instrument(span));

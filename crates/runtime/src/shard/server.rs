@@ -28,11 +28,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use shoal_kv::Limits;
-use shoal_raft::{Config as RaftConfig, Message, NodeId};
+use shoal_raft::Message;
 use shoal_replica::{Replica, SnapshotPolicy};
 use shoal_shard::host::Waiter;
 use shoal_shard::{GroupHost, ShardMachine};
-use shoal_storage::{Disk as _, DurableStorage, StdDisk, StorageConfig};
+use shoal_storage::{Disk as _, StdDisk};
 use shoal_wire::shard::{
     ControlOp, ControlReply, ControlRequest, ControlStatus, FromGroup, ShardRequest, ToGroup,
 };
@@ -46,6 +46,7 @@ use crate::kv::server::{
     CLIENT_REPLY_QUEUE_LEN, CLIENT_REQUEST_QUEUE_LEN, DEFAULT_MAX_CLIENT_CONNECTIONS,
     MAX_PENDING_REQUESTS,
 };
+use crate::serving::{forward_accepted, open_replica, ClientTable, OpenError, Opened};
 use crate::transport::{send_queued, ClientConnection, Transport, TransportConfig, TransportError};
 
 /// The file in a group server's data directory that records its gid and shard count.
@@ -295,33 +296,25 @@ pub async fn run_shard_server(
             });
         }
     }
-    let storage_err = |source| ShardServerError::Storage {
-        dir: dir.clone(),
-        source,
-    };
-    let mut disk =
-        StdDisk::new(&config.data_dir).map_err(|e| storage_err(shoal_storage::Error::Disk(e)))?;
-    // The open takes the directory's lock, held by `disk` (kept by the driver) until we exit.
-    let storage = DurableStorage::open(
-        &mut disk,
+    let Opened {
+        mut disk,
+        storage,
+        raft,
+    } = open_replica(
+        &config.data_dir,
         config.cluster_id,
         config.id,
-        StorageConfig::default(),
+        config.peers.keys().copied(),
+        config.election_tick,
+        config.heartbeat_tick,
     )
-    .map_err(|e| {
-        if e.is_about_directory() {
-            ShardServerError::DataDir(e)
-        } else {
-            storage_err(e)
-        }
+    .map_err(|e| match e {
+        OpenError::DataDir(e) => ShardServerError::DataDir(e),
+        OpenError::Storage(source) => ShardServerError::Storage {
+            dir: dir.clone(),
+            source,
+        },
     })?;
-    let mut raft = RaftConfig::new(
-        NodeId(config.id),
-        config.peers.keys().copied().map(NodeId).collect(),
-    );
-    raft.election_tick = config.election_tick;
-    raft.heartbeat_tick = config.heartbeat_tick;
-    raft.rng_seed = crate::ready::election_seed(config.id);
     let snapshot = SnapshotPolicy {
         log_bytes: config.snapshot_bytes,
         entries: None,
@@ -352,25 +345,15 @@ pub async fn run_shard_server(
     tc.peers = config.peers.clone();
     let (transport, inbound, clients) = Transport::<Message>::start(tc, listener)?;
     let (events_tx, events) = mpsc::channel(CLIENT_REQUEST_QUEUE_LEN);
-    let accepted = events_tx.clone();
-    tokio::spawn(async move {
-        let mut clients = clients;
-        while let Some(conn) = clients.recv().await {
-            if accepted.send(ClientEvent::Accepted(conn)).await.is_err() {
-                break;
-            }
-        }
-    });
+    forward_accepted(clients, events_tx.clone(), ClientEvent::Accepted);
     let span = tracing::info_span!("shard", gid = config.gid, node = config.id);
     let driver = Driver {
         service: ShardService {
             host,
             gid: config.gid,
             cluster_id: config.cluster_id,
-            connections: BTreeMap::new(),
-            next_token: 1,
+            clients: ClientTable::new(config.max_client_connections),
             events_tx,
-            max_client_connections: config.max_client_connections,
             steps: BTreeMap::new(),
         },
         disk,
@@ -420,11 +403,8 @@ struct ShardService {
     host: GroupHost,
     gid: u64,
     cluster_id: u64,
-    /// Open client connections: token → their reply queue.
-    connections: BTreeMap<u64, mpsc::Sender<FromGroup>>,
-    next_token: u64,
+    clients: ClientTable<FromGroup>,
     events_tx: mpsc::Sender<ClientEvent>,
-    max_client_connections: usize,
     /// Migration steps in flight: (token, tag) → what to log once decided.
     steps: BTreeMap<(u64, u64), Step>,
 }
@@ -446,7 +426,7 @@ impl Service for ShardService {
         match event {
             ClientEvent::Accepted(conn) => self.accept(conn),
             ClientEvent::Request(token, request) => {
-                if !self.connections.contains_key(&token) {
+                if !self.clients.is_open(token) {
                     // The connection closed: nobody would read the answer.
                 } else if self.host.pending() >= MAX_PENDING_REQUESTS {
                     debug!(
@@ -459,7 +439,7 @@ impl Service for ShardService {
                 }
             }
             ClientEvent::Control(token, request) => {
-                if !self.connections.contains_key(&token) {
+                if !self.clients.is_open(token) {
                     // The connection closed.
                 } else if self.host.pending() >= MAX_PENDING_REQUESTS {
                     debug!(
@@ -473,7 +453,7 @@ impl Service for ShardService {
                 }
             }
             ClientEvent::Closed(token) => {
-                self.connections.remove(&token);
+                self.clients.remove(token);
                 self.steps.retain(|(t, _), _| *t != token);
             }
         }
@@ -483,40 +463,21 @@ impl Service for ShardService {
     fn answer(&mut self) {
         let replies = self.host.take_replies();
         for (token, reply) in replies {
-            self.send(token, FromGroup::Reply(reply));
+            self.clients.send(token, FromGroup::Reply(reply));
         }
         let control = self.host.take_control_replies();
         for (token, reply) in control {
             self.log_step(token, &reply);
-            self.send(token, FromGroup::Control(reply));
+            self.clients.send(token, FromGroup::Control(reply));
         }
     }
 
     fn stop(&mut self, _events: &mut mpsc::Receiver<ClientEvent>) {
-        // Dropping the reply queues closes the connections.
-        self.connections.clear();
+        self.clients.clear();
     }
 }
 
 impl ShardService {
-    fn send(&mut self, token: u64, reply: FromGroup) {
-        let Some(tx) = self.connections.get(&token) else {
-            return; // the client left
-        };
-        match tx.try_send(reply) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                debug!(
-                    token,
-                    "client reply queue full: dropping a reply (it retries)"
-                );
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.connections.remove(&token);
-            }
-        }
-    }
-
     /// Remembers a migration step, to log it once decided.
     fn note_step(&mut self, token: u64, request: &ControlRequest) {
         if request.gid != self.gid || self.steps.len() >= MAX_LOGGED_STEPS {
@@ -646,15 +607,9 @@ impl ShardService {
 
     fn accept(&mut self, conn: ClientConnection) {
         let remote = conn.peer_addr;
-        if self.connections.len() >= self.max_client_connections {
-            warn!(%remote, limit = self.max_client_connections,
-                "refusing a client connection: too many");
+        let Some((token, reply_rx)) = self.clients.admit(remote, CLIENT_REPLY_QUEUE_LEN) else {
             return;
-        }
-        let token = self.next_token;
-        self.next_token += 1;
-        let (reply_tx, reply_rx) = mpsc::channel(CLIENT_REPLY_QUEUE_LEN);
-        self.connections.insert(token, reply_tx);
+        };
         let events = self.events_tx.clone();
         let span = tracing::debug_span!("client", %remote, token);
         let cluster_id = self.cluster_id;
