@@ -28,7 +28,7 @@ use std::time::Duration;
 use shoal_check::Budget;
 use shoal_kv::Outcome;
 use shoal_raft::Role;
-use shoal_shard::{shard_of, Gid, Op, ShardState};
+use shoal_shard::{shard_of, Config, Gid, Op, ShardState};
 use shoal_sim::rand::seq::SliceRandom;
 use shoal_sim::rand::{Rng, SeedableRng};
 use shoal_sim::{ChaCha8Rng, Ctx, Failure, NemesisConfig, Node, Sim};
@@ -243,11 +243,7 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
 impl ShardRun {
     fn stats(&self) -> ShardStats {
         let log = self.log.borrow();
-        let latest = self
-            .controller()
-            .and_then(|c| c.ctl.as_ref())
-            .and_then(|c| c.latest())
-            .map_or(0, |r| r.config.num);
+        let latest = self.latest_num().unwrap_or(0);
         ShardStats {
             submitted: log.submitted.len() as u64,
             applied: log.finished.iter().filter(|f| f.1.is_ok()).count() as u64,
@@ -281,8 +277,12 @@ impl ShardRun {
 
     /// The controller's latest configuration number, if it is up and has read one.
     fn latest_num(&self) -> Option<u64> {
-        let ctl = self.controller()?.ctl.as_ref()?;
-        Some(ctl.latest()?.config.num)
+        self.latest().map(|c| c.num)
+    }
+
+    /// The controller's latest configuration, if it is up and has read one.
+    fn latest(&self) -> Option<&Config> {
+        Some(&self.controller()?.ctl.as_ref()?.latest()?.config)
     }
 
     fn controller(&self) -> Option<&ControllerNode> {
@@ -293,7 +293,7 @@ impl ShardRun {
     /// not a member, a Leave of a member (never the last), or a Move of a shard to a member.
     /// The first one joins groups 1 and 2.
     fn random_op(&mut self) -> Option<Op> {
-        let latest = self.controller()?.ctl.as_ref()?.latest()?.config.clone();
+        let latest = self.latest()?.clone();
         let members: Vec<Gid> = latest.groups.keys().copied().collect();
         let outside: Vec<Gid> = SHARD_GIDS
             .iter()
@@ -384,12 +384,7 @@ impl ShardRun {
         if self.down_count(targets) >= SHARD_MAX_DOWN {
             return;
         }
-        let Some(latest) = self
-            .controller()
-            .and_then(|c| c.ctl.as_ref())
-            .and_then(|c| c.latest())
-            .map(|r| r.config.clone())
-        else {
+        let Some(latest) = self.latest().cloned() else {
             return;
         };
         let changing = self
@@ -508,12 +503,7 @@ impl ShardRun {
         {
             return false;
         }
-        let Some(latest) = self
-            .controller()
-            .and_then(|c| c.ctl.as_ref())
-            .and_then(|c| c.latest())
-            .map(|r| r.config.clone())
-        else {
+        let Some(latest) = self.latest().cloned() else {
             return false;
         };
         let shard = shard_of(&key, SHARD_SHARDS);
@@ -629,10 +619,7 @@ impl ShardRun {
     /// Each shard is served by exactly the group the latest configuration names.
     fn check_owners(&self) -> Result<(), Failure> {
         let latest = self
-            .controller()
-            .and_then(|c| c.ctl.as_ref())
-            .and_then(|c| c.latest())
-            .map(|r| r.config.clone())
+            .latest()
             .ok_or_else(|| self.w.sim.failure("the controller has no configuration"))?;
         for shard in 0..SHARD_SHARDS {
             let owner = latest.owner(shard);
