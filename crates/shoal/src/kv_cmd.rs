@@ -12,8 +12,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use shoal_kv::Outcome;
 use shoal_runtime::kv::{
-    run_server, Client, ClientConfig, DeleteOutcome, KvServerConfig, LeasePutOutcome,
+    run_server, Client, ClientConfig, ClientError, DeleteOutcome, KvServerConfig, LeasePutOutcome,
+    PutOutcome,
 };
+use shoal_runtime::shard::{ShardClient, ShardClientConfig};
 use shoal_wire::kv::{Expected, KvOp, KvResult, ServerRole};
 use std::io::BufRead as _;
 
@@ -38,9 +40,10 @@ const MAX_CLI_VALUE_BYTES: usize = shoal_wire::DEFAULT_MAX_FRAME_BYTES;
     shoal kv get greeting --version  # prints: 1 hello\n  \
     shoal kv put greeting bye --expect 1\n  \
     shoal kv scan\n\
-Client commands find the cluster in this order: --endpoints, then $SHOAL_ENDPOINTS, then \
-DIR/endpoints of --dir DIR (written by `shoal kv up --dir DIR`), then ./shoal-data/endpoints. \
-Kill any one server of three: the database keeps answering.")]
+Client commands find the cluster in this order: --endpoints ($SHOAL_ENDPOINTS) or \
+--controller ($SHOAL_CONTROLLER) for a sharded cluster, then DIR/endpoints or DIR/controller \
+of --dir DIR (written by `shoal kv up` / `shoal shard up`), then ./shoal-data/endpoints, then \
+./shoal-shard/controller. Kill any one server of three: the database keeps answering.")]
 pub struct KvCommand {
     /// Server addresses (HOST:PORT, a host name or an IP), in server-id order: A,B,C.
     #[arg(
@@ -52,8 +55,24 @@ pub struct KvCommand {
         hide_env_values = true
     )]
     endpoints: Vec<SocketAddr>,
-    /// Directory of a cluster started with `shoal kv up --dir DIR`: the client commands read
-    /// DIR/endpoints (unless --endpoints or $SHOAL_ENDPOINTS is given).
+    /// A sharded cluster instead: its controller store's addresses (the lines of
+    /// DIR/controller written by `shoal shard up`). Keys are routed to the group that owns
+    /// their shard; get, put, del, scan and shell work as on one group; `lock` holds its key
+    /// in the controller store.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        value_parser = crate::cli::parse_addr,
+        env = "SHOAL_CONTROLLER",
+        hide_env_values = true,
+        conflicts_with = "endpoints",
+        value_name = "ADDRS"
+    )]
+    controller: Vec<SocketAddr>,
+    /// Directory of a cluster started with `shoal kv up --dir DIR` (or `shoal shard up --dir
+    /// DIR`): the client commands read DIR/endpoints (or DIR/controller) unless --endpoints
+    /// or --controller is given.
     // The id `dir` is also `kv up`'s own --dir: clap then keeps `up`'s (a global arg is not
     // propagated to a subcommand that has an arg of the same id).
     #[arg(long, global = true, value_name = "DIR")]
@@ -269,20 +288,34 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
         bail!("--timeout must be a positive number of seconds");
     }
     let timeout = Duration::from_secs_f64(cmd.timeout);
-    let client = |endpoints: Vec<SocketAddr>, dir: Option<PathBuf>| -> Result<Client> {
-        let endpoints = client_endpoints(endpoints, dir.as_deref())?;
+    let (cluster, serializable) = (cmd.cluster, cmd.serializable);
+    let (endpoints, controller, dir) = (cmd.endpoints, cmd.controller, cmd.dir);
+    // One group's client, for what only one group can do (status, leases).
+    let one = |endpoints: Vec<SocketAddr>| -> Result<Client> {
         let mut config = ClientConfig::new(endpoints);
-        config.cluster_id = cmd.cluster;
+        config.cluster_id = cluster;
         config.op_timeout = timeout;
-        config.serializable_reads = cmd.serializable;
+        config.serializable_reads = serializable;
         Ok(Client::new(config)?)
     };
-    let (endpoints, dir) = (cmd.endpoints, cmd.dir);
+    let target = || client_target(endpoints.clone(), controller.clone(), dir.as_deref());
+    let client = || -> Result<AnyClient> {
+        Ok(match target()? {
+            Target::Group(e) => AnyClient::Group(Box::new(one(e)?)),
+            Target::Sharded(store) => {
+                let mut config = ShardClientConfig::new(store);
+                config.cluster_id = cluster;
+                config.op_timeout = timeout;
+                config.serializable_reads = serializable;
+                AnyClient::Sharded(Box::new(ShardClient::new(config)?))
+            }
+        })
+    };
     match cmd.command {
         KvSub::Server(args) => server(args, cmd.cluster).await,
         KvSub::Up(args) => crate::kv_up::up(args).await,
         KvSub::Get { key, version, raw } => {
-            let mut c = client(endpoints, dir)?;
+            let mut c = client()?;
             match c.get(key.as_bytes()).await? {
                 Some((value, v)) => {
                     let mut out = std::io::stdout().lock();
@@ -310,15 +343,19 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             lease,
         } => {
             let value = put_value(value, file.as_deref())?;
-            let mut c = client(endpoints, dir)?;
+            let mut c = client()?;
             let expected = expect.map_or(Expected::Any, Expected::Version);
             // A plain put answers as a leased one would, so one match prints both.
-            let outcome = match lease {
-                Some(lease) => {
+            let outcome = match (lease, &mut c) {
+                (Some(lease), AnyClient::Group(c)) => {
                     c.put_with_lease(key.as_bytes(), &value, expected, lease)
                         .await?
                 }
-                None => c.put(key.as_bytes(), &value, expected).await?.into(),
+                (Some(_), AnyClient::Sharded(_)) => bail!(
+                    "--lease: a sharded cluster has no leases (a key's lease would have to \
+                     move with its shard); nothing stored"
+                ),
+                (None, c) => c.put(key.as_bytes(), &value, expected).await?.into(),
             };
             match outcome {
                 LeasePutOutcome::Written(v) => {
@@ -335,7 +372,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             }
         }
         KvSub::Del { key, expect } => {
-            let mut c = client(endpoints, dir)?;
+            let mut c = client()?;
             let expected = expect.map_or(Expected::Any, Expected::Version);
             match c.delete(key.as_bytes(), expected).await? {
                 DeleteOutcome::Deleted => {
@@ -348,7 +385,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             }
         }
         KvSub::Scan { start, end, limit } => {
-            let mut c = client(endpoints, dir)?;
+            let mut c = client()?;
             let start = start.unwrap_or_default();
             let items = c
                 .scan(start.as_bytes(), end.as_ref().map(|e| e.as_bytes()), limit)
@@ -366,45 +403,155 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        KvSub::Status { json } => {
-            let c = client(endpoints, dir)?;
-            status(&c, timeout, json).await
-        }
-        KvSub::Shell => {
-            let c = client(endpoints, dir)?;
-            shell(c, timeout).await
-        }
+        KvSub::Status { json } => match target()? {
+            Target::Group(e) => status(&one(e)?, timeout, json).await,
+            Target::Sharded(_) => bail!(
+                "`kv status` shows one group's servers; for a sharded cluster run `shoal \
+                 shard status` (groups, leaders, migrations), or `kv status --endpoints` with \
+                 one group's servers"
+            ),
+        },
+        KvSub::Shell => shell(client()?, timeout).await,
+        // A sharded cluster's locks live in its controller store (a Shoal KV cluster with
+        // leases), not in a group: a lock's lease cannot move with a shard.
         KvSub::Lock(args) => {
-            crate::kv_lease_cmd::lock(|| client(endpoints.clone(), dir.clone()), args).await
+            let store = target()?.addrs();
+            crate::kv_lease_cmd::lock(|| one(store.clone()), args).await
         }
-        KvSub::Lease { sub } => crate::kv_lease_cmd::lease(client(endpoints, dir)?, sub).await,
+        KvSub::Lease { sub } => match target()? {
+            Target::Group(e) => crate::kv_lease_cmd::lease(one(e)?, sub).await,
+            Target::Sharded(_) => bail!(
+                "a sharded cluster has no leases for keys (`kv lock` works: its lock lives in \
+                 the controller store)"
+            ),
+        },
     }
 }
 
-/// The endpoints a client command talks to: --endpoints (or $SHOAL_ENDPOINTS, which clap
-/// reads into the same list), else DIR/endpoints of --dir, else ./shoal-data/endpoints.
-fn client_endpoints(endpoints: Vec<SocketAddr>, dir: Option<&Path>) -> Result<Vec<SocketAddr>> {
-    if !endpoints.is_empty() {
-        return Ok(endpoints);
+/// The cluster a client command talks to.
+enum Target {
+    /// One group (one Raft cluster): its servers.
+    Group(Vec<SocketAddr>),
+    /// A sharded cluster: its controller store's servers.
+    Sharded(Vec<SocketAddr>),
+}
+
+impl Target {
+    fn addrs(self) -> Vec<SocketAddr> {
+        match self {
+            Target::Group(a) | Target::Sharded(a) => a,
+        }
     }
+}
+
+/// The cluster a client command talks to: --endpoints (or $SHOAL_ENDPOINTS, which clap reads
+/// into the same list) or --controller ($SHOAL_CONTROLLER), else DIR/endpoints or
+/// DIR/controller of --dir, else ./shoal-data/endpoints, else ./shoal-shard/controller.
+fn client_target(
+    endpoints: Vec<SocketAddr>,
+    controller: Vec<SocketAddr>,
+    dir: Option<&Path>,
+) -> Result<Target> {
+    if !endpoints.is_empty() {
+        return Ok(Target::Group(endpoints));
+    }
+    if !controller.is_empty() {
+        return Ok(Target::Sharded(controller));
+    }
+    let controller_file = crate::shard_cmd::CONTROLLER_FILE;
     if let Some(dir) = dir {
-        return read_endpoints(&dir.join(ENDPOINTS_FILE)).with_context(|| {
-            format!(
-                "--dir {}: no cluster there (start one with `shoal kv up --dir {}`)",
-                dir.display(),
-                dir.display()
-            )
-        });
+        let sharded = dir.join(controller_file);
+        if !dir.join(ENDPOINTS_FILE).exists() && sharded.exists() {
+            return Ok(Target::Sharded(read_endpoints(&sharded)?));
+        }
+        return read_endpoints(&dir.join(ENDPOINTS_FILE))
+            .map(Target::Group)
+            .with_context(|| {
+                format!(
+                    "--dir {}: no cluster there (start one with `shoal kv up --dir {}` or \
+                     `shoal shard up --dir {}`)",
+                    dir.display(),
+                    dir.display(),
+                    dir.display()
+                )
+            });
     }
     let default = Path::new(DEFAULT_DIR).join(ENDPOINTS_FILE);
-    if !default.exists() {
-        bail!(
-            "no cluster to talk to: give --endpoints A,B,C, or set SHOAL_ENDPOINTS=A,B,C, or \
-             --dir DIR of a cluster started with `shoal kv up --dir DIR` (there is no \
-             ./{DEFAULT_DIR}/{ENDPOINTS_FILE} here)"
-        );
+    if default.exists() {
+        return read_endpoints(&default).map(Target::Group);
     }
-    read_endpoints(&default)
+    let sharded = Path::new(crate::shard_cmd::DEFAULT_DIR).join(controller_file);
+    if sharded.exists() {
+        return read_endpoints(&sharded).map(Target::Sharded);
+    }
+    bail!(
+        "no cluster to talk to: give --endpoints A,B,C (or SHOAL_ENDPOINTS=A,B,C), or \
+         --controller A,B,C for a sharded cluster (or SHOAL_CONTROLLER), or --dir DIR of a \
+         cluster started with `shoal kv up --dir DIR` or `shoal shard up --dir DIR` (there is \
+         no ./{DEFAULT_DIR}/{ENDPOINTS_FILE} here, nor ./{}/{controller_file})",
+        crate::shard_cmd::DEFAULT_DIR
+    )
+}
+
+/// A client of one group or of a sharded cluster: the same operations and outcomes.
+enum AnyClient {
+    Group(Box<Client>),
+    Sharded(Box<ShardClient>),
+}
+
+impl AnyClient {
+    async fn get(&mut self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
+        match self {
+            AnyClient::Group(c) => c.get(key).await,
+            AnyClient::Sharded(c) => c.get(key).await,
+        }
+    }
+
+    async fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        expected: Expected,
+    ) -> Result<PutOutcome, ClientError> {
+        match self {
+            AnyClient::Group(c) => c.put(key, value, expected).await,
+            AnyClient::Sharded(c) => c.put(key, value, expected).await,
+        }
+    }
+
+    async fn delete(
+        &mut self,
+        key: &[u8],
+        expected: Expected,
+    ) -> Result<DeleteOutcome, ClientError> {
+        match self {
+            AnyClient::Group(c) => c.delete(key, expected).await,
+            AnyClient::Sharded(c) => c.delete(key, expected).await,
+        }
+    }
+
+    async fn scan(
+        &mut self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Vec<shoal_wire::kv::ScanItem>, ClientError> {
+        match self {
+            AnyClient::Group(c) => c.scan(start, end, limit).await,
+            AnyClient::Sharded(c) => c.scan(start, end, limit).await,
+        }
+    }
+
+    async fn execute_within(
+        &mut self,
+        op: KvOp,
+        timeout: Duration,
+    ) -> Result<Outcome, ClientError> {
+        match self {
+            AnyClient::Group(c) => c.execute_within(op, timeout).await,
+            AnyClient::Sharded(c) => c.execute_within(op, timeout).await,
+        }
+    }
 }
 
 /// The value of `kv put`: the argument, stdin for `-`, or the file's bytes; at most
@@ -532,6 +679,9 @@ pub(crate) struct NotForServers {
     #[arg(long = "endpoints", id = "endpoints", hide = true, value_delimiter = ',',
           value_parser = crate::cli::parse_addr)]
     endpoints: Vec<SocketAddr>,
+    #[arg(long = "controller", id = "controller", hide = true, value_delimiter = ',',
+          value_parser = crate::cli::parse_addr)]
+    controller: Vec<SocketAddr>,
     #[arg(long = "timeout", id = "timeout", hide = true)]
     timeout: Option<f64>,
     #[arg(long = "serializable", id = "serializable", hide = true)]
@@ -589,7 +739,7 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
 }
 
 /// `shoal kv shell`: one line in, one line out.
-async fn shell(mut client: Client, timeout: Duration) -> Result<ExitCode> {
+async fn shell(mut client: AnyClient, timeout: Duration) -> Result<ExitCode> {
     // Stdin is read on a thread of its own (blocking reads), one line at a time.
     let (tx, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1);
     std::thread::spawn(move || {
@@ -649,6 +799,13 @@ async fn shell(mut client: Client, timeout: Duration) -> Result<ExitCode> {
                 }
             }
             Ok(Some(ShellCmd::Status)) => {
+                let AnyClient::Group(client) = &client else {
+                    answer(
+                        "error status shows one group's servers: for a sharded cluster run \
+                         `shoal shard status`",
+                    )?;
+                    continue;
+                };
                 let statuses = client.statuses(timeout).await;
                 let mut reply = format!("servers {}", statuses.len());
                 for (i, (s, addr)) in statuses.iter().zip(client.endpoints()).enumerate() {

@@ -11,6 +11,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use shoal_runtime::shard::{run_shard_server, ShardServerConfig};
 
+/// Where `shoal shard up` keeps its cluster, and where the client commands look for it.
+pub(crate) const DEFAULT_DIR: &str = "shoal-shard";
+/// The file in the cluster directory listing the controller store's addresses, one per line.
+pub(crate) const CONTROLLER_FILE: &str = "controller";
+
 /// `shoal shard`: the sharded key/value database.
 #[derive(Debug, clap::Args)]
 pub struct ShardCommand {

@@ -177,15 +177,22 @@ impl Cluster {
 
     /// Starts a `shoal kv shell` on the cluster.
     pub fn shell(&self, timeout_secs: &str) -> Shell {
+        Shell::start(&[
+            "kv",
+            "--endpoints",
+            &self.endpoints(),
+            "--timeout",
+            timeout_secs,
+            "shell",
+        ])
+    }
+}
+
+impl Shell {
+    /// Starts `shoal ARGS` (a `kv … shell` command line).
+    pub fn start(args: &[&str]) -> Shell {
         let mut child = Command::new(SHOAL)
-            .args([
-                "kv",
-                "--endpoints",
-                &self.endpoints(),
-                "--timeout",
-                timeout_secs,
-            ])
-            .arg("shell")
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
