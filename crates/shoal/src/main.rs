@@ -27,6 +27,7 @@ mod mr_cmd;
 mod raft_cmd;
 mod shard_cmd;
 mod sim_cmd;
+mod supervise;
 
 /// Shoal: a distributed-systems suite — MapReduce, Raft, and fault-tolerant key/value
 /// databases — in one binary.
