@@ -3,7 +3,8 @@
 //! and changes nothing; `leave` and `join` again and `move` give increasing configuration
 //! numbers; `status` shows each group's leader; a SIGKILLed server is restarted; a second
 //! `shard up` on the running directory is refused; stopped and started again, `shard up`
-//! resumes the same configuration without a new join. About 30 s on 2 cores.
+//! resumes the same configuration without a new join; a join of an unreachable group waits,
+//! says why, and Ctrl-C leaves it recorded but incomplete. About 15 s on 2 cores.
 
 mod kv_support;
 mod proc_support;
@@ -321,6 +322,29 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
         "same addresses"
     );
     assert_eq!(query(&dir).0, moved);
+
+    // A join whose servers cannot be reached waits, says why, and Ctrl-C interrupts it with
+    // the change recorded but incomplete (last: nothing can complete it here).
+    let err_path = tmp.path().join("join.err");
+    let mut join = Command::new(SHOAL)
+        .args(["shard", "join", "3=127.0.0.1:1", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).expect("create the stderr file"))
+        .spawn()
+        .expect("run shard join");
+    let said = || std::fs::read_to_string(&err_path).unwrap_or_default();
+    wait_until(&mut up, "the waiting join never said why", |_| {
+        said().contains("group 3 has no leader answering (127.0.0.1:1: connection refused)")
+    });
+    signal(join.id(), libc::SIGINT);
+    let status = join.wait().expect("wait for shard join");
+    assert_eq!(status.code(), Some(130), "{}", said());
+    let recorded = format!("recorded as configuration {}", moved + 1);
+    assert!(said().contains(&recorded), "{}", said());
+    let status = ok(&dir, &["status"]);
+    assert!(status.contains("changing"), "{status}");
+    assert!(status.contains("-> group 3: shards"), "{status}");
     up.stop();
 }
 
