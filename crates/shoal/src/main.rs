@@ -25,7 +25,6 @@ mod kv_lease_cmd;
 mod kv_up;
 mod mr_cmd;
 mod raft_cmd;
-mod shard_api_stub;
 mod shard_cmd;
 mod shard_up;
 mod sim_cmd;

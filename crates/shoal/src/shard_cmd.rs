@@ -15,7 +15,7 @@ use shoal_runtime::shard::{run_shard_server, ShardServerConfig};
 use shoal_shard::{Config, ControllerStatus, Gid, Op, ShardId};
 
 use crate::kv_cmd::read_endpoints;
-use crate::shard_api_stub::{
+use shoal_runtime::shard::{
     group_server_status, read_config, read_latest, ControllerDriverConfig, GroupServerStatus,
     ShardController,
 };

@@ -25,9 +25,9 @@ use shoal_cluster::{Spec, StopSignals};
 use shoal_shard::{Gid, Op};
 
 use crate::kv_cmd::read_endpoints;
-use crate::shard_api_stub::{read_latest, ControllerDriverConfig, ShardController};
 use crate::shard_cmd::{print_waiting, shard_ranges, CONTROLLER_FILE, DEFAULT_DIR};
 use crate::supervise::{lock_dir, running_servers, Member, Running, Supervised};
+use shoal_runtime::shard::{read_latest, ControllerDriverConfig, ShardController};
 
 /// The file listing the groups, one line per gid: `GID ADDR,ADDR,ADDR`.
 pub(crate) const GROUPS_FILE: &str = "groups";
