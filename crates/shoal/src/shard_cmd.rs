@@ -4,6 +4,7 @@
 //! `status` (read-only).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -639,7 +640,7 @@ async fn query(args: QueryArgs) -> Result<ExitCode> {
             .with_context(|| format!("reading the controller store at {list}"))?
             .with_context(|| format!("configuration {num} is not in the controller store"))?,
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = String::new();
     writeln!(
         out,
         "config {} ({} shards)",
@@ -657,7 +658,16 @@ async fn query(args: QueryArgs) -> Result<ExitCode> {
     for line in shard_ranges(&config) {
         writeln!(out, "  {line}")?;
     }
-    Ok(ExitCode::SUCCESS)
+    emit(&out)
+}
+
+/// Prints `text` on stdout: a reader that left early (`| head`) is not an error.
+fn emit(text: &str) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        r => r.map(|()| ExitCode::SUCCESS).context("writing to stdout"),
+    }
 }
 
 /// `shoal shard status`.
@@ -670,7 +680,7 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
         .ok_or_else(|| no_configuration(&store))?;
     let config = &record.config;
     let answers = ask_groups(&config.groups, cluster, READ_TIMEOUT).await;
-    let mut out = std::io::stdout().lock();
+    let mut out = String::new();
     let state = if record.complete {
         "complete".to_string()
     } else {
@@ -729,7 +739,7 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    emit(&out)
 }
 
 /// A group server's answer to `status`.
