@@ -82,7 +82,8 @@ enum ShardSub {
         The directory holds DIR/controller (the controller store's addresses, one per line), \
         DIR/groups (one line per group: GID ADDR,ADDR,ADDR), the servers' data directories and \
         their logs (DIR/controller1.log, DIR/group1-server1.log, …). Run it again on the same \
-        directory to resume the same cluster: same addresses, same data, no new join. A second \
+        directory to resume the same cluster: same addresses, same data, no new join (a group that \
+        left stays out). A second \
         `shard up` on a directory in use is refused.")]
     Up(crate::shard_up::UpArgs),
     /// Add replica groups to the cluster and move shards to them; prints the new configuration
@@ -264,7 +265,7 @@ fn parse_group(s: &str) -> Result<(Gid, Vec<SocketAddr>)> {
         .into_iter()
         .map(crate::cli::parse_addr)
         .collect::<Result<Vec<_>>>()
-        .with_context(|| format!("group {gid}"))?;
+        .map_err(|e| anyhow::anyhow!("group {gid}: {e:#}"))?;
     let mut seen = std::collections::BTreeSet::new();
     if let Some(dup) = addrs.iter().find(|a| !seen.insert(**a)) {
         bail!("group {gid} names {dup} twice: each server has its own address");
@@ -482,7 +483,7 @@ async fn change(
             Ok(ExitCode::SUCCESS)
         }
         Some(Err(reason)) => {
-            eprintln!("error: {reason}");
+            eprintln!("error: {reason} (nothing changed)");
             Ok(ExitCode::from(1))
         }
         None => {

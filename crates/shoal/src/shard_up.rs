@@ -10,8 +10,9 @@
 //! The directory holds everything: `DIR/controller` (the store's addresses, one per line),
 //! `DIR/groups` (`GID ADDR,ADDR,ADDR` per line), `DIR/shards` (the number of shards), the data
 //! directories `DIR/controllerI` and `DIR/groupG-serverI`, each with its log next to it
-//! (`….log`), and `DIR/LOCK`, held by the running `shard up`. A second run on the same
-//! directory resumes the same cluster: same addresses, same data, no new join.
+//! (`….log`), `DIR/joined` once the groups have joined, and `DIR/LOCK`, held by the running
+//! `shard up`. A second run on the same directory resumes the same cluster: same addresses,
+//! same data, no new join (a group that left stays out).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -37,6 +38,11 @@ const SHARDS_FILE: &str = "shards";
 const STORE_SERVERS: usize = 3;
 /// How long each read of the controller store may take while waiting for it to answer.
 const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// The file recording that the groups joined once: later runs join nothing.
+const JOINED_FILE: &str = "joined";
+/// How long the controller store may not answer before `shard up` says so (and again after
+/// each such period).
+const STORE_PATIENCE: Duration = Duration::from_secs(10);
 /// How often the join's progress is printed while it waits.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
@@ -387,27 +393,31 @@ fn check_agrees(args: &UpArgs, layout: &Layout) -> Result<()> {
 async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
     let store = &layout.store;
     // The store's servers were just started: wait for them to elect a leader and answer.
-    let mut waited = Duration::ZERO;
+    let mut said = shoal_cluster::now();
     let latest = loop {
         match read_latest(store, 1, STORE_READ_TIMEOUT).await {
             Ok(latest) => break latest,
             Err(e) => {
-                waited += STORE_READ_TIMEOUT;
-                if waited >= Duration::from_secs(10) {
+                if shoal_cluster::now().duration_since(said) >= STORE_PATIENCE {
                     eprintln!("waiting for the controller store to answer: {e}");
-                    waited = Duration::ZERO;
+                    said = shoal_cluster::now();
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
+    // The groups join once, on the first run: a group that left since (`shard leave`) stays
+    // out when `shard up` runs again.
+    let joined_path = dir.join(JOINED_FILE);
+    let joined_before = joined_path.exists();
     let missing: BTreeMap<Gid, Vec<String>> = layout
         .groups
         .iter()
         .filter(|(gid, _)| {
-            latest
-                .as_ref()
-                .is_none_or(|r| !r.config.groups.contains_key(gid))
+            !joined_before
+                && latest
+                    .as_ref()
+                    .is_none_or(|r| !r.config.groups.contains_key(gid))
         })
         .map(|(&gid, addrs)| (gid, addrs.iter().map(ToString::to_string).collect()))
         .collect();
@@ -443,6 +453,10 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
             bail!("{reason}");
         }
     }
+    if !joined_before {
+        std::fs::write(&joined_path, "the groups of DIR/groups joined once\n")
+            .with_context(|| format!("writing {}", joined_path.display()))?;
+    }
     let record = read_latest(store, 1, Duration::from_secs(10))
         .await?
         .context("the controller store holds no configuration after the join")?;
@@ -463,6 +477,21 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
         let _ = writeln!(out, "  {line}");
     }
     let d = dir.display();
+    for (gid, addrs) in &layout.groups {
+        if !config.groups.contains_key(gid) {
+            let _ = writeln!(
+                out,
+                "group {gid} runs but is not a member (it left): `shoal shard join \
+                 {gid}={}{}` adds it back",
+                join_addrs(addrs),
+                if dir == Path::new(DEFAULT_DIR) {
+                    String::new()
+                } else {
+                    format!(" --dir {d}")
+                }
+            );
+        }
+    }
     let default = dir == Path::new(DEFAULT_DIR);
     let with_dir = if default {
         String::new()

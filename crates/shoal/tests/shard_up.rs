@@ -3,7 +3,7 @@
 //! and changes nothing; `leave` and `join` again and `move` give increasing configuration
 //! numbers; `status` shows each group's leader; a SIGKILLed server is restarted; a second
 //! `shard up` on the running directory is refused; stopped and started again, `shard up`
-//! resumes the same configuration without a new join; a join of an unreachable group waits,
+//! resumes the same configuration without a new join (a group that left stays out); a join of an unreachable group waits,
 //! says why, and Ctrl-C leaves it recorded but incomplete. About 15 s on 2 cores.
 
 mod kv_support;
@@ -240,11 +240,28 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
     assert!(owners.contains(&1) && owners.contains(&2), "{owners:?}");
 
     // Refusals: exit 1, nothing changed.
-    let why = refused(&dir, &["join", &format!("1={group1}")]);
-    assert!(why.contains('1'), "{why}");
-    refused(&dir, &["leave", "7"]);
-    refused(&dir, &["move", "0", "9"]);
-    refused(&dir, &["move", "16", "1"]);
+    for (args, said) in [
+        (
+            vec!["join".to_string(), format!("1={group1}")],
+            "group 1 is already a member",
+        ),
+        (vec!["leave".into(), "7".into()], "group 7 is not a member"),
+        (
+            vec!["move".into(), "0".into(), "9".into()],
+            "group 9 is not a member",
+        ),
+        (
+            vec!["move".into(), "16".into(), "1".into()],
+            "unknown shard 16",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let why = refused(&dir, &args);
+        assert!(
+            why.contains(said) && why.contains("nothing changed"),
+            "{args:?}: {why}"
+        );
+    }
     assert_eq!(query(&dir), (num, gids.clone(), owners.clone()));
     // Malformed arguments never reach the controller.
     let out = shard(&dir, &["join", "0=127.0.0.1:1"]);
@@ -256,7 +273,8 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
     let (_, gids, owners) = query(&dir);
     assert_eq!(gids, [1]);
     assert!(owners.iter().all(|&g| g == 1), "{owners:?}");
-    refused(&dir, &["leave", "1"]);
+    let why = refused(&dir, &["leave", "1"]);
+    assert!(why.contains("last group"), "{why}");
     let rejoined = change(&dir, &["join", &format!("2={group2}")]);
     assert!(rejoined > left, "{rejoined} after {left}");
     let target = if query(&dir).2[0] == 2 { 1 } else { 2 };
@@ -306,7 +324,9 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--groups 3 (it has 2)"), "{err}");
 
-    // Stopped, the servers go with it; started again, it resumes without a new join.
+    // Stopped, the servers go with it; started again, it resumes without a new join (group 2,
+    // which left, stays out).
+    let left = change(&dir, &["leave", "2"]);
     let servers = children_of(up.child.id());
     up.stop();
     assert!(
@@ -314,14 +334,18 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
         "servers outlived shard up"
     );
     let mut up = Up::start(&dir, &tmp.path().join("up2.err"), &[]);
-    assert_eq!(up.wait_summary(), moved);
+    assert_eq!(up.wait_summary(), left);
     assert!(!up.stderr().contains("joining"), "{}", up.stderr());
+    wait_until(&mut up, "no word of group 2 being out", |up| {
+        up.stdout().contains("group 2 runs but is not a member")
+    });
     assert_eq!(
         std::fs::read_to_string(dir.join("groups")).unwrap(),
         groups,
         "same addresses"
     );
-    assert_eq!(query(&dir).0, moved);
+    assert_eq!(query(&dir).0, left);
+    let moved = left;
 
     // A join whose servers cannot be reached waits, says why, and Ctrl-C interrupts it with
     // the change recorded but incomplete (last: nothing can complete it here).
