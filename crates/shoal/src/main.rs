@@ -26,7 +26,9 @@ mod kv_up;
 mod mr_cmd;
 mod raft_cmd;
 mod shard_cmd;
+mod shard_up;
 mod sim_cmd;
+mod supervise;
 
 /// Shoal: a distributed-systems suite — MapReduce, Raft, and fault-tolerant key/value
 /// databases — in one binary.
@@ -60,7 +62,8 @@ enum Command {
     Raft(raft_cmd::RaftCommand),
     /// The key/value database: servers, a local cluster, get/put/del/scan, a shell, a lock.
     Kv(kv_cmd::KvCommand),
-    /// The sharded key/value database: the server of one replica group (more to come).
+    /// The sharded key/value database: a local cluster, the servers of a replica group, the
+    /// controller's join, leave, move, query and status.
     Shard(shard_cmd::ShardCommand),
     /// Run a deterministic simulation: the heartbeat scenario's trace, or the Raft or KV
     /// protocol under a nemesis, checked after every event (--workload raft|kv).

@@ -1,15 +1,34 @@
-//! `shoal shard …`: the sharded key/value database. For now one command: `shard server`, one
-//! server of a replica group (issue 14's first step; `up`, `join`, `leave`, `move`, `query`
-//! and `status` come with the controller's driver).
+//! `shoal shard …`: the sharded key/value database: `shard server` (one server of a replica
+//! group), `shard up` (a local cluster, in `shard_up`), and the controller's commands `join`,
+//! `leave`, `move` (a `ShardController` run in this process for one change), `query` and
+//! `status` (read-only).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use shoal_runtime::shard::{run_shard_server, ShardServerConfig};
+use shoal_shard::{Config, ControllerStatus, Gid, Op, ShardId};
+
+use crate::kv_cmd::read_endpoints;
+use shoal_runtime::shard::{
+    group_server_status, read_config, read_latest, ControllerDriverConfig, GroupServerStatus,
+    ShardController,
+};
+
+/// Where `shoal shard up` keeps its cluster, and where the controller commands look for it.
+pub(crate) const DEFAULT_DIR: &str = "shoal-shard";
+/// The file in the cluster directory listing the controller store's addresses, one per line.
+pub(crate) const CONTROLLER_FILE: &str = "controller";
+/// How long a read of the controller store or of a group server's status may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting change prints what it waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Where `shoal shard up` keeps its cluster, and where the client commands look for it.
 pub(crate) const DEFAULT_DIR: &str = "shoal-shard";
@@ -18,6 +37,15 @@ pub(crate) const CONTROLLER_FILE: &str = "controller";
 
 /// `shoal shard`: the sharded key/value database.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "A tour (`up` in one terminal, the rest in another):\n  \
+    shoal shard up                   # controller store + 3 groups of 3 servers in ./shoal-shard\n  \
+    shoal shard query                # configuration: groups, shard -> group\n  \
+    shoal shard move 7 2             # shard 7 to group 2; prints: config N\n  \
+    shoal shard leave 3              # group 3's shards move to 1 and 2\n  \
+    shoal shard status               # config, migrations, each group's leader\n\
+The controller commands find the controller store in this order: --controller, then \
+$SHOAL_CONTROLLER, then DIR/controller of --dir DIR (written by `shoal shard up --dir DIR`), \
+then ./shoal-shard/controller.")]
 pub struct ShardCommand {
     #[command(subcommand)]
     command: ShardSub,
@@ -45,6 +73,209 @@ enum ShardSub {
         of the group. Every group and the controller must agree on --shards and --cluster."
     )]
     Server(ServerArgs),
+    /// A local sharded cluster: the controller store and N replica groups, supervised.
+    ///
+    /// Starts on 127.0.0.1 a controller store (three `shoal kv server` processes holding the
+    /// configurations) and N replica groups (gids 1..N) of R `shoal shard server` processes
+    /// each, joins every group through the controller, prints the configuration and stays in
+    /// the foreground. A server that dies is restarted from its data directory; one that keeps
+    /// failing is retried less and less often, with what is wrong printed once. Ctrl-C (or
+    /// SIGTERM) stops every server; they also die with `shard up` if it is killed.
+    #[command(after_help = "Examples:\n  \
+        shoal shard up                              # 3 groups of 3 servers, 128 shards, ./shoal-shard\n  \
+        shoal shard up --groups 2 --dir /tmp/sh     # 2 groups\n\
+        The directory holds DIR/controller (the controller store's addresses, one per line), \
+        DIR/groups (one line per group: GID ADDR,ADDR,ADDR), the servers' data directories and \
+        their logs (DIR/controller1.log, DIR/group1-server1.log, …). Run it again on the same \
+        directory to resume the same cluster: same addresses, same data, no new join (a group that \
+        left stays out). A second \
+        `shard up` on a directory in use is refused.")]
+    Up(crate::shard_up::UpArgs),
+    /// Add replica groups to the cluster and move shards to them; prints the new configuration
+    /// number once every moved shard is installed at its new owner and deleted at its old one.
+    ///
+    /// Each group is GID=ADDR,ADDR,ADDR: its gid (1, 2, …) and its servers' addresses in
+    /// server-id order, as given to their `shoal shard server --peers`. The servers must be
+    /// running for the shards to move: while a group cannot be reached the command waits and
+    /// says what it waits for. Ctrl-C then leaves the change recorded but incomplete; the next
+    /// join, leave or move (or `shard up`) completes it.
+    #[command(after_help = "Examples:\n  \
+        shoal shard join 4=127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403\n  \
+        shoal shard join 4=10.0.0.4:7000,10.0.0.5:7000,10.0.0.6:7000 5=10.0.0.7:7000 --controller 10.0.0.1:7001\n\
+        A gid that is already a member is refused (exit 1) and nothing changes. A group that \
+        left may join again with the same servers.")]
+    Join(JoinArgs),
+    /// Remove replica groups: their shards move to the remaining groups; prints the new
+    /// configuration number once the moves are complete.
+    #[command(after_help = "Examples:\n  \
+        shoal shard leave 3\n  \
+        shoal shard leave 2 3\n\
+        Leaving an unknown gid, or the last group, is refused (exit 1) and nothing changes. The \
+        group's servers keep running (and may join again); stop them yourself if they are done.")]
+    Leave(LeaveArgs),
+    /// Give one shard to one group; prints the new configuration number once the shard is
+    /// installed at the group and deleted at its old owner.
+    #[command(after_help = "Examples:\n  \
+        shoal shard move 7 2             # shard 7 to group 2\n\
+        Shards are numbered 0..S-1 (`shoal shard query` shows which group owns which). An unknown \
+        shard, or a gid that is not a member, is refused (exit 1) and nothing changes. A later \
+        join or leave rebalances and may move the shard again.")]
+    Move(MoveArgs),
+    /// Print a configuration: its number, each group and its servers, shard -> group.
+    #[command(after_help = "Examples:\n  \
+        shoal shard query                # the latest configuration\n  \
+        shoal shard query 1              # configuration 1\n\
+        Read from the controller store (linearizably), without taking the controller's lock: \
+        it works while a change runs.")]
+    Query(QueryArgs),
+    /// Print the cluster's state: configuration, shard -> group, migrations in progress and
+    /// each group's leader.
+    #[command(after_help = "Examples:\n  \
+        shoal shard status\n  \
+        shoal shard status --dir /tmp/sh\n\
+        Each group server is asked for its role and the configuration it has adopted; a server \
+        that does not answer is shown as unreachable, with why.")]
+    Status(StatusArgs),
+}
+
+/// Where the controller store is, for the controller commands.
+#[derive(Debug, clap::Args)]
+struct ControllerOpts {
+    /// The controller store's addresses: ADDR,ADDR,ADDR (the lines of DIR/controller).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = crate::cli::parse_addr,
+        env = "SHOAL_CONTROLLER",
+        hide_env_values = true
+    )]
+    controller: Vec<SocketAddr>,
+    /// Directory of a cluster started with `shoal shard up --dir DIR`: read DIR/controller
+    /// (unless --controller or $SHOAL_CONTROLLER is given).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Cluster id the controller store and the groups were started with.
+    #[arg(long, default_value_t = 1)]
+    cluster: u64,
+}
+
+impl ControllerOpts {
+    /// --controller (or $SHOAL_CONTROLLER), else DIR/controller, else
+    /// ./shoal-shard/controller.
+    fn store(&self) -> Result<Vec<SocketAddr>> {
+        if !self.controller.is_empty() {
+            return Ok(self.controller.clone());
+        }
+        if let Some(dir) = &self.dir {
+            return read_endpoints(&dir.join(CONTROLLER_FILE)).with_context(|| {
+                format!(
+                    "--dir {}: no sharded cluster there (start one with `shoal shard up --dir {}`)",
+                    dir.display(),
+                    dir.display()
+                )
+            });
+        }
+        let default = Path::new(DEFAULT_DIR).join(CONTROLLER_FILE);
+        if !default.exists() {
+            bail!(
+                "no controller to talk to: give --controller A,B,C, or set SHOAL_CONTROLLER=A,B,C, \
+                 or --dir DIR of a cluster started with `shoal shard up --dir DIR` (there is no \
+                 ./{DEFAULT_DIR}/{CONTROLLER_FILE} here)"
+            );
+        }
+        read_endpoints(&default)
+    }
+}
+
+/// Arguments of `shoal shard join`.
+#[derive(Debug, clap::Args)]
+struct JoinArgs {
+    /// Groups to add: GID=ADDR,ADDR,ADDR (gid from 1; the servers in server-id order).
+    #[arg(required = true, value_name = "GID=ADDRS", value_parser = parse_group)]
+    groups: Vec<(Gid, Vec<SocketAddr>)>,
+    /// Number of shards, used only when the controller store holds no configuration yet (a
+    /// cluster started by hand): it must be the groups' --shards.
+    #[arg(long, default_value_t = shoal_shard::DEFAULT_SHARDS)]
+    shards: u32,
+    #[command(flatten)]
+    ctl: ControllerOpts,
+}
+
+/// Arguments of `shoal shard leave`.
+#[derive(Debug, clap::Args)]
+struct LeaveArgs {
+    /// Gids of the groups leaving.
+    #[arg(required = true, value_name = "GID", value_parser = parse_gid)]
+    gids: Vec<Gid>,
+    #[command(flatten)]
+    ctl: ControllerOpts,
+}
+
+/// Arguments of `shoal shard move`.
+#[derive(Debug, clap::Args)]
+struct MoveArgs {
+    /// The shard (0..S-1).
+    shard: ShardId,
+    /// Its new owner's gid.
+    #[arg(value_parser = parse_gid)]
+    gid: Gid,
+    #[command(flatten)]
+    ctl: ControllerOpts,
+}
+
+/// Arguments of `shoal shard query`.
+#[derive(Debug, clap::Args)]
+struct QueryArgs {
+    /// Configuration number (default: the latest).
+    num: Option<u64>,
+    #[command(flatten)]
+    ctl: ControllerOpts,
+}
+
+/// Arguments of `shoal shard status`.
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    ctl: ControllerOpts,
+}
+
+/// A gid argument: 1, 2, … (0 means "no group").
+fn parse_gid(s: &str) -> Result<Gid> {
+    let gid: Gid = s
+        .parse()
+        .with_context(|| format!("{s:?} is not a gid (a group number: 1, 2, …)"))?;
+    if gid == shoal_shard::NO_GROUP {
+        bail!("gid 0 is reserved (it means \"no owner\"): groups are numbered from 1");
+    }
+    Ok(gid)
+}
+
+/// A `GID=ADDR,ADDR,ADDR` argument of `shard join`.
+fn parse_group(s: &str) -> Result<(Gid, Vec<SocketAddr>)> {
+    let Some((gid, addrs)) = s.split_once('=') else {
+        bail!(
+            "{s:?}: write GID=ADDR,ADDR,ADDR, e.g. 4=127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403"
+        );
+    };
+    let gid = parse_gid(gid.trim())?;
+    let addrs: Vec<&str> = addrs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addrs.is_empty() {
+        bail!("group {gid} has no servers: write {gid}=ADDR,ADDR,ADDR");
+    }
+    let addrs = addrs
+        .into_iter()
+        .map(crate::cli::parse_addr)
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| anyhow::anyhow!("group {gid}: {e:#}"))?;
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = addrs.iter().find(|a| !seen.insert(**a)) {
+        bail!("group {gid} names {dup} twice: each server has its own address");
+    }
+    Ok((gid, addrs))
 }
 
 /// Arguments of `shoal shard server`.
@@ -101,6 +332,22 @@ pub fn run(cmd: ShardCommand) -> Result<ExitCode> {
     runtime.block_on(async move {
         match cmd.command {
             ShardSub::Server(args) => server(args).await,
+            ShardSub::Up(args) => crate::shard_up::up(args).await,
+            ShardSub::Join(args) => join(args).await,
+            ShardSub::Leave(args) => {
+                let store = args.ctl.store()?;
+                change(&store, &args.ctl, Op::Leave(args.gids), None).await
+            }
+            ShardSub::Move(args) => {
+                let store = args.ctl.store()?;
+                let op = Op::Move {
+                    shard: args.shard,
+                    gid: args.gid,
+                };
+                change(&store, &args.ctl, op, None).await
+            }
+            ShardSub::Query(args) => query(args).await,
+            ShardSub::Status(args) => status(args).await,
         }
     })
 }
@@ -177,4 +424,411 @@ async fn server(args: ServerArgs) -> Result<ExitCode> {
         .await
         .with_context(|| who)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal shard join`.
+async fn join(args: JoinArgs) -> Result<ExitCode> {
+    let store = args.ctl.store()?;
+    let mut groups = BTreeMap::new();
+    for (gid, addrs) in args.groups {
+        let names = addrs.iter().map(ToString::to_string).collect();
+        if groups.insert(gid, names).is_some() {
+            bail!("group {gid} is given twice: give each group once, with all its servers");
+        }
+    }
+    change(&store, &args.ctl, Op::Join(groups), Some(args.shards)).await
+}
+
+/// Runs one change (join, leave, move) through a controller in this process and prints the
+/// new configuration number once it is complete. A refusal is printed with exit status 1;
+/// Ctrl-C interrupts the wait (exit status 130).
+async fn change(
+    store: &[SocketAddr],
+    ctl: &ControllerOpts,
+    op: Op,
+    shards: Option<u32>,
+) -> Result<ExitCode> {
+    let list = join_addrs(store);
+    let before = read_latest(store, ctl.cluster, READ_TIMEOUT)
+        .await
+        .with_context(|| format!("reading the controller store at {list}"))?;
+    let shards = match (&before, shards) {
+        (Some(record), _) => record.config.num_shards(),
+        (None, Some(shards)) => shards,
+        (None, None) => bail!(
+            "the controller store at {list} holds no configuration yet: join groups first \
+             (shoal shard join 1=ADDR,ADDR,ADDR)"
+        ),
+    };
+    let before = before.map(|r| r.config.num);
+    let mut config = ControllerDriverConfig::new(store.to_vec(), shards);
+    config.cluster_id = ctl.cluster;
+    let controller = ShardController::start(config)?;
+    let mut signals = shoal_cluster::StopSignals::install()?;
+    let outcome = {
+        let submit = controller.submit(op);
+        tokio::pin!(submit);
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        loop {
+            tokio::select! {
+                result = &mut submit => break Some(result),
+                _ = progress.tick() => {
+                    print_waiting(&controller.status(), store, ctl.cluster).await;
+                }
+                _ = signals.recv() => break None,
+            }
+        }
+    };
+    let status = controller.status();
+    controller.stop().await;
+    match outcome {
+        Some(Ok(num)) => {
+            println!("config {num}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Err(reason)) => {
+            eprintln!("error: {reason} (nothing changed)");
+            Ok(ExitCode::from(1))
+        }
+        None => {
+            match status.latest {
+                Some(num) if before.is_none_or(|b| num > b) => eprintln!(
+                    "interrupted: the change is recorded as configuration {num} but not complete \
+                     ({} moves pending); the next `shoal shard join`, `leave` or `move` (or \
+                     `shoal shard up`) completes it first",
+                    status.moves_pending
+                ),
+                _ => eprintln!("interrupted before the change was recorded: nothing changed"),
+            }
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+/// Asks every server of `groups` at once whether it leads its group.
+async fn ask_groups(
+    groups: &BTreeMap<Gid, Vec<String>>,
+    cluster: u64,
+    timeout: Duration,
+) -> BTreeMap<Gid, Vec<(String, ServerAnswer)>> {
+    let mut asks = Vec::new();
+    for (&gid, servers) in groups {
+        for name in servers {
+            let name = name.clone();
+            asks.push((
+                gid,
+                name.clone(),
+                tokio::spawn(async move {
+                    let addr = crate::cli::parse_addr(&name).map_err(|e| format!("{e:#}"))?;
+                    group_server_status(addr, gid, cluster, timeout).await
+                }),
+            ));
+        }
+    }
+    let mut answers: BTreeMap<Gid, Vec<(String, ServerAnswer)>> = BTreeMap::new();
+    for (gid, name, ask) in asks {
+        let answer = ask.await.unwrap_or_else(|e| Err(e.to_string()));
+        answers.entry(gid).or_default().push((name, answer));
+    }
+    answers
+}
+
+/// Prints (stderr) what a change waits for: the controller's state, and the groups of the
+/// change in progress that have no leader answering, with why each server does not answer.
+pub(crate) async fn print_waiting(status: &ControllerStatus, store: &[SocketAddr], cluster: u64) {
+    print_status_line(status);
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+    let Ok(Some(record)) = read_latest(store, cluster, PROBE_TIMEOUT).await else {
+        return;
+    };
+    if record.complete {
+        return;
+    }
+    let involved: std::collections::BTreeSet<Gid> = record
+        .moves
+        .iter()
+        .flat_map(|m| [m.from, m.to])
+        .filter(|&g| g != shoal_shard::NO_GROUP)
+        .collect();
+    // A group leaving is no longer in the latest configuration: its servers are in the one
+    // before.
+    let mut groups: BTreeMap<Gid, Vec<String>> = BTreeMap::new();
+    let previous = match record.config.num.checked_sub(1) {
+        Some(num) => read_config(store, cluster, num, PROBE_TIMEOUT)
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    for gid in involved {
+        let servers = record
+            .config
+            .groups
+            .get(&gid)
+            .or_else(|| previous.as_ref()?.groups.get(&gid));
+        if let Some(servers) = servers {
+            groups.insert(gid, servers.clone());
+        }
+    }
+    for (gid, answers) in ask_groups(&groups, cluster, PROBE_TIMEOUT).await {
+        if answers
+            .iter()
+            .any(|(_, a)| a.as_ref().is_ok_and(|s| s.leader))
+        {
+            continue;
+        }
+        let why: Vec<String> = answers
+            .iter()
+            .map(|(name, a)| match a {
+                Ok(_) => format!("{name}: no leader known"),
+                Err(why) => format!("{name}: {why}"),
+            })
+            .collect();
+        eprintln!(
+            "  group {gid} has no leader answering ({}): are its servers running?",
+            why.join("; ")
+        );
+    }
+}
+
+/// Prints (stderr) the controller's state while a change waits.
+fn print_status_line(status: &ControllerStatus) {
+    let config = status
+        .latest
+        .map_or("no configuration yet".to_string(), |n| {
+            format!("configuration {n}")
+        });
+    let problem = status
+        .last_problem
+        .as_deref()
+        .map_or(String::new(), |p| format!("; last problem: {p}"));
+    eprintln!(
+        "waiting ({:?}, {config}, {} moves pending, {} done){problem}",
+        status.phase, status.moves_pending, status.moves_done
+    );
+}
+
+fn join_addrs(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The store has no configuration: what to do.
+fn no_configuration(store: &[SocketAddr]) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the controller store at {} holds no configuration yet: start a cluster with `shoal \
+         shard up`, or join groups with `shoal shard join 1=ADDR,ADDR,ADDR`",
+        join_addrs(store)
+    )
+}
+
+/// `shoal shard query [N]`.
+async fn query(args: QueryArgs) -> Result<ExitCode> {
+    let store = args.ctl.store()?;
+    let list = join_addrs(&store);
+    let latest = read_latest(&store, args.ctl.cluster, READ_TIMEOUT)
+        .await
+        .with_context(|| format!("reading the controller store at {list}"))?
+        .ok_or_else(|| no_configuration(&store))?;
+    let config = match args.num {
+        None => latest.config,
+        Some(num) if num == latest.config.num => latest.config,
+        Some(num) if num > latest.config.num => bail!(
+            "there is no configuration {num} yet: the latest is {}",
+            latest.config.num
+        ),
+        Some(num) => read_config(&store, args.ctl.cluster, num, READ_TIMEOUT)
+            .await
+            .with_context(|| format!("reading the controller store at {list}"))?
+            .with_context(|| format!("configuration {num} is not in the controller store"))?,
+    };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "config {} ({} shards)",
+        config.num,
+        config.num_shards()
+    )?;
+    writeln!(out, "groups:")?;
+    if config.groups.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for (gid, servers) in &config.groups {
+        writeln!(out, "  {gid} {}", servers.join(","))?;
+    }
+    writeln!(out, "shards:")?;
+    for line in shard_ranges(&config) {
+        writeln!(out, "  {line}")?;
+    }
+    emit(&out)
+}
+
+/// Prints `text` on stdout: a reader that left early (`| head`) is not an error.
+fn emit(text: &str) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        r => r.map(|()| ExitCode::SUCCESS).context("writing to stdout"),
+    }
+}
+
+/// `shoal shard status`.
+async fn status(args: StatusArgs) -> Result<ExitCode> {
+    let store = args.ctl.store()?;
+    let cluster = args.ctl.cluster;
+    let record = read_latest(&store, cluster, READ_TIMEOUT)
+        .await
+        .with_context(|| format!("reading the controller store at {}", join_addrs(&store)))?
+        .ok_or_else(|| no_configuration(&store))?;
+    let config = &record.config;
+    let answers = ask_groups(&config.groups, cluster, READ_TIMEOUT).await;
+    let mut out = String::new();
+    let state = if record.complete {
+        "complete".to_string()
+    } else {
+        format!("changing: {} shard moves in progress", record.moves.len())
+    };
+    writeln!(
+        out,
+        "config {} ({} shards), {state}",
+        config.num,
+        config.num_shards()
+    )?;
+    writeln!(out, "shards:")?;
+    for line in shard_ranges(config) {
+        writeln!(out, "  {line}")?;
+    }
+    if !record.complete {
+        writeln!(
+            out,
+            "migrations to config {} (in progress; the next join, leave or move completes \
+             them):",
+            config.num
+        )?;
+        let mut by_pair: BTreeMap<(Gid, Gid), Vec<ShardId>> = BTreeMap::new();
+        for m in &record.moves {
+            by_pair.entry((m.from, m.to)).or_default().push(m.shard);
+        }
+        for ((from, to), shards) in by_pair {
+            writeln!(
+                out,
+                "  {} -> {}: shards {}",
+                group_name(from),
+                group_name(to),
+                compact(&shards)
+            )?;
+        }
+    }
+    writeln!(out, "groups:")?;
+    for (gid, servers) in &answers {
+        let leader = servers
+            .iter()
+            .find(|(_, a)| a.as_ref().is_ok_and(|s| s.leader))
+            .map_or("no leader answering".to_string(), |(name, _)| {
+                format!("leader {name}")
+            });
+        writeln!(out, "  {gid} {leader}")?;
+        for (name, answer) in servers {
+            match answer {
+                Ok(s) if s.leader => {
+                    writeln!(out, "    {name} leader, adopted config {}", s.adopted)?
+                }
+                Ok(s) => match s.leader_hint {
+                    Some(id) => writeln!(out, "    {name} follower (of server {id})")?,
+                    None => writeln!(out, "    {name} follower (no leader known)")?,
+                },
+                Err(why) => writeln!(out, "    {name} unreachable: {why}")?,
+            }
+        }
+    }
+    emit(&out)
+}
+
+/// A group server's answer to `status`.
+type ServerAnswer = Result<GroupServerStatus, String>;
+
+fn group_name(gid: Gid) -> String {
+    if gid == shoal_shard::NO_GROUP {
+        "none".to_string()
+    } else {
+        format!("group {gid}")
+    }
+}
+
+/// Shard -> group as ranges, one per line: `0-42 -> 1`, `43 -> 2` (`none`: no owner).
+pub(crate) fn shard_ranges(config: &Config) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut start = 0usize;
+    for i in 1..=config.shards.len() {
+        if i == config.shards.len() || config.shards[i] != config.shards[start] {
+            let gid = config.shards[start];
+            let owner = if gid == shoal_shard::NO_GROUP {
+                "none".to_string()
+            } else {
+                gid.to_string()
+            };
+            let range = if i - 1 == start {
+                format!("{start}")
+            } else {
+                format!("{start}-{}", i - 1)
+            };
+            lines.push(format!("{range} -> {owner}"));
+            start = i;
+        }
+    }
+    lines
+}
+
+/// Sorted shard ids as ranges: `0-3, 7, 9-10`.
+fn compact(ids: &[ShardId]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i;
+        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            ids[i].to_string()
+        } else {
+            format!("{}-{}", ids[i], ids[j])
+        });
+        i = j + 1;
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_ownership_prints_as_ranges() {
+        let mut config = Config::empty(8).unwrap();
+        assert_eq!(shard_ranges(&config), ["0-7 -> none"]);
+        config.shards = vec![1, 1, 1, 2, 2, 1, 3, 3];
+        assert_eq!(
+            shard_ranges(&config),
+            ["0-2 -> 1", "3-4 -> 2", "5 -> 1", "6-7 -> 3"]
+        );
+        assert_eq!(compact(&[0, 1, 2, 3, 7, 9, 10]), "0-3, 7, 9-10");
+        assert_eq!(compact(&[]), "");
+    }
+
+    #[test]
+    fn join_arguments_are_checked_before_anything_runs() {
+        let (gid, addrs) = parse_group("4=127.0.0.1:7401,127.0.0.1:7402").unwrap();
+        assert_eq!((gid, addrs.len()), (4, 2));
+        let err = |s: &str| format!("{:#}", parse_group(s).unwrap_err());
+        assert!(err("0=127.0.0.1:1").contains("gid 0 is reserved"));
+        assert!(err("4=").contains("group 4 has no servers"));
+        assert!(err("4").contains("write GID=ADDR,ADDR,ADDR"));
+        assert!(err("4=127.0.0.1").contains("has no port"));
+        assert!(err("x=127.0.0.1:1").contains("not a gid"));
+        assert!(err("4=127.0.0.1:1,127.0.0.1:1").contains("twice"));
+    }
 }
