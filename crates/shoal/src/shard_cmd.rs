@@ -30,11 +30,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a waiting change prints what it waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
-/// Where `shoal shard up` keeps its cluster, and where the client commands look for it.
-pub(crate) const DEFAULT_DIR: &str = "shoal-shard";
-/// The file in the cluster directory listing the controller store's addresses, one per line.
-pub(crate) const CONTROLLER_FILE: &str = "controller";
-
 /// `shoal shard`: the sharded key/value database.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "A tour (`up` in one terminal, the rest in another):\n  \
