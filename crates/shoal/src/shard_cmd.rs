@@ -431,7 +431,56 @@ async fn join(args: JoinArgs) -> Result<ExitCode> {
             bail!("group {gid} is given twice: give each group once, with all its servers");
         }
     }
+    if !wait_for_leaders(&groups, args.ctl.cluster).await? {
+        eprintln!("interrupted before the change was recorded: nothing changed");
+        return Ok(ExitCode::from(130));
+    }
     change(&store, &args.ctl, Op::Join(groups), Some(args.shards)).await
+}
+
+/// Before a join is recorded, waits until every joining group has a leader answering: a
+/// configuration naming a group that cannot serve would leave its shards unserved until it
+/// came up. Says every few seconds which servers do not answer and why. Returns false when
+/// interrupted (Ctrl-C, SIGTERM): nothing was recorded.
+async fn wait_for_leaders(groups: &BTreeMap<Gid, Vec<String>>, cluster: u64) -> Result<bool> {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+    let mut signals = shoal_cluster::StopSignals::install()?;
+    let started = tokio::time::Instant::now();
+    let mut said = started;
+    loop {
+        let answers = ask_groups(groups, cluster, PROBE_TIMEOUT).await;
+        let waiting: Vec<String> = answers
+            .iter()
+            .filter(|(_, a)| !a.iter().any(|(_, a)| a.as_ref().is_ok_and(|s| s.leader)))
+            .map(|(gid, a)| {
+                let why: Vec<String> = a
+                    .iter()
+                    .map(|(name, a)| match a {
+                        Ok(_) => format!("{name}: no leader known yet"),
+                        Err(why) => format!("{name}: {why}"),
+                    })
+                    .collect();
+                format!("group {gid} ({})", why.join("; "))
+            })
+            .collect();
+        if waiting.is_empty() {
+            return Ok(true);
+        }
+        if said.elapsed() >= PROGRESS_EVERY || said == started {
+            said = tokio::time::Instant::now();
+            if started.elapsed() >= PROGRESS_EVERY {
+                eprintln!(
+                    "waiting for a leader in {}: are the servers running (`shoal shard server`)? \
+                     Nothing is recorded yet; Ctrl-C stops.",
+                    waiting.join(", ")
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = signals.recv() => return Ok(false),
+        }
+    }
 }
 
 /// Runs one change (join, leave, move) through a controller in this process and prints the

@@ -210,7 +210,8 @@ fn migrations_under_sigkill_of_leaders_and_of_the_controller_stay_linearizable()
     let joins: Vec<String> = (1..=GROUPS)
         .map(|g| format!("{g}={}", groups.servers(g)))
         .collect();
-    let mut join_args = vec!["join"];
+    let shards = SHARDS.to_string();
+    let mut join_args = vec!["join", "--shards", &shards];
     join_args.extend(joins.iter().map(String::as_str));
     operator(&store, &join_args);
     let (first, complete) = latest(&rt, &store_addrs).expect("a configuration");

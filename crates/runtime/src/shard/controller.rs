@@ -31,7 +31,7 @@ use shoal_wire::shard::{ControlOp, ControlReply, ControlRequest, FromGroup, ToGr
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::link::{Event, LinkConfig, Links};
 use crate::kv::client::{DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, REPLY_QUEUE_LEN};
@@ -267,7 +267,7 @@ async fn drive(
                 Some(Cmd::Submit(op, tx)) => {
                     let ticket = next_ticket;
                     next_ticket += 1;
-                    info!(ticket, ?op, "submitting");
+                    debug!(ticket, ?op, "submitting");
                     waiting.insert(ticket, tx);
                     actions = ctl.submit(ticket, op);
                 }
