@@ -62,6 +62,7 @@ Examples:
   # an existing cluster (`shoal kv up`), an existing etcd:
   shoal bench kv --endpoints 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
   shoal bench kv --target etcd --endpoints 127.0.0.1:2379
+  shoal bench kv --controller \"$(paste -sd, shoal-shard/controller)\"   # a `shoal shard up`
   cargo run --release --features etcd -- bench kv --compare --plot docs/kv-vs-etcd.svg
   shoal bench kv --quick                           # a smoke test in seconds
 
@@ -85,7 +86,12 @@ pub struct BenchArgs {
     /// addresses (host:port or http://host:port). Default: start a local 3-member cluster.
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
-    /// Cluster id of the Shoal servers given with --endpoints.
+    /// An existing sharded Shoal cluster: its controller store's addresses A,B,C (the lines of
+    /// DIR/controller of `shoal shard up`). Requests are routed to the group owning each key's
+    /// shard.
+    #[arg(long, value_delimiter = ',', value_parser = parse_socket_addr, conflicts_with_all = ["endpoints", "target", "compare"])]
+    controller: Vec<SocketAddr>,
+    /// Cluster id of the Shoal servers given with --endpoints or --controller.
     #[arg(long, default_value_t = shoal_runtime::kv::client::DEFAULT_CLUSTER_ID)]
     cluster: u64,
     /// Concurrent requesters, one run per count (comma-separated). Each keeps one operation
@@ -255,7 +261,7 @@ fn validate(args: &mut BenchArgs) -> Result<Plan> {
         );
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    if args.endpoints.is_empty() && is_tmpfs(&data_dir) {
+    if args.endpoints.is_empty() && args.controller.is_empty() && is_tmpfs(&data_dir) {
         eprintln!(
             "kv bench: warning: {} is a tmpfs: fsync is free there, the figures flatter both systems",
             data_dir.display()
@@ -273,6 +279,13 @@ fn validate(args: &mut BenchArgs) -> Result<Plan> {
         value: Arc::new(vec![b'v'; args.value_size]),
         data_dir,
     })
+}
+
+/// Parses one IP:PORT of --controller.
+fn parse_socket_addr(s: &str) -> std::result::Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP:PORT address"))
 }
 
 /// Parses --endpoints for Shoal.
@@ -490,7 +503,9 @@ impl<T: KvTarget> Side<T> {
     async fn failover(&mut self, args: &BenchArgs, plan: &Plan) -> Option<FailoverOutcome> {
         let name = self.target.kind().name();
         let Some(cluster) = self.cluster.as_mut() else {
-            eprintln!("kv bench: {name}: no failover phase on a cluster given with --endpoints");
+            eprintln!(
+                "kv bench: {name}: no failover phase on a cluster given with --endpoints or --controller"
+            );
             return None;
         };
         if args.failover_kills == 0 {
@@ -530,6 +545,29 @@ impl<T: KvTarget> Side<T> {
 type FailoverOutcome = std::result::Result<Failover, String>;
 
 async fn start_shoal(args: &BenchArgs, plan: &Plan) -> Result<Side<ShoalTarget>> {
+    if !args.controller.is_empty() {
+        let target = Arc::new(ShoalTarget::sharded(
+            args.controller.clone(),
+            args.cluster,
+            OP_TIMEOUT,
+        ));
+        let list = args
+            .controller
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        wait_ready(
+            &target,
+            REACH_TIMEOUT,
+            &format!("the sharded Shoal cluster of the controller store at {list}"),
+        )
+        .await?;
+        return Ok(Side {
+            target,
+            cluster: None,
+        });
+    }
     if !args.endpoints.is_empty() && !args.compare {
         let endpoints = shoal_endpoints(&args.endpoints)?;
         let target = Arc::new(ShoalTarget::new(
@@ -733,8 +771,15 @@ fn print_runs_table(args: &BenchArgs, runs: &[RunResult]) {
         return;
     }
     println!();
+    let cluster = if !args.controller.is_empty() {
+        "a sharded cluster (its controller store given with --controller)".to_string()
+    } else if !args.endpoints.is_empty() {
+        format!("the cluster at {}", args.endpoints.join(","))
+    } else {
+        "3 members on 127.0.0.1".to_string()
+    };
     println!(
-        "Key/value, 3 members on 127.0.0.1, {}-byte keys, {}-byte values, keyspace {}, {} measured ops per run after {} warmup",
+        "Key/value, {cluster}, {}-byte keys, {}-byte values, keyspace {}, {} measured ops per run after {} warmup",
         args.key_size, args.value_size, args.keyspace, args.ops, args.warmup
     );
     println!("| target | mode | clients | ops/s | p50 | p90 | p99 | p99.9 | max | errors |");

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use shoal_runtime::kv::{Client, ClientConfig, ClientError, ClientPool, PutOutcome};
+use shoal_runtime::shard::{ShardClient, ShardClientConfig, ShardClientPool};
 use shoal_wire::kv::Expected;
 
 /// Which system a run measures.
@@ -59,37 +60,48 @@ pub trait KvTarget: Send + Sync + 'static {
 
 /// Shoal: one `Client` per requester (a client runs one operation at a time, in its own
 /// session), all sharing one `ClientPool`, so the requests of every requester travel over one
-/// connection per server, written in batches, as etcd's requests share one gRPC channel.
+/// connection per server, written in batches, as etcd's requests share one gRPC channel. On a
+/// sharded cluster ([`ShoalTarget::sharded`]) the same with the routing client: one
+/// `ShardClient` per requester, all sharing one `ShardClientPool` (one connection per server
+/// of every group).
 pub struct ShoalTarget {
-    pub endpoints: Vec<SocketAddr>,
-    pub cluster_id: u64,
-    /// Bound on one operation, retries included.
-    pub op_timeout: Duration,
-    pool: ClientPool,
+    pool: ShoalPool,
+}
+
+enum ShoalPool {
+    Group(ClientPool),
+    Sharded(ShardClientPool),
 }
 
 impl ShoalTarget {
+    /// One group (one Raft cluster) at `endpoints`.
     pub fn new(endpoints: Vec<SocketAddr>, cluster_id: u64, op_timeout: Duration) -> ShoalTarget {
-        let mut t = ShoalTarget {
-            endpoints,
-            cluster_id,
-            op_timeout,
-            pool: ClientPool::new(ClientConfig::new(Vec::new())),
-        };
-        t.pool = ClientPool::new(t.config());
-        t
+        let mut config = ClientConfig::new(endpoints);
+        config.cluster_id = cluster_id;
+        config.op_timeout = op_timeout;
+        ShoalTarget {
+            pool: ShoalPool::Group(ClientPool::new(config)),
+        }
     }
 
-    fn config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new(self.endpoints.clone());
-        config.cluster_id = self.cluster_id;
-        config.op_timeout = self.op_timeout;
-        config
+    /// A sharded cluster whose controller store is at `controller`.
+    pub fn sharded(
+        controller: Vec<SocketAddr>,
+        cluster_id: u64,
+        op_timeout: Duration,
+    ) -> ShoalTarget {
+        let mut config = ShardClientConfig::new(controller);
+        config.cluster_id = cluster_id;
+        config.op_timeout = op_timeout;
+        ShoalTarget {
+            pool: ShoalPool::Sharded(ShardClientPool::new(config)),
+        }
     }
 }
 
-pub struct ShoalConn {
-    client: Client,
+pub enum ShoalConn {
+    Group(Box<Client>),
+    Sharded(Box<ShardClient>),
 }
 
 /// Turns the client's "too large" into the one-line error the CLI prints.
@@ -104,14 +116,14 @@ fn shoal_error(e: ClientError) -> anyhow::Error {
 
 impl KvConn for ShoalConn {
     async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<Answer> {
-        match self
-            .client
-            .put(key, value, Expected::Any)
-            .await
-            .map_err(shoal_error)?
-        {
+        let (outcome, server) = match self {
+            ShoalConn::Group(c) => (c.put(key, value, Expected::Any).await, c.last_server()),
+            // Which server of which group answered is not one number: none.
+            ShoalConn::Sharded(c) => (c.put(key, value, Expected::Any).await, None),
+        };
+        match outcome.map_err(shoal_error)? {
             PutOutcome::Written(_) => Ok(Answer {
-                server: self.client.last_server(),
+                server,
                 found: true,
             }),
             other => bail!("unconditional put answered {other:?}"),
@@ -119,10 +131,13 @@ impl KvConn for ShoalConn {
     }
 
     async fn get(&mut self, key: &[u8]) -> Result<Answer> {
-        let found = self.client.get(key).await.map_err(shoal_error)?.is_some();
+        let (found, server) = match self {
+            ShoalConn::Group(c) => (c.get(key).await, c.last_server()),
+            ShoalConn::Sharded(c) => (c.get(key).await, None),
+        };
         Ok(Answer {
-            server: self.client.last_server(),
-            found,
+            server,
+            found: found.map_err(shoal_error)?.is_some(),
         })
     }
 }
@@ -135,8 +150,9 @@ impl KvTarget for ShoalTarget {
     }
 
     async fn connect(&self) -> Result<ShoalConn> {
-        Ok(ShoalConn {
-            client: Client::with_pool(&self.pool)?,
+        Ok(match &self.pool {
+            ShoalPool::Group(p) => ShoalConn::Group(Box::new(Client::with_pool(p)?)),
+            ShoalPool::Sharded(p) => ShoalConn::Sharded(Box::new(ShardClient::with_pool(p)?)),
         })
     }
 }
