@@ -17,7 +17,7 @@
 mod cluster;
 mod failover;
 mod load;
-mod plot;
+pub(crate) mod plot;
 mod target;
 
 use std::net::SocketAddr;
