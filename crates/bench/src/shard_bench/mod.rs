@@ -120,9 +120,11 @@ pub struct BenchArgs {
     /// Where the plot and the tables go.
     #[arg(long, default_value = "target/bench-shard")]
     out: PathBuf,
-    /// Where the clusters' temporary data directories go.
-    #[arg(long, default_value_os_t = std::env::temp_dir())]
-    data_dir: PathBuf,
+    /// Where the clusters keep their data (fresh subdirectories, removed afterwards). It
+    /// should be on the disk being measured: on a tmpfs fsync is free. Default: $TMPDIR,
+    /// /var/tmp or the current directory, the first that is not a tmpfs.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 fn validate(args: &BenchArgs) -> Result<()> {
@@ -164,8 +166,18 @@ fn validate(args: &BenchArgs) -> Result<()> {
 }
 
 /// Runs `shoal bench shard`.
-pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
     validate(&args)?;
+    let data_dir = args
+        .data_dir
+        .get_or_insert_with(crate::kv_bench::default_data_dir)
+        .clone();
+    if crate::kv_bench::is_tmpfs(&data_dir) {
+        eprintln!(
+            "shard bench: warning: {} is a tmpfs: fsync is free there, the puts are flattered",
+            data_dir.display()
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -181,7 +193,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     eprintln!(
         "shard bench: {}; kernel {kernel}; data under {}",
         crate::bench_util::machine_line(),
-        args.data_dir.display()
+        data_dir.display()
     );
     let mut settings = Vec::new();
     let mut hierarchy = None;
@@ -307,7 +319,7 @@ fn cluster_spec(
 ) -> ClusterSpec {
     ClusterSpec {
         bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("shoal")),
-        data_dir: args.data_dir.clone(),
+        data_dir: args.data_dir.clone().unwrap_or_else(|| PathBuf::from(".")),
         groups,
         replicas: args.replicas,
         shards: args.shards,
