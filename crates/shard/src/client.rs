@@ -23,7 +23,11 @@
 //! [`Outcome::Maybe`].
 //!
 //! **Scans** ([`KvOp::Scan`]) are sent to every shard (each through its owner, with the scan's
-//! `limit` per shard, all shards in parallel), merged in key order and cut to `limit`. A scan
+//! `limit` per shard, all shards in parallel), merged in key order and cut to `limit`, and cut
+//! at the smallest last key of a part that answered a full page (each part asks for at most
+//! the servers' `max_scan_items`, [`ShardClerkConfig::max_scan_items`]; a part answering that
+//! many may hold more past its last key): a caller wanting more pages on from just after the
+//! last key it got, as with one group. A scan
 //! is linearizable **per shard** only: each shard's part is read at its own moment, so a scan
 //! is not one atomic snapshot across shards (a write to two shards between the parts' reads
 //! may show in one part and not the other).
@@ -67,6 +71,15 @@ pub struct ShardClerkConfig {
     /// Reads: ask the groups for serializable (possibly stale, local) reads. The configuration
     /// itself is always read linearizably.
     pub serializable_reads: bool,
+    /// The request id of the first request (then counting up; never 0). Clients sharing
+    /// connections route answers by the (client, request) ids they echo, and session ids
+    /// repeat across shards, so a driver running many clients starts each at a random point;
+    /// the simulator keeps the default, 1.
+    pub first_request: u64,
+    /// The most pairs a group server answers per scan request (its `max_scan_items`; the
+    /// same on every server of a cluster, as every store limit): each shard's part of a scan
+    /// asks for at most this many, and a part answering that many may have more.
+    pub max_scan_items: u32,
 }
 
 impl ShardClerkConfig {
@@ -79,6 +92,8 @@ impl ShardClerkConfig {
             min_backoff: DEFAULT_MIN_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             serializable_reads: false,
+            first_request: 1,
+            max_scan_items: shoal_kv::store::DEFAULT_MAX_SCAN_ITEMS,
         }
     }
 }
@@ -184,6 +199,9 @@ struct Pending {
     parts: Option<Vec<Part>>,
     /// A scan's answered parts.
     scanned: Vec<ScanItem>,
+    /// A scan: the smallest last key of a part that answered a full page; the merge keeps
+    /// nothing past it.
+    cut: Option<Vec<u8>>,
 }
 
 /// The state of the configuration fetch.
@@ -238,6 +256,7 @@ impl ShardClerk {
             serializable_reads: false,
         })
         .map_err(|_| ClientError::NoStoreServers)?;
+        let first_request = cfg.first_request.max(1);
         Ok(ShardClerk {
             refresh_backoff: cfg.min_backoff,
             cfg,
@@ -246,7 +265,7 @@ impl ShardClerk {
             refresh: Refresh::Idle,
             leaders: BTreeMap::new(),
             sessions: BTreeMap::new(),
-            next_request: 1,
+            next_request: first_request,
             next_token: 1,
             pending: None,
         })
@@ -292,6 +311,7 @@ impl ShardClerk {
             op,
             parts: None,
             scanned: Vec::new(),
+            cut: None,
         });
         Ok(self.route_waiting())
     }
@@ -591,7 +611,18 @@ impl ShardClerk {
             }
         };
         match &op {
-            KvOp::Scan { .. } => (0..shards).map(|s| part(self, s, op.clone())).collect(),
+            KvOp::Scan { start, end, limit } => {
+                // Each part asks no more than the servers answer at most, so that a part
+                // answering fewer than it asked is known complete.
+                let part_op = KvOp::Scan {
+                    start: start.clone(),
+                    end: end.clone(),
+                    limit: (*limit).min(self.cfg.max_scan_items.max(1)),
+                };
+                (0..shards)
+                    .map(|s| part(self, s, part_op.clone()))
+                    .collect()
+            }
             KvOp::Get { key } | KvOp::Put { key, .. } | KvOp::Delete { key, .. } => {
                 let shard = shard_of(key, shards);
                 vec![part(self, shard, op)]
@@ -787,6 +818,18 @@ impl ShardClerk {
         let Some(p) = self.pending.as_mut() else {
             return Vec::new();
         };
+        let asked = match p.op {
+            KvOp::Scan { limit, .. } => limit.min(self.cfg.max_scan_items.max(1)) as usize,
+            _ => usize::MAX,
+        };
+        // A part that answered as many pairs as it asked for may hold more past its last
+        // key: nothing past that key is known complete, from any shard, so the merge stops
+        // there. The caller reads on from after the last key it got.
+        if let Some(last) = items.last().filter(|_| items.len() >= asked) {
+            if p.cut.as_ref().is_none_or(|c| last.key < *c) {
+                p.cut = Some(last.key.clone());
+            }
+        }
         p.scanned.extend(items);
         let all_done = p
             .parts
@@ -802,6 +845,9 @@ impl ShardClerk {
         let mut items = std::mem::take(&mut p.scanned);
         // Keys are unique across shards (a key lives in one shard): a plain sort merges.
         items.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(cut) = p.cut.take() {
+            items.retain(|i| i.key <= cut);
+        }
         items.truncate(limit);
         self.finish(Outcome::Done(KvResult::Scanned { items }))
     }

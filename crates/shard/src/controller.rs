@@ -398,6 +398,13 @@ impl Controller {
         self.configs.get(&num)
     }
 
+    /// The lease the lock is held under, if granted. A driver that stops for good revokes it
+    /// (`KvOp::LeaseRevoke`), which deletes the lock key, so the next controller need not wait
+    /// for the lease to run out.
+    pub fn lease(&self) -> Option<u64> {
+        self.lease
+    }
+
     /// The latest record read from the store.
     pub fn latest(&self) -> Option<&Record> {
         self.latest.as_ref().map(|(r, _)| r)

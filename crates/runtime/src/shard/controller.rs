@@ -1,0 +1,454 @@
+//! The shard controller on tokio: the sans-IO [`Controller`] driven by a task, its store
+//! requests sent to the controller store (a Shoal KV cluster) and its control requests to the
+//! group servers named in the configurations (their `IP:PORT` addresses), over [`Links`].
+//!
+//! A controller is not a server: any process may run one ([`ShardController::start`]) for as
+//! long as it has operations to run — `shoal shard join|leave|move` and `shoal shard up` each
+//! run one for their change, then stop. Many may run at once on many hosts: the store's lock
+//! (held under a lease kept alive while the controller runs) lets one drive at a time, and a
+//! controller that finds the latest change incomplete (its driver was killed mid-way) finishes
+//! it before anything else. [`ShardController::stop`] revokes the lease, so the next
+//! controller takes the lock at once; a controller that dies without stopping holds it until
+//! its lease runs out (the lease TTL, 3 s by default).
+//!
+//! Reading configurations needs no lock: [`read_latest`] and [`read_config`] read the store
+//! linearizably through a plain KV client.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use futures::{SinkExt as _, StreamExt as _};
+use shoal_shard::layout::{config_key, Record, LATEST_KEY};
+use shoal_shard::{
+    Config, Controller, ControllerConfig, ControllerStatus, CtlAction, CtlPhase, Op,
+};
+use shoal_wire::kv::{KvReply, KvRequest};
+use shoal_wire::shard::{ControlOp, ControlReply, ControlRequest, FromGroup, ToGroup};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::link::{Event, LinkConfig, Links};
+use crate::kv::client::{DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, REPLY_QUEUE_LEN};
+use crate::kv::{Client, ClientConfig, ClientError};
+use crate::transport::connect_client;
+
+/// Largest frame on a controller's connections: a migration's Export answer and Install
+/// request carry a whole shard in one frame.
+pub const CONTROLLER_MAX_FRAME_BYTES: usize = 1 << 30;
+
+/// Settings of a [`ShardController`].
+#[derive(Debug, Clone)]
+pub struct ControllerDriverConfig {
+    /// The controller store's KV servers, in server-id order.
+    pub store: Vec<SocketAddr>,
+    /// The cluster id every server was started with.
+    pub cluster_id: u64,
+    /// The shard count: used only to create configuration 0 in an empty store (a store that
+    /// holds configurations keeps its count).
+    pub shards: u32,
+    /// The lock holder's name, unique among the controllers running at once. Default:
+    /// `HOSTNAME-PID`.
+    pub name: String,
+    /// The lock's lease: how long the lock stays taken after a controller died without
+    /// stopping.
+    pub lease_ttl: Duration,
+    /// Wait this long for a server before asking the next (and before retrying a step a
+    /// group refused).
+    pub retry_timeout: Duration,
+    /// Time to establish a TCP connection.
+    pub connect_timeout: Duration,
+    /// Largest frame on its connections (a whole shard travels in one).
+    pub max_frame_bytes: usize,
+}
+
+impl ControllerDriverConfig {
+    /// Defaults for the cluster whose controller store is at `store`.
+    pub fn new(store: Vec<SocketAddr>, shards: u32) -> ControllerDriverConfig {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".to_string());
+        ControllerDriverConfig {
+            store,
+            cluster_id: DEFAULT_CLUSTER_ID,
+            shards,
+            name: format!("{host}-{}", std::process::id()),
+            lease_ttl: Duration::from_secs(3),
+            retry_timeout: Duration::from_millis(200),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_frame_bytes: CONTROLLER_MAX_FRAME_BYTES,
+        }
+    }
+
+    fn links(&self) -> LinkConfig {
+        LinkConfig {
+            cluster_id: self.cluster_id,
+            max_frame_bytes: self.max_frame_bytes,
+            connect_timeout: self.connect_timeout,
+            queue_len: 1024,
+        }
+    }
+}
+
+enum Cmd {
+    Submit(Op, oneshot::Sender<Result<u64, String>>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// A running controller: a tokio task holding (or acquiring) the store's lock. Dropping it
+/// without [`ShardController::stop`] ends the task, the lease left to run out.
+pub struct ShardController {
+    cmds: mpsc::Sender<Cmd>,
+    status: Arc<Mutex<ControllerStatus>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ShardController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardController")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ShardController {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl ShardController {
+    /// Starts a controller (on the current tokio runtime): it grants a lease, takes the lock
+    /// (waiting while another controller holds it), and finishes an incomplete change if the
+    /// latest one is.
+    pub fn start(config: ControllerDriverConfig) -> anyhow::Result<ShardController> {
+        if config.store.is_empty() {
+            bail!(
+                "no controller store addresses given: pass --controller ADDR,ADDR,ADDR (the \
+                 lines of DIR/controller written by `shoal shard up`)"
+            );
+        }
+        let store_ids: Vec<u64> = (1..=config.store.len() as u64).collect();
+        let mut cfg = ControllerConfig::new(
+            config.name.clone().into_bytes(),
+            new_id(),
+            store_ids,
+            config.shards,
+        );
+        cfg.lease_ttl_ms = u64::try_from(config.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        cfg.retry_timeout = config.retry_timeout;
+        let ctl = Controller::new(cfg).context("starting the shard controller")?;
+        let status = Arc::new(Mutex::new(ctl.status()));
+        let (cmds, rx) = mpsc::channel(16);
+        let task = tokio::spawn(drive(config, ctl, rx, Arc::clone(&status)));
+        Ok(ShardController {
+            cmds,
+            status,
+            task: Some(task),
+        })
+    }
+
+    /// Runs `op` to completion: the new configuration's number once every moved shard is
+    /// installed at its new owner and deleted at its old one, or why it was refused (nothing
+    /// changed). Waits as long as it takes (a group that is unreachable is retried; see
+    /// [`ShardController::status`] for what it waits for).
+    pub async fn submit(&self, op: Op) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Submit(op, tx)).await.is_err() {
+            return Err("the controller stopped".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the controller stopped".into()))
+    }
+
+    /// What the controller is doing: phase, lock, the latest configuration, moves pending
+    /// and done, the last problem a server reported.
+    pub fn status(&self) -> ControllerStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops: revokes the lease (deleting the lock) so the next controller need not wait
+    /// for it to run out. A change in progress stays recorded; the next controller finishes it.
+    pub async fn stop(mut self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+fn new_id() -> u64 {
+    use rand::Rng;
+    // Not the protocol's RNG: the runtime is where entropy comes in.
+    rand::rngs::OsRng.gen::<u64>() | 1
+}
+
+/// The controller's task.
+async fn drive(
+    config: ControllerDriverConfig,
+    mut ctl: Controller,
+    mut cmds: mpsc::Receiver<Cmd>,
+    status: Arc<Mutex<ControllerStatus>>,
+) {
+    let (store_tx, mut store_rx) = mpsc::channel::<Event<KvReply>>(REPLY_QUEUE_LEN);
+    let (group_tx, mut group_rx) = mpsc::channel::<Event<FromGroup>>(REPLY_QUEUE_LEN);
+    let store: Links<KvRequest, KvReply> = Links::to_one(config.links(), store_tx.clone());
+    let groups: Links<ToGroup, FromGroup> = Links::to_one(config.links(), group_tx.clone());
+    // Group servers asked: address → (gid, name in the configuration).
+    let mut servers: BTreeMap<SocketAddr, (u64, String)> = BTreeMap::new();
+    let mut waiting: BTreeMap<u64, oneshot::Sender<Result<u64, String>>> = BTreeMap::new();
+    let mut next_ticket = 1u64;
+    let mut timers: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut last_logged: Option<(CtlPhase, Option<u64>, bool, Option<String>)> = None;
+    let mut actions = ctl.start();
+    let stopped = loop {
+        for action in actions.drain(..) {
+            match action {
+                CtlAction::Store { server, request } => {
+                    let addr = usize::try_from(server.saturating_sub(1))
+                        .ok()
+                        .and_then(|i| config.store.get(i));
+                    if let Some(&addr) = addr {
+                        store.send(addr, request, &store_tx);
+                    }
+                }
+                CtlAction::Group {
+                    gid,
+                    server,
+                    request,
+                } => match server.parse::<SocketAddr>() {
+                    Ok(addr) => {
+                        servers.insert(addr, (gid, server));
+                        groups.send(addr, ToGroup::Control(request), &group_tx);
+                    }
+                    // Retried on the controller's timers; said once per phase change below.
+                    Err(_) => warn!(
+                        gid,
+                        %server,
+                        "a group server is named by something other than IP:PORT: it cannot be reached"
+                    ),
+                },
+                CtlAction::SetTimer { after, token } => {
+                    timers.push(Reverse((Instant::now() + after, token)))
+                }
+                CtlAction::Finished { ticket, result } => {
+                    if let Some(tx) = waiting.remove(&ticket) {
+                        let _ = tx.send(result);
+                    }
+                }
+            }
+        }
+        let s = ctl.status();
+        let summary = (s.phase, s.latest, s.complete, s.last_problem.clone());
+        if last_logged.as_ref() != Some(&summary) {
+            debug!(phase = ?s.phase, latest = ?s.latest, complete = s.complete,
+                moves_pending = s.moves_pending, problem = ?s.last_problem, "controller");
+            last_logged = Some(summary);
+        }
+        *status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        let next_timer = timers.peek().map(|Reverse((at, _))| *at);
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                Some(Cmd::Submit(op, tx)) => {
+                    let ticket = next_ticket;
+                    next_ticket += 1;
+                    info!(ticket, ?op, "submitting");
+                    waiting.insert(ticket, tx);
+                    actions = ctl.submit(ticket, op);
+                }
+                Some(Cmd::Stop(tx)) => break Some(tx),
+                None => break None,
+            },
+            event = store_rx.recv() => {
+                if let Some(Event::Reply(_, reply)) = event {
+                    actions = ctl.on_store_reply(reply);
+                }
+                // A lost connection: the controller's own timers resend.
+            }
+            event = group_rx.recv() => {
+                if let Some(Event::Reply(addr, FromGroup::Control(reply))) = event {
+                    if let Some((gid, name)) = servers.get(&addr) {
+                        actions = ctl.on_group_reply(*gid, name, reply);
+                    }
+                }
+            }
+            _ = sleep_until_opt(next_timer) => {
+                let now = Instant::now();
+                while let Some(Reverse((at, token))) = timers.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    timers.pop();
+                    actions.extend(ctl.on_timer(token));
+                }
+            }
+        }
+    };
+    if let Some(lease) = ctl.lease() {
+        let mut cc = ClientConfig::new(config.store.clone());
+        cc.cluster_id = config.cluster_id;
+        cc.op_timeout = Duration::from_secs(2);
+        if let Ok(mut client) = Client::new(cc) {
+            match client.lease_revoke(lease).await {
+                Ok(_) => debug!(lease, "controller lease revoked"),
+                Err(e) => {
+                    warn!(lease, error = %e, "could not revoke the controller's lease; the next controller waits for it to run out")
+                }
+            }
+        }
+    }
+    if let Some(tx) = stopped {
+        let _ = tx.send(());
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn store_client(
+    store: &[SocketAddr],
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<Client, ClientError> {
+    let mut cc = ClientConfig::new(store.to_vec());
+    cc.cluster_id = cluster_id;
+    cc.op_timeout = timeout;
+    Client::new(cc)
+}
+
+/// The latest record (configuration, its moves, whether the change is complete), read
+/// linearizably from the controller store; `None` before the first controller ran.
+pub async fn read_latest(
+    store: &[SocketAddr],
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<Option<Record>, ClientError> {
+    let mut client = store_client(store, cluster_id, timeout)?;
+    match client.get(LATEST_KEY).await? {
+        None => Ok(None),
+        Some((bytes, _)) => Record::decode(&bytes).map(Some).map_err(|e| {
+            ClientError::NoServer(format!(
+                "the controller store's latest record does not decode ({e}): is this the \
+                 controller store of a sharded cluster, of this version of Shoal?"
+            ))
+        }),
+    }
+}
+
+/// Configuration `num` from the controller store's history; `None` if it holds no such one.
+pub async fn read_config(
+    store: &[SocketAddr],
+    cluster_id: u64,
+    num: u64,
+    timeout: Duration,
+) -> Result<Option<Config>, ClientError> {
+    let mut client = store_client(store, cluster_id, timeout)?;
+    match client.get(&config_key(num)).await? {
+        None => Ok(None),
+        Some((bytes, _)) => Config::decode(&bytes).map(Some).map_err(|e| {
+            ClientError::NoServer(format!(
+                "configuration {num} in the controller store does not decode ({e})"
+            ))
+        }),
+    }
+}
+
+/// What one group server says of itself: whether it leads its group, the configuration it
+/// adopted (leader only) and its leader hint (a follower's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupServerStatus {
+    /// It leads its group.
+    pub leader: bool,
+    /// The configuration its group adopted (known by the leader; 0 from a follower).
+    pub adopted: u64,
+    /// A follower's hint: the id (position in the group, from 1) of the leader it follows.
+    pub leader_hint: Option<u64>,
+}
+
+/// Asks the server at `addr` (of group `gid`) whether it leads and which configuration its
+/// group adopted, within `timeout`. Errors say why, for a person.
+pub async fn group_server_status(
+    addr: SocketAddr,
+    gid: u64,
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<GroupServerStatus, String> {
+    let ask = async {
+        let mut framed = connect_client::<FromGroup, ToGroup>(
+            addr,
+            cluster_id,
+            shoal_wire::DEFAULT_MAX_FRAME_BYTES,
+            timeout,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::transport::TransportError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                "connection refused".to_string()
+            }
+            other => other.to_string(),
+        })?;
+        let request = ControlRequest {
+            tag: 1,
+            gid,
+            op: ControlOp::Adopted,
+        };
+        framed
+            .send(ToGroup::Control(request))
+            .await
+            .map_err(|e| format!("connection lost: {e}"))?;
+        loop {
+            match framed.next().await {
+                Some(Ok(FromGroup::Control(reply))) => {
+                    return match reply {
+                        ControlReply::Adopted { adopted, .. } => Ok(GroupServerStatus {
+                            leader: true,
+                            adopted,
+                            leader_hint: None,
+                        }),
+                        ControlReply::NotLeader { leader, .. } => Ok(GroupServerStatus {
+                            leader: false,
+                            adopted: 0,
+                            leader_hint: leader,
+                        }),
+                        ControlReply::WrongGid { gid: theirs, .. } => {
+                            Err(format!("a server of group {theirs}, not of group {gid}"))
+                        }
+                        other => Err(format!("unexpected answer {other:?}")),
+                    }
+                }
+                Some(Ok(FromGroup::Reply(_))) => continue,
+                Some(Err(e)) => {
+                    return Err(format!(
+                        "bad answer ({e}): another cluster, or not a shard group server?"
+                    ))
+                }
+                None => return Err("connection closed without an answer".into()),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
