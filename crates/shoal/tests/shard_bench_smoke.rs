@@ -1,5 +1,5 @@
 //! `shoal bench shard` end to end on tiny settings: one group under quota (where cgroups are
-//! available) and without, and a 1 MB migration between two groups; then its refusals of bad
+//! available) and without, and a 1 MB migration between two groups (under quota and without); then its refusals of bad
 //! input. Asserts on the JSON lines, the tables, the plot, and that the data directories and
 //! the cgroups are gone afterwards; never on a timing. About 30 s on 2 cores.
 
@@ -27,7 +27,10 @@ fn assert_cleaned_up(data: &Path, pid: u32) {
         .filter(|n| n != "out")
         .collect();
     assert!(left.is_empty(), "data left behind: {left:?}");
-    for root in ["/sys/fs/cgroup/cpu/shoal-bench", "/sys/fs/cgroup/shoal-bench"] {
+    for root in [
+        "/sys/fs/cgroup/cpu/shoal-bench",
+        "/sys/fs/cgroup/shoal-bench",
+    ] {
         if let Ok(dir) = std::fs::read_dir(root) {
             let ours: Vec<_> = dir
                 .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -79,7 +82,7 @@ fn tiny_matrix_and_migration_end_to_end() {
     } else {
         &["no quota"]
     };
-    assert_eq!(json.len(), settings.len() * 2 + 1, "{json:?}");
+    assert_eq!(json.len(), settings.len() * 3, "{json:?}");
     for (i, setting) in settings.iter().enumerate() {
         for (j, workload) in ["puts", "gets"].iter().enumerate() {
             let v = &json[i * 2 + j];
@@ -93,16 +96,26 @@ fn tiny_matrix_and_migration_end_to_end() {
             assert_eq!(v["throttled_periods"].is_u64(), *setting == "quota", "{v}");
         }
     }
-    let m = &json[settings.len() * 2];
-    assert_eq!(m["kind"], "migration", "{m}");
-    assert_eq!((m["from"].as_u64(), m["to"].as_u64()), (Some(1), Some(2)));
-    assert!(m["moved_bytes"].as_u64() >= Some(1_000_000), "{m}");
-    assert!(m["move_ms"].as_f64() > Some(0.0), "{m}");
-    for heading in ["#### puts, no quota", "#### gets, no quota", "#### Migration"] {
+    for (k, setting) in settings.iter().enumerate() {
+        let m = &json[settings.len() * 2 + k];
+        assert_eq!(m["kind"], "migration", "{m}");
+        assert_eq!(m["setting"], *setting, "{m}");
+        assert_eq!((m["from"].as_u64(), m["to"].as_u64()), (Some(1), Some(2)));
+        assert!(m["moved_bytes"].as_u64() >= Some(1_000_000), "{m}");
+        assert!(m["move_ms"].as_f64() > Some(0.0), "{m}");
+    }
+    for heading in [
+        "#### puts, no quota",
+        "#### gets, no quota",
+        "#### Migration, 2 groups, no quota",
+    ] {
         assert!(stdout.contains(heading), "no {heading}:\n{stdout}");
     }
     let svg = std::fs::read_to_string(out_dir.join("shard-scaling.svg")).expect("the plot");
-    assert!(svg.starts_with("<svg") && svg.contains("puts, no quota"), "{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("puts, no quota"),
+        "{svg}"
+    );
     let md = std::fs::read_to_string(out_dir.join("results.md")).expect("the tables");
     assert!(md.contains("| groups | clients | ops/s |"), "{md}");
     assert_cleaned_up(data.path(), pid);
@@ -116,7 +129,11 @@ fn assert_refused(args: &[&str], expect: &str) {
     assert!(!out.status.success(), "{args:?} was accepted");
     assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
     let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(error.len(), 1, "{args:?}: one error line expected:\n{stderr}");
+    assert_eq!(
+        error.len(),
+        1,
+        "{args:?}: one error line expected:\n{stderr}"
+    );
     assert!(error[0].contains(expect), "{args:?}: {stderr}");
     assert_cleaned_up(data.path(), pid);
 }

@@ -343,6 +343,34 @@ impl HostCpu {
     }
 }
 
+/// CPU time (user + system, in clock ticks) of a process, from `/proc/PID/stat`: fields 14
+/// and 15, counted after the command name (which may hold spaces and parentheses).
+pub fn parse_proc_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state): utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU seconds used so far by the processes `pids` (`None` for "this process"); processes
+/// that are gone count nothing.
+pub fn cpu_secs(pids: &[Option<u32>]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .filter_map(|pid| {
+            let path = match pid {
+                Some(p) => format!("/proc/{p}/stat"),
+                None => "/proc/self/stat".to_string(),
+            };
+            parse_proc_ticks(&fs::read_to_string(path).ok()?)
+        })
+        .sum::<u64>() as f64
+        / tck
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +446,16 @@ mod tests {
         assert_eq!(Hierarchy::find(base.path()).unwrap().version, Version::V2);
         fs::write(base.path().join("cgroup.controllers"), "memory pids").unwrap();
         assert_eq!(Hierarchy::find(base.path()).unwrap().version, Version::V1);
+    }
+
+    #[test]
+    fn process_cpu_from_proc_pid_stat() {
+        let stat = "4242 (shoal (x) y) S 1 4242 4242 0 -1 4194560 900 0 0 0 150 25 0 0 20 0 9 0";
+        assert_eq!(parse_proc_ticks(stat), Some(175));
+        assert_eq!(parse_proc_ticks("4242 (short) S 1"), None);
+        let own = fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_proc_ticks(&own).is_some(), "{own}");
+        assert_eq!(cpu_secs(&[Some(u32::MAX)]), 0.0);
     }
 
     #[test]

@@ -11,9 +11,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::api::{ControllerDriverConfig, ShardClientConfig, ShardClientPool, ShardController};
 use anyhow::{anyhow, Context, Result};
 use shoal_cluster::{peers_arg, Procs, Ready, Spec};
+use shoal_runtime::shard::{
+    ControllerDriverConfig, ShardClientConfig, ShardClientPool, ShardController,
+};
 use shoal_shard::{Gid, Op};
 
 use super::cgroup::{CpuCgroups, Hierarchy, Quota};
@@ -50,6 +52,8 @@ pub struct ShardCluster {
     procs: Procs,
     pub cgroups: Option<CpuCgroups>,
     dir: tempfile::TempDir,
+    /// Slots of `procs` holding shard servers (the others are the store's).
+    server_slots: Vec<usize>,
 }
 
 impl ShardCluster {
@@ -82,10 +86,20 @@ impl ShardCluster {
             procs: Procs::new(),
             cgroups,
             dir,
+            server_slots: Vec::new(),
         };
         let log_filter = std::env::var("SHOAL_SERVER_LOG").unwrap_or_else(|_| "warn".into());
         let mut waits = Vec::new();
         let store_peers = peers_arg(&cluster.store);
+        // `shard server` takes plain addresses (ids are positions), `kv server` `ID=ADDR`.
+        let plain = |addrs: &[SocketAddr]| {
+            addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let controller = plain(&cluster.store);
         for i in 0..STORE_SERVERS {
             let addr = cluster.store[i];
             let name = format!("s{}", i + 1);
@@ -104,7 +118,7 @@ impl ShardCluster {
         }
         let groups = cluster.groups.clone();
         for (&gid, servers) in &groups {
-            let peers = peers_arg(servers);
+            let peers = plain(servers);
             for (i, &addr) in servers.iter().enumerate() {
                 let name = format!("g{gid}s{}", i + 1);
                 let pspec = Spec::new(
@@ -117,7 +131,7 @@ impl ShardCluster {
                 .args(["--listen", &addr.to_string()])
                 .args(["--peers", &peers])
                 .args(["--shards", &spec.shards.to_string()])
-                .args(["--controller", &store_peers])
+                .args(["--controller", &controller])
                 .args(["--max-value-bytes", &spec.max_value_bytes.to_string()])
                 .arg("--data")
                 .arg(cluster.dir.path().join(&name))
@@ -133,6 +147,7 @@ impl ShardCluster {
                     cg.add(&name, pid)
                         .with_context(|| format!("putting {name} (pid {pid}) in its cgroup"))?;
                 }
+                cluster.server_slots.push(at);
                 waits.push((at, addr));
             }
         }
@@ -188,6 +203,15 @@ impl ShardCluster {
     /// A pool of client connections to this cluster (linearizable gets).
     pub fn pool(&self) -> ShardClientPool {
         ShardClientPool::new(ShardClientConfig::new(self.store.clone()))
+    }
+
+    /// The shard servers' process ids.
+    pub fn server_pids(&self) -> Vec<Option<u32>> {
+        self.server_slots
+            .iter()
+            .filter_map(|&i| self.procs.get(i).and_then(|p| p.pid()))
+            .map(Some)
+            .collect()
     }
 
     /// Fails if a server exited on its own, quoting its log.

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::api::{ShardClient, ShardClientPool};
 use anyhow::{bail, Context, Result};
+use shoal_runtime::shard::{ShardClient, ShardClientPool};
 use shoal_wire::kv::Expected;
 
 use super::report::Workload;

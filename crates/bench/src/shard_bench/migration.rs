@@ -3,8 +3,9 @@
 //! and one client polls the moving shard.
 //!
 //! What limits the size: the old owner's `Export` answer and the new owner's `Install`
-//! request each carry the whole shard in ONE control frame, and a frame is at most
-//! `shoal_wire::DEFAULT_MAX_FRAME_BYTES` (16 MiB) on both ends. A larger shard cannot move
+//! request each carry the whole shard in ONE control frame; the controller's connections take
+//! 1 GiB frames, but a shard server's client connections (the transport's `max_frame_bytes`)
+//! take `shoal_wire::DEFAULT_MAX_FRAME_BYTES` (16 MiB). A larger shard cannot move
 //! until the export is streamed in parts (as the peer transport already does for Raft
 //! snapshots); the benchmark moves the largest shard that fits and says so.
 
@@ -26,7 +27,7 @@ pub const FRAME_LIMIT: u64 = shoal_wire::DEFAULT_MAX_FRAME_BYTES as u64;
 /// Room left in the frame for the envelope, keys, versions and the shard's dedup table.
 pub const FRAME_HEADROOM: u64 = 1024 * 1024;
 /// Bound on the move (it waits forever while a group is unreachable).
-const MOVE_TIMEOUT: Duration = Duration::from_secs(300);
+const MOVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The poller's pause between gets (so it measures availability, not throughput).
 const POLL_EVERY: Duration = Duration::from_millis(2);
 
@@ -58,12 +59,13 @@ pub fn moved_bytes(requested: u64) -> (u64, Option<String>) {
         (
             cap,
             Some(format!(
-                "{} MB requested, {} MB moved: a shard travels as ONE control frame (the \
-                 Export answer, then the Install request), and a frame is at most {} MiB \
-                 (shoal_wire::DEFAULT_MAX_FRAME_BYTES) at both ends; a bigger shard needs the \
-                 export streamed in parts",
-                requested / 1_000_000,
-                cap / 1_000_000,
+                "{:.1} MB requested, {:.1} MB moved: a shard travels as ONE control frame (the \
+                 Export answer, then the Install request); the controller accepts 1 GiB frames \
+                 but a shard server's client connections take at most {} MiB \
+                 (the transport's max_frame_bytes, shoal_wire::DEFAULT_MAX_FRAME_BYTES); a \
+                 bigger shard needs the export streamed in parts",
+                requested as f64 / 1e6,
+                cap as f64 / 1e6,
                 FRAME_LIMIT >> 20
             )),
         )
@@ -97,7 +99,7 @@ pub async fn measure(
     cluster.join_all().await?;
     let pool = cluster.pool();
     load::preload(&pool, keys.clone(), small_value.clone(), 64).await?;
-    let config = super::api::read_latest(&cluster.store, 1, Duration::from_secs(10))
+    let config = shoal_runtime::shard::read_latest(&cluster.store, 1, Duration::from_secs(10))
         .await
         .map_err(|e| anyhow!("reading the configuration: {e}"))?
         .ok_or_else(|| anyhow!("no configuration in the store after the Join"))?
@@ -152,7 +154,7 @@ pub async fn measure(
         let stop = stop.clone();
         let key = polled[0].clone();
         tokio::spawn(async move {
-            let mut client = super::api::ShardClient::with_pool(&pool)?;
+            let mut client = shoal_runtime::shard::ShardClient::with_pool(&pool)?;
             let mut samples: Vec<Sample> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let start = now();

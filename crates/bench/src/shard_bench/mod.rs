@@ -9,13 +9,12 @@
 //!   with a fixed CPU quota ([`cgroup`]); the same matrix also runs without quotas (the real
 //!   ceiling of the machine). The host's CPU use and the cgroups' throttling are printed next
 //!   to each result.
-//! - **Migration**: two groups under quota; one shard filled, then moved while the other
-//!   shards take puts and one client polls the moving shard ([`migration`]).
+//! - **Migration**: two groups under quota (and without); one shard filled, then moved while
+//!   the other shards take puts and one client polls the moving shard ([`migration`]).
 //!
 //! Progress goes to stderr; stdout gets one JSON line per run, then Markdown tables. An SVG of
 //! the speed-ups goes to `--out`. Timings are figures, never pass/fail criteria.
 
-mod api;
 pub mod cgroup;
 mod cluster;
 mod load;
@@ -62,7 +61,7 @@ configuration; no quota). This needs root and a cpu controller; without either t
 says so and runs the no-quota matrix only. Each result shows the host's CPU use over the run \
 (/proc/stat) and the throttled periods and time summed over the cgroups (cpu.stat).
 
-Migration (--migration-mb > 0): 2 groups under quota; one shard of group 1 filled with values \
+Migration (--migration-mb > 0): 2 groups under quota (then again without); one shard of group 1 filled with values \
 of --migration-value-kib, then moved to group 2 while --clients-per-group × 2 clients put to \
 the other shards and one client polls a key of the moving shard: the move's duration, the p99 \
 of the other shards' puts during the move against a run without a move (target ≤ 1.5×), and \
@@ -227,7 +226,8 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
         .with_context(|| format!("creating --out {}", args.out.display()))?;
 
     let mut rows = Vec::new();
-    let outcome: Result<Option<migration::Migration>> = runtime.block_on(async {
+    let mut migrations = Vec::new();
+    let outcome: Result<()> = runtime.block_on(async {
         for &setting in &settings {
             for &n in &args.groups {
                 let q = match setting {
@@ -238,22 +238,54 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
             }
         }
         if args.migration_mb == 0 {
-            return Ok(None);
+            return Ok(());
         }
-        let spec = cluster_spec(&args, hierarchy.clone().map(|h| (h, quota)), 2, "migration");
-        let keys = Arc::new(keys(2 * args.keys_per_group));
-        let m = migration::measure(
-            &spec,
-            args.migration_mb * 1_000_000,
-            args.migration_value_kib * 1024,
-            2 * args.clients_per_group,
-            keys,
-            Arc::new(vec![b'v'; args.value_size]),
-            Duration::from_secs_f64(args.seconds),
-        )
-        .await?;
-        println!("{}", m.json());
-        Ok(Some(m))
+        // Under quota (the figure), then without (where the time goes without the model).
+        for &setting in &settings {
+            let (q, label) = match setting {
+                Setting::Quota => (hierarchy.clone().map(|h| (h, quota)), "move-quota"),
+                Setting::NoQuota => (None, "move-free"),
+            };
+            eprintln!("shard bench: migration, {}", setting.name());
+            let spec = cluster_spec(&args, q, 2, label);
+            let m = migration::measure(
+                &spec,
+                args.migration_mb * 1_000_000,
+                args.migration_value_kib * 1024,
+                2 * args.clients_per_group,
+                Arc::new(keys(2 * args.keys_per_group)),
+                Arc::new(vec![b'v'; args.value_size]),
+                Duration::from_secs_f64(args.seconds),
+            )
+            .await;
+            // A move that does not complete is a result too: the other setting still runs.
+            match m {
+                Ok(m) => {
+                    let mut line = m.json();
+                    line["setting"] = json!(setting.name());
+                    println!("{line}");
+                    migrations.push((setting, Ok(m)));
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    eprintln!("shard bench: migration, {}: {why}", setting.name());
+                    println!(
+                        "{}",
+                        json!({"kind": "migration", "setting": setting.name(), "error": why})
+                    );
+                    migrations.push((setting, Err(why)));
+                }
+            }
+        }
+        let failed: Vec<&str> = migrations
+            .iter()
+            .filter(|(_, m)| m.is_err())
+            .map(|(s, _)| s.name())
+            .collect();
+        if !failed.is_empty() {
+            bail!("the migration failed ({}): see above", failed.join(", "));
+        }
+        Ok(())
     });
 
     // Whatever was measured is printed and drawn, even if a later step failed.
@@ -275,19 +307,24 @@ pub fn bench(mut args: BenchArgs) -> Result<ExitCode> {
     let mut md = format!("{setup}\n\n");
     for &setting in &settings {
         for workload in [Workload::Put, Workload::Get] {
+            if !rows
+                .iter()
+                .any(|r| r.setting == setting && r.workload == workload)
+            {
+                continue;
+            }
             let heading = format!("#### {}, {}", workload.name(), setting.name());
             md.push_str(&report::table(&rows, setting, workload, &heading));
             md.push('\n');
         }
     }
-    if let Ok(Some(m)) = &outcome {
-        md.push_str("#### Migration (2 groups");
-        md.push_str(if hierarchy.is_some() {
-            ", under quota)\n\n"
-        } else {
-            ", no quota)\n\n"
-        });
-        md.push_str(&m.table());
+    for (setting, m) in &migrations {
+        md.push_str(&format!("#### Migration, 2 groups, {}\n\n", setting.name()));
+        match m {
+            Ok(m) => md.push_str(&m.table()),
+            Err(why) => md.push_str(&format!("Did not complete: {why}\n")),
+        }
+        md.push('\n');
     }
     println!("\n{md}");
     if !rows.is_empty() {
@@ -379,9 +416,13 @@ async fn run_groups(
         let t0 = now();
         let cpu0 = HostCpu::read();
         let th0 = cluster.cgroups.as_ref().map(|c| c.throttling());
+        let pids = cluster.server_pids();
+        let (servers0, self0) = (cgroup::cpu_secs(&pids), cgroup::cpu_secs(&[None]));
         let result = load::run(&pool, &spec, Arc::new(AtomicBool::new(false))).await?;
         let cpu1 = HostCpu::read();
         let th1 = cluster.cgroups.as_ref().map(|c| c.throttling());
+        let (servers1, self1) = (cgroup::cpu_secs(&pids), cgroup::cpu_secs(&[None]));
+        let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
         cluster.check_alive()?;
         let w = result.window(t0 + warmup, t0 + warmup + measure);
         let host_cores = match (cpu0, cpu1) {
@@ -411,14 +452,18 @@ async fn run_groups(
                 .cgroups
                 .as_ref()
                 .map(|c| c.quota().cores() * c.len() as f64),
+            servers_cores: (servers1 - servers0) / elapsed,
+            loadgen_cores: (self1 - self0) / elapsed,
         };
         eprintln!(
-            "shard bench: {} {} groups={n} clients={clients}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, host CPU {} cores, throttled {}{}",
+            "shard bench: {} {} groups={n} clients={clients}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, CPU: servers {:.2}, load generator {:.2}, host {} cores, throttled {}{}",
             setting.name(),
             workload.name(),
             row.ops_per_sec,
             row.p50_ms,
             row.p99_ms,
+            row.servers_cores,
+            row.loadgen_cores,
             host_cores.map_or("?".into(), |c| format!("{c:.2}")),
             throttled.map_or("-".into(), |(n, s)| format!("{n} periods, {s:.1} s")),
             result
@@ -441,6 +486,8 @@ async fn run_groups(
                 "p99_ms": row.p99_ms,
                 "errors": row.errors,
                 "host_cores_busy": host_cores,
+                "servers_cores": row.servers_cores,
+                "loadgen_cores": row.loadgen_cores,
                 "throttled_periods": throttled.map(|t| t.0),
                 "throttled_secs": throttled.map(|t| t.1),
                 "quota_cores_per_server": cluster.cgroups.as_ref().map(|c| c.quota().cores()),

@@ -60,6 +60,10 @@ pub struct Row {
     pub throttled: Option<(u64, f64)>,
     /// The quotas summed over the shard servers, in cores (quota runs).
     pub quota_cores: Option<f64>,
+    /// CPU the shard servers used over the run, in cores (/proc/PID/stat).
+    pub servers_cores: f64,
+    /// CPU the benchmark process (load generator and controller) used, in cores.
+    pub loadgen_cores: f64,
 }
 
 /// X(N) / X(1).
@@ -103,11 +107,11 @@ pub fn table(rows: &[Row], setting: Setting, workload: Workload, heading: &str) 
     let _ = writeln!(out, "{heading}\n");
     let _ = writeln!(
         out,
-        "| groups | clients | ops/s | p50 ms | p99 ms | speed-up | efficiency | target | quota sum (cores) | host CPU (cores) | throttled (periods, s) | errors |"
+        "| groups | clients | ops/s | p50 ms | p99 ms | speed-up | efficiency | target | quota sum (cores) | servers' CPU (cores) | load generator CPU (cores) | host CPU (cores) | throttled (periods, s) | errors |"
     );
     let _ = writeln!(
         out,
-        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     for r in rs {
         let s = x1.and_then(|x1| speedup(r.ops_per_sec, x1));
@@ -121,7 +125,7 @@ pub fn table(rows: &[Row], setting: Setting, workload: Workload, heading: &str) 
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {goal} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {goal} | {} | {:.2} | {:.2} | {} | {} | {} |",
             r.groups,
             r.clients,
             r.ops_per_sec,
@@ -130,6 +134,8 @@ pub fn table(rows: &[Row], setting: Setting, workload: Workload, heading: &str) 
             s.map_or("-".into(), |s| format!("{s:.2}×")),
             e.map_or("-".into(), |e| format!("{:.0}%", e * 100.0)),
             r.quota_cores.map_or("-".into(), |c| format!("{c:.2}")),
+            r.servers_cores,
+            r.loadgen_cores,
             r.host_cores.map_or("-".into(), |c| format!("{c:.2}")),
             r.throttled
                 .map_or("-".into(), |(n, s)| format!("{n}, {s:.1}")),
@@ -317,6 +323,8 @@ mod tests {
             host_cores: Some(1.5),
             throttled: Some((12, 0.5)),
             quota_cores: Some(0.15 * groups as f64),
+            servers_cores: 0.1,
+            loadgen_cores: 0.25,
         }
     }
 
@@ -346,10 +354,16 @@ mod tests {
         );
         let t = table(&rows, Setting::Quota, Workload::Put, "### puts");
         let lines: Vec<&str> = t.lines().collect();
+        let columns = |l: &str| l.matches('|').count();
+        assert!(
+            lines[2..].iter().all(|l| columns(l) == columns(lines[2])),
+            "{t}"
+        );
         assert!(lines[4].starts_with("| 1 | 16 | 100 |"), "{t}");
         assert!(lines[5].contains("| 3.30× | 82% | ≥3.4×: not met |"), "{t}");
         assert!(
-            lines[6].contains("| 6.10× | 76% | ≥6×: met | 1.20 | 1.50 | 12, 0.5 | 0 |"),
+            lines[6]
+                .contains("| 6.10× | 76% | ≥6×: met | 1.20 | 0.10 | 0.25 | 1.50 | 12, 0.5 | 0 |"),
             "{t}"
         );
         let t = table(&rows, Setting::NoQuota, Workload::Put, "### puts, no quota");
