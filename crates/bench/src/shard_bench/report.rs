@@ -145,11 +145,11 @@ pub fn table(rows: &[Row], setting: Setting, workload: Workload, heading: &str) 
     out
 }
 
-const WIDTH: f64 = 720.0;
+const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 480.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = WIDTH - 190.0;
-const TOP: f64 = 50.0;
+const TOP: f64 = 64.0;
 const BOTTOM: f64 = HEIGHT - 60.0;
 
 /// A curve of the plot: one setting and workload.
@@ -202,11 +202,20 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
     );
     let _ = writeln!(
         svg,
-        r##"<rect width="100%" height="100%" fill="white"/><text x="{:.1}" y="20" text-anchor="middle" font-size="15" font-weight="bold">Sharded KV: speed-up over one group</text><text x="{:.1}" y="38" text-anchor="middle" font-size="11" fill="#333">{}</text>"##,
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{:.1}" y="20" text-anchor="middle" font-size="15" font-weight="bold">Sharded KV: speed-up over one group</text>"##,
         WIDTH / 2.0,
-        WIDTH / 2.0,
-        escape(subtitle)
     );
+    // The machine on one line, the settings on the next.
+    let (machine, settings) = subtitle.split_once("; ").unwrap_or((subtitle, ""));
+    for (i, line) in [machine, settings].into_iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{}" text-anchor="middle" font-size="11" fill="#333">{}</text>"##,
+            WIDTH / 2.0,
+            36 + 14 * i,
+            escape(line)
+        );
+    }
     let mut y = 0.0;
     while y <= y_top + step / 2.0 {
         let _ = writeln!(
