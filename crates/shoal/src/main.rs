@@ -87,6 +87,9 @@ enum BenchCommand {
     /// The key/value database against etcd: ops/s and latency by client count for puts and
     /// linearizable gets, write availability after a leader SIGKILL.
     Kv(shoal_bench::kv_bench::BenchArgs),
+    /// The sharded key/value database: puts and linearizable gets against 1, 2, 4, 8 groups
+    /// under per-server CPU quotas (and without), speed-up and efficiency; a shard migration.
+    Shard(shoal_bench::shard_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Mr(args)) => shoal_bench::mr_bench::bench(args),
         Command::Bench(BenchCommand::Raft(args)) => shoal_bench::raft_bench::bench(args),
         Command::Bench(BenchCommand::Kv(args)) => shoal_bench::kv_bench::bench(args),
+        Command::Bench(BenchCommand::Shard(args)) => shoal_bench::shard_bench::bench(args),
     };
     match result {
         Ok(code) => code,

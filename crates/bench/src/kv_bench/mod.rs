@@ -17,7 +17,7 @@
 mod cluster;
 mod failover;
 mod load;
-mod plot;
+pub(crate) mod plot;
 mod target;
 
 use std::net::SocketAddr;
@@ -167,7 +167,7 @@ fn round3(v: f64) -> f64 {
 }
 
 /// Whether `path` is on a tmpfs (where fsync costs nothing).
-fn is_tmpfs(path: &Path) -> bool {
+pub(crate) fn is_tmpfs(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt as _;
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
@@ -180,7 +180,7 @@ fn is_tmpfs(path: &Path) -> bool {
     }
 }
 
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     let candidates = [
         std::env::var_os("TMPDIR").map(PathBuf::from),
         Some(PathBuf::from("/var/tmp")),

@@ -17,7 +17,7 @@ const MARGIN_TOP: f64 = 80.0;
 const MARGIN_BOTTOM: f64 = 50.0;
 
 /// A round tick step giving about five ticks up to `max`.
-fn tick_step(max: f64) -> f64 {
+pub(crate) fn tick_step(max: f64) -> f64 {
     let raw = (max / 5.0).max(1e-9);
     let magnitude = 10f64.powf(raw.log10().floor());
     let f = raw / magnitude;
@@ -33,7 +33,7 @@ fn tick_step(max: f64) -> f64 {
     nice * magnitude
 }
 
-fn fmt_tick(v: f64) -> String {
+pub(crate) fn fmt_tick(v: f64) -> String {
     if v >= 1000.0 && v % 1000.0 == 0.0 {
         format!("{}k", v / 1000.0)
     } else if v.fract() == 0.0 {
@@ -221,7 +221,7 @@ pub fn svg(runs: &[RunResult], subtitle: &str) -> String {
     svg
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
