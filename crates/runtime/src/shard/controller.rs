@@ -38,9 +38,13 @@ use crate::kv::client::{DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, REPLY_QUEUE
 use crate::kv::{Client, ClientConfig, ClientError};
 use crate::transport::connect_client;
 
-/// Largest frame on a controller's connections: a migration's Export answer and Install
-/// request carry a whole shard in one frame.
-pub const CONTROLLER_MAX_FRAME_BYTES: usize = 1 << 30;
+/// Largest frame on a controller's connections: the wire's default (16 MiB). A migration's
+/// Export answer and Install request carry a whole shard: when larger than a frame, they
+/// travel in parts ([`shoal_wire::parts`]), up to [`CONTROLLER_MAX_MESSAGE_BYTES`].
+pub const CONTROLLER_MAX_FRAME_BYTES: usize = shoal_wire::DEFAULT_MAX_FRAME_BYTES;
+/// Largest message on a controller's connections to group servers (a shard's export, in
+/// parts): 1 GiB, the servers' default message limit (`TransportConfig::max_message_bytes`).
+pub const CONTROLLER_MAX_MESSAGE_BYTES: usize = crate::transport::DEFAULT_MAX_MESSAGE_BYTES;
 
 /// Settings of a [`ShardController`].
 #[derive(Debug, Clone)]
@@ -63,8 +67,11 @@ pub struct ControllerDriverConfig {
     pub retry_timeout: Duration,
     /// Time to establish a TCP connection.
     pub connect_timeout: Duration,
-    /// Largest frame on its connections (a whole shard travels in one).
+    /// Largest frame on its connections.
     pub max_frame_bytes: usize,
+    /// Largest message on its connections to group servers: a shard's export, sent in parts
+    /// when larger than a frame. A shard larger than this cannot move.
+    pub max_message_bytes: usize,
 }
 
 impl ControllerDriverConfig {
@@ -84,6 +91,7 @@ impl ControllerDriverConfig {
             retry_timeout: Duration::from_millis(200),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_frame_bytes: CONTROLLER_MAX_FRAME_BYTES,
+            max_message_bytes: CONTROLLER_MAX_MESSAGE_BYTES,
         }
     }
 
@@ -91,6 +99,7 @@ impl ControllerDriverConfig {
         LinkConfig {
             cluster_id: self.cluster_id,
             max_frame_bytes: self.max_frame_bytes,
+            max_message_bytes: self.max_message_bytes,
             connect_timeout: self.connect_timeout,
             queue_len: 1024,
         }
@@ -437,7 +446,8 @@ pub async fn group_server_status(
                         other => Err(format!("unexpected answer {other:?}")),
                     }
                 }
-                Some(Ok(FromGroup::Reply(_))) => continue,
+                // A client's answer (or a part: never one here, this codec has no parts).
+                Some(Ok(FromGroup::Reply(_) | FromGroup::Part { .. })) => continue,
                 Some(Err(e)) => {
                     return Err(format!(
                         "bad answer ({e}): another cluster, or not a shard group server?"
