@@ -405,7 +405,8 @@ async fn group(gid: u64, dir: &Path, running: &mut Running) -> Vec<String> {
             dir.join(format!("g{gid}n{id}")),
             SHARDS,
         );
-        c.tick_interval = Duration::from_millis(10);
+        // The default tick (25 ms; elections after 250 ms): a shorter one makes the followers
+        // elect while the leader's one large entry is still on its way to them.
         // Below the shard's size, so that both groups snapshot a log holding it (the old
         // owner's puts, the new owner's one Install entry).
         c.snapshot_bytes = Some(24 << 20);
@@ -433,6 +434,15 @@ fn value(i: u32, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_of_40_mb_moves_to_the_other_group_and_reads_back() {
+    // The servers' logs (migration steps at info, with bytes) show with a failure, or with
+    // --nocapture; RUST_LOG chooses others.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
     let megabytes: usize = std::env::var("SHOAL_LARGE_SHARD_MB")
         .ok()
         .and_then(|v| v.parse().ok())
