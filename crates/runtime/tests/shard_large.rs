@@ -407,6 +407,12 @@ async fn group(gid: u64, dir: &Path, running: &mut Running) -> Vec<String> {
         );
         // The default tick (25 ms; elections after 250 ms): a shorter one makes the followers
         // elect while the leader's one large entry is still on its way to them.
+        if let Some(ticks) = std::env::var("SHOAL_LARGE_ELECTION_TICK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            c.election_tick = ticks;
+        }
         // Below the shard's size, so that both groups snapshot a log holding it (the old
         // owner's puts, the new owner's one Install entry).
         c.snapshot_bytes = Some(24 << 20);

@@ -201,3 +201,75 @@ impl Reassembly {
         self.started = false;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_frame;
+    use crate::shard::{FromGroup, ToGroup};
+
+    /// The hand-written part frame is exactly the derived encoding of the envelopes' `Part`
+    /// variant, for lengths around every varint boundary.
+    #[test]
+    fn a_part_frame_is_the_derived_encoding_of_the_part_variant() {
+        for len in [0usize, 1, 127, 128, 16_383, 16_384, 70_000] {
+            let piece: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            for last in [false, true] {
+                let mut want = Vec::new();
+                encode_frame(
+                    &ToGroup::Part {
+                        last,
+                        bytes: piece.clone(),
+                    },
+                    1 << 20,
+                    &mut want,
+                )
+                .unwrap();
+                let mut got =
+                    part_frame_head(ToGroup::PART_VARIANT.unwrap(), last, &piece, 1 << 20).unwrap();
+                got.extend_from_slice(&piece);
+                assert_eq!(got, want, "len {len} last {last}");
+                let mut from = Vec::new();
+                encode_frame(
+                    &FromGroup::Part {
+                        last,
+                        bytes: piece.clone(),
+                    },
+                    1 << 20,
+                    &mut from,
+                )
+                .unwrap();
+                assert_eq!(got, from, "FromGroup's part variant has the same index");
+            }
+        }
+        assert!(matches!(
+            part_frame_head(2, true, &[0; 300], 256),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn reassembly_holds_only_what_arrived_and_refuses_a_part_inside_parts() {
+        let whole = postcard::to_stdvec(&ToGroup::Part {
+            last: true,
+            bytes: vec![],
+        })
+        .unwrap();
+        let mut r = Reassembly::new(1 << 20);
+        let first = ToGroup::Part {
+            last: false,
+            bytes: whole[..1].to_vec(),
+        };
+        assert_eq!(r.push(first).unwrap(), None);
+        assert!(r.in_progress());
+        assert_eq!(r.held_bytes(), 1);
+        // The concatenation is itself a part: refused.
+        let rest = ToGroup::Part {
+            last: true,
+            bytes: whole[1..].to_vec(),
+        };
+        assert!(matches!(r.push(rest), Err(PartsError::Malformed { .. })));
+        assert!(!r.in_progress());
+        assert_eq!(r.held_bytes(), 0);
+    }
+}
