@@ -451,6 +451,7 @@ impl Service for ShardService {
                     );
                 } else {
                     self.note_step(token, &request);
+                    let request = self.probe_if_held(request);
                     self.host.handle_control(token, request);
                 }
             }
@@ -596,6 +597,28 @@ impl ShardService {
             other => debug!(gid = self.gid, step = what, shard, config, reply = ?other,
                 "migration step not carried out here"),
         }
+    }
+
+    /// An Install with data for a shard this server already holds at that configuration or a
+    /// newer one becomes the same Install without data (a probe): its outcome (AlreadyDone or
+    /// Stale) does not depend on the data, since a shard's configuration only grows, and the
+    /// group then logs a few bytes instead of a whole shard again (a controller resending an
+    /// Install to a new leader that has applied the first copy).
+    fn probe_if_held(&self, mut request: ControlRequest) -> ControlRequest {
+        if let ControlOp::Install {
+            shard,
+            config,
+            data,
+        } = &mut request.op
+        {
+            let held = self.host.machine().shard(*shard).map(|s| s.config);
+            if !data.is_empty() && held.is_some_and(|c| c >= *config) {
+                debug!(gid = self.gid, shard = *shard, config = *config, held = ?held,
+                    bytes = data.len(), "install of a shard already held: sent as a probe");
+                *data = Vec::new();
+            }
+        }
+        request
     }
 
     /// The keys this server holds of `shard` (a freeze or delete's log line: counting them
