@@ -25,7 +25,7 @@ use std::time::Duration;
 use futures::{Sink, SinkExt, StreamExt};
 use rand::{Rng, SeedableRng};
 use serde::{de::DeserializeOwned, Serialize};
-use shoal_wire::codec::FrameCodec;
+use shoal_wire::codec::{FrameCodec, PartCodec};
 use shoal_wire::frame::{
     decode_frame, encode_frame, peek_frame_len, FrameError, FRAME_HEADER_BYTES,
 };
@@ -255,12 +255,25 @@ pub struct ClientConnection {
     pub stream: TcpStream,
     /// The transport's frame limit, used by [`ClientConnection::framed`].
     pub max_frame_bytes: usize,
+    /// The transport's message limit ([`TransportConfig::max_message_bytes`]), used by
+    /// [`ClientConnection::framed_in_parts`].
+    pub max_message_bytes: usize,
 }
 
 impl ClientConnection {
     /// Frames the connection: decodes `In` (requests), encodes `Out` (responses).
     pub fn framed<In, Out>(self) -> Framed<TcpStream, FrameCodec<In, Out>> {
         Framed::new(self.stream, FrameCodec::new(self.max_frame_bytes))
+    }
+
+    /// Frames the connection like [`ClientConnection::framed`], with messages larger than a
+    /// frame in parts ([`PartCodec`]) up to the transport's message limit, both ways (a shard
+    /// group's Export answer and Install request carry a whole shard).
+    pub fn framed_in_parts<In, Out>(self) -> Framed<TcpStream, PartCodec<In, Out>> {
+        Framed::new(
+            self.stream,
+            PartCodec::new(self.max_frame_bytes, self.max_message_bytes),
+        )
     }
 }
 
@@ -605,6 +618,7 @@ async fn serve_inbound<M>(
                 peer_addr: remote,
                 stream,
                 max_frame_bytes: config.max_frame_bytes,
+                max_message_bytes: config.max_message_bytes,
             };
             // Fails only when the service dropped its acceptor: the connection just closes.
             let _ = client_tx.send(conn).await;
@@ -834,7 +848,9 @@ pub enum PeerFrame<M> {
     Part {
         /// Whether this is the final piece.
         last: bool,
-        /// The piece.
+        /// The piece (`serde_bytes`: the same encoding as a sequence of bytes, decoded in one
+        /// copy instead of a call per byte).
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
 }
@@ -850,6 +866,7 @@ pub enum PeerFrameRef<'a, M> {
         /// Whether this is the final piece.
         last: bool,
         /// The piece.
+        #[serde(with = "serde_bytes")]
         bytes: &'a [u8],
     },
 }

@@ -137,7 +137,7 @@ impl Group {
         let deadline = tokio::time::Instant::now() + WAIT;
         let routed = match &message {
             ToGroup::Request(r) => r.config,
-            ToGroup::Control(_) => 0,
+            ToGroup::Control(_) | ToGroup::Part { .. } => 0,
         };
         loop {
             for addr in self.peers.values() {

@@ -88,7 +88,9 @@ pub enum GroupEntry {
         shard: ShardId,
         /// The configuration that moves it here.
         config: u64,
-        /// The shard's exported bytes.
+        /// The shard's exported bytes (`serde_bytes`: the same encoding as a plain `Vec<u8>`,
+        /// in one copy instead of a call per byte — this is a whole shard).
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Old owner: forget the frozen `shard` (after it is installed at its new owner).
@@ -235,6 +237,8 @@ struct ShardImage {
     shard: ShardId,
     state: ShardState,
     config: u64,
+    /// `serde_bytes`: see [`GroupEntry::Install`]'s data.
+    #[serde(with = "serde_bytes")]
     store: Vec<u8>,
 }
 
@@ -250,6 +254,8 @@ struct MachineImage {
 struct ExportImage {
     shard: ShardId,
     config: u64,
+    /// `serde_bytes`: see [`GroupEntry::Install`]'s data.
+    #[serde(with = "serde_bytes")]
     store: Vec<u8>,
 }
 

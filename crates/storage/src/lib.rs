@@ -48,8 +48,14 @@ pub use disk::{Disk, DiskError, MemDisk, StdDisk, LOCK_FILE};
 
 /// Bytes of a record header (length + CRC32C).
 pub const RECORD_HEADER_BYTES: usize = 8;
-/// Largest record accepted when reading, in bytes (a corrupt length must not allocate 4 GiB).
+/// Largest record accepted when reading, in bytes (a corrupt length must not allocate 4 GiB),
+/// but a log entry's ([`MAX_ENTRY_RECORD_BYTES`]).
 pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+/// Largest log entry record, in bytes: 1 GiB, the transport's message limit. One entry may
+/// carry a whole shard (a sharded group's Install of a migrated shard), so entries are not
+/// held to [`MAX_RECORD_BYTES`]. A segment is read whole before its records are parsed, so a
+/// corrupt length allocates nothing: it runs past the end of the file, or fails its CRC32C.
+pub const MAX_ENTRY_RECORD_BYTES: usize = 1 << 30;
 /// Default [`StorageConfig::max_segment_bytes`] (64 MiB).
 pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Version of the on-disk format, in the identity file. 2: the snapshot is `snapshot-v2`
@@ -174,10 +180,11 @@ struct SnapshotHeader {
     chunks: u64,
 }
 
-/// Frames a payload as a record.
+/// Frames a payload as a record (at most [`MAX_ENTRY_RECORD_BYTES`], the largest record of any
+/// kind; every other kind is far smaller).
 pub fn encode_record<T: Serialize>(value: &T, out: &mut Vec<u8>) {
     let payload = postcard::to_allocvec(value).expect("postcard encoding of plain data");
-    assert!(payload.len() <= MAX_RECORD_BYTES, "record too large");
+    assert!(payload.len() <= MAX_ENTRY_RECORD_BYTES, "record too large");
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -193,6 +200,15 @@ enum ReadRecord<T> {
 }
 
 fn read_record<T: DeserializeOwned>(buf: &[u8], offset: usize) -> ReadRecord<T> {
+    read_record_max(buf, offset, MAX_RECORD_BYTES)
+}
+
+/// A log entry's record: see [`MAX_ENTRY_RECORD_BYTES`].
+fn read_entry_record(buf: &[u8], offset: usize) -> ReadRecord<Entry> {
+    read_record_max(buf, offset, MAX_ENTRY_RECORD_BYTES)
+}
+
+fn read_record_max<T: DeserializeOwned>(buf: &[u8], offset: usize, max: usize) -> ReadRecord<T> {
     let rest = &buf[offset..];
     if rest.is_empty() || rest.iter().all(|&b| b == 0) {
         return ReadRecord::End;
@@ -202,7 +218,7 @@ fn read_record<T: DeserializeOwned>(buf: &[u8], offset: usize) -> ReadRecord<T> 
     }
     let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-    if len > MAX_RECORD_BYTES {
+    if len > max {
         return ReadRecord::Bad(format!("record length {len} over the limit"));
     }
     if rest.len() < RECORD_HEADER_BYTES + len {
@@ -503,7 +519,7 @@ impl DurableStorage {
         }
         let mut expect = first;
         loop {
-            match read_record::<Entry>(&buf, offset) {
+            match read_entry_record(&buf, offset) {
                 ReadRecord::Ok(e, n) => {
                     if gap {
                         return Err(corrupt(
@@ -857,7 +873,7 @@ impl DurableStorage {
 fn has_valid_record_after(buf: &[u8], offset: usize) -> bool {
     // Scan for any later position where a well-formed entry record starts.
     (offset + 1..buf.len().saturating_sub(RECORD_HEADER_BYTES))
-        .any(|o| matches!(read_record::<Entry>(buf, o), ReadRecord::Ok(..)))
+        .any(|o| matches!(read_entry_record(buf, o), ReadRecord::Ok(..)))
 }
 
 fn read_single<T: DeserializeOwned>(disk: &impl Disk, name: &str) -> Result<Option<T>, Error> {

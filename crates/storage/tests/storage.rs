@@ -433,6 +433,26 @@ fn a_snapshot_over_64_mib_round_trips_on_a_real_directory() {
     assert_eq!(tmp_files(&d), Vec::<String>::new());
 }
 
+/// A log entry over 64 MiB (a sharded group's Install of a large shard is one entry): written,
+/// synced, read back at open on a real directory, between small entries.
+#[test]
+fn a_log_entry_over_64_mib_round_trips_on_a_real_directory() {
+    const LEN: usize = (65 << 20) + 5;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = StdDisk::new(dir.path()).unwrap();
+    let mut s = DurableStorage::open(&mut d, 1, 1, StorageConfig::default()).unwrap();
+    let mut big = e(2, 1);
+    big.data = pattern(LEN, 3);
+    let entries = vec![e(1, 1), big, e(3, 1)];
+    s.append(&mut d, &entries).unwrap();
+    s.sync(&mut d).unwrap();
+    drop((s, d));
+    let mut d = StdDisk::new(dir.path()).unwrap();
+    let s = DurableStorage::open(&mut d, 1, 1, StorageConfig::default()).unwrap();
+    assert!(all(&s) == entries, "entries differ after a reopen");
+    assert_eq!(summed_log_bytes(&s), s.log_bytes());
+}
+
 /// The same size through `apply_snapshot`, a crash and a reopen, on the in-memory disk.
 #[test]
 fn a_leaders_snapshot_over_64_mib_survives_a_crash() {

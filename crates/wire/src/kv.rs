@@ -350,6 +350,25 @@ pub enum KvReply {
     },
 }
 
+/// KV messages always fit in one frame (a value is at most 1 MiB by default): they have no
+/// part variant, and a part on a KV connection is refused.
+impl crate::parts::InParts for KvRequest {
+    const PART_VARIANT: Option<u32> = None;
+
+    fn into_part(self) -> Result<(bool, Vec<u8>), KvRequest> {
+        Err(self)
+    }
+}
+
+/// See [`KvRequest`]'s implementation.
+impl crate::parts::InParts for KvReply {
+    const PART_VARIANT: Option<u32> = None;
+
+    fn into_part(self) -> Result<(bool, Vec<u8>), KvReply> {
+        Err(self)
+    }
+}
+
 impl KvReply {
     /// The (client, request) the reply answers.
     pub fn ids(&self) -> (u64, u64) {

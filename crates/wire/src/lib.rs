@@ -25,6 +25,7 @@ pub mod frame;
 pub mod handshake;
 pub mod kv;
 pub mod mr;
+pub mod parts;
 pub mod raft;
 pub mod shard;
 

@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{KvOp, KvResult};
+use crate::parts::InParts;
 
 /// A client's request to a group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +242,30 @@ pub enum ToGroup {
     Request(ShardRequest),
     /// A migration step or query from the controller, answered [`FromGroup::Control`].
     Control(ControlRequest),
+    /// A piece of the postcard encoding of one `ToGroup` too large for one frame (an
+    /// [`ControlOp::Install`] of a large shard); `last` on the final piece. See
+    /// [`crate::parts`]: a reader reassembles the pieces, and never answers a part itself.
+    Part {
+        /// Whether this is the final piece.
+        last: bool,
+        /// The piece.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+}
+
+/// The index of [`ToGroup::Part`] and [`FromGroup::Part`] among their enums' variants.
+const PART_VARIANT: u32 = 2;
+
+impl InParts for ToGroup {
+    const PART_VARIANT: Option<u32> = Some(PART_VARIANT);
+
+    fn into_part(self) -> Result<(bool, Vec<u8>), ToGroup> {
+        match self {
+            ToGroup::Part { last, bytes } => Ok((last, bytes)),
+            other => Err(other),
+        }
+    }
 }
 
 /// Everything a group server sends back on a client connection.
@@ -250,6 +275,27 @@ pub enum FromGroup {
     Reply(ShardReply),
     /// The answer to a [`ToGroup::Control`].
     Control(ControlReply),
+    /// A piece of the postcard encoding of one `FromGroup` too large for one frame (the
+    /// [`ControlReply::Exported`] of a large shard); `last` on the final piece (see
+    /// [`crate::parts`]).
+    Part {
+        /// Whether this is the final piece.
+        last: bool,
+        /// The piece.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+}
+
+impl InParts for FromGroup {
+    const PART_VARIANT: Option<u32> = Some(PART_VARIANT);
+
+    fn into_part(self) -> Result<(bool, Vec<u8>), FromGroup> {
+        match self {
+            FromGroup::Part { last, bytes } => Ok((last, bytes)),
+            other => Err(other),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,9 @@ impl ShardClientConfig {
         LinkConfig {
             cluster_id: self.cluster_id,
             max_frame_bytes: self.max_frame_bytes,
+            // A client's messages and their answers fit in a frame (a value is at most
+            // 1 MiB): a client accepts no more in parts than in one frame.
+            max_message_bytes: self.max_frame_bytes,
             connect_timeout: self.connect_timeout,
             queue_len,
         }
@@ -323,7 +326,7 @@ impl ShardClient {
                         seen.failed.remove(&addr);
                         actions = self.clerk.on_group_reply(reply);
                     }
-                    Some(Event::Reply(_, FromGroup::Control(_))) => {}
+                    Some(Event::Reply(_, FromGroup::Control(_) | FromGroup::Part { .. })) => {}
                     Some(Event::Lost(addr, why)) => {
                         if let Some(&gid) = seen.gid_of.get(&addr) {
                             if seen.failed.insert(addr, why).is_none() {

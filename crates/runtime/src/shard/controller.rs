@@ -38,9 +38,35 @@ use crate::kv::client::{DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, REPLY_QUEUE
 use crate::kv::{Client, ClientConfig, ClientError};
 use crate::transport::connect_client;
 
-/// Largest frame on a controller's connections: a migration's Export answer and Install
-/// request carry a whole shard in one frame.
-pub const CONTROLLER_MAX_FRAME_BYTES: usize = 1 << 30;
+/// Largest frame on a controller's connections: the wire's default (16 MiB). A migration's
+/// Export answer and Install request carry a whole shard: when larger than a frame, they
+/// travel in parts ([`shoal_wire::parts`]), up to [`CONTROLLER_MAX_MESSAGE_BYTES`].
+pub const CONTROLLER_MAX_FRAME_BYTES: usize = shoal_wire::DEFAULT_MAX_FRAME_BYTES;
+/// Largest message on a controller's connections to group servers (a shard's export, in
+/// parts): 1 GiB, the servers' default message limit (`TransportConfig::max_message_bytes`).
+pub const CONTROLLER_MAX_MESSAGE_BYTES: usize = crate::transport::DEFAULT_MAX_MESSAGE_BYTES;
+
+/// How long a large migration step sent to a group server (an Export, an Install carrying a
+/// shard) is given to answer before the controller's retries may send it again. The
+/// controller's protocol resends an unanswered step every `retry_timeout` (to the next server,
+/// which points back at the leader): right for small steps, but a large Install takes longer
+/// than that to commit (its one log entry holds the shard, written and replicated by every
+/// server), and each copy sent again would be another whole shard to transfer, log, replicate
+/// and snapshot (applied as "already done"). So while a large step is in flight to a server
+/// whose connection holds, its resends are held back, until the server answers (a NotLeader
+/// answer included), the connection is lost, or this much time passed.
+pub const LARGE_STEP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A control request whose answer may be slow and whose copies are costly: see
+/// [`LARGE_STEP_PATIENCE`]. Exports (the answer is the shard) and Installs with data (a probe
+/// has none).
+fn is_large_step(op: &ControlOp) -> bool {
+    match op {
+        ControlOp::Export { .. } => true,
+        ControlOp::Install { data, .. } => !data.is_empty(),
+        _ => false,
+    }
+}
 
 /// Settings of a [`ShardController`].
 #[derive(Debug, Clone)]
@@ -63,8 +89,11 @@ pub struct ControllerDriverConfig {
     pub retry_timeout: Duration,
     /// Time to establish a TCP connection.
     pub connect_timeout: Duration,
-    /// Largest frame on its connections (a whole shard travels in one).
+    /// Largest frame on its connections.
     pub max_frame_bytes: usize,
+    /// Largest message on its connections to group servers: a shard's export, sent in parts
+    /// when larger than a frame. A shard larger than this cannot move.
+    pub max_message_bytes: usize,
 }
 
 impl ControllerDriverConfig {
@@ -84,6 +113,7 @@ impl ControllerDriverConfig {
             retry_timeout: Duration::from_millis(200),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_frame_bytes: CONTROLLER_MAX_FRAME_BYTES,
+            max_message_bytes: CONTROLLER_MAX_MESSAGE_BYTES,
         }
     }
 
@@ -91,6 +121,7 @@ impl ControllerDriverConfig {
         LinkConfig {
             cluster_id: self.cluster_id,
             max_frame_bytes: self.max_frame_bytes,
+            max_message_bytes: self.max_message_bytes,
             connect_timeout: self.connect_timeout,
             queue_len: 1024,
         }
@@ -211,6 +242,8 @@ async fn drive(
     let groups: Links<ToGroup, FromGroup> = Links::to_one(config.links(), group_tx.clone());
     // Group servers asked: address → (gid, name in the configuration).
     let mut servers: BTreeMap<SocketAddr, (u64, String)> = BTreeMap::new();
+    // Large steps sent and not answered yet: tag → (server, when sent).
+    let mut in_flight: BTreeMap<u64, (SocketAddr, Instant)> = BTreeMap::new();
     let mut waiting: BTreeMap<u64, oneshot::Sender<Result<u64, String>>> = BTreeMap::new();
     let mut next_ticket = 1u64;
     let mut timers: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
@@ -233,6 +266,18 @@ async fn drive(
                     request,
                 } => match server.parse::<SocketAddr>() {
                     Ok(addr) => {
+                        if is_large_step(&request.op) {
+                            let now = Instant::now();
+                            if let Some((to, since)) = in_flight.get(&request.tag) {
+                                if now.duration_since(*since) < LARGE_STEP_PATIENCE {
+                                    debug!(gid, tag = request.tag, to = %to, "a large step is in flight: not sending it again yet");
+                                    continue;
+                                }
+                            }
+                            in_flight
+                                .retain(|_, (_, t)| now.duration_since(*t) < LARGE_STEP_PATIENCE);
+                            in_flight.insert(request.tag, (addr, now));
+                        }
                         servers.insert(addr, (gid, server));
                         groups.send(addr, ToGroup::Control(request), &group_tx);
                     }
@@ -280,13 +325,19 @@ async fn drive(
                 }
                 // A lost connection: the controller's own timers resend.
             }
-            event = group_rx.recv() => {
-                if let Some(Event::Reply(addr, FromGroup::Control(reply))) = event {
+            event = group_rx.recv() => match event {
+                Some(Event::Reply(addr, FromGroup::Control(reply))) => {
+                    if in_flight.get(&reply.tag()).is_some_and(|(to, _)| *to == addr) {
+                        in_flight.remove(&reply.tag());
+                    }
                     if let Some((gid, name)) = servers.get(&addr) {
                         actions = ctl.on_group_reply(*gid, name, reply);
                     }
                 }
-            }
+                // Whatever was in flight there will not be answered: resends may go.
+                Some(Event::Lost(addr, _)) => in_flight.retain(|_, (to, _)| *to != addr),
+                _ => {}
+            },
             _ = sleep_until_opt(next_timer) => {
                 let now = Instant::now();
                 while let Some(Reverse((at, token))) = timers.peek().copied() {
@@ -437,7 +488,8 @@ pub async fn group_server_status(
                         other => Err(format!("unexpected answer {other:?}")),
                     }
                 }
-                Some(Ok(FromGroup::Reply(_))) => continue,
+                // A client's answer (or a part: never one here, this codec has no parts).
+                Some(Ok(FromGroup::Reply(_) | FromGroup::Part { .. })) => continue,
                 Some(Err(e)) => {
                     return Err(format!(
                         "bad answer ({e}): another cluster, or not a shard group server?"

@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
-use shoal_wire::codec::FrameCodec;
+use shoal_wire::codec::{CodecError, PartCodec};
 use shoal_wire::kv::{KvReply, KvRequest};
+use shoal_wire::parts::InParts;
 use shoal_wire::shard::{FromGroup, ToGroup};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -67,6 +68,8 @@ impl Routed for ToGroup {
         match self {
             ToGroup::Request(r) => (r.client, r.request),
             ToGroup::Control(c) => (CONTROL, c.tag),
+            // Never routed: the codec takes large messages apart and puts them together.
+            ToGroup::Part { .. } => (CONTROL, u64::MAX),
         }
     }
 }
@@ -77,6 +80,8 @@ impl Routed for FromGroup {
         match self {
             FromGroup::Reply(r) => r.ids(),
             FromGroup::Control(c) => (CONTROL, c.tag()),
+            // Never routed (see `ToGroup`'s).
+            FromGroup::Part { .. } => (CONTROL, u64::MAX),
         }
     }
 }
@@ -90,6 +95,9 @@ pub(crate) const CONTROL: u64 = u64::MAX;
 pub(crate) struct LinkConfig {
     pub cluster_id: u64,
     pub max_frame_bytes: usize,
+    /// Largest message, sent or accepted in parts when larger than a frame (only messages
+    /// with a part variant: the group protocol's; a KV message must fit in a frame).
+    pub max_message_bytes: usize,
     pub connect_timeout: Duration,
     /// Requests queued per connection before new ones are dropped (the clients resend).
     pub queue_len: usize,
@@ -119,8 +127,8 @@ impl<Req: Routed, Rep: Routed<Key = Req::Key>> Clone for Links<Req, Rep> {
 
 impl<Req, Rep> Links<Req, Rep>
 where
-    Req: Routed + Serialize + Send + 'static,
-    Rep: Routed<Key = Req::Key> + DeserializeOwned + Send + 'static,
+    Req: Routed + Serialize + InParts + Send + 'static,
+    Rep: Routed<Key = Req::Key> + DeserializeOwned + InParts + Send + 'static,
 {
     /// Links routing each answer to whoever registered the ids it echoes.
     pub fn new(config: LinkConfig) -> Self {
@@ -189,8 +197,8 @@ async fn connection<Req, Rep>(
     routes: Routes<Req::Key, Rep>,
     catch_all: Option<mpsc::Sender<Event<Rep>>>,
 ) where
-    Req: Routed + Serialize + Send + 'static,
-    Rep: Routed<Key = Req::Key> + DeserializeOwned + Send + 'static,
+    Req: Routed + Serialize + InParts + Send + 'static,
+    Rep: Routed<Key = Req::Key> + DeserializeOwned + InParts + Send + 'static,
 {
     let why = run(addr, config, &mut requests, |reply: Rep| {
         let to = match &catch_all {
@@ -233,8 +241,8 @@ async fn run<Req, Rep>(
     mut deliver: impl FnMut(Rep),
 ) -> String
 where
-    Req: Serialize,
-    Rep: DeserializeOwned,
+    Req: Serialize + InParts,
+    Rep: DeserializeOwned + InParts,
 {
     let framed = match connect_client::<Rep, Req>(
         addr,
@@ -253,10 +261,12 @@ where
         Err(TransportError::Connect { source, .. }) => return source.to_string(),
         Err(e) => return e.to_string(),
     };
-    // The hello went straight to the socket: nothing is buffered in `framed`.
+    // The hello went straight to the socket: nothing is buffered in `framed`. Messages larger
+    // than a frame (a shard's Install, its Export answer) travel in parts.
     let (read, write) = framed.into_inner().into_split();
-    let mut stream = FramedRead::new(read, FrameCodec::<Rep, Req>::new(config.max_frame_bytes));
-    let mut sink = FramedWrite::new(write, FrameCodec::<Rep, Req>::new(config.max_frame_bytes));
+    let codec = || PartCodec::<Rep, Req>::new(config.max_frame_bytes, config.max_message_bytes);
+    let mut stream = FramedRead::new(read, codec());
+    let mut sink = FramedWrite::new(write, codec());
     loop {
         tokio::select! {
             request = requests.recv() => match request {
@@ -269,6 +279,7 @@ where
             },
             frame = stream.next() => match frame {
                 Some(Ok(reply)) => deliver(reply),
+                Some(Err(e @ CodecError::Parts(_))) => return format!("bad answer: {e}"),
                 // A refusal (another cluster) or another protocol does not decode as an
                 // answer: the server is of no use to this client.
                 Some(Err(e)) => return format!("bad answer ({e}): another cluster, or not a server of this kind?"),

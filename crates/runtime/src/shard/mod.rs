@@ -12,6 +12,6 @@ pub mod server;
 pub use client::{ShardClient, ShardClientConfig, ShardClientPool};
 pub use controller::{
     group_server_status, read_config, read_latest, ControllerDriverConfig, GroupServerStatus,
-    ShardController, CONTROLLER_MAX_FRAME_BYTES,
+    ShardController, CONTROLLER_MAX_FRAME_BYTES, CONTROLLER_MAX_MESSAGE_BYTES,
 };
 pub use server::{run_shard_server, ShardServerConfig, ShardServerError, GROUP_FILE};

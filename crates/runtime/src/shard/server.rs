@@ -7,9 +7,11 @@
 //! client's [`ShardRequest`] is answered with a [`ShardReply`], a controller's
 //! [`ControlRequest`] (Adopt, Freeze, Export, Install, Delete, Adopted) with a
 //! [`ControlReply`]. Replies are sent after each round of Readies, so a reply to a write (or a
-//! migration step) is only sent once its entry was committed, fsynced on a majority. A frame
-//! that does not decode, or exceeds the frame limit, is answered with a [`Refusal`] that says
-//! why, and the connection is closed; nothing of it is applied.
+//! migration step) is only sent once its entry was committed, fsynced on a majority. A message
+//! larger than a frame (a large shard's Install, its Export answer) travels in parts
+//! (`shoal_wire::parts`). A frame that does not decode or exceeds the frame limit, and a
+//! message in parts that is malformed or exceeds the message limit, are answered with a
+//! [`Refusal`] that says why, and the connection is closed; nothing of it is applied.
 //!
 //! The data directory holds the group's identity next to Raft's ([`GROUP_FILE`]: gid and shard
 //! count, written once): a directory written by a server of another group, or with another
@@ -449,6 +451,7 @@ impl Service for ShardService {
                     );
                 } else {
                     self.note_step(token, &request);
+                    let request = self.probe_if_held(request);
                     self.host.handle_control(token, request);
                 }
             }
@@ -596,6 +599,28 @@ impl ShardService {
         }
     }
 
+    /// An Install with data for a shard this server already holds at that configuration or a
+    /// newer one becomes the same Install without data (a probe): its outcome (AlreadyDone or
+    /// Stale) does not depend on the data, since a shard's configuration only grows, and the
+    /// group then logs a few bytes instead of a whole shard again (a controller resending an
+    /// Install to a new leader that has applied the first copy).
+    fn probe_if_held(&self, mut request: ControlRequest) -> ControlRequest {
+        if let ControlOp::Install {
+            shard,
+            config,
+            data,
+        } = &mut request.op
+        {
+            let held = self.host.machine().shard(*shard).map(|s| s.config);
+            if !data.is_empty() && held.is_some_and(|c| c >= *config) {
+                debug!(gid = self.gid, shard = *shard, config = *config, held = ?held,
+                    bytes = data.len(), "install of a shard already held: sent as a probe");
+                *data = Vec::new();
+            }
+        }
+        request
+    }
+
     /// The keys this server holds of `shard` (a freeze or delete's log line: counting them
     /// is free, where its bytes would take an export's serialization in the loop).
     fn shard_keys(&self, shard: u32) -> usize {
@@ -619,7 +644,10 @@ impl ShardService {
 
 /// One client connection: requests go to the driver, replies come back on `replies`. A frame
 /// that does not decode (or exceeds the limit) is answered with a [`Refusal`] saying why, and
-/// the connection is closed.
+/// the connection is closed. Messages larger than a frame (a large shard's Install, its
+/// Export answer) travel in parts both ways, up to the transport's message limit
+/// ([`TransportConfig::max_message_bytes`]); a bad or oversized message in parts is refused
+/// the same way, and nothing of it is applied.
 async fn serve_client(
     conn: ClientConnection,
     token: u64,
@@ -627,7 +655,7 @@ async fn serve_client(
     events: mpsc::Sender<ClientEvent>,
     mut replies: mpsc::Receiver<FromGroup>,
 ) {
-    let mut framed = conn.framed::<ToGroup, FromGroup>();
+    let mut framed = conn.framed_in_parts::<ToGroup, FromGroup>();
     loop {
         tokio::select! {
             frame = framed.next() => match frame {
@@ -635,6 +663,8 @@ async fn serve_client(
                     let event = match message {
                         ToGroup::Request(r) => ClientEvent::Request(token, r),
                         ToGroup::Control(c) => ClientEvent::Control(token, c),
+                        // Reassembled by the codec: a part never comes out of it.
+                        ToGroup::Part { .. } => continue,
                     };
                     if events.send(event).await.is_err() {
                         break;
