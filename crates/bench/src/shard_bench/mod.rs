@@ -54,9 +54,11 @@ hash uniformly over the shards). The first --warmup-seconds of each are not meas
 
 CPU quotas (the scale model of a machine with one core per server): each shard server runs in \
 its own cgroup with --quota-ms of CPU per --period-ms (cgroup v1 cpu.cfs_quota_us or v2 \
-cpu.max, under <cpu hierarchy>/shoal-bench/, removed afterwards). The default, 5 ms per 100 ms, \
-gives 24 servers at 8 groups 1.2 cores in all, leaving 0.8 of a 2-core machine to the load \
-generator, the controller and the controller store (lightly loaded: clients cache the \
+cpu.max, under <cpu hierarchy>/shoal-bench/, removed afterwards). The default, 2.5 ms per 100 ms, \
+gives 24 servers at 8 groups 0.6 of a core in all: the model holds only while the real host is \
+not saturated (at 5 ms the servers' demand plus the kernel's and the load generator's kept the \
+2 cores 1.95 busy at 8 groups, and the 'machines' competed for real cores), leaving the rest to \
+the load generator, the controller and the controller store (lightly loaded: clients cache the \
 configuration; no quota). This needs root and a cpu controller; without either the benchmark \
 says so and runs the no-quota matrix only. Each result shows the host's CPU use over the run \
 (/proc/stat) and the throttled periods and time summed over the cgroups (cpu.stat).
@@ -87,7 +89,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2.0)]
     warmup_seconds: f64,
     /// CPU time each shard server may use per period, in milliseconds.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 2.5)]
     quota_ms: f64,
     /// The CFS period, in milliseconds.
     #[arg(long, default_value_t = 100.0)]
