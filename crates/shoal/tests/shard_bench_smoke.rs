@@ -59,6 +59,10 @@ fn tiny_matrix_and_migration_end_to_end() {
             "50",
             "--migration-mb",
             "1",
+            // A roomy quota: the test checks the command end to end, not the scale model (a
+            // migration at the default 2.5 ms would take long on a loaded machine).
+            "--quota-ms",
+            "20",
             "--out",
             out_dir.to_str().expect("utf-8 path"),
         ],

@@ -2,12 +2,10 @@
 //! large values, then `Move` it to the other group while requesters hammer the other shards
 //! and one client polls the moving shard.
 //!
-//! What limits the size: the old owner's `Export` answer and the new owner's `Install`
-//! request each carry the whole shard in ONE control frame; the controller's connections take
-//! 1 GiB frames, but a shard server's client connections (the transport's `max_frame_bytes`)
-//! take `shoal_wire::DEFAULT_MAX_FRAME_BYTES` (16 MiB). A larger shard cannot move
-//! until the export is streamed in parts (as the peer transport already does for Raft
-//! snapshots); the benchmark moves the largest shard that fits and says so.
+//! What limits the size: a shard travels as one message (the old owner's `Export` answer, then
+//! the new owner's `Install` request), sent in parts of a frame each
+//! (`shoal_wire::parts`), up to the controller's message limit
+//! (`CONTROLLER_MAX_MESSAGE_BYTES`, 1 GiB); the Install is one Raft log entry of the new owner.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,10 +20,10 @@ use super::load::{self, longest_gap, LoadSpec, Sample};
 use super::report::Workload;
 use crate::bench_util::now;
 
-/// The frame limit every shard must fit in to move (the export, and the install request).
-pub const FRAME_LIMIT: u64 = shoal_wire::DEFAULT_MAX_FRAME_BYTES as u64;
-/// Room left in the frame for the envelope, keys, versions and the shard's dedup table.
-pub const FRAME_HEADROOM: u64 = 1024 * 1024;
+/// The message limit every shard must fit in to move (the export, and the install request).
+pub const MESSAGE_LIMIT: u64 = shoal_runtime::shard::CONTROLLER_MAX_MESSAGE_BYTES as u64;
+/// Room left in the message for the envelope, keys, versions and the shard's dedup table.
+pub const MESSAGE_HEADROOM: u64 = 16 * 1024 * 1024;
 /// Bound on the move (it waits forever while a group is unreachable).
 const MOVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The poller's pause between gets (so it measures availability, not throughput).
@@ -52,21 +50,18 @@ pub struct Migration {
 
 /// The bytes that will move for a request of `requested` bytes, and the reason if fewer.
 pub fn moved_bytes(requested: u64) -> (u64, Option<String>) {
-    let cap = FRAME_LIMIT - FRAME_HEADROOM;
+    let cap = MESSAGE_LIMIT - MESSAGE_HEADROOM;
     if requested <= cap {
         (requested, None)
     } else {
         (
             cap,
             Some(format!(
-                "{:.1} MB requested, {:.1} MB moved: a shard travels as ONE control frame (the \
-                 Export answer, then the Install request); the controller accepts 1 GiB frames \
-                 but a shard server's client connections take at most {} MiB \
-                 (the transport's max_frame_bytes, shoal_wire::DEFAULT_MAX_FRAME_BYTES); a \
-                 bigger shard needs the export streamed in parts",
+                "{:.1} MB requested, {:.1} MB moved: a shard travels as one message (in parts) \
+                 of at most {} MiB, the controller's message limit",
                 requested as f64 / 1e6,
                 cap as f64 / 1e6,
-                FRAME_LIMIT >> 20
+                MESSAGE_LIMIT >> 20
             )),
         )
     }
@@ -259,11 +254,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_beyond_a_frame_are_capped_and_said() {
-        assert_eq!(moved_bytes(10_000_000), (10_000_000, None));
-        let (m, note) = moved_bytes(100_000_000);
-        assert_eq!(m, 15 * 1024 * 1024);
-        assert!(note.unwrap().contains("16 MiB"));
+    fn sizes_beyond_a_message_are_capped_and_said() {
+        assert_eq!(moved_bytes(100_000_000), (100_000_000, None));
+        let (m, note) = moved_bytes(2_000_000_000);
+        assert_eq!(m, MESSAGE_LIMIT - MESSAGE_HEADROOM);
+        assert!(note.unwrap().contains("1024 MiB"));
     }
 
     #[test]
