@@ -6,85 +6,38 @@
 //! helpers (`read_latest`, `read_config`, `group_server_status`); bad operations refused with
 //! nothing changed.
 
+mod shard_support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use shoal_runtime::kv::{run_server, DeleteOutcome, KvServerConfig, PutOutcome};
+use shard_support::Running;
+use shoal_runtime::kv::{DeleteOutcome, PutOutcome};
 use shoal_runtime::shard::{
-    group_server_status, read_config, read_latest, run_shard_server, ControllerDriverConfig,
-    ShardClient, ShardClientConfig, ShardClientPool, ShardController, ShardServerConfig,
+    group_server_status, read_config, read_latest, ControllerDriverConfig, ShardClient,
+    ShardClientConfig, ShardClientPool, ShardController,
 };
 use shoal_shard::{shard_of, Op};
 use shoal_wire::kv::Expected;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 const CLUSTER: u64 = 12;
 const SHARDS: u32 = 8;
 /// Bound on every wait; generous for a loaded machine (never a pass/fail timing).
 const WAIT: Duration = Duration::from_secs(60);
 
-struct Running {
-    stops: Vec<oneshot::Sender<()>>,
-}
-
-impl Running {
-    fn stop(self) {
-        for s in self.stops {
-            let _ = s.send(());
-        }
-    }
-}
-
-async fn listeners(n: usize) -> (Vec<TcpListener>, BTreeMap<u64, SocketAddr>) {
-    let mut ls = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=n as u64 {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        peers.insert(id, l.local_addr().expect("address"));
-        ls.push(l);
-    }
-    (ls, peers)
-}
-
 /// The controller store: three KV servers.
 async fn store(dir: &Path, running: &mut Running) -> Vec<SocketAddr> {
-    let (ls, peers) = listeners(3).await;
-    for (id, l) in (1..=3u64).zip(ls) {
-        let mut c = KvServerConfig::new(id, CLUSTER, peers.clone(), dir.join(format!("s{id}")));
-        c.tick_interval = Duration::from_millis(10);
-        let (tx, rx) = oneshot::channel::<()>();
-        running.stops.push(tx);
-        tokio::spawn(run_server(c, l, async move {
-            let _ = rx.await;
-        }));
-    }
-    peers.values().copied().collect()
+    shard_support::store(dir, CLUSTER, running).await
 }
 
-/// Group `gid`: three shard servers; returns their addresses as the configuration names
-/// them.
+/// Group `gid`: three shard servers (10 ms ticks).
 async fn group(gid: u64, dir: &Path, running: &mut Running) -> Vec<String> {
-    let (ls, peers) = listeners(3).await;
-    for (id, l) in (1..=3u64).zip(ls) {
-        let mut c = ShardServerConfig::new(
-            gid,
-            id,
-            CLUSTER,
-            peers.clone(),
-            dir.join(format!("g{gid}n{id}")),
-            SHARDS,
-        );
-        c.tick_interval = Duration::from_millis(10);
-        let (tx, rx) = oneshot::channel::<()>();
-        running.stops.push(tx);
-        tokio::spawn(run_shard_server(c, l, async move {
-            let _ = rx.await;
-        }));
-    }
-    peers.values().map(|a| a.to_string()).collect()
+    shard_support::group(gid, dir, CLUSTER, SHARDS, running, |c| {
+        c.tick_interval = Duration::from_millis(10)
+    })
+    .await
 }
 
 fn controller(store: &[SocketAddr], name: &str) -> ShardController {
@@ -131,7 +84,7 @@ async fn check_all(store: &[SocketAddr], expected: &BTreeMap<Vec<u8>, Vec<u8>>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharded_cluster_serves_moves_leaves_and_rejoins() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut running = Running { stops: Vec::new() };
+    let mut running = Running::default();
     let store = store(dir.path(), &mut running).await;
     let g1 = group(1, dir.path(), &mut running).await;
     let g2 = group(2, dir.path(), &mut running).await;
@@ -291,7 +244,7 @@ async fn a_sharded_cluster_serves_moves_leaves_and_rejoins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_controller_completes_a_change_left_half_done() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut running = Running { stops: Vec::new() };
+    let mut running = Running::default();
     let store = store(dir.path(), &mut running).await;
     let g1 = group(1, dir.path(), &mut running).await;
     let g2 = group(2, dir.path(), &mut running).await;

@@ -14,14 +14,15 @@
 //!   groups' election timeout in ticks of 25 ms (default 10). Results: docs/sharding.md,
 //!   "Large shards travel in parts". The file runs in about 15 s.
 
+mod shard_support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
-use shoal_runtime::kv::{run_server, KvServerConfig};
+use shard_support::{group, store, Running};
 use shoal_runtime::shard::{
     read_latest, run_shard_server, ControllerDriverConfig, ShardClient, ShardClientConfig,
     ShardController, ShardServerConfig,
@@ -367,64 +368,20 @@ async fn a_group_server_refuses_bad_messages_in_parts_and_keeps_serving() {
 
 // ---- a large shard moves between two groups ----
 
-struct Running {
-    stops: Vec<oneshot::Sender<()>>,
-}
-
-async fn listeners(n: usize) -> (Vec<TcpListener>, BTreeMap<u64, SocketAddr>) {
-    let mut ls = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=n as u64 {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        peers.insert(id, l.local_addr().expect("address"));
-        ls.push(l);
+/// The large-move test's group servers: the default tick unless `SHOAL_LARGE_ELECTION_TICK`
+/// says otherwise, and a snapshot threshold below the shard's size.
+fn large_group_config(c: &mut ShardServerConfig) {
+    // The default tick (25 ms; elections after 250 ms): a shorter one makes the followers
+    // elect while the leader's one large entry is still on its way to them.
+    if let Some(ticks) = std::env::var("SHOAL_LARGE_ELECTION_TICK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.election_tick = ticks;
     }
-    (ls, peers)
-}
-
-async fn store(dir: &Path, running: &mut Running) -> Vec<SocketAddr> {
-    let (ls, peers) = listeners(3).await;
-    for (id, l) in (1..=3u64).zip(ls) {
-        let mut c = KvServerConfig::new(id, CLUSTER, peers.clone(), dir.join(format!("s{id}")));
-        c.tick_interval = Duration::from_millis(10);
-        let (tx, rx) = oneshot::channel::<()>();
-        running.stops.push(tx);
-        tokio::spawn(run_server(c, l, async move {
-            let _ = rx.await;
-        }));
-    }
-    peers.values().copied().collect()
-}
-
-async fn group(gid: u64, dir: &Path, running: &mut Running) -> Vec<String> {
-    let (ls, peers) = listeners(3).await;
-    for (id, l) in (1..=3u64).zip(ls) {
-        let mut c = ShardServerConfig::new(
-            gid,
-            id,
-            CLUSTER,
-            peers.clone(),
-            dir.join(format!("g{gid}n{id}")),
-            SHARDS,
-        );
-        // The default tick (25 ms; elections after 250 ms): a shorter one makes the followers
-        // elect while the leader's one large entry is still on its way to them.
-        if let Some(ticks) = std::env::var("SHOAL_LARGE_ELECTION_TICK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            c.election_tick = ticks;
-        }
-        // Below the shard's size, so that both groups snapshot a log holding it (the old
-        // owner's puts, the new owner's one Install entry).
-        c.snapshot_bytes = Some(24 << 20);
-        let (tx, rx) = oneshot::channel::<()>();
-        running.stops.push(tx);
-        tokio::spawn(run_shard_server(c, l, async move {
-            let _ = rx.await;
-        }));
-    }
-    peers.values().map(|a| a.to_string()).collect()
+    // Below the shard's size, so that both groups snapshot a log holding it (the old
+    // owner's puts, the new owner's one Install entry).
+    c.snapshot_bytes = Some(24 << 20);
 }
 
 /// A value of `len` bytes that differs for every key (a misplaced byte shows).
@@ -460,10 +417,26 @@ async fn a_shard_of_40_mb_moves_to_the_other_group_and_reads_back() {
     let count = (megabytes * 1_000_000).div_ceil(VALUE) as u32;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut running = Running { stops: Vec::new() };
-    let store = store(dir.path(), &mut running).await;
-    let g1 = group(1, dir.path(), &mut running).await;
-    let g2 = group(2, dir.path(), &mut running).await;
+    let mut running = Running::default();
+    let store = store(dir.path(), CLUSTER, &mut running).await;
+    let g1 = group(
+        1,
+        dir.path(),
+        CLUSTER,
+        SHARDS,
+        &mut running,
+        large_group_config,
+    )
+    .await;
+    let g2 = group(
+        2,
+        dir.path(),
+        CLUSTER,
+        SHARDS,
+        &mut running,
+        large_group_config,
+    )
+    .await;
     let mut cc = ControllerDriverConfig::new(store.clone(), SHARDS);
     cc.cluster_id = CLUSTER;
     cc.name = "large".into();
@@ -535,7 +508,5 @@ async fn a_shard_of_40_mb_moves_to_the_other_group_and_reads_back() {
         );
     }
     ctl.stop().await;
-    for s in running.stops {
-        let _ = s.send(());
-    }
+    running.stop();
 }

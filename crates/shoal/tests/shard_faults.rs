@@ -10,16 +10,16 @@
 
 mod kv_support;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kv_support::{free_ports, Cluster, Shell, SHOAL, WAIT};
-use shoal_check::models::{Expected, KvInput, KvOutput, VersionedKv};
-use shoal_check::{check, Budget, HistoryBuilder, Verdict};
+use kv_support::{
+    client_worker, clock_seed, final_reads_and_check, free_ports, Cluster, Rng, Shell, SHOAL, WAIT,
+};
+use shoal_check::models::KvOutput;
 use shoal_cluster::{Procs, Spec};
 
 const GROUPS: u64 = 3;
@@ -27,21 +27,6 @@ const SHARDS: u32 = 16;
 const CLIENTS: u64 = 3;
 const KEYS: u64 = 8;
 const SHELL_TIMEOUT_SECS: &str = "5";
-
-/// A small deterministic RNG (xorshift64*), seeded per run and printed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The groups' servers as processes: group `g` server `i` in slot `(g-1)*3 + i-1`.
 struct Groups {
@@ -164,36 +149,10 @@ fn latest(rt: &tokio::runtime::Runtime, store: &[SocketAddr]) -> Option<(u64, bo
         .map(|r| (r.config.num, r.complete))
 }
 
-type Record = (u64, KvInput, u64, Option<(KvOutput, u64)>);
-
-fn parse_answer(answer: &str) -> Option<KvOutput> {
-    let mut words = answer.splitn(3, ' ');
-    match words.next()? {
-        "value" => {
-            let version = words.next()?.parse().ok()?;
-            Some(KvOutput::Found {
-                value: words.next().unwrap_or("").to_string(),
-                version,
-            })
-        }
-        "nokey" => Some(KvOutput::NoKey),
-        "ok" => Some(KvOutput::Written {
-            version: words.next()?.parse().ok()?,
-        }),
-        "mismatch" => Some(KvOutput::VersionMismatch),
-        "maybe" => Some(KvOutput::Maybe),
-        _ => None,
-    }
-}
-
 #[test]
 #[allow(clippy::disallowed_methods)] // the history's times come from this test's clock
 fn migrations_under_sigkill_of_leaders_and_of_the_controller_stay_linearizable() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1;
+    let seed = clock_seed();
     eprintln!("shard faults seed {seed}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -219,71 +178,19 @@ fn migrations_under_sigkill_of_leaders_and_of_the_controller_stay_linearizable()
 
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for c in 0..CLIENTS {
-        let mut shell = Shell::start(&[
-            "kv",
-            "--controller",
-            &store,
-            "--timeout",
-            SHELL_TIMEOUT_SECS,
-            "shell",
-        ]);
-        let stop = Arc::clone(&stop);
-        let mut rng = Rng(seed.wrapping_add(c.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
-        workers.push(std::thread::spawn(move || {
-            let mut records: Vec<Record> = Vec::new();
-            let mut client = c * 1000;
-            let mut known: BTreeMap<u64, u64> = BTreeMap::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let key = rng.below(KEYS);
-                let (line, input) = if rng.below(2) == 0 {
-                    (
-                        format!("get k{key}"),
-                        KvInput::Get {
-                            key: format!("k{key}"),
-                        },
-                    )
-                } else {
-                    let seen = known.get(&key).copied().unwrap_or(0);
-                    let expected = if rng.below(4) == 0 {
-                        seen.saturating_sub(1)
-                    } else {
-                        seen
-                    };
-                    n += 1;
-                    let value = format!("c{c}-{n}");
-                    (
-                        format!("put k{key} {expected} {value}"),
-                        KvInput::Put {
-                            key: format!("k{key}"),
-                            value,
-                            expected: Expected::Version(expected),
-                        },
-                    )
-                };
-                let invoked = epoch.elapsed().as_nanos() as u64;
-                let answer = shell.ask(&line);
-                let returned = epoch.elapsed().as_nanos() as u64;
-                if answer == "timeout" {
-                    records.push((client, input, invoked, None));
-                    client += 1; // an open operation: continue as a new client
-                    continue;
-                }
-                let output = parse_answer(&answer)
-                    .unwrap_or_else(|| panic!("unexpected answer {answer:?} to {line:?}"));
-                match &output {
-                    KvOutput::Found { version, .. } | KvOutput::Written { version } => {
-                        known.insert(key, *version);
-                    }
-                    _ => {}
-                }
-                records.push((client, input, invoked, Some((output, returned))));
-            }
-            records
-        }));
-    }
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let shell = Shell::start(&[
+                "kv",
+                "--controller",
+                &store,
+                "--timeout",
+                SHELL_TIMEOUT_SECS,
+                "shell",
+            ]);
+            client_worker(shell, c, seed, KEYS, epoch, Arc::clone(&stop))
+        })
+        .collect();
 
     std::thread::sleep(Duration::from_millis(500));
     let mut rng = Rng(seed);
@@ -378,71 +285,16 @@ fn migrations_under_sigkill_of_leaders_and_of_the_controller_stay_linearizable()
     for w in workers {
         records.extend(w.join().expect("client thread"));
     }
-    let count = |f: &dyn Fn(&Record) -> bool| records.iter().filter(|r| f(r)).count();
-    eprintln!(
-        "{} operations ({} ok puts, {} maybe, {} timeouts)",
-        records.len(),
-        count(&|r| matches!(r.3, Some((KvOutput::Written { .. }, _)))),
-        count(&|r| matches!(r.3, Some((KvOutput::Maybe, _)))),
-        count(&|r| r.3.is_none()),
-    );
-
-    // Final reads through a fresh shell, part of the history.
-    let mut shell = Shell::start(&["kv", "--controller", &store, "--timeout", "30", "shell"]);
-    let mut final_versions = BTreeMap::new();
-    for key in 0..KEYS {
-        let invoked = epoch.elapsed().as_nanos() as u64;
-        let answer = shell.ask(&format!("get k{key}"));
-        let returned = epoch.elapsed().as_nanos() as u64;
-        let output = parse_answer(&answer).unwrap_or_else(|| panic!("final read: {answer:?}"));
-        if let KvOutput::Found { version, .. } = &output {
-            final_versions.insert(format!("k{key}"), *version);
-        }
-        records.push((
-            1_000_000,
-            KvInput::Get {
-                key: format!("k{key}"),
-            },
-            invoked,
-            Some((output, returned)),
-        ));
-    }
-    let acked = count_acked(&records);
-    assert!(acked > 10, "only {acked} puts were acknowledged");
-    for (_, input, _, out) in &records {
-        if let (KvInput::Put { key, .. }, Some((KvOutput::Written { version }, _))) = (input, out) {
-            let now = final_versions.get(key).copied().unwrap_or(0);
-            assert!(
-                now >= *version,
-                "seed {seed}: acknowledged {key} v{version} lost (now v{now})"
-            );
-        }
-    }
-    let mut b = HistoryBuilder::new();
-    records.sort_by_key(|r| r.2);
-    for (client, input, invoked, out) in records {
-        let id = b.invoke(client, input, invoked);
-        if let Some((output, returned)) = out {
-            b.complete(id, output, returned)
-                .expect("complete an operation");
-        }
-    }
-    match check(
-        &VersionedKv,
-        &b.build(),
-        Budget::time(Duration::from_secs(20)),
-    ) {
-        Verdict::Linearizable => {}
-        Verdict::Unknown(r) => panic!("seed {seed}: the checker gave up: {r:?}"),
-        Verdict::NotLinearizable(e) => panic!("seed {seed}: not linearizable: {e:?}"),
-    }
-}
-
-fn count_acked(records: &[Record]) -> usize {
-    records
+    let acked = records
         .iter()
         .filter(|r| matches!(r.3, Some((KvOutput::Written { .. }, _))))
-        .count()
+        .count();
+    assert!(
+        acked > 10,
+        "seed {seed}: only {acked} puts were acknowledged"
+    );
+    let shell = Shell::start(&["kv", "--controller", &store, "--timeout", "30", "shell"]);
+    final_reads_and_check(shell, KEYS, epoch, records, seed);
 }
 
 #[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock

@@ -759,13 +759,7 @@ impl Client {
             value: value.to_vec(),
             expected,
         };
-        match self.execute(op).await? {
-            Outcome::Maybe => Ok(PutOutcome::Maybe),
-            Outcome::Done(KvResult::Written { version }) => Ok(PutOutcome::Written(version)),
-            Outcome::Done(KvResult::VersionMismatch) => Ok(PutOutcome::Mismatch),
-            Outcome::Done(KvResult::NoKey) => Ok(PutOutcome::NoKey),
-            Outcome::Done(other) => Err(too_large_or_unexpected(other)),
-        }
+        put_outcome(self.execute(op).await?)
     }
 
     /// Removes `key` if it is at `expected` (or unconditionally with `Expected::Any`).
@@ -778,13 +772,7 @@ impl Client {
             key: key.to_vec(),
             expected,
         };
-        match self.execute(op).await? {
-            Outcome::Maybe => Ok(DeleteOutcome::Maybe),
-            Outcome::Done(KvResult::Deleted) => Ok(DeleteOutcome::Deleted),
-            Outcome::Done(KvResult::VersionMismatch) => Ok(DeleteOutcome::Mismatch),
-            Outcome::Done(KvResult::NoKey) => Ok(DeleteOutcome::NoKey),
-            Outcome::Done(other) => Err(too_large_or_unexpected(other)),
-        }
+        delete_outcome(self.execute(op).await?)
     }
 
     /// Keys in `[start, end)` (no end: to the last key) in key order, at most `limit`.
@@ -1014,7 +1002,29 @@ fn status_timeout(after: Duration) -> ClientError {
     }
 }
 
-fn too_large_or_unexpected(result: KvResult) -> ClientError {
+/// A put's outcome as the client returns it (the sharded client's too).
+pub(crate) fn put_outcome(outcome: Outcome) -> Result<PutOutcome, ClientError> {
+    match outcome {
+        Outcome::Maybe => Ok(PutOutcome::Maybe),
+        Outcome::Done(KvResult::Written { version }) => Ok(PutOutcome::Written(version)),
+        Outcome::Done(KvResult::VersionMismatch) => Ok(PutOutcome::Mismatch),
+        Outcome::Done(KvResult::NoKey) => Ok(PutOutcome::NoKey),
+        Outcome::Done(other) => Err(too_large_or_unexpected(other)),
+    }
+}
+
+/// A delete's outcome as the client returns it (the sharded client's too).
+pub(crate) fn delete_outcome(outcome: Outcome) -> Result<DeleteOutcome, ClientError> {
+    match outcome {
+        Outcome::Maybe => Ok(DeleteOutcome::Maybe),
+        Outcome::Done(KvResult::Deleted) => Ok(DeleteOutcome::Deleted),
+        Outcome::Done(KvResult::VersionMismatch) => Ok(DeleteOutcome::Mismatch),
+        Outcome::Done(KvResult::NoKey) => Ok(DeleteOutcome::NoKey),
+        Outcome::Done(other) => Err(too_large_or_unexpected(other)),
+    }
+}
+
+pub(crate) fn too_large_or_unexpected(result: KvResult) -> ClientError {
     match result {
         KvResult::TooLarge { what, bytes, limit } => ClientError::TooLarge { what, bytes, limit },
         other => ClientError::Unexpected(other),

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::link::{Event, LinkConfig, Links};
+use crate::kv::client::{delete_outcome, put_outcome, too_large_or_unexpected};
 use crate::kv::client::{
     DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT, DEFAULT_RETRY_TIMEOUT,
     POOL_CONNECTION_QUEUE_LEN, REPLY_QUEUE_LEN,
@@ -382,7 +383,7 @@ impl ShardClient {
         match self.done(KvOp::Get { key: key.to_vec() }).await? {
             KvResult::Found { value, version } => Ok(Some((value, version))),
             KvResult::NoKey => Ok(None),
-            other => Err(unexpected(other)),
+            other => Err(too_large_or_unexpected(other)),
         }
     }
 
@@ -398,13 +399,7 @@ impl ShardClient {
             value: value.to_vec(),
             expected,
         };
-        match self.execute(op).await? {
-            Outcome::Done(KvResult::Written { version }) => Ok(PutOutcome::Written(version)),
-            Outcome::Done(KvResult::VersionMismatch) => Ok(PutOutcome::Mismatch),
-            Outcome::Done(KvResult::NoKey) => Ok(PutOutcome::NoKey),
-            Outcome::Maybe => Ok(PutOutcome::Maybe),
-            Outcome::Done(other) => Err(unexpected(other)),
-        }
+        put_outcome(self.execute(op).await?)
     }
 
     /// Deletes `key` if its version matches `expected`.
@@ -417,13 +412,7 @@ impl ShardClient {
             key: key.to_vec(),
             expected,
         };
-        match self.execute(op).await? {
-            Outcome::Done(KvResult::Deleted) => Ok(DeleteOutcome::Deleted),
-            Outcome::Done(KvResult::VersionMismatch) => Ok(DeleteOutcome::Mismatch),
-            Outcome::Done(KvResult::NoKey) => Ok(DeleteOutcome::NoKey),
-            Outcome::Maybe => Ok(DeleteOutcome::Maybe),
-            Outcome::Done(other) => Err(unexpected(other)),
-        }
+        delete_outcome(self.execute(op).await?)
     }
 
     /// The keys in `[start, end)` in key order, at most `limit`: every shard is asked (each
@@ -447,7 +436,7 @@ impl ShardClient {
             };
             let page = match self.done(op).await? {
                 KvResult::Scanned { items } => items,
-                other => return Err(unexpected(other)),
+                other => return Err(too_large_or_unexpected(other)),
             };
             // Only an empty page ends the range: a page stops early at the last key of a
             // shard that may hold more (see `ShardClerk`'s scans).
@@ -468,17 +457,6 @@ impl ShardClient {
                 "a read answered maybe (a bug: reads are never retried into doubt)".into(),
             )),
         }
-    }
-}
-
-fn unexpected(result: KvResult) -> ClientError {
-    match result {
-        KvResult::TooLarge { what, bytes, limit } => ClientError::TooLarge {
-            what: what.to_string(),
-            bytes,
-            limit,
-        },
-        other => ClientError::Unexpected(other),
     }
 }
 

@@ -9,6 +9,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 
+use shoal_check::models::{Expected, KvInput, KvOutput, VersionedKv};
+use shoal_check::{check, Budget, HistoryBuilder, Verdict};
 use shoal_cluster::{Procs, Spec};
 use std::time::Duration;
 
@@ -260,5 +262,187 @@ pub fn wait_listening(addr: &str) {
             "nothing listens on {addr} after {WAIT:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A small deterministic RNG (xorshift64*), seeded per test run and printed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A seed from the clock, for a run that prints it.
+#[allow(clippy::disallowed_methods)] // a test's seed, printed: not protocol time
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1
+}
+
+/// One recorded operation: (client, input, invoked ns, Some((output, returned ns))).
+pub type Record = (u64, KvInput, u64, Option<(KvOutput, u64)>);
+
+/// A shell's answer to a get or put, as the checker's output.
+pub fn parse_answer(answer: &str) -> Option<KvOutput> {
+    let mut words = answer.splitn(3, ' ');
+    match words.next()? {
+        "value" => {
+            let version = words.next()?.parse().ok()?;
+            Some(KvOutput::Found {
+                value: words.next().unwrap_or("").to_string(),
+                version,
+            })
+        }
+        "nokey" => Some(KvOutput::NoKey),
+        "ok" => Some(KvOutput::Written {
+            version: words.next()?.parse().ok()?,
+        }),
+        "mismatch" => Some(KvOutput::VersionMismatch),
+        "maybe" => Some(KvOutput::Maybe),
+        _ => None,
+    }
+}
+
+/// A client thread: random gets and conditional puts (usually at the version last seen,
+/// sometimes a stale guess) on keys `k0..k{keys}` through `shell` until `stop`, each recorded
+/// with this test's clock; a `timeout` answer is an open operation, and the client continues
+/// as a new one.
+#[allow(clippy::disallowed_methods)] // the history's times come from the test's clock
+pub fn client_worker(
+    mut shell: Shell,
+    c: u64,
+    seed: u64,
+    keys: u64,
+    epoch: std::time::Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Record>> {
+    let mut rng = Rng(seed.wrapping_add(c.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
+    std::thread::spawn(move || {
+        let mut records: Vec<Record> = Vec::new();
+        let mut client = c * 1000;
+        let mut known: std::collections::BTreeMap<u64, u64> = Default::default();
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = rng.below(keys);
+            let (line, input) = if rng.below(2) == 0 {
+                let input = KvInput::Get {
+                    key: format!("k{key}"),
+                };
+                (format!("get k{key}"), input)
+            } else {
+                let seen = known.get(&key).copied().unwrap_or(0);
+                let expected = if rng.below(4) == 0 {
+                    seen.saturating_sub(1)
+                } else {
+                    seen
+                };
+                n += 1;
+                let value = format!("c{c}-{n}");
+                (
+                    format!("put k{key} {expected} {value}"),
+                    KvInput::Put {
+                        key: format!("k{key}"),
+                        value,
+                        expected: Expected::Version(expected),
+                    },
+                )
+            };
+            let invoked = epoch.elapsed().as_nanos() as u64;
+            let answer = shell.ask(&line);
+            let returned = epoch.elapsed().as_nanos() as u64;
+            if answer == "timeout" {
+                records.push((client, input, invoked, None));
+                client += 1;
+                continue;
+            }
+            let output = parse_answer(&answer)
+                .unwrap_or_else(|| panic!("unexpected answer {answer:?} to {line:?}"));
+            if let KvOutput::Found { version, .. } | KvOutput::Written { version } = &output {
+                known.insert(key, *version);
+            }
+            records.push((client, input, invoked, Some((output, returned))));
+        }
+        records
+    })
+}
+
+/// Reads every key once more through `shell` (recorded as part of the history), then checks
+/// that every acknowledged put is present (versions only grow: no deletes) and that the
+/// history is linearizable under the versioned-KV model. Panics naming `seed` otherwise.
+#[allow(clippy::disallowed_methods)] // the history's times come from the test's clock
+pub fn final_reads_and_check(
+    mut shell: Shell,
+    keys: u64,
+    epoch: std::time::Instant,
+    mut records: Vec<Record>,
+    seed: u64,
+) {
+    let count =
+        |records: &[Record], f: &dyn Fn(&Record) -> bool| records.iter().filter(|r| f(r)).count();
+    eprintln!(
+        "{} operations ({} ok puts, {} maybe, {} timeouts)",
+        records.len(),
+        count(&records, &|r| matches!(
+            r.3,
+            Some((KvOutput::Written { .. }, _))
+        )),
+        count(&records, &|r| matches!(r.3, Some((KvOutput::Maybe, _)))),
+        count(&records, &|r| r.3.is_none()),
+    );
+    let mut final_versions = std::collections::BTreeMap::new();
+    for key in 0..keys {
+        let invoked = epoch.elapsed().as_nanos() as u64;
+        let answer = shell.ask(&format!("get k{key}"));
+        let returned = epoch.elapsed().as_nanos() as u64;
+        let output = parse_answer(&answer).unwrap_or_else(|| panic!("final read: {answer:?}"));
+        if let KvOutput::Found { version, .. } = &output {
+            final_versions.insert(format!("k{key}"), *version);
+        }
+        let input = KvInput::Get {
+            key: format!("k{key}"),
+        };
+        records.push((1_000_000, input, invoked, Some((output, returned))));
+    }
+    let acked = count(&records, &|r| {
+        matches!(r.3, Some((KvOutput::Written { .. }, _)))
+    });
+    assert!(acked > 0, "seed {seed}: no put was acknowledged");
+    for (_, input, _, out) in &records {
+        if let (KvInput::Put { key, .. }, Some((KvOutput::Written { version }, _))) = (input, out) {
+            let now = final_versions.get(key).copied().unwrap_or(0);
+            assert!(
+                now >= *version,
+                "seed {seed}: acknowledged {key} v{version} lost (now v{now})"
+            );
+        }
+    }
+    let mut b = HistoryBuilder::new();
+    records.sort_by_key(|r| r.2);
+    for (client, input, invoked, out) in records {
+        let id = b.invoke(client, input, invoked);
+        if let Some((output, returned)) = out {
+            b.complete(id, output, returned)
+                .expect("complete an operation");
+        }
+    }
+    match check(
+        &VersionedKv,
+        &b.build(),
+        Budget::time(Duration::from_secs(20)),
+    ) {
+        Verdict::Linearizable => {}
+        Verdict::Unknown(r) => panic!("seed {seed}: the checker gave up: {r:?}"),
+        Verdict::NotLinearizable(e) => panic!("seed {seed}: not linearizable: {e:?}"),
     }
 }
