@@ -34,6 +34,9 @@ use shoal_runtime::shard::{read_latest, ControllerDriverConfig, ShardController}
 pub(crate) const GROUPS_FILE: &str = "groups";
 /// The file holding the number of shards the cluster was created with.
 const SHARDS_FILE: &str = "shards";
+/// The most group servers `shard up` starts (a typo such as `--groups 300` would otherwise
+/// start hundreds of processes).
+const MAX_LOCAL_SERVERS: u64 = 64;
 /// Servers of the controller store.
 const STORE_SERVERS: usize = 3;
 /// How long each read of the controller store may take while waiting for it to answer.
@@ -249,6 +252,14 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         }
         if replicas == 0 {
             bail!("--replicas must be at least 1");
+        }
+        if groups.saturating_mul(replicas) > MAX_LOCAL_SERVERS {
+            bail!(
+                "--groups {groups} --replicas {replicas} is {} group servers on this machine, \
+                 more than {MAX_LOCAL_SERVERS}: run fewer (shard up is for one machine; on \
+                 several, start `shoal shard server` on each and `shoal shard join` them)",
+                groups.saturating_mul(replicas)
+            );
         }
         shoal_shard::validate_shards(u64::from(shards))
             .map_err(|e| anyhow::anyhow!("--shards: {e}"))?;
