@@ -543,6 +543,11 @@ async fn change(
                      `shoal shard up`) completes it first",
                     status.moves_pending
                 ),
+                Some(num) if !status.complete => eprintln!(
+                    "interrupted while completing an earlier change (configuration {num}, still \
+                     incomplete): this change was not recorded; the next `shoal shard join`, \
+                     `leave` or `move` completes configuration {num} first"
+                ),
                 _ => eprintln!("interrupted before the change was recorded: nothing changed"),
             }
             Ok(ExitCode::from(130))
@@ -647,6 +652,14 @@ fn print_status_line(status: &ControllerStatus) {
         .last_problem
         .as_deref()
         .map_or(String::new(), |p| format!("; last problem: {p}"));
+    if status.phase == shoal_shard::CtlPhase::Locking && !status.holds_lock {
+        eprintln!(
+            "waiting for the controller's lock: another controller (a `shoal shard join`, \
+             `leave` or `move`, or `shard up` joining its groups) holds it until its change is \
+             complete, or its lease runs out if it died{problem}"
+        );
+        return;
+    }
     eprintln!(
         "waiting ({:?}, {config}, {} moves pending, {} done){problem}",
         status.phase, status.moves_pending, status.moves_done

@@ -34,6 +34,9 @@ use shoal_runtime::shard::{read_latest, ControllerDriverConfig, ShardController}
 pub(crate) const GROUPS_FILE: &str = "groups";
 /// The file holding the number of shards the cluster was created with.
 const SHARDS_FILE: &str = "shards";
+/// The most group servers `shard up` starts (a typo such as `--groups 300` would otherwise
+/// start hundreds of processes).
+const MAX_LOCAL_SERVERS: u64 = 64;
 /// Servers of the controller store.
 const STORE_SERVERS: usize = 3;
 /// How long each read of the controller store may take while waiting for it to answer.
@@ -250,6 +253,14 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         if replicas == 0 {
             bail!("--replicas must be at least 1");
         }
+        if groups.saturating_mul(replicas) > MAX_LOCAL_SERVERS {
+            bail!(
+                "--groups {groups} --replicas {replicas} is {} group servers on this machine, \
+                 more than {MAX_LOCAL_SERVERS}: run fewer (shard up is for one machine; on \
+                 several, start `shoal shard server` on each and `shoal shard join` them)",
+                groups.saturating_mul(replicas)
+            );
+        }
         shoal_shard::validate_shards(u64::from(shards))
             .map_err(|e| anyhow::anyhow!("--shards: {e}"))?;
     }
@@ -414,7 +425,7 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
         .groups
         .iter()
         .filter(|(gid, _)| {
-            !joined_before
+            (!joined_before || latest.is_none())
                 && latest
                     .as_ref()
                     .is_none_or(|r| !r.config.groups.contains_key(gid))
@@ -422,28 +433,21 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
         .map(|(&gid, addrs)| (gid, addrs.iter().map(ToString::to_string).collect()))
         .collect();
     let complete = latest.as_ref().is_some_and(|r| r.complete);
-    if !missing.is_empty() || !complete {
+    if !missing.is_empty() {
         let mut config = ControllerDriverConfig::new(store.clone(), layout.shards);
         config.cluster_id = 1;
         let controller = ShardController::start(config)?;
-        let result = if missing.is_empty() {
-            // Everyone is a member but the last change was interrupted: a controller finishes
-            // it before anything else.
-            eprintln!(
-                "configuration {} is not complete (a change was interrupted): completing it",
-                latest.as_ref().map_or(0, |r| r.config.num)
-            );
-            wait_complete(&controller, store).await
-        } else {
-            let gids: Vec<String> = missing.keys().map(ToString::to_string).collect();
-            eprintln!("joining group(s) {}", gids.join(", "));
+        let gids: Vec<String> = missing.keys().map(ToString::to_string).collect();
+        eprintln!("joining group(s) {}", gids.join(", "));
+        let result = {
+            // A change left incomplete by an interrupted controller is completed first.
             let submit = controller.submit(Op::Join(missing));
             tokio::pin!(submit);
             let mut progress = tokio::time::interval(PROGRESS_EVERY);
             progress.tick().await;
             loop {
                 tokio::select! {
-                    result = &mut submit => break result.map(|_| ()),
+                    result = &mut submit => break result,
                     _ = progress.tick() => print_waiting(&controller.status(), store, 1).await,
                 }
             }
@@ -452,6 +456,15 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
         if let Err(reason) = result {
             bail!("{reason}");
         }
+    } else if !complete {
+        // Not completed here: a controller waiting in the background (for a group that may
+        // never come back) would hold the lock every other command needs.
+        eprintln!(
+            "configuration {} is not complete (a change was interrupted): the next `shoal shard \
+             join`, `leave` or `move` completes it first; `shoal shard status` shows its \
+             migrations",
+            latest.as_ref().map_or(0, |r| r.config.num)
+        );
     }
     if !joined_before {
         std::fs::write(&joined_path, "the groups of DIR/groups joined once\n")
@@ -505,29 +518,18 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
         "  shoal kv --controller {} put greeting hello",
         join_addrs(store)
     );
-    let _ = writeln!(out, "  shoal shard move 7 2{with_dir}");
-    let _ = writeln!(out, "  shoal shard leave 2{with_dir}");
+    // A move and a leave that would be accepted: shard 7 (or the last) to a member that does
+    // not own it, and the last member leaving.
+    let shard = 7.min(config.num_shards().saturating_sub(1));
+    let owner = config.owner(shard);
+    if let Some(to) = config.groups.keys().rev().find(|&&g| Some(g) != owner) {
+        let _ = writeln!(out, "  shoal shard move {shard} {to}{with_dir}");
+    }
+    if let (true, Some(last)) = (config.groups.len() >= 2, config.groups.keys().last()) {
+        let _ = writeln!(out, "  shoal shard leave {last}{with_dir}");
+    }
     let _ = out.flush();
     Ok(())
-}
-
-/// Waits until `controller` has completed the latest change (it does so when it starts),
-/// printing what it waits for every few seconds.
-async fn wait_complete(controller: &ShardController, store: &[SocketAddr]) -> Result<(), String> {
-    let mut progress = tokio::time::interval(PROGRESS_EVERY);
-    progress.tick().await;
-    let mut check = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            _ = check.tick() => {
-                let status = controller.status();
-                if status.complete && status.phase == shoal_shard::CtlPhase::Idle {
-                    return Ok(());
-                }
-            }
-            _ = progress.tick() => print_waiting(&controller.status(), store, 1).await,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -148,8 +148,8 @@ impl Running {
         Ok(Running { procs, slots })
     }
 
-    /// Supervises until a stop signal or until `until` completes with an error (`Ok(None)`
-    /// for a stop signal), or until a majority of a group cannot run (`Ok(Some(why))`).
+    /// Supervises until a stop signal (`Ok(None)`) or until a majority of a group cannot run
+    /// (`Ok(Some(why))`).
     pub(crate) async fn supervise(
         &mut self,
         set: &Supervised,

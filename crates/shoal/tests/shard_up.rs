@@ -380,6 +380,10 @@ fn shard_up_refuses_bad_shapes_before_creating_anything() {
         (["--groups", "0"], "--groups must be at least 1"),
         (["--replicas", "0"], "--replicas must be at least 1"),
         (["--shards", "0"], "--shards"),
+        (
+            ["--groups", "30"],
+            "90 group servers on this machine, more than 64",
+        ),
     ] {
         let out = Command::new(SHOAL)
             .args(["shard", "up", "--dir"])
