@@ -3,8 +3,9 @@
 //! shell` clients doing random gets and conditional puts on keys spread over the shards, and,
 //! meanwhile, the operator's commands as processes: a group leaves and joins again and shards
 //! move (`shoal shard leave|join|move`); the leader of a group taking part in a migration is
-//! SIGKILLed mid-way (and restarted from its data); the process running a controller change is
-//! SIGKILLed mid-way, and the next change completes it first. The recorded history must be
+//! SIGKILLed mid-way (and restarted from its data) — once asserted to land while a move is
+//! recorded and incomplete; the process running a controller change is SIGKILLed mid-way, and
+//! the next change completes it first. The recorded history must be
 //! linearizable (the versioned-KV model is checked key by key), and every acknowledged put
 //! must be present at the end.
 
@@ -231,7 +232,55 @@ fn migrations_under_sigkill_of_leaders_and_of_the_controller_stay_linearizable()
     }
     assert!(wait_exit(&mut join).success(), "the join completes");
 
-    // 3. The process running a change is SIGKILLed mid-way (retried with another delay until a
+    // 3. A move whose new owner's leader is SIGKILLed while the change is recorded and
+    //    incomplete (retried until a kill lands then; asserted), restarted from its data; the
+    //    move completes.
+    let mut killed_mid_move = false;
+    for attempt in 0..8u64 {
+        let (before, _) = latest(&rt, &store_addrs).expect("a configuration");
+        let (shard, gid) = a_real_move(&rt, &store_addrs, &mut rng);
+        let mut mv = shard_cmd(&store, &["move", &shard.to_string(), &gid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start shard move");
+        let start = Instant::now();
+        let mut killed = None;
+        loop {
+            if let Some((num, complete)) = latest(&rt, &store_addrs) {
+                if num > before {
+                    if !complete {
+                        killed = groups.leader(&rt, gid);
+                        if let Some(id) = killed {
+                            groups.kill(gid, id);
+                            // Still incomplete after the kill: the kill landed mid-change.
+                            killed_mid_move = latest(&rt, &store_addrs).is_some_and(|l| !l.1);
+                        }
+                    }
+                    break;
+                }
+            }
+            if let Ok(Some(_)) = mv.try_wait() {
+                break;
+            }
+            assert!(start.elapsed() < WAIT, "shard move made no configuration");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(id) = killed {
+            groups.restart(gid, id);
+        }
+        assert!(wait_exit(&mut mv).success(), "the move completes");
+        eprintln!("attempt {attempt}: killed group {gid}'s leader mid-move: {killed_mid_move}");
+        if killed_mid_move {
+            break;
+        }
+    }
+    assert!(
+        killed_mid_move,
+        "no SIGKILL of the new owner's leader landed while a move was incomplete in 8 attempts"
+    );
+
+    // 4. The process running a change is SIGKILLed mid-way (retried with another delay until a
     //    kill lands while the change is recorded but incomplete); the next change runs after
     //    completing it.
     let mut landed_mid_change = false;
