@@ -11,8 +11,7 @@
 //! clerk under a new client id and new sessions, so a late answer to the abandoned request is
 //! never taken for the next one's.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use shoal_wire::shard::{FromGroup, ToGroup};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::link::{Event, LinkConfig, Links};
+use super::link::{Event, LinkConfig, Links, Timers};
 use crate::kv::client::{delete_outcome, put_outcome, too_large_or_unexpected};
 use crate::kv::client::{
     DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT, DEFAULT_RETRY_TIMEOUT,
@@ -260,7 +259,7 @@ impl ShardClient {
             .clerk
             .start(op)
             .map_err(|e| ClientError::NoServer(e.to_string()))?;
-        let mut timers: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+        let mut timers = Timers::default();
         let result = loop {
             let mut finished = None;
             for action in actions.drain(..) {
@@ -290,19 +289,16 @@ impl ShardClient {
                                 SocketAddr::from(([0, 0, 0, 0], 0)),
                                 format!("group {gid} server {server:?} is not an address"),
                             );
-                            timers.push(Reverse((Instant::now(), u64::MAX)));
+                            timers.set(Duration::ZERO, u64::MAX);
                         }
                     },
-                    ClientAction::SetTimer { after, token } => {
-                        timers.push(Reverse((Instant::now() + after, token)))
-                    }
+                    ClientAction::SetTimer { after, token } => timers.set(after, token),
                     ClientAction::Finished(outcome) => finished = Some(outcome),
                 }
             }
             if let Some(outcome) = finished {
                 break Ok(outcome);
             }
-            let next_timer = timers.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
                 event = self.store_rx.recv() => match event {
                     Some(Event::Reply(addr, reply)) => {
@@ -337,13 +333,8 @@ impl ShardClient {
                     }
                     None => {}
                 },
-                _ = sleep_until_opt(next_timer) => {
-                    let now = Instant::now();
-                    while let Some(Reverse((at, token))) = timers.peek().copied() {
-                        if at > now {
-                            break;
-                        }
-                        timers.pop();
+                _ = timers.next_due() => {
+                    for token in timers.take_due() {
                         if token != u64::MAX {
                             actions.extend(self.clerk.on_timer(token));
                         }
@@ -457,12 +448,5 @@ impl ShardClient {
                 "a read answered maybe (a bug: reads are never retried into doubt)".into(),
             )),
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

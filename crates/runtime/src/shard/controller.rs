@@ -14,8 +14,7 @@
 //! Reading configurations needs no lock: [`read_latest`] and [`read_config`] read the store
 //! linearizably through a plain KV client.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::link::{Event, LinkConfig, Links};
+use super::link::{Event, LinkConfig, Links, Timers};
 use crate::kv::client::{DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, REPLY_QUEUE_LEN};
 use crate::kv::{Client, ClientConfig, ClientError};
 use crate::transport::connect_client;
@@ -246,7 +245,7 @@ async fn drive(
     let mut in_flight: BTreeMap<u64, (SocketAddr, Instant)> = BTreeMap::new();
     let mut waiting: BTreeMap<u64, oneshot::Sender<Result<u64, String>>> = BTreeMap::new();
     let mut next_ticket = 1u64;
-    let mut timers: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut timers = Timers::default();
     let mut last_logged: Option<(CtlPhase, Option<u64>, bool, Option<String>)> = None;
     let mut actions = ctl.start();
     let stopped = loop {
@@ -288,9 +287,7 @@ async fn drive(
                         "a group server is named by something other than IP:PORT: it cannot be reached"
                     ),
                 },
-                CtlAction::SetTimer { after, token } => {
-                    timers.push(Reverse((Instant::now() + after, token)))
-                }
+                CtlAction::SetTimer { after, token } => timers.set(after, token),
                 CtlAction::Finished { ticket, result } => {
                     if let Some(tx) = waiting.remove(&ticket) {
                         let _ = tx.send(result);
@@ -306,7 +303,6 @@ async fn drive(
             last_logged = Some(summary);
         }
         *status.lock().unwrap_or_else(|e| e.into_inner()) = s;
-        let next_timer = timers.peek().map(|Reverse((at, _))| *at);
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Submit(op, tx)) => {
@@ -338,13 +334,8 @@ async fn drive(
                 Some(Event::Lost(addr, _)) => in_flight.retain(|_, (to, _)| *to != addr),
                 _ => {}
             },
-            _ = sleep_until_opt(next_timer) => {
-                let now = Instant::now();
-                while let Some(Reverse((at, token))) = timers.peek().copied() {
-                    if at > now {
-                        break;
-                    }
-                    timers.pop();
+            _ = timers.next_due() => {
+                for token in timers.take_due() {
                     actions.extend(ctl.on_timer(token));
                 }
             }
@@ -365,13 +356,6 @@ async fn drive(
     }
     if let Some(tx) = stopped {
         let _ = tx.send(());
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

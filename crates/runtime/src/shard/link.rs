@@ -24,6 +24,7 @@ use shoal_wire::kv::{KvReply, KvRequest};
 use shoal_wire::parts::InParts;
 use shoal_wire::shard::{FromGroup, ToGroup};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::debug;
 
@@ -286,5 +287,44 @@ where
                 None => return "connection closed".into(),
             },
         }
+    }
+}
+
+/// The timers a sans-IO machine asked for (`SetTimer { after, token }`), for a driver loop that
+/// waits on [`Timers::next_due`] beside its sockets and then fires [`Timers::take_due`]. Stale
+/// tokens are the machine's to ignore, so a timer is never cancelled.
+#[derive(Debug, Default)]
+pub(crate) struct Timers(std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64)>>);
+
+impl Timers {
+    /// Fires `token` after `after`.
+    pub fn set(&mut self, after: Duration, token: u64) {
+        self.0
+            .push(std::cmp::Reverse((Instant::now() + after, token)));
+    }
+
+    /// Resolves when the earliest timer is due; never while there is none.
+    pub fn next_due(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let at = self.0.peek().map(|std::cmp::Reverse((at, _))| *at);
+        async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// The tokens of every timer due now, earliest first, removed.
+    pub fn take_due(&mut self) -> Vec<u64> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while let Some(&std::cmp::Reverse((at, token))) = self.0.peek() {
+            if at > now {
+                break;
+            }
+            self.0.pop();
+            due.push(token);
+        }
+        due
     }
 }
