@@ -666,7 +666,8 @@ fn print_status_line(status: &ControllerStatus) {
     );
 }
 
-fn join_addrs(addrs: &[SocketAddr]) -> String {
+/// Addresses as `A,B,C` (the form `--controller` and a group's `G=` take).
+pub(crate) fn join_addrs(addrs: &[SocketAddr]) -> String {
     addrs
         .iter()
         .map(ToString::to_string)

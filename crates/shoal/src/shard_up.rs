@@ -26,7 +26,7 @@ use shoal_cluster::{Spec, StopSignals};
 use shoal_shard::{Gid, Op};
 
 use crate::kv_cmd::read_endpoints;
-use crate::shard_cmd::{print_waiting, shard_ranges, CONTROLLER_FILE, DEFAULT_DIR};
+use crate::shard_cmd::{join_addrs, print_waiting, shard_ranges, CONTROLLER_FILE, DEFAULT_DIR};
 use crate::supervise::{lock_dir, running_servers, Member, Running, Supervised};
 use shoal_runtime::shard::{read_latest, ControllerDriverConfig, ShardController};
 
@@ -189,14 +189,6 @@ impl Layout {
             members,
         }
     }
-}
-
-fn join_addrs(addrs: &[SocketAddr]) -> String {
-    addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Reads a groups file: one `GID ADDR,ADDR,…` per line.
