@@ -111,19 +111,19 @@ pub enum Error {
         /// The applied index.
         applied: LogIndex,
     },
-    /// A membership change is already in flight (proposed and not yet applied), or this
-    /// leader has not yet applied an entry of its own term (its no-op at `pending`): only one
-    /// change at a time, and none before that (the 2015 single-server-change bug). Retry once
-    /// `applied` reaches `pending`.
+    /// A membership change is already in flight (proposed and not yet committed), or this
+    /// leader has not yet committed an entry of its own term (its no-op at `pending`): only
+    /// one change at a time, and none before that (the 2015 single-server-change bug). Retry
+    /// once the commit index reaches `pending`.
     #[error(
-        "a membership change is in flight: entry {pending} must be applied first (applied: \
-         {applied}); retry shortly"
+        "a membership change is in flight: entry {pending} must be committed first \
+         (committed: {committed}); retry shortly"
     )]
     ConfChangeInFlight {
-        /// The index that must be applied first.
+        /// The index that must be committed first.
         pending: LogIndex,
-        /// The leader's applied index.
-        applied: LogIndex,
+        /// The leader's commit index.
+        committed: LogIndex,
     },
     /// Promotion refused: the learner's log is more than
     /// [`Config::max_learner_lag_entries`] behind the leader's. Retry once it caught up.

@@ -1,13 +1,16 @@
 //! Membership changes (Raft thesis §4): the quorum rules of a possibly joint configuration,
 //! and the validation that turns requested [`ConfChangeStep`]s into the next [`Membership`].
 //!
-//! A configuration entry takes effect when it is **applied** (etcd's approach, not the
-//! thesis's "on append"): every node applies the same entries in the same order, so they all
-//! move through the same sequence of memberships, and a log suffix that is truncated never
-//! changed anyone's membership. Safety then rests on two rules the leader enforces at
-//! proposal time ([`crate::Error::ConfChangeInFlight`]): one change in flight at a time, and
-//! none before the leader has applied an entry of its own term (the 2015 single-server-change
-//! bug, see `docs/raft.md`).
+//! A configuration entry takes effect as soon as a node **appends** it, committed or not
+//! (Raft thesis §4.1), and a truncated one takes its membership with it. (Taking effect on
+//! apply, as etcd does, was tried first: the membership simulation found a split brain — a
+//! removed server that restarted knew its snapshot's old membership, not the committed
+//! entries after it in its own log, and won an election with another stale server's vote
+//! while the real membership had elected a leader in the same term.) Safety then rests on
+//! two rules the leader enforces at proposal time ([`crate::Error::ConfChangeInFlight`]):
+//! one change in flight at a time (the previous one committed), and none before the leader
+//! has committed an entry of its own term (the 2015 single-server-change bug, see
+//! `docs/raft.md`).
 
 use std::collections::BTreeMap;
 

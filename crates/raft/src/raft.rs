@@ -55,14 +55,14 @@ pub(crate) struct Raft<S> {
     pub(crate) leader: Option<NodeId>,
     pub(crate) log: RaftLog<S>,
     cfg: Config,
-    /// The membership as of the applied index (a configuration entry takes effect when it is
-    /// applied; see `membership.rs`).
+    /// The membership of the newest configuration entry in the log, committed or not (a
+    /// configuration entry takes effect when it is appended; see `membership.rs`).
     membership: Membership,
     /// The memberships that took effect at each index, oldest first (the first at or before
     /// the log start), so a snapshot at an earlier index records the membership it had.
     conf_history: Vec<(LogIndex, Membership)>,
     /// Leader: the index of the last configuration entry (or of its term's no-op); another
-    /// change is refused until it is applied.
+    /// change is refused until it is committed.
     pending_conf_index: LogIndex,
     /// This node was a member of an applied membership (so leaving it means it was removed,
     /// not that it is joining).
@@ -93,13 +93,16 @@ pub(crate) struct Raft<S> {
     pub(crate) local_snapshot: Option<Snapshot>,
 }
 
+/// Log bytes read at a time when the membership is rebuilt at start.
+const REPLAY_BATCH_BYTES: usize = 1024 * 1024;
+
 impl<S: Storage> Raft<S> {
     pub(crate) fn new(cfg: Config, storage: S) -> Result<Raft<S>, Error> {
         cfg.validate()?;
         let hs = storage.hard_state();
-        // The membership: the snapshot's if it records one, else the bootstrap of the config,
-        // then every configuration entry up to the applied index (those after it take effect
-        // when the driver applies them again).
+        // The membership (rebuilt, not stored on its own): the snapshot's if it records one,
+        // else the bootstrap of the config, then every configuration entry in the log, read
+        // a bounded batch at a time.
         let snap = storage.snapshot_metadata()?;
         let base = if snap.voters.is_empty() {
             Membership::of_voters(cfg.voters.clone())
@@ -109,9 +112,13 @@ impl<S: Storage> Raft<S> {
         let log = RaftLog::new(storage, cfg.applied);
         let mut conf_history = vec![(log.first_index().prev(), base.clone())];
         let mut membership = base;
-        if log.applied >= log.first_index() {
-            for e in log.entries(log.first_index(), log.applied.next(), usize::MAX)? {
-                if let Some(cc) = decode_conf_change(&e) {
+        let mut next = log.first_index();
+        while next <= log.last_index() {
+            let batch = log.entries(next, log.last_index().next(), REPLAY_BATCH_BYTES)?;
+            let Some(last) = batch.last() else { break };
+            next = last.index.next();
+            for e in &batch {
+                if let Some(cc) = decode_conf_change(e) {
                     membership = cc.result.clone();
                     conf_history.push((e.index, cc.result));
                 }
@@ -222,9 +229,11 @@ impl<S: Storage> Raft<S> {
         self.membership.is_voter(self.id)
     }
 
-    /// This node applied a membership that no longer includes it.
+    /// This node was a member and a committed membership no longer includes it.
     pub(crate) fn is_removed(&self) -> bool {
-        self.was_member && !self.membership.contains(self.id)
+        self.was_member
+            && !self.membership.contains(self.id)
+            && self.log.committed >= self.conf_index()
     }
 
     // ---------------------------------------------------------------- role changes
@@ -299,12 +308,14 @@ impl<S: Storage> Raft<S> {
 
     fn append_entry(&mut self, kind: EntryKind, data: Vec<u8>) -> LogIndex {
         let index = self.log.last_index().next();
-        self.log.append(&[Entry {
+        let entry = Entry {
             term: self.term,
             index,
             kind,
             data,
-        }]);
+        };
+        self.log.append(std::slice::from_ref(&entry));
+        self.note_appended(std::slice::from_ref(&entry));
         self.broadcast_pending = true;
         index
     }
@@ -466,8 +477,8 @@ impl<S: Storage> Raft<S> {
         }
         // Messages from non-members are dropped (a removed server's votes and pre-votes
         // never disrupt the cluster), except a leader's: one elected under a membership this
-        // node has not applied yet must still be able to bring it up to date, and a server
-        // that is joining knows no members yet.
+        // node has not seen yet must still be able to bring it up to date, one that removed
+        // itself hands over, and a server that is joining knows no members yet.
         let from_leader = matches!(
             m.body,
             MessageBody::AppendEntries { .. }
@@ -475,7 +486,9 @@ impl<S: Storage> Raft<S> {
                 | MessageBody::InstallSnapshot { .. }
         );
         let member = self.membership.contains(m.from) || self.membership.is_empty();
-        if m.from == self.id || !(member || from_leader) {
+        // A leader that removed itself hands over with TimeoutNow once the removal commits.
+        let handover = matches!(m.body, MessageBody::TimeoutNow) && self.leader == Some(m.from);
+        if m.from == self.id || !(member || from_leader || handover) {
             tracing::warn!(node = %self.id, term = %self.term, from = %m.from,
                 kind = m.body.name(), "message from a node outside the membership dropped");
             return Err(Error::UnknownNode(m.from));
@@ -799,6 +812,7 @@ impl<S: Storage> Raft<S> {
                 return;
             }
             self.log.append(&entries[i..]);
+            self.note_appended(&entries[i..]);
         }
         // Step 5: commitIndex = min(leaderCommit, index of last new entry).
         self.log.commit_to(leader_commit.min(last_new));
@@ -861,12 +875,15 @@ impl<S: Storage> Raft<S> {
         } else {
             tracing::info!(node = %self.id, term = %self.term, %index, snapshot_term = %term,
                 "installing snapshot");
-            if !snapshot.meta.voters.is_empty() {
-                // The snapshot's membership replaces ours (it covers every entry we had up to
-                // its index; §7).
-                self.set_membership(index, snapshot.meta.membership());
-                self.conf_history.retain(|(i, _)| *i >= index);
-            }
+            // The snapshot's membership replaces ours: it covers every entry of the log it
+            // replaces (§7). An old snapshot without one keeps what we know.
+            let m = if snapshot.meta.voters.is_empty() {
+                self.membership.clone()
+            } else {
+                snapshot.meta.membership()
+            };
+            self.conf_history = vec![(index, m.clone())];
+            self.switch_membership(index, m);
             self.log.restore(snapshot);
             index
         };
@@ -975,6 +992,7 @@ impl<S: Storage> Raft<S> {
                     self.leader_read_index(ctx, from);
                 }
             }
+            self.after_commit();
             return true;
         }
         false
@@ -1256,10 +1274,10 @@ impl<S: Storage> Raft<S> {
         if self.lead_transferee.is_some() {
             return Err(Error::ProposalDropped("leadership transfer in progress"));
         }
-        if self.log.applied < self.pending_conf_index {
+        if self.log.committed < self.pending_conf_index {
             return Err(Error::ConfChangeInFlight {
                 pending: self.pending_conf_index,
-                applied: self.log.applied,
+                committed: self.log.committed,
             });
         }
         let result = next_membership(&self.membership, &steps)?;
@@ -1298,28 +1316,65 @@ impl<S: Storage> Raft<S> {
         index
     }
 
-    fn set_membership(&mut self, index: LogIndex, m: Membership) {
-        tracing::info!(node = %self.id, term = %self.term, %index, from = %self.membership,
-            to = %m, "membership changed");
-        let was_removed = self.is_removed();
-        self.membership = m.clone();
-        self.conf_history.push((index, m));
+    /// The index of the configuration entry the membership comes from (or of the snapshot
+    /// or the log start, for the first membership).
+    fn conf_index(&self) -> LogIndex {
+        self.conf_history.last().map_or(LogIndex(0), |(i, _)| *i)
+    }
+
+    /// Entries were appended to the log (after truncating any suffix from the first one's
+    /// index): a configuration entry takes effect at once (thesis §4.1), and one that was
+    /// truncated takes its membership with it.
+    fn note_appended(&mut self, entries: &[Entry]) {
+        let Some(head) = entries.first() else { return };
+        if self.conf_index() >= head.index {
+            self.conf_history.retain(|(i, _)| *i < head.index);
+            let (index, m) = self
+                .conf_history
+                .last()
+                .cloned()
+                .expect("the history keeps the membership at the log start");
+            tracing::info!(node = %self.id, term = %self.term, truncated_from = %head.index,
+                "configuration entry truncated");
+            self.switch_membership(index, m);
+        }
+        for e in entries {
+            if let Some(cc) = decode_conf_change(e) {
+                self.conf_history.push((e.index, cc.result.clone()));
+                self.switch_membership(e.index, cc.result);
+            }
+        }
         // Keep the history from the last membership at or before the log start.
         let start = self.log.first_index().prev();
         while self.conf_history.len() > 1 && self.conf_history[1].0 <= start {
             self.conf_history.remove(0);
         }
+    }
+
+    /// The membership of the entry at `index` is now in effect.
+    fn switch_membership(&mut self, index: LogIndex, m: Membership) {
+        if m == self.membership {
+            return;
+        }
+        tracing::info!(node = %self.id, term = %self.term, %index, from = %self.membership,
+            to = %m, "membership changed");
+        self.membership = m;
         if self.membership.contains(self.id) {
             self.was_member = true;
-        }
-        if self.is_removed() && !was_removed {
+        } else if self.was_member {
             tracing::warn!(node = %self.id, term = %self.term, %index,
-                "this node was removed from the cluster; it will not campaign");
+                "this node is not in the new membership; it will not campaign");
+        }
+        if !self.promotable() && matches!(self.role, Role::Candidate | Role::PreCandidate) {
+            let term = self.term;
+            self.become_follower(term, None);
         }
         if self.role == Role::Leader {
             let next = self.log.last_index().next();
             let members = self.membership.members();
-            self.progress.retain(|id, _| members.contains(id));
+            let me = self.id;
+            self.progress
+                .retain(|id, _| *id == me || members.contains(id));
             for id in members {
                 if self.progress.contains_key(&id) {
                     continue;
@@ -1333,57 +1388,16 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// The driver applied the configuration entry at `index`: the membership it carries takes
-    /// effect now.
-    pub(crate) fn apply_conf_change(&mut self, index: LogIndex, cc: ConfChange) {
-        self.set_membership(index, cc.result);
-        if !self.promotable() {
-            match self.role {
-                Role::Leader => {
-                    // Thesis §4.2.2: a leader that is no longer a voter steps down once the
-                    // change is applied (committed); it first hands over to the most
-                    // up-to-date voter so the cluster need not wait for an election timeout.
-                    let last = self.log.last_index();
-                    let target = self
-                        .membership
-                        .all_voters()
-                        .into_iter()
-                        .filter_map(|v| self.progress.get(&v).map(|p| (p.match_index, v)))
-                        .filter(|&(m, _)| m == last)
-                        .max();
-                    if let Some((_, to)) = target {
-                        tracing::info!(node = %self.id, term = %self.term, %to,
-                            "removed from the voters; handing leadership over");
-                        self.send(to, MessageBody::TimeoutNow);
-                    } else {
-                        tracing::info!(node = %self.id, term = %self.term,
-                            "removed from the voters; stepping down");
-                    }
-                    let term = self.term;
-                    self.become_follower(term, None);
-                }
-                Role::Candidate | Role::PreCandidate => {
-                    let term = self.term;
-                    self.become_follower(term, None);
-                }
-                Role::Follower => {}
-            }
+    /// Leader, after its commit index moved: a joint configuration with auto-leave is left
+    /// once it is committed (etcd's ConfChangeV2 auto-leave), and a leader that is no longer
+    /// a voter steps down once the configuration without it is committed (thesis §4.2.2),
+    /// handing over to the most up-to-date voter so the cluster need not wait for an
+    /// election timeout.
+    fn after_commit(&mut self) {
+        if self.role != Role::Leader || self.log.committed < self.pending_conf_index {
+            return;
         }
-        if self.role == Role::Leader {
-            // A smaller quorum may commit more; new members need their first append.
-            self.maybe_commit();
-            self.broadcast_pending = true;
-        }
-    }
-
-    /// After the driver applied a batch: a leader in a joint configuration with auto-leave
-    /// proposes leaving it once it has applied it (etcd's ConfChangeV2 auto-leave).
-    pub(crate) fn maybe_auto_leave(&mut self) {
-        if self.role == Role::Leader
-            && self.membership.is_joint()
-            && self.membership.auto_leave
-            && self.log.applied >= self.pending_conf_index
-        {
+        if self.membership.is_joint() && self.membership.auto_leave {
             let result = match next_membership(&self.membership, &[]) {
                 Ok(m) => m,
                 Err(e) => {
@@ -1397,6 +1411,27 @@ impl<S: Storage> Raft<S> {
                 steps: Vec::new(),
                 result,
             });
+            return;
+        }
+        if !self.promotable() {
+            let last = self.log.last_index();
+            let target = self
+                .membership
+                .all_voters()
+                .into_iter()
+                .filter_map(|v| self.progress.get(&v).map(|p| (p.match_index, v)))
+                .filter(|&(m, _)| m == last)
+                .max();
+            if let Some((_, to)) = target {
+                tracing::info!(node = %self.id, term = %self.term, %to,
+                    "removed from the voters; handing leadership over");
+                self.send(to, MessageBody::TimeoutNow);
+            } else {
+                tracing::info!(node = %self.id, term = %self.term,
+                    "removed from the voters; stepping down");
+            }
+            let term = self.term;
+            self.become_follower(term, None);
         }
     }
 }

@@ -1,11 +1,11 @@
 //! [`RawNode`]: the driver-facing API (etcd's `RawNode`), and [`Ready`], the batch of work the
 //! driver carries out between two calls.
 
-use crate::raft::{decode_conf_change, Raft, Role};
+use crate::raft::{Raft, Role};
 use crate::storage::Storage;
 use crate::{
-    ConfChange, ConfChangeStep, Config, Entry, Error, HardState, LogIndex, Membership, Message,
-    NodeId, ProgressState, Snapshot, Term,
+    ConfChangeStep, Config, Entry, Error, HardState, LogIndex, Membership, Message, NodeId,
+    ProgressState, Snapshot, Term,
 };
 
 /// A read that is now safe to serve (thesis §6.4): the state machine has applied at least
@@ -126,8 +126,6 @@ struct Handed {
     last_entry: Option<(LogIndex, Term)>,
     snapshot_index: Option<LogIndex>,
     applied_to: Option<LogIndex>,
-    /// The configuration entries among the committed entries: they take effect at `advance`.
-    conf_changes: Vec<(LogIndex, ConfChange)>,
 }
 
 /// What a leader knows of one member, for `member list` and tests.
@@ -166,10 +164,11 @@ pub struct Status {
     pub last_index: LogIndex,
     /// Last index known durable.
     pub persisted: LogIndex,
-    /// The membership as of the applied index.
+    /// The membership in effect (of the newest configuration entry in the log).
     pub membership: Membership,
-    /// This node applied a membership without it: it was removed and no longer campaigns
-    /// (the shell reports it; a restarted server with this set should refuse to serve).
+    /// A committed membership no longer includes this node: it was removed and no longer
+    /// campaigns (the shell reports it; a restarted server with this set should refuse to
+    /// serve).
     pub removed: bool,
     /// Leader only: every member's replication progress, by id (empty on other nodes).
     pub peers: Vec<PeerStatus>,
@@ -222,20 +221,20 @@ impl<S: Storage> RawNode<S> {
     }
 
     /// Proposes a membership change (Raft thesis §4). Returns the index of its configuration
-    /// entry, which takes effect on every node when it is applied. One step that adds or
+    /// entry, which takes effect on each node as soon as it is in its log (thesis §4.1). One step that adds or
     /// removes at most one voter changes the membership directly; several enter a joint
     /// configuration that the leader leaves on its own once applied; no steps leave a joint
     /// configuration by hand.
     ///
     /// Refused with [`Error::ConfChangeInFlight`] while a change (or, on a new leader, its
-    /// term's first entry) is not yet applied, [`Error::LearnerBehind`] for a promotion of a
+    /// term's first entry) is not yet committed, [`Error::LearnerBehind`] for a promotion of a
     /// learner more than [`Config::max_learner_lag_entries`] behind, and
     /// [`Error::InvalidConfChange`] for a change that makes no sense (the message says why).
     pub fn propose_conf_change(&mut self, steps: Vec<ConfChangeStep>) -> Result<LogIndex, Error> {
         self.raft.propose_conf_change(steps)
     }
 
-    /// The membership as of the applied index.
+    /// The membership in effect: that of the newest configuration entry in the log.
     pub fn membership(&self) -> &Membership {
         self.raft.membership()
     }
@@ -352,11 +351,6 @@ impl<S: Storage> RawNode<S> {
             last_entry: rd.entries.last().map(|e| (e.index, e.term)),
             snapshot_index: rd.snapshot.as_ref().map(|s| s.meta.index),
             applied_to: rd.committed_entries.last().map(|e| e.index),
-            conf_changes: rd
-                .committed_entries
-                .iter()
-                .filter_map(|e| decode_conf_change(e).map(|cc| (e.index, cc)))
-                .collect(),
         };
         if let Some(i) = handed.applied_to {
             self.applying = i;
@@ -388,10 +382,6 @@ impl<S: Storage> RawNode<S> {
             }
         }
         self.applying = self.applying.max(log.applied);
-        for (index, cc) in h.conf_changes {
-            self.raft.apply_conf_change(index, cc);
-        }
-        self.raft.maybe_auto_leave();
         self.raft.on_persisted();
     }
 

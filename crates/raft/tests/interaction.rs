@@ -33,8 +33,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use shoal_raft::{
-    ConfChange, ConfChangeStep, Config, Entry, EntryKind, LogIndex, MemStorage, Message,
-    MessageBody, NodeId, RawNode, Ready,
+    ConfChange, ConfChangeStep, Config, Entry, EntryKind, LogIndex, MemStorage, Membership,
+    Message, MessageBody, NodeId, RawNode, Ready,
 };
 
 struct Node {
@@ -42,6 +42,8 @@ struct Node {
     config: Config,
     /// Applied commands (the state machine, durable in this harness).
     applied: Vec<Vec<u8>>,
+    /// The membership last printed for it.
+    shown: Membership,
 }
 
 #[derive(Default)]
@@ -167,12 +169,14 @@ impl Env {
             }
             let raw = RawNode::new(c.clone(), MemStorage::new()).map_err(|e| e.to_string())?;
             writeln!(out, "node {id}: {}", raw.membership()).unwrap();
+            let shown = raw.membership().clone();
             self.nodes.insert(
                 id,
                 Node {
                     raw,
                     config: c,
                     applied: Vec::new(),
+                    shown,
                 },
             );
         }
@@ -246,12 +250,12 @@ impl Env {
         for m in &msgs {
             writeln!(out, "  {}", fmt_msg(m)).unwrap();
         }
-        let before = node.raw.membership().clone();
         let was_removed = node.raw.status().removed;
         node.raw.advance();
         let after = node.raw.status();
-        if after.membership != before {
+        if after.membership != node.shown {
             writeln!(out, "  Membership now {}", after.membership).unwrap();
+            node.shown = after.membership.clone();
         }
         if after.removed && !was_removed {
             writeln!(out, "  Removed: this node no longer campaigns").unwrap();
@@ -453,6 +457,7 @@ impl Env {
                 // The state machine is durable here: it restarts at what it had applied.
                 config.applied = node.raw.status().applied;
                 node.raw = RawNode::new(config, storage).map_err(|e| e.to_string())?;
+                node.shown = node.raw.membership().clone();
                 writeln!(out, "restarted {i}: {}", self.node(i)?.raw.membership()).unwrap();
             }
             other => return Err(format!("unknown command {other:?}")),
