@@ -3,7 +3,9 @@
 //!
 //! **What this crate owns:** the protocol — terms, elections (with pre-vote and check-quorum),
 //! log replication with fast backtracking, pipelining and flow control, the commit rule of
-//! Figure 8, snapshots and InstallSnapshot, read-index and lease reads, leadership transfer.
+//! Figure 8, snapshots and InstallSnapshot, read-index and lease reads, leadership transfer,
+//! membership changes (learners, single-voter and joint changes: [`RawNode::propose_conf_change`],
+//! `docs/raft.md` "Membership changes").
 //!
 //! **What it must never do:** I/O of any kind, read a clock, spawn, use a global or unseeded
 //! RNG, or iterate a `std` hash map. Time is [`RawNode::tick`]; randomness comes from

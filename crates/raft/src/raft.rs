@@ -392,7 +392,15 @@ impl<S: Storage> Raft<S> {
             if self.election_elapsed >= self.randomized_election_timeout {
                 self.election_elapsed = 0;
                 if !self.promotable() {
-                    return; // learners, joining and removed servers never campaign
+                    // Learners, joining and removed servers never campaign; but one that has
+                    // not heard from its leader for a whole election timeout forgets it, or
+                    // its check-quorum lease would keep refusing the votes of the candidates
+                    // who must replace that leader.
+                    if self.leader.take().is_some() {
+                        tracing::info!(node = %self.id, term = %self.term,
+                            "no word from the leader for an election timeout; forgetting it");
+                    }
+                    return;
                 }
                 tracing::debug!(node = %self.id, term = %self.term, "election timeout");
                 let kind = if self.cfg.pre_vote {

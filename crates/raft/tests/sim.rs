@@ -1215,6 +1215,9 @@ fn membership_nemesis() {
             }
         }
         if !done {
+            if std::env::var_os("SHOAL_DUMP").is_some() {
+                c.dump();
+            }
             let m = leader_membership(&c);
             return Err(c.sim.failure(format!(
                 "after healing, the members did not all apply a final command ({m:?}, \
