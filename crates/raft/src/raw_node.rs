@@ -414,6 +414,12 @@ impl<S: Storage> RawNode<S> {
         }
     }
 
+    /// The current term (what [`RawNode::status`] says, without copying the membership and
+    /// the peers' progress: for hot paths).
+    pub fn term(&self) -> Term {
+        self.raft.term
+    }
+
     /// The term of the entry at `index`, if the log (durable or not) holds it.
     pub fn log_term(&self, index: LogIndex) -> Option<Term> {
         self.raft.log.term(index).ok()
