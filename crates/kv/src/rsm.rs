@@ -408,6 +408,33 @@ impl KvRsm {
         server_status(&self.replica)
     }
 
+    /// The answer to a confirmed [`KvOp::Snapshot`]: the store as of the applied index (at
+    /// least the index the leader confirmed, so every acknowledged write is in it), with that
+    /// entry's term and the voters. The store is serialized here, on the server's loop: a
+    /// backup of a large store pauses the server for about as long as serializing it takes
+    /// (see `docs/operations.md`).
+    fn backup(&self) -> KvResult {
+        let applied = self.replica.applied();
+        let raw = self.replica.raw();
+        // The applied entry is in the log, or is the stored snapshot's last entry.
+        let meta = raw.snapshot_meta(applied).ok().or_else(|| {
+            let stored = raw.storage().snapshot_meta();
+            (stored.index == applied).then(|| stored.clone())
+        });
+        let Some(meta) = meta else {
+            return KvResult::Refused {
+                reason: format!("the term of applied index {applied} is unknown; try again"),
+            };
+        };
+        KvResult::Snapshot {
+            index: meta.index.0,
+            term: meta.term.0,
+            voters: meta.voters.iter().map(|v| v.0).collect(),
+            server: self.replica.status().id.0,
+            data: self.replica.machine().store.snapshot(),
+        }
+    }
+
     /// Requests waiting for an answer.
     pub fn pending(&self) -> usize {
         self.replica.pending_proposals() + self.replica.pending_reads()
@@ -444,7 +471,8 @@ impl KvRsm {
             self.answer(reply_to, req.client, req.request, result);
             return;
         }
-        if req.op.is_read() && req.serializable {
+        // A backup is always confirmed by the leader: a stale one would silently lose writes.
+        if req.op.is_read() && req.serializable && req.op != KvOp::Snapshot {
             let result = self.replica.machine().read(&req.op);
             self.answer(reply_to, req.client, req.request, result);
             return;
@@ -541,6 +569,7 @@ impl KvRsm {
                 }
                 Done::ReadReady { tag: w, .. } => {
                     let result = match &w.read {
+                        Some(KvOp::Snapshot) => self.backup(),
                         Some(op) => self.replica.machine().read(op),
                         None => KvResult::Stale,
                     };
@@ -689,6 +718,56 @@ mod tests {
             err.to_string()
                 .starts_with("the committed snapshot at index 5 is unusable"),
             "{err}"
+        );
+    }
+
+    /// A backup request (even one marked serializable) is confirmed by read-index and
+    /// answered with the store as of the applied index, its term and the voters; a follower
+    /// sends it to the leader.
+    #[test]
+    fn backup_is_the_store_at_a_confirmed_index() {
+        let (mut rsm, mut disk) = single(RsmConfig::default());
+        elect(&mut rsm, &mut disk);
+        rsm.handle_request(1, req(5, 1, KvOp::Register));
+        drive(&mut rsm, &mut disk);
+        rsm.take_replies();
+        let put = KvOp::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expected: Expected::Any,
+        };
+        rsm.handle_request(1, req(2, 1, put));
+        drive(&mut rsm, &mut disk);
+        rsm.take_replies();
+        let mut backup = req(9, 1, KvOp::Snapshot);
+        backup.serializable = true;
+        rsm.handle_request(3, backup);
+        assert!(rsm.take_replies().is_empty(), "answered before confirmed");
+        drive(&mut rsm, &mut disk);
+        let replies = rsm.take_replies();
+        let [(3, KvReply::Done { result, .. })] = replies.as_slice() else {
+            panic!("{replies:?}");
+        };
+        let KvResult::Snapshot {
+            index,
+            term,
+            voters,
+            server,
+            data,
+        } = result
+        else {
+            panic!("{result:?}");
+        };
+        assert_eq!(*index, rsm.applied().0);
+        assert_eq!((*term, voters.as_slice(), *server), (1, &[1u64][..], 1));
+        let mut restored = KvStore::new(Limits::default());
+        restored.restore(data).unwrap();
+        assert_eq!(
+            restored.read(&KvOp::Get { key: b"k".to_vec() }).unwrap(),
+            KvResult::Found {
+                value: b"v".to_vec(),
+                version: 1
+            }
         );
     }
 

@@ -293,14 +293,16 @@ impl KvService {
 }
 
 /// One client connection: requests go to the driver, replies come back on `replies`. A frame
-/// that does not decode (or exceeds the limit) closes the connection.
+/// that does not decode (or exceeds the limit) closes the connection. A reply larger than a
+/// frame (a backup, [`shoal_wire::kv::KvResult::Snapshot`]) goes out in parts; requests
+/// always fit in one frame.
 async fn serve_client(
     conn: ClientConnection,
     token: u64,
     events: mpsc::Sender<ClientEvent>,
     mut replies: mpsc::Receiver<KvReply>,
 ) {
-    let mut framed = conn.framed::<KvRequest, KvReply>();
+    let mut framed = conn.framed_in_parts::<KvRequest, KvReply>();
     loop {
         tokio::select! {
             frame = framed.next() => match frame {
