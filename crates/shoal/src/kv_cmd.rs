@@ -130,6 +130,10 @@ enum KvSub {
         /// Write the value's bytes alone, without the newline after them.
         #[arg(long)]
         raw: bool,
+        /// `text` (default) or `json`: one JSON document `{key, found, version, value}`
+        /// (see docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text, conflicts_with_all = ["raw", "version"])]
+        output: crate::output::Format,
     },
     /// Store a value; prints `ok NEW_VERSION`.
     ///
@@ -185,6 +189,10 @@ enum KvSub {
         /// Most keys printed.
         #[arg(long, default_value_t = shoal_runtime::kv::client::DEFAULT_SCAN_LIMIT)]
         limit: u32,
+        /// `text` (default) or `json`: one JSON document `{count, items: [{key, version,
+        /// value}]}` (see docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+        output: crate::output::Format,
     },
     /// Print each server's role, term, leader and log indexes (exit status 1 if no server
     /// answers as leader).
@@ -194,7 +202,11 @@ enum KvSub {
         2   127.0.0.1:7002  follower  3     1       1042    1042\n\
         3   127.0.0.1:7003  -         unreachable")]
     Status {
-        /// Print one JSON object per server instead of the table.
+        /// `text` (default) or `json`: one JSON document `{leader, servers: [...]}` (see
+        /// docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+        output: crate::output::Format,
+        /// The same as `-o json`.
         #[arg(long)]
         json: bool,
     },
@@ -384,7 +396,20 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
     match cmd.command {
         KvSub::Server(args) => server(args, cmd.cluster).await,
         KvSub::Up(args) => crate::kv_up::up(args).await,
-        KvSub::Get { key, version, raw } => {
+        // --raw and --version conflict with -o json.
+        KvSub::Get {
+            key,
+            output: crate::output::Format::Json,
+            ..
+        } => {
+            let found = client()?.get(key.as_bytes()).await?;
+            let code = if found.is_some() { 0 } else { 1 };
+            crate::output::print_json(&GetJson::new(key.as_bytes(), found))?;
+            Ok(ExitCode::from(code))
+        }
+        KvSub::Get {
+            key, version, raw, ..
+        } => {
             let mut c = client()?;
             match c.get(key.as_bytes()).await? {
                 Some((value, v)) => {
@@ -454,12 +479,25 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
                 DeleteOutcome::Maybe => fail("maybe: a retried delete may or may not have applied"),
             }
         }
-        KvSub::Scan { start, end, limit } => {
+        KvSub::Scan {
+            start,
+            end,
+            limit,
+            output,
+        } => {
             let mut c = client()?;
             let start = start.unwrap_or_default();
             let items = c
                 .scan(start.as_bytes(), end.as_ref().map(|e| e.as_bytes()), limit)
                 .await?;
+            if output == crate::output::Format::Json {
+                let items: Vec<ItemJson> = items.iter().map(ItemJson::new).collect();
+                crate::output::print_json(&ScanJson {
+                    count: items.len(),
+                    items,
+                })?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut out = std::io::stdout().lock();
             for item in items {
                 writeln!(
@@ -473,8 +511,11 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        KvSub::Status { json } => match target()? {
-            Target::Group(e) => status(&one(e)?, timeout, json).await,
+        KvSub::Status { output, json } => match target()? {
+            Target::Group(e) => {
+                let json = json || output == crate::output::Format::Json;
+                status(&one(e)?, timeout, json).await
+            }
             Target::Sharded(_) => bail!(
                 "`kv status` shows one group's servers; for a sharded cluster run `shoal \
                  shard status` (groups, leaders, migrations), or `kv status --endpoints` with \
@@ -810,58 +851,169 @@ fn put_value(value: Option<OsString>, file: Option<&Path>) -> Result<Vec<u8>> {
 /// `shoal kv status`: one line (or JSON object) per endpoint.
 async fn status(client: &Client, timeout: Duration, json: bool) -> Result<ExitCode> {
     let statuses = client.statuses(timeout).await;
-    let mut out = std::io::stdout().lock();
-    if !json {
-        let header = format!(
-            "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
-            "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED"
-        );
-        writeln!(out, "{header}")?;
-    }
-    let mut leader = false;
-    for (i, (s, addr)) in statuses.iter().zip(client.endpoints()).enumerate() {
-        match s {
-            Ok(s) => {
-                leader |= s.role == ServerRole::Leader;
-                let lead = s.leader.map_or("-".to_string(), |l| l.to_string());
-                if json {
-                    let line = serde_json::json!({
-                        "id": s.id, "address": addr.to_string(), "role": s.role.to_string(),
-                        "term": s.term, "leader": s.leader, "commit": s.commit,
-                        "applied": s.applied, "last_index": s.last_index,
-                    });
-                    writeln!(out, "{line}")?;
-                } else {
-                    writeln!(
-                        out,
-                        "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
-                        s.id,
-                        addr.to_string(),
-                        s.role.to_string(),
-                        s.term,
-                        lead,
-                        s.commit,
-                        s.applied
-                    )?;
-                }
-            }
-            Err(e) => {
-                if json {
-                    let line = serde_json::json!({
-                        "id": i + 1, "address": addr.to_string(), "error": e.to_string(),
-                    });
-                    writeln!(out, "{line}")?;
-                } else {
-                    writeln!(out, "{:<4}{:<22}{:<15}{e}", i + 1, addr.to_string(), "-")?;
-                }
-            }
-        }
-    }
-    Ok(if leader {
+    let leader = statuses
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .filter(|s| s.role == ServerRole::Leader)
+        .max_by_key(|s| s.term)
+        .map(|s| s.id);
+    let code = if leader.is_some() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
+    };
+    if json {
+        let servers = statuses
+            .iter()
+            .zip(client.endpoints())
+            .enumerate()
+            .map(|(i, (s, addr))| match s {
+                Ok(s) => ServerJson {
+                    id: s.id,
+                    address: addr.to_string(),
+                    role: Some(s.role.to_string()),
+                    term: Some(s.term),
+                    leader: s.leader,
+                    commit: Some(s.commit),
+                    applied: Some(s.applied),
+                    last_index: Some(s.last_index),
+                    error: None,
+                },
+                Err(e) => ServerJson {
+                    id: i as u64 + 1,
+                    address: addr.to_string(),
+                    role: None,
+                    term: None,
+                    leader: None,
+                    commit: None,
+                    applied: None,
+                    last_index: None,
+                    error: Some(e.to_string()),
+                },
+            })
+            .collect();
+        crate::output::print_json(&StatusJson { leader, servers })?;
+        return Ok(code);
+    }
+    let mut out = std::io::stdout().lock();
+    let header = format!(
+        "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
+        "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED"
+    );
+    writeln!(out, "{header}")?;
+    for (i, (s, addr)) in statuses.iter().zip(client.endpoints()).enumerate() {
+        match s {
+            Ok(s) => {
+                let lead = s.leader.map_or("-".to_string(), |l| l.to_string());
+                writeln!(
+                    out,
+                    "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
+                    s.id,
+                    addr.to_string(),
+                    s.role.to_string(),
+                    s.term,
+                    lead,
+                    s.commit,
+                    s.applied
+                )?;
+            }
+            Err(e) => writeln!(out, "{:<4}{:<22}{:<15}{e}", i + 1, addr.to_string(), "-")?,
+        }
+    }
+    Ok(code)
+}
+
+/// `kv status -o json`.
+#[derive(Debug, serde::Serialize)]
+struct StatusJson {
+    /// The server answering as leader (the highest term's), if any.
+    leader: Option<u64>,
+    /// Every endpoint, in server-id order.
+    servers: Vec<ServerJson>,
+}
+
+/// One server of [`StatusJson`]: its status, or `error` (the other fields null).
+#[derive(Debug, serde::Serialize)]
+struct ServerJson {
+    id: u64,
+    address: String,
+    /// `leader`, `follower`, `pre-candidate` or `candidate`.
+    role: Option<String>,
+    term: Option<u64>,
+    /// The leader it knows of.
+    leader: Option<u64>,
+    commit: Option<u64>,
+    applied: Option<u64>,
+    last_index: Option<u64>,
+    /// Why it did not answer.
+    error: Option<String>,
+}
+
+/// `kv get -o json`: `value` is the UTF-8 text (else null, and `value_hex`); likewise `key`.
+#[derive(Debug, serde::Serialize)]
+struct GetJson {
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_hex: Option<String>,
+    found: bool,
+    version: Option<u64>,
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+}
+
+impl GetJson {
+    fn new(key: &[u8], found: Option<(Vec<u8>, u64)>) -> GetJson {
+        let (key, key_hex) = crate::output::text_or_hex(key);
+        let (value, value_hex, version) = match &found {
+            Some((v, version)) => {
+                let (t, h) = crate::output::text_or_hex(v);
+                (t, h, Some(*version))
+            }
+            None => (None, None, None),
+        };
+        GetJson {
+            key,
+            key_hex,
+            found: found.is_some(),
+            version,
+            value,
+            value_hex,
+        }
+    }
+}
+
+/// `kv scan -o json`.
+#[derive(Debug, serde::Serialize)]
+struct ScanJson {
+    count: usize,
+    items: Vec<ItemJson>,
+}
+
+/// One pair of [`ScanJson`] (text or hex as in [`GetJson`]).
+#[derive(Debug, serde::Serialize)]
+struct ItemJson {
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_hex: Option<String>,
+    version: u64,
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+}
+
+impl ItemJson {
+    fn new(item: &shoal_wire::kv::ScanItem) -> ItemJson {
+        let (key, key_hex) = crate::output::text_or_hex(&item.key);
+        let (value, value_hex) = crate::output::text_or_hex(&item.value);
+        ItemJson {
+            key,
+            key_hex,
+            version: item.version,
+            value,
+            value_hex,
+        }
+    }
 }
 
 fn fail(message: &str) -> Result<ExitCode> {
