@@ -295,6 +295,11 @@ pub struct KvRsm {
     replica: Replica<KvMachine, Waiter>,
     config: RsmConfig,
     replies: Vec<(u64, KvReply)>,
+    /// Confirmed backups waiting to be serialized ([`KvRsm::take_backups`]).
+    backups: Vec<PendingBackup>,
+    /// Whether the driver takes backups and serializes them off its loop; otherwise they are
+    /// serialized into [`KvRsm::take_replies`].
+    backups_off_loop: bool,
     /// A buffer for the replica's answers, kept between rounds (no allocation per round).
     done: Vec<Done<Waiter, KvResult>>,
 }
@@ -328,6 +333,8 @@ impl KvRsm {
             replica,
             config,
             replies: Vec::new(),
+            backups: Vec::new(),
+            backups_off_loop: false,
             done: Vec::new(),
         })
     }
@@ -408,12 +415,10 @@ impl KvRsm {
         server_status(&self.replica)
     }
 
-    /// The answer to a confirmed [`KvOp::Snapshot`]: the store as of the applied index (at
-    /// least the index the leader confirmed, so every acknowledged write is in it), with that
-    /// entry's term and the voters. The store is serialized here, on the server's loop: a
-    /// backup of a large store pauses the server for about as long as serializing it takes
-    /// (see `docs/operations.md`).
-    fn backup(&self) -> KvResult {
+    /// The answer to a confirmed [`KvOp::Snapshot`], not yet serialized: an O(1) copy of the
+    /// store as of the applied index (at least the index the leader confirmed, so every
+    /// acknowledged write is in it), with that entry's term and the voters.
+    fn backup(&self, w: &Waiter) -> Result<PendingBackup, KvResult> {
         let applied = self.replica.applied();
         let raw = self.replica.raw();
         // The applied entry is in the log, or is the stored snapshot's last entry.
@@ -422,17 +427,34 @@ impl KvRsm {
             (stored.index == applied).then(|| stored.clone())
         });
         let Some(meta) = meta else {
-            return KvResult::Refused {
+            return Err(KvResult::Refused {
                 reason: format!("the term of applied index {applied} is unknown; try again"),
-            };
+            });
         };
-        KvResult::Snapshot {
+        Ok(PendingBackup {
+            reply_to: w.reply_to,
+            client: w.client,
+            request: w.request,
             index: meta.index.0,
             term: meta.term.0,
             voters: meta.voters.iter().map(|v| v.0).collect(),
             server: self.replica.status().id.0,
-            data: self.replica.machine().store.snapshot(),
-        }
+            store: StoreSnapshot(self.replica.machine().store.clone()),
+        })
+    }
+
+    /// Tells the server that its driver calls [`KvRsm::take_backups`] after each
+    /// [`KvRsm::take_replies`] and serializes them off its loop (a 50 MB store takes about a
+    /// tenth of a second to serialize). Without it, backups are serialized in
+    /// `take_replies`.
+    pub fn set_backups_off_loop(&mut self, off_loop: bool) {
+        self.backups_off_loop = off_loop;
+    }
+
+    /// Confirmed backups to serialize and send ([`PendingBackup::into_reply`]), when
+    /// [`KvRsm::set_backups_off_loop`] is on.
+    pub fn take_backups(&mut self) -> Vec<PendingBackup> {
+        std::mem::take(&mut self.backups)
     }
 
     /// Requests waiting for an answer.
@@ -569,7 +591,18 @@ impl KvRsm {
                 }
                 Done::ReadReady { tag: w, .. } => {
                     let result = match &w.read {
-                        Some(KvOp::Snapshot) => self.backup(),
+                        Some(KvOp::Snapshot) => match self.backup(&w) {
+                            Ok(b) if self.backups_off_loop => {
+                                self.backups.push(b);
+                                continue;
+                            }
+                            Ok(b) => {
+                                let (reply_to, reply) = b.into_reply();
+                                self.replies.push((reply_to, reply));
+                                continue;
+                            }
+                            Err(refused) => refused,
+                        },
                         Some(op) => self.replica.machine().read(op),
                         None => KvResult::Stale,
                     };
@@ -578,6 +611,43 @@ impl KvRsm {
             }
         }
         self.done = done;
+    }
+}
+
+/// A confirmed backup ([`KvOp::Snapshot`]) whose store copy is still to be serialized.
+#[derive(Debug)]
+pub struct PendingBackup {
+    reply_to: u64,
+    client: u64,
+    request: u64,
+    index: u64,
+    term: u64,
+    voters: Vec<u64>,
+    server: u64,
+    store: StoreSnapshot,
+}
+
+impl PendingBackup {
+    /// The connection token to answer on.
+    pub fn reply_to(&self) -> u64 {
+        self.reply_to
+    }
+
+    /// Serializes the store (the long part) and returns `(reply_to, reply)`.
+    pub fn into_reply(self) -> (u64, KvReply) {
+        let result = KvResult::Snapshot {
+            index: self.index,
+            term: self.term,
+            voters: self.voters,
+            server: self.server,
+            data: self.store.0.snapshot(),
+        };
+        let reply = KvReply::Done {
+            client: self.client,
+            request: self.request,
+            result,
+        };
+        (self.reply_to, reply)
     }
 }
 
@@ -769,6 +839,16 @@ mod tests {
                 version: 1
             }
         );
+        // Off the loop: the reply waits in take_backups, serialized by whoever takes it, as
+        // the same reply.
+        let want = replies[0].1.clone();
+        rsm.set_backups_off_loop(true);
+        rsm.handle_request(3, req(9, 1, KvOp::Snapshot));
+        drive(&mut rsm, &mut disk);
+        assert!(rsm.take_replies().is_empty());
+        let backups = rsm.take_backups();
+        let [backup] = <[_; 1]>::try_from(backups).expect("one backup");
+        assert_eq!(backup.into_reply(), (3, want));
     }
 
     /// What one `Ready` of a single node gave.

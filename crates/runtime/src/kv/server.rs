@@ -185,7 +185,9 @@ pub async fn run_server(
     rsm_config.tick_ms = u64::try_from(config.tick_interval.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let rsm = KvRsm::new(raft, storage, rsm_config)?;
+    let mut rsm = KvRsm::new(raft, storage, rsm_config)?;
+    // Serializing a backup of a large store takes long: `answer` does it on a blocking thread.
+    rsm.set_backups_off_loop(true);
     let status = rsm.raw().status();
     info!(node = config.id, term = %status.term, commit = %status.commit,
         applied = %rsm.applied(), "kv server restored");
@@ -272,6 +274,17 @@ impl Service for KvService {
     fn answer(&mut self) {
         for (token, reply) in self.rsm.take_replies() {
             self.clients.send(token, reply);
+        }
+        for backup in self.rsm.take_backups() {
+            let Some(tx) = self.clients.sender(backup.reply_to()) else {
+                continue; // the client left
+            };
+            // Serialized off the loop (an O(1) copy of the store), like a snapshot job; the
+            // connection's task splits it into parts.
+            tokio::task::spawn_blocking(move || {
+                let (_, reply) = backup.into_reply();
+                let _ = tx.blocking_send(reply);
+            });
         }
     }
 
