@@ -251,8 +251,8 @@ enum SnapshotSub {
         saved backup.db: index 1042, term 3, 5000 keys, 812345 bytes (from server 1)\n\
         The file is written to FILE.tmp, fsynced and renamed: FILE is never half-written. \
         Every write acknowledged before the command started is in it. Reads and writes go on \
-        while it is taken; the leader pauses for about as long as it takes to serialize the \
-        store once.")]
+        while it is taken (the leader copies its store in O(1) and serializes the copy on \
+        another thread).")]
     Save {
         /// The backup file to write (replaced if it exists).
         file: PathBuf,
