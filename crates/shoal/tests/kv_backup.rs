@@ -189,6 +189,25 @@ fn damaged_truncated_or_misdirected_backups_are_refused_and_write_nothing() {
     );
     assert!(!fresh.exists());
 
+    // Nothing listening: said at once (after the 2 s grace for a starting cluster), no file.
+    let port = kv_support::free_ports(1)[0];
+    let nowhere = c.dir.path().join("nowhere.db");
+    let out = kv(&[
+        "--endpoints".as_ref(),
+        format!("127.0.0.1:{port}").as_ref(),
+        "--timeout".as_ref(),
+        "30".as_ref(),
+        "snapshot".as_ref(),
+        "save".as_ref(),
+        nowhere.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is the cluster running?"),
+        "{err}"
+    );
+    assert!(!nowhere.exists());
+
     // The good file restores into an empty directory.
     let out = restore(&file, &fresh, 3, peers);
     assert!(out.status.success(), "{out:?}");

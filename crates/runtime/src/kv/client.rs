@@ -1027,6 +1027,7 @@ impl Client {
         let op_timeout = self.config.op_timeout;
         let deadline = Instant::now() + op_timeout;
         let mut seen = String::from("no leader");
+        let mut all_refused_since: Option<Instant> = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -1053,11 +1054,42 @@ impl Client {
                         return Err(ClientError::NoServer(e.to_string()));
                     }
                 }
+                let refused = |s: &Result<ServerStatus, ClientError>| {
+                    matches!(s, Err(ClientError::Unreachable { reason, .. })
+                        if reason == "connection refused")
+                };
+                if statuses.iter().all(refused) {
+                    // A cluster being started binds its ports within moments; a stopped one
+                    // never does: say so after the grace instead of waiting for the deadline.
+                    let since = *all_refused_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.refused_grace {
+                        let addrs: Vec<String> = self
+                            .config
+                            .endpoints
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect();
+                        return Err(ClientError::NoServer(format!(
+                            "cannot reach any server (connection refused on {}): is the \
+                             cluster running?",
+                            addrs.join(", ")
+                        )));
+                    }
+                } else {
+                    all_refused_since = None;
+                }
                 let answering = statuses.iter().filter(|s| s.is_ok()).count();
+                let why: Vec<String> = statuses
+                    .iter()
+                    .filter_map(|s| s.as_ref().err().map(|e| e.to_string()))
+                    .collect();
                 seen = format!(
                     "no leader: {answering} of {} servers answering",
                     statuses.len()
                 );
+                if !why.is_empty() {
+                    seen.push_str(&format!(" ({})", why.join("; ")));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
