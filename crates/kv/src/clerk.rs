@@ -291,6 +291,8 @@ impl Clerk {
                 self.timer_token += 1;
                 vec![Action::Finished(classify(&p, result))]
             }
+            // A piece of a reply in parts: the connection reassembles those.
+            KvReply::Part { .. } => Vec::new(),
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod store;
 
 pub use clerk::{Action, Clerk, ClerkConfig, Outcome};
 pub use lock::{Lock, LockStep};
-pub use rsm::{KvMachine, KvRsm, RsmConfig, SnapshotJob, StoreSnapshot, Waiter};
+pub use rsm::{KvMachine, KvRsm, PendingBackup, RsmConfig, SnapshotJob, StoreSnapshot, Waiter};
 pub use server::SingleServer;
 pub use store::{KvStore, LeaseStatus, Limits};
 

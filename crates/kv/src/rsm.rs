@@ -295,6 +295,11 @@ pub struct KvRsm {
     replica: Replica<KvMachine, Waiter>,
     config: RsmConfig,
     replies: Vec<(u64, KvReply)>,
+    /// Confirmed backups waiting to be serialized ([`KvRsm::take_backups`]).
+    backups: Vec<PendingBackup>,
+    /// Whether the driver takes backups and serializes them off its loop; otherwise they are
+    /// serialized into [`KvRsm::take_replies`].
+    backups_off_loop: bool,
     /// A buffer for the replica's answers, kept between rounds (no allocation per round).
     done: Vec<Done<Waiter, KvResult>>,
 }
@@ -328,6 +333,8 @@ impl KvRsm {
             replica,
             config,
             replies: Vec::new(),
+            backups: Vec::new(),
+            backups_off_loop: false,
             done: Vec::new(),
         })
     }
@@ -408,6 +415,48 @@ impl KvRsm {
         server_status(&self.replica)
     }
 
+    /// The answer to a confirmed [`KvOp::Snapshot`], not yet serialized: an O(1) copy of the
+    /// store as of the applied index (at least the index the leader confirmed, so every
+    /// acknowledged write is in it), with that entry's term and the voters.
+    fn backup(&self, w: &Waiter) -> Result<PendingBackup, KvResult> {
+        let applied = self.replica.applied();
+        let raw = self.replica.raw();
+        // The applied entry is in the log, or is the stored snapshot's last entry.
+        let meta = raw.snapshot_meta(applied).ok().or_else(|| {
+            let stored = raw.storage().snapshot_meta();
+            (stored.index == applied).then(|| stored.clone())
+        });
+        let Some(meta) = meta else {
+            return Err(KvResult::Refused {
+                reason: format!("the term of applied index {applied} is unknown; try again"),
+            });
+        };
+        Ok(PendingBackup {
+            reply_to: w.reply_to,
+            client: w.client,
+            request: w.request,
+            index: meta.index.0,
+            term: meta.term.0,
+            voters: meta.voters.iter().map(|v| v.0).collect(),
+            server: self.replica.status().id.0,
+            store: StoreSnapshot(self.replica.machine().store.clone()),
+        })
+    }
+
+    /// Tells the server that its driver calls [`KvRsm::take_backups`] after each
+    /// [`KvRsm::take_replies`] and serializes them off its loop (a 50 MB store takes about a
+    /// tenth of a second to serialize). Without it, backups are serialized in
+    /// `take_replies`.
+    pub fn set_backups_off_loop(&mut self, off_loop: bool) {
+        self.backups_off_loop = off_loop;
+    }
+
+    /// Confirmed backups to serialize and send ([`PendingBackup::into_reply`]), when
+    /// [`KvRsm::set_backups_off_loop`] is on.
+    pub fn take_backups(&mut self) -> Vec<PendingBackup> {
+        std::mem::take(&mut self.backups)
+    }
+
     /// Requests waiting for an answer.
     pub fn pending(&self) -> usize {
         self.replica.pending_proposals() + self.replica.pending_reads()
@@ -444,7 +493,8 @@ impl KvRsm {
             self.answer(reply_to, req.client, req.request, result);
             return;
         }
-        if req.op.is_read() && req.serializable {
+        // A backup is always confirmed by the leader: a stale one would silently lose writes.
+        if req.op.is_read() && req.serializable && req.op != KvOp::Snapshot {
             let result = self.replica.machine().read(&req.op);
             self.answer(reply_to, req.client, req.request, result);
             return;
@@ -541,6 +591,18 @@ impl KvRsm {
                 }
                 Done::ReadReady { tag: w, .. } => {
                     let result = match &w.read {
+                        Some(KvOp::Snapshot) => match self.backup(&w) {
+                            Ok(b) if self.backups_off_loop => {
+                                self.backups.push(b);
+                                continue;
+                            }
+                            Ok(b) => {
+                                let (reply_to, reply) = b.into_reply();
+                                self.replies.push((reply_to, reply));
+                                continue;
+                            }
+                            Err(refused) => refused,
+                        },
                         Some(op) => self.replica.machine().read(op),
                         None => KvResult::Stale,
                     };
@@ -549,6 +611,43 @@ impl KvRsm {
             }
         }
         self.done = done;
+    }
+}
+
+/// A confirmed backup ([`KvOp::Snapshot`]) whose store copy is still to be serialized.
+#[derive(Debug)]
+pub struct PendingBackup {
+    reply_to: u64,
+    client: u64,
+    request: u64,
+    index: u64,
+    term: u64,
+    voters: Vec<u64>,
+    server: u64,
+    store: StoreSnapshot,
+}
+
+impl PendingBackup {
+    /// The connection token to answer on.
+    pub fn reply_to(&self) -> u64 {
+        self.reply_to
+    }
+
+    /// Serializes the store (the long part) and returns `(reply_to, reply)`.
+    pub fn into_reply(self) -> (u64, KvReply) {
+        let result = KvResult::Snapshot {
+            index: self.index,
+            term: self.term,
+            voters: self.voters,
+            server: self.server,
+            data: self.store.0.snapshot(),
+        };
+        let reply = KvReply::Done {
+            client: self.client,
+            request: self.request,
+            result,
+        };
+        (self.reply_to, reply)
     }
 }
 
@@ -691,6 +790,66 @@ mod tests {
                 .starts_with("the committed snapshot at index 5 is unusable"),
             "{err}"
         );
+    }
+
+    /// A backup request (even one marked serializable) is confirmed by read-index and
+    /// answered with the store as of the applied index, its term and the voters; a follower
+    /// sends it to the leader.
+    #[test]
+    fn backup_is_the_store_at_a_confirmed_index() {
+        let (mut rsm, mut disk) = single(RsmConfig::default());
+        elect(&mut rsm, &mut disk);
+        rsm.handle_request(1, req(5, 1, KvOp::Register));
+        drive(&mut rsm, &mut disk);
+        rsm.take_replies();
+        let put = KvOp::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expected: Expected::Any,
+        };
+        rsm.handle_request(1, req(2, 1, put));
+        drive(&mut rsm, &mut disk);
+        rsm.take_replies();
+        let mut backup = req(9, 1, KvOp::Snapshot);
+        backup.serializable = true;
+        rsm.handle_request(3, backup);
+        assert!(rsm.take_replies().is_empty(), "answered before confirmed");
+        drive(&mut rsm, &mut disk);
+        let replies = rsm.take_replies();
+        let [(3, KvReply::Done { result, .. })] = replies.as_slice() else {
+            panic!("{replies:?}");
+        };
+        let KvResult::Snapshot {
+            index,
+            term,
+            voters,
+            server,
+            data,
+        } = result
+        else {
+            panic!("{result:?}");
+        };
+        assert_eq!(*index, rsm.applied().0);
+        assert_eq!((*term, voters.as_slice(), *server), (1, &[1u64][..], 1));
+        let mut restored = KvStore::new(Limits::default());
+        restored.restore(data).unwrap();
+        assert_eq!(
+            restored.read(&KvOp::Get { key: b"k".to_vec() }).unwrap(),
+            KvResult::Found {
+                value: b"v".to_vec(),
+                version: 1
+            }
+        );
+        // Off the loop: the reply waits in take_backups, serialized by whoever takes it, as
+        // the same reply.
+        let want = replies[0].1.clone();
+        rsm.set_backups_off_loop(true);
+        rsm.handle_request(3, req(9, 1, KvOp::Snapshot));
+        drive(&mut rsm, &mut disk);
+        assert!(rsm.take_replies().is_empty());
+        let backups = rsm.take_backups();
+        let [backup] = <[_; 1]>::try_from(backups).expect("one backup");
+        assert_eq!(backup.into_reply(), (3, want));
     }
 
     /// What one `Ready` of a single node gave.

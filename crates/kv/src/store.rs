@@ -382,7 +382,8 @@ impl KvStore {
             | KvOp::LeaseRevoke { .. }
             | KvOp::LeaseList
             | KvOp::LeaseExpire { .. }
-            | KvOp::LeaseCheckpoint { .. } => None,
+            | KvOp::LeaseCheckpoint { .. }
+            | KvOp::Snapshot => None,
         }
     }
 
@@ -726,7 +727,8 @@ impl KvStore {
             | KvOp::Status
             | KvOp::LeaseList
             | KvOp::LeaseExpire { .. }
-            | KvOp::LeaseCheckpoint { .. } => self.read(op).unwrap_or(KvResult::Stale),
+            | KvOp::LeaseCheckpoint { .. }
+            | KvOp::Snapshot => self.read(op).unwrap_or(KvResult::Stale),
         }
     }
 

@@ -499,7 +499,8 @@ pub fn to_input(op: &KvOp) -> Option<KvInput> {
         | KvOp::LeaseList
         | KvOp::PutLease { .. }
         | KvOp::LeaseExpire { .. }
-        | KvOp::LeaseCheckpoint { .. } => None,
+        | KvOp::LeaseCheckpoint { .. }
+        | KvOp::Snapshot => None,
     }
 }
 
@@ -528,7 +529,8 @@ pub fn to_output(o: &Outcome) -> KvOutput {
             | KvResult::LeaseNotFound { .. }
             | KvResult::LeaseRevoked { .. }
             | KvResult::Leases { .. }
-            | KvResult::Refused { .. } => KvOutput::VersionMismatch,
+            | KvResult::Refused { .. }
+            | KvResult::Snapshot { .. } => KvOutput::VersionMismatch,
         },
     }
 }

@@ -120,6 +120,11 @@ impl<R> ClientTable<R> {
         self.connections.contains_key(&token)
     }
 
+    /// A handle on connection `token`'s reply queue (for an answer made on another thread).
+    pub(crate) fn sender(&self, token: u64) -> Option<mpsc::Sender<R>> {
+        self.connections.get(&token).cloned()
+    }
+
     /// Forgets connection `token` (it closed).
     pub(crate) fn remove(&mut self, token: u64) {
         self.connections.remove(&token);

@@ -33,6 +33,11 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::start_with(|_| {}).await
+    }
+
+    /// [`Server::start`] with `tweak` applied to the configuration.
+    async fn start_with(tweak: impl FnOnce(&mut KvServerConfig)) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let dir = tempfile::tempdir().expect("temp dir");
@@ -44,6 +49,7 @@ impl Server {
         );
         config.tick_interval = Duration::from_millis(10);
         config.rsm.limits.max_value_bytes = 100;
+        tweak(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run_server(config, listener, async move {
             let _ = stopped.await;
@@ -267,6 +273,65 @@ async fn bad_input_closes_the_connection_and_the_server_keeps_serving() {
             .await
             .expect("put"),
         PutOutcome::Written(2)
+    );
+    server.stop().await;
+}
+
+/// A backup larger than a frame travels in parts (here 4 KiB frames and a ~30 KB state) and
+/// holds every write acknowledged before it, with its version; a client whose message limit
+/// is smaller refuses it instead of allocating it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_larger_than_a_frame_arrives_in_parts() {
+    const FRAME: usize = 4096;
+    let server = Server::start_with(|c| c.transport.max_frame_bytes = FRAME).await;
+    let mut c = server.client();
+    for i in 0..300u32 {
+        let key = format!("key{i:04}");
+        let value = vec![b'a' + (i % 26) as u8; 90];
+        let want = PutOutcome::Written(1);
+        assert_eq!(
+            c.put(key.as_bytes(), &value, Expected::Any).await.unwrap(),
+            want
+        );
+    }
+    assert_eq!(
+        c.put(b"key0000", b"again", Expected::Version(1))
+            .await
+            .unwrap(),
+        PutOutcome::Written(2)
+    );
+    let mut config = ClientConfig::new(vec![server.addr]);
+    config.cluster_id = CLUSTER;
+    config.op_timeout = WAIT;
+    config.max_frame_bytes = FRAME;
+    let backup = Client::new(config.clone())
+        .unwrap()
+        .backup(1 << 20, WAIT)
+        .await
+        .expect("backup");
+    assert!(backup.data.len() > 5 * FRAME, "{} bytes", backup.data.len());
+    assert_eq!((backup.server, backup.voters.as_slice()), (1, &[1u64][..]));
+    let mut store = shoal_kv::store::KvStore::new(shoal_kv::store::Limits::default());
+    store.restore(&backup.data).expect("the state decodes");
+    assert_eq!(store.len(), 300);
+    assert!(store.applied() <= backup.index);
+    let get = |key: &[u8]| shoal_wire::kv::KvOp::Get { key: key.to_vec() };
+    assert_eq!(
+        store.read(&get(b"key0000")).unwrap(),
+        shoal_wire::kv::KvResult::Found {
+            value: b"again".to_vec(),
+            version: 2
+        }
+    );
+    // Over the client's message limit: refused at once, never allocated.
+    let small = Client::new(config)
+        .unwrap()
+        .backup(2 * FRAME, Duration::from_secs(5))
+        .await
+        .map(|b| b.data.len());
+    assert!(
+        matches!(&small, Err(ClientError::TooLarge { what, .. }) if what == "backup"),
+        "{small:?}"
     );
     server.stop().await;
 }

@@ -105,6 +105,29 @@ pub struct CheckArgs {
     /// verdict must be the same).
     #[arg(long)]
     pub no_partition: bool,
+    /// `text` (default) or `json`: one JSON document `{verdict, operations, keys, …}` (see
+    /// docs/operations.md). The exit status is the same.
+    #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+    pub output: crate::output::Format,
+}
+
+/// `shoal check -o json`.
+#[derive(Debug, serde::Serialize)]
+struct VerdictJson {
+    /// The history file.
+    file: String,
+    /// `linearizable`, `not-linearizable` or `unknown`.
+    verdict: &'static str,
+    /// Operations in the history.
+    operations: usize,
+    /// Keys (partitions) in it (1 for a register).
+    keys: usize,
+    /// Why the search did not finish (`unknown` only).
+    reason: Option<String>,
+    /// The explanation of a violation, as the text output prints it.
+    explanation: Option<String>,
+    /// Where the HTML timeline was written (a violation with --html only).
+    timeline: Option<String>,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -194,20 +217,26 @@ fn thousands(n: usize) -> String {
     out
 }
 
-/// What was checked, for the verdict line: `1,234 operations on 10 keys`. A model without
-/// partitions (the register) is one key.
-fn scope<M: Model>(model: &M, history: &History<M::Input, M::Output>) -> String {
+/// Keys (partitions) of a history; a model without partitions (the register) has one.
+fn key_count<M: Model>(model: &M, history: &History<M::Input, M::Output>) -> usize {
     let keys: BTreeSet<Option<String>> = history
         .ops()
         .iter()
         .map(|op| model.partition_key(&op.input))
         .collect();
+    keys.len()
+}
+
+/// What was checked, for the verdict line: `1,234 operations on 10 keys`. A model without
+/// partitions (the register) is one key.
+fn scope<M: Model>(model: &M, history: &History<M::Input, M::Output>) -> String {
+    let keys = key_count(model, history);
     let plural =
         |n: usize, word: &str| format!("{} {word}{}", thousands(n), if n == 1 { "" } else { "s" });
     format!(
         "{} on {}",
         plural(history.len(), "operation"),
-        plural(keys.len(), "key")
+        plural(keys, "key")
     )
 }
 
@@ -221,6 +250,9 @@ fn check_file<M: Model>(
         partition_by_key: !args.no_partition,
     };
     let verdict = check_with_options(&model, &history, &options);
+    if args.output == crate::output::Format::Json {
+        return print_verdict_json(args, key_count(&model, &history), history.len(), verdict);
+    }
     let scope = scope(&model, &history);
     let say = |text: std::fmt::Arguments<'_>| -> anyhow::Result<()> {
         if args.quiet {
@@ -262,6 +294,47 @@ fn check_file<M: Model>(
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// `check_file`'s answer as one JSON document (`--quiet` prints nothing); same exit status.
+fn print_verdict_json(
+    args: &CheckArgs,
+    keys: usize,
+    operations: usize,
+    verdict: Verdict,
+) -> anyhow::Result<ExitCode> {
+    let mut json = VerdictJson {
+        file: args.file.display().to_string(),
+        verdict: "linearizable",
+        operations,
+        keys,
+        reason: None,
+        explanation: None,
+        timeline: None,
+    };
+    let code = match verdict {
+        Verdict::Linearizable => ExitCode::SUCCESS,
+        Verdict::NotLinearizable(explanation) => {
+            json.verdict = "not-linearizable";
+            json.explanation = Some(explanation.to_string());
+            if let Some(path) = &args.html {
+                let title = args.file.display().to_string();
+                std::fs::write(path, shoal_check::html::render(&title, &explanation))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                json.timeline = Some(path.display().to_string());
+            }
+            ExitCode::from(1)
+        }
+        Verdict::Unknown(reason) => {
+            json.verdict = "unknown";
+            json.reason = Some(reason.to_string());
+            ExitCode::from(2)
+        }
+    };
+    if !args.quiet {
+        crate::output::print_json(&json)?;
+    }
+    Ok(code)
 }
 
 /// The target of `shoal bench check`: every bundled history in under this much wall time.

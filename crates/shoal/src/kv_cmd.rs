@@ -130,6 +130,10 @@ enum KvSub {
         /// Write the value's bytes alone, without the newline after them.
         #[arg(long)]
         raw: bool,
+        /// `text` (default) or `json`: one JSON document `{key, found, version, value}`
+        /// (see docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text, conflicts_with_all = ["raw", "version"])]
+        output: crate::output::Format,
     },
     /// Store a value; prints `ok NEW_VERSION`.
     ///
@@ -185,6 +189,10 @@ enum KvSub {
         /// Most keys printed.
         #[arg(long, default_value_t = shoal_runtime::kv::client::DEFAULT_SCAN_LIMIT)]
         limit: u32,
+        /// `text` (default) or `json`: one JSON document `{count, items: [{key, version,
+        /// value}]}` (see docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+        output: crate::output::Format,
     },
     /// Print each server's role, term, leader and log indexes (exit status 1 if no server
     /// answers as leader).
@@ -194,7 +202,11 @@ enum KvSub {
         2   127.0.0.1:7002  follower  3     1       1042    1042\n\
         3   127.0.0.1:7003  -         unreachable")]
     Status {
-        /// Print one JSON object per server instead of the table.
+        /// `text` (default) or `json`: one JSON document `{leader, servers: [...]}` (see
+        /// docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+        output: crate::output::Format,
+        /// The same as `-o json`.
         #[arg(long)]
         json: bool,
     },
@@ -210,6 +222,76 @@ enum KvSub {
     Lease {
         #[command(subcommand)]
         sub: crate::kv_lease_cmd::LeaseSub,
+    },
+    /// Backups: save a consistent snapshot of a running cluster to a file, check a file,
+    /// restore it as the data directories of a new cluster.
+    #[command(after_help = SNAPSHOT_HELP)]
+    Snapshot {
+        #[command(subcommand)]
+        sub: SnapshotSub,
+    },
+}
+
+/// `shoal kv snapshot --help`'s walk-through.
+const SNAPSHOT_HELP: &str = "A backup and a restore into a new 3-server cluster:\n  \
+    shoal kv snapshot save backup.db                 # from the leader of the running cluster\n  \
+    shoal kv snapshot status backup.db               # verify it; print index, term, keys\n  \
+    shoal kv snapshot restore backup.db --data n1 --id 1 --peers 1=h1:7001,2=h2:7001,3=h3:7001\n  \
+    shoal kv snapshot restore backup.db --data n2 --id 2 --peers 1=h1:7001,2=h2:7001,3=h3:7001\n  \
+    shoal kv snapshot restore backup.db --data n3 --id 3 --peers 1=h1:7001,2=h2:7001,3=h3:7001\n  \
+    shoal kv server --id 1 --listen h1:7001 --peers 1=h1:7001,2=h2:7001,3=h3:7001 --data n1   # and 2, 3\n\
+For `shoal kv up --dir D`, restore into D/node1, D/node2, D/node3 (ids 1, 2, 3) before \
+starting it. Every server of the new cluster is restored from the same file.";
+
+#[derive(Debug, clap::Subcommand)]
+enum SnapshotSub {
+    /// Save a consistent snapshot of the running cluster to FILE (from the leader, at an
+    /// index it confirmed as committed); prints the index, keys and bytes.
+    #[command(after_help = "Example:\n  shoal kv snapshot save backup.db\n  \
+        saved backup.db: index 1042, term 3, 5000 keys, 812345 bytes (from server 1)\n\
+        The file is written to FILE.tmp, fsynced and renamed: FILE is never half-written. \
+        Every write acknowledged before the command started is in it. Reads and writes go on \
+        while it is taken (the leader copies its store in O(1) and serializes the copy on \
+        another thread).")]
+    Save {
+        /// The backup file to write (replaced if it exists).
+        file: PathBuf,
+        /// Seconds the transfer from the leader may take (--timeout bounds finding the
+        /// leader).
+        #[arg(long, default_value_t = 300.0)]
+        transfer_timeout: f64,
+    },
+    /// Verify a backup file (magic, version, checksums, the state decodes) and print what it
+    /// holds; exit status 1 if it is damaged.
+    #[command(after_help = "Example:\n  shoal kv snapshot status backup.db\n  \
+        shoal kv snapshot status backup.db -o json")]
+    Status {
+        /// The backup file.
+        file: PathBuf,
+        /// `text` (default) or `json`: one JSON document (see docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+        output: crate::output::Format,
+    },
+    /// Make the data directory of one server of a NEW cluster from a backup file (run it for
+    /// every server, then start them). Refuses a damaged file and a non-empty --data.
+    #[command(after_help = "Example (server 1 of 3):\n  \
+        shoal kv snapshot restore backup.db --data n1 --id 1 --peers 1=h1:7001,2=h2:7001,3=h3:7001\n\
+        --peers is the new cluster's membership, as `kv server --peers` takes it (plain \
+        ADDR,ADDR,ADDR means ids 1, 2, 3); only the ids are recorded. The new cluster's id is \
+        --cluster (default 1): start the servers with the same. Keys keep their versions; \
+        client sessions and leases are restored too.")]
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The data directory to create (must be missing or empty).
+        #[arg(long)]
+        data: PathBuf,
+        /// This server's id in the new cluster.
+        #[arg(long)]
+        id: u64,
+        /// The new cluster's servers: ID=ADDR,ID=ADDR,… (or ADDR,ADDR,… for ids 1, 2, …).
+        #[arg(long)]
+        peers: String,
     },
 }
 
@@ -314,7 +396,20 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
     match cmd.command {
         KvSub::Server(args) => server(args, cmd.cluster).await,
         KvSub::Up(args) => crate::kv_up::up(args).await,
-        KvSub::Get { key, version, raw } => {
+        // --raw and --version conflict with -o json.
+        KvSub::Get {
+            key,
+            output: crate::output::Format::Json,
+            ..
+        } => {
+            let found = client()?.get(key.as_bytes()).await?;
+            let code = if found.is_some() { 0 } else { 1 };
+            crate::output::print_json(&GetJson::new(key.as_bytes(), found))?;
+            Ok(ExitCode::from(code))
+        }
+        KvSub::Get {
+            key, version, raw, ..
+        } => {
             let mut c = client()?;
             match c.get(key.as_bytes()).await? {
                 Some((value, v)) => {
@@ -384,12 +479,25 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
                 DeleteOutcome::Maybe => fail("maybe: a retried delete may or may not have applied"),
             }
         }
-        KvSub::Scan { start, end, limit } => {
+        KvSub::Scan {
+            start,
+            end,
+            limit,
+            output,
+        } => {
             let mut c = client()?;
             let start = start.unwrap_or_default();
             let items = c
                 .scan(start.as_bytes(), end.as_ref().map(|e| e.as_bytes()), limit)
                 .await?;
+            if output == crate::output::Format::Json {
+                let items: Vec<ItemJson> = items.iter().map(ItemJson::new).collect();
+                crate::output::print_json(&ScanJson {
+                    count: items.len(),
+                    items,
+                })?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut out = std::io::stdout().lock();
             for item in items {
                 writeln!(
@@ -403,8 +511,11 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        KvSub::Status { json } => match target()? {
-            Target::Group(e) => status(&one(e)?, timeout, json).await,
+        KvSub::Status { output, json } => match target()? {
+            Target::Group(e) => {
+                let json = json || output == crate::output::Format::Json;
+                status(&one(e)?, timeout, json).await
+            }
             Target::Sharded(_) => bail!(
                 "`kv status` shows one group's servers; for a sharded cluster run `shoal \
                  shard status` (groups, leaders, migrations), or `kv status --endpoints` with \
@@ -418,6 +529,49 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             let store = target()?.addrs();
             crate::kv_lease_cmd::lock(|| one(store.clone()), args).await
         }
+        KvSub::Snapshot { sub } => match sub {
+            SnapshotSub::Save {
+                file,
+                transfer_timeout,
+            } => {
+                if !(transfer_timeout.is_finite() && transfer_timeout > 0.0) {
+                    bail!("--transfer-timeout must be a positive number of seconds");
+                }
+                let Target::Group(e) = target()? else {
+                    bail!(
+                        "`kv snapshot save` backs up one group (--endpoints); a sharded \
+                         cluster has no backup command yet"
+                    );
+                };
+                snapshot_save(
+                    one(e)?,
+                    &file,
+                    cluster,
+                    Duration::from_secs_f64(transfer_timeout),
+                )
+                .await
+            }
+            SnapshotSub::Status { file, output } => snapshot_status(&file, output),
+            SnapshotSub::Restore {
+                file,
+                data,
+                id,
+                peers,
+            } => {
+                let voters = crate::kv_backup::peer_ids(&peers)?;
+                let r = crate::kv_backup::restore(&file, &data, id, &voters, Some(cluster))?;
+                println!(
+                    "restored {} into {}: server {id} of {voters:?} in cluster {cluster}, \
+                     index {}, term {}, {} keys",
+                    file.display(),
+                    data.display(),
+                    r.header.index,
+                    r.header.term,
+                    r.keys
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         KvSub::Lease { sub } => match target()? {
             Target::Group(e) => crate::kv_lease_cmd::lease(one(e)?, sub).await,
             Target::Sharded(_) => bail!(
@@ -426,6 +580,114 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
             ),
         },
     }
+}
+
+/// `kv snapshot save`: a backup from the leader, written to `file` (via `file.tmp`).
+async fn snapshot_save(
+    client: Client,
+    file: &Path,
+    cluster: u64,
+    transfer_timeout: Duration,
+) -> Result<ExitCode> {
+    let backup = client
+        .backup(
+            shoal_runtime::kv::DEFAULT_MAX_BACKUP_BYTES,
+            transfer_timeout,
+        )
+        .await?;
+    // Proves the state decodes before we call it a backup, and counts its keys.
+    let keys = crate::kv_backup::decode_state(&backup.data)
+        .context("the leader's snapshot")?
+        .len();
+    #[allow(clippy::disallowed_methods)] // the CLI: a wall-clock date for the file's header
+    let saved_unix_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let header = crate::kv_backup::BackupHeader {
+        cluster_id: cluster,
+        server: backup.server,
+        index: backup.index,
+        term: backup.term,
+        voters: backup.voters,
+        data_len: 0,
+        saved_unix_secs,
+        shoal_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let (index, term, server) = (header.index, header.term, header.server);
+    let bytes = crate::kv_backup::write_file(file, header, &backup.data)?;
+    println!(
+        "saved {}: index {index}, term {term}, {keys} keys, {bytes} bytes (from server {server})",
+        file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `kv snapshot status -o json` prints.
+#[derive(Debug, serde::Serialize)]
+struct SnapshotStatusJson {
+    file: String,
+    format_version: u32,
+    cluster_id: u64,
+    server: u64,
+    index: u64,
+    term: u64,
+    voters: Vec<u64>,
+    keys: usize,
+    data_bytes: u64,
+    sessions: usize,
+    leases: usize,
+    saved_unix_secs: u64,
+    shoal_version: String,
+}
+
+/// `kv snapshot status`: verifies a backup file and prints its header and contents' size.
+fn snapshot_status(file: &Path, output: crate::output::Format) -> Result<ExitCode> {
+    let (header, data) = match crate::kv_backup::read_file(file) {
+        Ok(x) => x,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    let store = match crate::kv_backup::decode_state(&data) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("{}: {e}", file.display())),
+    };
+    let status = SnapshotStatusJson {
+        file: file.display().to_string(),
+        format_version: crate::kv_backup::FORMAT_VERSION,
+        cluster_id: header.cluster_id,
+        server: header.server,
+        index: header.index,
+        term: header.term,
+        voters: header.voters,
+        keys: store.len(),
+        data_bytes: header.data_len,
+        sessions: store.session_count(),
+        leases: store.leases().len(),
+        saved_unix_secs: header.saved_unix_secs,
+        shoal_version: header.shoal_version,
+    };
+    match output {
+        crate::output::Format::Json => crate::output::print_json(&status)?,
+        crate::output::Format::Text => {
+            println!("ok: checksums match, the state decodes");
+            println!(
+                "cluster {}, saved from server {}",
+                status.cluster_id, status.server
+            );
+            println!(
+                "index {}, term {}, voters {:?}",
+                status.index, status.term, status.voters
+            );
+            println!(
+                "{} keys, {} sessions, {} leases, {} bytes of state",
+                status.keys, status.sessions, status.leases, status.data_bytes
+            );
+            println!(
+                "saved at {} (Unix seconds) by shoal {}",
+                status.saved_unix_secs, status.shoal_version
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The cluster a client command talks to.
@@ -589,58 +851,169 @@ fn put_value(value: Option<OsString>, file: Option<&Path>) -> Result<Vec<u8>> {
 /// `shoal kv status`: one line (or JSON object) per endpoint.
 async fn status(client: &Client, timeout: Duration, json: bool) -> Result<ExitCode> {
     let statuses = client.statuses(timeout).await;
-    let mut out = std::io::stdout().lock();
-    if !json {
-        let header = format!(
-            "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
-            "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED"
-        );
-        writeln!(out, "{header}")?;
-    }
-    let mut leader = false;
-    for (i, (s, addr)) in statuses.iter().zip(client.endpoints()).enumerate() {
-        match s {
-            Ok(s) => {
-                leader |= s.role == ServerRole::Leader;
-                let lead = s.leader.map_or("-".to_string(), |l| l.to_string());
-                if json {
-                    let line = serde_json::json!({
-                        "id": s.id, "address": addr.to_string(), "role": s.role.to_string(),
-                        "term": s.term, "leader": s.leader, "commit": s.commit,
-                        "applied": s.applied, "last_index": s.last_index,
-                    });
-                    writeln!(out, "{line}")?;
-                } else {
-                    writeln!(
-                        out,
-                        "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
-                        s.id,
-                        addr.to_string(),
-                        s.role.to_string(),
-                        s.term,
-                        lead,
-                        s.commit,
-                        s.applied
-                    )?;
-                }
-            }
-            Err(e) => {
-                if json {
-                    let line = serde_json::json!({
-                        "id": i + 1, "address": addr.to_string(), "error": e.to_string(),
-                    });
-                    writeln!(out, "{line}")?;
-                } else {
-                    writeln!(out, "{:<4}{:<22}{:<15}{e}", i + 1, addr.to_string(), "-")?;
-                }
-            }
-        }
-    }
-    Ok(if leader {
+    let leader = statuses
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .filter(|s| s.role == ServerRole::Leader)
+        .max_by_key(|s| s.term)
+        .map(|s| s.id);
+    let code = if leader.is_some() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
+    };
+    if json {
+        let servers = statuses
+            .iter()
+            .zip(client.endpoints())
+            .enumerate()
+            .map(|(i, (s, addr))| match s {
+                Ok(s) => ServerJson {
+                    id: s.id,
+                    address: addr.to_string(),
+                    role: Some(s.role.to_string()),
+                    term: Some(s.term),
+                    leader: s.leader,
+                    commit: Some(s.commit),
+                    applied: Some(s.applied),
+                    last_index: Some(s.last_index),
+                    error: None,
+                },
+                Err(e) => ServerJson {
+                    id: i as u64 + 1,
+                    address: addr.to_string(),
+                    role: None,
+                    term: None,
+                    leader: None,
+                    commit: None,
+                    applied: None,
+                    last_index: None,
+                    error: Some(e.to_string()),
+                },
+            })
+            .collect();
+        crate::output::print_json(&StatusJson { leader, servers })?;
+        return Ok(code);
+    }
+    let mut out = std::io::stdout().lock();
+    let header = format!(
+        "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
+        "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED"
+    );
+    writeln!(out, "{header}")?;
+    for (i, (s, addr)) in statuses.iter().zip(client.endpoints()).enumerate() {
+        match s {
+            Ok(s) => {
+                let lead = s.leader.map_or("-".to_string(), |l| l.to_string());
+                writeln!(
+                    out,
+                    "{:<4}{:<22}{:<15}{:<8}{:<8}{:<10}{}",
+                    s.id,
+                    addr.to_string(),
+                    s.role.to_string(),
+                    s.term,
+                    lead,
+                    s.commit,
+                    s.applied
+                )?;
+            }
+            Err(e) => writeln!(out, "{:<4}{:<22}{:<15}{e}", i + 1, addr.to_string(), "-")?,
+        }
+    }
+    Ok(code)
+}
+
+/// `kv status -o json`.
+#[derive(Debug, serde::Serialize)]
+struct StatusJson {
+    /// The server answering as leader (the highest term's), if any.
+    leader: Option<u64>,
+    /// Every endpoint, in server-id order.
+    servers: Vec<ServerJson>,
+}
+
+/// One server of [`StatusJson`]: its status, or `error` (the other fields null).
+#[derive(Debug, serde::Serialize)]
+struct ServerJson {
+    id: u64,
+    address: String,
+    /// `leader`, `follower`, `pre-candidate` or `candidate`.
+    role: Option<String>,
+    term: Option<u64>,
+    /// The leader it knows of.
+    leader: Option<u64>,
+    commit: Option<u64>,
+    applied: Option<u64>,
+    last_index: Option<u64>,
+    /// Why it did not answer.
+    error: Option<String>,
+}
+
+/// `kv get -o json`: `value` is the UTF-8 text (else null, and `value_hex`); likewise `key`.
+#[derive(Debug, serde::Serialize)]
+struct GetJson {
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_hex: Option<String>,
+    found: bool,
+    version: Option<u64>,
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+}
+
+impl GetJson {
+    fn new(key: &[u8], found: Option<(Vec<u8>, u64)>) -> GetJson {
+        let (key, key_hex) = crate::output::text_or_hex(key);
+        let (value, value_hex, version) = match &found {
+            Some((v, version)) => {
+                let (t, h) = crate::output::text_or_hex(v);
+                (t, h, Some(*version))
+            }
+            None => (None, None, None),
+        };
+        GetJson {
+            key,
+            key_hex,
+            found: found.is_some(),
+            version,
+            value,
+            value_hex,
+        }
+    }
+}
+
+/// `kv scan -o json`.
+#[derive(Debug, serde::Serialize)]
+struct ScanJson {
+    count: usize,
+    items: Vec<ItemJson>,
+}
+
+/// One pair of [`ScanJson`] (text or hex as in [`GetJson`]).
+#[derive(Debug, serde::Serialize)]
+struct ItemJson {
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_hex: Option<String>,
+    version: u64,
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+}
+
+impl ItemJson {
+    fn new(item: &shoal_wire::kv::ScanItem) -> ItemJson {
+        let (key, key_hex) = crate::output::text_or_hex(&item.key);
+        let (value, value_hex) = crate::output::text_or_hex(&item.value);
+        ItemJson {
+            key,
+            key_hex,
+            version: item.version,
+            value,
+            value_hex,
+        }
+    }
 }
 
 fn fail(message: &str) -> Result<ExitCode> {

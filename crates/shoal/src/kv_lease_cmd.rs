@@ -49,7 +49,12 @@ pub enum LeaseSub {
         id: u64,
     },
     /// List the live leases: ID TTL REMAINING KEYS (seconds; remaining as the leader counts).
-    List,
+    List {
+        /// `text` (default) or `json`: one JSON document `{leases: [{id, ttl_ms,
+        /// remaining_ms, keys}]}` (see docs/operations.md).
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+        output: crate::output::Format,
+    },
 }
 
 /// Arguments of `shoal kv lock`.
@@ -139,8 +144,21 @@ pub async fn lease(mut client: Client, sub: LeaseSub) -> Result<ExitCode> {
             }
             None => not_found(id),
         },
-        LeaseSub::List => {
+        LeaseSub::List { output } => {
             let leases = client.lease_list().await?;
+            if output == crate::output::Format::Json {
+                let leases = leases
+                    .iter()
+                    .map(|l| LeaseJson {
+                        id: l.id,
+                        ttl_ms: l.ttl_ms,
+                        remaining_ms: l.remaining_ms,
+                        keys: l.keys,
+                    })
+                    .collect();
+                crate::output::print_json(&LeasesJson { leases })?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
@@ -160,6 +178,21 @@ pub async fn lease(mut client: Client, sub: LeaseSub) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `kv lease list -o json`.
+#[derive(Debug, serde::Serialize)]
+struct LeasesJson {
+    leases: Vec<LeaseJson>,
+}
+
+/// One live lease (times in milliseconds; remaining as the leader counts it).
+#[derive(Debug, serde::Serialize)]
+struct LeaseJson {
+    id: u64,
+    ttl_ms: u64,
+    remaining_ms: u64,
+    keys: u64,
 }
 
 fn not_found(id: u64) -> Result<ExitCode> {

@@ -193,6 +193,29 @@ pub struct RunArgs {
     /// Input files (default: the eight bundled books).
     #[arg(value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
+    /// `text` (default) or `json`: the summary as one JSON document `{elapsed_seconds,
+    /// map_tasks, reduce_tasks, input_bytes, attempts, outputs, counters, top_words}` and
+    /// nothing else on stdout (see docs/operations.md).
+    #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+    pub output: crate::output::Format,
+}
+
+/// `shoal mr run -o json`.
+#[derive(Debug, serde::Serialize)]
+struct SummaryJson {
+    app: String,
+    elapsed_seconds: f64,
+    map_tasks: usize,
+    reduce_tasks: usize,
+    input_bytes: u64,
+    /// Attempts started (more than the tasks when some ran again).
+    attempts: u64,
+    /// The `mr-out-N` files, in partition order.
+    outputs: Vec<String>,
+    /// Counters merged from winning attempts.
+    counters: std::collections::BTreeMap<String, u64>,
+    /// wordcount only: the ten most frequent words and their counts.
+    top_words: Option<Vec<(String, u64)>>,
 }
 
 /// `shoal mr coordinator`.
@@ -507,7 +530,10 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     let (tx, mut rx) = status_channel(status_listener)?;
 
-    if bundled {
+    let json = args.output == crate::output::Format::Json;
+    if json {
+        // stdout is the summary's JSON document only.
+    } else if bundled {
         say!(
             "Counting words in {files} bundled books ({:.1} MB) with {} worker processes…",
             input_bytes as f64 / 1e6,
@@ -604,6 +630,28 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     drop(children);
     match result {
+        Ok(report) if json => {
+            let top_words = (app_name == "wordcount")
+                .then(|| shoal_mr::local::top_counts(&report.outputs, 10))
+                .transpose()
+                .context("reading the output for the most frequent words")?;
+            crate::output::print_json(&SummaryJson {
+                app: app_name.to_string(),
+                elapsed_seconds: report.elapsed.as_secs_f64(),
+                map_tasks: maps,
+                reduce_tasks: report.outputs.len(),
+                input_bytes: report.input_bytes,
+                attempts: report.attempts,
+                outputs: report
+                    .outputs
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                counters: report.counters.clone(),
+                top_words,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Ok(report) => {
             let top = (app_name == "wordcount").then_some(10);
             print_summary(&report, maps, top, &args.out);

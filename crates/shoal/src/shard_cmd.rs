@@ -225,6 +225,9 @@ struct QueryArgs {
     num: Option<u64>,
     #[command(flatten)]
     ctl: ControllerOpts,
+    /// `text` (default) or `json`: one JSON document (see docs/operations.md).
+    #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+    output: crate::output::Format,
 }
 
 /// Arguments of `shoal shard status`.
@@ -232,6 +235,9 @@ struct QueryArgs {
 struct StatusArgs {
     #[command(flatten)]
     ctl: ControllerOpts,
+    /// `text` (default) or `json`: one JSON document (see docs/operations.md).
+    #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+    output: crate::output::Format,
 }
 
 /// A gid argument: 1, 2, … (0 means "no group").
@@ -761,6 +767,10 @@ async fn query(args: QueryArgs) -> Result<ExitCode> {
             .with_context(|| format!("reading the controller store at {list}"))?
             .with_context(|| format!("configuration {num} is not in the controller store"))?,
     };
+    if args.output == crate::output::Format::Json {
+        crate::output::print_json(&ConfigJson::of(&config))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut out = String::new();
     writeln!(
         out,
@@ -801,6 +811,10 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
         .ok_or_else(|| no_configuration(&store))?;
     let config = &record.config;
     let answers = ask_groups(&config.groups, cluster, READ_TIMEOUT).await;
+    if args.output == crate::output::Format::Json {
+        crate::output::print_json(&StatusJson::of(&record, &answers))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut out = String::new();
     let state = if record.complete {
         "complete".to_string()
@@ -865,6 +879,140 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
 
 /// A group server's answer to `status`.
 type ServerAnswer = Result<GroupServerStatus, String>;
+
+/// `shard query -o json`: one configuration.
+#[derive(Debug, serde::Serialize)]
+struct ConfigJson {
+    /// The configuration's number.
+    num: u64,
+    /// How many shards.
+    num_shards: u32,
+    /// Each group and its servers' addresses.
+    groups: Vec<GroupJson>,
+    /// The owner (gid; 0: none) of each shard, by shard id.
+    shards: Vec<Gid>,
+}
+
+/// A group of a [`ConfigJson`].
+#[derive(Debug, serde::Serialize)]
+struct GroupJson {
+    gid: Gid,
+    servers: Vec<String>,
+}
+
+impl ConfigJson {
+    fn of(config: &Config) -> ConfigJson {
+        ConfigJson {
+            num: config.num,
+            num_shards: config.num_shards(),
+            groups: config
+                .groups
+                .iter()
+                .map(|(gid, servers)| GroupJson {
+                    gid: *gid,
+                    servers: servers.clone(),
+                })
+                .collect(),
+            shards: config.shards.clone(),
+        }
+    }
+}
+
+/// `shard status -o json`.
+#[derive(Debug, serde::Serialize)]
+struct StatusJson {
+    /// The latest configuration.
+    config: ConfigJson,
+    /// Whether every shard move to it is done.
+    complete: bool,
+    /// The moves still in progress.
+    moves: Vec<MoveJson>,
+    /// What each group's servers say.
+    groups: Vec<GroupStatusJson>,
+}
+
+/// A shard move of a [`StatusJson`] (`from`/`to` 0: no group).
+#[derive(Debug, serde::Serialize)]
+struct MoveJson {
+    shard: ShardId,
+    from: Gid,
+    to: Gid,
+}
+
+/// A group of a [`StatusJson`].
+#[derive(Debug, serde::Serialize)]
+struct GroupStatusJson {
+    gid: Gid,
+    /// The server answering as leader, if one does.
+    leader: Option<String>,
+    servers: Vec<GroupServerJson>,
+}
+
+/// One group server's answer.
+#[derive(Debug, serde::Serialize)]
+struct GroupServerJson {
+    /// Its address, as the configuration names it.
+    address: String,
+    /// `leader`, `follower` or `unreachable`.
+    role: &'static str,
+    /// The configuration its group adopted (a leader's answer; else null).
+    adopted: Option<u64>,
+    /// A follower's leader (its position in the group, from 1), if known.
+    leader_hint: Option<u64>,
+    /// Why it did not answer.
+    error: Option<String>,
+}
+
+impl StatusJson {
+    fn of(
+        record: &shoal_shard::layout::Record,
+        answers: &BTreeMap<Gid, Vec<(String, ServerAnswer)>>,
+    ) -> StatusJson {
+        let groups = answers
+            .iter()
+            .map(|(gid, servers)| GroupStatusJson {
+                gid: *gid,
+                leader: servers
+                    .iter()
+                    .find(|(_, a)| a.as_ref().is_ok_and(|s| s.leader))
+                    .map(|(name, _)| name.clone()),
+                servers: servers
+                    .iter()
+                    .map(|(name, answer)| match answer {
+                        Ok(s) => GroupServerJson {
+                            address: name.clone(),
+                            role: if s.leader { "leader" } else { "follower" },
+                            adopted: s.leader.then_some(s.adopted),
+                            leader_hint: s.leader_hint,
+                            error: None,
+                        },
+                        Err(why) => GroupServerJson {
+                            address: name.clone(),
+                            role: "unreachable",
+                            adopted: None,
+                            leader_hint: None,
+                            error: Some(why.clone()),
+                        },
+                    })
+                    .collect(),
+            })
+            .collect();
+        StatusJson {
+            config: ConfigJson::of(&record.config),
+            complete: record.complete,
+            moves: record
+                .moves
+                .iter()
+                .map(|m| MoveJson {
+                    shard: m.shard,
+                    from: m.from,
+                    to: m.to,
+                })
+                .collect(),
+            groups,
+        }
+    }
+}
 
 fn group_name(gid: Gid) -> String {
     if gid == shoal_shard::NO_GROUP {

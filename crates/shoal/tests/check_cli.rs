@@ -71,6 +71,22 @@ fn kv_violation_names_the_key() {
         "{}",
         stdout(&out)
     );
+    let json = shoal(&[
+        "check",
+        "--format",
+        "jepsen-kv",
+        "-o",
+        "json",
+        &testdata("kv/c10-bad.txt"),
+    ]);
+    assert_eq!(json.status.code(), Some(1), "{}", stderr(&json));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("one JSON document");
+    assert_eq!(v["verdict"], "not-linearizable", "{v}");
+    assert!(v["operations"].as_u64().unwrap_or(0) > 0 && v["keys"].as_u64().unwrap_or(0) > 0);
+    assert!(v["explanation"]
+        .as_str()
+        .unwrap_or("")
+        .contains("partition: key \""));
     let ok = shoal(&["check", "--format", "jepsen-kv", &testdata("kv/c10-ok.txt")]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
 }

@@ -40,6 +40,30 @@ fn cli_put_get_del_scan_and_shell_on_three_servers() {
     assert_eq!(c.ok(&["get", "a", "--version"]), "2 avocado\n");
     assert_eq!(c.ok(&["scan"]), "a 2 avocado\nb 1 banana\n");
     assert_eq!(c.ok(&["scan", "b"]), "b 1 banana\n");
+    let get: serde_json::Value =
+        serde_json::from_str(&c.ok(&["get", "a", "-o", "json"])).expect("get: one JSON document");
+    assert_eq!(
+        (
+            get["found"].as_bool(),
+            get["version"].as_u64(),
+            get["value"].as_str()
+        ),
+        (Some(true), Some(2), Some("avocado"))
+    );
+    let missing = c.cli(&["get", "nothing", "--output", "json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let missing: serde_json::Value = serde_json::from_slice(&missing.stdout).expect("json");
+    assert_eq!(missing["found"].as_bool(), Some(false));
+    let scan: serde_json::Value =
+        serde_json::from_str(&c.ok(&["scan", "-o", "json"])).expect("scan: one JSON document");
+    assert_eq!(scan["count"].as_u64(), Some(2));
+    assert_eq!(
+        (
+            scan["items"][1]["key"].as_str(),
+            scan["items"][1]["version"].as_u64()
+        ),
+        (Some("b"), Some(1))
+    );
     assert_eq!(c.ok(&["del", "b"]), "deleted\n");
     assert_eq!(c.cli(&["get", "b"]).status.code(), Some(1));
 
@@ -111,9 +135,13 @@ fn status_names_one_leader_and_reports_an_unreachable_server() {
     );
     assert!(lines[leader as usize].contains(" leader "), "{table}");
     // Every server knows the leader and has applied the put.
+    // `--json` is the same as `-o json`: one document.
     let json = c.ok(&["status", "--json"]);
-    for line in json.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("one JSON document");
+    assert_eq!(doc["leader"].as_u64(), Some(leader), "{json}");
+    let servers = doc["servers"].as_array().expect("servers");
+    assert_eq!(servers.len(), 3, "{json}");
+    for v in servers {
         assert_eq!(v["leader"].as_u64(), Some(leader), "{json}");
         assert!(v["commit"].as_u64().unwrap() >= 2, "{json}");
     }
@@ -172,13 +200,13 @@ fn a_snapshot_larger_than_a_frame_reaches_a_restarted_server() {
     c.restart(lagging);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let out = c.cli_within("2", &["status", "--json"]);
+        let out = c.cli_within("2", &["status", "-o", "json"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let applied: Vec<u64> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["applied"].as_u64())
-            .collect();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let applied: Vec<u64> = doc["servers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v["applied"].as_u64()).collect())
+            .unwrap_or_default();
         if applied.len() == 3 && applied[0] >= 22 && applied.iter().all(|&a| a == applied[0]) {
             break;
         }

@@ -252,6 +252,18 @@ fn lease_keys_go_with_their_lease() {
     let id = c.ok(&["lease", "grant", "30"]).trim().to_string();
     c.ok(&["put", "session/b", "up", "--lease", &id]);
     assert_eq!(c.ok(&["lease", "keep-alive", "--once", &id]), "30.0\n");
+    let json: serde_json::Value = serde_json::from_str(&c.ok(&["lease", "list", "-o", "json"]))
+        .expect("lease list: one JSON document");
+    let lease = &json["leases"][0];
+    assert_eq!(
+        (
+            lease["id"].to_string(),
+            lease["ttl_ms"].as_u64(),
+            lease["keys"].as_u64()
+        ),
+        (id.clone(), Some(30_000), Some(1)),
+        "{json}"
+    );
     assert_eq!(
         c.ok(&["lease", "revoke", &id]),
         "revoked (1 keys deleted)\n"

@@ -258,11 +258,22 @@ fn sigkill_of_mr_run_takes_its_workers_down() {
     let small = lab.path().join("small.txt");
     std::fs::write(&small, "a b a\n").unwrap();
     let mut cmd = mr_run(&tmp);
-    cmd.args(["--workers", "1", "--reduces", "1", "--out"])
+    cmd.args(["--workers", "1", "--reduces", "1", "-o", "json", "--out"])
         .arg(lab.path().join("out2"))
         .arg(&small);
-    let (code, _, stderr) = run_bounded(cmd, JOB_BOUND);
+    let (code, stdout, stderr) = run_bounded(cmd, JOB_BOUND);
     assert_eq!(code, Some(0), "{stderr}");
+    // `-o json`: the summary is the only thing on stdout, one JSON document.
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(
+        (
+            summary["input_bytes"].as_u64(),
+            summary["reduce_tasks"].as_u64(),
+            summary["top_words"][0].clone()
+        ),
+        (Some(6), Some(1), serde_json::json!(["a", 2])),
+        "{stdout}"
+    );
     assert!(
         !scratch.exists(),
         "the next mr run removes a dead run's scratch"

@@ -369,6 +369,29 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
     assert_eq!(query(&dir).0, moved, "nothing was recorded");
     let status = ok(&dir, &["status"]);
     assert!(!status.contains("changing"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["status", "-o", "json"])).expect("one JSON document");
+    assert_eq!(
+        (json["complete"].as_bool(), json["config"]["num"].as_u64()),
+        (Some(true), Some(moved)),
+        "{json}"
+    );
+    let (_, gids, shards) = query(&dir);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["query", "-o", "json"])).expect("one JSON document");
+    let owners: Vec<u64> = json["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .filter_map(|g| g.as_u64())
+        .collect();
+    let groups: Vec<u64> = json["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g["gid"].as_u64())
+        .collect();
+    assert_eq!((owners, groups), (shards, gids), "{json}");
 
     // A group server given the cluster's --controller and another --shards refuses to start,
     // before creating its data directory.

@@ -965,6 +965,12 @@ impl DurableStorage {
         Ok(())
     }
 
+    /// What the stored snapshot covers (index 0 and no voters if none was taken), without
+    /// copying its data.
+    pub fn snapshot_meta(&self) -> &SnapshotMeta {
+        &self.snapshot.meta
+    }
+
     /// Bytes of the live log (the entries after the snapshot, each with its fixed overhead):
     /// what a service compares with its snapshot threshold. Unlike the segment files' sizes,
     /// it drops at once when the log is compacted (the active segment keeps its dead prefix

@@ -121,6 +121,12 @@ pub enum KvOp {
         /// The leases' remaining times.
         leases: Vec<LeaseCheckpoint>,
     },
+    // Appended after the lease variants (postcard encodes the variant index).
+    /// A consistent copy of the whole state machine (a backup: `shoal kv snapshot save`), a
+    /// read confirmed like a get (read-index on the leader; never serializable). Answered
+    /// [`KvResult::Snapshot`], which the server sends in [`KvReply::Part`]s when it exceeds
+    /// a frame.
+    Snapshot,
 }
 
 /// One lease's remaining time in a [`KvOp::LeaseCheckpoint`].
@@ -151,7 +157,10 @@ pub struct LeaseInfo {
 impl KvOp {
     /// Whether the operation only reads (served by read-index, never written to the log).
     pub fn is_read(&self) -> bool {
-        matches!(self, KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::LeaseList)
+        matches!(
+            self,
+            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::LeaseList | KvOp::Snapshot
+        )
     }
 
     /// Whether only the leader itself may propose the operation (lease expiry and
@@ -281,6 +290,23 @@ pub enum KvResult {
         /// What was wrong, for a person.
         reason: String,
     },
+    // Appended (see `KvOp::Snapshot`).
+    /// The answer to [`KvOp::Snapshot`]: the state machine's snapshot (its own format, see
+    /// `shoal_kv::store`) as of log index `index`, which the leader had applied after
+    /// confirming its leadership, so every write acknowledged before the request is in it.
+    Snapshot {
+        /// The last log index the state covers.
+        index: u64,
+        /// The term of the entry at `index`.
+        term: u64,
+        /// The voting members at `index`.
+        voters: Vec<u64>,
+        /// The id of the server that took it (the leader).
+        server: u64,
+        /// The state machine's serialized state.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// A server's role in its Raft group.
@@ -348,10 +374,19 @@ pub enum KvReply {
         /// The leader this server knows of (a server id), if any.
         leader: Option<u64>,
     },
+    /// A piece of the postcard encoding of a reply too large for one frame (only a
+    /// [`KvResult::Snapshot`] is): see [`crate::parts`]. Appended last.
+    Part {
+        /// Whether this is the reply's last piece.
+        last: bool,
+        /// The piece.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
-/// KV messages always fit in one frame (a value is at most 1 MiB by default): they have no
-/// part variant, and a part on a KV connection is refused.
+/// Requests always fit in one frame (a value is at most 1 MiB by default): they have no part
+/// variant, and a part from a client is refused.
 impl crate::parts::InParts for KvRequest {
     const PART_VARIANT: Option<u32> = None;
 
@@ -360,17 +395,22 @@ impl crate::parts::InParts for KvRequest {
     }
 }
 
-/// See [`KvRequest`]'s implementation.
+/// A reply larger than a frame (a [`KvResult::Snapshot`]) travels in [`KvReply::Part`]s; every
+/// other reply fits in one frame and is sent whole, as before.
 impl crate::parts::InParts for KvReply {
-    const PART_VARIANT: Option<u32> = None;
+    const PART_VARIANT: Option<u32> = Some(2);
 
     fn into_part(self) -> Result<(bool, Vec<u8>), KvReply> {
-        Err(self)
+        match self {
+            KvReply::Part { last, bytes } => Ok((last, bytes)),
+            other => Err(other),
+        }
     }
 }
 
 impl KvReply {
-    /// The (client, request) the reply answers.
+    /// The (client, request) the reply answers (`(0, 0)` for a [`KvReply::Part`], which
+    /// answers nothing on its own: the reassembled reply does).
     pub fn ids(&self) -> (u64, u64) {
         match self {
             KvReply::Done {
@@ -379,6 +419,7 @@ impl KvReply {
             | KvReply::WrongLeader {
                 client, request, ..
             } => (*client, *request),
+            KvReply::Part { .. } => (0, 0),
         }
     }
 }
@@ -535,5 +576,46 @@ mod tests {
         assert!(
             KvOp::LeaseList.is_read() && KvOp::LeaseExpire { id: 1, renewals: 0 }.is_internal()
         );
+    }
+
+    /// The backup variants are appended last: older variants keep their index, and the
+    /// reply's `Part` variant is the one [`crate::parts::InParts`] names.
+    #[test]
+    fn snapshot_variants_are_appended_and_replies_split_into_parts() {
+        use crate::parts::{InParts, Reassembly};
+        assert_eq!(postcard::to_stdvec(&KvOp::Snapshot).unwrap()[0], 13);
+        let reply = KvReply::Done {
+            client: 7,
+            request: 8,
+            result: KvResult::Snapshot {
+                index: 10,
+                term: 2,
+                voters: vec![1, 2, 3],
+                server: 1,
+                data: (0..5000u32).map(|i| i as u8).collect(),
+            },
+        };
+        let bytes = postcard::to_stdvec(&reply).unwrap();
+        assert_eq!(bytes[0], 0, "Done keeps its index");
+        let part = KvReply::Part {
+            last: true,
+            bytes: vec![],
+        };
+        assert_eq!(
+            u32::from(postcard::to_stdvec(&part).unwrap()[0]),
+            KvReply::PART_VARIANT.unwrap()
+        );
+        // Cut into pieces of 1000 bytes and reassembled: the same reply.
+        let mut r = Reassembly::new(1 << 20);
+        let chunks: Vec<&[u8]> = bytes.chunks(1000).collect();
+        let mut got = None;
+        for (i, c) in chunks.iter().enumerate() {
+            let piece = KvReply::Part {
+                last: i + 1 == chunks.len(),
+                bytes: c.to_vec(),
+            };
+            got = r.push(piece).unwrap();
+        }
+        assert_eq!(got, Some(reply));
     }
 }

@@ -554,7 +554,7 @@ impl Client {
                         return match reply {
                             KvReply::Done { result: KvResult::Status(s), .. } => Ok(s),
                             KvReply::Done { result, .. } => Err(ClientError::Unexpected(result)),
-                            KvReply::WrongLeader { .. } => {
+                            KvReply::WrongLeader { .. } | KvReply::Part { .. } => {
                                 Err(ClientError::Unexpected(KvResult::Stale))
                             }
                         };
@@ -989,6 +989,209 @@ impl Client {
             Outcome::Done(KvResult::NoKey) => Ok(LeasePutOutcome::NoKey),
             Outcome::Done(KvResult::LeaseNotFound { .. }) => Ok(LeasePutOutcome::LeaseNotFound),
             Outcome::Done(other) => Err(too_large_or_unexpected(other)),
+        }
+    }
+}
+
+/// Default largest backup [`Client::backup`] accepts (1 GiB, the servers' message limit).
+pub const DEFAULT_MAX_BACKUP_BYTES: usize = crate::transport::DEFAULT_MAX_MESSAGE_BYTES;
+
+/// A consistent copy of the cluster's state, from [`Client::backup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// The last log index the state covers (every write acknowledged before the request is
+    /// at or below it).
+    pub index: u64,
+    /// The term of the entry at `index`.
+    pub term: u64,
+    /// The voting members at `index`.
+    pub voters: Vec<u64>,
+    /// The server (the leader) that took it.
+    pub server: u64,
+    /// The store's snapshot (`shoal_kv::KvStore::snapshot`'s format).
+    pub data: Vec<u8>,
+}
+
+impl Client {
+    /// Takes a backup from the leader: a [`KvOp::Snapshot`] read, confirmed by read-index, so
+    /// the state holds every write acknowledged before the call. The answer may be far larger
+    /// than a frame: it arrives in parts, reassembled up to `max_bytes`. The leader is found
+    /// with [`Client::statuses`] and asked on a connection of its own; a lost leadership or
+    /// connection is retried on the new leader until `op_timeout` runs out, and one transfer
+    /// may take up to `transfer_timeout`.
+    pub async fn backup(
+        &self,
+        max_bytes: usize,
+        transfer_timeout: Duration,
+    ) -> Result<Backup, ClientError> {
+        let op_timeout = self.config.op_timeout;
+        let deadline = Instant::now() + op_timeout;
+        let mut seen = String::from("no leader");
+        let mut all_refused_since: Option<Instant> = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout {
+                    after: op_timeout,
+                    seen,
+                    write: false,
+                });
+            }
+            let statuses = self.statuses(left.min(Duration::from_secs(2))).await;
+            let leader = statuses
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.as_ref().ok()?)))
+                .filter(|(_, s)| s.role == shoal_wire::kv::ServerRole::Leader)
+                .max_by_key(|(_, s)| s.term)
+                .map(|(i, _)| i);
+            let Some(i) = leader else {
+                if let Some(Err(e @ ClientError::NoServer(_))) = statuses.first() {
+                    if statuses
+                        .iter()
+                        .all(|s| matches!(s, Err(ClientError::NoServer(_))))
+                    {
+                        return Err(ClientError::NoServer(e.to_string()));
+                    }
+                }
+                let refused = |s: &Result<ServerStatus, ClientError>| {
+                    matches!(s, Err(ClientError::Unreachable { reason, .. })
+                        if reason == "connection refused")
+                };
+                if statuses.iter().all(refused) {
+                    // A cluster being started binds its ports within moments; a stopped one
+                    // never does: say so after the grace instead of waiting for the deadline.
+                    let since = *all_refused_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.refused_grace {
+                        let addrs: Vec<String> = self
+                            .config
+                            .endpoints
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect();
+                        return Err(ClientError::NoServer(format!(
+                            "cannot reach any server (connection refused on {}): is the \
+                             cluster running?",
+                            addrs.join(", ")
+                        )));
+                    }
+                } else {
+                    all_refused_since = None;
+                }
+                let answering = statuses.iter().filter(|s| s.is_ok()).count();
+                let why: Vec<String> = statuses
+                    .iter()
+                    .filter_map(|s| s.as_ref().err().map(|e| e.to_string()))
+                    .collect();
+                seen = format!(
+                    "no leader: {answering} of {} servers answering",
+                    statuses.len()
+                );
+                if !why.is_empty() {
+                    seen.push_str(&format!(" ({})", why.join("; ")));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let addr = self.config.endpoints[i];
+            match self.backup_from(addr, max_bytes, transfer_timeout).await {
+                Ok(Some(backup)) => return Ok(backup),
+                Ok(None) => {
+                    seen = format!("{addr} stopped leading during the backup");
+                }
+                Err(e @ ClientError::Unreachable { .. }) => {
+                    debug!(%addr, error = %e, "backup failed; retrying");
+                    seen = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Asks the server at `addr` for a backup on a connection of its own: `Ok(None)` if it
+    /// does not lead (any more).
+    async fn backup_from(
+        &self,
+        addr: SocketAddr,
+        max_bytes: usize,
+        transfer_timeout: Duration,
+    ) -> Result<Option<Backup>, ClientError> {
+        use futures::SinkExt as _;
+        let unreachable = |reason: String| ClientError::Unreachable { addr, reason };
+        let framed = connect_client::<KvReply, KvRequest>(
+            addr,
+            self.config.cluster_id,
+            self.config.max_frame_bytes,
+            self.config.connect_timeout,
+        )
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+        // The hello went straight to the socket: nothing is buffered in `framed`.
+        let mut framed = tokio_util::codec::Framed::new(
+            framed.into_inner(),
+            shoal_wire::codec::PartCodec::<KvReply, KvRequest>::new(
+                self.config.max_frame_bytes,
+                max_bytes,
+            ),
+        );
+        let request = KvRequest {
+            client: new_client_id(),
+            request: 1,
+            op: KvOp::Snapshot,
+            serializable: false,
+        };
+        let ids = (request.client, request.request);
+        framed
+            .send(request)
+            .await
+            .map_err(|e| unreachable(format!("sending the request: {e}")))?;
+        let answer = tokio::time::timeout(transfer_timeout, async {
+            loop {
+                match framed.next().await {
+                    Some(Ok(reply)) if reply.ids() == ids => return Ok(reply),
+                    Some(Ok(_)) => {}
+                    Some(Err(CodecError::Parts(shoal_wire::parts::PartsError::TooLarge {
+                        len,
+                        max,
+                    }))) => {
+                        return Err(ClientError::TooLarge {
+                            what: "backup".into(),
+                            bytes: len as u64,
+                            limit: max as u64,
+                        })
+                    }
+                    Some(Err(e)) => return Err(unreachable(format!("receiving the backup: {e}"))),
+                    None => return Err(unreachable("closed the connection".into())),
+                }
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Timeout {
+            after: transfer_timeout,
+            seen: format!("{addr} sent no whole backup (raise --transfer-timeout?)"),
+            write: false,
+        })??;
+        match answer {
+            KvReply::Done {
+                result:
+                    KvResult::Snapshot {
+                        index,
+                        term,
+                        voters,
+                        server,
+                        data,
+                    },
+                ..
+            } => Ok(Some(Backup {
+                index,
+                term,
+                voters,
+                server,
+                data,
+            })),
+            KvReply::Done { result, .. } => Err(ClientError::Unexpected(result)),
+            KvReply::WrongLeader { .. } | KvReply::Part { .. } => Ok(None),
         }
     }
 }

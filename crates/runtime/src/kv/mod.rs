@@ -5,6 +5,6 @@
 pub mod client;
 pub mod server;
 
+pub use client::{Backup, GrantOutcome, LeasePutOutcome, DEFAULT_MAX_BACKUP_BYTES};
 pub use client::{Client, ClientConfig, ClientError, ClientPool, DeleteOutcome, PutOutcome};
-pub use client::{GrantOutcome, LeasePutOutcome};
 pub use server::{run_server, KvServerConfig, KvServerError};

@@ -185,7 +185,9 @@ pub async fn run_server(
     rsm_config.tick_ms = u64::try_from(config.tick_interval.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let rsm = KvRsm::new(raft, storage, rsm_config)?;
+    let mut rsm = KvRsm::new(raft, storage, rsm_config)?;
+    // Serializing a backup of a large store takes long: `answer` does it on a blocking thread.
+    rsm.set_backups_off_loop(true);
     let status = rsm.raw().status();
     info!(node = config.id, term = %status.term, commit = %status.commit,
         applied = %rsm.applied(), "kv server restored");
@@ -273,6 +275,17 @@ impl Service for KvService {
         for (token, reply) in self.rsm.take_replies() {
             self.clients.send(token, reply);
         }
+        for backup in self.rsm.take_backups() {
+            let Some(tx) = self.clients.sender(backup.reply_to()) else {
+                continue; // the client left
+            };
+            // Serialized off the loop (an O(1) copy of the store), like a snapshot job; the
+            // connection's task splits it into parts.
+            tokio::task::spawn_blocking(move || {
+                let (_, reply) = backup.into_reply();
+                let _ = tx.blocking_send(reply);
+            });
+        }
     }
 
     fn stop(&mut self, _events: &mut mpsc::Receiver<ClientEvent>) {
@@ -293,14 +306,16 @@ impl KvService {
 }
 
 /// One client connection: requests go to the driver, replies come back on `replies`. A frame
-/// that does not decode (or exceeds the limit) closes the connection.
+/// that does not decode (or exceeds the limit) closes the connection. A reply larger than a
+/// frame (a backup, [`shoal_wire::kv::KvResult::Snapshot`]) goes out in parts; requests
+/// always fit in one frame.
 async fn serve_client(
     conn: ClientConnection,
     token: u64,
     events: mpsc::Sender<ClientEvent>,
     mut replies: mpsc::Receiver<KvReply>,
 ) {
-    let mut framed = conn.framed::<KvRequest, KvReply>();
+    let mut framed = conn.framed_in_parts::<KvRequest, KvReply>();
     loop {
         tokio::select! {
             frame = framed.next() => match frame {

@@ -127,10 +127,11 @@ impl Cluster {
     /// The running server that answers `shoal kv status` as leader (the highest term's, if
     /// two think they lead).
     pub fn leader(&self) -> Option<u64> {
-        let out = self.cli_within("1", &["status", "--json"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        let out = self.cli_within("1", &["status", "-o", "json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        doc["servers"]
+            .as_array()?
+            .iter()
             .filter(|v| v["role"] == "leader")
             .filter_map(|v| Some((v["term"].as_u64()?, v["id"].as_u64()?)))
             .filter(|&(_, id)| id >= 1 && self.pid(id).is_some())
