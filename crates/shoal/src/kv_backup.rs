@@ -340,7 +340,10 @@ pub fn restore(
             meta: SnapshotMeta {
                 index: LogIndex(header.index),
                 term: Term(header.term),
+                // The new cluster's members, all voters (whatever learners or joint
+                // configuration the saved cluster had).
                 voters: voters.iter().map(|&v| NodeId(v)).collect(),
+                ..SnapshotMeta::default()
             },
             data,
         };
