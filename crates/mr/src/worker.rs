@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
 use crate::app::{build_app, App, AppConfig, ShippedFile};
+use crate::apps::sort::{SortConfig, SortFormat};
 use crate::shuffle::{fetch_file, serve_shuffle, FileTable, ShuffleError};
 use crate::split::InputSplit;
 
@@ -507,6 +508,15 @@ impl Session<'_> {
                     executable: f.executable,
                 })
                 .collect(),
+            sort: match &job.app.sort {
+                None => None,
+                Some(spec) => Some(SortConfig {
+                    format: SortFormat::parse(&spec.format).map_err(|e| {
+                        WorkerError::Refused(format!("cannot build app {}: {e:#}", job.app.name))
+                    })?,
+                    cut_points: spec.cut_points.clone(),
+                }),
+            },
         };
         let app_dir = self.dir.join(format!("job-{:x}", job.job_id));
         let app = build_app(&config, &app_dir).map_err(|e| {
@@ -723,9 +733,15 @@ async fn run_reduce(
     .collect::<Vec<_>>()
     .await;
     let mut files = Vec::with_capacity(fetches.len());
+    let mut fetched_bytes = 0u64;
     for (loc, result) in fetches {
         match result {
-            Ok(path) => files.push(path),
+            Ok(path) => {
+                if path.starts_with(&fetch_dir) {
+                    fetched_bytes += tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+                }
+                files.push(path);
+            }
             Err(ShuffleError::LocalWrite { path, error }) => {
                 // This worker's disk, not the map output, is the problem: a task failure
                 // (counted toward --max-attempts), not a reason to re-run the map.
@@ -761,7 +777,8 @@ async fn run_reduce(
         Ok(Ok(_)) if !out.exists() => {
             Report::Failed(attempt, format!("reduce wrote no {}", out.display()))
         }
-        Ok(Ok(counters)) => {
+        Ok(Ok(mut counters)) => {
+            counters.add("shuffle.fetched.bytes", fetched_bytes);
             // Served once, to the coordinator committing it; then the attempt's directory
             // goes (a failed commit runs the task again as a new attempt).
             table.insert_once(

@@ -32,10 +32,13 @@ pub use reduce::run_reduce_task;
 /// Default memory budget of one task's buffer (the caller may set another).
 pub const DEFAULT_TASK_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
 
-/// Named counters of a task or job: `map.input.records` (lines), `map.input.bytes`,
-/// `map.output.records`, `map.output.bytes` (pairs emitted by map), `map.spills`,
-/// `combine.output.records`, `reduce.input.records`, `reduce.input.groups`,
-/// `reduce.output.records`, `reduce.output.bytes`, and `user.<name>` for app counters.
+/// Named counters of a task or job: `map.input.records` (lines, or the app's records),
+/// `map.input.bytes`, `map.output.records`, `map.output.bytes` (pairs emitted by map),
+/// `map.spills`, `map.spill.bytes` (written to spill files), `map.output.file.bytes` (the
+/// final partition files), `combine.output.records`, `shuffle.fetched.bytes` (partition files
+/// fetched from other workers), `reduce.input.bytes` (partition files merged),
+/// `reduce.input.records`, `reduce.input.groups`, `reduce.output.records`,
+/// `reduce.output.bytes`, and `user.<name>` for app counters.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Counters(pub BTreeMap<String, u64>);
 

@@ -199,6 +199,7 @@ pub fn run_reduce_task(
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("creating output dir {}", out_dir.display()))?;
     let runs = MappedRuns::open(inputs)?;
+    let input_bytes: u64 = runs.maps.iter().map(|m| m.bytes().len() as u64).sum();
     let mut merger = Merger::new(runs.readers()?)?;
 
     let final_path = out_dir.join(format!("mr-out-{reduce_task}"));
@@ -208,8 +209,8 @@ pub fn run_reduce_task(
     let mut out = CountingWriter {
         inner: std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, file),
         bytes: 0,
-        count_lines: app.reduces_whole_task(),
-        lines: 0,
+        count_records: app.reduces_whole_task().then_some(app),
+        records: 0,
     };
     let result = reduce_into(app, reduce_task, &mut merger, &mut out);
     let finished = result.and_then(|mut counters| {
@@ -226,6 +227,7 @@ pub fn run_reduce_task(
             .with_context(|| format!("renaming to {}", final_path.display()))?;
         sync_dir(out_dir).with_context(|| format!("fsync dir {}", out_dir.display()))?;
         counters.add("reduce.output.bytes", bytes);
+        counters.add("reduce.input.bytes", input_bytes);
         Ok(counters)
     });
     if finished.is_err() {
@@ -235,26 +237,26 @@ pub fn run_reduce_task(
 }
 
 /// Counts bytes written through it.
-struct CountingWriter<W: Write> {
+struct CountingWriter<'a, W: Write> {
     inner: W,
     bytes: u64,
-    /// Whether to count newlines (for whole-task reducers, whose lines the engine does not
-    /// write itself).
-    count_lines: bool,
-    lines: u64,
+    /// The app whose records to count (`App::output_records`), for whole-task reducers,
+    /// whose records the engine does not write itself.
+    count_records: Option<&'a dyn App>,
+    records: u64,
 }
 
-impl<W: Write> CountingWriter<W> {
+impl<W: Write> CountingWriter<'_, W> {
     #[inline]
     fn note(&mut self, written: &[u8]) {
         self.bytes += written.len() as u64;
-        if self.count_lines {
-            self.lines += memchr::memchr_iter(b'\n', written).count() as u64;
+        if let Some(app) = self.count_records {
+            self.records += app.output_records(written);
         }
     }
 }
 
-impl<W: Write> Write for CountingWriter<W> {
+impl<W: Write> Write for CountingWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.note(&buf[..n]);
@@ -274,7 +276,7 @@ fn reduce_into<W: Write + Send>(
     app: &dyn App,
     reduce_task: u32,
     merger: &mut Merger<'_>,
-    out: &mut CountingWriter<W>,
+    out: &mut CountingWriter<'_, W>,
 ) -> anyhow::Result<Counters> {
     let mut counters = Counters::default();
     let app_name = app.name();
@@ -295,7 +297,7 @@ fn reduce_into<W: Write + Send>(
         for _ in merger.by_ref() {}
         merger.check()?;
         counters.add("reduce.input.records", merger.records);
-        counters.add("reduce.output.records", out.lines);
+        counters.add("reduce.output.records", out.records);
         return Ok(counters);
     }
 
