@@ -54,6 +54,13 @@ pub struct BenchArgs {
     /// Skip the backup-task experiment.
     #[arg(long)]
     pub skip_backup: bool,
+    /// Run the sort benchmark instead (TeraSort records and 100-byte lines next to GNU sort
+    /// and the disk limit; see `mr_sort_bench`).
+    #[arg(long)]
+    pub sort: bool,
+    /// Size of the sort benchmark's data, in MB (needs about 6× that free on disk).
+    #[arg(long, default_value_t = 2000)]
+    pub sort_mb: u64,
 }
 
 /// One measured run.
@@ -73,6 +80,9 @@ impl Figure {
 
 /// Runs the benchmark and prints the figures.
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.sort {
+        return crate::mr_sort_bench::bench(&args);
+    }
     let size_mib = if args.quick {
         QUICK_SIZE_MIB
     } else {

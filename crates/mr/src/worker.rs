@@ -712,6 +712,7 @@ async fn run_reduce(
         }
     }
     // Fetch partition r of every map output (local files are used in place).
+    let fetch_started = now();
     let job_id = job.job_id;
     let fetches = futures::stream::iter(inputs.into_iter().map(|loc| {
         let key = FileKey::MapOutput {
@@ -763,6 +764,7 @@ async fn run_reduce(
             }
         }
     }
+    let fetch_ms = fetch_started.elapsed().as_millis() as u64;
     let memory = job.memory_bytes;
     let reduce_out = out_dir.clone();
     let reduce_scratch = scratch.clone();
@@ -779,6 +781,7 @@ async fn run_reduce(
         }
         Ok(Ok(mut counters)) => {
             counters.add("shuffle.fetched.bytes", fetched_bytes);
+            counters.add("shuffle.fetch.ms", fetch_ms);
             // Served once, to the coordinator committing it; then the attempt's directory
             // goes (a failed commit runs the task again as a new attempt).
             table.insert_once(

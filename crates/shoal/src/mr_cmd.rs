@@ -704,11 +704,16 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let job_future = run_job(job, listener, tx);
     tokio::pin!(job_future);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
+    // When the map phase was seen over (to the poll's 100 ms).
+    let mut map_phase_ms: Option<u64> = None;
     let result = loop {
         tokio::select! {
             r = &mut job_future => break r,
             _ = poll.tick() => {
                 let s = rx.borrow_and_update().clone();
+                if map_phase_ms.is_none() && s.maps_total > 0 && s.maps_done == s.maps_total {
+                    map_phase_ms = Some(s.elapsed_ms);
+                }
                 map_bar.set_position(u64::from(s.maps_done));
                 reduce_bar.set_position(u64::from(s.reduces_done));
                 let busy = s.workers.iter().filter(|w| !w.running.is_empty()).count();
@@ -756,6 +761,14 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(report) => {
             let top = (app_name == "wordcount").then_some(10);
             print_summary(&report, maps, top, sort_format.as_deref(), &args.out);
+            if let Some(ms) = map_phase_ms {
+                let total = report.elapsed.as_secs_f64();
+                say!(
+                    "Phases: map {:.1} s, then reduce and commit {:.1} s (seen every 100 ms).",
+                    ms as f64 / 1e3,
+                    (total - ms as f64 / 1e3).max(0.0)
+                );
+            }
             if bundled {
                 say!(
                     "\nNext: `shoal mr run --http 127.0.0.1:8080 --workers 4` to watch the status page, \
@@ -849,6 +862,20 @@ fn print_summary(
             mb("shuffle.fetched.bytes"),
             mb("reduce.input.bytes"),
             mb("reduce.output.bytes")
+        );
+    }
+    let secs_of = |name: &str| report.counters.get(name).copied().unwrap_or(0) as f64 / 1e3;
+    if report.counters.contains_key("map.read.ms") {
+        say!(
+            "Time in tasks (summed over tasks): map read {:.1} s, map {:.1} s, spill {:.1} s, \
+             map merge+write {:.1} s; shuffle fetch {:.1} s; reduce merge+write {:.1} s, fsync {:.1} s.",
+            secs_of("map.read.ms"),
+            secs_of("map.run.ms"),
+            secs_of("map.spill.ms"),
+            secs_of("map.finish.ms"),
+            secs_of("shuffle.fetch.ms"),
+            secs_of("reduce.merge.ms"),
+            secs_of("reduce.fsync.ms")
         );
     }
     if let Some(b) = sort_format.and(partition_balance(&report.outputs)) {

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use super::format::{Mmap, RunReader, RunWriter};
 use super::reduce::Merger;
 use super::sum_table::SumTable;
-use super::{attempt_id, panic_message, Counters, MapTaskOutput, ScratchDir};
+use super::{attempt_id, ms_since, panic_message, stopwatch, Counters, MapTaskOutput, ScratchDir};
 use crate::app::{App, Combiner, Emit, MapInput};
 use crate::apps::{parse_decimal, push_decimal};
 use crate::split::{read_split, InputSplit};
@@ -332,6 +332,8 @@ struct MapSink<'a> {
     combine_output_records: u64,
     /// Bytes written to spill files.
     spill_bytes: u64,
+    /// Time spent spilling.
+    spill_ms: u64,
     /// Bytes of the final partition files.
     output_file_bytes: u64,
     /// Reused buffer for combiner output.
@@ -453,6 +455,13 @@ impl MapSink<'_> {
     }
 
     fn spill(&mut self) -> anyhow::Result<()> {
+        let started = stopwatch();
+        let result = self.spill_now();
+        self.spill_ms += ms_since(started);
+        result
+    }
+
+    fn spill_now(&mut self) -> anyhow::Result<()> {
         if !self.scratch_created {
             std::fs::create_dir_all(self.scratch)
                 .with_context(|| format!("creating {}", self.scratch.display()))?;
@@ -607,7 +616,10 @@ pub fn run_map_task(
     let _enter = span.enter();
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+    let started = stopwatch();
     let contents = read_split(split)?;
+    let read_ms = ms_since(started);
+    let started = stopwatch();
     let name = split.path.to_string_lossy();
     let scratch = work_dir.join(format!(".map-{map_task}-{}", attempt_id()));
     let _cleanup = ScratchDir(scratch.clone());
@@ -630,6 +642,7 @@ pub fn run_map_task(
         output_bytes: 0,
         combine_output_records: 0,
         spill_bytes: 0,
+        spill_ms: 0,
         output_file_bytes: 0,
         combined: Vec::new(),
     };
@@ -654,13 +667,22 @@ pub fn run_map_task(
     if let Some(e) = sink.error.take() {
         return Err(e.context(format!("map of {}", where_())));
     }
+    let run_ms = ms_since(started).saturating_sub(sink.spill_ms);
+    let started = stopwatch();
+    // (A spill from `finish` counts in map.finish.ms.)
+    let spill_ms = sink.spill_ms;
     let partitions = sink.finish(work_dir, map_task)?;
+    let finish_ms = ms_since(started);
     let mut counters = std::mem::take(&mut sink.counters);
     counters.add("map.input.records", app.input_records(&contents));
     counters.add("map.input.bytes", contents.len() as u64);
     counters.add("map.output.records", sink.output_records);
     counters.add("map.output.bytes", sink.output_bytes);
     counters.add("map.spill.bytes", sink.spill_bytes);
+    counters.add("map.read.ms", read_ms);
+    counters.add("map.run.ms", run_ms);
+    counters.add("map.spill.ms", spill_ms);
+    counters.add("map.finish.ms", finish_ms);
     counters.add("map.output.file.bytes", sink.output_file_bytes);
     if sink.combiner != Combiner::None {
         counters.add("combine.output.records", sink.combine_output_records);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use super::format::{Mmap, RunReader};
-use super::{attempt_id, panic_message, sync_dir, Counters};
+use super::{attempt_id, ms_since, panic_message, stopwatch, sync_dir, Counters};
 use crate::app::App;
 
 /// Output file write buffer.
@@ -212,8 +212,11 @@ pub fn run_reduce_task(
         count_records: app.reduces_whole_task().then_some(app),
         records: 0,
     };
+    let started = stopwatch();
     let result = reduce_into(app, reduce_task, &mut merger, &mut out);
+    let merge_ms = ms_since(started);
     let finished = result.and_then(|mut counters| {
+        let started = stopwatch();
         let bytes = out.bytes;
         let file = out
             .inner
@@ -228,6 +231,8 @@ pub fn run_reduce_task(
         sync_dir(out_dir).with_context(|| format!("fsync dir {}", out_dir.display()))?;
         counters.add("reduce.output.bytes", bytes);
         counters.add("reduce.input.bytes", input_bytes);
+        counters.add("reduce.merge.ms", merge_ms);
+        counters.add("reduce.fsync.ms", ms_since(started));
         Ok(counters)
     });
     if finished.is_err() {
