@@ -315,7 +315,7 @@ fn warm_cache(corpus: &[PathBuf]) -> anyhow::Result<()> {
 const PROC_TICKS_PER_SECOND: f64 = 100.0;
 
 /// CPU seconds used so far by this process and its waited-for children (0 if unknown).
-fn cpu_seconds_now() -> f64 {
+pub(crate) fn cpu_seconds_now() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };

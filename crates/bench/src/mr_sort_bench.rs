@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 use shoal_mr::apps::sort::SortFormat;
 use shoal_mr::sortdata;
 
-use crate::mr_bench::BenchArgs;
+use crate::mr_bench::{cpu_seconds_now, BenchArgs};
 
 /// Bytes per MB in the figures (decimal, as `dd`).
 const BYTES_PER_MB: f64 = 1e6;
@@ -35,6 +35,8 @@ const DISK_PROBE_CHUNK_BYTES: usize = 1 << 20;
 struct Row {
     name: String,
     seconds: f64,
+    /// CPU time (user + system) of the run's processes (waited-for children).
+    cpu_seconds: f64,
     bytes: u64,
 }
 
@@ -114,7 +116,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         .arg(&lines)
         .stdout(Stdio::null());
     shoal_cluster::die_with_parent(&mut cmd);
-    let (status, took) = timed(|| {
+    let (status, took, cpu) = timed_cpu(|| {
         let status = cmd.status().context("running GNU sort")?;
         // The same durability as Shoal's committed output.
         std::fs::File::open(&gnu_out)?.sync_all()?;
@@ -126,6 +128,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     rows.push(report(Row {
         name: "GNU sort: LC_ALL=C sort --parallel=2 -S 50% (100-byte lines), + fsync".into(),
         seconds: took,
+        cpu_seconds: cpu,
         bytes,
     }));
 
@@ -151,7 +154,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         .stderr(Stdio::piped())
         .stdout(Stdio::piped());
         shoal_cluster::die_with_parent(&mut cmd);
-        let (output, took) = timed(|| cmd.output().context("running shoal mr run"))?;
+        let (output, took, cpu) = timed_cpu(|| cmd.output().context("running shoal mr run"))?;
         if !output.status.success() {
             bail!(
                 "shoal mr run --app sort --format {format} failed ({}): {}",
@@ -181,6 +184,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 args.workers
             ),
             seconds: took,
+            cpu_seconds: cpu,
             bytes,
         }));
         let fmt = SortFormat::parse(format)?;
@@ -213,19 +217,20 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     )?;
     writeln!(
         out,
-        "{:<72} {:>8} {:>8} {:>7} {:>10}",
-        "run", "seconds", "MB/s", "x GNU", "x limit"
+        "{:<72} {:>8} {:>8} {:>7} {:>10} {:>7}",
+        "run", "seconds", "MB/s", "x GNU", "x limit", "CPU s"
     )?;
     let gnu = rows.first().map_or(1.0, |r| r.seconds);
     for r in &rows {
         writeln!(
             out,
-            "{:<72} {:>8.2} {:>8.1} {:>6.2}x {:>9.2}x",
+            "{:<72} {:>8.2} {:>8.1} {:>6.2}x {:>9.2}x {:>7.1}",
             r.name,
             r.seconds,
             r.bytes as f64 / BYTES_PER_MB / r.seconds.max(1e-9),
             gnu / r.seconds.max(1e-9),
-            r.seconds / limit_s.max(1e-9)
+            r.seconds / limit_s.max(1e-9),
+            r.cpu_seconds
         )?;
     }
     for (format, profile) in profiles {
@@ -239,10 +244,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 
 fn report(r: Row) -> Row {
     eprintln!(
-        "  {:<72} {:>8.2} s {:>8.1} MB/s",
+        "  {:<72} {:>8.2} s {:>8.1} MB/s {:>7.1} CPU s",
         r.name,
         r.seconds,
-        r.bytes as f64 / BYTES_PER_MB / r.seconds.max(1e-9)
+        r.bytes as f64 / BYTES_PER_MB / r.seconds.max(1e-9),
+        r.cpu_seconds
     );
     r
 }
@@ -254,6 +260,13 @@ fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
     let start = Instant::now();
     let r = f()?;
     Ok((r, start.elapsed().as_secs_f64()))
+}
+
+/// Wall-clock and CPU seconds (this process and its waited-for children) of `f`.
+fn timed_cpu<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64, f64)> {
+    let cpu = cpu_seconds_now();
+    let (r, wall) = timed(f)?;
+    Ok((r, wall, cpu_seconds_now() - cpu))
 }
 
 /// Free bytes of the file system holding `dir` (for unprivileged users).

@@ -29,7 +29,7 @@ use tokio_util::codec::Framed;
 
 use crate::app::{build_app, App, AppConfig, ShippedFile};
 use crate::apps::sort::{SortConfig, SortFormat};
-use crate::shuffle::{fetch_file, serve_shuffle, FileTable, ShuffleError};
+use crate::shuffle::{fetch_file, serve_shuffle, Fetched, FileTable, ShuffleError};
 use crate::split::InputSplit;
 
 /// Pause between attempts to reach the coordinator.
@@ -676,7 +676,7 @@ async fn fetch_with_retries(
     };
     let mut tries = 0;
     loop {
-        match fetch_file(&location.shuffle_addr, job_id, key, dest).await {
+        match fetch_file(&location.shuffle_addr, job_id, key, dest, Fetched::Scratch).await {
             Ok(_) => return Ok(()),
             // Our own disk failed: trying again, or re-running the map, cannot help.
             Err(e @ ShuffleError::LocalWrite { .. }) => return Err(e),
@@ -769,7 +769,16 @@ async fn run_reduce(
     let reduce_out = out_dir.clone();
     let reduce_scratch = scratch.clone();
     let result = tokio::task::spawn_blocking(move || {
-        crate::task::run_reduce_task(&*app, r, &files, memory, &reduce_scratch, &reduce_out)
+        // The coordinator fetches this output and commits it durably: no fsync here.
+        crate::task::run_reduce_task_with(
+            &*app,
+            r,
+            &files,
+            memory,
+            &reduce_scratch,
+            &reduce_out,
+            crate::task::OutputDurability::Scratch,
+        )
     })
     .await;
     let _ = tokio::fs::remove_dir_all(&fetch_dir).await;

@@ -22,7 +22,7 @@ use super::core::{
     attempt_name, task_name, CommitError, Coordinator, CoordinatorConfig, Output, WorkerId,
 };
 use crate::app::AppConfig;
-use crate::shuffle::{fetch_file, ShuffleError};
+use crate::shuffle::{fetch_file, Fetched, ShuffleError};
 use crate::split::{plan_splits_with, InputSplit, RecordLayout};
 use crate::status::JobStatus;
 
@@ -590,7 +590,7 @@ async fn commit(
         reduce_task: r,
         attempt: attempt.attempt,
     };
-    let result = match fetch_file(&shuffle_addr, job_id, key, &tmp).await {
+    let result = match fetch_file(&shuffle_addr, job_id, key, &tmp, Fetched::Durable).await {
         Ok(_) => Ok(tmp),
         Err(ShuffleError::LocalWrite { error, .. }) => Err(commit_error(&out_dir, &error)),
         Err(e) => Err(CommitError::Retryable(format!(

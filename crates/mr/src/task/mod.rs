@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use map::run_map_task;
-pub use reduce::run_reduce_task;
+pub use reduce::{run_reduce_task, run_reduce_task_with, OutputDurability};
 
 /// Default memory budget of one task's buffer (the caller may set another).
 pub const DEFAULT_TASK_MEMORY_BYTES: u64 = 256 * 1024 * 1024;

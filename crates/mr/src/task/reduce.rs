@@ -179,8 +179,19 @@ impl MappedRuns {
     }
 }
 
+/// Whether a reduce output must survive a machine crash once written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputDurability {
+    /// The output is final: fsync the file, rename, fsync the directory.
+    Durable,
+    /// The output is a worker's copy that the coordinator fetches and commits durably itself:
+    /// written and renamed (so it is whole when served), not fsynced. A worker whose machine
+    /// crashes loses its directory anyway, and the task runs again.
+    Scratch,
+}
+
 /// Runs reduce task `reduce_task` over `inputs` (this partition's file from every map task,
-/// local copies) and writes `out_dir/mr-out-<reduce_task>` atomically.
+/// local copies) and writes `out_dir/mr-out-<reduce_task>` atomically and durably.
 ///
 /// Memory stays bounded whatever the data size: inputs are memory-mapped and merged with one
 /// heap entry each, and values are streamed to the app. `memory_bytes` and `scratch_dir` are
@@ -192,6 +203,27 @@ pub fn run_reduce_task(
     memory_bytes: u64,
     scratch_dir: &Path,
     out_dir: &Path,
+) -> anyhow::Result<Counters> {
+    run_reduce_task_with(
+        app,
+        reduce_task,
+        inputs,
+        memory_bytes,
+        scratch_dir,
+        out_dir,
+        OutputDurability::Durable,
+    )
+}
+
+/// [`run_reduce_task`] with the output's durability chosen by the caller.
+pub fn run_reduce_task_with(
+    app: &dyn App,
+    reduce_task: u32,
+    inputs: &[PathBuf],
+    memory_bytes: u64,
+    scratch_dir: &Path,
+    out_dir: &Path,
+    durability: OutputDurability,
 ) -> anyhow::Result<Counters> {
     let _ = (memory_bytes, scratch_dir);
     let span = tracing::debug_span!("reduce", task = reduce_task, app = app.name());
@@ -223,12 +255,16 @@ pub fn run_reduce_task(
             .into_inner()
             .map_err(|e| e.into_error())
             .with_context(|| format!("writing {}", tmp_path.display()))?;
-        file.sync_all()
-            .with_context(|| format!("fsync {}", tmp_path.display()))?;
+        if durability == OutputDurability::Durable {
+            file.sync_all()
+                .with_context(|| format!("fsync {}", tmp_path.display()))?;
+        }
         drop(file);
         std::fs::rename(&tmp_path, &final_path)
             .with_context(|| format!("renaming to {}", final_path.display()))?;
-        sync_dir(out_dir).with_context(|| format!("fsync dir {}", out_dir.display()))?;
+        if durability == OutputDurability::Durable {
+            sync_dir(out_dir).with_context(|| format!("fsync dir {}", out_dir.display()))?;
+        }
         counters.add("reduce.output.bytes", bytes);
         counters.add("reduce.input.bytes", input_bytes);
         counters.add("reduce.merge.ms", merge_ms);
