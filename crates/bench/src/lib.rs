@@ -13,3 +13,4 @@ pub mod mr_bench;
 pub mod mr_sort_bench;
 pub mod raft_bench;
 pub mod shard_bench;
+mod svg;

@@ -677,6 +677,7 @@ mod tests {
                 index: LogIndex(5),
                 term: shoal_raft::Term(1),
                 voters: vec![NodeId(1)],
+                ..Default::default()
             },
             data: b"not a snapshot".to_vec(),
         };

@@ -113,7 +113,8 @@ fn route(m: Message) -> (SimId, Message) {
 /// One Raft server: the replica shell over its storage on the simulated disk, hosting an
 /// [`AppliedLog`].
 pub struct Server {
-    n: u64,
+    /// The bootstrap voters ([`Config::voters`]; empty for a server that joins).
+    voters: Vec<NodeId>,
     replica: Option<Replica<AppliedLog, ()>>,
     pipeline: SimPipeline<Vec<u8>, Message>,
     /// Take a snapshot every this many applied entries (the 3D tests use 10).
@@ -125,12 +126,32 @@ impl Server {
     /// Server of an `n`-node cluster (Raft ids `1..=n`), reporting to `journal`.
     pub fn new(n: u64, snapshot_every: Option<u64>, journal: Journal) -> Server {
         Server {
-            n,
+            voters: (1..=n).map(NodeId).collect(),
             replica: None,
             pipeline: SimPipeline::new(route),
             snapshot_every,
             journal,
         }
+    }
+
+    /// The same server with another bootstrap membership: `voters` (empty for a server that
+    /// joins an existing cluster and learns the membership from its leader).
+    pub fn with_voters(mut self, voters: Vec<NodeId>) -> Server {
+        self.voters = voters;
+        self
+    }
+
+    /// Proposes a membership change (see [`RawNode::propose_conf_change`]); the index of its
+    /// entry if the node accepted it.
+    pub fn propose_conf_change(
+        &mut self,
+        ctx: &mut Ctx<'_, Message>,
+        steps: Vec<shoal_raft::ConfChangeStep>,
+    ) -> Result<LogIndex, shoal_raft::Error> {
+        let replica = self.replica.as_mut().expect("started");
+        let r = replica.raw_mut().propose_conf_change(steps);
+        self.drive(ctx, None);
+        r
     }
 
     /// Whether it started (it is a fresh value until `on_start`).
@@ -215,7 +236,7 @@ impl Node<Message> for Server {
             .recovered(ctx.id(), &storage)
             .expect("recovered log reads");
         self.pipeline = SimPipeline::new(route).with_observer(Box::new(RaftObserver(recorder)));
-        let mut cfg = Config::new(id, (1..=self.n).map(NodeId).collect());
+        let mut cfg = Config::new(id, self.voters.clone());
         cfg.election_tick = ELECTION_TICKS;
         cfg.heartbeat_tick = HEARTBEAT_TICKS;
         cfg.rng_seed = ctx.rng().gen();

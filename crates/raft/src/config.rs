@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_ENTRIES_BYTES_PER_APPEND: usize = 1024 * 1024;
 pub const DEFAULT_MAX_COMMITTED_BYTES_PER_READY: usize = 16 * 1024 * 1024;
 /// Default [`Config::max_uncommitted_entries`].
 pub const DEFAULT_MAX_UNCOMMITTED_ENTRIES: u64 = 100_000;
+/// Default [`Config::max_learner_lag_entries`].
+pub const DEFAULT_MAX_LEARNER_LAG_ENTRIES: u64 = 1000;
 /// Default [`Config::max_pending_reads`].
 pub const DEFAULT_MAX_PENDING_READS: usize = 10_000;
 
@@ -32,7 +34,11 @@ pub const DEFAULT_MAX_PENDING_READS: usize = 10_000;
 pub struct Config {
     /// This node's id (never 0).
     pub id: NodeId,
-    /// Every voting member, this node included. Membership is static for now.
+    /// The bootstrap membership: every voter, this node included. It is used only while
+    /// neither the snapshot nor an applied log entry says otherwise (the log decides after
+    /// that, see `docs/raft.md` "Membership changes"). Empty for a server that joins an
+    /// existing cluster: it learns the membership from the leader's log or snapshot and
+    /// never campaigns before.
     pub voters: Vec<NodeId>,
     /// Ticks without hearing from a leader before a follower campaigns. The actual timeout is
     /// drawn uniformly from `[election_tick, 2 * election_tick)` (paper §5.2).
@@ -59,6 +65,10 @@ pub struct Config {
     pub max_uncommitted_entries: u64,
     /// Read-index requests a node queues before it refuses more.
     pub max_pending_reads: usize,
+    /// A learner is promoted only if its match index is at most this many entries behind the
+    /// leader's last index ([`crate::Error::LearnerBehind`] otherwise), so a promotion never
+    /// leaves the cluster waiting on a voter that must first catch up.
+    pub max_learner_lag_entries: u64,
     /// The last index the state machine has applied when the node is (re)started, e.g. the
     /// index of the snapshot it was restored from.
     pub applied: LogIndex,
@@ -81,6 +91,7 @@ impl Config {
             max_committed_bytes_per_ready: DEFAULT_MAX_COMMITTED_BYTES_PER_READY,
             max_uncommitted_entries: DEFAULT_MAX_UNCOMMITTED_ENTRIES,
             max_pending_reads: DEFAULT_MAX_PENDING_READS,
+            max_learner_lag_entries: DEFAULT_MAX_LEARNER_LAG_ENTRIES,
             applied: LogIndex(0),
         }
     }
@@ -91,8 +102,8 @@ impl Config {
         if self.id.0 == 0 {
             return bad("node id 0 is reserved");
         }
-        if !self.voters.contains(&self.id) {
-            return bad("voters must include this node");
+        if !self.voters.is_empty() && !self.voters.contains(&self.id) {
+            return bad("voters must include this node (or be empty for a server that joins)");
         }
         if self.voters.iter().any(|v| v.0 == 0) {
             return bad("node id 0 is reserved");

@@ -3,7 +3,9 @@
 //!
 //! **What this crate owns:** the protocol — terms, elections (with pre-vote and check-quorum),
 //! log replication with fast backtracking, pipelining and flow control, the commit rule of
-//! Figure 8, snapshots and InstallSnapshot, read-index and lease reads, leadership transfer.
+//! Figure 8, snapshots and InstallSnapshot, read-index and lease reads, leadership transfer,
+//! membership changes (learners, single-voter and joint changes: [`RawNode::propose_conf_change`],
+//! `docs/raft.md` "Membership changes").
 //!
 //! **What it must never do:** I/O of any kind, read a clock, spawn, use a global or unseeded
 //! RNG, or iterate a `std` hash map. Time is [`RawNode::tick`]; randomness comes from
@@ -61,6 +63,7 @@
 
 mod config;
 mod log;
+mod membership;
 mod progress;
 mod raft;
 mod raw_node;
@@ -69,14 +72,15 @@ mod storage;
 pub use config::{
     Config, ReadOnlyOption, DEFAULT_ELECTION_TICK, DEFAULT_HEARTBEAT_TICK,
     DEFAULT_MAX_COMMITTED_BYTES_PER_READY, DEFAULT_MAX_ENTRIES_BYTES_PER_APPEND,
-    DEFAULT_MAX_INFLIGHT_APPENDS, DEFAULT_MAX_PENDING_READS, DEFAULT_MAX_UNCOMMITTED_ENTRIES,
+    DEFAULT_MAX_INFLIGHT_APPENDS, DEFAULT_MAX_LEARNER_LAG_ENTRIES, DEFAULT_MAX_PENDING_READS,
+    DEFAULT_MAX_UNCOMMITTED_ENTRIES,
 };
 pub use progress::{Progress, ProgressState};
 pub use raft::Role;
-pub use raw_node::{RawNode, ReadState, Ready, SoftState, Status};
+pub use raw_node::{PeerStatus, RawNode, ReadState, Ready, SoftState, Status};
 pub use shoal_wire::raft::{
-    Entry, EntryKind, HardState, LogIndex, Message, MessageBody, NodeId, RejectHint, Snapshot,
-    SnapshotMeta, Term,
+    ConfChange, ConfChangeStep, Entry, EntryKind, HardState, LogIndex, Membership, Message,
+    MessageBody, NodeId, RejectHint, Snapshot, SnapshotMeta, Term,
 };
 pub use storage::{limit_size, window_entries, window_term, MemStorage, Storage, StorageError};
 
@@ -109,6 +113,36 @@ pub enum Error {
         /// The applied index.
         applied: LogIndex,
     },
+    /// A membership change is already in flight (proposed and not yet committed), or this
+    /// leader has not yet committed an entry of its own term (its no-op at `pending`): only
+    /// one change at a time, and none before that (the 2015 single-server-change bug). Retry
+    /// once the commit index reaches `pending`.
+    #[error(
+        "a membership change is in flight: entry {pending} must be committed first \
+         (committed: {committed}); retry shortly"
+    )]
+    ConfChangeInFlight {
+        /// The index that must be committed first.
+        pending: LogIndex,
+        /// The leader's commit index.
+        committed: LogIndex,
+    },
+    /// Promotion refused: the learner's log is more than
+    /// [`Config::max_learner_lag_entries`] behind the leader's. Retry once it caught up.
+    #[error(
+        "learner is behind: it holds the log up to {match_index}, the leader up to \
+         {last_index}; promote it once it has caught up"
+    )]
+    LearnerBehind {
+        /// The learner's match index.
+        match_index: LogIndex,
+        /// The leader's last index.
+        last_index: LogIndex,
+    },
+    /// The membership change makes no sense for the current membership (the message says
+    /// why: an unknown node, a node already a member, removing the last voter, ...).
+    #[error("membership change refused: {0}")]
+    InvalidConfChange(String),
     /// The configuration is unusable.
     #[error("invalid config: {0}")]
     InvalidConfig(String),

@@ -9,11 +9,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::config::{Config, ReadOnlyOption, SplitMix64};
 use crate::log::RaftLog;
+use crate::membership::{
+    committed_index, has_quorum, is_sole_voter, next_membership, vote_result, VoteResult,
+};
 use crate::progress::{Progress, ProgressState};
 use crate::storage::{Storage, StorageError};
 use crate::{
-    Entry, EntryKind, Error, HardState, LogIndex, Message, MessageBody, NodeId, ReadState,
-    RejectHint, Snapshot, SnapshotMeta, Term,
+    ConfChange, ConfChangeStep, Entry, EntryKind, Error, HardState, LogIndex, Membership, Message,
+    MessageBody, NodeId, ReadState, RejectHint, Snapshot, SnapshotMeta, Term,
 };
 
 /// A node's role (paper §5.1, plus the pre-candidate of thesis §9.6).
@@ -52,10 +55,20 @@ pub(crate) struct Raft<S> {
     pub(crate) leader: Option<NodeId>,
     pub(crate) log: RaftLog<S>,
     cfg: Config,
-    /// Sorted voters, this node included.
-    voters: Vec<NodeId>,
-    /// Leader only: one entry per voter, this node included (its `match_index` is what is
-    /// durable locally).
+    /// The membership of the newest configuration entry in the log, committed or not (a
+    /// configuration entry takes effect when it is appended; see `membership.rs`).
+    membership: Membership,
+    /// The memberships that took effect at each index, oldest first (the first at or before
+    /// the log start), so a snapshot at an earlier index records the membership it had.
+    conf_history: Vec<(LogIndex, Membership)>,
+    /// Leader: the index of the last configuration entry (or of its term's no-op); another
+    /// change is refused until it is committed.
+    pending_conf_index: LogIndex,
+    /// This node was a member of an applied membership (so leaving it means it was removed,
+    /// not that it is joining).
+    was_member: bool,
+    /// Leader only: one entry per member (voters and learners), this node included (its
+    /// `match_index` is what is durable locally).
     pub(crate) progress: BTreeMap<NodeId, Progress>,
     votes: BTreeMap<NodeId, bool>,
     election_elapsed: u32,
@@ -80,18 +93,38 @@ pub(crate) struct Raft<S> {
     pub(crate) local_snapshot: Option<Snapshot>,
 }
 
-fn quorum(n: usize) -> usize {
-    n / 2 + 1
-}
+/// Log bytes read at a time when the membership is rebuilt at start.
+const REPLAY_BATCH_BYTES: usize = 1024 * 1024;
 
 impl<S: Storage> Raft<S> {
     pub(crate) fn new(cfg: Config, storage: S) -> Result<Raft<S>, Error> {
         cfg.validate()?;
         let hs = storage.hard_state();
-        let mut voters = cfg.voters.clone();
-        voters.sort();
-        voters.dedup();
+        // The membership (rebuilt, not stored on its own): the snapshot's if it records one,
+        // else the bootstrap of the config, then every configuration entry in the log, read
+        // a bounded batch at a time.
+        let snap = storage.snapshot_metadata()?;
+        let base = if snap.voters.is_empty() {
+            Membership::of_voters(cfg.voters.clone())
+        } else {
+            snap.membership()
+        };
         let log = RaftLog::new(storage, cfg.applied);
+        let mut conf_history = vec![(log.first_index().prev(), base.clone())];
+        let mut membership = base;
+        let mut next = log.first_index();
+        while next <= log.last_index() {
+            let batch = log.entries(next, log.last_index().next(), REPLAY_BATCH_BYTES)?;
+            let Some(last) = batch.last() else { break };
+            next = last.index.next();
+            for e in &batch {
+                if let Some(cc) = decode_conf_change(e) {
+                    membership = cc.result.clone();
+                    conf_history.push((e.index, cc.result));
+                }
+            }
+        }
+        let was_member = conf_history.iter().any(|(_, m)| m.contains(cfg.id));
         let mut r = Raft {
             id: cfg.id,
             term: hs.term,
@@ -99,7 +132,10 @@ impl<S: Storage> Raft<S> {
             role: Role::Follower,
             leader: None,
             log,
-            voters,
+            membership,
+            conf_history,
+            pending_conf_index: LogIndex(0),
+            was_member,
             progress: BTreeMap::new(),
             votes: BTreeMap::new(),
             election_elapsed: 0,
@@ -120,7 +156,11 @@ impl<S: Storage> Raft<S> {
         };
         r.reset_randomized_election_timeout();
         tracing::info!(node = %r.id, term = %r.term, commit = %r.log.committed,
-            last = %r.log.last_index(), "raft node started");
+            last = %r.log.last_index(), membership = %r.membership, "raft node started");
+        if r.is_removed() {
+            tracing::warn!(node = %r.id, term = %r.term, membership = %r.membership,
+                "this node was removed from the cluster; it will not campaign");
+        }
         Ok(r)
     }
 
@@ -174,12 +214,26 @@ impl<S: Storage> Raft<S> {
         }
     }
 
+    /// Every other member (voters and learners): who a leader replicates to.
     fn peers(&self) -> Vec<NodeId> {
-        self.voters
-            .iter()
-            .copied()
+        self.membership
+            .members()
+            .into_iter()
             .filter(|&v| v != self.id)
             .collect()
+    }
+
+    /// May campaign: a voter of the applied membership (never a learner, a server that is
+    /// still joining, or one that was removed).
+    fn promotable(&self) -> bool {
+        self.membership.is_voter(self.id)
+    }
+
+    /// This node was a member and a committed membership no longer includes it.
+    pub(crate) fn is_removed(&self) -> bool {
+        self.was_member
+            && !self.membership.contains(self.id)
+            && self.log.committed >= self.conf_index()
     }
 
     // ---------------------------------------------------------------- role changes
@@ -234,7 +288,7 @@ impl<S: Storage> Raft<S> {
         self.role = Role::Leader;
         self.leader = Some(self.id);
         let next = self.log.last_index().next();
-        for v in self.voters.clone() {
+        for v in self.membership.members() {
             let mut pr = Progress::new(next);
             pr.recent_active = true;
             if v == self.id {
@@ -244,19 +298,24 @@ impl<S: Storage> Raft<S> {
             self.progress.insert(v, pr);
         }
         // A no-op at the start of the term (paper §8): commits everything before it (Figure 8).
-        self.append_entry(EntryKind::Noop, Vec::new());
+        // No membership change before it is applied: that covers any change still in the log
+        // and is the fix for the 2015 single-server-change bug (the leader must commit an
+        // entry of its own term before it changes the membership).
+        self.pending_conf_index = self.append_entry(EntryKind::Noop, Vec::new());
         tracing::info!(node = %self.id, term = %self.term, last = %self.log.last_index(),
             "became leader");
     }
 
     fn append_entry(&mut self, kind: EntryKind, data: Vec<u8>) -> LogIndex {
         let index = self.log.last_index().next();
-        self.log.append(&[Entry {
+        let entry = Entry {
             term: self.term,
             index,
             kind,
             data,
-        }]);
+        };
+        self.log.append(std::slice::from_ref(&entry));
+        self.note_appended(std::slice::from_ref(&entry));
         self.broadcast_pending = true;
         index
     }
@@ -264,6 +323,11 @@ impl<S: Storage> Raft<S> {
     // ---------------------------------------------------------------- elections
 
     fn campaign(&mut self, kind: CampaignKind) {
+        if !self.promotable() {
+            tracing::debug!(node = %self.id, term = %self.term, membership = %self.membership,
+                "not a voter; not campaigning");
+            return;
+        }
         let vote_term = match kind {
             CampaignKind::PreVote => {
                 self.become_pre_candidate();
@@ -285,7 +349,13 @@ impl<S: Storage> Raft<S> {
             return;
         }
         let (last_log_index, last_log_term) = (self.log.last_index(), self.log.last_term());
-        for peer in self.peers() {
+        let me = self.id;
+        for peer in self
+            .membership
+            .all_voters()
+            .into_iter()
+            .filter(|&v| v != me)
+        {
             self.send_with_term(
                 peer,
                 vote_term,
@@ -303,15 +373,12 @@ impl<S: Storage> Raft<S> {
     /// refused.
     fn poll(&mut self, from: NodeId, granted: bool) -> Option<bool> {
         self.votes.entry(from).or_insert(granted);
-        let yes = self.votes.values().filter(|&&g| g).count();
-        let no = self.votes.len() - yes;
-        let q = quorum(self.voters.len());
-        if yes >= q {
-            Some(true)
-        } else if no >= q {
-            Some(false)
-        } else {
-            None
+        // Thesis §4.3: a majority of each half of a joint configuration; votes of non-voters
+        // are not counted.
+        match vote_result(&self.membership, &self.votes) {
+            VoteResult::Won => Some(true),
+            VoteResult::Lost => Some(false),
+            VoteResult::Pending => None,
         }
     }
 
@@ -324,6 +391,17 @@ impl<S: Storage> Raft<S> {
             self.election_elapsed += 1;
             if self.election_elapsed >= self.randomized_election_timeout {
                 self.election_elapsed = 0;
+                if !self.promotable() {
+                    // Learners, joining and removed servers never campaign; but one that has
+                    // not heard from its leader for a whole election timeout forgets it, or
+                    // its check-quorum lease would keep refusing the votes of the candidates
+                    // who must replace that leader.
+                    if self.leader.take().is_some() {
+                        tracing::info!(node = %self.id, term = %self.term,
+                            "no word from the leader for an election timeout; forgetting it");
+                    }
+                    return;
+                }
                 tracing::debug!(node = %self.id, term = %self.term, "election timeout");
                 let kind = if self.cfg.pre_vote {
                     CampaignKind::PreVote
@@ -351,12 +429,12 @@ impl<S: Storage> Raft<S> {
             // Check-quorum (thesis §6.2): a leader that has not heard from a majority within an
             // election timeout steps down, so a partitioned leader stops serving.
             if self.cfg.check_quorum {
-                let active = self
-                    .progress
-                    .iter()
-                    .filter(|(&id, pr)| id == self.id || pr.recent_active)
-                    .count();
-                if active < quorum(self.voters.len()) {
+                let me = self.id;
+                let active = |id: NodeId| {
+                    id == me || self.progress.get(&id).is_some_and(|pr| pr.recent_active)
+                };
+                if !has_quorum(&self.membership, active) {
+                    let active = self.progress.values().filter(|p| p.recent_active).count();
                     tracing::info!(node = %self.id, term = %self.term, active,
                         "lost contact with a majority; stepping down");
                     let term = self.term;
@@ -405,9 +483,22 @@ impl<S: Storage> Raft<S> {
             tracing::warn!(node = %self.id, to = %m.to, "message for another node dropped");
             return Err(Error::UnknownNode(m.to));
         }
-        if m.from == self.id || !self.voters.contains(&m.from) {
+        // Messages from non-members are dropped (a removed server's votes and pre-votes
+        // never disrupt the cluster), except a leader's: one elected under a membership this
+        // node has not seen yet must still be able to bring it up to date, one that removed
+        // itself hands over, and a server that is joining knows no members yet.
+        let from_leader = matches!(
+            m.body,
+            MessageBody::AppendEntries { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. }
+        );
+        let member = self.membership.contains(m.from) || self.membership.is_empty();
+        // A leader that removed itself hands over with TimeoutNow once the removal commits.
+        let handover = matches!(m.body, MessageBody::TimeoutNow) && self.leader == Some(m.from);
+        if m.from == self.id || !(member || from_leader || handover) {
             tracing::warn!(node = %self.id, term = %self.term, from = %m.from,
-                kind = m.body.name(), "message from unknown node dropped");
+                kind = m.body.name(), "message from a node outside the membership dropped");
             return Err(Error::UnknownNode(m.from));
         }
 
@@ -558,6 +649,10 @@ impl<S: Storage> Raft<S> {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
                 self.handle_snapshot(m.from, snapshot);
+            }
+            MessageBody::TimeoutNow if !self.promotable() => {
+                tracing::info!(node = %self.id, term = %self.term, from = %m.from,
+                    "leadership offered, but not a voter; ignored");
             }
             MessageBody::TimeoutNow => {
                 tracing::info!(node = %self.id, term = %self.term, from = %m.from,
@@ -725,6 +820,7 @@ impl<S: Storage> Raft<S> {
                 return;
             }
             self.log.append(&entries[i..]);
+            self.note_appended(&entries[i..]);
         }
         // Step 5: commitIndex = min(leaderCommit, index of last new entry).
         self.log.commit_to(leader_commit.min(last_new));
@@ -787,6 +883,15 @@ impl<S: Storage> Raft<S> {
         } else {
             tracing::info!(node = %self.id, term = %self.term, %index, snapshot_term = %term,
                 "installing snapshot");
+            // The snapshot's membership replaces ours: it covers every entry of the log it
+            // replaces (§7). An old snapshot without one keeps what we know.
+            let m = if snapshot.meta.voters.is_empty() {
+                self.membership.clone()
+            } else {
+                snapshot.meta.membership()
+            };
+            self.conf_history = vec![(index, m.clone())];
+            self.switch_membership(index, m);
             self.log.restore(snapshot);
             index
         };
@@ -877,13 +982,10 @@ impl<S: Storage> Raft<S> {
     /// Figure 2 ("Rules for servers", leaders, last bullet) with the Figure 8 restriction: only
     /// an entry of the current term is committed by counting replicas.
     fn maybe_commit(&mut self) -> bool {
-        let mut matches: Vec<LogIndex> = self
-            .voters
-            .iter()
-            .map(|v| self.progress.get(v).map_or(LogIndex(0), |p| p.match_index))
-            .collect();
-        matches.sort_unstable_by(|a, b| b.cmp(a));
-        let q = matches[quorum(self.voters.len()) - 1];
+        // Thesis §4.3: in a joint configuration, replicated on a majority of both halves.
+        let q = committed_index(&self.membership, |v| {
+            self.progress.get(&v).map_or(LogIndex(0), |p| p.match_index)
+        });
         debug_assert!(
             self.progress.get(&self.id).map(|p| p.match_index) <= Some(self.log.persisted()),
             "leader counts itself beyond what is durable"
@@ -898,6 +1000,7 @@ impl<S: Storage> Raft<S> {
                     self.leader_read_index(ctx, from);
                 }
             }
+            self.after_commit();
             return true;
         }
         false
@@ -1038,7 +1141,7 @@ impl<S: Storage> Raft<S> {
             return Err(Error::ProposalDropped("too many uncommitted entries"));
         }
         let index = self.append_entry(EntryKind::Normal, data);
-        if self.voters.len() == 1 {
+        if self.peers().is_empty() {
             // Nothing to replicate; commit happens once the entry is durable.
             self.broadcast_pending = false;
         }
@@ -1071,7 +1174,9 @@ impl<S: Storage> Raft<S> {
             return;
         }
         let index = self.log.committed;
-        if self.voters.len() == 1 || self.cfg.read_only == ReadOnlyOption::LeaseBased {
+        if is_sole_voter(&self.membership, self.id)
+            || self.cfg.read_only == ReadOnlyOption::LeaseBased
+        {
             // Single node, or the leader lease of thesis §6.4.1 (check-quorum keeps it honest).
             self.answer_read(from, context, index);
             return;
@@ -1092,7 +1197,8 @@ impl<S: Storage> Raft<S> {
             return;
         };
         self.pending_reads[pos].acks.insert(from);
-        if self.pending_reads[pos].acks.len() >= quorum(self.voters.len()) {
+        let acks = &self.pending_reads[pos].acks;
+        if has_quorum(&self.membership, |v| acks.contains(&v)) {
             // A heartbeat answered for this context was sent after every earlier request was
             // queued, so it confirms them all.
             for r in self.pending_reads.drain(..=pos).collect::<Vec<_>>() {
@@ -1115,7 +1221,7 @@ impl<S: Storage> Raft<S> {
                 leader: self.leader,
             });
         }
-        if !self.voters.contains(&to) {
+        if !self.membership.is_voter(to) {
             return Err(Error::UnknownNode(to));
         }
         if to == self.id || self.lead_transferee == Some(to) {
@@ -1147,7 +1253,213 @@ impl<S: Storage> Raft<S> {
         self.campaign(kind);
     }
 
-    pub(crate) fn voters(&self) -> &[NodeId] {
-        &self.voters
+    pub(crate) fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// The membership in effect at `index` (at or after the log start).
+    pub(crate) fn membership_at(&self, index: LogIndex) -> Membership {
+        self.conf_history
+            .iter()
+            .rev()
+            .find(|(i, _)| *i <= index)
+            .or(self.conf_history.first())
+            .map_or_else(|| self.membership.clone(), |(_, m)| m.clone())
+    }
+
+    // ---------------------------------------------------------------- membership changes
+
+    /// Proposes a membership change (thesis §4; see `membership.rs` for the rules).
+    pub(crate) fn propose_conf_change(
+        &mut self,
+        steps: Vec<ConfChangeStep>,
+    ) -> Result<LogIndex, Error> {
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if self.lead_transferee.is_some() {
+            return Err(Error::ProposalDropped("leadership transfer in progress"));
+        }
+        if self.log.committed < self.pending_conf_index {
+            return Err(Error::ConfChangeInFlight {
+                pending: self.pending_conf_index,
+                committed: self.log.committed,
+            });
+        }
+        let result = next_membership(&self.membership, &steps)?;
+        let last_index = self.log.last_index();
+        for step in &steps {
+            if let ConfChangeStep::Promote(id) = *step {
+                let match_index = self
+                    .progress
+                    .get(&id)
+                    .map_or(LogIndex(0), |p| p.match_index);
+                if last_index.0 - match_index.0.min(last_index.0) > self.cfg.max_learner_lag_entries
+                {
+                    return Err(Error::LearnerBehind {
+                        match_index,
+                        last_index,
+                    });
+                }
+            }
+        }
+        let uncommitted = self.log.last_index().0 - self.log.committed.0;
+        if uncommitted >= self.cfg.max_uncommitted_entries {
+            return Err(Error::ProposalDropped("too many uncommitted entries"));
+        }
+        tracing::info!(node = %self.id, term = %self.term, ?steps, from = %self.membership,
+            to = %result, "proposing a membership change");
+        Ok(self.append_conf_change(ConfChange { steps, result }))
+    }
+
+    fn append_conf_change(&mut self, cc: ConfChange) -> LogIndex {
+        let data = encode_conf_change(&cc);
+        let index = self.append_entry(EntryKind::ConfChange, data);
+        self.pending_conf_index = index;
+        if self.peers().is_empty() {
+            self.broadcast_pending = false;
+        }
+        index
+    }
+
+    /// The index of the configuration entry the membership comes from (or of the snapshot
+    /// or the log start, for the first membership).
+    fn conf_index(&self) -> LogIndex {
+        self.conf_history.last().map_or(LogIndex(0), |(i, _)| *i)
+    }
+
+    /// Entries were appended to the log (after truncating any suffix from the first one's
+    /// index): a configuration entry takes effect at once (thesis §4.1), and one that was
+    /// truncated takes its membership with it.
+    fn note_appended(&mut self, entries: &[Entry]) {
+        let Some(head) = entries.first() else { return };
+        if self.conf_index() >= head.index {
+            self.conf_history.retain(|(i, _)| *i < head.index);
+            let (index, m) = self
+                .conf_history
+                .last()
+                .cloned()
+                .expect("the history keeps the membership at the log start");
+            tracing::info!(node = %self.id, term = %self.term, truncated_from = %head.index,
+                "configuration entry truncated");
+            self.switch_membership(index, m);
+        }
+        for e in entries {
+            if let Some(cc) = decode_conf_change(e) {
+                self.conf_history.push((e.index, cc.result.clone()));
+                self.switch_membership(e.index, cc.result);
+            }
+        }
+        // Keep the history from the last membership at or before the log start.
+        let start = self.log.first_index().prev();
+        while self.conf_history.len() > 1 && self.conf_history[1].0 <= start {
+            self.conf_history.remove(0);
+        }
+    }
+
+    /// The membership of the entry at `index` is now in effect.
+    fn switch_membership(&mut self, index: LogIndex, m: Membership) {
+        if m == self.membership {
+            return;
+        }
+        tracing::info!(node = %self.id, term = %self.term, %index, from = %self.membership,
+            to = %m, "membership changed");
+        self.membership = m;
+        if self.membership.contains(self.id) {
+            self.was_member = true;
+        } else if self.was_member {
+            tracing::warn!(node = %self.id, term = %self.term, %index,
+                "this node is not in the new membership; it will not campaign");
+        }
+        if !self.promotable() && matches!(self.role, Role::Candidate | Role::PreCandidate) {
+            let term = self.term;
+            self.become_follower(term, None);
+        }
+        if self.role == Role::Leader {
+            let next = self.log.last_index().next();
+            let members = self.membership.members();
+            let me = self.id;
+            self.progress
+                .retain(|id, _| *id == me || members.contains(id));
+            for id in members {
+                if self.progress.contains_key(&id) {
+                    continue;
+                }
+                let mut pr = Progress::new(next);
+                pr.recent_active = true;
+                self.progress.insert(id, pr);
+                // A probe now: the new member's log may be anything (empty if it joins).
+                self.send_append(id, true);
+            }
+        }
+    }
+
+    /// Leader, after its commit index moved: a joint configuration with auto-leave is left
+    /// once it is committed (etcd's ConfChangeV2 auto-leave), and a leader that is no longer
+    /// a voter steps down once the configuration without it is committed (thesis §4.2.2),
+    /// handing over to the most up-to-date voter so the cluster need not wait for an
+    /// election timeout.
+    fn after_commit(&mut self) {
+        if self.role != Role::Leader || self.log.committed < self.pending_conf_index {
+            return;
+        }
+        if self.membership.is_joint() && self.membership.auto_leave {
+            let result = match next_membership(&self.membership, &[]) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(node = %self.id, term = %self.term, %e, "cannot leave joint");
+                    return;
+                }
+            };
+            tracing::info!(node = %self.id, term = %self.term, from = %self.membership,
+                to = %result, "leaving the joint configuration");
+            self.append_conf_change(ConfChange {
+                steps: Vec::new(),
+                result,
+            });
+            return;
+        }
+        if !self.promotable() {
+            let last = self.log.last_index();
+            let target = self
+                .membership
+                .all_voters()
+                .into_iter()
+                .filter_map(|v| self.progress.get(&v).map(|p| (p.match_index, v)))
+                .filter(|&(m, _)| m == last)
+                .max();
+            if let Some((_, to)) = target {
+                tracing::info!(node = %self.id, term = %self.term, %to,
+                    "removed from the voters; handing leadership over");
+                self.send(to, MessageBody::TimeoutNow);
+            } else {
+                tracing::info!(node = %self.id, term = %self.term,
+                    "removed from the voters; stepping down");
+            }
+            let term = self.term;
+            self.become_follower(term, None);
+        }
+    }
+}
+
+/// The payload of a configuration entry.
+pub(crate) fn encode_conf_change(cc: &ConfChange) -> Vec<u8> {
+    postcard::to_allocvec(cc).expect("postcard encoding of plain data")
+}
+
+/// The change a configuration entry carries; `None` for other entries and for a payload that
+/// does not decode (logged: it cannot come from a correct leader).
+pub(crate) fn decode_conf_change(e: &Entry) -> Option<ConfChange> {
+    if e.kind != EntryKind::ConfChange {
+        return None;
+    }
+    match postcard::from_bytes::<ConfChange>(&e.data) {
+        Ok(cc) => Some(cc),
+        Err(err) => {
+            tracing::error!(index = %e.index, %err, "undecodable configuration entry ignored");
+            None
+        }
     }
 }

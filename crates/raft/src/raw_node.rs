@@ -3,7 +3,10 @@
 
 use crate::raft::{Raft, Role};
 use crate::storage::Storage;
-use crate::{Config, Entry, Error, HardState, LogIndex, Message, NodeId, Snapshot, Term};
+use crate::{
+    ConfChangeStep, Config, Entry, Error, HardState, LogIndex, Membership, Message, NodeId,
+    ProgressState, Snapshot, Term,
+};
 
 /// A read that is now safe to serve (thesis §6.4): the state machine has applied at least
 /// `index`, and leadership was confirmed after the read arrived.
@@ -125,8 +128,21 @@ struct Handed {
     applied_to: Option<LogIndex>,
 }
 
-/// A snapshot of the node's state for tests, metrics and the driver.
+/// What a leader knows of one member, for `member list` and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The member.
+    pub id: NodeId,
+    /// A voter (else a learner).
+    pub voter: bool,
+    /// Highest index known replicated on it.
+    pub match_index: LogIndex,
+    /// Flow-control state.
+    pub state: ProgressState,
+}
+
+/// A snapshot of the node's state for tests, metrics and the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     /// This node.
     pub id: NodeId,
@@ -148,6 +164,14 @@ pub struct Status {
     pub last_index: LogIndex,
     /// Last index known durable.
     pub persisted: LogIndex,
+    /// The membership in effect (of the newest configuration entry in the log).
+    pub membership: Membership,
+    /// A committed membership no longer includes this node: it was removed and no longer
+    /// campaigns (the shell reports it; a restarted server with this set should refuse to
+    /// serve).
+    pub removed: bool,
+    /// Leader only: every member's replication progress, by id (empty on other nodes).
+    pub peers: Vec<PeerStatus>,
 }
 
 /// A Raft node without I/O: feed it ticks, messages and requests; take [`Ready`]s.
@@ -196,6 +220,25 @@ impl<S: Storage> RawNode<S> {
         self.raft.propose(data)
     }
 
+    /// Proposes a membership change (Raft thesis §4). Returns the index of its configuration
+    /// entry, which takes effect on each node as soon as it is in its log (thesis §4.1). One step that adds or
+    /// removes at most one voter changes the membership directly; several enter a joint
+    /// configuration that the leader leaves on its own once applied; no steps leave a joint
+    /// configuration by hand.
+    ///
+    /// Refused with [`Error::ConfChangeInFlight`] while a change (or, on a new leader, its
+    /// term's first entry) is not yet committed, [`Error::LearnerBehind`] for a promotion of a
+    /// learner more than [`Config::max_learner_lag_entries`] behind, and
+    /// [`Error::InvalidConfChange`] for a change that makes no sense (the message says why).
+    pub fn propose_conf_change(&mut self, steps: Vec<ConfChangeStep>) -> Result<LogIndex, Error> {
+        self.raft.propose_conf_change(steps)
+    }
+
+    /// The membership in effect: that of the newest configuration entry in the log.
+    pub fn membership(&self) -> &Membership {
+        self.raft.membership()
+    }
+
     /// Requests a linearizable read: a [`ReadState`] with this `context` appears in a later
     /// [`Ready`] once it is safe to serve. Contexts should be unique among outstanding reads.
     pub fn read_index(&mut self, context: Vec<u8>) -> Result<(), Error> {
@@ -236,10 +279,14 @@ impl<S: Storage> RawNode<S> {
             });
         }
         let term = self.raft.log.term(index)?;
+        let m = self.raft.membership_at(index);
         Ok(crate::SnapshotMeta {
             index,
             term,
-            voters: self.raft.voters().to_vec(),
+            voters: m.voters,
+            learners: m.learners,
+            voters_outgoing: m.voters_outgoing,
+            auto_leave: m.auto_leave,
         })
     }
 
@@ -352,7 +399,25 @@ impl<S: Storage> RawNode<S> {
             first_index: r.log.first_index(),
             last_index: r.log.last_index(),
             persisted: r.log.persisted(),
+            membership: r.membership().clone(),
+            removed: r.is_removed(),
+            peers: r
+                .progress
+                .iter()
+                .map(|(&id, p)| PeerStatus {
+                    id,
+                    voter: r.membership().is_voter(id),
+                    match_index: p.match_index,
+                    state: p.state,
+                })
+                .collect(),
         }
+    }
+
+    /// The current term (what [`RawNode::status`] says, without copying the membership and
+    /// the peers' progress: for hot paths).
+    pub fn term(&self) -> Term {
+        self.raft.term
     }
 
     /// The term of the entry at `index`, if the log (durable or not) holds it.

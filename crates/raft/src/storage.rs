@@ -43,6 +43,11 @@ pub trait Storage {
     fn last_index(&self) -> LogIndex;
     /// The latest snapshot (an empty one at index 0 if none was taken).
     fn snapshot(&self) -> Result<Snapshot, StorageError>;
+    /// The latest snapshot's metadata (read at start for the membership). The default clones
+    /// the whole snapshot; implementations that hold it should answer without the data.
+    fn snapshot_metadata(&self) -> Result<SnapshotMeta, StorageError> {
+        Ok(self.snapshot()?.meta)
+    }
 }
 
 /// An in-memory [`Storage`] for tests and for drivers that keep the log in memory. "Persisting"
@@ -139,6 +144,10 @@ impl Storage for MemStorage {
 
     fn snapshot(&self) -> Result<Snapshot, StorageError> {
         Ok(self.snapshot.clone())
+    }
+
+    fn snapshot_metadata(&self) -> Result<SnapshotMeta, StorageError> {
+        Ok(self.snapshot.meta.clone())
     }
 }
 

@@ -415,6 +415,7 @@ fn snapshot_at_or_below_commit_is_ignored_and_matching_one_keeps_the_log() {
             index: LogIndex(index),
             term: Term(1),
             voters: vec![NodeId(1), NodeId(2), NodeId(3)],
+            ..Default::default()
         },
         data: vec![],
     };

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use shoal_lab::invariants::{Invariants, Journal};
 use shoal_lab::raft_node::{self, count_applied, Server, SEGMENT_BYTES};
-use shoal_raft::{Message, Role};
+use shoal_raft::{ConfChangeStep, Membership, Message, NodeId, Role};
 use shoal_sim::{Failure, NetConfig, Sim, SimConfig};
 
 type SimId = shoal_sim::NodeId;
@@ -25,6 +25,18 @@ struct Cluster {
 
 impl Cluster {
     fn new(seed: u64, n: u64, net: NetConfig, snapshot_every: Option<u64>) -> Cluster {
+        Cluster::with_bootstrap(seed, n, n, net, snapshot_every)
+    }
+
+    /// `n` servers of which the first `voters` are the bootstrap voters; the others start
+    /// empty and join when a membership change adds them.
+    fn with_bootstrap(
+        seed: u64,
+        n: u64,
+        voters: u64,
+        net: NetConfig,
+        snapshot_every: Option<u64>,
+    ) -> Cluster {
         let mut sim = Sim::new(
             seed,
             SimConfig {
@@ -34,9 +46,16 @@ impl Cluster {
         );
         let journal = Journal::default();
         let ids = (0..n)
-            .map(|_| {
+            .map(|i| {
                 let journal = journal.clone();
-                sim.add_node(move |_| Server::new(n, snapshot_every, journal.clone()))
+                let bootstrap: Vec<NodeId> = if i < voters {
+                    (1..=voters).map(NodeId).collect()
+                } else {
+                    Vec::new()
+                };
+                sim.add_node(move |_| {
+                    Server::new(n, snapshot_every, journal.clone()).with_voters(bootstrap.clone())
+                })
             })
             .collect();
         Cluster {
@@ -49,7 +68,37 @@ impl Cluster {
     /// Runs for `duration`, checking the five Figure 3 properties after every event.
     fn run_checked(&mut self, duration: Duration) -> Result<(), Failure> {
         let (sim, inv, ids) = (&mut self.sim, &mut self.inv, &self.ids);
-        sim.run_checked(duration, |sim| inv.check::<Message, Server>(sim, ids))
+        let r = sim.run_checked(duration, |sim| inv.check::<Message, Server>(sim, ids));
+        if r.is_err() && std::env::var_os("SHOAL_DUMP").is_some() {
+            self.dump();
+        }
+        r
+    }
+
+    /// Debugging a failed seed (`SHOAL_DUMP=1`): each server's state and its log's
+    /// membership changes.
+    fn dump(&self) {
+        for &id in &self.ids {
+            let Some(raw) = self.server(id).and_then(|s| s.raw()) else {
+                eprintln!("{id}: down");
+                continue;
+            };
+            let st = raw.status();
+            eprintln!(
+                "{id}: {:?} term={} vote={:?} applied={} commit={} last={} {}",
+                st.role, st.term, st.vote, st.applied, st.commit, st.last_index, st.membership
+            );
+            for e in raw
+                .log_entries(st.first_index, st.last_index.next())
+                .unwrap_or_default()
+            {
+                if let Ok(cc) = postcard::from_bytes::<shoal_raft::ConfChange>(&e.data) {
+                    if e.kind == shoal_raft::EntryKind::ConfChange {
+                        eprintln!("    {}/{} {:?} -> {}", e.term, e.index, cc.steps, cc.result);
+                    }
+                }
+            }
+        }
     }
 
     fn server(&self, id: SimId) -> Option<&Server> {
@@ -1068,4 +1117,125 @@ fn persistence_staged_crashes() {
         c.one(b"1000", 5, true)?;
         c.check_applied_agree()
     });
+}
+
+/// The membership of the newest leader that is up, and that leader.
+fn leader_membership(c: &Cluster) -> Option<(SimId, Membership)> {
+    c.ids
+        .iter()
+        .filter_map(|&id| c.server(id).map(|s| (id, s.status())))
+        .filter(|(_, st)| st.role == Role::Leader)
+        .max_by_key(|(_, st)| st.term)
+        .map(|(id, st)| (id, st.membership))
+}
+
+/// One random membership change proposed on the newest leader: add a learner or a voter,
+/// promote a learner, remove a member (keeping at least three voters), or two voter changes
+/// at once (a joint change). Refusals (one in flight, learner behind, not the leader any
+/// more) are part of the game. Returns whether the leader accepted it.
+fn random_membership_change(c: &mut Cluster, rng: &mut TestRng, n: u64) -> bool {
+    let Some((leader, m)) = leader_membership(c) else {
+        return false;
+    };
+    let all: Vec<NodeId> = (1..=n).map(NodeId).collect();
+    let outsiders: Vec<NodeId> = all.iter().copied().filter(|&x| !m.contains(x)).collect();
+    let pick = |rng: &mut TestRng, v: &[NodeId]| v[rng.below(v.len() as u64) as usize];
+    let steps = match rng.below(10) {
+        0..=2 if !outsiders.is_empty() => vec![ConfChangeStep::AddLearner(pick(rng, &outsiders))],
+        3 if !outsiders.is_empty() => vec![ConfChangeStep::AddVoter(pick(rng, &outsiders))],
+        4..=5 if !m.learners.is_empty() => vec![ConfChangeStep::Promote(pick(rng, &m.learners))],
+        6 if !m.learners.is_empty() => vec![ConfChangeStep::Remove(pick(rng, &m.learners))],
+        7 if m.voters.len() > 3 => vec![ConfChangeStep::Remove(pick(rng, &m.voters))],
+        8..=9 if !m.learners.is_empty() && m.voters.len() >= 3 => vec![
+            ConfChangeStep::Promote(pick(rng, &m.learners)),
+            ConfChangeStep::Remove(pick(rng, &m.voters)),
+        ],
+        _ => return false,
+    };
+    matches!(
+        c.sim
+            .call::<Server, _>(leader, |s, ctx| s.propose_conf_change(ctx, steps.clone())),
+        Ok(Ok(_))
+    )
+}
+
+/// Membership changes as a fault (issue 15): seven servers, three bootstrap voters and four
+/// that start empty; while the nemesis partitions, crashes, pauses and degrades the network,
+/// the leader proposes commands and, every few rounds, a random membership change (learners
+/// added and promoted, voters and learners removed, the leader too, joint changes of two
+/// voters). After every event the Figure 3 properties hold across configurations (at most
+/// one leader per term, leader append-only, log matching, leader completeness, state
+/// machine safety). After healing, a command commits and every current member applies it,
+/// and no member lacks a command any server applied.
+#[test]
+fn membership_nemesis() {
+    const N: u64 = 7;
+    // Changes accepted over all seeds: the run must actually change the membership.
+    static ACCEPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    shoal_sim::check_seeds!(3, |seed| -> Result<(), Failure> {
+        let mut c = Cluster::with_bootstrap(seed, N, 3, NetConfig::reliable(), Some(20));
+        c.sim
+            .start_nemesis(shoal_sim::NemesisConfig::new(c.ids.clone()));
+        let mut rng = TestRng(seed ^ 0x6d65_6d62);
+        let ids = c.ids.clone();
+        let mut accepted = 0u64;
+        for round in 0..120u64 {
+            for &id in &ids {
+                let _ = c.sim.call::<Server, _>(id, |s, ctx| {
+                    if s.is_started() && s.status().role == Role::Leader {
+                        s.propose(ctx, format!("m{round}-{id}").into_bytes());
+                    }
+                });
+            }
+            if round % 3 == 0 && random_membership_change(&mut c, &mut rng, N) {
+                accepted += 1;
+            }
+            c.run_checked(Duration::from_millis(100))?;
+        }
+        c.check_applied_agree()?;
+        c.check_log_matching()?;
+        c.sim.heal_all();
+        c.run_checked(Duration::from_secs(2))?;
+        // A final command, retried on whoever leads, until every member of the leader's
+        // membership applied it (20 s of simulated time at most).
+        let mut done = false;
+        for attempt in 0..100 {
+            let cmd = format!("final-{attempt}").into_bytes();
+            c.start_on_leaders(&cmd);
+            c.run_checked(Duration::from_millis(200))?;
+            if let Some((_, m)) = leader_membership(&c) {
+                let everyone = m.members().into_iter().all(|id| {
+                    c.server(raft_node::sim_id(id))
+                        .is_some_and(|s| s.applied().iter().any(|(_, d)| d.starts_with(b"final")))
+                });
+                if everyone {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if !done {
+            if std::env::var_os("SHOAL_DUMP").is_some() {
+                c.dump();
+            }
+            let m = leader_membership(&c);
+            return Err(c.sim.failure(format!(
+                "after healing, the members did not all apply a final command ({m:?}, \
+                 {accepted} changes accepted)"
+            )));
+        }
+        c.run_checked(Duration::from_millis(500))?;
+        c.check_applied_agree()?;
+        c.check_log_matching()?;
+        let (_, m) = leader_membership(&c).ok_or_else(|| c.sim.failure("no leader at the end"))?;
+        let members: Vec<SimId> = m.members().into_iter().map(raft_node::sim_id).collect();
+        raft_node::check_nothing_lost(&c.sim, &members).map_err(|e| c.sim.failure(e))?;
+        eprintln!("seed {seed}: {accepted} changes accepted, final {m}");
+        ACCEPTED.fetch_add(accepted, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    });
+    assert!(
+        ACCEPTED.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no membership change was accepted in any seed"
+    );
 }

@@ -363,7 +363,7 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         command: Vec<u8>,
         tag: T,
     ) -> Result<LogIndex, (shoal_raft::Error, T)> {
-        let term = self.raw.status().term;
+        let term = self.raw.term();
         match self.raw.propose(command) {
             Ok(index) => {
                 if let Some((_, old)) = self.proposals.insert(index, (term, tag)) {

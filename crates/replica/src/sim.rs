@@ -171,7 +171,7 @@ impl<D: SnapshotData, M: shoal_sim::Message> SimPipeline<D, M> {
                     return Ok(true);
                 };
                 replica.sync(ctx.disk())?;
-                let term = replica.status().term.0;
+                let term = replica.raw().term().0;
                 let applied = unsynced
                     .ready
                     .snapshot

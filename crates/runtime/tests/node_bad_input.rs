@@ -160,6 +160,7 @@ fn forged(to: u64, leader_term: Term) -> Vec<Message> {
                         index: far,
                         term: stale,
                         voters: vec![NodeId(4)],
+                        ..Default::default()
                     },
                     data: vec![0xff; 16],
                 },

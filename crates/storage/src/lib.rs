@@ -14,8 +14,10 @@
 //! - `hardstate`: one framed record, replaced via `*.tmp` + fsync + rename + directory fsync.
 //! - `snapshot-v2` ([`SNAPSHOT_FILE`]): the snapshot, of any size, replaced the same way (its
 //!   temporary file is written by [`prepare_snapshot`], possibly on another thread, and renamed
-//!   by [`DurableStorage::install_prepared`]). A header record `{meta, data_len: u64,
-//!   chunk_bytes: u32, chunks: u64}` (postcard), then the data in `chunks` records whose payload
+//!   by [`DurableStorage::install_prepared`]). A header record `{index, term, voters,
+//!   data_len: u64, chunk_bytes: u32, chunks: u64}` followed in the same record by
+//!   `{learners, voters_outgoing, auto_leave}` (postcard; the second part is absent in files
+//!   of format version 2, read as "no learners, not joint"), then the data in `chunks` records whose payload
 //!   is the raw bytes (not postcard): every chunk holds exactly `chunk_bytes` bytes
 //!   ([`SNAPSHOT_CHUNK_BYTES`] when written, at most [`MAX_RECORD_BYTES`]) but the last, which
 //!   holds the rest (`chunks = ceil(data_len / chunk_bytes)`; no chunk for empty data), and the
@@ -41,7 +43,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shoal_raft::{
-    Entry, HardState, LogIndex, Snapshot, SnapshotMeta, StorageError as RaftStorageError, Term,
+    Entry, HardState, LogIndex, NodeId, Snapshot, SnapshotMeta, StorageError as RaftStorageError,
+    Term,
 };
 
 pub use disk::{Disk, DiskError, MemDisk, StdDisk, LOCK_FILE};
@@ -62,7 +65,9 @@ pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// (chunked); 1 kept it in `snapshot` (one record). A version-1 directory is read and its
 /// identity rewritten as version 2 at open, so that an older binary, which would not see
 /// `snapshot-v2`, refuses the directory instead of starting without its snapshot.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: the snapshot header record carries the whole membership (learners, outgoing voters,
+/// auto-leave) after the version-2 fields; a version-2 header (without it) still reads.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version [`DurableStorage::open`] reads (and upgrades).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -171,13 +176,118 @@ struct SegmentHeader {
     first_index: LogIndex,
 }
 
-/// The first record of the snapshot file.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+/// The first record of the snapshot file, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct SnapshotHeader {
     meta: SnapshotMeta,
     data_len: u64,
     chunk_bytes: u32,
     chunks: u64,
+}
+
+/// The header record as written before membership changes (format version 2), which is still
+/// its first part: `{index, term, voters, data_len, chunk_bytes, chunks}`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct SnapshotHeaderV2 {
+    index: LogIndex,
+    term: Term,
+    voters: Vec<NodeId>,
+    data_len: u64,
+    chunk_bytes: u32,
+    chunks: u64,
+}
+
+/// The rest of the membership, after [`SnapshotHeaderV2`] in the same record (format version
+/// 3). A header record without it is one of version 2: no learners, not joint.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct SnapshotHeaderMembership {
+    learners: Vec<NodeId>,
+    voters_outgoing: Vec<NodeId>,
+    auto_leave: bool,
+}
+
+impl SnapshotHeader {
+    /// The record's payload: the version-2 fields, then the membership.
+    fn to_record(&self) -> (SnapshotHeaderV2, SnapshotHeaderMembership) {
+        let m = &self.meta;
+        (
+            SnapshotHeaderV2 {
+                index: m.index,
+                term: m.term,
+                voters: m.voters.clone(),
+                data_len: self.data_len,
+                chunk_bytes: self.chunk_bytes,
+                chunks: self.chunks,
+            },
+            SnapshotHeaderMembership {
+                learners: m.learners.clone(),
+                voters_outgoing: m.voters_outgoing.clone(),
+                auto_leave: m.auto_leave,
+            },
+        )
+    }
+
+    /// Decodes a header record's payload of format version 3 or 2, exactly.
+    fn decode(payload: &[u8]) -> Result<SnapshotHeader, String> {
+        let (v2, rest) = postcard::take_from_bytes::<SnapshotHeaderV2>(payload)
+            .map_err(|e| format!("undecodable header record: {e}"))?;
+        let membership = if rest.is_empty() {
+            SnapshotHeaderMembership {
+                learners: Vec::new(),
+                voters_outgoing: Vec::new(),
+                auto_leave: false,
+            }
+        } else {
+            match postcard::take_from_bytes::<SnapshotHeaderMembership>(rest) {
+                Ok((m, [])) => m,
+                Ok((_, rest)) => {
+                    return Err(format!(
+                        "{} undecoded bytes in the header record",
+                        rest.len()
+                    ))
+                }
+                Err(e) => return Err(format!("undecodable membership in the header: {e}")),
+            }
+        };
+        Ok(SnapshotHeader {
+            meta: SnapshotMeta {
+                index: v2.index,
+                term: v2.term,
+                voters: v2.voters,
+                learners: membership.learners,
+                voters_outgoing: membership.voters_outgoing,
+                auto_leave: membership.auto_leave,
+            },
+            data_len: v2.data_len,
+            chunk_bytes: v2.chunk_bytes,
+            chunks: v2.chunks,
+        })
+    }
+}
+
+/// The single-record snapshot file ([`LEGACY_SNAPSHOT_FILE`]), as it was written: its meta
+/// has no membership beyond the voters.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct LegacySnapshot {
+    index: LogIndex,
+    term: Term,
+    voters: Vec<NodeId>,
+    /// (Written with `serde_bytes`, whose postcard encoding is the plain sequence's.)
+    data: Vec<u8>,
+}
+
+impl From<LegacySnapshot> for Snapshot {
+    fn from(s: LegacySnapshot) -> Snapshot {
+        Snapshot {
+            meta: SnapshotMeta {
+                index: s.index,
+                term: s.term,
+                voters: s.voters,
+                ..Default::default()
+            },
+            data: s.data,
+        }
+    }
 }
 
 /// Frames a payload as a record (at most [`MAX_ENTRY_RECORD_BYTES`], the largest record of any
@@ -399,9 +509,9 @@ impl DurableStorage {
                 }
                 snapshot
             }
-            None if legacy_snapshot => {
-                read_single::<Snapshot>(disk, LEGACY_SNAPSHOT_FILE)?.unwrap_or_default()
-            }
+            None if legacy_snapshot => read_single::<LegacySnapshot>(disk, LEGACY_SNAPSHOT_FILE)?
+                .map(Snapshot::from)
+                .unwrap_or_default(),
             None => Snapshot::default(),
         };
 
@@ -1012,7 +1122,7 @@ fn write_snapshot_file(
         chunks: data.len().div_ceil(chunk_bytes) as u64,
     };
     let mut head = Vec::new();
-    encode_record(&header, &mut head);
+    encode_record(&header.to_record(), &mut head);
     disk.create(name)?;
     disk.append(name, &head)?;
     for (i, chunk) in data.chunks(chunk_bytes).enumerate() {
@@ -1044,16 +1154,7 @@ fn decode_snapshot_file(name: &str, mut buf: Vec<u8>) -> Result<Snapshot, Error>
     }
     let payload = frame_payload(&buf, 0, RecordLen::AtMost(MAX_RECORD_BYTES))
         .map_err(|why| corrupt(0, why))?;
-    let header: SnapshotHeader = match postcard::take_from_bytes(payload) {
-        Ok((h, [])) => h,
-        Ok((_, rest)) => {
-            return Err(corrupt(
-                0,
-                format!("{} undecoded bytes in the header record", rest.len()),
-            ))
-        }
-        Err(e) => return Err(corrupt(0, format!("undecodable header record: {e}"))),
-    };
+    let header = SnapshotHeader::decode(payload).map_err(|why| corrupt(0, why))?;
     let mut pos = RECORD_HEADER_BYTES + payload.len();
     let chunk_bytes = header.chunk_bytes as u64;
     if chunk_bytes == 0 || chunk_bytes > MAX_RECORD_BYTES as u64 {
@@ -1163,6 +1264,10 @@ impl shoal_raft::Storage for DurableStorage {
     fn snapshot(&self) -> Result<Snapshot, RaftStorageError> {
         Ok(self.snapshot.clone())
     }
+
+    fn snapshot_metadata(&self) -> Result<SnapshotMeta, RaftStorageError> {
+        Ok(self.snapshot.meta.clone())
+    }
 }
 
 #[cfg(test)]
@@ -1179,7 +1284,13 @@ mod tests {
         };
         write_atomic(&mut d, IDENTITY, &old).unwrap();
         let legacy = snapshot(10);
-        write_atomic(&mut d, LEGACY_SNAPSHOT_FILE, &legacy).unwrap();
+        let old_snapshot = LegacySnapshot {
+            index: legacy.meta.index,
+            term: legacy.meta.term,
+            voters: legacy.meta.voters.clone(),
+            data: legacy.data.clone(),
+        };
+        write_atomic(&mut d, LEGACY_SNAPSHOT_FILE, &old_snapshot).unwrap();
         let s = DurableStorage::open(&mut d, 4, 2, StorageConfig::default()).unwrap();
         assert_eq!(shoal_raft::Storage::snapshot(&s).unwrap(), legacy);
         let id: Identity = read_single(&d, IDENTITY).unwrap().unwrap();
@@ -1200,7 +1311,6 @@ mod tests {
         );
     }
     use super::*;
-    use shoal_raft::NodeId;
 
     fn snapshot(len: usize) -> Snapshot {
         Snapshot {
@@ -1208,6 +1318,7 @@ mod tests {
                 index: LogIndex(7),
                 term: Term(2),
                 voters: vec![NodeId(1), NodeId(3)],
+                ..Default::default()
             },
             data: (0..len).map(|i| (i * 7 + i / 256) as u8).collect(),
         }
@@ -1235,7 +1346,7 @@ mod tests {
 
     fn with_header(header: &SnapshotHeader, rest: &[u8]) -> Vec<u8> {
         let mut buf = Vec::new();
-        encode_record(header, &mut buf);
+        encode_record(&header.to_record(), &mut buf);
         buf.extend_from_slice(rest);
         buf
     }
@@ -1253,7 +1364,8 @@ mod tests {
                         data_len: len as u64,
                         chunk_bytes: 8,
                         chunks: len.div_ceil(8) as u64,
-                    },
+                    }
+                    .to_record(),
                     &mut head,
                 );
                 head.len() + len + RECORD_HEADER_BYTES * len.div_ceil(8)
@@ -1323,7 +1435,7 @@ mod tests {
         let s = decode_snapshot_file("f", with_header(&header(1, 1, 1), &one_chunk)).unwrap();
         assert_eq!(s.data, b"x");
         // Extra bytes inside the header record.
-        let mut payload = postcard::to_allocvec(&header(1, 1, 1)).unwrap();
+        let mut payload = postcard::to_allocvec(&header(1, 1, 1).to_record()).unwrap();
         payload.push(0);
         let mut buf = Vec::new();
         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -1331,6 +1443,32 @@ mod tests {
         buf.extend_from_slice(&payload);
         buf.extend_from_slice(&one_chunk);
         assert_eq!(corrupt_at(buf).0, 0);
+    }
+
+    /// The membership round-trips through the header; a header of format version 2 (the
+    /// fields before the membership only) still reads, as "no learners, not joint".
+    #[test]
+    fn snapshot_headers_keep_the_membership_and_old_ones_still_read() {
+        let mut s = snapshot(3);
+        s.meta.voters = vec![NodeId(2), NodeId(3), NodeId(4)];
+        s.meta.voters_outgoing = vec![NodeId(1), NodeId(2), NodeId(3)];
+        s.meta.learners = vec![NodeId(5)];
+        s.meta.auto_leave = true;
+        assert_eq!(decode_snapshot_file("f", written(&s, 8)).unwrap(), s);
+
+        let old = snapshot(3);
+        let header = SnapshotHeader {
+            meta: old.meta.clone(),
+            data_len: 3,
+            chunk_bytes: 8,
+            chunks: 1,
+        };
+        let mut buf = Vec::new();
+        encode_record(&header.to_record().0, &mut buf);
+        buf.extend_from_slice(&3u32.to_le_bytes());
+        buf.extend_from_slice(&crc32c::crc32c(&old.data).to_le_bytes());
+        buf.extend_from_slice(&old.data);
+        assert_eq!(decode_snapshot_file("f", buf).unwrap(), old);
     }
 
     /// A snapshot prepared through a second handle leaves no file open in it (a server

@@ -43,6 +43,7 @@ fn snap(index: u64, term: u64) -> Snapshot {
             index: LogIndex(index),
             term: Term(term),
             voters: vec![NodeId(1)],
+            ..Default::default()
         },
         data: vec![1, 2, 3],
     }
@@ -350,6 +351,7 @@ fn snap_of(index: u64, term: u64) -> Snapshot {
             index: LogIndex(index),
             term: Term(term),
             voters: vec![NodeId(1), NodeId(2)],
+            ..Default::default()
         },
         data: format!("state at {index}").into_bytes(),
     }
@@ -368,6 +370,7 @@ fn big_snap(index: u64, term: u64, len: usize, seed: u32) -> Snapshot {
             index: LogIndex(index),
             term: Term(term),
             voters: vec![NodeId(1)],
+            ..Default::default()
         },
         data: pattern(len, seed),
     }
@@ -473,8 +476,22 @@ fn a_leaders_snapshot_over_64_mib_survives_a_crash() {
 
 /// Writes the snapshot file as the storage did before `snapshot-v2`: one framed record.
 fn write_legacy_snapshot(d: &mut MemDisk, snapshot: &Snapshot) {
+    /// The single-record layout: the meta had only the voters.
+    #[derive(serde::Serialize)]
+    struct Legacy<'a> {
+        index: LogIndex,
+        term: Term,
+        voters: &'a [NodeId],
+        data: &'a [u8],
+    }
+    let legacy = Legacy {
+        index: snapshot.meta.index,
+        term: snapshot.meta.term,
+        voters: &snapshot.meta.voters,
+        data: &snapshot.data,
+    };
     let mut buf = Vec::new();
-    encode_record(snapshot, &mut buf);
+    encode_record(&legacy, &mut buf);
     d.create(LEGACY_SNAPSHOT_FILE).unwrap();
     d.append(LEGACY_SNAPSHOT_FILE, &buf).unwrap();
     d.sync(LEGACY_SNAPSHOT_FILE).unwrap();

@@ -8,7 +8,8 @@ pub const PROTOCOL_MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 
 /// Version of the wire protocol. Bumped on any incompatible change to a message type; a peer
 /// speaking another version is refused with a clear error.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: membership changes (`SnapshotMeta` gained learners, outgoing voters, auto-leave).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// What the caller is, which decides which messages the connection may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,6 +64,139 @@ pub enum EntryKind {
     /// The empty entry a new leader appends at the start of its term (paper §8), so that
     /// entries of earlier terms get committed (Figure 8).
     Noop,
+    /// A membership change: `data` is a postcard-encoded [`ConfChange`] (Raft thesis §4).
+    /// Appended last so that logs written before it still decode.
+    ConfChange,
+}
+
+/// One step of a membership change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConfChangeStep {
+    /// Add a new voting member.
+    AddVoter(NodeId),
+    /// Add a non-voting member (a learner): it receives the log and snapshots but counts for
+    /// no quorum and never campaigns.
+    AddLearner(NodeId),
+    /// Turn a learner into a voter.
+    Promote(NodeId),
+    /// Remove a voter or a learner.
+    Remove(NodeId),
+}
+
+/// The voting and non-voting members of a Raft group (etcd's `ConfState`).
+///
+/// In a joint configuration (thesis §4.3) `voters_outgoing` is not empty, and every decision
+/// (election, commit, check-quorum, read-index) needs a majority of `voters` **and** a
+/// majority of `voters_outgoing`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// The voters (of the incoming configuration while joint), sorted, without duplicates.
+    pub voters: Vec<NodeId>,
+    /// The voters of the outgoing configuration while joint; empty otherwise.
+    pub voters_outgoing: Vec<NodeId>,
+    /// The learners, sorted, never also voters.
+    pub learners: Vec<NodeId>,
+    /// While joint: the leader leaves the joint configuration on its own once it applied it.
+    pub auto_leave: bool,
+}
+
+impl Membership {
+    /// A simple (not joint) membership of these voters.
+    pub fn of_voters(mut voters: Vec<NodeId>) -> Membership {
+        voters.sort();
+        voters.dedup();
+        Membership {
+            voters,
+            ..Membership::default()
+        }
+    }
+
+    /// In a joint configuration (thesis §4.3).
+    pub fn is_joint(&self) -> bool {
+        !self.voters_outgoing.is_empty()
+    }
+
+    /// Votes in the incoming or the outgoing configuration.
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.voters_outgoing.contains(&id)
+    }
+
+    /// A learner (never also a voter).
+    pub fn is_learner(&self, id: NodeId) -> bool {
+        self.learners.contains(&id)
+    }
+
+    /// A voter (incoming or outgoing) or a learner.
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.is_voter(id) || self.is_learner(id)
+    }
+
+    /// No members at all: a server that joins and has not yet learned the membership.
+    pub fn is_empty(&self) -> bool {
+        self.voters.is_empty() && self.voters_outgoing.is_empty() && self.learners.is_empty()
+    }
+
+    /// Every member, sorted, without duplicates.
+    pub fn members(&self) -> Vec<NodeId> {
+        let mut all: Vec<NodeId> = self
+            .voters
+            .iter()
+            .chain(&self.voters_outgoing)
+            .chain(&self.learners)
+            .copied()
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Every voter (incoming and outgoing), sorted, without duplicates.
+    pub fn all_voters(&self) -> Vec<NodeId> {
+        let mut all: Vec<NodeId> = self
+            .voters
+            .iter()
+            .chain(&self.voters_outgoing)
+            .copied()
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+impl fmt::Display for Membership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids = |v: &[NodeId]| {
+            v.iter()
+                .map(|n| n.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        write!(f, "voters=({})", ids(&self.voters))?;
+        if self.is_joint() {
+            write!(f, "&&({})", ids(&self.voters_outgoing))?;
+        }
+        if !self.learners.is_empty() {
+            write!(f, " learners=({})", ids(&self.learners))?;
+        }
+        if self.auto_leave {
+            write!(f, " autoleave")?;
+        }
+        Ok(())
+    }
+}
+
+/// The payload of an [`EntryKind::ConfChange`] entry.
+///
+/// It carries the resulting membership as well as the steps, so a node applying it needs
+/// nothing else: a server that joins with an empty log learns the whole membership from the
+/// first change it applies (the bootstrap membership is not in the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfChange {
+    /// The steps requested; empty means "leave the joint configuration".
+    pub steps: Vec<ConfChangeStep>,
+    /// The membership once this entry is applied.
+    pub result: Membership,
 }
 
 /// One log entry.
@@ -109,8 +242,26 @@ pub struct SnapshotMeta {
     pub index: LogIndex,
     /// Term of that entry.
     pub term: Term,
-    /// The voting members at that point.
+    /// The voting members at that point (of the incoming configuration, if joint).
     pub voters: Vec<NodeId>,
+    /// The learners at that point (empty in snapshots written before membership changes).
+    pub learners: Vec<NodeId>,
+    /// The outgoing voters, if the snapshot was taken in a joint configuration.
+    pub voters_outgoing: Vec<NodeId>,
+    /// The joint configuration is left automatically ([`Membership::auto_leave`]).
+    pub auto_leave: bool,
+}
+
+impl SnapshotMeta {
+    /// The membership the snapshot records.
+    pub fn membership(&self) -> Membership {
+        Membership {
+            voters: self.voters.clone(),
+            voters_outgoing: self.voters_outgoing.clone(),
+            learners: self.learners.clone(),
+            auto_leave: self.auto_leave,
+        }
+    }
 }
 
 /// A state-machine snapshot (paper §7).
