@@ -10,6 +10,7 @@
 pub mod bench_util;
 pub mod kv_bench;
 pub mod mr_bench;
+pub mod mr_sort_bench;
 pub mod raft_bench;
 pub mod shard_bench;
 mod svg;

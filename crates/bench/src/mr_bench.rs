@@ -54,6 +54,13 @@ pub struct BenchArgs {
     /// Skip the backup-task experiment.
     #[arg(long)]
     pub skip_backup: bool,
+    /// Run the sort benchmark instead (TeraSort records and 100-byte lines next to GNU sort
+    /// and the disk limit; see `mr_sort_bench`).
+    #[arg(long)]
+    pub sort: bool,
+    /// Size of the sort benchmark's data, in MB (needs about 6× that free on disk).
+    #[arg(long, default_value_t = 2000)]
+    pub sort_mb: u64,
 }
 
 /// One measured run.
@@ -73,6 +80,9 @@ impl Figure {
 
 /// Runs the benchmark and prints the figures.
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.sort {
+        return crate::mr_sort_bench::bench(&args);
+    }
     let size_mib = if args.quick {
         QUICK_SIZE_MIB
     } else {
@@ -305,7 +315,7 @@ fn warm_cache(corpus: &[PathBuf]) -> anyhow::Result<()> {
 const PROC_TICKS_PER_SECOND: f64 = 100.0;
 
 /// CPU seconds used so far by this process and its waited-for children (0 if unknown).
-fn cpu_seconds_now() -> f64 {
+pub(crate) fn cpu_seconds_now() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };

@@ -111,6 +111,18 @@ pub trait App: Send + Sync + 'static {
         fnv1a32(key) % reduces.max(1)
     }
 
+    /// Records in a map split, for the `map.input.records` counter. Default: lines.
+    fn input_records(&self, contents: &[u8]) -> u64 {
+        memchr::memchr_iter(b'\n', contents).count() as u64
+            + u64::from(contents.last().is_some_and(|&b| b != b'\n'))
+    }
+
+    /// Records in bytes a whole-task reducer wrote, for `reduce.output.records`. Default:
+    /// lines.
+    fn output_records(&self, bytes: &[u8]) -> u64 {
+        memchr::memchr_iter(b'\n', bytes).count() as u64
+    }
+
     /// Whether this app consumes a whole reduce task at once through
     /// [`App::reduce_task_stream`] instead of one [`App::reduce`] call per key.
     fn reduces_whole_task(&self) -> bool {
@@ -155,6 +167,9 @@ pub struct AppConfig {
     pub reducer: Option<String>,
     /// `stream`: files (scripts) materialized into `<work_dir>/ship/` before commands run.
     pub shipped: Vec<ShippedFile>,
+    /// `sort`: the record format and the range partitioner's cut points (placed by the
+    /// coordinator from a sample of the input).
+    pub sort: Option<apps::sort::SortConfig>,
 }
 
 /// A file shipped with a streaming job (a mapper or reducer script and its data).
@@ -174,6 +189,7 @@ pub fn app_names() -> &'static [&'static str] {
         "wordcount",
         "indexer",
         "grep",
+        "sort",
         "stream",
         "mtiming",
         "rtiming",
@@ -197,6 +213,13 @@ pub fn build_app(cfg: &AppConfig, work_dir: &Path) -> anyhow::Result<Arc<dyn App
                 .as_deref()
                 .ok_or_else(|| anyhow!("app `grep` needs a pattern (--pattern REGEX)"))?;
             Arc::new(apps::grep::Grep::new(pattern)?)
+        }
+        "sort" => {
+            let config = cfg.sort.clone().unwrap_or(apps::sort::SortConfig {
+                format: apps::sort::SortFormat::Lines,
+                cut_points: Vec::new(),
+            });
+            Arc::new(apps::sort::Sort::new(&config)?)
         }
         "stream" => {
             let mapper = cfg
@@ -223,6 +246,9 @@ pub fn build_app(cfg: &AppConfig, work_dir: &Path) -> anyhow::Result<Arc<dyn App
             app_names().join(", ")
         ),
     };
+    if cfg.name != "sort" && cfg.sort.is_some() {
+        bail!("--format is an option of the sort app (--app sort)");
+    }
     if cfg.name != "grep" && cfg.pattern.is_some() {
         tracing::warn!(app = %cfg.name, "--pattern is ignored by this app");
     }

@@ -2,7 +2,7 @@
 //! sort/spill/merge, the coordinator (a sans-IO state machine), workers and the shuffle.
 //!
 //! Two halves meet at a small interface: the *data path* (`app`, `apps`, `split`, `task`,
-//! `seq`) runs one task on local files and knows nothing of networks; the *distribution*
+//! `seq`, `sortdata`) runs one task on local files and knows nothing of networks; the *distribution*
 //! (`coordinator`, `worker`, `shuffle`, `status`, `local`) schedules tasks over TCP and moves
 //! the files, treating map output as opaque bytes.
 
@@ -10,6 +10,7 @@
 pub mod app;
 pub mod apps;
 pub mod seq;
+pub mod sortdata;
 pub mod split;
 pub mod task;
 

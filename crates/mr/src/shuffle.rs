@@ -265,13 +265,25 @@ where
     Ok(())
 }
 
+/// What a fetched file is for, which decides whether it is fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// A committed output: fsynced before the rename.
+    Durable,
+    /// A reduce task's input: renamed when whole, not fsynced (a worker that crashes loses its
+    /// directory and the task runs again elsewhere; the kernel may never write it to disk).
+    Scratch,
+}
+
 /// Fetches `key` from the shuffle server at `addr` into `dest` (written to a temporary name
-/// and renamed when complete). Returns the number of bytes.
+/// and renamed when complete; fsynced first if `kind` is [`Fetched::Durable`]). Returns the
+/// number of bytes.
 pub async fn fetch_file(
     addr: &str,
     job_id: u64,
     key: FileKey,
     dest: &Path,
+    kind: Fetched,
 ) -> Result<u64, ShuffleError> {
     let stream = match tokio::time::timeout(SHUFFLE_CONNECT_TIMEOUT, TcpStream::connect(addr)).await
     {
@@ -330,7 +342,9 @@ pub async fn fetch_file(
         Ok(n) => {
             let finished = async {
                 out.flush().await?;
-                out.sync_all().await?;
+                if kind == Fetched::Durable {
+                    out.sync_all().await?;
+                }
                 drop(out);
                 tokio::fs::rename(&tmp, dest).await
             };
@@ -376,7 +390,9 @@ mod tests {
 
         let dest = dir.path().join("dest");
         assert_eq!(
-            fetch_file(&addr, 7, key, &dest).await.unwrap(),
+            fetch_file(&addr, 7, key, &dest, Fetched::Durable)
+                .await
+                .unwrap(),
             data.len() as u64
         );
         assert_eq!(std::fs::read(&dest).unwrap(), data);
@@ -385,9 +401,9 @@ mod tests {
             reduce_task: 0,
             attempt: 0,
         };
-        let err = fetch_file(&addr, 7, other, &dir.path().join("x")).await;
+        let err = fetch_file(&addr, 7, other, &dir.path().join("x"), Fetched::Scratch).await;
         assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
-        let err = fetch_file(&addr, 8, key, &dir.path().join("y")).await;
+        let err = fetch_file(&addr, 8, key, &dir.path().join("y"), Fetched::Scratch).await;
         assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
         assert!(!dir.path().join("y").exists());
         server.abort();

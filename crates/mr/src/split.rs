@@ -86,12 +86,38 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Where records end in an input, and so where a split may end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordLayout {
+    /// Records are lines: splits end after a `\n`.
+    Lines,
+    /// Records are this many bytes each (TeraSort: 100): splits end on a multiple, and a file
+    /// whose length is not a multiple is an error.
+    Fixed(u64),
+}
+
 /// Cuts `inputs` into splits of about `split_size_bytes` each (at least 1), in input order.
 ///
 /// A missing or unreadable input, or a directory, is an error naming the file. An empty file
 /// gets one empty split (its map still runs, as in the lab's sequential reference).
 pub fn plan_splits(inputs: &[PathBuf], split_size_bytes: u64) -> anyhow::Result<Vec<InputSplit>> {
-    let split_size_bytes = split_size_bytes.max(1);
+    plan_splits_with(inputs, split_size_bytes, RecordLayout::Lines)
+}
+
+/// [`plan_splits`] for records of `layout`: with [`RecordLayout::Fixed`] every split is a
+/// whole number of records (never a record cut in two), at least one record long.
+pub fn plan_splits_with(
+    inputs: &[PathBuf],
+    split_size_bytes: u64,
+    layout: RecordLayout,
+) -> anyhow::Result<Vec<InputSplit>> {
+    let split_size_bytes = match layout {
+        RecordLayout::Lines => split_size_bytes.max(1),
+        RecordLayout::Fixed(record) => {
+            let record = record.max(1);
+            (split_size_bytes / record).max(1) * record
+        }
+    };
     let mut splits = Vec::new();
     for path in inputs {
         let mut file =
@@ -113,13 +139,26 @@ pub fn plan_splits(inputs: &[PathBuf], split_size_bytes: u64) -> anyhow::Result<
             });
             continue;
         }
+        if let RecordLayout::Fixed(record) = layout {
+            if !file_len.is_multiple_of(record.max(1)) {
+                bail!(
+                    "input {} is {file_len} bytes, not a whole number of {record}-byte records \
+                     (for TeraSort data, generate it with `shoal mr gen --format terasort`; \
+                     for text, use --format lines)",
+                    path.display()
+                );
+            }
+        }
         let mut start = 0u64;
         while start < file_len {
             let tentative = start.saturating_add(split_size_bytes);
             let end = if tentative >= file_len {
                 file_len
-            } else {
+            } else if layout == RecordLayout::Lines {
                 next_line_start(&mut file, path, tentative, file_len)?
+            } else {
+                // `split_size_bytes` is a multiple of the record size.
+                tentative
             };
             splits.push(InputSplit {
                 path: path.clone(),

@@ -28,7 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
 use crate::app::{build_app, App, AppConfig, ShippedFile};
-use crate::shuffle::{fetch_file, serve_shuffle, FileTable, ShuffleError};
+use crate::apps::sort::{SortConfig, SortFormat};
+use crate::shuffle::{fetch_file, serve_shuffle, Fetched, FileTable, ShuffleError};
 use crate::split::InputSplit;
 
 /// Pause between attempts to reach the coordinator.
@@ -507,6 +508,15 @@ impl Session<'_> {
                     executable: f.executable,
                 })
                 .collect(),
+            sort: match &job.app.sort {
+                None => None,
+                Some(spec) => Some(SortConfig {
+                    format: SortFormat::parse(&spec.format).map_err(|e| {
+                        WorkerError::Refused(format!("cannot build app {}: {e:#}", job.app.name))
+                    })?,
+                    cut_points: spec.cut_points.clone(),
+                }),
+            },
         };
         let app_dir = self.dir.join(format!("job-{:x}", job.job_id));
         let app = build_app(&config, &app_dir).map_err(|e| {
@@ -666,7 +676,7 @@ async fn fetch_with_retries(
     };
     let mut tries = 0;
     loop {
-        match fetch_file(&location.shuffle_addr, job_id, key, dest).await {
+        match fetch_file(&location.shuffle_addr, job_id, key, dest, Fetched::Scratch).await {
             Ok(_) => return Ok(()),
             // Our own disk failed: trying again, or re-running the map, cannot help.
             Err(e @ ShuffleError::LocalWrite { .. }) => return Err(e),
@@ -702,6 +712,7 @@ async fn run_reduce(
         }
     }
     // Fetch partition r of every map output (local files are used in place).
+    let fetch_started = now();
     let job_id = job.job_id;
     let fetches = futures::stream::iter(inputs.into_iter().map(|loc| {
         let key = FileKey::MapOutput {
@@ -723,9 +734,15 @@ async fn run_reduce(
     .collect::<Vec<_>>()
     .await;
     let mut files = Vec::with_capacity(fetches.len());
+    let mut fetched_bytes = 0u64;
     for (loc, result) in fetches {
         match result {
-            Ok(path) => files.push(path),
+            Ok(path) => {
+                if path.starts_with(&fetch_dir) {
+                    fetched_bytes += tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+                }
+                files.push(path);
+            }
             Err(ShuffleError::LocalWrite { path, error }) => {
                 // This worker's disk, not the map output, is the problem: a task failure
                 // (counted toward --max-attempts), not a reason to re-run the map.
@@ -747,11 +764,21 @@ async fn run_reduce(
             }
         }
     }
+    let fetch_ms = fetch_started.elapsed().as_millis() as u64;
     let memory = job.memory_bytes;
     let reduce_out = out_dir.clone();
     let reduce_scratch = scratch.clone();
     let result = tokio::task::spawn_blocking(move || {
-        crate::task::run_reduce_task(&*app, r, &files, memory, &reduce_scratch, &reduce_out)
+        // The coordinator fetches this output and commits it durably: no fsync here.
+        crate::task::run_reduce_task_with(
+            &*app,
+            r,
+            &files,
+            memory,
+            &reduce_scratch,
+            &reduce_out,
+            crate::task::OutputDurability::Scratch,
+        )
     })
     .await;
     let _ = tokio::fs::remove_dir_all(&fetch_dir).await;
@@ -761,7 +788,9 @@ async fn run_reduce(
         Ok(Ok(_)) if !out.exists() => {
             Report::Failed(attempt, format!("reduce wrote no {}", out.display()))
         }
-        Ok(Ok(counters)) => {
+        Ok(Ok(mut counters)) => {
+            counters.add("shuffle.fetched.bytes", fetched_bytes);
+            counters.add("shuffle.fetch.ms", fetch_ms);
             // Served once, to the coordinator committing it; then the attempt's directory
             // goes (a failed commit runs the task again as a new attempt).
             table.insert_once(

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use proptest::prelude::*;
-use shoal_mr::split::{plan_splits, read_split};
+use shoal_mr::split::{plan_splits, plan_splits_with, read_split, RecordLayout};
 
 #[test]
 fn missing_input_is_an_error_naming_the_file() {
@@ -81,5 +81,44 @@ proptest! {
             text.split('\n').count() - usize::from(text.ends_with('\n'))
         };
         prop_assert_eq!(line_count, expected_lines);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Fixed-size records (TeraSort): splits never cut a record, whatever the split size, and
+    /// together they are the file; a file that is not whole records is refused.
+    #[test]
+    fn fixed_record_splits_fall_on_record_boundaries(
+        records in 0usize..50,
+        record_bytes in 1u64..120,
+        split_size in 1u64..1000,
+        seed in any::<u8>(),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..records as u64 * record_bytes)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &data).expect("write");
+        let layout = RecordLayout::Fixed(record_bytes);
+        let splits = plan_splits_with(std::slice::from_ref(&path), split_size, layout).expect("plan");
+        let mut concat = Vec::new();
+        for s in &splits {
+            prop_assert_eq!(s.offset % record_bytes, 0);
+            prop_assert_eq!(s.len % record_bytes, 0);
+            prop_assert!(records == 0 || s.len >= record_bytes);
+            prop_assert_eq!(s.offset, concat.len() as u64);
+            concat.extend_from_slice(&read_split(s).expect("read"));
+        }
+        prop_assert_eq!(&concat, &data);
+        if record_bytes > 1 && records > 0 {
+            std::fs::write(&path, &data[..data.len() - 1]).expect("write");
+            let err = plan_splits_with(std::slice::from_ref(&path), split_size, layout)
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            prop_assert!(err.contains("not a whole number"), "{}", err);
+        }
     }
 }

@@ -331,6 +331,7 @@ impl Demo {
                 mapper: None,
                 reducer: None,
                 shipped: Vec::new(),
+                sort: None,
             },
             inputs: books,
             split_size_bytes: 64 << 20,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use shoal_mr::app::{AppConfig, ShippedFile};
+use shoal_mr::apps::sort::{SortConfig, SortFormat};
 use shoal_mr::coordinator::{prepare_job, run_job, CoordinatorError, JobOptions, JobReport};
 use shoal_mr::status::{bind_status, serve_status, JobStatus};
 use shoal_mr::worker::{run_worker, WorkerExit, WorkerOptions};
@@ -40,6 +41,71 @@ pub enum MrCommand {
     /// match.
     #[command(after_help = SEQ_HELP)]
     Seq(Box<SeqArgs>),
+    /// Write sort benchmark records (like gensort): 100-byte TeraSort records or 100-byte
+    /// lines, the same for the same --seed.
+    #[command(after_help = GEN_HELP)]
+    Gen(GenArgs),
+    /// Check a sort job's output (like valsort): order within and across the mr-out-* files,
+    /// record count, and a checksum equal to the input's.
+    #[command(after_help = VALIDATE_HELP)]
+    Validate(ValidateArgs),
+}
+
+const GEN_HELP: &str = "\
+Examples:
+  shoal mr gen --format terasort --records 1000000 in/part-0     # 100 MB of TeraSort records
+  shoal mr gen --format lines --records 1000 --seed 7 words.txt
+  shoal mr run --app sort --format terasort --out sorted in/ && \\
+    shoal mr validate --format terasort --input in/ sorted
+
+Layout of a record (100 bytes; record i is the same whatever --records):
+  terasort: 10-byte random key (any byte values), 00 11, the record number in 32 hex digits,
+            88 99 AA BB, 48 filler bytes, CC DD EE FF (gensort's binary layout; no newline)
+  lines:    10 random printable characters, 2 spaces, the record number in 32 hex digits,
+            2 spaces, 53 filler characters, \\n
+Prints the record count and the checksum that `mr validate` compares.";
+
+const VALIDATE_HELP: &str = "\
+Examples:
+  shoal mr validate --format terasort sorted                  # order and count only
+  shoal mr validate --format terasort --input in/ sorted      # and the same records as in/
+
+Checks that keys never go down within each DIR/mr-out-<r> (in partition order, numeric) and
+from one file to the next; with --input, that the output has as many records as the inputs
+and the same checksum (the sum of a CRC-32C of every record, as valsort: independent of the
+order). Exit status: 0 valid; 1 invalid (the message names the first out-of-order record's
+file and byte offset, or the count or checksum that differs); 2 bad arguments or unreadable
+files.";
+
+/// `shoal mr gen`.
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// Record format: terasort (binary) or lines (text).
+    #[arg(long, value_name = "terasort|lines")]
+    pub format: String,
+    /// Number of 100-byte records.
+    #[arg(long)]
+    pub records: u64,
+    /// Seed of the keys.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output file (written to a temporary name, fsynced, renamed).
+    #[arg(value_name = "OUT")]
+    pub out: PathBuf,
+}
+
+/// `shoal mr validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Record format: terasort or lines.
+    #[arg(long, value_name = "terasort|lines")]
+    pub format: String,
+    /// The job's inputs (files or directories): the output must hold the same records.
+    #[arg(long = "input", value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// The sort job's output directory (its mr-out-* files).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 const RUN_HELP: &str = "\
@@ -47,12 +113,16 @@ Examples:
   shoal mr run                                  # wordcount over the bundled books into ./mr-out
   shoal mr run --workers 4 --http 127.0.0.1:8080 --app indexer books/*.txt
   shoal mr run --app grep --pattern 'whale|ocean' --out hits big.txt
+  shoal mr run --app sort --format terasort --workers 2 --out sorted in/   # TeraSort (mr gen)
   shoal mr run --app stream --mapper 'sh map.sh' --ship map.sh in.txt   # scripts run in the ship dir
   shoal mr run --workers 4 --slow-workers 1     # one worker 10x slower: watch backup tasks win
 
 Inputs: files; a directory stands for the files in it (names starting with _ or . and
 subdirectories are skipped); *.gz files are decompressed (one map task each).
 Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.
+Sort: `--app sort --format lines|terasort` writes the records themselves, in total order
+across mr-out-0, mr-out-1, … (a range partitioner placed from a sample of the input); make
+data with `shoal mr gen` and check the result with `shoal mr validate`.
 Exit status: 0 done; 1 the job failed (a task failed --max-attempts times, or the output
 directory is full, read-only or not writable); 2 bad options or inputs; 130 on Ctrl-C and 143
 on SIGTERM (workers stopped and the scratch directory under $TMPDIR removed either way).";
@@ -89,8 +159,8 @@ Examples:
 /// Which app and its options (shared by run, coordinator and seq).
 #[derive(Debug, Clone, Args)]
 pub struct AppArgs {
-    /// The app: wordcount, indexer, grep, stream, or a fault-testing app (mtiming, rtiming,
-    /// jobcount, early_exit, crash, nocrash).
+    /// The app: wordcount, indexer, grep, sort (with --format), stream, or a fault-testing
+    /// app (mtiming, rtiming, jobcount, early_exit, crash, nocrash).
     #[arg(long)]
     pub app: Option<String>,
     /// Regular expression of the grep app.
@@ -106,6 +176,10 @@ pub struct AppArgs {
     /// A file shipped to every worker (e.g. the stream app's scripts); repeatable.
     #[arg(long = "ship", value_name = "FILE")]
     pub ship: Vec<PathBuf>,
+    /// Record format of the sort app: `lines` (each line a record, ordered by its bytes) or
+    /// `terasort` (100-byte records ordered by their first 10 bytes). Default: lines.
+    #[arg(long, value_name = "lines|terasort")]
+    pub format: Option<String>,
 }
 
 impl AppArgs {
@@ -126,12 +200,22 @@ impl AppArgs {
                 executable,
             });
         }
+        let name = self.app.clone().unwrap_or_else(|| default_app.to_string());
+        let sort = match (name.as_str(), &self.format) {
+            ("sort", format) => Some(SortConfig {
+                format: SortFormat::parse(format.as_deref().unwrap_or("lines"))?,
+                cut_points: Vec::new(),
+            }),
+            (_, Some(_)) => bail!("--format is an option of the sort app (--app sort)"),
+            (_, None) => None,
+        };
         Ok(AppConfig {
-            name: self.app.clone().unwrap_or_else(|| default_app.to_string()),
+            name,
             pattern: self.pattern.clone(),
             mapper: self.mapper.clone(),
             reducer: self.reducer.clone(),
             shipped,
+            sort,
         })
     }
 }
@@ -338,6 +422,58 @@ pub fn run(cmd: MrCommand) -> anyhow::Result<ExitCode> {
         MrCommand::Coordinator(args) => runtime.block_on(coordinator(*args)),
         MrCommand::Worker(args) => runtime.block_on(worker(*args)),
         MrCommand::Seq(args) => seq(*args),
+        MrCommand::Gen(args) => gen(args),
+        MrCommand::Validate(args) => validate(args),
+    }
+}
+
+fn gen(args: GenArgs) -> anyhow::Result<ExitCode> {
+    let format = SortFormat::parse(&args.format)?;
+    let summary = shoal_mr::sortdata::generate(format, args.records, args.seed, &args.out)?;
+    say!(
+        "wrote {} {} records ({:.1} MB) to {}; checksum {:032x}",
+        summary.records,
+        format.name(),
+        summary.bytes as f64 / 1e6,
+        args.out.display(),
+        summary.checksum
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let format = SortFormat::parse(&args.format)?;
+    if !args.dir.is_dir() {
+        bail!(
+            "{} is not a directory: give the --out directory of a sort job",
+            args.dir.display()
+        );
+    }
+    for input in &args.inputs {
+        std::fs::metadata(input)
+            .with_context(|| format!("cannot read --input {}", input.display()))?;
+    }
+    let files = shoal_mr::sortdata::output_files(&args.dir)?;
+    match shoal_mr::sortdata::validate(&args.dir, format, &args.inputs) {
+        Ok((out, input)) => {
+            say!(
+                "valid: {} records ({:.1} MB) in {} files, in order; {} duplicate keys; checksum {:032x}",
+                out.records,
+                out.bytes as f64 / 1e6,
+                files.len(),
+                out.duplicate_keys,
+                out.checksum
+            );
+            if input.is_some() {
+                say!("the same records as the input (count and checksum match)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some() => Err(e),
+        Err(e) => {
+            eprintln!("invalid: {e:#}");
+            Ok(ExitCode::from(1))
+        }
     }
 }
 
@@ -387,6 +523,7 @@ fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let app = args.app.config("wordcount")?;
+    let sort_format = app.sort.as_ref().map(|s| s.format.name().to_owned());
     let job = prepare_job(job_options(app, &args.job, args.inputs, args.out.clone()))?;
     // Both ports are bound before either is announced: a busy --http port fails the command
     // before any worker can connect (and before `listening on` tells anyone to try).
@@ -406,7 +543,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     tokio::select! {
         result = run_job(job, listener, tx) => match result {
             Ok(report) => {
-                print_summary(&report, maps, None, &args.out);
+                print_summary(&report, maps, None, sort_format.as_deref(), &args.out);
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => job_failure(e),
@@ -516,6 +653,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let app = args.app.config("wordcount")?;
     let app_name = app.name.clone();
+    let sort_format = app.sort.as_ref().map(|s| s.format.name().to_owned());
     let status_listener = match args.job.http {
         Some(addr) => Some(bind_http(addr).await?),
         None => None,
@@ -578,7 +716,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let bars = indicatif::MultiProgress::new();
     let style = indicatif::ProgressStyle::with_template(
-        "{prefix:>7} [{bar:40.cyan/blue}] {pos}/{len} tasks {msg}",
+        "{prefix:>7} [{bar:40.cyan/blue}] {pos}/{len} tasks, {msg}",
     )
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
     .progress_chars("=> ");
@@ -592,15 +730,31 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let job_future = run_job(job, listener, tx);
     tokio::pin!(job_future);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
+    // When the map phase was seen over (to the poll's 100 ms).
+    let mut map_phase_ms: Option<u64> = None;
     let result = loop {
         tokio::select! {
             r = &mut job_future => break r,
             _ = poll.tick() => {
                 let s = rx.borrow_and_update().clone();
+                if map_phase_ms.is_none() && s.maps_total > 0 && s.maps_done == s.maps_total {
+                    map_phase_ms = Some(s.elapsed_ms);
+                }
                 map_bar.set_position(u64::from(s.maps_done));
                 reduce_bar.set_position(u64::from(s.reduces_done));
                 let busy = s.workers.iter().filter(|w| !w.running.is_empty()).count();
-                map_bar.set_message(format!("{busy} workers busy"));
+                let mb = |name: &str| s.counters.get(name).copied().unwrap_or(0) as f64 / 1e6;
+                map_bar.set_message(format!(
+                    "{:.1}/{:.1} MB read, {:.1} MB written; {busy} workers busy",
+                    mb("map.input.bytes"),
+                    input_bytes as f64 / 1e6,
+                    mb("map.output.file.bytes")
+                ));
+                reduce_bar.set_message(format!(
+                    "{:.1} MB merged, {:.1} MB written",
+                    mb("reduce.input.bytes"),
+                    mb("reduce.output.bytes")
+                ));
                 if children.running() == 0 {
                     bars.clear().ok();
                     bail!("every worker process exited before the job finished (run with SHOAL_LOG=info to see why)");
@@ -654,7 +808,15 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(report) => {
             let top = (app_name == "wordcount").then_some(10);
-            print_summary(&report, maps, top, &args.out);
+            print_summary(&report, maps, top, sort_format.as_deref(), &args.out);
+            if let Some(ms) = map_phase_ms {
+                let total = report.elapsed.as_secs_f64();
+                say!(
+                    "Phases: map {:.1} s, then reduce and commit {:.1} s (seen every 100 ms).",
+                    ms as f64 / 1e3,
+                    (total - ms as f64 / 1e3).max(0.0)
+                );
+            }
             if bundled {
                 say!(
                     "\nNext: `shoal mr run --http 127.0.0.1:8080 --workers 4` to watch the status page, \
@@ -667,6 +829,34 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Sizes of the output files: how evenly the partitioner spread the data.
+struct Balance {
+    largest: u64,
+    mean: f64,
+    ratio: f64,
+    empty: usize,
+}
+
+fn partition_balance(outputs: &[PathBuf]) -> Option<Balance> {
+    let sizes: Vec<u64> = outputs
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let largest = *sizes.iter().max()?;
+    let mean = sizes.iter().sum::<u64>() as f64 / sizes.len() as f64;
+    Some(Balance {
+        largest,
+        mean,
+        ratio: if mean > 0.0 {
+            largest as f64 / mean
+        } else {
+            1.0
+        },
+        empty: sizes.iter().filter(|&&s| s == 0).count(),
+    })
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -675,7 +865,13 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn print_summary(report: &JobReport, maps: usize, top_words: Option<usize>, out: &Path) {
+fn print_summary(
+    report: &JobReport,
+    maps: usize,
+    top_words: Option<usize>,
+    sort_format: Option<&str>,
+    out: &Path,
+) {
     let secs = report.elapsed.as_secs_f64().max(1e-6);
     say!(
         "Done in {secs:.2} s: {maps} map tasks, {} reduce tasks, {:.1} MB in ({:.1} MB/s).",
@@ -703,6 +899,43 @@ fn print_summary(report: &JobReport, maps: usize, top_words: Option<usize>, out:
             _ => {}
         }
     }
+    let mb = |name: &str| report.counters.get(name).copied().unwrap_or(0) as f64 / 1e6;
+    if report.counters.contains_key("map.input.bytes") {
+        say!(
+            "Bytes through each phase: map in {:.1} MB, spilled {:.1} MB, map output {:.1} MB, \
+             shuffled {:.1} MB (over the network), reduce in {:.1} MB, out {:.1} MB.",
+            mb("map.input.bytes"),
+            mb("map.spill.bytes"),
+            mb("map.output.file.bytes"),
+            mb("shuffle.fetched.bytes"),
+            mb("reduce.input.bytes"),
+            mb("reduce.output.bytes")
+        );
+    }
+    let secs_of = |name: &str| report.counters.get(name).copied().unwrap_or(0) as f64 / 1e3;
+    if report.counters.contains_key("map.read.ms") {
+        say!(
+            "Time in tasks (summed over tasks): map read {:.1} s, map {:.1} s, spill {:.1} s, \
+             map merge+write {:.1} s; shuffle fetch {:.1} s; reduce merge+write {:.1} s, fsync {:.1} s.",
+            secs_of("map.read.ms"),
+            secs_of("map.run.ms"),
+            secs_of("map.spill.ms"),
+            secs_of("map.finish.ms"),
+            secs_of("shuffle.fetch.ms"),
+            secs_of("reduce.merge.ms"),
+            secs_of("reduce.fsync.ms")
+        );
+    }
+    if let Some(b) = sort_format.and(partition_balance(&report.outputs)) {
+        say!(
+            "Partitions: largest {:.1} MB, mean {:.1} MB: largest/mean = {:.2} ({} of {} empty).",
+            b.largest as f64 / 1e6,
+            b.mean / 1e6,
+            b.ratio,
+            b.empty,
+            report.outputs.len()
+        );
+    }
     if !report.counters.is_empty() {
         say!("\nCounters (winning attempts only):");
         let width = report.counters.keys().map(String::len).max().unwrap_or(0);
@@ -710,12 +943,20 @@ fn print_summary(report: &JobReport, maps: usize, top_words: Option<usize>, out:
             say!("  {k:<width$} {v:>12}");
         }
     }
-    say!(
-        "\nOutput: {}/mr-out-0 … mr-out-{} (try: sort {}/mr-out-* | head)",
-        out.display(),
-        report.outputs.len().saturating_sub(1),
-        out.display()
-    );
+    let last = report.outputs.len().saturating_sub(1);
+    match sort_format {
+        Some(format) => say!(
+            "\nOutput: {}/mr-out-0 … mr-out-{last}, in total order (check: shoal mr validate \
+             --format {format} --input INPUT {})",
+            out.display(),
+            out.display()
+        ),
+        None => say!(
+            "\nOutput: {}/mr-out-0 … mr-out-{last} (try: sort {}/mr-out-* | head)",
+            out.display(),
+            out.display()
+        ),
+    }
 }
 
 #[cfg(test)]

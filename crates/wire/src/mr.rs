@@ -71,6 +71,19 @@ pub struct AppSpec {
     pub reducer: Option<String>,
     /// Files shipped to every worker.
     pub shipped: Vec<ShippedFileSpec>,
+    /// `sort`'s record format and total-order partitioner.
+    pub sort: Option<SortSpec>,
+}
+
+/// The `sort` app's parameters: how records are read, and the range partitioner built by the
+/// coordinator from a sample of the input before the maps run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SortSpec {
+    /// Record format: `lines` or `terasort`.
+    pub format: String,
+    /// R-1 (or fewer, when the sample has duplicates) ascending cut points: partition `i`
+    /// holds the keys `k` with `cut_points[i-1] <= k < cut_points[i]`.
+    pub cut_points: Vec<Vec<u8>>,
 }
 
 /// Everything a worker needs to know about the job, sent once on registration.

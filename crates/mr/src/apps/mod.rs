@@ -1,5 +1,5 @@
-//! The built-in apps: `wordcount`, `indexer`, `grep`, `stream` (Hadoop-streaming style
-//! external commands), and the fault-testing apps of the classic lab (`mtiming`, `rtiming`,
+//! The built-in apps: `wordcount`, `indexer`, `grep`, `sort` (total-order sort of lines or
+//! TeraSort records), `stream` (Hadoop-streaming style external commands), and the fault-testing apps of the classic lab (`mtiming`, `rtiming`,
 //! `jobcount`, `early_exit`, `crash`, `nocrash`).
 //!
 //! Text apps get raw bytes. The UTF-8 rule: a word is a maximal run of Unicode letters
@@ -9,6 +9,7 @@
 pub mod faults;
 pub mod grep;
 pub mod indexer;
+pub mod sort;
 pub mod stream;
 pub mod text;
 pub mod wordcount;

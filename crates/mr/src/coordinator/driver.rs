@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use shoal_wire::codec::FrameCodec;
 use shoal_wire::mr::{
-    AppSpec, AttemptRef, FileKey, JobSpec, ShippedFileSpec, SplitSpec, TaskKind, ToCoordinator,
-    ToWorker, MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
+    AppSpec, AttemptRef, FileKey, JobSpec, ShippedFileSpec, SortSpec, SplitSpec, TaskKind,
+    ToCoordinator, ToWorker, MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
 };
 use shoal_wire::{Hello, Role};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,8 +22,8 @@ use super::core::{
     attempt_name, task_name, CommitError, Coordinator, CoordinatorConfig, Output, WorkerId,
 };
 use crate::app::AppConfig;
-use crate::shuffle::{fetch_file, ShuffleError};
-use crate::split::{plan_splits, InputSplit};
+use crate::shuffle::{fetch_file, Fetched, ShuffleError};
+use crate::split::{plan_splits_with, InputSplit, RecordLayout};
 use crate::status::JobStatus;
 
 /// How often the state machine is ticked (timeouts, duplicates) and the status refreshed.
@@ -169,8 +169,20 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
     let mut options = options;
     options.inputs =
         crate::split::expand_inputs(&options.inputs).map_err(CoordinatorError::Input)?;
-    let splits =
-        plan_splits(&options.inputs, options.split_size_bytes).map_err(CoordinatorError::Input)?;
+    let layout = options
+        .app
+        .sort
+        .as_ref()
+        .map_or(RecordLayout::Lines, |s| s.format.layout());
+    let splits = plan_splits_with(&options.inputs, options.split_size_bytes, layout)
+        .map_err(CoordinatorError::Input)?;
+    if let Some(sort) = options.app.sort.as_mut() {
+        // The total-order partitioner, from a sample of the input, before any map runs.
+        let partitioner =
+            crate::apps::sort::sample_cut_points(&splits, sort.format, options.reduces)
+                .map_err(CoordinatorError::Input)?;
+        sort.cut_points = partitioner.cuts().to_vec();
+    }
     let mut input_bytes = 0;
     for input in &options.inputs {
         input_bytes += std::fs::metadata(input)
@@ -311,6 +323,10 @@ pub async fn run_job(
                     executable: f.executable,
                 })
                 .collect(),
+            sort: options.app.sort.as_ref().map(|s| SortSpec {
+                format: s.format.name().to_owned(),
+                cut_points: s.cut_points.clone(),
+            }),
         },
         reduces: options.reduces,
         memory_bytes: options.memory_bytes,
@@ -574,7 +590,7 @@ async fn commit(
         reduce_task: r,
         attempt: attempt.attempt,
     };
-    let result = match fetch_file(&shuffle_addr, job_id, key, &tmp).await {
+    let result = match fetch_file(&shuffle_addr, job_id, key, &tmp, Fetched::Durable).await {
         Ok(_) => Ok(tmp),
         Err(ShuffleError::LocalWrite { error, .. }) => Err(commit_error(&out_dir, &error)),
         Err(e) => Err(CommitError::Retryable(format!(

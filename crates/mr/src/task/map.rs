@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use super::format::{Mmap, RunReader, RunWriter};
 use super::reduce::Merger;
 use super::sum_table::SumTable;
-use super::{attempt_id, panic_message, Counters, MapTaskOutput, ScratchDir};
+use super::{attempt_id, ms_since, panic_message, stopwatch, Counters, MapTaskOutput, ScratchDir};
 use crate::app::{App, Combiner, Emit, MapInput};
 use crate::apps::{parse_decimal, push_decimal};
 use crate::split::{read_split, InputSplit};
@@ -170,6 +170,8 @@ struct PartitionedOut {
     kind: OutKind,
     /// Records written.
     records: u64,
+    /// Bytes written (every partition's run).
+    bytes: u64,
 }
 
 enum OutKind {
@@ -202,6 +204,7 @@ impl PartitionedOut {
                 segments: Vec::with_capacity(reduces as usize),
             },
             records: 0,
+            bytes: 0,
         };
         out.open_partition(0)?;
         Ok(out)
@@ -221,6 +224,7 @@ impl PartitionedOut {
             writer: None,
             kind: OutKind::Final { temps, finals },
             records: 0,
+            bytes: 0,
         };
         out.open_partition(0)?;
         Ok(out)
@@ -244,6 +248,7 @@ impl PartitionedOut {
             return Ok(());
         };
         let (file, len) = w.finish().context("writing map output")?;
+        self.bytes += len;
         match &mut self.kind {
             OutKind::Spill {
                 file: slot,
@@ -274,7 +279,8 @@ impl PartitionedOut {
         }
     }
 
-    /// Closes every partition; returns the spill (path, segments) or the final paths.
+    /// Closes every partition; returns the spill (path, segments) or the final paths and
+    /// their total size.
     fn finish(mut self) -> anyhow::Result<Finished> {
         loop {
             self.close_partition()?;
@@ -290,7 +296,7 @@ impl PartitionedOut {
                     std::fs::rename(t, f)
                         .with_context(|| format!("renaming {} to {}", t.display(), f.display()))?;
                 }
-                Ok(Finished::Final(finals))
+                Ok(Finished::Final(finals, self.bytes))
             }
         }
     }
@@ -298,7 +304,7 @@ impl PartitionedOut {
 
 enum Finished {
     Spill(Spill),
-    Final(Vec<PathBuf>),
+    Final(Vec<PathBuf>, u64),
 }
 
 /// A spill file: one sorted run per partition.
@@ -324,6 +330,12 @@ struct MapSink<'a> {
     output_records: u64,
     output_bytes: u64,
     combine_output_records: u64,
+    /// Bytes written to spill files.
+    spill_bytes: u64,
+    /// Time spent spilling.
+    spill_ms: u64,
+    /// Bytes of the final partition files.
+    output_file_bytes: u64,
     /// Reused buffer for combiner output.
     combined: Vec<u8>,
 }
@@ -443,6 +455,13 @@ impl MapSink<'_> {
     }
 
     fn spill(&mut self) -> anyhow::Result<()> {
+        let started = stopwatch();
+        let result = self.spill_now();
+        self.spill_ms += ms_since(started);
+        result
+    }
+
+    fn spill_now(&mut self) -> anyhow::Result<()> {
         if !self.scratch_created {
             std::fs::create_dir_all(self.scratch)
                 .with_context(|| format!("creating {}", self.scratch.display()))?;
@@ -452,8 +471,11 @@ impl MapSink<'_> {
         let mut out = PartitionedOut::spill(path, self.reduces)?;
         self.drain_into(&mut out)?;
         match out.finish()? {
-            Finished::Spill(s) => self.spills.push(s),
-            Finished::Final(_) => bail!("spill produced final files"),
+            Finished::Spill(s) => {
+                self.spill_bytes += s.segments.iter().map(|(_, len)| len).sum::<u64>();
+                self.spills.push(s);
+            }
+            Finished::Final(..) => bail!("spill produced final files"),
         }
         tracing::debug!(spills = self.spills.len(), "map buffer spilled");
         Ok(())
@@ -465,7 +487,10 @@ impl MapSink<'_> {
             let mut out = PartitionedOut::finals(work_dir, map_task, self.reduces)?;
             self.drain_into(&mut out)?;
             return match out.finish()? {
-                Finished::Final(paths) => Ok(paths),
+                Finished::Final(paths, bytes) => {
+                    self.output_file_bytes = bytes;
+                    Ok(paths)
+                }
                 Finished::Spill(_) => bail!("final output produced a spill"),
             };
         }
@@ -499,7 +524,10 @@ impl MapSink<'_> {
             merger.check()?;
         }
         match out.finish()? {
-            Finished::Final(paths) => Ok(paths),
+            Finished::Final(paths, bytes) => {
+                self.output_file_bytes = bytes;
+                Ok(paths)
+            }
             Finished::Spill(_) => bail!("final output produced a spill"),
         }
     }
@@ -588,7 +616,10 @@ pub fn run_map_task(
     let _enter = span.enter();
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+    let started = stopwatch();
     let contents = read_split(split)?;
+    let read_ms = ms_since(started);
+    let started = stopwatch();
     let name = split.path.to_string_lossy();
     let scratch = work_dir.join(format!(".map-{map_task}-{}", attempt_id()));
     let _cleanup = ScratchDir(scratch.clone());
@@ -610,6 +641,9 @@ pub fn run_map_task(
         output_records: 0,
         output_bytes: 0,
         combine_output_records: 0,
+        spill_bytes: 0,
+        spill_ms: 0,
+        output_file_bytes: 0,
         combined: Vec::new(),
     };
     let input = MapInput {
@@ -633,16 +667,23 @@ pub fn run_map_task(
     if let Some(e) = sink.error.take() {
         return Err(e.context(format!("map of {}", where_())));
     }
+    let run_ms = ms_since(started).saturating_sub(sink.spill_ms);
+    let started = stopwatch();
+    // (A spill from `finish` counts in map.finish.ms.)
+    let spill_ms = sink.spill_ms;
     let partitions = sink.finish(work_dir, map_task)?;
+    let finish_ms = ms_since(started);
     let mut counters = std::mem::take(&mut sink.counters);
-    counters.add(
-        "map.input.records",
-        memchr::memchr_iter(b'\n', &contents).count() as u64
-            + u64::from(contents.last().is_some_and(|&b| b != b'\n')),
-    );
+    counters.add("map.input.records", app.input_records(&contents));
     counters.add("map.input.bytes", contents.len() as u64);
     counters.add("map.output.records", sink.output_records);
     counters.add("map.output.bytes", sink.output_bytes);
+    counters.add("map.spill.bytes", sink.spill_bytes);
+    counters.add("map.read.ms", read_ms);
+    counters.add("map.run.ms", run_ms);
+    counters.add("map.spill.ms", spill_ms);
+    counters.add("map.finish.ms", finish_ms);
+    counters.add("map.output.file.bytes", sink.output_file_bytes);
     if sink.combiner != Combiner::None {
         counters.add("combine.output.records", sink.combine_output_records);
     }

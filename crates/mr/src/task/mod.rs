@@ -27,15 +27,23 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use map::run_map_task;
-pub use reduce::run_reduce_task;
+pub use reduce::{run_reduce_task, run_reduce_task_with, OutputDurability};
 
 /// Default memory budget of one task's buffer (the caller may set another).
 pub const DEFAULT_TASK_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
 
-/// Named counters of a task or job: `map.input.records` (lines), `map.input.bytes`,
-/// `map.output.records`, `map.output.bytes` (pairs emitted by map), `map.spills`,
-/// `combine.output.records`, `reduce.input.records`, `reduce.input.groups`,
-/// `reduce.output.records`, `reduce.output.bytes`, and `user.<name>` for app counters.
+/// Named counters of a task or job: `map.input.records` (lines, or the app's records),
+/// `map.input.bytes`, `map.output.records`, `map.output.bytes` (pairs emitted by map),
+/// `map.spills`, `map.spill.bytes` (written to spill files), `map.output.file.bytes` (the
+/// final partition files), `combine.output.records`, `shuffle.fetched.bytes` (partition files
+/// fetched from other workers), `reduce.input.bytes` (partition files merged),
+/// `reduce.input.records`, `reduce.input.groups`, `reduce.output.records`,
+/// `reduce.output.bytes`, and `user.<name>` for app counters. Where the time of the tasks
+/// went, in milliseconds summed over tasks (a profile, not an input of any decision):
+/// `map.read.ms` (reading the split), `map.run.ms` (the app's map and buffering), `map.spill.ms`
+/// (sorting and writing spills), `map.finish.ms` (sorting or merging into the final partition
+/// files), `shuffle.fetch.ms` (fetching partitions), `reduce.merge.ms` (merging and writing the
+/// output), `reduce.fsync.ms` (fsync and rename of the output).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Counters(pub BTreeMap<String, u64>);
 
@@ -106,6 +114,18 @@ impl Drop for ScratchDir {
             }
         }
     }
+}
+
+/// Milliseconds since `start`, for the time counters (a profile only: task engines may read
+/// the clock; no decision depends on it).
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn stopwatch() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+/// Milliseconds elapsed since `start`.
+pub(crate) fn ms_since(start: std::time::Instant) -> u64 {
+    start.elapsed().as_millis() as u64
 }
 
 /// fsyncs a directory (after a rename into it).

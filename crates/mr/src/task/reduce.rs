@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use super::format::{Mmap, RunReader};
-use super::{attempt_id, panic_message, sync_dir, Counters};
+use super::{attempt_id, ms_since, panic_message, stopwatch, sync_dir, Counters};
 use crate::app::App;
 
 /// Output file write buffer.
@@ -179,8 +179,19 @@ impl MappedRuns {
     }
 }
 
+/// Whether a reduce output must survive a machine crash once written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputDurability {
+    /// The output is final: fsync the file, rename, fsync the directory.
+    Durable,
+    /// The output is a worker's copy that the coordinator fetches and commits durably itself:
+    /// written and renamed (so it is whole when served), not fsynced. A worker whose machine
+    /// crashes loses its directory anyway, and the task runs again.
+    Scratch,
+}
+
 /// Runs reduce task `reduce_task` over `inputs` (this partition's file from every map task,
-/// local copies) and writes `out_dir/mr-out-<reduce_task>` atomically.
+/// local copies) and writes `out_dir/mr-out-<reduce_task>` atomically and durably.
 ///
 /// Memory stays bounded whatever the data size: inputs are memory-mapped and merged with one
 /// heap entry each, and values are streamed to the app. `memory_bytes` and `scratch_dir` are
@@ -193,12 +204,34 @@ pub fn run_reduce_task(
     scratch_dir: &Path,
     out_dir: &Path,
 ) -> anyhow::Result<Counters> {
+    run_reduce_task_with(
+        app,
+        reduce_task,
+        inputs,
+        memory_bytes,
+        scratch_dir,
+        out_dir,
+        OutputDurability::Durable,
+    )
+}
+
+/// [`run_reduce_task`] with the output's durability chosen by the caller.
+pub fn run_reduce_task_with(
+    app: &dyn App,
+    reduce_task: u32,
+    inputs: &[PathBuf],
+    memory_bytes: u64,
+    scratch_dir: &Path,
+    out_dir: &Path,
+    durability: OutputDurability,
+) -> anyhow::Result<Counters> {
     let _ = (memory_bytes, scratch_dir);
     let span = tracing::debug_span!("reduce", task = reduce_task, app = app.name());
     let _enter = span.enter();
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("creating output dir {}", out_dir.display()))?;
     let runs = MappedRuns::open(inputs)?;
+    let input_bytes: u64 = runs.maps.iter().map(|m| m.bytes().len() as u64).sum();
     let mut merger = Merger::new(runs.readers()?)?;
 
     let final_path = out_dir.join(format!("mr-out-{reduce_task}"));
@@ -208,24 +241,34 @@ pub fn run_reduce_task(
     let mut out = CountingWriter {
         inner: std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, file),
         bytes: 0,
-        count_lines: app.reduces_whole_task(),
-        lines: 0,
+        count_records: app.reduces_whole_task().then_some(app),
+        records: 0,
     };
+    let started = stopwatch();
     let result = reduce_into(app, reduce_task, &mut merger, &mut out);
+    let merge_ms = ms_since(started);
     let finished = result.and_then(|mut counters| {
+        let started = stopwatch();
         let bytes = out.bytes;
         let file = out
             .inner
             .into_inner()
             .map_err(|e| e.into_error())
             .with_context(|| format!("writing {}", tmp_path.display()))?;
-        file.sync_all()
-            .with_context(|| format!("fsync {}", tmp_path.display()))?;
+        if durability == OutputDurability::Durable {
+            file.sync_all()
+                .with_context(|| format!("fsync {}", tmp_path.display()))?;
+        }
         drop(file);
         std::fs::rename(&tmp_path, &final_path)
             .with_context(|| format!("renaming to {}", final_path.display()))?;
-        sync_dir(out_dir).with_context(|| format!("fsync dir {}", out_dir.display()))?;
+        if durability == OutputDurability::Durable {
+            sync_dir(out_dir).with_context(|| format!("fsync dir {}", out_dir.display()))?;
+        }
         counters.add("reduce.output.bytes", bytes);
+        counters.add("reduce.input.bytes", input_bytes);
+        counters.add("reduce.merge.ms", merge_ms);
+        counters.add("reduce.fsync.ms", ms_since(started));
         Ok(counters)
     });
     if finished.is_err() {
@@ -235,26 +278,26 @@ pub fn run_reduce_task(
 }
 
 /// Counts bytes written through it.
-struct CountingWriter<W: Write> {
+struct CountingWriter<'a, W: Write> {
     inner: W,
     bytes: u64,
-    /// Whether to count newlines (for whole-task reducers, whose lines the engine does not
-    /// write itself).
-    count_lines: bool,
-    lines: u64,
+    /// The app whose records to count (`App::output_records`), for whole-task reducers,
+    /// whose records the engine does not write itself.
+    count_records: Option<&'a dyn App>,
+    records: u64,
 }
 
-impl<W: Write> CountingWriter<W> {
+impl<W: Write> CountingWriter<'_, W> {
     #[inline]
     fn note(&mut self, written: &[u8]) {
         self.bytes += written.len() as u64;
-        if self.count_lines {
-            self.lines += memchr::memchr_iter(b'\n', written).count() as u64;
+        if let Some(app) = self.count_records {
+            self.records += app.output_records(written);
         }
     }
 }
 
-impl<W: Write> Write for CountingWriter<W> {
+impl<W: Write> Write for CountingWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.note(&buf[..n]);
@@ -274,7 +317,7 @@ fn reduce_into<W: Write + Send>(
     app: &dyn App,
     reduce_task: u32,
     merger: &mut Merger<'_>,
-    out: &mut CountingWriter<W>,
+    out: &mut CountingWriter<'_, W>,
 ) -> anyhow::Result<Counters> {
     let mut counters = Counters::default();
     let app_name = app.name();
@@ -295,7 +338,7 @@ fn reduce_into<W: Write + Send>(
         for _ in merger.by_ref() {}
         merger.check()?;
         counters.add("reduce.input.records", merger.records);
-        counters.add("reduce.output.records", out.lines);
+        counters.add("reduce.output.records", out.records);
         return Ok(counters);
     }
 
