@@ -455,7 +455,9 @@ impl ShardRun {
             ControlOp::Freeze { config, .. }
             | ControlOp::Export { config, .. }
             | ControlOp::Install { config, .. }
-            | ControlOp::Delete { config, .. } => *config,
+            | ControlOp::Delete { config, .. }
+            | ControlOp::ExportChunk { config, .. }
+            | ControlOp::Stage { config, .. } => *config,
             ControlOp::Adopted => latest,
         };
         self.aimed.replays += 1;
@@ -469,6 +471,8 @@ impl ShardRun {
             ControlOp::Export { shard, .. } => format!("Export shard {shard}"),
             ControlOp::Install { shard, .. } => format!("Install shard {shard}"),
             ControlOp::Delete { shard, .. } => format!("Delete shard {shard}"),
+            ControlOp::ExportChunk { shard, .. } => format!("ExportChunk shard {shard}"),
+            ControlOp::Stage { shard, .. } => format!("Stage shard {shard}"),
         };
         self.w
             .sim
