@@ -12,3 +12,4 @@ pub mod kv_bench;
 pub mod mr_bench;
 pub mod raft_bench;
 pub mod shard_bench;
+mod svg;

@@ -294,9 +294,11 @@ struct ServerArgs {
     /// The cluster's number of shards: the same for every group, for good.
     #[arg(long, default_value_t = shoal_shard::DEFAULT_SHARDS)]
     shards: u32,
-    /// The controller store's addresses (ADDR,ADDR,ADDR). Recorded for the group's own
-    /// follower of the controller; today the controller drives this server over its
-    /// client connections, so it may be omitted.
+    /// The controller store's addresses (ADDR,ADDR,ADDR). At start the server reads the
+    /// cluster's latest configuration there and refuses to start if its --shards differs
+    /// (or warns if the configuration lists this group without this server); if the store
+    /// does not answer within a few seconds it starts anyway and says so. The controller
+    /// drives migrations over the server's client connections, so it may be omitted.
     #[arg(long, value_parser = crate::cli::parse_addr, value_delimiter = ',')]
     controller: Vec<SocketAddr>,
     /// Cluster id: every group and the controller's clients must use the same.
@@ -401,6 +403,9 @@ async fn server(args: ServerArgs) -> Result<ExitCode> {
             return Err(e).with_context(|| who.clone());
         }
     }
+    if !args.controller.is_empty() {
+        check_against_cluster(&args, shards, own).await?;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -419,6 +424,58 @@ async fn server(args: ServerArgs) -> Result<ExitCode> {
         .await
         .with_context(|| who)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long a starting group server waits for the controller store before starting unchecked.
+const START_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A group server given --controller checks itself against the cluster's latest
+/// configuration before serving: another shard count is refused (its shard numbers would
+/// name other keys than the cluster's, and the controller's moves would be refused forever);
+/// a configuration listing this gid without this server is worth a warning (the controller
+/// and clients will not reach it). An unreachable store is not a reason to stay down.
+async fn check_against_cluster(args: &ServerArgs, shards: u32, own: SocketAddr) -> Result<()> {
+    let store: Vec<String> = args.controller.iter().map(ToString::to_string).collect();
+    let store = store.join(",");
+    let read = read_latest(&args.controller, args.cluster, START_CHECK_TIMEOUT);
+    let record = match tokio::time::timeout(START_CHECK_TIMEOUT, read).await {
+        Ok(Ok(Some(record))) => record,
+        Ok(Ok(None)) => {
+            tracing::info!(%store, "the controller store holds no configuration yet");
+            return Ok(());
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%store, error = %e, "could not read the controller store: starting \
+                without checking --shards against the cluster's configuration");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!(%store, "the controller store did not answer within {}s: starting \
+                without checking --shards against the cluster's configuration",
+                START_CHECK_TIMEOUT.as_secs());
+            return Ok(());
+        }
+    };
+    let config = &record.config;
+    if config.shards.len() != shards as usize {
+        bail!(
+            "--shards {shards} differs from the cluster's: configuration {} in the controller \
+             store ({store}) has {} shards. Every group of a cluster uses the same count; start \
+             this server with --shards {} (or give the --controller of its own cluster)",
+            config.num,
+            config.shards.len(),
+            config.shards.len()
+        );
+    }
+    if let Some(servers) = config.groups.get(&args.gid) {
+        let me = own.to_string();
+        if !servers.contains(&me) {
+            tracing::warn!(gid = args.gid, configuration = config.num, listed = %servers.join(","),
+                own = %me, "the cluster's configuration lists this group without this server: \
+                the controller and clients will not reach it until a join names it");
+        }
+    }
+    Ok(())
 }
 
 /// `shoal shard join`.

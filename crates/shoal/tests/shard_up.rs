@@ -369,6 +369,39 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
     assert_eq!(query(&dir).0, moved, "nothing was recorded");
     let status = ok(&dir, &["status"]);
     assert!(!status.contains("changing"), "{status}");
+
+    // A group server given the cluster's --controller and another --shards refuses to start,
+    // before creating its data directory.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let data = tmp.path().join("stray-server");
+    let store = controller.lines().collect::<Vec<_>>().join(",");
+    let out = Command::new(SHOAL)
+        .args([
+            "shard", "server", "--gid", "3", "--id", "1", "--listen", &addr,
+        ])
+        .args([
+            "--peers",
+            &addr,
+            "--shards",
+            "64",
+            "--controller",
+            &store,
+            "--data",
+        ])
+        .arg(&data)
+        .output()
+        .expect("run a stray shard server");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        err.contains("--shards 64 differs from the cluster's") && err.contains("has 16 shards"),
+        "{err}"
+    );
+    assert!(!data.exists(), "nothing created");
     up.stop();
 }
 

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::svg::{curve, escape, legend, open, Area};
+
 use super::load::{Mode, RunResult};
 use super::target::TargetKind;
 
@@ -15,33 +17,6 @@ const MARGIN_LEFT: f64 = 70.0;
 const MARGIN_RIGHT: f64 = 20.0;
 const MARGIN_TOP: f64 = 80.0;
 const MARGIN_BOTTOM: f64 = 50.0;
-
-/// A round tick step giving about five ticks up to `max`.
-pub(crate) fn tick_step(max: f64) -> f64 {
-    let raw = (max / 5.0).max(1e-9);
-    let magnitude = 10f64.powf(raw.log10().floor());
-    let f = raw / magnitude;
-    let nice = if f <= 1.0 {
-        1.0
-    } else if f <= 2.0 {
-        2.0
-    } else if f <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * magnitude
-}
-
-pub(crate) fn fmt_tick(v: f64) -> String {
-    if v >= 1000.0 && v % 1000.0 == 0.0 {
-        format!("{}k", v / 1000.0)
-    } else if v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v}")
-    }
-}
 
 fn style(target: TargetKind, mode: Mode) -> (&'static str, &'static str) {
     let color = match target {
@@ -59,17 +34,19 @@ fn style(target: TargetKind, mode: Mode) -> (&'static str, &'static str) {
 type Series = BTreeMap<(TargetKind, Mode), Vec<(usize, f64)>>;
 
 fn panel(svg: &mut String, x0: f64, title: &str, unit: &str, series: &Series, clients: &[usize]) {
-    let left = x0 + MARGIN_LEFT;
-    let right = x0 + PANEL_WIDTH - MARGIN_RIGHT;
-    let top = MARGIN_TOP;
-    let bottom = HEIGHT - MARGIN_BOTTOM;
     let max_y = series
         .values()
         .flatten()
         .map(|&(_, y)| y)
         .fold(0.0, f64::max);
-    let step = tick_step(if max_y > 0.0 { max_y } else { 1.0 });
-    let y_top = (max_y / step).ceil().max(1.0) * step;
+    let area = Area::new(
+        x0 + MARGIN_LEFT,
+        x0 + PANEL_WIDTH - MARGIN_RIGHT,
+        MARGIN_TOP,
+        HEIGHT - MARGIN_BOTTOM,
+        max_y,
+    );
+    let (left, right) = (area.left, area.right);
     let lx = |c: usize| (c.max(1) as f64).log2();
     let (min_x, max_x) = (
         clients.iter().map(|&c| lx(c)).fold(f64::INFINITY, f64::min),
@@ -85,74 +62,35 @@ fn panel(svg: &mut String, x0: f64, title: &str, unit: &str, series: &Series, cl
             (left + right) / 2.0
         }
     };
-    let py = |y: f64| bottom - y / y_top * (bottom - top);
 
     let _ = writeln!(
         svg,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>"#,
         (left + right) / 2.0,
-        top - 14.0
+        area.top - 14.0
     );
-    // Grid and y ticks.
-    let mut y = 0.0;
-    while y <= y_top + step / 2.0 {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{left:.1}" y1="{0:.1}" x2="{right:.1}" y2="{0:.1}" stroke="#ddd"/><text x="{1:.1}" y="{2:.1}" text-anchor="end" font-size="11">{3}</text>"##,
-            py(y),
-            left - 6.0,
-            py(y) + 4.0,
-            fmt_tick(y)
-        );
-        y += step;
-    }
+    area.y_grid(svg);
     let _ = writeln!(
         svg,
         r#"<text transform="translate({:.1},{:.1}) rotate(-90)" text-anchor="middle" font-size="12">{unit}</text>"#,
         x0 + 16.0,
-        (top + bottom) / 2.0
+        (area.top + area.bottom) / 2.0
     );
     // X ticks: the client counts measured.
     for &c in clients {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{0:.1}" y1="{bottom:.1}" x2="{0:.1}" y2="{1:.1}" stroke="#888"/><text x="{0:.1}" y="{2:.1}" text-anchor="middle" font-size="11">{c}</text>"##,
-            px(c),
-            bottom + 5.0,
-            bottom + 18.0
-        );
+        area.x_tick(svg, px(c), &c.to_string());
     }
     let _ = writeln!(
         svg,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12">concurrent clients (log scale)</text>"#,
         (left + right) / 2.0,
-        bottom + 38.0
+        area.bottom + 38.0
     );
-    let _ = writeln!(
-        svg,
-        r##"<rect x="{left:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#444"/>"##,
-        right - left,
-        bottom - top
-    );
+    let _ = writeln!(svg, "{}", area.border());
     for (&(target, mode), points) in series {
         let (color, dash) = style(target, mode);
-        let path: Vec<String> = points
-            .iter()
-            .map(|&(c, y)| format!("{:.1},{:.1}", px(c), py(y)))
-            .collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>"#,
-            path.join(" ")
-        );
-        for &(c, y) in points {
-            let _ = writeln!(
-                svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"/>"#,
-                px(c),
-                py(y)
-            );
-        }
+        let points: Vec<(f64, f64)> = points.iter().map(|&(c, y)| (px(c), area.py(y))).collect();
+        curve(svg, &points, color, dash);
     }
 }
 
@@ -177,10 +115,7 @@ pub fn svg(runs: &[RunResult], subtitle: &str) -> String {
     clients.dedup();
 
     let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
-    );
+    open(&mut svg, WIDTH, HEIGHT);
     let _ = writeln!(
         svg,
         r##"<rect width="100%" height="100%" fill="white"/><text x="{:.1}" y="20" text-anchor="middle" font-size="13" fill="#333">{}</text>"##,
@@ -191,14 +126,8 @@ pub fn svg(runs: &[RunResult], subtitle: &str) -> String {
     let mut x = 20.0;
     for &(target, mode) in throughput.keys() {
         let (color, dash) = style(target, mode);
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{x:.1}" y1="40" x2="{:.1}" y2="40" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/><text x="{:.1}" y="44" font-size="12">{} {}</text>"#,
-            x + 28.0,
-            x + 34.0,
-            target.name(),
-            mode.name()
-        );
+        let label = format!("{} {}", target.name(), mode.name());
+        legend(&mut svg, x, 40.0, (color, dash, 2.0), &label);
         x += 120.0;
     }
     panel(
@@ -221,20 +150,39 @@ pub fn svg(runs: &[RunResult], subtitle: &str) -> String {
     svg
 }
 
-pub(crate) fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn tick_steps_are_round() {
-        assert_eq!(tick_step(1000.0), 200.0);
-        assert_eq!(tick_step(12.0), 5.0);
-        assert_eq!(tick_step(0.9), 0.2);
+    fn two_panels_with_a_curve_per_target_and_mode() {
+        let mut runs = Vec::new();
+        for (i, &clients) in [1usize, 4, 16, 64].iter().enumerate() {
+            for (target, mode) in [
+                (TargetKind::Shoal, Mode::Put),
+                (TargetKind::Etcd, Mode::Get),
+            ] {
+                runs.push(RunResult {
+                    target,
+                    mode,
+                    clients,
+                    ops: 1000 * (i as u64 + 1),
+                    secs: 1.0,
+                    latencies_us: (0..100).map(|k| k * 37).collect(),
+                    errors: 0,
+                    warmup_errors: 0,
+                    misses: 0,
+                    first_error: None,
+                });
+            }
+        }
+        let svg = svg(&runs, "a <sub> & t");
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("a &lt;sub&gt; &amp; t"), "{svg}");
+        // Two panels × two curves, each with its four points.
+        assert_eq!(svg.matches("<polyline").count(), 4, "{svg}");
+        assert_eq!(svg.matches("<circle").count(), 16, "{svg}");
+        assert!(svg.contains(">shoal put</text>") && svg.contains(">etcd get</text>"));
+        assert!(svg.contains(">Throughput</text>") && svg.contains(">p99 latency</text>"));
     }
 }

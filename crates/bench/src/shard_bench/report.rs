@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::kv_bench::plot::{escape, fmt_tick, tick_step};
+use crate::svg::{curve, escape, legend, open, Area};
 
 /// The issue's targets under quota: speed-up at least this at that many groups.
 pub const TARGETS: [(usize, f64); 2] = [(4, 3.4), (8, 6.0)];
@@ -189,17 +189,13 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
         .iter()
         .flat_map(|(_, p)| p.iter().map(|&(_, y)| y))
         .fold(max_n, f64::max);
-    let step = tick_step(max_y);
-    let y_top = (max_y / step).ceil().max(1.0) * step;
+    let area = Area::new(LEFT, RIGHT, TOP, BOTTOM, max_y);
     let x_right = max_n.max(2.0);
     let px = |n: f64| LEFT + (n - 1.0) / (x_right - 1.0) * (RIGHT - LEFT);
-    let py = |y: f64| BOTTOM - y / y_top * (BOTTOM - TOP);
+    let py = |y: f64| area.py(y);
 
     let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
-    );
+    open(&mut svg, WIDTH, HEIGHT);
     let _ = writeln!(
         svg,
         r##"<rect width="100%" height="100%" fill="white"/><text x="{:.1}" y="20" text-anchor="middle" font-size="15" font-weight="bold">Sharded KV: speed-up over one group</text>"##,
@@ -216,35 +212,17 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
             escape(line)
         );
     }
-    let mut y = 0.0;
-    while y <= y_top + step / 2.0 {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT:.1}" y1="{0:.1}" x2="{RIGHT:.1}" y2="{0:.1}" stroke="#ddd"/><text x="{1:.1}" y="{2:.1}" text-anchor="end" font-size="11">{3}</text>"##,
-            py(y),
-            LEFT - 6.0,
-            py(y) + 4.0,
-            fmt_tick(y)
-        );
-        y += step;
-    }
+    area.y_grid(&mut svg);
     for &n in &groups {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{0:.1}" y1="{BOTTOM:.1}" x2="{0:.1}" y2="{1:.1}" stroke="#888"/><text x="{0:.1}" y="{2:.1}" text-anchor="middle" font-size="11">{n}</text>"##,
-            px(n as f64),
-            BOTTOM + 5.0,
-            BOTTOM + 18.0
-        );
+        area.x_tick(&mut svg, px(n as f64), &n.to_string());
     }
     let _ = writeln!(
         svg,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12">replica groups (3 servers each)</text><text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle" font-size="12">throughput / one group's</text><rect x="{LEFT:.1}" y="{TOP:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#444"/>"##,
+        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12">replica groups (3 servers each)</text><text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle" font-size="12">throughput / one group's</text>{}"##,
         (LEFT + RIGHT) / 2.0,
         BOTTOM + 40.0,
         (TOP + BOTTOM) / 2.0,
-        RIGHT - LEFT,
-        BOTTOM - TOP
+        area.border()
     );
     // Ideal: N×.
     let _ = writeln!(
@@ -269,46 +247,18 @@ pub fn svg(rows: &[Row], subtitle: &str) -> String {
     }
     for ((setting, workload), points) in &curves {
         let (color, dash) = style(*setting, *workload);
-        let path: Vec<String> = points
-            .iter()
-            .map(|&(n, y)| format!("{:.1},{:.1}", px(n as f64), py(y)))
-            .collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>"#,
-            path.join(" ")
-        );
-        for &(n, y) in points {
-            let _ = writeln!(
-                svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"/>"#,
-                px(n as f64),
-                py(y)
-            );
-        }
+        let points: Vec<(f64, f64)> = points.iter().map(|&(n, y)| (px(n as f64), py(y))).collect();
+        curve(&mut svg, &points, color, dash);
     }
     // Legend.
     let mut ly = TOP + 10.0;
     let lx = RIGHT + 15.0;
-    let _ = writeln!(
-        svg,
-        r##"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="#999" stroke-width="1.5" stroke-dasharray="3 3"/><text x="{:.1}" y="{:.1}" font-size="12">ideal (N×)</text>"##,
-        lx + 28.0,
-        lx + 34.0,
-        ly + 4.0
-    );
+    legend(&mut svg, lx, ly, ("#999", "3 3", 1.5), "ideal (N×)");
     for ((setting, workload), _) in &curves {
         ly += 20.0;
         let (color, dash) = style(*setting, *workload);
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/><text x="{:.1}" y="{:.1}" font-size="12">{}, {}</text>"#,
-            lx + 28.0,
-            lx + 34.0,
-            ly + 4.0,
-            workload.name(),
-            setting.name()
-        );
+        let label = format!("{}, {}", workload.name(), setting.name());
+        legend(&mut svg, lx, ly, (color, dash, 2.0), &label);
     }
     svg.push_str("</svg>\n");
     svg
