@@ -813,11 +813,7 @@ impl KvStore {
     /// and whether they reach the last key. A shard copied in bounded chunks
     /// (`docs/sharding.md`, "Large shards travel in chunks"). Keys attached to a lease are
     /// copied without it (the sharded cluster, the only user, refuses leases).
-    pub fn items_after(
-        &self,
-        after: Option<&[u8]>,
-        max_bytes: usize,
-    ) -> (Vec<CopiedEntry>, bool) {
+    pub fn items_after(&self, after: Option<&[u8]>, max_bytes: usize) -> (Vec<CopiedEntry>, bool) {
         let start = match after {
             Some(k) => Bound::Excluded(k),
             None => Bound::Unbounded,

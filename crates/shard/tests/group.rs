@@ -984,6 +984,16 @@ fn staged_copies_survive_a_snapshot_and_a_restore_and_old_snapshots_still_restor
         restored.m.shard(3).unwrap().store.snapshot(),
         g1.m.shard(3).unwrap().store.snapshot()
     );
+    // A format-1 snapshot (before staged copies: the same image without the last field, an
+    // empty list here) still restores, as a machine staging nothing.
+    let plain = busy_machine().bytes();
+    assert_eq!(plain[0], 2);
+    assert_eq!(*plain.last().unwrap(), 0, "an empty list of staged copies");
+    let mut v1 = plain[..plain.len() - 1].to_vec();
+    v1[0] = 1;
+    let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
+    old.restore(LogIndex(5), &v1).unwrap();
+    assert_eq!(old.snapshot().into_bytes(), plain);
     // Cut anywhere, the snapshot with staging is an error, never a panic.
     for cut in 1..bytes.len() {
         let mut m = ShardMachine::new(2, SHARDS, Limits::default()).unwrap();

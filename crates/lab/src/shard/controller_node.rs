@@ -102,8 +102,9 @@ impl ControllerNode {
     }
 }
 
-/// Bytes per chunk of a moving shard in the simulator (a few keys of the workloads).
-pub const SIM_CHUNK_BYTES: u64 = 100;
+/// Bytes per chunk of a moving shard in the simulator: one key per chunk (the workloads'
+/// shards hold a few small keys), so a shard with several keys moves in several chunks.
+pub const SIM_CHUNK_BYTES: u64 = 1;
 
 /// The lock-holder name of controller node `id` in its incarnation `incarnation`: unique per
 /// node and incarnation.
