@@ -104,6 +104,9 @@ impl Default for Limits {
     }
 }
 
+/// A key, its value and its version, as [`KvStore::items_after`] copies them.
+pub type CopiedEntry = (Vec<u8>, Vec<u8>, u64);
+
 /// A key as the store holds it: up to 24 bytes inline, so that the comparisons of a lookup
 /// read the tree node itself instead of chasing a pointer per key (with heap keys, lookups
 /// and their `memcmp` cache misses were a fifth of the leader's CPU under a put load).
@@ -805,6 +808,86 @@ impl KvStore {
         let out = vec![SNAPSHOT_FORMAT_VERSION];
         // Encoding plain vectors and integers into a Vec cannot fail.
         postcard::to_extend(&body, out).expect("snapshot encodes")
+    }
+
+    /// Keys after `after` (from the first key when `None`) in order, with their values and
+    /// versions, up to `max_bytes` of keys and values (at least one key, whatever its size),
+    /// and whether they reach the last key. A shard copied in bounded chunks
+    /// (`docs/sharding.md`, "Large shards travel in chunks"). Keys attached to a lease are
+    /// copied without it (the sharded cluster, the only user, refuses leases).
+    pub fn items_after(&self, after: Option<&[u8]>, max_bytes: usize) -> (Vec<CopiedEntry>, bool) {
+        let start = match after {
+            Some(k) => Bound::Excluded(k),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut range = self.items.range::<_, [u8]>((start, Bound::Unbounded));
+        for (k, item) in range.by_ref() {
+            out.push((k.to_vec(), item.value.to_vec(), item.version));
+            bytes += k.len() + item.value.len();
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        let last = range.next().is_none();
+        (out, last)
+    }
+
+    /// Sets `key` to `value` at `version` as a copy (no position, no session: the store of a
+    /// shard being staged at its new owner). Replaces what the key held.
+    pub fn insert_copied(&mut self, key: &[u8], value: &[u8], version: u64) {
+        let item = Item {
+            value: Arc::from(value),
+            version,
+            lease: 0,
+        };
+        if let Some(old) = self.items.insert(Key::from_slice(key), item) {
+            self.data_bytes -= key.len() + old.value.len();
+            if old.lease != 0 {
+                self.detach(key, old.lease);
+            }
+        }
+        self.data_bytes += key.len() + value.len();
+    }
+
+    /// Removes a copied `key` (see [`KvStore::insert_copied`]).
+    pub fn remove_copied(&mut self, key: &[u8]) {
+        if let Some(old) = self.items.remove(key) {
+            self.data_bytes -= key.len() + old.value.len();
+            if old.lease != 0 {
+                self.detach(key, old.lease);
+            }
+        }
+    }
+
+    /// [`KvStore::snapshot`] without the data: the session table, the leases and the position
+    /// counter (the small part of a shard, sent when it is frozen; its keys travelled before).
+    pub fn meta_snapshot(&self) -> Vec<u8> {
+        let body = SnapshotBodyRef {
+            applied: self.applied,
+            items: Items(&OrdMap::new()),
+            sessions: Seq(&self.sessions),
+            leases: Seq(&self.leases),
+        };
+        let out = vec![SNAPSHOT_FORMAT_VERSION];
+        postcard::to_extend(&body, out).expect("snapshot encodes")
+    }
+
+    /// This store's data (copied with [`KvStore::insert_copied`]) under the session table,
+    /// leases and position counter of `meta` (a [`KvStore::meta_snapshot`]): the shard whole
+    /// again. An error if `meta` does not decode or holds data.
+    pub fn with_meta(self, meta: &[u8]) -> Result<KvStore, Error> {
+        let mut fresh = KvStore::new(self.limits);
+        fresh.restore(meta)?;
+        if !fresh.items.is_empty() {
+            return Err(Error::SnapshotDecode(
+                "the session table and counter came with data".into(),
+            ));
+        }
+        fresh.items = self.items;
+        fresh.data_bytes = self.data_bytes;
+        Ok(fresh)
     }
 
     /// Replaces the state with a snapshot made by [`KvStore::snapshot`]. An empty snapshot is

@@ -67,6 +67,16 @@ fn the_sharded_kv_survives_the_nemesis_and_reconfiguration() {
             sum(|s| s.stale_replays) > 0,
             "no control request of an older configuration was delivered again"
         );
+        // Shards moved with data, in several chunks (one key a chunk in the simulator).
+        assert!(sum(|s| s.stages_sent) > 0, "no chunk was staged");
+        assert!(
+            sum(|s| s.later_chunks_sent) > 0,
+            "no shard moved in more than one chunk"
+        );
+        assert!(
+            sum(|s| s.stale_stage_replays) > 0,
+            "no chunk of an older configuration was staged again"
+        );
     }
 }
 

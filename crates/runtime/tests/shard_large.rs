@@ -1,6 +1,7 @@
-//! Large shards travel in parts (issue 14): a migration's Export answer and Install request
-//! carry a whole shard, larger than a frame (16 MiB), so the shard client protocol sends
-//! them as consecutive `Part` frames ([`PartCodec`]).
+//! Large shards (issue 14). The whole-shard path (an Export answer and an Install request
+//! carry a whole shard, larger than a frame: 16 MiB) sends them as consecutive `Part` frames
+//! ([`PartCodec`]); the controller itself copies a shard in chunks of about 1 MiB (ExportChunk,
+//! Stage, then an Install of the small tail), which the whole-cluster test below exercises.
 //!
 //! - The codec alone: a message of several frames round trips (fed in pieces of any size),
 //!   small messages encode exactly as before, an oversized total and garbage parts are refused.
@@ -12,7 +13,7 @@
 //!   checked). `SHOAL_LARGE_SHARD_MB=100 cargo test -p shoal-runtime --test shard_large
 //!   -- --nocapture moves` measures a 100 MB shard; `SHOAL_LARGE_ELECTION_TICK=N` sets the
 //!   groups' election timeout in ticks of 25 ms (default 10). Results: docs/sharding.md,
-//!   "Large shards travel in parts". The file runs in about 15 s.
+//!   "Large shards travel in parts" and "… in chunks". The file runs in about 15 s.
 
 mod shard_support;
 

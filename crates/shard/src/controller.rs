@@ -17,8 +17,10 @@
 //! the put that marks it complete.
 //!
 //! Driving configuration N: every group of N-1 ∪ N adopts N (one configuration at a time, in
-//! order, read from the history); then each move with an old owner is frozen there, exported,
-//! installed at the new owner and deleted at the old one, at most
+//! order, read from the history); then each move with an old owner is frozen there, copied in
+//! bounded chunks (`ExportChunk` at the old owner, `Stage` at the new owner, a few in flight),
+//! installed at the new owner from the staged copy and the tail, and deleted at the old one, at
+//! most
 //! [`ControllerConfig::max_parallel_moves`] at once. Every step is idempotent at the group, so
 //! a new controller simply replays the change from the start.
 //!
@@ -30,7 +32,7 @@ use std::time::Duration;
 
 use shoal_kv::{Action, Clerk, ClerkConfig, Lock, LockStep, Outcome};
 use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult};
-use shoal_wire::shard::{ControlOp, ControlReply, ControlRequest, ControlStatus};
+use shoal_wire::shard::{ControlOp, ControlReply, ControlRequest, ControlStatus, ShardChunk};
 
 use crate::layout::{config_key, Record, LATEST_KEY, LOCK_KEY};
 use crate::{apply, diff, Config, Gid, Op, ShardMove, NO_GROUP};
@@ -54,10 +56,18 @@ pub struct ControllerConfig {
     pub retry_timeout: Duration,
     /// Most moves driven at once.
     pub max_parallel_moves: usize,
+    /// About how many bytes of keys and values one chunk of a moving shard carries (one
+    /// `ExportChunk` answer, one `Stage` log entry at the new owner; a group caps it at
+    /// `group::MAX_CHUNK_BYTES`).
+    pub chunk_bytes: u64,
+    /// Most `Stage` requests of one move in flight at once (the next chunk is read while
+    /// earlier ones are being logged).
+    pub stages_in_flight: usize,
 }
 
 impl ControllerConfig {
-    /// Defaults: a 3 s lease, 100 ms retries, 4 moves at once.
+    /// Defaults: a 3 s lease, 100 ms retries, 4 moves at once, chunks of 1 MiB, 3 stages in
+    /// flight per move.
     pub fn new(name: Vec<u8>, client: u64, store: Vec<u64>, shards: u32) -> ControllerConfig {
         ControllerConfig {
             name,
@@ -67,6 +77,8 @@ impl ControllerConfig {
             lease_ttl_ms: 3_000,
             retry_timeout: Duration::from_millis(100),
             max_parallel_moves: 4,
+            chunk_bytes: 1024 * 1024,
+            stages_in_flight: 3,
         }
     }
 }
@@ -234,7 +246,9 @@ enum AdoptState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Freeze,
-    Export,
+    /// The chunked copy: `ExportChunk`s at the old owner, each `Stage`d at the new owner, until
+    /// the last chunk's tail is in hand and every stage answered (see [`CopyRun`]).
+    Copy,
     /// An Install with no data: answered AlreadyDone only when the new owner already has the
     /// shard at this configuration (a replay after the old owner deleted it), refused otherwise.
     Probe,
@@ -253,7 +267,25 @@ enum MoveState {
 struct MoveRun {
     mv: ShardMove,
     state: MoveState,
+    /// The Install's data: the tail of the chunked copy.
     data: Option<Vec<u8>>,
+    copy: CopyRun,
+}
+
+/// The chunked copy of one move in progress.
+#[derive(Debug, Clone, Default)]
+struct CopyRun {
+    /// Which attempt (a copy restarted from the first key is a new round; answers of an older
+    /// round are ignored).
+    round: u64,
+    /// The last key staged or being staged: the next chunk starts after it.
+    after: Option<Vec<u8>>,
+    /// An `ExportChunk` is in flight.
+    exporting: bool,
+    /// `Stage` requests in flight.
+    stages: usize,
+    /// The last chunk's tail, once read.
+    tail: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -270,6 +302,10 @@ enum CallFor {
     Adopted(Gid),
     Adopt(Gid, u64),
     Step(usize, Step),
+    /// An `ExportChunk` of move i's copy round r.
+    Chunk(usize, u64),
+    /// A `Stage` of move i's copy round r.
+    Stage(usize, u64),
 }
 
 /// A request to a group, resent until answered.
@@ -326,6 +362,9 @@ impl Controller {
         }
         if cfg.max_parallel_moves == 0 {
             return bad("max_parallel_moves must be at least 1");
+        }
+        if cfg.chunk_bytes == 0 || cfg.stages_in_flight == 0 {
+            return bad("chunk_bytes and stages_in_flight must be at least 1");
         }
         if cfg.retry_timeout.is_zero() {
             return bad("retry_timeout must not be zero");
@@ -879,6 +918,7 @@ impl Controller {
                 .filter(|m| m.from != NO_GROUP)
                 .map(|&mv| MoveRun {
                     mv,
+                    copy: CopyRun::default(),
                     state: MoveState::Waiting,
                     data: None,
                 })
@@ -1036,7 +1076,10 @@ impl Controller {
         let (shard, from, to) = (m.mv.shard, m.mv.from, m.mv.to);
         let (gid, op) = match step {
             Step::Freeze => (from, ControlOp::Freeze { shard, config: num }),
-            Step::Export => (from, ControlOp::Export { shard, config: num }),
+            Step::Copy => {
+                self.start_copy(i, false, out);
+                return;
+            }
             Step::Probe => (
                 to,
                 ControlOp::Install {
@@ -1060,8 +1103,8 @@ impl Controller {
 
     fn step_done(&mut self, i: usize, step: Step, out: &mut Vec<CtlAction>) {
         let next = match step {
-            Step::Freeze => Some(Step::Export),
-            Step::Export | Step::Probe => Some(Step::Install),
+            Step::Freeze => Some(Step::Copy),
+            Step::Copy | Step::Probe => Some(Step::Install),
             Step::Install => Some(Step::Delete),
             Step::Delete => None,
         };
@@ -1075,6 +1118,135 @@ impl Controller {
                 self.start_moves(out);
             }
         }
+    }
+
+    /// (Re)starts move i's chunked copy from the first key, as a new round (now, or after a
+    /// pause when the previous attempt was refused).
+    fn start_copy(&mut self, i: usize, later: bool, out: &mut Vec<CtlAction>) {
+        let Some(drive) = self.drive.as_mut() else {
+            return;
+        };
+        let m = &mut drive.moves[i];
+        m.state = MoveState::Running(Step::Copy);
+        m.data = None;
+        let round = m.copy.round + 1;
+        m.copy = CopyRun {
+            round,
+            ..CopyRun::default()
+        };
+        // Calls of an earlier round are no longer wanted.
+        self.calls.retain(
+            |_, c| !matches!(c.purpose, CallFor::Chunk(j, _) | CallFor::Stage(j, _) if j == i),
+        );
+        self.next_chunk(i, later, out);
+    }
+
+    /// Asks the old owner for move i's next chunk.
+    fn next_chunk(&mut self, i: usize, later: bool, out: &mut Vec<CtlAction>) {
+        let Some(drive) = self.drive.as_mut() else {
+            return;
+        };
+        let num = drive.num;
+        let m = &mut drive.moves[i];
+        m.copy.exporting = true;
+        let op = ControlOp::ExportChunk {
+            shard: m.mv.shard,
+            config: num,
+            after: m.copy.after.clone(),
+            max_bytes: self.cfg.chunk_bytes,
+        };
+        let (from, purpose) = (m.mv.from, CallFor::Chunk(i, m.copy.round));
+        if later {
+            self.call_later(from, op, purpose, out);
+        } else {
+            self.call(from, op, purpose, out);
+        }
+    }
+
+    /// Move i's copy round `round`, if it is the one running.
+    fn copy_of(&mut self, i: usize, round: u64) -> Option<&mut CopyRun> {
+        let m = self.drive.as_mut()?.moves.get_mut(i)?;
+        (m.state == MoveState::Running(Step::Copy) && m.copy.round == round).then_some(&mut m.copy)
+    }
+
+    /// A chunk of move i's copy arrived: stage it, read the next one while few stages are in
+    /// flight, and install once the tail is in hand and every stage answered.
+    fn chunk_arrived(
+        &mut self,
+        i: usize,
+        round: u64,
+        chunk: Option<ShardChunk>,
+        out: &mut Vec<CtlAction>,
+    ) {
+        let Some(chunk) = chunk else {
+            // Not frozen at this number here: deleted after its install (an earlier
+            // controller's) — ask the new owner.
+            if self.copy_of(i, round).is_some() {
+                self.step(i, Step::Probe, out);
+            }
+            return;
+        };
+        let stages_max = self.cfg.stages_in_flight;
+        let Some(drive) = self.drive.as_ref() else {
+            return;
+        };
+        let (num, mv) = (drive.num, drive.moves[i].mv);
+        let Some(copy) = self.copy_of(i, round) else {
+            return;
+        };
+        copy.exporting = false;
+        if let Some(last) = chunk.items.last() {
+            copy.after = Some(last.key.clone());
+        }
+        if chunk.tail.is_some() {
+            copy.tail = chunk.tail;
+        }
+        let stage = !chunk.items.is_empty();
+        if stage {
+            copy.stages += 1;
+        }
+        let more = copy.tail.is_none() && copy.stages < stages_max;
+        if stage {
+            let op = ControlOp::Stage {
+                shard: mv.shard,
+                config: num,
+                items: chunk.items,
+            };
+            self.call(mv.to, op, CallFor::Stage(i, round), out);
+        }
+        if more {
+            self.next_chunk(i, false, out);
+        }
+        self.copy_progress(i, round, out);
+    }
+
+    /// A stage of move i's copy round `round` was decided.
+    fn staged(&mut self, i: usize, round: u64, out: &mut Vec<CtlAction>) {
+        let Some(copy) = self.copy_of(i, round) else {
+            return;
+        };
+        copy.stages = copy.stages.saturating_sub(1);
+        let more = copy.tail.is_none() && !copy.exporting;
+        if more {
+            self.next_chunk(i, false, out);
+        }
+        self.copy_progress(i, round, out);
+    }
+
+    fn copy_progress(&mut self, i: usize, round: u64, out: &mut Vec<CtlAction>) {
+        let Some(copy) = self.copy_of(i, round) else {
+            return;
+        };
+        if copy.stages > 0 || copy.exporting {
+            return;
+        }
+        let Some(tail) = copy.tail.take() else {
+            return;
+        };
+        if let Some(d) = self.drive.as_mut() {
+            d.moves[i].data = Some(tail);
+        }
+        self.step_done(i, Step::Copy, out);
     }
 
     fn complete(&mut self, out: &mut Vec<CtlAction>) {
@@ -1244,7 +1416,7 @@ impl Controller {
                     _ => self.unexpected(),
                 }
             }
-            ControlReply::Exported { data, adopted, .. } => {
+            ControlReply::Chunk { chunk, adopted, .. } => {
                 if let Some(i) = pos {
                     self.leaders.insert(gid, i);
                 }
@@ -1254,20 +1426,13 @@ impl Controller {
                     self.moved_past(&mut out);
                     return out;
                 }
-                if let CallFor::Step(i, Step::Export) = purpose {
-                    match data {
-                        Some(bytes) => {
-                            if let Some(d) = self.drive.as_mut() {
-                                d.moves[i].data = Some(bytes);
-                            }
-                            self.step(i, Step::Install, &mut out);
-                        }
-                        // Not frozen yet (cannot be: the freeze applied) or deleted already
-                        // after its install: ask the new owner.
-                        None => self.step(i, Step::Probe, &mut out),
-                    }
+                match purpose {
+                    CallFor::Chunk(i, round) => self.chunk_arrived(i, round, chunk, &mut out),
+                    _ => self.unexpected(),
                 }
             }
+            // This controller copies in chunks and never asks for a whole export.
+            ControlReply::Exported { .. } => self.unexpected(),
             ControlReply::Done {
                 status, adopted, ..
             } => {
@@ -1283,23 +1448,11 @@ impl Controller {
                     ControlStatus::Refused { reason } => match purpose {
                         // Not installed at the new owner, and no export: the export is still
                         // to come (the freeze's entry may not be applied at the leader read).
-                        CallFor::Step(i, Step::Probe) => {
-                            if let Some(d) = self.drive.as_ref() {
-                                let m = d.moves[i].mv;
-                                let op = ControlOp::Export {
-                                    shard: m.shard,
-                                    config: d.num,
-                                };
-                                if let Some(d) = self.drive.as_mut() {
-                                    d.moves[i].state = MoveState::Running(Step::Export);
-                                }
-                                self.call_later(
-                                    m.from,
-                                    op,
-                                    CallFor::Step(i, Step::Export),
-                                    &mut out,
-                                );
-                            }
+                        CallFor::Step(i, Step::Probe) => self.start_copy(i, true, &mut out),
+                        // The staged copy is not complete (or was dropped): copy it again.
+                        CallFor::Step(i, Step::Install) => {
+                            self.problem(format!("group {gid} refused the install: {reason}"));
+                            self.start_copy(i, true, &mut out);
                         }
                         // A gap (the group is behind what it told): ask again where it is.
                         CallFor::Adopt(g, k) => {
@@ -1319,7 +1472,8 @@ impl Controller {
                     _ => match purpose {
                         CallFor::Adopt(g, _) => self.adopted(g, adopted, &mut out),
                         CallFor::Step(i, step) => self.step_done(i, step, &mut out),
-                        CallFor::Adopted(_) => self.unexpected(),
+                        CallFor::Stage(i, round) => self.staged(i, round, &mut out),
+                        CallFor::Adopted(_) | CallFor::Chunk(..) => self.unexpected(),
                     },
                 }
             }

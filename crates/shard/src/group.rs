@@ -22,15 +22,23 @@ use serde::{Deserialize, Serialize};
 use shoal_kv::{KvStore, Limits};
 use shoal_raft::LogIndex;
 use shoal_wire::kv::{KvOp, KvRequest, KvResult};
+use shoal_wire::shard::{CopiedItem, ShardChunk};
 
 use crate::{diff, shard_of, Config, Gid, ShardId, NO_GROUP};
 
 /// The format version byte in front of every encoded [`GroupEntry`].
 pub const ENTRY_FORMAT: u8 = 1;
-/// The format version byte in front of a [`ShardMachine`] snapshot.
-pub const MACHINE_SNAPSHOT_FORMAT: u8 = 1;
-/// The format version byte in front of a shard exported by [`ShardMachine::export`].
+/// The format version byte in front of a [`ShardMachine`] snapshot (2: with the staged
+/// copies of shards moving in; 1, without them, is still restored).
+pub const MACHINE_SNAPSHOT_FORMAT: u8 = 2;
+/// The format byte in front of a shard exported whole by [`ShardMachine::export`].
 pub const EXPORT_FORMAT: u8 = 1;
+/// The format byte in front of the tail of a shard copied in chunks
+/// ([`ShardMachine::export_chunk`]'s last chunk): an Install's data that serves the staged copy.
+pub const TAIL_FORMAT: u8 = 2;
+/// The most bytes of keys and values one chunk carries, whatever the request asks (a chunk
+/// must fit in one frame and one modest log entry; one key larger than this still goes alone).
+pub const MAX_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The reason given with [`KvResult::Refused`] to a lease operation.
 pub const LEASES_REFUSED: &str =
@@ -99,6 +107,16 @@ pub enum GroupEntry {
         shard: ShardId,
         /// The configuration that moved it away.
         config: u64,
+    },
+    /// New owner: write a chunk of `shard` (moving here at `config`) into its staging copy,
+    /// which is not served until an [`GroupEntry::Install`] of the tail.
+    Stage {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that moves it here.
+        config: u64,
+        /// Keys with their values and versions, from [`ShardMachine::export_chunk`].
+        items: Vec<CopiedItem>,
     },
 }
 
@@ -208,6 +226,15 @@ pub enum GroupOutput {
     Control(ControlOutcome),
 }
 
+/// The copy of a shard moving in, staged chunk by chunk before its Install (not served).
+#[derive(Debug, Clone)]
+pub struct Staging {
+    /// The configuration that moves the shard here.
+    pub config: u64,
+    /// The keys staged so far (no sessions, position 0).
+    pub store: KvStore,
+}
+
 /// The shard-aware state machine of one replica group.
 #[derive(Debug, Clone)]
 pub struct ShardMachine {
@@ -219,6 +246,8 @@ pub struct ShardMachine {
     /// For each shard this group deleted, the configuration number of the delete: a replayed
     /// or delayed Install of that number or older must not bring stale data back.
     deleted: BTreeMap<ShardId, u64>,
+    /// Shards moving in, copied in chunks (`Stage`) and not served until their Install.
+    staging: BTreeMap<ShardId, Staging>,
 }
 
 /// A snapshot in the making: O(1) copies of the stores (`KvStore` shares its nodes), serialized
@@ -243,11 +272,42 @@ struct ShardImage {
 }
 
 #[derive(Serialize, Deserialize)]
+struct MachineImageV1 {
+    gid: Gid,
+    config: Config,
+    shards: Vec<ShardImage>,
+    deleted: Vec<(ShardId, u64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StagingImage {
+    shard: ShardId,
+    config: u64,
+    #[serde(with = "serde_bytes")]
+    store: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
 struct MachineImage {
     gid: Gid,
     config: Config,
     shards: Vec<ShardImage>,
     deleted: Vec<(ShardId, u64)>,
+    staging: Vec<StagingImage>,
+}
+
+/// The tail of a shard copied in chunks: what its Install adds to the staged keys.
+#[derive(Serialize, Deserialize)]
+struct TailImage {
+    shard: ShardId,
+    config: u64,
+    /// How many keys, and bytes of keys and values, the staged copy must hold: a copy with a
+    /// chunk missing is refused instead of served.
+    keys: u64,
+    data_bytes: u64,
+    /// The store without its data ([`KvStore::meta_snapshot`]): sessions, position counter.
+    #[serde(with = "serde_bytes")]
+    meta: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -295,7 +355,13 @@ impl ShardMachine {
             config: Config::empty(shards)?,
             shards: BTreeMap::new(),
             deleted: BTreeMap::new(),
+            staging: BTreeMap::new(),
         })
+    }
+
+    /// The staged copy of `shard` if it is moving in chunk by chunk.
+    pub fn staging(&self, shard: ShardId) -> Option<&Staging> {
+        self.staging.get(&shard)
     }
 
     /// The group's id.
@@ -362,6 +428,44 @@ impl ShardMachine {
         };
         let out = vec![EXPORT_FORMAT];
         Some(postcard::to_extend(&image, out).expect("an export always serializes"))
+    }
+
+    /// A chunk of `shard` frozen at `config` here, for the new owner's `Stage`: its keys after
+    /// `after` in order, up to about `max_bytes` (at most [`MAX_CHUNK_BYTES`], at least one
+    /// key), and on the last chunk the tail (sessions, position counter, the key count and
+    /// bytes) for the Install. `None` unless the shard is Frozen at `config` here.
+    pub fn export_chunk(
+        &self,
+        shard: ShardId,
+        config: u64,
+        after: Option<&[u8]>,
+        max_bytes: u64,
+    ) -> Option<ShardChunk> {
+        let s = self.shards.get(&shard)?;
+        if s.state != ShardState::Frozen || s.config != config {
+            return None;
+        }
+        let max = max_bytes.clamp(1, MAX_CHUNK_BYTES) as usize;
+        let (items, last) = s.store.items_after(after, max);
+        let items = items
+            .into_iter()
+            .map(|(key, value, version)| CopiedItem {
+                key,
+                value,
+                version,
+            })
+            .collect();
+        let tail = last.then(|| {
+            let image = TailImage {
+                shard,
+                config,
+                keys: s.store.len() as u64,
+                data_bytes: s.store.data_bytes() as u64,
+                meta: s.store.meta_snapshot(),
+            };
+            postcard::to_extend(&image, vec![TAIL_FORMAT]).expect("a tail always serializes")
+        });
+        Some(ShardChunk { items, tail })
     }
 
     fn wrong_group(&self) -> GroupOutput {
@@ -524,10 +628,16 @@ impl ShardMachine {
                 return ControlOutcome::Stale { seen: d };
             }
         }
-        let store = match self.decode_export(shard, config, data) {
+        let store = if data.first() == Some(&TAIL_FORMAT) {
+            self.decode_tail(shard, config, &data[1..])
+        } else {
+            self.decode_export(shard, config, data)
+        };
+        let store = match store {
             Ok(store) => store,
             Err(reason) => return ControlOutcome::Refused { reason },
         };
+        self.staging.remove(&shard);
         self.deleted.remove(&shard);
         self.shards.insert(
             shard,
@@ -554,6 +664,117 @@ impl ShardMachine {
             .restore(&image.store)
             .map_err(|e| format!("the shard's store: {e}"))?;
         Ok(store)
+    }
+
+    /// The staged copy of `shard` at `config` under the tail's sessions and counter, if the
+    /// copy is complete (as many keys and bytes as the frozen shard holds).
+    fn decode_tail(&self, shard: ShardId, config: u64, rest: &[u8]) -> Result<KvStore, String> {
+        let image: TailImage = take_all("tail", rest).map_err(|e| e.to_string())?;
+        if image.shard != shard || image.config != config {
+            return Err(format!(
+                "the tail is of shard {} frozen at configuration {}, not shard {shard} at {config}",
+                image.shard, image.config
+            ));
+        }
+        let empty;
+        let staged = match self.staging.get(&shard) {
+            Some(st) if st.config == config => &st.store,
+            // An empty shard has no chunk to stage.
+            _ if image.keys == 0 && image.data_bytes == 0 => {
+                empty = KvStore::new(self.limits);
+                &empty
+            }
+            Some(st) => {
+                return Err(format!(
+                    "shard {shard} is staged for configuration {}, not {config}: copy it again",
+                    st.config
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "nothing of shard {shard} is staged for configuration {config}: copy it first"
+                ))
+            }
+        };
+        let (keys, bytes) = (staged.len() as u64, staged.data_bytes() as u64);
+        if keys != image.keys || bytes != image.data_bytes {
+            return Err(format!(
+                "the staged copy of shard {shard} holds {keys} keys ({bytes} bytes), the frozen \
+                 shard {} keys ({} bytes): copy it again",
+                image.keys, image.data_bytes
+            ));
+        }
+        staged
+            .clone()
+            .with_meta(&image.meta)
+            .map_err(|e| format!("the tail's session table: {e}"))
+    }
+
+    /// Writes a chunk into the staged copy of `shard` moving here at `config`.
+    fn stage(&mut self, shard: ShardId, config: u64, items: &[CopiedItem]) -> ControlOutcome {
+        if let Some(r) = self.unknown_shard(shard) {
+            return r;
+        }
+        match self.shards.get(&shard) {
+            Some(s) if s.config == config && s.state == ShardState::Serving => {
+                return ControlOutcome::AlreadyDone
+            }
+            Some(s) if s.config >= config => return ControlOutcome::Stale { seen: s.config },
+            _ => {}
+        }
+        if let Some(&d) = self.deleted.get(&shard) {
+            if d >= config {
+                return ControlOutcome::Stale { seen: d };
+            }
+        }
+        if config > self.config.num {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "configuration {config} is not adopted here yet (adopted {}): adopt it first",
+                    self.config.num
+                ),
+            };
+        }
+        if config == self.config.num && self.config.owner(shard) != Some(self.gid) {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "configuration {config} does not give shard {shard} to group {}",
+                    self.gid
+                ),
+            };
+        }
+        let n = self.config.num_shards();
+        if let Some(bad) = items.iter().find(|i| shard_of(&i.key, n) != shard) {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "a staged key is in shard {}, not in shard {shard}",
+                    shard_of(&bad.key, n)
+                ),
+            };
+        }
+        match self.staging.get(&shard) {
+            Some(st) if st.config > config => return ControlOutcome::Stale { seen: st.config },
+            Some(st) if st.config == config => {}
+            // None, or a copy for an older configuration (never installed): start afresh.
+            _ => {
+                self.staging.insert(
+                    shard,
+                    Staging {
+                        config,
+                        store: KvStore::new(self.limits),
+                    },
+                );
+            }
+        }
+        let Some(st) = self.staging.get_mut(&shard) else {
+            return ControlOutcome::Refused {
+                reason: "no staging".into(),
+            };
+        };
+        for i in items {
+            st.store.insert_copied(&i.key, &i.value, i.version);
+        }
+        ControlOutcome::Applied
     }
 
     fn delete(&mut self, shard: ShardId, config: u64) -> ControlOutcome {
@@ -597,6 +818,11 @@ impl ShardMachine {
             GroupEntry::Delete { shard, config } => {
                 GroupOutput::Control(self.delete(*shard, *config))
             }
+            GroupEntry::Stage {
+                shard,
+                config,
+                items,
+            } => GroupOutput::Control(self.stage(*shard, *config, items)),
         }
     }
 
@@ -615,6 +841,15 @@ impl ShardMachine {
                 })
                 .collect(),
             deleted: self.deleted.iter().map(|(&s, &c)| (s, c)).collect(),
+            staging: self
+                .staging
+                .iter()
+                .map(|(&shard, st)| StagingImage {
+                    shard,
+                    config: st.config,
+                    store: st.store.snapshot(),
+                })
+                .collect(),
         };
         let out = vec![MACHINE_SNAPSHOT_FORMAT];
         postcard::to_extend(&image, out).expect("a machine snapshot always serializes")
@@ -628,8 +863,22 @@ impl ShardMachine {
             what: "snapshot",
             reason,
         };
-        let rest = check_version("snapshot", MACHINE_SNAPSHOT_FORMAT, bytes)?;
-        let image: MachineImage = take_all("snapshot", rest)?;
+        let image: MachineImage = match bytes.first() {
+            Some(1) => {
+                let old: MachineImageV1 = take_all("snapshot", &bytes[1..])?;
+                MachineImage {
+                    gid: old.gid,
+                    config: old.config,
+                    shards: old.shards,
+                    deleted: old.deleted,
+                    staging: Vec::new(),
+                }
+            }
+            _ => take_all(
+                "snapshot",
+                check_version("snapshot", MACHINE_SNAPSHOT_FORMAT, bytes)?,
+            )?,
+        };
         if image.gid != self.gid {
             return Err(bad(format!(
                 "it is group {}'s, this is group {}",
@@ -650,6 +899,7 @@ impl ShardMachine {
         };
         if !in_order(&mut image.shards.iter().map(|s| s.shard))
             || !in_order(&mut image.deleted.iter().map(|d| d.0))
+            || !in_order(&mut image.staging.iter().map(|d| d.shard))
         {
             return Err(bad(
                 "shard numbers out of order, repeated or past the count".into(),
@@ -670,9 +920,24 @@ impl ShardMachine {
                 },
             );
         }
+        let mut staging = BTreeMap::new();
+        for st in image.staging {
+            let mut store = KvStore::new(self.limits);
+            store
+                .restore(&st.store)
+                .map_err(|e| bad(format!("staged shard {}: {e}", st.shard)))?;
+            staging.insert(
+                st.shard,
+                Staging {
+                    config: st.config,
+                    store,
+                },
+            );
+        }
         self.config = image.config;
         self.shards = shards;
         self.deleted = image.deleted.into_iter().collect();
+        self.staging = staging;
         Ok(())
     }
 }

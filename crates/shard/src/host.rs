@@ -25,7 +25,7 @@ use shoal_replica::{Done, Replica, ReplicaConfig, SnapshotPolicy};
 use shoal_storage::DurableStorage;
 use shoal_wire::kv::{KvOp, KvRequest, KvResult, ServerStatus};
 use shoal_wire::shard::{
-    ControlOp, ControlReply, ControlRequest, ControlStatus, ShardReply, ShardRequest,
+    ControlOp, ControlReply, ControlRequest, ControlStatus, ShardChunk, ShardReply, ShardRequest,
 };
 
 use crate::{ControlOutcome, Gid, GroupEntry, GroupOutput, GroupSnapshot, ShardId, ShardMachine};
@@ -74,6 +74,19 @@ pub enum Waiter {
         /// The configuration it must be frozen at.
         config: u64,
     },
+    /// A chunk asked by [`GroupHost::export_chunk`].
+    ExportChunk {
+        /// The caller's tag.
+        tag: u64,
+        /// The shard.
+        shard: ShardId,
+        /// The configuration it must be frozen at.
+        config: u64,
+        /// The last key of the previous chunk.
+        after: Option<Vec<u8>>,
+        /// About how many bytes.
+        max_bytes: u64,
+    },
 }
 
 /// The result of [`GroupHost::propose_control`] or [`GroupHost::export`].
@@ -84,6 +97,9 @@ pub enum ControlResult {
     /// The export, confirmed by read-index: the shard's bytes, or `None` when the shard is not
     /// held frozen at that configuration (not frozen yet, or already deleted).
     Exported(Option<Vec<u8>>),
+    /// A chunk of the shard, confirmed by read-index, or `None` when the shard is not held
+    /// frozen at that configuration.
+    Chunk(Option<ShardChunk>),
     /// This server is not the leader, or lost leadership before the outcome was known (a
     /// control entry may still have applied: they are idempotent, so the caller retries).
     NotLeader {
@@ -376,6 +392,30 @@ impl GroupHost {
         }
     }
 
+    /// Asks for a chunk of `shard` frozen at configuration `config`: its keys after `after`,
+    /// about `max_bytes` of them, for the new owner's Stage (and on the last chunk the tail for
+    /// its Install). Served after a read-index confirmation, like [`GroupHost::export`].
+    pub fn export_chunk(
+        &mut self,
+        tag: u64,
+        shard: ShardId,
+        config: u64,
+        after: Option<Vec<u8>>,
+        max_bytes: u64,
+    ) {
+        self.collect_done();
+        let waiter = Waiter::ExportChunk {
+            tag,
+            shard,
+            config,
+            after,
+            max_bytes,
+        };
+        if let Err((_, w)) = self.replica.read(waiter) {
+            self.fail(w);
+        }
+    }
+
     /// A control request from the controller arrived on connection `reply_to`: proposes the
     /// step (or serves the read) and answers through [`GroupHost::take_control_replies`]. A
     /// request for another gid is answered `WrongGid`, an Adopt whose configuration does not
@@ -407,6 +447,25 @@ impl GroupHost {
                 self.export(internal, shard, config);
                 return;
             }
+            ControlOp::ExportChunk {
+                shard,
+                config,
+                after,
+                max_bytes,
+            } => {
+                let internal = self.wire_tag(reply_to, tag);
+                self.export_chunk(internal, shard, config, after, max_bytes);
+                return;
+            }
+            ControlOp::Stage {
+                shard,
+                config,
+                items,
+            } => GroupEntry::Stage {
+                shard,
+                config,
+                items,
+            },
             ControlOp::Adopt { config } => match crate::Config::decode(&config) {
                 Ok(config) => GroupEntry::Adopt { config },
                 Err(e) => {
@@ -465,6 +524,11 @@ impl GroupHost {
                     adopted,
                 },
                 ControlResult::Exported(data) => ControlReply::Exported { tag, data, adopted },
+                ControlResult::Chunk(chunk) => ControlReply::Chunk {
+                    tag,
+                    chunk,
+                    adopted,
+                },
                 ControlResult::NotLeader { leader } => ControlReply::NotLeader { tag, leader },
             };
             self.control_replies.push((reply_to, reply));
@@ -495,7 +559,9 @@ impl GroupHost {
                 request,
                 ..
             } => self.wrong_leader(reply_to, client, request),
-            Waiter::Control { tag } | Waiter::Export { tag, .. } => {
+            Waiter::Control { tag }
+            | Waiter::Export { tag, .. }
+            | Waiter::ExportChunk { tag, .. } => {
                 let leader = self.leader_hint();
                 self.control
                     .push((tag, ControlResult::NotLeader { leader }));
@@ -521,7 +587,9 @@ impl GroupHost {
                     } => self
                         .replies
                         .push((reply_to, Self::reply_of(client, request, output))),
-                    Waiter::Control { tag } | Waiter::Export { tag, .. } => {
+                    Waiter::Control { tag }
+                    | Waiter::Export { tag, .. }
+                    | Waiter::ExportChunk { tag, .. } => {
                         let result = match output {
                             GroupOutput::Control(outcome) => ControlResult::Applied(outcome),
                             // Control entries only give control outcomes; anything else means
@@ -552,6 +620,21 @@ impl GroupHost {
                     Waiter::Export { tag, shard, config } => {
                         let data = self.replica.machine().export(shard, config);
                         self.control.push((tag, ControlResult::Exported(data)));
+                    }
+                    Waiter::ExportChunk {
+                        tag,
+                        shard,
+                        config,
+                        after,
+                        max_bytes,
+                    } => {
+                        let chunk = self.replica.machine().export_chunk(
+                            shard,
+                            config,
+                            after.as_deref(),
+                            max_bytes,
+                        );
+                        self.control.push((tag, ControlResult::Chunk(chunk)));
                     }
                     Waiter::Control { tag } => {
                         let leader = self.leader_hint();

@@ -351,6 +351,8 @@ impl World {
         cfg.lease_ttl_ms = TTL_MS;
         cfg.retry_timeout = RETRY;
         cfg.max_parallel_moves = 2;
+        // A few keys per chunk: moves travel in several chunks and stages.
+        cfg.chunk_bytes = 16;
         let mut c = Controller::new(cfg).unwrap();
         let actions = c.start();
         self.ctls.push(Ctl {

@@ -13,6 +13,7 @@ use shoal_shard::{
     join, shard_of, Config, ControlOutcome, Gid, GroupEntry, GroupOutput, ShardMachine, ShardState,
 };
 use shoal_wire::kv::{Expected, KvOp, KvRequest, KvResult};
+use shoal_wire::shard::{CopiedItem, ShardChunk};
 
 const SHARDS: u32 = 4;
 
@@ -425,12 +426,12 @@ fn snapshot_restore_snapshot_is_byte_identical() {
         .contains("group 1"));
     assert!(fresh.restore(LogIndex(1), &[]).is_err());
     assert!(fresh.restore(LogIndex(1), b"garbage").is_err());
-    let mut v2 = bytes.clone();
-    v2[0] = 2;
+    let mut v3 = bytes.clone();
+    v3[0] = 3;
     assert!(fresh
-        .restore(LogIndex(1), &v2)
+        .restore(LogIndex(1), &v3)
         .unwrap_err()
-        .contains("version 2"));
+        .contains("version 3"));
     for cut in 1..bytes.len() {
         assert!(
             fresh.restore(LogIndex(1), &bytes[..cut]).is_err(),
@@ -707,4 +708,316 @@ proptest::proptest! {
         }
         proptest::prop_assert_eq!(g.bytes(), before);
     }
+}
+
+// ---- the chunked copy: ExportChunk, Stage, Install of the tail ----
+
+fn stage(shard: u32, config: u64, items: Vec<CopiedItem>) -> GroupEntry {
+    GroupEntry::Stage {
+        shard,
+        config,
+        items,
+    }
+}
+
+/// Every chunk of `shard` frozen at `config` in `from`, `max` bytes each: (chunks, tail).
+fn chunks(from: &Node, shard: u32, config: u64, max: u64) -> (Vec<Vec<CopiedItem>>, Vec<u8>) {
+    let mut after: Option<Vec<u8>> = None;
+    let mut out = Vec::new();
+    loop {
+        let ShardChunk { items, tail } = from
+            .m
+            .export_chunk(shard, config, after.as_deref(), max)
+            .expect("frozen here");
+        assert!(!items.is_empty() || tail.is_some(), "a chunk moves on");
+        if let Some(last) = items.last() {
+            after = Some(last.key.clone());
+        }
+        out.push(items);
+        if let Some(tail) = tail {
+            return (out, tail);
+        }
+    }
+}
+
+/// Group 1 at configuration 2 with shard 3 frozen for group 2: ten keys (one overwritten, one
+/// deleted), a session whose write's answer was lost. Returns it, the key and the session.
+fn frozen_with_data() -> (Node, Vec<u8>, u64) {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let s = g1.register(3);
+    for n in 0..10u64 {
+        let k = key_in(3, n as usize);
+        assert_eq!(
+            g1.client(3, req(s, n + 1, put(&k, b"v0123456789"))),
+            written(1)
+        );
+    }
+    let gone = key_in(3, 5);
+    let del = KvOp::Delete {
+        key: gone,
+        expected: Expected::Any,
+    };
+    assert!(matches!(g1.client(3, req(s, 11, del)), GroupOutput::Kv(_)));
+    let k = key_in(3, 0);
+    assert_eq!(g1.client(3, req(s, 12, put(&k, b"again"))), written(2));
+    g1.control(&adopt(&c2));
+    assert_eq!(g1.control(&freeze(3, 2)), ControlOutcome::Applied);
+    (g1, k, s)
+}
+
+fn new_owner() -> Node {
+    let (c1, c2) = configs();
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    g2.control(&adopt(&c2));
+    g2
+}
+
+#[test]
+fn a_shard_copied_in_chunks_is_served_whole_with_its_sessions_after_the_tail() {
+    let (g1, k, s) = frozen_with_data();
+    assert!(
+        g1.m.export_chunk(3, 1, None, 100).is_none(),
+        "only at the number it was frozen at"
+    );
+    assert!(
+        g1.m.export_chunk(2, 2, None, 100).is_none(),
+        "only a frozen shard"
+    );
+    let (parts, tail) = chunks(&g1, 3, 2, 20);
+    assert!(parts.len() >= 4, "small chunks: {} of them", parts.len());
+    let mut g2 = new_owner();
+    // Staged, not served: the shard is not installed yet.
+    for (n, items) in parts.iter().enumerate() {
+        assert_eq!(
+            g2.control(&stage(3, 2, items.clone())),
+            ControlOutcome::Applied
+        );
+        if n == 0 {
+            // A chunk staged twice (a resend) changes nothing.
+            let once = g2.bytes();
+            assert_eq!(
+                g2.control(&stage(3, 2, items.clone())),
+                ControlOutcome::Applied
+            );
+            assert_eq!(g2.m.staging(3).unwrap().store.len(), items.len());
+            assert_eq!(g2.bytes(), once);
+        }
+    }
+    assert!(g2.m.shard(3).is_none());
+    assert_eq!(
+        g2.m.read(3, &get(&k)),
+        GroupOutput::WrongGroup { config: 2 }
+    );
+    assert_eq!(
+        g2.control(&install(3, 2, tail.clone())),
+        ControlOutcome::Applied
+    );
+    assert!(
+        g2.m.staging(3).is_none(),
+        "the staged copy became the shard"
+    );
+    let (old, new) = (&g1.m.shard(3).unwrap().store, &g2.m.shard(3).unwrap().store);
+    assert_eq!(new.snapshot(), old.snapshot(), "data, sessions and counter");
+    // The lost answer's retry is answered from the migrated table.
+    assert_eq!(g2.client(3, req(s, 12, put(&k, b"again"))), written(2));
+    assert_eq!(g2.client(3, req(s, 13, put(&k, b"more"))), written(3));
+    // Replays after the install change nothing.
+    let once = g2.bytes();
+    assert_eq!(
+        g2.control(&stage(3, 2, parts[0].clone())),
+        ControlOutcome::AlreadyDone
+    );
+    assert_eq!(
+        g2.control(&install(3, 2, tail)),
+        ControlOutcome::AlreadyDone
+    );
+    assert_eq!(g2.bytes(), once);
+}
+
+#[test]
+fn an_incomplete_or_foreign_staged_copy_is_never_served() {
+    let (g1, _, _) = frozen_with_data();
+    let (parts, tail) = chunks(&g1, 3, 2, 20);
+    let mut g2 = new_owner();
+    // Nothing staged: refused, nothing changes.
+    let before = g2.bytes();
+    assert!(matches!(
+        g2.control(&install(3, 2, tail.clone())),
+        ControlOutcome::Refused { reason } if reason.contains("copy it first")
+    ));
+    // A chunk missing: refused.
+    for items in &parts[1..] {
+        g2.control(&stage(3, 2, items.clone()));
+    }
+    let missing = g2.bytes();
+    assert_ne!(missing, before);
+    assert!(matches!(
+        g2.control(&install(3, 2, tail.clone())),
+        ControlOutcome::Refused { reason } if reason.contains("copy it again")
+    ));
+    assert_eq!(g2.bytes(), missing);
+    assert!(g2.m.shard(3).is_none());
+    // A tail of another shard or configuration: refused.
+    let mut other = tail.clone();
+    assert!(matches!(
+        g2.control(&install(2, 2, other.clone())),
+        ControlOutcome::Refused { .. }
+    ));
+    // Truncated or lengthened tails are refused, never a panic.
+    for cut in 1..tail.len() {
+        assert!(matches!(
+            g2.control(&install(3, 2, tail[..cut].to_vec())),
+            ControlOutcome::Refused { .. }
+        ));
+    }
+    other.push(0);
+    assert!(matches!(
+        g2.control(&install(3, 2, other)),
+        ControlOutcome::Refused { .. }
+    ));
+    // The missing chunk, then it installs.
+    g2.control(&stage(3, 2, parts[0].clone()));
+    assert_eq!(g2.control(&install(3, 2, tail)), ControlOutcome::Applied);
+}
+
+#[test]
+fn stages_are_fenced_by_the_configuration_and_the_shard() {
+    let (g1, _, _) = frozen_with_data();
+    let (parts, tail) = chunks(&g1, 3, 2, 20);
+    let (c1, c2) = configs();
+    // Not adopted yet: refused.
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    assert!(matches!(
+        g2.control(&stage(3, 2, parts[0].clone())),
+        ControlOutcome::Refused { reason } if reason.contains("not adopted")
+    ));
+    g2.control(&adopt(&c2));
+    // A shard configuration 2 does not give to group 2, a key of another shard: refused.
+    assert!(matches!(
+        g2.control(&stage(1, 2, Vec::new())),
+        ControlOutcome::Refused { .. }
+    ));
+    let mut wrong = parts[0].clone();
+    wrong[0].key = key_in(2, 0);
+    assert!(matches!(
+        g2.control(&stage(3, 2, wrong)),
+        ControlOutcome::Refused { reason } if reason.contains("shard 2")
+    ));
+    assert!(g2.m.staging(3).is_none());
+    // Installed at 2, moved on to group 1 at 3 and deleted here: a stage of 2 delivered late
+    // is stale and stages nothing.
+    for items in &parts {
+        g2.control(&stage(3, 2, items.clone()));
+    }
+    assert_eq!(g2.control(&install(3, 2, tail)), ControlOutcome::Applied);
+    let c3 = shoal_shard::move_shard(&c2, 3, 1).unwrap();
+    g2.control(&adopt(&c3));
+    g2.control(&freeze(3, 3));
+    g2.control(&delete(3, 3));
+    assert_eq!(
+        g2.control(&stage(3, 2, parts[0].clone())),
+        ControlOutcome::Stale { seen: 3 }
+    );
+    assert!(g2.m.staging(3).is_none());
+}
+
+#[test]
+fn a_staged_copy_of_an_older_configuration_is_dropped_by_a_newer_one_and_refused_by_its_tail() {
+    // Group 3 stages shard 3 for configuration 2 (a copy never finished), then for 3.
+    let (c1, c2) = configs();
+    let (g1, _, _) = frozen_with_data();
+    let (parts, tail2) = chunks(&g1, 3, 2, 20);
+    let mut g = Node::new(2);
+    g.control(&adopt(&c1));
+    g.control(&adopt(&c2));
+    g.control(&stage(3, 2, parts[0].clone()));
+    assert_eq!(g.m.staging(3).unwrap().config, 2);
+    // (Configuration 3 moves shard 0 and still gives shard 3 to group 2.)
+    let c3 = shoal_shard::move_shard(&c2, 0, 2).unwrap();
+    assert_eq!((c3.num, c3.shards[3]), (3, 2));
+    g.control(&adopt(&c3));
+    let later = vec![parts[1][0].clone()];
+    assert_eq!(g.control(&stage(3, 3, later)), ControlOutcome::Applied);
+    let st = g.m.staging(3).unwrap();
+    assert_eq!(
+        (st.config, st.store.len()),
+        (3, 1),
+        "the older copy was dropped"
+    );
+    // The older configuration's stage and tail are now stale or refused.
+    assert_eq!(
+        g.control(&stage(3, 2, parts[0].clone())),
+        ControlOutcome::Stale { seen: 3 }
+    );
+    assert!(matches!(
+        g.control(&install(3, 2, tail2)),
+        ControlOutcome::Refused { .. }
+    ));
+    assert!(g.m.shard(3).is_none());
+}
+
+#[test]
+fn staged_copies_survive_a_snapshot_and_a_restore_and_old_snapshots_still_restore() {
+    let (g1, _, _) = frozen_with_data();
+    let (parts, tail) = chunks(&g1, 3, 2, 20);
+    let mut g2 = new_owner();
+    for items in &parts {
+        g2.control(&stage(3, 2, items.clone()));
+    }
+    let bytes = g2.bytes();
+    let mut fresh = ShardMachine::new(2, SHARDS, Limits::default()).unwrap();
+    fresh.restore(LogIndex(9), &bytes).unwrap();
+    assert_eq!(fresh.snapshot().into_bytes(), bytes);
+    let mut restored = Node {
+        m: fresh,
+        index: 10,
+    };
+    assert_eq!(
+        restored.control(&install(3, 2, tail)),
+        ControlOutcome::Applied
+    );
+    assert_eq!(
+        restored.m.shard(3).unwrap().store.snapshot(),
+        g1.m.shard(3).unwrap().store.snapshot()
+    );
+    // A format-1 snapshot (before staged copies: the same image without the last field, an
+    // empty list here) still restores, as a machine staging nothing.
+    let plain = busy_machine().bytes();
+    assert_eq!(plain[0], 2);
+    assert_eq!(*plain.last().unwrap(), 0, "an empty list of staged copies");
+    let mut v1 = plain[..plain.len() - 1].to_vec();
+    v1[0] = 1;
+    let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
+    old.restore(LogIndex(5), &v1).unwrap();
+    assert_eq!(old.snapshot().into_bytes(), plain);
+    // Cut anywhere, the snapshot with staging is an error, never a panic.
+    for cut in 1..bytes.len() {
+        let mut m = ShardMachine::new(2, SHARDS, Limits::default()).unwrap();
+        assert!(m.restore(LogIndex(1), &bytes[..cut]).is_err(), "cut {cut}");
+    }
+}
+
+#[test]
+fn stage_entries_that_do_not_decode_are_errors_never_panics() {
+    let (g1, _, _) = frozen_with_data();
+    let (parts, _) = chunks(&g1, 3, 2, 20);
+    let bytes = stage(3, 2, parts[0].clone()).encode();
+    assert_eq!(
+        GroupEntry::decode(&bytes).unwrap(),
+        stage(3, 2, parts[0].clone())
+    );
+    for cut in 0..bytes.len() {
+        assert!(GroupEntry::decode(&bytes[..cut]).is_err(), "cut {cut}");
+    }
+    let mut long = bytes.clone();
+    long.push(1);
+    assert!(GroupEntry::decode(&long).is_err());
+    // A huge claimed item count with no bytes behind it: an error, no allocation of it.
+    let mut huge = bytes[..bytes.len().min(4)].to_vec();
+    huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+    assert!(GroupEntry::decode(&huge).is_err());
 }

@@ -130,6 +130,56 @@ pub enum ControlOp {
     /// Which configuration has the group adopted? (Answered by the leader from its applied
     /// state, with no log entry: the number only grows, so a stale answer is merely low.)
     Adopted,
+    /// Read a bounded chunk of the shard frozen at `config` (old owner, a linearizable read):
+    /// its keys after `after` in order, up to about `max_bytes`; answered
+    /// [`ControlReply::Chunk`]. The chunks are [`ControlOp::Stage`]d at the new owner, and the
+    /// last one carries the tail for its [`ControlOp::Install`].
+    ExportChunk {
+        /// The shard.
+        shard: u32,
+        /// The configuration it was frozen at.
+        config: u64,
+        /// The last key of the previous chunk (`None`: from the first key).
+        #[serde(with = "serde_bytes")]
+        after: Option<Vec<u8>>,
+        /// About how many bytes of keys and values to send (at least one key is sent).
+        max_bytes: u64,
+    },
+    /// New owner: write a chunk of the shard moving here at `config` into its staging store
+    /// (not served; the shard is served from it once installed).
+    Stage {
+        /// The shard.
+        shard: u32,
+        /// The configuration that moves it here.
+        config: u64,
+        /// The keys, values and versions (from [`ControlReply::Chunk`]).
+        items: Vec<CopiedItem>,
+    },
+}
+
+/// One key of a shard being copied, with its value and version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopiedItem {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// Its value.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    /// Its version.
+    pub version: u64,
+}
+
+/// A chunk of a frozen shard, the answer to [`ControlOp::ExportChunk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardChunk {
+    /// Keys in order, after the request's `after`.
+    pub items: Vec<CopiedItem>,
+    /// On the last chunk only: the data of the [`ControlOp::Install`] that serves the staged
+    /// shard (its session table, its position counter, and how many keys and bytes the
+    /// staged copy must hold).
+    #[serde(with = "serde_bytes")]
+    pub tail: Option<Vec<u8>>,
 }
 
 /// A request from the controller to one server of a group.
@@ -215,6 +265,16 @@ pub enum ControlReply {
         /// Why, for a person.
         reason: String,
     },
+    /// Answer to [`ControlOp::ExportChunk`]: the chunk, or `None` when the group does not
+    /// hold the shard frozen at that configuration (not frozen yet, or deleted already).
+    Chunk {
+        /// Echo.
+        tag: u64,
+        /// The chunk.
+        chunk: Option<ShardChunk>,
+        /// The configuration the group has adopted.
+        adopted: u64,
+    },
 }
 
 impl ControlReply {
@@ -226,7 +286,8 @@ impl ControlReply {
             | ControlReply::Adopted { tag, .. }
             | ControlReply::NotLeader { tag, .. }
             | ControlReply::WrongGid { tag, .. }
-            | ControlReply::Invalid { tag, .. } => *tag,
+            | ControlReply::Invalid { tag, .. }
+            | ControlReply::Chunk { tag, .. } => *tag,
         }
     }
 }
@@ -426,6 +487,29 @@ mod tests {
                 gid: u64::MAX,
                 op: ControlOp::Adopted,
             },
+            ControlRequest {
+                tag: 6,
+                gid: 2,
+                op: ControlOp::ExportChunk {
+                    shard: 3,
+                    config: 4,
+                    after: Some(b"k".to_vec()),
+                    max_bytes: 1 << 20,
+                },
+            },
+            ControlRequest {
+                tag: 7,
+                gid: 2,
+                op: ControlOp::Stage {
+                    shard: 3,
+                    config: 4,
+                    items: vec![CopiedItem {
+                        key: b"k".to_vec(),
+                        value: vec![7; 9],
+                        version: 3,
+                    }],
+                },
+            },
         ];
         for r in requests {
             let bytes = postcard::to_stdvec(&r).unwrap();
@@ -473,6 +557,23 @@ mod tests {
             ControlReply::Invalid {
                 tag: 6,
                 reason: "bad".into(),
+            },
+            ControlReply::Chunk {
+                tag: 7,
+                chunk: Some(ShardChunk {
+                    items: vec![CopiedItem {
+                        key: b"a".to_vec(),
+                        value: Vec::new(),
+                        version: 1,
+                    }],
+                    tail: Some(vec![2, 1]),
+                }),
+                adopted: 4,
+            },
+            ControlReply::Chunk {
+                tag: 7,
+                chunk: None,
+                adopted: 4,
             },
         ];
         for r in replies {

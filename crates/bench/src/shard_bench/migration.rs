@@ -2,10 +2,10 @@
 //! large values, then `Move` it to the other group while requesters hammer the other shards
 //! and one client polls the moving shard.
 //!
-//! What limits the size: a shard travels as one message (the old owner's `Export` answer, then
-//! the new owner's `Install` request), sent in parts of a frame each
-//! (`shoal_wire::parts`), up to the controller's message limit
-//! (`CONTROLLER_MAX_MESSAGE_BYTES`, 1 GiB); the Install is one Raft log entry of the new owner.
+//! A shard travels in chunks of about 1 MiB (`ExportChunk` at the old owner, `Stage` at the
+//! new owner; `docs/sharding.md`, "Large shards travel in chunks"). The size is still capped at
+//! the controller's message limit (`CONTROLLER_MAX_MESSAGE_BYTES`, 1 GiB), the bound of the
+//! whole-shard path the groups still answer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,8 +57,8 @@ pub fn moved_bytes(requested: u64) -> (u64, Option<String>) {
         (
             cap,
             Some(format!(
-                "{:.1} MB requested, {:.1} MB moved: a shard travels as one message (in parts) \
-                 of at most {} MiB, the controller's message limit",
+                "{:.1} MB requested, {:.1} MB moved: a shard moves only up to {} MiB, the \
+                 controller's message limit (the bound of the whole-shard path)",
                 requested as f64 / 1e6,
                 cap as f64 / 1e6,
                 MESSAGE_LIMIT >> 20

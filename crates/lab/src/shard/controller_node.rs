@@ -102,6 +102,10 @@ impl ControllerNode {
     }
 }
 
+/// Bytes per chunk of a moving shard in the simulator: one key per chunk (the workloads'
+/// shards hold a few small keys), so a shard with several keys moves in several chunks.
+pub const SIM_CHUNK_BYTES: u64 = 1;
+
 /// The lock-holder name of controller node `id` in its incarnation `incarnation`: unique per
 /// node and incarnation.
 fn controller_name(id: SimId, incarnation: u32) -> String {
@@ -116,7 +120,10 @@ impl Node<SM> for ControllerNode {
         // for its old incarnation's lease to run out, a delayed request of the old one fenced
         // like another controller's.
         let name = controller_name(ctx.id(), ctx.incarnation()).into_bytes();
-        let cfg = ControllerConfig::new(name, me, self.dir.store_ids(), self.shards);
+        let mut cfg = ControllerConfig::new(name, me, self.dir.store_ids(), self.shards);
+        // Small chunks: a moving shard of the simulator's small data travels in several
+        // chunks, with stages in flight and answered in any order.
+        cfg.chunk_bytes = SIM_CHUNK_BYTES;
         match Controller::new(cfg) {
             Ok(mut ctl) => {
                 let actions = ctl.start();

@@ -45,8 +45,9 @@ pub const SHARD_GIDS: [Gid; 4] = [1, 2, 3, 4];
 pub const SHARD_SHARDS: u32 = 10;
 /// shard: routing clients.
 pub const SHARD_CLIENTS: usize = 3;
-/// shard: keys the clients share.
-pub const SHARD_KEYS: usize = 8;
+/// shard: keys the clients share (12: some shards hold several, so their moves take several
+/// chunks).
+pub const SHARD_KEYS: usize = 12;
 /// shard: most nodes the nemesis holds down (crashed or paused) at once.
 pub const SHARD_MAX_DOWN: usize = 3;
 /// shard: pause between two reconfigurations, in ms (the next one waits for the controller
@@ -124,6 +125,8 @@ struct ShardRun {
     replayer: SimId,
     /// The controller's recent control requests: (group server, request).
     recorded: Rc<RefCell<Vec<(SimId, ControlRequest)>>>,
+    /// (stages with keys, chunks past a shard's first) sent by the controller.
+    copies: Rc<RefCell<(u64, u64)>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -134,6 +137,7 @@ struct AimStats {
     moves_after_write: u64,
     replays: u64,
     stale_replays: u64,
+    stale_stage_replays: u64,
 }
 
 /// What a shard run did besides the clients' work (for tests that assert the run exercised
@@ -164,6 +168,13 @@ pub struct ShardStats {
     pub replays: u64,
     /// Of those, the ones whose configuration is older than the latest (stale messages).
     pub stale_replays: u64,
+    /// Of those, `Stage`s (chunks of a copy) of an older configuration.
+    pub stale_stage_replays: u64,
+    /// `Stage` requests with keys the controller sent (chunks of shards copied, resends
+    /// included).
+    pub stages_sent: u64,
+    /// `ExportChunk` requests past a shard's first chunk (moves of several chunks).
+    pub later_chunks_sent: u64,
 }
 
 /// The shard workload for `seed`: see the module's documentation.
@@ -191,8 +202,17 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
         let replayer = w.sim.add_node(|_| Replayer::default());
         let recorded: Rc<RefCell<Vec<(SimId, ControlRequest)>>> = Rc::default();
         let rec = recorded.clone();
+        let copies: Rc<RefCell<(u64, u64)>> = Rc::default();
+        let counted = copies.clone();
         w.sim.set_message_filter(move |from, to, msg| {
             if let (true, SM::Control(req)) = (from == ctl, msg) {
+                match &req.op {
+                    ControlOp::Stage { items, .. } if !items.is_empty() => {
+                        counted.borrow_mut().0 += 1
+                    }
+                    ControlOp::ExportChunk { after: Some(_), .. } => counted.borrow_mut().1 += 1,
+                    _ => {}
+                }
                 let mut rec = rec.borrow_mut();
                 if rec.len() == REPLAY_KEEP {
                     rec.remove(0);
@@ -214,6 +234,7 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
             aimed: AimStats::default(),
             replayer,
             recorded,
+            copies,
         };
         let outcome = run.body(duration);
         *stats.borrow_mut() = run.stats();
@@ -257,6 +278,9 @@ impl ShardRun {
             moves_after_write: self.aimed.moves_after_write,
             replays: self.aimed.replays,
             stale_replays: self.aimed.stale_replays,
+            stale_stage_replays: self.aimed.stale_stage_replays,
+            stages_sent: self.copies.borrow().0,
+            later_chunks_sent: self.copies.borrow().1,
         }
     }
 
@@ -455,12 +479,17 @@ impl ShardRun {
             ControlOp::Freeze { config, .. }
             | ControlOp::Export { config, .. }
             | ControlOp::Install { config, .. }
-            | ControlOp::Delete { config, .. } => *config,
+            | ControlOp::Delete { config, .. }
+            | ControlOp::ExportChunk { config, .. }
+            | ControlOp::Stage { config, .. } => *config,
             ControlOp::Adopted => latest,
         };
         self.aimed.replays += 1;
         if num < latest {
             self.aimed.stale_replays += 1;
+            if matches!(req.op, ControlOp::Stage { .. }) {
+                self.aimed.stale_stage_replays += 1;
+            }
         }
         let what = match &req.op {
             ControlOp::Adopt { .. } => "Adopt".to_string(),
@@ -469,6 +498,8 @@ impl ShardRun {
             ControlOp::Export { shard, .. } => format!("Export shard {shard}"),
             ControlOp::Install { shard, .. } => format!("Install shard {shard}"),
             ControlOp::Delete { shard, .. } => format!("Delete shard {shard}"),
+            ControlOp::ExportChunk { shard, .. } => format!("ExportChunk shard {shard}"),
+            ControlOp::Stage { shard, .. } => format!("Stage shard {shard}"),
         };
         self.w
             .sim

@@ -57,12 +57,15 @@ pub const CONTROLLER_MAX_MESSAGE_BYTES: usize = crate::transport::DEFAULT_MAX_ME
 pub const LARGE_STEP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A control request whose answer may be slow and whose copies are costly: see
-/// [`LARGE_STEP_PATIENCE`]. Exports (the answer is the shard) and Installs with data (a probe
-/// has none).
+/// [`LARGE_STEP_PATIENCE`]. Exports (the answer is the shard), Installs with data (a probe
+/// has none), and a copy's chunks and stages (about a MiB each, several in flight: resent
+/// every `retry_timeout` while a loaded group commits them, each copy would add a MiB to
+/// transfer and log, and the more loaded the group, the more copies).
 fn is_large_step(op: &ControlOp) -> bool {
     match op {
-        ControlOp::Export { .. } => true,
+        ControlOp::Export { .. } | ControlOp::ExportChunk { .. } => true,
         ControlOp::Install { data, .. } => !data.is_empty(),
+        ControlOp::Stage { items, .. } => !items.is_empty(),
         _ => false,
     }
 }

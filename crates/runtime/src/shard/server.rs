@@ -533,6 +533,28 @@ impl ShardService {
                 keys,
             },
             ControlOp::Adopted => return,
+            // A move's copy is a chunk and a stage per MiB: logged at debug, not per step.
+            ControlOp::ExportChunk { shard, config, .. } => {
+                debug!(
+                    gid = self.gid,
+                    shard, config, "migration step: copy (chunk)"
+                );
+                return;
+            }
+            ControlOp::Stage {
+                shard,
+                config,
+                items,
+            } => {
+                debug!(
+                    gid = self.gid,
+                    shard,
+                    config,
+                    keys = items.len(),
+                    "migration step: stage"
+                );
+                return;
+            }
         };
         self.steps.insert((token, request.tag), step);
     }
