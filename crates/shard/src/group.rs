@@ -612,21 +612,29 @@ impl ShardMachine {
         }
     }
 
-    fn install(&mut self, shard: ShardId, config: u64, data: &[u8]) -> ControlOutcome {
+    /// The fence of data moving in (`Install`, `Stage`) for `shard` at `config`: an unknown
+    /// shard is refused; served here at `config` already is `AlreadyDone`; held or deleted at
+    /// `config` or newer is `Stale` (old data never comes back). `None`: go on.
+    fn incoming_fence(&self, shard: ShardId, config: u64) -> Option<ControlOutcome> {
         if let Some(r) = self.unknown_shard(shard) {
-            return r;
+            return Some(r);
         }
         match self.shards.get(&shard) {
             Some(s) if s.config == config && s.state == ShardState::Serving => {
-                return ControlOutcome::AlreadyDone
+                return Some(ControlOutcome::AlreadyDone)
             }
-            Some(s) if s.config >= config => return ControlOutcome::Stale { seen: s.config },
+            Some(s) if s.config >= config => return Some(ControlOutcome::Stale { seen: s.config }),
             _ => {}
         }
-        if let Some(&d) = self.deleted.get(&shard) {
-            if d >= config {
-                return ControlOutcome::Stale { seen: d };
-            }
+        match self.deleted.get(&shard) {
+            Some(&d) if d >= config => Some(ControlOutcome::Stale { seen: d }),
+            _ => None,
+        }
+    }
+
+    fn install(&mut self, shard: ShardId, config: u64, data: &[u8]) -> ControlOutcome {
+        if let Some(r) = self.incoming_fence(shard, config) {
+            return r;
         }
         let store = if data.first() == Some(&TAIL_FORMAT) {
             self.decode_tail(shard, config, &data[1..])
@@ -712,20 +720,8 @@ impl ShardMachine {
 
     /// Writes a chunk into the staged copy of `shard` moving here at `config`.
     fn stage(&mut self, shard: ShardId, config: u64, items: &[CopiedItem]) -> ControlOutcome {
-        if let Some(r) = self.unknown_shard(shard) {
+        if let Some(r) = self.incoming_fence(shard, config) {
             return r;
-        }
-        match self.shards.get(&shard) {
-            Some(s) if s.config == config && s.state == ShardState::Serving => {
-                return ControlOutcome::AlreadyDone
-            }
-            Some(s) if s.config >= config => return ControlOutcome::Stale { seen: s.config },
-            _ => {}
-        }
-        if let Some(&d) = self.deleted.get(&shard) {
-            if d >= config {
-                return ControlOutcome::Stale { seen: d };
-            }
         }
         if config > self.config.num {
             return ControlOutcome::Refused {

@@ -157,18 +157,9 @@ pub enum ControlOp {
     },
 }
 
-/// One key of a shard being copied, with its value and version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CopiedItem {
-    /// The key.
-    #[serde(with = "serde_bytes")]
-    pub key: Vec<u8>,
-    /// Its value.
-    #[serde(with = "serde_bytes")]
-    pub value: Vec<u8>,
-    /// Its version.
-    pub version: u64,
-}
+/// One key of a shard being copied, with its value and version: the same record (and
+/// encoding) as a scan's answer.
+pub type CopiedItem = crate::kv::ScanItem;
 
 /// A chunk of a frozen shard, the answer to [`ControlOp::ExportChunk`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
