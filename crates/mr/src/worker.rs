@@ -649,10 +649,12 @@ async fn fetch_input_if_unreadable(
         {
             Ok(raw) => return Ok(Some(raw)),
             // The coordinator's answer (not an input, changed, unreadable there) will not change.
-            Err(e @ ShuffleError::Remote(_)) => return Err(format!(
+            Err(e @ ShuffleError::Remote(_)) => {
+                return Err(format!(
                 "input {} not readable here ({local_error}) and the coordinator refused it: {e}",
                 split.path.display()
-            )),
+            ))
+            }
             Err(e) => {
                 tries += 1;
                 if tries >= FETCH_TRIES {

@@ -313,6 +313,33 @@ mod tests {
     }
 
     #[test]
+    fn an_input_fetch_round_trips_and_fetch_keeps_its_encoding() {
+        let key = FileKey::MapOutput {
+            map_task: 1,
+            attempt: 2,
+            partition: 3,
+        };
+        // `Fetch` is variant 0, as before `FetchInput` was appended.
+        assert_eq!(
+            postcard::to_stdvec(&ShuffleRequest::Fetch(key)).unwrap()[0],
+            0
+        );
+        for len in [Some(1 << 20), None] {
+            let m = ShuffleRequest::FetchInput {
+                path: PathBuf::from("in/a.txt"),
+                offset: 7,
+                len,
+            };
+            let mut buf = Vec::new();
+            encode_frame(&m, SHUFFLE_MAX_FRAME_BYTES, &mut buf).unwrap();
+            let (d, _) = decode_frame::<ShuffleRequest>(&buf, SHUFFLE_MAX_FRAME_BYTES)
+                .unwrap()
+                .unwrap();
+            assert_eq!(d, m);
+        }
+    }
+
+    #[test]
     fn raw_bytes_match_the_sequence_encoding() {
         #[derive(Serialize)]
         enum Plain {
