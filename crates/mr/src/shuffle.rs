@@ -19,7 +19,7 @@ use shoal_wire::mr::{
     FileKey, ShuffleReply, ShuffleRequest, SHUFFLE_CHUNK_BYTES, SHUFFLE_MAX_FRAME_BYTES,
 };
 use shoal_wire::{Hello, Role};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
@@ -202,22 +202,23 @@ async fn serve_one(stream: TcpStream, table: &FileTable) -> Result<(), ShuffleEr
     );
     let hello = next_frame(&mut framed).await?;
     let job_id = table.job_id();
-    let refusal = match hello.validate() {
-        Err(e) => Some(e),
-        Ok(()) if hello.role != Role::Shuffle => Some("not a shuffle connection".to_string()),
-        Ok(()) if job_id == 0 || hello.cluster_id != job_id => Some(format!(
-            "job id {:#x} does not match this worker's job",
-            hello.cluster_id
-        )),
-        Ok(()) => None,
-    };
-    if let Some(reason) = refusal {
+    if let Some(reason) = shuffle_hello_refusal(&hello, job_id, "worker") {
         framed.send(ShuffleReply::Error(reason.clone())).await?;
         return Err(ShuffleError::Remote(reason));
     }
     let mut framed = framed
         .map_codec(|_| FrameCodec::<ShuffleRequest, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES));
-    let ShuffleRequest::Fetch(key) = next_frame(&mut framed).await?;
+    let key = match next_frame(&mut framed).await? {
+        ShuffleRequest::Fetch(key) => key,
+        ShuffleRequest::FetchInput { path, .. } => {
+            let reason = format!(
+                "a worker serves no job inputs (asked for {}): fetch inputs from the coordinator",
+                path.display()
+            );
+            framed.send(ShuffleReply::Error(reason.clone())).await?;
+            return Err(ShuffleError::Remote(reason));
+        }
+    };
     let Some((path, once)) = table.take_for_serving(&key) else {
         framed
             .send(ShuffleReply::Error(format!("no such file: {key:?}")))
@@ -229,6 +230,235 @@ async fn serve_one(stream: TcpStream, table: &FileTable) -> Result<(), ShuffleEr
         let _ = tokio::fs::remove_dir_all(&dir).await;
     }
     result
+}
+
+/// Why a shuffle handshake is refused by a server of job `job_id` (0: no job yet), if it is;
+/// `server` names the server in the message ("worker", "coordinator").
+pub fn shuffle_hello_refusal(hello: &Hello, job_id: u64, server: &str) -> Option<String> {
+    match hello.validate() {
+        Err(e) => Some(e),
+        Ok(()) if hello.role != Role::Shuffle => Some("not a shuffle connection".to_string()),
+        Ok(()) if job_id == 0 || hello.cluster_id != job_id => Some(format!(
+            "job id {:#x} does not match this {server}'s job",
+            hello.cluster_id
+        )),
+        Ok(()) => None,
+    }
+}
+
+/// Size and modification time of a job input when the job was planned: a file that differs
+/// when a worker asks for it has changed under the job, and is not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InputStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl InputStamp {
+    fn of(meta: &std::fs::Metadata) -> InputStamp {
+        InputStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+}
+
+/// The job inputs the coordinator serves to workers that cannot open them
+/// ([`ShuffleRequest::FetchInput`]): exactly the planned input paths, nothing else, so a
+/// worker can never name an arbitrary file of the coordinator's host.
+#[derive(Debug, Clone, Default)]
+pub struct InputFiles {
+    files: Arc<BTreeMap<PathBuf, InputStamp>>,
+}
+
+impl InputFiles {
+    /// Records the size and modification time of each input (as named in the splits).
+    pub fn snapshot(paths: &[PathBuf]) -> std::io::Result<InputFiles> {
+        let mut files = BTreeMap::new();
+        for path in paths {
+            let meta = std::fs::metadata(path).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot stat input {}: {e}", path.display()),
+                )
+            })?;
+            files.insert(path.clone(), InputStamp::of(&meta));
+        }
+        Ok(InputFiles {
+            files: Arc::new(files),
+        })
+    }
+}
+
+/// Answers one [`ShuffleRequest`] on a connection whose handshake the caller accepted: a
+/// `FetchInput` of a job input is sent in [`SHUFFLE_CHUNK_BYTES`] chunks and an `End`; a
+/// path that is not a job input, a range beyond the file, a file changed since the job was
+/// planned, or a `Fetch` of a map output is refused with a `ShuffleReply::Error`.
+pub async fn serve_input_request<S>(framed: &mut S, inputs: &InputFiles) -> Result<(), ShuffleError>
+where
+    S: futures::Stream<Item = Result<ShuffleRequest, CodecError>>
+        + futures::Sink<ShuffleReply, Error = CodecError>
+        + Unpin,
+{
+    let (path, offset, len) = match next_frame(framed).await? {
+        ShuffleRequest::FetchInput { path, offset, len } => (path, offset, len),
+        ShuffleRequest::Fetch(key) => {
+            let reason = format!("the coordinator serves job inputs only, not {key:?}");
+            framed.send(ShuffleReply::Error(reason.clone())).await?;
+            return Err(ShuffleError::Remote(reason));
+        }
+    };
+    let (mut file, end) = match open_input(inputs, &path, offset, len).await {
+        Ok(x) => x,
+        Err(reason) => {
+            tracing::warn!(%reason, "refused an input fetch");
+            framed.send(ShuffleReply::Error(reason.clone())).await?;
+            return Err(ShuffleError::Remote(reason));
+        }
+    };
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut left = end - offset;
+    let mut buf = vec![0u8; SHUFFLE_CHUNK_BYTES];
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let n = file.read(&mut buf[..want]).await?;
+        if n == 0 {
+            break;
+        }
+        left -= n as u64;
+        tokio::time::timeout(
+            SHUFFLE_IO_TIMEOUT,
+            framed.send(ShuffleReply::Data(buf[..n].to_vec())),
+        )
+        .await
+        .map_err(|_| ShuffleError::Timeout)??;
+    }
+    let total_bytes = end - offset - left;
+    framed.send(ShuffleReply::End { total_bytes }).await?;
+    Ok(())
+}
+
+/// Opens job input `path` for the range asked, checking it is an input and unchanged; returns
+/// the file and the end of the range, or why not.
+async fn open_input(
+    inputs: &InputFiles,
+    path: &Path,
+    offset: u64,
+    len: Option<u64>,
+) -> Result<(tokio::fs::File, u64), String> {
+    let Some(stamp) = inputs.files.get(path).copied() else {
+        return Err(format!("{} is not an input of this job", path.display()));
+    };
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("cannot open input {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .await
+        .map_err(|e| format!("cannot stat input {}: {e}", path.display()))?;
+    let now = InputStamp::of(&meta);
+    if now != stamp {
+        return Err(format!(
+            "input {} changed since the job started (size {} then, {} now, or a new \
+             modification time): restart the job to read it again",
+            path.display(),
+            stamp.len,
+            now.len
+        ));
+    }
+    let end = match len {
+        Some(len) => offset.checked_add(len).filter(|&end| end <= stamp.len),
+        None => Some(stamp.len).filter(|&end| end >= offset),
+    };
+    let end = end.ok_or_else(|| {
+        format!(
+            "range at offset {offset} ({len:?} bytes) is beyond input {} ({} bytes)",
+            path.display(),
+            stamp.len
+        )
+    })?;
+    Ok((file, end))
+}
+
+/// Connects to `addr` and sends the shuffle handshake for job `job_id` and `request`.
+async fn open_fetch(
+    addr: &str,
+    job_id: u64,
+    request: ShuffleRequest,
+) -> Result<Framed<TcpStream, FrameCodec<ShuffleReply, ShuffleRequest>>, ShuffleError> {
+    let stream = match tokio::time::timeout(SHUFFLE_CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            return Err(ShuffleError::Connect {
+                addr: addr.to_string(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ShuffleError::Connect {
+                addr: addr.to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            })
+        }
+    };
+    stream.set_nodelay(true)?;
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::<ShuffleReply, Hello>::new(SHUFFLE_MAX_FRAME_BYTES),
+    );
+    framed.send(Hello::new(Role::Shuffle, job_id)).await?;
+    let mut framed = framed
+        .map_codec(|_| FrameCodec::<ShuffleReply, ShuffleRequest>::new(SHUFFLE_MAX_FRAME_BYTES));
+    framed.send(request).await?;
+    Ok(framed)
+}
+
+/// Fetches bytes `[offset, offset + len)` of job input `path` (to its end when `len` is
+/// `None`) from the coordinator at `addr` into memory, as a map task reads its split into
+/// memory. The length is checked: exactly `len` bytes, or the error.
+pub async fn fetch_input(
+    addr: &str,
+    job_id: u64,
+    path: &Path,
+    offset: u64,
+    len: Option<u64>,
+) -> Result<Vec<u8>, ShuffleError> {
+    let request = ShuffleRequest::FetchInput {
+        path: path.to_path_buf(),
+        offset,
+        len,
+    };
+    let mut framed = open_fetch(addr, job_id, request).await?;
+    let mut contents = Vec::with_capacity(len.map_or(0, |l| usize::try_from(l).unwrap_or(0)));
+    loop {
+        match next_frame(&mut framed).await {
+            Ok(ShuffleReply::Data(chunk)) => {
+                contents.extend_from_slice(&chunk);
+                if len.is_some_and(|l| contents.len() as u64 > l) {
+                    return Err(ShuffleError::Length {
+                        got: contents.len() as u64,
+                        expected: len.unwrap_or(0),
+                    });
+                }
+            }
+            Ok(ShuffleReply::End { total_bytes }) => {
+                let got = contents.len() as u64;
+                if total_bytes != got || len.is_some_and(|l| l != got) {
+                    return Err(ShuffleError::Length {
+                        got,
+                        expected: len.unwrap_or(total_bytes),
+                    });
+                }
+                return Ok(contents);
+            }
+            Ok(ShuffleReply::Error(e)) => return Err(ShuffleError::Remote(e)),
+            Err(ShuffleError::Truncated(_)) => {
+                return Err(ShuffleError::Truncated(contents.len() as u64))
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 async fn send_file<S>(framed: &mut S, path: &Path) -> Result<(), ShuffleError>
@@ -285,31 +515,7 @@ pub async fn fetch_file(
     dest: &Path,
     kind: Fetched,
 ) -> Result<u64, ShuffleError> {
-    let stream = match tokio::time::timeout(SHUFFLE_CONNECT_TIMEOUT, TcpStream::connect(addr)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            return Err(ShuffleError::Connect {
-                addr: addr.to_string(),
-                source,
-            })
-        }
-        Err(_) => {
-            return Err(ShuffleError::Connect {
-                addr: addr.to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-            })
-        }
-    };
-    stream.set_nodelay(true)?;
-    let mut framed = Framed::new(
-        stream,
-        FrameCodec::<ShuffleReply, Hello>::new(SHUFFLE_MAX_FRAME_BYTES),
-    );
-    framed.send(Hello::new(Role::Shuffle, job_id)).await?;
-    let mut framed = framed
-        .map_codec(|_| FrameCodec::<ShuffleReply, ShuffleRequest>::new(SHUFFLE_MAX_FRAME_BYTES));
-    framed.send(ShuffleRequest::Fetch(key)).await?;
+    let mut framed = open_fetch(addr, job_id, ShuffleRequest::Fetch(key)).await?;
 
     let tmp = dest.with_extension("part");
     let local = |error: std::io::Error| ShuffleError::LocalWrite {
@@ -407,5 +613,129 @@ mod tests {
         assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
         assert!(!dir.path().join("y").exists());
         server.abort();
+    }
+
+    /// What the coordinator does with a shuffle handshake (see the driver's `connection`).
+    async fn serve_inputs(listener: TcpListener, job_id: u64, inputs: InputFiles) {
+        while let Ok((stream, _)) = listener.accept().await {
+            let inputs = inputs.clone();
+            tokio::spawn(async move {
+                let mut framed = Framed::new(
+                    stream,
+                    FrameCodec::<Hello, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES),
+                );
+                let Some(Ok(hello)) = framed.next().await else {
+                    return;
+                };
+                let mut framed = framed.map_codec(|_| {
+                    FrameCodec::<ShuffleRequest, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES)
+                });
+                if let Some(reason) = shuffle_hello_refusal(&hello, job_id, "coordinator") {
+                    let _ = framed.send(ShuffleReply::Error(reason)).await;
+                    return;
+                }
+                let _ = serve_input_request(&mut framed, &inputs).await;
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn inputs_are_served_byte_identical_and_nothing_else_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("input.txt");
+        let secret = dir.path().join("secret.txt");
+        let data: Vec<u8> = (0..2 * SHUFFLE_CHUNK_BYTES + 17).map(|i| i as u8).collect();
+        std::fs::write(&input, &data).unwrap();
+        std::fs::write(&secret, b"not an input").unwrap();
+        let inputs = InputFiles::snapshot(std::slice::from_ref(&input)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(serve_inputs(listener, 9, inputs));
+
+        // A range across chunk boundaries, and the whole file.
+        let (offset, len) = (5, SHUFFLE_CHUNK_BYTES as u64 + 100);
+        let got = fetch_input(&addr, 9, &input, offset, Some(len))
+            .await
+            .unwrap();
+        assert_eq!(got, &data[5..5 + len as usize]);
+        let got = fetch_input(&addr, 9, &input, 0, None).await.unwrap();
+        assert_eq!(got, data);
+        let got = fetch_input(&addr, 9, &input, data.len() as u64, Some(0)).await;
+        assert_eq!(got.unwrap(), Vec::<u8>::new());
+
+        let refused = |r: Result<Vec<u8>, ShuffleError>, want: &str| match r {
+            Err(ShuffleError::Remote(e)) => assert!(e.contains(want), "{e}"),
+            other => panic!("expected a refusal containing {want:?}, got {other:?}"),
+        };
+        refused(
+            fetch_input(&addr, 9, &secret, 0, None).await,
+            "is not an input of this job",
+        );
+        refused(
+            fetch_input(&addr, 9, Path::new("/etc/passwd"), 0, None).await,
+            "is not an input of this job",
+        );
+        refused(
+            fetch_input(&addr, 9, &input, 10, Some(data.len() as u64)).await,
+            "beyond input",
+        );
+        refused(
+            fetch_input(&addr, 9, &input, u64::MAX, Some(2)).await,
+            "beyond input",
+        );
+        refused(fetch_input(&addr, 8, &input, 0, None).await, "job id");
+        // A map output is not the coordinator's to serve.
+        let key = FileKey::MapOutput {
+            map_task: 0,
+            attempt: 0,
+            partition: 0,
+        };
+        let err = fetch_file(&addr, 9, key, &dir.path().join("x"), Fetched::Scratch).await;
+        assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
+
+        // An input that changed under the job is refused, not served half old, half new.
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .append(true)
+                .open(&input)
+                .unwrap(),
+            b"more",
+        )
+        .unwrap();
+        refused(
+            fetch_input(&addr, 9, &input, 0, Some(10)).await,
+            "changed since the job started",
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_connection_lost_mid_fetch_is_an_error_not_a_short_split() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // A server that sends one chunk of the three asked for, then goes away.
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut framed = Framed::new(
+                stream,
+                FrameCodec::<Hello, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES),
+            );
+            framed.next().await.unwrap().unwrap();
+            let mut framed = framed.map_codec(|_| {
+                FrameCodec::<ShuffleRequest, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES)
+            });
+            framed.next().await.unwrap().unwrap();
+            framed
+                .send(ShuffleReply::Data(vec![7; SHUFFLE_CHUNK_BYTES]))
+                .await
+                .unwrap();
+        });
+        let len = 3 * SHUFFLE_CHUNK_BYTES as u64;
+        let err = fetch_input(&addr, 9, Path::new("in.txt"), 0, Some(len)).await;
+        assert!(
+            matches!(err, Err(ShuffleError::Truncated(n)) if n == SHUFFLE_CHUNK_BYTES as u64),
+            "{err:?}"
+        );
+        server.await.unwrap();
     }
 }

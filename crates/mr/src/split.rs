@@ -193,6 +193,30 @@ fn next_line_start(file: &mut File, path: &Path, pos: u64, file_len: u64) -> any
     Ok(file_len)
 }
 
+/// The bytes a map task reads for `split` from `raw`, the file's bytes of the split's range
+/// (of the whole file, for a gzip input) fetched from elsewhere: decompressed for a gzip
+/// input, as [`read_split`] returns them.
+pub fn decode_fetched_split(split: &InputSplit, raw: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    if !is_gzip(&split.path) {
+        return Ok(raw);
+    }
+    let mut contents = Vec::new();
+    flate2::read::MultiGzDecoder::new(&raw[..])
+        .read_to_end(&mut contents)
+        .with_context(|| format!("cannot decompress input {}", split.path.display()))?;
+    Ok(contents)
+}
+
+/// The byte range of the file a split reads: `(offset, Some(len))`, or `(0, None)` for a
+/// gzip input (read whole).
+pub fn split_range(split: &InputSplit) -> (u64, Option<u64>) {
+    if is_gzip(&split.path) {
+        (0, None)
+    } else {
+        (split.offset, Some(split.len))
+    }
+}
+
 /// Reads a split's bytes (decompressed, for a gzip file: its one split is the whole file).
 pub fn read_split(split: &InputSplit) -> anyhow::Result<Vec<u8>> {
     let mut file = File::open(&split.path)

@@ -212,6 +212,10 @@ pub async fn run_worker(options: WorkerOptions) -> Result<WorkerExit, WorkerErro
         name,
         job: None,
         last_contact: now(),
+        remote: RemoteInputs {
+            coordinator: options.coordinator.clone(),
+            logged: Arc::default(),
+        },
     };
     let result = session.run().await;
     server.abort();
@@ -228,6 +232,8 @@ struct Session<'a> {
     job: Option<(JobSpec, Arc<dyn App>)>,
     /// When the coordinator was last heard from (a welcome or a heartbeat answer).
     last_contact: std::time::Instant,
+    /// Where inputs this host cannot open are read.
+    remote: RemoteInputs,
 }
 
 enum SessionEnd {
@@ -428,6 +434,7 @@ impl Session<'_> {
                         current = Some(tokio::spawn(run_map(
                             app.clone(), job.clone(), attempt, split,
                             self.dir.clone(), self.table.clone(), self.options.slow_factor,
+                            self.remote.clone(),
                         )));
                     }
                     Some(Ok(ToWorker::Reduce { attempt, inputs })) => {
@@ -588,6 +595,84 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
+/// Where a worker reads map inputs it cannot open: the coordinator, which serves the job's
+/// inputs over the shuffle protocol. Each such input is logged once.
+#[derive(Clone)]
+struct RemoteInputs {
+    coordinator: String,
+    logged: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
+}
+
+impl RemoteInputs {
+    /// Whether `path` was not yet reported (and now is).
+    fn first_time(&self, path: &Path) -> bool {
+        self.logged
+            .lock()
+            .map(|mut l| l.insert(path.to_path_buf()))
+            .unwrap_or(false)
+    }
+}
+
+/// The split's bytes from the coordinator when this host cannot open the input (not there,
+/// or no permission): `Ok(None)` when it can (the map task reads it locally), `Ok(Some(raw))`
+/// with the file's bytes of the range, or why neither worked.
+async fn fetch_input_if_unreadable(
+    remote: &RemoteInputs,
+    job_id: u64,
+    split: &InputSplit,
+) -> Result<Option<Vec<u8>>, String> {
+    let local_error = match tokio::fs::File::open(&split.path).await {
+        Ok(_) => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            e
+        }
+        // Another failure (an I/O error, too many open files): the map task reports it.
+        Err(_) => return Ok(None),
+    };
+    if remote.first_time(&split.path) {
+        tracing::info!(
+            "input {} not readable here ({local_error}): reading it from the coordinator at {}",
+            split.path.display(),
+            remote.coordinator
+        );
+    }
+    let (offset, len) = crate::split::split_range(split);
+    let mut tries = 0;
+    loop {
+        match crate::shuffle::fetch_input(&remote.coordinator, job_id, &split.path, offset, len)
+            .await
+        {
+            Ok(raw) => return Ok(Some(raw)),
+            // The coordinator's answer (not an input, changed, unreadable there) will not change.
+            Err(e @ ShuffleError::Remote(_)) => {
+                return Err(format!(
+                "input {} not readable here ({local_error}) and the coordinator refused it: {e}",
+                split.path.display()
+            ))
+            }
+            Err(e) => {
+                tries += 1;
+                if tries >= FETCH_TRIES {
+                    return Err(format!(
+                        "input {} not readable here ({local_error}) and fetching it from the \
+                         coordinator at {} failed {tries} times: {e}",
+                        split.path.display(),
+                        remote.coordinator
+                    ));
+                }
+                tracing::debug!(error = %e, "input fetch failed; trying again");
+            }
+        }
+        tokio::time::sleep(RECONNECT_BACKOFF * tries).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_map(
     app: Arc<dyn App>,
     job: JobSpec,
@@ -596,6 +681,7 @@ async fn run_map(
     dir: PathBuf,
     table: FileTable,
     slow_factor: f64,
+    remote: RemoteInputs,
 ) -> Report {
     let started = now();
     let task_dir = dir.join(format!("map-{}-a{}", attempt.task, attempt.attempt));
@@ -604,12 +690,33 @@ async fn run_map(
         offset: split.offset,
         len: split.len,
     };
+    let raw = match fetch_input_if_unreadable(&remote, job.job_id, &split).await {
+        Ok(raw) => raw,
+        Err(e) => return Report::Failed(attempt, e),
+    };
+    let remote_bytes = raw.as_ref().map(|r| r.len() as u64);
     let reduces = job.reduces;
     let memory = job.memory_bytes;
     let attempt_dir = task_dir.clone();
     let result = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&task_dir)?;
-        crate::task::run_map_task(&*app, &split, attempt.task, reduces, memory, &task_dir)
+        let contents = match raw {
+            Some(raw) => Some(crate::split::decode_fetched_split(&split, raw)?),
+            None => None,
+        };
+        let mut out = crate::task::run_map_task_on(
+            &*app,
+            &split,
+            contents,
+            attempt.task,
+            reduces,
+            memory,
+            &task_dir,
+        )?;
+        if let Some(bytes) = remote_bytes {
+            out.counters.add("map.input.remote.bytes", bytes);
+        }
+        Ok(out)
     })
     .await;
     if !matches!(&result, Ok(Ok(out)) if out.partitions.len() == reduces as usize) {

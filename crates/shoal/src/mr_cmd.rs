@@ -912,6 +912,12 @@ fn print_summary(
             mb("reduce.output.bytes")
         );
     }
+    if let Some(&remote) = report.counters.get("map.input.remote.bytes") {
+        say!(
+            "Input read from the coordinator by workers that could not open it: {:.1} MB.",
+            remote as f64 / 1e6
+        );
+    }
     let secs_of = |name: &str| report.counters.get(name).copied().unwrap_or(0) as f64 / 1e3;
     if report.counters.contains_key("map.read.ms") {
         say!(

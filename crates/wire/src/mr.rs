@@ -5,7 +5,9 @@
 //! [`ToCoordinator`] / [`ToWorker`] frames on the same connection until the job ends. A reduce
 //! worker (or the coordinator committing a reduce output) calls another worker's shuffle server
 //! with [`crate::Role::Shuffle`] and the job id as cluster id, sends one [`ShuffleRequest`] and
-//! reads [`ShuffleReply`] frames until `End` or `Error`.
+//! reads [`ShuffleReply`] frames until `End` or `Error`. A worker that cannot open a map
+//! input calls the coordinator's port the same way (role `Shuffle`, the job id) and sends
+//! [`ShuffleRequest::FetchInput`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -104,7 +106,8 @@ pub struct JobSpec {
 /// A byte range of an input file, read by one map task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitSpec {
-    /// Input file; must be readable at this path on the worker's host.
+    /// Input file, as the coordinator names it. A worker that cannot open it at this path
+    /// fetches the range from the coordinator ([`ShuffleRequest::FetchInput`]).
     pub path: PathBuf,
     /// First byte of the split.
     pub offset: u64,
@@ -239,6 +242,19 @@ pub enum FileKey {
 pub enum ShuffleRequest {
     /// Send this file.
     Fetch(FileKey),
+    /// Send bytes `[offset, offset + len)` of job input `path` (to the end of the file when
+    /// `len` is `None`: a gzip input, read whole), for a worker that cannot open the input
+    /// itself. Only the coordinator answers it, and only for a file that is an input of its
+    /// job, unchanged (size and modification time) since the job was planned. (Appended last:
+    /// `Fetch` keeps its encoding.)
+    FetchInput {
+        /// The input path exactly as in the map task's [`SplitSpec`].
+        path: PathBuf,
+        /// First byte.
+        offset: u64,
+        /// Bytes wanted; `None`: to the end of the file.
+        len: Option<u64>,
+    },
 }
 
 /// Shuffle server → fetcher.
@@ -294,6 +310,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(d, chunk);
+    }
+
+    #[test]
+    fn an_input_fetch_round_trips_and_fetch_keeps_its_encoding() {
+        let key = FileKey::MapOutput {
+            map_task: 1,
+            attempt: 2,
+            partition: 3,
+        };
+        // `Fetch` is variant 0, as before `FetchInput` was appended.
+        assert_eq!(
+            postcard::to_stdvec(&ShuffleRequest::Fetch(key)).unwrap()[0],
+            0
+        );
+        for len in [Some(1 << 20), None] {
+            let m = ShuffleRequest::FetchInput {
+                path: PathBuf::from("in/a.txt"),
+                offset: 7,
+                len,
+            };
+            let mut buf = Vec::new();
+            encode_frame(&m, SHUFFLE_MAX_FRAME_BYTES, &mut buf).unwrap();
+            let (d, _) = decode_frame::<ShuffleRequest>(&buf, SHUFFLE_MAX_FRAME_BYTES)
+                .unwrap()
+                .unwrap();
+            assert_eq!(d, m);
+        }
     }
 
     #[test]

@@ -10,8 +10,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use shoal_wire::codec::FrameCodec;
 use shoal_wire::mr::{
-    AppSpec, AttemptRef, FileKey, JobSpec, ShippedFileSpec, SortSpec, SplitSpec, TaskKind,
-    ToCoordinator, ToWorker, MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
+    AppSpec, AttemptRef, FileKey, JobSpec, ShippedFileSpec, ShuffleReply, ShuffleRequest, SortSpec,
+    SplitSpec, TaskKind, ToCoordinator, ToWorker, MR_CONTROL_CLUSTER_ID,
+    MR_CONTROL_MAX_FRAME_BYTES, SHUFFLE_MAX_FRAME_BYTES,
 };
 use shoal_wire::{Hello, Role};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +23,9 @@ use super::core::{
     attempt_name, task_name, CommitError, Coordinator, CoordinatorConfig, Output, WorkerId,
 };
 use crate::app::AppConfig;
-use crate::shuffle::{fetch_file, Fetched, ShuffleError};
+use crate::shuffle::{
+    fetch_file, serve_input_request, shuffle_hello_refusal, Fetched, InputFiles, ShuffleError,
+};
 use crate::split::{plan_splits_with, InputSplit, RecordLayout};
 use crate::status::JobStatus;
 
@@ -78,6 +81,9 @@ pub struct PreparedJob {
     pub input_bytes: u64,
     /// Random id of this job (shuffle connections present it).
     pub job_id: u64,
+    /// The inputs with their size and modification time when planned: served to workers that
+    /// cannot open them, refused once changed.
+    pub served_inputs: InputFiles,
 }
 
 /// The result of a successful job.
@@ -189,6 +195,8 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
             .map_err(io_err(format!("cannot read input {}", input.display())))?
             .len();
     }
+    let served_inputs = InputFiles::snapshot(&options.inputs)
+        .map_err(|e| CoordinatorError::Input(anyhow::Error::new(e)))?;
     let job_id = new_job_id();
     let probe_dir = std::env::temp_dir().join(format!("shoal-mr-check-{job_id:x}"));
     let built = crate::app::build_app(&options.app, &probe_dir);
@@ -227,6 +235,7 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
         splits,
         input_bytes,
         job_id,
+        served_inputs,
     })
 }
 
@@ -359,7 +368,12 @@ pub async fn run_job(
                     next_conn += 1;
                     let conn = next_conn;
                     tracing::debug!(%peer, conn, "connection");
-                    connection_tasks.spawn(connection(stream, conn, events_tx.clone()));
+                    connection_tasks.spawn(connection(
+                        stream,
+                        conn,
+                        events_tx.clone(),
+                        (job.job_id, job.served_inputs.clone()),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -635,7 +649,15 @@ fn place(tmp: &Path, dest: &Path, dir: &Path) -> std::io::Result<()> {
 
 /// One worker connection: handshake, then frames in both directions until either side ends.
 /// A malformed or oversized frame closes the connection (and only it).
-async fn connection(stream: TcpStream, conn: u64, events: mpsc::Sender<Event>) {
+///
+/// A connection with a shuffle handshake for this job is a worker fetching a map input it
+/// cannot open (`ShuffleRequest::FetchInput`): it is answered from `inputs` and closed.
+async fn connection(
+    stream: TcpStream,
+    conn: u64,
+    events: mpsc::Sender<Event>,
+    (job_id, inputs): (u64, InputFiles),
+) {
     let _ = stream.set_nodelay(true);
     let mut framed = Framed::new(
         stream,
@@ -656,6 +678,20 @@ async fn connection(stream: TcpStream, conn: u64, events: mpsc::Sender<Event>) {
             return;
         }
     };
+    if hello.role == Role::Shuffle {
+        let mut framed = framed.map_codec(|_| {
+            FrameCodec::<ShuffleRequest, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES)
+        });
+        if let Some(reason) = shuffle_hello_refusal(&hello, job_id, "coordinator") {
+            tracing::warn!(conn, %reason, "input fetch refused");
+            let _ = framed.send(ShuffleReply::Error(reason)).await;
+            return;
+        }
+        if let Err(e) = serve_input_request(&mut framed, &inputs).await {
+            tracing::debug!(conn, error = %e, "input fetch ended with an error");
+        }
+        return;
+    }
     let refusal = match hello.validate() {
         Err(e) => Some(e),
         Ok(()) if hello.role != Role::Client || hello.cluster_id != MR_CONTROL_CLUSTER_ID => {

@@ -609,6 +609,21 @@ pub fn run_map_task(
     memory_bytes: u64,
     work_dir: &Path,
 ) -> anyhow::Result<MapTaskOutput> {
+    run_map_task_on(app, split, None, map_task, reduces, memory_bytes, work_dir)
+}
+
+/// [`run_map_task`] on the split's bytes already in memory when `contents` is given (as
+/// [`read_split`] returns them: decompressed for a gzip input), fetched from the coordinator
+/// by a worker that cannot open the input; the app still sees the split's own path and offset.
+pub fn run_map_task_on(
+    app: &dyn App,
+    split: &InputSplit,
+    contents: Option<Vec<u8>>,
+    map_task: u32,
+    reduces: u32,
+    memory_bytes: u64,
+    work_dir: &Path,
+) -> anyhow::Result<MapTaskOutput> {
     if reduces == 0 {
         bail!("a job needs at least one reduce task");
     }
@@ -617,7 +632,10 @@ pub fn run_map_task(
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
     let started = stopwatch();
-    let contents = read_split(split)?;
+    let contents = match contents {
+        Some(contents) => contents,
+        None => read_split(split)?,
+    };
     let read_ms = ms_since(started);
     let started = stopwatch();
     let name = split.path.to_string_lossy();

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use map::run_map_task;
+pub use map::{run_map_task, run_map_task_on};
 pub use reduce::{run_reduce_task, run_reduce_task_with, OutputDurability};
 
 /// Default memory budget of one task's buffer (the caller may set another).
