@@ -10,10 +10,10 @@
 //! Everything is in `BTreeMap`s: no hash-order iteration, no clocks.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
-use shoal_raft::{Entry, LogIndex, RawNode, Role, Storage};
+use shoal_raft::{ConfChange, Entry, EntryKind, LogIndex, RawNode, Role, Storage};
 use shoal_sim::{Message, Node, Sim};
 use shoal_storage::DurableStorage;
 
@@ -80,6 +80,16 @@ pub enum Obs {
         /// The server's current term when it applied it.
         node_term: u64,
     },
+    /// `node` applied the membership change requested at entry `index` of `term` (one a
+    /// client proposed: the automatic leave of a joint configuration is not counted).
+    ConfChange {
+        /// The server.
+        node: SimId,
+        /// The entry's index.
+        index: u64,
+        /// The entry's term.
+        term: u64,
+    },
 }
 
 /// Shared between the servers (which push) and the checker (which drains).
@@ -120,6 +130,8 @@ pub struct Invariants {
     committed: Vec<Committed>,
     /// (node, term) → its leadership so far.
     watches: BTreeMap<(SimId, u64), LeaderWatch>,
+    /// (index, term) of every requested membership change some server applied.
+    conf_changes: BTreeSet<(u64, u64)>,
 }
 
 impl Invariants {
@@ -173,6 +185,9 @@ impl Invariants {
                     hash,
                     node_term,
                 } => self.check_state_machine_safety(node, index, term, hash, node_term)?,
+                Obs::ConfChange { index, term, .. } => {
+                    self.conf_changes.insert((index, term));
+                }
             }
         }
         for (id, raw) in nodes {
@@ -185,6 +200,13 @@ impl Invariants {
             self.check_leader_completeness(id, raw)?;
         }
         Ok(())
+    }
+
+    /// Requested membership changes committed so far: distinct configuration entries (the
+    /// automatic leave of a joint configuration not counted) that some server applied, as
+    /// drained by the last [`Invariants::check`].
+    pub fn conf_changes_committed(&self) -> u64 {
+        self.conf_changes.len() as u64
     }
 
     /// Election Safety (§5.2): at most one leader can be elected in a given term.
@@ -457,6 +479,17 @@ impl Recorder {
             hash: digest(&e.data),
             node_term,
         });
+        if e.kind == EntryKind::ConfChange {
+            let requested =
+                postcard::from_bytes::<ConfChange>(&e.data).is_ok_and(|cc| !cc.steps.is_empty());
+            if requested {
+                self.observe(Obs::ConfChange {
+                    node: me,
+                    index: e.index.0,
+                    term: e.term.0,
+                });
+            }
+        }
     }
 }
 

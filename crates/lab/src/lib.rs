@@ -4,8 +4,8 @@
 //! ([`raft_node`]: a bare Raft server; [`kv_node`]: the KV servers, replicated and single), the
 //! simulated KV client actor and the checks of what clients saw ([`kv_client`]), the sharded
 //! KV's simulated world ([`shard`]: replica-group servers, the controller's store, the
-//! per-event shard invariant), and the workloads `shoal sim --workload raft|kv|shard` runs
-//! ([`workload`]). The simulation tests of
+//! per-event shard invariant), membership changes as a fault ([`membership`]), and the
+//! workloads `shoal sim --workload raft|kv|shard` runs ([`workload`]). The simulation tests of
 //! `shoal-raft` and `shoal-kv` use it as a dev-dependency.
 //!
 //! **Must never:** read the wall clock, use unseeded randomness or iterate hash maps (a seed
@@ -19,6 +19,7 @@
 pub mod invariants;
 pub mod kv_client;
 pub mod kv_node;
+pub mod membership;
 pub mod raft_node;
 pub mod shard;
 pub mod workload;

@@ -8,10 +8,16 @@
 //! the five Figure-3 properties checked after every event ([`crate::invariants`]); then heal,
 //! check that progress resumed (a final write commits) and check what the clients saw.
 //!
-//! - **raft**: 5 [`Server`]s taking a snapshot every 20 applied entries; every 100 ms each
-//!   node that leads is handed a proposal. At the end: the final command is applied on all
-//!   five within 10 s, no two commands at one index, logs match, and every command applied
-//!   anywhere is applied everywhere.
+//! - **raft**: 7 [`Server`]s, 5 bootstrap voters and 2 that start empty, taking a snapshot
+//!   every 20 applied entries; every 100 ms each node that leads is handed a proposal, and
+//!   every 300 ms the newest leader is handed a random membership change
+//!   ([`crate::membership::random_membership_change`]: add a learner or a voter, promote,
+//!   remove — the leader too —, or a joint change of two voters), so membership changes are
+//!   one more fault among the nemesis's. The Figure-3 checks hold across configurations.
+//!   At the end: the final command is applied on every member of the final configuration
+//!   within 60 s, no two commands at one index on any server, logs match, and every command
+//!   applied anywhere is applied on every final member. The report counts the membership
+//!   changes committed.
 //! - **kv**: 5 [`RaftNode`]s snapshotting whenever the Raft state passes 2,000 bytes (so
 //!   snapshots, compactions and snapshot installs happen all the time), 4 [`Client`]s putting
 //!   at the last version they know and reading back on 5 keys. At the end: every client
@@ -27,7 +33,7 @@ use std::time::Duration;
 
 use shoal_check::Budget;
 use shoal_kv::{Outcome, RsmConfig};
-use shoal_raft::Message;
+use shoal_raft::{Message, NodeId};
 use shoal_sim::{Failure, FaultSummary, NemesisConfig, NetConfig, Sim, SimConfig, SimTime};
 use shoal_wire::kv::{Expected, KvOp, KvResult};
 
@@ -36,13 +42,18 @@ use crate::kv_client::{
     all_finished, check_kv_history, client_violation, put_counts, Client, SimId, Work, M,
 };
 use crate::kv_node::{RaftNode, TICK};
+use crate::membership::{leader_membership, members_applied, random_membership_change, Choices};
 use crate::raft_node::{
     check_applied_agree, check_log_matching, check_nothing_lost, count_applied, Server,
 };
 pub use crate::shard::run_shard;
 
-/// Servers in either workload's cluster.
+/// Servers in the kv workload's cluster, and the bootstrap voters of the raft workload's.
 pub const SERVERS: u64 = 5;
+/// raft: servers that start outside the membership (empty), for membership changes to add.
+pub const RAFT_SPARES: u64 = 2;
+/// raft: a random membership change is proposed every this many rounds.
+pub const RAFT_CHANGE_EVERY: u64 = 3;
 /// raft: each server snapshots every this many applied entries.
 pub const RAFT_SNAPSHOT_EVERY: u64 = 20;
 /// raft: one proposal per leader per round of this length.
@@ -115,6 +126,9 @@ pub struct Report {
     pub committed: u64,
     /// kv: `Some(reason)` if the linearizability check gave up within its step budget.
     pub history_gave_up: Option<String>,
+    /// raft: the membership changes committed (requested changes some server applied; the
+    /// automatic leave of a joint configuration not counted); `None` for the others.
+    pub membership_changes: Option<u64>,
     /// The run's trace hash (equal hashes: the same run).
     pub trace_hash: u64,
     /// `Ok` or the first violation, with the trace tail.
@@ -148,6 +162,7 @@ pub(crate) fn catching(
                 ops: 0,
                 committed: 0,
                 history_gave_up: None,
+                membership_changes: None,
                 trace_hash: 0,
                 outcome: Err(Failure {
                     message: format!("panicked: {msg}"),
@@ -176,6 +191,7 @@ struct RaftRun {
     ids: Vec<SimId>,
     inv: Invariants,
     proposed: u64,
+    choices: Choices,
 }
 
 /// The raft workload for `seed`: see the module's documentation.
@@ -183,11 +199,18 @@ pub fn run_raft(seed: u64, duration: Duration) -> Report {
     catching(Workload::Raft, seed, duration, || {
         let mut sim = new_sim(seed);
         let journal = Journal::default();
-        let ids = (0..SERVERS)
-            .map(|_| {
+        let n = SERVERS + RAFT_SPARES;
+        let ids = (0..n)
+            .map(|i| {
                 let journal = journal.clone();
+                let bootstrap: Vec<NodeId> = if i < SERVERS {
+                    (1..=SERVERS).map(NodeId).collect()
+                } else {
+                    Vec::new()
+                };
                 sim.add_node(move |_| {
-                    Server::new(SERVERS, Some(RAFT_SNAPSHOT_EVERY), journal.clone())
+                    Server::new(n, Some(RAFT_SNAPSHOT_EVERY), journal.clone())
+                        .with_voters(bootstrap.clone())
                 })
             })
             .collect();
@@ -196,6 +219,7 @@ pub fn run_raft(seed: u64, duration: Duration) -> Report {
             ids,
             inv: Invariants::new(journal),
             proposed: 0,
+            choices: Choices(seed ^ 0x6d65_6d62),
         };
         let outcome = run.body(duration);
         let mut committed = BTreeSet::new();
@@ -214,6 +238,7 @@ pub fn run_raft(seed: u64, duration: Duration) -> Report {
             ops: run.proposed,
             committed: committed.len() as u64,
             history_gave_up: None,
+            membership_changes: Some(run.inv.conf_changes_committed()),
             trace_hash: run.sim.trace_hash(),
             outcome,
         }
@@ -250,6 +275,9 @@ impl RaftRun {
             for &id in &self.ids.clone() {
                 self.propose_on_leaders(format!("n{round}-{id}").as_bytes());
             }
+            if round.is_multiple_of(RAFT_CHANGE_EVERY) {
+                random_membership_change(&mut self.sim, &self.ids, &mut self.choices);
+            }
             let left = Duration::from_nanos(end - self.sim.now().as_nanos());
             self.run_checked(RAFT_ROUND.min(left))?;
             self.check(check_applied_agree(&self.sim, &self.ids))?;
@@ -257,30 +285,33 @@ impl RaftRun {
         }
         self.sim.heal_all();
         self.run_checked(Duration::from_secs(1))?;
-        self.commit_everywhere(b"final")?;
+        let members = self.commit_everywhere(b"final")?;
         self.run_checked(Duration::from_millis(500))?;
         self.check(check_applied_agree(&self.sim, &self.ids))?;
         self.check(check_log_matching(&self.sim, &self.ids))?;
-        self.check(check_nothing_lost(&self.sim, &self.ids))
+        self.check(check_nothing_lost(&self.sim, &members))
     }
 
     /// Progress resumed: `cmd`, proposed on the leader (again every 2 s until it sticks), is
-    /// applied on every server within [`SETTLE_LIMIT`].
-    fn commit_everywhere(&mut self, cmd: &[u8]) -> Result<(), Failure> {
+    /// applied on every member of the newest leader's configuration within
+    /// [`SETTLE_LIMIT`]; those members.
+    fn commit_everywhere(&mut self, cmd: &[u8]) -> Result<Vec<SimId>, Failure> {
         let limit = (self.sim.now() + SETTLE_LIMIT).as_nanos();
         while self.sim.now().as_nanos() < limit {
             self.propose_on_leaders(cmd);
             for _ in 0..40 {
                 self.run_checked(Duration::from_millis(50))?;
-                if count_applied(&self.sim, cmd) >= self.ids.len() {
-                    return Ok(());
+                if let Some(members) = members_applied(&self.sim, &self.ids, |d| d == cmd) {
+                    return Ok(members);
                 }
             }
         }
+        let m = leader_membership(&self.sim, &self.ids).map(|(_, m)| m.to_string());
         Err(self.sim.failure(format!(
-            "no progress after healing: {:?} not applied on all {} servers within {SETTLE_LIMIT:?}",
+            "no progress after healing: {:?} not applied on every member within \
+             {SETTLE_LIMIT:?} (the newest leader's membership: {m:?}; {} servers applied it)",
             String::from_utf8_lossy(cmd),
-            self.ids.len()
+            count_applied(&self.sim, cmd)
         )))
     }
 }
@@ -333,6 +364,7 @@ pub fn run_kv(seed: u64, duration: Duration) -> Report {
             ops: run.sim.history_len() as u64,
             committed: ok_puts,
             history_gave_up: run.gave_up.clone(),
+            membership_changes: None,
             trace_hash: run.sim.trace_hash(),
             outcome,
         }

@@ -104,3 +104,47 @@ fn a_workload_report_is_a_function_of_seed_and_duration() {
         assert_ne!(a.trace_hash, run(5, d).trace_hash);
     }
 }
+
+/// The checker counts each requested membership change once, however many servers apply it.
+#[test]
+fn membership_changes_are_counted_once_per_entry() {
+    let journal = Journal::default();
+    let mut inv = Invariants::new(journal.clone());
+    journal.borrow_mut().extend([
+        Obs::ConfChange {
+            node: NodeId(0),
+            index: 7,
+            term: 2,
+        },
+        Obs::ConfChange {
+            node: NodeId(1),
+            index: 7,
+            term: 2,
+        },
+        Obs::ConfChange {
+            node: NodeId(1),
+            index: 12,
+            term: 3,
+        },
+    ]);
+    inv.check_nodes::<MemStorage>(std::iter::empty())
+        .expect("no violation");
+    assert_eq!(inv.conf_changes_committed(), 2);
+}
+
+/// The raft workload changes the membership as a fault (and still passes): over three short
+/// seeds some change commits, and only the raft workload reports the count.
+#[test]
+fn the_raft_workload_commits_membership_changes() {
+    let d = Duration::from_secs(3);
+    let mut changes = 0;
+    for seed in 1..=3 {
+        let r = run_raft(seed, d);
+        assert!(r.outcome.is_ok(), "seed {seed}: {:?}", r.outcome);
+        changes += r
+            .membership_changes
+            .expect("raft reports membership changes");
+    }
+    assert!(changes > 0, "no membership change committed in 3 seeds");
+    assert_eq!(run_kv(1, d).membership_changes, None);
+}

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use shoal_lab::invariants::{Invariants, Journal};
 use shoal_lab::raft_node::{self, count_applied, Server, SEGMENT_BYTES};
-use shoal_raft::{ConfChangeStep, Membership, Message, NodeId, Role};
+// The tests' own choices: the lab's deterministic chooser.
+use shoal_lab::membership::Choices as TestRng;
+use shoal_lab::membership::{leader_membership, members_applied, random_membership_change};
+use shoal_raft::{Message, NodeId, Role};
 use shoal_sim::{Failure, NetConfig, Sim, SimConfig};
 
 type SimId = shoal_sim::NodeId;
@@ -802,18 +805,6 @@ fn bench_election_time_after_leader_crash() {
     );
 }
 
-/// A tiny deterministic generator for the tests' own choices.
-struct TestRng(u64);
-impl TestRng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n.max(1)
-    }
-}
-
 /// TestReliableChurn3C / TestUnreliableChurn3C: clients propose continuously while servers are
 /// disconnected, crashed and restarted; after healing nothing committed is lost.
 fn churn(seed: u64, net: NetConfig) -> Result<(), Failure> {
@@ -1119,46 +1110,6 @@ fn persistence_staged_crashes() {
     });
 }
 
-/// The membership of the newest leader that is up, and that leader.
-fn leader_membership(c: &Cluster) -> Option<(SimId, Membership)> {
-    c.ids
-        .iter()
-        .filter_map(|&id| c.server(id).map(|s| (id, s.status())))
-        .filter(|(_, st)| st.role == Role::Leader)
-        .max_by_key(|(_, st)| st.term)
-        .map(|(id, st)| (id, st.membership))
-}
-
-/// One random membership change proposed on the newest leader: add a learner or a voter,
-/// promote a learner, remove a member (keeping at least three voters), or two voter changes
-/// at once (a joint change). Refusals (one in flight, learner behind, not the leader any
-/// more) are part of the game. Returns whether the leader accepted it.
-fn random_membership_change(c: &mut Cluster, rng: &mut TestRng, n: u64) -> bool {
-    let Some((leader, m)) = leader_membership(c) else {
-        return false;
-    };
-    let all: Vec<NodeId> = (1..=n).map(NodeId).collect();
-    let outsiders: Vec<NodeId> = all.iter().copied().filter(|&x| !m.contains(x)).collect();
-    let pick = |rng: &mut TestRng, v: &[NodeId]| v[rng.below(v.len() as u64) as usize];
-    let steps = match rng.below(10) {
-        0..=2 if !outsiders.is_empty() => vec![ConfChangeStep::AddLearner(pick(rng, &outsiders))],
-        3 if !outsiders.is_empty() => vec![ConfChangeStep::AddVoter(pick(rng, &outsiders))],
-        4..=5 if !m.learners.is_empty() => vec![ConfChangeStep::Promote(pick(rng, &m.learners))],
-        6 if !m.learners.is_empty() => vec![ConfChangeStep::Remove(pick(rng, &m.learners))],
-        7 if m.voters.len() > 3 => vec![ConfChangeStep::Remove(pick(rng, &m.voters))],
-        8..=9 if !m.learners.is_empty() && m.voters.len() >= 3 => vec![
-            ConfChangeStep::Promote(pick(rng, &m.learners)),
-            ConfChangeStep::Remove(pick(rng, &m.voters)),
-        ],
-        _ => return false,
-    };
-    matches!(
-        c.sim
-            .call::<Server, _>(leader, |s, ctx| s.propose_conf_change(ctx, steps.clone())),
-        Ok(Ok(_))
-    )
-}
-
 /// Membership changes as a fault (issue 15): seven servers, three bootstrap voters and four
 /// that start empty; while the nemesis partitions, crashes, pauses and degrades the network,
 /// the leader proposes commands and, every few rounds, a random membership change (learners
@@ -1187,7 +1138,7 @@ fn membership_nemesis() {
                     }
                 });
             }
-            if round % 3 == 0 && random_membership_change(&mut c, &mut rng, N) {
+            if round % 3 == 0 && random_membership_change(&mut c.sim, &ids, &mut rng) {
                 accepted += 1;
             }
             c.run_checked(Duration::from_millis(100))?;
@@ -1203,22 +1154,16 @@ fn membership_nemesis() {
             let cmd = format!("final-{attempt}").into_bytes();
             c.start_on_leaders(&cmd);
             c.run_checked(Duration::from_millis(200))?;
-            if let Some((_, m)) = leader_membership(&c) {
-                let everyone = m.members().into_iter().all(|id| {
-                    c.server(raft_node::sim_id(id))
-                        .is_some_and(|s| s.applied().iter().any(|(_, d)| d.starts_with(b"final")))
-                });
-                if everyone {
-                    done = true;
-                    break;
-                }
+            if members_applied(&c.sim, &ids, |d| d.starts_with(b"final")).is_some() {
+                done = true;
+                break;
             }
         }
         if !done {
             if std::env::var_os("SHOAL_DUMP").is_some() {
                 c.dump();
             }
-            let m = leader_membership(&c);
+            let m = leader_membership(&c.sim, &ids);
             return Err(c.sim.failure(format!(
                 "after healing, the members did not all apply a final command ({m:?}, \
                  {accepted} changes accepted)"
@@ -1227,7 +1172,8 @@ fn membership_nemesis() {
         c.run_checked(Duration::from_millis(500))?;
         c.check_applied_agree()?;
         c.check_log_matching()?;
-        let (_, m) = leader_membership(&c).ok_or_else(|| c.sim.failure("no leader at the end"))?;
+        let (_, m) =
+            leader_membership(&c.sim, &ids).ok_or_else(|| c.sim.failure("no leader at the end"))?;
         let members: Vec<SimId> = m.members().into_iter().map(raft_node::sim_id).collect();
         raft_node::check_nothing_lost(&c.sim, &members).map_err(|e| c.sim.failure(e))?;
         eprintln!("seed {seed}: {accepted} changes accepted, final {m}");

@@ -184,6 +184,7 @@ fn run_workload(
         indicatif::ProgressBar::hidden()
     };
     let (mut failed, mut gave_up, mut events) = (Vec::new(), 0u64, 0u64);
+    let mut changes: Option<u64> = None;
     // The simulated servers log through `tracing` with wall-clock stamps: noise here, and
     // thousands of lines per seed. SHOAL_LOG (e.g. `SHOAL_LOG=info` on a replay) shows them.
     let quiet = std::env::var_os("SHOAL_LOG").is_none();
@@ -195,6 +196,9 @@ fn run_workload(
             workload.run(seed, duration)
         };
         events += report.events;
+        if let Some(n) = report.membership_changes {
+            *changes.get_or_insert(0) += n;
+        }
         if report.history_gave_up.is_some() {
             gave_up += 1;
         }
@@ -221,6 +225,9 @@ fn run_workload(
                 String::new()
             }
         );
+        if let Some(n) = changes {
+            println!("membership changes: {n} committed over all seeds");
+        }
         if !failed.is_empty() {
             let list: Vec<String> = failed.iter().map(u64::to_string).collect();
             println!("failed seeds: {}", list.join(" "));
@@ -288,6 +295,9 @@ fn format_report(r: &Report, tail: usize, detailed: bool) -> String {
         r.events,
         r.trace_hash
     );
+    if let Some(n) = r.membership_changes {
+        let _ = writeln!(out, "  membership changes: {n} committed");
+    }
     if detailed && r.faults.total() > 0 {
         let _ = write!(
             out,
@@ -504,6 +514,7 @@ mod tests {
             ops: 40,
             committed: 9,
             history_gave_up: None,
+            membership_changes: None,
             trace_hash: 0xabc,
             outcome: Err(shoal_sim::Failure {
                 message: "history not linearizable: ...".into(),

@@ -169,6 +169,13 @@ fn workloads_pass_and_replay_byte_for_byte() {
             )),
             "{a}"
         );
+        // raft changes the membership as a fault: a count per seed and a total.
+        let changes = a
+            .lines()
+            .filter(|l| l.starts_with("  membership changes: ") && l.ends_with(" committed"))
+            .count();
+        assert_eq!(changes, if w == "raft" { 3 } else { 0 }, "{a}");
+        assert_eq!(a.contains("committed over all seeds"), w == "raft", "{a}");
         let one = run(&["sim", "--workload", w, "--seed", "6", "--duration", "3s"]);
         assert_eq!(one.lines().next(), Some(lines[1]), "{one}");
         assert!(

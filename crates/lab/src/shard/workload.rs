@@ -254,6 +254,7 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
             ops: run.w.sim.history_len() as u64,
             committed: ok_puts,
             history_gave_up: run.gave_up.clone(),
+            membership_changes: None,
             trace_hash: run.w.sim.trace_hash(),
             outcome,
         }
