@@ -463,7 +463,7 @@ impl KvRsm {
     }
 
     fn wrong_leader(&mut self, reply_to: u64, client: u64, request: u64) {
-        let leader = self.replica.status().leader.map(|l| l.0);
+        let leader = self.replica.raw().leader().map(|l| l.0);
         self.replies.push((
             reply_to,
             KvReply::WrongLeader {

@@ -420,6 +420,16 @@ impl<S: Storage> RawNode<S> {
         self.raft.term
     }
 
+    /// This node's role (what [`RawNode::status`] says, without the copies).
+    pub fn role(&self) -> Role {
+        self.raft.role
+    }
+
+    /// The leader this node knows of (what [`RawNode::status`] says, without the copies).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.leader
+    }
+
     /// The term of the entry at `index`, if the log (durable or not) holds it.
     pub fn log_term(&self, index: LogIndex) -> Option<Term> {
         self.raft.log.term(index).ok()

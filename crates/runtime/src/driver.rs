@@ -178,7 +178,7 @@ where
             };
             let (disk, transport) = (&mut self.disk, &self.transport);
             if let Some(soft) = unsynced.soft_state() {
-                let term = replica.status().term;
+                let term = replica.raw().term();
                 info!(role = %crate::ready::role_text(soft.role),
                     leader = %crate::ready::leader_text(soft.leader), term = term.0,
                     "role changed");

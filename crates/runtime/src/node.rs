@@ -478,7 +478,7 @@ impl<SM: StateMachine> Service for NodeService<SM> {
                 reply,
             } => {
                 if !wait_applied {
-                    let term = self.replica.status().term;
+                    let term = self.replica.raw().term();
                     let result = self
                         .replica
                         .propose_untracked(data)

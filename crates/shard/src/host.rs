@@ -220,7 +220,7 @@ impl GroupHost {
     }
 
     fn leader_hint(&self) -> Option<u64> {
-        self.replica.status().leader.map(|l| l.0)
+        self.replica.raw().leader().map(|l| l.0)
     }
 
     /// Queues the answer `result` to request `request` of `client`, for connection `reply_to`.
@@ -300,7 +300,7 @@ impl GroupHost {
             self.answer(reply_to, client, request, result);
             return;
         }
-        if self.replica.status().role != Role::Leader {
+        if self.replica.raw().role() != Role::Leader {
             self.wrong_leader(reply_to, client, request);
             return;
         }
@@ -429,7 +429,7 @@ impl GroupHost {
                 .push((reply_to, ControlReply::WrongGid { tag, gid }));
             return;
         }
-        if self.replica.status().role != Role::Leader {
+        if self.replica.raw().role() != Role::Leader {
             let leader = self.leader_hint();
             self.control_replies
                 .push((reply_to, ControlReply::NotLeader { tag, leader }));
