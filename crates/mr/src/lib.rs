@@ -18,6 +18,7 @@ pub mod task;
 pub mod coordinator;
 pub mod disk;
 pub mod local;
+pub mod metrics;
 pub mod shuffle;
 pub mod status;
 pub mod worker;

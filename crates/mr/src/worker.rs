@@ -555,19 +555,28 @@ async fn send_all(
 impl Report {
     fn into_message(self) -> ToCoordinator {
         match self {
-            Report::Done(attempt, counters) => ToCoordinator::TaskDone { attempt, counters },
-            Report::Failed(attempt, error) => ToCoordinator::TaskFailed { attempt, error },
+            Report::Done(attempt, counters) => {
+                crate::metrics::attempt_ended(&attempt, "done", Some(&counters));
+                ToCoordinator::TaskDone { attempt, counters }
+            }
+            Report::Failed(attempt, error) => {
+                crate::metrics::attempt_ended(&attempt, "failed", None);
+                ToCoordinator::TaskFailed { attempt, error }
+            }
             Report::FetchFailed {
                 attempt,
                 map_task,
                 map_attempt,
                 error,
-            } => ToCoordinator::FetchFailed {
-                attempt,
-                map_task,
-                map_attempt,
-                error,
-            },
+            } => {
+                crate::metrics::attempt_ended(&attempt, "fetch_failed", None);
+                ToCoordinator::FetchFailed {
+                    attempt,
+                    map_task,
+                    map_attempt,
+                    error,
+                }
+            }
         }
     }
 }

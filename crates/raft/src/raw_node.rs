@@ -430,6 +430,12 @@ impl<S: Storage> RawNode<S> {
         self.raft.leader
     }
 
+    /// The highest index known committed (what [`RawNode::status`] says, without the copies:
+    /// for the drivers' metrics).
+    pub fn commit(&self) -> LogIndex {
+        self.raft.log.committed
+    }
+
     /// The term of the entry at `index`, if the log (durable or not) holds it.
     pub fn log_term(&self, index: LogIndex) -> Option<Term> {
         self.raft.log.term(index).ok()

@@ -216,6 +216,11 @@ impl Unsynced {
     pub fn soft_state(&self) -> Option<SoftState> {
         self.ready.soft_state
     }
+
+    /// The log entries this `Ready` persists (the group-commit batch, for metrics).
+    pub fn entries(&self) -> usize {
+        self.ready.entries.len()
+    }
 }
 
 /// What [`Replica::on_synced`] leaves for the driver.
@@ -284,6 +289,9 @@ pub struct Replica<SM: StateMachine, T> {
     done: Vec<Done<T, SM::Output>>,
     snapshots_taken: u64,
     snapshots_installed: u64,
+    /// Proposals accepted by the core, and refused or lost since start (for metrics).
+    proposals_made: u64,
+    proposals_failed: u64,
 }
 
 impl<SM: StateMachine, T> Replica<SM, T> {
@@ -326,6 +334,8 @@ impl<SM: StateMachine, T> Replica<SM, T> {
             done: Vec::new(),
             snapshots_taken: 0,
             snapshots_installed: 0,
+            proposals_made: 0,
+            proposals_failed: 0,
         })
     }
 
@@ -366,19 +376,29 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         let term = self.raw.term();
         match self.raw.propose(command) {
             Ok(index) => {
+                self.proposals_made += 1;
                 if let Some((_, old)) = self.proposals.insert(index, (term, tag)) {
                     // Our own log was truncated and refilled: the old proposal is gone.
+                    self.proposals_failed += 1;
                     self.done.push(Done::Lost { tag: old, index });
                 }
                 Ok(index)
             }
-            Err(e) => Err((e, tag)),
+            Err(e) => {
+                self.proposals_failed += 1;
+                Err((e, tag))
+            }
         }
     }
 
     /// Appends `command` with nobody waiting for its outcome (a leader's own duties).
     pub fn propose_untracked(&mut self, command: Vec<u8>) -> Result<LogIndex, shoal_raft::Error> {
-        self.raw.propose(command)
+        let result = self.raw.propose(command);
+        match result {
+            Ok(_) => self.proposals_made += 1,
+            Err(_) => self.proposals_failed += 1,
+        }
+        result
     }
 
     /// A linearizable read (read-index, thesis §6.4): no log write; `tag` gets
@@ -635,6 +655,12 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         self.snapshots_installed
     }
 
+    /// Proposals since start: accepted by the core, and failed (refused by the core, or lost
+    /// because another leader's entry took the slot). For the drivers' metrics.
+    pub fn proposal_counts(&self) -> (u64, u64) {
+        (self.proposals_made, self.proposals_failed)
+    }
+
     /// The index of the snapshot job handed out and not yet installed.
     pub fn snapshot_in_flight(&self) -> Option<LogIndex> {
         self.snapshot_in_flight
@@ -658,6 +684,7 @@ impl<SM: StateMachine, T> Replica<SM, T> {
             }
             if was_leader && self.config.fail_proposals_on_leadership_loss {
                 for (index, (_, tag)) in std::mem::take(&mut self.proposals) {
+                    self.proposals_failed += 1;
                     self.done.push(Done::Lost { tag, index });
                 }
             }
@@ -701,10 +728,13 @@ impl<SM: StateMachine, T> Replica<SM, T> {
                     output,
                 }),
                 // Another leader's entry took the slot, or no command of ours.
-                _ => self.done.push(Done::Lost {
-                    tag,
-                    index: e.index,
-                }),
+                _ => {
+                    self.proposals_failed += 1;
+                    self.done.push(Done::Lost {
+                        tag,
+                        index: e.index,
+                    })
+                }
             }
         }
         Ok(())
@@ -718,6 +748,7 @@ impl<SM: StateMachine, T> Replica<SM, T> {
                 break;
             }
             let (at, (_, tag)) = entry.remove_entry();
+            self.proposals_failed += 1;
             self.done.push(Done::Lost { tag, index: at });
         }
     }

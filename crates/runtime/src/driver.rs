@@ -27,6 +27,7 @@ use shoal_storage::{PreparedSnapshot, StdDisk};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::metrics::GroupMetrics;
 use crate::transport::{Inbound, Transport};
 
 /// Default tick of every Shoal server: the wall-clock length of one Raft tick.
@@ -48,6 +49,10 @@ pub(crate) trait Service: Send + 'static {
     fn replica(&mut self) -> &mut Replica<Self::Machine, Self::Tag>;
     /// One tick of the clock (the replica's, and the service's own duties).
     fn tick(&mut self);
+    /// The group label of this replica's metrics (0: the KV database's one group).
+    fn metrics_group(&self) -> u64 {
+        0
+    }
     /// A message from peer `from` (proved by the transport's handshake).
     fn step(&mut self, from: u64, msg: Message) {
         let me = self.replica().status().id;
@@ -107,6 +112,7 @@ where
         let mut ticker = tokio::time::interval(self.tick_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (snapshot_tx, mut snapshots) = mpsc::channel::<Prepared>(1);
+        let mut metrics = GroupMetrics::new(self.service.metrics_group());
         tokio::pin!(shutdown);
         let result = loop {
             let wake = tokio::select! {
@@ -122,10 +128,11 @@ where
                 Some(s) = snapshots.recv() => Wake::SnapshotWritten(s),
                 _ = &mut shutdown => Wake::Stop,
             };
-            let mut stop = match self.wake(wake) {
+            let mut stop = match self.wake(wake, &metrics) {
                 Ok(go_on) => !go_on,
                 Err(e) => break Err(e),
             };
+            let mut taken = 1u64;
             // Take whatever else is already waiting, so that it shares one Ready (and fsync).
             for _ in 0..MAX_EVENTS_PER_READY {
                 if stop {
@@ -139,11 +146,14 @@ where
                     break;
                 };
                 // Peer messages and service events never fail.
-                stop = matches!(self.wake(wake), Ok(false));
+                stop = matches!(self.wake(wake, &metrics), Ok(false));
+                taken += 1;
             }
-            if let Err(e) = self.process_ready(&snapshot_tx) {
+            metrics.ready_events.observe(taken as f64);
+            if let Err(e) = self.process_ready(&snapshot_tx, &metrics) {
                 break Err(e);
             }
+            metrics.observe(self.service.replica());
             self.service.answer();
             if stop {
                 break Ok(());
@@ -155,12 +165,16 @@ where
     }
 
     /// Feeds one wake-up to the service. `Ok(false)`: stop.
-    fn wake(&mut self, wake: Wake<S::Event>) -> Result<bool, shoal_replica::Error> {
+    fn wake(
+        &mut self,
+        wake: Wake<S::Event>,
+        metrics: &GroupMetrics,
+    ) -> Result<bool, shoal_replica::Error> {
         match wake {
             Wake::Tick => self.service.tick(),
             Wake::Peer(from, msg) => self.service.step(from, msg),
             Wake::Event(e) => return Ok(self.service.event(e)),
-            Wake::SnapshotWritten(prepared) => self.install(prepared)?,
+            Wake::SnapshotWritten(prepared) => self.install(prepared, metrics)?,
             Wake::Stop => return Ok(false),
         }
         Ok(true)
@@ -170,6 +184,7 @@ where
     fn process_ready(
         &mut self,
         snapshot_tx: &mpsc::Sender<Prepared>,
+        metrics: &GroupMetrics,
     ) -> Result<(), shoal_replica::Error> {
         loop {
             let replica = self.service.replica();
@@ -192,17 +207,20 @@ where
             // fault pages in; the fsync waits for the disk); a Ready with nothing to persist
             // skips the hand-over, which costs a wake-up of another worker.
             if unsynced.needs_sync() {
+                metrics.ready_entries.observe(unsynced.entries() as f64);
+                let started = tokio::time::Instant::now();
                 in_place(|| {
                     replica.write(disk, &unsynced)?;
                     replica.sync(disk)
                 })?;
+                metrics.wal_fsync.observe(started.elapsed().as_secs_f64());
             }
             let synced = replica.on_synced(disk, unsynced)?;
             for m in synced.messages {
                 send(transport, m);
             }
             if let Some(job) = synced.snapshot {
-                self.start_snapshot(job, snapshot_tx);
+                self.start_snapshot(job, snapshot_tx, metrics);
             }
         }
     }
@@ -213,16 +231,28 @@ where
         &mut self,
         job: SnapshotJob<<S::Machine as StateMachine>::Snapshot>,
         tx: &mpsc::Sender<Prepared>,
+        metrics: &GroupMetrics,
     ) {
         let index = job.index();
         info!(index = index.0, "snapshot started");
         let dir = self.data_dir.clone();
         let tx = tx.clone();
+        let (count, bytes, duration) = (
+            metrics.snapshots.clone(),
+            metrics.snapshot_bytes.clone(),
+            metrics.snapshot_duration.clone(),
+        );
         let work = move || {
             lower_this_threads_priority();
+            let started = tokio::time::Instant::now();
             let result = StdDisk::new(&dir)
                 .map_err(shoal_storage::Error::Disk)
                 .and_then(|mut disk| job.prepare(&mut disk));
+            if let Ok(prepared) = &result {
+                count.inc();
+                bytes.observe(prepared.data_bytes() as f64);
+                duration.observe(started.elapsed().as_secs_f64());
+            }
             // The server may have stopped meanwhile; the temporary file is removed at open.
             let _ = tx.blocking_send(result);
         };
@@ -237,11 +267,16 @@ where
     }
 
     /// Installs a snapshot written off the loop (a rename and a directory fsync).
-    fn install(&mut self, prepared: Prepared) -> Result<(), shoal_replica::Error> {
+    fn install(
+        &mut self,
+        prepared: Prepared,
+        metrics: &GroupMetrics,
+    ) -> Result<(), shoal_replica::Error> {
         let index = prepared.as_ref().ok().map(|p| p.meta().index);
         let (replica, disk) = (self.service.replica(), &mut self.disk);
         match in_place(|| replica.install_snapshot(disk, prepared))? {
             Some(dropped) => {
+                metrics.snapshots_installed.inc();
                 info!(
                     index = index.map_or(0, |i| i.0),
                     entries = dropped.len(),

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod demo_node;
 mod driver;
 pub mod kv;
+pub mod metrics;
 pub mod node;
 mod ready;
 mod serving;

@@ -112,6 +112,7 @@ impl<R> ClientTable<R> {
         self.next_token += 1;
         let (tx, rx) = mpsc::channel(queue_len);
         self.connections.insert(token, tx);
+        crate::metrics::client_connections(1);
         Some((token, rx))
     }
 
@@ -127,11 +128,14 @@ impl<R> ClientTable<R> {
 
     /// Forgets connection `token` (it closed).
     pub(crate) fn remove(&mut self, token: u64) {
-        self.connections.remove(&token);
+        if self.connections.remove(&token).is_some() {
+            crate::metrics::client_connections(-1);
+        }
     }
 
     /// Drops every reply queue, which closes the connections.
     pub(crate) fn clear(&mut self) {
+        crate::metrics::client_connections(-(self.connections.len() as i64));
         self.connections.clear();
     }
 
@@ -150,7 +154,7 @@ impl<R> ClientTable<R> {
                 );
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.connections.remove(&token);
+                self.remove(token);
             }
         }
     }

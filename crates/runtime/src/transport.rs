@@ -632,7 +632,7 @@ async fn serve_inbound<M>(
     }
     debug!(%remote, peer = from, "accepted peer connection");
     let mut frames = FramedRead::new(
-        stream,
+        crate::metrics::CountingReader::new(stream, crate::metrics::peer_received(from)),
         FrameCodec::<PeerFrame<M>, ()>::new(config.max_frame_bytes),
     );
     // The parts of a message received so far.
@@ -755,6 +755,7 @@ async fn run_peer_connection<M: Serialize>(
     config: &TransportConfig,
     stats: &TransportStats,
 ) -> std::io::Result<()> {
+    let sent_bytes = crate::metrics::peer_sent(&config.peers, stream.peer_addr().ok());
     let (mut reader, mut writer) = stream.into_split();
     let mut buf = Vec::new();
     encode_frame(
@@ -786,6 +787,7 @@ async fn run_peer_connection<M: Serialize>(
                     };
                     drop(msg);
                     writer.write_all(&buf).await?;
+                    sent_bytes.inc_by((buf.len() + bytes.len()) as u64);
                     buf.clear();
                     frames += send_in_parts(&mut writer, &bytes, config, stats).await?;
                 }
@@ -797,6 +799,7 @@ async fn run_peer_connection<M: Serialize>(
         }
         if frames > 0 {
             writer.write_all(&buf).await?;
+            sent_bytes.inc_by(buf.len() as u64);
             stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
             bump(&stats.batches_written);
             continue;

@@ -354,6 +354,8 @@ struct ServerArgs {
     /// Largest value in bytes.
     #[arg(long, default_value_t = shoal_kv::store::DEFAULT_MAX_VALUE_BYTES)]
     max_value_bytes: usize,
+    #[command(flatten)]
+    obs: crate::obs::ServerObsArgs,
 }
 
 /// Runs `shoal kv …`.
@@ -1096,6 +1098,8 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    crate::obs::start_server_metrics(args.obs.metrics, shoal_runtime::metrics::ServerKind::Kv)
+        .await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let shutdown = async move {

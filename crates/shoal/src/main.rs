@@ -14,7 +14,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod check_cmd;
 mod cli;
@@ -25,6 +25,7 @@ mod kv_cmd;
 mod kv_lease_cmd;
 mod kv_up;
 mod mr_cmd;
+mod obs;
 mod output;
 mod raft_cmd;
 mod shard_cmd;
@@ -96,7 +97,29 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     init_logging();
-    let cli = Cli::parse();
+    // `--config FILE`: its keys become flags before the user's (obs.rs).
+    let expanded = match obs::expand(std::env::args_os().collect(), Cli::command()) {
+        Ok(expanded) => expanded,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::command()
+        .try_get_matches_from(&expanded.args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => match expanded.blame(&e) {
+            Some(origin) => {
+                let text = e.render().to_string();
+                let text = text.strip_prefix("error: ").unwrap_or(&text);
+                eprint!("error: {origin}: {text}");
+                return ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     let result = match cli.command {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Check(args) => check_cmd::run(args),

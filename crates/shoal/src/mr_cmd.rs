@@ -318,6 +318,8 @@ pub struct CoordinatorArgs {
     /// Input files (must be readable at the same paths on every worker's host).
     #[arg(value_name = "INPUT", required = true)]
     pub inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub obs: crate::obs::ServerObsArgs,
 }
 
 /// `shoal mr worker`.
@@ -345,6 +347,8 @@ pub struct WorkerArgs {
     /// Started by `mr run`, which reports a failed job itself: do not print it again.
     #[arg(long, hide = true)]
     pub supervised: bool,
+    #[command(flatten)]
+    pub obs: crate::obs::ServerObsArgs,
 }
 
 /// `shoal mr seq`.
@@ -535,8 +539,9 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let (tx, rx) = status_channel(status_listener)?;
+    crate::obs::start_mr_metrics(args.obs.metrics, rx).await?;
     say!("listening on {addr}");
-    let (tx, _rx) = status_channel(status_listener)?;
     let _ = std::io::stdout().flush();
     let maps = job.splits.len();
     let mut terminate = sigterm()?;
@@ -577,6 +582,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         bail!("--slow-factor must be at least 1");
     }
     let supervised = args.supervised;
+    crate::obs::start_worker_metrics(args.obs.metrics).await?;
     let options = WorkerOptions {
         coordinator: args.coordinator.to_string(),
         work_dir: args.work_dir,

@@ -282,6 +282,8 @@ fn parse_group(s: &str) -> Result<(Gid, Vec<SocketAddr>)> {
 /// Arguments of `shoal shard server`.
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
+    #[command(flatten)]
+    obs: crate::obs::ServerObsArgs,
     /// The group's id (1, 2, …; 0 is reserved).
     #[arg(long)]
     gid: u64,
@@ -415,6 +417,8 @@ async fn server(args: ServerArgs) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    crate::obs::start_server_metrics(args.obs.metrics, shoal_runtime::metrics::ServerKind::Shard)
+        .await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let shutdown = async move {

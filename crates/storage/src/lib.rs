@@ -1049,6 +1049,11 @@ impl PreparedSnapshot {
         &self.tmp
     }
 
+    /// Bytes of the state machine's serialized state it holds.
+    pub fn data_bytes(&self) -> usize {
+        self.snapshot.data.len()
+    }
+
     /// Gives the snapshot up: removes its temporary file.
     pub fn discard(self, disk: &mut impl Disk) -> Result<(), Error> {
         disk.remove(&self.tmp)?;

@@ -135,7 +135,8 @@ pub enum KvServerError {
 /// What the listener and a client connection's task tell the driver.
 enum ClientEvent {
     Accepted(ClientConnection),
-    Request(u64, KvRequest),
+    /// A request, with when it arrived (for its latency metric).
+    Request(u64, KvRequest, tokio::time::Instant),
     Closed(u64),
 }
 
@@ -206,6 +207,7 @@ pub async fn run_server(
             rsm,
             clients: ClientTable::new(config.max_client_connections),
             events_tx,
+            timing: RequestTiming::new(),
         },
         disk,
         data_dir: config.data_dir.clone(),
@@ -235,6 +237,63 @@ struct KvService {
     rsm: KvRsm,
     clients: ClientTable<KvReply>,
     events_tx: mpsc::Sender<ClientEvent>,
+    timing: RequestTiming,
+}
+
+/// Requests waiting for their reply, for the latency metric: (connection, client, request id)
+/// → (arrival, operation). Bounded: past [`MAX_PENDING_REQUESTS`] entries (requests never
+/// answered: dropped, or their connection's client gone) it starts over.
+struct RequestTiming {
+    waiting: BTreeMap<(u64, u64, u64), (tokio::time::Instant, crate::metrics::OpValue)>,
+    histograms: crate::metrics::RequestMetrics,
+}
+
+impl RequestTiming {
+    fn new() -> RequestTiming {
+        RequestTiming {
+            waiting: BTreeMap::new(),
+            histograms: crate::metrics::RequestMetrics::new(),
+        }
+    }
+
+    fn arrived(&mut self, token: u64, request: &KvRequest, at: tokio::time::Instant) {
+        if self.waiting.len() >= MAX_PENDING_REQUESTS {
+            self.waiting.clear();
+        }
+        let op = crate::metrics::op_value(&request.op);
+        self.waiting
+            .insert((token, request.client, request.request), (at, op));
+    }
+
+    fn closed(&mut self, token: u64) {
+        let gone: Vec<_> = self
+            .waiting
+            .range((token, 0, 0)..=(token, u64::MAX, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.waiting.remove(&k);
+        }
+    }
+
+    fn replied(&mut self, token: u64, reply: &KvReply) {
+        let (client, request) = match reply {
+            KvReply::Done {
+                client, request, ..
+            }
+            | KvReply::WrongLeader {
+                client, request, ..
+            } => (*client, *request),
+            KvReply::Part { .. } => return,
+        };
+        let Some(outcome) = crate::metrics::outcome_value(reply) else {
+            return;
+        };
+        if let Some((at, op)) = self.waiting.remove(&(token, client, request)) {
+            self.histograms
+                .observe(op, outcome, at.elapsed().as_secs_f64());
+        }
+    }
 }
 
 impl Service for KvService {
@@ -248,12 +307,13 @@ impl Service for KvService {
 
     fn tick(&mut self) {
         self.rsm.tick();
+        crate::metrics::set_sessions(self.rsm.store().session_count());
     }
 
     fn event(&mut self, event: ClientEvent) -> bool {
         match event {
             ClientEvent::Accepted(conn) => self.accept(conn),
-            ClientEvent::Request(token, request) => {
+            ClientEvent::Request(token, request, at) => {
                 if !self.clients.is_open(token) {
                     // The connection closed: nobody would read the answer.
                 } else if self.rsm.pending() >= MAX_PENDING_REQUESTS {
@@ -263,16 +323,21 @@ impl Service for KvService {
                         "dropping a request: too many pending"
                     );
                 } else {
+                    self.timing.arrived(token, &request, at);
                     self.rsm.handle_request(token, request);
                 }
             }
-            ClientEvent::Closed(token) => self.clients.remove(token),
+            ClientEvent::Closed(token) => {
+                self.timing.closed(token);
+                self.clients.remove(token);
+            }
         }
         true
     }
 
     fn answer(&mut self) {
         for (token, reply) in self.rsm.take_replies() {
+            self.timing.replied(token, &reply);
             self.clients.send(token, reply);
         }
         for backup in self.rsm.take_backups() {
@@ -320,7 +385,8 @@ async fn serve_client(
         tokio::select! {
             frame = framed.next() => match frame {
                 Some(Ok(request)) => {
-                    if events.send(ClientEvent::Request(token, request)).await.is_err() {
+                    let at = tokio::time::Instant::now();
+                    if events.send(ClientEvent::Request(token, request, at)).await.is_err() {
                         break;
                     }
                 }

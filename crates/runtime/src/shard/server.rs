@@ -424,6 +424,10 @@ impl Service for ShardService {
         self.host.tick();
     }
 
+    fn metrics_group(&self) -> u64 {
+        self.gid
+    }
+
     fn event(&mut self, event: ClientEvent) -> bool {
         match event {
             ClientEvent::Accepted(conn) => self.accept(conn),
@@ -470,6 +474,12 @@ impl Service for ShardService {
         }
         let control = self.host.take_control_replies();
         for (token, reply) in control {
+            if let ControlReply::Exported {
+                data: Some(data), ..
+            } = &reply
+            {
+                crate::metrics::migration_bytes(data.len());
+            }
             self.log_step(token, &reply);
             self.clients.send(token, FromGroup::Control(reply));
         }
@@ -483,7 +493,27 @@ impl Service for ShardService {
 impl ShardService {
     /// Remembers a migration step, to log it once decided.
     fn note_step(&mut self, token: u64, request: &ControlRequest) {
-        if request.gid != self.gid || self.steps.len() >= MAX_LOGGED_STEPS {
+        if request.gid != self.gid {
+            return;
+        }
+        {
+            use crate::metrics::MigrationStep as M;
+            let (step, bytes) = match &request.op {
+                ControlOp::Adopt { .. } => (Some(M::adopt), 0),
+                ControlOp::Freeze { .. } => (Some(M::freeze), 0),
+                ControlOp::Export { .. } => (Some(M::export), 0),
+                ControlOp::ExportChunk { .. } => (Some(M::export_chunk), 0),
+                ControlOp::Stage { .. } => (Some(M::stage), 0),
+                ControlOp::Install { data, .. } => (Some(M::install), data.len()),
+                ControlOp::Delete { .. } => (Some(M::delete), 0),
+                ControlOp::Adopted => (None, 0),
+            };
+            if let Some(step) = step {
+                crate::metrics::migration_step(step);
+                crate::metrics::migration_bytes(bytes);
+            }
+        }
+        if self.steps.len() >= MAX_LOGGED_STEPS {
             return;
         }
         let keys = match &request.op {
