@@ -103,13 +103,16 @@ pub enum OutcomeValue {
     ok,
     /// Not the leader: the client goes elsewhere.
     wrong_leader,
+    /// A shard server that does not serve the key's shard (at the client's configuration).
+    wrong_group,
     /// Refused (too large, session expired, a rule of the server).
     refused,
 }
 
-const OUTCOMES: [OutcomeValue; 3] = [
+const OUTCOMES: [OutcomeValue; 4] = [
     OutcomeValue::ok,
     OutcomeValue::wrong_leader,
+    OutcomeValue::wrong_group,
     OutcomeValue::refused,
 ];
 
@@ -330,7 +333,7 @@ pub fn register(registry: &mut Registry, kind: ServerKind) {
     );
     registry.register(
         "shoal_kv_request_duration_seconds",
-        "Client requests from arrival to reply, by operation and outcome",
+        "Client requests of a KV or shard server from arrival to reply, by operation and outcome",
         m.requests.clone(),
     );
     registry.register(
@@ -445,7 +448,7 @@ fn gauge_value(v: u64) -> i64 {
 /// A client connection's request histograms by operation and outcome, resolved once per
 /// connection so that each request costs one histogram observation.
 pub(crate) struct RequestMetrics {
-    by_op: [[Histogram; 3]; 9],
+    by_op: [[Histogram; 4]; 9],
 }
 
 impl RequestMetrics {
@@ -487,19 +490,106 @@ pub(crate) fn op_value(op: &shoal_wire::kv::KvOp) -> OpValue {
     }
 }
 
-/// The outcome label of a KV reply (`None` for a part of a large reply: only its last part
-/// ends the request).
-pub(crate) fn outcome_value(reply: &shoal_wire::kv::KvReply) -> Option<OutcomeValue> {
-    use shoal_wire::kv::{KvReply, KvResult};
+fn result_outcome(result: &shoal_wire::kv::KvResult) -> OutcomeValue {
+    use shoal_wire::kv::KvResult;
+    match result {
+        KvResult::TooLarge { .. } | KvResult::SessionExpired | KvResult::Refused { .. } => {
+            OutcomeValue::refused
+        }
+        _ => OutcomeValue::ok,
+    }
+}
+
+/// The (client, request) ids and outcome label of a KV reply (`None` for a part of a large
+/// reply, which has no ids: a backup, not timed).
+pub(crate) fn kv_reply_outcome(
+    reply: &shoal_wire::kv::KvReply,
+) -> Option<((u64, u64), OutcomeValue)> {
+    use shoal_wire::kv::KvReply;
     match reply {
-        KvReply::Done { result, .. } => Some(match result {
-            KvResult::TooLarge { .. } | KvResult::SessionExpired | KvResult::Refused { .. } => {
-                OutcomeValue::refused
-            }
-            _ => OutcomeValue::ok,
-        }),
-        KvReply::WrongLeader { .. } => Some(OutcomeValue::wrong_leader),
+        KvReply::Done {
+            client,
+            request,
+            result,
+        } => Some(((*client, *request), result_outcome(result))),
+        KvReply::WrongLeader {
+            client, request, ..
+        } => Some(((*client, *request), OutcomeValue::wrong_leader)),
         KvReply::Part { .. } => None,
+    }
+}
+
+/// The ids and outcome label of a shard group's reply.
+pub(crate) fn shard_reply_outcome(
+    reply: &shoal_wire::shard::ShardReply,
+) -> ((u64, u64), OutcomeValue) {
+    use shoal_wire::shard::ShardReply;
+    let outcome = match reply {
+        ShardReply::Done { result, .. } => result_outcome(result),
+        ShardReply::WrongGroup { .. } => OutcomeValue::wrong_group,
+        ShardReply::WrongLeader { .. } => OutcomeValue::wrong_leader,
+    };
+    (reply.ids(), outcome)
+}
+
+/// Client requests waiting for their reply, for the latency histogram: (connection, client,
+/// request id) → (arrival, operation). Bounded: past `max` entries (requests never answered:
+/// dropped under overload) it starts over; a closed connection's entries are forgotten.
+pub(crate) struct RequestTiming {
+    waiting: std::collections::BTreeMap<(u64, u64, u64), (tokio::time::Instant, OpValue)>,
+    histograms: RequestMetrics,
+    max: usize,
+}
+
+impl RequestTiming {
+    pub(crate) fn new(max: usize) -> RequestTiming {
+        RequestTiming {
+            waiting: std::collections::BTreeMap::new(),
+            histograms: RequestMetrics::new(),
+            max,
+        }
+    }
+
+    /// A request of connection `token` arrived at `at`.
+    pub(crate) fn arrived(
+        &mut self,
+        token: u64,
+        (client, request): (u64, u64),
+        op: OpValue,
+        at: tokio::time::Instant,
+    ) {
+        if self.waiting.len() >= self.max {
+            self.waiting.clear();
+        }
+        // A retry of a request still waiting keeps the first arrival.
+        self.waiting
+            .entry((token, client, request))
+            .or_insert((at, op));
+    }
+
+    /// The reply to a request of connection `token` is sent.
+    pub(crate) fn replied(
+        &mut self,
+        token: u64,
+        (client, request): (u64, u64),
+        outcome: OutcomeValue,
+    ) {
+        if let Some((at, op)) = self.waiting.remove(&(token, client, request)) {
+            self.histograms
+                .observe(op, outcome, at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Connection `token` closed: its requests will never be answered.
+    pub(crate) fn closed(&mut self, token: u64) {
+        let gone: Vec<_> = self
+            .waiting
+            .range((token, 0, 0)..=(token, u64::MAX, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.waiting.remove(&k);
+        }
     }
 }
 

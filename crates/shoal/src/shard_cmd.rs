@@ -282,8 +282,6 @@ fn parse_group(s: &str) -> Result<(Gid, Vec<SocketAddr>)> {
 /// Arguments of `shoal shard server`.
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
-    #[command(flatten)]
-    obs: crate::obs::ServerObsArgs,
     /// The group's id (1, 2, …; 0 is reserved).
     #[arg(long)]
     gid: u64,
@@ -326,6 +324,8 @@ struct ServerArgs {
     /// Largest value in bytes (the same on every server of every group).
     #[arg(long, default_value_t = shoal_kv::store::DEFAULT_MAX_VALUE_BYTES)]
     max_value_bytes: usize,
+    #[command(flatten)]
+    obs: crate::obs::ServerObsArgs,
 }
 
 /// Runs `shoal shard …`.

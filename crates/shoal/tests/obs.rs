@@ -315,3 +315,40 @@ fn an_mr_coordinator_exports_its_tasks_by_state() {
     );
     assert_eq!(value(&s, "shoal_mr_workers{state=\"busy\"}"), 0.0);
 }
+
+#[test]
+fn a_shard_server_labels_its_raft_metrics_with_its_group() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports = free_ports(2);
+    let (listen, metrics) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let data = dir.path().join("data");
+    let mut procs = Procs::with_slots(1);
+    procs
+        .spawn_at(
+            0,
+            Spec::new("group 3", SHOAL, dir.path().join("server.log"))
+                .args([
+                    "shard", "server", "--gid", "3", "--id", "1", "--shards", "4",
+                ])
+                .args([
+                    "--listen",
+                    &listen,
+                    "--peers",
+                    &listen,
+                    "--metrics",
+                    &metrics,
+                ])
+                .args(["--tick-ms", "10", "--data"])
+                .args([data.as_os_str()])
+                .stdout_null(),
+        )
+        .expect("start the shard server");
+    let leader = "shoal_raft_role{group=\"3\",role=\"leader\"}";
+    let s = scrape_until(&metrics, |s| s.get(leader) == Some(&1.0));
+    assert!(value(&s, "shoal_raft_term{group=\"3\"}") >= 1.0);
+    assert!(!s.contains_key("shoal_raft_term{group=\"0\"}"), "{s:#?}");
+    assert_eq!(value(&s, "shoal_shard_migration_bytes_total"), 0.0);
+}

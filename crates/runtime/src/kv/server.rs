@@ -207,7 +207,7 @@ pub async fn run_server(
             rsm,
             clients: ClientTable::new(config.max_client_connections),
             events_tx,
-            timing: RequestTiming::new(),
+            timing: crate::metrics::RequestTiming::new(MAX_PENDING_REQUESTS),
         },
         disk,
         data_dir: config.data_dir.clone(),
@@ -237,63 +237,7 @@ struct KvService {
     rsm: KvRsm,
     clients: ClientTable<KvReply>,
     events_tx: mpsc::Sender<ClientEvent>,
-    timing: RequestTiming,
-}
-
-/// Requests waiting for their reply, for the latency metric: (connection, client, request id)
-/// → (arrival, operation). Bounded: past [`MAX_PENDING_REQUESTS`] entries (requests never
-/// answered: dropped, or their connection's client gone) it starts over.
-struct RequestTiming {
-    waiting: BTreeMap<(u64, u64, u64), (tokio::time::Instant, crate::metrics::OpValue)>,
-    histograms: crate::metrics::RequestMetrics,
-}
-
-impl RequestTiming {
-    fn new() -> RequestTiming {
-        RequestTiming {
-            waiting: BTreeMap::new(),
-            histograms: crate::metrics::RequestMetrics::new(),
-        }
-    }
-
-    fn arrived(&mut self, token: u64, request: &KvRequest, at: tokio::time::Instant) {
-        if self.waiting.len() >= MAX_PENDING_REQUESTS {
-            self.waiting.clear();
-        }
-        let op = crate::metrics::op_value(&request.op);
-        self.waiting
-            .insert((token, request.client, request.request), (at, op));
-    }
-
-    fn closed(&mut self, token: u64) {
-        let gone: Vec<_> = self
-            .waiting
-            .range((token, 0, 0)..=(token, u64::MAX, u64::MAX))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in gone {
-            self.waiting.remove(&k);
-        }
-    }
-
-    fn replied(&mut self, token: u64, reply: &KvReply) {
-        let (client, request) = match reply {
-            KvReply::Done {
-                client, request, ..
-            }
-            | KvReply::WrongLeader {
-                client, request, ..
-            } => (*client, *request),
-            KvReply::Part { .. } => return,
-        };
-        let Some(outcome) = crate::metrics::outcome_value(reply) else {
-            return;
-        };
-        if let Some((at, op)) = self.waiting.remove(&(token, client, request)) {
-            self.histograms
-                .observe(op, outcome, at.elapsed().as_secs_f64());
-        }
-    }
+    timing: crate::metrics::RequestTiming,
 }
 
 impl Service for KvService {
@@ -323,7 +267,9 @@ impl Service for KvService {
                         "dropping a request: too many pending"
                     );
                 } else {
-                    self.timing.arrived(token, &request, at);
+                    let op = crate::metrics::op_value(&request.op);
+                    self.timing
+                        .arrived(token, (request.client, request.request), op, at);
                     self.rsm.handle_request(token, request);
                 }
             }
@@ -337,7 +283,9 @@ impl Service for KvService {
 
     fn answer(&mut self) {
         for (token, reply) in self.rsm.take_replies() {
-            self.timing.replied(token, &reply);
+            if let Some((ids, outcome)) = crate::metrics::kv_reply_outcome(&reply) {
+                self.timing.replied(token, ids, outcome);
+            }
             self.clients.send(token, reply);
         }
         for backup in self.rsm.take_backups() {

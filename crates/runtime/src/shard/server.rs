@@ -190,7 +190,8 @@ pub enum ShardServerError {
 /// What the listener and a client connection's task tell the driver.
 enum ClientEvent {
     Accepted(ClientConnection),
-    Request(u64, ShardRequest),
+    /// A request, with when it arrived (for its latency metric).
+    Request(u64, ShardRequest, tokio::time::Instant),
     Control(u64, ControlRequest),
     Closed(u64),
 }
@@ -357,6 +358,7 @@ pub async fn run_shard_server(
             clients: ClientTable::new(config.max_client_connections),
             events_tx,
             steps: BTreeMap::new(),
+            timing: crate::metrics::RequestTiming::new(MAX_PENDING_REQUESTS),
         },
         disk,
         data_dir: config.data_dir.clone(),
@@ -409,6 +411,8 @@ struct ShardService {
     events_tx: mpsc::Sender<ClientEvent>,
     /// Migration steps in flight: (token, tag) → what to log once decided.
     steps: BTreeMap<(u64, u64), Step>,
+    /// Client requests waiting for their reply (the latency metric).
+    timing: crate::metrics::RequestTiming,
 }
 
 impl Service for ShardService {
@@ -431,7 +435,7 @@ impl Service for ShardService {
     fn event(&mut self, event: ClientEvent) -> bool {
         match event {
             ClientEvent::Accepted(conn) => self.accept(conn),
-            ClientEvent::Request(token, request) => {
+            ClientEvent::Request(token, request, at) => {
                 if !self.clients.is_open(token) {
                     // The connection closed: nobody would read the answer.
                 } else if self.host.pending() >= MAX_PENDING_REQUESTS {
@@ -441,6 +445,9 @@ impl Service for ShardService {
                         "dropping a request: too many pending"
                     );
                 } else {
+                    let op = crate::metrics::op_value(&request.op);
+                    self.timing
+                        .arrived(token, (request.client, request.request), op, at);
                     self.host.handle_request(token, request);
                 }
             }
@@ -460,6 +467,7 @@ impl Service for ShardService {
                 }
             }
             ClientEvent::Closed(token) => {
+                self.timing.closed(token);
                 self.clients.remove(token);
                 self.steps.retain(|(t, _), _| *t != token);
             }
@@ -470,6 +478,8 @@ impl Service for ShardService {
     fn answer(&mut self) {
         let replies = self.host.take_replies();
         for (token, reply) in replies {
+            let (ids, outcome) = crate::metrics::shard_reply_outcome(&reply);
+            self.timing.replied(token, ids, outcome);
             self.clients.send(token, FromGroup::Reply(reply));
         }
         let control = self.host.take_control_replies();
@@ -713,7 +723,9 @@ async fn serve_client(
             frame = framed.next() => match frame {
                 Some(Ok(message)) => {
                     let event = match message {
-                        ToGroup::Request(r) => ClientEvent::Request(token, r),
+                        ToGroup::Request(r) => {
+                            ClientEvent::Request(token, r, tokio::time::Instant::now())
+                        }
                         ToGroup::Control(c) => ClientEvent::Control(token, c),
                         // Reassembled by the codec: a part never comes out of it.
                         ToGroup::Part { .. } => continue,
