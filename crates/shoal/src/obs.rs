@@ -318,8 +318,8 @@ pub fn expand(argv: Vec<OsString>, mut root: clap::Command) -> Result<Expanded, 
                 toml::Value::Float(x) => Ok(x.to_string()),
                 toml::Value::Boolean(b) => Ok(b.to_string()),
                 other => Err(format!(
-                    "config file {shown}: key `{key}` has a {} value: write a string, a \
-                     number, a boolean or an array of them",
+                    "config file {shown}: key `{key}`: a value of type {} is not a flag's \
+                     value: write a string, a number, a boolean or an array of them",
                     other.type_str()
                 )),
             }
@@ -412,4 +412,108 @@ fn command_path(tokens: &[OsString]) -> String {
         .filter(|t| !t.starts_with('-'))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> clap::Command {
+        use clap::{Arg, ArgAction, Command};
+        Command::new("shoal").subcommand(
+            Command::new("db")
+                .arg(Arg::new("cluster").long("cluster").global(true))
+                .subcommand(
+                    Command::new("server")
+                        .arg(Arg::new("listen").long("listen"))
+                        .arg(Arg::new("peers").long("peers").action(ArgAction::Append))
+                        .arg(
+                            Arg::new("insecure")
+                                .long("insecure")
+                                .action(ArgAction::SetTrue),
+                        )
+                        .arg(Arg::new("quiet").long("quiet").action(ArgAction::SetTrue))
+                        .arg(Arg::new("secret").long("secret").hide(true))
+                        .arg(Arg::new("config").long("config")),
+                ),
+        )
+    }
+
+    fn expand_with(toml: &str, args: &[&str]) -> Result<Vec<String>, String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, toml).expect("write");
+        let mut argv: Vec<OsString> = vec!["shoal".into(), "db".into(), "server".into()];
+        argv.push("--config".into());
+        argv.push(file.clone().into());
+        argv.extend(args.iter().map(OsString::from));
+        let expanded = expand(argv, tree())?;
+        Ok(expanded
+            .args
+            .iter()
+            .map(|a| {
+                a.to_string_lossy()
+                    .replace(&*file.to_string_lossy(), "FILE")
+            })
+            .collect())
+    }
+
+    #[test]
+    fn keys_become_flags_before_the_users_and_the_command_line_wins() {
+        let args = expand_with(
+            "listen = \"a:1\"\npeers = [\"x\", \"y\"]\ninsecure = true\nquiet = false\ncluster = 7\n",
+            &["--listen=b:2"],
+        )
+        .unwrap();
+        // Keys in the file's sorted order; a false switch is left out; `listen` is the user's.
+        assert_eq!(
+            args,
+            [
+                "shoal",
+                "db",
+                "server",
+                "--cluster",
+                "7",
+                "--insecure",
+                "--peers",
+                "x",
+                "--peers",
+                "y",
+                "--config",
+                "FILE",
+                "--listen=b:2"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_hidden_and_table_keys_are_refused_with_file_and_key() {
+        for (toml, expect) in [
+            ("lisen = \"a\"\n", "unknown key `lisen`"),
+            ("secret = \"a\"\n", "unknown key `secret`"),
+            ("config = \"other.toml\"\n", "unknown key `config`"),
+            (
+                "listen = { host = \"a\" }\n",
+                "key `listen`: a value of type table",
+            ),
+            ("peers = [[\"a\"]]\n", "key `peers`: a value of type array"),
+            ("listen = \n", "is not valid TOML"),
+        ] {
+            let err = expand_with(toml, &[]).unwrap_err();
+            assert!(
+                err.contains(expect) && err.contains("c.toml"),
+                "{toml}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_config_the_arguments_are_untouched() {
+        let argv: Vec<OsString> = ["shoal", "db", "--cluster", "3", "server", "--listen", "a"]
+            .map(OsString::from)
+            .to_vec();
+        let expanded = expand(argv.clone(), tree()).unwrap();
+        assert_eq!(expanded.args, argv);
+        assert!(expanded.file.is_none());
+    }
 }

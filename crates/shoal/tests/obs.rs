@@ -222,7 +222,7 @@ fn bad_config_files_are_refused_with_the_file_and_key_named() {
         ),
         (
             "snapshot-bytes = { a = 1 }\n",
-            "key `snapshot-bytes` has a table value",
+            "key `snapshot-bytes`: a value of type table",
         ),
         ("listen = [\n", "is not valid TOML"),
     ] {
@@ -351,4 +351,69 @@ fn a_shard_server_labels_its_raft_metrics_with_its_group() {
     assert!(value(&s, "shoal_raft_term{group=\"3\"}") >= 1.0);
     assert!(!s.contains_key("shoal_raft_term{group=\"0\"}"), "{s:#?}");
     assert_eq!(value(&s, "shoal_shard_migration_bytes_total"), 0.0);
+}
+
+#[test]
+fn a_three_server_cluster_has_one_leader_and_counts_bytes_per_peer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports = free_ports(6);
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let peers = (1..=3)
+        .map(|id| format!("{id}={}", addr(id - 1)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let endpoints = (0..3).map(addr).collect::<Vec<_>>().join(",");
+    let mut procs = Procs::with_slots(3);
+    for id in 1..=3usize {
+        let data = dir.path().join(format!("n{id}"));
+        procs
+            .spawn_at(
+                id - 1,
+                Spec::new(
+                    format!("server {id}"),
+                    SHOAL,
+                    dir.path().join(format!("n{id}.log")),
+                )
+                .args([
+                    "kv",
+                    "server",
+                    "--id",
+                    &id.to_string(),
+                    "--listen",
+                    &addr(id - 1),
+                ])
+                .args(["--peers", &peers, "--metrics", &addr(id + 2), "--data"])
+                .args([data.as_os_str()])
+                .stdout_null(),
+            )
+            .expect("start a server");
+    }
+    kv(&endpoints, &["put", "k", "v"]);
+    let role = |s: &BTreeMap<String, f64>, r: &str| {
+        s.get(&format!("shoal_raft_role{{group=\"0\",role=\"{r}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    // Every server knows the put is committed once each applied it.
+    let scrapes: Vec<_> = (3..6)
+        .map(|i| {
+            scrape_until(&addr(i), |s| {
+                s.get("shoal_raft_applied_index{group=\"0\"}")
+                    .is_some_and(|v| *v >= 3.0)
+                    && role(s, "leader") + role(s, "follower") == 1.0
+            })
+        })
+        .collect();
+    let leaders: Vec<_> = (1..=3)
+        .filter(|id| role(&scrapes[id - 1], "leader") == 1.0)
+        .collect();
+    assert_eq!(leaders.len(), 1, "one leader: {leaders:?}");
+    let leader = leaders[0];
+    let s = &scrapes[leader - 1];
+    for peer in (1..=3).filter(|p| *p != leader) {
+        let sent = format!("shoal_peer_sent_bytes_total{{peer=\"{peer}\"}}");
+        let received = format!("shoal_peer_received_bytes_total{{peer=\"{peer}\"}}");
+        assert!(value(s, &sent) > 0.0, "{sent}");
+        assert!(value(s, &received) > 0.0, "{received}");
+    }
 }
