@@ -206,6 +206,8 @@ pub struct RuntimeMetrics {
     peer_received: Family<PeerLabel, Counter>,
     migration_steps: Family<MigrationLabel, Counter>,
     migration_bytes: Counter,
+    migration_duration: Histogram,
+    migrations_in_progress: Gauge,
 }
 
 static METRICS: LazyLock<RuntimeMetrics> = LazyLock::new(|| RuntimeMetrics {
@@ -230,6 +232,8 @@ static METRICS: LazyLock<RuntimeMetrics> = LazyLock::new(|| RuntimeMetrics {
     peer_received: Family::default(),
     migration_steps: Family::default(),
     migration_bytes: Counter::default(),
+    migration_duration: latency(),
+    migrations_in_progress: Gauge::default(),
 });
 
 /// The process's runtime metrics.
@@ -351,6 +355,16 @@ pub fn register(registry: &mut Registry, kind: ServerKind) {
             "shoal_shard_migration_bytes",
             "Bytes of shard data moved by this group: installed here, or exported from here",
             m.migration_bytes.clone(),
+        );
+        registry.register(
+            "shoal_shard_migration_duration_seconds",
+            "A shard moving away from this group: from its freeze to its delete here",
+            m.migration_duration.clone(),
+        );
+        registry.register(
+            "shoal_shard_migrations_in_progress",
+            "Shards frozen here and not yet deleted (moving away)",
+            m.migrations_in_progress.clone(),
         );
     }
 }
@@ -633,6 +647,18 @@ pub(crate) fn migration_step(step: MigrationStep) {
 /// Bytes of shard data installed here or exported from here.
 pub(crate) fn migration_bytes(bytes: usize) {
     metrics().migration_bytes.inc_by(bytes as u64);
+}
+
+/// A shard that moved away was deleted here, `seconds` after its freeze.
+pub(crate) fn migration_done(seconds: f64) {
+    metrics().migration_duration.observe(seconds);
+}
+
+/// Shards frozen here and not yet deleted.
+pub(crate) fn set_migrations_in_progress(n: usize) {
+    metrics()
+        .migrations_in_progress
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// A reader that adds the bytes it reads to a counter (a peer connection's inbound half).

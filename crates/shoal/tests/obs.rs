@@ -417,3 +417,83 @@ fn a_three_server_cluster_has_one_leader_and_counts_bytes_per_peer() {
         assert!(value(s, &received) > 0.0, "{received}");
     }
 }
+
+fn shoal_ok(args: &[&str]) {
+    let out = Command::new(SHOAL)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoal");
+    assert!(
+        out.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_shard_migration_is_counted_on_both_groups() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports = free_ports(5);
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let (controller, g1, g2) = (addr(0), addr(1), addr(2));
+    let mut procs = Procs::with_slots(3);
+    let data = |name: &str| dir.path().join(name).display().to_string();
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    procs
+        .spawn_at(
+            0,
+            Spec::new("controller", SHOAL, log("controller"))
+                .args(["kv", "server", "--id", "1", "--listen", &controller])
+                .args([
+                    "--peers",
+                    &format!("1={controller}"),
+                    "--data",
+                    &data("ctl"),
+                ])
+                .stdout_null(),
+        )
+        .expect("start the controller store");
+    for (slot, gid, listen, metrics) in [(1, "1", &g1, addr(3)), (2, "2", &g2, addr(4))] {
+        procs
+            .spawn_at(
+                slot,
+                Spec::new(format!("group {gid}"), SHOAL, log(gid))
+                    .args([
+                        "shard", "server", "--gid", gid, "--id", "1", "--shards", "4",
+                    ])
+                    .args(["--listen", listen, "--peers", listen, "--metrics", &metrics])
+                    .args(["--controller", &controller, "--data", &data(gid)])
+                    .stdout_null(),
+            )
+            .expect("start a group server");
+    }
+    let ctl = ["--controller", controller.as_str()];
+    shoal_ok(
+        &[
+            &["shard", "join", "--shards", "4"],
+            &ctl[..],
+            &[&format!("1={g1}")],
+        ]
+        .concat(),
+    );
+    for key in ["a", "b", "c"] {
+        shoal_ok(&[&["kv"], &ctl[..], &["put", key, "v"]].concat());
+    }
+    // Group 2 joins: two of the four shards move from group 1 to it.
+    shoal_ok(&[&["shard", "join"], &ctl[..], &[&format!("2={g2}")]].concat());
+    let from = scrape_until(&addr(3), |s| {
+        s.get("shoal_shard_migration_duration_seconds_count") == Some(&2.0)
+    });
+    assert_eq!(
+        value(&from, "shoal_shard_migration_steps_total{step=\"freeze\"}"),
+        2.0
+    );
+    assert_eq!(value(&from, "shoal_shard_migrations_in_progress"), 0.0);
+    let puts = "shoal_kv_request_duration_seconds_count{op=\"put\",outcome=\"ok\"}";
+    assert!(value(&from, puts) >= 3.0);
+    let to = scrape_until(&addr(4), |s| {
+        s.get("shoal_shard_migration_steps_total{step=\"install\"}") == Some(&2.0)
+    });
+    assert!(value(&to, "shoal_shard_migration_bytes_total") > 0.0);
+}

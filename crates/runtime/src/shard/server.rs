@@ -359,6 +359,7 @@ pub async fn run_shard_server(
             events_tx,
             steps: BTreeMap::new(),
             timing: crate::metrics::RequestTiming::new(MAX_PENDING_REQUESTS),
+            moving_out: BTreeMap::new(),
         },
         disk,
         data_dir: config.data_dir.clone(),
@@ -413,6 +414,9 @@ struct ShardService {
     steps: BTreeMap<(u64, u64), Step>,
     /// Client requests waiting for their reply (the latency metric).
     timing: crate::metrics::RequestTiming,
+    /// Shards moving away: (shard, configuration) → when the freeze arrived (the migration
+    /// duration metric, observed at the delete).
+    moving_out: BTreeMap<(u32, u64), tokio::time::Instant>,
 }
 
 impl Service for ShardService {
@@ -599,6 +603,29 @@ impl ShardService {
         self.steps.insert((token, request.tag), step);
     }
 
+    /// A shard moving away, for the migration metrics: from its freeze to its delete, both
+    /// decided in this group's log (a retried step counts once). Bounded: a shard is frozen at
+    /// most once per configuration; past the bound (deletes never seen) it starts over.
+    fn track_move(&mut self, what: &str, shard: u32, config: u64) {
+        match what {
+            "freeze" => {
+                if self.moving_out.len() >= MAX_LOGGED_STEPS {
+                    self.moving_out.clear();
+                }
+                self.moving_out
+                    .entry((shard, config))
+                    .or_insert_with(tokio::time::Instant::now);
+            }
+            "delete" => {
+                if let Some(at) = self.moving_out.remove(&(shard, config)) {
+                    crate::metrics::migration_done(at.elapsed().as_secs_f64());
+                }
+            }
+            _ => return,
+        }
+        crate::metrics::set_migrations_in_progress(self.moving_out.len());
+    }
+
     /// Logs a decided migration step (at info) or one this server could not carry out.
     fn log_step(&mut self, token: u64, reply: &ControlReply) {
         let Some(step) = self.steps.remove(&(token, reply.tag())) else {
@@ -624,6 +651,9 @@ impl ShardService {
             ControlReply::Done {
                 status, adopted, ..
             } => {
+                if matches!(status, ControlStatus::Applied | ControlStatus::AlreadyDone) {
+                    self.track_move(what, shard, config);
+                }
                 let status = match status {
                     ControlStatus::Applied => "applied".to_string(),
                     ControlStatus::AlreadyDone => "already done".to_string(),
