@@ -659,7 +659,7 @@ fn write_timeline(h: &mut String, s: &JobStatus) {
          </span><span style=\"--c:#8c8c8c\">worker lost</span><span style=\"--c:#c9c3bf\">lost the \
          race to another attempt</span><span style=\"--c:#fff;--b:2px solid #111\">backup or \
          duplicate (outlined)</span><span style=\"--c:repeating-linear-gradient(45deg,#4e79a7 0 \
-         2px,#fff 2px 4px)\">map output lost later</span></div>\n"
+         2px,#fff 2px 4px)\">output lost later with its worker</span></div>\n"
     );
     if lanes.is_empty() {
         h.push_str("<p>No worker has registered yet.</p>\n");
@@ -875,14 +875,15 @@ fn task_label(t: &TaskStatus) -> String {
 
 fn write_active(h: &mut String, s: &JobStatus) {
     let tasks = || s.maps.iter().chain(&s.reduces);
-    let running: Vec<&TaskStatus> = tasks().filter(|t| t.state == TaskState::Running).collect();
+    // Tasks with an attempt running, including won tasks whose losing attempt still runs.
+    let running: Vec<&TaskStatus> = tasks().filter(|t| !t.running.is_empty()).collect();
     let _ = writeln!(h, "<h2>Running now ({})</h2>", running.len());
     if running.is_empty() {
         h.push_str("<p>Nothing is running.</p>\n");
     } else {
         h.push_str(
-            "<table><tr><th>task</th><th>input</th><th>attempts running</th>\
-             <th class=\"num\">started</th><th class=\"num\">failures</th></tr>",
+            "<table><tr><th>task</th><th>state</th><th>input</th><th>attempts running</th>\
+             <th class=\"num\">attempts</th><th class=\"num\">failures</th></tr>",
         );
         for t in &running {
             let attempts: Vec<String> = t
@@ -890,10 +891,14 @@ fn write_active(h: &mut String, s: &JobStatus) {
                 .iter()
                 .map(|r| format!("{}@w{} for {}", r.attempt, r.worker, fmt_ms(r.elapsed_ms)))
                 .collect();
+            let state = match (t.winner_attempt, t.winner_worker) {
+                (Some(a), Some(w)) => format!("won by {a}@w{w}: the rest is discarded"),
+                _ => format!("{:?}", t.state),
+            };
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td class=\"num\">{}</td>\
-                 <td class=\"num\">{}</td></tr>",
+                "<tr><td>{}</td><td>{state}</td><td><code>{}</code></td><td>{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
                 task_label(t),
                 escape(&t.input),
                 escape(&attempts.join(", ")),

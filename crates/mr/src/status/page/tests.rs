@@ -196,6 +196,7 @@ fn page_puts_the_summary_first_and_collapses_finished_tasks() {
         .find("<h2>Running now (1)</h2>")
         .expect("running section");
     assert!(html[running..finished].contains("books/b3.txt bytes 0..1000000"));
+    assert!(html[running..finished].contains("<td>map 3</td><td>Running</td>"));
     assert!(html[finished..].contains("books/b0.txt bytes 0..1000000"));
     assert!(html.contains("partition 1 of every map output"));
     // Worker data is escaped.
