@@ -138,7 +138,8 @@ pub fn summarize(s: &JobStatus) -> Summary {
     let count = |f: &dyn Fn(&AttemptRecord) -> bool| s.attempts.iter().filter(|a| f(a)).count();
     let ended = s.outcome.is_some();
     let (phase_elapsed_ms, throughput, left) = if ended {
-        let rate = per_second(map_bytes_total, s.elapsed_ms);
+        // What was read: all of it for a job that is done, less for one that failed.
+        let rate = per_second(map_bytes_done, s.elapsed_ms);
         let left = matches!(s.outcome, Some(JobOutcome::Done)).then_some(0);
         (s.elapsed_ms, rate, left)
     } else if s.phase == "map" {
@@ -332,7 +333,7 @@ header .meta{color:#59636e}\
 margin:12px 0}\
 table{border-collapse:collapse;margin:4px 0 8px;font-size:13px}\
 td,th{border-bottom:1px solid #d1d9e0;padding:3px 10px 3px 0;text-align:left;\
-vertical-align:top}th{color:#59636e;font-weight:600}td.num,th.num{text-align:right}\
+vertical-align:top}td:first-child{white-space:nowrap}th{color:#59636e;font-weight:600}td.num,th.num{text-align:right}\
 .Lost{color:#a40e26}.Busy{color:#6b4e00}.Idle{color:#59636e}\
 details{margin:6px 0}summary{cursor:pointer;font-weight:600}\
 .legend{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:12px;color:#59636e;margin:4px 0}\
@@ -630,7 +631,11 @@ fn tick_step_ms(total_ms: u64) -> u64 {
 }
 
 fn tick_label(ms: u64, step: u64) -> String {
-    if step < 1000 {
+    if ms == 0 {
+        "0 s".to_string()
+    } else if step < 100 {
+        format!("{ms} ms")
+    } else if step < 1000 {
         format!("{:.1} s", ms as f64 / 1000.0)
     } else if step < 60_000 {
         format!("{} s", ms / 1000)

@@ -319,3 +319,37 @@ fn an_empty_job_renders() {
     assert!(html.contains("No worker has registered yet"));
     assert!(html.contains("time left: not known yet"));
 }
+
+#[test]
+fn tick_labels_fit_the_scale() {
+    let labels = |total: u64| {
+        let step = tick_step_ms(total);
+        (0..=total / step)
+            .map(|i| tick_label(i * step, step))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(labels(91)[..3], ["0 s", "10 ms", "20 ms"]);
+    assert_eq!(labels(2_800)[..3], ["0 s", "0.5 s", "1.0 s"]);
+    assert_eq!(labels(18_800)[..3], ["0 s", "2 s", "4 s"]);
+    assert_eq!(labels(600_000)[..3], ["0 s", "1 min", "2 min"]);
+    assert!(labels(36_000_000).len() <= 11);
+}
+
+#[test]
+fn a_failed_job_reports_what_it_read_not_the_whole_input() {
+    let mut s = snapshot();
+    s.phase = "failed".into();
+    s.outcome = Some(JobOutcome::Failed {
+        task: "map 3".into(),
+        error: "mapper exploded".into(),
+    });
+    let sum = summarize(&s);
+    assert_eq!(sum.estimated_ms_left, None);
+    assert_eq!(sum.throughput_bytes_per_s, Some(3e6 / 8.0));
+    let html = render_html(&s);
+    assert!(html.contains("<b>The job failed:</b> map 3 — mapper exploded"));
+    assert!(
+        !html.contains("location.reload"),
+        "an ended job's page does not reload"
+    );
+}
