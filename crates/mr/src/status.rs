@@ -1,12 +1,21 @@
-//! The coordinator's status: a serializable snapshot of the job, rendered as an HTML page at
-//! `/` and as JSON at `/status.json` by a small hyper server (`--http ADDR`).
+//! The coordinator's status: a serializable snapshot of the job ([`JobStatus`]), rendered as an
+//! HTML page at `/` and as JSON at `/status.json` by a small hyper server (`--http ADDR`), and
+//! written into the output directory as `_status.html` and `_status.json` when the job ends.
+//!
+//! The rendering ([`page`]) is a pure function of a snapshot; the coordinator's state machine
+//! records each attempt's start, end and outcome in an [`AttemptLog`] for the timeline.
+
+pub mod page;
+
+pub use page::{render_html, render_json, summarize, write_final, Summary};
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_wire::mr::{AttemptRef, TaskKind};
 use tokio::sync::watch;
 
 /// How the job ended.
@@ -81,6 +90,22 @@ pub struct TaskStatus {
     pub winner_worker: Option<u64>,
     /// The last error reported.
     pub last_error: Option<String>,
+    /// What it reads: a map task's file and byte range, a reduce task's partition.
+    #[serde(default)]
+    pub input: String,
+    /// A map task's input size in bytes (its split's length).
+    #[serde(default)]
+    pub input_bytes: Option<u64>,
+    /// Bytes the winning attempt read (map: `map.input.bytes`; reduce: `reduce.input.bytes`).
+    #[serde(default)]
+    pub bytes_in: Option<u64>,
+    /// Bytes the winning attempt wrote (map: `map.output.file.bytes`; reduce:
+    /// `reduce.output.bytes`).
+    #[serde(default)]
+    pub bytes_out: Option<u64>,
+    /// How long the winning attempt ran, in milliseconds.
+    #[serde(default)]
+    pub winner_elapsed_ms: Option<u64>,
 }
 
 /// One worker on the status page.
@@ -127,6 +152,164 @@ pub struct JobStatus {
     pub counters: BTreeMap<String, u64>,
     /// How the job ended, once it has.
     pub outcome: Option<JobOutcome>,
+    /// The app's name.
+    #[serde(default)]
+    pub app: String,
+    /// The output directory.
+    #[serde(default)]
+    pub out_dir: String,
+    /// Sum of the inputs' sizes, in bytes.
+    #[serde(default)]
+    pub input_bytes: u64,
+    /// Every attempt started, in start order (at most [`MAX_RECORDED_ATTEMPTS`]).
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+    /// Attempts started beyond [`MAX_RECORDED_ATTEMPTS`], not in `attempts`.
+    #[serde(default)]
+    pub attempts_not_recorded: u64,
+}
+
+/// What the driver knows of a job that the state machine does not: the app, the output
+/// directory and each map task's input. [`JobStatus::with_job`] adds it to a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobInfo {
+    /// The app's name.
+    pub app: String,
+    /// The output directory.
+    pub out_dir: String,
+    /// Sum of the inputs' sizes, in bytes.
+    pub input_bytes: u64,
+    /// Each map task's input (file and byte range) and its size in bytes, by task index.
+    pub map_inputs: Vec<(String, u64)>,
+}
+
+/// The attempt log keeps at most this many attempts (a timeline of more would not be
+/// readable; the count of the others is kept).
+pub const MAX_RECORDED_ATTEMPTS: usize = 50_000;
+
+/// How an attempt ended, or that it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptOutcome {
+    /// Still running.
+    Running,
+    /// Finished first: its output is the task's.
+    Won,
+    /// Finished after another attempt of its task had won (a backup or duplicate race lost).
+    Superseded,
+    /// The app returned an error or panicked.
+    Failed,
+    /// A reduce attempt could not fetch a map output.
+    FetchFailed,
+    /// Its worker was lost (connection closed or heartbeats stopped) while it ran.
+    WorkerLost,
+    /// It won, but its output could not be committed into the output directory.
+    CommitFailed,
+}
+
+/// One attempt on the timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// "map" or "reduce".
+    pub kind: String,
+    /// Task index.
+    pub task: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Worker id.
+    pub worker: u64,
+    /// Started at, in milliseconds since the coordinator started.
+    pub start_ms: u64,
+    /// Ended at (reported or abandoned), once it has.
+    pub end_ms: Option<u64>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// Started while another attempt of its task ran: a duplicate of an overdue task or a
+    /// backup of a straggler.
+    pub backup: bool,
+    /// A winning map attempt whose output was lost later (its worker was lost or a reduce
+    /// could not fetch it), so the map task ran again.
+    pub output_lost: bool,
+}
+
+/// The coordinator's record of every attempt, for the timeline: bounded by
+/// [`MAX_RECORDED_ATTEMPTS`].
+#[derive(Debug, Clone, Default)]
+pub struct AttemptLog {
+    records: Vec<AttemptRecord>,
+    index: BTreeMap<AttemptRef, usize>,
+    not_recorded: u64,
+}
+
+impl AttemptLog {
+    /// `attempt` started on `worker` at `now`; `backup` if another attempt of it runs.
+    pub fn started(&mut self, attempt: AttemptRef, worker: u64, now: Duration, backup: bool) {
+        if self.records.len() >= MAX_RECORDED_ATTEMPTS {
+            self.not_recorded += 1;
+            return;
+        }
+        self.index.insert(attempt, self.records.len());
+        self.records.push(AttemptRecord {
+            kind: kind_name(attempt.kind).into(),
+            task: attempt.task,
+            attempt: attempt.attempt,
+            worker,
+            start_ms: millis(now),
+            end_ms: None,
+            outcome: AttemptOutcome::Running,
+            backup,
+            output_lost: false,
+        });
+    }
+
+    /// `attempt` ended at `now` with `outcome` (ignored if it already ended).
+    pub fn ended(&mut self, attempt: AttemptRef, now: Duration, outcome: AttemptOutcome) {
+        if let Some(r) = self.get_mut(attempt) {
+            if r.end_ms.is_none() {
+                r.end_ms = Some(millis(now));
+                r.outcome = outcome;
+            }
+        }
+    }
+
+    /// A winning attempt's output could not be committed.
+    pub fn commit_failed(&mut self, attempt: AttemptRef) {
+        if let Some(r) = self.get_mut(attempt) {
+            r.outcome = AttemptOutcome::CommitFailed;
+        }
+    }
+
+    /// A winning map attempt's output was lost and the task runs again.
+    pub fn output_lost(&mut self, attempt: AttemptRef) {
+        if let Some(r) = self.get_mut(attempt) {
+            r.output_lost = true;
+        }
+    }
+
+    /// The attempts recorded, in start order.
+    pub fn records(&self) -> &[AttemptRecord] {
+        &self.records
+    }
+
+    /// Attempts started beyond the bound.
+    pub fn not_recorded(&self) -> u64 {
+        self.not_recorded
+    }
+
+    fn get_mut(&mut self, attempt: AttemptRef) -> Option<&mut AttemptRecord> {
+        let i = *self.index.get(&attempt)?;
+        self.records.get_mut(i)
+    }
+}
+
+fn kind_name(kind: TaskKind) -> &'static str {
+    match kind {
+        TaskKind::Map => "map",
+        TaskKind::Reduce => "reduce",
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl JobStatus {
@@ -144,102 +327,31 @@ impl JobStatus {
             workers: vec![],
             counters: BTreeMap::new(),
             outcome: None,
+            app: String::new(),
+            out_dir: String::new(),
+            input_bytes: 0,
+            attempts: vec![],
+            attempts_not_recorded: 0,
         }
     }
-}
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// Renders the status as a self-contained HTML page (refreshes itself every second).
-pub fn render_html(status: &JobStatus) -> String {
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" \
-         content=\"1\"><title>shoal mr: {phase}</title><style>body{{font-family:sans-serif;\
-         margin:2em}}table{{border-collapse:collapse;margin-bottom:1.5em}}td,th{{border:1px \
-         solid #ccc;padding:2px 8px;text-align:left}}.Running,.Busy{{background:#ffd}}\
-         .Done,.Committed{{background:#dfd}}.Lost{{background:#fdd}}.Committing{{background:#def}}\
-         </style></head><body><h1>MapReduce job: {phase}</h1><p>{secs:.1} s elapsed; \
-         maps {md}/{mt}, reduces {rd}/{rt}. <a href=\"/status.json\">JSON</a></p>",
-        phase = escape(&status.phase),
-        secs = status.elapsed_ms as f64 / 1000.0,
-        md = status.maps_done,
-        mt = status.maps_total,
-        rd = status.reduces_done,
-        rt = status.reduces_total,
-    );
-    if let Some(JobOutcome::Failed { task, error }) = &status.outcome {
-        let _ = write!(
-            h,
-            "<p><b>Failed:</b> {} — {}</p>",
-            escape(task),
-            escape(error)
-        );
+    /// Adds what the driver knows (`info`) to a snapshot of the state machine: the app, the
+    /// output directory and each task's input.
+    pub fn with_job(mut self, info: &JobInfo) -> JobStatus {
+        self.app.clone_from(&info.app);
+        self.out_dir.clone_from(&info.out_dir);
+        self.input_bytes = info.input_bytes;
+        for t in &mut self.maps {
+            if let Some((input, bytes)) = info.map_inputs.get(t.index as usize) {
+                t.input.clone_from(input);
+                t.input_bytes = Some(*bytes);
+            }
+        }
+        for t in &mut self.reduces {
+            t.input = format!("partition {} of every map output", t.index);
+        }
+        self
     }
-    h.push_str(
-        "<h2>Tasks</h2><table><tr><th>task</th><th>state</th><th>attempts</th><th>failures</th>\
-         <th>running (attempt@worker, s)</th><th>winner</th><th>last error</th></tr>",
-    );
-    for t in status.maps.iter().chain(&status.reduces) {
-        let running: Vec<String> = t
-            .running
-            .iter()
-            .map(|r| {
-                format!(
-                    "{}@w{} ({:.1})",
-                    r.attempt,
-                    r.worker,
-                    r.elapsed_ms as f64 / 1000.0
-                )
-            })
-            .collect();
-        let winner = match (t.winner_attempt, t.winner_worker) {
-            (Some(a), Some(w)) => format!("{a}@w{w}"),
-            _ => String::new(),
-        };
-        let _ = write!(
-            h,
-            "<tr class=\"{state:?}\"><td>{kind} {index}</td><td>{state:?}</td><td>{attempts}</td>\
-             <td>{failures}</td><td>{running}</td><td>{winner}</td><td>{error}</td></tr>",
-            state = t.state,
-            kind = t.kind,
-            index = t.index,
-            attempts = t.attempts,
-            failures = t.failures,
-            running = escape(&running.join(", ")),
-            error = escape(t.last_error.as_deref().unwrap_or("")),
-        );
-    }
-    h.push_str(
-        "</table><h2>Workers</h2><table><tr><th>id</th><th>name</th><th>shuffle</th>\
-         <th>state</th><th>last heartbeat</th><th>running</th><th>attempts won</th></tr>",
-    );
-    for w in &status.workers {
-        let _ = write!(
-            h,
-            "<tr class=\"{state:?}\"><td>w{id}</td><td>{name}</td><td>{addr}</td><td>{state:?}</td>\
-             <td>{hb:.1} s ago</td><td>{running}</td><td>{won}</td></tr>",
-            id = w.id,
-            name = escape(&w.name),
-            addr = escape(&w.shuffle_addr),
-            state = w.state,
-            hb = w.last_heartbeat_ms_ago as f64 / 1000.0,
-            running = escape(&w.running.join(", ")),
-            won = w.attempts_won,
-        );
-    }
-    h.push_str("</table><h2>Counters</h2><table>");
-    for (k, v) in &status.counters {
-        let _ = write!(h, "<tr><td>{}</td><td>{v}</td></tr>", escape(k));
-    }
-    h.push_str("</table></body></html>\n");
-    h
 }
 
 /// Serves the latest status from `status` on `listener` until the task is dropped: HTML at
@@ -272,12 +384,9 @@ pub async fn serve_status(
                             "text/html; charset=utf-8",
                             render_html(&snapshot),
                         ),
-                        "/status.json" => (
-                            StatusCode::OK,
-                            "application/json",
-                            serde_json::to_string_pretty(&*snapshot)
-                                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
-                        ),
+                        "/status.json" => {
+                            (StatusCode::OK, "application/json", render_json(&snapshot))
+                        }
                         _ => (
                             StatusCode::NOT_FOUND,
                             "text/plain",
@@ -313,56 +422,4 @@ pub async fn bind_status(addr: SocketAddr) -> std::io::Result<tokio::net::TcpLis
             format!("cannot listen for the status page on {addr}: {e}"),
         )
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn html_escapes_worker_data_and_json_round_trips() {
-        let status = JobStatus {
-            phase: "map".into(),
-            elapsed_ms: 1500,
-            maps_total: 1,
-            maps_done: 0,
-            reduces_total: 1,
-            reduces_done: 0,
-            maps: vec![TaskStatus {
-                kind: "map".into(),
-                index: 0,
-                state: TaskState::Running,
-                attempts: 2,
-                failures: 1,
-                running: vec![RunningAttemptStatus {
-                    attempt: 1,
-                    worker: 3,
-                    elapsed_ms: 300,
-                }],
-                winner_attempt: None,
-                winner_worker: None,
-                last_error: Some("<script>alert(1)</script>".into()),
-            }],
-            reduces: vec![],
-            workers: vec![WorkerStatus {
-                id: 3,
-                name: "host&<b>".into(),
-                shuffle_addr: "10.0.0.3:7000".into(),
-                state: WorkerState::Busy,
-                last_heartbeat_ms_ago: 120,
-                running: vec!["map 0 attempt 1".into()],
-                attempts_won: 0,
-            }],
-            counters: BTreeMap::from([("map.input.bytes".to_string(), 42)]),
-            outcome: None,
-        };
-        let html = render_html(&status);
-        assert!(!html.contains("<script>"));
-        assert!(html.contains("&lt;script&gt;"));
-        assert!(html.contains("host&amp;&lt;b&gt;"));
-        assert!(html.contains("1@w3 (0.3)"));
-        let json = serde_json::to_string(&status).unwrap();
-        let back: JobStatus = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, status);
-    }
 }

@@ -119,7 +119,9 @@ Examples:
 
 Inputs: files; a directory stands for the files in it (names starting with _ or . and
 subdirectories are skipped); *.gz files are decompressed (one map task each).
-Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key.
+Output: one file per reduce task, OUT/mr-out-<r>, each line `key value`, sorted by key;
+and the final status page, OUT/_status.html (summary, timeline of attempts per worker, tasks)
+with its snapshot as OUT/_status.json.
 Sort: `--app sort --format lines|terasort` writes the records themselves, in total order
 across mr-out-0, mr-out-1, … (a range partitioner placed from a sample of the input); make
 data with `shoal mr gen` and check the result with `shoal mr validate`.
@@ -250,7 +252,7 @@ pub struct JobArgs {
     #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set, value_name = "on|off")]
     pub backup_tasks: bool,
     /// Serve an HTML status page (and /status.json) on this address (HOST:PORT; a host name
-    /// or an IP address).
+    /// or an IP address); the final page is kept as OUT/_status.html either way.
     #[arg(long, value_name = "ADDR", value_parser = addr_arg)]
     pub http: Option<SocketAddr>,
 }

@@ -78,6 +78,21 @@ fn worker_killed_in_reduce_phase_map_output_is_recomputed() {
         "no map re-execution logged:\n{log}"
     );
     assert_same(&lab.output(), &lab.seq(&["--app", "early_exit"], &books()));
+    // The final page and JSON stay in the output directory: the victim's winning map attempts
+    // are marked as having lost their output, and the map tasks ran again elsewhere.
+    let fin = final_status(&lab.out());
+    assert_eq!(fin["phase"], "done");
+    assert_eq!(fin["summary"]["maps_done"], fin["maps_total"]);
+    let lost: Vec<_> = attempts_of_pid(&fin, victim_pid)
+        .into_iter()
+        .filter(|a| a["output_lost"] == true)
+        .collect();
+    assert!(!lost.is_empty(), "no lost output marked: {fin}");
+    let html = std::fs::read_to_string(lab.out().join("_status.html")).unwrap();
+    assert!(
+        html.contains("(lost)</text>"),
+        "the victim's lane says lost"
+    );
 }
 
 #[test]

@@ -261,6 +261,18 @@ fn kill_a_map_winner_mid_shuffle() -> Option<Lab> {
     }
     lab.procs.kill(victim);
     lab.expect_success(&c, JOB_TIMEOUT);
+    // The final status: the victim's lost work is on its timeline, and `mr validate` (run by
+    // the caller) skips the `_status.*` files beside the outputs.
+    let fin = final_status(&lab.out());
+    assert_eq!(fin["summary"]["phase"], "done");
+    assert_eq!(fin["summary"]["workers_lost"], 1);
+    let victim_attempts = attempts_of_pid(&fin, lab.procs.pid(victim));
+    assert!(
+        victim_attempts
+            .iter()
+            .any(|a| a["output_lost"] == true || a["outcome"] == "WorkerLost"),
+        "the victim's lost work is not marked: {victim_attempts:?}"
+    );
     assert!(
         lab.procs.wait(survivor, JOB_TIMEOUT).is_some(),
         "the surviving worker did not exit"

@@ -359,3 +359,43 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
 pub fn status(http: &str) -> Option<serde_json::Value> {
     serde_json::from_str(&http_get(http, "/status.json")?).ok()
 }
+
+/// The final status a finished job leaves in its output directory: `_status.html` (a page
+/// with the timeline's SVG) and `_status.json` (parsed and returned). Panics if either is
+/// missing or malformed, or a temporary file of theirs is left.
+pub fn final_status(out: &Path) -> serde_json::Value {
+    let html = std::fs::read_to_string(out.join("_status.html")).expect("_status.html");
+    assert!(
+        html.contains("<svg") && html.contains("</svg>") && html.ends_with("</html>\n"),
+        "not a whole page with a timeline:\n{html}"
+    );
+    assert!(!html.contains("location.reload"), "the final page reloads");
+    let json = std::fs::read_to_string(out.join("_status.json")).expect("_status.json");
+    let leftovers: Vec<_> = std::fs::read_dir(out)
+        .expect("list the output directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("_status.json: {e}:\n{json}"))
+}
+
+/// The attempts in a final status that ran on the worker whose process id is `pid`.
+pub fn attempts_of_pid(status: &serde_json::Value, pid: u32) -> Vec<serde_json::Value> {
+    let suffix = format!(":{pid}");
+    let id = status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["name"].as_str().is_some_and(|n| n.ends_with(&suffix)))
+        .and_then(|w| w["id"].as_u64())
+        .expect("the worker is listed");
+    status["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter(|a| a["worker"].as_u64() == Some(id))
+        .cloned()
+        .collect()
+}

@@ -34,7 +34,8 @@ use std::time::Duration;
 use shoal_wire::mr::{AttemptRef, MapOutputLocation, TaskKind};
 
 use crate::status::{
-    JobOutcome, JobStatus, RunningAttemptStatus, TaskState, TaskStatus, WorkerState, WorkerStatus,
+    AttemptLog, AttemptOutcome, JobOutcome, JobStatus, RunningAttemptStatus, TaskState, TaskStatus,
+    WorkerState, WorkerStatus,
 };
 
 /// Identifies a registered worker. Never reused within a job: a worker that reconnects gets a
@@ -222,6 +223,8 @@ pub struct Coordinator {
     next_worker_id: u64,
     outputs: VecDeque<Output>,
     outcome: Option<JobOutcome>,
+    /// Every attempt's start, end and outcome, for the status page's timeline.
+    log: AttemptLog,
 }
 
 impl Coordinator {
@@ -237,6 +240,7 @@ impl Coordinator {
             next_worker_id: 1,
             outputs: VecDeque::new(),
             outcome: None,
+            log: AttemptLog::default(),
         };
         c.check_done();
         c
@@ -318,10 +322,13 @@ impl Coordinator {
         let task = self.task_mut(attempt);
         if task.done.is_some() {
             tracing::debug!(attempt = %attempt_name(attempt), "late result of a task already won: ignored");
+            self.log.ended(attempt, now, AttemptOutcome::Superseded);
             self.outputs.push_back(Output::Discard { worker, attempt });
             self.schedule(now);
             return Disposition::Ignored;
         }
+        self.log.ended(attempt, now, AttemptOutcome::Won);
+        let task = self.task_mut(attempt);
         task.done = Some(Winner {
             attempt: attempt.attempt,
             worker,
@@ -358,6 +365,7 @@ impl Coordinator {
         if self.take_running(worker, attempt).is_none() {
             return Disposition::Ignored;
         }
+        self.log.ended(attempt, now, AttemptOutcome::Failed);
         let max_attempts = self.config.max_attempts;
         let task = self.task_mut(attempt);
         if task.done.is_some() {
@@ -396,6 +404,7 @@ impl Coordinator {
         if !self.heard_from(now, worker) || self.take_running(worker, attempt).is_none() {
             return Disposition::Ignored;
         }
+        self.log.ended(attempt, now, AttemptOutcome::FetchFailed);
         if let Some(map) = self.maps.get_mut(map_task as usize) {
             if map.done.as_ref().map(|d| d.attempt) == Some(map_attempt) {
                 tracing::warn!(
@@ -405,6 +414,11 @@ impl Coordinator {
                 );
                 map.done = None;
                 map.counters.clear();
+                self.log.output_lost(AttemptRef {
+                    kind: TaskKind::Map,
+                    task: map_task,
+                    attempt: map_attempt,
+                });
             }
         }
         self.schedule(now);
@@ -431,6 +445,7 @@ impl Coordinator {
         match result {
             Ok(()) => task.committed = true,
             Err(error) => {
+                self.log.commit_failed(attempt);
                 task.done = None;
                 task.counters.clear();
                 task.failures += 1;
@@ -499,10 +514,18 @@ impl Coordinator {
         tracing::warn!(%worker, name = %w.name, abandoned = running.len(), "worker lost");
         for attempt in running {
             self.task_mut(attempt).running.remove(&attempt.attempt);
+            self.log.ended(attempt, now, AttemptOutcome::WorkerLost);
         }
         // Reduce outputs not yet committed lived on its disk.
-        for task in &mut self.reduces {
+        for (index, task) in self.reduces.iter_mut().enumerate() {
             if !task.committed && task.done.as_ref().map(|d| d.worker) == Some(worker) {
+                if let Some(d) = &task.done {
+                    self.log.output_lost(AttemptRef {
+                        kind: TaskKind::Reduce,
+                        task: index as u32,
+                        attempt: d.attempt,
+                    });
+                }
                 task.done = None;
                 task.counters.clear();
             }
@@ -593,6 +616,25 @@ impl Coordinator {
             winner_attempt: t.done.as_ref().map(|d| d.attempt),
             winner_worker: t.done.as_ref().map(|d| d.worker.0),
             last_error: t.last_error.clone(),
+            input: String::new(),
+            input_bytes: None,
+            bytes_in: t.done.as_ref().and_then(|_| {
+                t.counters
+                    .get(match kind {
+                        TaskKind::Map => "map.input.bytes",
+                        TaskKind::Reduce => "reduce.input.bytes",
+                    })
+                    .copied()
+            }),
+            bytes_out: t.done.as_ref().and_then(|_| {
+                t.counters
+                    .get(match kind {
+                        TaskKind::Map => "map.output.file.bytes",
+                        TaskKind::Reduce => "reduce.output.bytes",
+                    })
+                    .copied()
+            }),
+            winner_elapsed_ms: t.done.as_ref().map(|d| d.elapsed.as_millis() as u64),
         };
         JobStatus {
             phase: self.phase_name().into(),
@@ -634,6 +676,11 @@ impl Coordinator {
                 .collect(),
             counters: self.counters(),
             outcome: self.outcome.clone(),
+            app: String::new(),
+            out_dir: String::new(),
+            input_bytes: 0,
+            attempts: self.log.records().to_vec(),
+            attempts_not_recorded: self.log.not_recorded(),
         }
     }
 
@@ -690,6 +737,13 @@ impl Coordinator {
                     map_task = index,
                     "output lost with its worker: re-executing"
                 );
+                if let Some(d) = &task.done {
+                    self.log.output_lost(AttemptRef {
+                        kind: TaskKind::Map,
+                        task: index as u32,
+                        attempt: d.attempt,
+                    });
+                }
                 task.done = None;
                 task.counters.clear();
             }
@@ -749,6 +803,7 @@ impl Coordinator {
                 w.running.insert(attempt);
             }
             tracing::debug!(attempt = %attempt_name(attempt), %worker, duplicate, "assigned");
+            self.log.started(attempt, worker.0, now, duplicate);
             self.outputs.push_back(match kind {
                 TaskKind::Map => Output::AssignMap { worker, attempt },
                 TaskKind::Reduce => Output::AssignReduce {

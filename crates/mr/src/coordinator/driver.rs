@@ -218,7 +218,10 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
         let entry = entry.map_err(io_err(format!("cannot list {}", out.display())))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("mr-out-") || name.starts_with(".mr-out-") {
+        if name.starts_with("mr-out-")
+            || name.starts_with(".mr-out-")
+            || crate::status::page::is_final_file(&name)
+        {
             tracing::debug!(file = %entry.path().display(), "removing output of a previous job");
             std::fs::remove_file(entry.path())
                 .map_err(io_err(format!("cannot remove {}", entry.path().display())))?;
@@ -314,6 +317,16 @@ pub async fn run_job(
         max_attempts: options.max_attempts,
         backup_tasks: options.backup_tasks,
     });
+    let info = crate::status::JobInfo {
+        app: options.app.name.clone(),
+        out_dir: options.out_dir.display().to_string(),
+        input_bytes: job.input_bytes,
+        map_inputs: job
+            .splits
+            .iter()
+            .map(|s| (describe_split(s), s.len))
+            .collect(),
+    };
     let heartbeat = (options.task_timeout / 4).min(MAX_HEARTBEAT_INTERVAL);
     let spec = JobSpec {
         job_id: job.job_id,
@@ -382,7 +395,7 @@ pub async fn run_job(
             },
             _ = ticker.tick() => {
                 core.tick(clock.now());
-                status.send_replace(Arc::new(core.status(clock.now())));
+                status.send_replace(Arc::new(core.status(clock.now()).with_job(&info)));
             }
             Some(event) = events.recv() => {
                 let now = clock.now();
@@ -533,7 +546,8 @@ pub async fn run_job(
             }
         }
         if let Some(result) = finished {
-            status.send_replace(Arc::new(core.status(clock.now())));
+            let last = Arc::new(core.status(clock.now()).with_job(&info));
+            status.send_replace(last.clone());
             let farewell = match &result {
                 Ok(()) => ToWorker::JobDone,
                 Err(e) => ToWorker::JobFailed {
@@ -556,6 +570,9 @@ pub async fn run_job(
             commits.abort_all();
             while commits.join_next().await.is_some() {}
             remove_outputs(&options.out_dir, result.is_err());
+            if let Err(e) = crate::status::write_final(&options.out_dir, &last) {
+                tracing::warn!(dir = %options.out_dir.display(), error = %e, "cannot write the final status page");
+            }
             result?;
             let outputs = (0..options.reduces)
                 .map(|r| options.out_dir.join(format!("mr-out-{r}")))

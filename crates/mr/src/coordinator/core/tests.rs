@@ -256,6 +256,39 @@ fn lost_worker_map_outputs_are_re_executed_during_reduce_phase() {
         }
         other => panic!("{other:?}"),
     }
+    // The attempt log, for the status page's timeline: (task, attempt, worker, start, end,
+    // outcome, output lost later).
+    let log: Vec<_> = c
+        .status(secs(4))
+        .attempts
+        .iter()
+        .map(|a| {
+            let end = a.end_ms;
+            (
+                a.kind.clone(),
+                a.task,
+                a.attempt,
+                a.worker,
+                a.start_ms,
+                end,
+                a.outcome,
+                a.output_lost,
+            )
+        })
+        .collect();
+    use crate::status::AttemptOutcome::*;
+    let m = || "map".to_string();
+    let r = || "reduce".to_string();
+    assert_eq!(
+        log,
+        vec![
+            (m(), 0, 0, w[0].0, 0, Some(1000), Won, true),
+            (m(), 1, 0, w[1].0, 0, Some(1000), Won, false),
+            (r(), 0, 0, w[1].0, 1000, Some(3000), FetchFailed, false),
+            (m(), 0, 1, w[1].0, 3000, Some(4000), Won, false),
+            (r(), 0, 1, w[1].0, 4000, None, Running, false),
+        ]
+    );
 }
 
 #[test]
@@ -377,6 +410,25 @@ fn backup_tasks_near_the_end_of_a_phase() {
         worker: w[3],
         attempt: map(3, 0)
     }));
+    // On the timeline: the backup is marked, the original lost the race.
+    let status = c.status(secs(4));
+    let original = status
+        .attempts
+        .iter()
+        .find(|a| a.task == 3 && a.attempt == 0);
+    let backup = status
+        .attempts
+        .iter()
+        .find(|a| a.task == 3 && a.attempt == 1);
+    use crate::status::AttemptOutcome::{Superseded, Won};
+    assert_eq!(
+        original.map(|a| (a.backup, a.outcome, a.end_ms)),
+        Some((false, Superseded, Some(4000)))
+    );
+    assert_eq!(
+        backup.map(|a| (a.backup, a.outcome, a.start_ms, a.end_ms)),
+        Some((true, Won, 2000, Some(3000)))
+    );
 }
 
 #[test]
