@@ -147,7 +147,8 @@ impl Clerk {
         if self.pending.is_some() {
             return Err(Error::Busy);
         }
-        let needs_session = !op.is_read() && !matches!(op, KvOp::Register | KvOp::Status);
+        let needs_session =
+            !op.is_read() && !op.is_membership() && !matches!(op, KvOp::Register | KvOp::Status);
         let (request, after_register) = match (needs_session, self.session) {
             (true, None) => (self.request(self.config.client, KvOp::Register), Some(op)),
             (true, Some(session)) => (self.request(session, op), None),

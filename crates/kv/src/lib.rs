@@ -18,6 +18,7 @@
 
 pub mod clerk;
 pub mod lock;
+mod members;
 pub mod rsm;
 pub mod server;
 pub mod store;

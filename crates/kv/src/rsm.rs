@@ -87,11 +87,11 @@ struct LeaseClock {
 /// Who waits for a proposal or a read: the connection token to answer on and the request.
 #[derive(Debug)]
 pub struct Waiter {
-    reply_to: u64,
-    client: u64,
-    request: u64,
+    pub(crate) reply_to: u64,
+    pub(crate) client: u64,
+    pub(crate) request: u64,
     /// The read to serve once confirmed (`None` for a write).
-    read: Option<KvOp>,
+    pub(crate) read: Option<KvOp>,
 }
 
 /// The KV state machine as the replica shell hosts it: the store, and the lease clock's
@@ -302,6 +302,8 @@ pub struct KvRsm {
     backups_off_loop: bool,
     /// A buffer for the replica's answers, kept between rounds (no allocation per round).
     done: Vec<Done<Waiter, KvResult>>,
+    /// Addresses known without the log (`--peers`), see [`KvRsm::set_known_addresses`].
+    pub(crate) known_addresses: BTreeMap<u64, String>,
 }
 
 impl KvRsm {
@@ -336,6 +338,7 @@ impl KvRsm {
             backups: Vec::new(),
             backups_off_loop: false,
             done: Vec::new(),
+            known_addresses: BTreeMap::new(),
         })
     }
 
@@ -363,7 +366,7 @@ impl KvRsm {
 
     /// Proposes an operation of the leader's own (lease expiry, checkpoint): no session, no
     /// waiting client. A refused proposal is retried by the next tick's duties.
-    fn propose_internal(&mut self, op: KvOp) {
+    pub(crate) fn propose_internal(&mut self, op: KvOp) {
         let req = KvRequest {
             client: 0,
             request: 0,
@@ -462,7 +465,7 @@ impl KvRsm {
         self.replica.pending_proposals() + self.replica.pending_reads()
     }
 
-    fn wrong_leader(&mut self, reply_to: u64, client: u64, request: u64) {
+    pub(crate) fn wrong_leader(&mut self, reply_to: u64, client: u64, request: u64) {
         let leader = self.replica.raw().leader().map(|l| l.0);
         self.replies.push((
             reply_to,
@@ -475,7 +478,7 @@ impl KvRsm {
     }
 
     /// Queues the answer `result` to request `request` of `client`, for connection `reply_to`.
-    fn answer(&mut self, reply_to: u64, client: u64, request: u64, result: KvResult) {
+    pub(crate) fn answer(&mut self, reply_to: u64, client: u64, request: u64, result: KvResult) {
         let reply = KvReply::Done {
             client,
             request,
@@ -497,6 +500,10 @@ impl KvRsm {
         if req.op.is_read() && req.serializable && req.op != KvOp::Snapshot {
             let result = self.replica.machine().read(&req.op);
             self.answer(reply_to, req.client, req.request, result);
+            return;
+        }
+        if req.op.is_membership() {
+            self.handle_membership(reply_to, req);
             return;
         }
         if req.op.is_internal() {
@@ -576,6 +583,7 @@ impl KvRsm {
     /// Turns what the replica decided into replies, in order (before any answer given at
     /// once, so replies keep the order things happened in).
     fn collect_done(&mut self) {
+        self.collect_conf_done();
         if !self.replica.has_done() {
             return;
         }

@@ -41,7 +41,9 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 /// Default largest number of pairs one scan returns.
 pub const DEFAULT_MAX_SCAN_ITEMS: u32 = 1000;
 /// Version byte at the start of every snapshot; bumped when the layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 3;
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 4;
+/// The format before the members' addresses (issue 15). Still restored, with no address.
+pub const SNAPSHOT_FORMAT_VERSION_V3: u8 = 3;
 /// The format before leases (no lease per key, no lease table). Still restored: its data
 /// and sessions are kept, with no lease.
 pub const SNAPSHOT_FORMAT_VERSION_V2: u8 = 2;
@@ -174,6 +176,15 @@ struct SnapshotBodyV2 {
     sessions: Vec<(u64, Session)>,
 }
 
+/// The serialized form of a format-3 store (before the members' addresses).
+#[derive(Deserialize)]
+struct SnapshotBodyV3 {
+    applied: u64,
+    items: Vec<(ByteBuf, Item)>,
+    sessions: Vec<(u64, Session)>,
+    leases: Vec<(u64, Lease)>,
+}
+
 /// The serialized form of a store (after the format version byte).
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
@@ -181,6 +192,7 @@ struct SnapshotBody {
     items: Vec<(ByteBuf, Item)>,
     sessions: Vec<(u64, Session)>,
     leases: Vec<(u64, Lease)>,
+    members: Vec<(u64, String)>,
 }
 
 /// [`SnapshotBody`]'s encoding, borrowing the store's maps.
@@ -190,6 +202,7 @@ struct SnapshotBodyRef<'a> {
     items: Items<'a>,
     sessions: Seq<'a, u64, Session>,
     leases: Seq<'a, u64, Lease>,
+    members: Seq<'a, u64, String>,
 }
 
 /// A map serialized as a sequence of `(key, value)` pairs, as a `Vec<(K, V)>` is.
@@ -234,6 +247,8 @@ pub struct KvStore {
     /// Position of the last applied write.
     applied: u64,
     data_bytes: usize,
+    /// Every member's address as the leader last replicated it ([`KvOp::MemberAddresses`]).
+    members: OrdMap<u64, String>,
 }
 
 /// A live lease as the store holds it ([`KvStore::leases`]).
@@ -287,7 +302,14 @@ impl KvStore {
             lease_keys: OrdMap::new(),
             applied: 0,
             data_bytes: 0,
+            members: OrdMap::new(),
         }
+    }
+
+    /// The members' addresses as last replicated (id → `host:port`); may name servers that
+    /// have since been removed (the Raft membership says who is a member).
+    pub fn member_addresses(&self) -> &OrdMap<u64, String> {
+        &self.members
     }
 
     /// The store's limits.
@@ -386,7 +408,12 @@ impl KvStore {
             | KvOp::LeaseList
             | KvOp::LeaseExpire { .. }
             | KvOp::LeaseCheckpoint { .. }
-            | KvOp::Snapshot => None,
+            | KvOp::Snapshot
+            | KvOp::MemberList
+            | KvOp::MemberAdd { .. }
+            | KvOp::MemberPromote { .. }
+            | KvOp::MemberRemove { .. }
+            | KvOp::MemberAddresses { .. } => None,
         }
     }
 
@@ -492,6 +519,10 @@ impl KvStore {
             }
             KvOp::LeaseCheckpoint { leases } => {
                 self.checkpoint(leases, events);
+                return KvResult::Stale;
+            }
+            KvOp::MemberAddresses { members } => {
+                self.members = members.iter().cloned().collect();
                 return KvResult::Stale;
             }
             _ => {}
@@ -731,7 +762,14 @@ impl KvStore {
             | KvOp::LeaseList
             | KvOp::LeaseExpire { .. }
             | KvOp::LeaseCheckpoint { .. }
-            | KvOp::Snapshot => self.read(op).unwrap_or(KvResult::Stale),
+            | KvOp::Snapshot
+            | KvOp::MemberAddresses { .. } => self.read(op).unwrap_or(KvResult::Stale),
+            KvOp::MemberList
+            | KvOp::MemberAdd { .. }
+            | KvOp::MemberPromote { .. }
+            | KvOp::MemberRemove { .. } => KvResult::Refused {
+                reason: "membership requests are answered by a KV server's leader".into(),
+            },
         }
     }
 
@@ -804,6 +842,7 @@ impl KvStore {
             items: Items(&self.items),
             sessions: Seq(&self.sessions),
             leases: Seq(&self.leases),
+            members: Seq(&self.members),
         };
         let out = vec![SNAPSHOT_FORMAT_VERSION];
         // Encoding plain vectors and integers into a Vec cannot fail.
@@ -869,6 +908,7 @@ impl KvStore {
             items: Items(&OrdMap::new()),
             sessions: Seq(&self.sessions),
             leases: Seq(&self.leases),
+            members: Seq(&self.members),
         };
         let out = vec![SNAPSHOT_FORMAT_VERSION];
         postcard::to_extend(&body, out).expect("snapshot encodes")
@@ -936,11 +976,24 @@ impl KvStore {
                         .collect(),
                     sessions: old.sessions,
                     leases: Vec::new(),
+                    members: Vec::new(),
+                }
+            }
+            SNAPSHOT_FORMAT_VERSION_V3 => {
+                // Before the members' addresses: the same state, no address.
+                let old: SnapshotBodyV3 = postcard::from_bytes(&bytes[1..]).map_err(decode)?;
+                SnapshotBody {
+                    applied: old.applied,
+                    items: old.items,
+                    sessions: old.sessions,
+                    leases: old.leases,
+                    members: Vec::new(),
                 }
             }
             v => return Err(Error::SnapshotVersion(v)),
         };
         fresh.applied = body.applied;
+        fresh.members = body.members.into_iter().collect();
         for (id, l) in body.leases {
             fresh.leases.insert(id, l);
         }
@@ -1314,7 +1367,6 @@ mod tests {
                 ),
             );
         }
-        let bytes = s.snapshot();
         // Written from the maps (byte fields as bytes), it is exactly the plain encoding of
         // the body with every byte string a `Vec<u8>`, the format `restore` has always read.
         #[derive(Serialize)]
@@ -1329,7 +1381,19 @@ mod tests {
             items: Vec<(Vec<u8>, PlainItem)>,
             sessions: Vec<(u64, Session)>,
             leases: Vec<(u64, Lease)>,
+            members: Vec<(u64, String)>,
         }
+        let members = KvRequest {
+            client: 0,
+            request: 0,
+            op: KvOp::MemberAddresses {
+                members: vec![(1, "127.0.0.1:7001".into()), (4, "127.0.0.1:7004".into())],
+            },
+            serializable: false,
+        };
+        let at = s.applied() + 1;
+        s.apply(at, &members);
+        let bytes = s.snapshot();
         let owned = PlainBody {
             applied: s.applied,
             items: s
@@ -1346,6 +1410,7 @@ mod tests {
                 .collect(),
             sessions: s.sessions.iter().map(|(c, x)| (*c, x.clone())).collect(),
             leases: s.leases.iter().map(|(c, x)| (*c, x.clone())).collect(),
+            members: vec![(1, "127.0.0.1:7001".into()), (4, "127.0.0.1:7004".into())],
         };
         let mut expected = vec![SNAPSHOT_FORMAT_VERSION];
         expected.extend(postcard::to_allocvec(&owned).unwrap());
@@ -1353,18 +1418,29 @@ mod tests {
         let mut r = KvStore::new(Limits::default());
         r.restore(&bytes).unwrap();
         assert_eq!(r.snapshot(), bytes);
-        assert_eq!(r.applied(), 55);
+        assert_eq!(r.member_addresses().len(), 2);
+        // A format-3 snapshot (before the addresses) restores with none.
+        let mut v3 = vec![SNAPSHOT_FORMAT_VERSION_V3];
+        v3.extend(
+            postcard::to_allocvec(&(&owned.applied, &owned.items, &owned.sessions, &owned.leases))
+                .unwrap(),
+        );
+        let mut old = KvStore::new(Limits::default());
+        old.restore(&v3).unwrap();
+        assert!(old.member_addresses().is_empty());
+        assert_eq!(old.len(), r.len());
+        assert_eq!(r.applied(), at);
         assert_eq!(r.data_bytes(), s.data_bytes());
         assert_eq!(r.session_count(), 5);
         assert_eq!(r.session_bytes(), s.session_bytes());
         // The restored session table deduplicates like the original: the latest write of a
         // session is answered from it, an older one is stale.
         assert_eq!(
-            r.apply(56, &put(sessions[4], 49, "k49", "other", Expected::Any)),
+            r.apply(at + 1, &put(sessions[4], 49, "k49", "other", Expected::Any)),
             KvResult::Written { version: 1 }
         );
         assert_eq!(
-            r.apply(57, &put(sessions[4], 44, "k49", "other", Expected::Any)),
+            r.apply(at + 2, &put(sessions[4], 44, "k49", "other", Expected::Any)),
             KvResult::Stale
         );
         assert_eq!(r.get(b"k49"), Some((&b"value"[..], 1)));

@@ -500,7 +500,12 @@ pub fn to_input(op: &KvOp) -> Option<KvInput> {
         | KvOp::PutLease { .. }
         | KvOp::LeaseExpire { .. }
         | KvOp::LeaseCheckpoint { .. }
-        | KvOp::Snapshot => None,
+        | KvOp::Snapshot
+        | KvOp::MemberList
+        | KvOp::MemberAdd { .. }
+        | KvOp::MemberPromote { .. }
+        | KvOp::MemberRemove { .. }
+        | KvOp::MemberAddresses { .. } => None,
     }
 }
 
@@ -530,7 +535,8 @@ pub fn to_output(o: &Outcome) -> KvOutput {
             | KvResult::LeaseRevoked { .. }
             | KvResult::Leases { .. }
             | KvResult::Refused { .. }
-            | KvResult::Snapshot { .. } => KvOutput::VersionMismatch,
+            | KvResult::Snapshot { .. }
+            | KvResult::Members { .. } => KvOutput::VersionMismatch,
         },
     }
 }

@@ -40,8 +40,8 @@
 use std::collections::BTreeMap;
 
 use shoal_raft::{
-    Config, Entry, EntryKind, LogIndex, Message, NodeId, RawNode, Ready, Role, SnapshotMeta,
-    SoftState, Status, Term,
+    ConfChangeStep, Config, Entry, EntryKind, LogIndex, Message, NodeId, RawNode, Ready, Role,
+    SnapshotMeta, SoftState, Status, Term,
 };
 use shoal_storage::{Disk, DurableStorage, PreparedSnapshot};
 
@@ -260,6 +260,41 @@ impl<D: SnapshotData> SnapshotJob<D> {
     }
 }
 
+/// How a membership change proposed with [`Replica::propose_conf_change`] ended, from
+/// [`Replica::take_conf_done`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfChangeDone<T> {
+    /// The change is committed (and, if it entered a joint configuration, that was left and
+    /// the leaving entry committed too): the membership is now `membership`.
+    Committed {
+        /// The caller's tag.
+        tag: T,
+        /// The index of the change's entry.
+        index: LogIndex,
+        /// The membership in effect.
+        membership: shoal_raft::Membership,
+    },
+    /// This replica stopped leading before the change was known committed: it may or may not
+    /// take effect (ask the new leader, `leader` if known, for the membership).
+    NotLeader {
+        /// The caller's tag.
+        tag: T,
+        /// The leader this replica knows of.
+        leader: Option<NodeId>,
+    },
+}
+
+/// A membership change waiting for its commit.
+#[derive(Debug)]
+struct PendingConfChange<T> {
+    tag: T,
+    index: LogIndex,
+    term: Term,
+    /// Once committed and not joint: the last index then, which covers the entry leaving a
+    /// joint configuration if there was one; answered once it is committed.
+    leave_at: Option<LogIndex>,
+}
+
 #[derive(Debug)]
 struct PendingRead<T> {
     tag: T,
@@ -292,6 +327,9 @@ pub struct Replica<SM: StateMachine, T> {
     /// Proposals accepted by the core, and refused or lost since start (for metrics).
     proposals_made: u64,
     proposals_failed: u64,
+    /// The membership change waiting for its commit (one at a time, as Raft allows).
+    conf_change: Option<PendingConfChange<T>>,
+    conf_done: Vec<ConfChangeDone<T>>,
 }
 
 impl<SM: StateMachine, T> Replica<SM, T> {
@@ -336,6 +374,8 @@ impl<SM: StateMachine, T> Replica<SM, T> {
             snapshots_installed: 0,
             proposals_made: 0,
             proposals_failed: 0,
+            conf_change: None,
+            conf_done: Vec::new(),
         })
     }
 
@@ -389,6 +429,47 @@ impl<SM: StateMachine, T> Replica<SM, T> {
                 Err((e, tag))
             }
         }
+    }
+
+    /// Proposes a membership change (Raft's typed refusals handed back with the tag: not the
+    /// leader, a change in flight, a learner behind, an invalid change). `tag` is answered in
+    /// [`Replica::take_conf_done`] once the change is committed and any joint configuration
+    /// it entered was left, or when this replica stops leading.
+    pub fn propose_conf_change(
+        &mut self,
+        steps: Vec<ConfChangeStep>,
+        tag: T,
+    ) -> Result<LogIndex, (shoal_raft::Error, T)> {
+        if let Some(p) = &self.conf_change {
+            let err = shoal_raft::Error::ConfChangeInFlight {
+                pending: p.leave_at.unwrap_or(p.index),
+                committed: self.raw.status().commit,
+            };
+            return Err((err, tag));
+        }
+        let term = self.raw.term();
+        match self.raw.propose_conf_change(steps) {
+            Ok(index) => {
+                self.conf_change = Some(PendingConfChange {
+                    tag,
+                    index,
+                    term,
+                    leave_at: None,
+                });
+                Ok(index)
+            }
+            Err(e) => Err((e, tag)),
+        }
+    }
+
+    /// Answers for callers of [`Replica::propose_conf_change`].
+    pub fn take_conf_done(&mut self) -> Vec<ConfChangeDone<T>> {
+        std::mem::take(&mut self.conf_done)
+    }
+
+    /// Whether answers wait in [`Replica::take_conf_done`].
+    pub fn has_conf_done(&self) -> bool {
+        !self.conf_done.is_empty()
     }
 
     /// Appends `command` with nobody waiting for its outcome (a leader's own duties).
@@ -522,6 +603,7 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         }
         self.answer_reads();
         self.raw.advance();
+        self.check_conf_change();
         let snapshot = self.maybe_snapshot();
         Ok(Synced { messages, snapshot })
     }
@@ -577,6 +659,10 @@ impl<SM: StateMachine, T> Replica<SM, T> {
             .map(|(_, t)| t)
             .collect();
         tags.extend(std::mem::take(&mut self.reads).into_values().map(|r| r.tag));
+        tags.extend(self.conf_change.take().map(|p| p.tag));
+        tags.extend(self.take_conf_done().into_iter().map(|d| match d {
+            ConfChangeDone::Committed { tag, .. } | ConfChangeDone::NotLeader { tag, .. } => tag,
+        }));
         tags.extend(self.take_done().into_iter().map(|d| match d {
             Done::Applied { tag, .. }
             | Done::Lost { tag, .. }
@@ -682,6 +768,12 @@ impl<SM: StateMachine, T> Replica<SM, T> {
                     },
                 });
             }
+            if let Some(p) = self.conf_change.take() {
+                self.conf_done.push(ConfChangeDone::NotLeader {
+                    tag: p.tag,
+                    leader: soft.leader,
+                });
+            }
             if was_leader && self.config.fail_proposals_on_leadership_loss {
                 for (index, (_, tag)) in std::mem::take(&mut self.proposals) {
                     self.proposals_failed += 1;
@@ -690,6 +782,43 @@ impl<SM: StateMachine, T> Replica<SM, T> {
             }
         }
         self.machine.on_role_change(soft.role, soft.leader);
+    }
+
+    /// Answers the waiting membership change once it is committed (and, if it entered a
+    /// joint configuration, once the leaving entry is committed too).
+    fn check_conf_change(&mut self) {
+        let Some(p) = &mut self.conf_change else {
+            return;
+        };
+        if self.raw.role() != Role::Leader || self.raw.term() != p.term {
+            let leader = self.raw.leader();
+            if let Some(p) = self.conf_change.take() {
+                self.conf_done
+                    .push(ConfChangeDone::NotLeader { tag: p.tag, leader });
+            }
+            return;
+        }
+        let status = self.raw.status();
+        if status.commit < p.index {
+            return;
+        }
+        if status.membership.is_joint() {
+            return;
+        }
+        // Not (or no longer) joint: a leaving entry, if the change entered a joint
+        // configuration, is at or below the last index (the core appends it as soon as the
+        // change commits, perhaps in the same step): wait until that is committed too.
+        let leave_at = *p.leave_at.get_or_insert(status.last_index);
+        if status.commit < leave_at {
+            return;
+        }
+        if let Some(p) = self.conf_change.take() {
+            self.conf_done.push(ConfChangeDone::Committed {
+                tag: p.tag,
+                index: p.index,
+                membership: status.membership,
+            });
+        }
     }
 
     fn apply_entry(&mut self, e: &Entry) -> Result<(), Error> {

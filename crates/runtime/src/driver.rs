@@ -74,6 +74,11 @@ pub(crate) trait Service: Send + 'static {
     fn answer(&mut self);
     /// The loop stops: tell everyone still waiting, and whoever sent `events` not yet taken.
     fn stop(&mut self, events: &mut mpsc::Receiver<Self::Event>);
+    /// After the Readies of a wake-up: the peers (id → address) if they changed since last
+    /// asked (a membership change), for the transport. `None`: unchanged.
+    fn peers_changed(&mut self) -> Option<std::collections::BTreeMap<u64, std::net::SocketAddr>> {
+        None
+    }
 }
 
 type Prepared = Result<PreparedSnapshot, shoal_storage::Error>;
@@ -155,6 +160,7 @@ where
             }
             metrics.observe(self.service.replica());
             self.service.answer();
+            self.update_peers();
             if stop {
                 break Ok(());
             }
@@ -162,6 +168,16 @@ where
         self.service.stop(&mut events);
         self.transport.shutdown();
         result
+    }
+
+    /// Gives the transport the service's peers if they changed (a membership change).
+    fn update_peers(&mut self) {
+        if let Some(peers) = self.service.peers_changed() {
+            if peers != self.transport.peers() {
+                info!(peers = ?peers, "peers changed");
+                self.transport.set_peers(&peers);
+            }
+        }
     }
 
     /// Feeds one wake-up to the service. `Ok(false)`: stop.
@@ -187,6 +203,8 @@ where
         metrics: &GroupMetrics,
     ) -> Result<(), shoal_replica::Error> {
         loop {
+            // A membership change in this round: reach a new member with this Ready's sends.
+            self.update_peers();
             let replica = self.service.replica();
             let Some(mut unsynced) = replica.take_ready() else {
                 return Ok(());

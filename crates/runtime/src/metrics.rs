@@ -79,11 +79,13 @@ pub enum OpValue {
     lease,
     /// A backup (`kv snapshot save`).
     snapshot,
+    /// A membership operation (`kv member list|add|promote|remove`).
+    member,
     /// Anything else (internal operations, refused).
     other,
 }
 
-const OPS: [OpValue; 9] = [
+const OPS: [OpValue; 10] = [
     OpValue::get,
     OpValue::put,
     OpValue::delete,
@@ -92,6 +94,7 @@ const OPS: [OpValue; 9] = [
     OpValue::status,
     OpValue::lease,
     OpValue::snapshot,
+    OpValue::member,
     OpValue::other,
 ];
 
@@ -462,7 +465,7 @@ fn gauge_value(v: u64) -> i64 {
 /// A client connection's request histograms by operation and outcome, resolved once per
 /// connection so that each request costs one histogram observation.
 pub(crate) struct RequestMetrics {
-    by_op: [[Histogram; 4]; 9],
+    by_op: [[Histogram; OUTCOMES.len()]; OPS.len()],
 }
 
 impl RequestMetrics {
@@ -500,7 +503,13 @@ pub(crate) fn op_value(op: &shoal_wire::kv::KvOp) -> OpValue {
         | KvOp::LeaseRevoke { .. }
         | KvOp::LeaseList => OpValue::lease,
         KvOp::Snapshot => OpValue::snapshot,
-        KvOp::LeaseExpire { .. } | KvOp::LeaseCheckpoint { .. } => OpValue::other,
+        KvOp::MemberList
+        | KvOp::MemberAdd { .. }
+        | KvOp::MemberPromote { .. }
+        | KvOp::MemberRemove { .. } => OpValue::member,
+        KvOp::LeaseExpire { .. } | KvOp::LeaseCheckpoint { .. } | KvOp::MemberAddresses { .. } => {
+            OpValue::other
+        }
     }
 }
 

@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_raft::{LogIndex, NodeId, Status, Term};
-use shoal_replica::{Done, ReadFailure, Replica, ReplicaConfig, SnapshotPolicy};
+use shoal_raft::{ConfChangeStep, LogIndex, Membership, NodeId, Status, Term};
+use shoal_replica::{ConfChangeDone, Done, ReadFailure, Replica, ReplicaConfig, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -175,6 +175,10 @@ pub enum ProposeError {
     /// The node stopped.
     #[error("node stopped")]
     Stopped,
+    /// Raft refused a membership change: `ConfChangeInFlight` and `LearnerBehind` (retry
+    /// later), `InvalidConfChange` (the message says why).
+    #[error("{0}")]
+    ConfChange(shoal_raft::Error),
 }
 
 /// Where a proposal landed in the log.
@@ -199,6 +203,10 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<Status>,
+    },
+    ConfChange {
+        steps: Vec<ConfChangeStep>,
+        reply: Reply<Membership>,
     },
     Shutdown,
 }
@@ -246,6 +254,19 @@ impl NodeHandle {
     /// request to its leader; fails after `read_timeout_ticks` if no answer comes.
     pub async fn read_index(&self) -> Result<LogIndex, ProposeError> {
         self.call(|reply| Command::ReadIndex { reply }).await
+    }
+
+    /// Proposes a membership change on the leader and returns the membership once the change
+    /// is committed (and any joint configuration it entered was left). Raft's refusals come
+    /// back as [`ProposeError::ConfChange`]; losing leadership first as
+    /// [`ProposeError::NotLeader`] (the change may or may not take effect: ask the new leader's
+    /// status).
+    pub async fn conf_change(
+        &self,
+        steps: Vec<ConfChangeStep>,
+    ) -> Result<Membership, ProposeError> {
+        self.call(|reply| Command::ConfChange { steps, reply })
+            .await
     }
 
     /// The node's Raft status.
@@ -403,10 +424,11 @@ impl Node {
     }
 }
 
-/// Who waits for the node: a proposal's or a read's reply.
+/// Who waits for the node: a proposal's, a read's or a membership change's reply.
 enum Waiting {
     Proposal(Reply<Proposed>),
     Read(Reply<LogIndex>),
+    ConfChange(Reply<Membership>),
 }
 
 impl Waiting {
@@ -414,6 +436,7 @@ impl Waiting {
         match self {
             Waiting::Proposal(r) => r.is_closed(),
             Waiting::Read(r) => r.is_closed(),
+            Waiting::ConfChange(r) => r.is_closed(),
         }
     }
 
@@ -423,6 +446,9 @@ impl Waiting {
                 let _ = r.send(Err(e));
             }
             Waiting::Read(r) => {
+                let _ = r.send(Err(e));
+            }
+            Waiting::ConfChange(r) => {
                 let _ = r.send(Err(e));
             }
         }
@@ -512,12 +538,37 @@ impl<SM: StateMachine> Service for NodeService<SM> {
             Command::Status { reply } => {
                 let _ = reply.send(self.replica.status());
             }
+            Command::ConfChange { steps, reply } => {
+                let waiting = Waiting::ConfChange(reply);
+                if let Err((e, waiting)) = self.replica.propose_conf_change(steps, waiting) {
+                    waiting.fail(match e {
+                        shoal_raft::Error::NotLeader { leader } => {
+                            ProposeError::NotLeader { leader }
+                        }
+                        other => ProposeError::ConfChange(other),
+                    });
+                }
+            }
             Command::Shutdown => return false,
         }
         true
     }
 
     fn answer(&mut self) {
+        for done in self.replica.take_conf_done() {
+            match done {
+                ConfChangeDone::Committed {
+                    tag, membership, ..
+                } => {
+                    if let Waiting::ConfChange(r) = tag {
+                        let _ = r.send(Ok(membership));
+                    }
+                }
+                ConfChangeDone::NotLeader { tag, leader } => {
+                    tag.fail(ProposeError::NotLeader { leader })
+                }
+            }
+        }
         for done in self.replica.take_done() {
             match done {
                 Done::Applied {
@@ -555,6 +606,9 @@ impl<SM: StateMachine> Service for NodeService<SM> {
                         let _ = reply.send(Err(ProposeError::Stopped));
                     }
                     Command::ReadIndex { reply } => {
+                        let _ = reply.send(Err(ProposeError::Stopped));
+                    }
+                    Command::ConfChange { reply, .. } => {
                         let _ = reply.send(Err(ProposeError::Stopped));
                     }
                     Command::Status { .. } | Command::Shutdown => {}

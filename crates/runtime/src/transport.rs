@@ -16,10 +16,10 @@
 //! reassembles them up to [`TransportConfig::max_message_bytes`], growing its buffer only as
 //! parts arrive, so a bogus peer cannot make it allocate more than it actually sent.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, StreamExt};
@@ -291,6 +291,19 @@ pub struct Transport<M> {
     config: Arc<TransportConfig>,
     stats: Arc<TransportStats>,
     tasks: Vec<JoinHandle<()>>,
+    /// The peers now: whom the writers connect to, and whose connections are accepted (a
+    /// membership change updates it with [`Transport::set_peers`]).
+    peers: SharedPeers,
+    /// Each peer's writer task and the address it connects to.
+    writers: BTreeMap<u64, (SocketAddr, JoinHandle<()>)>,
+    node_span: tracing::Span,
+}
+
+/// The ids whose peer connections the listener accepts, shared with the accepting tasks.
+type SharedPeers = Arc<RwLock<BTreeSet<u64>>>;
+
+fn is_peer(peers: &SharedPeers, id: u64) -> bool {
+    peers.read().map(|p| p.contains(&id)).unwrap_or(false)
 }
 
 impl<M> std::fmt::Debug for Transport<M> {
@@ -305,6 +318,9 @@ impl<M> std::fmt::Debug for Transport<M> {
 impl<M> Drop for Transport<M> {
     fn drop(&mut self) {
         for t in &self.tasks {
+            t.abort();
+        }
+        for (_, t) in self.writers.values() {
             t.abort();
         }
     }
@@ -354,45 +370,101 @@ where
         let (peer_tx, peer_rx) = mpsc::channel(config.inbound_queue_len);
         let (client_tx, client_rx) = mpsc::channel(config.client_queue_len);
         let node_span = tracing::info_span!("transport", node = config.node_id);
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(
+        // Accepted from the first connection on (the writers start in `set_peers` below).
+        let peers: SharedPeers = Arc::new(RwLock::new(
+            config
+                .peers
+                .keys()
+                .copied()
+                .filter(|&id| id != config.node_id)
+                .collect(),
+        ));
+        let tasks = vec![tokio::spawn(
             accept_loop::<M>(
                 listener,
                 Arc::clone(&config),
                 Arc::clone(&stats),
+                Arc::clone(&peers),
                 peer_tx,
                 client_tx,
             )
             .instrument(node_span.clone()),
-        ));
-        let mut queues = BTreeMap::new();
-        for (&id, &addr) in &config.peers {
-            if id == config.node_id {
+        )];
+        let mut transport = Transport {
+            node_id: config.node_id,
+            local_addr,
+            queues: BTreeMap::new(),
+            config: Arc::clone(&config),
+            stats,
+            tasks,
+            peers,
+            writers: BTreeMap::new(),
+            node_span,
+        };
+        transport.set_peers(&config.peers);
+        info!(node = config.node_id, %local_addr, peers = transport.queues.len(), "transport started");
+        Ok((transport, peer_rx, client_rx))
+    }
+
+    /// Makes `peers` (id → address; this node's own entry is ignored) the peers: a new one
+    /// gets a writer, one whose address changed a new writer, and one no longer listed loses
+    /// its writer and queue, and its connections are closed and refused from now on (a
+    /// membership change, `docs/kv.md`).
+    pub fn set_peers(&mut self, peers: &BTreeMap<u64, SocketAddr>) {
+        let wanted: BTreeMap<u64, SocketAddr> = peers
+            .iter()
+            .filter(|(&id, _)| id != self.node_id)
+            .map(|(&id, &addr)| (id, addr))
+            .collect();
+        if let Ok(mut allowed) = self.peers.write() {
+            *allowed = wanted.keys().copied().collect();
+        }
+        let gone: Vec<u64> = self
+            .writers
+            .iter()
+            .filter(|(id, (addr, _))| wanted.get(id) != Some(addr))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some((addr, task)) = self.writers.remove(&id) {
+                task.abort();
+                if !wanted.contains_key(&id) {
+                    self.queues.remove(&id);
+                    info!(peer = id, %addr, "peer removed: its connections are closed");
+                }
+            }
+        }
+        for (id, addr) in wanted {
+            if self.writers.contains_key(&id) {
                 continue;
             }
-            let queue = Arc::new(PeerQueue {
-                messages: Mutex::new(VecDeque::new()),
-                ready: Notify::new(),
-            });
-            queues.insert(id, Arc::clone(&queue));
-            let span = tracing::info_span!(parent: &node_span, "peer", peer = id, %addr);
-            tasks.push(tokio::spawn(
-                peer_writer(addr, queue, Arc::clone(&config), Arc::clone(&stats)).instrument(span),
-            ));
+            let queue = Arc::clone(self.queues.entry(id).or_insert_with(|| {
+                Arc::new(PeerQueue {
+                    messages: Mutex::new(VecDeque::new()),
+                    ready: Notify::new(),
+                })
+            }));
+            let span = tracing::info_span!(parent: &self.node_span, "peer", peer = id, %addr);
+            let task = tokio::spawn(
+                peer_writer(
+                    addr,
+                    queue,
+                    Arc::clone(&self.config),
+                    Arc::clone(&self.stats),
+                )
+                .instrument(span),
+            );
+            debug!(peer = id, %addr, "peer added");
+            self.writers.insert(id, (addr, task));
         }
-        info!(node = config.node_id, %local_addr, peers = queues.len(), "transport started");
-        Ok((
-            Transport {
-                node_id: config.node_id,
-                local_addr,
-                queues,
-                config,
-                stats,
-                tasks,
-            },
-            peer_rx,
-            client_rx,
-        ))
+    }
+
+    /// The peers now, with their addresses.
+    pub fn peers(&self) -> BTreeMap<u64, SocketAddr> {
+        self.writers
+            .iter()
+            .map(|(&id, (addr, _))| (id, *addr))
+            .collect()
     }
 
     /// Queues `msg` for peer `to`. Never blocks: when the peer's queue is full the configured
@@ -518,6 +590,7 @@ async fn accept_loop<M>(
     listener: TcpListener,
     config: Arc<TransportConfig>,
     stats: Arc<TransportStats>,
+    peers: SharedPeers,
     peer_tx: mpsc::Sender<(u64, M)>,
     client_tx: mpsc::Sender<ClientConnection>,
 ) where
@@ -549,10 +622,12 @@ async fn accept_loop<M>(
             {
                 let config = Arc::clone(&config);
                 let stats = Arc::clone(&stats);
+                let peers = Arc::clone(&peers);
                 let peer_tx = peer_tx.clone();
                 let client_tx = client_tx.clone();
                 async move {
-                    serve_inbound(stream, remote, &config, &stats, peer_tx, client_tx).await;
+                    serve_inbound(stream, remote, &config, &stats, &peers, peer_tx, client_tx)
+                        .await;
                     drop(permit);
                 }
             }
@@ -566,6 +641,7 @@ async fn serve_inbound<M>(
     remote: SocketAddr,
     config: &TransportConfig,
     stats: &TransportStats,
+    peers: &SharedPeers,
     peer_tx: mpsc::Sender<(u64, M)>,
     client_tx: mpsc::Sender<ClientConnection>,
 ) where
@@ -625,7 +701,7 @@ async fn serve_inbound<M>(
             return;
         }
     };
-    if from == config.node_id || !config.peers.contains_key(&from) {
+    if from == config.node_id || !is_peer(peers, from) {
         bump(&stats.rejected_handshakes);
         warn!(%remote, claimed = from, "rejecting connection: node id is not a configured peer");
         return;
@@ -676,6 +752,10 @@ async fn serve_inbound<M>(
                 return;
             }
         };
+        if !is_peer(peers, from) {
+            warn!(%remote, peer = from, "closing peer connection: no longer a member");
+            return;
+        }
         if peer_tx.send((from, msg)).await.is_err() {
             return; // the node is shutting down
         }

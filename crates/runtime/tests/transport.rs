@@ -487,3 +487,58 @@ async fn a_refused_client_is_told_why() {
         assert!(refusal.reason.contains(&reason), "{refusal:?}");
     }
 }
+
+/// A membership change at runtime: a peer added later is reached and accepted; a removed
+/// peer's queue is gone (sending to it is an error), its open connection is closed at its
+/// next frame, and its reconnections are refused.
+#[tokio::test]
+async fn peers_added_and_removed_at_runtime() {
+    let (mut ls, all) = listeners(3).await;
+    let l3 = ls.pop().unwrap();
+    let l2 = ls.pop().unwrap();
+    let l1 = ls.pop().unwrap();
+    // 1 and 2 start knowing only each other; 3 knows everyone.
+    let first: BTreeMap<u64, SocketAddr> = all
+        .iter()
+        .filter(|(&id, _)| id != 3)
+        .map(|(&i, &a)| (i, a))
+        .collect();
+    let (mut t1, mut in1, _c1) = Transport::<Msg>::start(config(1, &first), l1).unwrap();
+    let (t2, _in2, _c2) = Transport::<Msg>::start(config(2, &first), l2).unwrap();
+    let (t3, _in3, _c3) = Transport::<Msg>::start(config(3, &all), l3).unwrap();
+    until_delivered(&t2, 1, &mut in1, 2).await;
+    assert!(t1.send(3, msg(1)).is_err(), "3 is not a peer of 1 yet");
+    // 3 is refused by 1 until 1 learns of it.
+    t3.send(1, msg(7)).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), in1.recv())
+            .await
+            .is_err(),
+        "a message from a stranger was delivered"
+    );
+    t1.set_peers(&all);
+    assert_eq!(t1.peers().len(), 2);
+    until_delivered(&t3, 1, &mut in1, 3).await;
+    // 2 is removed: 1 no longer sends to it, and drops what 2 sends.
+    let without_2: BTreeMap<u64, SocketAddr> = all
+        .iter()
+        .filter(|(&id, _)| id != 2)
+        .map(|(&i, &a)| (i, a))
+        .collect();
+    t1.set_peers(&without_2);
+    assert!(t1.send(2, msg(2)).is_err(), "2 was removed");
+    for seq in 0..20 {
+        t2.send(1, msg(seq)).unwrap();
+    }
+    let got = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match in1.recv().await {
+                Some((2, _)) => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert!(got.is_err(), "a removed peer's message was delivered");
+}

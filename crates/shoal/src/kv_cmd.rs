@@ -101,7 +101,13 @@ enum KvSub {
         shoal kv server --id 3 --listen 127.0.0.1:7003 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data n3\n\
         One address serves peers and clients. Restarting with the same --data resumes; a data \
         directory of another server or cluster is refused. Writes are acknowledged only once \
-        fsynced on a majority."
+        fsynced on a majority.\n\n\
+        A new server for a running cluster (`shoal kv member add 4 127.0.0.1:7004 --learner`, \
+        before or after):\n  \
+        shoal kv server --id 4 --listen 127.0.0.1:7004 --join 127.0.0.1:7001,127.0.0.1:7002 --data n4\n\
+        It waits until it is a member, then gets the membership from the cluster. Restarted, it \
+        reads the membership from --data (no --peers or --join needed). A server that was \
+        removed refuses to start on its old data directory."
     )]
     Server(ServerArgs),
     /// Start a local cluster of servers on 127.0.0.1 and stay in the foreground (Ctrl-C
@@ -223,6 +229,12 @@ enum KvSub {
         #[command(subcommand)]
         sub: crate::kv_lease_cmd::LeaseSub,
     },
+    /// Membership: list the servers, add one (as a learner), promote a learner, remove a
+    /// server. Through the leader; see `kv member add --help` for replacing a server.
+    Member {
+        #[command(subcommand)]
+        sub: crate::kv_member_cmd::MemberSub,
+    },
     /// Backups: save a consistent snapshot of a running cluster to a file, check a file,
     /// restore it as the data directories of a new cluster.
     #[command(after_help = SNAPSHOT_HELP)]
@@ -329,9 +341,14 @@ struct ServerArgs {
     /// Address serving both peers and clients (HOST:PORT; a host name or an IP).
     #[arg(long, value_parser = crate::cli::parse_addr)]
     listen: SocketAddr,
-    /// Every server of the cluster, this one included: ID=ADDR,ID=ADDR,…
-    #[arg(long, value_parser = crate::cli::parse_peer, value_delimiter = ',', required = true)]
+    /// Every server of a new cluster, this one included: ID=ADDR,ID=ADDR,… (the first start
+    /// of its servers; later starts read the membership from --data).
+    #[arg(long, value_parser = crate::cli::parse_peer, value_delimiter = ',', conflicts_with = "join")]
     peers: Vec<(u64, SocketAddr)>,
+    /// Join a running cluster through any of its servers: ADDR,ADDR,… Add this server with
+    /// `shoal kv member add ID ADDR --learner` (before or after starting it).
+    #[arg(long, value_parser = crate::cli::parse_addr, value_delimiter = ',')]
+    join: Vec<SocketAddr>,
     /// Data directory (created if missing).
     #[arg(long)]
     data: PathBuf,
@@ -573,6 +590,13 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
                 );
                 Ok(ExitCode::SUCCESS)
             }
+        },
+        KvSub::Member { sub } => match target()? {
+            Target::Group(e) => crate::kv_member_cmd::member(one(e)?, sub).await,
+            Target::Sharded(_) => bail!(
+                "`kv member` changes one KV cluster's servers; a sharded cluster's groups are \
+                 not changed this way"
+            ),
         },
         KvSub::Lease { sub } => match target()? {
             Target::Group(e) => crate::kv_lease_cmd::lease(one(e)?, sub).await,
@@ -1064,7 +1088,81 @@ pub(crate) struct NotForServers {
 }
 
 async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
-    let peers: BTreeMap<u64, SocketAddr> = args.peers.into_iter().collect();
+    let recorded = shoal_runtime::kv::server::read_joined(&args.data)
+        .with_context(|| format!("reading {}", args.data.display()))?;
+    // The storage's identity file: the directory holds a server's data.
+    let has_data = args.data.join("identity").exists();
+    let (peers, joined, listener) = match (recorded, args.peers.is_empty()) {
+        (Some(_), false) => bail!(
+            "{} belongs to a server that joined a running cluster (--join): start it \
+             without --peers; its membership is in the data directory",
+            args.data.display()
+        ),
+        (Some(mut recorded), true) => {
+            recorded.insert(args.id, args.listen);
+            (recorded, true, None)
+        }
+        (None, true) if has_data => bail!(
+            "{} was started with --peers: start it with the same --peers again",
+            args.data.display()
+        ),
+        (None, true) if args.join.is_empty() => bail!(
+            "give --peers ID=ADDR,… to start a new cluster's server, or --join ADDR,… to add \
+             this server to a running cluster"
+        ),
+        (None, true) => {
+            // Listen first: the leader may already try to reach us.
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            let peers =
+                crate::kv_member_cmd::wait_until_added(args.id, args.listen, &args.join, cluster)
+                    .await?;
+            (peers, true, Some(listener))
+        }
+        (None, false) => (args.peers.into_iter().collect(), false, None),
+    };
+    server_with(
+        args.id,
+        args.listen,
+        args.data.clone(),
+        peers,
+        joined,
+        listener,
+        cluster,
+        args.obs.metrics,
+        (
+            args.tick_ms,
+            args.snapshot_bytes,
+            args.max_key_bytes,
+            args.max_value_bytes,
+        ),
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn server_with(
+    id: u64,
+    listen: SocketAddr,
+    data: PathBuf,
+    peers: BTreeMap<u64, SocketAddr>,
+    joined: bool,
+    listener: Option<tokio::net::TcpListener>,
+    cluster: u64,
+    metrics: Option<SocketAddr>,
+    (tick_ms, snapshot_bytes, max_key_bytes, max_value_bytes): (u64, u64, usize, usize),
+) -> Result<ExitCode> {
+    let args = ServerArgsLite {
+        metrics,
+        id,
+        listen,
+        data,
+        tick_ms,
+        snapshot_bytes,
+        max_key_bytes,
+        max_value_bytes,
+    };
     let Some(&own) = peers.get(&args.id) else {
         bail!("--id {} is not one of the --peers", args.id);
     };
@@ -1081,6 +1179,7 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
         );
     }
     let mut config = KvServerConfig::new(args.id, cluster, peers, args.data.clone());
+    config.joined = joined;
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     config.rsm.snapshot_bytes = (args.snapshot_bytes > 0).then_some(args.snapshot_bytes);
     config.rsm.limits.max_key_bytes = args.max_key_bytes;
@@ -1095,11 +1194,13 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
             return Err(e).with_context(|| format!("kv server {}", args.id));
         }
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    crate::obs::start_server_metrics(args.obs.metrics, shoal_runtime::metrics::ServerKind::Kv)
-        .await?;
+    let listener = match listener {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?,
+    };
+    crate::obs::start_server_metrics(args.metrics, shoal_runtime::metrics::ServerKind::Kv).await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let shutdown = async move {
@@ -1113,6 +1214,18 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
         .await
         .with_context(|| format!("kv server {}", args.id))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What [`server_with`] needs of [`ServerArgs`].
+struct ServerArgsLite {
+    metrics: Option<SocketAddr>,
+    id: u64,
+    listen: SocketAddr,
+    data: PathBuf,
+    tick_ms: u64,
+    snapshot_bytes: u64,
+    max_key_bytes: usize,
+    max_value_bytes: usize,
 }
 
 /// `shoal kv shell`: one line in, one line out.

@@ -23,6 +23,7 @@ mod help;
 mod kv_backup;
 mod kv_cmd;
 mod kv_lease_cmd;
+mod kv_member_cmd;
 mod kv_up;
 mod mr_cmd;
 mod obs;

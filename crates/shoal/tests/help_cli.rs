@@ -25,8 +25,17 @@ fn examples_are_not_wrapped_under_a_narrow_columns() {
         let examples: Vec<&str> = text
             .lines()
             .filter(|l| l.trim_start().starts_with("shoal kv server --id"))
+            .filter(|l| !l.contains("--join"))
             .collect();
         assert_eq!(examples.len(), 3, "COLUMNS={columns}:\n{text}");
+        // The joining server's example too.
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with("shoal kv server --id 4")
+                    && l.contains("--join")
+                    && l.contains("--data n4")),
+            "COLUMNS={columns}:\n{text}"
+        );
         assert!(
             examples
                 .iter()

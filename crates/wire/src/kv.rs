@@ -127,6 +127,54 @@ pub enum KvOp {
     /// [`KvResult::Snapshot`], which the server sends in [`KvReply::Part`]s when it exceeds
     /// a frame.
     Snapshot,
+    // Membership (issue 15), appended after `Snapshot` (postcard encodes the variant index).
+    /// The members of the cluster: id, address, voter or learner, replication progress.
+    /// Answered at once by the leader ([`KvResult::Members`]), never replicated; other servers
+    /// answer [`KvReply::WrongLeader`].
+    MemberList,
+    /// Add server `id`, reachable at `addr` (`host:port`), as a learner or a voter: a
+    /// membership change through the leader's log, answered [`KvResult::Members`] once it is
+    /// committed, or [`KvResult::Refused`] saying why not (id in use, a change in flight).
+    MemberAdd {
+        /// The new server's id (not 0, not in use).
+        id: u64,
+        /// Where the others reach it.
+        addr: String,
+        /// Add it as a non-voting learner (promote it later).
+        learner: bool,
+    },
+    /// Turn learner `id` into a voter; refused while it is behind the leader's log.
+    MemberPromote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove server `id` (a voter or a learner); refused for the last voter.
+    MemberRemove {
+        /// The member.
+        id: u64,
+    },
+    /// Internal, proposed only by the leader right after each membership change: the address
+    /// of every member, replicated (and kept in snapshots) so that every server, a joining
+    /// one and a restarted one included, can reach the others. Refused from clients.
+    MemberAddresses {
+        /// `(id, address)` of every member, sorted by id.
+        members: Vec<(u64, String)>,
+    },
+}
+
+/// One member in a [`KvResult::Members`] answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The server id.
+    pub id: u64,
+    /// Its address (empty if the leader does not know it).
+    pub addr: String,
+    /// A voter (else a learner).
+    pub voter: bool,
+    /// The highest log index known replicated on it (the leader's last index for itself).
+    pub match_index: u64,
+    /// How many entries its log is behind the leader's (0 for the leader).
+    pub behind: u64,
 }
 
 /// One lease's remaining time in a [`KvOp::LeaseCheckpoint`].
@@ -168,7 +216,19 @@ impl KvOp {
     pub fn is_internal(&self) -> bool {
         matches!(
             self,
-            KvOp::LeaseExpire { .. } | KvOp::LeaseCheckpoint { .. }
+            KvOp::LeaseExpire { .. } | KvOp::LeaseCheckpoint { .. } | KvOp::MemberAddresses { .. }
+        )
+    }
+
+    /// A membership request of a client (list, add, promote, remove): answered by the leader,
+    /// outside any client session.
+    pub fn is_membership(&self) -> bool {
+        matches!(
+            self,
+            KvOp::MemberList
+                | KvOp::MemberAdd { .. }
+                | KvOp::MemberPromote { .. }
+                | KvOp::MemberRemove { .. }
         )
     }
 }
@@ -306,6 +366,15 @@ pub enum KvResult {
         /// The state machine's serialized state.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    // Appended (see `KvOp::MemberList`).
+    /// The members, by id, as the leader `leader` knows them: the answer to
+    /// [`KvOp::MemberList`] and to a membership change once it is committed.
+    Members {
+        /// The leader that answered.
+        leader: u64,
+        /// Every voter and learner.
+        members: Vec<MemberInfo>,
     },
 }
 

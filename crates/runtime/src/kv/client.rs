@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use shoal_kv::{Action, Clerk, ClerkConfig, Lock, LockStep, Outcome};
 use shoal_wire::kv::{
-    Expected, KvOp, KvReply, KvRequest, KvResult, LeaseInfo, ScanItem, ServerStatus,
+    Expected, KvOp, KvReply, KvRequest, KvResult, LeaseInfo, MemberInfo, ScanItem, ServerStatus,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -532,6 +532,34 @@ impl Client {
         index: usize,
         timeout: Duration,
     ) -> Result<ServerStatus, ClientError> {
+        match self.ask_one(index, KvOp::Status, timeout).await? {
+            KvResult::Status(s) => Ok(s),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// The members as the server at `endpoints[index]` knows them, leader or not (a server
+    /// joining a cluster learns the addresses this way; a follower's answer has no
+    /// replication progress). Waits at most `timeout`.
+    pub async fn member_list_at(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<(u64, Vec<MemberInfo>), ClientError> {
+        match self.ask_one(index, KvOp::MemberList, timeout).await? {
+            KvResult::Members { leader, members } => Ok((leader, members)),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Sends `op` to the server at `endpoints[index]` alone (serializable: answered by that
+    /// server whether it leads or not) and waits at most `timeout` for its answer.
+    async fn ask_one(
+        &mut self,
+        index: usize,
+        op: KvOp,
+        timeout: Duration,
+    ) -> Result<KvResult, ClientError> {
         if index >= self.config.endpoints.len() {
             return Err(ClientError::Kv(shoal_kv::Error::NoServers));
         }
@@ -540,7 +568,7 @@ impl Client {
         let request = KvRequest {
             client: self.clerk.client_id(),
             request: self.next_status_request,
-            op: KvOp::Status,
+            op,
             serializable: true,
         };
         self.next_status_request -= 1;
@@ -552,8 +580,7 @@ impl Client {
                 incoming = self.replies.recv() => match incoming {
                     Some(Incoming::Reply(from, reply)) if from == server && reply.ids() == ids => {
                         return match reply {
-                            KvReply::Done { result: KvResult::Status(s), .. } => Ok(s),
-                            KvReply::Done { result, .. } => Err(ClientError::Unexpected(result)),
+                            KvReply::Done { result, .. } => Ok(result),
                             KvReply::WrongLeader { .. } | KvReply::Part { .. } => {
                                 Err(ClientError::Unexpected(KvResult::Stale))
                             }
@@ -964,6 +991,28 @@ impl Client {
     pub async fn lease_list(&mut self) -> Result<Vec<LeaseInfo>, ClientError> {
         match self.done(KvOp::LeaseList).await? {
             KvResult::Leases { leases } => Ok(leases),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// The members as the leader knows them, and the leader's id.
+    pub async fn member_list(&mut self) -> Result<(u64, Vec<MemberInfo>), ClientError> {
+        match self.done(KvOp::MemberList).await? {
+            KvResult::Members { leader, members } => Ok((leader, members)),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// A membership change ([`KvOp::MemberAdd`], [`KvOp::MemberPromote`],
+    /// [`KvOp::MemberRemove`]) through the leader: `Ok(Ok(members))` once it is committed,
+    /// `Ok(Err(reason))` when the leader refused it (the reason says what to do).
+    pub async fn member_change(
+        &mut self,
+        op: KvOp,
+    ) -> Result<Result<(u64, Vec<MemberInfo>), String>, ClientError> {
+        match self.done(op).await? {
+            KvResult::Members { leader, members } => Ok(Ok((leader, members))),
+            KvResult::Refused { reason } => Ok(Err(reason)),
             other => Err(ClientError::Unexpected(other)),
         }
     }

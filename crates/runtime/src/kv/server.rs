@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use shoal_kv::{KvMachine, KvRsm, RsmConfig, Waiter};
-use shoal_raft::Message;
+use shoal_raft::{Membership, Message};
 use shoal_replica::Replica;
 use shoal_wire::kv::{KvReply, KvRequest};
 use tokio::net::TcpListener;
@@ -66,7 +66,15 @@ pub struct KvServerConfig {
     pub max_client_connections: usize,
     /// Transport limits (its ids, cluster and peers are taken from this config).
     pub transport: TransportConfig,
+    /// This server joined a running cluster (`shoal kv server --join`): `peers` are where
+    /// the members were when it joined, not a bootstrap membership; it learns the membership
+    /// from the leader's log. Recorded in the data directory ([`JOINED_FILE`]).
+    pub joined: bool,
 }
+
+/// The file in a data directory that records that its server joined a running cluster, with
+/// the members' addresses it learned then (`ID ADDR` per line).
+pub const JOINED_FILE: &str = "joined";
 
 impl KvServerConfig {
     /// A configuration with every limit at its default.
@@ -90,6 +98,7 @@ impl KvServerConfig {
             heartbeat_tick: shoal_raft::DEFAULT_HEARTBEAT_TICK,
             rsm: RsmConfig::default(),
             max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            joined: false,
         }
     }
 }
@@ -130,6 +139,87 @@ pub enum KvServerError {
     /// The configuration is unusable.
     #[error("invalid server config: {0}")]
     InvalidConfig(String),
+    /// The data directory says this server was removed from the cluster.
+    #[error(
+        "server {id} was removed from the cluster (its data in {dir} says so: the membership \
+         {membership}); it will not serve again. To bring it back, add it anew with \
+         `shoal kv member add {id} ADDR --learner` and start it on an empty --data with --join"
+    )]
+    Removed {
+        /// The server.
+        id: u64,
+        /// The data directory.
+        dir: String,
+        /// The membership its data holds.
+        membership: String,
+    },
+    /// The record of a joined server ([`JOINED_FILE`]) could not be written.
+    #[error("writing {path}")]
+    JoinedFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads a data directory's [`JOINED_FILE`]: `None` if the server was not started with
+/// `--join`, else the members' addresses it recorded.
+pub fn read_joined(
+    data_dir: &std::path::Path,
+) -> std::io::Result<Option<BTreeMap<u64, SocketAddr>>> {
+    let path = data_dir.join(JOINED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut members = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parsed = line.split_once(' ').and_then(|(id, addr)| {
+            Some((
+                id.parse::<u64>().ok()?,
+                addr.trim().parse::<SocketAddr>().ok()?,
+            ))
+        });
+        let Some((id, addr)) = parsed else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: bad line {line:?} (want `ID ADDR`)", path.display()),
+            ));
+        };
+        members.insert(id, addr);
+    }
+    Ok(Some(members))
+}
+
+/// Writes the [`JOINED_FILE`] (fsynced, then the directory) unless it exists.
+fn write_joined(
+    data_dir: &std::path::Path,
+    peers: &BTreeMap<u64, SocketAddr>,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = data_dir.join(JOINED_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = data_dir.join(format!("{JOINED_FILE}.tmp"));
+    let mut text = String::from(
+        "# This server joined a running cluster (`shoal kv server --join`); the members' \
+         addresses then:\n",
+    );
+    for (id, addr) in peers {
+        text.push_str(&format!("{id} {addr}\n"));
+    }
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()
 }
 
 /// What the listener and a client connection's task tell the driver.
@@ -168,7 +258,13 @@ pub async fn run_server(
         &config.data_dir,
         config.cluster_id,
         config.id,
-        config.peers.keys().copied(),
+        // A joining server has no bootstrap membership: it learns it from the leader's log.
+        config
+            .peers
+            .keys()
+            .copied()
+            .filter(|_| !config.joined)
+            .collect::<Vec<_>>(),
         config.election_tick,
         config.heartbeat_tick,
     )
@@ -187,6 +283,29 @@ pub async fn run_server(
         .unwrap_or(u64::MAX)
         .max(1);
     let mut rsm = KvRsm::new(raft, storage, rsm_config)?;
+    let status = rsm.raw().status();
+    if status.removed {
+        return Err(KvServerError::Removed {
+            id: config.id,
+            dir: config.data_dir.display().to_string(),
+            membership: status.membership.to_string(),
+        });
+    }
+    if config.joined {
+        write_joined(&config.data_dir, &config.peers).map_err(|source| {
+            KvServerError::JoinedFile {
+                path: config.data_dir.join(JOINED_FILE).display().to_string(),
+                source,
+            }
+        })?;
+    }
+    rsm.set_known_addresses(
+        config
+            .peers
+            .iter()
+            .map(|(&id, addr)| (id, addr.to_string()))
+            .collect(),
+    );
     // Serializing a backup of a large store takes long: `answer` does it on a blocking thread.
     rsm.set_backups_off_loop(true);
     let status = rsm.raw().status();
@@ -208,6 +327,7 @@ pub async fn run_server(
             clients: ClientTable::new(config.max_client_connections),
             events_tx,
             timing: crate::metrics::RequestTiming::new(MAX_PENDING_REQUESTS),
+            peers_seen: None,
         },
         disk,
         data_dir: config.data_dir.clone(),
@@ -238,6 +358,8 @@ struct KvService {
     clients: ClientTable<KvReply>,
     events_tx: mpsc::Sender<ClientEvent>,
     timing: crate::metrics::RequestTiming,
+    /// The membership and addresses the transport's peers were last made from.
+    peers_seen: Option<(Membership, BTreeMap<u64, String>)>,
 }
 
 impl Service for KvService {
@@ -303,6 +425,41 @@ impl Service for KvService {
 
     fn stop(&mut self, _events: &mut mpsc::Receiver<ClientEvent>) {
         self.clients.clear();
+    }
+
+    fn peers_changed(&mut self) -> Option<BTreeMap<u64, SocketAddr>> {
+        let membership = self.rsm.raw().membership();
+        let table = self.rsm.addresses();
+        if self
+            .peers_seen
+            .as_ref()
+            .is_some_and(|(m, t)| m == membership && *t == table)
+        {
+            return None;
+        }
+        self.peers_seen = Some((membership.clone(), table));
+        // A server still joining knows no membership yet: it talks to everyone it knows of
+        // (the leader must hear its answers to bring it up to date).
+        let me = self.rsm.raw().status().id.0;
+        let wanted = if membership.is_empty() {
+            self.rsm
+                .addresses()
+                .into_iter()
+                .filter(|(id, _)| *id != me)
+                .collect()
+        } else {
+            self.rsm.peer_addresses()
+        };
+        let mut peers = BTreeMap::new();
+        for (id, addr) in wanted {
+            match addr.parse::<SocketAddr>() {
+                Ok(a) => {
+                    peers.insert(id, a);
+                }
+                Err(_) => warn!(peer = id, %addr, "a member's address does not parse; skipped"),
+            }
+        }
+        Some(peers)
     }
 }
 

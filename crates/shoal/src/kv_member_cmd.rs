@@ -1,0 +1,244 @@
+//! `shoal kv member …` (list, add, promote, remove) and the joining half of
+//! `shoal kv server --join` (`docs/kv.md`, "Membership changes").
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use shoal_runtime::kv::{Client, ClientConfig};
+use shoal_wire::kv::{KvOp, MemberInfo};
+
+/// `shoal kv member …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum MemberSub {
+    /// List the members as the leader knows them: ID ADDRESS ROLE MATCH BEHIND (the leader
+    /// is marked `*`; BEHIND is how many log entries a member lacks).
+    List {
+        /// `text` (default) or `json`: one JSON document `{leader, members: [{id, addr,
+        /// role, match_index, behind}]}`.
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
+        output: crate::output::Format,
+    },
+    /// Add a server (as a learner with --learner: it receives the log but does not vote
+    /// until promoted). Then start it with `shoal kv server --id ID --listen ADDR --join …`.
+    #[command(
+        after_help = "Example, replacing a dead server 1 by a new server 4:\n  \
+        shoal kv member add 4 127.0.0.1:7004 --learner\n  \
+        shoal kv server --id 4 --listen 127.0.0.1:7004 --join 127.0.0.1:7002,127.0.0.1:7003 --data n4\n  \
+        shoal kv member list            # wait until server 4 is 0 behind\n  \
+        shoal kv member promote 4\n  \
+        shoal kv member remove 1"
+    )]
+    Add {
+        /// The new server's id (unused in this cluster, not 0).
+        id: u64,
+        /// Where the other servers reach it (IP:PORT; its `kv server --listen`).
+        #[arg(value_parser = crate::cli::parse_addr)]
+        addr: SocketAddr,
+        /// Add it as a learner (the safe way: promote it once it caught up).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Make a learner a voter. Refused while it is behind the leader's log (retry once
+    /// `kv member list` shows it caught up).
+    Promote {
+        /// The learner's id.
+        id: u64,
+    },
+    /// Remove a server (a voter or a learner). The last voter cannot be removed. A removed
+    /// server stops taking part and refuses to start again on its data directory.
+    Remove {
+        /// The member's id.
+        id: u64,
+    },
+}
+
+/// Runs `shoal kv member …` against one cluster's servers.
+pub async fn member(mut client: Client, sub: MemberSub) -> Result<ExitCode> {
+    let (op, what) = match sub {
+        MemberSub::List { output } => {
+            let (leader, members) = client.member_list().await?;
+            print_members(leader, &members, output)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        MemberSub::Add { id, addr, learner } => {
+            let role = if learner { "learner" } else { "voter" };
+            let op = KvOp::MemberAdd {
+                id,
+                addr: addr.to_string(),
+                learner,
+            };
+            (op, format!("added server {id} at {addr} as a {role}"))
+        }
+        MemberSub::Promote { id } => (
+            KvOp::MemberPromote { id },
+            format!("promoted server {id} to voter"),
+        ),
+        MemberSub::Remove { id } => (KvOp::MemberRemove { id }, format!("removed server {id}")),
+    };
+    match client.member_change(op).await? {
+        Ok((leader, members)) => {
+            println!("{what}");
+            print_members(leader, &members, crate::output::Format::Text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => bail!("{reason}"),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct MembersJson<'a> {
+    leader: u64,
+    members: Vec<MemberJson<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct MemberJson<'a> {
+    id: u64,
+    addr: &'a str,
+    role: &'static str,
+    match_index: u64,
+    behind: u64,
+}
+
+fn role(m: &MemberInfo) -> &'static str {
+    if m.voter {
+        "voter"
+    } else {
+        "learner"
+    }
+}
+
+fn print_members(leader: u64, members: &[MemberInfo], output: crate::output::Format) -> Result<()> {
+    match output {
+        crate::output::Format::Json => crate::output::print_json(&MembersJson {
+            leader,
+            members: members
+                .iter()
+                .map(|m| MemberJson {
+                    id: m.id,
+                    addr: &m.addr,
+                    role: role(m),
+                    match_index: m.match_index,
+                    behind: m.behind,
+                })
+                .collect(),
+        }),
+        crate::output::Format::Text => {
+            println!(
+                "{:<6} {:<22} {:<8} {:>10} {:>8}",
+                "ID", "ADDRESS", "ROLE", "MATCH", "BEHIND"
+            );
+            for m in members {
+                let id = format!("{}{}", m.id, if m.id == leader { "*" } else { "" });
+                println!(
+                    "{:<6} {:<22} {:<8} {:>10} {:>8}",
+                    id,
+                    m.addr,
+                    role(m),
+                    m.match_index,
+                    m.behind
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// How often a joining server asks the cluster whether it was added.
+const JOIN_POLL: Duration = Duration::from_secs(1);
+
+/// `kv server --join`: asks the cluster at `join` for its members until server `id` is one
+/// of them (logging what to run meanwhile), then returns every member's address, this
+/// server's included.
+pub async fn wait_until_added(
+    id: u64,
+    listen: SocketAddr,
+    join: &[SocketAddr],
+    cluster: u64,
+) -> Result<BTreeMap<u64, SocketAddr>> {
+    let mut config = ClientConfig::new(join.to_vec());
+    config.cluster_id = cluster;
+    config.op_timeout = Duration::from_secs(5);
+    let mut client = Client::new(config)?;
+    let joined = join
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut polls = 0u64;
+    loop {
+        // Any of the servers answers with what it knows (it need not be the leader).
+        let mut answer = None;
+        for i in 0..join.len() {
+            match client.member_list_at(i, Duration::from_secs(2)).await {
+                Ok(a) => {
+                    let has_me = a.1.iter().any(|m| m.id == id);
+                    answer = Some(Ok(a));
+                    if has_me {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if answer.is_none() {
+                        answer = Some(Err(e));
+                    }
+                }
+            }
+        }
+        let Some(answer) = answer else {
+            bail!("--join needs at least one address");
+        };
+        match answer {
+            Ok((_, members)) => {
+                if let Some(me) = members.iter().find(|m| m.id == id) {
+                    let at: Option<SocketAddr> = me.addr.parse().ok();
+                    let same = at.is_some_and(|a| {
+                        a.port() == listen.port()
+                            && (listen.ip().is_unspecified() || a.ip() == listen.ip())
+                    });
+                    if !same {
+                        bail!(
+                            "server {id} is a member at {}, not at --listen {listen}: start it \
+                             with --listen {}, or remove it (`shoal kv member remove {id}`) \
+                             and add it again at {listen}",
+                            me.addr,
+                            me.addr
+                        );
+                    }
+                    let mut peers = BTreeMap::new();
+                    for m in &members {
+                        if let Ok(a) = m.addr.parse() {
+                            peers.insert(m.id, a);
+                        }
+                    }
+                    peers.insert(id, listen);
+                    tracing::info!(
+                        node = id,
+                        members = members.len(),
+                        role = role(me),
+                        "this server is a member; joining"
+                    );
+                    return Ok(peers);
+                }
+                if polls.is_multiple_of(10) {
+                    tracing::warn!(
+                        node = id,
+                        "this server is not a member yet; waiting. Add it with: shoal kv \
+                         member add {id} {listen} --learner --endpoints {joined}"
+                    );
+                }
+            }
+            Err(e) => {
+                if polls.is_multiple_of(10) {
+                    tracing::warn!(node = id, error = %e,
+                        "cannot get the members from --join {joined}; retrying");
+                }
+            }
+        }
+        polls += 1;
+        tokio::time::sleep(JOIN_POLL).await;
+    }
+}
