@@ -396,7 +396,7 @@ impl SnapshotStreams {
             .as_ref()
             .ok_or("no data directory to read the snapshot from")?;
         let path = dir.join(SNAPSHOT_FILE);
-        let (file, meta, total) = open_snapshot_file(path.clone()).await?;
+        let (file, _pin, meta, total) = open_snapshot_file(path.clone()).await?;
         let mut msg = msg.clone();
         let MessageBody::InstallSnapshot { snapshot } = &mut msg.body else {
             return Err("not an InstallSnapshot".into());
@@ -779,26 +779,53 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("fsync {}: {e}", dir.display()))
 }
 
-/// Opens the snapshot file and reads its header: the file (positioned anywhere), what it
-/// covers, and its size. The open handle keeps reading the same file even if a newer snapshot
-/// replaces it meanwhile (a rename).
-async fn open_snapshot_file(
-    path: PathBuf,
-) -> Result<(std::fs::File, shoal_raft::SnapshotMeta, u64), String> {
+/// Opens the snapshot file, pins it (so the storage does not cut it down while it is read,
+/// should a newer snapshot replace it) and reads its header: the file (positioned anywhere),
+/// its pin, what it covers, and its size. The open handle keeps reading the same file even if
+/// a newer snapshot replaces it meanwhile (a rename). A file already being cut down (its size
+/// is not the one its header announces) is opened again: by then the name holds the new one.
+async fn open_snapshot_file(path: PathBuf) -> Result<OpenSnapshot, String> {
     tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&path)
-            .map_err(|e| format!("opening {} (no snapshot written yet?): {e}", path.display()))?;
-        let total = file
-            .metadata()
-            .map_err(|e| format!("reading the size of {}: {e}", path.display()))?
-            .len();
-        let meta = shoal_storage::read_snapshot_meta(&mut std::io::BufReader::new(&mut file))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok((file, meta, total))
+        let mut last_error = String::new();
+        for _ in 0..OPEN_ATTEMPTS {
+            let mut file = std::fs::File::open(&path).map_err(|e| {
+                format!("opening {} (no snapshot written yet?): {e}", path.display())
+            })?;
+            let pin = shoal_storage::FilePin::new(&file)
+                .map_err(|e| format!("reading the identity of {}: {e}", path.display()))?;
+            let total = file
+                .metadata()
+                .map_err(|e| format!("reading the size of {}: {e}", path.display()))?
+                .len();
+            let (meta, intact) =
+                shoal_storage::read_snapshot_meta(&mut std::io::BufReader::new(&mut file))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            if intact == total {
+                return Ok((file, pin, meta, total));
+            }
+            last_error = format!(
+                "{} has {total} bytes where its header announces {intact}",
+                path.display()
+            );
+            drop(pin);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(last_error)
     })
     .await
     .map_err(|e| format!("opening the snapshot file: {e}"))?
 }
+
+/// An open snapshot file, its pin, its metadata and its size.
+type OpenSnapshot = (
+    std::fs::File,
+    shoal_storage::FilePin,
+    shoal_raft::SnapshotMeta,
+    u64,
+);
+
+/// Tries of [`open_snapshot_file`] when it finds the file being replaced.
+const OPEN_ATTEMPTS: usize = 20;
 
 /// Appends `value`'s frame to `buf`, writes all of `buf` within `timeout`, clears `buf`.
 async fn write_frame<T: serde::Serialize>(

@@ -47,7 +47,7 @@ use shoal_raft::{
     Term,
 };
 
-pub use disk::{Disk, DiskError, MemDisk, StdDisk, LOCK_FILE};
+pub use disk::{Disk, DiskError, FilePin, MemDisk, StdDisk, LOCK_FILE};
 
 /// Bytes of a record header (length + CRC32C).
 pub const RECORD_HEADER_BYTES: usize = 8;
@@ -1207,9 +1207,10 @@ fn decode_snapshot_file(name: &str, mut buf: Vec<u8>) -> Result<Snapshot, Error>
 pub const MAX_SNAPSHOT_HEADER_BYTES: usize = 1024 * 1024;
 
 /// Reads the metadata of a snapshot file from its first record (the header), reading no
-/// further: the snapshot stream checks what the file it is about to send covers. The caller
-/// names the file in its error.
-pub fn read_snapshot_meta(file: &mut impl std::io::Read) -> Result<SnapshotMeta, String> {
+/// further, and the size the whole file has if it is intact: the snapshot stream checks what
+/// the file it is about to send covers, and that it is whole. The caller names the file in
+/// its error.
+pub fn read_snapshot_meta(file: &mut impl std::io::Read) -> Result<(SnapshotMeta, u64), String> {
     let mut head = [0u8; RECORD_HEADER_BYTES];
     file.read_exact(&mut head)
         .map_err(|e| format!("reading the header record: {e}"))?;
@@ -1224,7 +1225,11 @@ pub fn read_snapshot_meta(file: &mut impl std::io::Read) -> Result<SnapshotMeta,
     file.read_exact(&mut buf[RECORD_HEADER_BYTES..])
         .map_err(|e| format!("reading the header record: {e}"))?;
     let payload = frame_payload(&buf, 0, RecordLen::AtMost(MAX_SNAPSHOT_HEADER_BYTES))?;
-    Ok(SnapshotHeader::decode(payload)?.meta)
+    let header = SnapshotHeader::decode(payload)?;
+    let file_bytes = (RECORD_HEADER_BYTES + len) as u64
+        + header.chunks.saturating_mul(RECORD_HEADER_BYTES as u64)
+        + header.data_len;
+    Ok((header.meta, file_bytes))
 }
 
 /// Reads and checks a whole file of the snapshot format (`snapshot-v2`), as a node received
