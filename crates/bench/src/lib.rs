@@ -13,4 +13,5 @@ pub mod mr_bench;
 pub mod mr_sort_bench;
 pub mod raft_bench;
 pub mod shard_bench;
+pub mod snapshot_bench;
 mod svg;

@@ -1215,6 +1215,20 @@ impl<S: Storage> Raft<S> {
         }
     }
 
+    pub(crate) fn report_snapshot_failed(&mut self, to: NodeId) {
+        if self.role != Role::Leader {
+            return;
+        }
+        if let Some(pr) = self.progress.get_mut(&to) {
+            if pr.state == ProgressState::Snapshot {
+                tracing::info!(node = %self.id, term = %self.term, %to,
+                    pending = %pr.pending_snapshot, "snapshot failed; probing again");
+                pr.pending_snapshot = LogIndex(0);
+                pr.become_probe();
+            }
+        }
+    }
+
     pub(crate) fn transfer_leader(&mut self, to: NodeId) -> Result<(), Error> {
         if self.role != Role::Leader {
             return Err(Error::NotLeader {

@@ -250,6 +250,13 @@ impl<S: Storage> RawNode<S> {
         self.raft.transfer_leader(to)
     }
 
+    /// The driver could not deliver the snapshot sent to `to` (etcd's `ReportSnapshot` with
+    /// a failure): a leader whose progress for `to` waits on a snapshot probes it again, so
+    /// the next rejection sends a snapshot anew. Nothing happens on another node or state.
+    pub fn report_snapshot_failed(&mut self, to: NodeId) {
+        self.raft.report_snapshot_failed(to);
+    }
+
     /// Starts an election now.
     pub fn campaign(&mut self) {
         self.raft.campaign_now();

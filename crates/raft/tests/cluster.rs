@@ -4,7 +4,9 @@
 mod harness;
 
 use harness::{seeds, Cluster, Rng};
-use shoal_raft::{Config, LogIndex, NodeId, ReadOnlyOption, Role, Term};
+use shoal_raft::{
+    Config, LogIndex, MessageBody, NodeId, ProgressState, ReadOnlyOption, Role, Term,
+};
 
 fn term_of(c: &Cluster, id: NodeId) -> Term {
     c.nodes[&id].raw.status().term
@@ -435,4 +437,70 @@ fn randomized_run(seed: u64) {
             c.count("InstallSnapshot")
         );
     }
+}
+
+/// A snapshot the driver could not deliver (`report_snapshot_failed`, etcd's ReportSnapshot)
+/// puts the follower back to probing, so the leader's next rejection sends a snapshot anew;
+/// a report for a follower not waiting on a snapshot changes nothing.
+#[test]
+fn a_failed_snapshot_report_probes_the_follower_again() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    let victim = c.ids.iter().copied().find(|&i| i != l).unwrap();
+    let other = c
+        .ids
+        .iter()
+        .copied()
+        .find(|&i| i != l && i != victim)
+        .unwrap();
+    c.isolate(victim);
+    for i in 0..12 {
+        c.one(format!("s{i}").as_bytes(), 2);
+    }
+    for id in [l, other] {
+        c.snapshot(id);
+    }
+    c.heal();
+    let state = |c: &mut Cluster, id: NodeId| {
+        c.raw(l.0)
+            .status()
+            .peers
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.state)
+            .unwrap()
+    };
+    // Tick and deliver until the leader sends the snapshot, and lose it (the stream failed).
+    let mut lost = false;
+    for _ in 0..200 {
+        c.tick_all();
+        while !c.queue.is_empty() {
+            if matches!(c.queue[0].body, MessageBody::InstallSnapshot { .. }) {
+                c.queue.pop_front();
+                lost = true;
+                break;
+            }
+            c.deliver_at(0);
+        }
+        if lost {
+            break;
+        }
+    }
+    assert!(lost, "the leader never sent a snapshot");
+    assert_eq!(state(&mut c, victim), ProgressState::Snapshot);
+    c.raw(l.0).report_snapshot_failed(other);
+    assert_eq!(
+        state(&mut c, other),
+        ProgressState::Replicate,
+        "not waiting on a snapshot"
+    );
+    c.raw(l.0).report_snapshot_failed(victim);
+    assert_eq!(state(&mut c, victim), ProgressState::Probe);
+    let snaps_before = c.count("InstallSnapshot");
+    c.one(b"after", 3);
+    assert!(
+        c.count("InstallSnapshot") > snaps_before,
+        "no snapshot sent anew"
+    );
+    c.check_log_matching();
 }

@@ -21,13 +21,14 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_raft::Message;
+use shoal_raft::{Message, MessageBody, NodeId};
 use shoal_replica::{Replica, SnapshotData, SnapshotJob, StateMachine};
 use shoal_storage::{PreparedSnapshot, StdDisk};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::metrics::GroupMetrics;
+use crate::snapshot_stream::SnapshotEvent;
 use crate::transport::{Inbound, Transport};
 
 /// Default tick of every Shoal server: the wall-clock length of one Raft tick.
@@ -97,6 +98,7 @@ enum Wake<E> {
     Peer(u64, Message),
     Event(E),
     SnapshotWritten(Prepared),
+    SnapshotStream(SnapshotEvent),
     Stop,
 }
 
@@ -118,6 +120,8 @@ where
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (snapshot_tx, mut snapshots) = mpsc::channel::<Prepared>(1);
         let mut metrics = GroupMetrics::new(self.service.metrics_group());
+        // Snapshots streamed to and from this node (None once another driver took them).
+        let mut streamed = self.transport.take_snapshot_events();
         tokio::pin!(shutdown);
         let result = loop {
             let wake = tokio::select! {
@@ -131,6 +135,7 @@ where
                     None => Wake::Stop,
                 },
                 Some(s) = snapshots.recv() => Wake::SnapshotWritten(s),
+                Some(ev) = next_streamed(&mut streamed) => Wake::SnapshotStream(ev),
                 _ = &mut shutdown => Wake::Stop,
             };
             let mut stop = match self.wake(wake, &metrics) {
@@ -191,6 +196,22 @@ where
             Wake::Peer(from, msg) => self.service.step(from, msg),
             Wake::Event(e) => return Ok(self.service.event(e)),
             Wake::SnapshotWritten(prepared) => self.install(prepared, metrics)?,
+            Wake::SnapshotStream(SnapshotEvent::Received { from, message }) => {
+                self.service.step(from, message)
+            }
+            Wake::SnapshotStream(SnapshotEvent::SendFailed { to, reason }) => {
+                info!(to, %reason, "snapshot failed; reported to Raft");
+                self.service
+                    .replica()
+                    .raw_mut()
+                    .report_snapshot_failed(NodeId(to));
+            }
+            Wake::SnapshotStream(SnapshotEvent::Sent { to, bytes }) => {
+                debug!(
+                    to,
+                    bytes, "snapshot delivered; Raft hears of it from the follower"
+                );
+            }
             Wake::Stop => return Ok(false),
         }
         Ok(true)
@@ -323,8 +344,23 @@ pub(crate) fn in_place<T>(op: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Hands a message of the core to the transport.
+/// The next event of the snapshot stream, or never if there is none to take.
+async fn next_streamed(
+    events: &mut Option<mpsc::Receiver<SnapshotEvent>>,
+) -> Option<SnapshotEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands a message of the core to the transport: a snapshot to its own stream (read from the
+/// snapshot file, beside the peer connection), everything else to the peer's queue.
 fn send(transport: &Transport<Message>, m: Message) {
+    if matches!(m.body, MessageBody::InstallSnapshot { .. }) && transport.streams_snapshots() {
+        transport.send_snapshot(m);
+        return;
+    }
     let to = m.to.0;
     if let Err(e) = transport.send(to, m) {
         warn!(error = %e, "core addressed a message to an unknown server");

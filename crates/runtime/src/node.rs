@@ -215,6 +215,7 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
+    snapshot_progress: crate::snapshot_stream::SnapshotProgress,
 }
 
 impl NodeHandle {
@@ -267,6 +268,17 @@ impl NodeHandle {
     ) -> Result<Membership, ProposeError> {
         self.call(|reply| Command::ConfChange { steps, reply })
             .await
+    }
+
+    /// The snapshot sends under way from this node (bytes the follower acknowledged of the
+    /// total, per follower), read without going through the node's loop.
+    pub fn snapshot_sends(&self) -> Vec<crate::snapshot_stream::SnapshotSendStatus> {
+        self.snapshot_progress.sends()
+    }
+
+    /// The snapshot stream's counters of this node (sends, receipts, refusals).
+    pub fn snapshot_stats(&self) -> &crate::snapshot_stream::SnapshotStreamStats {
+        self.snapshot_progress.stats()
     }
 
     /// The node's Raft status.
@@ -360,7 +372,9 @@ impl Node {
         tc.node_id = config.id.0;
         tc.cluster_id = config.cluster_id;
         tc.peers = config.peers.clone();
+        tc.snapshot.dir = Some(config.data_dir.clone());
         let (transport, inbound, clients) = Transport::start(tc, listener)?;
+        let snapshot_progress = transport.snapshot_progress();
         let (tx, rx) = mpsc::channel(config.command_queue_len.max(1));
         let span = tracing::info_span!("node", node = %config.id);
         let driver = Driver {
@@ -398,7 +412,10 @@ impl Node {
             .instrument(span),
         );
         Ok(Node {
-            handle: NodeHandle { commands: tx },
+            handle: NodeHandle {
+                commands: tx,
+                snapshot_progress,
+            },
             clients: Some(clients),
             task: Some(task),
         })

@@ -37,6 +37,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::codec::{Framed, FramedRead};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::snapshot_stream::{
+    Dial, SnapshotEvent, SnapshotProgress, SnapshotStreamConfig, SnapshotStreamStats,
+    SnapshotStreams,
+};
+
 /// Largest handshake frame accepted, in bytes. A `Hello` is about 20 bytes; anything bigger is
 /// not a Shoal peer and is refused before its payload is read.
 pub const MAX_HELLO_FRAME_BYTES: usize = 64;
@@ -122,6 +127,9 @@ pub struct TransportConfig {
     /// What this server is, for a person (sent in a [`Refusal`], so that a client of another
     /// service can say what it reached): [`shoal_wire::KV_SERVICE`], "Raft demo node", ….
     pub service: String,
+    /// The snapshot stream ([`crate::snapshot_stream`]): where snapshots are read and
+    /// received, how many sends at once, chunk and window sizes, timeouts, retries.
+    pub snapshot: SnapshotStreamConfig,
 }
 
 impl TransportConfig {
@@ -145,6 +153,7 @@ impl TransportConfig {
             backoff_min: DEFAULT_BACKOFF_MIN,
             backoff_max: DEFAULT_BACKOFF_MAX,
             service: DEFAULT_SERVICE.to_string(),
+            snapshot: SnapshotStreamConfig::default(),
         }
     }
 }
@@ -297,6 +306,7 @@ pub struct Transport<M> {
     /// Each peer's writer task and the address it connects to.
     writers: BTreeMap<u64, (SocketAddr, JoinHandle<()>)>,
     node_span: tracing::Span,
+    snapshots: Arc<SnapshotStreams>,
 }
 
 /// The ids whose peer connections the listener accepts, shared with the accepting tasks.
@@ -323,6 +333,7 @@ impl<M> Drop for Transport<M> {
         for (_, t) in self.writers.values() {
             t.abort();
         }
+        self.snapshots.abort_all();
     }
 }
 
@@ -364,7 +375,18 @@ where
                 "backoff_min must be positive and at most backoff_max".into(),
             ));
         }
+        SnapshotStreams::validate(&config.snapshot).map_err(TransportError::InvalidConfig)?;
         let local_addr = listener.local_addr().map_err(TransportError::Listen)?;
+        let snapshots = Arc::new(SnapshotStreams::new(
+            config.snapshot.clone(),
+            Dial {
+                node_id: config.node_id,
+                cluster_id: config.cluster_id,
+                connect_timeout: config.connect_timeout,
+                handshake_timeout: config.handshake_timeout,
+                max_frame_bytes: config.max_frame_bytes,
+            },
+        ));
         let config = Arc::new(config);
         let stats = Arc::new(TransportStats::default());
         let (peer_tx, peer_rx) = mpsc::channel(config.inbound_queue_len);
@@ -387,6 +409,7 @@ where
                 Arc::clone(&peers),
                 peer_tx,
                 client_tx,
+                Arc::clone(&snapshots),
             )
             .instrument(node_span.clone()),
         )];
@@ -400,6 +423,7 @@ where
             peers,
             writers: BTreeMap::new(),
             node_span,
+            snapshots,
         };
         transport.set_peers(&config.peers);
         info!(node = config.node_id, %local_addr, peers = transport.queues.len(), "transport started");
@@ -493,6 +517,44 @@ where
         &self.stats
     }
 
+    /// Sends the snapshot of `msg` (an `InstallSnapshot`) on a snapshot stream of its own
+    /// ([`crate::snapshot_stream`]): the message's in-memory data is dropped and the data
+    /// directory's snapshot file is sent in chunks. Without a data directory
+    /// ([`SnapshotStreamConfig::dir`]) or to an unknown peer, nothing is sent and the outcome
+    /// comes back as a [`SnapshotEvent::SendFailed`].
+    pub fn send_snapshot(&self, msg: shoal_raft::Message) {
+        let to = msg.to.0;
+        match self.writers.get(&to) {
+            Some(&(addr, _)) if to != self.node_id => self.snapshots.send(msg, addr),
+            _ => warn!(
+                to,
+                "snapshot addressed to a server that is not a configured peer"
+            ),
+        }
+    }
+
+    /// Whether snapshots go on streams of their own ([`Transport::send_snapshot`]): the
+    /// configuration names a data directory.
+    pub fn streams_snapshots(&self) -> bool {
+        self.config.snapshot.dir.is_some()
+    }
+
+    /// The snapshot stream's events (received snapshots, finished and failed sends), for the
+    /// one driver that takes them; `None` once taken.
+    pub fn take_snapshot_events(&self) -> Option<mpsc::Receiver<SnapshotEvent>> {
+        self.snapshots.take_events()
+    }
+
+    /// A view of the snapshot sends under way (bytes acknowledged of total, per follower).
+    pub fn snapshot_progress(&self) -> SnapshotProgress {
+        self.snapshots.progress().clone()
+    }
+
+    /// The snapshot stream's counters.
+    pub fn snapshot_stats(&self) -> &SnapshotStreamStats {
+        self.snapshots.stats()
+    }
+
     /// Stops the listener, every connection and every writer.
     pub fn shutdown(self) {
         drop(self);
@@ -515,7 +577,7 @@ pub async fn connect_client<In, Out>(
     Ok(Framed::new(stream, FrameCodec::new(max_frame_bytes)))
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -574,7 +636,7 @@ pub async fn refuse(mut stream: TcpStream, refusal: Refusal) {
 /// Refuses a connection: with a [`Refusal`] for a client (which reads and can tell its user),
 /// silently for a peer (a peer connection is one-way: the caller never reads it).
 async fn refuse_client(stream: TcpStream, hello: &Hello, config: &TransportConfig, reason: String) {
-    if !matches!(hello.role, Role::Peer { .. }) {
+    if !matches!(hello.role, Role::Peer { .. } | Role::Snapshot { .. }) {
         refuse(
             stream,
             Refusal::new(config.cluster_id, &config.service, reason),
@@ -593,6 +655,7 @@ async fn accept_loop<M>(
     peers: SharedPeers,
     peer_tx: mpsc::Sender<(u64, M)>,
     client_tx: mpsc::Sender<ClientConnection>,
+    snapshots: Arc<SnapshotStreams>,
 ) where
     M: DeserializeOwned + Send + 'static,
 {
@@ -625,9 +688,12 @@ async fn accept_loop<M>(
                 let peers = Arc::clone(&peers);
                 let peer_tx = peer_tx.clone();
                 let client_tx = client_tx.clone();
+                let snapshots = Arc::clone(&snapshots);
                 async move {
-                    serve_inbound(stream, remote, &config, &stats, &peers, peer_tx, client_tx)
-                        .await;
+                    serve_inbound(
+                        stream, remote, &config, &stats, &peers, peer_tx, client_tx, &snapshots,
+                    )
+                    .await;
                     drop(permit);
                 }
             }
@@ -636,6 +702,7 @@ async fn accept_loop<M>(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the accept loop's shared state, passed by reference
 async fn serve_inbound<M>(
     mut stream: TcpStream,
     remote: SocketAddr,
@@ -644,6 +711,7 @@ async fn serve_inbound<M>(
     peers: &SharedPeers,
     peer_tx: mpsc::Sender<(u64, M)>,
     client_tx: mpsc::Sender<ClientConnection>,
+    snapshots: &SnapshotStreams,
 ) where
     M: DeserializeOwned,
 {
@@ -687,6 +755,17 @@ async fn serve_inbound<M>(
     }
     let from = match hello.role {
         Role::Peer { node_id } => node_id,
+        Role::Snapshot { node_id } => {
+            if node_id == config.node_id || !is_peer(peers, node_id) {
+                bump(&stats.rejected_handshakes);
+                warn!(%remote, claimed = node_id,
+                    "rejecting snapshot stream: node id is not a configured peer");
+                return;
+            }
+            debug!(%remote, peer = node_id, "accepted snapshot stream");
+            snapshots.receive(stream, node_id, remote).await;
+            return;
+        }
         Role::Client | Role::Shuffle => {
             debug!(%remote, role = ?hello.role, "accepted client connection");
             let conn = ClientConnection {

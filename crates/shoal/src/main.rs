@@ -94,6 +94,10 @@ enum BenchCommand {
     /// The sharded key/value database: puts and linearizable gets against 1, 2, 4, 8 groups
     /// under per-server CPU quotas (and without), speed-up and efficiency; a shard migration.
     Shard(shoal_bench::shard_bench::BenchArgs),
+    /// A new member brought up to date over the snapshot stream: time and MB/s on a group
+    /// holding `--mb` MiB, next to the disk's and loopback's raw speed, clients' p99 with and
+    /// without the transfer, resident memory.
+    Snapshot(shoal_bench::snapshot_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Raft(args)) => shoal_bench::raft_bench::bench(args),
         Command::Bench(BenchCommand::Kv(args)) => shoal_bench::kv_bench::bench(args),
         Command::Bench(BenchCommand::Shard(args)) => shoal_bench::shard_bench::bench(args),
+        Command::Bench(BenchCommand::Snapshot(args)) => shoal_bench::snapshot_bench::bench(args),
     };
     match result {
         Ok(code) => code,

@@ -376,6 +376,66 @@ fn reap_later(path: std::path::PathBuf) {
     }
 }
 
+/// Keeps an open file whole while it is held: a large file the storage replaces or removes
+/// is normally cut down gradually in place (see `reap_later`), which a reader of the same file
+/// through another handle (the snapshot stream, sending the snapshot file) would see shrink
+/// under it. A pinned file is only unlinked; its blocks are freed when the last handle closes.
+/// A pin taken after cutting began stops it; the reader then sees a file shorter than its
+/// header says and must open the new one.
+#[derive(Debug)]
+pub struct FilePin {
+    key: (u64, u64),
+}
+
+static PINNED: std::sync::Mutex<BTreeMap<(u64, u64), usize>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn pins() -> std::sync::MutexGuard<'static, BTreeMap<(u64, u64), usize>> {
+    match PINNED.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn file_key(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        Ok((0, 0))
+    }
+}
+
+impl FilePin {
+    /// Pins the file `file` is open on, until the pin is dropped.
+    pub fn new(file: &std::fs::File) -> std::io::Result<FilePin> {
+        let key = file_key(file)?;
+        *pins().entry(key).or_insert(0) += 1;
+        Ok(FilePin { key })
+    }
+
+    fn is_pinned(file: &std::fs::File) -> bool {
+        file_key(file).is_ok_and(|k| pins().contains_key(&k))
+    }
+}
+
+impl Drop for FilePin {
+    fn drop(&mut self) {
+        let mut pins = pins();
+        if let Some(n) = pins.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Bytes cut per step when freeing a large file, and the pause after each.
 const REAP_STEP_BYTES: u64 = 4 << 20;
 const REAP_STEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
@@ -389,6 +449,11 @@ fn free_gradually(path: &std::path::Path) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new().write(true).open(path)?;
     let mut len = file.metadata()?.len();
     while len > REAP_STEP_BYTES {
+        // A reader still sends this file (a snapshot stream): cutting it would cut what it
+        // reads. Only unlink it; its blocks go when the reader closes it.
+        if FilePin::is_pinned(&file) {
+            break;
+        }
         len -= REAP_STEP_BYTES;
         file.set_len(len)?;
         std::thread::sleep(REAP_STEP_PAUSE);

@@ -47,7 +47,7 @@ use shoal_raft::{
     Term,
 };
 
-pub use disk::{Disk, DiskError, MemDisk, StdDisk, LOCK_FILE};
+pub use disk::{Disk, DiskError, FilePin, MemDisk, StdDisk, LOCK_FILE};
 
 /// Bytes of a record header (length + CRC32C).
 pub const RECORD_HEADER_BYTES: usize = 8;
@@ -1205,6 +1205,48 @@ fn decode_snapshot_file(name: &str, mut buf: Vec<u8>) -> Result<Snapshot, Error>
         meta: header.meta,
         data: buf,
     })
+}
+
+/// Largest snapshot header record [`read_snapshot_meta`] accepts: the metadata and the member
+/// lists, far below this.
+pub const MAX_SNAPSHOT_HEADER_BYTES: usize = 1024 * 1024;
+
+/// Reads the metadata of a snapshot file from its first record (the header), reading no
+/// further, and the size the whole file has if it is intact: the snapshot stream checks what
+/// the file it is about to send covers, and that it is whole. The caller names the file in
+/// its error.
+pub fn read_snapshot_meta(file: &mut impl std::io::Read) -> Result<(SnapshotMeta, u64), String> {
+    let mut head = [0u8; RECORD_HEADER_BYTES];
+    file.read_exact(&mut head)
+        .map_err(|e| format!("reading the header record: {e}"))?;
+    let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+    if len > MAX_SNAPSHOT_HEADER_BYTES {
+        return Err(format!(
+            "header record of {len} bytes over the limit of {MAX_SNAPSHOT_HEADER_BYTES}"
+        ));
+    }
+    let mut buf = vec![0u8; RECORD_HEADER_BYTES + len];
+    buf[..RECORD_HEADER_BYTES].copy_from_slice(&head);
+    file.read_exact(&mut buf[RECORD_HEADER_BYTES..])
+        .map_err(|e| format!("reading the header record: {e}"))?;
+    let payload = frame_payload(&buf, 0, RecordLen::AtMost(MAX_SNAPSHOT_HEADER_BYTES))?;
+    let header = SnapshotHeader::decode(payload)?;
+    let file_bytes = (RECORD_HEADER_BYTES + len) as u64
+        + header.chunks.saturating_mul(RECORD_HEADER_BYTES as u64)
+        + header.data_len;
+    Ok((header.meta, file_bytes))
+}
+
+/// Reads and checks a whole file of the snapshot format (`snapshot-v2`), as a node received
+/// it from its leader: every record's length and checksum, the chunk count and sizes the
+/// header announces, nothing after the last chunk. Holds the file's size in memory once.
+pub fn read_snapshot_file(disk: &impl Disk, name: &str) -> Result<Snapshot, Error> {
+    let buf = disk.read(name)?.ok_or_else(|| Error::Corrupt {
+        file: name.to_string(),
+        offset: 0,
+        reason: "the file is missing".into(),
+    })?;
+    decode_snapshot_file(name, buf)
 }
 
 /// What a record's length may be.

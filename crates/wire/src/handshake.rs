@@ -23,6 +23,13 @@ pub enum Role {
     },
     /// A MapReduce worker fetching map output from another worker (the shuffle).
     Shuffle,
+    /// A peer of the same cluster streaming a snapshot to this node on a connection of its
+    /// own ([`crate::snapshot`]), beside its peer connection, so heartbeats and appends are
+    /// never held back by a large snapshot.
+    Snapshot {
+        /// The caller's node id.
+        node_id: u64,
+    },
 }
 
 /// The handshake frame.

@@ -28,6 +28,7 @@ pub mod mr;
 pub mod parts;
 pub mod raft;
 pub mod shard;
+pub mod snapshot;
 
 #[cfg(feature = "codec")]
 pub mod codec;

@@ -346,6 +346,7 @@ pub async fn run_shard_server(
     tc.node_id = config.id;
     tc.cluster_id = config.cluster_id;
     tc.peers = config.peers.clone();
+    tc.snapshot.dir = Some(config.data_dir.clone());
     let (transport, inbound, clients) = Transport::<Message>::start(tc, listener)?;
     let (events_tx, events) = mpsc::channel(CLIENT_REQUEST_QUEUE_LEN);
     forward_accepted(clients, events_tx.clone(), ClientEvent::Accepted);
