@@ -482,7 +482,8 @@ impl ShardRun {
             | ControlOp::Install { config, .. }
             | ControlOp::Delete { config, .. }
             | ControlOp::ExportChunk { config, .. }
-            | ControlOp::Stage { config, .. } => *config,
+            | ControlOp::Stage { config, .. }
+            | ControlOp::CopyStart { config, .. } => *config,
             ControlOp::Adopted => latest,
         };
         self.aimed.replays += 1;
@@ -501,6 +502,7 @@ impl ShardRun {
             ControlOp::Delete { shard, .. } => format!("Delete shard {shard}"),
             ControlOp::ExportChunk { shard, .. } => format!("ExportChunk shard {shard}"),
             ControlOp::Stage { shard, .. } => format!("Stage shard {shard}"),
+            ControlOp::CopyStart { shard, .. } => format!("CopyStart shard {shard}"),
         };
         self.w
             .sim
