@@ -67,6 +67,13 @@ pub struct ControllerConfig {
     /// the live shard staged before the groups adopt the configuration), so that only the
     /// keys written since travel after the freeze. `false`: the whole copy happens frozen.
     pub precopy: bool,
+    /// The throttle of a copy while the shard serves (it is in no hurry: the shard is
+    /// served meanwhile, and the groups' own requests come first): at most this many
+    /// `Stage`s of one move in flight ...
+    pub precopy_stages_in_flight: usize,
+    /// ... and this pause before reading each chunk after the first, so one move copies at
+    /// most about `chunk_bytes` per pause.
+    pub precopy_pause: Duration,
 }
 
 impl ControllerConfig {
@@ -84,6 +91,8 @@ impl ControllerConfig {
             chunk_bytes: 1024 * 1024,
             stages_in_flight: 3,
             precopy: true,
+            precopy_stages_in_flight: 3,
+            precopy_pause: Duration::ZERO,
         }
     }
 }
@@ -1270,8 +1279,15 @@ impl Controller {
             max_bytes: self.cfg.chunk_bytes,
         };
         let (from, purpose) = (m.mv.from, CallFor::Chunk(i, m.copy.round));
+        // Throttled while the shard serves (not before its first chunk).
+        let pace = m.state == MoveState::Running(Step::PreCopy) && m.copy.after.is_some();
+        let pause = self.cfg.precopy_pause;
         if later {
             self.call_later(from, op, purpose, out);
+        } else if pace && !pause.is_zero() {
+            if let Some(tag) = self.new_call(from, op, purpose) {
+                self.resend_after(tag, pause, out);
+            }
         } else {
             self.call(from, op, purpose, out);
         }
@@ -1314,7 +1330,11 @@ impl Controller {
             }
             return;
         };
-        let stages_max = self.cfg.stages_in_flight;
+        let stages_max = if live {
+            self.cfg.precopy_stages_in_flight.max(1)
+        } else {
+            self.cfg.stages_in_flight
+        };
         let Some(drive) = self.drive.as_ref() else {
             return;
         };
@@ -1487,11 +1507,16 @@ impl Controller {
 
     /// Resends call `tag` after a pause (refusals, unknown leader): never in a hot loop.
     fn resend_later(&mut self, tag: u64, out: &mut Vec<CtlAction>) {
+        self.resend_after(tag, self.cfg.retry_timeout, out);
+    }
+
+    /// Sends (or resends) call `tag` after `after`.
+    fn resend_after(&mut self, tag: u64, after: Duration, out: &mut Vec<CtlAction>) {
         if let Some(call) = self.calls.get_mut(&tag) {
             call.sends += 1;
             call.hops = 0;
             out.push(CtlAction::SetTimer {
-                after: self.cfg.retry_timeout,
+                after,
                 token: token(KIND_CALL_RESEND, (tag << 16) | (call.sends & 0xFFFF)),
             });
         }

@@ -563,6 +563,14 @@ impl ShardMachine {
         Some(ShardChunk { items, tail })
     }
 
+    /// How many keys written during a copy while serving an Install's `data` carries: `None`
+    /// unless it is a [`TAIL_TOUCHED_FORMAT`] tail that decodes (for the simulator's counts).
+    pub fn tail_touched_keys(data: &[u8]) -> Option<usize> {
+        let rest = data.strip_prefix(&[TAIL_TOUCHED_FORMAT])?;
+        let image: TouchedTailImage = take_all("tail", rest).ok()?;
+        Some(image.touched.len())
+    }
+
     fn wrong_group(&self) -> GroupOutput {
         GroupOutput::WrongGroup {
             config: self.config.num,
