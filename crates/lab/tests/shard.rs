@@ -35,6 +35,17 @@ fn the_sharded_kv_survives_the_nemesis_and_reconfiguration() {
     // servers took and installed snapshots.
     let seen = seen.into_inner();
     let sum = |f: fn(&ShardStats) -> u64| seen.iter().map(|s| f(&s.3)).sum::<u64>();
+    eprintln!(
+        "{} seeds: {} CopyStart requests, {} tails of shards copied while serving ({} with keys \
+         written during the copy), {} stages, {} stale replays ({} stages)",
+        seen.len(),
+        sum(|s| s.copy_starts_sent),
+        sum(|s| s.touched_tails_sent),
+        sum(|s| s.touched_tails_with_keys),
+        sum(|s| s.stages_sent),
+        sum(|s| s.stale_replays),
+        sum(|s| s.stale_stage_replays)
+    );
     assert!(seen.iter().all(|s| s.0 > 0 && s.1 > 0), "{seen:?}");
     assert!(seen.iter().any(|s| s.2), "no history got a verdict");
     assert!(seen.iter().all(|s| s.3.latest >= 1), "{seen:?}");
@@ -76,6 +87,15 @@ fn the_sharded_kv_survives_the_nemesis_and_reconfiguration() {
         assert!(
             sum(|s| s.stale_stage_replays) > 0,
             "no chunk of an older configuration was staged again"
+        );
+        // Shards copied while they served, and tails carrying the keys written meanwhile.
+        assert!(
+            sum(|s| s.copy_starts_sent) > 0,
+            "no shard copied while serving"
+        );
+        assert!(
+            sum(|s| s.touched_tails_with_keys) > 0,
+            "no key written while its shard was copied"
         );
     }
 }

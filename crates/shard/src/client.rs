@@ -50,7 +50,7 @@ use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult, ScanItem};
 use shoal_wire::shard::{ShardReply, ShardRequest};
 
 use crate::layout::{Record, LATEST_KEY};
-use crate::{shard_of, Config, Gid, ShardId};
+use crate::{shard_of, Config, Gid, ShardId, NO_GROUP};
 
 /// Bit set in every timer token of the routing client itself (not of its inner store clerk).
 pub const OWN_TIMER_BIT: u64 = 1 << 62;
@@ -229,6 +229,13 @@ pub struct ShardClerk {
     /// The inner clerk reading configurations from the controller's store.
     store: Clerk,
     config: Option<Config>,
+    /// Shards that the cached configuration's record (incomplete) moves, to their previous
+    /// owner: served there until it adopts the configuration (the shard is copied while it
+    /// serves), so they are sent there first, and to the new owner once the previous owner
+    /// answers `WrongGroup` at or past the cached configuration.
+    moving: BTreeMap<ShardId, Gid>,
+    /// The groups of the configuration cached before (the servers of a leaving group).
+    old_groups: BTreeMap<Gid, Vec<String>>,
     refresh: Refresh,
     refresh_backoff: Duration,
     /// The index (in `config.groups[gid]`) of the server believed to lead each group.
@@ -262,6 +269,8 @@ impl ShardClerk {
             cfg,
             store,
             config: None,
+            moving: BTreeMap::new(),
+            old_groups: BTreeMap::new(),
             refresh: Refresh::Idle,
             leaders: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -432,6 +441,7 @@ impl ShardClerk {
         self.config
             .as_ref()
             .and_then(|c| c.groups.get(&gid))
+            .or_else(|| self.old_groups.get(&gid))
             .map_or(0, Vec::len)
     }
 
@@ -497,7 +507,7 @@ impl ShardClerk {
         self.refresh = Refresh::Idle;
         let fetched = match outcome {
             Outcome::Done(KvResult::Found { value, .. }) => match Record::decode(&value) {
-                Ok(record) => Some(record.config),
+                Ok(record) => Some(record),
                 Err(e) => {
                     tracing::warn!(error = %e, "the controller's latest configuration record does not decode; retrying (is this client older than the controller?)");
                     None
@@ -509,9 +519,16 @@ impl ShardClerk {
                 None
             }
         };
-        let newer = fetched.filter(|c| match &self.config {
+        if let (Some(r), Some(c)) = (&fetched, &self.config) {
+            if r.complete && r.config.num == c.num {
+                // Every move of the cached configuration is installed.
+                self.moving.clear();
+            }
+        }
+        let newer = fetched.filter(|r| match &self.config {
             None => true,
             Some(old) => {
+                let c = &r.config;
                 if c.num_shards() != old.num_shards() {
                     tracing::warn!(
                         old = old.num_shards(),
@@ -523,8 +540,18 @@ impl ShardClerk {
                 c.num > old.num
             }
         });
-        if let Some(c) = newer {
-            self.config = Some(c);
+        if let Some(r) = newer {
+            self.moving = if r.complete {
+                BTreeMap::new()
+            } else {
+                r.moves
+                    .iter()
+                    .filter(|m| m.from != NO_GROUP)
+                    .map(|m| (m.shard, m.from))
+                    .collect()
+            };
+            self.old_groups = self.config.take().map(|c| c.groups).unwrap_or_default();
+            self.config = Some(r.config);
             self.refresh_backoff = self.cfg.min_backoff;
             return self.route_waiting();
         }
@@ -664,10 +691,25 @@ impl ShardClerk {
         else {
             return Routed::Sent(Vec::new());
         };
-        let Some(gid) = config.owner(part.shard) else {
+        let old_groups = &self.old_groups;
+        let servers_of = |gid: Gid| {
+            config
+                .groups
+                .get(&gid)
+                .or_else(|| old_groups.get(&gid))
+                .filter(|s| !s.is_empty())
+        };
+        // A shard moving in the cached (incomplete) configuration goes to its previous owner
+        // while it serves there, if its servers are known.
+        let moving = self
+            .moving
+            .get(&part.shard)
+            .copied()
+            .filter(|&g| servers_of(g).is_some());
+        let Some(gid) = moving.or_else(|| config.owner(part.shard)) else {
             return Routed::NeedConfig;
         };
-        let Some(servers) = config.groups.get(&gid).filter(|s| !s.is_empty()) else {
+        let Some(servers) = servers_of(gid) else {
             return Routed::NeedConfig;
         };
         let index = self.leaders.get(&gid).copied().unwrap_or(0) % servers.len();
@@ -758,6 +800,21 @@ impl ShardClerk {
         if !matches!(part.state, PartState::Sent { .. }) {
             return Vec::new();
         }
+        let (shard, gid) = (part.shard, part.gid);
+        if self.moving.get(&shard) == Some(&gid) {
+            if group_config >= cached {
+                // The previous owner adopted the move: the shard is the new owner's now (it
+                // answers WrongGroup, and the client waits, until its Install).
+                self.moving.remove(&shard);
+                return self.route(i);
+            }
+            // The previous owner does not serve it at an older configuration (it is behind):
+            // give it time.
+            return self.pause(i);
+        }
+        let Some(part) = self.part_mut(i) else {
+            return Vec::new();
+        };
         if group_config < cached {
             // The group has not adopted the configuration we routed by yet: give it time.
             return self.pause(i);

@@ -63,6 +63,17 @@ pub struct ControllerConfig {
     /// Most `Stage` requests of one move in flight at once (the next chunk is read while
     /// earlier ones are being logged).
     pub stages_in_flight: usize,
+    /// Copy each moving shard while it still serves (`CopyStart` at the old owner, chunks of
+    /// the live shard staged before the groups adopt the configuration), so that only the
+    /// keys written since travel after the freeze. `false`: the whole copy happens frozen.
+    pub precopy: bool,
+    /// The throttle of a copy while the shard serves (it is in no hurry: the shard is
+    /// served meanwhile, and the groups' own requests come first): at most this many
+    /// `Stage`s of one move in flight ...
+    pub precopy_stages_in_flight: usize,
+    /// ... and this pause before reading each chunk after the first, so one move copies at
+    /// most about `chunk_bytes` per pause.
+    pub precopy_pause: Duration,
 }
 
 impl ControllerConfig {
@@ -79,6 +90,9 @@ impl ControllerConfig {
             max_parallel_moves: 4,
             chunk_bytes: 1024 * 1024,
             stages_in_flight: 3,
+            precopy: true,
+            precopy_stages_in_flight: 3,
+            precopy_pause: Duration::ZERO,
         }
     }
 }
@@ -245,6 +259,12 @@ enum AdoptState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
+    /// Old owner, before it adopts N: start recording the keys written (copy while serving).
+    CopyStart,
+    /// The chunked copy of the live shard (after `CopyStart`, before the groups adopt N):
+    /// `ExportChunk`s of the serving shard at the old owner, each `Stage`d at the new owner,
+    /// until a chunk comes back empty.
+    PreCopy,
     Freeze,
     /// The chunked copy: `ExportChunk`s at the old owner, each `Stage`d at the new owner, until
     /// the last chunk's tail is in hand and every stage answered (see [`CopyRun`]).
@@ -263,10 +283,25 @@ enum MoveState {
     Done,
 }
 
+/// A move's copy while the shard serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pre {
+    NotStarted,
+    Running,
+    /// Copied to the end while serving: after the freeze, the copy continues after `resume`.
+    Done,
+    /// Not copied while serving (the old owner adopted N already, or refused): the whole
+    /// copy happens after the freeze.
+    Skipped,
+}
+
 #[derive(Debug, Clone)]
 struct MoveRun {
     mv: ShardMove,
     state: MoveState,
+    pre: Pre,
+    /// Where the copy after the freeze starts (the last key copied while serving).
+    resume: Option<Vec<u8>>,
     /// The Install's data: the tail of the chunked copy.
     data: Option<Vec<u8>>,
     copy: CopyRun,
@@ -286,11 +321,16 @@ struct CopyRun {
     stages: usize,
     /// The last chunk's tail, once read.
     tail: Option<Vec<u8>>,
+    /// A copy of the live shard read to its end (an empty chunk came back).
+    live_end: bool,
 }
 
 #[derive(Debug, Clone)]
 struct Drive {
     num: u64,
+    /// Copying while the shards serve: the groups adopt N-1 only, then the moves' pre-copies
+    /// run, then every group adopts N.
+    pre: bool,
     /// Configuration N-1 once read.
     prev: Option<Config>,
     adopt: BTreeMap<Gid, AdoptState>,
@@ -908,8 +948,10 @@ impl Controller {
         }
         let n = record.config.num;
         self.phase = Phase::Driving;
+        let pre = self.cfg.precopy && record.moves.iter().any(|m| m.from != NO_GROUP);
         self.drive = Some(Drive {
             num: n,
+            pre,
             prev: None,
             adopt: BTreeMap::new(),
             moves: record
@@ -920,6 +962,8 @@ impl Controller {
                     mv,
                     copy: CopyRun::default(),
                     state: MoveState::Waiting,
+                    pre: Pre::NotStarted,
+                    resume: None,
                     data: None,
                 })
                 .collect(),
@@ -1012,7 +1056,9 @@ impl Controller {
             self.moved_past(out);
             return;
         }
-        if adopted == drive.num {
+        // While copying live, the old owners must not adopt N yet (they would stop serving).
+        let target = if drive.pre { drive.num - 1 } else { drive.num };
+        if adopted >= target {
             drive.adopt.insert(gid, AdoptState::Done);
             self.check_adopted(out);
         } else {
@@ -1025,8 +1071,74 @@ impl Controller {
             return;
         };
         if drive.adopt.values().all(|s| *s == AdoptState::Done) {
-            self.start_moves(out);
+            if drive.pre {
+                self.start_precopies(out);
+            } else {
+                self.start_moves(out);
+            }
         }
+    }
+
+    /// Starts the copies while serving (at most `max_parallel_moves` at once); once every
+    /// move's is done or skipped, every group adopts N and the moves go on frozen.
+    fn start_precopies(&mut self, out: &mut Vec<CtlAction>) {
+        let Some(drive) = self.drive.as_mut() else {
+            return;
+        };
+        if !drive.pre {
+            return;
+        }
+        let running = drive
+            .moves
+            .iter()
+            .filter(|m| matches!(m.state, MoveState::Running(_)))
+            .count();
+        let free = self.cfg.max_parallel_moves.saturating_sub(running);
+        let start: Vec<usize> = drive
+            .moves
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.state == MoveState::Waiting && m.pre == Pre::NotStarted)
+            .map(|(i, _)| i)
+            .take(free)
+            .collect();
+        for i in start {
+            if let Some(d) = self.drive.as_mut() {
+                d.moves[i].pre = Pre::Running;
+            }
+            self.step(i, Step::CopyStart, out);
+        }
+        let Some(drive) = self.drive.as_mut() else {
+            return;
+        };
+        if drive
+            .moves
+            .iter()
+            .all(|m| matches!(m.pre, Pre::Done | Pre::Skipped))
+        {
+            drive.pre = false;
+            let gids: Vec<Gid> = drive.adopt.keys().copied().collect();
+            for &gid in &gids {
+                drive.adopt.insert(gid, AdoptState::Asking);
+            }
+            for gid in gids {
+                self.call(gid, ControlOp::Adopted, CallFor::Adopted(gid), out);
+            }
+        }
+    }
+
+    /// The old owner answered move i's `CopyStart`: copy the live shard, or (refused: it
+    /// adopted N already) leave the whole copy for after the freeze.
+    fn copy_started(&mut self, i: usize, started: bool, out: &mut Vec<CtlAction>) {
+        if started {
+            self.start_copy(i, Step::PreCopy, false, out);
+            return;
+        }
+        if let Some(d) = self.drive.as_mut() {
+            d.moves[i].pre = Pre::Skipped;
+            d.moves[i].state = MoveState::Waiting;
+        }
+        self.start_precopies(out);
     }
 
     /// A group is past the configuration being driven: a later one exists. Reload.
@@ -1075,11 +1187,12 @@ impl Controller {
         m.state = MoveState::Running(step);
         let (shard, from, to) = (m.mv.shard, m.mv.from, m.mv.to);
         let (gid, op) = match step {
-            Step::Freeze => (from, ControlOp::Freeze { shard, config: num }),
-            Step::Copy => {
-                self.start_copy(i, false, out);
+            Step::CopyStart => (from, ControlOp::CopyStart { shard, config: num }),
+            Step::PreCopy | Step::Copy => {
+                self.start_copy(i, step, false, out);
                 return;
             }
+            Step::Freeze => (from, ControlOp::Freeze { shard, config: num }),
             Step::Probe => (
                 to,
                 ControlOp::Install {
@@ -1103,6 +1216,8 @@ impl Controller {
 
     fn step_done(&mut self, i: usize, step: Step, out: &mut Vec<CtlAction>) {
         let next = match step {
+            // Answered by `copy_started` and `copy_progress`.
+            Step::CopyStart | Step::PreCopy => return,
             Step::Freeze => Some(Step::Copy),
             Step::Copy | Step::Probe => Some(Step::Install),
             Step::Install => Some(Step::Delete),
@@ -1120,18 +1235,26 @@ impl Controller {
         }
     }
 
-    /// (Re)starts move i's chunked copy from the first key, as a new round (now, or after a
-    /// pause when the previous attempt was refused).
-    fn start_copy(&mut self, i: usize, later: bool, out: &mut Vec<CtlAction>) {
+    /// (Re)starts move i's chunked copy (`step`: of the live shard, or of the frozen one) as a
+    /// new round, from the first key — or, for the first copy after a copy while serving,
+    /// after the last key copied then (now, or after a pause when the previous attempt was
+    /// refused).
+    fn start_copy(&mut self, i: usize, step: Step, later: bool, out: &mut Vec<CtlAction>) {
         let Some(drive) = self.drive.as_mut() else {
             return;
         };
         let m = &mut drive.moves[i];
-        m.state = MoveState::Running(Step::Copy);
+        m.state = MoveState::Running(step);
         m.data = None;
         let round = m.copy.round + 1;
+        let after = if step == Step::Copy {
+            m.resume.take()
+        } else {
+            None
+        };
         m.copy = CopyRun {
             round,
+            after,
             ..CopyRun::default()
         };
         // Calls of an earlier round are no longer wanted.
@@ -1156,8 +1279,15 @@ impl Controller {
             max_bytes: self.cfg.chunk_bytes,
         };
         let (from, purpose) = (m.mv.from, CallFor::Chunk(i, m.copy.round));
+        // Throttled while the shard serves (not before its first chunk).
+        let pace = m.state == MoveState::Running(Step::PreCopy) && m.copy.after.is_some();
+        let pause = self.cfg.precopy_pause;
         if later {
             self.call_later(from, op, purpose, out);
+        } else if pace && !pause.is_zero() {
+            if let Some(tag) = self.new_call(from, op, purpose) {
+                self.resend_after(tag, pause, out);
+            }
         } else {
             self.call(from, op, purpose, out);
         }
@@ -1166,7 +1296,11 @@ impl Controller {
     /// Move i's copy round `round`, if it is the one running.
     fn copy_of(&mut self, i: usize, round: u64) -> Option<&mut CopyRun> {
         let m = self.drive.as_mut()?.moves.get_mut(i)?;
-        (m.state == MoveState::Running(Step::Copy) && m.copy.round == round).then_some(&mut m.copy)
+        let copying = matches!(
+            m.state,
+            MoveState::Running(Step::Copy) | MoveState::Running(Step::PreCopy)
+        );
+        (copying && m.copy.round == round).then_some(&mut m.copy)
     }
 
     /// A chunk of move i's copy arrived: stage it, read the next one while few stages are in
@@ -1178,15 +1312,29 @@ impl Controller {
         chunk: Option<ShardChunk>,
         out: &mut Vec<CtlAction>,
     ) {
+        let live = self
+            .drive
+            .as_ref()
+            .and_then(|d| d.moves.get(i))
+            .is_some_and(|m| m.state == MoveState::Running(Step::PreCopy));
         let Some(chunk) = chunk else {
-            // Not frozen at this number here: deleted after its install (an earlier
-            // controller's) — ask the new owner.
             if self.copy_of(i, round).is_some() {
-                self.step(i, Step::Probe, out);
+                if live {
+                    // The old owner no longer copies the shard live: copy it frozen.
+                    self.copy_started(i, false, out);
+                } else {
+                    // Not frozen at this number here: deleted after its install (an earlier
+                    // controller's) — ask the new owner.
+                    self.step(i, Step::Probe, out);
+                }
             }
             return;
         };
-        let stages_max = self.cfg.stages_in_flight;
+        let stages_max = if live {
+            self.cfg.precopy_stages_in_flight.max(1)
+        } else {
+            self.cfg.stages_in_flight
+        };
         let Some(drive) = self.drive.as_ref() else {
             return;
         };
@@ -1198,14 +1346,20 @@ impl Controller {
         if let Some(last) = chunk.items.last() {
             copy.after = Some(last.key.clone());
         }
-        if chunk.tail.is_some() {
+        if live {
+            // A live copy has no tail: it ends at an empty chunk (the tail comes after the
+            // freeze, with the keys written meanwhile).
+            if chunk.items.is_empty() || chunk.tail.is_some() {
+                copy.live_end = true;
+            }
+        } else if chunk.tail.is_some() {
             copy.tail = chunk.tail;
         }
         let stage = !chunk.items.is_empty();
         if stage {
             copy.stages += 1;
         }
-        let more = copy.tail.is_none() && copy.stages < stages_max;
+        let more = copy.tail.is_none() && !copy.live_end && copy.stages < stages_max;
         if stage {
             let op = ControlOp::Stage {
                 shard: mv.shard,
@@ -1226,7 +1380,7 @@ impl Controller {
             return;
         };
         copy.stages = copy.stages.saturating_sub(1);
-        let more = copy.tail.is_none() && !copy.exporting;
+        let more = copy.tail.is_none() && !copy.live_end && !copy.exporting;
         if more {
             self.next_chunk(i, false, out);
         }
@@ -1238,6 +1392,17 @@ impl Controller {
             return;
         };
         if copy.stages > 0 || copy.exporting {
+            return;
+        }
+        if copy.live_end {
+            let after = copy.after.clone();
+            if let Some(d) = self.drive.as_mut() {
+                let m = &mut d.moves[i];
+                m.pre = Pre::Done;
+                m.resume = after;
+                m.state = MoveState::Waiting;
+            }
+            self.start_precopies(out);
             return;
         }
         let Some(tail) = copy.tail.take() else {
@@ -1342,11 +1507,16 @@ impl Controller {
 
     /// Resends call `tag` after a pause (refusals, unknown leader): never in a hot loop.
     fn resend_later(&mut self, tag: u64, out: &mut Vec<CtlAction>) {
+        self.resend_after(tag, self.cfg.retry_timeout, out);
+    }
+
+    /// Sends (or resends) call `tag` after `after`.
+    fn resend_after(&mut self, tag: u64, after: Duration, out: &mut Vec<CtlAction>) {
         if let Some(call) = self.calls.get_mut(&tag) {
             call.sends += 1;
             call.hops = 0;
             out.push(CtlAction::SetTimer {
-                after: self.cfg.retry_timeout,
+                after,
                 token: token(KIND_CALL_RESEND, (tag << 16) | (call.sends & 0xFFFF)),
             });
         }
@@ -1443,16 +1613,31 @@ impl Controller {
                 let Some(call) = self.calls.remove(&tag) else {
                     return out;
                 };
+                let past = matches!(status, ControlStatus::Stale { seen } if seen > num);
+                if let (CallFor::Step(i, Step::CopyStart), false) = (purpose, past) {
+                    let started =
+                        matches!(status, ControlStatus::Applied | ControlStatus::AlreadyDone);
+                    if let ControlStatus::Refused { reason } = &status {
+                        self.problem(format!(
+                            "group {gid} copies shard {} frozen: {reason}",
+                            self.drive.as_ref().map_or(0, |d| d.moves[i].mv.shard)
+                        ));
+                    }
+                    self.copy_started(i, started, &mut out);
+                    return out;
+                }
                 match status {
                     ControlStatus::Stale { seen } if seen > num => self.moved_past(&mut out),
                     ControlStatus::Refused { reason } => match purpose {
                         // Not installed at the new owner, and no export: the export is still
                         // to come (the freeze's entry may not be applied at the leader read).
-                        CallFor::Step(i, Step::Probe) => self.start_copy(i, true, &mut out),
+                        CallFor::Step(i, Step::Probe) => {
+                            self.start_copy(i, Step::Copy, true, &mut out)
+                        }
                         // The staged copy is not complete (or was dropped): copy it again.
                         CallFor::Step(i, Step::Install) => {
                             self.problem(format!("group {gid} refused the install: {reason}"));
-                            self.start_copy(i, true, &mut out);
+                            self.start_copy(i, Step::Copy, true, &mut out);
                         }
                         // A gap (the group is behind what it told): ask again where it is.
                         CallFor::Adopt(g, k) => {

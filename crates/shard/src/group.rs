@@ -16,7 +16,7 @@
 //! **Leases** are refused in a sharded cluster for now ([`KvResult::Refused`]): a lease's keys
 //! may span shards and its expiry follows positions, which are per shard here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use shoal_kv::{KvStore, Limits};
@@ -28,14 +28,19 @@ use crate::{diff, shard_of, Config, Gid, ShardId, NO_GROUP};
 
 /// The format version byte in front of every encoded [`GroupEntry`].
 pub const ENTRY_FORMAT: u8 = 1;
-/// The format version byte in front of a [`ShardMachine`] snapshot (2: with the staged
-/// copies of shards moving in; 1, without them, is still restored).
-pub const MACHINE_SNAPSHOT_FORMAT: u8 = 2;
+/// The format version byte in front of a [`ShardMachine`] snapshot (3: with the copies in
+/// progress at the old owner, [`CopyTrack`]; 2, with the staged copies of shards moving in
+/// but no copy tracking, and 1, without either, are still restored).
+pub const MACHINE_SNAPSHOT_FORMAT: u8 = 3;
 /// The format byte in front of a shard exported whole by [`ShardMachine::export`].
 pub const EXPORT_FORMAT: u8 = 1;
 /// The format byte in front of the tail of a shard copied in chunks
 /// ([`ShardMachine::export_chunk`]'s last chunk): an Install's data that serves the staged copy.
 pub const TAIL_FORMAT: u8 = 2;
+/// The format byte in front of the tail of a shard copied while it served (a
+/// [`GroupEntry::CopyStart`] before its freeze): [`TAIL_FORMAT`]'s tail plus every key
+/// written since the copy started, with its value at the freeze or its absence.
+pub const TAIL_TOUCHED_FORMAT: u8 = 3;
 /// The most bytes of keys and values one chunk carries, whatever the request asks (a chunk
 /// must fit in one frame and one modest log entry; one key larger than this still goes alone).
 pub const MAX_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
@@ -117,6 +122,15 @@ pub enum GroupEntry {
         config: u64,
         /// Keys with their values and versions, from [`ShardMachine::export_chunk`].
         items: Vec<CopiedItem>,
+    },
+    /// Old owner, before it adopts `config`: record the keys of `shard` written from now on,
+    /// so that the shard can be copied while it serves (see [`CopyTrack`]). The last variant,
+    /// so older entries keep their bytes.
+    CopyStart {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that will move it away.
+        config: u64,
     },
 }
 
@@ -235,6 +249,22 @@ pub struct Staging {
     pub store: KvStore,
 }
 
+/// A copy of a shard in progress while the shard still serves (old owner): from position
+/// `p0` of the shard's store on, every key a client request writes or deletes is recorded,
+/// so that chunks read from the live store after `p0` plus the **touched** keys' values at
+/// the freeze make the shard as it was frozen (`docs/sharding.md`, "Copying while the shard
+/// serves"). Started by [`GroupEntry::CopyStart`]; dropped at the shard's Delete, at a Freeze
+/// or an Adopt of another (newer) configuration, and replaced by a newer CopyStart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyTrack {
+    /// The configuration that will move the shard away.
+    pub config: u64,
+    /// The shard's position when the tracking began.
+    pub p0: u64,
+    /// The keys written or deleted since `p0`.
+    pub touched: BTreeSet<Vec<u8>>,
+}
+
 /// The shard-aware state machine of one replica group.
 #[derive(Debug, Clone)]
 pub struct ShardMachine {
@@ -248,6 +278,8 @@ pub struct ShardMachine {
     deleted: BTreeMap<ShardId, u64>,
     /// Shards moving in, copied in chunks (`Stage`) and not served until their Install.
     staging: BTreeMap<ShardId, Staging>,
+    /// Shards moving out, copied while they serve: the keys written since the copy started.
+    copies: BTreeMap<ShardId, CopyTrack>,
 }
 
 /// A snapshot in the making: O(1) copies of the stores (`KvStore` shares its nodes), serialized
@@ -288,12 +320,46 @@ struct StagingImage {
 }
 
 #[derive(Serialize, Deserialize)]
+struct MachineImageV2 {
+    gid: Gid,
+    config: Config,
+    shards: Vec<ShardImage>,
+    deleted: Vec<(ShardId, u64)>,
+    staging: Vec<StagingImage>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CopyImage {
+    shard: ShardId,
+    config: u64,
+    p0: u64,
+    touched: Vec<serde_bytes::ByteBuf>,
+}
+
+#[derive(Serialize, Deserialize)]
 struct MachineImage {
     gid: Gid,
     config: Config,
     shards: Vec<ShardImage>,
     deleted: Vec<(ShardId, u64)>,
     staging: Vec<StagingImage>,
+    copies: Vec<CopyImage>,
+}
+
+/// A key written since a copy started, with its value and version at the freeze (`None`:
+/// absent then).
+#[derive(Serialize, Deserialize)]
+struct TouchedItem {
+    #[serde(with = "serde_bytes")]
+    key: Vec<u8>,
+    value: Option<(serde_bytes::ByteBuf, u64)>,
+}
+
+/// [`TailImage`] of a shard copied while it served ([`TAIL_TOUCHED_FORMAT`]).
+#[derive(Serialize, Deserialize)]
+struct TouchedTailImage {
+    tail: TailImage,
+    touched: Vec<TouchedItem>,
 }
 
 /// The tail of a shard copied in chunks: what its Install adds to the staged keys.
@@ -356,7 +422,13 @@ impl ShardMachine {
             shards: BTreeMap::new(),
             deleted: BTreeMap::new(),
             staging: BTreeMap::new(),
+            copies: BTreeMap::new(),
         })
+    }
+
+    /// The copy of `shard` in progress while it serves, if any (old owner).
+    pub fn copy_track(&self, shard: ShardId) -> Option<&CopyTrack> {
+        self.copies.get(&shard)
     }
 
     /// The staged copy of `shard` if it is moving in chunk by chunk.
@@ -442,7 +514,12 @@ impl ShardMachine {
         max_bytes: u64,
     ) -> Option<ShardChunk> {
         let s = self.shards.get(&shard)?;
-        if s.state != ShardState::Frozen || s.config != config {
+        let track = self.copies.get(&shard).filter(|t| t.config == config);
+        let frozen = s.state == ShardState::Frozen && s.config == config;
+        // The live store of a shard whose copy to `config` started here (it serves until the
+        // group adopts `config`, then waits for its freeze): chunks, never a tail.
+        let live = s.state == ShardState::Serving && s.config < config && track.is_some();
+        if !frozen && !live {
             return None;
         }
         let max = max_bytes.clamp(1, MAX_CHUNK_BYTES) as usize;
@@ -455,17 +532,43 @@ impl ShardMachine {
                 version,
             })
             .collect();
-        let tail = last.then(|| {
-            let image = TailImage {
+        let tail = (last && frozen).then(|| {
+            let tail = TailImage {
                 shard,
                 config,
                 keys: s.store.len() as u64,
                 data_bytes: s.store.data_bytes() as u64,
                 meta: s.store.meta_snapshot(),
             };
-            postcard::to_extend(&image, vec![TAIL_FORMAT]).expect("a tail always serializes")
+            match track {
+                None => postcard::to_extend(&tail, vec![TAIL_FORMAT]),
+                Some(t) => {
+                    let touched = t
+                        .touched
+                        .iter()
+                        .map(|k| TouchedItem {
+                            key: k.clone(),
+                            value: s
+                                .store
+                                .get(k)
+                                .map(|(v, ver)| (serde_bytes::ByteBuf::from(v.to_vec()), ver)),
+                        })
+                        .collect();
+                    let image = TouchedTailImage { tail, touched };
+                    postcard::to_extend(&image, vec![TAIL_TOUCHED_FORMAT])
+                }
+            }
+            .expect("a tail always serializes")
         });
         Some(ShardChunk { items, tail })
+    }
+
+    /// How many keys written during a copy while serving an Install's `data` carries: `None`
+    /// unless it is a [`TAIL_TOUCHED_FORMAT`] tail that decodes (for the simulator's counts).
+    pub fn tail_touched_keys(data: &[u8]) -> Option<usize> {
+        let rest = data.strip_prefix(&[TAIL_TOUCHED_FORMAT])?;
+        let image: TouchedTailImage = take_all("tail", rest).ok()?;
+        Some(image.touched.len())
     }
 
     fn wrong_group(&self) -> GroupOutput {
@@ -514,7 +617,17 @@ impl ShardMachine {
         };
         // The shard's own counter, not the group's log index (see the module's comment).
         let position = s.store.applied() + 1;
-        GroupOutput::Kv(s.store.apply(position, request))
+        let out = s.store.apply(position, request);
+        if let Some(t) = self.copies.get_mut(&shard) {
+            if let KvOp::Put { key, .. } | KvOp::Delete { key, .. } = &request.op {
+                // Recorded whatever the outcome (a refused or replayed write costs a key in
+                // the tail, never a wrong value).
+                if !t.touched.contains(key.as_slice()) {
+                    t.touched.insert(key.clone());
+                }
+            }
+        }
+        GroupOutput::Kv(out)
     }
 
     fn adopt(&mut self, config: &Config) -> ControlOutcome {
@@ -570,6 +683,62 @@ impl ShardMachine {
             }
         }
         self.config = config.clone();
+        // A copy towards an older configuration is over (its move completed before this
+        // configuration was recorded).
+        self.copies.retain(|_, t| t.config >= config.num);
+        ControlOutcome::Applied
+    }
+
+    /// Starts recording the keys of `shard` written from now on, for its copy to `config`
+    /// while it serves. Only at the group serving it before adopting `config`.
+    fn copy_start(&mut self, shard: ShardId, config: u64) -> ControlOutcome {
+        if let Some(r) = self.unknown_shard(shard) {
+            return r;
+        }
+        let Some(s) = self.shards.get(&shard) else {
+            return match self.deleted.get(&shard) {
+                Some(&d) if d >= config => ControlOutcome::Stale { seen: d },
+                _ => ControlOutcome::Refused {
+                    reason: format!("shard {shard} is not held by group {}", self.gid),
+                },
+            };
+        };
+        if self.copies.get(&shard).is_some_and(|t| t.config == config) {
+            return ControlOutcome::AlreadyDone;
+        }
+        if s.config >= config {
+            return ControlOutcome::Stale { seen: s.config };
+        }
+        if self.copies.get(&shard).is_some_and(|t| t.config > config) {
+            let seen = self.copies[&shard].config;
+            return ControlOutcome::Stale { seen };
+        }
+        if self.config.num >= config {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "group {} adopted configuration {} already: shard {shard} is copied frozen",
+                    self.gid, self.config.num
+                ),
+            };
+        }
+        if self.config.num + 1 != config || !self.serves(shard) {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "group {} (at configuration {}) does not serve shard {shard} before \
+                     configuration {config}",
+                    self.gid, self.config.num
+                ),
+            };
+        }
+        let p0 = s.store.applied();
+        self.copies.insert(
+            shard,
+            CopyTrack {
+                config,
+                p0,
+                touched: BTreeSet::new(),
+            },
+        );
         ControlOutcome::Applied
     }
 
@@ -599,6 +768,9 @@ impl ShardMachine {
             ShardState::Serving => {
                 s.state = ShardState::Frozen;
                 s.config = config;
+                if self.copies.get(&shard).is_some_and(|t| t.config != config) {
+                    self.copies.remove(&shard);
+                }
                 ControlOutcome::Applied
             }
             // Frozen at an older configuration: its data may not be current, so it is not
@@ -638,6 +810,8 @@ impl ShardMachine {
         }
         let store = if data.first() == Some(&TAIL_FORMAT) {
             self.decode_tail(shard, config, &data[1..])
+        } else if data.first() == Some(&TAIL_TOUCHED_FORMAT) {
+            self.decode_touched_tail(shard, config, &data[1..])
         } else {
             self.decode_export(shard, config, data)
         };
@@ -647,6 +821,7 @@ impl ShardMachine {
         };
         self.staging.remove(&shard);
         self.deleted.remove(&shard);
+        self.copies.remove(&shard);
         self.shards.insert(
             shard,
             Shard {
@@ -678,6 +853,35 @@ impl ShardMachine {
     /// copy is complete (as many keys and bytes as the frozen shard holds).
     fn decode_tail(&self, shard: ShardId, config: u64, rest: &[u8]) -> Result<KvStore, String> {
         let image: TailImage = take_all("tail", rest).map_err(|e| e.to_string())?;
+        self.tail_over_staged(shard, config, image, &[])
+    }
+
+    /// [`ShardMachine::decode_tail`] of a shard copied while it served: the touched keys'
+    /// values at the freeze (or their absence) are written over the staged copy first.
+    fn decode_touched_tail(
+        &self,
+        shard: ShardId,
+        config: u64,
+        rest: &[u8],
+    ) -> Result<KvStore, String> {
+        let image: TouchedTailImage = take_all("tail", rest).map_err(|e| e.to_string())?;
+        let n = self.config.num_shards();
+        if let Some(bad) = image.touched.iter().find(|t| shard_of(&t.key, n) != shard) {
+            return Err(format!(
+                "a key of the tail is in shard {}, not in shard {shard}",
+                shard_of(&bad.key, n)
+            ));
+        }
+        self.tail_over_staged(shard, config, image.tail, &image.touched)
+    }
+
+    fn tail_over_staged(
+        &self,
+        shard: ShardId,
+        config: u64,
+        image: TailImage,
+        touched: &[TouchedItem],
+    ) -> Result<KvStore, String> {
         if image.shard != shard || image.config != config {
             return Err(format!(
                 "the tail is of shard {} frozen at configuration {}, not shard {shard} at {config}",
@@ -704,6 +908,13 @@ impl ShardMachine {
                 ))
             }
         };
+        let mut staged = staged.clone();
+        for t in touched {
+            match &t.value {
+                Some((value, version)) => staged.insert_copied(&t.key, value, *version),
+                None => staged.remove_copied(&t.key),
+            }
+        }
         let (keys, bytes) = (staged.len() as u64, staged.data_bytes() as u64);
         if keys != image.keys || bytes != image.data_bytes {
             return Err(format!(
@@ -713,7 +924,6 @@ impl ShardMachine {
             ));
         }
         staged
-            .clone()
             .with_meta(&image.meta)
             .map_err(|e| format!("the tail's session table: {e}"))
     }
@@ -723,11 +933,15 @@ impl ShardMachine {
         if let Some(r) = self.incoming_fence(shard, config) {
             return r;
         }
-        if config > self.config.num {
+        // The next configuration too: a shard copied while it serves is staged before the
+        // groups adopt the configuration that moves it (the staged copy is never served
+        // before its Install).
+        if config > self.config.num + 1 {
             return ControlOutcome::Refused {
                 reason: format!(
-                    "configuration {config} is not adopted here yet (adopted {}): adopt it first",
-                    self.config.num
+                    "configuration {config} is not adopted here yet (adopted {}): adopt {} first",
+                    self.config.num,
+                    config - 1
                 ),
             };
         }
@@ -794,6 +1008,7 @@ impl ShardMachine {
             };
         }
         self.shards.remove(&shard);
+        self.copies.remove(&shard);
         self.deleted.insert(shard, config);
         ControlOutcome::Applied
     }
@@ -819,6 +1034,9 @@ impl ShardMachine {
                 config,
                 items,
             } => GroupOutput::Control(self.stage(*shard, *config, items)),
+            GroupEntry::CopyStart { shard, config } => {
+                GroupOutput::Control(self.copy_start(*shard, *config))
+            }
         }
     }
 
@@ -846,6 +1064,20 @@ impl ShardMachine {
                     store: st.store.snapshot(),
                 })
                 .collect(),
+            copies: self
+                .copies
+                .iter()
+                .map(|(&shard, t)| CopyImage {
+                    shard,
+                    config: t.config,
+                    p0: t.p0,
+                    touched: t
+                        .touched
+                        .iter()
+                        .map(|k| serde_bytes::ByteBuf::from(k.clone()))
+                        .collect(),
+                })
+                .collect(),
         };
         let out = vec![MACHINE_SNAPSHOT_FORMAT];
         postcard::to_extend(&image, out).expect("a machine snapshot always serializes")
@@ -868,6 +1100,18 @@ impl ShardMachine {
                     shards: old.shards,
                     deleted: old.deleted,
                     staging: Vec::new(),
+                    copies: Vec::new(),
+                }
+            }
+            Some(2) => {
+                let old: MachineImageV2 = take_all("snapshot", &bytes[1..])?;
+                MachineImage {
+                    gid: old.gid,
+                    config: old.config,
+                    shards: old.shards,
+                    deleted: old.deleted,
+                    staging: old.staging,
+                    copies: Vec::new(),
                 }
             }
             _ => take_all(
@@ -896,6 +1140,7 @@ impl ShardMachine {
         if !in_order(&mut image.shards.iter().map(|s| s.shard))
             || !in_order(&mut image.deleted.iter().map(|d| d.0))
             || !in_order(&mut image.staging.iter().map(|d| d.shard))
+            || !in_order(&mut image.copies.iter().map(|d| d.shard))
         {
             return Err(bad(
                 "shard numbers out of order, repeated or past the count".into(),
@@ -930,10 +1175,24 @@ impl ShardMachine {
                 },
             );
         }
+        let copies = image
+            .copies
+            .into_iter()
+            .map(|c| {
+                let touched = c.touched.into_iter().map(|k| k.into_vec()).collect();
+                let track = CopyTrack {
+                    config: c.config,
+                    p0: c.p0,
+                    touched,
+                };
+                (c.shard, track)
+            })
+            .collect();
         self.config = image.config;
         self.shards = shards;
         self.deleted = image.deleted.into_iter().collect();
         self.staging = staging;
+        self.copies = copies;
         Ok(())
     }
 }

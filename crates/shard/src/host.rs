@@ -486,6 +486,7 @@ impl GroupHost {
                 data,
             },
             ControlOp::Delete { shard, config } => GroupEntry::Delete { shard, config },
+            ControlOp::CopyStart { shard, config } => GroupEntry::CopyStart { shard, config },
         };
         let internal = self.wire_tag(reply_to, tag);
         self.propose_control(internal, entry);

@@ -195,6 +195,11 @@ impl Store {
     }
 
     fn publish(&mut self, config: &Config) {
+        self.publish_record(config, true);
+    }
+
+    /// Publishes `config` with its record complete or not (a change being driven).
+    fn publish_record(&mut self, config: &Config, complete: bool) {
         let moves = match &self.latest {
             Some(prev) => diff(prev, config).unwrap(),
             None => Vec::new(),
@@ -202,7 +207,7 @@ impl Store {
         let record = Record {
             config: config.clone(),
             moves,
-            complete: true,
+            complete,
         };
         let reply = self.server.handle(&KvRequest {
             client: self.session,
@@ -1037,4 +1042,61 @@ fn a_lost_connection_moves_on_at_once() {
         c.on_group_unreachable(1, "1b").is_empty(),
         "idle: nothing to do"
     );
+}
+
+/// A shard that the latest record (incomplete) moves is copied while it still serves at its
+/// previous owner: the client sends it there until that owner answers WrongGroup at the new
+/// configuration, then to the new owner. Without that rule the put below waits at the new
+/// owner (which has not even adopted the move) for ever.
+#[test]
+fn a_shard_moving_is_sent_to_its_previous_owner_until_it_adopts_the_move() {
+    let c1 = two_groups();
+    let mut w = World::new(&c1, &[1, 2]);
+    let shard = 1;
+    let key = key_in(shard, 0);
+    written(&w.done(put(&key, b"before")));
+    // Configuration 2 moves the shard to group 2; recorded, not complete, adopted by nobody.
+    let c2 = move_shard(&c1, shard, 2).unwrap();
+    w.store.publish_record(&c2, false);
+    // A client that did not know configuration 1 (its timer tokens start afresh).
+    w.clerk = ShardClerk::new(ShardClerkConfig::new(CLIENT + 1, vec![STORE])).unwrap();
+    w.tokens_seen.clear();
+    w.timers.clear();
+    let sent_before = w.sent.len();
+    let v = written(&w.done(put(&key, b"while copied")));
+    assert_eq!(w.clerk.config(), Some(&c2));
+    assert!(
+        w.sent[sent_before..].iter().all(|(s, _)| s == "1a"),
+        "served by the previous owner: {:?}",
+        &w.sent[sent_before..]
+    );
+    // The cut-over: both adopt 2, the old owner freezes, the new one installs.
+    for gid in [1, 2] {
+        w.server(gid)
+            .control(GroupEntry::Adopt { config: c2.clone() });
+    }
+    w.server(1).control(GroupEntry::Freeze { shard, config: 2 });
+    let data = w.server(1).export(shard, 2);
+    w.server(2).control(GroupEntry::Install {
+        shard,
+        config: 2,
+        data,
+    });
+    let sent_before = w.sent.len();
+    assert_eq!(
+        w.done(get(&key)),
+        KvResult::Found {
+            value: b"while copied".to_vec(),
+            version: v
+        }
+    );
+    let route: Vec<String> = w.sent[sent_before..]
+        .iter()
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert_eq!(route, vec!["1a".to_string(), "2a".to_string()]);
+    // From then on, straight to the new owner.
+    let sent_before = w.sent.len();
+    w.done(get(&key));
+    assert!(w.sent[sent_before..].iter().all(|(s, _)| s == "2a"));
 }

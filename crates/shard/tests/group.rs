@@ -426,12 +426,12 @@ fn snapshot_restore_snapshot_is_byte_identical() {
         .contains("group 1"));
     assert!(fresh.restore(LogIndex(1), &[]).is_err());
     assert!(fresh.restore(LogIndex(1), b"garbage").is_err());
-    let mut v3 = bytes.clone();
-    v3[0] = 3;
+    let mut v4 = bytes.clone();
+    v4[0] = 4;
     assert!(fresh
-        .restore(LogIndex(1), &v3)
+        .restore(LogIndex(1), &v4)
         .unwrap_err()
-        .contains("version 3"));
+        .contains("version 4"));
     for cut in 1..bytes.len() {
         assert!(
             fresh.restore(LogIndex(1), &bytes[..cut]).is_err(),
@@ -888,13 +888,14 @@ fn stages_are_fenced_by_the_configuration_and_the_shard() {
     let (g1, _, _) = frozen_with_data();
     let (parts, tail) = chunks(&g1, 3, 2, 20);
     let (c1, c2) = configs();
-    // Not adopted yet: refused.
+    // Neither configuration 2 nor the one before adopted yet: refused (configuration 1
+    // adopted, a stage of 2 is a copy while the shard serves: see `copy_while_serving`).
     let mut g2 = Node::new(2);
-    g2.control(&adopt(&c1));
     assert!(matches!(
         g2.control(&stage(3, 2, parts[0].clone())),
         ControlOutcome::Refused { reason } if reason.contains("not adopted")
     ));
+    g2.control(&adopt(&c1));
     g2.control(&adopt(&c2));
     // A shard configuration 2 does not give to group 2, a key of another shard: refused.
     assert!(matches!(
@@ -986,13 +987,23 @@ fn staged_copies_survive_a_snapshot_and_a_restore_and_old_snapshots_still_restor
     );
     // A format-1 snapshot (before staged copies: the same image without the last field, an
     // empty list here) still restores, as a machine staging nothing.
+    // Format 2 (before copy tracking: without the last list) too.
     let plain = busy_machine().bytes();
-    assert_eq!(plain[0], 2);
-    assert_eq!(*plain.last().unwrap(), 0, "an empty list of staged copies");
-    let mut v1 = plain[..plain.len() - 1].to_vec();
+    assert_eq!(plain[0], 3);
+    assert_eq!(
+        plain[plain.len() - 2..],
+        [0, 0],
+        "empty lists of staged copies and copies in progress"
+    );
+    let mut v1 = plain[..plain.len() - 2].to_vec();
     v1[0] = 1;
     let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
     old.restore(LogIndex(5), &v1).unwrap();
+    assert_eq!(old.snapshot().into_bytes(), plain);
+    let mut v2 = plain[..plain.len() - 1].to_vec();
+    v2[0] = 2;
+    let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
+    old.restore(LogIndex(5), &v2).unwrap();
     assert_eq!(old.snapshot().into_bytes(), plain);
     // Cut anywhere, the snapshot with staging is an error, never a panic.
     for cut in 1..bytes.len() {
@@ -1020,4 +1031,238 @@ fn stage_entries_that_do_not_decode_are_errors_never_panics() {
     let mut huge = bytes[..bytes.len().min(4)].to_vec();
     huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
     assert!(GroupEntry::decode(&huge).is_err());
+}
+
+fn copy_start(shard: u32, config: u64) -> GroupEntry {
+    GroupEntry::CopyStart { shard, config }
+}
+
+/// Chunks of the live shard `shard` (its copy to `config` started), from `after` to an empty
+/// chunk, `max` bytes each; `between` runs after each chunk (writes while the copy goes on).
+fn live_chunks(
+    from: &mut Node,
+    shard: u32,
+    config: u64,
+    mut after: Option<Vec<u8>>,
+    max: u64,
+    mut between: impl FnMut(&mut Node, usize),
+) -> (Vec<Vec<CopiedItem>>, Option<Vec<u8>>) {
+    let mut out = Vec::new();
+    loop {
+        let ShardChunk { items, tail } = from
+            .m
+            .export_chunk(shard, config, after.as_deref(), max)
+            .expect("copied live here");
+        assert!(tail.is_none(), "a live copy has no tail");
+        if items.is_empty() {
+            return (out, after);
+        }
+        after = Some(items.last().unwrap().key.clone());
+        out.push(items);
+        between(from, out.len());
+    }
+}
+
+#[test]
+fn a_shard_copied_while_it_serves_is_installed_with_the_writes_made_meanwhile() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let s = g1.register(3);
+    for n in 0..10u64 {
+        let k = key_in(3, n as usize);
+        assert_eq!(
+            g1.client(3, req(s, n + 1, put(&k, b"v0123456789"))),
+            written(1)
+        );
+    }
+    // The new owner has adopted configuration 1 only: it stages for 2 all the same.
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    assert_eq!(g1.control(&copy_start(3, 2)), ControlOutcome::Applied);
+    assert_eq!(g1.control(&copy_start(3, 2)), ControlOutcome::AlreadyDone);
+    let p0 = g1.m.shard(3).unwrap().store.applied();
+    assert_eq!(g1.m.copy_track(3).unwrap().p0, p0);
+    assert!(g1.m.serves(3), "the shard still serves while it is copied");
+    // Writes between the chunks: a key copied already overwritten, one deleted, a new key,
+    // a key not copied yet overwritten; the deleted key is written again and deleted again.
+    let mut request = 20;
+    let (parts, after) = live_chunks(&mut g1, 3, 2, None, 30, |g, n| {
+        let mut w = |g: &mut Node, op: KvOp| {
+            request += 1;
+            assert!(matches!(
+                g.client(3, req(s, request, op)),
+                GroupOutput::Kv(_)
+            ));
+        };
+        let del = |k: Vec<u8>| KvOp::Delete {
+            key: k,
+            expected: Expected::Any,
+        };
+        match n {
+            1 => {
+                w(g, put(&key_in(3, 0), b"changed while copied"));
+                w(g, del(key_in(3, 1)));
+            }
+            2 => {
+                w(g, put(&key_in(3, 10), b"new"));
+                w(g, put(&key_in(3, 9), b"before its chunk"));
+                w(g, put(&key_in(3, 1), b"back"));
+            }
+            3 => w(g, del(key_in(3, 1))),
+            _ => {}
+        }
+    });
+    assert!(parts.len() >= 4, "small chunks: {} of them", parts.len());
+    let touched = &g1.m.copy_track(3).unwrap().touched;
+    assert_eq!(touched.len(), 4, "the keys written since the copy started");
+    for items in &parts {
+        assert_eq!(
+            g2.control(&stage(3, 2, items.clone())),
+            ControlOutcome::Applied
+        );
+    }
+    // Cut-over: adopt, freeze, the rest after the last key copied live, and the tail.
+    g1.control(&adopt(&c2));
+    g2.control(&adopt(&c2));
+    assert!(matches!(
+        g1.client(3, req(s, 99, put(&key_in(3, 2), b"late"))),
+        GroupOutput::WrongGroup { config: 2 }
+    ));
+    assert_eq!(g1.control(&freeze(3, 2)), ControlOutcome::Applied);
+    assert!(g1.m.copy_track(3).is_some(), "kept through its own freeze");
+    let ShardChunk { items, tail } = g1.m.export_chunk(3, 2, after.as_deref(), 30).unwrap();
+    assert!(items.is_empty(), "every key was copied live");
+    let tail = tail.expect("the frozen shard's last chunk has the tail");
+    assert_eq!(tail[0], shoal_shard::group::TAIL_TOUCHED_FORMAT);
+    // A tail cut anywhere or with a byte more is refused, never a panic.
+    for cut in 1..tail.len() {
+        assert!(matches!(
+            g2.control(&install(3, 2, tail[..cut].to_vec())),
+            ControlOutcome::Refused { .. }
+        ));
+    }
+    let mut longer = tail.clone();
+    longer.push(0);
+    assert!(matches!(
+        g2.control(&install(3, 2, longer)),
+        ControlOutcome::Refused { .. }
+    ));
+    assert_eq!(g2.control(&install(3, 2, tail)), ControlOutcome::Applied);
+    // The shard whole: data, versions, sessions and position counter, byte for byte.
+    assert_eq!(
+        g2.m.shard(3).unwrap().store.snapshot(),
+        g1.m.shard(3).unwrap().store.snapshot()
+    );
+    assert_eq!(
+        g2.client(3, req(0, 0, get(&key_in(3, 0)))),
+        GroupOutput::Kv(KvResult::Found {
+            value: b"changed while copied".to_vec(),
+            version: 2
+        })
+    );
+    assert_eq!(
+        g2.client(3, req(0, 0, get(&key_in(3, 1)))),
+        GroupOutput::Kv(KvResult::NoKey)
+    );
+    // The old owner forgets the copy with the shard.
+    assert_eq!(g1.control(&delete(3, 2)), ControlOutcome::Applied);
+    assert!(g1.m.copy_track(3).is_none());
+}
+
+#[test]
+fn copy_start_is_fenced_by_the_configuration_and_the_shard() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    // Nothing held yet.
+    g1.control(&adopt(&c1));
+    assert!(matches!(
+        g1.control(&copy_start(9, 2)),
+        ControlOutcome::Refused { reason } if reason.contains("unknown shard")
+    ));
+    // Not the next configuration: refused, nothing tracked, no live chunk.
+    assert!(matches!(
+        g1.control(&copy_start(3, 3)),
+        ControlOutcome::Refused { .. }
+    ));
+    assert!(g1.m.copy_track(3).is_none());
+    assert!(g1.m.export_chunk(3, 3, None, 100).is_none());
+    // An older configuration than the shard's: stale.
+    assert_eq!(
+        g1.control(&copy_start(3, 1)),
+        ControlOutcome::Stale { seen: 1 }
+    );
+    // A serving shard not being copied gives no chunk.
+    assert!(g1.m.export_chunk(3, 2, None, 100).is_none());
+    // The group adopted configuration 2 already: copied frozen, never live.
+    g1.control(&adopt(&c2));
+    assert!(matches!(
+        g1.control(&copy_start(3, 2)),
+        ControlOutcome::Refused { reason } if reason.contains("adopted configuration 2 already")
+    ));
+    assert!(g1.m.copy_track(3).is_none());
+    assert!(g1.m.export_chunk(3, 2, None, 100).is_none());
+    g1.control(&freeze(3, 2));
+    let (_, tail) = chunks(&g1, 3, 2, 20);
+    assert_eq!(tail[0], shoal_shard::group::TAIL_FORMAT, "no keys to add");
+    assert_eq!(
+        g1.control(&copy_start(3, 2)),
+        ControlOutcome::Stale { seen: 2 }
+    );
+    // Deleted at 2: a late CopyStart of 2 is stale; a shard another group holds is refused.
+    g1.control(&delete(3, 2));
+    assert_eq!(
+        g1.control(&copy_start(3, 2)),
+        ControlOutcome::Stale { seen: 2 }
+    );
+    let mut g2 = new_owner();
+    assert!(matches!(
+        g2.control(&copy_start(0, 3)),
+        ControlOutcome::Refused { .. }
+    ));
+    // A stage two configurations ahead of the new owner's is refused.
+    let mut g3 = Node::new(3);
+    g3.control(&adopt(&c1));
+    assert!(matches!(
+        g3.control(&stage(3, 3, Vec::new())),
+        ControlOutcome::Refused { reason } if reason.contains("not adopted")
+    ));
+}
+
+#[test]
+fn copy_tracking_survives_a_snapshot_and_a_newer_configuration_drops_it() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let s = g1.register(3);
+    g1.control(&copy_start(3, 2));
+    g1.control(&copy_start(2, 2));
+    g1.client(3, req(s, 1, put(&key_in(3, 0), b"x")));
+    g1.client(3, req(s, 2, put(&key_in(3, 1), b"y")));
+    let bytes = g1.bytes();
+    let mut fresh = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
+    fresh.restore(LogIndex(7), &bytes).unwrap();
+    assert_eq!(fresh.snapshot().into_bytes(), bytes);
+    assert_eq!(fresh.copy_track(3), g1.m.copy_track(3));
+    assert_eq!(fresh.copy_track(3).unwrap().touched.len(), 2);
+    assert_eq!(fresh.copy_track(2).unwrap().touched.len(), 0);
+    // Cut anywhere: an error, never a panic.
+    for cut in 1..bytes.len() {
+        let mut m = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
+        assert!(m.restore(LogIndex(1), &bytes[..cut]).is_err(), "cut {cut}");
+    }
+    // The restored replica's tail is the same as the original's.
+    let mut restored = Node {
+        m: fresh,
+        index: 100,
+    };
+    for g in [&mut g1, &mut restored] {
+        g.control(&adopt(&c2));
+        g.control(&freeze(3, 2));
+    }
+    assert_eq!(chunks(&g1, 3, 2, 20), chunks(&restored, 3, 2, 20));
+    // Configuration 3 adopted: the copies towards 2 are over.
+    let c3 = shoal_shard::move_shard(&c2, 0, 2).unwrap();
+    g1.control(&adopt(&c3));
+    assert!(g1.m.copy_track(2).is_none() && g1.m.copy_track(3).is_none());
 }

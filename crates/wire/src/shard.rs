@@ -155,6 +155,18 @@ pub enum ControlOp {
         /// The keys, values and versions (from [`ControlReply::Chunk`]).
         items: Vec<CopiedItem>,
     },
+    /// Old owner, before it adopts `config`: start recording which keys of `shard` are
+    /// written from now on, so that the shard can be copied in chunks while it still serves
+    /// ([`ControlOp::ExportChunk`] then reads the live shard) and only the keys written since
+    /// travel after the freeze, in the tail. Idempotent; refused once the group has adopted
+    /// `config` (the shard is then copied frozen). The last variant: older frames keep their
+    /// bytes.
+    CopyStart {
+        /// The shard.
+        shard: u32,
+        /// The configuration that moves it away.
+        config: u64,
+    },
 }
 
 /// One key of a shard being copied, with its value and version: the same record (and
@@ -501,7 +513,20 @@ mod tests {
                     }],
                 },
             },
+            ControlRequest {
+                tag: 8,
+                gid: 2,
+                op: ControlOp::CopyStart {
+                    shard: 3,
+                    config: 4,
+                },
+            },
         ];
+        // CopyStart is the last variant: the frames of older variants keep their bytes.
+        let freeze = postcard::to_stdvec(&requests[1].op).unwrap();
+        assert_eq!(freeze, vec![1, 3, 4]);
+        let copy_start = postcard::to_stdvec(&requests[8].op).unwrap();
+        assert_eq!(copy_start, vec![8, 3, 4]);
         for r in requests {
             let bytes = postcard::to_stdvec(&r).unwrap();
             assert_eq!(postcard::from_bytes::<ControlRequest>(&bytes).unwrap(), r);

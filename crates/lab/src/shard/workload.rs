@@ -125,8 +125,18 @@ struct ShardRun {
     replayer: SimId,
     /// The controller's recent control requests: (group server, request).
     recorded: Rc<RefCell<Vec<(SimId, ControlRequest)>>>,
-    /// (stages with keys, chunks past a shard's first) sent by the controller.
-    copies: Rc<RefCell<(u64, u64)>>,
+    /// What the controller sent to copy shards.
+    copies: Rc<RefCell<CopyCounts>>,
+}
+
+/// Requests the controller sent to copy shards (resends included).
+#[derive(Debug, Clone, Copy, Default)]
+struct CopyCounts {
+    stages: u64,
+    later_chunks: u64,
+    copy_starts: u64,
+    touched_tails: u64,
+    touched_tails_with_keys: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -175,6 +185,12 @@ pub struct ShardStats {
     pub stages_sent: u64,
     /// `ExportChunk` requests past a shard's first chunk (moves of several chunks).
     pub later_chunks_sent: u64,
+    /// `CopyStart` requests (copies of a shard while it serves).
+    pub copy_starts_sent: u64,
+    /// `Install`s of a tail of a shard copied while it served.
+    pub touched_tails_sent: u64,
+    /// Of those, the ones carrying keys written during the copy.
+    pub touched_tails_with_keys: u64,
 }
 
 /// The shard workload for `seed`: see the module's documentation.
@@ -202,15 +218,25 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
         let replayer = w.sim.add_node(|_| Replayer::default());
         let recorded: Rc<RefCell<Vec<(SimId, ControlRequest)>>> = Rc::default();
         let rec = recorded.clone();
-        let copies: Rc<RefCell<(u64, u64)>> = Rc::default();
+        let copies: Rc<RefCell<CopyCounts>> = Rc::default();
         let counted = copies.clone();
         w.sim.set_message_filter(move |from, to, msg| {
             if let (true, SM::Control(req)) = (from == ctl, msg) {
                 match &req.op {
                     ControlOp::Stage { items, .. } if !items.is_empty() => {
-                        counted.borrow_mut().0 += 1
+                        counted.borrow_mut().stages += 1
                     }
-                    ControlOp::ExportChunk { after: Some(_), .. } => counted.borrow_mut().1 += 1,
+                    ControlOp::ExportChunk { after: Some(_), .. } => {
+                        counted.borrow_mut().later_chunks += 1
+                    }
+                    ControlOp::CopyStart { .. } => counted.borrow_mut().copy_starts += 1,
+                    ControlOp::Install { data, .. } => {
+                        if let Some(keys) = shoal_shard::ShardMachine::tail_touched_keys(data) {
+                            let mut c = counted.borrow_mut();
+                            c.touched_tails += 1;
+                            c.touched_tails_with_keys += u64::from(keys > 0);
+                        }
+                    }
                     _ => {}
                 }
                 let mut rec = rec.borrow_mut();
@@ -280,8 +306,11 @@ impl ShardRun {
             replays: self.aimed.replays,
             stale_replays: self.aimed.stale_replays,
             stale_stage_replays: self.aimed.stale_stage_replays,
-            stages_sent: self.copies.borrow().0,
-            later_chunks_sent: self.copies.borrow().1,
+            stages_sent: self.copies.borrow().stages,
+            later_chunks_sent: self.copies.borrow().later_chunks,
+            copy_starts_sent: self.copies.borrow().copy_starts,
+            touched_tails_sent: self.copies.borrow().touched_tails,
+            touched_tails_with_keys: self.copies.borrow().touched_tails_with_keys,
         }
     }
 
@@ -482,7 +511,8 @@ impl ShardRun {
             | ControlOp::Install { config, .. }
             | ControlOp::Delete { config, .. }
             | ControlOp::ExportChunk { config, .. }
-            | ControlOp::Stage { config, .. } => *config,
+            | ControlOp::Stage { config, .. }
+            | ControlOp::CopyStart { config, .. } => *config,
             ControlOp::Adopted => latest,
         };
         self.aimed.replays += 1;
@@ -501,6 +531,7 @@ impl ShardRun {
             ControlOp::Delete { shard, .. } => format!("Delete shard {shard}"),
             ControlOp::ExportChunk { shard, .. } => format!("ExportChunk shard {shard}"),
             ControlOp::Stage { shard, .. } => format!("Stage shard {shard}"),
+            ControlOp::CopyStart { shard, .. } => format!("CopyStart shard {shard}"),
         };
         self.w
             .sim

@@ -70,6 +70,47 @@ fn is_large_step(op: &ControlOp) -> bool {
     }
 }
 
+/// The pause before each chunk of a copy while the shard serves (the throttle: real groups
+/// serve other shards meanwhile, and the copy is in no hurry). Measured in
+/// `docs/benchmarks.md`, "Migration while serving".
+pub const PRECOPY_PAUSE: Duration = Duration::from_millis(10);
+/// Stages of one move in flight while the shard serves.
+pub const PRECOPY_IN_FLIGHT: usize = 1;
+
+/// The throttle of a copy while the shard serves: [`PRECOPY_PAUSE`], [`PRECOPY_IN_FLIGHT`],
+/// or from the environment (for measuring;
+/// `docs/sharding.md`, "Copying while the shard serves"): `SHOAL_MIGRATION_PRECOPY=0` copies
+/// frozen only, `SHOAL_MIGRATION_COPY_PAUSE_MS` is the pause between a move's live chunks,
+/// `SHOAL_MIGRATION_COPY_IN_FLIGHT` its stages in flight.
+fn migration_knobs(cfg: &mut ControllerConfig) -> anyhow::Result<()> {
+    cfg.precopy_pause = PRECOPY_PAUSE;
+    cfg.precopy_stages_in_flight = PRECOPY_IN_FLIGHT;
+    let var = |name: &str| -> anyhow::Result<Option<u64>> {
+        match std::env::var(name) {
+            Err(_) => Ok(None),
+            Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+                anyhow::anyhow!("{name}={v:?} is not a whole number: give one, or unset it")
+            }),
+        }
+    };
+    if let Some(v) = var("SHOAL_MIGRATION_PRECOPY")? {
+        cfg.precopy = v != 0;
+    }
+    if let Some(v) = var("SHOAL_MIGRATION_COPY_PAUSE_MS")? {
+        cfg.precopy_pause = Duration::from_millis(v);
+    }
+    if let Some(v) = var("SHOAL_MIGRATION_COPY_IN_FLIGHT")? {
+        cfg.precopy_stages_in_flight = usize::try_from(v.max(1)).unwrap_or(1);
+    }
+    tracing::debug!(
+        precopy = cfg.precopy,
+        pause_ms = cfg.precopy_pause.as_millis() as u64,
+        in_flight = cfg.precopy_stages_in_flight,
+        "migration copy settings"
+    );
+    Ok(())
+}
+
 /// Settings of a [`ShardController`].
 #[derive(Debug, Clone)]
 pub struct ControllerDriverConfig {
@@ -179,6 +220,7 @@ impl ShardController {
         );
         cfg.lease_ttl_ms = u64::try_from(config.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         cfg.retry_timeout = config.retry_timeout;
+        migration_knobs(&mut cfg)?;
         let ctl = Controller::new(cfg).context("starting the shard controller")?;
         let status = Arc::new(Mutex::new(ctl.status()));
         let (cmds, rx) = mpsc::channel(16);

@@ -570,6 +570,13 @@ impl ShardService {
                 bytes: None,
                 keys,
             },
+            ControlOp::CopyStart { shard, config } => Step {
+                what: "copy start (the shard copied while it serves)",
+                shard: Some(*shard),
+                config: *config,
+                bytes: None,
+                keys,
+            },
             ControlOp::Adopt { .. } => Step {
                 what: "adopt",
                 shard: None,
