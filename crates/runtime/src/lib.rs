@@ -25,6 +25,7 @@ pub mod node;
 mod ready;
 mod serving;
 pub mod shard;
+pub mod tls;
 pub mod transport;
 
 pub use driver::{DEFAULT_TICK_INTERVAL, MAX_EVENTS_PER_READY};

@@ -87,6 +87,9 @@ pub struct KvCommand {
     /// possibly stale. The default is linearizable reads (read-index through the leader).
     #[arg(long, global = true)]
     serializable: bool,
+    /// TLS of the client commands (`kv server` has its own --cert/--key/--ca).
+    #[command(flatten)]
+    tls: Box<crate::tls_cmd::ClientTlsArgs>,
     #[command(subcommand)]
     command: KvSub,
 }
@@ -101,7 +104,12 @@ enum KvSub {
         shoal kv server --id 3 --listen 127.0.0.1:7003 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data n3\n\
         One address serves peers and clients. Restarting with the same --data resumes; a data \
         directory of another server or cluster is refused. Writes are acknowledged only once \
-        fsynced on a majority."
+        fsynced on a majority.\n\
+        TLS: give --cert, --key and --ca (make them with `shoal cert`). The server then serves \
+        TLS only, and every connection must present a certificate signed by --ca: the other \
+        servers (mutual TLS) and the clients alike (clients pass --ca, --cert and --key). \
+        Without them it serves plain TCP, and refuses to listen on an address other than \
+        loopback (127.0.0.1, ::1) unless given --insecure."
     )]
     Server(ServerArgs),
     /// Start a local cluster of servers on 127.0.0.1 and stay in the foreground (Ctrl-C
@@ -354,6 +362,9 @@ struct ServerArgs {
     /// Largest value in bytes.
     #[arg(long, default_value_t = shoal_kv::store::DEFAULT_MAX_VALUE_BYTES)]
     max_value_bytes: usize,
+    /// TLS (see below).
+    #[command(flatten)]
+    tls: crate::tls_cmd::ServerTlsArgs,
 }
 
 /// Runs `shoal kv …`.
@@ -372,12 +383,18 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
     let timeout = Duration::from_secs_f64(cmd.timeout);
     let (cluster, serializable) = (cmd.cluster, cmd.serializable);
     let (endpoints, controller, dir) = (cmd.endpoints, cmd.controller, cmd.dir);
+    // Not for `kv server` and `kv up`, which have their own TLS settings.
+    // A cluster found through its directory (`kv up --tls`) brings its certificates.
+    let tls_dir = (endpoints.is_empty() && controller.is_empty())
+        .then(|| dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DIR)));
+    let security = || cmd.tls.security(tls_dir.as_deref());
     // One group's client, for what only one group can do (status, leases).
     let one = |endpoints: Vec<SocketAddr>| -> Result<Client> {
         let mut config = ClientConfig::new(endpoints);
         config.cluster_id = cluster;
         config.op_timeout = timeout;
         config.serializable_reads = serializable;
+        config.security = security()?;
         Ok(Client::new(config)?)
     };
     let target = || client_target(endpoints.clone(), controller.clone(), dir.as_deref());
@@ -1079,6 +1096,7 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
         );
     }
     let mut config = KvServerConfig::new(args.id, cluster, peers, args.data.clone());
+    config.transport.security = args.tls.security(args.listen)?;
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     config.rsm.snapshot_bytes = (args.snapshot_bytes > 0).then_some(args.snapshot_bytes);
     config.rsm.limits.max_key_bytes = args.max_key_bytes;

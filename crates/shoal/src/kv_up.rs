@@ -30,6 +30,12 @@ pub(crate) struct UpArgs {
     /// Hidden shadows of the client options (see `NotForServers`).
     #[command(flatten)]
     _client_only: crate::kv_cmd::NotForServers,
+    /// Serve TLS: make a CA and certificates in DIR/tls (`shoal cert`) and start every server
+    /// with them. Client commands given --dir DIR (or run where ./shoal-data is) use
+    /// DIR/tls/ca.pem and DIR/tls/client.pem by themselves. A cluster made with --tls stays TLS
+    /// when resumed.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// `shoal kv up`: one `shoal kv server` child per node; ports recorded in DIR/endpoints.
@@ -70,7 +76,17 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    let tls_dir = crate::tls_cmd::local_tls_dir(&args.dir);
+    let tls = args.tls || tls_dir.join(crate::tls_cmd::CA_CERT).exists();
+    if tls {
+        let names: Vec<String> = (1..=endpoints.len())
+            .map(|id| format!("node{id}"))
+            .collect();
+        crate::tls_cmd::make_local(&tls_dir, &names)
+            .with_context(|| format!("making certificates in {}", tls_dir.display()))?;
+    }
     let cluster = Cluster {
+        tls: tls.then_some(tls_dir),
         dir: args.dir.clone(),
         peers: shoal_cluster::peers_arg(&endpoints),
         endpoints: endpoints.clone(),
@@ -113,8 +129,9 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     let _ = writeln!(out, "endpoints {list}");
     let _ = writeln!(
         out,
-        "cluster of {} in {}; server logs in {}; Ctrl-C stops it",
+        "cluster of {}{} in {}; server logs in {}; Ctrl-C stops it",
         endpoints.len(),
+        if tls { " (TLS)" } else { "" },
         args.dir.display(),
         cluster.log_path(1).with_file_name("nodeN.log").display(),
     );
@@ -143,6 +160,8 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
 
 /// What `kv up` needs to start a server.
 struct Cluster {
+    /// The certificates' directory when the servers serve TLS.
+    tls: Option<PathBuf>,
     dir: PathBuf,
     endpoints: Vec<std::net::SocketAddr>,
     peers: String,
@@ -162,12 +181,17 @@ impl Cluster {
     /// gives it the parent-death signal: a SIGKILL of `kv up`, when no Drop runs, takes its
     /// servers with it).
     fn spec(&self, id: usize) -> Spec {
+        let tls = match &self.tls {
+            Some(dir) => crate::tls_cmd::ServerTlsArgs::for_node(dir, &format!("node{id}")),
+            None => Vec::new(),
+        };
         Spec::new(format!("server {id}"), &self.exe, self.log_path(id))
             .append_log()
             .args(["kv", "server", "--id", &id.to_string()])
             .args(["--listen", &self.endpoints[id - 1].to_string()])
             .args(["--peers", &self.peers, "--data"])
             .arg(self.data_dir(id))
+            .args(tls)
             // Its own process group: a Ctrl-C in the terminal reaches `kv up` alone, which
             // then stops the servers itself (not a restart race with servers exiting).
             .own_process_group()

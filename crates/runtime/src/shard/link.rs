@@ -264,7 +264,7 @@ where
     };
     // The hello went straight to the socket: nothing is buffered in `framed`. Messages larger
     // than a frame (a shard's Install, its Export answer) travel in parts.
-    let (read, write) = framed.into_inner().into_split();
+    let (read, write) = tokio::io::split(framed.into_inner());
     let codec = || PartCodec::<Rep, Req>::new(config.max_frame_bytes, config.max_message_bytes);
     let mut stream = FramedRead::new(read, codec());
     let mut sink = FramedWrite::new(write, codec());
