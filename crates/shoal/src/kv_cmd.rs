@@ -406,6 +406,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
                 config.cluster_id = cluster;
                 config.op_timeout = timeout;
                 config.serializable_reads = serializable;
+                config.security = security()?;
                 AnyClient::Sharded(Box::new(ShardClient::new(config)?))
             }
         })

@@ -36,6 +36,13 @@ pub(crate) struct UpArgs {
     /// when resumed.
     #[arg(long)]
     tls: bool,
+    /// Hidden shadows of the clients' TLS options (`kv up` makes its own with --tls).
+    #[arg(long = "ca", id = "tls_ca", hide = true)]
+    _ca: Option<PathBuf>,
+    #[arg(long = "cert", id = "tls_cert", hide = true)]
+    _cert: Option<PathBuf>,
+    #[arg(long = "key", id = "tls_key", hide = true)]
+    _key: Option<PathBuf>,
 }
 
 /// `shoal kv up`: one `shoal kv server` child per node; ports recorded in DIR/endpoints.
@@ -66,6 +73,10 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         read_endpoints(&endpoints_path)?
     } else {
         let endpoints = shoal_cluster::free_local_addrs(args.nodes as usize)?;
+        // The certificates before DIR/endpoints: a client that finds the endpoints finds them.
+        if args.tls {
+            local_certs(&args.dir, endpoints.len())?;
+        }
         let text: String = endpoints.iter().map(|e| format!("{e}\n")).collect();
         std::fs::write(&endpoints_path, text)
             .with_context(|| format!("writing {}", endpoints_path.display()))?;
@@ -79,11 +90,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     let tls_dir = crate::tls_cmd::local_tls_dir(&args.dir);
     let tls = args.tls || tls_dir.join(crate::tls_cmd::CA_CERT).exists();
     if tls {
-        let names: Vec<String> = (1..=endpoints.len())
-            .map(|id| format!("node{id}"))
-            .collect();
-        crate::tls_cmd::make_local(&tls_dir, &names)
-            .with_context(|| format!("making certificates in {}", tls_dir.display()))?;
+        local_certs(&args.dir, endpoints.len())?;
     }
     let cluster = Cluster {
         tls: tls.then_some(tls_dir),
@@ -156,6 +163,15 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         Some(message) => bail!(message),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// Makes (where missing) the CA and certificates of a local TLS cluster of `nodes` servers in
+/// DIR/tls.
+fn local_certs(dir: &std::path::Path, nodes: usize) -> Result<()> {
+    let tls_dir = crate::tls_cmd::local_tls_dir(dir);
+    let names: Vec<String> = (1..=nodes).map(|id| format!("node{id}")).collect();
+    crate::tls_cmd::make_local(&tls_dir, &names)
+        .with_context(|| format!("making certificates in {}", tls_dir.display()))
 }
 
 /// What `kv up` needs to start a server.

@@ -3,7 +3,7 @@
 //! an expired one, a client trusting another CA, a plain-TCP client and a peer from another CA
 //! are each refused with a clear error on both sides (the client's message, a warn line in the
 //! server's log), and nothing they sent is applied. `kv up --tls` serves a 3-node TLS cluster
-//! that client commands reach through --dir alone. About 10 s in debug.
+//! that client commands reach through --dir alone, and `shard up --tls` a sharded one.
 
 // A real-process test: bounded waits on the wall clock.
 #![allow(clippy::disallowed_methods)]
@@ -281,6 +281,45 @@ fn kv_up_tls_serves_a_three_node_tls_cluster_reached_through_its_dir() {
     let endpoints = std::fs::read_to_string(cluster.join("endpoints")).unwrap();
     let endpoints = endpoints.lines().collect::<Vec<_>>().join(",");
     let out = shoal(&["kv", "--endpoints", &endpoints, "get", "k"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("this server requires TLS"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn shard_up_tls_serves_a_sharded_cluster_over_tls_end_to_end() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = dir.path().join("s");
+    let mut up = Procs::with_slots(1);
+    up.spawn_at(
+        0,
+        Spec::new("shard up", SHOAL, dir.path().join("up.log"))
+            .args(["shard", "up", "--tls", "--groups", "1", "--replicas", "1"])
+            .args(["--shards", "8", "--dir"])
+            .arg(&cluster)
+            .env_remove("SHOAL_CONTROLLER"),
+    )
+    .expect("start shard up");
+    let d = cluster.display().to_string();
+    // The controller store, the group and the routing client all speak TLS; the client
+    // finds the certificates through --dir.
+    let start = Instant::now();
+    loop {
+        let out = shoal(&["kv", "--dir", &d, "--timeout", "10", "put", "k", "v"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "no put within {WAIT:?}: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ok(&["kv", "--dir", &d, "get", "k"]), "v\n");
+    let query = ok(&["shard", "query", "--dir", &d]);
+    assert!(query.contains("0-7 -> 1"), "{query}");
+    // A plain client of the controller store is refused in words.
+    let store = std::fs::read_to_string(cluster.join("controller")).unwrap();
+    let store = store.lines().collect::<Vec<_>>().join(",");
+    let out = shoal(&["shard", "query", "--controller", &store]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("this server requires TLS"),
         "{out:?}"
