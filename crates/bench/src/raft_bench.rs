@@ -28,7 +28,6 @@ use serde_json::json;
 use shoal_cluster::{peers_arg, Procs, Spec};
 use shoal_runtime::demo::{DemoRequest, DemoResponse, DemoStatus};
 use shoal_wire::codec::FrameCodec;
-use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 /// Nodes in the group.
@@ -189,7 +188,7 @@ impl Group {
     }
 }
 
-type Client = Framed<TcpStream, FrameCodec<DemoResponse, DemoRequest>>;
+type Client = Framed<shoal_runtime::tls::Stream, FrameCodec<DemoResponse, DemoRequest>>;
 
 async fn connect(addr: SocketAddr) -> Result<Client> {
     shoal_runtime::connect_client::<DemoResponse, DemoRequest>(

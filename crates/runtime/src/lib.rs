@@ -27,6 +27,7 @@ mod ready;
 mod serving;
 pub mod shard;
 pub mod snapshot_stream;
+pub mod tls;
 pub mod transport;
 
 pub use driver::{DEFAULT_TICK_INTERVAL, MAX_EVENTS_PER_READY};

@@ -145,7 +145,9 @@ pub enum MigrationStep {
     freeze,
     /// A frozen shard exported whole.
     export,
-    /// A chunk of a frozen shard exported (large shards move in chunks).
+    /// A copy started while the shard still serves here (writes from then on are tracked).
+    copy_start,
+    /// A chunk of a shard exported (large shards move in chunks, live or frozen).
     export_chunk,
     /// Chunks staged here before an install.
     stage,

@@ -41,8 +41,11 @@ use shoal_wire::frame::encode_frame;
 use shoal_wire::snapshot::{SnapshotAck, SnapshotFrame, SnapshotFrameRef};
 use shoal_wire::{Hello, Role};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{ReadHalf, WriteHalf};
+
+/// The halves of a snapshot stream's connection (plain TCP or TLS).
+type OwnedReadHalf = ReadHalf<crate::tls::Stream>;
+type OwnedWriteHalf = WriteHalf<crate::tls::Stream>;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -215,6 +218,8 @@ pub(crate) struct Dial {
     pub(crate) connect_timeout: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) max_frame_bytes: usize,
+    /// Plain TCP or TLS: the transport's own ([`crate::tls`]).
+    pub(crate) security: crate::tls::Security,
 }
 
 /// The snapshot stream's state, shared by the transport's sending side and its listener.
@@ -422,10 +427,13 @@ impl SnapshotStreams {
             .await
             .map_err(|e| format!("seeking {}: {e}", path.display()))?;
 
-        let stream = crate::transport::connect(addr, self.dial.connect_timeout)
+        let stream = self
+            .dial
+            .security
+            .dial(addr, self.dial.connect_timeout)
             .await
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let (reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = tokio::io::split(stream);
         let mut acks = FramedRead::new(
             reader,
             FrameCodec::<SnapshotAck, ()>::new(self.dial.max_frame_bytes),
@@ -557,7 +565,7 @@ impl SnapshotStreams {
     }
 
     /// Serves an accepted [`Role::Snapshot`] connection from peer `from`.
-    pub(crate) async fn receive(&self, stream: TcpStream, from: u64, remote: SocketAddr) {
+    pub(crate) async fn receive(&self, stream: crate::tls::Stream, from: u64, remote: SocketAddr) {
         let Some(dir) = self.config.dir.clone() else {
             warn!(%remote, peer = from, "refusing a snapshot stream: this node streams no snapshots");
             return;
@@ -565,7 +573,7 @@ impl SnapshotStreams {
         let n = self.next_receive.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{RECEIVED_PREFIX}{from}.{n}.tmp"));
         let done_name = format!("{RECEIVED_PREFIX}{from}.{n}");
-        let (reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = tokio::io::split(stream);
         let mut frames = FramedRead::new(
             reader,
             FrameCodec::<SnapshotFrame, ()>::new(self.dial.max_frame_bytes),

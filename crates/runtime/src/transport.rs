@@ -30,7 +30,7 @@ use shoal_wire::frame::{
     decode_frame, encode_frame, peek_frame_len, FrameError, FRAME_HEADER_BYTES,
 };
 use shoal_wire::{Hello, Refusal, Role};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -41,6 +41,7 @@ use crate::snapshot_stream::{
     Dial, SnapshotEvent, SnapshotProgress, SnapshotStreamConfig, SnapshotStreamStats,
     SnapshotStreams,
 };
+use crate::tls::{AcceptError, Security, Stream};
 
 /// Largest handshake frame accepted, in bytes. A `Hello` is about 20 bytes; anything bigger is
 /// not a Shoal peer and is refused before its payload is read.
@@ -130,6 +131,8 @@ pub struct TransportConfig {
     /// The snapshot stream ([`crate::snapshot_stream`]): where snapshots are read and
     /// received, how many sends at once, chunk and window sizes, timeouts, retries.
     pub snapshot: SnapshotStreamConfig,
+    /// Plain TCP or TLS, for the listener and the connections to peers ([`crate::tls`]).
+    pub security: Security,
 }
 
 impl TransportConfig {
@@ -154,6 +157,7 @@ impl TransportConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             service: DEFAULT_SERVICE.to_string(),
             snapshot: SnapshotStreamConfig::default(),
+            security: Security::plain(),
         }
     }
 }
@@ -260,8 +264,8 @@ pub struct ClientConnection {
     pub hello: Hello,
     /// The remote address.
     pub peer_addr: SocketAddr,
-    /// The stream, positioned right after the handshake frame.
-    pub stream: TcpStream,
+    /// The stream (plain or TLS), positioned right after the handshake frame.
+    pub stream: Stream,
     /// The transport's frame limit, used by [`ClientConnection::framed`].
     pub max_frame_bytes: usize,
     /// The transport's message limit ([`TransportConfig::max_message_bytes`]), used by
@@ -271,14 +275,14 @@ pub struct ClientConnection {
 
 impl ClientConnection {
     /// Frames the connection: decodes `In` (requests), encodes `Out` (responses).
-    pub fn framed<In, Out>(self) -> Framed<TcpStream, FrameCodec<In, Out>> {
+    pub fn framed<In, Out>(self) -> Framed<Stream, FrameCodec<In, Out>> {
         Framed::new(self.stream, FrameCodec::new(self.max_frame_bytes))
     }
 
     /// Frames the connection like [`ClientConnection::framed`], with messages larger than a
     /// frame in parts ([`PartCodec`]) up to the transport's message limit, both ways (a shard
     /// group's Export answer and Install request carry a whole shard).
-    pub fn framed_in_parts<In, Out>(self) -> Framed<TcpStream, PartCodec<In, Out>> {
+    pub fn framed_in_parts<In, Out>(self) -> Framed<Stream, PartCodec<In, Out>> {
         Framed::new(
             self.stream,
             PartCodec::new(self.max_frame_bytes, self.max_message_bytes),
@@ -385,6 +389,7 @@ where
                 connect_timeout: config.connect_timeout,
                 handshake_timeout: config.handshake_timeout,
                 max_frame_bytes: config.max_frame_bytes,
+                security: config.security.clone(),
             },
         ));
         let config = Arc::new(config);
@@ -561,14 +566,35 @@ where
     }
 }
 
-/// Connects to a Shoal server as a client (sends a `Client` hello) and frames the stream.
+/// Connects to a Shoal server as a client over plain TCP (sends a `Client` hello) and frames
+/// the stream; [`connect_client_secure`] is the same with TLS when `security` says so.
 pub async fn connect_client<In, Out>(
     addr: SocketAddr,
     cluster_id: u64,
     max_frame_bytes: usize,
     connect_timeout: Duration,
-) -> Result<Framed<TcpStream, FrameCodec<In, Out>>, TransportError> {
-    let mut stream = connect(addr, connect_timeout)
+) -> Result<Framed<Stream, FrameCodec<In, Out>>, TransportError> {
+    connect_client_secure(
+        &Security::plain(),
+        addr,
+        cluster_id,
+        max_frame_bytes,
+        connect_timeout,
+    )
+    .await
+}
+
+/// Connects to a Shoal server as a client, plain or TLS as `security` says (sends a `Client`
+/// hello), and frames the stream.
+pub async fn connect_client_secure<In, Out>(
+    security: &Security,
+    addr: SocketAddr,
+    cluster_id: u64,
+    max_frame_bytes: usize,
+    connect_timeout: Duration,
+) -> Result<Framed<Stream, FrameCodec<In, Out>>, TransportError> {
+    let mut stream = security
+        .dial(addr, connect_timeout)
         .await
         .map_err(|source| TransportError::Connect { addr, source })?;
     write_hello(&mut stream, Hello::new(Role::Client, cluster_id))
@@ -577,23 +603,17 @@ pub async fn connect_client<In, Out>(
     Ok(Framed::new(stream, FrameCodec::new(max_frame_bytes)))
 }
 
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-async fn write_hello(stream: &mut TcpStream, hello: Hello) -> std::io::Result<()> {
+async fn write_hello<S: AsyncWrite + Unpin>(stream: &mut S, hello: Hello) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(32);
     encode_frame(&hello, MAX_HELLO_FRAME_BYTES, &mut buf)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    stream.write_all(&buf).await
+    stream.write_all(&buf).await?;
+    // A TLS stream buffers what is written until flushed.
+    stream.flush().await
 }
 
 /// Reads exactly the hello frame (no further bytes, so what follows stays in the socket).
-async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
+async fn read_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Hello, String> {
     let mut frame = [0u8; FRAME_HEADER_BYTES + MAX_HELLO_FRAME_BYTES];
     stream
         .read_exact(&mut frame[..FRAME_HEADER_BYTES])
@@ -616,7 +636,7 @@ async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
 
 /// Tells the caller why its connection is refused, then closes it. Errors are ignored: the
 /// connection is being dropped anyway, and the refusal is only a courtesy to the caller.
-pub async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, refusal: Refusal) {
     let mut buf = Vec::new();
     if encode_frame(&refusal, MAX_REFUSAL_FRAME_BYTES, &mut buf).is_err()
         || stream.write_all(&buf).await.is_err()
@@ -635,7 +655,12 @@ pub async fn refuse(mut stream: TcpStream, refusal: Refusal) {
 
 /// Refuses a connection: with a [`Refusal`] for a client (which reads and can tell its user),
 /// silently for a peer (a peer connection is one-way: the caller never reads it).
-async fn refuse_client(stream: TcpStream, hello: &Hello, config: &TransportConfig, reason: String) {
+async fn refuse_client<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    hello: &Hello,
+    config: &TransportConfig,
+    reason: String,
+) {
     if !matches!(hello.role, Role::Peer { .. } | Role::Snapshot { .. }) {
         refuse(
             stream,
@@ -704,7 +729,7 @@ async fn accept_loop<M>(
 
 #[allow(clippy::too_many_arguments)] // the accept loop's shared state, passed by reference
 async fn serve_inbound<M>(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     remote: SocketAddr,
     config: &TransportConfig,
     stats: &TransportStats,
@@ -715,7 +740,10 @@ async fn serve_inbound<M>(
 ) where
     M: DeserializeOwned,
 {
-    let _ = stream.set_nodelay(true);
+    let mut stream = match secure(tcp, remote, config, stats).await {
+        Some(s) => s,
+        None => return,
+    };
     let hello = match tokio::time::timeout(config.handshake_timeout, read_hello(&mut stream)).await
     {
         Ok(Ok(h)) => h,
@@ -751,6 +779,16 @@ async fn serve_inbound<M>(
             config.cluster_id, hello.cluster_id
         );
         refuse_client(stream, &hello, config, reason).await;
+        return;
+    }
+    if config.security.is_tls() && !stream.peer_certified() {
+        bump(&stats.rejected_handshakes);
+        warn!(%remote, role = ?hello.role,
+            "rejecting connection: TLS without a client certificate (every peer and client must \
+             present one signed by this server's --ca)");
+        let reason = "this server requires a client certificate signed by the cluster's CA: \
+                      give the client --cert and --key (make them with `shoal cert client`)";
+        refuse_client(stream, &hello, config, reason.into()).await;
         return;
     }
     let from = match hello.role {
@@ -842,6 +880,49 @@ async fn serve_inbound<M>(
     debug!(%remote, peer = from, "peer connection closed");
 }
 
+/// Takes an accepted connection through [`Security::accept`] within the handshake timeout.
+/// A plain caller on a TLS port is read up to its hello and refused in words; every other
+/// failure is logged (at warn: a TLS failure is a misconfiguration an operator must see).
+async fn secure(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    config: &TransportConfig,
+    stats: &TransportStats,
+) -> Option<Stream> {
+    let accepted = tokio::time::timeout(config.handshake_timeout, config.security.accept(tcp));
+    match accepted.await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(AcceptError::PlainOnTlsPort(mut tcp))) => {
+            bump(&stats.rejected_handshakes);
+            warn!(%remote, "rejecting connection: plain TCP on this TLS port (the caller needs \
+                --ca, and --cert/--key)");
+            let read = tokio::time::timeout(config.handshake_timeout, read_hello(&mut tcp));
+            if let Ok(Ok(hello)) = read.await {
+                if hello.magic == shoal_wire::PROTOCOL_MAGIC {
+                    let reason = "this server requires TLS: give the client --ca (the cluster's \
+                                  CA certificate) and --cert/--key (a client certificate)";
+                    refuse_client(tcp, &hello, config, reason.into()).await;
+                }
+            }
+            None
+        }
+        Ok(Err(AcceptError::Io(e))) => {
+            debug!(%remote, error = %e, "connection closed before its handshake");
+            None
+        }
+        Ok(Err(e)) => {
+            bump(&stats.rejected_handshakes);
+            warn!(%remote, error = %e, "rejecting connection");
+            None
+        }
+        Err(_) => {
+            bump(&stats.rejected_handshakes);
+            warn!(%remote, "rejecting connection: no TLS handshake within the timeout");
+            None
+        }
+    }
+}
+
 async fn peer_writer<M: Serialize>(
     addr: SocketAddr,
     queue: Arc<PeerQueue<M>>,
@@ -851,13 +932,17 @@ async fn peer_writer<M: Serialize>(
     let mut rng = rand::rngs::StdRng::from_entropy();
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
     loop {
-        match connect(addr, config.connect_timeout).await {
+        match config.security.dial(addr, config.connect_timeout).await {
             Ok(stream) => {
                 bump(&stats.connects);
                 debug!("connected");
                 let started = tokio::time::Instant::now();
                 match run_peer_connection(stream, &queue, &config, &stats).await {
                     Ok(()) => debug!("peer closed the connection"),
+                    // The peer refused this node's certificate: an operator must see it.
+                    Err(e) if e.to_string().starts_with("TLS") => {
+                        warn!(error = %e, "peer connection failed")
+                    }
                     Err(e) => debug!(error = %e, "connection failed"),
                 }
                 // Only a connection that lasted resets the backoff, so a peer that accepts and
@@ -865,6 +950,10 @@ async fn peer_writer<M: Serialize>(
                 if started.elapsed() >= config.backoff_max {
                     backoff.reset();
                 }
+            }
+            Err(e) if e.to_string().starts_with("TLS") => {
+                bump(&stats.connect_failures);
+                warn!(error = %e, "cannot connect to peer");
             }
             Err(e) => {
                 bump(&stats.connect_failures);
@@ -909,13 +998,16 @@ impl Backoff {
 /// Sends queued messages until the connection fails. Messages taken from the queue but not
 /// written are lost, which Raft tolerates.
 async fn run_peer_connection<M: Serialize>(
-    stream: TcpStream,
+    stream: Stream,
     queue: &PeerQueue<M>,
     config: &TransportConfig,
     stats: &TransportStats,
 ) -> std::io::Result<()> {
-    let sent_bytes = crate::metrics::peer_sent(&config.peers, stream.peer_addr().ok());
-    let (mut reader, mut writer) = stream.into_split();
+    let sent_bytes = crate::metrics::peer_sent(
+        &config.peers,
+        Some(stream.tcp()).and_then(|t| t.peer_addr().ok()),
+    );
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = Vec::new();
     encode_frame(
         &Hello::new(
@@ -929,6 +1021,7 @@ async fn run_peer_connection<M: Serialize>(
     )
     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     writer.write_all(&buf).await?;
+    writer.flush().await?;
     let mut probe = [0u8; 64];
     loop {
         buf.clear();
@@ -949,6 +1042,7 @@ async fn run_peer_connection<M: Serialize>(
                     sent_bytes.inc_by((buf.len() + bytes.len()) as u64);
                     buf.clear();
                     frames += send_in_parts(&mut writer, &bytes, config, stats).await?;
+                    writer.flush().await?;
                 }
                 Err(e) => {
                     bump(&stats.dropped_too_large);
@@ -959,6 +1053,7 @@ async fn run_peer_connection<M: Serialize>(
         if frames > 0 {
             writer.write_all(&buf).await?;
             sent_bytes.inc_by(buf.len() as u64);
+            writer.flush().await?;
             stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
             bump(&stats.batches_written);
             continue;
@@ -1060,8 +1155,8 @@ fn encode_whole<M: Serialize>(
 }
 
 /// Writes an encoded message as consecutive [`PeerFrame::Part`] frames; returns their number.
-async fn send_in_parts(
-    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+async fn send_in_parts<W: AsyncWrite + Unpin>(
+    writer: &mut W,
     encoded: &[u8],
     config: &TransportConfig,
     stats: &TransportStats,

@@ -87,6 +87,9 @@ pub struct KvCommand {
     /// possibly stale. The default is linearizable reads (read-index through the leader).
     #[arg(long, global = true)]
     serializable: bool,
+    /// TLS of the client commands (`kv server` has its own --cert/--key/--ca).
+    #[command(flatten)]
+    tls: Box<crate::tls_cmd::ClientTlsArgs>,
     #[command(subcommand)]
     command: KvSub,
 }
@@ -101,7 +104,12 @@ enum KvSub {
         shoal kv server --id 3 --listen 127.0.0.1:7003 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data n3\n\
         One address serves peers and clients. Restarting with the same --data resumes; a data \
         directory of another server or cluster is refused. Writes are acknowledged only once \
-        fsynced on a majority.\n\n\
+        fsynced on a majority.\n\
+        TLS: give --cert, --key and --ca (make them with `shoal cert`). The server then serves \
+        TLS only, and every connection must present a certificate signed by --ca: the other \
+        servers (mutual TLS) and the clients alike (clients pass --ca, --cert and --key). \
+        Without them it serves plain TCP, and refuses to listen on an address other than \
+        loopback (127.0.0.1, ::1) unless given --insecure.\n\n\
         A new server for a running cluster (`shoal kv member add 4 127.0.0.1:7004 --learner`, \
         before or after):\n  \
         shoal kv server --id 4 --listen 127.0.0.1:7004 --join 127.0.0.1:7001,127.0.0.1:7002 --data n4\n\
@@ -373,6 +381,9 @@ struct ServerArgs {
     max_value_bytes: usize,
     #[command(flatten)]
     obs: crate::obs::ServerObsArgs,
+    /// TLS (see below).
+    #[command(flatten)]
+    tls: crate::tls_cmd::ServerTlsArgs,
 }
 
 /// Runs `shoal kv …`.
@@ -391,12 +402,18 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
     let timeout = Duration::from_secs_f64(cmd.timeout);
     let (cluster, serializable) = (cmd.cluster, cmd.serializable);
     let (endpoints, controller, dir) = (cmd.endpoints, cmd.controller, cmd.dir);
+    // Not for `kv server` and `kv up`, which have their own TLS settings.
+    // A cluster found through its directory (`kv up --tls`) brings its certificates.
+    let tls_dir = (endpoints.is_empty() && controller.is_empty())
+        .then(|| dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DIR)));
+    let security = || cmd.tls.security(tls_dir.as_deref());
     // One group's client, for what only one group can do (status, leases).
     let one = |endpoints: Vec<SocketAddr>| -> Result<Client> {
         let mut config = ClientConfig::new(endpoints);
         config.cluster_id = cluster;
         config.op_timeout = timeout;
         config.serializable_reads = serializable;
+        config.security = security()?;
         Ok(Client::new(config)?)
     };
     let target = || client_target(endpoints.clone(), controller.clone(), dir.as_deref());
@@ -408,6 +425,7 @@ async fn run_async(cmd: KvCommand) -> Result<ExitCode> {
                 config.cluster_id = cluster;
                 config.op_timeout = timeout;
                 config.serializable_reads = serializable;
+                config.security = security()?;
                 AnyClient::Sharded(Box::new(ShardClient::new(config)?))
             }
         })
@@ -1088,6 +1106,7 @@ pub(crate) struct NotForServers {
 }
 
 async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
+    let security = args.tls.security(args.listen)?;
     let recorded = shoal_runtime::kv::server::read_joined(&args.data)
         .with_context(|| format!("reading {}", args.data.display()))?;
     // The storage's identity file: the directory holds a server's data.
@@ -1115,9 +1134,14 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
-            let peers =
-                crate::kv_member_cmd::wait_until_added(args.id, args.listen, &args.join, cluster)
-                    .await?;
+            let peers = crate::kv_member_cmd::wait_until_added(
+                args.id,
+                args.listen,
+                &args.join,
+                cluster,
+                security.clone(),
+            )
+            .await?;
             (peers, true, Some(listener))
         }
         (None, false) => (args.peers.into_iter().collect(), false, None),
@@ -1130,7 +1154,7 @@ async fn server(args: ServerArgs, cluster: u64) -> Result<ExitCode> {
         joined,
         listener,
         cluster,
-        args.obs.metrics,
+        (args.obs.metrics, security),
         (
             args.tick_ms,
             args.snapshot_bytes,
@@ -1150,11 +1174,12 @@ async fn server_with(
     joined: bool,
     listener: Option<tokio::net::TcpListener>,
     cluster: u64,
-    metrics: Option<SocketAddr>,
+    (metrics, security): (Option<SocketAddr>, shoal_runtime::tls::Security),
     (tick_ms, snapshot_bytes, max_key_bytes, max_value_bytes): (u64, u64, usize, usize),
 ) -> Result<ExitCode> {
     let args = ServerArgsLite {
         metrics,
+        security,
         id,
         listen,
         data,
@@ -1180,6 +1205,7 @@ async fn server_with(
     }
     let mut config = KvServerConfig::new(args.id, cluster, peers, args.data.clone());
     config.joined = joined;
+    config.transport.security = args.security;
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     config.rsm.snapshot_bytes = (args.snapshot_bytes > 0).then_some(args.snapshot_bytes);
     config.rsm.limits.max_key_bytes = args.max_key_bytes;
@@ -1219,6 +1245,7 @@ async fn server_with(
 /// What [`server_with`] needs of [`ServerArgs`].
 struct ServerArgsLite {
     metrics: Option<SocketAddr>,
+    security: shoal_runtime::tls::Security,
     id: u64,
     listen: SocketAddr,
     data: PathBuf,

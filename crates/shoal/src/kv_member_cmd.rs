@@ -158,9 +158,11 @@ pub async fn wait_until_added(
     listen: SocketAddr,
     join: &[SocketAddr],
     cluster: u64,
+    security: shoal_runtime::tls::Security,
 ) -> Result<BTreeMap<u64, SocketAddr>> {
     let mut config = ClientConfig::new(join.to_vec());
     config.cluster_id = cluster;
+    config.security = security;
     config.op_timeout = Duration::from_secs(5);
     let mut client = Client::new(config)?;
     let joined = join

@@ -30,6 +30,19 @@ pub(crate) struct UpArgs {
     /// Hidden shadows of the client options (see `NotForServers`).
     #[command(flatten)]
     _client_only: crate::kv_cmd::NotForServers,
+    /// Serve TLS: make a CA and certificates in DIR/tls (`shoal cert`) and start every server
+    /// with them. Client commands given --dir DIR (or run where ./shoal-data is) use
+    /// DIR/tls/ca.pem and DIR/tls/client.pem by themselves. A cluster made with --tls stays TLS
+    /// when resumed.
+    #[arg(long)]
+    tls: bool,
+    /// Hidden shadows of the clients' TLS options (`kv up` makes its own with --tls).
+    #[arg(long = "ca", id = "tls_ca", hide = true)]
+    _ca: Option<PathBuf>,
+    #[arg(long = "cert", id = "tls_cert", hide = true)]
+    _cert: Option<PathBuf>,
+    #[arg(long = "key", id = "tls_key", hide = true)]
+    _key: Option<PathBuf>,
 }
 
 /// `shoal kv up`: one `shoal kv server` child per node; ports recorded in DIR/endpoints.
@@ -60,6 +73,10 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         read_endpoints(&endpoints_path)?
     } else {
         let endpoints = shoal_cluster::free_local_addrs(args.nodes as usize)?;
+        // The certificates before DIR/endpoints: a client that finds the endpoints finds them.
+        if args.tls {
+            local_certs(&args.dir, endpoints.len())?;
+        }
         let text: String = endpoints.iter().map(|e| format!("{e}\n")).collect();
         std::fs::write(&endpoints_path, text)
             .with_context(|| format!("writing {}", endpoints_path.display()))?;
@@ -70,7 +87,13 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    let tls_dir = crate::tls_cmd::local_tls_dir(&args.dir);
+    let tls = args.tls || tls_dir.join(crate::tls_cmd::CA_CERT).exists();
+    if tls {
+        local_certs(&args.dir, endpoints.len())?;
+    }
     let cluster = Cluster {
+        tls: tls.then_some(tls_dir),
         dir: args.dir.clone(),
         peers: shoal_cluster::peers_arg(&endpoints),
         endpoints: endpoints.clone(),
@@ -113,8 +136,9 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     let _ = writeln!(out, "endpoints {list}");
     let _ = writeln!(
         out,
-        "cluster of {} in {}; server logs in {}; Ctrl-C stops it",
+        "cluster of {}{} in {}; server logs in {}; Ctrl-C stops it",
         endpoints.len(),
+        if tls { " (TLS)" } else { "" },
         args.dir.display(),
         cluster.log_path(1).with_file_name("nodeN.log").display(),
     );
@@ -141,8 +165,19 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     }
 }
 
+/// Makes (where missing) the CA and certificates of a local TLS cluster of `nodes` servers in
+/// DIR/tls.
+fn local_certs(dir: &std::path::Path, nodes: usize) -> Result<()> {
+    let tls_dir = crate::tls_cmd::local_tls_dir(dir);
+    let names: Vec<String> = (1..=nodes).map(|id| format!("node{id}")).collect();
+    crate::tls_cmd::make_local(&tls_dir, &names)
+        .with_context(|| format!("making certificates in {}", tls_dir.display()))
+}
+
 /// What `kv up` needs to start a server.
 struct Cluster {
+    /// The certificates' directory when the servers serve TLS.
+    tls: Option<PathBuf>,
     dir: PathBuf,
     endpoints: Vec<std::net::SocketAddr>,
     peers: String,
@@ -162,12 +197,17 @@ impl Cluster {
     /// gives it the parent-death signal: a SIGKILL of `kv up`, when no Drop runs, takes its
     /// servers with it).
     fn spec(&self, id: usize) -> Spec {
+        let tls = match &self.tls {
+            Some(dir) => crate::tls_cmd::ServerTlsArgs::for_node(dir, &format!("node{id}")),
+            None => Vec::new(),
+        };
         Spec::new(format!("server {id}"), &self.exe, self.log_path(id))
             .append_log()
             .args(["kv", "server", "--id", &id.to_string()])
             .args(["--listen", &self.endpoints[id - 1].to_string()])
             .args(["--peers", &self.peers, "--data"])
             .arg(self.data_dir(id))
+            .args(tls)
             // Its own process group: a Ctrl-C in the terminal reaches `kv up` alone, which
             // then stops the servers itself (not a restart race with servers exiting).
             .own_process_group()

@@ -33,6 +33,7 @@ mod shard_cmd;
 mod shard_up;
 mod sim_cmd;
 mod supervise;
+mod tls_cmd;
 
 /// Shoal: a distributed-systems suite — MapReduce, Raft, and fault-tolerant key/value
 /// databases — in one binary.
@@ -75,6 +76,8 @@ enum Command {
     /// Benchmarks that print Shoal's figures next to the baselines they must beat.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Make a CA and certificates for TLS: `shoal cert init`, `cert node`, `cert client`.
+    Cert(tls_cmd::CertArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
         Command::Kv(cmd) => kv_cmd::run(cmd),
         Command::Shard(cmd) => shard_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run(args),
+        Command::Cert(args) => tls_cmd::run(args),
         Command::Bench(BenchCommand::Check(args)) => check_cmd::bench(args),
         Command::Bench(BenchCommand::Sim(args)) => sim_cmd::bench(args),
         Command::Bench(BenchCommand::Mr(args)) => shoal_bench::mr_bench::bench(args),

@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use shoal_runtime::shard::{run_shard_server, ShardServerConfig};
+use shoal_runtime::tls::Security;
 use shoal_shard::{Config, ControllerStatus, Gid, Op, ShardId};
 
 use crate::kv_cmd::read_endpoints;
 use shoal_runtime::shard::{
-    group_server_status, read_config, read_latest, ControllerDriverConfig, GroupServerStatus,
-    ShardController,
+    group_server_status_secure, read_config_secure, read_latest_secure, ControllerDriverConfig,
+    GroupServerStatus, ShardController,
 };
 
 /// Where `shoal shard up` keeps its cluster, and where the controller commands look for it.
@@ -152,9 +153,23 @@ struct ControllerOpts {
     /// Cluster id the controller store and the groups were started with.
     #[arg(long, default_value_t = 1)]
     cluster: u64,
+    /// TLS of the connections to the controller store and the groups.
+    #[command(flatten)]
+    tls: crate::tls_cmd::ClientTlsArgs,
 }
 
 impl ControllerOpts {
+    /// The TLS settings of the command: --ca/--cert/--key, else those of the cluster found
+    /// through its directory (`shard up --tls`).
+    fn security(&self) -> Result<Security> {
+        let dir = self.controller.is_empty().then(|| {
+            self.dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+        });
+        self.tls.security(dir.as_deref())
+    }
+
     /// --controller (or $SHOAL_CONTROLLER), else DIR/controller, else
     /// ./shoal-shard/controller.
     fn store(&self) -> Result<Vec<SocketAddr>> {
@@ -326,6 +341,23 @@ struct ServerArgs {
     max_value_bytes: usize,
     #[command(flatten)]
     obs: crate::obs::ServerObsArgs,
+    /// TLS: --cert, --key and --ca as for `shoal kv server` (its --help says the rules).
+    #[command(flatten)]
+    tls: crate::tls_cmd::ServerTlsArgs,
+}
+
+/// The TLS settings of this process's connections: one per process, set once by the command
+/// before it connects anywhere (plain TCP when never set).
+static SECURITY: std::sync::OnceLock<Security> = std::sync::OnceLock::new();
+
+/// This process's TLS settings ([`SECURITY`]).
+pub(crate) fn security() -> Security {
+    SECURITY.get().cloned().unwrap_or_default()
+}
+
+/// Sets this process's TLS settings (the first call wins: one command per process).
+pub(crate) fn set_security(security: Security) {
+    let _ = SECURITY.set(security);
 }
 
 /// Runs `shoal shard …`.
@@ -334,6 +366,18 @@ pub fn run(cmd: ShardCommand) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let security = match &cmd.command {
+        ShardSub::Server(args) => Some(args.tls.security(args.listen)?),
+        ShardSub::Up(_) => None,
+        ShardSub::Join(JoinArgs { ctl, .. })
+        | ShardSub::Leave(LeaveArgs { ctl, .. })
+        | ShardSub::Move(MoveArgs { ctl, .. })
+        | ShardSub::Query(QueryArgs { ctl, .. })
+        | ShardSub::Status(StatusArgs { ctl, .. }) => Some(ctl.security()?),
+    };
+    if let Some(security) = security {
+        set_security(security);
+    }
     runtime.block_on(async move {
         match cmd.command {
             ShardSub::Server(args) => server(args).await,
@@ -396,6 +440,7 @@ async fn server(args: ServerArgs) -> Result<ExitCode> {
         shards,
     );
     config.controller = args.controller.clone();
+    config.transport.security = security();
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     config.snapshot_bytes = (args.snapshot_bytes > 0).then_some(args.snapshot_bytes);
     config.limits.max_key_bytes = args.max_key_bytes;
@@ -447,7 +492,13 @@ const START_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 async fn check_against_cluster(args: &ServerArgs, shards: u32, own: SocketAddr) -> Result<()> {
     let store: Vec<String> = args.controller.iter().map(ToString::to_string).collect();
     let store = store.join(",");
-    let read = read_latest(&args.controller, args.cluster, START_CHECK_TIMEOUT);
+    let security = security();
+    let read = read_latest_secure(
+        &security,
+        &args.controller,
+        args.cluster,
+        START_CHECK_TIMEOUT,
+    );
     let record = match tokio::time::timeout(START_CHECK_TIMEOUT, read).await {
         Ok(Ok(Some(record))) => record,
         Ok(Ok(None)) => {
@@ -560,7 +611,7 @@ async fn change(
     shards: Option<u32>,
 ) -> Result<ExitCode> {
     let list = join_addrs(store);
-    let before = read_latest(store, ctl.cluster, READ_TIMEOUT)
+    let before = read_latest_secure(&security(), store, ctl.cluster, READ_TIMEOUT)
         .await
         .with_context(|| format!("reading the controller store at {list}"))?;
     let shards = match (&before, shards) {
@@ -574,6 +625,7 @@ async fn change(
     let before = before.map(|r| r.config.num);
     let mut config = ControllerDriverConfig::new(store.to_vec(), shards);
     config.cluster_id = ctl.cluster;
+    config.security = security();
     let controller = ShardController::start(config)?;
     let mut signals = shoal_cluster::StopSignals::install()?;
     let outcome = {
@@ -637,7 +689,7 @@ async fn ask_groups(
                 name.clone(),
                 tokio::spawn(async move {
                     let addr = crate::cli::parse_addr(&name).map_err(|e| format!("{e:#}"))?;
-                    group_server_status(addr, gid, cluster, timeout).await
+                    group_server_status_secure(&security(), addr, gid, cluster, timeout).await
                 }),
             ));
         }
@@ -655,7 +707,8 @@ async fn ask_groups(
 pub(crate) async fn print_waiting(status: &ControllerStatus, store: &[SocketAddr], cluster: u64) {
     print_status_line(status);
     const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-    let Ok(Some(record)) = read_latest(store, cluster, PROBE_TIMEOUT).await else {
+    let Ok(Some(record)) = read_latest_secure(&security(), store, cluster, PROBE_TIMEOUT).await
+    else {
         return;
     };
     if record.complete {
@@ -671,7 +724,7 @@ pub(crate) async fn print_waiting(status: &ControllerStatus, store: &[SocketAddr
     // before.
     let mut groups: BTreeMap<Gid, Vec<String>> = BTreeMap::new();
     let previous = match record.config.num.checked_sub(1) {
-        Some(num) => read_config(store, cluster, num, PROBE_TIMEOUT)
+        Some(num) => read_config_secure(&security(), store, cluster, num, PROBE_TIMEOUT)
             .await
             .ok()
             .flatten(),
@@ -755,7 +808,7 @@ fn no_configuration(store: &[SocketAddr]) -> anyhow::Error {
 async fn query(args: QueryArgs) -> Result<ExitCode> {
     let store = args.ctl.store()?;
     let list = join_addrs(&store);
-    let latest = read_latest(&store, args.ctl.cluster, READ_TIMEOUT)
+    let latest = read_latest_secure(&security(), &store, args.ctl.cluster, READ_TIMEOUT)
         .await
         .with_context(|| format!("reading the controller store at {list}"))?
         .ok_or_else(|| no_configuration(&store))?;
@@ -766,7 +819,7 @@ async fn query(args: QueryArgs) -> Result<ExitCode> {
             "there is no configuration {num} yet: the latest is {}",
             latest.config.num
         ),
-        Some(num) => read_config(&store, args.ctl.cluster, num, READ_TIMEOUT)
+        Some(num) => read_config_secure(&security(), &store, args.ctl.cluster, num, READ_TIMEOUT)
             .await
             .with_context(|| format!("reading the controller store at {list}"))?
             .with_context(|| format!("configuration {num} is not in the controller store"))?,
@@ -809,7 +862,7 @@ fn emit(text: &str) -> Result<ExitCode> {
 async fn status(args: StatusArgs) -> Result<ExitCode> {
     let store = args.ctl.store()?;
     let cluster = args.ctl.cluster;
-    let record = read_latest(&store, cluster, READ_TIMEOUT)
+    let record = read_latest_secure(&security(), &store, cluster, READ_TIMEOUT)
         .await
         .with_context(|| format!("reading the controller store at {}", join_addrs(&store)))?
         .ok_or_else(|| no_configuration(&store))?;

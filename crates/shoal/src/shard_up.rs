@@ -28,7 +28,7 @@ use shoal_shard::{Gid, Op};
 use crate::kv_cmd::read_endpoints;
 use crate::shard_cmd::{join_addrs, print_waiting, shard_ranges, CONTROLLER_FILE, DEFAULT_DIR};
 use crate::supervise::{lock_dir, running_servers, Member, Running, Supervised};
-use shoal_runtime::shard::{read_latest, ControllerDriverConfig, ShardController};
+use shoal_runtime::shard::{read_latest_secure, ControllerDriverConfig, ShardController};
 
 /// The file listing the groups, one line per gid: `GID ADDR,ADDR,ADDR`.
 pub(crate) const GROUPS_FILE: &str = "groups";
@@ -66,6 +66,12 @@ pub(crate) struct UpArgs {
     /// and logs.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
+    /// Serve TLS: make a CA and certificates in DIR/tls (`shoal cert`) and start every server
+    /// (controller store and groups) with them. `shoal shard` and `shoal kv` commands run
+    /// with --dir DIR (or where ./shoal-shard is) use DIR/tls/ca.pem and DIR/tls/client.pem by
+    /// themselves. A cluster made with --tls stays TLS when resumed.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// The shape of a cluster directory: its files, read back or about to be written.
@@ -127,8 +133,25 @@ impl Layout {
         )
     }
 
+    /// Makes (where missing) the CA and every server's certificate in DIR/tls.
+    fn make_certs(&self, dir: &Path) -> Result<()> {
+        let tls_dir = crate::tls_cmd::local_tls_dir(dir);
+        let mut names: Vec<String> = (1..=self.store.len())
+            .map(|id| format!("controller{id}"))
+            .collect();
+        for (gid, addrs) in &self.groups {
+            names.extend((1..=addrs.len()).map(|id| format!("group{gid}-server{id}")));
+        }
+        crate::tls_cmd::make_local(&tls_dir, &names)
+            .with_context(|| format!("making certificates in {}", tls_dir.display()))
+    }
+
     /// What the supervisor runs: the store's servers (group 0), then each group's.
-    fn supervised(&self, dir: &Path, exe: &Path) -> Supervised {
+    fn supervised(&self, dir: &Path, exe: &Path, tls: Option<&Path>) -> Supervised {
+        let tls_flags = |name: &str| match tls {
+            Some(tls) => crate::tls_cmd::ServerTlsArgs::for_node(tls, name),
+            None => Vec::new(),
+        };
         let mut members = Vec::new();
         let store_peers = shoal_cluster::peers_arg(&self.store);
         for (i, addr) in self.store.iter().enumerate() {
@@ -144,6 +167,7 @@ impl Layout {
             .args(["--listen", &addr.to_string(), "--peers", &store_peers])
             .arg("--data")
             .arg(&data)
+            .args(tls_flags(&format!("controller{id}")))
             // Its own process group: a Ctrl-C in the terminal reaches `shard up` alone, which
             // then stops the servers itself.
             .own_process_group();
@@ -173,6 +197,7 @@ impl Layout {
                 .args(["--peers", &peers, "--shards", &self.shards.to_string()])
                 .args(["--controller", &controller, "--data"])
                 .arg(&data)
+                .args(tls_flags(&format!("group{gid}-server{id}")))
                 .own_process_group();
                 members.push(Member {
                     name: format!("group {gid} server {id}"),
@@ -279,12 +304,29 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
                 groups,
                 shards,
             };
+            // The certificates before DIR/controller: a client that finds the cluster finds
+            // them.
+            if args.tls {
+                layout.make_certs(&dir)?;
+            }
             layout.write(&dir)?;
             layout
         }
     };
     let exe = std::env::current_exe().context("locating the shoal binary")?;
-    let set = layout.supervised(&dir, &exe);
+    let tls_dir = crate::tls_cmd::local_tls_dir(&dir);
+    let tls = args.tls || tls_dir.join(crate::tls_cmd::CA_CERT).exists();
+    if tls {
+        layout.make_certs(&dir)?;
+        // This process joins the groups and reads the store as the local client.
+        let client = crate::tls_cmd::ClientTlsArgs {
+            ca: None,
+            cert: None,
+            key: None,
+        };
+        crate::shard_cmd::set_security(client.security(Some(&dir))?);
+    }
+    let set = layout.supervised(&dir, &exe, tls.then_some(tls_dir.as_path()));
     let running = running_servers(
         set.members
             .iter()
@@ -398,7 +440,8 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
     // The store's servers were just started: wait for them to elect a leader and answer.
     let mut said = shoal_cluster::now();
     let latest = loop {
-        match read_latest(store, 1, STORE_READ_TIMEOUT).await {
+        match read_latest_secure(&crate::shard_cmd::security(), store, 1, STORE_READ_TIMEOUT).await
+        {
             Ok(latest) => break latest,
             Err(e) => {
                 if shoal_cluster::now().duration_since(said) >= STORE_PATIENCE {
@@ -427,6 +470,7 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
     let complete = latest.as_ref().is_some_and(|r| r.complete);
     if !missing.is_empty() {
         let mut config = ControllerDriverConfig::new(store.clone(), layout.shards);
+        config.security = crate::shard_cmd::security();
         config.cluster_id = 1;
         let controller = ShardController::start(config)?;
         let gids: Vec<String> = missing.keys().map(ToString::to_string).collect();
@@ -462,9 +506,14 @@ async fn join_missing(layout: &Layout, dir: &Path) -> Result<()> {
         std::fs::write(&joined_path, "the groups of DIR/groups joined once\n")
             .with_context(|| format!("writing {}", joined_path.display()))?;
     }
-    let record = read_latest(store, 1, Duration::from_secs(10))
-        .await?
-        .context("the controller store holds no configuration after the join")?;
+    let record = read_latest_secure(
+        &crate::shard_cmd::security(),
+        store,
+        1,
+        Duration::from_secs(10),
+    )
+    .await?
+    .context("the controller store holds no configuration after the join")?;
     let mut out = std::io::stdout().lock();
     let config = &record.config;
     let gids: Vec<String> = config.groups.keys().map(ToString::to_string).collect();
@@ -560,6 +609,7 @@ mod tests {
             replicas,
             shards,
             dir: "d".into(),
+            tls: false,
         };
         check_agrees(&args(None, None, None), &layout).unwrap();
         check_agrees(&args(Some(1), Some(3), Some(128)), &layout).unwrap();

@@ -160,6 +160,16 @@ pub struct BenchArgs {
     /// Seed of the key choices and kill times.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// With --endpoints: the cluster's CA certificate (PEM), to measure a TLS cluster (e.g.
+    /// DIR/tls/ca.pem of `shoal kv up --tls --dir DIR`); needs --cert and --key.
+    #[arg(long, value_name = "FILE", requires_all = ["cert", "key", "endpoints"])]
+    ca: Option<PathBuf>,
+    /// With --ca: the client certificate (e.g. DIR/tls/client.pem).
+    #[arg(long, value_name = "FILE", requires = "ca")]
+    cert: Option<PathBuf>,
+    /// With --ca: the client certificate's key (e.g. DIR/tls/client-key.pem).
+    #[arg(long, value_name = "FILE", requires = "ca")]
+    key: Option<PathBuf>,
 }
 
 fn round3(v: f64) -> f64 {
@@ -570,10 +580,18 @@ async fn start_shoal(args: &BenchArgs, plan: &Plan) -> Result<Side<ShoalTarget>>
     }
     if !args.endpoints.is_empty() && !args.compare {
         let endpoints = shoal_endpoints(&args.endpoints)?;
-        let target = Arc::new(ShoalTarget::new(
+        let security = shoal_runtime::tls::TlsFiles {
+            cert: args.cert.clone(),
+            key: args.key.clone(),
+            ca: args.ca.clone(),
+        }
+        .client()
+        .context("--ca, --cert, --key")?;
+        let target = Arc::new(ShoalTarget::with_security(
             endpoints.clone(),
             args.cluster,
             OP_TIMEOUT,
+            security,
         ));
         let list = args.endpoints.join(",");
         wait_ready(

@@ -76,9 +76,21 @@ enum ShoalPool {
 impl ShoalTarget {
     /// One group (one Raft cluster) at `endpoints`.
     pub fn new(endpoints: Vec<SocketAddr>, cluster_id: u64, op_timeout: Duration) -> ShoalTarget {
+        let plain = shoal_runtime::tls::Security::plain();
+        ShoalTarget::with_security(endpoints, cluster_id, op_timeout, plain)
+    }
+
+    /// One group at `endpoints`, over TLS when `security` says so.
+    pub fn with_security(
+        endpoints: Vec<SocketAddr>,
+        cluster_id: u64,
+        op_timeout: Duration,
+        security: shoal_runtime::tls::Security,
+    ) -> ShoalTarget {
         let mut config = ClientConfig::new(endpoints);
         config.cluster_id = cluster_id;
         config.op_timeout = op_timeout;
+        config.security = security;
         ShoalTarget {
             pool: ShoalPool::Group(ClientPool::new(config)),
         }

@@ -21,7 +21,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::transport::{connect_client, send_queued, TransportError, MAX_REFUSAL_FRAME_BYTES};
+use crate::tls::Security;
+use crate::transport::{
+    connect_client_secure, send_queued, TransportError, MAX_REFUSAL_FRAME_BYTES,
+};
 use bytes::{Buf as _, BytesMut};
 use shoal_wire::codec::{CodecError, FrameCodec};
 use shoal_wire::frame::{decode_frame, peek_frame_len, FRAME_HEADER_BYTES};
@@ -70,6 +73,8 @@ pub struct ClientConfig {
     /// fails with [`ClientError::NoServer`] (capped by the operation's timeout): a cluster
     /// being started binds its ports within moments, a stopped one never does.
     pub refused_grace: Duration,
+    /// Plain TCP or TLS ([`crate::tls`]).
+    pub security: Security,
 }
 
 impl ClientConfig {
@@ -84,6 +89,7 @@ impl ClientConfig {
             max_frame_bytes: shoal_wire::DEFAULT_MAX_FRAME_BYTES,
             serializable_reads: false,
             refused_grace: DEFAULT_REFUSED_GRACE,
+            security: Security::plain(),
         }
     }
 }
@@ -283,6 +289,9 @@ enum LinkFailure {
     Connect(String),
     /// The connection was open (a request may have been delivered) and ended.
     Lost(String),
+    /// The TLS handshake failed (a certificate refused by either side, TLS against a plain
+    /// server): the server processed nothing, and retrying cannot help.
+    Tls(String),
 }
 
 impl LinkFailure {
@@ -291,7 +300,10 @@ impl LinkFailure {
     fn is_definite(&self) -> bool {
         matches!(
             self,
-            LinkFailure::ConnectionRefused | LinkFailure::RefusedBy(_) | LinkFailure::Foreign(_)
+            LinkFailure::ConnectionRefused
+                | LinkFailure::RefusedBy(_)
+                | LinkFailure::Foreign(_)
+                | LinkFailure::Tls(_)
         )
     }
 
@@ -318,7 +330,7 @@ impl LinkFailure {
                 format!("{addr} is not a Shoal KV server (it speaks {what})")
             }
             LinkFailure::Connect(e) => format!("{addr}: {e}"),
-            LinkFailure::Lost(e) => format!("{addr}: {e}"),
+            LinkFailure::Lost(e) | LinkFailure::Tls(e) => format!("{addr}: {e}"),
         }
     }
 }
@@ -1168,7 +1180,8 @@ impl Client {
     ) -> Result<Option<Backup>, ClientError> {
         use futures::SinkExt as _;
         let unreachable = |reason: String| ClientError::Unreachable { addr, reason };
-        let framed = connect_client::<KvReply, KvRequest>(
+        let framed = connect_client_secure::<KvReply, KvRequest>(
+            &self.config.security,
             addr,
             self.config.cluster_id,
             self.config.max_frame_bytes,
@@ -1329,7 +1342,8 @@ async fn run_connection(
     mut requests: mpsc::Receiver<KvRequest>,
     mut deliver: impl FnMut(Incoming) -> bool,
 ) -> LinkFailure {
-    let framed = match connect_client::<KvReply, KvRequest>(
+    let framed = match connect_client_secure::<KvReply, KvRequest>(
+        &config.security,
         addr,
         config.cluster_id,
         config.max_frame_bytes,
@@ -1346,13 +1360,16 @@ async fn run_connection(
                 {
                     LinkFailure::ConnectionRefused
                 }
+                TransportError::Connect { source, .. } if is_tls_error(&source) => {
+                    LinkFailure::Tls(source.to_string())
+                }
                 TransportError::Connect { source, .. } => LinkFailure::Connect(source.to_string()),
                 other => LinkFailure::Connect(other.to_string()),
             };
         }
     };
     // The hello went straight to the socket: nothing is buffered in `framed`.
-    let (read, write) = framed.into_inner().into_split();
+    let (read, write) = tokio::io::split(framed.into_inner());
     let mut stream = FramedRead::new(read, ServerFrames::new(config.max_frame_bytes));
     let mut sink = FramedWrite::new(
         write,
@@ -1369,6 +1386,9 @@ async fn run_connection(
                         return match tokio::time::timeout(LAST_WORDS_WAIT, stream.next()).await {
                             Ok(Some(Ok(ServerFrame::Refused(r)))) => LinkFailure::RefusedBy(r),
                             Ok(Some(Ok(ServerFrame::Foreign(what)))) => LinkFailure::Foreign(what),
+                            Ok(Some(Err(CodecError::Io(e)))) if !answered && is_tls_error(&e) => {
+                                LinkFailure::Tls(e.to_string())
+                            }
                             _ => LinkFailure::Lost(format!("connection lost: {e}")),
                         };
                     }
@@ -1393,6 +1413,11 @@ async fn run_connection(
                 debug!(%addr, %what, "not a KV server");
                 return LinkFailure::Foreign(what);
             }
+            // The server refused this client's certificate: TLS 1.3 says so at the first read.
+            Some(Err(CodecError::Io(e))) if !answered && is_tls_error(&e) => {
+                debug!(%addr, error = %e, "TLS refused");
+                return LinkFailure::Tls(e.to_string());
+            }
             Some(Err(e)) => {
                 debug!(%addr, error = %e, "connection failed");
                 return LinkFailure::Lost(format!("connection failed: {e}"));
@@ -1407,6 +1432,11 @@ async fn run_connection(
             }
         }
     }
+}
+
+/// Whether `e` is a TLS handshake failure ([`crate::tls`] words them so).
+fn is_tls_error(e: &std::io::Error) -> bool {
+    e.to_string().starts_with("TLS")
 }
 
 /// What a server sent on a client connection.

@@ -49,6 +49,8 @@ pub struct ShardClientConfig {
     /// Reads answered by whichever server of the owner group is asked, from its local state
     /// (possibly stale). The configuration itself is always read linearizably.
     pub serializable_reads: bool,
+    /// Plain TCP or TLS ([`crate::tls`]), to the controller store and the groups alike.
+    pub security: crate::tls::Security,
 }
 
 impl ShardClientConfig {
@@ -62,6 +64,7 @@ impl ShardClientConfig {
             retry_timeout: DEFAULT_RETRY_TIMEOUT,
             max_frame_bytes: shoal_wire::DEFAULT_MAX_FRAME_BYTES,
             serializable_reads: false,
+            security: crate::tls::Security::plain(),
         }
     }
 
@@ -74,6 +77,7 @@ impl ShardClientConfig {
             max_message_bytes: self.max_frame_bytes,
             connect_timeout: self.connect_timeout,
             queue_len,
+            security: self.security.clone(),
         }
     }
 }

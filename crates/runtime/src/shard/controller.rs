@@ -35,7 +35,8 @@ use tracing::{debug, warn};
 use super::link::{Event, LinkConfig, Links, Timers};
 use crate::kv::client::{DEFAULT_CLUSTER_ID, DEFAULT_CONNECT_TIMEOUT, REPLY_QUEUE_LEN};
 use crate::kv::{Client, ClientConfig, ClientError};
-use crate::transport::connect_client;
+use crate::tls::Security;
+use crate::transport::connect_client_secure;
 
 /// Largest frame on a controller's connections: the wire's default (16 MiB). A migration's
 /// Export answer and Install request carry a whole shard: when larger than a frame, they
@@ -137,6 +138,8 @@ pub struct ControllerDriverConfig {
     /// Largest message on its connections to group servers: a shard's export, sent in parts
     /// when larger than a frame. A shard larger than this cannot move.
     pub max_message_bytes: usize,
+    /// Plain TCP or TLS ([`crate::tls`]), to the controller store and the groups alike.
+    pub security: Security,
 }
 
 impl ControllerDriverConfig {
@@ -157,6 +160,7 @@ impl ControllerDriverConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_frame_bytes: CONTROLLER_MAX_FRAME_BYTES,
             max_message_bytes: CONTROLLER_MAX_MESSAGE_BYTES,
+            security: Security::plain(),
         }
     }
 
@@ -167,6 +171,7 @@ impl ControllerDriverConfig {
             max_message_bytes: self.max_message_bytes,
             connect_timeout: self.connect_timeout,
             queue_len: 1024,
+            security: self.security.clone(),
         }
     }
 }
@@ -390,6 +395,7 @@ async fn drive(
         let mut cc = ClientConfig::new(config.store.clone());
         cc.cluster_id = config.cluster_id;
         cc.op_timeout = Duration::from_secs(2);
+        cc.security = config.security.clone();
         if let Ok(mut client) = Client::new(cc) {
             match client.lease_revoke(lease).await {
                 Ok(_) => debug!(lease, "controller lease revoked"),
@@ -405,6 +411,7 @@ async fn drive(
 }
 
 fn store_client(
+    security: &Security,
     store: &[SocketAddr],
     cluster_id: u64,
     timeout: Duration,
@@ -412,6 +419,7 @@ fn store_client(
     let mut cc = ClientConfig::new(store.to_vec());
     cc.cluster_id = cluster_id;
     cc.op_timeout = timeout;
+    cc.security = security.clone();
     Client::new(cc)
 }
 
@@ -422,7 +430,17 @@ pub async fn read_latest(
     cluster_id: u64,
     timeout: Duration,
 ) -> Result<Option<Record>, ClientError> {
-    let mut client = store_client(store, cluster_id, timeout)?;
+    read_latest_secure(&Security::plain(), store, cluster_id, timeout).await
+}
+
+/// [`read_latest`] over plain TCP or TLS, as `security` says.
+pub async fn read_latest_secure(
+    security: &Security,
+    store: &[SocketAddr],
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<Option<Record>, ClientError> {
+    let mut client = store_client(security, store, cluster_id, timeout)?;
     match client.get(LATEST_KEY).await? {
         None => Ok(None),
         Some((bytes, _)) => Record::decode(&bytes).map(Some).map_err(|e| {
@@ -441,7 +459,18 @@ pub async fn read_config(
     num: u64,
     timeout: Duration,
 ) -> Result<Option<Config>, ClientError> {
-    let mut client = store_client(store, cluster_id, timeout)?;
+    read_config_secure(&Security::plain(), store, cluster_id, num, timeout).await
+}
+
+/// [`read_config`] over plain TCP or TLS, as `security` says.
+pub async fn read_config_secure(
+    security: &Security,
+    store: &[SocketAddr],
+    cluster_id: u64,
+    num: u64,
+    timeout: Duration,
+) -> Result<Option<Config>, ClientError> {
+    let mut client = store_client(security, store, cluster_id, timeout)?;
     match client.get(&config_key(num)).await? {
         None => Ok(None),
         Some((bytes, _)) => Config::decode(&bytes).map(Some).map_err(|e| {
@@ -472,8 +501,20 @@ pub async fn group_server_status(
     cluster_id: u64,
     timeout: Duration,
 ) -> Result<GroupServerStatus, String> {
+    group_server_status_secure(&Security::plain(), addr, gid, cluster_id, timeout).await
+}
+
+/// [`group_server_status`] over plain TCP or TLS, as `security` says.
+pub async fn group_server_status_secure(
+    security: &Security,
+    addr: SocketAddr,
+    gid: u64,
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<GroupServerStatus, String> {
     let ask = async {
-        let mut framed = connect_client::<FromGroup, ToGroup>(
+        let mut framed = connect_client_secure::<FromGroup, ToGroup>(
+            security,
             addr,
             cluster_id,
             shoal_wire::DEFAULT_MAX_FRAME_BYTES,

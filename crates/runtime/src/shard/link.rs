@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::debug;
 
-use crate::transport::{connect_client, send_queued, TransportError};
+use crate::tls::Security;
+use crate::transport::{connect_client_secure, send_queued, TransportError};
 
 /// What a connection reports to the clients of its [`Links`].
 #[derive(Debug)]
@@ -92,7 +93,7 @@ impl Routed for FromGroup {
 pub(crate) const CONTROL: u64 = u64::MAX;
 
 /// Settings of the connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct LinkConfig {
     pub cluster_id: u64,
     pub max_frame_bytes: usize,
@@ -102,6 +103,8 @@ pub(crate) struct LinkConfig {
     pub connect_timeout: Duration,
     /// Requests queued per connection before new ones are dropped (the clients resend).
     pub queue_len: usize,
+    /// Plain TCP or TLS.
+    pub security: Security,
 }
 
 type Routes<K, Rep> = Arc<Mutex<BTreeMap<K, mpsc::Sender<Event<Rep>>>>>;
@@ -118,7 +121,7 @@ pub(crate) struct Links<Req: Routed, Rep: Routed<Key = Req::Key>> {
 impl<Req: Routed, Rep: Routed<Key = Req::Key>> Clone for Links<Req, Rep> {
     fn clone(&self) -> Self {
         Links {
-            config: self.config,
+            config: self.config.clone(),
             connections: Arc::clone(&self.connections),
             routes: Arc::clone(&self.routes),
             catch_all: self.catch_all.clone(),
@@ -176,7 +179,7 @@ where
                 let (tx, rx) = mpsc::channel(self.config.queue_len);
                 tokio::spawn(connection(
                     addr,
-                    self.config,
+                    self.config.clone(),
                     rx,
                     Arc::clone(&self.routes),
                     self.catch_all.clone(),
@@ -245,7 +248,8 @@ where
     Req: Serialize + InParts,
     Rep: DeserializeOwned + InParts,
 {
-    let framed = match connect_client::<Rep, Req>(
+    let framed = match connect_client_secure::<Rep, Req>(
+        &config.security,
         addr,
         config.cluster_id,
         config.max_frame_bytes,
@@ -264,7 +268,7 @@ where
     };
     // The hello went straight to the socket: nothing is buffered in `framed`. Messages larger
     // than a frame (a shard's Install, its Export answer) travel in parts.
-    let (read, write) = framed.into_inner().into_split();
+    let (read, write) = tokio::io::split(framed.into_inner());
     let codec = || PartCodec::<Rep, Req>::new(config.max_frame_bytes, config.max_message_bytes);
     let mut stream = FramedRead::new(read, codec());
     let mut sink = FramedWrite::new(write, codec());

@@ -14,4 +14,5 @@ pub use controller::{
     group_server_status, read_config, read_latest, ControllerDriverConfig, GroupServerStatus,
     ShardController, CONTROLLER_MAX_FRAME_BYTES, CONTROLLER_MAX_MESSAGE_BYTES,
 };
+pub use controller::{group_server_status_secure, read_config_secure, read_latest_secure};
 pub use server::{run_shard_server, ShardServerConfig, ShardServerError, GROUP_FILE};

@@ -517,6 +517,7 @@ impl ShardService {
                 ControlOp::Adopt { .. } => (Some(M::adopt), 0),
                 ControlOp::Freeze { .. } => (Some(M::freeze), 0),
                 ControlOp::Export { .. } => (Some(M::export), 0),
+                ControlOp::CopyStart { .. } => (Some(M::copy_start), 0),
                 ControlOp::ExportChunk { .. } => (Some(M::export_chunk), 0),
                 ControlOp::Stage { .. } => (Some(M::stage), 0),
                 ControlOp::Install { data, .. } => (Some(M::install), data.len()),
