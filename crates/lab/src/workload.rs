@@ -1,4 +1,4 @@
-//! The workloads of `shoal sim --workload raft|kv|shard`: a whole cluster running the real
+//! The workloads of `shoal sim --workload raft|kv|shard|mr` (mr: [`crate::mr`]): a whole cluster running the real
 //! protocol under the nemesis, checked after every event and at the end, summed up in a
 //! [`Report`]. The sharded KV's (**shard**) lives with the rest of its world in
 //! [`crate::shard::workload`]; this module names it and shares the runner.
@@ -83,6 +83,9 @@ pub enum Workload {
     /// The sharded KV: a controller reconfiguring, groups migrating shards, routing clients
     /// with a put/get workload ([`crate::shard::workload`]).
     Shard,
+    /// MapReduce: the coordinator's event machine and workers running the app's functions,
+    /// under crashes, pauses, lost map output and a faulty network ([`crate::mr`]).
+    Mr,
 }
 
 impl Workload {
@@ -92,6 +95,7 @@ impl Workload {
             Workload::Raft => "raft",
             Workload::Kv => "kv",
             Workload::Shard => "shard",
+            Workload::Mr => "mr",
         }
     }
 
@@ -101,6 +105,7 @@ impl Workload {
             Workload::Raft => run_raft(seed, duration),
             Workload::Kv => run_kv(seed, duration),
             Workload::Shard => run_shard(seed, duration),
+            Workload::Mr => crate::mr::run_mr(seed, duration),
         }
     }
 }

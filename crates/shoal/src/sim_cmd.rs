@@ -36,6 +36,10 @@ enum WorkloadArg {
     /// joining, removing and moving groups, routing clients putting and getting, Figure 3 on
     /// every group and the shard invariant after every event, the history checked.
     Shard,
+    /// A MapReduce job (the coordinator's event machine, workers running wordcount) with
+    /// workers crashing, pausing and losing map output and a faulty network; every output
+    /// file checked after every event, the result against `shoal mr seq`'s.
+    Mr,
 }
 
 /// Arguments of `shoal sim`.
@@ -48,18 +52,19 @@ pub struct SimArgs {
     /// Seed of the run (the first one with --seeds): the same seed prints the same output.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// raft, kv and shard: run this many seeds, --seed, --seed + 1, ..., and sum them up.
+    /// raft, kv, shard and mr: run this many seeds, --seed, --seed + 1, ..., and sum them up.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
     /// Virtual time to simulate, e.g. `10s`, `500ms`, `2m` (a bare number is seconds). The
-    /// heartbeat scenario's whole run (default 10s); for raft, kv and shard the nemesis phase, before
-    /// the heal and the final checks (default 20s).
+    /// heartbeat scenario's whole run (default 10s); for raft, kv, shard and mr the nemesis
+    /// phase, before the heal and the final checks (default 20s).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// heartbeat: nodes in the cluster.
     #[arg(long, default_value_t = 5)]
     nodes: u32,
-    /// Trace lines to print (heartbeat: the last ones; raft, kv and shard: of a failing seed).
+    /// Trace lines to print (heartbeat: the last ones; raft, kv, shard and mr: of a failing
+    /// seed).
     #[arg(long, default_value_t = 40)]
     tail: usize,
     /// heartbeat: print the whole trace instead of its tail.
@@ -84,7 +89,11 @@ and (kv) check the clients' history with `shoal check`'s versioned-KV model. --w
 runs the sharded KV (a 3-server controller store, 4 groups of 3, a controller, 3 routing
 clients) the same way, with random joins, leaves and moves as one more fault and the shard
 invariant (at most one group serves a shard; it holds every applied write) after every
-event. Per seed one line:
+event. --workload mr runs a MapReduce job (the coordinator's event machine, 4 workers running
+wordcount on generated inputs) while workers crash, pause and lose their map output and the
+network drops, delays, reorders and partitions, for --duration or until the job ends; every
+`mr-out-<r>` visible is checked after every event (never partial), and at the end the output
+must equal `shoal mr seq`'s on the same inputs. Per seed one line:
 the faults drawn, events, operations checked, the trace hash and the verdict. A failing seed
 prints the violation, the trace tail and the one command that replays it, and the exit code
 is 1. With --seeds N a summary follows (and a progress bar on a terminal).
@@ -95,6 +104,7 @@ Examples:
   shoal sim --seed 3 --duration 20s --tail 10
   shoal sim --workload kv --seeds 200
   shoal sim --workload shard --seeds 50
+  shoal sim --workload mr --seeds 1000
   shoal sim --workload raft --seed 17 --duration 5s";
 
 /// Arguments of `shoal bench sim`.
@@ -146,6 +156,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         WorkloadArg::Raft => Workload::Raft,
         WorkloadArg::Kv => Workload::Kv,
         WorkloadArg::Shard => Workload::Shard,
+        WorkloadArg::Mr => Workload::Mr,
     };
     if args.full || args.no_nemesis {
         bail!("--full and --no-nemesis are for --workload heartbeat only");
@@ -282,6 +293,7 @@ fn format_report(r: &Report, tail: usize, detailed: bool) -> String {
         Workload::Kv | Workload::Shard => {
             format!("ops checked {}, puts acked {}", r.ops, r.committed)
         }
+        Workload::Mr => format!("attempts {}, outputs {}", r.ops, r.committed),
     };
     let verdict = match (&r.outcome, &r.history_gave_up) {
         (Err(_), _) => "FAILED".to_string(),
@@ -331,7 +343,7 @@ fn format_report(r: &Report, tail: usize, detailed: bool) -> String {
 /// `shoal sim --workload heartbeat`: the heartbeat scenario and its trace.
 fn run_heartbeat(args: SimArgs) -> anyhow::Result<ExitCode> {
     if args.seeds != 1 {
-        bail!("--seeds is for --workload raft, kv and shard");
+        bail!("--seeds is for --workload raft, kv, shard and mr");
     }
     let duration = args.duration.unwrap_or(HEARTBEAT_DURATION);
     if args.nodes < 2 {

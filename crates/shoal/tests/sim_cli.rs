@@ -198,7 +198,7 @@ fn workload_flags_are_checked() {
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("--seeds is for --workload raft, kv and shard"),
+            .contains("--seeds is for --workload raft, kv, shard and mr"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -1,8 +1,9 @@
-//! The coordinator's tokio driver: accepts worker connections, turns their frames into inputs
-//! of the [`Coordinator`] state machine, carries out its outputs, ticks it, and commits reduce
-//! outputs into the output directory.
+//! The coordinator's tokio driver: accepts worker connections, turns their frames, the ticks
+//! of a timer and the results of commits into [`Event`]s of the [`JobMachine`], and carries out
+//! its [`Action`]s (sends, closes, fetching reduce outputs and renaming them into the output
+//! directory). The decisions are all the machine's; this loop only does the I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
-use super::core::{
-    attempt_name, task_name, CommitError, Coordinator, CoordinatorConfig, Output, WorkerId,
-};
+use super::core::{task_name, CommitError, CoordinatorConfig};
+use super::machine::{Action, ConnId, Event, JobEnd, JobMachine};
 use crate::app::AppConfig;
 use crate::shuffle::{
     fetch_file, serve_input_request, shuffle_hello_refusal, Fetched, InputFiles, ShuffleError,
@@ -262,29 +262,25 @@ fn describe_split(split: &InputSplit) -> String {
     )
 }
 
-enum Event {
+/// What the connection and commit tasks tell the loop.
+enum Incoming {
     Connected {
-        conn: u64,
+        conn: ConnId,
         tx: mpsc::Sender<ToWorker>,
     },
     Message {
-        conn: u64,
+        conn: ConnId,
         msg: ToCoordinator,
     },
     Closed {
-        conn: u64,
+        conn: ConnId,
     },
-    /// A winning reduce output was fetched into the output directory under `Ok(temporary
-    /// name)`, or could not be fetched.
+    /// A winning reduce output was fetched into the output directory under its temporary
+    /// name ([`fetched_path`]), or could not be fetched.
     Fetched {
         attempt: AttemptRef,
-        result: Result<PathBuf, CommitError>,
+        result: Result<(), CommitError>,
     },
-}
-
-struct Conn {
-    tx: mpsc::Sender<ToWorker>,
-    worker: Option<WorkerId>,
 }
 
 /// A monotonic clock for the state machine, counted from the driver's start.
@@ -310,13 +306,13 @@ pub async fn run_job(
 ) -> Result<JobReport, CoordinatorError> {
     let clock = Clock::start();
     let options = &job.options;
-    let mut core = Coordinator::new(CoordinatorConfig {
+    let config = CoordinatorConfig {
         maps: job.splits.len() as u32,
         reduces: options.reduces,
         task_timeout: options.task_timeout,
         max_attempts: options.max_attempts,
         backup_tasks: options.backup_tasks,
-    });
+    };
     let info = crate::status::JobInfo {
         app: options.app.name.clone(),
         out_dir: options.out_dir.display().to_string(),
@@ -365,17 +361,29 @@ pub async fn run_job(
         "coordinator waiting for workers"
     );
 
-    let (events_tx, mut events) = mpsc::channel::<Event>(MAX_QUEUED_EVENTS);
-    let mut conns: BTreeMap<u64, Conn> = BTreeMap::new();
-    let mut by_worker: BTreeMap<WorkerId, u64> = BTreeMap::new();
-    let mut next_conn: u64 = 0;
+    let splits = job
+        .splits
+        .iter()
+        .map(|split| SplitSpec {
+            path: split.path.clone(),
+            offset: split.offset,
+            len: split.len,
+        })
+        .collect();
+    let mut machine = JobMachine::new(config, spec, splits);
+
+    let (events_tx, mut events) = mpsc::channel::<Incoming>(MAX_QUEUED_EVENTS);
+    let mut conns: BTreeMap<ConnId, mpsc::Sender<ToWorker>> = BTreeMap::new();
+    let mut next_conn: ConnId = 0;
     let mut connection_tasks = tokio::task::JoinSet::new();
     let mut commits = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(TICK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
-        tokio::select! {
+        // Wait for the next event: a connection, a tick, or something from a connection or a
+        // commit.
+        let event = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     next_conn += 1;
@@ -387,166 +395,92 @@ pub async fn run_job(
                         events_tx.clone(),
                         (job.job_id, job.served_inputs.clone()),
                     ));
+                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
             },
-            _ = ticker.tick() => {
-                core.tick(clock.now());
-                status.send_replace(Arc::new(core.status(clock.now()).with_job(&info)));
-            }
-            Some(event) = events.recv() => {
-                let now = clock.now();
-                match event {
-                    Event::Connected { conn, tx } => {
-                        conns.insert(conn, Conn { tx, worker: None });
+            _ = ticker.tick() => Event::Tick,
+            Some(incoming) = events.recv() => match incoming {
+                Incoming::Connected { conn, tx } => {
+                    conns.insert(conn, tx);
+                    Event::Connected { conn }
+                }
+                Incoming::Message { conn, msg } => Event::Message { conn, msg },
+                Incoming::Closed { conn } => {
+                    conns.remove(&conn);
+                    Event::Closed { conn }
+                }
+                Incoming::Fetched { attempt, result } => Event::Fetched { attempt, result },
+            },
+        };
+        let tick = event == Event::Tick;
+
+        // Hand it to the state machine and carry out its actions, in order (a rename reports
+        // back at once, so its result is handled before anything else).
+        let mut pending = VecDeque::from([event]);
+        let mut finished: Option<JobEnd> = None;
+        while let Some(event) = pending.pop_front() {
+            for action in machine.handle(clock.now(), event) {
+                match action {
+                    Action::Send { conn, msg } => send_to(&mut conns, conn, msg),
+                    Action::Close { conn } => {
+                        conns.remove(&conn);
                     }
-                    Event::Closed { conn } => {
-                        if let Some(Conn { worker: Some(w), .. }) = conns.remove(&conn) {
-                            by_worker.remove(&w);
-                            core.worker_lost(now, w);
-                        }
+                    Action::Fetch {
+                        attempt,
+                        shuffle_addr,
+                    } => {
+                        commits.spawn(commit(
+                            job.job_id,
+                            shuffle_addr,
+                            attempt,
+                            options.out_dir.clone(),
+                            events_tx.clone(),
+                        ));
                     }
-                    Event::Message { conn, msg } => {
-                        let Some(c) = conns.get_mut(&conn) else { continue };
-                        match (c.worker, msg) {
-                            (None, ToCoordinator::Register { name, shuffle_addr }) => {
-                                let w = core.register_worker(now, &name, &shuffle_addr);
-                                c.worker = Some(w);
-                                by_worker.insert(w, conn);
-                                let welcome = ToWorker::Welcome { worker_id: w.0, job: spec.clone() };
-                                if c.tx.try_send(welcome).is_err() {
-                                    conns.remove(&conn);
-                                }
-                            }
-                            (None, other) => {
-                                tracing::warn!(conn, ?other, "message before registration: closing");
-                                conns.remove(&conn);
-                            }
-                            (Some(_), ToCoordinator::Register { .. }) => {
-                                tracing::warn!(conn, "second registration: closing");
-                                conns.remove(&conn);
-                            }
-                            (Some(w), ToCoordinator::Heartbeat) => {
-                                if !core.heard_from(now, w) {
-                                    conns.remove(&conn);
-                                }
-                            }
-                            (Some(w), ToCoordinator::RequestTask) => core.request_task(now, w),
-                            (Some(w), ToCoordinator::TaskDone { attempt, counters }) => {
-                                let d = core.task_done(now, w, attempt, counters);
-                                tracing::debug!(%w, attempt = %attempt_name(attempt), ?d, "done");
-                            }
-                            (Some(w), ToCoordinator::TaskFailed { attempt, error }) => {
-                                core.task_failed(now, w, attempt, &error);
-                            }
-                            (Some(w), ToCoordinator::FetchFailed { attempt, map_task, map_attempt, error }) => {
-                                tracing::warn!(%w, attempt = %attempt_name(attempt), map_task, map_attempt, %error, "fetch failed");
-                                core.fetch_failed(now, w, attempt, map_task, map_attempt);
-                            }
-                        }
-                    }
-                    Event::Fetched { attempt, result: Err(e) } => {
-                        // (The state machine logs it, once.)
-                        core.commit_done(now, attempt, Err(e));
-                    }
-                    Event::Fetched { attempt, result: Ok(tmp) } => {
-                        // The rename happens here, in the loop that owns the state machine, and
-                        // only if this attempt is still the winner: a superseded attempt's
-                        // output never reaches `mr-out-<r>`.
-                        if core.awaiting_commit(attempt) {
-                            let dest = options.out_dir.join(format!("mr-out-{}", attempt.task));
-                            let placed = place(&tmp, &dest, &options.out_dir).map_err(|e| {
-                                let _ = std::fs::remove_file(&tmp);
-                                commit_error(&options.out_dir, &e)
-                            });
-                            core.commit_done(now, attempt, placed);
-                        } else {
+                    Action::Place { attempt } => {
+                        let tmp = fetched_path(&options.out_dir, attempt);
+                        let dest = options.out_dir.join(format!("mr-out-{}", attempt.task));
+                        let result = place(&tmp, &dest, &options.out_dir).map_err(|e| {
                             let _ = std::fs::remove_file(&tmp);
-                        }
+                            commit_error(&options.out_dir, &e)
+                        });
+                        pending.push_back(Event::Placed { attempt, result });
                     }
+                    Action::RemoveFetched { attempt } => {
+                        let _ = std::fs::remove_file(fetched_path(&options.out_dir, attempt));
+                    }
+                    Action::Finish { end } => finished = Some(end),
                 }
             }
         }
-
-        // Carry out the state machine's outputs, in order.
-        let mut finished: Option<Result<(), CoordinatorError>> = None;
-        while let Some(output) = core.poll_output() {
-            match output {
-                Output::AssignMap { worker, attempt } => {
-                    let split = &job.splits[attempt.task as usize];
-                    let msg = ToWorker::Map {
-                        attempt,
-                        split: SplitSpec {
-                            path: split.path.clone(),
-                            offset: split.offset,
-                            len: split.len,
-                        },
-                    };
-                    send_to(&mut conns, &by_worker, worker, msg);
-                }
-                Output::AssignReduce {
-                    worker,
-                    attempt,
-                    inputs,
-                } => send_to(
-                    &mut conns,
-                    &by_worker,
-                    worker,
-                    ToWorker::Reduce { attempt, inputs },
-                ),
-                Output::Commit {
-                    attempt,
-                    worker,
-                    shuffle_addr,
-                } => {
-                    tracing::debug!(attempt = %attempt_name(attempt), %worker, "committing");
-                    commits.spawn(commit(
-                        job.job_id,
-                        shuffle_addr,
-                        attempt,
-                        options.out_dir.clone(),
-                        events_tx.clone(),
-                    ));
-                }
-                Output::Discard { worker, attempt } => {
-                    send_to(
-                        &mut conns,
-                        &by_worker,
-                        worker,
-                        ToWorker::Discard { attempt },
-                    );
-                }
-                Output::Disconnect { worker } => {
-                    if let Some(conn) = by_worker.remove(&worker) {
-                        conns.remove(&conn);
-                    }
-                }
-                Output::JobDone => finished = Some(Ok(())),
-                Output::JobFailed { attempt, error } => {
+        if tick {
+            status.send_replace(Arc::new(machine.core().status(clock.now()).with_job(&info)));
+        }
+        if let Some(end) = finished {
+            let result = match end {
+                JobEnd::Done => Ok(()),
+                JobEnd::TaskFailed { attempt, error } => {
                     let input = match attempt.kind {
                         TaskKind::Map => describe_split(&job.splits[attempt.task as usize]),
                         TaskKind::Reduce => {
                             format!("partition {} of every map task", attempt.task)
                         }
                     };
-                    finished = Some(Err(CoordinatorError::TaskFailed {
+                    Err(CoordinatorError::TaskFailed {
                         task: task_name(attempt),
                         input,
                         attempts: options.max_attempts,
                         error,
-                    }));
+                    })
                 }
-                Output::JobAborted { attempt, error } => {
-                    tracing::debug!(attempt = %attempt_name(attempt), "job aborted");
-                    finished = Some(Err(CoordinatorError::Aborted(error)));
-                }
-            }
-        }
-        if let Some(result) = finished {
-            let last = Arc::new(core.status(clock.now()).with_job(&info));
+                JobEnd::Aborted { error, .. } => Err(CoordinatorError::Aborted(error)),
+            };
+            let last = Arc::new(machine.core().status(clock.now()).with_job(&info));
             status.send_replace(last.clone());
             let farewell = match &result {
                 Ok(()) => ToWorker::JobDone,
@@ -554,8 +488,8 @@ pub async fn run_job(
                     reason: e.to_string(),
                 },
             };
-            for c in conns.values() {
-                let _ = c.tx.try_send(farewell.clone());
+            for tx in conns.values() {
+                let _ = tx.try_send(farewell.clone());
             }
             // Closing the queues lets each connection flush its farewell and end.
             conns.clear();
@@ -577,6 +511,7 @@ pub async fn run_job(
             let outputs = (0..options.reduces)
                 .map(|r| options.out_dir.join(format!("mr-out-{r}")))
                 .collect();
+            let core = machine.core();
             return Ok(JobReport {
                 elapsed: clock.now(),
                 counters: core.counters(),
@@ -588,22 +523,20 @@ pub async fn run_job(
     }
 }
 
-fn send_to(
-    conns: &mut BTreeMap<u64, Conn>,
-    by_worker: &BTreeMap<WorkerId, u64>,
-    worker: WorkerId,
-    msg: ToWorker,
-) {
-    let Some(conn) = by_worker.get(&worker) else {
-        return;
-    };
-    if let Some(c) = conns.get(conn) {
-        if c.tx.try_send(msg).is_err() {
-            tracing::warn!(%worker, "worker's queue is full or closed: disconnecting");
-            // Its Closed event makes the state machine treat it as lost.
-            conns.remove(conn);
+/// Queues `msg` on connection `conn`; a full or closed queue closes the connection (its
+/// `Closed` event then makes the state machine treat the worker as lost).
+fn send_to(conns: &mut BTreeMap<ConnId, mpsc::Sender<ToWorker>>, conn: ConnId, msg: ToWorker) {
+    if let Some(tx) = conns.get(&conn) {
+        if tx.try_send(msg).is_err() {
+            tracing::warn!(conn, "worker's queue is full or closed: disconnecting");
+            conns.remove(&conn);
         }
     }
+}
+
+/// Where a winning reduce output is fetched to before it is renamed into place.
+fn fetched_path(out_dir: &Path, attempt: AttemptRef) -> PathBuf {
+    out_dir.join(format!(".mr-out-{}-a{}.tmp", attempt.task, attempt.attempt))
 }
 
 /// Fetches a winning reduce output from its worker into the output directory under a
@@ -613,22 +546,21 @@ async fn commit(
     shuffle_addr: String,
     attempt: AttemptRef,
     out_dir: PathBuf,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Incoming>,
 ) {
-    let r = attempt.task;
-    let tmp = out_dir.join(format!(".mr-out-{r}-a{}.tmp", attempt.attempt));
+    let tmp = fetched_path(&out_dir, attempt);
     let key = FileKey::ReduceOutput {
-        reduce_task: r,
+        reduce_task: attempt.task,
         attempt: attempt.attempt,
     };
     let result = match fetch_file(&shuffle_addr, job_id, key, &tmp, Fetched::Durable).await {
-        Ok(_) => Ok(tmp),
+        Ok(_) => Ok(()),
         Err(ShuffleError::LocalWrite { error, .. }) => Err(commit_error(&out_dir, &error)),
         Err(e) => Err(CommitError::Retryable(format!(
             "cannot fetch the output from {shuffle_addr}: {e}"
         ))),
     };
-    let _ = events.send(Event::Fetched { attempt, result }).await;
+    let _ = events.send(Incoming::Fetched { attempt, result }).await;
 }
 
 /// Removes the temporary files of commits (`.mr-out-*`) from the output directory and, after a
@@ -671,8 +603,8 @@ fn place(tmp: &Path, dest: &Path, dir: &Path) -> std::io::Result<()> {
 /// cannot open (`ShuffleRequest::FetchInput`): it is answered from `inputs` and closed.
 async fn connection(
     stream: TcpStream,
-    conn: u64,
-    events: mpsc::Sender<Event>,
+    conn: ConnId,
+    events: mpsc::Sender<Incoming>,
     (job_id, inputs): (u64, InputFiles),
 ) {
     let _ = stream.set_nodelay(true);
@@ -724,7 +656,7 @@ async fn connection(
     let mut framed = framed
         .map_codec(|_| FrameCodec::<ToCoordinator, ToWorker>::new(MR_CONTROL_MAX_FRAME_BYTES));
     let (tx, mut rx) = mpsc::channel(MAX_QUEUED_MESSAGES_PER_WORKER);
-    if events.send(Event::Connected { conn, tx }).await.is_err() {
+    if events.send(Incoming::Connected { conn, tx }).await.is_err() {
         return;
     }
     loop {
@@ -748,7 +680,7 @@ async fn connection(
                             break;
                         }
                     }
-                    if events.send(Event::Message { conn, msg }).await.is_err() {
+                    if events.send(Incoming::Message { conn, msg }).await.is_err() {
                         break;
                     }
                 }
@@ -764,5 +696,5 @@ async fn connection(
             },
         }
     }
-    let _ = events.send(Event::Closed { conn }).await;
+    let _ = events.send(Incoming::Closed { conn }).await;
 }
