@@ -148,6 +148,28 @@ impl Running {
         Ok(Running { procs, slots })
     }
 
+    /// Starts one more member (the caller appends it to its [`Supervised`] set too).
+    pub(crate) fn add(&mut self, member: &Member) -> Result<()> {
+        self.procs.spawn_at(self.slots.len(), member.spec.clone())?;
+        self.slots.push(Slot {
+            restart_at: None,
+            failures: 0,
+            announced: false,
+            reported: None,
+        });
+        Ok(())
+    }
+
+    /// Stops the last member (SIGTERM, SIGKILL after [`STOP_GRACE`]) and stops supervising
+    /// it (the caller removes it from its [`Supervised`] set too).
+    pub(crate) fn stop_last(&mut self) {
+        if self.slots.pop().is_some() {
+            if let Some(proc) = self.procs.get_mut(self.slots.len()) {
+                proc.stop(STOP_GRACE);
+            }
+        }
+    }
+
     /// Supervises until a stop signal (`Ok(None)`) or until a majority of a group cannot run
     /// (`Ok(Some(why))`).
     pub(crate) async fn supervise(

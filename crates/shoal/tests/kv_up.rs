@@ -23,9 +23,14 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path, err_path: &Path) -> Up {
+        Up::start_with(dir, err_path, &[])
+    }
+
+    fn start_with(dir: &Path, err_path: &Path, args: &[&str]) -> Up {
         let mut child = Command::new(SHOAL)
             .args(["kv", "up", "--dir"])
             .arg(dir)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(err_path).expect("create the stderr file"))
             .spawn()
@@ -269,4 +274,67 @@ fn kv_up_refuses_zero_nodes_before_creating_anything_and_warns_about_two() {
     assert!(first.starts_with("endpoints "), "{first}");
     signal(child.id(), libc::SIGTERM);
     assert!(child.wait().expect("wait for kv up").success());
+}
+
+/// The members' (id, role) as `kv member list -o json` shows them.
+fn member_roles(up: &Up) -> Vec<(u64, String)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&up.ok(&["member", "list", "-o", "json"])).expect("member list json");
+    json["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().expect("id"),
+                m["role"].as_str().expect("role").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn kv_up_resumed_with_another_size_grows_then_shrinks_the_cluster_keeping_the_data() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let endpoints_file = || {
+        std::fs::read_to_string(dir.join("endpoints"))
+            .expect("read endpoints")
+            .lines()
+            .count()
+    };
+    let up = Up::start_with(&dir, &tmp.path().join("up1.err"), &["--nodes", "3"]);
+    for i in 0..10 {
+        up.ok(&["put", &format!("k{i}"), &format!("v{i}")]);
+    }
+    up.stop();
+
+    let up = Up::start_with(&dir, &tmp.path().join("up2.err"), &["--nodes", "5"]);
+    assert_eq!(up.endpoints.split(',').count(), 5, "{}", up.stderr());
+    assert_eq!(endpoints_file(), 5);
+    let voters: Vec<(u64, String)> = (1..=5).map(|id| (id, "voter".to_string())).collect();
+    assert_eq!(member_roles(&up), voters, "{}", up.stderr());
+    let said = up.stderr();
+    assert!(said.contains("growing: adding server 4"), "{said}");
+    assert!(said.contains("growing: server 5 is a voter"), "{said}");
+    assert_eq!(up.ok(&["get", "k3"]), "v3\n");
+    up.ok(&["put", "grown", "yes"]);
+    up.stop();
+
+    let up = Up::start_with(&dir, &tmp.path().join("up3.err"), &["--nodes", "3"]);
+    assert_eq!(up.endpoints.split(',').count(), 3, "{}", up.stderr());
+    assert_eq!(endpoints_file(), 3);
+    let voters: Vec<(u64, String)> = (1..=3).map(|id| (id, "voter".to_string())).collect();
+    assert_eq!(member_roles(&up), voters, "{}", up.stderr());
+    assert!(up.stderr().contains("shrinking: removing server 5"));
+    assert!(!dir.join("node5").exists() && dir.join("node5.removed").exists());
+    assert_eq!(up.ok(&["get", "k9"]), "v9\n");
+    assert_eq!(up.ok(&["get", "grown"]), "yes\n");
+    up.stop();
+
+    // Resumed without --nodes: the size it has.
+    let up = Up::start_with(&dir, &tmp.path().join("up4.err"), &[]);
+    assert_eq!(up.endpoints.split(',').count(), 3, "{}", up.stderr());
+    assert_eq!(up.ok(&["get", "k0"]), "v0\n");
+    up.stop();
 }
