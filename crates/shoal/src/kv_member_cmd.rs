@@ -177,7 +177,9 @@ pub async fn wait_until_added(
         for i in 0..join.len() {
             match client.member_list_at(i, Duration::from_secs(2)).await {
                 Ok(a) => {
-                    let has_me = a.1.iter().any(|m| m.id == id);
+                    // A server that has the membership entry but not yet the address table behind it
+                    // answers an empty address: not an answer yet.
+                    let has_me = a.1.iter().any(|m| m.id == id && !m.addr.is_empty());
                     answer = Some(Ok(a));
                     if has_me {
                         break;
@@ -195,7 +197,7 @@ pub async fn wait_until_added(
         };
         match answer {
             Ok((_, members)) => {
-                if let Some(me) = members.iter().find(|m| m.id == id) {
+                if let Some(me) = members.iter().find(|m| m.id == id && !m.addr.is_empty()) {
                     let at: Option<SocketAddr> = me.addr.parse().ok();
                     let same = at.is_some_and(|a| {
                         a.port() == listen.port()

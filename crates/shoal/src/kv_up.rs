@@ -275,10 +275,7 @@ async fn resize(
     let mut client = Client::new(config)?;
     let endpoints_path = cluster.dir.join(ENDPOINTS_FILE);
     // On stderr, with the supervisor's lines: stdout's first line stays the endpoints.
-    let say = |line: String| {
-        tracing::info!("{line}");
-        eprintln!("{line}");
-    };
+    let say = |line: String| eprintln!("{line}");
     let mut members = poll_members(&mut client, "a leader", |_| true).await?;
     while cluster.endpoints.len() < target {
         let id = cluster.endpoints.len() as u64 + 1;
