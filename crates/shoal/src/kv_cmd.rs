@@ -125,7 +125,11 @@ enum KvSub {
         find them. Each server logs to DIR/nodeN.log. A server that dies is restarted; one \
         that keeps failing (a damaged directory, a full disk) is retried less and less often \
         while the others serve, and what is wrong and how to fix it is printed once. The \
-        servers stop with `kv up`, even when it is killed.\n\n        Resized, a stopped cluster of 3 made 5, then 3 again (data kept):\n          shoal kv up --nodes 5 --dir shoal-data   # servers 4, 5 join as learners, then vote\n          shoal kv up --nodes 3 --dir shoal-data   # servers 5, 4 removed and stopped\n        Without --nodes a resumed cluster keeps its size.")]
+        servers stop with `kv up`, even when it is killed.\n\n\
+        Resized, a stopped cluster of 3 made 5, then 3 again (data kept):\n  \
+        shoal kv up --nodes 5 --dir shoal-data   # servers 4, 5 join as learners, then vote\n  \
+        shoal kv up --nodes 3 --dir shoal-data   # servers 5, 4 removed and stopped\n\
+        Without --nodes a resumed cluster keeps its size.")]
     Up(crate::kv_up::UpArgs),
     /// Print a key's value (exit status 1 if the key is missing).
     ///
