@@ -507,12 +507,21 @@ type StatusChannel = (
 /// to.
 fn status_channel(listener: Option<tokio::net::TcpListener>) -> anyhow::Result<StatusChannel> {
     let (tx, rx) = watch::channel(Arc::new(JobStatus::starting()));
+    serve_status_page(listener, &rx)?;
+    Ok((tx, rx))
+}
+
+/// Serves the status page of `rx` on `listener`, if any, and says where.
+fn serve_status_page(
+    listener: Option<tokio::net::TcpListener>,
+    rx: &watch::Receiver<Arc<JobStatus>>,
+) -> anyhow::Result<()> {
     if let Some(listener) = listener {
         let real = listener.local_addr()?;
         say!("status page on http://{real}/ (JSON at /status.json)");
         tokio::spawn(serve_status(listener, rx.clone()));
     }
-    Ok((tx, rx))
+    Ok(())
 }
 
 /// Maps a job's failure to an exit code: 1 for a failed task or a job aborted on an
@@ -541,9 +550,11 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let (tx, rx) = status_channel(status_listener)?;
-    crate::obs::start_mr_metrics(args.obs.metrics, rx).await?;
+    // The metrics port too is bound before `listening on`; that line stays the first.
+    let (tx, rx) = watch::channel(Arc::new(JobStatus::starting()));
+    crate::obs::start_mr_metrics(args.obs.metrics, rx.clone()).await?;
     say!("listening on {addr}");
+    serve_status_page(status_listener, &rx)?;
     let _ = std::io::stdout().flush();
     let maps = job.splits.len();
     let mut terminate = sigterm()?;

@@ -142,9 +142,11 @@ each host its files):\n  \
     shoal cert node --dir certs --name n3 --ip 10.0.0.3\n  \
     shoal cert client --dir certs --name alice\n  \
     # on host 1 (and likewise 2, 3):\n  \
-    shoal kv server --id 1 --listen 10.0.0.1:7001 --peers 1=10.0.0.1:7001,2=10.0.0.2:7001,3=10.0.0.3:7001 --data n1 --cert certs/n1.pem --key certs/n1-key.pem --ca certs/ca.pem\n  \
+    shoal kv server --id 1 --listen 10.0.0.1:7001 --peers 1=10.0.0.1:7001,2=10.0.0.2:7001,3=10.0.0.3:7001 \\\n      \
+    --data n1 --cert certs/n1.pem --key certs/n1-key.pem --ca certs/ca.pem\n  \
     # a client:\n  \
-    shoal kv --endpoints 10.0.0.1:7001,10.0.0.2:7001,10.0.0.3:7001 --ca certs/ca.pem --cert certs/alice.pem --key certs/alice-key.pem put k v\n\
+    shoal kv --endpoints 10.0.0.1:7001,10.0.0.2:7001,10.0.0.3:7001 \\\n      \
+    --ca certs/ca.pem --cert certs/alice.pem --key certs/alice-key.pem put k v\n\
 Servers are reached by IP address: a node certificate must name every IP its peers and \
 clients use (--ip, repeatable). Every certificate signed by the CA is trusted by every \
 server, as a client and as a peer: keep ca-key.pem off the servers. `shoal kv up --tls` and \
