@@ -19,6 +19,7 @@ pub mod coordinator;
 pub mod disk;
 pub mod local;
 pub mod metrics;
+pub mod net;
 pub mod shuffle;
 pub mod status;
 pub mod worker;

@@ -20,7 +20,9 @@ use shoal_wire::mr::{
 };
 use shoal_wire::{Hello, Role};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use crate::net::{Security, Stream};
 use tokio_util::codec::Framed;
 
 /// How long a fetcher waits to connect to a shuffle server.
@@ -158,8 +160,9 @@ pub enum ShuffleError {
     Timeout,
 }
 
-/// Serves files from `table` on `listener` forever (drop the task to stop).
-pub async fn serve_shuffle(listener: TcpListener, table: FileTable) {
+/// Serves files from `table` on `listener` forever (drop the task to stop), through
+/// `security` (a TLS server refuses callers without a certificate of its CA).
+pub async fn serve_shuffle(listener: TcpListener, table: FileTable, security: Security) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_SHUFFLE_CONNECTIONS));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -174,8 +177,19 @@ pub async fn serve_shuffle(listener: TcpListener, table: FileTable) {
             }
         };
         let table = table.clone();
+        let security = security.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &table).await {
+            let Some(accepted) = crate::net::accept(
+                &security,
+                stream,
+                SHUFFLE_IO_TIMEOUT,
+                "worker's shuffle server",
+            )
+            .await
+            else {
+                return;
+            };
+            if let Err(e) = serve_one(accepted.stream, accepted.refusal, &table).await {
                 tracing::debug!(%peer, error = %e, "shuffle connection ended with an error");
             }
             drop(permit);
@@ -194,14 +208,22 @@ where
     }
 }
 
-async fn serve_one(stream: TcpStream, table: &FileTable) -> Result<(), ShuffleError> {
-    stream.set_nodelay(true)?;
+async fn serve_one(
+    stream: Stream,
+    refusal: Option<String>,
+    table: &FileTable,
+) -> Result<(), ShuffleError> {
     let mut framed = Framed::new(
         stream,
         FrameCodec::<Hello, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES),
     );
     let hello = next_frame(&mut framed).await?;
     let job_id = table.job_id();
+    if let Some(reason) = refusal {
+        tracing::warn!(%reason, "shuffle fetch refused");
+        framed.send(ShuffleReply::Error(reason.clone())).await?;
+        return Err(ShuffleError::Remote(reason));
+    }
     if let Some(reason) = shuffle_hello_refusal(&hello, job_id, "worker") {
         framed.send(ShuffleReply::Error(reason.clone())).await?;
         return Err(ShuffleError::Remote(reason));
@@ -382,27 +404,17 @@ async fn open_input(
 
 /// Connects to `addr` and sends the shuffle handshake for job `job_id` and `request`.
 async fn open_fetch(
+    security: &Security,
     addr: &str,
     job_id: u64,
     request: ShuffleRequest,
-) -> Result<Framed<TcpStream, FrameCodec<ShuffleReply, ShuffleRequest>>, ShuffleError> {
-    let stream = match tokio::time::timeout(SHUFFLE_CONNECT_TIMEOUT, TcpStream::connect(addr)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            return Err(ShuffleError::Connect {
-                addr: addr.to_string(),
-                source,
-            })
-        }
-        Err(_) => {
-            return Err(ShuffleError::Connect {
-                addr: addr.to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-            })
-        }
-    };
-    stream.set_nodelay(true)?;
+) -> Result<Framed<Stream, FrameCodec<ShuffleReply, ShuffleRequest>>, ShuffleError> {
+    let stream = crate::net::dial(security, addr, SHUFFLE_CONNECT_TIMEOUT)
+        .await
+        .map_err(|source| ShuffleError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
     let mut framed = Framed::new(
         stream,
         FrameCodec::<ShuffleReply, Hello>::new(SHUFFLE_MAX_FRAME_BYTES),
@@ -418,6 +430,7 @@ async fn open_fetch(
 /// `None`) from the coordinator at `addr` into memory, as a map task reads its split into
 /// memory. The length is checked: exactly `len` bytes, or the error.
 pub async fn fetch_input(
+    security: &Security,
     addr: &str,
     job_id: u64,
     path: &Path,
@@ -429,7 +442,7 @@ pub async fn fetch_input(
         offset,
         len,
     };
-    let mut framed = open_fetch(addr, job_id, request).await?;
+    let mut framed = open_fetch(security, addr, job_id, request).await?;
     let mut contents = Vec::with_capacity(len.map_or(0, |l| usize::try_from(l).unwrap_or(0)));
     loop {
         match next_frame(&mut framed).await {
@@ -509,13 +522,14 @@ pub enum Fetched {
 /// and renamed when complete; fsynced first if `kind` is [`Fetched::Durable`]). Returns the
 /// number of bytes.
 pub async fn fetch_file(
+    security: &Security,
     addr: &str,
     job_id: u64,
     key: FileKey,
     dest: &Path,
     kind: Fetched,
 ) -> Result<u64, ShuffleError> {
-    let mut framed = open_fetch(addr, job_id, ShuffleRequest::Fetch(key)).await?;
+    let mut framed = open_fetch(security, addr, job_id, ShuffleRequest::Fetch(key)).await?;
 
     let tmp = dest.with_extension("part");
     let local = |error: std::io::Error| ShuffleError::LocalWrite {
@@ -592,11 +606,11 @@ mod tests {
         table.insert(key, src);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let server = tokio::spawn(serve_shuffle(listener, table));
+        let server = tokio::spawn(serve_shuffle(listener, table, Security::plain()));
 
         let dest = dir.path().join("dest");
         assert_eq!(
-            fetch_file(&addr, 7, key, &dest, Fetched::Durable)
+            fetch_file(&Security::plain(), &addr, 7, key, &dest, Fetched::Durable)
                 .await
                 .unwrap(),
             data.len() as u64
@@ -607,9 +621,25 @@ mod tests {
             reduce_task: 0,
             attempt: 0,
         };
-        let err = fetch_file(&addr, 7, other, &dir.path().join("x"), Fetched::Scratch).await;
+        let err = fetch_file(
+            &Security::plain(),
+            &addr,
+            7,
+            other,
+            &dir.path().join("x"),
+            Fetched::Scratch,
+        )
+        .await;
         assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
-        let err = fetch_file(&addr, 8, key, &dir.path().join("y"), Fetched::Scratch).await;
+        let err = fetch_file(
+            &Security::plain(),
+            &addr,
+            8,
+            key,
+            &dir.path().join("y"),
+            Fetched::Scratch,
+        )
+        .await;
         assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
         assert!(!dir.path().join("y").exists());
         server.abort();
@@ -654,13 +684,23 @@ mod tests {
 
         // A range across chunk boundaries, and the whole file.
         let (offset, len) = (5, SHUFFLE_CHUNK_BYTES as u64 + 100);
-        let got = fetch_input(&addr, 9, &input, offset, Some(len))
+        let got = fetch_input(&Security::plain(), &addr, 9, &input, offset, Some(len))
             .await
             .unwrap();
         assert_eq!(got, &data[5..5 + len as usize]);
-        let got = fetch_input(&addr, 9, &input, 0, None).await.unwrap();
+        let got = fetch_input(&Security::plain(), &addr, 9, &input, 0, None)
+            .await
+            .unwrap();
         assert_eq!(got, data);
-        let got = fetch_input(&addr, 9, &input, data.len() as u64, Some(0)).await;
+        let got = fetch_input(
+            &Security::plain(),
+            &addr,
+            9,
+            &input,
+            data.len() as u64,
+            Some(0),
+        )
+        .await;
         assert_eq!(got.unwrap(), Vec::<u8>::new());
 
         let refused = |r: Result<Vec<u8>, ShuffleError>, want: &str| match r {
@@ -668,29 +708,56 @@ mod tests {
             other => panic!("expected a refusal containing {want:?}, got {other:?}"),
         };
         refused(
-            fetch_input(&addr, 9, &secret, 0, None).await,
+            fetch_input(&Security::plain(), &addr, 9, &secret, 0, None).await,
             "is not an input of this job",
         );
         refused(
-            fetch_input(&addr, 9, Path::new("/etc/passwd"), 0, None).await,
+            fetch_input(
+                &Security::plain(),
+                &addr,
+                9,
+                Path::new("/etc/passwd"),
+                0,
+                None,
+            )
+            .await,
             "is not an input of this job",
         );
         refused(
-            fetch_input(&addr, 9, &input, 10, Some(data.len() as u64)).await,
+            fetch_input(
+                &Security::plain(),
+                &addr,
+                9,
+                &input,
+                10,
+                Some(data.len() as u64),
+            )
+            .await,
             "beyond input",
         );
         refused(
-            fetch_input(&addr, 9, &input, u64::MAX, Some(2)).await,
+            fetch_input(&Security::plain(), &addr, 9, &input, u64::MAX, Some(2)).await,
             "beyond input",
         );
-        refused(fetch_input(&addr, 8, &input, 0, None).await, "job id");
+        refused(
+            fetch_input(&Security::plain(), &addr, 8, &input, 0, None).await,
+            "job id",
+        );
         // A map output is not the coordinator's to serve.
         let key = FileKey::MapOutput {
             map_task: 0,
             attempt: 0,
             partition: 0,
         };
-        let err = fetch_file(&addr, 9, key, &dir.path().join("x"), Fetched::Scratch).await;
+        let err = fetch_file(
+            &Security::plain(),
+            &addr,
+            9,
+            key,
+            &dir.path().join("x"),
+            Fetched::Scratch,
+        )
+        .await;
         assert!(matches!(err, Err(ShuffleError::Remote(_))), "{err:?}");
 
         // An input that changed under the job is refused, not served half old, half new.
@@ -703,7 +770,7 @@ mod tests {
         )
         .unwrap();
         refused(
-            fetch_input(&addr, 9, &input, 0, Some(10)).await,
+            fetch_input(&Security::plain(), &addr, 9, &input, 0, Some(10)).await,
             "changed since the job started",
         );
         server.abort();
@@ -731,7 +798,15 @@ mod tests {
                 .unwrap();
         });
         let len = 3 * SHUFFLE_CHUNK_BYTES as u64;
-        let err = fetch_input(&addr, 9, Path::new("in.txt"), 0, Some(len)).await;
+        let err = fetch_input(
+            &Security::plain(),
+            &addr,
+            9,
+            Path::new("in.txt"),
+            0,
+            Some(len),
+        )
+        .await;
         assert!(
             matches!(err, Err(ShuffleError::Truncated(n)) if n == SHUFFLE_CHUNK_BYTES as u64),
             "{err:?}"

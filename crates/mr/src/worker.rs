@@ -24,11 +24,12 @@ use shoal_wire::mr::{
     MR_CONTROL_CLUSTER_ID, MR_CONTROL_MAX_FRAME_BYTES,
 };
 use shoal_wire::{Hello, Role};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::codec::Framed;
 
 use crate::app::{build_app, App, AppConfig, ShippedFile};
 use crate::apps::sort::{SortConfig, SortFormat};
+use crate::net::{Security, Stream};
 use crate::shuffle::{fetch_file, serve_shuffle, Fetched, FileTable, ShuffleError};
 use crate::split::InputSplit;
 
@@ -62,6 +63,9 @@ pub struct WorkerOptions {
     pub slow_factor: f64,
     /// Exit after failing to reach the coordinator for this long.
     pub coordinator_timeout: Duration,
+    /// How this worker connects to the coordinator and other workers, and serves its shuffle:
+    /// plain TCP or mutual TLS (`--cert/--key/--ca`).
+    pub security: Security,
 }
 
 /// How a worker ended normally.
@@ -118,7 +122,7 @@ pub enum WorkerError {
     },
 }
 
-type ControlSink = SplitSink<Framed<TcpStream, FrameCodec<ToWorker, ToCoordinator>>, ToCoordinator>;
+type ControlSink = SplitSink<Framed<Stream, FrameCodec<ToWorker, ToCoordinator>>, ToCoordinator>;
 
 /// Removes the worker's directory when the worker ends (also on error paths).
 struct DirGuard(PathBuf);
@@ -201,7 +205,11 @@ pub async fn run_worker(options: WorkerOptions) -> Result<WorkerExit, WorkerErro
         })?
         .port();
     let table = FileTable::default();
-    let server = tokio::spawn(serve_shuffle(listener, table.clone()));
+    let server = tokio::spawn(serve_shuffle(
+        listener,
+        table.clone(),
+        options.security.clone(),
+    ));
     let name = format!("{}:{pid}", host_name());
 
     let mut session = Session {
@@ -214,6 +222,7 @@ pub async fn run_worker(options: WorkerOptions) -> Result<WorkerExit, WorkerErro
         last_contact: now(),
         remote: RemoteInputs {
             coordinator: options.coordinator.clone(),
+            security: options.security.clone(),
             logged: Arc::default(),
         },
     };
@@ -306,24 +315,23 @@ impl Session<'_> {
         }
     }
 
-    async fn connect(&self) -> std::io::Result<TcpStream> {
-        let stream = tokio::time::timeout(
+    async fn connect(&self) -> std::io::Result<Stream> {
+        crate::net::dial(
+            &self.options.security,
+            &self.options.coordinator,
             Duration::from_secs(5),
-            TcpStream::connect(&self.options.coordinator),
         )
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-        stream.set_nodelay(true)?;
-        Ok(stream)
     }
 
-    fn shuffle_addr(&self, stream: &TcpStream) -> String {
+    fn shuffle_addr(&self, stream: &Stream) -> String {
         let host = match &self.options.advertise_host {
             Some(h) => h.clone(),
             None => {
                 let listen = self.options.shuffle_listen.ip();
                 if listen.is_unspecified() {
                     stream
+                        .tcp()
                         .local_addr()
                         .map(|a| a.ip().to_string())
                         .unwrap_or_else(|_| "127.0.0.1".into())
@@ -340,7 +348,7 @@ impl Session<'_> {
     }
 
     /// One connection to the coordinator, from handshake to its end.
-    async fn serve(&mut self, stream: TcpStream) -> Result<SessionEnd, WorkerError> {
+    async fn serve(&mut self, stream: Stream) -> Result<SessionEnd, WorkerError> {
         let shuffle_addr = self.shuffle_addr(&stream);
         let mut framed = Framed::new(
             stream,
@@ -442,6 +450,7 @@ impl Session<'_> {
                         current = Some(tokio::spawn(run_reduce(
                             app.clone(), job.clone(), attempt, inputs,
                             self.dir.clone(), self.table.clone(), self.options.slow_factor,
+                            self.options.security.clone(),
                         )));
                     }
                     Some(Ok(ToWorker::JobDone)) => break SessionEnd::Exit(WorkerExit::JobDone),
@@ -609,6 +618,7 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 #[derive(Clone)]
 struct RemoteInputs {
     coordinator: String,
+    security: Security,
     logged: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
 
@@ -653,8 +663,15 @@ async fn fetch_input_if_unreadable(
     let (offset, len) = crate::split::split_range(split);
     let mut tries = 0;
     loop {
-        match crate::shuffle::fetch_input(&remote.coordinator, job_id, &split.path, offset, len)
-            .await
+        match crate::shuffle::fetch_input(
+            &remote.security,
+            &remote.coordinator,
+            job_id,
+            &split.path,
+            offset,
+            len,
+        )
+        .await
         {
             Ok(raw) => return Ok(Some(raw)),
             // The coordinator's answer (not an input, changed, unreadable there) will not change.
@@ -780,6 +797,7 @@ fn failure_text(e: &anyhow::Error, dir: &Path) -> String {
 
 /// Fetches one map output with a few tries.
 async fn fetch_with_retries(
+    security: &Security,
     job_id: u64,
     location: &MapOutputLocation,
     partition: u32,
@@ -792,7 +810,16 @@ async fn fetch_with_retries(
     };
     let mut tries = 0;
     loop {
-        match fetch_file(&location.shuffle_addr, job_id, key, dest, Fetched::Scratch).await {
+        match fetch_file(
+            security,
+            &location.shuffle_addr,
+            job_id,
+            key,
+            dest,
+            Fetched::Scratch,
+        )
+        .await
+        {
             Ok(_) => return Ok(()),
             // Our own disk failed: trying again, or re-running the map, cannot help.
             Err(e @ ShuffleError::LocalWrite { .. }) => return Err(e),
@@ -807,6 +834,7 @@ async fn fetch_with_retries(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // As run_map: the attempt, its inputs and the worker's context.
 async fn run_reduce(
     app: Arc<dyn App>,
     job: JobSpec,
@@ -815,6 +843,7 @@ async fn run_reduce(
     dir: PathBuf,
     table: FileTable,
     slow_factor: f64,
+    security: Security,
 ) -> Report {
     let started = now();
     let r = attempt.task;
@@ -838,11 +867,12 @@ async fn run_reduce(
         };
         let dest = fetch_dir.join(format!("map-{}", loc.map_task));
         let local = table.get(&key);
+        let security = &security;
         async move {
             if let Some(path) = local {
                 return (loc, Ok(path));
             }
-            let result = fetch_with_retries(job_id, &loc, r, &dest).await;
+            let result = fetch_with_retries(security, job_id, &loc, r, &dest).await;
             (loc, result.map(|()| dest))
         }
     }))

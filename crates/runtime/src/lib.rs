@@ -27,7 +27,8 @@ mod ready;
 mod serving;
 pub mod shard;
 pub mod snapshot_stream;
-pub mod tls;
+/// TLS for every connection: the `shoal-tls` crate (shared with MapReduce).
+pub use shoal_tls as tls;
 pub mod transport;
 
 pub use driver::{DEFAULT_TICK_INTERVAL, MAX_EVENTS_PER_READY};

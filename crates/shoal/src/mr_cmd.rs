@@ -131,10 +131,18 @@ on SIGTERM (workers stopped and the scratch directory under $TMPDIR removed eith
 
 const COORDINATOR_HELP: &str = "\
 Examples:
-  # on host A
-  shoal mr coordinator --listen 0.0.0.0:7070 --http 0.0.0.0:8080 --app wordcount --out out /data/*.txt
+  # on host A (10.0.0.1), with TLS: certificates from `shoal cert init` / `shoal cert node`
+  shoal mr coordinator --listen 10.0.0.1:7070 --http 0.0.0.0:8080 --app wordcount --out out \
+      --cert certs/coord.pem --key certs/coord-key.pem --ca certs/ca.pem /data/*.txt
   # on hosts B, C, … (inputs must be readable at the same paths there)
-  shoal mr worker --coordinator hostA:7070
+  shoal mr worker --coordinator 10.0.0.1:7070 --cert certs/b.pem --key certs/b-key.pem --ca certs/ca.pem
+  # one machine, plain TCP
+  shoal mr coordinator --listen 127.0.0.1:7070 --app wordcount --out out /data/*.txt
+
+With --cert/--key/--ca, workers connect with mutual TLS and the shuffle between workers goes
+through TLS too: every worker needs a certificate signed by the same CA (naming the IP other
+workers reach it at). Without them, the coordinator refuses to listen on an address other than
+loopback unless given --insecure (anyone who can reach the port could join the job).
 
 The first line on stdout is `listening on ADDR` (useful with --listen 127.0.0.1:0).
 Exit status: 0 when the job is done and out/mr-out-* are in place; 1 when a task failed
@@ -144,8 +152,13 @@ or --http port (reported before `listening on`); 130 on Ctrl-C, 143 on SIGTERM."
 
 const WORKER_HELP: &str = "\
 Examples:
-  shoal mr worker --coordinator 10.0.0.1:7070
-  shoal mr worker --coordinator hostA:7070 --work-dir /scratch --advertise hostB
+  shoal mr worker --coordinator 10.0.0.1:7070 --cert certs/b.pem --key certs/b-key.pem --ca certs/ca.pem
+  shoal mr worker --coordinator hostA:7070 --work-dir /scratch --advertise hostB --insecure
+  shoal mr worker --coordinator 127.0.0.1:7070             # one machine, plain TCP
+
+The shuffle server listens on --shuffle-listen; by default on 127.0.0.1 when the coordinator
+is on loopback, else on every interface (0.0.0.0). Off loopback it needs --cert/--key/--ca
+(TLS, the coordinator's CA) or --insecure.
 
 The worker keeps its map output in a fresh directory under --work-dir (removed on exit) and
 serves it to reduce workers from its shuffle server. It exits 0 when the coordinator says the
@@ -322,6 +335,8 @@ pub struct CoordinatorArgs {
     pub inputs: Vec<PathBuf>,
     #[command(flatten)]
     pub obs: crate::obs::ServerObsArgs,
+    #[command(flatten)]
+    pub tls: crate::tls_cmd::ServerTlsArgs,
 }
 
 /// `shoal mr worker`.
@@ -333,9 +348,10 @@ pub struct WorkerArgs {
     /// Where to keep map output (a fresh subdirectory, removed on exit). Default: $TMPDIR.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
-    /// Address of this worker's shuffle server.
-    #[arg(long, default_value = "0.0.0.0:0", value_parser = addr_arg)]
-    pub shuffle_listen: SocketAddr,
+    /// Address of this worker's shuffle server (default: 127.0.0.1:0 when the coordinator is
+    /// on loopback, else 0.0.0.0:0: any free port).
+    #[arg(long, value_parser = addr_arg)]
+    pub shuffle_listen: Option<SocketAddr>,
     /// Host name other workers use to reach this one (default: the address this worker uses
     /// to reach the coordinator).
     #[arg(long)]
@@ -351,6 +367,8 @@ pub struct WorkerArgs {
     pub supervised: bool,
     #[command(flatten)]
     pub obs: crate::obs::ServerObsArgs,
+    #[command(flatten)]
+    pub tls: crate::tls_cmd::ServerTlsArgs,
 }
 
 /// `shoal mr seq`.
@@ -537,9 +555,11 @@ fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let security = args.tls.security(args.listen)?;
     let app = args.app.config("wordcount")?;
     let sort_format = app.sort.as_ref().map(|s| s.format.name().to_owned());
-    let job = prepare_job(job_options(app, &args.job, args.inputs, args.out.clone()))?;
+    let mut job = prepare_job(job_options(app, &args.job, args.inputs, args.out.clone()))?;
+    job.security = security;
     // Both ports are bound before either is announced: a busy --http port fails the command
     // before any worker can connect (and before `listening on` tells anyone to try).
     let status_listener = match args.job.http {
@@ -595,11 +615,19 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         bail!("--slow-factor must be at least 1");
     }
     let supervised = args.supervised;
+    let shuffle_listen = args
+        .shuffle_listen
+        .unwrap_or_else(|| default_shuffle_listen(args.coordinator));
+    let security = args
+        .tls
+        .security(shuffle_listen)
+        .context("the worker's shuffle server (--shuffle-listen)")?;
     crate::obs::start_worker_metrics(args.obs.metrics).await?;
     let options = WorkerOptions {
         coordinator: args.coordinator.to_string(),
         work_dir: args.work_dir,
-        shuffle_listen: args.shuffle_listen,
+        shuffle_listen,
+        security,
         advertise_host: args.advertise,
         slow_factor: args.slow_factor,
         coordinator_timeout: args.coordinator_timeout,
@@ -622,6 +650,17 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             eprintln!("worker: {e}");
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// Where a worker's shuffle server listens when `--shuffle-listen` is not given: on loopback
+/// when the coordinator is (a one-machine job; no TLS or --insecure needed), else on every
+/// interface, so that workers on other hosts can fetch from it.
+fn default_shuffle_listen(coordinator: SocketAddr) -> SocketAddr {
+    match coordinator.ip() {
+        ip if ip.is_loopback() => SocketAddr::new(ip, 0),
+        std::net::IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        std::net::IpAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
     }
 }
 

@@ -537,7 +537,12 @@ fn host_names_for_listen_http_and_coordinator() {
         .expect("spawn coordinator");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let c = lab.procs.add(child);
-    let first = lines.next().expect("a line").expect("utf-8");
+    // "status page on …" (--http) comes first: the addresses are announced once both are bound.
+    let first = lines
+        .by_ref()
+        .map(|l| l.expect("utf-8"))
+        .find(|l| l.starts_with("listening on "))
+        .expect("a `listening on` line");
     let port = first
         .strip_prefix("listening on ")
         .and_then(|a| a.rsplit(':').next())

@@ -23,6 +23,7 @@ use tokio_util::codec::Framed;
 use super::core::{task_name, CommitError, CoordinatorConfig};
 use super::machine::{Action, ConnId, Event, JobEnd, JobMachine};
 use crate::app::AppConfig;
+use crate::net::{Accepted, Security};
 use crate::shuffle::{
     fetch_file, serve_input_request, shuffle_hello_refusal, Fetched, InputFiles, ShuffleError,
 };
@@ -84,6 +85,9 @@ pub struct PreparedJob {
     /// The inputs with their size and modification time when planned: served to workers that
     /// cannot open them, refused once changed.
     pub served_inputs: InputFiles,
+    /// How workers connect and how reduce outputs are fetched: plain TCP (what
+    /// [`prepare_job`] sets) or mutual TLS (`--cert/--key/--ca`).
+    pub security: Security,
 }
 
 /// The result of a successful job.
@@ -239,6 +243,7 @@ pub fn prepare_job(options: JobOptions) -> Result<PreparedJob, CoordinatorError>
         input_bytes,
         job_id,
         served_inputs,
+        security: Security::plain(),
     })
 }
 
@@ -390,6 +395,7 @@ pub async fn run_job(
                     let conn = next_conn;
                     tracing::debug!(%peer, conn, "connection");
                     connection_tasks.spawn(connection(
+                        job.security.clone(),
                         stream,
                         conn,
                         events_tx.clone(),
@@ -435,6 +441,7 @@ pub async fn run_job(
                         shuffle_addr,
                     } => {
                         commits.spawn(commit(
+                            job.security.clone(),
                             job.job_id,
                             shuffle_addr,
                             attempt,
@@ -542,6 +549,7 @@ fn fetched_path(out_dir: &Path, attempt: AttemptRef) -> PathBuf {
 /// Fetches a winning reduce output from its worker into the output directory under a
 /// temporary name (fsynced); the main loop renames it.
 async fn commit(
+    security: Security,
     job_id: u64,
     shuffle_addr: String,
     attempt: AttemptRef,
@@ -553,7 +561,16 @@ async fn commit(
         reduce_task: attempt.task,
         attempt: attempt.attempt,
     };
-    let result = match fetch_file(&shuffle_addr, job_id, key, &tmp, Fetched::Durable).await {
+    let result = match fetch_file(
+        &security,
+        &shuffle_addr,
+        job_id,
+        key,
+        &tmp,
+        Fetched::Durable,
+    )
+    .await
+    {
         Ok(_) => Ok(()),
         Err(ShuffleError::LocalWrite { error, .. }) => Err(commit_error(&out_dir, &error)),
         Err(e) => Err(CommitError::Retryable(format!(
@@ -602,12 +619,19 @@ fn place(tmp: &Path, dest: &Path, dir: &Path) -> std::io::Result<()> {
 /// A connection with a shuffle handshake for this job is a worker fetching a map input it
 /// cannot open (`ShuffleRequest::FetchInput`): it is answered from `inputs` and closed.
 async fn connection(
+    security: Security,
     stream: TcpStream,
     conn: ConnId,
     events: mpsc::Sender<Incoming>,
     (job_id, inputs): (u64, InputFiles),
 ) {
-    let _ = stream.set_nodelay(true);
+    let Some(Accepted {
+        stream,
+        refusal: unauthenticated,
+    }) = crate::net::accept(&security, stream, HANDSHAKE_TIMEOUT, "coordinator").await
+    else {
+        return;
+    };
     let mut framed = Framed::new(
         stream,
         FrameCodec::<Hello, ToWorker>::new(MR_CONTROL_MAX_FRAME_BYTES),
@@ -631,7 +655,9 @@ async fn connection(
         let mut framed = framed.map_codec(|_| {
             FrameCodec::<ShuffleRequest, ShuffleReply>::new(SHUFFLE_MAX_FRAME_BYTES)
         });
-        if let Some(reason) = shuffle_hello_refusal(&hello, job_id, "coordinator") {
+        let refusal =
+            unauthenticated.or_else(|| shuffle_hello_refusal(&hello, job_id, "coordinator"));
+        if let Some(reason) = refusal {
             tracing::warn!(conn, %reason, "input fetch refused");
             let _ = framed.send(ShuffleReply::Error(reason)).await;
             return;
@@ -643,6 +669,7 @@ async fn connection(
     }
     let refusal = match hello.validate() {
         Err(e) => Some(e),
+        Ok(()) if unauthenticated.is_some() => unauthenticated,
         Ok(()) if hello.role != Role::Client || hello.cluster_id != MR_CONTROL_CLUSTER_ID => {
             Some("this is a MapReduce coordinator: connect with `shoal mr worker`".to_string())
         }

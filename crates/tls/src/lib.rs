@@ -1,22 +1,21 @@
-//! TLS for every connection (issue 17): one [`Security`] value says whether a process speaks
-//! plain TCP or TLS, and its [`Security::dial`] / [`Security::accept`] pair is the only way
-//! connections are made, so every protocol on the transport (Raft peers, KV and shard clients,
-//! shard links, snapshot streams) gets TLS from the same few lines.
+//! TLS for every connection (issue 17; shared by the runtime and MapReduce): one [`Security`]
+//! value says whether a process speaks plain TCP or TLS, and its [`Security::dial`] /
+//! [`Security::accept`] pair is the only way connections are made, so every protocol (Raft
+//! peers, KV and shard clients, shard links, snapshot streams, MapReduce's coordinator, workers
+//! and shuffle) gets TLS from the same few lines.
 //!
 //! The rules (rustls with the ring provider, TLS 1.3 only):
 //! - a server given `--cert/--key/--ca` serves TLS only, and every connection must present a
 //!   certificate signed by `--ca`: peers (mutual TLS between the nodes of a cluster) and
 //!   clients alike, like etcd's `--client-cert-auth`. The TLS layer lets a connection without
-//!   a certificate through so that the transport can answer it with a [`Refusal`] that says
-//!   what to do (a client cannot be told anything once the handshake failed); a certificate
+//!   a certificate through so that the transport can answer it with a `Refusal` (a wire
+//!   message) that says what to do (a client cannot be told anything once the handshake failed); a certificate
 //!   that is presented but not valid (another CA, expired) fails the handshake;
 //! - a node dials its peers with its own certificate and checks theirs against the same CA;
 //! - a client checks the server's certificate against `--ca`; servers are dialed by IP address,
 //!   so a server certificate must name the IP it is reached at (`shoal cert node --ip`);
 //! - a plain-TCP caller on a TLS port is recognised by its first bytes (a Shoal frame, not a
 //!   TLS record) and refused in plain words; a TLS caller on a plain port is logged as such.
-//!
-//! [`Refusal`]: shoal_wire::Refusal
 
 use std::io;
 use std::net::SocketAddr;
