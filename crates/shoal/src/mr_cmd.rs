@@ -132,7 +132,7 @@ on SIGTERM (workers stopped and the scratch directory under $TMPDIR removed eith
 const COORDINATOR_HELP: &str = "\
 Examples:
   # on host A (10.0.0.1), with TLS: certificates from `shoal cert init` / `shoal cert node`
-  shoal mr coordinator --listen 10.0.0.1:7070 --http 0.0.0.0:8080 --app wordcount --out out \
+  shoal mr coordinator --listen 10.0.0.1:7070 --http 0.0.0.0:8080 --app wordcount --out out \\
       --cert certs/coord.pem --key certs/coord-key.pem --ca certs/ca.pem /data/*.txt
   # on hosts B, C, … (inputs must be readable at the same paths there)
   shoal mr worker --coordinator 10.0.0.1:7070 --cert certs/b.pem --key certs/b-key.pem --ca certs/ca.pem

@@ -537,7 +537,7 @@ fn host_names_for_listen_http_and_coordinator() {
         .expect("spawn coordinator");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let c = lab.procs.add(child);
-    // "status page on …" (--http) comes first: the addresses are announced once both are bound.
+    // `listening on` is the first line (the status page line follows); read up to it.
     let first = lines
         .by_ref()
         .map(|l| l.expect("utf-8"))
