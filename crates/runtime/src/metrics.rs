@@ -623,20 +623,13 @@ pub(crate) fn client_connections(delta: i64) {
     metrics().client_connections.inc_by(delta);
 }
 
-/// The sessions in the KV dedup table now.
+/// The sessions in the dedup table now (a shard server: summed over its shards).
 pub(crate) fn set_sessions(n: usize) {
     metrics().sessions.set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
-/// The counter of bytes sent to the peer at `addr` (looked up among the configured peers;
-/// `peer="0"` if the address is not one of them).
-pub(crate) fn peer_sent(
-    peers: &std::collections::BTreeMap<u64, std::net::SocketAddr>,
-    addr: Option<std::net::SocketAddr>,
-) -> Counter {
-    let peer = addr
-        .and_then(|a| peers.iter().find(|(_, p)| **p == a).map(|(id, _)| *id))
-        .unwrap_or(0);
+/// The counter of bytes sent to peer `peer` (a peer added by a membership change too).
+pub(crate) fn peer_sent(peer: u64) -> Counter {
     metrics().peer_sent.get_or_create_owned(&PeerLabel { peer })
 }
 

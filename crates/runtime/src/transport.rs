@@ -476,6 +476,7 @@ where
             let span = tracing::info_span!(parent: &self.node_span, "peer", peer = id, %addr);
             let task = tokio::spawn(
                 peer_writer(
+                    id,
                     addr,
                     queue,
                     Arc::clone(&self.config),
@@ -924,6 +925,7 @@ async fn secure(
 }
 
 async fn peer_writer<M: Serialize>(
+    id: u64,
     addr: SocketAddr,
     queue: Arc<PeerQueue<M>>,
     config: Arc<TransportConfig>,
@@ -937,7 +939,7 @@ async fn peer_writer<M: Serialize>(
                 bump(&stats.connects);
                 debug!("connected");
                 let started = tokio::time::Instant::now();
-                match run_peer_connection(stream, &queue, &config, &stats).await {
+                match run_peer_connection(stream, id, &queue, &config, &stats).await {
                     Ok(()) => debug!("peer closed the connection"),
                     // The peer refused this node's certificate: an operator must see it.
                     Err(e) if e.to_string().starts_with("TLS") => {
@@ -999,14 +1001,12 @@ impl Backoff {
 /// written are lost, which Raft tolerates.
 async fn run_peer_connection<M: Serialize>(
     stream: Stream,
+    peer: u64,
     queue: &PeerQueue<M>,
     config: &TransportConfig,
     stats: &TransportStats,
 ) -> std::io::Result<()> {
-    let sent_bytes = crate::metrics::peer_sent(
-        &config.peers,
-        Some(stream.tcp()).and_then(|t| t.peer_addr().ok()),
-    );
+    let sent_bytes = crate::metrics::peer_sent(peer);
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = Vec::new();
     encode_frame(

@@ -496,4 +496,15 @@ fn a_shard_migration_is_counted_on_both_groups() {
         s.get("shoal_shard_migration_steps_total{step=\"install\"}") == Some(&2.0)
     });
     assert!(value(&to, "shoal_shard_migration_bytes_total") > 0.0);
+    // The puts' sessions live in the shards' stores, on one group or the other (the moved
+    // shards took theirs along); each shard server sums its shards' on every tick.
+    let sessions = |addr: &str| value(&samples(&scrape(addr)), "shoal_kv_sessions");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sessions(&addr(3)) + sessions(&addr(4)) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session counted on either shard server"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -431,6 +431,13 @@ impl Service for ShardService {
 
     fn tick(&mut self) {
         self.host.tick();
+        let sessions = self
+            .host
+            .machine()
+            .shards()
+            .map(|(_, shard)| shard.store.session_count())
+            .sum();
+        crate::metrics::set_sessions(sessions);
     }
 
     fn metrics_group(&self) -> u64 {
@@ -519,7 +526,10 @@ impl ShardService {
                 ControlOp::Export { .. } => (Some(M::export), 0),
                 ControlOp::CopyStart { .. } => (Some(M::copy_start), 0),
                 ControlOp::ExportChunk { .. } => (Some(M::export_chunk), 0),
-                ControlOp::Stage { .. } => (Some(M::stage), 0),
+                ControlOp::Stage { items, .. } => (
+                    Some(M::stage),
+                    items.iter().map(|i| i.key.len() + i.value.len()).sum(),
+                ),
                 ControlOp::Install { data, .. } => (Some(M::install), data.len()),
                 ControlOp::Delete { .. } => (Some(M::delete), 0),
                 ControlOp::Adopted => (None, 0),
