@@ -337,6 +337,18 @@ struct Drive {
     moves: Vec<MoveRun>,
 }
 
+impl Drive {
+    /// How many more moves may start (copying live or frozen) with at most `max` running.
+    fn free_move_slots(&self, max: usize) -> usize {
+        let running = self
+            .moves
+            .iter()
+            .filter(|m| matches!(m.state, MoveState::Running(_)))
+            .count();
+        max.saturating_sub(running)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CallFor {
     Adopted(Gid),
@@ -1088,12 +1100,7 @@ impl Controller {
         if !drive.pre {
             return;
         }
-        let running = drive
-            .moves
-            .iter()
-            .filter(|m| matches!(m.state, MoveState::Running(_)))
-            .count();
-        let free = self.cfg.max_parallel_moves.saturating_sub(running);
+        let free = drive.free_move_slots(self.cfg.max_parallel_moves);
         let start: Vec<usize> = drive
             .moves
             .iter()
@@ -1154,12 +1161,7 @@ impl Controller {
         let Some(drive) = self.drive.as_mut() else {
             return;
         };
-        let running = drive
-            .moves
-            .iter()
-            .filter(|m| matches!(m.state, MoveState::Running(_)))
-            .count();
-        let free = self.cfg.max_parallel_moves.saturating_sub(running);
+        let free = drive.free_move_slots(self.cfg.max_parallel_moves);
         let start: Vec<usize> = drive
             .moves
             .iter()
