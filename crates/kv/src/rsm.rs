@@ -112,6 +112,15 @@ impl shoal_replica::SnapshotData for StoreSnapshot {
     fn into_bytes(self) -> Vec<u8> {
         self.0.snapshot()
     }
+
+    fn encoded_len(&self) -> Option<u64> {
+        Some(self.0.snapshot_len())
+    }
+
+    /// Streamed into the snapshot file: the serialized store is never held whole.
+    fn write_to(self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        self.0.write_snapshot(w)
+    }
 }
 
 /// A snapshot job of the KV server (see [`shoal_replica::SnapshotJob`]).
@@ -140,9 +149,10 @@ impl shoal_replica::StateMachine for KvMachine {
         StoreSnapshot(self.store.clone())
     }
 
-    fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
-        // A snapshot Raft accepted must decode: anything else would diverge.
-        self.store.restore(data).map_err(|e| e.to_string())?;
+    fn restore(&mut self, _index: LogIndex, data: &mut dyn std::io::Read) -> Result<(), String> {
+        // A snapshot Raft accepted must decode: anything else would diverge. Decoded as it is
+        // read from the snapshot file: never held whole.
+        self.store.restore_from(data).map_err(|e| e.to_string())?;
         self.reset_lease_deadlines();
         Ok(())
     }

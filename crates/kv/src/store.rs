@@ -20,6 +20,7 @@
 //! checkpoint); *when* a lease expires is decided by the leader's driver, which proposes
 //! [`KvOp::LeaseExpire`] (see [`crate::KvRsm`]).
 
+use std::io::Read as _;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -193,6 +194,81 @@ struct SnapshotBody {
     sessions: Vec<(u64, Session)>,
     leases: Vec<(u64, Lease)>,
     members: Vec<(u64, String)>,
+}
+
+/// What follows the data in a format-4 snapshot (read whole by [`KvStore::restore_from`]).
+#[derive(Deserialize)]
+struct SnapshotTail {
+    sessions: Vec<(u64, Session)>,
+    leases: Vec<(u64, Lease)>,
+    members: Vec<(u64, String)>,
+}
+
+/// What follows the data in a format-3 snapshot.
+#[derive(Deserialize)]
+struct SnapshotTailV3 {
+    sessions: Vec<(u64, Session)>,
+    leases: Vec<(u64, Lease)>,
+}
+
+/// Largest allocation [`KvStore::restore_from`] makes on a length it read, before the bytes
+/// arrive (a damaged length must not allocate gigabytes).
+const PREALLOCATE_MAX_BYTES: u64 = 4 << 20;
+
+/// Buffer of [`KvStore::restore_from`]'s reader.
+const RESTORE_BUFFER_BYTES: usize = 256 * 1024;
+
+fn truncated(e: std::io::Error) -> Error {
+    Error::SnapshotDecode(format!("reading the snapshot: {e}"))
+}
+
+/// Reads up to `buf.len()` bytes (fewer only at the end of the input).
+fn read_some(r: &mut impl std::io::Read, buf: &mut [u8]) -> Result<usize, Error> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(truncated(e)),
+        }
+    }
+    Ok(n)
+}
+
+/// A postcard varint (LEB128) `u64`.
+fn read_varint(r: &mut impl std::io::Read) -> Result<u64, Error> {
+    let mut value = 0u64;
+    for i in 0..10 {
+        let mut b = [0u8; 1];
+        if read_some(r, &mut b)? == 0 {
+            return Err(Error::SnapshotDecode("the snapshot ends mid-number".into()));
+        }
+        let bits = u64::from(b[0] & 0x7f);
+        if i == 9 && b[0] > 1 {
+            return Err(Error::SnapshotDecode("a number overflows 64 bits".into()));
+        }
+        value |= bits << (7 * i);
+        if b[0] & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(Error::SnapshotDecode("a number overflows 64 bits".into()))
+}
+
+/// A postcard byte string (varint length, then the bytes). The buffer grows as bytes
+/// arrive, so a damaged length allocates no more than the input holds.
+fn read_byte_string(r: &mut impl std::io::Read) -> Result<Vec<u8>, Error> {
+    let len = read_varint(r)?;
+    // Sized for the string up to a bound, so a value is read without regrowing.
+    let mut out = Vec::with_capacity(len.min(PREALLOCATE_MAX_BYTES) as usize);
+    r.take(len).read_to_end(&mut out).map_err(truncated)?;
+    if out.len() as u64 != len {
+        return Err(Error::SnapshotDecode(format!(
+            "the snapshot ends inside a string of {len} bytes"
+        )));
+    }
+    Ok(out)
 }
 
 /// [`SnapshotBody`]'s encoding, borrowing the store's maps.
@@ -835,18 +911,144 @@ impl KvStore {
     /// Serializes the whole state (data, sessions, applied position): one format version
     /// byte, then postcard.
     pub fn snapshot(&self) -> Vec<u8> {
-        // The same encoding as `SnapshotBody`, written straight from the maps: no copy of any
-        // key or value before the one into `out` (it used to clone the store twice over).
-        let body = SnapshotBodyRef {
+        let out = vec![SNAPSHOT_FORMAT_VERSION];
+        // Encoding plain vectors and integers into a Vec cannot fail.
+        postcard::to_extend(&self.snapshot_body(), out).expect("snapshot encodes")
+    }
+
+    /// The same encoding as `SnapshotBody`, written straight from the maps: no copy of any
+    /// key or value before the one into the output (it used to clone the store twice over).
+    fn snapshot_body(&self) -> SnapshotBodyRef<'_> {
+        SnapshotBodyRef {
             applied: self.applied,
             items: Items(&self.items),
             sessions: Seq(&self.sessions),
             leases: Seq(&self.leases),
             members: Seq(&self.members),
+        }
+    }
+
+    /// The length of [`KvStore::snapshot`]'s bytes, computed without making them (one pass
+    /// over the maps).
+    pub fn snapshot_len(&self) -> u64 {
+        /// Counts the bytes written to it.
+        struct Count(u64);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        // Encoding plain vectors and integers into a counter cannot fail.
+        let counted = postcard::to_io(&self.snapshot_body(), Count(0)).expect("snapshot encodes");
+        1 + counted.0
+    }
+
+    /// Writes [`KvStore::snapshot`]'s bytes to `w` as they are made, never holding them
+    /// whole (a snapshot streamed into its file; [`KvStore::snapshot_len`] bytes).
+    pub fn write_snapshot(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        w.write_all(&[SNAPSHOT_FORMAT_VERSION])?;
+        postcard::to_io(&self.snapshot_body(), w)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(format!("writing the snapshot: {e}")))
+    }
+
+    /// Replaces the state with a snapshot made by [`KvStore::snapshot`] (any format version
+    /// [`KvStore::restore`] reads), decoded as it is read from `r`, one key at a time: the
+    /// snapshot is never held whole, only the store being built (and, at the end, the small
+    /// part after the data: sessions, leases, members). An empty input is the empty store.
+    /// On error (a read error, a damaged or truncated snapshot) the store is left unchanged.
+    pub fn restore_from(&mut self, r: &mut dyn std::io::Read) -> Result<(), Error> {
+        let mut r = std::io::BufReader::with_capacity(RESTORE_BUFFER_BYTES, r);
+        let mut fresh = KvStore::new(self.limits);
+        let mut first = [0u8; 1];
+        if read_some(&mut r, &mut first)? == 0 {
+            *self = fresh;
+            return Ok(());
+        }
+        let version = first[0];
+        if !matches!(
+            version,
+            SNAPSHOT_FORMAT_VERSION_V1
+                | SNAPSHOT_FORMAT_VERSION_V2
+                | SNAPSHOT_FORMAT_VERSION_V3
+                | SNAPSHOT_FORMAT_VERSION
+        ) {
+            return Err(Error::SnapshotVersion(version));
+        }
+        fresh.applied = read_varint(&mut r)?;
+        let count = read_varint(&mut r)?;
+        // Formats 3 and 4 carry each key's lease; the leases come after the data, so keys
+        // attached to one are checked and indexed once the leases are known.
+        let has_lease = version >= SNAPSHOT_FORMAT_VERSION_V3;
+        let mut leased = Vec::new();
+        for _ in 0..count {
+            let key = read_byte_string(&mut r)?;
+            let value = read_byte_string(&mut r)?;
+            let item_version = read_varint(&mut r)?;
+            let lease = if has_lease { read_varint(&mut r)? } else { 0 };
+            fresh.data_bytes += key.len() + value.len();
+            let key = Key::from_vec(key);
+            if lease != 0 {
+                leased.push((key.clone(), lease));
+            }
+            let item = Item {
+                value: Arc::from(value),
+                version: item_version,
+                lease,
+            };
+            fresh.items.insert(key, item);
+        }
+        let mut tail = Vec::new();
+        r.read_to_end(&mut tail)
+            .map_err(|e| Error::SnapshotDecode(format!("reading the snapshot: {e}")))?;
+        let decode = |e: postcard::Error| Error::SnapshotDecode(e.to_string());
+        let tail: SnapshotTail = match version {
+            SNAPSHOT_FORMAT_VERSION_V1 => {
+                // Dedup entries of format 1 do not carry over (decoded to check the layout).
+                let _: Vec<(u64, (u64, u64, KvResult))> =
+                    postcard::from_bytes(&tail).map_err(decode)?;
+                *self = fresh;
+                return Ok(());
+            }
+            SNAPSHOT_FORMAT_VERSION_V2 => SnapshotTail {
+                sessions: postcard::from_bytes(&tail).map_err(decode)?,
+                leases: Vec::new(),
+                members: Vec::new(),
+            },
+            SNAPSHOT_FORMAT_VERSION_V3 => {
+                let t: SnapshotTailV3 = postcard::from_bytes(&tail).map_err(decode)?;
+                SnapshotTail {
+                    sessions: t.sessions,
+                    leases: t.leases,
+                    members: Vec::new(),
+                }
+            }
+            _ => postcard::from_bytes(&tail).map_err(decode)?,
         };
-        let out = vec![SNAPSHOT_FORMAT_VERSION];
-        // Encoding plain vectors and integers into a Vec cannot fail.
-        postcard::to_extend(&body, out).expect("snapshot encodes")
+        fresh.members = tail.members.into_iter().collect();
+        for (id, l) in tail.leases {
+            fresh.leases.insert(id, l);
+        }
+        for (key, lease) in leased {
+            if !fresh.leases.contains_key(&lease) {
+                return Err(Error::SnapshotDecode(format!(
+                    "a key is attached to lease {lease}, which the snapshot does not hold"
+                )));
+            }
+            fresh.attach(&key, lease);
+        }
+        for (c, s) in tail.sessions {
+            if fresh.by_use.insert((s.last_used, c)).is_some() {
+                return Err(Error::SnapshotDecode(format!("session {c}: duplicate use")));
+            }
+            fresh.sessions.insert(c, s);
+        }
+        *self = fresh;
+        Ok(())
     }
 
     /// Keys after `after` (from the first key when `None`) in order, with their values and

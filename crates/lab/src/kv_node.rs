@@ -160,6 +160,7 @@ impl<Msg: KvEnvelope> Node<Msg> for RaftNode<Msg> {
             id.0,
             StorageConfig {
                 max_segment_bytes: self.segment_bytes,
+                ..StorageConfig::default()
             },
         )
         .expect("storage opens");

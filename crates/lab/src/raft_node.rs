@@ -70,8 +70,10 @@ impl shoal_replica::StateMachine for AppliedLog {
         postcard::to_allocvec(&self.applied).unwrap_or_default()
     }
 
-    fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
-        self.applied = postcard::from_bytes(data).map_err(|e| e.to_string())?;
+    fn restore(&mut self, _index: LogIndex, data: &mut dyn std::io::Read) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        data.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+        self.applied = postcard::from_bytes(&bytes).map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -227,6 +229,7 @@ impl Node<Message> for Server {
         let id = raft_id(ctx.id());
         let storage_config = StorageConfig {
             max_segment_bytes: SEGMENT_BYTES,
+            ..StorageConfig::default()
         };
         let storage = DurableStorage::open(ctx.disk(), CLUSTER_ID, id.0, storage_config)
             .expect("storage opens");

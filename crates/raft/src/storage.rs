@@ -41,7 +41,10 @@ pub trait Storage {
     fn first_index(&self) -> LogIndex;
     /// The index of the last entry (the snapshot index if the log is empty).
     fn last_index(&self) -> LogIndex;
-    /// The latest snapshot (an empty one at index 0 if none was taken).
+    /// The latest snapshot (an empty one at index 0 if none was taken): what the leader's
+    /// `InstallSnapshot` carries. A storage whose driver sends snapshots out of band (the
+    /// runtime streams the snapshot file) may return the metadata with empty data: the core
+    /// only copies what it gets here into the message, and never reads the data itself.
     fn snapshot(&self) -> Result<Snapshot, StorageError>;
     /// The latest snapshot's metadata (read at start for the membership). The default clones
     /// the whole snapshot; implementations that hold it should answer without the data.

@@ -65,10 +65,13 @@ pub trait StateMachine {
     /// A copy of the state as of the last applied index.
     fn snapshot(&self) -> Self::Snapshot;
 
-    /// Replaces the whole state with a snapshot's (`data` from [`SnapshotData::into_bytes`] of
-    /// some replica), taken at `index`. An error stops the replica: the snapshot is durable
-    /// but unusable.
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), String>;
+    /// Replaces the whole state with a snapshot's, taken at `index`: `data` reads the bytes
+    /// [`SnapshotData::into_bytes`] (or `write_to`) of some replica made, streamed from the
+    /// snapshot file (or from memory in the simulator), so a large state never needs its
+    /// serialized copy in memory: decode it as it comes. A read error (a damaged chunk) or
+    /// anything undecodable is an error, which stops the replica: the snapshot is durable but
+    /// unusable. Leave the state unchanged on error where cheap.
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> Result<(), String>;
 
     /// The replica's role or known leader changed. Called before the entries of the same
     /// `Ready` are applied.
@@ -81,6 +84,23 @@ pub trait StateMachine {
 pub trait SnapshotData: Send + 'static {
     /// The snapshot's bytes (the slow part: run it off the driver's loop).
     fn into_bytes(self) -> Vec<u8>;
+
+    /// The number of bytes [`SnapshotData::into_bytes`] would make, if the machine can tell
+    /// without making them: then [`SnapshotJob::prepare`] streams the snapshot into its file
+    /// with [`SnapshotData::write_to`] instead of holding it whole. `None` (the default):
+    /// `into_bytes`.
+    fn encoded_len(&self) -> Option<u64> {
+        None
+    }
+
+    /// Writes exactly the bytes [`SnapshotData::into_bytes`] would make (and
+    /// [`SnapshotData::encoded_len`] announced) to `w`.
+    fn write_to(self, w: &mut dyn std::io::Write) -> std::io::Result<()>
+    where
+        Self: Sized,
+    {
+        w.write_all(&self.into_bytes())
+    }
 }
 
 impl SnapshotData for Vec<u8> {
@@ -252,6 +272,12 @@ impl<D: SnapshotData> SnapshotJob<D> {
     /// result goes to [`Replica::install_snapshot`]. A temporary file never installed is
     /// removed when the storage next opens.
     pub fn prepare(self, disk: &mut impl Disk) -> Result<PreparedSnapshot, shoal_storage::Error> {
+        if let Some(len) = self.data.encoded_len() {
+            let data = self.data;
+            return shoal_storage::prepare_snapshot_streaming(disk, self.meta, len, |w| {
+                data.write_to(w)
+            });
+        }
         let snapshot = shoal_raft::Snapshot {
             data: self.data.into_bytes(),
             meta: self.meta,
@@ -342,12 +368,20 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         config: ReplicaConfig,
     ) -> Result<Replica<SM, T>, Error> {
         use shoal_raft::Storage as _;
+        let mut storage = storage;
+        // The snapshot file as the storage opened and checked it (its data not in memory),
+        // or the data in memory.
+        let opened = storage.take_opened_snapshot_data();
         let snap = storage.snapshot().map_err(shoal_raft::Error::from)?;
         let index = snap.meta.index;
         // A fresh machine is the state at index 0; a stored snapshot replaces it.
-        if index > LogIndex(0) || !snap.data.is_empty() {
+        if index > LogIndex(0) || !snap.data.is_empty() || opened.is_some() {
+            let mut data: Box<dyn std::io::Read + '_> = match opened {
+                Some(r) => r,
+                None => Box::new(snap.data.as_slice()),
+            };
             machine
-                .restore(index, &snap.data)
+                .restore(index, &mut data)
                 .map_err(|reason| Error::Unusable {
                     what: "snapshot",
                     index: index.0,
@@ -568,13 +602,15 @@ impl<SM: StateMachine, T> Replica<SM, T> {
         if let Some(snap) = &rd.snapshot {
             if snap.meta.index > self.applied {
                 let index = snap.meta.index;
-                self.machine
-                    .restore(index, &snap.data)
-                    .map_err(|reason| Error::Unusable {
-                        what: "snapshot",
-                        index: index.0,
-                        reason,
-                    })?;
+                // The installed snapshot, from memory or streamed from its file.
+                let mut data = self.raw.storage().snapshot_data(&*disk)?;
+                let restored = self.machine.restore(index, &mut data);
+                drop(data);
+                restored.map_err(|reason| Error::Unusable {
+                    what: "snapshot",
+                    index: index.0,
+                    reason,
+                })?;
                 self.applied = index;
                 self.snapshots_installed += 1;
                 // Whether a waiting proposal is inside the snapshot is unknown: lost.
@@ -623,6 +659,29 @@ impl<SM: StateMachine, T> Replica<SM, T> {
             .raw
             .storage_mut()
             .install_prepared_releasing(disk, prepared)?)
+    }
+
+    /// A snapshot file received from the leader (checked, fsynced, in the storage's
+    /// directory) is about to be stepped in as `InstallSnapshot` with `meta` and no data:
+    /// if Raft installs it, the storage renames the file into place
+    /// ([`DurableStorage::stage_received_snapshot`]). Call
+    /// [`Replica::discard_received_snapshot`] once the `Ready`s are processed.
+    pub fn stage_received_snapshot(
+        &mut self,
+        disk: &mut impl Disk,
+        name: String,
+        meta: SnapshotMeta,
+    ) -> Result<(), Error> {
+        self.raw
+            .storage_mut()
+            .stage_received_snapshot(disk, name, meta)?;
+        Ok(())
+    }
+
+    /// Removes a staged received snapshot Raft did not install (it was stale).
+    pub fn discard_received_snapshot(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
+        self.raw.storage_mut().discard_staged_snapshot(disk)?;
+        Ok(())
     }
 
     /// The driver could not start a snapshot job (no thread): forget it; a later `Ready` asks
@@ -965,8 +1024,17 @@ mod tests {
             self.0.to_le_bytes().to_vec()
         }
 
-        fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
-            let bytes: [u8; 8] = data.try_into().map_err(|_| "not 8 bytes".to_string())?;
+        fn restore(
+            &mut self,
+            _index: LogIndex,
+            data: &mut dyn std::io::Read,
+        ) -> Result<(), String> {
+            let mut all = Vec::new();
+            data.read_to_end(&mut all).map_err(|e| e.to_string())?;
+            let bytes: [u8; 8] = all
+                .as_slice()
+                .try_into()
+                .map_err(|_| "not 8 bytes".to_string())?;
             self.0 = u64::from_le_bytes(bytes);
             Ok(())
         }

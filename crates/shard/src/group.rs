@@ -1215,7 +1215,12 @@ impl shoal_replica::StateMachine for ShardMachine {
         GroupSnapshot(self.clone())
     }
 
-    fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), String> {
-        self.restore_bytes(data).map_err(|e| e.to_string())
+    fn restore(&mut self, _index: LogIndex, data: &mut dyn std::io::Read) -> Result<(), String> {
+        // A group's image is read whole (its shards' stores are decoded from it); the file
+        // is streamed by the storage, so this is the one copy.
+        let mut bytes = Vec::new();
+        data.read_to_end(&mut bytes)
+            .map_err(|e| format!("reading the snapshot: {e}"))?;
+        self.restore_bytes(&bytes).map_err(|e| e.to_string())
     }
 }

@@ -409,7 +409,7 @@ fn snapshot_restore_snapshot_is_byte_identical() {
     let g1 = busy_machine();
     let bytes = g1.bytes();
     let mut fresh = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
-    fresh.restore(LogIndex(99), &bytes).unwrap();
+    fresh.restore(LogIndex(99), &mut (&bytes as &[u8])).unwrap();
     assert_eq!(fresh.snapshot().into_bytes(), bytes);
     assert_eq!(fresh.config(), g1.m.config());
     assert_eq!(fresh.shard(2).unwrap().state, ShardState::Frozen);
@@ -421,26 +421,30 @@ fn snapshot_restore_snapshot_is_byte_identical() {
     let mut other = ShardMachine::new(2, SHARDS, Limits::default()).unwrap();
     let other_before = other.snapshot().into_bytes();
     assert!(other
-        .restore(LogIndex(1), &bytes)
+        .restore(LogIndex(1), &mut (&bytes as &[u8]))
         .unwrap_err()
         .contains("group 1"));
-    assert!(fresh.restore(LogIndex(1), &[]).is_err());
-    assert!(fresh.restore(LogIndex(1), b"garbage").is_err());
+    assert!(fresh.restore(LogIndex(1), &mut (&[] as &[u8])).is_err());
+    assert!(fresh
+        .restore(LogIndex(1), &mut (b"garbage" as &[u8]))
+        .is_err());
     let mut v4 = bytes.clone();
     v4[0] = 4;
     assert!(fresh
-        .restore(LogIndex(1), &v4)
+        .restore(LogIndex(1), &mut (&v4 as &[u8]))
         .unwrap_err()
         .contains("version 4"));
     for cut in 1..bytes.len() {
         assert!(
-            fresh.restore(LogIndex(1), &bytes[..cut]).is_err(),
+            fresh
+                .restore(LogIndex(1), &mut (&bytes[..cut] as &[u8]))
+                .is_err(),
             "cut {cut}"
         );
     }
     let mut long = bytes.clone();
     long.push(0);
-    assert!(fresh.restore(LogIndex(1), &long).is_err());
+    assert!(fresh.restore(LogIndex(1), &mut (&long as &[u8])).is_err());
     assert_eq!(fresh.snapshot().into_bytes(), bytes);
     assert_eq!(other.snapshot().into_bytes(), other_before);
 }
@@ -455,7 +459,8 @@ fn two_machines_applying_the_same_entries_end_byte_identical() {
     let c3 = shoal_shard::move_shard(&c2, 1, 2).unwrap();
     let mut x = busy_machine();
     let mut y = Node::at(1, 500);
-    y.m.restore(LogIndex(499), &x.bytes()).unwrap();
+    y.m.restore(LogIndex(499), &mut (&x.bytes() as &[u8]))
+        .unwrap();
     let k = key_in(0, 7);
     for n in [&mut x, &mut y] {
         n.control(&adopt(&c3));
@@ -698,7 +703,7 @@ proptest::proptest! {
             } else {
                 proptest::prop_assert!(bytes.is_empty() || g.m.apply(LogIndex(7), bytes).is_err());
             }
-            proptest::prop_assert!(g.m.restore(LogIndex(7), bytes).is_err());
+            proptest::prop_assert!(g.m.restore(LogIndex(7), &mut (bytes as &[u8])).is_err());
             let outcome = g.control(&install(2, 3, bytes.clone()));
             proptest::prop_assert!(
                 matches!(outcome, ControlOutcome::Refused { .. }),
@@ -971,7 +976,7 @@ fn staged_copies_survive_a_snapshot_and_a_restore_and_old_snapshots_still_restor
     }
     let bytes = g2.bytes();
     let mut fresh = ShardMachine::new(2, SHARDS, Limits::default()).unwrap();
-    fresh.restore(LogIndex(9), &bytes).unwrap();
+    fresh.restore(LogIndex(9), &mut (&bytes as &[u8])).unwrap();
     assert_eq!(fresh.snapshot().into_bytes(), bytes);
     let mut restored = Node {
         m: fresh,
@@ -998,17 +1003,21 @@ fn staged_copies_survive_a_snapshot_and_a_restore_and_old_snapshots_still_restor
     let mut v1 = plain[..plain.len() - 2].to_vec();
     v1[0] = 1;
     let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
-    old.restore(LogIndex(5), &v1).unwrap();
+    old.restore(LogIndex(5), &mut (&v1 as &[u8])).unwrap();
     assert_eq!(old.snapshot().into_bytes(), plain);
     let mut v2 = plain[..plain.len() - 1].to_vec();
     v2[0] = 2;
     let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
-    old.restore(LogIndex(5), &v2).unwrap();
+    old.restore(LogIndex(5), &mut (&v2 as &[u8])).unwrap();
     assert_eq!(old.snapshot().into_bytes(), plain);
     // Cut anywhere, the snapshot with staging is an error, never a panic.
     for cut in 1..bytes.len() {
         let mut m = ShardMachine::new(2, SHARDS, Limits::default()).unwrap();
-        assert!(m.restore(LogIndex(1), &bytes[..cut]).is_err(), "cut {cut}");
+        assert!(
+            m.restore(LogIndex(1), &mut (&bytes[..cut] as &[u8]))
+                .is_err(),
+            "cut {cut}"
+        );
     }
 }
 
@@ -1241,7 +1250,7 @@ fn copy_tracking_survives_a_snapshot_and_a_newer_configuration_drops_it() {
     g1.client(3, req(s, 2, put(&key_in(3, 1), b"y")));
     let bytes = g1.bytes();
     let mut fresh = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
-    fresh.restore(LogIndex(7), &bytes).unwrap();
+    fresh.restore(LogIndex(7), &mut (&bytes as &[u8])).unwrap();
     assert_eq!(fresh.snapshot().into_bytes(), bytes);
     assert_eq!(fresh.copy_track(3), g1.m.copy_track(3));
     assert_eq!(fresh.copy_track(3).unwrap().touched.len(), 2);
@@ -1249,7 +1258,11 @@ fn copy_tracking_survives_a_snapshot_and_a_newer_configuration_drops_it() {
     // Cut anywhere: an error, never a panic.
     for cut in 1..bytes.len() {
         let mut m = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
-        assert!(m.restore(LogIndex(1), &bytes[..cut]).is_err(), "cut {cut}");
+        assert!(
+            m.restore(LogIndex(1), &mut (&bytes[..cut] as &[u8]))
+                .is_err(),
+            "cut {cut}"
+        );
     }
     // The restored replica's tail is the same as the original's.
     let mut restored = Node {

@@ -70,6 +70,14 @@ pub trait Disk {
     fn list(&self) -> Result<Vec<String>, DiskError>;
     /// The whole content of a file, or `None` if it does not exist.
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>, DiskError>;
+    /// A reader of a file's content from its start, or `None` if it does not exist: how a
+    /// large file (a snapshot) is read without holding it whole. The default reads it whole
+    /// (simulated disks hold their files in memory anyway); a real disk streams it.
+    fn open_read(&self, name: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, DiskError> {
+        Ok(self
+            .read(name)?
+            .map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn std::io::Read + Send>))
+    }
     /// Creates an empty file, replacing any file of that name.
     fn create(&mut self, name: &str) -> Result<(), DiskError>;
     /// Appends bytes to an existing file.
@@ -102,6 +110,9 @@ pub trait Disk {
         "the data directory".into()
     }
 }
+
+/// Buffer of a [`StdDisk::open_read`] reader (256 KiB).
+const STREAM_READ_BUFFER_BYTES: usize = 256 * 1024;
 
 /// A real directory through `std::fs`.
 ///
@@ -201,6 +212,21 @@ impl Disk for StdDisk {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(DiskError::Io {
                 op: "read",
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn open_read(&self, name: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, DiskError> {
+        match std::fs::File::open(self.dir.join(name)) {
+            Ok(f) => Ok(Some(Box::new(std::io::BufReader::with_capacity(
+                STREAM_READ_BUFFER_BYTES,
+                f,
+            )))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(DiskError::Io {
+                op: "open",
                 name: name.to_string(),
                 source,
             }),

@@ -153,12 +153,22 @@ impl Error {
 pub struct StorageConfig {
     /// A segment is closed and a new one started once it exceeds this size.
     pub max_segment_bytes: u64,
+    /// Keep the snapshot's data in memory (the default): `shoal_raft::Storage::snapshot`
+    /// returns it whole, as the simulator needs (its messages carry snapshots whole). When
+    /// `false` (the runtime, whose snapshots travel as files on a stream of their own, see
+    /// `docs/raft.md`), only the snapshot's metadata is in memory: `snapshot()` returns empty
+    /// data, the state machine restores from [`DurableStorage::snapshot_data`] (the file,
+    /// read chunk by chunk), and a snapshot received from the leader is installed by renaming
+    /// the file [`DurableStorage::stage_received_snapshot`] names into place. So neither
+    /// side holds a copy of the serialized state beyond the state machine's own.
+    pub snapshot_data_in_memory: bool,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             max_segment_bytes: DEFAULT_MAX_SEGMENT_BYTES,
+            snapshot_data_in_memory: true,
         }
     }
 }
@@ -427,6 +437,13 @@ pub struct DurableStorage {
     /// every sync would scan the whole in-memory log (the profile of the KV server under load
     /// showed that scan as 4% of the leader's CPU).
     maybe_garbage: bool,
+    /// A snapshot file received from the leader, checked and fsynced, waiting for Raft to
+    /// install it ([`DurableStorage::stage_received_snapshot`]): its name and what it covers.
+    staged_snapshot: Option<(String, SnapshotMeta)>,
+    /// The snapshot file's data, opened and checked at open, for the state machine's restore
+    /// at start ([`DurableStorage::take_opened_snapshot_data`]); without
+    /// [`StorageConfig::snapshot_data_in_memory`] only.
+    opened_snapshot_data: Option<SnapshotDataReader>,
 }
 
 impl DurableStorage {
@@ -498,7 +515,49 @@ impl DurableStorage {
         let hard_state = read_single::<HardState>(disk, HARD_STATE)?.unwrap_or_default();
         let mut legacy_snapshot = disk.list()?.iter().any(|n| n == LEGACY_SNAPSHOT_FILE);
         let mut dir_dirty = false;
-        let snapshot = match disk.read(SNAPSHOT_FILE)? {
+        let in_memory = config.snapshot_data_in_memory;
+        let mut opened_snapshot_data = None;
+        let stored = if in_memory {
+            disk.read(SNAPSHOT_FILE)?
+        } else {
+            None
+        };
+        let file_only = !in_memory && disk.list()?.iter().any(|n| n == SNAPSHOT_FILE);
+        let snapshot = match stored {
+            // Only the metadata stays in memory: the file is checked whole (every chunk's
+            // checksum) by streaming through it, and opened again for the restore at start.
+            None if file_only => {
+                let meta = check_snapshot_file(&*disk, SNAPSHOT_FILE)?;
+                let (_, reader) = open_snapshot_data(&*disk, SNAPSHOT_FILE)?;
+                opened_snapshot_data = Some(reader);
+                if legacy_snapshot {
+                    disk.remove(LEGACY_SNAPSHOT_FILE)?;
+                    legacy_snapshot = false;
+                    dir_dirty = true;
+                }
+                Snapshot {
+                    meta,
+                    data: Vec::new(),
+                }
+            }
+            None if !in_memory && legacy_snapshot => {
+                // The old single-record file (at most 64 MiB): written once as `snapshot-v2`,
+                // which is what the snapshot stream sends.
+                let old = read_single::<LegacySnapshot>(disk, LEGACY_SNAPSHOT_FILE)?
+                    .map(Snapshot::from)
+                    .unwrap_or_default();
+                let prepared = prepare_as(disk, old, SNAPSHOT_TMP.to_string())?;
+                disk.rename(&prepared.tmp, SNAPSHOT_FILE)?;
+                disk.sync_dir()?;
+                disk.remove(LEGACY_SNAPSHOT_FILE)?;
+                legacy_snapshot = false;
+                dir_dirty = true;
+                opened_snapshot_data = Some(open_snapshot_data(&*disk, SNAPSHOT_FILE)?.1);
+                Snapshot {
+                    meta: prepared.meta,
+                    data: Vec::new(),
+                }
+            }
             Some(buf) => {
                 let snapshot = decode_snapshot_file(SNAPSHOT_FILE, buf)?;
                 if legacy_snapshot {
@@ -535,6 +594,8 @@ impl DurableStorage {
             active: 0,
             dirty: BTreeSet::new(),
             dir_dirty,
+            staged_snapshot: None,
+            opened_snapshot_data,
         };
         let newest = seqs.last().copied();
         // A segment is superseded from the smallest first index of any later segment on. One
@@ -855,9 +916,27 @@ impl DurableStorage {
         // snapshot file, so no crash can leave the snapshot followed by the old log.
         self.start_segment(disk, index.next())?;
         self.sync(disk)?;
-        let prepared = prepare_as(disk, snapshot, SNAPSHOT_TMP.to_string())?;
-        self.rename_snapshot_file(disk, &prepared.tmp)?;
-        self.snapshot = prepared.snapshot;
+        let staged = self.staged_snapshot.take();
+        match staged {
+            // The received file is already a checked, fsynced snapshot file: a rename installs
+            // it, with no second write.
+            Some((name, meta)) if meta == snapshot.meta => {
+                self.rename_snapshot_file(disk, &name)?;
+                self.snapshot = Snapshot {
+                    meta,
+                    data: Vec::new(),
+                };
+                self.opened_snapshot_data = None;
+            }
+            staged => {
+                if let Some((name, _)) = staged {
+                    disk.remove(&name)?;
+                }
+                let prepared = prepare_as(disk, snapshot, SNAPSHOT_TMP.to_string())?;
+                self.rename_snapshot_file(disk, &prepared.tmp)?;
+                self.set_snapshot(prepared.meta, prepared.data);
+            }
+        }
         self.entries.clear();
         self.entry_segment.clear();
         self.log_bytes = 0;
@@ -909,10 +988,21 @@ impl DurableStorage {
         disk: &mut impl Disk,
         prepared: PreparedSnapshot,
     ) -> Result<Option<Vec<Entry>>, Error> {
-        let index = prepared.snapshot.meta.index;
+        let index = prepared.meta.index;
         if index < self.first() {
             disk.remove(&prepared.tmp)?;
             return Ok(None);
+        }
+        let mut prepared = prepared;
+        if self.config.snapshot_data_in_memory && prepared.data.is_none() {
+            // Written by a streaming preparation: the data this storage keeps is read back.
+            match read_snapshot_file(&*disk, &prepared.tmp) {
+                Ok(s) => prepared.data = Some(s.data),
+                Err(e) => {
+                    let _ = disk.remove(&prepared.tmp);
+                    return Err(e);
+                }
+            }
         }
         let result = self.check_compact(index).and_then(|()| {
             // The log up to the snapshot (and, as for `compact`, after it) is durable before
@@ -929,7 +1019,7 @@ impl DurableStorage {
         let kept = self.entries.split_off(drop);
         let dropped = std::mem::replace(&mut self.entries, kept);
         self.entry_segment.drain(..drop);
-        self.snapshot = prepared.snapshot;
+        self.set_snapshot(prepared.meta, prepared.data);
         // A snapshot covers applied, hence committed, entries only. The hard state is not
         // rewritten for it (an fsync, a rename and a directory fsync in the caller's loop):
         // a durable commit index below the snapshot is harmless, Raft starts from
@@ -963,6 +1053,78 @@ impl DurableStorage {
             self.dir_dirty = true;
         }
         Ok(())
+    }
+
+    /// Records the installed snapshot: its data too if this storage keeps it in memory.
+    fn set_snapshot(&mut self, meta: SnapshotMeta, data: Option<Vec<u8>>) {
+        let data = match data {
+            Some(d) if self.config.snapshot_data_in_memory => d,
+            _ => Vec::new(),
+        };
+        self.snapshot = Snapshot { meta, data };
+        self.opened_snapshot_data = None;
+    }
+
+    /// Names a snapshot file received from the leader (in this storage's directory, whole,
+    /// checked and fsynced, for example by the snapshot stream) that Raft is about to be
+    /// handed: if the `Ready` that installs a snapshot with the same metadata follows,
+    /// [`DurableStorage::apply_snapshot`] renames this file into place instead of writing the
+    /// snapshot's data. A file staged before and not installed is removed.
+    pub fn stage_received_snapshot(
+        &mut self,
+        disk: &mut impl Disk,
+        name: String,
+        meta: SnapshotMeta,
+    ) -> Result<(), Error> {
+        self.discard_staged_snapshot(disk)?;
+        self.staged_snapshot = Some((name, meta));
+        Ok(())
+    }
+
+    /// Removes a staged received snapshot that Raft did not install (it was stale).
+    pub fn discard_staged_snapshot(&mut self, disk: &mut impl Disk) -> Result<(), Error> {
+        if let Some((name, _)) = self.staged_snapshot.take() {
+            tracing::debug!(file = %name, "removing a received snapshot Raft did not install");
+            disk.remove(&name)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the snapshot's data is kept in memory ([`StorageConfig::snapshot_data_in_memory`]).
+    pub fn snapshot_data_in_memory(&self) -> bool {
+        self.config.snapshot_data_in_memory
+    }
+
+    /// The stored snapshot's data, to restore a state machine from: the bytes in memory, or
+    /// the snapshot file read chunk by chunk, each chunk's checksum checked before any of its
+    /// bytes is handed out (a damaged chunk is an `InvalidData` error naming file and offset).
+    pub fn snapshot_data<'a>(
+        &'a self,
+        disk: &impl Disk,
+    ) -> Result<Box<dyn std::io::Read + 'a>, Error> {
+        if self.config.snapshot_data_in_memory || self.snapshot.meta.index == LogIndex(0) {
+            return Ok(Box::new(self.snapshot.data.as_slice()));
+        }
+        let (meta, reader) = open_snapshot_data(disk, SNAPSHOT_FILE)?;
+        if meta != self.snapshot.meta {
+            return Err(Error::Corrupt {
+                file: SNAPSHOT_FILE.into(),
+                offset: 0,
+                reason: format!(
+                    "covers index {} term {}, the storage installed index {} term {}",
+                    meta.index, meta.term, self.snapshot.meta.index, self.snapshot.meta.term
+                ),
+            });
+        }
+        Ok(Box::new(reader))
+    }
+
+    /// The snapshot file's data as opened (and checked) at open, once, for the restore at
+    /// start; `None` when the data is in memory, when there is no snapshot, or once taken.
+    pub fn take_opened_snapshot_data(&mut self) -> Option<Box<dyn std::io::Read + Send>> {
+        self.opened_snapshot_data
+            .take()
+            .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>)
     }
 
     /// What the stored snapshot covers (index 0 and no voters if none was taken), without
@@ -1033,7 +1195,10 @@ fn entry_bytes(e: &Entry) -> u64 {
 /// one never installed is removed at the next open), ready to become the storage's snapshot
 /// through [`DurableStorage::install_prepared`].
 pub struct PreparedSnapshot {
-    snapshot: Snapshot,
+    meta: SnapshotMeta,
+    /// The data, if it was prepared from bytes in memory (`None`: streamed into the file).
+    data: Option<Vec<u8>>,
+    data_len: u64,
     /// The temporary file.
     tmp: String,
 }
@@ -1041,7 +1206,7 @@ pub struct PreparedSnapshot {
 impl PreparedSnapshot {
     /// What the snapshot covers.
     pub fn meta(&self) -> &SnapshotMeta {
-        &self.snapshot.meta
+        &self.meta
     }
 
     /// Name of its temporary file.
@@ -1051,7 +1216,7 @@ impl PreparedSnapshot {
 
     /// Bytes of the state machine's serialized state it holds.
     pub fn data_bytes(&self) -> usize {
-        self.snapshot.data.len()
+        self.data_len as usize
     }
 
     /// Gives the snapshot up: removes its temporary file.
@@ -1064,8 +1229,8 @@ impl PreparedSnapshot {
 impl std::fmt::Debug for PreparedSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedSnapshot")
-            .field("meta", &self.snapshot.meta)
-            .field("data_len", &self.snapshot.data.len())
+            .field("meta", &self.meta)
+            .field("data_len", &self.data_len)
             .field("tmp", &self.tmp)
             .finish()
     }
@@ -1102,7 +1267,138 @@ fn prepare_as(
         let _ = disk.remove(&tmp); // already failing: report the first error
         return Err(e);
     }
-    Ok(PreparedSnapshot { snapshot, tmp })
+    Ok(PreparedSnapshot {
+        data_len: snapshot.data.len() as u64,
+        meta: snapshot.meta,
+        data: Some(snapshot.data),
+        tmp,
+    })
+}
+
+/// [`prepare_snapshot`] for data that is never held whole: `write` writes exactly
+/// `data_len` bytes (announced in the file's header, which comes first) to the writer it is
+/// given, which cuts them into checksummed chunk records as they come, holding one chunk. An
+/// error if `write` fails or writes another number of bytes; the temporary file is then
+/// removed when the disk lets it.
+pub fn prepare_snapshot_streaming(
+    disk: &mut impl Disk,
+    meta: SnapshotMeta,
+    data_len: u64,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<PreparedSnapshot, Error> {
+    let tmp = format!("{SNAPSHOT_FILE}.{:020}.tmp", meta.index.0);
+    let written = write_snapshot_streaming(disk, &tmp, &meta, data_len, write);
+    disk.close(&tmp);
+    if let Err(e) = written {
+        let _ = disk.remove(&tmp); // already failing: report the first error
+        return Err(e);
+    }
+    Ok(PreparedSnapshot {
+        meta,
+        data: None,
+        data_len,
+        tmp,
+    })
+}
+
+fn write_snapshot_streaming(
+    disk: &mut impl Disk,
+    name: &str,
+    meta: &SnapshotMeta,
+    data_len: u64,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(), Error> {
+    let chunk_bytes = SNAPSHOT_CHUNK_BYTES;
+    let header = SnapshotHeader {
+        meta: meta.clone(),
+        data_len,
+        chunk_bytes: chunk_bytes as u32,
+        chunks: data_len.div_ceil(chunk_bytes as u64),
+    };
+    let mut head = Vec::new();
+    encode_record(&header.to_record(), &mut head);
+    disk.create(name)?;
+    disk.append(name, &head)?;
+    let mut w = ChunkWriter {
+        disk: &mut *disk,
+        name,
+        chunk: Vec::with_capacity(chunk_bytes),
+        chunk_bytes,
+        written: 0,
+        chunks: 0,
+        error: None,
+    };
+    let result = write(&mut w).and_then(|()| w.flush_chunk());
+    if let Some(e) = w.error.take() {
+        return Err(e.into());
+    }
+    result.map_err(|e| Error::Invalid(format!("writing the snapshot: {e}")))?;
+    if w.written != data_len {
+        return Err(Error::Invalid(format!(
+            "the state machine wrote {} snapshot bytes where it announced {data_len}",
+            w.written
+        )));
+    }
+    disk.sync(name)?;
+    Ok(())
+}
+
+/// Cuts what is written into the snapshot file's chunk records (see [`prepare_snapshot_streaming`]).
+struct ChunkWriter<'a, D: Disk> {
+    disk: &'a mut D,
+    name: &'a str,
+    chunk: Vec<u8>,
+    chunk_bytes: usize,
+    written: u64,
+    chunks: usize,
+    /// The disk's error, kept to be returned as such.
+    error: Option<DiskError>,
+}
+
+impl<D: Disk> ChunkWriter<'_, D> {
+    fn flush_chunk(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let mut frame = [0u8; RECORD_HEADER_BYTES];
+        frame[0..4].copy_from_slice(&(self.chunk.len() as u32).to_le_bytes());
+        frame[4..8].copy_from_slice(&crc32c::crc32c(&self.chunk).to_le_bytes());
+        let result = self
+            .disk
+            .append(self.name, &frame)
+            .and_then(|()| self.disk.append(self.name, &self.chunk))
+            .and_then(|()| {
+                self.chunks += 1;
+                if self.chunks.is_multiple_of(PREPARE_SYNC_EVERY_CHUNKS) {
+                    self.disk.sync(self.name)
+                } else {
+                    Ok(())
+                }
+            });
+        self.written += self.chunk.len() as u64;
+        self.chunk.clear();
+        result.map_err(|e| {
+            let io = std::io::Error::other(e.to_string());
+            self.error = Some(e);
+            io
+        })
+    }
+}
+
+impl<D: Disk> std::io::Write for ChunkWriter<'_, D> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = self.chunk_bytes - self.chunk.len();
+        let n = room.min(buf.len());
+        self.chunk.extend_from_slice(&buf[..n]);
+        if self.chunk.len() == self.chunk_bytes {
+            self.flush_chunk()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A snapshot prepared off the caller's loop is fsynced every this many chunks (4 MiB), not
@@ -1216,6 +1512,14 @@ pub const MAX_SNAPSHOT_HEADER_BYTES: usize = 1024 * 1024;
 /// the file it is about to send covers, and that it is whole. The caller names the file in
 /// its error.
 pub fn read_snapshot_meta(file: &mut impl std::io::Read) -> Result<(SnapshotMeta, u64), String> {
+    let (header, header_bytes) = read_snapshot_header(file)?;
+    let file_bytes =
+        header_bytes + header.chunks.saturating_mul(RECORD_HEADER_BYTES as u64) + header.data_len;
+    Ok((header.meta, file_bytes))
+}
+
+/// Reads a snapshot file's header record: the header, and the bytes of its record.
+fn read_snapshot_header(file: &mut impl std::io::Read) -> Result<(SnapshotHeader, u64), String> {
     let mut head = [0u8; RECORD_HEADER_BYTES];
     file.read_exact(&mut head)
         .map_err(|e| format!("reading the header record: {e}"))?;
@@ -1231,10 +1535,7 @@ pub fn read_snapshot_meta(file: &mut impl std::io::Read) -> Result<(SnapshotMeta
         .map_err(|e| format!("reading the header record: {e}"))?;
     let payload = frame_payload(&buf, 0, RecordLen::AtMost(MAX_SNAPSHOT_HEADER_BYTES))?;
     let header = SnapshotHeader::decode(payload)?;
-    let file_bytes = (RECORD_HEADER_BYTES + len) as u64
-        + header.chunks.saturating_mul(RECORD_HEADER_BYTES as u64)
-        + header.data_len;
-    Ok((header.meta, file_bytes))
+    Ok((header, (RECORD_HEADER_BYTES + len) as u64))
 }
 
 /// Reads and checks a whole file of the snapshot format (`snapshot-v2`), as a node received
@@ -1247,6 +1548,183 @@ pub fn read_snapshot_file(disk: &impl Disk, name: &str) -> Result<Snapshot, Erro
         reason: "the file is missing".into(),
     })?;
     decode_snapshot_file(name, buf)
+}
+
+/// Checks a whole file of the snapshot format by streaming through it (every record's
+/// length and checksum, the chunk count and sizes its header announces, nothing after the
+/// last chunk), holding one chunk at a time; returns what it covers.
+pub fn check_snapshot_file(disk: &impl Disk, name: &str) -> Result<SnapshotMeta, Error> {
+    let (meta, mut reader) = open_snapshot_data(disk, name)?;
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| reader.error_of(e))?;
+    Ok(meta)
+}
+
+/// Opens a file of the snapshot format for reading its data: what it covers, and a reader of
+/// the data (see [`SnapshotDataReader`]).
+pub fn open_snapshot_data(
+    disk: &impl Disk,
+    name: &str,
+) -> Result<(SnapshotMeta, SnapshotDataReader), Error> {
+    let corrupt = |offset: u64, reason: String| Error::Corrupt {
+        file: name.to_string(),
+        offset,
+        reason,
+    };
+    let mut inner = disk
+        .open_read(name)?
+        .ok_or_else(|| corrupt(0, "the file is missing".into()))?;
+    let (header, header_bytes) = read_snapshot_header(&mut inner).map_err(|why| corrupt(0, why))?;
+    let chunk_bytes = u64::from(header.chunk_bytes);
+    if chunk_bytes == 0 || chunk_bytes > MAX_RECORD_BYTES as u64 {
+        return Err(corrupt(0, format!("chunk size {chunk_bytes} out of range")));
+    }
+    if header.chunks != header.data_len.div_ceil(chunk_bytes) {
+        return Err(corrupt(
+            0,
+            format!(
+                "{} chunks cannot hold {} bytes in chunks of {chunk_bytes}",
+                header.chunks, header.data_len
+            ),
+        ));
+    }
+    let reader = SnapshotDataReader {
+        inner,
+        name: name.to_string(),
+        offset: header_bytes,
+        chunk_bytes,
+        chunks: header.chunks,
+        next_chunk: 0,
+        remaining: header.data_len,
+        chunk: Vec::new(),
+        pos: 0,
+        finished: false,
+    };
+    Ok((header.meta, reader))
+}
+
+/// Reads a snapshot file's data (the chunks' payloads, in order) from just after its header,
+/// checking each chunk's length and checksum before handing out any of its bytes, and that
+/// the file ends right after the last chunk. Holds one chunk. A damaged file is an
+/// `InvalidData` error naming the file, the offset and what is wrong.
+pub struct SnapshotDataReader {
+    inner: Box<dyn std::io::Read + Send>,
+    name: String,
+    /// File offset of the next record.
+    offset: u64,
+    chunk_bytes: u64,
+    chunks: u64,
+    next_chunk: u64,
+    /// Data bytes not yet read from the file.
+    remaining: u64,
+    chunk: Vec<u8>,
+    pos: usize,
+    finished: bool,
+}
+
+impl std::fmt::Debug for SnapshotDataReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotDataReader")
+            .field("name", &self.name)
+            .field("offset", &self.offset)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotDataReader {
+    fn corrupt(&self, reason: String) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "corrupt data in {} at offset {}: {reason}",
+                self.name, self.offset
+            ),
+        )
+    }
+
+    /// The storage error an I/O error of this reader stands for.
+    fn error_of(&self, e: std::io::Error) -> Error {
+        Error::Corrupt {
+            file: self.name.clone(),
+            offset: self.offset,
+            reason: e.to_string(),
+        }
+    }
+
+    /// Loads the next chunk; `false` at the end of the data (once the end of the file is
+    /// checked).
+    fn load_chunk(&mut self) -> std::io::Result<bool> {
+        if self.next_chunk == self.chunks {
+            if !self.finished {
+                let mut extra = [0u8; 1];
+                let n = read_full(&mut self.inner, &mut extra)?;
+                if n > 0 {
+                    return Err(self.corrupt("bytes after the last chunk".into()));
+                }
+                self.finished = true;
+            }
+            return Ok(false);
+        }
+        let want = self.remaining.min(self.chunk_bytes) as usize;
+        let (i, of) = (self.next_chunk, self.chunks);
+        let mut head = [0u8; RECORD_HEADER_BYTES];
+        if read_full(&mut self.inner, &mut head)? < RECORD_HEADER_BYTES {
+            return Err(self.corrupt(format!("chunk {i} of {of}: truncated record header")));
+        }
+        let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+        if len != want {
+            return Err(self.corrupt(format!(
+                "chunk {i} of {of}: record length {len} where {want} was expected"
+            )));
+        }
+        self.chunk.clear();
+        self.chunk.resize(want, 0);
+        if read_full(&mut self.inner, &mut self.chunk)? < want {
+            return Err(self.corrupt(format!(
+                "chunk {i} of {of}: record of {len} bytes runs past the end of the file"
+            )));
+        }
+        if crc32c::crc32c(&self.chunk) != crc {
+            return Err(self.corrupt(format!("chunk {i} of {of}: checksum mismatch")));
+        }
+        self.offset += (RECORD_HEADER_BYTES + want) as u64;
+        self.remaining -= want as u64;
+        self.next_chunk += 1;
+        self.pos = 0;
+        Ok(true)
+    }
+}
+
+impl std::io::Read for SnapshotDataReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        while self.pos == self.chunk.len() {
+            if !self.load_chunk()? {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.pos);
+        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Reads until `buf` is full or the end of the input; returns the bytes read.
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// What a record's length may be.

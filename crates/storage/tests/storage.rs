@@ -29,6 +29,7 @@ fn open(disk: &mut MemDisk) -> DurableStorage {
 fn small() -> StorageConfig {
     StorageConfig {
         max_segment_bytes: 200,
+        ..StorageConfig::default()
     }
 }
 

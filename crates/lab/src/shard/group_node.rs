@@ -167,6 +167,7 @@ impl Node<SM> for GroupNode {
             me,
             StorageConfig {
                 max_segment_bytes: SEGMENT_BYTES,
+                ..StorageConfig::default()
             },
         )
         .expect("storage opens");
