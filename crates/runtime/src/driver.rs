@@ -163,6 +163,11 @@ where
             if let Err(e) = self.process_ready(&snapshot_tx, &metrics) {
                 break Err(e);
             }
+            // A received snapshot Raft did not install (stale) is removed.
+            let (replica, disk) = (self.service.replica(), &mut self.disk);
+            if let Err(e) = replica.discard_received_snapshot(disk) {
+                break Err(e);
+            }
             metrics.observe(self.service.replica());
             self.service.answer();
             self.update_peers();
@@ -196,7 +201,18 @@ where
             Wake::Peer(from, msg) => self.service.step(from, msg),
             Wake::Event(e) => return Ok(self.service.event(e)),
             Wake::SnapshotWritten(prepared) => self.install(prepared, metrics)?,
-            Wake::SnapshotStream(SnapshotEvent::Received { from, message }) => {
+            Wake::SnapshotStream(SnapshotEvent::Received {
+                from,
+                message,
+                file,
+            }) => {
+                // Stage the received file: if Raft installs the snapshot, the storage renames
+                // it into place (see `snapshot_stream`).
+                if let MessageBody::InstallSnapshot { snapshot } = &message.body {
+                    let meta = snapshot.meta.clone();
+                    let (replica, disk) = (self.service.replica(), &mut self.disk);
+                    in_place(|| replica.stage_received_snapshot(disk, file, meta))?;
+                }
                 self.service.step(from, message)
             }
             Wake::SnapshotStream(SnapshotEvent::SendFailed { to, reason }) => {

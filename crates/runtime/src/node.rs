@@ -488,8 +488,12 @@ impl<SM: StateMachine> shoal_replica::StateMachine for Hosted<SM> {
         self.0.snapshot()
     }
 
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), String> {
-        self.0.restore(index, data)
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> Result<(), String> {
+        // This trait's machines restore from bytes (tests, demos, the Raft benchmark).
+        let mut bytes = Vec::new();
+        data.read_to_end(&mut bytes)
+            .map_err(|e| format!("reading the snapshot: {e}"))?;
+        self.0.restore(index, &bytes)
     }
 }
 

@@ -45,14 +45,18 @@ pub(crate) fn open_replica(
 ) -> Result<Opened, OpenError> {
     let mut disk =
         StdDisk::new(data_dir).map_err(|e| OpenError::Storage(shoal_storage::Error::Disk(e)))?;
-    let storage = DurableStorage::open(&mut disk, cluster_id, id, StorageConfig::default())
-        .map_err(|e| {
-            if e.is_about_directory() {
-                OpenError::DataDir(e)
-            } else {
-                OpenError::Storage(e)
-            }
-        })?;
+    // Snapshots travel as files (the snapshot stream): only their metadata is in memory.
+    let storage_config = StorageConfig {
+        snapshot_data_in_memory: false,
+        ..StorageConfig::default()
+    };
+    let storage = DurableStorage::open(&mut disk, cluster_id, id, storage_config).map_err(|e| {
+        if e.is_about_directory() {
+            OpenError::DataDir(e)
+        } else {
+            OpenError::Storage(e)
+        }
+    })?;
     let mut raft = RaftConfig::new(NodeId(id), peers.into_iter().map(NodeId).collect());
     raft.election_tick = election_tick;
     raft.heartbeat_tick = heartbeat_tick;

@@ -19,9 +19,13 @@
 //! **Receiving.** The accepting side writes the chunks to a temporary file in its data
 //! directory (`snapshot-recv.<from>.<n>.tmp`, removed at the next open of the storage if a
 //! crash leaves it), checks offsets, size and the CRC32C of the whole, fsyncs, renames it to
-//! `snapshot-recv.<from>` (and fsyncs the directory), decodes and checks it as a snapshot file
-//! (every record's checksum), and hands Raft the `InstallSnapshot` message, which then answers
-//! the leader as before. Anything wrong refuses the transfer and installs nothing.
+//! `snapshot-recv.<from>.<n>` (and fsyncs the directory), checks it as a snapshot file by
+//! streaming through it (every record's checksum, the metadata the message announced), and
+//! hands the driver the file's name with the `InstallSnapshot` message (no data: it stays in
+//! the file). The driver stages the file with the storage and steps Raft; if Raft installs
+//! the snapshot, the storage renames the file into place as its `snapshot-v2` (no second
+//! write) and the state machine restores by streaming from it. Anything wrong refuses the
+//! transfer and installs nothing. Neither side ever holds the snapshot in memory.
 //!
 //! **Progress.** Both sides log bytes done of total at info every
 //! [`SnapshotStreamConfig::progress_log_interval`]; the sends under way are readable through
@@ -124,12 +128,16 @@ impl Default for SnapshotStreamConfig {
 /// What the snapshot stream tells the driver.
 #[derive(Debug)]
 pub enum SnapshotEvent {
-    /// A snapshot arrived whole and checked: step Raft with this `InstallSnapshot` message.
+    /// A snapshot arrived whole and checked: stage `file` with the storage, then step Raft
+    /// with this `InstallSnapshot` message.
     Received {
         /// The sender, proved by the handshake.
         from: u64,
-        /// The message, with the snapshot's data.
+        /// The message, whose snapshot has no data (it is in `file`).
         message: Message,
+        /// The received snapshot file, in the data directory (a file of the `snapshot-v2`
+        /// format, fsynced, checked), named relative to it.
+        file: String,
     },
     /// Every attempt to send a snapshot to `to` failed: tell Raft.
     SendFailed {
@@ -582,18 +590,26 @@ impl SnapshotStreams {
             .receive_file(&mut frames, &mut writer, from, &dir, &tmp, &done_name)
             .await;
         let _ = tokio::fs::remove_file(&tmp).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(dir.join(&done_name)).await;
+        }
         let answer = match result {
             Ok(message) => {
                 let index = snapshot_index(&message);
                 let delivered = self
                     .events_tx
-                    .send(SnapshotEvent::Received { from, message })
+                    .send(SnapshotEvent::Received {
+                        from,
+                        message,
+                        file: done_name.clone(),
+                    })
                     .await;
                 if delivered.is_ok() {
                     self.stats().received.fetch_add(1, Ordering::Relaxed);
                     info!(peer = from, index, "snapshot received and handed to Raft");
                     SnapshotAck::Accepted
                 } else {
+                    let _ = tokio::fs::remove_file(dir.join(&done_name)).await;
                     SnapshotAck::Refused {
                         reason: "the node is shutting down".into(),
                     }
@@ -720,26 +736,25 @@ impl SnapshotStreams {
             .await
             .map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), done.display()))?;
         let (dir, name) = (dir.to_path_buf(), done_name.to_string());
-        let decoded = tokio::task::spawn_blocking(move || {
-            let result = sync_dir(&dir).and_then(|()| {
+        // Checked by streaming through it (one chunk in memory at a time); it stays on disk.
+        let checked = tokio::task::spawn_blocking(move || {
+            sync_dir(&dir).and_then(|()| {
                 let disk = shoal_storage::StdDisk::new(&dir).map_err(|e| e.to_string())?;
-                shoal_storage::read_snapshot_file(&disk, &name).map_err(|e| e.to_string())
-            });
-            let _ = std::fs::remove_file(dir.join(&name));
-            result
+                shoal_storage::check_snapshot_file(&disk, &name).map_err(|e| e.to_string())
+            })
         })
         .await
-        .map_err(|e| format!("decoding task: {e}"))??;
+        .map_err(|e| format!("checking task: {e}"))??;
         let MessageBody::InstallSnapshot { snapshot } = &mut message.body else {
             unreachable!("checked above");
         };
-        if decoded.meta != snapshot.meta {
+        if checked != snapshot.meta {
             return Err(format!(
                 "the file covers index {} term {}, the message says index {} term {}",
-                decoded.meta.index, decoded.meta.term, snapshot.meta.index, snapshot.meta.term
+                checked.index, checked.term, snapshot.meta.index, snapshot.meta.term
             ));
         }
-        *snapshot = decoded;
+        snapshot.data = Vec::new();
         Ok(message)
     }
 

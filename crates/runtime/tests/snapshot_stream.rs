@@ -323,13 +323,24 @@ async fn a_cut_connection_is_retried_and_the_transfer_completes() {
     // A repeat while the send runs is ignored (one send per follower at a time).
     t1.send_snapshot(install_message(meta.clone()));
     match next_event(&mut received).await {
-        SnapshotEvent::Received { from, message } => {
+        SnapshotEvent::Received {
+            from,
+            message,
+            file,
+        } => {
             assert_eq!(from, 1);
             let MessageBody::InstallSnapshot { snapshot } = message.body else {
                 panic!("not a snapshot: {message:?}");
             };
             assert_eq!(snapshot.meta, meta);
-            assert!(snapshot.data == data, "the data differs");
+            assert!(snapshot.data.is_empty(), "the data stays in the file");
+            // The received file is a whole snapshot file of the data, left for the driver to
+            // stage (the storage renames it into place).
+            let disk = shoal_storage::StdDisk::new(&dir2).unwrap();
+            let got = shoal_storage::read_snapshot_file(&disk, &file).unwrap();
+            assert_eq!(got.meta, meta);
+            assert!(got.data == data, "the data differs");
+            std::fs::remove_file(dir2.join(&file)).unwrap();
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -491,9 +502,11 @@ async fn bad_chunks_are_refused_and_nothing_is_installed() {
         SnapshotFrame::End { crc32c: crc },
     ]);
     assert_eq!(fake_sender(a2, good).await, Some(SnapshotAck::Accepted));
-    assert!(matches!(
-        next_event(&mut events).await,
-        SnapshotEvent::Received { from: 1, .. }
-    ));
+    match next_event(&mut events).await {
+        SnapshotEvent::Received { from: 1, file, .. } => {
+            std::fs::remove_file(dir2.join(file)).unwrap();
+        }
+        other => panic!("unexpected {other:?}"),
+    }
     assert_no_received_files(&dir2);
 }

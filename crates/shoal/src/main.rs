@@ -97,9 +97,10 @@ enum BenchCommand {
     /// The sharded key/value database: puts and linearizable gets against 1, 2, 4, 8 groups
     /// under per-server CPU quotas (and without), speed-up and efficiency; a shard migration.
     Shard(shoal_bench::shard_bench::BenchArgs),
-    /// A new member brought up to date over the snapshot stream: time and MB/s on a group
-    /// holding `--mb` MiB, next to the disk's and loopback's raw speed, clients' p99 with and
-    /// without the transfer, resident memory.
+    /// A learner added to a KV cluster of three `kv server` processes holding `--mb` MiB,
+    /// brought up to date over the snapshot stream: time and MB/s next to the disk's and
+    /// loopback's raw speed, clients' p99 with and without the transfer, the leader's and the
+    /// learner's resident memory.
     Snapshot(shoal_bench::snapshot_bench::BenchArgs),
 }
 
