@@ -142,7 +142,8 @@ async fn run(args: BenchArgs, dir: &Path) -> Result<()> {
             std::env::var("SHOAL_SERVER_LOG").unwrap_or_else(|_| "info".into()),
         );
         spec = if join {
-            spec.args(["--join", &peers_arg(&addrs[..MEMBERS])])
+            let join: Vec<String> = addrs[..MEMBERS].iter().map(|a| a.to_string()).collect();
+            spec.args(["--join", &join.join(",")])
         } else {
             spec.args(["--peers", &peers_arg(&addrs[..MEMBERS])])
         };
@@ -443,20 +444,19 @@ async fn wait_leader(procs: &mut Procs, members: &[SocketAddr]) -> Result<usize>
     bail!("no leader within {LIVENESS:?}")
 }
 
-/// Waits until the server at `addr` answers a status request.
+/// Waits until the server at `addr` accepts connections (a server still joining answers no
+/// client request until it is a member), then a moment for it to settle.
 async fn wait_answers(procs: &mut Procs, addr: SocketAddr) -> Result<()> {
     let start = now();
-    let mut config = ClientConfig::new(vec![addr]);
-    config.op_timeout = PROBE_TIMEOUT;
-    let mut client = Client::new(config)?;
     while start.elapsed() < LIVENESS {
         procs.check_running()?;
-        if client.status(0, PROBE_TIMEOUT).await.is_ok() {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
             return Ok(());
         }
         tokio::time::sleep(POLL).await;
     }
-    bail!("the new server did not answer within {LIVENESS:?}")
+    bail!("the new server did not listen within {LIVENESS:?}")
 }
 
 /// A `kB` field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in bytes (Linux).
