@@ -281,6 +281,7 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
             committed: ok_puts,
             history_gave_up: run.gave_up.clone(),
             membership_changes: None,
+            app: None,
             trace_hash: run.w.sim.trace_hash(),
             outcome,
         }
