@@ -1520,16 +1520,28 @@ fn check_visible_outputs(sim: &Sim<Msg>, expected: &[Vec<u8>]) -> Result<(), Str
         };
         let got = disk.data(&name).map_err(|e| format!("{name}: {e}"))?;
         if got != want.as_slice() {
+            let at = first_difference(got, want);
             return Err(format!(
                 "{name} is visible with {} bytes that differ from the reference's {} bytes of \
-                 this partition (a partial or wrong output); first line: {:?}",
+                 this partition (a partial or wrong output) from byte {at}: {:?} where the \
+                 reference has {:?}",
                 got.len(),
                 want.len(),
-                String::from_utf8_lossy(got.split(|&b| b == b'\n').next().unwrap_or(b""))
+                String::from_utf8_lossy(&got[at..got.len().min(at + 24)]),
+                String::from_utf8_lossy(&want[at.min(want.len())..want.len().min(at + 24)])
             ));
         }
     }
     Ok(())
+}
+
+/// The offset of the first byte where `a` and `b` differ (the shorter length if one is a
+/// prefix of the other).
+fn first_difference(a: &[u8], b: &[u8]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
 }
 
 /// After every event: no worker failed to build the job's app.
