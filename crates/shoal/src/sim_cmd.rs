@@ -124,8 +124,9 @@ runs the sharded KV (a 3-server controller store, 4 groups of 3, a controller, 3
 clients) the same way, with random joins, leaves and moves as one more fault and the shard
 invariant (at most one group serves a shard; it holds every applied write) after every
 event. --workload mr runs a MapReduce job (the coordinator's event machine, 4 workers running
-wordcount on generated inputs) while workers crash, pause and lose their map output and the
-network drops, delays, reorders and partitions, for --duration or until the job ends; every
+the app's map and reduce on generated inputs) while workers crash, pause and lose their map
+output and the network drops, delays, reorders and partitions, for --duration or until the
+job ends; every
 `mr-out-<r>` visible is checked after every event (never partial); the instant the job is
 declared done, every reduce must have been committed and the coordinator's disk is crashed
 (unsynced data lost or torn): every output must still be whole, and equal `shoal mr seq`'s on
@@ -189,6 +190,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
+    if args.app.is_some() && args.workload != WorkloadArg::Mr {
+        bail!("--app is for --workload mr (the MapReduce job's app)");
+    }
     let workload = match args.workload {
         WorkloadArg::Heartbeat => return run_heartbeat(args),
         WorkloadArg::Raft => Workload::Raft,
@@ -198,9 +202,6 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     };
     if args.full || args.no_nemesis {
         bail!("--full and --no-nemesis are for --workload heartbeat only");
-    }
-    if args.app.is_some() && workload != Workload::Mr {
-        bail!("--app is for --workload mr (the MapReduce job's app)");
     }
     if args.seeds == 0 {
         bail!("--seeds must be at least 1");
