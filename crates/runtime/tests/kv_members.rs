@@ -270,7 +270,9 @@ async fn member_list_shows_the_snapshot_a_learner_is_being_sent() {
         t.sent_bytes < t.total_bytes,
         "the proxy holds the stream, yet {t:?}"
     );
-    assert!(t.total_bytes > 512 * 1024, "a snapshot of the state: {t:?}");
+    // The leader's newest snapshot, which may lag the log (its jobs run at low priority): at
+    // least one value's worth.
+    assert!(t.total_bytes > 32 * 1024, "a snapshot of the state: {t:?}");
 
     // Let it through: the learner catches up, and the transfer leaves the list.
     open_gate.send(true).expect("open the gate");
