@@ -584,6 +584,10 @@ fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    // Installed before `listening on`: from then on a SIGINT or SIGTERM abandons the job
+    // through its driver (none is lost meanwhile).
+    let mut terminate = sigterm()?;
+    let mut interrupt = sigint()?;
     let security = args.tls.security(args.listen)?;
     let app = args.app.config("wordcount")?;
     let sort_format = app.sort.as_ref().map(|s| s.format.name().to_owned());
@@ -605,8 +609,6 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     serve_status_page(status_listener, &feed)?;
     let _ = std::io::stdout().flush();
     let maps = job.splits.len();
-    let mut terminate = sigterm()?;
-    let mut interrupt = sigint()?;
     // A signal abandons the job through the driver, which tells the workers, removes partial
     // outputs and writes the final status page (phase "abandoned") before returning.
     let stopped = std::cell::Cell::new(None);
