@@ -673,7 +673,8 @@ fn the_light_status_is_the_full_one_without_the_attempt_log() {
 /// Measures what the driver's tick pays for the status on a job with a full attempt log
 /// (50,000 attempts): the full snapshot (what every tick copied before) against the light one
 /// (what a tick publishes now). Run by hand:
-/// `cargo test -p shoal-mr --release -- --ignored --nocapture status_cost`.
+/// `cargo test -p shoal-mr --lib -- --ignored --nocapture status_cost` (`docs/mapreduce.md` has
+/// the figures).
 #[test]
 #[ignore = "a measurement, run by hand"]
 #[allow(clippy::disallowed_methods)] // Measures wall time.
