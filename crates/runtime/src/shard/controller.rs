@@ -72,20 +72,30 @@ fn is_large_step(op: &ControlOp) -> bool {
 }
 
 /// The pause before each chunk of a copy while the shard serves (the throttle: real groups
-/// serve other shards meanwhile, and the copy is in no hurry). Measured in
-/// `docs/benchmarks.md`, "Migration while serving".
-pub const PRECOPY_PAUSE: Duration = Duration::from_millis(10);
+/// serve other shards meanwhile, and the copy is in no hurry): with [`CHUNK_BYTES`] about
+/// 10 MiB/s per move at most. Measured in `docs/benchmarks.md`, "Migration while serving":
+/// 1 MiB chunks every 10 ms kept the moving shard answered but raised the other shards' p99
+/// 4–8× on this 2-core machine (each chunk is a 1 MiB log entry written and fsynced by three
+/// servers on the disk every put waits for); 256 KiB every 25 ms kept it within 0.8–1.1×.
+pub const PRECOPY_PAUSE: Duration = Duration::from_millis(25);
+/// About how many bytes one chunk of a moving shard carries (one `ExportChunk` answer, one
+/// `Stage` log entry at the new owner): small enough that one chunk's write and fsync does not
+/// hold up the groups' own requests for long (see [`PRECOPY_PAUSE`]).
+pub const CHUNK_BYTES: u64 = 256 * 1024;
 /// Stages of one move in flight while the shard serves.
 pub const PRECOPY_IN_FLIGHT: usize = 1;
 
 /// The throttle of a copy while the shard serves: [`PRECOPY_PAUSE`], [`PRECOPY_IN_FLIGHT`],
+/// [`CHUNK_BYTES`],
 /// or from the environment (for measuring;
 /// `docs/sharding.md`, "Copying while the shard serves"): `SHOAL_MIGRATION_PRECOPY=0` copies
 /// frozen only, `SHOAL_MIGRATION_COPY_PAUSE_MS` is the pause between a move's live chunks,
-/// `SHOAL_MIGRATION_COPY_IN_FLIGHT` its stages in flight.
+/// `SHOAL_MIGRATION_COPY_IN_FLIGHT` its stages in flight, `SHOAL_MIGRATION_CHUNK_KIB` the size
+/// of a chunk.
 fn migration_knobs(cfg: &mut ControllerConfig) -> anyhow::Result<()> {
     cfg.precopy_pause = PRECOPY_PAUSE;
     cfg.precopy_stages_in_flight = PRECOPY_IN_FLIGHT;
+    cfg.chunk_bytes = CHUNK_BYTES;
     let var = |name: &str| -> anyhow::Result<Option<u64>> {
         match std::env::var(name) {
             Err(_) => Ok(None),
@@ -103,10 +113,14 @@ fn migration_knobs(cfg: &mut ControllerConfig) -> anyhow::Result<()> {
     if let Some(v) = var("SHOAL_MIGRATION_COPY_IN_FLIGHT")? {
         cfg.precopy_stages_in_flight = usize::try_from(v.max(1)).unwrap_or(1);
     }
+    if let Some(v) = var("SHOAL_MIGRATION_CHUNK_KIB")? {
+        cfg.chunk_bytes = v.clamp(1, shoal_shard::group::MAX_CHUNK_BYTES / 1024) * 1024;
+    }
     tracing::debug!(
         precopy = cfg.precopy,
         pause_ms = cfg.precopy_pause.as_millis() as u64,
         in_flight = cfg.precopy_stages_in_flight,
+        chunk_bytes = cfg.chunk_bytes,
         "migration copy settings"
     );
     Ok(())
