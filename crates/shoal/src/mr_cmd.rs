@@ -127,8 +127,8 @@ Sort: `--app sort --format lines|terasort` writes the records themselves, in tot
 across mr-out-0, mr-out-1, … (a range partitioner placed from a sample of the input); make
 data with `shoal mr gen` and check the result with `shoal mr validate`.
 Exit status: 0 done; 1 the job failed (a task failed --max-attempts times, or the output
-directory is full, read-only or not writable, or every worker exited); 2 bad options or
-inputs; 130 on Ctrl-C and 143 on SIGTERM (workers stopped and the scratch directory under
+directory is full, read-only or not writable); 2 bad options or inputs, or every worker
+exited; 130 on Ctrl-C and 143 on SIGTERM (workers stopped and the scratch directory under
 $TMPDIR removed either way). A job that does not finish still leaves OUT/_status.html and
 OUT/_status.json, with phase `failed` or `abandoned` and why, and no mr-out-* files.";
 
