@@ -99,8 +99,9 @@ enum ShardSub {
         shoal shard join 4=127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403\n  \
         shoal shard join 4=10.0.0.4:7000,10.0.0.5:7000,10.0.0.6:7000 5=10.0.0.7:7000 --controller 10.0.0.1:7001\n\
         A gid that is already a member is refused (exit 1) and nothing changes. A group that \
-        left may join again with the same servers. So is a group whose servers were started \
-        with another --shards than the cluster's, and a --shards that is not the cluster's.")]
+        left may join again with the same servers. Refused the same way: a group whose servers \
+        were started with another --shards than the cluster's, and a --shards that is not the \
+        cluster's.")]
     Join(JoinArgs),
     /// Remove replica groups: their shards move to the remaining groups; prints the new
     /// configuration number once the moves are complete.
