@@ -159,8 +159,8 @@ pub enum ControlOp {
     /// written from now on, so that the shard can be copied in chunks while it still serves
     /// ([`ControlOp::ExportChunk`] then reads the live shard) and only the keys written since
     /// travel after the freeze, in the tail. Idempotent; refused once the group has adopted
-    /// `config` (the shard is then copied frozen). The last variant: older frames keep their
-    /// bytes.
+    /// `config` (the shard is then copied frozen). New variants are appended after the
+    /// others: older frames keep their bytes.
     CopyStart {
         /// The shard.
         shard: u32,
@@ -661,7 +661,7 @@ mod tests {
                 op: ControlOp::Shards,
             },
         ];
-        // CopyStart is the last variant: the frames of older variants keep their bytes.
+        // New variants come last: the frames of older variants keep their bytes.
         let freeze = postcard::to_stdvec(&requests[1].op).unwrap();
         assert_eq!(freeze, vec![1, 3, 4]);
         let copy_start = postcard::to_stdvec(&requests[8].op).unwrap();
