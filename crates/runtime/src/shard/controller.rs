@@ -64,9 +64,12 @@ pub const LARGE_STEP_PATIENCE: Duration = Duration::from_secs(10);
 /// transfer and log, and the more loaded the group, the more copies).
 fn is_large_step(op: &ControlOp) -> bool {
     match op {
-        ControlOp::Export { .. } | ControlOp::ExportChunk { .. } => true,
+        ControlOp::Export { .. }
+        | ControlOp::ExportChunk { .. }
+        | ControlOp::ExportDelta { .. } => true,
         ControlOp::Install { data, .. } => !data.is_empty(),
         ControlOp::Stage { items, .. } => !items.is_empty(),
+        ControlOp::StageRound { items, absent, .. } => !items.is_empty() || !absent.is_empty(),
         _ => false,
     }
 }
@@ -91,7 +94,8 @@ pub const PRECOPY_IN_FLIGHT: usize = 1;
 /// `docs/sharding.md`, "Copying while the shard serves"): `SHOAL_MIGRATION_PRECOPY=0` copies
 /// frozen only, `SHOAL_MIGRATION_COPY_PAUSE_MS` is the pause between a move's live chunks,
 /// `SHOAL_MIGRATION_COPY_IN_FLIGHT` its stages in flight, `SHOAL_MIGRATION_CHUNK_KIB` the size
-/// of a chunk.
+/// of a chunk, `SHOAL_MIGRATION_DELTA_ROUNDS` the most delta rounds (0: none) and
+/// `SHOAL_MIGRATION_DELTA_MIN_BYTES` the size of a delta round after which no other is staged.
 fn migration_knobs(cfg: &mut ControllerConfig) -> anyhow::Result<()> {
     cfg.precopy_pause = PRECOPY_PAUSE;
     cfg.precopy_stages_in_flight = PRECOPY_IN_FLIGHT;
@@ -116,11 +120,19 @@ fn migration_knobs(cfg: &mut ControllerConfig) -> anyhow::Result<()> {
     if let Some(v) = var("SHOAL_MIGRATION_CHUNK_KIB")? {
         cfg.chunk_bytes = v.clamp(1, shoal_shard::group::MAX_CHUNK_BYTES / 1024) * 1024;
     }
+    if let Some(v) = var("SHOAL_MIGRATION_DELTA_ROUNDS")? {
+        cfg.delta_rounds = u32::try_from(v).unwrap_or(u32::MAX);
+    }
+    if let Some(v) = var("SHOAL_MIGRATION_DELTA_MIN_BYTES")? {
+        cfg.delta_min_bytes = v;
+    }
     tracing::debug!(
         precopy = cfg.precopy,
         pause_ms = cfg.precopy_pause.as_millis() as u64,
         in_flight = cfg.precopy_stages_in_flight,
         chunk_bytes = cfg.chunk_bytes,
+        delta_rounds = cfg.delta_rounds,
+        delta_min_bytes = cfg.delta_min_bytes,
         "migration copy settings"
     );
     Ok(())
@@ -580,6 +592,58 @@ pub async fn group_server_status_secure(
                     ))
                 }
                 None => return Err("connection closed without an answer".into()),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Asks the server at `addr` (of group `gid`) how many shards its group has (any server
+/// answers, leader or not), within `timeout`. Errors say why, for a person (a server older
+/// than this question closes the connection).
+pub async fn group_server_shards_secure(
+    security: &Security,
+    addr: SocketAddr,
+    gid: u64,
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<u32, String> {
+    let ask = async {
+        let mut framed = connect_client_secure::<FromGroup, ToGroup>(
+            security,
+            addr,
+            cluster_id,
+            shoal_wire::DEFAULT_MAX_FRAME_BYTES,
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let request = ControlRequest {
+            tag: 1,
+            gid,
+            op: ControlOp::Shards,
+        };
+        framed
+            .send(ToGroup::Control(request))
+            .await
+            .map_err(|e| format!("connection lost: {e}"))?;
+        loop {
+            match framed.next().await {
+                Some(Ok(FromGroup::Control(reply))) => {
+                    return match reply {
+                        ControlReply::Shards { shards, .. } => Ok(shards),
+                        ControlReply::WrongGid { gid: theirs, .. } => {
+                            Err(format!("a server of group {theirs}, not of group {gid}"))
+                        }
+                        other => Err(format!("unexpected answer {other:?}")),
+                    };
+                }
+                Some(Ok(FromGroup::Reply(_) | FromGroup::Part { .. })) => continue,
+                Some(Err(e)) => return Err(format!("bad answer ({e})")),
+                None => return Err("connection closed without an answer (an older server?)".into()),
             }
         }
     };
