@@ -142,6 +142,17 @@ impl Clerk {
         self.config.servers[self.leader]
     }
 
+    /// Adds server `id` to those the clerk may send to (a driver that learnt a leader's
+    /// address from a wrong-leader answer, the leader being none of its endpoints). Returns
+    /// whether it was new. The next round of tries includes it.
+    pub fn add_server(&mut self, id: u64) -> bool {
+        if self.config.servers.contains(&id) {
+            return false;
+        }
+        self.config.servers.push(id);
+        true
+    }
+
     /// Starts an operation. One at a time: fails with [`Error::Busy`] if one is in flight.
     pub fn start(&mut self, op: KvOp) -> Result<Vec<Action>, Error> {
         if self.pending.is_some() {
@@ -383,6 +394,7 @@ mod tests {
             client: 11,
             request: req.request,
             leader: Some(3),
+            leader_addr: None,
         });
         assert_eq!(sent(&a).unwrap().0, 3);
         let a = c.on_timer(timer(&a));
@@ -394,6 +406,27 @@ mod tests {
         });
         assert_eq!(a, vec![Action::Finished(Outcome::Maybe)]);
         assert!(!c.is_busy());
+    }
+
+    /// A hint to a server the clerk did not know is followed once the driver added it.
+    #[test]
+    fn follows_a_hint_to_an_added_server() {
+        let mut c = Clerk::new(ClerkConfig::new(9, vec![1, 2])).unwrap();
+        let a = c.start(KvOp::Get { key: b"k".to_vec() }).unwrap();
+        let (server, req) = sent(&a).unwrap();
+        assert_eq!(server, 1);
+        assert!(c.add_server(7));
+        assert!(!c.add_server(7), "added once");
+        let a = c.on_reply(KvReply::WrongLeader {
+            client: 9,
+            request: req.request,
+            leader: Some(7),
+            leader_addr: None,
+        });
+        assert_eq!(sent(&a).unwrap().0, 7);
+        // Unanswered there, the clerk goes on round the servers from 7: the first again.
+        let a = c.on_timer(timer(&a));
+        assert_eq!(sent(&a).unwrap().0, 1);
     }
 
     #[test]

@@ -34,6 +34,17 @@ impl KvRsm {
         all
     }
 
+    /// Server `id`'s address as this server knows it: the replicated table's, else the one
+    /// it was started with.
+    pub fn address_of(&self, id: u64) -> Option<String> {
+        self.store()
+            .member_addresses()
+            .get(&id)
+            .or_else(|| self.known_addresses.get(&id))
+            .filter(|a| !a.is_empty())
+            .cloned()
+    }
+
     /// The other members and their addresses (those known): whom the transport connects to
     /// and accepts. Changes as the membership does.
     pub fn peer_addresses(&self) -> BTreeMap<u64, String> {
@@ -83,6 +94,8 @@ impl KvRsm {
         KvResult::Members {
             leader: self.raw().status().id.0,
             members: self.member_infos(),
+            // The driver adds the snapshot sends its transport has under way.
+            transfers: Vec::new(),
         }
     }
 
@@ -93,6 +106,7 @@ impl KvRsm {
             let result = KvResult::Members {
                 leader: self.raw().leader().map_or(0, |l| l.0),
                 members: self.member_infos(),
+                transfers: Vec::new(),
             };
             self.answer(reply_to, req.client, req.request, result);
             return;

@@ -475,14 +475,19 @@ impl KvRsm {
         self.replica.pending_proposals() + self.replica.pending_reads()
     }
 
+    /// Answers that this server does not lead, with the leader it knows of and, if it knows
+    /// it, the leader's address (so a client reaches the leader even when the leader is not
+    /// among its endpoints, or its endpoints are not in id order).
     pub(crate) fn wrong_leader(&mut self, reply_to: u64, client: u64, request: u64) {
         let leader = self.replica.raw().leader().map(|l| l.0);
+        let leader_addr = leader.and_then(|l| self.address_of(l));
         self.replies.push((
             reply_to,
             KvReply::WrongLeader {
                 client,
                 request,
                 leader,
+                leader_addr,
             },
         ));
     }

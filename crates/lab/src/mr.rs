@@ -1,7 +1,18 @@
 //! The MapReduce workload of `shoal sim --workload mr`: the coordinator's event machine
-//! ([`JobMachine`], the code `shoal mr coordinator` runs) and workers running the real app's
+//! ([`JobMachine`], the code `shoal mr coordinator` runs) and workers running a real app's
 //! map and reduce functions on in-memory inputs, under crashes, pauses, lost map output and
 //! links that drop, delay, duplicate and partition.
+//!
+//! **The apps** ([`MrApp`], one per seed in turn, or one chosen): `wordcount`, `indexer`,
+//! `grep` (a pattern drawn per seed), `sort` (lines) and `terasort` (the sort app on 100-byte
+//! TeraSort records) — every built-in app that needs no external state. The job's
+//! [`AppSpec`] is what `shoal mr coordinator` would send: for the sort apps it carries the
+//! range partitioner's cut points, placed by `shoal-mr`'s own sampler
+//! ([`shoal_mr::apps::sort::sample_cut_points`]) from the input files before the maps run;
+//! each worker builds its app from the spec it is welcomed with ([`shoal_mr::app::build_app`]),
+//! as `shoal mr worker` does. The inputs are real files in a temporary directory (a shared
+//! file system): the sampler and `grep`'s line numbering read them; everything else reads the
+//! same bytes from memory.
 //!
 //! **The world.** Node 0 is the coordinator: it turns simulated messages into the machine's
 //! [`Event`]s and carries out its [`Action`]s, and commits reduce outputs into its simulated
@@ -21,31 +32,39 @@
 //!
 //! **The invariants.** After every event: every `mr-out-<r>` visible on the coordinator's disk
 //! holds exactly the expected bytes of partition `r` (a file never appears partial or wrong),
-//! and no reduce output is committed twice with different bytes. At the end: the job is done,
-//! every `mr-out-<r>` is in place, no temporary file is left, and the outputs together equal
-//! the sequential reference: [`shoal_mr::seq::run_sequential`] (the `shoal mr seq` engine,
-//! with its own map/sort/spill/merge code) run on the same inputs. That reference run is the
-//! only real I/O of the lab (temporary files, outside the simulated world: it does not touch
-//! the run's randomness or trace).
+//! and no reduce output is committed twice with different bytes. At the instant the
+//! coordinator declares the job done (no further event is processed): the driver saw the
+//! directory fsync of every reduce's rename complete (the job ends only once every reduce is
+//! committed), no temporary file is visible, and then the coordinator's disk is crashed — all
+//! unsynced data lost, or in half the seeds the sim's model of a disk that wrote back a random
+//! prefix and tore the last write — and every `mr-out-<r>` must still hold exactly its bytes:
+//! "done" means durable. The outputs together equal the sequential reference:
+//! [`shoal_mr::seq::run_sequential`] (the `shoal mr seq` engine, with its own
+//! map/sort/spill/merge code) run on the same input files with the same app, split by
+//! partition; for the sort apps each output is in order and every record of `mr-out-<i>` is
+//! below every record of `mr-out-<i+1>`. The input files and that reference run are the only
+//! real I/O of the lab (outside the simulated world: they do not touch the run's randomness
+//! or trace).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal_mr::app::{App, Emit, MapInput};
+use shoal_mr::app::{App, AppConfig, Emit, MapInput};
+use shoal_mr::apps::sort::{SortConfig, SortFormat, TERASORT_KEY_BYTES, TERASORT_RECORD_BYTES};
 use shoal_mr::coordinator::{
     Action, CommitError, ConnId, CoordinatorConfig, Event, JobEnd, JobMachine,
 };
 use shoal_sim::rand::{Rng, SeedableRng};
 use shoal_sim::{
-    ChaCha8Rng, Ctx, Failure, FsyncId, NemesisConfig, NetConfig, Node, NodeId, Sim, SimConfig,
-    TimerId,
+    ChaCha8Rng, CrashPolicy, Ctx, Failure, FsyncId, NemesisConfig, NetConfig, Node, NodeId, Sim,
+    SimConfig, TimerId,
 };
 use shoal_wire::mr::{
-    AppSpec, AttemptRef, FileKey, JobSpec, MapOutputLocation, SplitSpec, TaskKind, ToCoordinator,
-    ToWorker,
+    AppSpec, AttemptRef, FileKey, JobSpec, MapOutputLocation, SortSpec, SplitSpec, TaskKind,
+    ToCoordinator, ToWorker,
 };
 
 use crate::workload::{Report, Workload};
@@ -70,6 +89,114 @@ pub const MR_SETTLE_LIMIT: Duration = Duration::from_secs(120);
 pub const MR_MAX_ATTEMPTS: u32 = 1_000;
 /// Target bytes of one map task's split.
 pub const MR_SPLIT_BYTES: usize = 150;
+/// TeraSort records per map task's split (`terasort`).
+pub const MR_SPLIT_RECORDS: usize = 3;
+
+/// The app a run of the workload runs: every built-in app that needs no external state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MrApp {
+    /// `wordcount` (its combiner-free map here: the pairs go to the reducers as emitted).
+    WordCount,
+    /// `indexer`: word → the inputs holding it.
+    Indexer,
+    /// `grep` with a pattern drawn per seed (its line numbers read the input files).
+    Grep,
+    /// `sort --format lines`: every line, in byte order across the outputs.
+    Sort,
+    /// `sort --format terasort`: 100-byte records ordered by their 10-byte keys.
+    TeraSort,
+}
+
+impl MrApp {
+    /// Every app, in the order seeds take them ([`MrApp::for_seed`]).
+    pub const ALL: [MrApp; 5] = [
+        MrApp::WordCount,
+        MrApp::Indexer,
+        MrApp::Grep,
+        MrApp::Sort,
+        MrApp::TeraSort,
+    ];
+
+    /// The name `shoal sim --workload mr --app` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            MrApp::WordCount => "wordcount",
+            MrApp::Indexer => "indexer",
+            MrApp::Grep => "grep",
+            MrApp::Sort => "sort",
+            MrApp::TeraSort => "terasort",
+        }
+    }
+
+    /// The app of [`MrApp::name`], if any.
+    pub fn parse(name: &str) -> Option<MrApp> {
+        MrApp::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The app a seed runs when none is chosen: each in turn (seed modulo 5).
+    pub fn for_seed(seed: u64) -> MrApp {
+        MrApp::ALL[(seed % MrApp::ALL.len() as u64) as usize]
+    }
+
+    /// The sort app's record format, for the sort apps.
+    fn sort_format(self) -> Option<SortFormat> {
+        match self {
+            MrApp::Sort => Some(SortFormat::Lines),
+            MrApp::TeraSort => Some(SortFormat::Terasort),
+            _ => None,
+        }
+    }
+
+    /// The sort key of one output record (without its `\n`): the sort apps' record key, else
+    /// the `key` of a `key value` line.
+    fn output_key(self, record: &[u8]) -> &[u8] {
+        match self.sort_format() {
+            Some(format) => format.key(record),
+            None => record.split(|&b| b == b' ').next().unwrap_or(record),
+        }
+    }
+
+    /// The output's records, each with its terminator (`\n`, or none for TeraSort's).
+    fn output_records(self, bytes: &[u8]) -> Vec<&[u8]> {
+        match self {
+            MrApp::TeraSort => bytes.chunks(TERASORT_RECORD_BYTES).collect(),
+            _ => bytes.split_inclusive(|&b| b == b'\n').collect(),
+        }
+    }
+
+    /// The record without its `\n` (what [`MrApp::output_key`] reads).
+    fn record_body(self, record: &[u8]) -> &[u8] {
+        match self {
+            MrApp::TeraSort => record,
+            _ => record.strip_suffix(b"\n").unwrap_or(record),
+        }
+    }
+}
+
+/// A bug to plant in the simulated coordinator's commit path, to prove that the end-of-run
+/// checks catch what they claim to (tests only; `None` in every real run).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sabotage {
+    /// The driver as it should be.
+    #[default]
+    None,
+    /// Reports a rename as done before the directory fsync completes (the output's name is
+    /// not durable when the job may end).
+    PlacedBeforeDirSync,
+    /// Reports a fetched output as durable without fsyncing its data.
+    FetchedWithoutFsync,
+}
+
+/// What one run of [`run_mr_with`] does beyond its seed and duration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MrOptions {
+    /// The app; `None` takes [`MrApp::for_seed`].
+    pub app: Option<MrApp>,
+    /// A planted bug (tests of the checks only).
+    #[doc(hidden)]
+    pub sabotage: Sabotage,
+}
 
 /// The messages of the MapReduce world.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,9 +242,42 @@ pub enum MrMsg {
 
 type Msg = MrMsg;
 
-/// The job's input: file name → contents, shared by every node (every worker sees every
-/// input, as with a shared file system).
-pub type Inputs = Arc<BTreeMap<String, Vec<u8>>>;
+/// The job's input, shared by every node (every worker sees every input, as with a shared
+/// file system): file name → contents, also written as real files under one temporary
+/// directory for the code that reads inputs by path (the sort sampler, `grep`'s line
+/// numbers, the sequential reference). Removed when dropped.
+pub struct SharedInputs {
+    /// File name (as the job names it: a split's path) → contents.
+    pub files: BTreeMap<String, Vec<u8>>,
+    dir: tempfile::TempDir,
+}
+
+impl SharedInputs {
+    /// Writes `files` into a fresh temporary directory.
+    pub fn write(files: BTreeMap<String, Vec<u8>>) -> Result<SharedInputs, String> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| format!("inputs: no temporary directory (is $TMPDIR writable?): {e}"))?;
+        for (name, bytes) in &files {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes)
+                .map_err(|e| format!("inputs: writing {}: {e}", path.display()))?;
+        }
+        Ok(SharedInputs { files, dir })
+    }
+
+    /// The directory holding the files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The real path of input `name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// The inputs as every node holds them.
+pub type Inputs = Arc<SharedInputs>;
 
 fn shuffle_addr(id: NodeId) -> String {
     format!("sim:{}", id.0)
@@ -214,20 +374,37 @@ pub struct MrCoordinator {
     fetches: BTreeMap<u64, (AttemptRef, TimerId)>,
     next_fetch: u64,
     syncing: BTreeMap<FsyncId, Syncing>,
+    /// Reduce tasks whose output's rename this driver saw made durable (the directory fsync
+    /// after it completed) and reported placed.
+    placed: BTreeSet<u32>,
+    reduces: u32,
+    sabotage: Sabotage,
     /// How the job ended, once it has.
     pub ended: Option<JobEnd>,
+    /// When the job ended done: the reduce tasks whose placement had not been made durable
+    /// by then (must be none: the job is done only once every reduce is committed).
+    pub unplaced_at_done: Vec<u32>,
 }
 
 impl MrCoordinator {
-    fn new(config: CoordinatorConfig, spec: JobSpec, splits: Vec<SplitSpec>) -> Self {
+    fn new(
+        config: CoordinatorConfig,
+        spec: JobSpec,
+        splits: Vec<SplitSpec>,
+        sabotage: Sabotage,
+    ) -> Self {
         MrCoordinator {
+            reduces: config.reduces,
             machine: JobMachine::new(config, spec, splits),
             conns: BTreeMap::new(),
             closed: BTreeSet::new(),
             fetches: BTreeMap::new(),
             next_fetch: 0,
             syncing: BTreeMap::new(),
+            placed: BTreeSet::new(),
+            sabotage,
             ended: None,
+            unplaced_at_done: Vec::new(),
         }
     }
 
@@ -294,6 +471,14 @@ impl MrCoordinator {
                 let disk = ctx.disk();
                 let tmp = tmp_name(attempt);
                 match disk.rename(&tmp, &out_name(attempt.task)) {
+                    Ok(()) if self.sabotage == Sabotage::PlacedBeforeDirSync => {
+                        ctx.fsync_dir();
+                        self.placed.insert(attempt.task);
+                        return Some(Event::Placed {
+                            attempt,
+                            result: Ok(()),
+                        });
+                    }
                     Ok(()) => {
                         let fsync = ctx.fsync_dir();
                         self.syncing.insert(fsync, Syncing::Placed(attempt));
@@ -322,6 +507,15 @@ impl MrCoordinator {
                 let conns: Vec<ConnId> = self.conns.keys().copied().collect();
                 for conn in conns {
                     self.send(ctx, conn, farewell.clone());
+                }
+                // Fetches still running stop: an answer arriving later is not written.
+                for (_, (_, timer)) in std::mem::take(&mut self.fetches) {
+                    ctx.cancel_timer(timer);
+                }
+                if end == JobEnd::Done {
+                    self.unplaced_at_done = (0..self.reduces)
+                        .filter(|r| !self.placed.contains(r))
+                        .collect();
                 }
                 // As the tokio driver: temporary files go, and a failed job's outputs too.
                 let failed = end != JobEnd::Done;
@@ -404,6 +598,10 @@ impl Node<Msg> for MrCoordinator {
                     .open_or_create(&tmp)
                     .and_then(|()| disk.truncate(&tmp, 0))
                     .and_then(|()| disk.write_at(&tmp, 0, &data));
+                if written.is_ok() && self.sabotage == Sabotage::FetchedWithoutFsync {
+                    let result = Ok(());
+                    return self.handle(ctx, Event::Fetched { attempt, result });
+                }
                 match written.and_then(|()| ctx.fsync(&tmp)) {
                     Ok(fsync) => {
                         self.syncing.insert(fsync, Syncing::Fetched(attempt));
@@ -456,6 +654,7 @@ impl Node<Msg> for MrCoordinator {
                 );
             }
             Some(Syncing::Placed(attempt)) => {
+                self.placed.insert(attempt.task);
                 self.handle(
                     ctx,
                     Event::Placed {
@@ -506,7 +705,8 @@ enum Task {
 /// A simulated worker: the app's real map and reduce functions over in-memory inputs, the
 /// shuffle served from memory.
 pub struct MrWorker {
-    app: Arc<dyn App>,
+    /// Built from the job's [`AppSpec`] when welcomed, as `shoal mr worker` builds it.
+    app: Option<Arc<dyn App>>,
     inputs: Inputs,
     conn: Option<WorkerConn>,
     conns_opened: u64,
@@ -523,6 +723,9 @@ pub struct MrWorker {
     reduce_outputs: BTreeMap<(u32, u32), Vec<u8>>,
     /// The job ended (the coordinator said so).
     pub exited: bool,
+    /// The app of the job's spec could not be built (a bug of the workload or of the spec's
+    /// journey: every spec it sends is valid).
+    pub app_error: Option<String>,
 }
 
 /// Where the map engine's pairs go in the simulation: one list per partition.
@@ -544,9 +747,9 @@ impl Emit for Collect<'_> {
 }
 
 impl MrWorker {
-    fn new(app: Arc<dyn App>, inputs: Inputs) -> Self {
+    fn new(inputs: Inputs) -> Self {
         MrWorker {
-            app,
+            app: None,
             inputs,
             conn: None,
             conns_opened: 0,
@@ -559,6 +762,7 @@ impl MrWorker {
             map_outputs: BTreeMap::new(),
             reduce_outputs: BTreeMap::new(),
             exited: false,
+            app_error: None,
         }
     }
 
@@ -710,6 +914,18 @@ impl MrWorker {
         match msg {
             ToWorker::Welcome { job, .. } => {
                 self.heartbeat = Duration::from_millis(job.heartbeat_interval_ms.max(10));
+                let known = self.job.as_ref().is_some_and(|j| j.job_id == job.job_id);
+                if !known || self.app.is_none() {
+                    match app_from_spec(&job.app) {
+                        Ok(app) => self.app = Some(app),
+                        Err(e) => {
+                            self.app_error = Some(e);
+                            self.exited = true;
+                            self.conn = None;
+                            return;
+                        }
+                    }
+                }
                 self.job = Some(job);
                 if let Some(c) = &mut self.conn {
                     c.welcomed = true;
@@ -758,14 +974,15 @@ impl MrWorker {
 
     /// The task timer fired: run the task with the app's functions and report.
     fn finish_task(&mut self, ctx: &mut Ctx<'_, Msg>) {
-        let Some(reduces) = self.job.as_ref().map(|j| j.reduces) else {
+        let (Some(reduces), Some(app)) = (self.job.as_ref().map(|j| j.reduces), self.app.clone())
+        else {
             return;
         };
         let report = match self.task.take() {
-            Some(Task::Map { attempt, split }) => self.run_map(attempt, &split, reduces),
+            Some(Task::Map { attempt, split }) => self.run_map(&*app, attempt, &split, reduces),
             Some(Task::Reduce {
                 attempt, fetched, ..
-            }) => self.run_reduce(attempt, fetched),
+            }) => self.run_reduce(&*app, attempt, fetched),
             None => return,
         };
         self.set_task(None);
@@ -773,9 +990,15 @@ impl MrWorker {
         self.up(ctx, ToCoordinator::RequestTask);
     }
 
-    fn run_map(&mut self, attempt: AttemptRef, split: &SplitSpec, reduces: u32) -> ToCoordinator {
+    fn run_map(
+        &mut self,
+        app: &dyn App,
+        attempt: AttemptRef,
+        split: &SplitSpec,
+        reduces: u32,
+    ) -> ToCoordinator {
         let name = split.path.to_string_lossy().into_owned();
-        let contents = self.inputs.get(&name).and_then(|bytes| {
+        let contents = self.inputs.files.get(&name).and_then(|bytes| {
             let start = usize::try_from(split.offset).ok()?;
             let end = start.checked_add(usize::try_from(split.len).ok()?)?;
             bytes.get(start..end)
@@ -787,17 +1010,19 @@ impl MrWorker {
             };
         };
         let mut collect = Collect {
-            app: &*self.app,
+            app,
             reduces,
             parts: vec![Vec::new(); reduces as usize],
         };
+        // The name as the job gives it; the path the real file (grep numbers lines from it).
+        let path = self.inputs.path(&name);
         let input = MapInput {
             name: &name,
-            path: &split.path,
+            path: &path,
             offset: split.offset,
             contents,
         };
-        if let Err(e) = self.app.map_input(&input, &mut collect) {
+        if let Err(e) = app.map_input(&input, &mut collect) {
             return ToCoordinator::TaskFailed {
                 attempt,
                 error: format!("{e:#}"),
@@ -809,7 +1034,9 @@ impl MrWorker {
             .into_iter()
             .map(|mut part| {
                 records += part.len() as u64;
-                part.sort();
+                // By key, equal keys in the order emitted (stable), as the task engine's
+                // sort buffer: the sort apps' equal keys keep their input order.
+                part.sort_by(|a, b| a.0.cmp(&b.0));
                 postcard::to_allocvec(&part).unwrap_or_default()
             })
             .collect();
@@ -823,9 +1050,12 @@ impl MrWorker {
 
     fn run_reduce(
         &mut self,
+        app: &dyn App,
         attempt: AttemptRef,
         fetched: BTreeMap<u32, Vec<u8>>,
     ) -> ToCoordinator {
+        // Key → values, each key's values by map task then in emitted order (the merge of
+        // the task engine breaks ties by source the same way).
         let mut groups: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
         for (map_task, bytes) in fetched {
             let Ok(pairs) = postcard::from_bytes::<Vec<(Vec<u8>, Vec<u8>)>>(&bytes) else {
@@ -839,26 +1069,36 @@ impl MrWorker {
             }
         }
         let mut out = Vec::new();
-        let mut value = Vec::new();
-        for (key, values) in &groups {
-            value.clear();
-            let mut iter = values.iter().map(Vec::as_slice);
-            if let Err(e) = self.app.reduce(key, &mut iter, &mut value) {
-                return ToCoordinator::TaskFailed {
-                    attempt,
-                    error: format!("{e:#}"),
-                };
-            }
-            out.extend_from_slice(key);
-            out.push(b' ');
-            out.extend_from_slice(&value);
-            out.push(b'\n');
+        let reduced = if app.reduces_whole_task() {
+            // The sort apps: every record of the task, sorted by key, in one call.
+            let mut records = groups
+                .iter()
+                .flat_map(|(k, vs)| vs.iter().map(move |v| (k.as_slice(), v.as_slice())));
+            app.reduce_task_stream(&mut records, &mut out)
+                .map_err(|e| format!("{e:#}"))
+        } else {
+            let mut value = Vec::new();
+            groups.iter().try_for_each(|(key, values)| {
+                value.clear();
+                let mut iter = values.iter().map(Vec::as_slice);
+                app.reduce(key, &mut iter, &mut value)
+                    .map_err(|e| format!("{e:#}"))?;
+                out.extend_from_slice(key);
+                out.push(b' ');
+                out.extend_from_slice(&value);
+                out.push(b'\n');
+                Ok::<(), String>(())
+            })
+        };
+        if let Err(error) = reduced {
+            return ToCoordinator::TaskFailed { attempt, error };
         }
+        let records = app.output_records(&out);
         self.reduce_outputs
             .insert((attempt.task, attempt.attempt), out);
         ToCoordinator::TaskDone {
             attempt,
-            counters: BTreeMap::from([("reduce.output.records".to_string(), groups.len() as u64)]),
+            counters: BTreeMap::from([("reduce.output.records".to_string(), records)]),
         }
     }
 }
@@ -977,8 +1217,44 @@ const WORDS: &[&str] = &[
     "end",
 ];
 
-/// Generates the inputs of one run: 2 to 4 files of 10 to 60 lines of 0 to 9 words.
-pub fn generate_inputs(rng: &mut ChaCha8Rng) -> BTreeMap<String, Vec<u8>> {
+/// Patterns `grep` runs with (one per seed): words, anchors, a case-insensitive match,
+/// non-ASCII letters, and one that matches empty lines.
+pub const GREP_PATTERNS: &[&str] = &["fish", "^the ", "(?i)map", "é|ï", "zzz$", "^$", "s\\b"];
+
+/// Pieces the `sort` app's lines are made of: bytes on both sides of every ASCII class, tabs,
+/// carriage returns, a UTF-8 letter and a byte that is never UTF-8 (ordered by bytes).
+const SORT_PIECES: &[&[u8]] = &[
+    b"a",
+    b"b",
+    b"ab",
+    b"B",
+    b"Z",
+    b" ",
+    b"\t",
+    b"0",
+    b"9",
+    b"~",
+    b"\r",
+    b"shoal",
+    b"\xc3\xa9",
+    b"\xff",
+];
+
+/// Bytes TeraSort keys are drawn from (few, so that keys share long prefixes): the lowest and
+/// highest byte, a newline, a space and letters.
+const TERASORT_KEY_ALPHABET: &[u8] = &[0x00, b'\n', b' ', b'A', b'B', 0x7f, 0xff];
+
+/// Generates the inputs of one run of `app`: 2 to 4 files.
+pub fn generate_inputs(app: MrApp, rng: &mut ChaCha8Rng) -> BTreeMap<String, Vec<u8>> {
+    match app {
+        MrApp::WordCount | MrApp::Indexer | MrApp::Grep => generate_text(rng),
+        MrApp::Sort => generate_sort_lines(rng),
+        MrApp::TeraSort => generate_terasort(rng),
+    }
+}
+
+/// Text: 2 to 4 files of 10 to 60 lines of 0 to 9 words.
+fn generate_text(rng: &mut ChaCha8Rng) -> BTreeMap<String, Vec<u8>> {
     let files = rng.gen_range(2..=4);
     (0..files)
         .map(|f| {
@@ -995,6 +1271,63 @@ pub fn generate_inputs(rng: &mut ChaCha8Rng) -> BTreeMap<String, Vec<u8>> {
                 text.push(b'\n');
             }
             (format!("in-{f}.txt"), text)
+        })
+        .collect()
+}
+
+/// Lines to sort: 2 to 4 files of 5 to 60 lines of 0 to 6 [`SORT_PIECES`], one line in six
+/// a copy of an earlier one (equal keys), and a file in four without its last newline.
+fn generate_sort_lines(rng: &mut ChaCha8Rng) -> BTreeMap<String, Vec<u8>> {
+    let files = rng.gen_range(2..=4);
+    let mut earlier: Vec<Vec<u8>> = Vec::new();
+    (0..files)
+        .map(|f| {
+            let mut text = Vec::new();
+            for _ in 0..rng.gen_range(5..=60) {
+                let line = if !earlier.is_empty() && rng.gen_bool(1.0 / 6.0) {
+                    earlier[rng.gen_range(0..earlier.len())].clone()
+                } else {
+                    let pieces = rng.gen_range(0..=6);
+                    (0..pieces)
+                        .flat_map(|_| SORT_PIECES[rng.gen_range(0..SORT_PIECES.len())].to_vec())
+                        .collect()
+                };
+                text.extend_from_slice(&line);
+                text.push(b'\n');
+                earlier.push(line);
+            }
+            if rng.gen_bool(0.25) {
+                text.pop();
+            }
+            (format!("lines-{f}.txt"), text)
+        })
+        .collect()
+}
+
+/// TeraSort records: 2 to 4 files of 2 to 20 records of 100 bytes, keys from
+/// [`TERASORT_KEY_ALPHABET`] (one in five a copy of an earlier key: equal keys with different
+/// records, whose order must follow the input's), the rest any bytes.
+fn generate_terasort(rng: &mut ChaCha8Rng) -> BTreeMap<String, Vec<u8>> {
+    let files = rng.gen_range(2..=4);
+    let mut keys: Vec<[u8; TERASORT_KEY_BYTES]> = Vec::new();
+    (0..files)
+        .map(|f| {
+            let mut data = Vec::new();
+            for _ in 0..rng.gen_range(2..=20) {
+                let key = if !keys.is_empty() && rng.gen_bool(0.2) {
+                    keys[rng.gen_range(0..keys.len())]
+                } else {
+                    let mut key = [0u8; TERASORT_KEY_BYTES];
+                    for b in &mut key {
+                        *b = TERASORT_KEY_ALPHABET[rng.gen_range(0..TERASORT_KEY_ALPHABET.len())];
+                    }
+                    key
+                };
+                keys.push(key);
+                data.extend_from_slice(&key);
+                data.extend((TERASORT_KEY_BYTES..TERASORT_RECORD_BYTES).map(|_| rng.gen::<u8>()));
+            }
+            (format!("records-{f}.dat"), data)
         })
         .collect()
 }
@@ -1021,28 +1354,155 @@ pub fn plan_splits(inputs: &BTreeMap<String, Vec<u8>>) -> Vec<SplitSpec> {
     splits
 }
 
-/// The sequential reference: `shoal mr seq`'s engine ([`shoal_mr::seq::run_sequential`]) on
-/// the inputs written to a temporary directory; its output, split by partition.
-pub fn sequential_reference(
-    app: &dyn App,
+/// Cuts every input into splits of `per_split` records of `record_bytes` (the last split of
+/// a file may hold fewer): never a record cut in two.
+pub fn plan_record_splits(
     inputs: &BTreeMap<String, Vec<u8>>,
+    record_bytes: usize,
+    per_split: usize,
+) -> Vec<SplitSpec> {
+    let step = record_bytes.max(1) * per_split.max(1);
+    let mut splits = Vec::new();
+    for (name, bytes) in inputs {
+        let mut start = 0;
+        while start < bytes.len() {
+            let end = (start + step).min(bytes.len());
+            splits.push(SplitSpec {
+                path: PathBuf::from(name),
+                offset: start as u64,
+                len: (end - start) as u64,
+            });
+            start = end;
+        }
+    }
+    splits
+}
+
+/// The splits of `app`'s inputs.
+fn plan_app_splits(app: MrApp, inputs: &BTreeMap<String, Vec<u8>>) -> Vec<SplitSpec> {
+    match app {
+        MrApp::TeraSort => plan_record_splits(inputs, TERASORT_RECORD_BYTES, MR_SPLIT_RECORDS),
+        _ => plan_splits(inputs),
+    }
+}
+
+/// The job's app as `shoal mr coordinator` describes it to workers: `grep` with a pattern
+/// drawn from [`GREP_PATTERNS`]; the sort apps with their format and the cut points that
+/// `shoal-mr`'s sampler places from the input files (over the job's own splits), before any
+/// map runs.
+pub fn app_spec(
+    app: MrApp,
+    rng: &mut ChaCha8Rng,
+    inputs: &SharedInputs,
+    splits: &[SplitSpec],
+    reduces: u32,
+) -> Result<AppSpec, String> {
+    let mut spec = AppSpec {
+        name: app.name().to_string(),
+        pattern: None,
+        mapper: None,
+        reducer: None,
+        shipped: Vec::new(),
+        sort: None,
+    };
+    if app == MrApp::Grep {
+        spec.pattern = Some(GREP_PATTERNS[rng.gen_range(0..GREP_PATTERNS.len())].to_string());
+    }
+    if let Some(format) = app.sort_format() {
+        let real: Vec<shoal_mr::split::InputSplit> = splits
+            .iter()
+            .map(|s| shoal_mr::split::InputSplit {
+                path: inputs.path(&s.path.to_string_lossy()),
+                offset: s.offset,
+                len: s.len,
+            })
+            .collect();
+        let partitioner = shoal_mr::apps::sort::sample_cut_points(&real, format, reduces)
+            .map_err(|e| format!("sampling the sort's cut points: {e:#}"))?;
+        spec.name = "sort".to_string();
+        spec.sort = Some(SortSpec {
+            format: format.name().to_string(),
+            cut_points: partitioner.cuts().to_vec(),
+        });
+    }
+    Ok(spec)
+}
+
+/// Builds the app of a job's spec as `shoal mr worker` does (the same conversion to
+/// [`AppConfig`] and [`shoal_mr::app::build_app`]). The simulator runs no app that ships
+/// files or runs commands.
+pub fn app_from_spec(spec: &AppSpec) -> Result<Arc<dyn App>, String> {
+    if spec.name == "stream" || !spec.shipped.is_empty() {
+        return Err(format!(
+            "app `{}`: the simulator runs no external commands or shipped files",
+            spec.name
+        ));
+    }
+    let sort = match &spec.sort {
+        None => None,
+        Some(s) => Some(SortConfig {
+            format: SortFormat::parse(&s.format).map_err(|e| format!("{e:#}"))?,
+            cut_points: s.cut_points.clone(),
+        }),
+    };
+    let config = AppConfig {
+        name: spec.name.clone(),
+        pattern: spec.pattern.clone(),
+        mapper: None,
+        reducer: None,
+        shipped: Vec::new(),
+        sort,
+    };
+    shoal_mr::app::build_app(&config, Path::new("."))
+        .map_err(|e| format!("cannot build app {}: {e:#}", spec.name))
+}
+
+/// `bytes` with every occurrence of `from` removed.
+fn remove_all(bytes: &[u8], from: &[u8]) -> Vec<u8> {
+    if from.is_empty() {
+        return bytes.to_vec();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(from) {
+            i += from.len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The sequential reference: `shoal mr seq`'s engine ([`shoal_mr::seq::run_sequential`]) with
+/// `app` (built from the job's spec) on the input files; its output, split by partition with
+/// the app's partitioner. The engine names inputs by their paths, the job by their names: the
+/// input directory is removed from its output (`grep`'s keys, `indexer`'s lists).
+pub fn sequential_reference(
+    kind: MrApp,
+    app: &dyn App,
+    inputs: &SharedInputs,
     reduces: u32,
 ) -> Result<Vec<Vec<u8>>, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("reference: no temporary directory: {e}"))?;
-    let mut paths = Vec::new();
-    for (name, bytes) in inputs {
-        let path = dir.path().join(name);
-        std::fs::write(&path, bytes).map_err(|e| format!("reference: writing {name}: {e}"))?;
-        paths.push(path);
-    }
+    let paths: Vec<PathBuf> = inputs.files.keys().map(|n| inputs.path(n)).collect();
     let out = dir.path().join("seq-out");
     shoal_mr::seq::run_sequential(app, &paths, &out)
         .map_err(|e| format!("reference: the sequential run failed: {e:#}"))?;
-    let all = std::fs::read(&out).map_err(|e| format!("reference: reading its output: {e}"))?;
+    let mut all = std::fs::read(&out).map_err(|e| format!("reference: reading its output: {e}"))?;
+    if kind.sort_format().is_none() {
+        let prefix = format!("{}/", inputs.dir().display());
+        all = remove_all(&all, prefix.as_bytes());
+    }
     let mut parts = vec![Vec::new(); reduces as usize];
-    for line in all.split_inclusive(|&b| b == b'\n') {
-        let key = line.split(|&b| b == b' ').next().unwrap_or(line);
-        parts[app.partition(key, reduces) as usize].extend_from_slice(line);
+    for record in kind.output_records(&all) {
+        let key = kind.output_key(kind.record_body(record));
+        let r = app.partition(key, reduces) as usize;
+        match parts.get_mut(r) {
+            Some(part) => part.extend_from_slice(record),
+            None => return Err(format!("reference: partition {r} of {reduces}?")),
+        }
     }
     Ok(parts)
 }
@@ -1060,25 +1520,83 @@ fn check_visible_outputs(sim: &Sim<Msg>, expected: &[Vec<u8>]) -> Result<(), Str
         };
         let got = disk.data(&name).map_err(|e| format!("{name}: {e}"))?;
         if got != want.as_slice() {
+            let at = first_difference(got, want);
             return Err(format!(
                 "{name} is visible with {} bytes that differ from the reference's {} bytes of \
-                 this partition (a partial or wrong output); first line: {:?}",
+                 this partition (a partial or wrong output) from byte {at}: {:?} where the \
+                 reference has {:?}",
                 got.len(),
                 want.len(),
-                String::from_utf8_lossy(got.split(|&b| b == b'\n').next().unwrap_or(b""))
+                String::from_utf8_lossy(&got[at..got.len().min(at + 24)]),
+                String::from_utf8_lossy(&want[at.min(want.len())..want.len().min(at + 24)])
             ));
         }
     }
     Ok(())
 }
 
-/// The mr workload for `seed`: see the module's documentation.
+/// The offset of the first byte where `a` and `b` differ (the shorter length if one is a
+/// prefix of the other).
+fn first_difference(a: &[u8], b: &[u8]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
+}
+
+/// After every event: no worker failed to build the job's app.
+fn check_workers(sim: &Sim<Msg>, workers: &[NodeId]) -> Result<(), String> {
+    for &w in workers {
+        if let Some(e) = sim.node::<MrWorker>(w).and_then(|w| w.app_error.as_ref()) {
+            return Err(format!("{w} could not build the job's app: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// The sort apps' total order: within each output, records by key; across outputs, every key
+/// of `mr-out-<i>` below every key of `mr-out-<j>` for `i < j` (equal keys share one output).
+pub fn check_total_order(kind: MrApp, outputs: &[Vec<u8>]) -> Result<(), String> {
+    let mut last: Option<(usize, &[u8])> = None;
+    for (r, bytes) in outputs.iter().enumerate() {
+        for record in kind.output_records(bytes) {
+            let key = kind.output_key(kind.record_body(record));
+            match last {
+                Some((lr, lk)) if lr == r && key < lk => {
+                    return Err(format!(
+                        "mr-out-{r} is not in order: {:?} after {:?}",
+                        String::from_utf8_lossy(key),
+                        String::from_utf8_lossy(lk)
+                    ))
+                }
+                Some((lr, lk)) if lr < r && key <= lk => {
+                    return Err(format!(
+                        "the outputs are not in total order: mr-out-{r} holds {:?}, not above \
+                         {:?} of mr-out-{lr}",
+                        String::from_utf8_lossy(key),
+                        String::from_utf8_lossy(lk)
+                    ))
+                }
+                _ => {}
+            }
+            last = Some((r, key));
+        }
+    }
+    Ok(())
+}
+
+/// The mr workload for `seed`, its app chosen by the seed: see the module's documentation.
 pub fn run_mr(seed: u64, duration: Duration) -> Report {
-    crate::workload::catching(Workload::Mr, seed, duration, || {
+    run_mr_with(seed, duration, MrOptions::default())
+}
+
+/// The mr workload for `seed` with `options` (an app chosen, or a planted bug).
+pub fn run_mr_with(seed: u64, duration: Duration, options: MrOptions) -> Report {
+    let kind = options.app.unwrap_or(MrApp::for_seed(seed));
+    let mut report = crate::workload::catching(Workload::Mr, seed, duration, || {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6d72_7369_6d00);
-        let inputs = generate_inputs(&mut rng);
+        let files = generate_inputs(kind, &mut rng);
         let reduces = rng.gen_range(1..=4);
-        let app: Arc<dyn App> = Arc::new(shoal_mr::apps::wordcount::WordCount);
         let mut sim: Sim<Msg> = Sim::new(
             seed,
             SimConfig {
@@ -1097,14 +1615,24 @@ pub fn run_mr(seed: u64, duration: Duration) -> Report {
             committed,
             history_gave_up: None,
             membership_changes: None,
+            app: Some(kind.name()),
             trace_hash: sim.trace_hash(),
             outcome,
         };
-        let expected = match sequential_reference(&*app, &inputs, reduces) {
-            Ok(e) => e,
+        let inputs = match SharedInputs::write(files) {
+            Ok(i) => Arc::new(i),
             Err(e) => return fail(&sim, 0, 0, Err(Failure::new(e))),
         };
-        let splits = plan_splits(&inputs);
+        let splits = plan_app_splits(kind, &inputs.files);
+        let prepared = app_spec(kind, &mut rng, &inputs, &splits, reduces).and_then(|spec| {
+            let app = app_from_spec(&spec)?;
+            let expected = sequential_reference(kind, &*app, &inputs, reduces)?;
+            Ok((spec, expected))
+        });
+        let (job_app, expected) = match prepared {
+            Ok(p) => p,
+            Err(e) => return fail(&sim, 0, 0, Err(Failure::new(e))),
+        };
         let config = CoordinatorConfig {
             maps: splits.len() as u32,
             reduces,
@@ -1114,53 +1642,86 @@ pub fn run_mr(seed: u64, duration: Duration) -> Report {
         };
         let spec = JobSpec {
             job_id: seed.max(1),
-            app: AppSpec {
-                name: app.name().to_string(),
-                pattern: None,
-                mapper: None,
-                reducer: None,
-                shipped: Vec::new(),
-                sort: None,
-            },
+            app: job_app,
             reduces,
             memory_bytes: 1 << 20,
             heartbeat_interval_ms: (MR_TASK_TIMEOUT / 4).as_millis() as u64,
         };
-        let coordinator =
-            sim.add_node(move |_| MrCoordinator::new(config.clone(), spec.clone(), splits.clone()));
-        let inputs: Inputs = Arc::new(inputs);
+        let sabotage = options.sabotage;
+        let coordinator = sim.add_node(move |_| {
+            MrCoordinator::new(config.clone(), spec.clone(), splits.clone(), sabotage)
+        });
         let workers: Vec<NodeId> = (0..MR_WORKERS)
             .map(|_| {
-                let (app, inputs) = (app.clone(), inputs.clone());
-                sim.add_node(move |_| MrWorker::new(app.clone(), inputs.clone()))
+                let inputs = inputs.clone();
+                sim.add_node(move |_| MrWorker::new(inputs.clone()))
             })
             .collect();
-        let outcome = mr_body(
-            &mut sim,
-            &mut rng,
+        let world = World {
+            kind,
             coordinator,
-            &workers,
-            &expected,
-            duration,
-        );
-        let attempts = sim
-            .node::<MrCoordinator>(coordinator)
-            .map_or(0, |c| c.attempts());
+            workers: &workers,
+            expected: &expected,
+        };
+        let mut attempts = 0;
+        let outcome = mr_body(&mut sim, &mut rng, &world, duration, &mut attempts);
+        // (Counted before the final crash of the coordinator, if the run got that far.)
+        if let Some(c) = sim.node::<MrCoordinator>(coordinator) {
+            attempts = c.attempts();
+        }
         let committed = sim
             .disk(coordinator)
             .map_or(0, |d| d.list_prefix("mr-out-").len() as u64);
         fail(&sim, committed, attempts, outcome)
-    })
+    });
+    report.app = Some(kind.name());
+    report
+}
+
+/// What the checks of one run know.
+struct World<'a> {
+    kind: MrApp,
+    coordinator: NodeId,
+    workers: &'a [NodeId],
+    expected: &'a [Vec<u8>],
+}
+
+impl World<'_> {
+    fn ended(&self, sim: &Sim<Msg>) -> Option<JobEnd> {
+        sim.node::<MrCoordinator>(self.coordinator)
+            .and_then(|c| c.ended.clone())
+    }
+
+    /// Runs for up to `span`, checking the outputs and workers after every event; stops at
+    /// once after the event in which the job ended (returns true then).
+    fn watch(&self, sim: &mut Sim<Msg>, span: Duration) -> Result<bool, Failure> {
+        let mut violation = None;
+        let ended = sim.run_until_true(span, |sim| {
+            match check_visible_outputs(sim, self.expected)
+                .and_then(|()| check_workers(sim, self.workers))
+            {
+                Ok(()) => self.ended(sim).is_some(),
+                Err(e) => {
+                    violation = Some(e);
+                    true
+                }
+            }
+        });
+        match violation {
+            Some(v) => Err(sim.failure(v)),
+            None => Ok(ended),
+        }
+    }
 }
 
 fn mr_body(
     sim: &mut Sim<Msg>,
     rng: &mut ChaCha8Rng,
-    coordinator: NodeId,
-    workers: &[NodeId],
-    expected: &[Vec<u8>],
+    world: &World<'_>,
     duration: Duration,
+    attempts: &mut u64,
 ) -> Result<(), Failure> {
+    let (coordinator, workers) = (world.coordinator, world.workers);
     let mut all = vec![coordinator];
     all.extend_from_slice(workers);
     sim.start_nemesis(NemesisConfig {
@@ -1169,14 +1730,14 @@ fn mr_body(
         ..NemesisConfig::new(all)
     });
     let end = (sim.now() + duration).as_nanos();
-    let ended = |sim: &Sim<Msg>| {
-        sim.node::<MrCoordinator>(coordinator)
-            .and_then(|c| c.ended.clone())
-    };
     // Faults until the fault phase is over or the job ended (faults after that test nothing).
-    while sim.now().as_nanos() < end && ended(sim).is_none() {
+    let mut ended = false;
+    while sim.now().as_nanos() < end {
         let step = Duration::from_millis(rng.gen_range(50..600));
-        sim.run_checked(step, |sim| check_visible_outputs(sim, expected))?;
+        ended = world.watch(sim, step)?;
+        if ended {
+            break;
+        }
         let w = workers[rng.gen_range(0..workers.len())];
         let back = Duration::from_millis(rng.gen_range(200..4_000));
         match rng.gen_range(0..4) {
@@ -1197,38 +1758,35 @@ fn mr_body(
             _ => {}
         }
     }
-    sim.heal_all();
-    let limit = (sim.now() + MR_SETTLE_LIMIT).as_nanos();
-    while ended(sim).is_none() {
-        if sim.now().as_nanos() >= limit {
-            return Err(sim.failure(format!(
-                "the job did not end within {MR_SETTLE_LIMIT:?} after healing"
-            )));
+    if !ended {
+        sim.heal_all();
+        let limit = (sim.now() + MR_SETTLE_LIMIT).as_nanos();
+        while !ended {
+            if sim.now().as_nanos() >= limit {
+                return Err(sim.failure(format!(
+                    "the job did not end within {MR_SETTLE_LIMIT:?} after healing"
+                )));
+            }
+            ended = world.watch(sim, Duration::from_millis(200))?;
         }
-        sim.run_checked(Duration::from_millis(200), |sim| {
-            check_visible_outputs(sim, expected)
-        })?;
     }
-    if let Some(end) = ended(sim).filter(|e| *e != JobEnd::Done) {
+    // The instant the job ended: no event has run since.
+    if let Some(end) = world.ended(sim).filter(|e| *e != JobEnd::Done) {
         return Err(sim.failure(format!("the job failed: {end:?}")));
+    }
+    let unplaced = sim
+        .node::<MrCoordinator>(coordinator)
+        .map(|c| c.unplaced_at_done.clone())
+        .unwrap_or_default();
+    if !unplaced.is_empty() {
+        return Err(sim.failure(format!(
+            "the job was declared done before the outputs of reduce tasks {unplaced:?} were \
+             committed (their rename's directory fsync had not completed)"
+        )));
     }
     let Some(disk) = sim.disk(coordinator) else {
         return Err(sim.failure("the coordinator has no disk"));
     };
-    for (r, want) in expected.iter().enumerate() {
-        let name = out_name(r as u32);
-        match disk.data(&name) {
-            Ok(got) if got == want.as_slice() => {}
-            Ok(got) => {
-                return Err(sim.failure(format!(
-                    "{name} differs from the sequential reference ({} bytes, {} expected)",
-                    got.len(),
-                    want.len()
-                )))
-            }
-            Err(e) => return Err(sim.failure(format!("{name} missing after the job: {e}"))),
-        }
-    }
     let left: Vec<String> = disk
         .list()
         .into_iter()
@@ -1236,6 +1794,47 @@ fn mr_body(
         .collect();
     if !left.is_empty() {
         return Err(sim.failure(format!("files left in the output directory: {left:?}")));
+    }
+    if let Some(c) = sim.node::<MrCoordinator>(coordinator) {
+        *attempts = c.attempts();
+    }
+    // "Done" means durable: the coordinator's machine loses power right now.
+    let policy = if rng.gen_bool(0.5) {
+        CrashPolicy::LoseUnsynced
+    } else {
+        CrashPolicy::default()
+    };
+    sim.note(format!(
+        "the job is done: crashing the coordinator's disk ({policy:?})"
+    ));
+    sim.crash_with(coordinator, policy);
+    let Some(disk) = sim.disk(coordinator) else {
+        return Err(sim.failure("the coordinator has no disk"));
+    };
+    let mut outputs = Vec::with_capacity(world.expected.len());
+    for (r, want) in world.expected.iter().enumerate() {
+        let name = out_name(r as u32);
+        match disk.data(&name) {
+            Ok(got) if got == want.as_slice() => outputs.push(got.to_vec()),
+            Ok(got) => {
+                return Err(sim.failure(format!(
+                    "{name} is not durable when the job is done: after a crash of the \
+                     coordinator's disk ({policy:?}) it holds {} bytes, the reference {} \
+                     (the sequential reference's partition {r})",
+                    got.len(),
+                    want.len()
+                )))
+            }
+            Err(e) => {
+                return Err(sim.failure(format!(
+                    "{name} is not durable when the job is done: gone after a crash of the \
+                     coordinator's disk ({policy:?}): {e}"
+                )))
+            }
+        }
+    }
+    if world.kind.sort_format().is_some() {
+        check_total_order(world.kind, &outputs).map_err(|e| sim.failure(e))?;
     }
     Ok(())
 }

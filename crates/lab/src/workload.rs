@@ -134,6 +134,8 @@ pub struct Report {
     /// raft: the membership changes committed (requested changes some server applied; the
     /// automatic leave of a joint configuration not counted); `None` for the others.
     pub membership_changes: Option<u64>,
+    /// mr: the app the job ran ([`crate::mr::MrApp::name`]); `None` for the others.
+    pub app: Option<&'static str>,
     /// The run's trace hash (equal hashes: the same run).
     pub trace_hash: u64,
     /// `Ok` or the first violation, with the trace tail.
@@ -168,6 +170,7 @@ pub(crate) fn catching(
                 committed: 0,
                 history_gave_up: None,
                 membership_changes: None,
+                app: None,
                 trace_hash: 0,
                 outcome: Err(Failure {
                     message: format!("panicked: {msg}"),
@@ -244,6 +247,7 @@ pub fn run_raft(seed: u64, duration: Duration) -> Report {
             committed: committed.len() as u64,
             history_gave_up: None,
             membership_changes: Some(run.inv.conf_changes_committed()),
+            app: None,
             trace_hash: run.sim.trace_hash(),
             outcome,
         }
@@ -370,6 +374,7 @@ pub fn run_kv(seed: u64, duration: Duration) -> Report {
             committed: ok_puts,
             history_gave_up: run.gave_up.clone(),
             membership_changes: None,
+            app: None,
             trace_hash: run.sim.trace_hash(),
             outcome,
         }

@@ -37,14 +37,20 @@ fn the_sharded_kv_survives_the_nemesis_and_reconfiguration() {
     let sum = |f: fn(&ShardStats) -> u64| seen.iter().map(|s| f(&s.3)).sum::<u64>();
     eprintln!(
         "{} seeds: {} CopyStart requests, {} tails of shards copied while serving ({} with keys \
-         written during the copy), {} stages, {} stale replays ({} stages)",
+         written during the copy), {} stages, {} stale replays ({} stages); {} delta rounds \
+         started, {} moves with keys staged by delta rounds: {} keys staged by them, {} keys in \
+         those moves' tails",
         seen.len(),
         sum(|s| s.copy_starts_sent),
         sum(|s| s.touched_tails_sent),
         sum(|s| s.touched_tails_with_keys),
         sum(|s| s.stages_sent),
         sum(|s| s.stale_replays),
-        sum(|s| s.stale_stage_replays)
+        sum(|s| s.stale_stage_replays),
+        sum(|s| s.copy_rounds_sent),
+        sum(|s| s.moves_with_deltas),
+        sum(|s| s.delta_keys_staged),
+        sum(|s| s.tail_keys_after_deltas),
     );
     assert!(seen.iter().all(|s| s.0 > 0 && s.1 > 0), "{seen:?}");
     assert!(seen.iter().any(|s| s.2), "no history got a verdict");
@@ -96,6 +102,17 @@ fn the_sharded_kv_survives_the_nemesis_and_reconfiguration() {
         assert!(
             sum(|s| s.touched_tails_with_keys) > 0,
             "no key written while its shard was copied"
+        );
+        // Delta rounds: the keys written during the copy staged again while the shard
+        // served, so that the frozen tails carried fewer keys than the rounds did.
+        assert!(sum(|s| s.copy_rounds_sent) > 0, "no delta round started");
+        assert!(
+            sum(|s| s.moves_with_deltas) > 0,
+            "no delta round staged a key written during a copy"
+        );
+        assert!(
+            sum(|s| s.tail_keys_after_deltas) < sum(|s| s.delta_keys_staged),
+            "the tails after delta rounds were not smaller than the rounds"
         );
     }
 }

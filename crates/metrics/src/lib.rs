@@ -4,7 +4,7 @@
 //!
 //! **What this crate owns:** serving a [`Registry`] in the Prometheus text format over HTTP,
 //! and nothing else. The metrics themselves are defined where they are measured — in the
-//! drivers (`shoal_runtime::metrics`, `shoal_mr::metrics`) — never in the pure protocol
+//! drivers (`shoal_runtime::metrics`, `shoal_runtime::mr::metrics`) — never in the pure protocol
 //! crates, which only expose counters in their status structs (DESIGN.md §1).
 //!
 //! **Why `prometheus-client`:** it is the Prometheus project's own Rust client (OpenMetrics

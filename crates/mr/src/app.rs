@@ -172,6 +172,35 @@ pub struct AppConfig {
     pub sort: Option<apps::sort::SortConfig>,
 }
 
+impl AppConfig {
+    /// The app as a worker receives it in the coordinator's welcome (the inverse of
+    /// `PreparedJob::spec`); an unknown sort format is an error.
+    pub fn from_spec(spec: &shoal_wire::mr::AppSpec) -> anyhow::Result<AppConfig> {
+        Ok(AppConfig {
+            name: spec.name.clone(),
+            pattern: spec.pattern.clone(),
+            mapper: spec.mapper.clone(),
+            reducer: spec.reducer.clone(),
+            shipped: spec
+                .shipped
+                .iter()
+                .map(|f| ShippedFile {
+                    name: f.name.clone(),
+                    contents: f.contents.clone(),
+                    executable: f.executable,
+                })
+                .collect(),
+            sort: match &spec.sort {
+                None => None,
+                Some(sort) => Some(apps::sort::SortConfig {
+                    format: apps::sort::SortFormat::parse(&sort.format)?,
+                    cut_points: sort.cut_points.clone(),
+                }),
+            },
+        })
+    }
+}
+
 /// A file shipped with a streaming job (a mapper or reducer script and its data).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ShippedFile {

@@ -1,6 +1,7 @@
 //! The coordinator's status: a serializable snapshot of the job ([`JobStatus`]), rendered as an
-//! HTML page at `/` and as JSON at `/status.json` by a small hyper server (`--http ADDR`), and
-//! written into the output directory as `_status.html` and `_status.json` when the job ends.
+//! HTML page at `/` and as JSON at `/status.json` by a small HTTP server (`--http ADDR`, in
+//! `shoal_runtime::mr::status_http`), and written into the output directory as `_status.html`
+//! and `_status.json` when the job ends — also when it is abandoned ([`JobStatus::abandoned`]).
 //!
 //! The rendering ([`page`]) is a pure function of a snapshot; the coordinator's state machine
 //! records each attempt's start, end and outcome in an [`AttemptLog`] for the timeline.
@@ -10,13 +11,10 @@ pub mod page;
 pub use page::{render_html, render_json, summarize, write_final, Summary};
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_wire::mr::{AttemptRef, TaskKind};
-use tokio::sync::watch;
 
 /// How the job ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +27,12 @@ pub enum JobOutcome {
         task: String,
         /// Its last error.
         error: String,
+    },
+    /// The driver gave up on the job before it ended: Ctrl-C or SIGTERM, or every worker
+    /// process gone.
+    Abandoned {
+        /// Why.
+        reason: String,
     },
 }
 
@@ -130,7 +134,7 @@ pub struct WorkerStatus {
 /// A snapshot of the whole job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobStatus {
-    /// "map", "reduce", "done" or "failed".
+    /// "starting", "map", "reduce", "done", "failed" or "abandoned".
     pub phase: String,
     /// Milliseconds since the coordinator started.
     pub elapsed_ms: u64,
@@ -161,12 +165,22 @@ pub struct JobStatus {
     /// Sum of the inputs' sizes, in bytes.
     #[serde(default)]
     pub input_bytes: u64,
-    /// Every attempt started, in start order (at most [`MAX_RECORDED_ATTEMPTS`]).
+    /// Every attempt started, in start order (at most [`MAX_RECORDED_ATTEMPTS`]); empty in a
+    /// snapshot taken without them (`Coordinator::status_without_attempts`, what the driver
+    /// publishes every tick: see `attempts_included`).
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
     /// Attempts started beyond [`MAX_RECORDED_ATTEMPTS`], not in `attempts`.
     #[serde(default)]
     pub attempts_not_recorded: u64,
+    /// Whether `attempts` holds the attempt log (false in the light snapshot published every
+    /// tick for progress bars and metrics; the status page asks for a full one).
+    #[serde(default = "yes")]
+    pub attempts_included: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the driver knows of a job that the state machine does not: the app, the output
@@ -332,7 +346,18 @@ impl JobStatus {
             input_bytes: 0,
             attempts: vec![],
             attempts_not_recorded: 0,
+            attempts_included: true,
         }
+    }
+
+    /// The snapshot of a job its driver gave up on (`reason`: Ctrl-C, every worker gone): phase
+    /// "abandoned" with the reason as its outcome; what ran then is kept as it was.
+    pub fn abandoned(mut self, reason: &str) -> JobStatus {
+        self.phase = "abandoned".into();
+        self.outcome = Some(JobOutcome::Abandoned {
+            reason: reason.to_string(),
+        });
+        self
     }
 
     /// Adds what the driver knows (`info`) to a snapshot of the state machine: the app, the
@@ -354,72 +379,26 @@ impl JobStatus {
     }
 }
 
-/// Serves the latest status from `status` on `listener` until the task is dropped: HTML at
-/// `/`, JSON at `/status.json`, 404 elsewhere.
-pub async fn serve_status(
-    listener: tokio::net::TcpListener,
-    status: watch::Receiver<Arc<JobStatus>>,
-) {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    use hyper::{Request, Response, StatusCode};
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "status page: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let status = status.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let snapshot = status.borrow().clone();
-                async move {
-                    let (code, content_type, body) = match req.uri().path() {
-                        "/" | "/index.html" => (
-                            StatusCode::OK,
-                            "text/html; charset=utf-8",
-                            render_html(&snapshot),
-                        ),
-                        "/status.json" => {
-                            (StatusCode::OK, "application/json", render_json(&snapshot))
-                        }
-                        _ => (
-                            StatusCode::NOT_FOUND,
-                            "text/plain",
-                            "not found: try / or /status.json\n".to_string(),
-                        ),
-                    };
-                    let mut response = Response::new(Full::new(Bytes::from(body)));
-                    *response.status_mut() = code;
-                    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-                        response
-                            .headers_mut()
-                            .insert(hyper::header::CONTENT_TYPE, v);
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "status page connection ended");
-            }
-        });
+    #[test]
+    fn an_abandoned_job_says_so_and_why() {
+        let s = JobStatus::starting().abandoned("interrupted (SIGINT)");
+        assert_eq!(s.phase, "abandoned");
+        assert_eq!(
+            s.outcome,
+            Some(JobOutcome::Abandoned {
+                reason: "interrupted (SIGINT)".into()
+            })
+        );
+        let html = render_html(&s);
+        assert!(
+            html.contains("The job was abandoned:</b> interrupted (SIGINT)"),
+            "{html}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&render_json(&s)).unwrap();
+        assert_eq!(json["phase"], "abandoned");
     }
-}
-
-/// Binds `addr` for the status page, with the address in the error.
-pub async fn bind_status(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot listen for the status page on {addr}: {e}"),
-        )
-    })
 }

@@ -7,7 +7,9 @@
 //! (`shoal_replica::Replica`, in the private `driver` module: ticker, batching of events per
 //! `Ready`, the shell's pipeline with its durability barrier, snapshot jobs on a thread of
 //! their own), on which run the generic Raft [`node`] (proposals, reads, clean shutdown) and
-//! the [`kv`] server and the [`shard`] group server; and the demo replicated log behind `shoal raft node`.
+//! the [`kv`] server and the [`shard`] group server; the demo replicated log behind `shoal raft node`;
+//! and MapReduce's drivers ([`mr`]: the coordinator loop around `shoal_mr`'s event machine, the
+//! worker, the shuffle servers and fetchers, the status page's HTTP server).
 //!
 //! **What it must never do:** contain protocol logic (a decision about terms, logs or votes
 //! belongs in the protocol crates, where the simulator can test it), send a message that
@@ -22,6 +24,7 @@ pub mod demo_node;
 mod driver;
 pub mod kv;
 pub mod metrics;
+pub mod mr;
 pub mod node;
 mod ready;
 mod serving;

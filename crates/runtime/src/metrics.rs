@@ -147,8 +147,13 @@ pub enum MigrationStep {
     export,
     /// A copy started while the shard still serves here (writes from then on are tracked).
     copy_start,
+    /// A delta round of a copy while the shard serves started here (the keys written since
+    /// the previous round are re-sent).
+    copy_round,
     /// A chunk of a shard exported (large shards move in chunks, live or frozen).
     export_chunk,
+    /// A chunk of a delta round exported.
+    export_delta,
     /// Chunks staged here before an install.
     stage,
     /// A shard installed and serving here.

@@ -631,6 +631,12 @@ async fn read_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Hello, Strin
     match decode_frame::<Hello>(&frame[..total], MAX_HELLO_FRAME_BYTES) {
         Ok(Some((hello, _))) => Ok(hello),
         Ok(None) => Err("handshake frame incomplete".into()),
+        // A newer build's handshake with a role this build does not know: say which
+        // versions met, not that the bytes are malformed.
+        Err(FrameError::Malformed(e)) => {
+            Err(Hello::undecodable_reason(&frame[FRAME_HEADER_BYTES..total])
+                .unwrap_or_else(|| format!("handshake: malformed frame payload: {e}")))
+        }
         Err(e) => Err(format!("handshake: {e}")),
     }
 }

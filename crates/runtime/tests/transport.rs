@@ -222,6 +222,16 @@ async fn bad_input_is_rejected_and_good_peers_still_served() {
             "wrong cluster",
             hello_bytes(&Hello::new(Role::Peer { node_id: 3 }, CLUSTER + 1)),
         ),
+        ("a newer version's role this build does not know", {
+            // magic, version, role variant 9 (unknown), its node id, the cluster.
+            let mut payload =
+                postcard::to_allocvec(&(PROTOCOL_MAGIC, PROTOCOL_VERSION + 1)).unwrap();
+            payload.extend_from_slice(&[9, 3, CLUSTER as u8]);
+            let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+            frame.extend_from_slice(&crc32c_of(&payload).to_le_bytes());
+            frame.extend_from_slice(&payload);
+            frame
+        }),
         ("unknown peer id", peer_hello(42)),
         ("peer claiming our own id", peer_hello(1)),
         (
@@ -261,7 +271,7 @@ async fn bad_input_is_rejected_and_good_peers_still_served() {
     assert_eq!(recv(&mut in1).await, (3, msg(5)));
 
     let st = t1.stats();
-    assert_eq!(TransportStats::get(&st.rejected_handshakes), 7);
+    assert_eq!(TransportStats::get(&st.rejected_handshakes), 8);
     assert_eq!(TransportStats::get(&st.bad_frames), 6);
 }
 

@@ -49,7 +49,7 @@ use shoal_kv::{Action as StoreAction, Clerk, ClerkConfig, Outcome};
 use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult, ScanItem};
 use shoal_wire::shard::{ShardReply, ShardRequest};
 
-use crate::layout::{Record, LATEST_KEY};
+use crate::layout::{config_key, Record, LATEST_KEY};
 use crate::{shard_of, Config, Gid, ShardId, NO_GROUP};
 
 /// Bit set in every timer token of the routing client itself (not of its inner store clerk).
@@ -210,6 +210,10 @@ enum Refresh {
     Idle,
     /// The inner clerk is getting [`LATEST_KEY`].
     Fetching,
+    /// The inner clerk is getting configuration N-1 from the history: the cached (incomplete)
+    /// configuration N moves shards from groups whose servers it does not list (they leave),
+    /// and no configuration cached before names them.
+    FetchingPrevious,
     /// The last fetch brought nothing newer: pause until timer `token`.
     Backoff {
         token: u64,
@@ -504,6 +508,9 @@ impl ShardClerk {
     /// The fetch finished: cache a newer configuration and route the waiting parts, or pause
     /// before trying again.
     fn on_fetched(&mut self, outcome: Outcome) -> Vec<ClientAction> {
+        if self.refresh == Refresh::FetchingPrevious {
+            return self.on_fetched_previous(outcome);
+        }
         self.refresh = Refresh::Idle;
         let fetched = match outcome {
             Outcome::Done(KvResult::Found { value, .. }) => match Record::decode(&value) {
@@ -553,6 +560,26 @@ impl ShardClerk {
             self.old_groups = self.config.take().map(|c| c.groups).unwrap_or_default();
             self.config = Some(r.config);
             self.refresh_backoff = self.cfg.min_backoff;
+            // A shard moving away from a group that leaves with this configuration is served
+            // by that group until it adopts the move: if no configuration names its servers
+            // here, read the previous one first (else the request would wait at the new
+            // owner for the whole copy).
+            let unknown = self.moving.values().any(|gid| {
+                !self.old_groups.contains_key(gid)
+                    && !self
+                        .config
+                        .as_ref()
+                        .is_some_and(|c| c.groups.contains_key(gid))
+            });
+            let num = self.config.as_ref().map_or(0, |c| c.num);
+            if unknown && num > 0 {
+                if let Ok(actions) = self.store.start(KvOp::Get {
+                    key: config_key(num - 1),
+                }) {
+                    self.refresh = Refresh::FetchingPrevious;
+                    return self.store_actions(actions);
+                }
+            }
             return self.route_waiting();
         }
         let waiting = self.pending.as_ref().is_some_and(|p| {
@@ -573,6 +600,31 @@ impl ShardClerk {
             .min(self.cfg.max_backoff);
         self.refresh = Refresh::Backoff { token };
         vec![ClientAction::SetTimer { after, token }]
+    }
+
+    /// Configuration N-1 arrived (or could not be read): its groups name the servers of the
+    /// groups leaving with N, where the shards moving away from them are sent meanwhile.
+    fn on_fetched_previous(&mut self, outcome: Outcome) -> Vec<ClientAction> {
+        self.refresh = Refresh::Idle;
+        let num = self.config.as_ref().map_or(0, |c| c.num);
+        match outcome {
+            Outcome::Done(KvResult::Found { value, .. }) => match Config::decode(&value) {
+                Ok(prev) if prev.num + 1 == num => {
+                    for (gid, servers) in prev.groups {
+                        self.old_groups.entry(gid).or_insert(servers);
+                    }
+                }
+                Ok(prev) => tracing::warn!(
+                    got = prev.num,
+                    wanted = num.saturating_sub(1),
+                    "the history holds another configuration under this number; ignored"
+                ),
+                Err(e) => tracing::warn!(error = %e, "the previous configuration does not decode"),
+            },
+            // Not in the history (a store older than it): the new owner is waited for.
+            other => tracing::debug!(?other, "the previous configuration could not be read"),
+        }
+        self.route_waiting()
     }
 
     /// Builds the parts once a configuration is known, then sends every part that waits for

@@ -16,12 +16,15 @@
 //! at a time, each one a new record (conditional put), its history entry, its migrations and
 //! the put that marks it complete.
 //!
-//! Driving configuration N: every group of N-1 ∪ N adopts N (one configuration at a time, in
-//! order, read from the history); then each move with an old owner is frozen there, copied in
-//! bounded chunks (`ExportChunk` at the old owner, `Stage` at the new owner, a few in flight),
-//! installed at the new owner from the staged copy and the tail, and deleted at the old one, at
-//! most
-//! [`ControllerConfig::max_parallel_moves`] at once. Every step is idempotent at the group, so
+//! Driving configuration N: every group of N-1 ∪ N adopts N-1; each move with an old owner
+//! is copied while the shard serves (`CopyStart`, then `ExportChunk` of the live shard at the
+//! old owner, `StageRound` at the new owner, a few in flight), then in **delta rounds** the keys
+//! written meanwhile are copied again (`CopyRound`, `ExportDelta`, `StageRound`) while that
+//! shrinks them; every group adopts N (one configuration at a time, in order, read from the
+//! history); then each move is frozen at the old owner, its remaining chunks copied, installed
+//! at the new owner from the staged copy and the tail (the keys written since the last round
+//! began), and deleted at the old one, at most [`ControllerConfig::max_parallel_moves`] at
+//! once (see `docs/sharding.md`, "Copying while the shard serves" and "Delta rounds"). Every step is idempotent at the group, so
 //! a new controller simply replays the change from the start.
 //!
 //! Timer tokens: the store clerk's tokens and the controller's own share one space, told apart
@@ -32,7 +35,9 @@ use std::time::Duration;
 
 use shoal_kv::{Action, Clerk, ClerkConfig, Lock, LockStep, Outcome};
 use shoal_wire::kv::{Expected, KvOp, KvReply, KvRequest, KvResult};
-use shoal_wire::shard::{ControlOp, ControlReply, ControlRequest, ControlStatus, ShardChunk};
+use shoal_wire::shard::{
+    ControlOp, ControlReply, ControlRequest, ControlStatus, DeltaChunk, ShardChunk, FROZEN_ROUND,
+};
 
 use crate::layout::{config_key, Record, LATEST_KEY, LOCK_KEY};
 use crate::{apply, diff, Config, Gid, Op, ShardMove, NO_GROUP};
@@ -74,6 +79,15 @@ pub struct ControllerConfig {
     /// ... and this pause before reading each chunk after the first, so one move copies at
     /// most about `chunk_bytes` per pause.
     pub precopy_pause: Duration,
+    /// Most **delta rounds** staged per copy while serving (`CopyRound` at the old owner: the
+    /// keys written since the previous round are read and staged again while the shard still
+    /// serves, so that the frozen tail carries only the keys written during the last round).
+    /// 0: none, the tail carries every key written during the copy.
+    pub delta_rounds: u32,
+    /// A delta round of at most this many bytes of keys and values (or not smaller than the
+    /// round before it) is the last one staged: another would not shrink the tail enough to
+    /// be worth its round trips.
+    pub delta_min_bytes: u64,
 }
 
 impl ControllerConfig {
@@ -93,6 +107,8 @@ impl ControllerConfig {
             precopy: true,
             precopy_stages_in_flight: 3,
             precopy_pause: Duration::ZERO,
+            delta_rounds: 3,
+            delta_min_bytes: 64 * 1024,
         }
     }
 }
@@ -265,6 +281,12 @@ enum Step {
     /// `ExportChunk`s of the serving shard at the old owner, each `Stage`d at the new owner,
     /// until a chunk comes back empty.
     PreCopy,
+    /// Old owner, after the live copy: start delta round `MoveRun::delta.round` (which also
+    /// acknowledges the round before it as staged).
+    CopyRound,
+    /// A delta round's copy: `ExportDelta`s at the old owner (the keys of the round, with
+    /// their values now or their absence), each staged at the new owner as that round.
+    Delta,
     Freeze,
     /// The chunked copy: `ExportChunk`s at the old owner, each `Stage`d at the new owner, until
     /// the last chunk's tail is in hand and every stage answered (see [`CopyRun`]).
@@ -305,6 +327,24 @@ struct MoveRun {
     /// The Install's data: the tail of the chunked copy.
     data: Option<Vec<u8>>,
     copy: CopyRun,
+    delta: DeltaRun,
+}
+
+/// A move's delta rounds (see [`ControllerConfig::delta_rounds`]).
+#[derive(Debug, Clone, Default)]
+struct DeltaRun {
+    /// The round being started or staged.
+    round: u32,
+    /// Rounds this controller staged for the move.
+    staged: u32,
+    /// Bytes of keys and values of the round being read ...
+    bytes: u64,
+    /// ... and its keys.
+    keys: u64,
+    /// The bytes of the round staged before it.
+    prev_bytes: Option<u64>,
+    /// The round being started is the last: its keys ride in the tail.
+    last: bool,
 }
 
 /// The chunked copy of one move in progress.
@@ -358,6 +398,8 @@ enum CallFor {
     Chunk(usize, u64),
     /// A `Stage` of move i's copy round r.
     Stage(usize, u64),
+    /// An `ExportDelta` of move i's copy round r.
+    Delta(usize, u64),
 }
 
 /// A request to a group, resent until answered.
@@ -977,6 +1019,7 @@ impl Controller {
                     pre: Pre::NotStarted,
                     resume: None,
                     data: None,
+                    delta: DeltaRun::default(),
                 })
                 .collect(),
         });
@@ -1190,7 +1233,15 @@ impl Controller {
         let (shard, from, to) = (m.mv.shard, m.mv.from, m.mv.to);
         let (gid, op) = match step {
             Step::CopyStart => (from, ControlOp::CopyStart { shard, config: num }),
-            Step::PreCopy | Step::Copy => {
+            Step::CopyRound => (
+                from,
+                ControlOp::CopyRound {
+                    shard,
+                    config: num,
+                    round: m.delta.round,
+                },
+            ),
+            Step::PreCopy | Step::Copy | Step::Delta => {
                 self.start_copy(i, step, false, out);
                 return;
             }
@@ -1219,7 +1270,21 @@ impl Controller {
     fn step_done(&mut self, i: usize, step: Step, out: &mut Vec<CtlAction>) {
         let next = match step {
             // Answered by `copy_started` and `copy_progress`.
-            Step::CopyStart | Step::PreCopy => return,
+            Step::CopyStart | Step::PreCopy | Step::Delta => return,
+            Step::CopyRound => {
+                let last = self.drive.as_ref().is_some_and(|d| d.moves[i].delta.last);
+                if last {
+                    // The last round's keys ride in the tail: the copy while serving is over.
+                    if let Some(d) = self.drive.as_mut() {
+                        d.moves[i].pre = Pre::Done;
+                        d.moves[i].state = MoveState::Waiting;
+                    }
+                    self.start_precopies(out);
+                } else {
+                    self.start_copy(i, Step::Delta, false, out);
+                }
+                return;
+            }
             Step::Freeze => Some(Step::Copy),
             Step::Copy | Step::Probe => Some(Step::Install),
             Step::Install => Some(Step::Delete),
@@ -1260,9 +1325,10 @@ impl Controller {
             ..CopyRun::default()
         };
         // Calls of an earlier round are no longer wanted.
-        self.calls.retain(
-            |_, c| !matches!(c.purpose, CallFor::Chunk(j, _) | CallFor::Stage(j, _) if j == i),
-        );
+        self.calls.retain(|_, c| {
+            !matches!(c.purpose,
+                CallFor::Chunk(j, _) | CallFor::Stage(j, _) | CallFor::Delta(j, _) if j == i)
+        });
         self.next_chunk(i, later, out);
     }
 
@@ -1274,15 +1340,30 @@ impl Controller {
         let num = drive.num;
         let m = &mut drive.moves[i];
         m.copy.exporting = true;
-        let op = ControlOp::ExportChunk {
-            shard: m.mv.shard,
-            config: num,
-            after: m.copy.after.clone(),
-            max_bytes: self.cfg.chunk_bytes,
+        let delta = m.state == MoveState::Running(Step::Delta);
+        let (op, purpose) = if delta {
+            let op = ControlOp::ExportDelta {
+                shard: m.mv.shard,
+                config: num,
+                after: m.copy.after.clone(),
+                max_bytes: self.cfg.chunk_bytes,
+            };
+            (op, CallFor::Delta(i, m.copy.round))
+        } else {
+            let op = ControlOp::ExportChunk {
+                shard: m.mv.shard,
+                config: num,
+                after: m.copy.after.clone(),
+                max_bytes: self.cfg.chunk_bytes,
+            };
+            (op, CallFor::Chunk(i, m.copy.round))
         };
-        let (from, purpose) = (m.mv.from, CallFor::Chunk(i, m.copy.round));
+        let from = m.mv.from;
         // Throttled while the shard serves (not before its first chunk).
-        let pace = m.state == MoveState::Running(Step::PreCopy) && m.copy.after.is_some();
+        let pace = matches!(
+            m.state,
+            MoveState::Running(Step::PreCopy) | MoveState::Running(Step::Delta)
+        ) && m.copy.after.is_some();
         let pause = self.cfg.precopy_pause;
         if later {
             self.call_later(from, op, purpose, out);
@@ -1300,7 +1381,9 @@ impl Controller {
         let m = self.drive.as_mut()?.moves.get_mut(i)?;
         let copying = matches!(
             m.state,
-            MoveState::Running(Step::Copy) | MoveState::Running(Step::PreCopy)
+            MoveState::Running(Step::Copy)
+                | MoveState::Running(Step::PreCopy)
+                | MoveState::Running(Step::Delta)
         );
         (copying && m.copy.round == round).then_some(&mut m.copy)
     }
@@ -1363,10 +1446,82 @@ impl Controller {
         }
         let more = copy.tail.is_none() && !copy.live_end && copy.stages < stages_max;
         if stage {
-            let op = ControlOp::Stage {
+            // Staged as the round it was read in: a chunk of the live shard as round 0 (a
+            // delta round staged since wins over it), one of the frozen shard as the last.
+            let op = ControlOp::StageRound {
                 shard: mv.shard,
                 config: num,
+                round: if live { 0 } else { FROZEN_ROUND },
                 items: chunk.items,
+                absent: Vec::new(),
+            };
+            self.call(mv.to, op, CallFor::Stage(i, round), out);
+        }
+        if more {
+            self.next_chunk(i, false, out);
+        }
+        self.copy_progress(i, round, out);
+    }
+
+    /// A chunk of move i's delta round arrived (copy round `round`): stage it as the old
+    /// owner's round, and read the next one while few stages are in flight.
+    fn delta_arrived(
+        &mut self,
+        i: usize,
+        round: u64,
+        chunk: Option<DeltaChunk>,
+        out: &mut Vec<CtlAction>,
+    ) {
+        if self.copy_of(i, round).is_none() {
+            return;
+        }
+        let Some(chunk) = chunk else {
+            // The old owner no longer copies the shard live: the rest is copied frozen.
+            self.problem("a delta round was refused: the shard is copied frozen");
+            self.copy_started(i, false, out);
+            return;
+        };
+        let Some(drive) = self.drive.as_mut() else {
+            return;
+        };
+        let num = drive.num;
+        let m = &mut drive.moves[i];
+        if chunk.round != m.delta.round {
+            // Past ours: an earlier controller started later rounds, and the old owner's
+            // keys are that round's (staged as it). Behind: read again after a pause.
+            let later = chunk.round < m.delta.round;
+            m.delta.round = m.delta.round.max(chunk.round);
+            m.delta.bytes = 0;
+            m.delta.keys = 0;
+            self.start_copy(i, Step::Delta, later, out);
+            return;
+        }
+        let (mv, delta_round) = (m.mv, m.delta.round);
+        m.delta.bytes += chunk.bytes();
+        m.delta.keys += (chunk.items.len() + chunk.absent.len()) as u64;
+        let stages_max = self.cfg.precopy_stages_in_flight.max(1);
+        let Some(copy) = self.copy_of(i, round) else {
+            return;
+        };
+        copy.exporting = false;
+        if let Some(last) = chunk.last_key() {
+            copy.after = Some(last.to_vec());
+        }
+        if chunk.last {
+            copy.live_end = true;
+        }
+        let stage = !chunk.items.is_empty() || !chunk.absent.is_empty();
+        if stage {
+            copy.stages += 1;
+        }
+        let more = !copy.live_end && copy.stages < stages_max;
+        if stage {
+            let op = ControlOp::StageRound {
+                shard: mv.shard,
+                config: num,
+                round: delta_round,
+                items: chunk.items,
+                absent: chunk.absent,
             };
             self.call(mv.to, op, CallFor::Stage(i, round), out);
         }
@@ -1398,12 +1553,45 @@ impl Controller {
         }
         if copy.live_end {
             let after = copy.after.clone();
-            if let Some(d) = self.drive.as_mut() {
-                let m = &mut d.moves[i];
-                m.pre = Pre::Done;
-                m.resume = after;
-                m.state = MoveState::Waiting;
+            let (max_rounds, min_bytes) = (self.cfg.delta_rounds, self.cfg.delta_min_bytes);
+            let Some(d) = self.drive.as_mut() else {
+                return;
+            };
+            let m = &mut d.moves[i];
+            if m.state == MoveState::Running(Step::Delta) {
+                // Delta round staged: another one while it shrinks the tail, else a last
+                // round that only acknowledges this one (its keys ride in the tail).
+                let bytes = m.delta.bytes;
+                if m.delta.keys == 0 {
+                    // Nothing pending: the tail is the keys written since this round began
+                    // without another round to acknowledge it.
+                    m.pre = Pre::Done;
+                    m.state = MoveState::Waiting;
+                    self.start_precopies(out);
+                    return;
+                }
+                m.delta.staged += 1;
+                m.delta.last = m.delta.staged >= max_rounds
+                    || bytes <= min_bytes
+                    || m.delta.prev_bytes.is_some_and(|p| bytes >= p);
+                m.delta.prev_bytes = Some(bytes);
+                m.delta.bytes = 0;
+                m.delta.keys = 0;
+                m.delta.round = m.delta.round.saturating_add(1);
+                self.step(i, Step::CopyRound, out);
+                return;
             }
+            m.resume = after;
+            if max_rounds > 0 {
+                m.delta = DeltaRun {
+                    round: 1,
+                    ..DeltaRun::default()
+                };
+                self.step(i, Step::CopyRound, out);
+                return;
+            }
+            m.pre = Pre::Done;
+            m.state = MoveState::Waiting;
             self.start_precopies(out);
             return;
         }
@@ -1603,8 +1791,24 @@ impl Controller {
                     _ => self.unexpected(),
                 }
             }
-            // This controller copies in chunks and never asks for a whole export.
-            ControlReply::Exported { .. } => self.unexpected(),
+            ControlReply::Delta { chunk, adopted, .. } => {
+                if let Some(i) = pos {
+                    self.leaders.insert(gid, i);
+                }
+                self.calls.remove(&tag);
+                let num = self.drive.as_ref().map_or(0, |d| d.num);
+                if adopted > num {
+                    self.moved_past(&mut out);
+                    return out;
+                }
+                match purpose {
+                    CallFor::Delta(i, round) => self.delta_arrived(i, round, chunk, &mut out),
+                    _ => self.unexpected(),
+                }
+            }
+            // This controller copies in chunks and never asks for a whole export, nor for
+            // the shard count.
+            ControlReply::Exported { .. } | ControlReply::Shards { .. } => self.unexpected(),
             ControlReply::Done {
                 status, adopted, ..
             } => {
@@ -1636,6 +1840,14 @@ impl Controller {
                         CallFor::Step(i, Step::Probe) => {
                             self.start_copy(i, Step::Copy, true, &mut out)
                         }
+                        // The old owner does not copy the shard live any more (it adopted N, a
+                        // later controller's): the keys left travel frozen, in the tail.
+                        CallFor::Step(i, Step::CopyRound) => {
+                            self.problem(format!(
+                                "group {gid} refused a delta round: {reason}; copying frozen"
+                            ));
+                            self.copy_started(i, false, &mut out);
+                        }
                         // The staged copy is not complete (or was dropped): copy it again.
                         CallFor::Step(i, Step::Install) => {
                             self.problem(format!("group {gid} refused the install: {reason}"));
@@ -1660,7 +1872,9 @@ impl Controller {
                         CallFor::Adopt(g, _) => self.adopted(g, adopted, &mut out),
                         CallFor::Step(i, step) => self.step_done(i, step, &mut out),
                         CallFor::Stage(i, round) => self.staged(i, round, &mut out),
-                        CallFor::Adopted(_) | CallFor::Chunk(..) => self.unexpected(),
+                        CallFor::Adopted(_) | CallFor::Chunk(..) | CallFor::Delta(..) => {
+                            self.unexpected()
+                        }
                     },
                 }
             }

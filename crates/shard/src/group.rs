@@ -22,16 +22,17 @@ use serde::{Deserialize, Serialize};
 use shoal_kv::{KvStore, Limits};
 use shoal_raft::LogIndex;
 use shoal_wire::kv::{KvOp, KvRequest, KvResult};
-use shoal_wire::shard::{CopiedItem, ShardChunk};
+use shoal_wire::shard::{CopiedItem, DeltaChunk, ShardChunk};
 
 use crate::{diff, shard_of, Config, Gid, ShardId, NO_GROUP};
 
 /// The format version byte in front of every encoded [`GroupEntry`].
 pub const ENTRY_FORMAT: u8 = 1;
-/// The format version byte in front of a [`ShardMachine`] snapshot (3: with the copies in
-/// progress at the old owner, [`CopyTrack`]; 2, with the staged copies of shards moving in
-/// but no copy tracking, and 1, without either, are still restored).
-pub const MACHINE_SNAPSHOT_FORMAT: u8 = 3;
+/// The format version byte in front of a [`ShardMachine`] snapshot (4: with the delta rounds
+/// of copies in progress, [`CopyTrack::round`] and [`CopyTrack::pending`], and the round of
+/// each staged copy; 3, with the copies in progress but no rounds, 2, with the staged copies
+/// of shards moving in but no copy tracking, and 1, without either, are still restored).
+pub const MACHINE_SNAPSHOT_FORMAT: u8 = 4;
 /// The format byte in front of a shard exported whole by [`ShardMachine::export`].
 pub const EXPORT_FORMAT: u8 = 1;
 /// The format byte in front of the tail of a shard copied in chunks
@@ -124,13 +125,39 @@ pub enum GroupEntry {
         items: Vec<CopiedItem>,
     },
     /// Old owner, before it adopts `config`: record the keys of `shard` written from now on,
-    /// so that the shard can be copied while it serves (see [`CopyTrack`]). The last variant,
-    /// so older entries keep their bytes.
+    /// so that the shard can be copied while it serves (see [`CopyTrack`]).
     CopyStart {
         /// The shard.
         shard: ShardId,
         /// The configuration that will move it away.
         config: u64,
+    },
+    /// Old owner, while `shard` is copied live for `config`: start delta round `round` (see
+    /// [`CopyTrack`]): the previous round's keys are staged at the new owner, the keys
+    /// written since it began become this round's, and recording starts afresh.
+    CopyRound {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that will move it away.
+        config: u64,
+        /// One more than the track's round.
+        round: u32,
+    },
+    /// New owner: [`GroupEntry::Stage`] of a chunk read in copy round `round` (0: the live
+    /// copy, 1…: a delta round, [`shoal_wire::shard::FROZEN_ROUND`]: the frozen shard), which
+    /// also removes the `absent` keys. Ignored (`Stale`) when the staged copy has taken a
+    /// newer round. The last variant, so older entries keep their bytes.
+    StageRound {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that moves it here.
+        config: u64,
+        /// The round the chunk was read in.
+        round: u32,
+        /// Keys with their values and versions.
+        items: Vec<CopiedItem>,
+        /// Keys absent when the chunk was read.
+        absent: Vec<Vec<u8>>,
     },
 }
 
@@ -245,6 +272,9 @@ pub enum GroupOutput {
 pub struct Staging {
     /// The configuration that moves the shard here.
     pub config: u64,
+    /// The newest copy round staged (0: the live copy; see [`GroupEntry::StageRound`]): a
+    /// chunk of an older round is not staged any more.
+    pub round: u32,
     /// The keys staged so far (no sessions, position 0).
     pub store: KvStore,
 }
@@ -255,13 +285,23 @@ pub struct Staging {
 /// the freeze make the shard as it was frozen (`docs/sharding.md`, "Copying while the shard
 /// serves"). Started by [`GroupEntry::CopyStart`]; dropped at the shard's Delete, at a Freeze
 /// or an Adopt of another (newer) configuration, and replaced by a newer CopyStart.
+///
+/// **Delta rounds** ([`GroupEntry::CopyRound`]) keep the tail small under heavy writes: round
+/// r acknowledges that round r-1's keys are staged at the new owner (they leave `pending`),
+/// moves the keys touched since round r-1 began into `pending` (read by
+/// [`ShardMachine::export_delta`] and staged as round r) and starts `touched` afresh. The tail
+/// carries `pending ∪ touched`: every key written since the last acknowledged round began.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyTrack {
     /// The configuration that will move the shard away.
     pub config: u64,
     /// The shard's position when the tracking began.
     pub p0: u64,
-    /// The keys written or deleted since `p0`.
+    /// The current delta round (0: none started).
+    pub round: u32,
+    /// The keys of the current round: touched before it began, not yet known to be staged.
+    pub pending: BTreeSet<Vec<u8>>,
+    /// The keys written or deleted since the current round began (since `p0` in round 0).
     pub touched: BTreeSet<Vec<u8>>,
 }
 
@@ -312,7 +352,7 @@ struct MachineImageV1 {
 }
 
 #[derive(Serialize, Deserialize)]
-struct StagingImage {
+struct StagingImageV2 {
     shard: ShardId,
     config: u64,
     #[serde(with = "serde_bytes")]
@@ -325,7 +365,45 @@ struct MachineImageV2 {
     config: Config,
     shards: Vec<ShardImage>,
     deleted: Vec<(ShardId, u64)>,
-    staging: Vec<StagingImage>,
+    staging: Vec<StagingImageV2>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CopyImageV3 {
+    shard: ShardId,
+    config: u64,
+    p0: u64,
+    touched: Vec<serde_bytes::ByteBuf>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MachineImageV3 {
+    gid: Gid,
+    config: Config,
+    shards: Vec<ShardImage>,
+    deleted: Vec<(ShardId, u64)>,
+    staging: Vec<StagingImageV2>,
+    copies: Vec<CopyImageV3>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StagingImage {
+    shard: ShardId,
+    config: u64,
+    round: u32,
+    #[serde(with = "serde_bytes")]
+    store: Vec<u8>,
+}
+
+impl From<StagingImageV2> for StagingImage {
+    fn from(old: StagingImageV2) -> StagingImage {
+        StagingImage {
+            shard: old.shard,
+            config: old.config,
+            round: 0,
+            store: old.store,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -333,6 +411,8 @@ struct CopyImage {
     shard: ShardId,
     config: u64,
     p0: u64,
+    round: u32,
+    pending: Vec<serde_bytes::ByteBuf>,
     touched: Vec<serde_bytes::ByteBuf>,
 }
 
@@ -543,9 +623,10 @@ impl ShardMachine {
             match track {
                 None => postcard::to_extend(&tail, vec![TAIL_FORMAT]),
                 Some(t) => {
+                    // Every key written since the last acknowledged round began.
                     let touched = t
-                        .touched
-                        .iter()
+                        .pending
+                        .union(&t.touched)
                         .map(|k| TouchedItem {
                             key: k.clone(),
                             value: s
@@ -561,6 +642,64 @@ impl ShardMachine {
             .expect("a tail always serializes")
         });
         Some(ShardChunk { items, tail })
+    }
+
+    /// A chunk of the current delta round of `shard`, copied live for `config` here (see
+    /// [`CopyTrack`]): the round's keys after `after` in order, up to about `max_bytes` of keys
+    /// and values (at most [`MAX_CHUNK_BYTES`], at least one key), each with its value and
+    /// version now or its absence. `None` unless the shard still serves here, before the group
+    /// adopts `config`, with a copy to `config` in progress.
+    pub fn export_delta(
+        &self,
+        shard: ShardId,
+        config: u64,
+        after: Option<&[u8]>,
+        max_bytes: u64,
+    ) -> Option<DeltaChunk> {
+        let s = self.shards.get(&shard)?;
+        let t = self.copies.get(&shard).filter(|t| t.config == config)?;
+        // Once the group adopted `config` no round starts: the keys left ride in the tail.
+        if s.state != ShardState::Serving || s.config >= config || self.config.num >= config {
+            return None;
+        }
+        let max = max_bytes.clamp(1, MAX_CHUNK_BYTES);
+        let mut keys = match after {
+            Some(a) => t
+                .pending
+                .range::<[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => t
+                .pending
+                .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)),
+        }
+        .peekable();
+        let mut chunk = DeltaChunk {
+            round: t.round,
+            items: Vec::new(),
+            absent: Vec::new(),
+            last: false,
+        };
+        let mut bytes = 0u64;
+        for k in keys.by_ref() {
+            match s.store.get(k) {
+                Some((value, version)) => {
+                    bytes += (k.len() + value.len()) as u64;
+                    chunk.items.push(CopiedItem {
+                        key: k.clone(),
+                        value: value.to_vec(),
+                        version,
+                    });
+                }
+                None => {
+                    bytes += k.len() as u64;
+                    chunk.absent.push(k.clone());
+                }
+            }
+            if bytes >= max {
+                break;
+            }
+        }
+        chunk.last = keys.peek().is_none();
+        Some(chunk)
     }
 
     /// How many keys written during a copy while serving an Install's `data` carries: `None`
@@ -736,9 +875,66 @@ impl ShardMachine {
             CopyTrack {
                 config,
                 p0,
+                round: 0,
+                pending: BTreeSet::new(),
                 touched: BTreeSet::new(),
             },
         );
+        ControlOutcome::Applied
+    }
+
+    /// Starts delta round `round` of the copy of `shard` to `config` (see [`CopyTrack`]):
+    /// only the round after the track's, and only while the group serves the shard before
+    /// adopting `config` (afterwards every key left rides in the tail).
+    fn copy_round(&mut self, shard: ShardId, config: u64, round: u32) -> ControlOutcome {
+        if let Some(r) = self.unknown_shard(shard) {
+            return r;
+        }
+        let seen = self
+            .deleted
+            .get(&shard)
+            .copied()
+            .max(self.shards.get(&shard).map(|s| s.config))
+            .unwrap_or(0)
+            .max(self.copies.get(&shard).map_or(0, |t| t.config));
+        let Some(t) = self.copies.get(&shard).filter(|t| t.config == config) else {
+            if seen >= config {
+                return ControlOutcome::Stale { seen };
+            }
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "no copy of shard {shard} to configuration {config} is in progress in                      group {}: start it with CopyStart",
+                    self.gid
+                ),
+            };
+        };
+        if round <= t.round {
+            return ControlOutcome::AlreadyDone;
+        }
+        if t.round.checked_add(1) != Some(round) {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "the copy of shard {shard} is at round {}: round {round} skips one",
+                    t.round
+                ),
+            };
+        }
+        if self.config.num + 1 != config || !self.serves(shard) {
+            return ControlOutcome::Refused {
+                reason: format!(
+                    "group {} (at configuration {}) no longer serves shard {shard} before \
+                     configuration {config}: the keys left travel in the tail",
+                    self.gid, self.config.num
+                ),
+            };
+        }
+        let Some(t) = self.copies.get_mut(&shard) else {
+            return ControlOutcome::Refused {
+                reason: "no copy".into(),
+            };
+        };
+        t.pending = std::mem::take(&mut t.touched);
+        t.round = round;
         ControlOutcome::Applied
     }
 
@@ -928,8 +1124,16 @@ impl ShardMachine {
             .map_err(|e| format!("the tail's session table: {e}"))
     }
 
-    /// Writes a chunk into the staged copy of `shard` moving here at `config`.
-    fn stage(&mut self, shard: ShardId, config: u64, items: &[CopiedItem]) -> ControlOutcome {
+    /// Writes a chunk read in copy round `round` into the staged copy of `shard` moving here
+    /// at `config`, and removes its `absent` keys; a round older than one staged is `Stale`.
+    fn stage(
+        &mut self,
+        shard: ShardId,
+        config: u64,
+        round: u32,
+        items: &[CopiedItem],
+        absent: &[Vec<u8>],
+    ) -> ControlOutcome {
         if let Some(r) = self.incoming_fence(shard, config) {
             return r;
         }
@@ -954,16 +1158,22 @@ impl ShardMachine {
             };
         }
         let n = self.config.num_shards();
-        if let Some(bad) = items.iter().find(|i| shard_of(&i.key, n) != shard) {
+        let keys = items.iter().map(|i| &i.key).chain(absent);
+        if let Some(bad) = keys.into_iter().find(|k| shard_of(k, n) != shard) {
             return ControlOutcome::Refused {
                 reason: format!(
                     "a staged key is in shard {}, not in shard {shard}",
-                    shard_of(&bad.key, n)
+                    shard_of(bad, n)
                 ),
             };
         }
         match self.staging.get(&shard) {
             Some(st) if st.config > config => return ControlOutcome::Stale { seen: st.config },
+            // A chunk of an older round may hold values older than the newer round's, whose
+            // keys are no longer tracked at the old owner: never staged over them.
+            Some(st) if st.config == config && st.round > round => {
+                return ControlOutcome::Stale { seen: config }
+            }
             Some(st) if st.config == config => {}
             // None, or a copy for an older configuration (never installed): start afresh.
             _ => {
@@ -971,6 +1181,7 @@ impl ShardMachine {
                     shard,
                     Staging {
                         config,
+                        round,
                         store: KvStore::new(self.limits),
                     },
                 );
@@ -981,8 +1192,12 @@ impl ShardMachine {
                 reason: "no staging".into(),
             };
         };
+        st.round = round;
         for i in items {
             st.store.insert_copied(&i.key, &i.value, i.version);
+        }
+        for k in absent {
+            st.store.remove_copied(k);
         }
         ControlOutcome::Applied
     }
@@ -1033,10 +1248,22 @@ impl ShardMachine {
                 shard,
                 config,
                 items,
-            } => GroupOutput::Control(self.stage(*shard, *config, items)),
+            } => GroupOutput::Control(self.stage(*shard, *config, 0, items, &[])),
             GroupEntry::CopyStart { shard, config } => {
                 GroupOutput::Control(self.copy_start(*shard, *config))
             }
+            GroupEntry::CopyRound {
+                shard,
+                config,
+                round,
+            } => GroupOutput::Control(self.copy_round(*shard, *config, *round)),
+            GroupEntry::StageRound {
+                shard,
+                config,
+                round,
+                items,
+                absent,
+            } => GroupOutput::Control(self.stage(*shard, *config, *round, items, absent)),
         }
     }
 
@@ -1061,21 +1288,27 @@ impl ShardMachine {
                 .map(|(&shard, st)| StagingImage {
                     shard,
                     config: st.config,
+                    round: st.round,
                     store: st.store.snapshot(),
                 })
                 .collect(),
             copies: self
                 .copies
                 .iter()
-                .map(|(&shard, t)| CopyImage {
-                    shard,
-                    config: t.config,
-                    p0: t.p0,
-                    touched: t
-                        .touched
-                        .iter()
-                        .map(|k| serde_bytes::ByteBuf::from(k.clone()))
-                        .collect(),
+                .map(|(&shard, t)| {
+                    let keys = |set: &BTreeSet<Vec<u8>>| {
+                        set.iter()
+                            .map(|k| serde_bytes::ByteBuf::from(k.clone()))
+                            .collect()
+                    };
+                    CopyImage {
+                        shard,
+                        config: t.config,
+                        p0: t.p0,
+                        round: t.round,
+                        pending: keys(&t.pending),
+                        touched: keys(&t.touched),
+                    }
                 })
                 .collect(),
         };
@@ -1110,8 +1343,30 @@ impl ShardMachine {
                     config: old.config,
                     shards: old.shards,
                     deleted: old.deleted,
-                    staging: old.staging,
+                    staging: old.staging.into_iter().map(StagingImage::from).collect(),
                     copies: Vec::new(),
+                }
+            }
+            Some(3) => {
+                let old: MachineImageV3 = take_all("snapshot", &bytes[1..])?;
+                MachineImage {
+                    gid: old.gid,
+                    config: old.config,
+                    shards: old.shards,
+                    deleted: old.deleted,
+                    staging: old.staging.into_iter().map(StagingImage::from).collect(),
+                    copies: old
+                        .copies
+                        .into_iter()
+                        .map(|c| CopyImage {
+                            shard: c.shard,
+                            config: c.config,
+                            p0: c.p0,
+                            round: 0,
+                            pending: Vec::new(),
+                            touched: c.touched,
+                        })
+                        .collect(),
                 }
             }
             _ => take_all(
@@ -1171,6 +1426,7 @@ impl ShardMachine {
                 st.shard,
                 Staging {
                     config: st.config,
+                    round: st.round,
                     store,
                 },
             );
@@ -1179,11 +1435,13 @@ impl ShardMachine {
             .copies
             .into_iter()
             .map(|c| {
-                let touched = c.touched.into_iter().map(|k| k.into_vec()).collect();
+                let keys = |v: Vec<serde_bytes::ByteBuf>| v.into_iter().map(|k| k.into_vec());
                 let track = CopyTrack {
                     config: c.config,
                     p0: c.p0,
-                    touched,
+                    round: c.round,
+                    pending: keys(c.pending).collect(),
+                    touched: keys(c.touched).collect(),
                 };
                 (c.shard, track)
             })

@@ -25,7 +25,8 @@ use shoal_replica::{Done, Replica, ReplicaConfig, SnapshotPolicy};
 use shoal_storage::DurableStorage;
 use shoal_wire::kv::{KvOp, KvRequest, KvResult, ServerStatus};
 use shoal_wire::shard::{
-    ControlOp, ControlReply, ControlRequest, ControlStatus, ShardChunk, ShardReply, ShardRequest,
+    ControlOp, ControlReply, ControlRequest, ControlStatus, DeltaChunk, ShardChunk, ShardReply,
+    ShardRequest,
 };
 
 use crate::{ControlOutcome, Gid, GroupEntry, GroupOutput, GroupSnapshot, ShardId, ShardMachine};
@@ -87,6 +88,19 @@ pub enum Waiter {
         /// About how many bytes.
         max_bytes: u64,
     },
+    /// A chunk of a delta round asked by [`GroupHost::export_delta`].
+    ExportDelta {
+        /// The caller's tag.
+        tag: u64,
+        /// The shard.
+        shard: ShardId,
+        /// The configuration it is copied to.
+        config: u64,
+        /// The last key of the previous chunk.
+        after: Option<Vec<u8>>,
+        /// About how many bytes.
+        max_bytes: u64,
+    },
 }
 
 /// The result of [`GroupHost::propose_control`] or [`GroupHost::export`].
@@ -100,6 +114,9 @@ pub enum ControlResult {
     /// A chunk of the shard, confirmed by read-index, or `None` when the shard is not held
     /// frozen at that configuration.
     Chunk(Option<ShardChunk>),
+    /// A chunk of a delta round, confirmed by read-index, or `None` when the shard is not
+    /// copied live for that configuration here.
+    Delta(Option<DeltaChunk>),
     /// This server is not the leader, or lost leadership before the outcome was known (a
     /// control entry may still have applied: they are idempotent, so the caller retries).
     NotLeader {
@@ -416,6 +433,30 @@ impl GroupHost {
         }
     }
 
+    /// Asks for a chunk of the current delta round of `shard`, copied live for `config`
+    /// ([`ShardMachine::export_delta`]), served after a read-index confirmation like
+    /// [`GroupHost::export_chunk`].
+    pub fn export_delta(
+        &mut self,
+        tag: u64,
+        shard: ShardId,
+        config: u64,
+        after: Option<Vec<u8>>,
+        max_bytes: u64,
+    ) {
+        self.collect_done();
+        let waiter = Waiter::ExportDelta {
+            tag,
+            shard,
+            config,
+            after,
+            max_bytes,
+        };
+        if let Err((_, w)) = self.replica.read(waiter) {
+            self.fail(w);
+        }
+    }
+
     /// A control request from the controller arrived on connection `reply_to`: proposes the
     /// step (or serves the read) and answers through [`GroupHost::take_control_replies`]. A
     /// request for another gid is answered `WrongGid`, an Adopt whose configuration does not
@@ -427,6 +468,13 @@ impl GroupHost {
         if req.gid != gid {
             self.control_replies
                 .push((reply_to, ControlReply::WrongGid { tag, gid }));
+            return;
+        }
+        if matches!(req.op, ControlOp::Shards) {
+            // Fixed for the group's life: any server answers.
+            let shards = self.replica.machine().config().num_shards();
+            self.control_replies
+                .push((reply_to, ControlReply::Shards { tag, shards }));
             return;
         }
         if self.replica.raw().role() != Role::Leader {
@@ -442,6 +490,8 @@ impl GroupHost {
                     .push((reply_to, ControlReply::Adopted { tag, adopted }));
                 return;
             }
+            // Answered above.
+            ControlOp::Shards => return,
             ControlOp::Export { shard, config } => {
                 let internal = self.wire_tag(reply_to, tag);
                 self.export(internal, shard, config);
@@ -457,6 +507,16 @@ impl GroupHost {
                 self.export_chunk(internal, shard, config, after, max_bytes);
                 return;
             }
+            ControlOp::ExportDelta {
+                shard,
+                config,
+                after,
+                max_bytes,
+            } => {
+                let internal = self.wire_tag(reply_to, tag);
+                self.export_delta(internal, shard, config, after, max_bytes);
+                return;
+            }
             ControlOp::Stage {
                 shard,
                 config,
@@ -465,6 +525,28 @@ impl GroupHost {
                 shard,
                 config,
                 items,
+            },
+            ControlOp::StageRound {
+                shard,
+                config,
+                round,
+                items,
+                absent,
+            } => GroupEntry::StageRound {
+                shard,
+                config,
+                round,
+                items,
+                absent,
+            },
+            ControlOp::CopyRound {
+                shard,
+                config,
+                round,
+            } => GroupEntry::CopyRound {
+                shard,
+                config,
+                round,
             },
             ControlOp::Adopt { config } => match crate::Config::decode(&config) {
                 Ok(config) => GroupEntry::Adopt { config },
@@ -530,6 +612,11 @@ impl GroupHost {
                     chunk,
                     adopted,
                 },
+                ControlResult::Delta(chunk) => ControlReply::Delta {
+                    tag,
+                    chunk,
+                    adopted,
+                },
                 ControlResult::NotLeader { leader } => ControlReply::NotLeader { tag, leader },
             };
             self.control_replies.push((reply_to, reply));
@@ -562,7 +649,8 @@ impl GroupHost {
             } => self.wrong_leader(reply_to, client, request),
             Waiter::Control { tag }
             | Waiter::Export { tag, .. }
-            | Waiter::ExportChunk { tag, .. } => {
+            | Waiter::ExportChunk { tag, .. }
+            | Waiter::ExportDelta { tag, .. } => {
                 let leader = self.leader_hint();
                 self.control
                     .push((tag, ControlResult::NotLeader { leader }));
@@ -590,7 +678,8 @@ impl GroupHost {
                         .push((reply_to, Self::reply_of(client, request, output))),
                     Waiter::Control { tag }
                     | Waiter::Export { tag, .. }
-                    | Waiter::ExportChunk { tag, .. } => {
+                    | Waiter::ExportChunk { tag, .. }
+                    | Waiter::ExportDelta { tag, .. } => {
                         let result = match output {
                             GroupOutput::Control(outcome) => ControlResult::Applied(outcome),
                             // Control entries only give control outcomes; anything else means
@@ -636,6 +725,21 @@ impl GroupHost {
                             max_bytes,
                         );
                         self.control.push((tag, ControlResult::Chunk(chunk)));
+                    }
+                    Waiter::ExportDelta {
+                        tag,
+                        shard,
+                        config,
+                        after,
+                        max_bytes,
+                    } => {
+                        let chunk = self.replica.machine().export_delta(
+                            shard,
+                            config,
+                            after.as_deref(),
+                            max_bytes,
+                        );
+                        self.control.push((tag, ControlResult::Delta(chunk)));
                     }
                     Waiter::Control { tag } => {
                         let leader = self.leader_hint();

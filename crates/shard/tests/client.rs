@@ -17,9 +17,9 @@ use shoal_kv::{Limits, Outcome, SingleServer};
 use shoal_raft::{Config as RaftConfig, NodeId};
 use shoal_replica::SnapshotPolicy;
 use shoal_shard::client::OWN_TIMER_BIT;
-use shoal_shard::layout::{Record, LATEST_KEY};
+use shoal_shard::layout::{config_key, Record, LATEST_KEY};
 use shoal_shard::{
-    diff, join, move_shard, shard_of, ClientAction, ClientError, Config, ControlOutcome,
+    diff, join, leave, move_shard, shard_of, ClientAction, ClientError, Config, ControlOutcome,
     ControlResult, Gid, GroupEntry, GroupHost, ShardClerk, ShardClerkConfig,
 };
 use shoal_storage::{DurableStorage, MemDisk, StorageConfig};
@@ -226,6 +226,24 @@ impl Store {
             ),
             "{reply:?}"
         );
+        // The history, as the controller writes it.
+        let reply = self.server.handle(&KvRequest {
+            client: self.session,
+            request: self.next_request,
+            op: put(&config_key(config.num), &config.encode()),
+            serializable: false,
+        });
+        self.next_request += 1;
+        assert!(
+            matches!(
+                reply,
+                KvReply::Done {
+                    result: KvResult::Written { .. },
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
         self.latest = Some(config.clone());
     }
 }
@@ -298,10 +316,10 @@ impl World {
                     server,
                     request,
                 } => {
-                    assert_eq!(
-                        self.clerk.config().unwrap().groups[&gid].first(),
-                        Some(&server)
-                    );
+                    // A group that leaves is not in the cached configuration.
+                    if let Some(servers) = self.clerk.config().unwrap().groups.get(&gid) {
+                        assert_eq!(servers.first(), Some(&server));
+                    }
                     self.sent.push((server.clone(), request.clone()));
                     if self.down.contains(&server) {
                         continue;
@@ -1099,4 +1117,58 @@ fn a_shard_moving_is_sent_to_its_previous_owner_until_it_adopts_the_move() {
     let sent_before = w.sent.len();
     w.done(get(&key));
     assert!(w.sent[sent_before..].iter().all(|(s, _)| s == "2a"));
+}
+
+/// The same when the move is a group leaving: a client that knew no configuration before the
+/// incomplete one cannot find the leaving group's servers in it, so it reads the previous
+/// configuration from the history and sends the shard to the leaving group while it still
+/// serves it. Without that, the put below waits at the new owner for ever.
+#[test]
+fn a_shard_of_a_leaving_group_is_sent_there_until_it_adopts_the_move() {
+    let c1 = two_groups();
+    let mut w = World::new(&c1, &[1, 2]);
+    let shard = 2;
+    let key = key_in(shard, 0);
+    written(&w.done(put(&key, b"before")));
+    // Configuration 2: group 2 leaves; recorded, not complete, adopted by nobody.
+    let c2 = leave(&c1, &[2]).unwrap();
+    assert!(!c2.groups.contains_key(&2));
+    w.store.publish_record(&c2, false);
+    // A client that knew no configuration at all.
+    w.clerk = ShardClerk::new(ShardClerkConfig::new(CLIENT + 1, vec![STORE])).unwrap();
+    w.tokens_seen.clear();
+    w.timers.clear();
+    let sent_before = w.sent.len();
+    let v = written(&w.done(put(&key, b"while copied")));
+    assert_eq!(w.clerk.config(), Some(&c2));
+    assert!(
+        w.sent[sent_before..].iter().all(|(s, _)| s == "2a"),
+        "served by the leaving group: {:?}",
+        &w.sent[sent_before..]
+    );
+    // The cut-over: both adopt 2, the leaving group freezes, group 1 installs.
+    for gid in [1, 2] {
+        w.server(gid)
+            .control(GroupEntry::Adopt { config: c2.clone() });
+    }
+    w.server(2).control(GroupEntry::Freeze { shard, config: 2 });
+    let data = w.server(2).export(shard, 2);
+    w.server(1).control(GroupEntry::Install {
+        shard,
+        config: 2,
+        data,
+    });
+    let sent_before = w.sent.len();
+    assert_eq!(
+        w.done(get(&key)),
+        KvResult::Found {
+            value: b"while copied".to_vec(),
+            version: v
+        }
+    );
+    let route: Vec<String> = w.sent[sent_before..]
+        .iter()
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert_eq!(route, vec!["2a".to_string(), "1a".to_string()]);
 }

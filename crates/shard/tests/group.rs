@@ -13,7 +13,7 @@ use shoal_shard::{
     join, shard_of, Config, ControlOutcome, Gid, GroupEntry, GroupOutput, ShardMachine, ShardState,
 };
 use shoal_wire::kv::{Expected, KvOp, KvRequest, KvResult};
-use shoal_wire::shard::{CopiedItem, ShardChunk};
+use shoal_wire::shard::{CopiedItem, DeltaChunk, ShardChunk, FROZEN_ROUND};
 
 const SHARDS: u32 = 4;
 
@@ -428,12 +428,12 @@ fn snapshot_restore_snapshot_is_byte_identical() {
     assert!(fresh
         .restore(LogIndex(1), &mut (b"garbage" as &[u8]))
         .is_err());
-    let mut v4 = bytes.clone();
-    v4[0] = 4;
+    let mut v5 = bytes.clone();
+    v5[0] = 5;
     assert!(fresh
-        .restore(LogIndex(1), &mut (&v4 as &[u8]))
+        .restore(LogIndex(1), &mut (&v5 as &[u8]))
         .unwrap_err()
-        .contains("version 4"));
+        .contains("version 5"));
     for cut in 1..bytes.len() {
         assert!(
             fresh
@@ -992,9 +992,10 @@ fn staged_copies_survive_a_snapshot_and_a_restore_and_old_snapshots_still_restor
     );
     // A format-1 snapshot (before staged copies: the same image without the last field, an
     // empty list here) still restores, as a machine staging nothing.
-    // Format 2 (before copy tracking: without the last list) too.
+    // Format 2 (before copy tracking: without the last list) too, and format 3 (before
+    // delta rounds: the same bytes when nothing is staged or copied).
     let plain = busy_machine().bytes();
-    assert_eq!(plain[0], 3);
+    assert_eq!(plain[0], 4);
     assert_eq!(
         plain[plain.len() - 2..],
         [0, 0],
@@ -1009,6 +1010,11 @@ fn staged_copies_survive_a_snapshot_and_a_restore_and_old_snapshots_still_restor
     v2[0] = 2;
     let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
     old.restore(LogIndex(5), &mut (&v2 as &[u8])).unwrap();
+    assert_eq!(old.snapshot().into_bytes(), plain);
+    let mut v3 = plain.clone();
+    v3[0] = 3;
+    let mut old = ShardMachine::new(1, SHARDS, Limits::default()).unwrap();
+    old.restore(LogIndex(5), &mut (&v3 as &[u8])).unwrap();
     assert_eq!(old.snapshot().into_bytes(), plain);
     // Cut anywhere, the snapshot with staging is an error, never a panic.
     for cut in 1..bytes.len() {
@@ -1278,4 +1284,367 @@ fn copy_tracking_survives_a_snapshot_and_a_newer_configuration_drops_it() {
     let c3 = shoal_shard::move_shard(&c2, 0, 2).unwrap();
     g1.control(&adopt(&c3));
     assert!(g1.m.copy_track(2).is_none() && g1.m.copy_track(3).is_none());
+}
+
+// ---- delta rounds: CopyRound, ExportDelta, StageRound ----
+
+fn copy_round(shard: u32, config: u64, round: u32) -> GroupEntry {
+    GroupEntry::CopyRound {
+        shard,
+        config,
+        round,
+    }
+}
+
+fn stage_round(shard: u32, config: u64, round: u32, c: &DeltaChunk) -> GroupEntry {
+    GroupEntry::StageRound {
+        shard,
+        config,
+        round,
+        items: c.items.clone(),
+        absent: c.absent.clone(),
+    }
+}
+
+fn live_round(shard: u32, config: u64, items: &[CopiedItem]) -> GroupEntry {
+    GroupEntry::StageRound {
+        shard,
+        config,
+        round: 0,
+        items: items.to_vec(),
+        absent: Vec::new(),
+    }
+}
+
+/// Every chunk of `shard`'s current delta round towards `config`, `max` bytes each;
+/// `between` runs after each chunk (writes while the round is read).
+fn delta_chunks(
+    from: &mut Node,
+    shard: u32,
+    config: u64,
+    max: u64,
+    mut between: impl FnMut(&mut Node, usize),
+) -> Vec<DeltaChunk> {
+    let mut after: Option<Vec<u8>> = None;
+    let mut out = Vec::new();
+    loop {
+        let c = from
+            .m
+            .export_delta(shard, config, after.as_deref(), max)
+            .expect("copied live here");
+        let last = c.last;
+        if let Some(k) = c.last_key() {
+            after = Some(k.to_vec());
+        }
+        assert!(last || after.is_some(), "a chunk moves on");
+        out.push(c);
+        between(from, out.len());
+        if last {
+            return out;
+        }
+    }
+}
+
+/// Group 1 serving shard 3 (ten keys) at configuration 1 with its copy to 2 started and
+/// read live to the end; group 2 at configuration 1 with the live chunks staged (round 0).
+/// Returns both, the live chunks, the session and the last key copied live.
+fn copied_live() -> (Node, Node, Vec<Vec<CopiedItem>>, u64, Option<Vec<u8>>) {
+    let (c1, _) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    let s = g1.register(3);
+    for n in 0..10u64 {
+        let k = key_in(3, n as usize);
+        assert_eq!(
+            g1.client(3, req(s, n + 1, put(&k, b"v0123456789"))),
+            written(1)
+        );
+    }
+    let mut g2 = Node::new(2);
+    g2.control(&adopt(&c1));
+    assert_eq!(g1.control(&copy_start(3, 2)), ControlOutcome::Applied);
+    let (parts, after) = live_chunks(&mut g1, 3, 2, None, 30, |_, _| {});
+    for items in &parts {
+        assert_eq!(
+            g2.control(&live_round(3, 2, items)),
+            ControlOutcome::Applied
+        );
+    }
+    (g1, g2, parts, s, after)
+}
+
+fn del(key: Vec<u8>) -> KvOp {
+    KvOp::Delete {
+        key,
+        expected: Expected::Any,
+    }
+}
+
+#[test]
+fn delta_rounds_install_the_frozen_shard_and_an_older_round_never_overwrites_a_newer_one() {
+    let (_, c2) = configs();
+    let (mut g1, mut g2, live, s, after) = copied_live();
+    let mut request = 100;
+    let mut w = |g: &mut Node, op: KvOp| {
+        request += 1;
+        assert!(matches!(
+            g.client(3, req(s, request, op)),
+            GroupOutput::Kv(_)
+        ));
+    };
+    // Written during the live copy: an overwrite, a delete, a new key.
+    w(&mut g1, put(&key_in(3, 0), b"round one"));
+    w(&mut g1, del(key_in(3, 1)));
+    w(&mut g1, put(&key_in(3, 10), b"new"));
+    // Round 1 takes those three keys; recording starts afresh.
+    assert_eq!(g1.control(&copy_round(3, 2, 1)), ControlOutcome::Applied);
+    assert_eq!(
+        g1.control(&copy_round(3, 2, 1)),
+        ControlOutcome::AlreadyDone
+    );
+    let t = g1.m.copy_track(3).unwrap();
+    assert_eq!((t.round, t.pending.len(), t.touched.len()), (1, 3, 0));
+    // Read in chunks of one key, with writes in between (to a key of the round, and to
+    // one outside it): they go to the next round.
+    let round1 = delta_chunks(&mut g1, 3, 2, 1, |g, n| {
+        if n == 1 {
+            w(g, put(&key_in(3, 0), b"during round one"));
+            w(g, put(&key_in(3, 2), b"during round one"));
+        }
+    });
+    assert_eq!(round1.len(), 3, "one key a chunk");
+    assert!(round1.iter().all(|c| c.round == 1));
+    assert_eq!(round1.iter().map(|c| c.absent.len()).sum::<usize>(), 1);
+    for c in &round1 {
+        assert_eq!(
+            g2.control(&stage_round(3, 2, 1, c)),
+            ControlOutcome::Applied
+        );
+    }
+    assert_eq!(g2.m.staging(3).unwrap().round, 1);
+    // Round 2 acknowledges round 1: its keys leave the tail.
+    assert_eq!(g1.control(&copy_round(3, 2, 2)), ControlOutcome::Applied);
+    let t = g1.m.copy_track(3).unwrap();
+    assert_eq!((t.round, t.pending.len(), t.touched.len()), (2, 2, 0));
+    let round2 = delta_chunks(&mut g1, 3, 2, 1 << 20, |_, _| {});
+    assert_eq!(round2.len(), 1);
+    assert_eq!(
+        g2.control(&stage_round(3, 2, 2, &round2[0])),
+        ControlOutcome::Applied
+    );
+    // Chunks of older rounds delivered again now (the live one holds key 0's first value,
+    // round 1's maybe its second): ignored, the staged copy unchanged.
+    let staged = g2.m.staging(3).unwrap().store.snapshot();
+    let old_live = live
+        .iter()
+        .find(|items| items.iter().any(|i| i.key == key_in(3, 0)))
+        .unwrap();
+    assert_eq!(
+        g2.control(&live_round(3, 2, old_live)),
+        ControlOutcome::Stale { seen: 2 }
+    );
+    assert_eq!(
+        g2.control(&stage(3, 2, old_live.clone())),
+        ControlOutcome::Stale { seen: 2 },
+        "a plain Stage is round 0"
+    );
+    for c in &round1 {
+        assert_eq!(
+            g2.control(&stage_round(3, 2, 1, c)),
+            ControlOutcome::Stale { seen: 2 }
+        );
+    }
+    assert_eq!(g2.m.staging(3).unwrap().store.snapshot(), staged);
+    // A key written during round 2, then the last round (only acknowledging round 2), a key
+    // written after it: the tail carries those two keys, not the seven written in all.
+    w(&mut g1, put(&key_in(3, 3), b"during round two"));
+    assert_eq!(g1.control(&copy_round(3, 2, 3)), ControlOutcome::Applied);
+    w(&mut g1, put(&key_in(3, 4), b"after the last round"));
+    // Cut-over.
+    g1.control(&adopt(&c2));
+    g2.control(&adopt(&c2));
+    assert!(
+        matches!(
+            g1.control(&copy_round(3, 2, 4)),
+            ControlOutcome::Refused { .. }
+        ),
+        "no round once the group adopted the move"
+    );
+    assert!(g1.m.export_delta(3, 2, None, 100).is_none());
+    assert_eq!(g1.control(&freeze(3, 2)), ControlOutcome::Applied);
+    let ShardChunk { items, tail } = g1.m.export_chunk(3, 2, after.as_deref(), 30).unwrap();
+    assert!(items.is_empty(), "every key was copied live");
+    let tail = tail.unwrap();
+    assert_eq!(ShardMachine::tail_touched_keys(&tail), Some(2));
+    // A replayed delta stage after the install changes nothing either.
+    assert_eq!(g2.control(&install(3, 2, tail)), ControlOutcome::Applied);
+    assert_eq!(
+        g2.control(&stage_round(3, 2, 2, &round2[0])),
+        ControlOutcome::AlreadyDone
+    );
+    assert_eq!(
+        g2.m.shard(3).unwrap().store.snapshot(),
+        g1.m.shard(3).unwrap().store.snapshot(),
+        "data, versions, sessions and counter"
+    );
+}
+
+#[test]
+fn a_frozen_chunk_is_staged_over_any_round_and_no_round_after_it() {
+    let (_, c2) = configs();
+    let (mut g1, mut g2, live, s, _) = copied_live();
+    g1.client(3, req(s, 50, put(&key_in(3, 0), b"x")));
+    g1.control(&copy_round(3, 2, 1));
+    let round1 = delta_chunks(&mut g1, 3, 2, 1 << 20, |_, _| {});
+    g2.control(&stage_round(3, 2, 1, &round1[0]));
+    g1.client(3, req(s, 51, put(&key_in(3, 0), b"y")));
+    // The group adopts the move before round 1 is acknowledged (a controller that took
+    // over): the whole shard is copied frozen, as the last round, and the tail carries
+    // round 1's keys and the later ones.
+    g1.control(&adopt(&c2));
+    g2.control(&adopt(&c2));
+    g1.control(&freeze(3, 2));
+    let (frozen, tail) = chunks(&g1, 3, 2, 30);
+    assert_eq!(ShardMachine::tail_touched_keys(&tail), Some(1));
+    for items in &frozen {
+        let e = GroupEntry::StageRound {
+            shard: 3,
+            config: 2,
+            round: FROZEN_ROUND,
+            items: items.clone(),
+            absent: Vec::new(),
+        };
+        assert_eq!(g2.control(&e), ControlOutcome::Applied);
+    }
+    for items in &live {
+        assert_eq!(
+            g2.control(&live_round(3, 2, items)),
+            ControlOutcome::Stale { seen: 2 }
+        );
+    }
+    assert_eq!(
+        g2.control(&stage_round(3, 2, 1, &round1[0])),
+        ControlOutcome::Stale { seen: 2 }
+    );
+    assert_eq!(g2.control(&install(3, 2, tail)), ControlOutcome::Applied);
+    assert_eq!(
+        g2.m.shard(3).unwrap().store.snapshot(),
+        g1.m.shard(3).unwrap().store.snapshot()
+    );
+}
+
+#[test]
+fn copy_rounds_are_fenced_by_round_configuration_and_state() {
+    let (c1, c2) = configs();
+    let mut g1 = Node::new(1);
+    g1.control(&adopt(&c1));
+    assert!(matches!(
+        g1.control(&copy_round(9, 2, 1)),
+        ControlOutcome::Refused { reason } if reason.contains("unknown shard")
+    ));
+    // No copy started: refused, and no delta to read.
+    assert!(matches!(
+        g1.control(&copy_round(3, 2, 1)),
+        ControlOutcome::Refused { reason } if reason.contains("CopyStart")
+    ));
+    assert!(g1.m.export_delta(3, 2, None, 100).is_none());
+    g1.control(&copy_start(3, 2));
+    // Round 0 is the copy itself; a round that skips one is refused.
+    assert_eq!(
+        g1.control(&copy_round(3, 2, 0)),
+        ControlOutcome::AlreadyDone
+    );
+    assert!(matches!(
+        g1.control(&copy_round(3, 2, 2)),
+        ControlOutcome::Refused { reason } if reason.contains("skips")
+    ));
+    assert_eq!(g1.m.copy_track(3).unwrap().round, 0);
+    // Another configuration than the copy's: older is stale, newer refused.
+    assert_eq!(
+        g1.control(&copy_round(3, 1, 1)),
+        ControlOutcome::Stale { seen: 2 }
+    );
+    assert!(matches!(
+        g1.control(&copy_round(3, 3, 1)),
+        ControlOutcome::Refused { .. }
+    ));
+    assert!(g1.m.export_delta(3, 3, None, 100).is_none());
+    assert_eq!(g1.control(&copy_round(3, 2, 1)), ControlOutcome::Applied);
+    let empty = g1.m.export_delta(3, 2, None, 100).unwrap();
+    assert!(empty.last && empty.items.is_empty() && empty.absent.is_empty());
+    assert_eq!(empty.round, 1);
+    // Adopted, frozen, deleted: no more rounds; afterwards a round is stale.
+    g1.control(&adopt(&c2));
+    assert!(matches!(
+        g1.control(&copy_round(3, 2, 2)),
+        ControlOutcome::Refused { .. }
+    ));
+    g1.control(&freeze(3, 2));
+    assert!(g1.m.export_delta(3, 2, None, 100).is_none());
+    g1.control(&delete(3, 2));
+    assert_eq!(
+        g1.control(&copy_round(3, 2, 2)),
+        ControlOutcome::Stale { seen: 2 }
+    );
+    // A stage of a round staged into a shard of another group's configuration is refused
+    // as any stage is; keys of another shard in `absent` too.
+    let mut g2 = new_owner();
+    let foreign = GroupEntry::StageRound {
+        shard: 3,
+        config: 2,
+        round: 1,
+        items: Vec::new(),
+        absent: vec![key_in(2, 0)],
+    };
+    assert!(matches!(
+        g2.control(&foreign),
+        ControlOutcome::Refused { reason } if reason.contains("not in shard 3")
+    ));
+    assert!(g2.m.staging(3).is_none());
+}
+
+#[test]
+fn delta_rounds_survive_a_snapshot_and_the_entries_never_panic_on_bad_bytes() {
+    let (mut g1, mut g2, _, s, _) = copied_live();
+    g1.client(3, req(s, 50, put(&key_in(3, 0), b"x")));
+    g1.client(3, req(s, 51, del(key_in(3, 1))));
+    g1.control(&copy_round(3, 2, 1));
+    g1.client(3, req(s, 52, put(&key_in(3, 2), b"y")));
+    let round1 = delta_chunks(&mut g1, 3, 2, 1 << 20, |_, _| {});
+    let entry = stage_round(3, 2, 1, &round1[0]);
+    g2.control(&entry);
+    for g in [&g1, &g2] {
+        let bytes = g.bytes();
+        assert_eq!(bytes[0], 4);
+        let mut fresh = ShardMachine::new(g.m.gid(), SHARDS, Limits::default()).unwrap();
+        fresh.restore(LogIndex(9), &mut (&bytes as &[u8])).unwrap();
+        assert_eq!(fresh.snapshot().into_bytes(), bytes);
+        assert_eq!(fresh.copy_track(3), g.m.copy_track(3));
+        assert_eq!(
+            fresh.staging(3).map(|st| st.round),
+            g.m.staging(3).map(|st| st.round)
+        );
+        assert_eq!(
+            fresh.export_delta(3, 2, None, 100),
+            g.m.export_delta(3, 2, None, 100)
+        );
+        for cut in 1..bytes.len() {
+            let mut m = ShardMachine::new(g.m.gid(), SHARDS, Limits::default()).unwrap();
+            assert!(
+                m.restore(LogIndex(1), &mut (&bytes[..cut] as &[u8]))
+                    .is_err(),
+                "cut {cut}"
+            );
+        }
+    }
+    let t = g1.m.copy_track(3).unwrap();
+    assert_eq!((t.round, t.pending.len(), t.touched.len()), (1, 2, 1));
+    assert_eq!(g2.m.staging(3).unwrap().round, 1);
+    for e in [entry, copy_round(3, 2, 2)] {
+        let bytes = e.encode();
+        assert_eq!(GroupEntry::decode(&bytes).unwrap(), e);
+        for cut in 0..bytes.len() {
+            assert!(GroupEntry::decode(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+    }
 }

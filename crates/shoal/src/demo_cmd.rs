@@ -10,17 +10,14 @@ use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use shoal_cluster::{Proc, Procs, Spec};
 use shoal_mr::app::AppConfig;
-use shoal_mr::coordinator::{prepare_job, run_job, JobOptions, JobReport};
-use shoal_mr::status::JobStatus;
+use shoal_mr::coordinator::{prepare_job, JobOptions, JobReport};
 use shoal_runtime::kv::{Client, ClientConfig, PutOutcome};
 use shoal_wire::kv::{Expected, ServerStatus};
-use tokio::sync::watch;
 
 /// Servers of the demo cluster (a majority survives one crash).
 const SERVERS: usize = 3;
@@ -361,8 +358,15 @@ impl Demo {
                 .args(["--shuffle-listen", "127.0.0.1:0"]);
             self.workers.spawn(spec)?;
         }
-        let (tx, mut rx) = watch::channel(Arc::new(JobStatus::starting()));
-        let job_future = run_job(job, listener, tx);
+        let (publisher, feed) = shoal_runtime::mr::status_channel();
+        let mut rx = feed.subscribe();
+        let job_future = shoal_runtime::mr::run_job(
+            job,
+            shoal_runtime::tls::Security::plain(),
+            listener,
+            publisher,
+            std::future::pending(),
+        );
         tokio::pin!(job_future);
         let deadline = tokio::time::sleep(JOB_TIMEOUT);
         tokio::pin!(deadline);

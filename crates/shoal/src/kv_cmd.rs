@@ -45,7 +45,8 @@ Client commands find the cluster in this order: --endpoints ($SHOAL_ENDPOINTS) o
 of --dir DIR (written by `shoal kv up` / `shoal shard up`), then ./shoal-data/endpoints, then \
 ./shoal-shard/controller. Kill any one server of three: the database keeps answering.")]
 pub struct KvCommand {
-    /// Server addresses (HOST:PORT, a host name or an IP), in server-id order: A,B,C.
+    /// Server addresses (HOST:PORT, a host name or an IP), in any order: A,B,C (a server
+    /// that does not lead tells the client where the leader is).
     #[arg(
         long,
         global = true,
@@ -976,7 +977,7 @@ async fn status(client: &Client, timeout: Duration, json: bool) -> Result<ExitCo
 struct StatusJson {
     /// The server answering as leader (the highest term's), if any.
     leader: Option<u64>,
-    /// Every endpoint, in server-id order.
+    /// Every endpoint, in the order given.
     servers: Vec<ServerJson>,
 }
 

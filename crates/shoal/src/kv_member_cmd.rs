@@ -8,16 +8,22 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use shoal_runtime::kv::{Client, ClientConfig};
-use shoal_wire::kv::{KvOp, MemberInfo};
+use shoal_wire::kv::{KvOp, MemberInfo, SnapshotTransfer};
 
 /// `shoal kv member …`.
 #[derive(Debug, clap::Subcommand)]
 pub enum MemberSub {
-    /// List the members as the leader knows them: ID ADDRESS ROLE MATCH BEHIND (the leader
-    /// is marked `*`; BEHIND is how many log entries a member lacks).
+    /// List the members as the leader knows them: ID ADDRESS ROLE MATCH BEHIND SNAPSHOT (the
+    /// leader is marked `*`; BEHIND is how many log entries a member lacks; SNAPSHOT is the
+    /// snapshot the leader is streaming to it, bytes acknowledged of the total, e.g.
+    /// `412/1024 MiB 40% 35 MiB/s`, or `-`).
+    #[command(
+        after_help = "A learner far behind the log gets the leader's snapshot first: run         `shoal kv member list` again to follow it (the servers also log the progress every         few seconds)."
+    )]
     List {
         /// `text` (default) or `json`: one JSON document `{leader, members: [{id, addr,
-        /// role, match_index, behind}]}`.
+        /// role, match_index, behind, snapshot}]}`, `snapshot` null or `{index, sent_bytes,
+        /// total_bytes, attempt, bytes_per_sec}`.
         #[arg(short = 'o', long, value_enum, default_value_t = crate::output::Format::Text)]
         output: crate::output::Format,
     },
@@ -59,8 +65,8 @@ pub enum MemberSub {
 pub async fn member(mut client: Client, sub: MemberSub) -> Result<ExitCode> {
     let (op, what) = match sub {
         MemberSub::List { output } => {
-            let (leader, members) = client.member_list().await?;
-            print_members(leader, &members, output)?;
+            let (leader, members, transfers) = client.member_list_with_transfers().await?;
+            print_members(leader, &members, &transfers, output)?;
             return Ok(ExitCode::SUCCESS);
         }
         MemberSub::Add { id, addr, learner } => {
@@ -81,7 +87,7 @@ pub async fn member(mut client: Client, sub: MemberSub) -> Result<ExitCode> {
     match client.member_change(op).await? {
         Ok((leader, members)) => {
             println!("{what}");
-            print_members(leader, &members, crate::output::Format::Text)?;
+            print_members(leader, &members, &[], crate::output::Format::Text)?;
             Ok(ExitCode::SUCCESS)
         }
         Err(reason) => bail!("{reason}"),
@@ -101,8 +107,51 @@ struct MemberJson<'a> {
     role: &'static str,
     match_index: u64,
     behind: u64,
+    snapshot: Option<TransferJson>,
 }
 
+#[derive(serde::Serialize)]
+struct TransferJson {
+    index: u64,
+    sent_bytes: u64,
+    total_bytes: u64,
+    attempt: u32,
+    bytes_per_sec: u64,
+}
+
+/// A snapshot transfer for the SNAPSHOT column: `412/1024 MiB 40% 35 MiB/s`, `queued` while
+/// it waits for a send slot, `opening` before its size is known.
+pub fn format_transfer(t: &SnapshotTransfer) -> String {
+    if t.attempt == 0 {
+        return "queued".into();
+    }
+    if t.total_bytes == 0 {
+        return "opening".into();
+    }
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    let (unit, name) = match t.total_bytes {
+        b if b >= 10 * GIB => (GIB, "GiB"),
+        b if b >= MIB => (MIB, "MiB"),
+        b if b >= KIB => (KIB, "KiB"),
+        _ => (1, "B"),
+    };
+    let percent = t.sent_bytes.min(t.total_bytes) * 100 / t.total_bytes;
+    let mut s = format!(
+        "{}/{} {name} {percent}%",
+        t.sent_bytes / unit,
+        t.total_bytes.div_ceil(unit)
+    );
+    if t.bytes_per_sec > 0 {
+        let rate = t.bytes_per_sec as f64 / MIB as f64;
+        s.push_str(&format!(" {rate:.1} MiB/s"));
+    }
+    if t.attempt > 1 {
+        s.push_str(&format!(" (attempt {})", t.attempt));
+    }
+    s
+}
 fn role(m: &MemberInfo) -> &'static str {
     if m.voter {
         "voter"
@@ -111,7 +160,13 @@ fn role(m: &MemberInfo) -> &'static str {
     }
 }
 
-fn print_members(leader: u64, members: &[MemberInfo], output: crate::output::Format) -> Result<()> {
+fn print_members(
+    leader: u64,
+    members: &[MemberInfo],
+    transfers: &[SnapshotTransfer],
+    output: crate::output::Format,
+) -> Result<()> {
+    let transfer = |id: u64| transfers.iter().find(|t| t.to == id);
     match output {
         crate::output::Format::Json => crate::output::print_json(&MembersJson {
             leader,
@@ -123,23 +178,32 @@ fn print_members(leader: u64, members: &[MemberInfo], output: crate::output::For
                     role: role(m),
                     match_index: m.match_index,
                     behind: m.behind,
+                    snapshot: transfer(m.id).map(|t| TransferJson {
+                        index: t.index,
+                        sent_bytes: t.sent_bytes,
+                        total_bytes: t.total_bytes,
+                        attempt: t.attempt,
+                        bytes_per_sec: t.bytes_per_sec,
+                    }),
                 })
                 .collect(),
         }),
         crate::output::Format::Text => {
             println!(
-                "{:<6} {:<22} {:<8} {:>10} {:>8}",
+                "{:<6} {:<22} {:<8} {:>10} {:>8}  SNAPSHOT",
                 "ID", "ADDRESS", "ROLE", "MATCH", "BEHIND"
             );
             for m in members {
                 let id = format!("{}{}", m.id, if m.id == leader { "*" } else { "" });
+                let snapshot = transfer(m.id).map_or_else(|| "-".to_string(), format_transfer);
                 println!(
-                    "{:<6} {:<22} {:<8} {:>10} {:>8}",
+                    "{:<6} {:<22} {:<8} {:>10} {:>8}  {}",
                     id,
                     m.addr,
                     role(m),
                     m.match_index,
-                    m.behind
+                    m.behind,
+                    snapshot
                 );
             }
             Ok(())
@@ -244,5 +308,38 @@ pub async fn wait_until_added(
         }
         polls += 1;
         tokio::time::sleep(JOIN_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transfer(sent: u64, total: u64, attempt: u32, rate: u64) -> SnapshotTransfer {
+        SnapshotTransfer {
+            to: 4,
+            index: 100,
+            sent_bytes: sent,
+            total_bytes: total,
+            attempt,
+            bytes_per_sec: rate,
+        }
+    }
+
+    #[test]
+    fn a_transfer_reads_as_bytes_of_total_percent_and_rate() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(
+            format_transfer(&transfer(412 * MIB, 1024 * MIB, 1, 35 * MIB)),
+            "412/1024 MiB 40% 35.0 MiB/s"
+        );
+        assert_eq!(
+            format_transfer(&transfer(3 * MIB, 30 << 30, 2, 0)),
+            "0/30 GiB 0% (attempt 2)"
+        );
+        assert_eq!(format_transfer(&transfer(512, 2048, 1, 0)), "0/2 KiB 25%");
+        assert_eq!(format_transfer(&transfer(10, 10, 1, 0)), "10/10 B 100%");
+        assert_eq!(format_transfer(&transfer(0, 0, 1, 0)), "opening");
+        assert_eq!(format_transfer(&transfer(0, 0, 0, 0)), "queued");
     }
 }

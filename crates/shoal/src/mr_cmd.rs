@@ -5,17 +5,18 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use shoal_mr::app::{AppConfig, ShippedFile};
 use shoal_mr::apps::sort::{SortConfig, SortFormat};
-use shoal_mr::coordinator::{prepare_job, run_job, CoordinatorError, JobOptions, JobReport};
-use shoal_mr::status::{bind_status, serve_status, JobStatus};
-use shoal_mr::worker::{run_worker, WorkerExit, WorkerOptions};
-use tokio::sync::watch;
+use shoal_mr::coordinator::{prepare_job, CoordinatorError, JobOptions, JobReport};
+use shoal_runtime::mr::{
+    bind_status, run_job, run_worker, serve_status, status_channel, StatusFeed, WorkerExit,
+    WorkerOptions,
+};
+use shoal_runtime::tls::Security;
 
 /// `println!` that ignores a closed stdout (`shoal mr run | head` must not panic).
 macro_rules! say {
@@ -126,8 +127,10 @@ Sort: `--app sort --format lines|terasort` writes the records themselves, in tot
 across mr-out-0, mr-out-1, … (a range partitioner placed from a sample of the input); make
 data with `shoal mr gen` and check the result with `shoal mr validate`.
 Exit status: 0 done; 1 the job failed (a task failed --max-attempts times, or the output
-directory is full, read-only or not writable); 2 bad options or inputs; 130 on Ctrl-C and 143
-on SIGTERM (workers stopped and the scratch directory under $TMPDIR removed either way).";
+directory is full, read-only or not writable); 2 bad options or inputs, or every worker
+exited; 130 on Ctrl-C and 143 on SIGTERM (workers stopped and the scratch directory under
+$TMPDIR removed either way). A job that does not finish still leaves OUT/_status.html and
+OUT/_status.json, with phase `failed` or `abandoned` and why, and no mr-out-* files.";
 
 const COORDINATOR_HELP: &str = "\
 Examples:
@@ -148,7 +151,9 @@ The first line on stdout is `listening on ADDR` (useful with --listen 127.0.0.1:
 Exit status: 0 when the job is done and out/mr-out-* are in place; 1 when a task failed
 --max-attempts times (the message names the task, its input and the error) or the output
 directory is full, read-only or not writable; 2 on bad options or inputs, or a busy --listen
-or --http port (reported before `listening on`); 130 on Ctrl-C, 143 on SIGTERM.";
+or --http port (reported before `listening on`); 130 on Ctrl-C, 143 on SIGTERM (the job is
+abandoned: workers are told, partial outputs removed, and out/_status.html and _status.json
+written with phase `abandoned`).";
 
 const WORKER_HELP: &str = "\
 Examples:
@@ -515,38 +520,62 @@ fn job_options(app: AppConfig, job: &JobArgs, inputs: Vec<PathBuf>, out: PathBuf
     }
 }
 
-/// Where the coordinator publishes its status, and where the progress bars read it.
-type StatusChannel = (
-    watch::Sender<Arc<JobStatus>>,
-    watch::Receiver<Arc<JobStatus>>,
-);
-
-/// Serves the status page on `listener`, if any; returns the sender the coordinator publishes
-/// to.
-fn status_channel(listener: Option<tokio::net::TcpListener>) -> anyhow::Result<StatusChannel> {
-    let (tx, rx) = watch::channel(Arc::new(JobStatus::starting()));
-    serve_status_page(listener, &rx)?;
-    Ok((tx, rx))
-}
-
-/// Serves the status page of `rx` on `listener`, if any, and says where.
+/// Serves the status page of `feed` on `listener`, if any, and says where.
 fn serve_status_page(
     listener: Option<tokio::net::TcpListener>,
-    rx: &watch::Receiver<Arc<JobStatus>>,
+    feed: &StatusFeed,
 ) -> anyhow::Result<()> {
     if let Some(listener) = listener {
         let real = listener.local_addr()?;
         say!("status page on http://{real}/ (JSON at /status.json)");
-        tokio::spawn(serve_status(listener, rx.clone()));
+        tokio::spawn(serve_status(listener, feed.clone()));
     }
     Ok(())
 }
 
-/// Maps a job's failure to an exit code: 1 for a failed task or a job aborted on an
-/// unrecoverable disk error, an error (exit 2) otherwise.
+/// Why a job was stopped by a signal, and the exit code that says so (130 for SIGINT, 143 for
+/// SIGTERM, as shells do).
+struct Stopped {
+    reason: &'static str,
+    code: u8,
+}
+
+/// How `mr run`'s wait for its job ended.
+enum RunEnd {
+    /// The job ended by itself.
+    Job(Result<JobReport, CoordinatorError>),
+    /// It must be abandoned: a signal (`code` its exit code) or no worker left.
+    Stop {
+        reason: &'static str,
+        code: Option<u8>,
+    },
+}
+
+/// Why `mr run` abandons a job whose workers all exited.
+const NO_WORKERS_LEFT: &str = "every worker process exited before the job finished";
+
+/// How long `mr run` waits for an abandoned job's driver to say farewell and write its final
+/// status (its own farewell wait is 2 s).
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM.
+async fn stop_signal(
+    interrupt: &mut tokio::signal::unix::Signal,
+    terminate: &mut tokio::signal::unix::Signal,
+) -> Stopped {
+    tokio::select! {
+        _ = interrupt.recv() => Stopped { reason: "interrupted (SIGINT, Ctrl-C)", code: 130 },
+        _ = terminate.recv() => Stopped { reason: "terminated (SIGTERM)", code: 143 },
+    }
+}
+
+/// Maps a job's failure to an exit code: 1 for a failed task, a job aborted on an
+/// unrecoverable disk error or abandoned, an error (exit 2) otherwise.
 fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
     match e {
-        CoordinatorError::TaskFailed { .. } | CoordinatorError::Aborted(_) => {
+        CoordinatorError::TaskFailed { .. }
+        | CoordinatorError::Aborted(_)
+        | CoordinatorError::Abandoned(_) => {
             eprintln!("error: {e}");
             Ok(ExitCode::from(1))
         }
@@ -555,11 +584,14 @@ fn job_failure(e: CoordinatorError) -> anyhow::Result<ExitCode> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    // Installed before `listening on`: from then on a SIGINT or SIGTERM abandons the job
+    // through its driver (none is lost meanwhile).
+    let mut terminate = sigterm()?;
+    let mut interrupt = sigint()?;
     let security = args.tls.security(args.listen)?;
     let app = args.app.config("wordcount")?;
     let sort_format = app.sort.as_ref().map(|s| s.format.name().to_owned());
-    let mut job = prepare_job(job_options(app, &args.job, args.inputs, args.out.clone()))?;
-    job.security = security;
+    let job = prepare_job(job_options(app, &args.job, args.inputs, args.out.clone()))?;
     // Both ports are bound before either is announced: a busy --http port fails the command
     // before any worker can connect (and before `listening on` tells anyone to try).
     let status_listener = match args.job.http {
@@ -571,30 +603,47 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     // The metrics port too is bound before `listening on`; that line stays the first.
-    let (tx, rx) = watch::channel(Arc::new(JobStatus::starting()));
-    crate::obs::start_mr_metrics(args.obs.metrics, rx.clone()).await?;
+    let (publisher, feed) = status_channel();
+    crate::obs::start_mr_metrics(args.obs.metrics, feed.subscribe()).await?;
     say!("listening on {addr}");
-    serve_status_page(status_listener, &rx)?;
+    serve_status_page(status_listener, &feed)?;
     let _ = std::io::stdout().flush();
     let maps = job.splits.len();
-    let mut terminate = sigterm()?;
-    tokio::select! {
-        result = run_job(job, listener, tx) => match result {
-            Ok(report) => {
-                print_summary(&report, maps, None, sort_format.as_deref(), &args.out);
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => job_failure(e),
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted: the job is abandoned");
-            Ok(ExitCode::from(130))
+    // A signal abandons the job through the driver, which tells the workers, removes partial
+    // outputs and writes the final status page (phase "abandoned") before returning.
+    let stopped = std::cell::Cell::new(None);
+    let stop = async {
+        let s = stop_signal(&mut interrupt, &mut terminate).await;
+        stopped.set(Some(s.code));
+        s.reason.to_string()
+    };
+    match run_job(job, security, listener, publisher, stop).await {
+        Ok(report) => {
+            print_summary(&report, maps, None, sort_format.as_deref(), &args.out);
+            Ok(ExitCode::SUCCESS)
         }
-        _ = terminate.recv() => {
-            eprintln!("terminated: the job is abandoned");
-            Ok(ExitCode::from(143))
+        Err(CoordinatorError::Abandoned(reason)) => {
+            let code = stopped.get().unwrap_or(1);
+            let word = if code == 143 {
+                "terminated"
+            } else {
+                "interrupted"
+            };
+            tracing::debug!(%reason, "job abandoned");
+            eprintln!(
+                "{word}: the job is abandoned (final status in {})",
+                args.out.join(shoal_mr::status::page::FINAL_HTML).display()
+            );
+            Ok(ExitCode::from(code))
         }
+        Err(e) => job_failure(e),
     }
+}
+
+/// A stream of SIGINTs (Ctrl-C).
+fn sigint() -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot install a SIGINT handler")
 }
 
 /// Binds the status page's port (`--http`).
@@ -692,7 +741,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let tmp = std::env::temp_dir();
     // Scratch directories of `mr run`s that were SIGKILLed (their workers died with them).
-    shoal_mr::worker::remove_dirs_of_dead_processes(&tmp, SCRATCH_PREFIX);
+    shoal_runtime::mr::remove_dirs_of_dead_processes(&tmp, SCRATCH_PREFIX);
     let scratch = tmp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
     // Declared before the workers, so dropped after them: the directory goes once no worker
     // writes to it, on every way out of this function (errors, Ctrl-C, SIGTERM).
@@ -700,8 +749,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Installed before anything slow, so that a SIGINT or SIGTERM from now on takes the
     // cleanup path (they are acted on in the job loop below; none is lost meanwhile).
     let mut terminate = sigterm()?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("cannot install a SIGINT handler")?;
+    let mut interrupt = sigint()?;
     let (inputs, bundled) = if args.inputs.is_empty() {
         let books = shoal_mr::local::write_bundled_books(&scratch.join("books"))
             .context("cannot write the bundled books to a temporary directory")?;
@@ -724,7 +772,9 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot listen on 127.0.0.1")?;
     let addr = listener.local_addr()?;
-    let (tx, mut rx) = status_channel(status_listener)?;
+    let (publisher, feed) = status_channel();
+    serve_status_page(status_listener, &feed)?;
+    let mut rx = feed.subscribe();
 
     let json = args.output == crate::output::Format::Json;
     if json {
@@ -785,14 +835,23 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     reduce_bar.set_style(style);
     reduce_bar.set_prefix("reduce");
 
-    let job_future = run_job(job, listener, tx);
+    // The job is abandoned through its driver (so that it tells the workers, removes partial
+    // outputs and writes the final status page) when a signal comes or every worker is gone.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<String>();
+    let stop = async move {
+        match stop_rx.await {
+            Ok(reason) => reason,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let job_future = run_job(job, Security::plain(), listener, publisher, stop);
     tokio::pin!(job_future);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     // When the map phase was seen over (to the poll's 100 ms).
     let mut map_phase_ms: Option<u64> = None;
-    let result = loop {
+    let end = loop {
         tokio::select! {
-            r = &mut job_future => break r,
+            r = &mut job_future => break RunEnd::Job(r),
             _ = poll.tick() => {
                 let s = rx.borrow_and_update().clone();
                 if map_phase_ms.is_none() && s.maps_total > 0 && s.maps_done == s.maps_total {
@@ -814,22 +873,40 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
                     mb("reduce.output.bytes")
                 ));
                 if children.running() == 0 {
-                    bars.clear().ok();
-                    bail!("every worker process exited before the job finished (run with SHOAL_LOG=info to see why)");
+                    break RunEnd::Stop { reason: NO_WORKERS_LEFT, code: None };
                 }
             }
-            // Ctrl-C and SIGTERM take the same way out: `children` (killed and reaped) and
-            // then `_cleanup` (the scratch directory) are dropped on return.
-            _ = interrupt.recv() => {
-                bars.clear().ok();
-                eprintln!("interrupted: stopping the workers");
-                return Ok(ExitCode::from(130));
+            // Ctrl-C and SIGTERM take the same way out: the job is abandoned, then `children`
+            // (killed and reaped) and `_cleanup` (the scratch directory) are dropped on return.
+            stopped = stop_signal(&mut interrupt, &mut terminate) => {
+                break RunEnd::Stop { reason: stopped.reason, code: Some(stopped.code) };
             }
-            _ = terminate.recv() => {
-                bars.clear().ok();
-                eprintln!("terminated: stopping the workers");
-                return Ok(ExitCode::from(143));
+        }
+    };
+    let result = match end {
+        RunEnd::Job(result) => result,
+        RunEnd::Stop { reason, code } => {
+            bars.clear().ok();
+            let _ = stop_tx.send(reason.to_string());
+            // The driver tells the workers, cleans the output directory and writes the final
+            // status page (phase "abandoned"); bounded, as the caller waits.
+            if tokio::time::timeout(ABANDON_GRACE, &mut job_future)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the coordinator did not finish abandoning the job in time");
             }
+            return match code {
+                Some(130) => {
+                    eprintln!("interrupted: stopping the workers");
+                    Ok(ExitCode::from(130))
+                }
+                Some(code) => {
+                    eprintln!("terminated: stopping the workers");
+                    Ok(ExitCode::from(code))
+                }
+                None => bail!("{reason} (run with SHOAL_LOG=info to see why)"),
+            };
         }
     };
     map_bar.finish();

@@ -172,7 +172,7 @@ impl MrMetrics {
         for (state, n) in ["idle", "busy", "lost"].into_iter().zip(workers) {
             self.workers.get_or_create(&StateLabel { state }).set(n);
         }
-        for phase in ["starting", "map", "reduce", "done", "failed"] {
+        for phase in ["starting", "map", "reduce", "done", "failed", "abandoned"] {
             self.phase
                 .get_or_create(&PhaseLabel {
                     phase: phase.to_string(),
@@ -218,11 +218,11 @@ pub async fn start_mr_metrics(
 }
 
 /// Starts an `mr worker`'s metrics endpoint if `--metrics` was given: the tasks it ran and
-/// their bytes (`shoal_mr::worker_metrics`).
+/// their bytes (`shoal_runtime::mr::metrics`).
 pub async fn start_worker_metrics(addr: Option<SocketAddr>) -> Result<()> {
     let Some(addr) = addr else { return Ok(()) };
     let mut registry = Registry::default();
-    shoal_mr::metrics::register(&mut registry);
+    shoal_runtime::mr::metrics::register(&mut registry);
     shoal_metrics::start(addr, registry).await?;
     Ok(())
 }

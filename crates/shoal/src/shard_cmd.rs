@@ -18,8 +18,8 @@ use shoal_shard::{Config, ControllerStatus, Gid, Op, ShardId};
 
 use crate::kv_cmd::read_endpoints;
 use shoal_runtime::shard::{
-    group_server_status_secure, read_config_secure, read_latest_secure, ControllerDriverConfig,
-    GroupServerStatus, ShardController,
+    group_server_shards_secure, group_server_status_secure, read_config_secure, read_latest_secure,
+    ControllerDriverConfig, GroupServerStatus, ShardController,
 };
 
 /// Where `shoal shard up` keeps its cluster, and where the controller commands look for it.
@@ -99,7 +99,9 @@ enum ShardSub {
         shoal shard join 4=127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403\n  \
         shoal shard join 4=10.0.0.4:7000,10.0.0.5:7000,10.0.0.6:7000 5=10.0.0.7:7000 --controller 10.0.0.1:7001\n\
         A gid that is already a member is refused (exit 1) and nothing changes. A group that \
-        left may join again with the same servers.")]
+        left may join again with the same servers. Refused the same way: a group whose servers \
+        were started with another --shards than the cluster's, and a --shards that is not the \
+        cluster's.")]
     Join(JoinArgs),
     /// Remove replica groups: their shards move to the remaining groups; prints the new
     /// configuration number once the moves are complete.
@@ -203,10 +205,11 @@ struct JoinArgs {
     /// Groups to add: GID=ADDR,ADDR,ADDR (gid from 1; the servers in server-id order).
     #[arg(required = true, value_name = "GID=ADDRS", value_parser = parse_group)]
     groups: Vec<(Gid, Vec<SocketAddr>)>,
-    /// Number of shards, used only when the controller store holds no configuration yet (a
-    /// cluster started by hand): it must be the groups' --shards.
-    #[arg(long, default_value_t = shoal_shard::DEFAULT_SHARDS)]
-    shards: u32,
+    /// Number of shards [default: 128], used only when the controller store holds no
+    /// configuration yet (a cluster started by hand): it must be the groups' --shards. Given
+    /// for an existing cluster, it must be the cluster's.
+    #[arg(long)]
+    shards: Option<u32>,
     #[command(flatten)]
     ctl: ControllerOpts,
 }
@@ -549,11 +552,70 @@ async fn join(args: JoinArgs) -> Result<ExitCode> {
             bail!("group {gid} is given twice: give each group once, with all its servers");
         }
     }
+    // The cluster's shard count: the latest configuration's, else --shards (a first join).
+    let list = join_addrs(&store);
+    let latest = read_latest_secure(&security(), &store, args.ctl.cluster, READ_TIMEOUT)
+        .await
+        .with_context(|| format!("reading the controller store at {list}"))?;
+    let shards = match (&latest, args.shards) {
+        (Some(r), Some(given)) if r.config.num_shards() != given => {
+            eprintln!(
+                "error: --shards {given} is not the cluster's: configuration {} has {} shards \
+                 (the count is fixed when the first group joins); leave --shards out \
+                 (nothing changed)",
+                r.config.num,
+                r.config.num_shards()
+            );
+            return Ok(ExitCode::from(1));
+        }
+        (Some(r), _) => r.config.num_shards(),
+        (None, given) => given.unwrap_or(shoal_shard::DEFAULT_SHARDS),
+    };
+    shoal_shard::validate_shards(u64::from(shards))
+        .map_err(|e| anyhow::anyhow!("--shards: {e}"))?;
     if !wait_for_leaders(&groups, args.ctl.cluster).await? {
         eprintln!("interrupted before the change was recorded: nothing changed");
         return Ok(ExitCode::from(130));
     }
-    change(&store, &args.ctl, Op::Join(groups), Some(args.shards)).await
+    if let Some(refusal) = other_shard_counts(&groups, shards, args.ctl.cluster).await {
+        eprintln!("error: {refusal} (nothing changed)");
+        return Ok(ExitCode::from(1));
+    }
+    change(&store, &args.ctl, Op::Join(groups), Some(shards)).await
+}
+
+/// A joining group whose servers were started with another shard count than `shards` would
+/// refuse every configuration (`shard counts differ`) and the join would wait for ever: says
+/// which, and what to do. Asks each group's servers until one answers; a group none of whose
+/// servers answers the question (older servers) is not checked.
+async fn other_shard_counts(
+    groups: &BTreeMap<Gid, Vec<String>>,
+    shards: u32,
+    cluster: u64,
+) -> Option<String> {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+    for (&gid, servers) in groups {
+        for name in servers {
+            let Ok(addr) = crate::cli::parse_addr(name) else {
+                continue;
+            };
+            match group_server_shards_secure(&security(), addr, gid, cluster, PROBE_TIMEOUT).await {
+                Ok(theirs) if theirs != shards => {
+                    return Some(format!(
+                        "group {gid}'s servers have {theirs} shards ({name} was started with \
+                         --shards {theirs}), the cluster {shards}: start the group's servers \
+                         with --shards {shards} on empty data directories, or, for the first \
+                         join of a new cluster, give --shards {theirs}"
+                    ));
+                }
+                Ok(_) => break,
+                Err(why) => {
+                    tracing::debug!(gid, server = %name, %why, "no shard count from this server");
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Before a join is recorded, waits until every joining group has a leader answering: a

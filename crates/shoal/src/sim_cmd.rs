@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use shoal_lab::mr::{MrApp, MrOptions};
 use shoal_lab::{Report, Workload};
 use shoal_sim::scenarios::{heartbeat_cluster, HEARTBEAT_INTERVAL};
 use shoal_sim::{NemesisConfig, NetConfig, SimConfig};
@@ -36,10 +37,39 @@ enum WorkloadArg {
     /// joining, removing and moving groups, routing clients putting and getting, Figure 3 on
     /// every group and the shard invariant after every event, the history checked.
     Shard,
-    /// A MapReduce job (the coordinator's event machine, workers running wordcount) with
-    /// workers crashing, pausing and losing map output and a faulty network; every output
-    /// file checked after every event, the result against `shoal mr seq`'s.
+    /// A MapReduce job (the coordinator's event machine, workers running a built-in app:
+    /// wordcount, indexer, grep, sort or terasort, one per seed in turn) with workers
+    /// crashing, pausing and losing map output and a faulty network; every output file
+    /// checked after every event, the outputs durable when the job is done, the result
+    /// against `shoal mr seq`'s.
     Mr,
+}
+
+/// The app of `--workload mr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MrAppArg {
+    /// Word counts.
+    Wordcount,
+    /// An inverted index: word → the inputs holding it.
+    Indexer,
+    /// Lines matching a pattern drawn per seed.
+    Grep,
+    /// A total-order sort of lines (range partitioner from a sample of the inputs).
+    Sort,
+    /// The sort of 100-byte TeraSort records by their 10-byte keys.
+    Terasort,
+}
+
+impl MrAppArg {
+    fn app(self) -> MrApp {
+        match self {
+            MrAppArg::Wordcount => MrApp::WordCount,
+            MrAppArg::Indexer => MrApp::Indexer,
+            MrAppArg::Grep => MrApp::Grep,
+            MrAppArg::Sort => MrApp::Sort,
+            MrAppArg::Terasort => MrApp::TeraSort,
+        }
+    }
 }
 
 /// Arguments of `shoal sim`.
@@ -60,6 +90,10 @@ pub struct SimArgs {
     /// phase, before the heal and the final checks (default 20s).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// mr: the app every seed runs (default: each seed its own, in turn: seed modulo 5 picks
+    /// wordcount, indexer, grep, sort, terasort).
+    #[arg(long, value_enum)]
+    app: Option<MrAppArg>,
     /// heartbeat: nodes in the cluster.
     #[arg(long, default_value_t = 5)]
     nodes: u32,
@@ -90,10 +124,14 @@ runs the sharded KV (a 3-server controller store, 4 groups of 3, a controller, 3
 clients) the same way, with random joins, leaves and moves as one more fault and the shard
 invariant (at most one group serves a shard; it holds every applied write) after every
 event. --workload mr runs a MapReduce job (the coordinator's event machine, 4 workers running
-wordcount on generated inputs) while workers crash, pause and lose their map output and the
-network drops, delays, reorders and partitions, for --duration or until the job ends; every
-`mr-out-<r>` visible is checked after every event (never partial), and at the end the output
-must equal `shoal mr seq`'s on the same inputs. Per seed one line:
+the app's map and reduce on generated inputs) while workers crash, pause and lose their map
+output and the network drops, delays, reorders and partitions, for --duration or until the
+job ends; every
+`mr-out-<r>` visible is checked after every event (never partial); the instant the job is
+declared done, every reduce must have been committed and the coordinator's disk is crashed
+(unsynced data lost or torn): every output must still be whole, and equal `shoal mr seq`'s on
+the same inputs (sort and terasort: in total order across the outputs too). Each seed runs one
+app in turn (wordcount, indexer, grep, sort, terasort); --app picks one. Per seed one line:
 the faults drawn, events, operations checked, the trace hash and the verdict. A failing seed
 prints the violation, the trace tail and the one command that replays it, and the exit code
 is 1. With --seeds N a summary follows (and a progress bar on a terminal).
@@ -105,6 +143,7 @@ Examples:
   shoal sim --workload kv --seeds 200
   shoal sim --workload shard --seeds 50
   shoal sim --workload mr --seeds 1000
+  shoal sim --workload mr --app sort --seeds 500
   shoal sim --workload raft --seed 17 --duration 5s";
 
 /// Arguments of `shoal bench sim`.
@@ -151,6 +190,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
+    if args.app.is_some() && args.workload != WorkloadArg::Mr {
+        bail!("--app is for --workload mr (the MapReduce job's app)");
+    }
     let workload = match args.workload {
         WorkloadArg::Heartbeat => return run_heartbeat(args),
         WorkloadArg::Raft => Workload::Raft,
@@ -168,13 +210,15 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         bail!("--seed + --seeds is past the last seed");
     };
     let duration = args.duration.unwrap_or(WORKLOAD_DURATION);
-    run_workload(workload, args.seed..=last, duration, args.tail)
+    let app = args.app.map(MrAppArg::app);
+    run_workload(workload, app, args.seed..=last, duration, args.tail)
 }
 
 /// Runs `workload` over `seeds`, printing one line per seed (and the details of a failing
 /// one), then a summary. Everything on stdout is a function of the arguments alone.
 fn run_workload(
     workload: Workload,
+    app: Option<MrApp>,
     seeds: std::ops::RangeInclusive<u64>,
     duration: Duration,
     tail: usize,
@@ -199,13 +243,33 @@ fn run_workload(
     // The simulated servers log through `tracing` with wall-clock stamps: noise here, and
     // thousands of lines per seed. SHOAL_LOG (e.g. `SHOAL_LOG=info` on a replay) shows them.
     let quiet = std::env::var_os("SHOAL_LOG").is_none();
+    let run = |seed| match (workload, app) {
+        (Workload::Mr, Some(app)) => {
+            let options = MrOptions {
+                app: Some(app),
+                ..MrOptions::default()
+            };
+            shoal_lab::mr::run_mr_with(seed, duration, options)
+        }
+        _ => workload.run(seed, duration),
+    };
+    // mr: passed and failed seeds per app.
+    let mut by_app: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
     for seed in seeds {
         let report = if quiet {
             let silent = tracing::subscriber::NoSubscriber::default();
-            tracing::subscriber::with_default(silent, || workload.run(seed, duration))
+            tracing::subscriber::with_default(silent, || run(seed))
         } else {
-            workload.run(seed, duration)
+            run(seed)
         };
+        if let Some(name) = report.app {
+            let counts = by_app.entry(name).or_default();
+            if report.outcome.is_ok() {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+        }
         events += report.events;
         if let Some(n) = report.membership_changes {
             *changes.get_or_insert(0) += n;
@@ -239,6 +303,13 @@ fn run_workload(
         if let Some(n) = changes {
             println!("membership changes: {n} committed over all seeds");
         }
+        if !by_app.is_empty() {
+            let apps: Vec<String> = by_app
+                .iter()
+                .map(|(name, (ok, bad))| format!("{name} {ok} passed, {bad} failed"))
+                .collect();
+            println!("by app: {}", apps.join("; "));
+        }
         if !failed.is_empty() {
             let list: Vec<String> = failed.iter().map(u64::to_string).collect();
             println!("failed seeds: {}", list.join(" "));
@@ -265,8 +336,12 @@ fn format_duration(d: Duration) -> String {
 
 /// The command that replays one seed.
 fn replay_command(report: &Report) -> String {
+    let app = report
+        .app
+        .map(|a| format!(" --app {a}"))
+        .unwrap_or_default();
     format!(
-        "shoal sim --workload {} --seed {} --duration {}",
+        "shoal sim --workload {}{app} --seed {} --duration {}",
         report.workload.name(),
         report.seed,
         format_duration(report.duration)
@@ -293,7 +368,12 @@ fn format_report(r: &Report, tail: usize, detailed: bool) -> String {
         Workload::Kv | Workload::Shard => {
             format!("ops checked {}, puts acked {}", r.ops, r.committed)
         }
-        Workload::Mr => format!("attempts {}, outputs {}", r.ops, r.committed),
+        Workload::Mr => format!(
+            "app {}, attempts {}, outputs {}",
+            r.app.unwrap_or("?"),
+            r.ops,
+            r.committed
+        ),
     };
     let verdict = match (&r.outcome, &r.history_gave_up) {
         (Err(_), _) => "FAILED".to_string(),
@@ -527,6 +607,7 @@ mod tests {
             committed: 9,
             history_gave_up: None,
             membership_changes: None,
+            app: None,
             trace_hash: 0xabc,
             outcome: Err(shoal_sim::Failure {
                 message: "history not linearizable: ...".into(),
@@ -548,6 +629,34 @@ mod tests {
                 "  [2] b",
                 "  [3] c",
                 "replay: shoal sim --workload kv --seed 17 --duration 2500ms",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_mr_seed_names_its_app_in_the_line_and_the_replay() {
+        let report = Report {
+            workload: Workload::Mr,
+            seed: 3,
+            duration: Duration::from_secs(20),
+            faults: shoal_sim::FaultSummary::default(),
+            events: 10,
+            sim_time: shoal_sim::SimTime::from_nanos(1_000_000_000),
+            ops: 7,
+            committed: 2,
+            history_gave_up: None,
+            membership_changes: None,
+            app: Some("sort"),
+            trace_hash: 0xabc,
+            outcome: Ok(()),
+        };
+        let text = format_report(&report, 2, true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "mr seed 3: faults: none | events 10 | app sort, attempts 7, outputs 2 | trace hash 0000000000000abc | ok",
+                "replay: shoal sim --workload mr --app sort --seed 3 --duration 20s",
             ]
         );
     }

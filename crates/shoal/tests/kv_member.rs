@@ -2,7 +2,8 @@
 //! server`s; server 1 is SIGKILLed and its data directory wiped; a fresh server 4 is started
 //! with `--join` (before it is added), added as a learner, promoted, and server 1 removed;
 //! then the cluster grows to five (server 5 added before it starts, server 6 after) and
-//! shrinks back to three (servers 2 and 3 removed). Clients keep doing gets and conditional
+//! shrinks back to three (servers 2 and 3 removed; 3 while it is down, then restarted on its
+//! data: it must say that it was removed). Clients keep doing gets and conditional
 //! puts throughout; their history must be linearizable and no acknowledged put lost. The
 //! membership commands' errors are checked on the way (id in use, unknown id).
 
@@ -146,6 +147,19 @@ impl Servers {
     }
 }
 
+/// Polls `done` every 100 ms until it holds, at most [`WAIT`]; whether it did.
+#[allow(clippy::disallowed_methods)] // a real-process test: bounded waits on the wall clock
+fn poll_until(mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > WAIT {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
 /// Adds server `id` as a learner and promotes it (retrying while it is behind).
 fn add_and_promote(s: &Servers, id: u64) {
     let addr = s.addr(id);
@@ -211,10 +225,21 @@ fn replace_grow_and_shrink_under_load_history_is_linearizable() {
     add_and_promote(&s, 6);
     assert_eq!(s.voters(), vec![2, 3, 4, 5, 6], "grown to five");
 
-    // Shrink to three.
+    // Shrink to three: server 2 removed while it runs; server 3 removed while it is down,
+    // then restarted on its data, which still says it is a member: it asks the leader and
+    // says that it was removed.
     s.member(&["remove", "2"]);
+    s.procs.kill(2);
     s.member(&["remove", "3"]);
     assert_eq!(s.voters(), vec![4, 5, 6], "shrunk to three");
+    s.procs.restart(2).expect("restart server 3");
+    let log = s.dir.path().join("node3.log");
+    let said = poll_until(|| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("server 3 is not a member of the cluster")
+    });
+    assert!(said, "server 3 removed while down does not say so: {log:?}");
     s.procs.kill(1);
     s.procs.kill(2);
     // The load runs a little longer on the new servers alone.

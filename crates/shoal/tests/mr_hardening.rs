@@ -231,6 +231,76 @@ fn stop_mr_run_with(sig: &str, code: i32, message: &str) {
         assert!(!running(w), "worker {w} outlived mr run");
     }
     assert!(!scratch.exists(), "scratch {} left", scratch.display());
+    // Before: an abandoned job left no final page. Now the driver writes it, phase
+    // "abandoned" with the signal as the reason, and no partial output.
+    let json = std::fs::read_to_string(lab.out().join("_status.json")).expect("_status.json");
+    let status: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(status["phase"], "abandoned", "{json}");
+    let reason = status["outcome"]["Abandoned"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains(&format!("SIG{sig}")), "{json}");
+    let html = std::fs::read_to_string(lab.out().join("_status.html")).expect("_status.html");
+    assert!(html.contains("The job was abandoned"), "{html}");
+    assert!(
+        entries_starting(&lab.out(), "mr-out-").is_empty(),
+        "outputs of an abandoned job left"
+    );
+}
+
+/// Before: Ctrl-C on `mr coordinator` left no final page. Now the job is abandoned through its
+/// driver: exit 130, `_status.json` with phase "abandoned" and the reason, `_status.html`
+/// saying so.
+#[test]
+fn ctrl_c_on_the_coordinator_writes_the_final_page_as_abandoned() {
+    let lab = Lab::new();
+    let mut cmd = shoal();
+    cmd.args(["mr", "coordinator", "--listen", "127.0.0.1:0", "--out"])
+        .arg(lab.out())
+        .args(&books()[..1])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the coordinator");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    expect_line(&rx, "listening on", Duration::from_secs(20));
+    signal(child.id(), "INT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the coordinator did not exit on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: the job is abandoned"),
+        "{stderr}"
+    );
+    let json = std::fs::read_to_string(lab.out().join("_status.json")).expect("_status.json");
+    let status: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(status["phase"], "abandoned", "{json}");
+    assert!(
+        status["outcome"]["Abandoned"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SIGINT")),
+        "{json}"
+    );
+    assert!(lab.out().join("_status.html").exists());
 }
 
 /// Before: SIGTERM killed `mr run` with no message, its workers ran on for 10 s and its

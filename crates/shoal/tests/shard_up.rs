@@ -4,7 +4,9 @@
 //! numbers; `status` shows each group's leader; a SIGKILLed server is restarted; a second
 //! `shard up` on the running directory is refused; stopped and started again, `shard up`
 //! resumes the same configuration without a new join (a group that left stays out); a join of an unreachable group waits,
-//! says why, and Ctrl-C leaves it recorded but incomplete. About 15 s on 2 cores.
+//! says why, and Ctrl-C leaves it recorded but incomplete; a join of a group of another shard
+//! count, or with a --shards other than the cluster's, is refused with nothing recorded.
+//! About 15 s on 2 cores.
 
 mod kv_support;
 mod proc_support;
@@ -425,6 +427,41 @@ fn shard_up_joins_its_groups_serves_the_controller_commands_and_resumes() {
         "{err}"
     );
     assert!(!data.exists(), "nothing created");
+
+    // The same server started without --controller runs, as group 3 of 64 shards: a join of
+    // it is refused before anything is recorded (it would refuse every configuration), and
+    // so is a --shards that is not the cluster's.
+    let stray = Command::new(SHOAL)
+        .args([
+            "shard", "server", "--gid", "3", "--id", "1", "--listen", &addr,
+        ])
+        .args(["--peers", &addr, "--shards", "64", "--data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run a stray shard server");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _stray = Kill(stray);
+    let err = refused(&dir, &["join", &format!("3={addr}")]);
+    assert!(
+        err.contains("group 3's servers have 64 shards")
+            && err.contains("the cluster 16")
+            && err.contains("nothing changed"),
+        "{err}"
+    );
+    let err = refused(&dir, &["join", &format!("3={addr}"), "--shards", "64"]);
+    assert!(
+        err.contains("--shards 64 is not the cluster's") && err.contains("has 16 shards"),
+        "{err}"
+    );
+    assert_eq!(query(&dir).0, moved, "nothing was recorded");
     up.stop();
 }
 

@@ -177,6 +177,25 @@ pub struct MemberInfo {
     pub behind: u64,
 }
 
+/// A snapshot the leader is sending to a member (`kv member list`'s progress column), in a
+/// [`KvResult::Members`] answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotTransfer {
+    /// The member receiving it.
+    pub to: u64,
+    /// The last log index the snapshot covers (0 until the leader opened its file).
+    pub index: u64,
+    /// Bytes the member acknowledged so far.
+    pub sent_bytes: u64,
+    /// Bytes of the whole snapshot (0 until the leader opened its file).
+    pub total_bytes: u64,
+    /// The attempt under way (1 for the first; 0 while it waits for a free send slot).
+    pub attempt: u32,
+    /// Average rate since the answering server first saw this transfer, in bytes per
+    /// second (0 when not yet known).
+    pub bytes_per_sec: u64,
+}
+
 /// One lease's remaining time in a [`KvOp::LeaseCheckpoint`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseCheckpoint {
@@ -375,6 +394,9 @@ pub enum KvResult {
         leader: u64,
         /// Every voter and learner.
         members: Vec<MemberInfo>,
+        /// The snapshots the answering server is sending, by member (appended last, protocol
+        /// version 4; filled in by the server's driver, which sees its transport).
+        transfers: Vec<SnapshotTransfer>,
     },
 }
 
@@ -442,6 +464,10 @@ pub enum KvReply {
         request: u64,
         /// The leader this server knows of (a server id), if any.
         leader: Option<u64>,
+        /// The leader's address (`host:port`) from the server's member address table, if it
+        /// knows it: a client dials it even if it is not among its endpoints. Appended last
+        /// (protocol version 4).
+        leader_addr: Option<String>,
     },
     /// A piece of the postcard encoding of a reply too large for one frame (only a
     /// [`KvResult::Snapshot`] is): see [`crate::parts`]. Appended last.

@@ -159,14 +159,95 @@ pub enum ControlOp {
     /// written from now on, so that the shard can be copied in chunks while it still serves
     /// ([`ControlOp::ExportChunk`] then reads the live shard) and only the keys written since
     /// travel after the freeze, in the tail. Idempotent; refused once the group has adopted
-    /// `config` (the shard is then copied frozen). The last variant: older frames keep their
-    /// bytes.
+    /// `config` (the shard is then copied frozen). New variants are appended after the
+    /// others: older frames keep their bytes.
     CopyStart {
         /// The shard.
         shard: u32,
         /// The configuration that moves it away.
         config: u64,
     },
+    /// Old owner, while `shard` is still copied live for `config`: a **delta round**. The
+    /// keys of the previous round (round - 1) are staged at the new owner (acknowledged), and
+    /// the keys written since that round began become round `round`'s, to be read with
+    /// [`ControlOp::ExportDelta`]; recording starts afresh. Idempotent by `round` (a replay
+    /// answers [`ControlStatus::AlreadyDone`]); refused once the group adopted `config`.
+    CopyRound {
+        /// The shard.
+        shard: u32,
+        /// The configuration that moves it away.
+        config: u64,
+        /// The round to start (1, 2, …: one more than the last).
+        round: u32,
+    },
+    /// Old owner: read a bounded chunk of the current delta round of `shard` copied live for
+    /// `config` (a linearizable read): its keys after `after` with their values now, or their
+    /// absence; answered [`ControlReply::Delta`].
+    ExportDelta {
+        /// The shard.
+        shard: u32,
+        /// The configuration that moves it away.
+        config: u64,
+        /// The last key of the previous chunk (`None`: from the first key).
+        #[serde(with = "serde_bytes")]
+        after: Option<Vec<u8>>,
+        /// About how many bytes of keys and values to send (at least one key is sent).
+        max_bytes: u64,
+    },
+    /// New owner: [`ControlOp::Stage`] of a chunk read in copy round `round` (0: the live
+    /// copy, 1…: delta rounds, [`FROZEN_ROUND`]: the frozen shard), also removing the `absent`
+    /// keys. A stage of a round older than one already staged is ignored (its values may be
+    /// older than the newer round's).
+    StageRound {
+        /// The shard.
+        shard: u32,
+        /// The configuration that moves it here.
+        config: u64,
+        /// The round the chunk was read in.
+        round: u32,
+        /// Keys with their values and versions.
+        items: Vec<CopiedItem>,
+        /// Keys absent when the chunk was read.
+        absent: Vec<Vec<u8>>,
+    },
+    /// How many shards does this server's group have? (Answered by any server, leader or not,
+    /// from its data directory's shard count: [`ControlReply::Shards`].) A join checks it
+    /// before recording a configuration the group would refuse.
+    Shards,
+}
+
+/// The copy round of chunks read from a frozen shard: they hold its final values, so they are
+/// staged whatever round came before, and no live or delta round is staged after them.
+pub const FROZEN_ROUND: u32 = u32::MAX;
+
+/// A chunk of a delta round, the answer to [`ControlOp::ExportDelta`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaChunk {
+    /// The old owner's current round (the chunk belongs to it; it may be past the one the
+    /// controller asked for, when an earlier controller went further).
+    pub round: u32,
+    /// The round's keys present, after the request's `after`, in order.
+    pub items: Vec<CopiedItem>,
+    /// The round's keys absent now, in order.
+    pub absent: Vec<Vec<u8>>,
+    /// No key of the round comes after this chunk's.
+    pub last: bool,
+}
+
+impl DeltaChunk {
+    /// The greatest key the chunk covers (the next chunk starts after it).
+    pub fn last_key(&self) -> Option<&[u8]> {
+        let a = self.items.last().map(|i| i.key.as_slice());
+        let b = self.absent.last().map(|k| k.as_slice());
+        a.max(b)
+    }
+
+    /// Bytes of keys and values the chunk carries.
+    pub fn bytes(&self) -> u64 {
+        let items: usize = self.items.iter().map(|i| i.key.len() + i.value.len()).sum();
+        let absent: usize = self.absent.iter().map(|k| k.len()).sum();
+        (items + absent) as u64
+    }
 }
 
 /// One key of a shard being copied, with its value and version: the same record (and
@@ -278,6 +359,23 @@ pub enum ControlReply {
         /// The configuration the group has adopted.
         adopted: u64,
     },
+    /// Answer to [`ControlOp::Shards`].
+    Shards {
+        /// Echo.
+        tag: u64,
+        /// The group's shard count.
+        shards: u32,
+    },
+    /// Answer to [`ControlOp::ExportDelta`]: the chunk, or `None` when the shard is not (or
+    /// no longer) copied live for that configuration here.
+    Delta {
+        /// Echo.
+        tag: u64,
+        /// The chunk.
+        chunk: Option<DeltaChunk>,
+        /// The configuration the group has adopted.
+        adopted: u64,
+    },
 }
 
 impl ControlReply {
@@ -290,7 +388,9 @@ impl ControlReply {
             | ControlReply::NotLeader { tag, .. }
             | ControlReply::WrongGid { tag, .. }
             | ControlReply::Invalid { tag, .. }
-            | ControlReply::Chunk { tag, .. } => *tag,
+            | ControlReply::Chunk { tag, .. }
+            | ControlReply::Shards { tag, .. }
+            | ControlReply::Delta { tag, .. } => *tag,
         }
     }
 }
@@ -521,12 +621,54 @@ mod tests {
                     config: 4,
                 },
             },
+            ControlRequest {
+                tag: 9,
+                gid: 2,
+                op: ControlOp::CopyRound {
+                    shard: 3,
+                    config: 4,
+                    round: 2,
+                },
+            },
+            ControlRequest {
+                tag: 10,
+                gid: 2,
+                op: ControlOp::ExportDelta {
+                    shard: 3,
+                    config: 4,
+                    after: Some(b"k".to_vec()),
+                    max_bytes: 1 << 20,
+                },
+            },
+            ControlRequest {
+                tag: 11,
+                gid: 2,
+                op: ControlOp::StageRound {
+                    shard: 3,
+                    config: 4,
+                    round: FROZEN_ROUND,
+                    items: vec![CopiedItem {
+                        key: b"a".to_vec(),
+                        value: b"v".to_vec(),
+                        version: 3,
+                    }],
+                    absent: vec![b"b".to_vec()],
+                },
+            },
+            ControlRequest {
+                tag: 12,
+                gid: 2,
+                op: ControlOp::Shards,
+            },
         ];
-        // CopyStart is the last variant: the frames of older variants keep their bytes.
+        // New variants come last: the frames of older variants keep their bytes.
         let freeze = postcard::to_stdvec(&requests[1].op).unwrap();
         assert_eq!(freeze, vec![1, 3, 4]);
         let copy_start = postcard::to_stdvec(&requests[8].op).unwrap();
         assert_eq!(copy_start, vec![8, 3, 4]);
+        // The delta rounds' variants come after it.
+        let copy_round = postcard::to_stdvec(&requests[9].op).unwrap();
+        assert_eq!(copy_round, vec![9, 3, 4, 2]);
         for r in requests {
             let bytes = postcard::to_stdvec(&r).unwrap();
             assert_eq!(postcard::from_bytes::<ControlRequest>(&bytes).unwrap(), r);
@@ -591,7 +733,34 @@ mod tests {
                 chunk: None,
                 adopted: 4,
             },
+            ControlReply::Delta {
+                tag: 8,
+                chunk: Some(DeltaChunk {
+                    round: 2,
+                    items: vec![CopiedItem {
+                        key: b"a".to_vec(),
+                        value: b"xy".to_vec(),
+                        version: 1,
+                    }],
+                    absent: vec![b"c".to_vec()],
+                    last: true,
+                }),
+                adopted: 4,
+            },
+            ControlReply::Delta {
+                tag: 8,
+                chunk: None,
+                adopted: 4,
+            },
+            ControlReply::Shards {
+                tag: 9,
+                shards: 128,
+            },
         ];
+        if let ControlReply::Delta { chunk: Some(c), .. } = &replies[replies.len() - 3] {
+            assert_eq!(c.last_key(), Some(&b"c"[..]));
+            assert_eq!(c.bytes(), 4);
+        }
         for r in replies {
             let bytes = postcard::to_stdvec(&r).unwrap();
             let back = postcard::from_bytes::<ControlReply>(&bytes).unwrap();

@@ -2,7 +2,7 @@
 //! large values, then `Move` it to the other group while requesters hammer the other shards
 //! and one client polls the moving shard.
 //!
-//! A shard travels in chunks of about 1 MiB (`ExportChunk` at the old owner, `Stage` at the
+//! A shard travels in chunks of about 256 KiB, copied while it serves (`ExportChunk` at the old owner, `Stage` at the
 //! new owner; `docs/sharding.md`, "Large shards travel in chunks"). The size is still capped at
 //! the controller's message limit (`CONTROLLER_MAX_MESSAGE_BYTES`, 1 GiB), the bound of the
 //! whole-shard path the groups still answer.

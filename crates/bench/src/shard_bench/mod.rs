@@ -42,7 +42,7 @@ use report::{Row, Setting, Workload};
 Examples:
   shoal bench shard                                  # the full matrix + a migration (~10 min)
   shoal bench shard --groups 1,2 --seconds 3 --migration-mb 0
-  shoal bench shard --quota-only --groups 1,4,8 --quota-ms 5
+  shoal bench shard --quota-only --groups 1,4,8 --quota-ms 2.5 --period-ms 100
   shoal bench shard --groups 2 --seconds 5 --migration-mb 8   # a migration alone, roughly
 
 For each group count N: a fresh local cluster on 127.0.0.1 (a controller store of three \
@@ -54,10 +54,13 @@ hash uniformly over the shards). The first --warmup-seconds of each are not meas
 
 CPU quotas (the scale model of a machine with one core per server): each shard server runs in \
 its own cgroup with --quota-ms of CPU per --period-ms (cgroup v1 cpu.cfs_quota_us or v2 \
-cpu.max, under <cpu hierarchy>/shoal-bench/, removed afterwards). The default, 2.5 ms per 100 ms, \
-gives 24 servers at 8 groups 0.6 of a core in all: the model holds only while the real host is \
-not saturated (at 5 ms the servers' demand plus the kernel's and the load generator's kept the \
-2 cores 1.95 busy at 8 groups, and the 'machines' competed for real cores), leaving the rest to \
+cpu.max, under <cpu hierarchy>/shoal-bench/, removed afterwards). The default, 1 ms per 40 ms \
+(2.5% of a core), gives 24 servers at 8 groups 0.6 of a core in all: the model holds only while \
+the real host is not saturated (at 5% the servers' demand plus the kernel's and the load \
+generator's kept the 2 cores 1.95 busy at 8 groups, and the 'machines' competed for real cores), \
+and a short period keeps a throttled server's stall short (at 2.5 ms per 100 ms a server stood \
+still up to 97.5 ms at a time, as no real machine does, and a read-index round often waited for \
+a follower's next period), leaving the rest to \
 the load generator, the controller and the controller store (lightly loaded: clients cache the \
 configuration; no quota). This needs root and a cpu controller; without either the benchmark \
 says so and runs the no-quota matrix only. Each result shows the host's CPU use over the run \
@@ -67,8 +70,9 @@ Migration (--migration-mb > 0): 2 groups under quota (then again without); one s
 of --migration-value-kib, then moved to group 2 while --clients-per-group × 2 clients put to \
 the other shards and one client polls a key of the moving shard: the move's duration, the p99 \
 of the other shards' puts during the move against a run without a move (target ≤ 1.5×), and \
-the longest time the moving shard did not answer (target < 1 s). A shard moves as one 16 MiB \
-control frame at most: a larger request is capped and the cap is reported.
+the longest time the moving shard did not answer (target < 1 s). The shard is copied in chunks \
+while it serves, at the controller's default pace (SHOAL_MIGRATION_CHUNK_KIB, \
+SHOAL_MIGRATION_COPY_PAUSE_MS and SHOAL_MIGRATION_COPY_IN_FLIGHT set it for measuring).
 
 Output: progress on stderr; stdout: one JSON line per run, then Markdown tables (puts, gets) \
 × (quota, no quota) with speed-up X(N)/X(1), efficiency X(N)/(N·X(1)) and the targets (≥3.4× \
@@ -89,10 +93,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2.0)]
     warmup_seconds: f64,
     /// CPU time each shard server may use per period, in milliseconds.
-    #[arg(long, default_value_t = 2.5)]
+    #[arg(long, default_value_t = 1.0)]
     quota_ms: f64,
-    /// The CFS period, in milliseconds.
-    #[arg(long, default_value_t = 100.0)]
+    /// The CFS period, in milliseconds (a quota of at least 1 ms per period).
+    #[arg(long, default_value_t = 40.0)]
     period_ms: f64,
     /// Only the matrix without quotas.
     #[arg(long, conflicts_with = "quota_only")]

@@ -34,6 +34,8 @@ pub struct ControllerNode {
     dir: Directory,
     shards: u32,
     log: Rc<RefCell<CtlLog>>,
+    /// `ControllerConfig::delta_min_bytes` (the default unless set).
+    delta_min_bytes: Option<u64>,
     /// The controller, once started.
     pub ctl: Option<Controller>,
 }
@@ -45,8 +47,16 @@ impl ControllerNode {
             dir,
             shards,
             log,
+            delta_min_bytes: None,
             ctl: None,
         }
+    }
+
+    /// Stages delta rounds down to `bytes` (0: whatever their size, while they shrink; the
+    /// simulator's data is small, so with the default only the first round is staged).
+    pub fn with_delta_min_bytes(mut self, bytes: u64) -> ControllerNode {
+        self.delta_min_bytes = Some(bytes);
+        self
     }
 
     /// Whether it holds the lock, the latest change is complete and nothing is queued.
@@ -124,6 +134,9 @@ impl Node<SM> for ControllerNode {
         // Small chunks: a moving shard of the simulator's small data travels in several
         // chunks, with stages in flight and answered in any order.
         cfg.chunk_bytes = SIM_CHUNK_BYTES;
+        if let Some(bytes) = self.delta_min_bytes {
+            cfg.delta_min_bytes = bytes;
+        }
         match Controller::new(cfg) {
             Ok(mut ctl) => {
                 let actions = ctl.start();

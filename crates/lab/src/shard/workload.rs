@@ -22,6 +22,7 @@
 //! and the clients' history is linearizable under the versioned-KV model.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ use shoal_sim::rand::seq::SliceRandom;
 use shoal_sim::rand::{Rng, SeedableRng};
 use shoal_sim::{ChaCha8Rng, Ctx, Failure, NemesisConfig, Node, Sim};
 use shoal_wire::kv::{Expected, KvOp, KvResult};
-use shoal_wire::shard::{ControlOp, ControlRequest};
+use shoal_wire::shard::{ControlOp, ControlRequest, FROZEN_ROUND};
 
 use super::{ControllerNode, CtlLog, GroupNode, ShardClientNode, ShardWork, World, WorldSpec, SM};
 use crate::kv_client::{check_kv_history, SimId};
@@ -129,14 +130,23 @@ struct ShardRun {
     copies: Rc<RefCell<CopyCounts>>,
 }
 
+/// A move: (shard, configuration).
+type MoveId = (u32, u64);
+
 /// Requests the controller sent to copy shards (resends included).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct CopyCounts {
     stages: u64,
     later_chunks: u64,
     copy_starts: u64,
     touched_tails: u64,
     touched_tails_with_keys: u64,
+    /// `CopyRound`s sent: (shard, configuration, round), each once.
+    copy_rounds: BTreeSet<(u32, u64, u32)>,
+    /// Per move (shard, configuration): the keys staged by delta rounds, (round, key).
+    delta_keys: BTreeMap<MoveId, BTreeSet<(u32, Vec<u8>)>>,
+    /// Per move: the most keys a tail of a shard copied while serving carried.
+    tail_keys: BTreeMap<MoveId, u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -191,6 +201,15 @@ pub struct ShardStats {
     pub touched_tails_sent: u64,
     /// Of those, the ones carrying keys written during the copy.
     pub touched_tails_with_keys: u64,
+    /// Delta rounds started (`CopyRound`s, each (shard, configuration, round) once; the last
+    /// round of a copy is never staged: its keys ride in the tail).
+    pub copy_rounds_sent: u64,
+    /// Moves with keys staged by a delta round.
+    pub moves_with_deltas: u64,
+    /// Over those moves: the keys their delta rounds staged, each (round, key) once ...
+    pub delta_keys_staged: u64,
+    /// ... and the keys their tails carried (the most of any tail sent for the move).
+    pub tail_keys_after_deltas: u64,
 }
 
 /// The shard workload for `seed`: see the module's documentation.
@@ -212,9 +231,11 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
         let mut w = World::new(seed, spec);
         let log = Rc::new(RefCell::new(CtlLog::default()));
         let (dir, l) = (w.dir.clone(), log.clone());
-        let ctl = w
-            .sim
-            .add_node(move |_| ControllerNode::new(dir.clone(), SHARD_SHARDS, l.clone()));
+        let ctl = w.sim.add_node(move |_| {
+            // Delta rounds whatever their size: every copy while serving stages the keys
+            // written meanwhile, and more rounds while they shrink.
+            ControllerNode::new(dir.clone(), SHARD_SHARDS, l.clone()).with_delta_min_bytes(0)
+        });
         let replayer = w.sim.add_node(|_| Replayer::default());
         let recorded: Rc<RefCell<Vec<(SimId, ControlRequest)>>> = Rc::default();
         let rec = recorded.clone();
@@ -226,15 +247,46 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
                     ControlOp::Stage { items, .. } if !items.is_empty() => {
                         counted.borrow_mut().stages += 1
                     }
+                    ControlOp::StageRound {
+                        shard,
+                        config,
+                        round,
+                        items,
+                        absent,
+                    } => {
+                        let mut c = counted.borrow_mut();
+                        c.stages += u64::from(!items.is_empty());
+                        if (1..FROZEN_ROUND).contains(round) {
+                            let keys = items.iter().map(|i| &i.key).chain(absent);
+                            let set = c.delta_keys.entry((*shard, *config)).or_default();
+                            set.extend(keys.map(|k| (*round, k.clone())));
+                        }
+                    }
+                    ControlOp::CopyRound {
+                        shard,
+                        config,
+                        round,
+                    } => {
+                        counted
+                            .borrow_mut()
+                            .copy_rounds
+                            .insert((*shard, *config, *round));
+                    }
                     ControlOp::ExportChunk { after: Some(_), .. } => {
                         counted.borrow_mut().later_chunks += 1
                     }
                     ControlOp::CopyStart { .. } => counted.borrow_mut().copy_starts += 1,
-                    ControlOp::Install { data, .. } => {
+                    ControlOp::Install {
+                        shard,
+                        config,
+                        data,
+                    } => {
                         if let Some(keys) = shoal_shard::ShardMachine::tail_touched_keys(data) {
                             let mut c = counted.borrow_mut();
                             c.touched_tails += 1;
                             c.touched_tails_with_keys += u64::from(keys > 0);
+                            let most = c.tail_keys.entry((*shard, *config)).or_default();
+                            *most = (*most).max(keys as u64);
                         }
                     }
                     _ => {}
@@ -281,6 +333,7 @@ pub fn run_shard_with_stats(seed: u64, duration: Duration) -> (Report, ShardStat
             committed: ok_puts,
             history_gave_up: run.gave_up.clone(),
             membership_changes: None,
+            app: None,
             trace_hash: run.w.sim.trace_hash(),
             outcome,
         }
@@ -311,6 +364,29 @@ impl ShardRun {
             copy_starts_sent: self.copies.borrow().copy_starts,
             touched_tails_sent: self.copies.borrow().touched_tails,
             touched_tails_with_keys: self.copies.borrow().touched_tails_with_keys,
+            copy_rounds_sent: self.copies.borrow().copy_rounds.len() as u64,
+            moves_with_deltas: self
+                .copies
+                .borrow()
+                .delta_keys
+                .values()
+                .filter(|k| !k.is_empty())
+                .count() as u64,
+            delta_keys_staged: self
+                .copies
+                .borrow()
+                .delta_keys
+                .values()
+                .map(|k| k.len() as u64)
+                .sum(),
+            tail_keys_after_deltas: {
+                let c = self.copies.borrow();
+                c.delta_keys
+                    .iter()
+                    .filter(|(_, k)| !k.is_empty())
+                    .map(|(m, _)| c.tail_keys.get(m).copied().unwrap_or(0))
+                    .sum()
+            },
         }
     }
 
@@ -512,19 +588,26 @@ impl ShardRun {
             | ControlOp::Delete { config, .. }
             | ControlOp::ExportChunk { config, .. }
             | ControlOp::Stage { config, .. }
-            | ControlOp::CopyStart { config, .. } => *config,
-            ControlOp::Adopted => latest,
+            | ControlOp::CopyStart { config, .. }
+            | ControlOp::CopyRound { config, .. }
+            | ControlOp::ExportDelta { config, .. }
+            | ControlOp::StageRound { config, .. } => *config,
+            ControlOp::Adopted | ControlOp::Shards => latest,
         };
         self.aimed.replays += 1;
         if num < latest {
             self.aimed.stale_replays += 1;
-            if matches!(req.op, ControlOp::Stage { .. }) {
+            if matches!(
+                req.op,
+                ControlOp::Stage { .. } | ControlOp::StageRound { .. }
+            ) {
                 self.aimed.stale_stage_replays += 1;
             }
         }
         let what = match &req.op {
             ControlOp::Adopt { .. } => "Adopt".to_string(),
             ControlOp::Adopted => "Adopted".to_string(),
+            ControlOp::Shards => "Shards".to_string(),
             ControlOp::Freeze { shard, .. } => format!("Freeze shard {shard}"),
             ControlOp::Export { shard, .. } => format!("Export shard {shard}"),
             ControlOp::Install { shard, .. } => format!("Install shard {shard}"),
@@ -532,6 +615,13 @@ impl ShardRun {
             ControlOp::ExportChunk { shard, .. } => format!("ExportChunk shard {shard}"),
             ControlOp::Stage { shard, .. } => format!("Stage shard {shard}"),
             ControlOp::CopyStart { shard, .. } => format!("CopyStart shard {shard}"),
+            ControlOp::CopyRound { shard, round, .. } => {
+                format!("CopyRound {round} shard {shard}")
+            }
+            ControlOp::ExportDelta { shard, .. } => format!("ExportDelta shard {shard}"),
+            ControlOp::StageRound { shard, round, .. } => {
+                format!("StageRound {round} shard {shard}")
+            }
         };
         self.w
             .sim

@@ -581,8 +581,20 @@ impl Coordinator {
         (maps, reduces)
     }
 
-    /// A snapshot for the status page.
+    /// A snapshot for the status page, with the whole attempt log (up to
+    /// [`MAX_RECORDED_ATTEMPTS`](crate::status::MAX_RECORDED_ATTEMPTS) records: take it when
+    /// someone looks, not on every tick).
     pub fn status(&self, now: Duration) -> JobStatus {
+        let mut s = self.status_without_attempts(now);
+        s.attempts = self.log.records().to_vec();
+        s.attempts_included = true;
+        s
+    }
+
+    /// A snapshot without the attempt log (`attempts` empty, `attempts_included` false): what
+    /// progress bars and metrics need, at a cost that grows with the tasks and workers, not
+    /// with the attempts. The driver publishes this one every tick.
+    pub fn status_without_attempts(&self, now: Duration) -> JobStatus {
         let (maps_done, reduces_done) = self.progress();
         let task_status = |kind: TaskKind, index: usize, t: &Task| TaskStatus {
             kind: match kind {
@@ -679,8 +691,9 @@ impl Coordinator {
             app: String::new(),
             out_dir: String::new(),
             input_bytes: 0,
-            attempts: self.log.records().to_vec(),
+            attempts: Vec::new(),
             attempts_not_recorded: self.log.not_recorded(),
+            attempts_included: false,
         }
     }
 
@@ -688,6 +701,8 @@ impl Coordinator {
         match &self.outcome {
             Some(JobOutcome::Done) => "done",
             Some(JobOutcome::Failed { .. }) => "failed",
+            // The core never abandons a job (its driver does: `JobStatus::abandoned`).
+            Some(JobOutcome::Abandoned { .. }) => "abandoned",
             None if !self.all_maps_done() => "map",
             None => "reduce",
         }

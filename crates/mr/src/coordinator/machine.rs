@@ -6,9 +6,9 @@
 //!
 //! It owns the [`Coordinator`] state machine, the job's wire description and the mapping from
 //! connections to workers, and speaks the wire messages ([`ToCoordinator`], [`ToWorker`]), so
-//! a driver is a thin loop: the tokio driver ([`super::run_job`]) over TCP and real files, and
-//! the simulator's (`shoal sim --workload mr`, in `shoal-lab`) over simulated links and disks
-//! run the same code. No I/O, no clock (`now` is passed in), no threads; everything is kept in
+//! a driver is a thin loop: the tokio driver (`shoal_runtime::mr::run_job`) over TCP and real
+//! files, and the simulator's (`shoal sim --workload mr`, in `shoal-lab`) over simulated links
+//! and disks run the same code. No I/O, no clock (`now` is passed in), no threads; everything is kept in
 //! `BTreeMap`s, so the same events give the same actions.
 
 use std::collections::BTreeMap;
@@ -41,7 +41,8 @@ pub enum Event {
         /// The connection.
         conn: ConnId,
     },
-    /// Time passed (every [`super::TICK_INTERVAL`] in the tokio driver): timeouts, duplicates.
+    /// Time passed (every 100 ms in the tokio driver, `shoal_runtime::mr::TICK_INTERVAL`):
+    /// timeouts, duplicates.
     Tick,
     /// The output of a winning reduce attempt, asked for by [`Action::Fetch`], is in the output
     /// directory under its temporary name and durable (`Ok`), or could not be fetched.

@@ -321,7 +321,8 @@ header{display:flex;align-items:center;flex-wrap:wrap;gap:8px;margin-bottom:12px
 header .meta{color:#59636e}\
 .badge{border-radius:10px;padding:2px 10px;font-weight:600;font-size:13px}\
 .phase-starting,.phase-map,.phase-reduce{background:#fff4ce;color:#6b4e00}\
-.phase-done{background:#dafbe1;color:#116329}.phase-failed{background:#ffebe9;color:#a40e26}\
+.phase-done{background:#dafbe1;color:#116329}\
+.phase-failed,.phase-abandoned{background:#ffebe9;color:#a40e26}\
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(190px,1fr));gap:10px}\
 .card{border:1px solid #d1d9e0;border-radius:6px;padding:8px 12px}\
 .card .label{color:#59636e;font-size:12px;text-transform:uppercase;letter-spacing:.04em}\
@@ -399,6 +400,13 @@ fn render_page(s: &JobStatus, final_page: bool) -> String {
             "<div class=\"alert\"><b>The job failed:</b> {} — {}</div>",
             escape(task),
             escape(error)
+        );
+    }
+    if let Some(JobOutcome::Abandoned { reason }) = &s.outcome {
+        let _ = writeln!(
+            h,
+            "<div class=\"alert\"><b>The job was abandoned:</b> {}</div>",
+            escape(reason)
         );
     }
     write_cards(&mut h, s, &sum);

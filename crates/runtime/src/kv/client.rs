@@ -16,6 +16,7 @@ use futures::StreamExt;
 use shoal_kv::{Action, Clerk, ClerkConfig, Lock, LockStep, Outcome};
 use shoal_wire::kv::{
     Expected, KvOp, KvReply, KvRequest, KvResult, LeaseInfo, MemberInfo, ScanItem, ServerStatus,
+    SnapshotTransfer,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -53,9 +54,9 @@ pub const DEFAULT_SCAN_LIMIT: u32 = 1000;
 /// Settings of a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The servers' addresses. List them in server-id order (server `i + 1` at index `i`, as
-    /// `shoal kv up` writes them) so that the servers' leader hints can be followed; any order
-    /// works, hints are then just less useful.
+    /// The servers' addresses, in any order. A server that does not lead answers with the
+    /// leader's address, which the client dials even if it is not listed: one reachable
+    /// server is enough to find the leader (list several, so one down is not fatal).
     pub endpoints: Vec<SocketAddr>,
     /// The cluster id the servers were started with.
     pub cluster_id: u64,
@@ -183,6 +184,8 @@ pub struct Client {
     pool: ClientPool,
     /// Ids (client id, session ids) answers to this client carry, registered in the pool.
     routed: Vec<u64>,
+    /// Wrong-leader answers received since the client was made ([`Client::redirects`]).
+    redirects: u64,
 }
 
 /// Routes from the client id an answer echoes to the client waiting for it.
@@ -200,6 +203,66 @@ pub struct ClientPool {
     queue_len: usize,
     connections: Arc<Mutex<BTreeMap<u64, mpsc::Sender<KvRequest>>>>,
     routes: Routes,
+    /// Where each server (a clerk's server number) is, shared by the pool's clients so that
+    /// a number means the same address to all of them.
+    directory: Arc<Mutex<Directory>>,
+}
+
+/// Most leader addresses a [`ClientPool`] learns from wrong-leader answers beyond its
+/// endpoints (a bound on what servers' answers can make a client remember).
+pub const MAX_LEARNT_ADDRESSES: usize = 64;
+
+/// The servers a pool's clients send to: server `n` (the clerk's number) is at `addrs[n - 1]`;
+/// the endpoints come first, in the order given, then the leaders' addresses learnt from
+/// wrong-leader answers. `ids` maps a server's Raft id, as the hints name it, to its number.
+#[derive(Debug, Default)]
+struct Directory {
+    addrs: Vec<SocketAddr>,
+    endpoints: usize,
+    ids: BTreeMap<u64, u64>,
+}
+
+impl Directory {
+    fn new(endpoints: &[SocketAddr]) -> Directory {
+        Directory {
+            addrs: endpoints.to_vec(),
+            endpoints: endpoints.len(),
+            ids: BTreeMap::new(),
+        }
+    }
+
+    fn addr(&self, server: u64) -> Option<SocketAddr> {
+        index_of(server).and_then(|i| self.addrs.get(i)).copied()
+    }
+
+    /// The number of the server at `addr`, added if new (`None` once
+    /// [`MAX_LEARNT_ADDRESSES`] were learnt).
+    fn number_of(&mut self, addr: SocketAddr) -> Option<u64> {
+        if let Some(i) = self.addrs.iter().position(|a| *a == addr) {
+            return Some(i as u64 + 1);
+        }
+        if self.addrs.len() - self.endpoints >= MAX_LEARNT_ADDRESSES {
+            return None;
+        }
+        self.addrs.push(addr);
+        Some(self.addrs.len() as u64)
+    }
+
+    /// The server number a wrong-leader hint points at: the leader's address if the answer
+    /// carries one (remembered under the leader's id), else the number last learnt for that
+    /// id. An id alone is not taken for an endpoint's position: endpoints may be in any order.
+    fn place_hint(&mut self, leader: Option<u64>, leader_addr: Option<&str>) -> Option<u64> {
+        match leader_addr.and_then(|a| a.parse::<SocketAddr>().ok()) {
+            Some(addr) => {
+                let number = self.number_of(addr)?;
+                if let Some(id) = leader {
+                    self.ids.insert(id, number);
+                }
+                Some(number)
+            }
+            None => self.ids.get(&leader?).copied(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientPool {
@@ -221,11 +284,16 @@ impl ClientPool {
 
     fn with_queue_len(config: ClientConfig, queue_len: usize) -> ClientPool {
         ClientPool {
+            directory: Arc::new(Mutex::new(Directory::new(&config.endpoints))),
             config,
             queue_len,
             connections: Arc::default(),
             routes: Arc::default(),
         }
+    }
+
+    fn directory(&self) -> std::sync::MutexGuard<'_, Directory> {
+        self.directory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The queue of the shared connection to `server` (`addr`), opened if needed.
@@ -355,9 +423,19 @@ impl Seen {
         }
     }
 
+    /// Makes room for server `server` (a leader learnt from a hint), if it can be one.
+    fn index(&mut self, server: u64) -> Option<usize> {
+        let i = index_of(server)?;
+        if i >= self.answered.len() && i < self.answered.len() + MAX_LEARNT_ADDRESSES {
+            self.answered.resize(i + 1, false);
+            self.failed.resize(i + 1, None);
+        }
+        (i < self.answered.len()).then_some(i)
+    }
+
     fn answered(&mut self, server: u64) {
-        if let Some(a) = index_of(server).and_then(|i| self.answered.get_mut(i)) {
-            *a = true;
+        if let Some(i) = self.index(server) {
+            self.answered[i] = true;
         }
     }
 
@@ -365,8 +443,8 @@ impl Seen {
         if matches!(failure, LinkFailure::Lost(_)) {
             self.maybe_delivered = true;
         }
-        if let Some(f) = index_of(server).and_then(|i| self.failed.get_mut(i)) {
-            *f = Some(failure);
+        if let Some(i) = self.index(server) {
+            self.failed[i] = Some(failure);
         }
     }
 
@@ -502,7 +580,7 @@ impl Client {
     }
 
     fn in_pool(config: ClientConfig, pool: ClientPool) -> Result<Client, ClientError> {
-        let clerk = Self::clerk(&config)?;
+        let clerk = Self::clerk(&config, &pool)?;
         let (replies_tx, replies) = mpsc::channel(REPLY_QUEUE_LEN);
         let mut client = Client {
             config,
@@ -513,9 +591,55 @@ impl Client {
             next_status_request: u64::MAX,
             pool,
             routed: Vec::new(),
+            redirects: 0,
         };
         client.update_routes();
         Ok(client)
+    }
+
+    /// How many wrong-leader answers the client received since it was made (each costs a
+    /// round trip; a client that follows the leader's address needs at most one per change of
+    /// leader).
+    pub fn redirects(&self) -> u64 {
+        self.redirects
+    }
+
+    /// Follows a wrong-leader answer's hint: the clerk numbers servers by their place in the
+    /// pool's directory, not by Raft id, so the hint is translated (and a leader that is
+    /// none of the endpoints added to the directory and to the clerk).
+    fn place_hint(&mut self, reply: KvReply) -> KvReply {
+        let KvReply::WrongLeader {
+            client,
+            request,
+            leader,
+            leader_addr,
+        } = reply
+        else {
+            return reply;
+        };
+        self.redirects += 1;
+        let number = self
+            .pool
+            .directory()
+            .place_hint(leader, leader_addr.as_deref());
+        if let Some(n) = number {
+            if self.clerk.add_server(n) {
+                debug!(leader = ?leader, addr = ?leader_addr, server = n,
+                    "following a leader hint to an address not among the endpoints");
+            }
+        }
+        KvReply::WrongLeader {
+            client,
+            request,
+            leader: number,
+            leader_addr,
+        }
+    }
+
+    /// Every server's address the client knows, by server number (the endpoints, then the
+    /// leaders learnt from hints).
+    fn known_addrs(&self) -> Vec<SocketAddr> {
+        self.pool.directory().addrs.clone()
     }
 
     /// Makes sure the pool routes answers to our client id and session to us.
@@ -559,7 +683,9 @@ impl Client {
         timeout: Duration,
     ) -> Result<(u64, Vec<MemberInfo>), ClientError> {
         match self.ask_one(index, KvOp::MemberList, timeout).await? {
-            KvResult::Members { leader, members } => Ok((leader, members)),
+            KvResult::Members {
+                leader, members, ..
+            } => Ok((leader, members)),
             other => Err(ClientError::Unexpected(other)),
         }
     }
@@ -656,15 +782,17 @@ impl Client {
             .max_by_key(|s| s.term)
     }
 
-    fn clerk(config: &ClientConfig) -> Result<Clerk, ClientError> {
-        let servers = (1..=config.endpoints.len() as u64).collect();
+    /// A clerk over every server the pool knows (the endpoints and the leaders learnt).
+    fn clerk(config: &ClientConfig, pool: &ClientPool) -> Result<Clerk, ClientError> {
+        let known = pool.directory().addrs.len().max(config.endpoints.len());
+        let servers = (1..=known as u64).collect();
         let mut cc = ClerkConfig::new(new_client_id(), servers);
         cc.retry_timeout = config.retry_timeout;
         cc.serializable_reads = config.serializable_reads;
         Ok(Clerk::new(cc)?)
     }
 
-    /// The servers' addresses, in server-id order.
+    /// The servers' addresses, as configured.
     pub fn endpoints(&self) -> &[SocketAddr] {
         &self.config.endpoints
     }
@@ -693,7 +821,7 @@ impl Client {
         let deadline = started + timeout;
         let grace = self.config.refused_grace.min(timeout);
         let write = matches!(op, KvOp::Put { .. } | KvOp::Delete { .. });
-        let mut seen = Seen::new(self.config.endpoints.len());
+        let mut seen = Seen::new(self.known_addrs().len());
         let mut actions = self.clerk.start(op)?;
         let mut timer: Option<(Instant, u64)> = None;
         loop {
@@ -712,6 +840,7 @@ impl Client {
                 incoming = self.replies.recv() => match incoming {
                     Some(Incoming::Reply(server, reply)) => {
                         seen.answered(server);
+                        let reply = self.place_hint(reply);
                         actions = self.clerk.on_reply(reply);
                         if actions.iter().any(|a| matches!(a, Action::Finished(_))) {
                             self.last_server = Some(server);
@@ -726,9 +855,8 @@ impl Client {
                             // Every endpoint refused or is no server of this cluster: waiting
                             // for the deadline would only hide that.
                             self.abandon()?;
-                            let endpoints = &self.config.endpoints;
                             return Err(ClientError::NoServer(seen.no_server(
-                                endpoints,
+                                &self.known_addrs(),
                                 self.config.cluster_id,
                                 write,
                             )));
@@ -749,7 +877,7 @@ impl Client {
                     self.abandon()?;
                     return Err(ClientError::Timeout {
                         after: timeout,
-                        seen: seen.summary(&self.config.endpoints, self.config.cluster_id),
+                        seen: seen.summary(&self.known_addrs(), self.config.cluster_id),
                         write,
                     });
                 }
@@ -760,16 +888,13 @@ impl Client {
     /// Gives up the operation in progress. The clerk still waits for it: start over with a
     /// new identity so its answer can never be mistaken for a later one's.
     fn abandon(&mut self) -> Result<(), ClientError> {
-        self.clerk = Self::clerk(&self.config)?;
+        self.clerk = Self::clerk(&self.config, &self.pool)?;
         self.update_routes();
         Ok(())
     }
 
     fn send(&mut self, server: u64, request: KvRequest) {
-        let Some(&addr) = usize::try_from(server - 1)
-            .ok()
-            .and_then(|i| self.config.endpoints.get(i))
-        else {
+        let Some(addr) = self.pool.directory().addr(server) else {
             return;
         };
         // Full or closed: the request is lost, like on a network; the clerk resends.
@@ -1009,8 +1134,21 @@ impl Client {
 
     /// The members as the leader knows them, and the leader's id.
     pub async fn member_list(&mut self) -> Result<(u64, Vec<MemberInfo>), ClientError> {
+        let (leader, members, _) = self.member_list_with_transfers().await?;
+        Ok((leader, members))
+    }
+
+    /// [`Client::member_list`] with the snapshots the leader is sending to members (bytes
+    /// acknowledged of the total, per member).
+    pub async fn member_list_with_transfers(
+        &mut self,
+    ) -> Result<(u64, Vec<MemberInfo>, Vec<SnapshotTransfer>), ClientError> {
         match self.done(KvOp::MemberList).await? {
-            KvResult::Members { leader, members } => Ok((leader, members)),
+            KvResult::Members {
+                leader,
+                members,
+                transfers,
+            } => Ok((leader, members, transfers)),
             other => Err(ClientError::Unexpected(other)),
         }
     }
@@ -1023,7 +1161,9 @@ impl Client {
         op: KvOp,
     ) -> Result<Result<(u64, Vec<MemberInfo>), String>, ClientError> {
         match self.done(op).await? {
-            KvResult::Members { leader, members } => Ok(Ok((leader, members))),
+            KvResult::Members {
+                leader, members, ..
+            } => Ok(Ok((leader, members))),
             KvResult::Refused { reason } => Ok(Err(reason)),
             other => Err(ClientError::Unexpected(other)),
         }

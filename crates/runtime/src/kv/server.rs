@@ -19,13 +19,14 @@ use futures::StreamExt;
 use shoal_kv::{KvMachine, KvRsm, RsmConfig, Waiter};
 use shoal_raft::{Membership, Message};
 use shoal_replica::Replica;
-use shoal_wire::kv::{KvReply, KvRequest};
+use shoal_wire::kv::{KvReply, KvRequest, KvResult, SnapshotTransfer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::driver::{Driver, Service};
 use crate::serving::{forward_accepted, open_replica, ClientTable, OpenError, Opened};
+use crate::snapshot_stream::SnapshotProgress;
 use crate::transport::{send_queued, ClientConnection, Transport, TransportConfig, TransportError};
 
 /// Default [`KvServerConfig::tick_interval`]: every Shoal server's tick.
@@ -222,6 +223,58 @@ fn write_joined(
     std::fs::File::open(data_dir)?.sync_all()
 }
 
+/// How long one try of the start-up membership check waits for the leader's member list.
+pub const MEMBERSHIP_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between two tries of the start-up membership check.
+pub const MEMBERSHIP_CHECK_PAUSE: Duration = Duration::from_secs(2);
+/// Tries of the start-up membership check before it gives up (no leader answered).
+pub const MEMBERSHIP_CHECK_TRIES: u32 = 6;
+
+/// At start-up on existing data: asks the cluster's leader (through the other servers whose
+/// addresses this server knows) whether server `id` is still a member, and says clearly in
+/// the log if it is not: a server removed while it was down is never told (the leader no
+/// longer sends it anything) and would otherwise sit idle without a word.
+async fn check_still_member(id: u64, config: crate::kv::ClientConfig) {
+    let mut client = match crate::kv::Client::new(config) {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "membership check: no client");
+            return;
+        }
+    };
+    for attempt in 1..=MEMBERSHIP_CHECK_TRIES {
+        match client.member_list().await {
+            Ok((leader, members)) => {
+                if members.iter().any(|m| m.id == id) {
+                    debug!(leader, "membership check: this server is a member");
+                } else {
+                    let ids: Vec<String> = members.iter().map(|m| m.id.to_string()).collect();
+                    error!(
+                        leader,
+                        members = %ids.join(","),
+                        "server {id} is not a member of the cluster: the leader (server \
+                         {leader}) lists {}. It was removed, probably while it was down; it \
+                         takes no part any more and the others refuse its connections. Stop \
+                         it. To bring it back, add it anew (`shoal kv member add {id} ADDR \
+                         --learner`) and start it on an empty --data with --join",
+                        ids.join(", ")
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                debug!(attempt, error = %e, "membership check: no answer from the leader yet");
+                tokio::time::sleep(MEMBERSHIP_CHECK_PAUSE).await;
+            }
+        }
+    }
+    warn!(
+        tries = MEMBERSHIP_CHECK_TRIES,
+        "membership check: no leader answered; cannot tell whether this server is still a \
+         member (`shoal kv member list` tells)"
+    );
+}
+
 /// What the listener and a client connection's task tell the driver.
 enum ClientEvent {
     Accepted(ClientConnection),
@@ -311,6 +364,24 @@ pub async fn run_server(
     let status = rsm.raw().status();
     info!(node = config.id, term = %status.term, commit = %status.commit,
         applied = %rsm.applied(), "kv server restored");
+    // A server restarted on its data may have been removed while it was down, and nothing
+    // tells it so (a removed server is no longer sent the log): ask the cluster.
+    let others: Vec<SocketAddr> = rsm
+        .addresses()
+        .into_iter()
+        .filter(|(id, _)| *id != config.id)
+        .filter_map(|(_, addr)| addr.parse().ok())
+        .collect();
+    let membership_check = (status.last_index.0 > 0 && !others.is_empty()).then(|| {
+        let mut client = crate::kv::ClientConfig::new(others);
+        client.cluster_id = config.cluster_id;
+        client.security = config.transport.security.clone();
+        client.op_timeout = MEMBERSHIP_CHECK_TIMEOUT;
+        tokio::spawn(
+            check_still_member(config.id, client)
+                .instrument(tracing::info_span!("kv", node = config.id)),
+        )
+    });
 
     let mut tc = config.transport.clone();
     tc.node_id = config.id;
@@ -318,6 +389,7 @@ pub async fn run_server(
     tc.peers = config.peers.clone();
     tc.snapshot.dir = Some(config.data_dir.clone());
     let (transport, inbound, clients) = Transport::<Message>::start(tc, listener)?;
+    let snapshots = transport.snapshot_progress();
     let (events_tx, events) = mpsc::channel(CLIENT_REQUEST_QUEUE_LEN);
     forward_accepted(clients, events_tx.clone(), ClientEvent::Accepted);
     let span = tracing::info_span!("kv", node = config.id);
@@ -329,6 +401,7 @@ pub async fn run_server(
             events_tx,
             timing: crate::metrics::RequestTiming::new(MAX_PENDING_REQUESTS),
             peers_seen: None,
+            transfers: Transfers::new(snapshots),
         },
         disk,
         data_dir: config.data_dir.clone(),
@@ -336,6 +409,9 @@ pub async fn run_server(
         tick_interval: config.tick_interval,
     };
     let result = driver.run(inbound, events, shutdown).instrument(span).await;
+    if let Some(check) = membership_check {
+        check.abort();
+    }
     let dir = data_dir.display().to_string();
     let result = result.map_err(|e| match e {
         shoal_replica::Error::Storage(source) => KvServerError::Storage { dir, source },
@@ -361,6 +437,72 @@ struct KvService {
     timing: crate::metrics::RequestTiming,
     /// The membership and addresses the transport's peers were last made from.
     peers_seen: Option<(Membership, BTreeMap<u64, String>)>,
+    /// The snapshot sends under way, for `kv member list`.
+    transfers: Transfers,
+}
+
+/// The transport's snapshot sends as `kv member list` shows them: the state machine that
+/// builds the member list cannot see the transport, so the driver adds them to the answer.
+struct Transfers {
+    progress: SnapshotProgress,
+    /// Per member: the snapshot index, when this server first saw the send, and the bytes
+    /// acknowledged then (the start of its rate).
+    first_seen: BTreeMap<u64, (u64, tokio::time::Instant, u64)>,
+}
+
+impl Transfers {
+    fn new(progress: SnapshotProgress) -> Transfers {
+        Transfers {
+            progress,
+            first_seen: BTreeMap::new(),
+        }
+    }
+
+    /// Notes the sends under way (each tick), so a rate can be given.
+    fn observe(&mut self) -> Vec<crate::snapshot_stream::SnapshotSendStatus> {
+        let sends = self.progress.sends();
+        let now = tokio::time::Instant::now();
+        self.first_seen
+            .retain(|to, _| sends.iter().any(|s| s.to == *to));
+        for s in &sends {
+            let first = self
+                .first_seen
+                .entry(s.to)
+                .or_insert((s.index, now, s.sent_bytes));
+            // Another snapshot, or an attempt that restarted from the beginning.
+            if first.0 != s.index || s.sent_bytes < first.2 {
+                *first = (s.index, now, s.sent_bytes);
+            }
+        }
+        sends
+    }
+
+    /// The sends under way, with their average rate since first seen.
+    fn current(&mut self) -> Vec<SnapshotTransfer> {
+        let now = tokio::time::Instant::now();
+        self.observe()
+            .into_iter()
+            .map(|s| {
+                let bytes_per_sec = self.first_seen.get(&s.to).map_or(0, |&(_, at, bytes)| {
+                    let secs = now.duration_since(at).as_secs_f64();
+                    // Under a second of history says little.
+                    if secs < 1.0 {
+                        0
+                    } else {
+                        (s.sent_bytes.saturating_sub(bytes) as f64 / secs) as u64
+                    }
+                });
+                SnapshotTransfer {
+                    to: s.to,
+                    index: s.index,
+                    sent_bytes: s.sent_bytes,
+                    total_bytes: s.total_bytes,
+                    attempt: s.attempt,
+                    bytes_per_sec,
+                }
+            })
+            .collect()
+    }
 }
 
 impl Service for KvService {
@@ -375,6 +517,7 @@ impl Service for KvService {
     fn tick(&mut self) {
         self.rsm.tick();
         crate::metrics::set_sessions(self.rsm.store().session_count());
+        self.transfers.observe();
     }
 
     fn event(&mut self, event: ClientEvent) -> bool {
@@ -405,7 +548,14 @@ impl Service for KvService {
     }
 
     fn answer(&mut self) {
-        for (token, reply) in self.rsm.take_replies() {
+        for (token, mut reply) in self.rsm.take_replies() {
+            if let KvReply::Done {
+                result: KvResult::Members { transfers, .. },
+                ..
+            } = &mut reply
+            {
+                *transfers = self.transfers.current();
+            }
             if let Some((ids, outcome)) = crate::metrics::kv_reply_outcome(&reply) {
                 self.timing.replied(token, ids, outcome);
             }

@@ -64,28 +64,42 @@ pub const LARGE_STEP_PATIENCE: Duration = Duration::from_secs(10);
 /// transfer and log, and the more loaded the group, the more copies).
 fn is_large_step(op: &ControlOp) -> bool {
     match op {
-        ControlOp::Export { .. } | ControlOp::ExportChunk { .. } => true,
+        ControlOp::Export { .. }
+        | ControlOp::ExportChunk { .. }
+        | ControlOp::ExportDelta { .. } => true,
         ControlOp::Install { data, .. } => !data.is_empty(),
         ControlOp::Stage { items, .. } => !items.is_empty(),
+        ControlOp::StageRound { items, absent, .. } => !items.is_empty() || !absent.is_empty(),
         _ => false,
     }
 }
 
 /// The pause before each chunk of a copy while the shard serves (the throttle: real groups
-/// serve other shards meanwhile, and the copy is in no hurry). Measured in
-/// `docs/benchmarks.md`, "Migration while serving".
-pub const PRECOPY_PAUSE: Duration = Duration::from_millis(10);
+/// serve other shards meanwhile, and the copy is in no hurry): with [`CHUNK_BYTES`] about
+/// 10 MiB/s per move at most. Measured in `docs/benchmarks.md`, "Migration while serving":
+/// 1 MiB chunks every 10 ms kept the moving shard answered but raised the other shards' p99
+/// 4–8× on this 2-core machine (each chunk is a 1 MiB log entry written and fsynced by three
+/// servers on the disk every put waits for); 256 KiB every 25 ms kept it within 0.8–1.1×.
+pub const PRECOPY_PAUSE: Duration = Duration::from_millis(25);
+/// About how many bytes one chunk of a moving shard carries (one `ExportChunk` answer, one
+/// `Stage` log entry at the new owner): small enough that one chunk's write and fsync does not
+/// hold up the groups' own requests for long (see [`PRECOPY_PAUSE`]).
+pub const CHUNK_BYTES: u64 = 256 * 1024;
 /// Stages of one move in flight while the shard serves.
 pub const PRECOPY_IN_FLIGHT: usize = 1;
 
 /// The throttle of a copy while the shard serves: [`PRECOPY_PAUSE`], [`PRECOPY_IN_FLIGHT`],
+/// [`CHUNK_BYTES`],
 /// or from the environment (for measuring;
 /// `docs/sharding.md`, "Copying while the shard serves"): `SHOAL_MIGRATION_PRECOPY=0` copies
 /// frozen only, `SHOAL_MIGRATION_COPY_PAUSE_MS` is the pause between a move's live chunks,
-/// `SHOAL_MIGRATION_COPY_IN_FLIGHT` its stages in flight.
+/// `SHOAL_MIGRATION_COPY_IN_FLIGHT` its stages in flight, `SHOAL_MIGRATION_CHUNK_KIB` the size
+/// of a chunk, `SHOAL_MIGRATION_DELTA_ROUNDS` the most delta rounds (0: none) and
+/// `SHOAL_MIGRATION_DELTA_MIN_BYTES` the size of a delta round after which no other is staged.
 fn migration_knobs(cfg: &mut ControllerConfig) -> anyhow::Result<()> {
     cfg.precopy_pause = PRECOPY_PAUSE;
     cfg.precopy_stages_in_flight = PRECOPY_IN_FLIGHT;
+    cfg.chunk_bytes = CHUNK_BYTES;
     let var = |name: &str| -> anyhow::Result<Option<u64>> {
         match std::env::var(name) {
             Err(_) => Ok(None),
@@ -103,10 +117,22 @@ fn migration_knobs(cfg: &mut ControllerConfig) -> anyhow::Result<()> {
     if let Some(v) = var("SHOAL_MIGRATION_COPY_IN_FLIGHT")? {
         cfg.precopy_stages_in_flight = usize::try_from(v.max(1)).unwrap_or(1);
     }
+    if let Some(v) = var("SHOAL_MIGRATION_CHUNK_KIB")? {
+        cfg.chunk_bytes = v.clamp(1, shoal_shard::group::MAX_CHUNK_BYTES / 1024) * 1024;
+    }
+    if let Some(v) = var("SHOAL_MIGRATION_DELTA_ROUNDS")? {
+        cfg.delta_rounds = u32::try_from(v).unwrap_or(u32::MAX);
+    }
+    if let Some(v) = var("SHOAL_MIGRATION_DELTA_MIN_BYTES")? {
+        cfg.delta_min_bytes = v;
+    }
     tracing::debug!(
         precopy = cfg.precopy,
         pause_ms = cfg.precopy_pause.as_millis() as u64,
         in_flight = cfg.precopy_stages_in_flight,
+        chunk_bytes = cfg.chunk_bytes,
+        delta_rounds = cfg.delta_rounds,
+        delta_min_bytes = cfg.delta_min_bytes,
         "migration copy settings"
     );
     Ok(())
@@ -566,6 +592,58 @@ pub async fn group_server_status_secure(
                     ))
                 }
                 None => return Err("connection closed without an answer".into()),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Asks the server at `addr` (of group `gid`) how many shards its group has (any server
+/// answers, leader or not), within `timeout`. Errors say why, for a person (a server older
+/// than this question closes the connection).
+pub async fn group_server_shards_secure(
+    security: &Security,
+    addr: SocketAddr,
+    gid: u64,
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<u32, String> {
+    let ask = async {
+        let mut framed = connect_client_secure::<FromGroup, ToGroup>(
+            security,
+            addr,
+            cluster_id,
+            shoal_wire::DEFAULT_MAX_FRAME_BYTES,
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let request = ControlRequest {
+            tag: 1,
+            gid,
+            op: ControlOp::Shards,
+        };
+        framed
+            .send(ToGroup::Control(request))
+            .await
+            .map_err(|e| format!("connection lost: {e}"))?;
+        loop {
+            match framed.next().await {
+                Some(Ok(FromGroup::Control(reply))) => {
+                    return match reply {
+                        ControlReply::Shards { shards, .. } => Ok(shards),
+                        ControlReply::WrongGid { gid: theirs, .. } => {
+                            Err(format!("a server of group {theirs}, not of group {gid}"))
+                        }
+                        other => Err(format!("unexpected answer {other:?}")),
+                    };
+                }
+                Some(Ok(FromGroup::Reply(_) | FromGroup::Part { .. })) => continue,
+                Some(Err(e)) => return Err(format!("bad answer ({e})")),
+                None => return Err("connection closed without an answer (an older server?)".into()),
             }
         }
     };

@@ -11,8 +11,10 @@ pub mod server;
 
 pub use client::{ShardClient, ShardClientConfig, ShardClientPool};
 pub use controller::{
+    group_server_shards_secure, group_server_status_secure, read_config_secure, read_latest_secure,
+};
+pub use controller::{
     group_server_status, read_config, read_latest, ControllerDriverConfig, GroupServerStatus,
     ShardController, CONTROLLER_MAX_FRAME_BYTES, CONTROLLER_MAX_MESSAGE_BYTES,
 };
-pub use controller::{group_server_status_secure, read_config_secure, read_latest_secure};
 pub use server::{run_shard_server, ShardServerConfig, ShardServerError, GROUP_FILE};

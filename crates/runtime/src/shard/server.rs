@@ -525,14 +525,16 @@ impl ShardService {
                 ControlOp::Freeze { .. } => (Some(M::freeze), 0),
                 ControlOp::Export { .. } => (Some(M::export), 0),
                 ControlOp::CopyStart { .. } => (Some(M::copy_start), 0),
+                ControlOp::CopyRound { .. } => (Some(M::copy_round), 0),
                 ControlOp::ExportChunk { .. } => (Some(M::export_chunk), 0),
-                ControlOp::Stage { items, .. } => (
+                ControlOp::ExportDelta { .. } => (Some(M::export_delta), 0),
+                ControlOp::Stage { items, .. } | ControlOp::StageRound { items, .. } => (
                     Some(M::stage),
                     items.iter().map(|i| i.key.len() + i.value.len()).sum(),
                 ),
                 ControlOp::Install { data, .. } => (Some(M::install), data.len()),
                 ControlOp::Delete { .. } => (Some(M::delete), 0),
-                ControlOp::Adopted => (None, 0),
+                ControlOp::Adopted | ControlOp::Shards => (None, 0),
             };
             if let Some(step) = step {
                 crate::metrics::migration_step(step);
@@ -595,7 +597,7 @@ impl ShardService {
                 bytes: None,
                 keys,
             },
-            ControlOp::Adopted => return,
+            ControlOp::Adopted | ControlOp::Shards => return,
             // A move's copy is a chunk and a stage per MiB: logged at debug, not per step.
             ControlOp::ExportChunk { shard, config, .. } => {
                 debug!(
@@ -618,6 +620,46 @@ impl ShardService {
                 );
                 return;
             }
+            ControlOp::StageRound {
+                shard,
+                config,
+                round,
+                items,
+                absent,
+            } => {
+                debug!(
+                    gid = self.gid,
+                    shard,
+                    config,
+                    round,
+                    keys = items.len(),
+                    absent = absent.len(),
+                    "migration step: stage"
+                );
+                return;
+            }
+            ControlOp::ExportDelta { shard, config, .. } => {
+                debug!(
+                    gid = self.gid,
+                    shard, config, "migration step: copy (delta chunk)"
+                );
+                return;
+            }
+            ControlOp::CopyRound {
+                shard,
+                config,
+                round,
+            } => Step {
+                what: if *round == 1 {
+                    "copy round (re-sending the keys written during the copy)"
+                } else {
+                    "copy round (re-sending the keys written during the last round)"
+                },
+                shard: Some(*shard),
+                config: *config,
+                bytes: None,
+                keys,
+            },
         };
         self.steps.insert((token, request.tag), step);
     }

@@ -652,3 +652,57 @@ fn an_unrecoverable_commit_failure_fails_the_job_at_once() {
     );
     assert!(matches!(c.outcome(), Some(JobOutcome::Failed { .. })));
 }
+
+#[test]
+fn the_light_status_is_the_full_one_without_the_attempt_log() {
+    let mut c = coordinator(4, 2, false);
+    let w = register(&mut c, secs(0), 2);
+    finish_all(&mut c, secs(1), &w);
+    let full = c.status(secs(2));
+    assert!(full.attempts_included);
+    assert_eq!(full.attempts.len(), 6);
+    let light = c.status_without_attempts(secs(2));
+    assert!(!light.attempts_included);
+    assert!(light.attempts.is_empty());
+    let mut filled = light;
+    filled.attempts = full.attempts.clone();
+    filled.attempts_included = true;
+    assert_eq!(filled, full);
+}
+
+/// Measures what the driver's tick pays for the status on a job with a full attempt log
+/// (50,000 attempts): the full snapshot (what every tick copied before) against the light one
+/// (what a tick publishes now). Run by hand:
+/// `cargo test -p shoal-mr --lib -- --ignored --nocapture status_cost` (`docs/mapreduce.md` has
+/// the figures).
+#[test]
+#[ignore = "a measurement, run by hand"]
+#[allow(clippy::disallowed_methods)] // Measures wall time.
+fn status_cost_on_a_50000_attempt_log() {
+    let maps = crate::status::MAX_RECORDED_ATTEMPTS as u32;
+    let mut c = coordinator(maps, 10, false);
+    let w = register(&mut c, secs(0), 1)[0];
+    for i in 0..maps {
+        c.request_task(secs(1), w);
+        let outs = drain(&mut c);
+        let attempt = assigned(&outs, w).expect("a map task");
+        assert_eq!(attempt, map(i, 0));
+        c.task_done(secs(1), w, attempt, none());
+    }
+    let rounds = 20;
+    let time = |f: &dyn Fn() -> JobStatus| {
+        let start = std::time::Instant::now();
+        let mut n = 0;
+        for _ in 0..rounds {
+            n += f().attempts.len();
+        }
+        (start.elapsed() / rounds, n / rounds as usize)
+    };
+    let (full, full_n) = time(&|| c.status(secs(2)));
+    let (light, light_n) = time(&|| c.status_without_attempts(secs(2)));
+    assert_eq!((full_n, light_n), (maps as usize, 0));
+    println!(
+        "{maps} maps, {maps} attempts logged: status() {full:?}, status_without_attempts() \
+         {light:?} per call"
+    );
+}

@@ -144,6 +144,7 @@ fn snapshot() -> JobStatus {
             backup,
         ],
         attempts_not_recorded: 0,
+        attempts_included: true,
     }
     .with_job(&info)
 }

@@ -27,11 +27,13 @@ use shoal_wire::{Hello, Role};
 use tokio::net::TcpListener;
 use tokio_util::codec::Framed;
 
-use crate::app::{build_app, App, AppConfig, ShippedFile};
-use crate::apps::sort::{SortConfig, SortFormat};
-use crate::net::{Security, Stream};
-use crate::shuffle::{fetch_file, serve_shuffle, Fetched, FileTable, ShuffleError};
-use crate::split::InputSplit;
+use shoal_mr::app::{build_app, App, AppConfig};
+use shoal_mr::coordinator::core::attempt_name;
+use shoal_mr::shuffle::{Fetched, FileTable};
+use shoal_mr::split::InputSplit;
+
+use super::net::{Security, Stream};
+use super::shuffle::{fetch_file, serve_shuffle, ShuffleError};
 
 /// Pause between attempts to reach the coordinator.
 pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
@@ -253,6 +255,45 @@ enum SessionEnd {
     NotACoordinator(String),
 }
 
+type ControlStream =
+    futures::stream::SplitStream<Framed<Stream, FrameCodec<ToWorker, ToCoordinator>>>;
+
+/// A session's state while connected and welcomed.
+struct Connected {
+    sink: ControlSink,
+    stream: ControlStream,
+    heartbeat: tokio::time::Interval,
+    /// The attempt running now (one at a time).
+    current: Option<tokio::task::JoinHandle<Report>>,
+    /// When the coordinator last answered a heartbeat.
+    last_heard: std::time::Instant,
+    app: Arc<dyn App>,
+    job: JobSpec,
+}
+
+/// One input of a connected session, whatever its source.
+enum SessionInput {
+    /// Time to send a heartbeat (and to check the coordinator's silence).
+    Heartbeat,
+    /// The running attempt ended.
+    Report(Result<Report, tokio::task::JoinError>),
+    /// A frame from the coordinator, an error, or the end of the connection.
+    Message(Option<Result<ToWorker, shoal_wire::codec::CodecError>>),
+}
+
+impl Connected {
+    /// Waits for the next input: a heartbeat tick, the running attempt's end, or a frame.
+    async fn next_input(&mut self) -> SessionInput {
+        let current = &mut self.current;
+        tokio::select! {
+            _ = self.heartbeat.tick() => SessionInput::Heartbeat,
+            report = async { current.as_mut().expect("guarded by the select condition").await },
+                if current.is_some() => SessionInput::Report(report),
+            msg = self.stream.next() => SessionInput::Message(msg),
+        }
+    }
+}
+
 /// What a finished attempt reports.
 enum Report {
     Done(AttemptRef, std::collections::BTreeMap<String, u64>),
@@ -283,7 +324,7 @@ impl Session<'_> {
                     }
                 },
                 Err(e) => {
-                    last_error = lowercase_first(&crate::disk::reason(&e));
+                    last_error = lowercase_first(&shoal_mr::disk::reason(&e));
                     if self.job.is_none() && !said_unreachable {
                         // Said at once (and once), not after the whole --coordinator-timeout:
                         // a wrong address or a coordinator not started yet is the usual cause.
@@ -316,7 +357,7 @@ impl Session<'_> {
     }
 
     async fn connect(&self) -> std::io::Result<Stream> {
-        crate::net::dial(
+        super::net::dial(
             &self.options.security,
             &self.options.coordinator,
             Duration::from_secs(5),
@@ -405,70 +446,111 @@ impl Session<'_> {
         let interval = Duration::from_millis(job.heartbeat_interval_ms.max(10));
         let mut heartbeat = tokio::time::interval(interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut current: Option<tokio::task::JoinHandle<Report>> = None;
-        let mut last_heard = now();
-        self.last_contact = last_heard;
+        let mut conn = Connected {
+            sink,
+            stream,
+            heartbeat,
+            current: None,
+            last_heard: now(),
+            app,
+            job,
+        };
+        self.last_contact = conn.last_heard;
         let end = loop {
-            tokio::select! {
-                _ = heartbeat.tick() => {
-                    let silent = last_heard.elapsed();
-                    if silent >= self.options.coordinator_timeout {
-                        break SessionEnd::Lost(format!("no answer from the coordinator for {silent:?}"));
-                    }
-                    if let Err(e) = sink.send(ToCoordinator::Heartbeat).await {
-                        break SessionEnd::Lost(e.to_string());
-                    }
-                }
-                report = async { current.as_mut().expect("guarded by the select condition").await }, if current.is_some() => {
-                    current = None;
-                    let msg = match report {
-                        Ok(r) => r.into_message(),
-                        Err(e) => {
-                            tracing::error!(error = %e, "task runner crashed");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = send_all(&mut sink, [msg, ToCoordinator::RequestTask]).await {
-                        break SessionEnd::Lost(e);
-                    }
-                }
-                msg = stream.next() => match msg {
-                    Some(Ok(ToWorker::HeartbeatAck)) => {
-                        last_heard = now();
-                        self.last_contact = last_heard;
-                    }
-                    Some(Ok(ToWorker::Map { attempt, split })) => {
-                        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "running");
-                        current = Some(tokio::spawn(run_map(
-                            app.clone(), job.clone(), attempt, split,
-                            self.dir.clone(), self.table.clone(), self.options.slow_factor,
-                            self.remote.clone(),
-                        )));
-                    }
-                    Some(Ok(ToWorker::Reduce { attempt, inputs })) => {
-                        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "running");
-                        current = Some(tokio::spawn(run_reduce(
-                            app.clone(), job.clone(), attempt, inputs,
-                            self.dir.clone(), self.table.clone(), self.options.slow_factor,
-                            self.options.security.clone(),
-                        )));
-                    }
-                    Some(Ok(ToWorker::JobDone)) => break SessionEnd::Exit(WorkerExit::JobDone),
-                    Some(Ok(ToWorker::JobFailed { reason })) => {
-                        break SessionEnd::Exit(WorkerExit::JobFailed(reason))
-                    }
-                    Some(Ok(ToWorker::Refused { reason })) => return Err(WorkerError::Refused(reason)),
-                    Some(Ok(ToWorker::Welcome { .. })) => {}
-                    Some(Ok(ToWorker::Discard { attempt })) => self.discard(attempt).await,
-                    Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-                    None => break SessionEnd::Lost("connection closed".into()),
-                },
+            let input = conn.next_input().await;
+            if let Some(end) = self.handle(&mut conn, input).await? {
+                break end;
             }
         };
-        if let Some(task) = current {
+        if let Some(task) = conn.current {
             // The blocking work itself cannot be interrupted; its result is dropped.
             task.abort();
         }
+        Ok(end)
+    }
+
+    /// Acts on one input of a connected session; the session's end, once it is over.
+    async fn handle(
+        &mut self,
+        conn: &mut Connected,
+        input: SessionInput,
+    ) -> Result<Option<SessionEnd>, WorkerError> {
+        let msg = match input {
+            SessionInput::Heartbeat => {
+                let silent = conn.last_heard.elapsed();
+                if silent >= self.options.coordinator_timeout {
+                    return Ok(Some(SessionEnd::Lost(format!(
+                        "no answer from the coordinator for {silent:?}"
+                    ))));
+                }
+                if let Err(e) = conn.sink.send(ToCoordinator::Heartbeat).await {
+                    return Ok(Some(SessionEnd::Lost(e.to_string())));
+                }
+                return Ok(None);
+            }
+            SessionInput::Report(report) => {
+                conn.current = None;
+                let msg = match report {
+                    Ok(r) => r.into_message(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "task runner crashed");
+                        return Ok(None);
+                    }
+                };
+                if let Err(e) = send_all(&mut conn.sink, [msg, ToCoordinator::RequestTask]).await {
+                    return Ok(Some(SessionEnd::Lost(e)));
+                }
+                return Ok(None);
+            }
+            SessionInput::Message(msg) => msg,
+        };
+        let end = match msg {
+            Some(Ok(ToWorker::HeartbeatAck)) => {
+                conn.last_heard = now();
+                self.last_contact = conn.last_heard;
+                None
+            }
+            Some(Ok(ToWorker::Map { attempt, split })) => {
+                tracing::debug!(attempt = %attempt_name(attempt), "running");
+                conn.current = Some(tokio::spawn(run_map(
+                    conn.app.clone(),
+                    conn.job.clone(),
+                    attempt,
+                    split,
+                    self.dir.clone(),
+                    self.table.clone(),
+                    self.options.slow_factor,
+                    self.remote.clone(),
+                )));
+                None
+            }
+            Some(Ok(ToWorker::Reduce { attempt, inputs })) => {
+                tracing::debug!(attempt = %attempt_name(attempt), "running");
+                conn.current = Some(tokio::spawn(run_reduce(
+                    conn.app.clone(),
+                    conn.job.clone(),
+                    attempt,
+                    inputs,
+                    self.dir.clone(),
+                    self.table.clone(),
+                    self.options.slow_factor,
+                    self.options.security.clone(),
+                )));
+                None
+            }
+            Some(Ok(ToWorker::JobDone)) => Some(SessionEnd::Exit(WorkerExit::JobDone)),
+            Some(Ok(ToWorker::JobFailed { reason })) => {
+                Some(SessionEnd::Exit(WorkerExit::JobFailed(reason)))
+            }
+            Some(Ok(ToWorker::Refused { reason })) => return Err(WorkerError::Refused(reason)),
+            Some(Ok(ToWorker::Welcome { .. })) => None,
+            Some(Ok(ToWorker::Discard { attempt })) => {
+                self.discard(attempt).await;
+                None
+            }
+            Some(Err(e)) => Some(SessionEnd::Lost(e.to_string())),
+            None => Some(SessionEnd::Lost("connection closed".into())),
+        };
         Ok(end)
     }
 
@@ -496,7 +578,7 @@ impl Session<'_> {
                     .join(format!("reduce-{}-a{}", attempt.task, attempt.attempt))
             }
         };
-        tracing::debug!(attempt = %crate::coordinator::core::attempt_name(attempt), "discarding a losing attempt's files");
+        tracing::debug!(attempt = %attempt_name(attempt), "discarding a losing attempt's files");
         let _ = tokio::fs::remove_dir_all(&dir).await;
     }
 
@@ -509,31 +591,9 @@ impl Session<'_> {
             // Another coordinator: forget the previous job's files.
             self.table.clear();
         }
-        let config = AppConfig {
-            name: job.app.name.clone(),
-            pattern: job.app.pattern.clone(),
-            mapper: job.app.mapper.clone(),
-            reducer: job.app.reducer.clone(),
-            shipped: job
-                .app
-                .shipped
-                .iter()
-                .map(|f| ShippedFile {
-                    name: f.name.clone(),
-                    contents: f.contents.clone(),
-                    executable: f.executable,
-                })
-                .collect(),
-            sort: match &job.app.sort {
-                None => None,
-                Some(spec) => Some(SortConfig {
-                    format: SortFormat::parse(&spec.format).map_err(|e| {
-                        WorkerError::Refused(format!("cannot build app {}: {e:#}", job.app.name))
-                    })?,
-                    cut_points: spec.cut_points.clone(),
-                }),
-            },
-        };
+        let config = AppConfig::from_spec(&job.app).map_err(|e| {
+            WorkerError::Refused(format!("cannot build app {}: {e:#}", job.app.name))
+        })?;
         let app_dir = self.dir.join(format!("job-{:x}", job.job_id));
         let app = build_app(&config, &app_dir).map_err(|e| {
             WorkerError::Refused(format!("cannot build app {}: {e:#}", job.app.name))
@@ -565,11 +625,11 @@ impl Report {
     fn into_message(self) -> ToCoordinator {
         match self {
             Report::Done(attempt, counters) => {
-                crate::metrics::attempt_ended(&attempt, "done", Some(&counters));
+                super::metrics::attempt_ended(&attempt, "done", Some(&counters));
                 ToCoordinator::TaskDone { attempt, counters }
             }
             Report::Failed(attempt, error) => {
-                crate::metrics::attempt_ended(&attempt, "failed", None);
+                super::metrics::attempt_ended(&attempt, "failed", None);
                 ToCoordinator::TaskFailed { attempt, error }
             }
             Report::FetchFailed {
@@ -578,7 +638,7 @@ impl Report {
                 map_attempt,
                 error,
             } => {
-                crate::metrics::attempt_ended(&attempt, "fetch_failed", None);
+                super::metrics::attempt_ended(&attempt, "fetch_failed", None);
                 ToCoordinator::FetchFailed {
                     attempt,
                     map_task,
@@ -660,10 +720,10 @@ async fn fetch_input_if_unreadable(
             remote.coordinator
         );
     }
-    let (offset, len) = crate::split::split_range(split);
+    let (offset, len) = shoal_mr::split::split_range(split);
     let mut tries = 0;
     loop {
-        match crate::shuffle::fetch_input(
+        match super::shuffle::fetch_input(
             &remote.security,
             &remote.coordinator,
             job_id,
@@ -727,10 +787,10 @@ async fn run_map(
     let result = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&task_dir)?;
         let contents = match raw {
-            Some(raw) => Some(crate::split::decode_fetched_split(&split, raw)?),
+            Some(raw) => Some(shoal_mr::split::decode_fetched_split(&split, raw)?),
             None => None,
         };
-        let mut out = crate::task::run_map_task_on(
+        let mut out = shoal_mr::task::run_map_task_on(
             &*app,
             &split,
             contents,
@@ -790,7 +850,7 @@ fn failure_text(e: &anyhow::Error, dir: &Path) -> String {
     });
     match disk {
         // The cause, once: the chain below it would repeat "No space left on device".
-        Some(io) => crate::disk::describe("worker directory", dir, "--work-dir", io),
+        Some(io) => shoal_mr::disk::describe("worker directory", dir, "--work-dir", io),
         None => format!("{e:#}"),
     }
 }
@@ -893,7 +953,7 @@ async fn run_reduce(
                 // This worker's disk, not the map output, is the problem: a task failure
                 // (counted toward --max-attempts), not a reason to re-run the map.
                 let _ = tokio::fs::remove_dir_all(&task_dir).await;
-                let text = crate::disk::describe("worker directory", &dir, "--work-dir", &error);
+                let text = shoal_mr::disk::describe("worker directory", &dir, "--work-dir", &error);
                 return Report::Failed(
                     attempt,
                     format!("{text} (fetching into {})", path.display()),
@@ -916,14 +976,14 @@ async fn run_reduce(
     let reduce_scratch = scratch.clone();
     let result = tokio::task::spawn_blocking(move || {
         // The coordinator fetches this output and commits it durably: no fsync here.
-        crate::task::run_reduce_task_with(
+        shoal_mr::task::run_reduce_task_with(
             &*app,
             r,
             &files,
             memory,
             &reduce_scratch,
             &reduce_out,
-            crate::task::OutputDurability::Scratch,
+            shoal_mr::task::OutputDurability::Scratch,
         )
     })
     .await;
