@@ -538,6 +538,50 @@ pub async fn group_server_status_secure(
     cluster_id: u64,
     timeout: Duration,
 ) -> Result<GroupServerStatus, String> {
+    match ask_group_server(security, addr, gid, cluster_id, timeout, ControlOp::Adopted).await? {
+        ControlReply::Adopted { adopted, .. } => Ok(GroupServerStatus {
+            leader: true,
+            adopted,
+            leader_hint: None,
+        }),
+        ControlReply::NotLeader { leader, .. } => Ok(GroupServerStatus {
+            leader: false,
+            adopted: 0,
+            leader_hint: leader,
+        }),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Asks the server at `addr` (of group `gid`) how many shards its group has (any server
+/// answers, leader or not), within `timeout`. Errors say why, for a person (a server older
+/// than this question closes the connection).
+pub async fn group_server_shards_secure(
+    security: &Security,
+    addr: SocketAddr,
+    gid: u64,
+    cluster_id: u64,
+    timeout: Duration,
+) -> Result<u32, String> {
+    match ask_group_server(security, addr, gid, cluster_id, timeout, ControlOp::Shards).await {
+        Ok(ControlReply::Shards { shards, .. }) => Ok(shards),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) if e.starts_with("connection closed") => Err(format!("{e} (an older server?)")),
+        Err(e) => Err(e),
+    }
+}
+
+/// One control question to the server at `addr` (of group `gid`) on a connection of its own,
+/// within `timeout`: its answer, or why there is none, for a person (a server of another
+/// group is an error here).
+async fn ask_group_server(
+    security: &Security,
+    addr: SocketAddr,
+    gid: u64,
+    cluster_id: u64,
+    timeout: Duration,
+    op: ControlOp,
+) -> Result<ControlReply, String> {
     let ask = async {
         let mut framed = connect_client_secure::<FromGroup, ToGroup>(
             security,
@@ -555,35 +599,17 @@ pub async fn group_server_status_secure(
             }
             other => other.to_string(),
         })?;
-        let request = ControlRequest {
-            tag: 1,
-            gid,
-            op: ControlOp::Adopted,
-        };
+        let request = ControlRequest { tag: 1, gid, op };
         framed
             .send(ToGroup::Control(request))
             .await
             .map_err(|e| format!("connection lost: {e}"))?;
         loop {
             match framed.next().await {
-                Some(Ok(FromGroup::Control(reply))) => {
-                    return match reply {
-                        ControlReply::Adopted { adopted, .. } => Ok(GroupServerStatus {
-                            leader: true,
-                            adopted,
-                            leader_hint: None,
-                        }),
-                        ControlReply::NotLeader { leader, .. } => Ok(GroupServerStatus {
-                            leader: false,
-                            adopted: 0,
-                            leader_hint: leader,
-                        }),
-                        ControlReply::WrongGid { gid: theirs, .. } => {
-                            Err(format!("a server of group {theirs}, not of group {gid}"))
-                        }
-                        other => Err(format!("unexpected answer {other:?}")),
-                    }
+                Some(Ok(FromGroup::Control(ControlReply::WrongGid { gid: theirs, .. }))) => {
+                    return Err(format!("a server of group {theirs}, not of group {gid}"))
                 }
+                Some(Ok(FromGroup::Control(reply))) => return Ok(reply),
                 // A client's answer (or a part: never one here, this codec has no parts).
                 Some(Ok(FromGroup::Reply(_) | FromGroup::Part { .. })) => continue,
                 Some(Err(e)) => {
@@ -592,58 +618,6 @@ pub async fn group_server_status_secure(
                     ))
                 }
                 None => return Err("connection closed without an answer".into()),
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, ask).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-    }
-}
-
-/// Asks the server at `addr` (of group `gid`) how many shards its group has (any server
-/// answers, leader or not), within `timeout`. Errors say why, for a person (a server older
-/// than this question closes the connection).
-pub async fn group_server_shards_secure(
-    security: &Security,
-    addr: SocketAddr,
-    gid: u64,
-    cluster_id: u64,
-    timeout: Duration,
-) -> Result<u32, String> {
-    let ask = async {
-        let mut framed = connect_client_secure::<FromGroup, ToGroup>(
-            security,
-            addr,
-            cluster_id,
-            shoal_wire::DEFAULT_MAX_FRAME_BYTES,
-            timeout,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let request = ControlRequest {
-            tag: 1,
-            gid,
-            op: ControlOp::Shards,
-        };
-        framed
-            .send(ToGroup::Control(request))
-            .await
-            .map_err(|e| format!("connection lost: {e}"))?;
-        loop {
-            match framed.next().await {
-                Some(Ok(FromGroup::Control(reply))) => {
-                    return match reply {
-                        ControlReply::Shards { shards, .. } => Ok(shards),
-                        ControlReply::WrongGid { gid: theirs, .. } => {
-                            Err(format!("a server of group {theirs}, not of group {gid}"))
-                        }
-                        other => Err(format!("unexpected answer {other:?}")),
-                    };
-                }
-                Some(Ok(FromGroup::Reply(_) | FromGroup::Part { .. })) => continue,
-                Some(Err(e)) => return Err(format!("bad answer ({e})")),
-                None => return Err("connection closed without an answer (an older server?)".into()),
             }
         }
     };
