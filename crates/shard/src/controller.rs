@@ -1712,6 +1712,29 @@ impl Controller {
         }
     }
 
+    /// A copy answer (a chunk or a delta) to call `tag` from server `pos` of group `gid`: that
+    /// server leads, and the call is over. `false` when the old owner adopted a configuration
+    /// past the one driven (the drive is over: [`Controller::moved_past`]).
+    fn copy_answered(
+        &mut self,
+        gid: Gid,
+        pos: Option<usize>,
+        tag: u64,
+        adopted: u64,
+        out: &mut Vec<CtlAction>,
+    ) -> bool {
+        if let Some(i) = pos {
+            self.leaders.insert(gid, i);
+        }
+        self.calls.remove(&tag);
+        let num = self.drive.as_ref().map_or(0, |d| d.num);
+        if adopted > num {
+            self.moved_past(out);
+            return false;
+        }
+        true
+    }
+
     /// A reply from server `server` of group `gid`.
     pub fn on_group_reply(
         &mut self,
@@ -1777,33 +1800,19 @@ impl Controller {
                 }
             }
             ControlReply::Chunk { chunk, adopted, .. } => {
-                if let Some(i) = pos {
-                    self.leaders.insert(gid, i);
-                }
-                self.calls.remove(&tag);
-                let num = self.drive.as_ref().map_or(0, |d| d.num);
-                if adopted > num {
-                    self.moved_past(&mut out);
-                    return out;
-                }
-                match purpose {
-                    CallFor::Chunk(i, round) => self.chunk_arrived(i, round, chunk, &mut out),
-                    _ => self.unexpected(),
+                if self.copy_answered(gid, pos, tag, adopted, &mut out) {
+                    match purpose {
+                        CallFor::Chunk(i, round) => self.chunk_arrived(i, round, chunk, &mut out),
+                        _ => self.unexpected(),
+                    }
                 }
             }
             ControlReply::Delta { chunk, adopted, .. } => {
-                if let Some(i) = pos {
-                    self.leaders.insert(gid, i);
-                }
-                self.calls.remove(&tag);
-                let num = self.drive.as_ref().map_or(0, |d| d.num);
-                if adopted > num {
-                    self.moved_past(&mut out);
-                    return out;
-                }
-                match purpose {
-                    CallFor::Delta(i, round) => self.delta_arrived(i, round, chunk, &mut out),
-                    _ => self.unexpected(),
+                if self.copy_answered(gid, pos, tag, adopted, &mut out) {
+                    match purpose {
+                        CallFor::Delta(i, round) => self.delta_arrived(i, round, chunk, &mut out),
+                        _ => self.unexpected(),
+                    }
                 }
             }
             // This controller copies in chunks and never asks for a whole export, nor for
