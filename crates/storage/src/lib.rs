@@ -217,6 +217,22 @@ struct SnapshotHeaderMembership {
 }
 
 impl SnapshotHeader {
+    /// The chunk size, checked against the record bound and the chunk count the header
+    /// claims for its data length.
+    fn chunk_bytes(&self) -> Result<u64, String> {
+        let chunk_bytes = u64::from(self.chunk_bytes);
+        if chunk_bytes == 0 || chunk_bytes > MAX_RECORD_BYTES as u64 {
+            return Err(format!("chunk size {chunk_bytes} out of range"));
+        }
+        if self.chunks != self.data_len.div_ceil(chunk_bytes) {
+            return Err(format!(
+                "{} chunks cannot hold {} bytes in chunks of {chunk_bytes}",
+                self.chunks, self.data_len
+            ));
+        }
+        Ok(chunk_bytes)
+    }
+
     /// The record's payload: the version-2 fields, then the membership.
     fn to_record(&self) -> (SnapshotHeaderV2, SnapshotHeaderMembership) {
         let m = &self.meta;
@@ -1463,19 +1479,7 @@ fn decode_snapshot_file(name: &str, mut buf: Vec<u8>) -> Result<Snapshot, Error>
         .map_err(|why| corrupt(0, why))?;
     let header = SnapshotHeader::decode(payload).map_err(|why| corrupt(0, why))?;
     let mut pos = RECORD_HEADER_BYTES + payload.len();
-    let chunk_bytes = header.chunk_bytes as u64;
-    if chunk_bytes == 0 || chunk_bytes > MAX_RECORD_BYTES as u64 {
-        return Err(corrupt(0, format!("chunk size {chunk_bytes} out of range")));
-    }
-    if header.chunks != header.data_len.div_ceil(chunk_bytes) {
-        return Err(corrupt(
-            0,
-            format!(
-                "{} chunks cannot hold {} bytes in chunks of {chunk_bytes}",
-                header.chunks, header.data_len
-            ),
-        ));
-    }
+    let chunk_bytes = header.chunk_bytes().map_err(|why| corrupt(0, why))?;
     // Each chunk is checked before it is moved; every step moves past at least one record
     // header of the real file, so a huge claimed size fails at the end of the file, not later.
     let mut data_end = 0usize;
@@ -1574,19 +1578,7 @@ pub fn open_snapshot_data(
         .open_read(name)?
         .ok_or_else(|| corrupt(0, "the file is missing".into()))?;
     let (header, header_bytes) = read_snapshot_header(&mut inner).map_err(|why| corrupt(0, why))?;
-    let chunk_bytes = u64::from(header.chunk_bytes);
-    if chunk_bytes == 0 || chunk_bytes > MAX_RECORD_BYTES as u64 {
-        return Err(corrupt(0, format!("chunk size {chunk_bytes} out of range")));
-    }
-    if header.chunks != header.data_len.div_ceil(chunk_bytes) {
-        return Err(corrupt(
-            0,
-            format!(
-                "{} chunks cannot hold {} bytes in chunks of {chunk_bytes}",
-                header.chunks, header.data_len
-            ),
-        ));
-    }
+    let chunk_bytes = header.chunk_bytes().map_err(|why| corrupt(0, why))?;
     let reader = SnapshotDataReader {
         inner,
         name: name.to_string(),
